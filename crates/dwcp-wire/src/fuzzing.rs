@@ -1,0 +1,209 @@
+//! Fuzz bodies, shared by the cargo-fuzz targets in `fuzz/` and the proptests below, so that
+//! stable CI runs the same checks without nightly.
+
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    reason = "fuzz bodies report a failed check by panicking, as libFuzzer expects"
+)]
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::frame::{FrameCodec, FrameType};
+use crate::handshake::{Handshake, LocalParams, Outcome, Version};
+use crate::ids::{ClusterId, NodeId};
+use crate::msg::{self, Capabilities, Close, Hello, HelloAck, Ping};
+
+/// Splits arbitrary bytes into frames. Checks: no panic; every accepted frame re-encodes to
+/// exactly the bytes it came from; nothing beyond the limit is ever accepted; every message
+/// decoder survives every payload.
+pub fn frames(data: &[u8]) {
+    let codec = FrameCodec::with_max_payload(4096);
+    let mut buf = BytesMut::from(data);
+    let mut consumed = 0usize;
+    // Each decoded frame consumes at least 12 bytes, so this loop is bounded by data.len().
+    loop {
+        let before = buf.len();
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => {
+                let used = before - buf.len();
+                assert!(frame.payload.len() <= codec.max_payload() as usize);
+                assert_eq!(used, frame.wire_len());
+                let mut again = BytesMut::new();
+                codec.encode(&frame, &mut again).unwrap_or_else(|e| {
+                    panic!("accepted frame does not re-encode: {e}");
+                });
+                assert_eq!(&again[..], &data[consumed..consumed + used]);
+                consumed += used;
+                let _ = msg::decode::<Hello>(&frame);
+                let _ = msg::decode::<HelloAck>(&frame);
+                let _ = msg::decode::<Close>(&frame);
+                let _ = msg::decode::<Ping>(&frame);
+            }
+            Ok(None) => {
+                assert_eq!(buf.len(), before, "Ok(None) must not consume");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+fn local(node: &str) -> LocalParams {
+    LocalParams {
+        node_id: NodeId::new(node).unwrap_or_else(|e| panic!("{e}")),
+        cluster_id: ClusterId::new("fuzz").unwrap_or_else(|e| panic!("{e}")),
+        versions: Version::ALL.to_vec(),
+        capabilities: Capabilities {
+            max_streams: 8,
+            codecs: vec!["zstd".into()],
+            quic: false,
+            delta: true,
+            max_frame_size: 4096,
+        },
+        timeout: Duration::from_secs(1),
+    }
+}
+
+/// Feeds arbitrary bytes, as frames, to both sides of a handshake. Checks: no panic; the
+/// machine settles; a failed machine queues exactly one `REJECT`; a server that succeeds
+/// answers with exactly one `HELLO_ACK`.
+pub fn handshake(data: &[u8]) {
+    let now = Instant::now();
+    let peer = NodeId::new("peer").unwrap_or_else(|e| panic!("{e}"));
+    for server in [true, false] {
+        let mut hs = if server {
+            Handshake::server(local("me"), peer.clone(), now)
+        } else {
+            let mut c = Handshake::client(local("me"), peer.clone(), now);
+            assert_eq!(c.poll_transmit().map(|f| f.ty), Some(FrameType::HELLO));
+            c
+        };
+        let codec = FrameCodec::handshake();
+        let mut buf = BytesMut::from(data);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => hs.handle_frame(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    hs.handle_frame_error(e);
+                    break;
+                }
+            }
+        }
+        hs.handle_timeout(now + Duration::from_secs(2));
+        let sent: Vec<_> = std::iter::from_fn(|| hs.poll_transmit()).collect();
+        match hs.outcome() {
+            Outcome::InProgress => panic!("a handshake past its deadline must be settled"),
+            Outcome::Established(_) => {
+                let acks = sent.iter().filter(|f| f.ty == FrameType::HELLO_ACK).count();
+                assert_eq!(acks, usize::from(server));
+            }
+            Outcome::Failed(_) => {
+                assert!(sent.len() <= 2);
+                assert!(
+                    sent.iter().filter(|f| f.ty == FrameType::REJECT).count() <= 1,
+                    "at most one REJECT"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::frame::Frame;
+
+    /// Bytes that are mostly valid frames, so the fuzz bodies reach past the checksum.
+    fn framed() -> impl Strategy<Value = Vec<u8>> {
+        let frame = (
+            prop_oneof![Just(1u16), Just(2), Just(3), Just(4), Just(6), any::<u16>()],
+            proptest::collection::vec(any::<u8>(), 0..200),
+        );
+        (
+            proptest::collection::vec(frame, 0..4),
+            any::<Option<(usize, u8)>>(),
+        )
+            .prop_map(|(frames, flip)| {
+                let codec = FrameCodec::handshake();
+                let mut buf = BytesMut::new();
+                for (ty, payload) in frames {
+                    codec
+                        .encode(&Frame::new(FrameType(ty), payload), &mut buf)
+                        .unwrap();
+                }
+                let mut v = buf.to_vec();
+                if let Some((i, x)) = flip {
+                    if !v.is_empty() {
+                        let n = v.len();
+                        v[i % n] ^= x;
+                    }
+                }
+                v
+            })
+    }
+
+    fn valid_hello() -> impl Strategy<Value = Vec<u8>> {
+        (
+            proptest::collection::vec(0u32..5, 0..5),
+            prop_oneof![Just("peer".to_string()), "[a-z]{1,8}"],
+            prop_oneof![Just("fuzz".to_string()), "[a-z]{1,5}"],
+            0u32..600,
+            proptest::collection::vec("[a-z0-9]{0,40}", 0..20),
+            1024u32..20_000_000,
+        )
+            .prop_map(|(versions, node, cluster, streams, codecs, mfs)| {
+                let hello = Hello {
+                    versions,
+                    node_id: node,
+                    cluster_id: cluster,
+                    capabilities: Some(Capabilities {
+                        max_streams: streams,
+                        codecs,
+                        quic: true,
+                        delta: false,
+                        max_frame_size: mfs,
+                    }),
+                };
+                let mut buf = BytesMut::new();
+                FrameCodec::handshake()
+                    .encode(&msg::encode(FrameType::HELLO, &hello), &mut buf)
+                    .unwrap();
+                buf.to_vec()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn frames_arbitrary(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            frames(&data);
+        }
+
+        #[test]
+        fn frames_mostly_valid(data in framed()) {
+            frames(&data);
+        }
+
+        #[test]
+        fn handshake_arbitrary(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            handshake(&data);
+        }
+
+        #[test]
+        fn handshake_mostly_valid(data in framed()) {
+            handshake(&data);
+        }
+
+        #[test]
+        fn handshake_hello_fields(data in valid_hello()) {
+            handshake(&data);
+        }
+    }
+}
