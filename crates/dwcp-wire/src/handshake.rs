@@ -605,13 +605,9 @@ mod tests {
         panic!("handshake did not settle in 10 rounds");
     }
 
-    fn run(
-        cv: &[Version],
-        sv: &[Version],
-    ) -> (
-        Option<Result<Established, HandshakeError>>,
-        Option<Result<Established, HandshakeError>>,
-    ) {
+    type Settled = Option<Result<Established, HandshakeError>>;
+
+    fn run(cv: &[Version], sv: &[Version]) -> (Settled, Settled) {
         let now = Instant::now();
         let mut c = Handshake::client(
             params("a", cv, caps(64, &["zstd", "lz4"], true, true)),
