@@ -1,1 +1,11 @@
-//! placeholder
+//! The DWCP control plane: configuration and its validation, the version policy.
+//!
+//! Pure: this crate reads no files and no environment itself; callers pass file text and
+//! environment variables in, which keeps every rule testable.
+
+mod config;
+
+pub use config::{
+    AgentConfig, Config, ConfigError, DEFAULT_TOML, ENV_PREFIX, EncodingConfig, FieldError,
+    KNOWN_CODECS, LogConfig, NodeConfig, ProtocolConfig, Settings, TransportConfig,
+};
