@@ -1,1 +1,17 @@
-//! placeholder
+//! DWCP transport: certificates, mutual TLS and connections between nodes.
+//!
+//! ```text
+//!   connect(addr) ─ TCP ─ TLS 1.3 (mutual, cluster CA) ─ DWCP handshake ─> Connection
+//!   accept(io)    ─       TLS 1.3 (mutual, cluster CA) ─ DWCP handshake ─> Connection
+//! ```
+//!
+//! Each step has its own timeout. Protocol logic lives in `dwcp-wire`; this crate drives it
+//! over tokio. The multi-stream session layer (AMST) will build on [`Connection`].
+
+mod conn;
+pub mod pki;
+mod tls;
+
+pub use conn::{ConnError, Connection, Endpoint, Stage, accept, connect};
+pub use pki::{NodeCredentials, PkiError};
+pub use tls::{ALPN, TlsConfigs, TlsFailure, TlsSetupError, classify};

@@ -1,0 +1,462 @@
+//! Connections between nodes: TCP, then mutual TLS, then the DWCP handshake, each step under
+//! its own timeout; afterwards a framed, checksummed message channel.
+//!
+//! This is the tokio driver around the sans-IO [`Handshake`] and [`FrameCodec`] of
+//! `dwcp-wire`: it moves bytes and passes time in, and holds no protocol logic of its own.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dwcp_control::Settings;
+use dwcp_wire::msg::{self, Close};
+use dwcp_wire::{
+    Capabilities, ClusterId, ErrorCode, Established, Frame, FrameCodec, FrameError, FrameType,
+    Handshake, HandshakeError, LocalParams, NodeId, Outcome, Version,
+};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use crate::pki::node_id_from_cert;
+use crate::tls::{TlsConfigs, TlsFailure, classify};
+
+/// Everything a node needs to open or accept connections.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// This node.
+    pub node_id: NodeId,
+    /// Its cluster.
+    pub cluster_id: ClusterId,
+    /// Versions offered / accepted.
+    pub versions: Vec<Version>,
+    /// Capabilities advertised.
+    pub capabilities: Capabilities,
+    /// TLS configurations (from the node's credentials).
+    pub tls: TlsConfigs,
+    /// TCP connect timeout (dialling only).
+    pub connect_timeout: Duration,
+    /// TLS handshake timeout.
+    pub tls_timeout: Duration,
+    /// DWCP handshake timeout.
+    pub handshake_timeout: Duration,
+}
+
+impl Endpoint {
+    /// An endpoint for `node_id` with the protocol settings of `settings`.
+    pub fn new(node_id: NodeId, settings: &Settings, tls: TlsConfigs) -> Self {
+        Self {
+            node_id,
+            cluster_id: settings.cluster_id.clone(),
+            versions: settings.versions.clone(),
+            capabilities: settings.capabilities.clone(),
+            tls,
+            connect_timeout: settings.tls_timeout,
+            tls_timeout: settings.tls_timeout,
+            handshake_timeout: settings.handshake_timeout,
+        }
+    }
+
+    fn local_params(&self) -> LocalParams {
+        LocalParams {
+            node_id: self.node_id.clone(),
+            cluster_id: self.cluster_id.clone(),
+            versions: self.versions.clone(),
+            capabilities: self.capabilities.clone(),
+            timeout: self.handshake_timeout,
+        }
+    }
+}
+
+/// The stage a connection failed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Opening the TCP connection.
+    Connect,
+    /// The TLS handshake.
+    Tls,
+    /// The DWCP handshake.
+    Handshake,
+    /// After the handshake.
+    Established,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "TCP connect",
+            Self::Tls => "TLS handshake",
+            Self::Handshake => "DWCP handshake",
+            Self::Established => "established connection",
+        })
+    }
+}
+
+/// Why a connection failed or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// The TCP connection could not be opened.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Address dialled.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A step did not finish in time.
+    #[error("{stage} timed out after {after:?}")]
+    Timeout {
+        /// Which step.
+        stage: Stage,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The peer refused our certificate.
+    #[error("{0}")]
+    CertificateRefused(String),
+    /// We refused the peer's certificate.
+    #[error("{0}")]
+    BadPeerCertificate(String),
+    /// Another TLS failure.
+    #[error("TLS failed during {stage}: {detail}")]
+    Tls {
+        /// Which step.
+        stage: Stage,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The DWCP handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The peer sent bytes that are not valid frames.
+    #[error("peer sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer closed the connection with a `GOAWAY`.
+    #[error("peer closed the connection: {code}: {reason}")]
+    GoAway {
+        /// Code sent.
+        code: ErrorCode,
+        /// Reason given.
+        reason: String,
+    },
+    /// The connection ended without a `GOAWAY`.
+    #[error("connection closed by the peer during the {0}")]
+    Closed(Stage),
+    /// An I/O error.
+    #[error("I/O error during the {stage}: {source}")]
+    Io {
+        /// Which step.
+        stage: Stage,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+impl ConnError {
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect_failed",
+            Self::Timeout {
+                stage: Stage::Tls, ..
+            } => "tls_timeout",
+            Self::Timeout { .. } => "timeout",
+            Self::CertificateRefused(_) => "certificate_refused_by_peer",
+            Self::BadPeerCertificate(_) => "bad_peer_certificate",
+            Self::Tls { .. } => "tls_error",
+            Self::Handshake(e) => e.reason(),
+            Self::Frame(e) => e.reason(),
+            Self::GoAway { .. } => "goaway",
+            Self::Closed(_) => "closed",
+            Self::Io { .. } => "io_error",
+        }
+    }
+
+    /// Whether this is an authentication failure (certificates) on either side.
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            Self::CertificateRefused(_) | Self::BadPeerCertificate(_)
+        ) || matches!(
+            self,
+            Self::Handshake(HandshakeError::IdentityMismatch { .. })
+        )
+    }
+
+    fn from_io(stage: Stage, e: io::Error) -> Self {
+        if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return Self::from_tls(stage, tls);
+        }
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => Self::Closed(stage),
+            _ => Self::Io { stage, source: e },
+        }
+    }
+
+    fn from_tls(stage: Stage, e: &rustls::Error) -> Self {
+        match classify(e) {
+            TlsFailure::RefusedByPeer(s) => Self::CertificateRefused(s),
+            TlsFailure::BadPeerCertificate(s) => Self::BadPeerCertificate(s),
+            TlsFailure::Other(detail) => Self::Tls { stage, detail },
+        }
+    }
+}
+
+/// An established connection: framed messages over mutual TLS.
+#[derive(Debug)]
+pub struct Connection<S> {
+    io: TlsStream<S>,
+    codec: FrameCodec,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    established: Established,
+    peer_addr: SocketAddr,
+}
+
+/// Dials `addr`: TCP, TLS, handshake.
+pub async fn connect(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+) -> Result<Connection<TcpStream>, ConnError> {
+    let tcp = tokio::time::timeout(endpoint.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnError::Timeout {
+            stage: Stage::Connect,
+            after: endpoint.connect_timeout,
+        })?
+        .map_err(|source| ConnError::Connect { addr, source })?;
+    // Frames are written whole; Nagle would only add latency to pings and handshakes.
+    tcp.set_nodelay(true)
+        .map_err(|source| ConnError::Connect { addr, source })?;
+    let connector = TlsConnector::from(endpoint.tls.client.clone());
+    let tls = tokio::time::timeout(
+        endpoint.tls_timeout,
+        connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout {
+        stage: Stage::Tls,
+        after: endpoint.tls_timeout,
+    })?
+    .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
+    let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
+    let hs = Handshake::client(endpoint.local_params(), peer_id, Instant::now());
+    Connection::finish(TlsStream::Client(tls), hs, addr).await
+}
+
+/// Accepts a peer on `io` (already accepted from a listener): TLS, then handshake.
+pub async fn accept<S>(
+    endpoint: &Endpoint,
+    io: S,
+    peer_addr: SocketAddr,
+) -> Result<Connection<S>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let acceptor = TlsAcceptor::from(endpoint.tls.server.clone());
+    let tls = tokio::time::timeout(endpoint.tls_timeout, acceptor.accept(io))
+        .await
+        .map_err(|_| ConnError::Timeout {
+            stage: Stage::Tls,
+            after: endpoint.tls_timeout,
+        })?
+        .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
+    let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
+    let hs = Handshake::server(endpoint.local_params(), peer_id, Instant::now());
+    Connection::finish(TlsStream::Server(tls), hs, peer_addr).await
+}
+
+fn peer_node_id(
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+) -> Result<NodeId, ConnError> {
+    let cert = certs
+        .and_then(|c| c.first())
+        .ok_or_else(|| ConnError::BadPeerCertificate("the peer presented no certificate".into()))?;
+    node_id_from_cert(cert).map_err(|e| {
+        ConnError::BadPeerCertificate(format!("the peer's certificate names no node: {e}"))
+    })
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    async fn finish(
+        mut io: TlsStream<S>,
+        mut hs: Handshake,
+        peer_addr: SocketAddr,
+    ) -> Result<Self, ConnError> {
+        let codec = FrameCodec::handshake();
+        let mut rbuf = BytesMut::with_capacity(4096);
+        let mut wbuf = BytesMut::with_capacity(4096);
+        loop {
+            while let Some(frame) = hs.poll_transmit() {
+                codec.encode(&frame, &mut wbuf)?;
+            }
+            if !wbuf.is_empty() {
+                let flushed = async {
+                    io.write_all(&wbuf).await?;
+                    io.flush().await
+                }
+                .await;
+                wbuf.clear();
+                if let Err(e) = flushed {
+                    // A refusal is more useful to report than the write error it causes.
+                    if let Outcome::Failed(err) = hs.outcome() {
+                        return Err(err.clone().into());
+                    }
+                    return Err(ConnError::from_io(Stage::Handshake, e));
+                }
+            }
+            match hs.outcome() {
+                Outcome::Established(_) => break,
+                Outcome::Failed(e) => {
+                    let e = e.clone();
+                    let _ = io.shutdown().await;
+                    return Err(e.into());
+                }
+                Outcome::InProgress => {}
+            }
+            let Some(deadline) = hs.poll_timeout() else {
+                return Err(ConnError::Closed(Stage::Handshake));
+            };
+            let read = tokio::time::timeout_at(deadline.into(), io.read_buf(&mut rbuf)).await;
+            match read {
+                Err(_elapsed) => hs.handle_timeout(Instant::now()),
+                Ok(Ok(0)) => {
+                    return Err(match codec.decode_eof(&rbuf) {
+                        Ok(()) => ConnError::Closed(Stage::Handshake),
+                        Err(e) => e.into(),
+                    });
+                }
+                Ok(Ok(_)) => loop {
+                    match codec.decode(&mut rbuf) {
+                        Ok(Some(frame)) => hs.handle_frame(frame),
+                        Ok(None) => break,
+                        Err(e) => {
+                            hs.handle_frame_error(e);
+                            break;
+                        }
+                    }
+                    if !matches!(hs.outcome(), Outcome::InProgress) {
+                        break;
+                    }
+                },
+                Ok(Err(e)) => return Err(ConnError::from_io(Stage::Handshake, e)),
+            }
+        }
+        let established = match hs.into_result() {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ConnError::Closed(Stage::Handshake)),
+        };
+        Ok(Self {
+            codec: FrameCodec::with_max_payload(established.negotiated.max_frame_size),
+            io,
+            rbuf,
+            wbuf,
+            established,
+            peer_addr,
+        })
+    }
+
+    /// What the handshake settled.
+    pub fn established(&self) -> &Established {
+        &self.established
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// Sends one frame and flushes it.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        self.codec.encode(frame, &mut self.wbuf)?;
+        let r = async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        }
+        .await;
+        self.wbuf.clear();
+        r.map_err(|e| ConnError::from_io(Stage::Established, e))
+    }
+
+    /// Receives the next frame; `Ok(None)` when the peer closed cleanly between frames.
+    /// Cancel-safe: a frame is only taken off the buffer once complete.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, ConnError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.rbuf)? {
+                return Ok(Some(frame));
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| ConnError::from_io(Stage::Established, e))?;
+            if n == 0 {
+                self.codec.decode_eof(&self.rbuf)?;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Sends a `GOAWAY` with `code` and `reason`, then closes the TLS session. Errors are
+    /// ignored: the peer may already be gone.
+    pub async fn close(mut self, code: ErrorCode, reason: &str) {
+        let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
+        let _ = self.send(&frame).await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Sends a `PING` and waits for its `PONG`, returning the round-trip time. Extension frames
+    /// in between are skipped; a `GOAWAY` ends the wait with [`ConnError::GoAway`].
+    pub async fn ping(&mut self, seq: u64, timeout: Duration) -> Result<Duration, ConnError> {
+        let start = Instant::now();
+        let probe = msg::Ping {
+            seq,
+            timestamp_micros: 0,
+        };
+        self.send(&msg::encode(FrameType::PING, &probe)).await?;
+        let wait = async {
+            loop {
+                let Some(frame) = self.recv().await? else {
+                    return Err(ConnError::Closed(Stage::Established));
+                };
+                match frame.ty {
+                    FrameType::PONG => {
+                        let pong: msg::Ping = msg::decode(&frame).map_err(HandshakeError::from)?;
+                        if pong.seq == seq {
+                            return Ok(start.elapsed());
+                        }
+                    }
+                    FrameType::GOAWAY => {
+                        let close: Close = msg::decode(&frame).map_err(HandshakeError::from)?;
+                        return Err(ConnError::GoAway {
+                            code: close.error_code(),
+                            reason: close.reason,
+                        });
+                    }
+                    ty if ty.is_extension() => {}
+                    ty => {
+                        return Err(HandshakeError::UnexpectedFrame {
+                            ty: ty.0,
+                            name: ty.name(),
+                        }
+                        .into());
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ConnError::Timeout {
+                stage: Stage::Established,
+                after: timeout,
+            })?
+    }
+}

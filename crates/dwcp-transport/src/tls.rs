@@ -1,0 +1,213 @@
+//! Mutual TLS 1.3 between nodes (`docs/PROTOCOL.md`, "Transport security").
+//!
+//! Both sides present a node certificate issued by the cluster CA, and both verify the other's
+//! chain against that CA only (no system roots). Peers are dialled by address, and node
+//! certificates carry no host names, so the client does not match a host name: it checks the
+//! chain, the validity dates and the server-auth usage, and the DWCP handshake then binds the
+//! peer's claimed node id to the `urn:dwcp:node:` name in the verified certificate.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, Error as TlsError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+
+use crate::pki::{NodeCredentials, node_id_from_cert};
+
+/// ALPN protocol id of DWCP.
+pub const ALPN: &[u8] = b"dwcp";
+
+/// Server and client TLS configurations of one node.
+#[derive(Debug, Clone)]
+pub struct TlsConfigs {
+    /// For accepting peers.
+    pub server: Arc<ServerConfig>,
+    /// For dialling peers.
+    pub client: Arc<ClientConfig>,
+}
+
+/// Why TLS configurations could not be built from the credentials.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up TLS with the certificates from {path}: {detail}")]
+pub struct TlsSetupError {
+    /// Certificate file involved.
+    pub path: String,
+    /// What rustls said.
+    pub detail: String,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsConfigs {
+    /// Builds both configurations: TLS 1.3 only, the cluster CA as the only root.
+    pub fn new(creds: &NodeCredentials) -> Result<Self, TlsSetupError> {
+        let err = |e: &dyn std::fmt::Display| TlsSetupError {
+            path: creds.cert_path.display().to_string(),
+            detail: e.to_string(),
+        };
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        for ca in &creds.ca_certs {
+            roots.add(ca.clone()).map_err(|e| err(&e))?;
+        }
+        let roots = Arc::new(roots);
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| err(&e))?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| err(&e))?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(creds.chain.clone(), creds.key.clone_key())
+            .map_err(|e| err(&e))?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+
+        let verifier = Arc::new(NodeCertVerifier {
+            roots,
+            algs: provider.signature_verification_algorithms,
+        });
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| err(&e))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
+            .map_err(|e| err(&e))?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+/// Verifies a server's node certificate: chain to the cluster CA, validity, server-auth usage,
+/// and the presence of a well-formed node id. Replaces only the host-name match of the stock
+/// verifier; identity is checked in the DWCP handshake against that node id.
+#[derive(Debug)]
+struct NodeCertVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NodeCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        node_id_from_cert(end_entity).map_err(|e| {
+            TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                NotANodeCert(e),
+            ))))
+        })?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct NotANodeCert(String);
+
+impl std::fmt::Display for NotANodeCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotANodeCert {}
+
+/// How a TLS failure reads to an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The peer refused *our* certificate (it sent a certificate alert).
+    RefusedByPeer(String),
+    /// We refused the peer's certificate.
+    BadPeerCertificate(String),
+    /// Anything else (protocol mismatch, not TLS at all, ...).
+    Other(String),
+}
+
+/// Sorts a rustls error into a [`TlsFailure`] with an explanation.
+pub fn classify(err: &TlsError) -> TlsFailure {
+    match err {
+        TlsError::AlertReceived(alert) => match alert {
+            AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired
+            | AlertDescription::AccessDenied => TlsFailure::RefusedByPeer(format!(
+                "the peer refused our certificate (TLS alert {alert:?}); \
+                 is it issued by the peer's cluster CA, and still valid?"
+            )),
+            other => TlsFailure::Other(format!("the peer sent TLS alert {other:?}")),
+        },
+        TlsError::InvalidCertificate(ce) => TlsFailure::BadPeerCertificate(match ce {
+            CertificateError::UnknownIssuer => {
+                "the peer's certificate is not issued by our cluster CA (unknown issuer)".into()
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the peer's certificate has expired".into()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "the peer's certificate is not valid yet (check clocks)".into()
+            }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "the peer's certificate is not issued for DWCP nodes (key usage)".into()
+            }
+            other => format!("the peer's certificate is invalid: {other:?}"),
+        }),
+        TlsError::NoCertificatesPresented => {
+            TlsFailure::BadPeerCertificate("the peer presented no certificate".into())
+        }
+        TlsError::InvalidMessage(m) => {
+            TlsFailure::Other(format!("the peer does not speak TLS as expected: {m:?}"))
+        }
+        other => TlsFailure::Other(other.to_string()),
+    }
+}
