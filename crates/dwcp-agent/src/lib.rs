@@ -1,1 +1,321 @@
-//! placeholder
+//! The DWCP node agent: accepts peers (mutual TLS + DWCP handshake), answers them, and serves
+//! the admin HTTP port.
+//!
+//! ```text
+//!   peers ──> listener ──> per-connection task: TLS ─ handshake ─ frames (PING -> PONG ...)
+//!                                  │ metrics, logs
+//!   scraper ─> admin HTTP: /healthz /readyz /metrics
+//!   SIGTERM ─> stop accepting, GOAWAY to idle peers, wait up to the grace period, exit
+//! ```
+//!
+//! Build with [`Agent::bind`], then drive with [`Agent::run`] and a shutdown future.
+
+mod admin;
+mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dwcp_control::Settings;
+use dwcp_transport::{ConnError, Connection, Endpoint, TlsConfigs};
+use dwcp_wire::msg::{self, Ping};
+use dwcp_wire::{ErrorCode, FrameType, NodeId};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub use metrics::{Metered, Metrics};
+
+/// Why the agent could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// "peer listener" or "admin listener".
+        what: &'static str,
+        /// Address asked for.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The admin server failed.
+    #[error("admin HTTP server failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// State shared between the accept loop, connection tasks and the admin server.
+#[derive(Debug)]
+struct Shared {
+    endpoint: Endpoint,
+    metrics: Metrics,
+    ready: AtomicBool,
+    /// Unix seconds after which this node's certificate is expired.
+    cert_not_after: i64,
+    idle_timeout: Duration,
+}
+
+/// A bound, not yet running agent.
+#[derive(Debug)]
+pub struct Agent {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: TcpListener,
+    max_connections: usize,
+    grace: Duration,
+}
+
+impl Agent {
+    /// Binds the peer and admin listeners. `cert_not_after` (Unix seconds) feeds readiness
+    /// and the certificate-expiry metric.
+    pub async fn bind(
+        node_id: NodeId,
+        settings: &Settings,
+        tls: TlsConfigs,
+        cert_not_after: i64,
+    ) -> Result<Self, AgentError> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| AgentError::Bind {
+                    what: "peer listener",
+                    addr: settings.listen,
+                    source,
+                })?;
+        let admin = TcpListener::bind(settings.admin_listen)
+            .await
+            .map_err(|source| AgentError::Bind {
+                what: "admin listener",
+                addr: settings.admin_listen,
+                source,
+            })?;
+        let versions: Vec<String> = settings
+            .versions
+            .iter()
+            .map(|v| v.number().to_string())
+            .collect();
+        let metrics = Metrics::new(node_id.as_str(), &versions.join(","));
+        metrics.certificate_expiry.set(cert_not_after);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                endpoint: Endpoint::new(node_id, settings, tls),
+                metrics,
+                ready: AtomicBool::new(false),
+                cert_not_after,
+                idle_timeout: settings.idle_timeout,
+            }),
+            listener,
+            admin,
+            max_connections: settings.max_connections as usize,
+            grace: settings.shutdown_grace,
+        })
+    }
+
+    /// Where peers connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Where the admin HTTP server listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, asks peers to go away, waits
+    /// up to the grace period for in-flight connections, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let Self {
+            shared,
+            listener,
+            admin,
+            max_connections,
+            grace,
+        } = self;
+        let stop_conns = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(max_connections));
+
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            shared.clone(),
+            stop_admin.clone().cancelled_owned(),
+        ));
+        shared.ready.store(true, Ordering::SeqCst);
+        shared.metrics.ready.set(1);
+        info!(
+            node_id = %shared.endpoint.node_id,
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "agent ready"
+        );
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Per-connection accept errors (e.g. EMFILE) must not kill the
+                            // listener; back off briefly so a persistent one does not spin.
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    shared.metrics.connections_accepted.inc();
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        shared.metrics.connections_refused.inc();
+                        warn!(%peer, max_connections, "connection refused: limit reached");
+                        drop(tcp);
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    let stop = stop_conns.clone();
+                    tracker.spawn(
+                        async move {
+                            serve_peer(&shared, tcp, peer, stop).await;
+                            drop(permit);
+                        }
+                        .instrument(info_span!("peer", %peer)),
+                    );
+                }
+            }
+        }
+
+        shared.ready.store(false, Ordering::SeqCst);
+        shared.metrics.ready.set(0);
+        drop(listener);
+        let open = tracker.len();
+        info!(open_connections = open, grace = ?grace, "shutting down: no longer accepting");
+        stop_conns.cancel();
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                remaining = tracker.len(),
+                "grace period over; cutting remaining connections"
+            );
+        }
+        stop_admin.cancel();
+        match admin_task.await {
+            Ok(r) => r.map_err(AgentError::Admin)?,
+            Err(e) => warn!(error = %e, "admin server task ended abnormally"),
+        }
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+/// Runs one peer connection: handshake, then frames until the peer leaves, errs, idles out,
+/// or the agent shuts down.
+async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    let m = &shared.metrics;
+    m.connections_active.inc();
+    let _ = tcp.set_nodelay(true);
+    let io = Metered::new(tcp, m.bytes_received.clone(), m.bytes_sent.clone());
+    let accepted = tokio::select! {
+        () = stop.cancelled() => None,
+        r = dwcp_transport::accept(&shared.endpoint, io, peer) => Some(r),
+    };
+    match accepted {
+        None => debug!("shutdown during handshake"),
+        Some(Err(e)) => {
+            m.handshake("failed", e.reason(), "");
+            warn!(reason = e.reason(), "handshake failed: {e}");
+        }
+        Some(Ok(conn)) => {
+            let est = conn.established();
+            let version = est.version.to_string();
+            m.handshake("ok", "", &version);
+            info!(
+                peer_node = %est.peer_node_id,
+                version = %version,
+                max_streams = est.negotiated.max_streams,
+                "peer connected"
+            );
+            if let Err(e) = serve_frames(shared, conn, &stop).await {
+                warn!(reason = e.reason(), "connection ended: {e}");
+            }
+        }
+    }
+    m.connections_active.dec();
+}
+
+async fn serve_frames<S>(
+    shared: &Shared,
+    mut conn: Connection<S>,
+    stop: &CancellationToken,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => {
+                conn.close(ErrorCode::SHUTTING_DOWN, "agent is shutting down").await;
+                return Ok(());
+            }
+            r = tokio::time::timeout(shared.idle_timeout, conn.recv()) => r,
+        };
+        let frame = match next {
+            Err(_) => {
+                let reason = format!("idle for {:?}", shared.idle_timeout);
+                debug!("{reason}; closing");
+                conn.close(ErrorCode::TIMEOUT, &reason).await;
+                return Ok(());
+            }
+            Ok(Ok(None)) => {
+                debug!("peer closed the connection");
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                if let ConnError::Frame(fe) = &e {
+                    conn.close(fe.code(), &fe.to_string()).await;
+                }
+                return Err(e);
+            }
+            Ok(Ok(Some(frame))) => frame,
+        };
+        shared.metrics.frame(frame.ty.name());
+        match frame.ty {
+            FrameType::PING => match msg::decode::<Ping>(&frame) {
+                Ok(ping) => conn.send(&msg::encode(FrameType::PONG, &ping)).await?,
+                Err(e) => {
+                    conn.close(ErrorCode::PROTOCOL_ERROR, &e.to_string()).await;
+                    return Err(dwcp_wire::HandshakeError::from(e).into());
+                }
+            },
+            FrameType::GOAWAY => {
+                debug!("peer said goodbye");
+                return Ok(());
+            }
+            ty if ty.is_extension() => debug!(ty = ty.0, "skipping unknown extension frame"),
+            ty => {
+                let reason = format!("unexpected {} frame (type {:#06x})", ty.name(), ty.0);
+                let code = if ty.name() == "unknown" {
+                    ErrorCode::UNKNOWN_FRAME_TYPE
+                } else {
+                    ErrorCode::UNEXPECTED_FRAME
+                };
+                conn.close(code, &reason).await;
+                return Err(dwcp_wire::HandshakeError::UnexpectedFrame {
+                    ty: ty.0,
+                    name: ty.name(),
+                }
+                .into());
+            }
+        }
+    }
+}

@@ -194,9 +194,17 @@ pub fn init_ca(dir: &Path, cluster: &ClusterId, days: u32, force: bool) -> Resul
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "DWCP");
+    // A tag from the key in the name keeps two CAs of the same cluster id apart, so a
+    // certificate from the other one reads as "unknown issuer" rather than a bad signature.
+    let tag: String = key
+        .public_key_raw()
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     dn.push(
         DnType::CommonName,
-        format!("DWCP cluster CA {}", short(cluster.as_str())),
+        format!("DWCP cluster CA {} {tag}", short(cluster.as_str())),
     );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

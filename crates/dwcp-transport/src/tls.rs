@@ -191,6 +191,13 @@ pub fn classify(err: &TlsError) -> TlsFailure {
             CertificateError::UnknownIssuer => {
                 "the peer's certificate is not issued by our cluster CA (unknown issuer)".into()
             }
+            // webpki finds the issuer by name; a CA of the same name but another key shows up
+            // as a bad signature.
+            CertificateError::BadSignature => {
+                "the peer's certificate is not issued by our cluster CA (signature does not \
+                 verify with our CA's key)"
+                    .into()
+            }
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 "the peer's certificate has expired".into()
             }

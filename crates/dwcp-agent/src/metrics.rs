@@ -1,0 +1,217 @@
+//! The agent's Prometheus metrics (`docs/OPERATIONS.md`, "Metrics"), and a byte-counting I/O
+//! wrapper feeding two of them.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Peer connections open now (any stage).
+    pub connections_active: Gauge,
+    /// Peer connections accepted from the listener.
+    pub connections_accepted: Counter,
+    /// Peer connections closed at once because `agent.max_connections` was reached.
+    pub connections_refused: Counter,
+    /// Handshakes by `result` (`ok`, `failed`), `reason` and `version`.
+    pub handshakes: Family<Labels, Counter>,
+    /// Frames received on established connections, by `type`.
+    pub frames_received: Family<Labels, Counter>,
+    /// Bytes read from peer sockets (TLS records included).
+    pub bytes_received: Counter,
+    /// Bytes written to peer sockets (TLS records included).
+    pub bytes_sent: Counter,
+    /// 1 while `/readyz` answers 200.
+    pub ready: Gauge,
+    /// Expiry of this node's certificate, Unix seconds: alert well before it.
+    pub certificate_expiry: Gauge,
+}
+
+impl Metrics {
+    /// Registers all metrics; `node_id` and the protocol versions go into `dwcp_build_info`.
+    pub fn new(node_id: &str, versions: &str) -> Self {
+        let mut registry = Registry::with_prefix("dwcp");
+        let build = Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("node_id", node_id.to_string()),
+            ("protocol_versions", versions.to_string()),
+        ]);
+        registry.register("build", "DWCP build and node information", build);
+        let m = Self {
+            connections_active: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Counter::default(),
+            handshakes: Family::default(),
+            frames_received: Family::default(),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            ready: Gauge::default(),
+            certificate_expiry: Gauge::default(),
+            registry,
+        };
+        let mut registry = m.registry;
+        registry.register(
+            "connections_active",
+            "Peer connections open now",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Peer connections accepted",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Peer connections refused because agent.max_connections was reached",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "handshakes",
+            "Peer handshakes by result, reason and negotiated version",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "frames_received",
+            "Frames received on established connections, by type",
+            m.frames_received.clone(),
+        );
+        registry.register(
+            "bytes_received",
+            "Bytes read from peer sockets, TLS included",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Bytes written to peer sockets, TLS included",
+            m.bytes_sent.clone(),
+        );
+        registry.register("ready", "1 while the agent is ready", m.ready.clone());
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Expiry of this node's certificate (Unix time)",
+            m.certificate_expiry.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts one handshake.
+    pub fn handshake(&self, result: &'static str, reason: &str, version: &str) {
+        self.handshakes
+            .get_or_create(&vec![
+                ("result", result.to_string()),
+                ("reason", reason.to_string()),
+                ("version", version.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts one received frame.
+    pub fn frame(&self, ty: &'static str) {
+        self.frames_received
+            .get_or_create(&vec![("type", ty.to_string())])
+            .inc();
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus reads natively).
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Wraps a socket, counting the bytes that pass through it.
+#[derive(Debug)]
+pub struct Metered<S> {
+    inner: S,
+    read: Counter,
+    written: Counter,
+}
+
+impl<S> Metered<S> {
+    /// Counts reads into `read` and writes into `written`.
+    pub fn new(inner: S, read: Counter, written: Counter) -> Self {
+        Self {
+            inner,
+            read,
+            written,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.inc_by(n as u64);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.inc_by(n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_every_metric() {
+        let m = Metrics::new("n1", "1,3");
+        m.handshake("ok", "", "v3");
+        m.frame("ping");
+        m.bytes_received.inc_by(5);
+        let text = m.render().unwrap();
+        for needle in [
+            "dwcp_build_info{version=",
+            "node_id=\"n1\"",
+            "dwcp_connections_active 0",
+            "dwcp_connections_accepted_total 0",
+            "dwcp_connections_refused_total 0",
+            "dwcp_handshakes_total{result=\"ok\",reason=\"\",version=\"v3\"} 1",
+            "dwcp_frames_received_total{type=\"ping\"} 1",
+            "dwcp_bytes_received_total 5",
+            "dwcp_bytes_sent_total 0",
+            "dwcp_ready 0",
+            "dwcp_certificate_expiry_timestamp_seconds 0",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+    }
+}
