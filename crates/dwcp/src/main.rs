@@ -1,1 +1,89 @@
-fn main() {}
+//! `dwcp`: parse arguments, run the command, map the error to an exit code, print the cause
+//! chain.
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dwcp_agent::AgentError;
+use dwcp_control::ConfigError;
+use dwcp_transport::{ConnError, PkiError, TlsSetupError};
+use dwcp_wire::{Fault, HandshakeError};
+
+use crate::cli::Cli;
+
+/// Exit codes scripts can rely on (also listed in `dwcp --help` and docs/OPERATIONS.md).
+pub(crate) mod exit {
+    pub(crate) const INTERNAL: u8 = 1;
+    // 2 is clap's code for a bad command line.
+    pub(crate) const CONFIG: u8 = 3;
+    pub(crate) const FILES: u8 = 4;
+    pub(crate) const NETWORK: u8 = 5;
+    pub(crate) const AUTH: u8 = 6;
+    pub(crate) const PROTOCOL: u8 = 7;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            let mut last = err.to_string();
+            for cause in err.chain().skip(1) {
+                let text = cause.to_string();
+                // Many errors quote their source in their own message; print it once.
+                if !last.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                last = text;
+            }
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// The exit code for an error: the first error in the chain of a known kind decides.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ConnError>() {
+            return conn_code(e);
+        }
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<commands::UsageError>().is_some()
+        {
+            return exit::CONFIG;
+        }
+        if cause.downcast_ref::<PkiError>().is_some()
+            || cause.downcast_ref::<TlsSetupError>().is_some()
+            || cause.downcast_ref::<std::io::Error>().is_some()
+        {
+            return exit::FILES;
+        }
+        if let Some(AgentError::Bind { .. }) = cause.downcast_ref::<AgentError>() {
+            return exit::NETWORK;
+        }
+    }
+    exit::INTERNAL
+}
+
+fn conn_code(e: &ConnError) -> u8 {
+    if e.is_auth() {
+        return exit::AUTH;
+    }
+    match e {
+        ConnError::Connect { .. }
+        | ConnError::Timeout { .. }
+        | ConnError::Closed(_)
+        | ConnError::Io { .. } => exit::NETWORK,
+        ConnError::Handshake(HandshakeError::Timeout(_)) => exit::NETWORK,
+        ConnError::Handshake(h) if h.fault() == Fault::Refused => match h.code() {
+            dwcp_wire::ErrorCode::IDENTITY_MISMATCH => exit::AUTH,
+            dwcp_wire::ErrorCode::TIMEOUT | dwcp_wire::ErrorCode::SHUTTING_DOWN => exit::NETWORK,
+            _ => exit::PROTOCOL,
+        },
+        _ => exit::PROTOCOL,
+    }
+}

@@ -1,0 +1,185 @@
+//! Command-line arguments (raw). `main` turns them into validated settings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const AFTER_HELP: &str = "\
+Quick start (one machine, two agents):
+  dwcp certs init  --dir ./certs
+  dwcp certs issue --dir ./certs --node node-a
+  dwcp certs issue --dir ./certs --node node-b
+  dwcp agent --certs-dir ./certs --node-id node-a --listen 127.0.0.1:7700 --admin-listen 127.0.0.1:7701 &
+  dwcp ping 127.0.0.1:7700 --certs-dir ./certs --node-id node-b
+
+Exit codes: 0 ok, 1 internal error, 2 bad command line, 3 invalid configuration,
+4 certificate or file problem, 5 network (unreachable, timeout, connection lost),
+6 authentication (certificate refused, identity mismatch), 7 protocol (peer incompatible or
+misbehaving). Docs: README.md, docs/CONFIG.md, docs/OPERATIONS.md, docs/PROTOCOL.md.";
+
+/// DWCP moves VM state between hypervisor hosts over mutual TLS, and keeps a cluster of them
+/// consistent.
+#[derive(Debug, Parser)]
+#[command(name = "dwcp", version = long_version(), after_help = AFTER_HELP)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+
+    /// Log line format on standard error [default: from the config file, else text].
+    #[arg(long, global = true, value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
+
+    /// Log level or directives, e.g. `debug` or `info,dwcp_agent=debug` [default: from the
+    /// config file, else info].
+    #[arg(long, global = true)]
+    pub(crate) log_level: Option<String>,
+}
+
+fn long_version() -> &'static str {
+    concat!(env!("CARGO_PKG_VERSION"), " (wire protocol v1, v3)")
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the node agent: accept peers, answer handshakes and pings, serve /healthz, /readyz
+    /// and /metrics. Stops cleanly on SIGTERM or ctrl-c.
+    Agent(AgentArgs),
+    /// Connect to a peer (mutual TLS + handshake), show the negotiated version and
+    /// capabilities, and measure the round-trip time over a number of probes.
+    Ping(PingArgs),
+    /// Create a cluster CA and node certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Check or print configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Start agents on loopback with throwaway certificates (v1+v3, v1-only, and a node of a
+    /// foreign CA), connect them, measure, and print a report. Needs no root and no setup.
+    Demo(DemoArgs),
+}
+
+/// Flags shared by every command that talks to peers.
+#[derive(Debug, Args)]
+pub(crate) struct NodeArgs {
+    /// Configuration file (TOML) [default: built-in defaults; see `dwcp config default`].
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Certificate directory made by `dwcp certs` (overrides node.certs_dir).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) certs_dir: Option<PathBuf>,
+
+    /// This node's id; its certificate is read from DIR/nodes/ID.pem (overrides node.id;
+    /// default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub(crate) node_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+
+    /// Address peers connect to (overrides agent.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<String>,
+
+    /// Address of the admin HTTP server (overrides agent.admin_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) admin_listen: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PingArgs {
+    /// Peer address, HOST:PORT.
+    #[arg(value_name = "PEER")]
+    pub(crate) peer: String,
+
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+
+    /// Number of probes.
+    #[arg(long, short = 'n', default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) count: u32,
+
+    /// Milliseconds between probes.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub(crate) interval_ms: u64,
+
+    /// Seconds to wait for each answer.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub(crate) timeout_secs: u64,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.pem (give to every node) and DIR/ca.key (keep safe).
+    Init {
+        /// Directory to write to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Cluster id, recorded in the CA's name.
+        #[arg(long, default_value = "dwcp")]
+        cluster_id: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: u32,
+        /// Replace an existing CA (certificates it issued stop being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate signed by the CA in DIR: DIR/nodes/ID.pem and DIR/nodes/ID.key.
+    Issue {
+        /// Directory holding the CA (from `dwcp certs init`).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node id the certificate is for.
+        #[arg(long, value_name = "ID")]
+        node: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: u32,
+        /// Replace an existing certificate for this node.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Validate a configuration file (with DWCP_* overrides applied); exit 0 if valid, 3 if not.
+    Check {
+        /// The file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the default configuration, every field commented.
+    Default,
+    /// Print the effective configuration: defaults, then FILE, then DWCP_* variables.
+    Show {
+        /// The file [default: none, defaults only].
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Number of ping probes between the two nodes.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) probes: u32,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}

@@ -1,0 +1,345 @@
+//! The `dwcp` binary as a user runs it: help, certificates, agent + ping, exit codes,
+//! configuration checks, signals, demo.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn dwcp() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dwcp"));
+    c.env_remove("DWCP_PROTOCOL__VERSIONS");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    dwcp().args(args).output().unwrap()
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An agent process, killed on drop if still running.
+struct AgentProc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn readyz(admin: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(admin) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+fn start_agent(certs: &Path, node: &str, env: &[(&str, &str)]) -> AgentProc {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cmd = dwcp();
+    cmd.args([
+        "agent",
+        "--node-id",
+        node,
+        "--listen",
+        &addr,
+        "--admin-listen",
+        &admin,
+    ])
+    .arg("--certs-dir")
+    .arg(certs)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let mut agent = AgentProc { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !readyz(&admin) {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            panic!("agent exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "agent not ready within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent
+}
+
+fn cluster(dir: &Path, nodes: &[&str]) {
+    let d = dir.to_str().unwrap();
+    assert!(run(&["certs", "init", "--dir", d]).status.success());
+    for n in nodes {
+        let o = run(&["certs", "issue", "--dir", d, "--node", n]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let help = text(&o.stdout);
+    for cmd in ["agent", "ping", "certs", "config", "demo", "Exit codes"] {
+        assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
+    }
+    let v = text(&run(&["--version"]).stdout);
+    assert!(v.starts_with("dwcp ") && v.contains("v1, v3"), "{v}");
+    let o = run(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn certs_refuse_to_overwrite_and_reject_bad_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(run(&["certs", "init", "--dir", d]).status.success());
+    let o = run(&["certs", "init", "--dir", d]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        text(&o.stderr).contains("already exists"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = run(&["certs", "issue", "--dir", d, "--node", "bad id"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(text(&o.stderr).contains("node id"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn agent_and_ping() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let agent = start_agent(dir.path(), "node-a", &[]);
+    let certs = dir.path().to_str().unwrap();
+
+    let o = run(&[
+        "ping",
+        &agent.addr,
+        "--certs-dir",
+        certs,
+        "--node-id",
+        "node-b",
+        "-n",
+        "3",
+        "--interval-ms",
+        "10",
+    ]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
+    assert!(out.contains("connected to node-a"), "{out}");
+    assert!(out.contains("protocol v3"), "{out}");
+    assert!(out.contains("rtt min/avg/max/mdev"), "{out}");
+
+    let o = run(&[
+        "ping",
+        &agent.addr,
+        "--certs-dir",
+        certs,
+        "--node-id",
+        "node-b",
+        "-n",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["version"], 3);
+    assert_eq!(j["peer_node_id"], "node-a");
+    assert_eq!(j["rtt_ms"]["samples"].as_array().unwrap().len(), 2);
+    assert!(j["rtt_ms"]["avg"].as_f64().unwrap() > 0.0);
+
+    // A v1-only client (configured through the environment) still gets in, at v1.
+    let o = dwcp()
+        .args([
+            "ping",
+            &agent.addr,
+            "--node-id",
+            "node-b",
+            "-n",
+            "1",
+            "--json",
+        ])
+        .arg("--certs-dir")
+        .arg(certs)
+        .env("DWCP_PROTOCOL__VERSIONS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["version"], 1);
+    assert_eq!(j["negotiated"]["max_streams"], 1);
+}
+
+#[test]
+fn foreign_ca_fails_with_auth_exit_code() {
+    let ours = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    cluster(ours.path(), &["node-a"]);
+    cluster(theirs.path(), &["node-b"]);
+    let agent = start_agent(ours.path(), "node-a", &[]);
+    let o = run(&[
+        "ping",
+        &agent.addr,
+        "--certs-dir",
+        theirs.path().to_str().unwrap(),
+        "--node-id",
+        "node-b",
+    ]);
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("not issued by our cluster CA"), "{err}");
+}
+
+#[test]
+fn unreachable_peer_is_a_network_error() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-b"]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let o = run(&[
+        "ping",
+        &addr,
+        "--certs-dir",
+        dir.path().to_str().unwrap(),
+        "--node-id",
+        "node-b",
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("cannot connect"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn sigterm_stops_the_agent_with_exit_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a"]);
+    let mut agent = start_agent(dir.path(), "node-a", &[]);
+    let pid = agent.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "agent exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent did not stop within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn agent_without_certificates_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "agent",
+        "--certs-dir",
+        dir.path().to_str().unwrap(),
+        "--node-id",
+        "n1",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(text(&o.stderr).contains("ca.pem"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn config_check_and_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let default = run(&["config", "default"]);
+    assert!(default.status.success());
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &default.stdout).unwrap();
+    let o = run(&["config", "check", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[transport]\nmin_streams = 64\nmax_streams = 8\n[protocol]\nversions = [2]\n",
+    )
+    .unwrap();
+    let o = run(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3));
+    let err = text(&o.stderr);
+    assert!(err.contains("transport.min_streams = 64"), "{err}");
+    assert!(err.contains("protocol.versions = [2]"), "{err}");
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[transport]\nmax_stream = 8\n").unwrap();
+    let o = run(&["config", "check", typo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        text(&o.stderr).contains("max_stream"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = run(&["config", "check", "/nonexistent/dwcp.toml"]);
+    assert_eq!(o.status.code(), Some(4));
+
+    let o = dwcp()
+        .args(["config", "show"])
+        .env("DWCP_TRANSPORT__MAX_STREAMS", "64")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(
+        text(&o.stdout).contains("max_streams = 64"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn demo_runs_without_setup() {
+    let o = run(&["demo", "--probes", "5", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["version"], 3);
+    assert_eq!(j["legacy_version"], 1);
+    assert_eq!(j["probes"], 5);
+    assert!(
+        j["foreign_ca_refused"]
+            .as_str()
+            .unwrap()
+            .contains("cluster CA"),
+        "{j}"
+    );
+    assert_eq!(j["node_b"]["handshakes_ok"], 1.0);
+    assert_eq!(j["node_b"]["handshakes_failed"], 1.0);
+}
