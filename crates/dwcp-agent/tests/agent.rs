@@ -420,3 +420,39 @@ async fn t60_shutdown_sends_goaway_and_returns() {
         "listener must be closed"
     );
 }
+
+#[tokio::test]
+async fn t52_expired_certificate_makes_the_agent_unready() {
+    let cluster = TestCluster::new();
+    let creds = cluster.creds("server");
+    let s = settings(&cluster, |_| {});
+    let tls = dwcp_transport::TlsConfigs::new(&creds).unwrap();
+    // Not-after of 1 (1970): the certificate expired while the agent was running.
+    let agent = dwcp_agent::Agent::bind(creds.node_id.clone(), &s, tls, 1)
+        .await
+        .unwrap();
+    let admin = agent.admin_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async {
+        let _ = rx.await;
+    }));
+    let mut last = (0, String::new());
+    for _ in 0..100 {
+        if let Ok(r) = http_get(admin, "/readyz").await {
+            last = r;
+            if last.0 == 503 && last.1.contains("expired") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last.0, 503, "{last:?}");
+    assert!(last.1.contains("certificate has expired"), "{last:?}");
+    assert_eq!(http_get(admin, "/healthz").await.unwrap().0, 200);
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

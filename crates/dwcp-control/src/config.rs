@@ -70,7 +70,7 @@ pub struct AgentConfig {
     pub listen: String,
     /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
     pub admin_listen: String,
-    /// Most peer connections served at once; more are refused with `OVERLOADED`.
+    /// Most peer connections served at once; more are closed at once, before TLS.
     pub max_connections: u32,
     /// Seconds in-flight work gets to finish after SIGTERM / ctrl-c.
     pub shutdown_grace_secs: u32,
@@ -629,7 +629,7 @@ certs_dir = "/etc/dwcp/certs"
 listen = "0.0.0.0:7700"
 # Admin HTTP (/healthz, /readyz, /metrics). Keep it on loopback or a management network.
 admin_listen = "127.0.0.1:7701"
-# Peer connections served at once (1..=65536); more are refused with OVERLOADED.
+# Peer connections served at once (1..=65536); more are closed at once, before TLS.
 max_connections = 1024
 # Seconds in-flight work gets to finish after SIGTERM or ctrl-c (0..=3600).
 shutdown_grace_secs = 10

@@ -112,6 +112,93 @@ pub fn handshake(data: &[u8]) {
     }
 }
 
+/// Seed inputs for both fuzz targets: every message type, valid and slightly broken. The
+/// committed corpus in `fuzz/corpus/` is exactly this list (a test checks it; set
+/// `DWCP_BLESS_CORPUS=1` when running that test to rewrite it after a format change).
+pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
+    let codec = FrameCodec::handshake();
+    let frame = |ty: FrameType, payload: Vec<u8>| {
+        let mut buf = BytesMut::new();
+        // Payloads here are far below the handshake limit.
+        let _ = codec.encode(&crate::frame::Frame::new(ty, payload), &mut buf);
+        buf.to_vec()
+    };
+    let local = local("peer");
+    let hello = Hello {
+        versions: vec![1, 3],
+        node_id: "peer".into(),
+        cluster_id: "fuzz".into(),
+        capabilities: Some(local.capabilities.clone()),
+    };
+    let ack = HelloAck {
+        version: 3,
+        node_id: "peer".into(),
+        cluster_id: "fuzz".into(),
+        capabilities: Some(local.capabilities.clone()),
+        negotiated: Some(local.capabilities),
+    };
+    let ping = Ping {
+        seq: 7,
+        timestamp_micros: 1,
+    };
+    let close = Close::new(crate::ErrorCode::PROTOCOL_ERROR, "bad");
+    use prost::Message as _;
+    let hello_bytes = frame(FrameType::HELLO, hello.encode_to_vec());
+    let mut flipped = hello_bytes.clone();
+    if let Some(b) = flipped.get_mut(10) {
+        *b ^= 0x01;
+    }
+    let mut two = hello_bytes.clone();
+    two.extend(frame(FrameType::PING, ping.encode_to_vec()));
+    vec![
+        ("hello", hello_bytes.clone()),
+        (
+            "hello_ack",
+            frame(FrameType::HELLO_ACK, ack.encode_to_vec()),
+        ),
+        ("ping", frame(FrameType::PING, ping.encode_to_vec())),
+        ("pong", frame(FrameType::PONG, ping.encode_to_vec())),
+        ("reject", frame(FrameType::REJECT, close.encode_to_vec())),
+        ("goaway", frame(FrameType::GOAWAY, close.encode_to_vec())),
+        ("extension", frame(FrameType(0x8001), b"ext".to_vec())),
+        ("hello_then_ping", two),
+        ("hello_bad_crc", flipped),
+        (
+            "hello_truncated",
+            hello_bytes[..hello_bytes.len() / 2].to_vec(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod corpus {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// The committed seed corpus matches [`seed_corpus`], and every seed passes both bodies.
+    #[test]
+    fn committed_corpus_is_current() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+        let bless = std::env::var_os("DWCP_BLESS_CORPUS").is_some();
+        for target in ["frame", "handshake"] {
+            for (name, bytes) in seed_corpus() {
+                frames(&bytes);
+                handshake(&bytes);
+                let path = root.join(target).join(format!("seed-{name}"));
+                if bless {
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(&path, &bytes).unwrap();
+                }
+                let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
+                    panic!("{}: {e} (bless with DWCP_BLESS_CORPUS=1)", path.display())
+                });
+                assert_eq!(on_disk, bytes, "{} is stale", path.display());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod proptests {
     use proptest::prelude::*;

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"): installs what the tests need on a fresh
+# machine, then runs the format check, clippy with -D warnings, and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- what the tests need -------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust (stable) first, e.g. with rustup" >&2
+    exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+    for component in rustfmt clippy; do
+        if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
+            log "installing rustup component ${component}"
+            rustup component add "${component}"
+        fi
+    done
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+# System tools the tests call: kill (procps) to signal agents.
+need_apt=()
+command -v kill >/dev/null 2>&1 || need_apt+=(procps)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing ${need_apt[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    else
+        echo "missing system packages: ${need_apt[*]} (install them, or run as root on Debian)" >&2
+        exit 1
+    fi
+fi
+
+# --- checks --------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Doc tests first: nextest's summary line should be the last thing this script prints.
+log "doc tests"
+cargo test --workspace --doc --locked
+
+log "tests (cargo nextest)"
+profile=default
+[ -n "${CI:-}" ] && profile=ci
+cargo nextest run --workspace --all-targets --locked --profile "$profile"
