@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dwcp_control::Settings;
-use dwcp_transport::{ConnError, Connection, Endpoint, TlsConfigs};
+use dwcp_transport::{ConnError, Connection, Endpoint, Stage, TlsConfigs};
 use dwcp_wire::msg::{self, Ping};
 use dwcp_wire::{ErrorCode, FrameType, NodeId};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -291,7 +291,16 @@ where
         shared.metrics.frame(frame.ty.name());
         match frame.ty {
             FrameType::PING => match msg::decode::<Ping>(&frame) {
-                Ok(ping) => conn.send(&msg::encode(FrameType::PONG, &ping)).await?,
+                // Bounded: a peer that pings but never reads must not pin this task.
+                Ok(ping) => tokio::time::timeout(
+                    shared.idle_timeout,
+                    conn.send(&msg::encode(FrameType::PONG, &ping)),
+                )
+                .await
+                .map_err(|_| ConnError::Timeout {
+                    stage: Stage::Established,
+                    after: shared.idle_timeout,
+                })??,
                 Err(e) => {
                     conn.close(ErrorCode::PROTOCOL_ERROR, &e.to_string()).await;
                     return Err(dwcp_wire::HandshakeError::from(e).into());

@@ -246,7 +246,11 @@ pub async fn connect(
     .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
     let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
     let hs = Handshake::client(endpoint.local_params(), peer_id, Instant::now());
-    Connection::finish(TlsStream::Client(tls), hs, addr).await
+    bounded(
+        endpoint,
+        Connection::finish(TlsStream::Client(tls), hs, addr),
+    )
+    .await
 }
 
 /// Accepts a peer on `io` (already accepted from a listener): TLS, then handshake.
@@ -268,7 +272,27 @@ where
         .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
     let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
     let hs = Handshake::server(endpoint.local_params(), peer_id, Instant::now());
-    Connection::finish(TlsStream::Server(tls), hs, peer_addr).await
+    bounded(
+        endpoint,
+        Connection::finish(TlsStream::Server(tls), hs, peer_addr),
+    )
+    .await
+}
+
+/// Bounds the whole DWCP handshake, writes included. The sans-IO machine's deadline covers
+/// waiting for the peer; this also covers a peer that stops reading while we write.
+async fn bounded<T>(
+    endpoint: &Endpoint,
+    fut: impl Future<Output = Result<T, ConnError>>,
+) -> Result<T, ConnError> {
+    // A little past the machine's own deadline, so that its TIMEOUT reject wins when it can.
+    let limit = endpoint.handshake_timeout + Duration::from_millis(500);
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| ConnError::Timeout {
+            stage: Stage::Handshake,
+            after: limit,
+        })?
 }
 
 fn peer_node_id(

@@ -517,6 +517,41 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes, and real certificates with bytes changed, never panic the
+        /// certificate reader.
+        #[test]
+        fn arbitrary_certificate_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            flips in proptest::collection::vec((0usize..2000, 1u8..=255), 0..8),
+        ) {
+            let _ = node_id_from_cert(&CertificateDer::from(bytes));
+            let _ = validity(&CertificateDer::from(sample_cert()));
+            let mut cert = sample_cert();
+            for (i, x) in flips {
+                let n = cert.len();
+                cert[i % n] ^= x;
+            }
+            let _ = node_id_from_cert(&CertificateDer::from(cert.clone()));
+            let _ = validity(&CertificateDer::from(cert));
+        }
+    }
+
+    fn sample_cert() -> Vec<u8> {
+        use std::sync::OnceLock;
+        static CERT: OnceLock<Vec<u8>> = OnceLock::new();
+        CERT.get_or_init(|| {
+            let now = OffsetDateTime::now_utc();
+            let params = node_params(&id("sample"), now, now + TimeDuration::days(1)).unwrap();
+            params
+                .self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .to_vec()
+        })
+        .clone()
+    }
+
     #[test]
     fn garbage_certificates_are_errors() {
         assert!(node_id_from_cert(&CertificateDer::from(vec![0u8; 10])).is_err());
