@@ -44,7 +44,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             .clone()
             .or_else(|| cfg.map(|c| c.log.level.clone()))
             // The demo prints its own report; agent chatter would drown it.
-            .unwrap_or_else(|| if quiet { "warn" } else { "info" }.into());
+            .unwrap_or_else(|| if quiet { "error" } else { "info" }.into());
         init_logging(format, &level)
     };
     match command {
