@@ -72,7 +72,10 @@ fn local(node: &str) -> LocalParams {
 /// answers with exactly one `HELLO_ACK`.
 pub fn handshake(data: &[u8]) {
     // The harness is the driver here: it owns the clock it passes in.
-    #[expect(clippy::disallowed_methods, reason = "a fuzz harness is a driver, not the core")]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a fuzz harness is a driver, not the core"
+    )]
     let now = Instant::now();
     let peer = NodeId::new("peer").unwrap_or_else(|e| panic!("{e}"));
     for server in [true, false] {

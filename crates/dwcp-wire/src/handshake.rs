@@ -559,6 +559,10 @@ impl Handshake {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests are drivers: they own the clock"
+)]
 mod tests {
     use super::*;
 
