@@ -312,18 +312,12 @@ where
             }
             ty if ty.is_extension() => debug!(ty = ty.0, "skipping unknown extension frame"),
             ty => {
-                let reason = format!("unexpected {} frame (type {:#06x})", ty.name(), ty.0);
-                let code = if ty.name() == "unknown" {
-                    ErrorCode::UNKNOWN_FRAME_TYPE
-                } else {
-                    ErrorCode::UNEXPECTED_FRAME
-                };
-                conn.close(code, &reason).await;
-                return Err(dwcp_wire::HandshakeError::UnexpectedFrame {
+                let err = dwcp_wire::HandshakeError::UnexpectedFrame {
                     ty: ty.0,
                     name: ty.name(),
-                }
-                .into());
+                };
+                conn.close(err.code(), &err.to_string()).await;
+                return Err(err.into());
             }
         }
     }

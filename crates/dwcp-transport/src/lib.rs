@@ -10,6 +10,7 @@
 
 mod conn;
 pub mod pki;
+pub mod session;
 mod tls;
 
 pub use conn::{ConnError, Connection, Endpoint, Stage, accept, connect};

@@ -56,6 +56,11 @@ impl FrameType {
         self.0 & Self::EXTENSION_BIT != 0
     }
 
+    /// Whether this implementation defines this (non-extension) type.
+    pub fn is_known(self) -> bool {
+        !matches!(self.name(), "unknown" | "extension")
+    }
+
     /// A short name for logs and metric labels.
     pub fn name(self) -> &'static str {
         match self {
@@ -65,6 +70,13 @@ impl FrameType {
             Self::PING => "ping",
             Self::PONG => "pong",
             Self::GOAWAY => "goaway",
+            Self::SESSION => "session",
+            Self::OBJECT_BEGIN => "object_begin",
+            Self::OBJECT_STATE => "object_state",
+            Self::DATA => "data",
+            Self::OBJECT_END => "object_end",
+            Self::ACK => "ack",
+            Self::OBJECT_DONE => "object_done",
             t if t.is_extension() => "extension",
             _ => "unknown",
         }

@@ -192,15 +192,7 @@ impl HandshakeError {
             Self::Frame(e) => e.code(),
             Self::Message(_) | Self::BadAnswer(_) => ErrorCode::PROTOCOL_ERROR,
             Self::UnexpectedFrame { ty, .. } => {
-                if matches!(
-                    FrameType(*ty),
-                    FrameType::HELLO
-                        | FrameType::HELLO_ACK
-                        | FrameType::REJECT
-                        | FrameType::PING
-                        | FrameType::PONG
-                        | FrameType::GOAWAY
-                ) {
+                if FrameType(*ty).is_known() {
                     ErrorCode::UNEXPECTED_FRAME
                 } else {
                     ErrorCode::UNKNOWN_FRAME_TYPE

@@ -12,6 +12,7 @@
 //! move the bytes and pass `Instant`s in. `docs/PROTOCOL.md` is the specification it
 //! implements.
 
+pub mod data;
 mod error;
 mod frame;
 mod handshake;

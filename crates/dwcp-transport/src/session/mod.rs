@@ -1,0 +1,8 @@
+//! Transfer sessions (AMST): objects cut into chunks, striped over several connections,
+//! reassembled and verified at the receiver.
+//!
+//! The pure parts, [`sched`] (sender) and [`reasm`] (receiver), import neither tokio nor
+//! sockets; the drivers beside them move the bytes.
+
+pub mod reasm;
+pub mod sched;

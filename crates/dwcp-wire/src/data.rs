@@ -1,0 +1,188 @@
+//! Data-plane frames of a transfer session (`docs/PROTOCOL.md`, "Transfer sessions").
+//!
+//! A session is a group of connections between the same two nodes, tagged by a random
+//! session id. Objects (files, memory regions, streams) are cut into chunks carried by `DATA`
+//! frames on any connection of the session; the receiver acknowledges the contiguous prefix it
+//! has stored, and verifies a BLAKE3 digest of the whole object at the end.
+//!
+//! `DATA` has a fixed binary header instead of protobuf: it is the hot path, and its payload
+//! should be sliceable without copying.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+use crate::frame::{Frame, FrameType};
+use crate::msg::MessageError;
+
+impl FrameType {
+    /// First frame on every connection of a session: which session, which stream.
+    pub const SESSION: Self = Self(0x0010);
+    /// Sender announces an object; the receiver answers `OBJECT_STATE`.
+    pub const OBJECT_BEGIN: Self = Self(0x0011);
+    /// Receiver: how much of the object it already holds (resume point).
+    pub const OBJECT_STATE: Self = Self(0x0012);
+    /// A chunk of an object.
+    pub const DATA: Self = Self(0x0013);
+    /// Sender: the object is complete, with its size and digest.
+    pub const OBJECT_END: Self = Self(0x0014);
+    /// Receiver: the contiguous prefix of an object now stored.
+    pub const ACK: Self = Self(0x0015);
+    /// Receiver: the object is verified and stored, or failed.
+    pub const OBJECT_DONE: Self = Self(0x0016);
+}
+
+/// Bytes of the `DATA` header: object id and offset, both u64 big-endian.
+pub const DATA_HEADER_LEN: usize = 16;
+
+/// Length of a session id.
+pub const SESSION_ID_LEN: usize = 16;
+
+/// `SESSION` (0x0010).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct SessionJoin {
+    /// Random id chosen by the sender, [`SESSION_ID_LEN`] bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_id: Vec<u8>,
+    /// Index of this connection in the session, from 0.
+    #[prost(uint32, tag = "2")]
+    pub stream_index: u32,
+}
+
+/// `OBJECT_BEGIN` (0x0011).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct ObjectBegin {
+    /// Object id, unique within the session.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// Name (a relative file name for files).
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Size in bytes.
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    /// Identifies this version of the content (e.g. size and modification time), so that a
+    /// receiver only resumes a partial copy of the same content.
+    #[prost(string, tag = "4")]
+    pub version_tag: String,
+}
+
+/// `OBJECT_STATE` (0x0012).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct ObjectState {
+    /// Object id.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// Bytes from the start the receiver already holds and will keep; the sender starts there.
+    #[prost(uint64, tag = "2")]
+    pub have: u64,
+}
+
+/// `OBJECT_END` (0x0014).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct ObjectEnd {
+    /// Object id.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// Size in bytes.
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    /// BLAKE3 digest of the whole object, 32 bytes.
+    #[prost(bytes = "vec", tag = "3")]
+    pub blake3: Vec<u8>,
+}
+
+/// `ACK` (0x0015).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct Ack {
+    /// Object id.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// Every byte below this offset is stored.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+}
+
+/// `OBJECT_DONE` (0x0016).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct ObjectDone {
+    /// Object id.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// 0 when stored and verified, else an [`crate::ErrorCode`].
+    #[prost(uint32, tag = "2")]
+    pub code: u32,
+    /// Why it failed.
+    #[prost(string, tag = "3")]
+    pub reason: String,
+}
+
+/// The header of a `DATA` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    /// Object id.
+    pub object: u64,
+    /// Offset of the first byte of the chunk within the object.
+    pub offset: u64,
+}
+
+/// Builds a `DATA` frame. The chunk is copied once, into the frame payload.
+pub fn encode_data(object: u64, offset: u64, chunk: &[u8]) -> Frame {
+    let mut p = BytesMut::with_capacity(DATA_HEADER_LEN + chunk.len());
+    p.put_u64(object);
+    p.put_u64(offset);
+    p.put_slice(chunk);
+    Frame::new(FrameType::DATA, p.freeze())
+}
+
+/// Splits a `DATA` frame into header and chunk (no copy).
+pub fn decode_data(frame: &Frame) -> Result<(DataHeader, Bytes), MessageError> {
+    if frame.payload.len() < DATA_HEADER_LEN {
+        return Err(MessageError {
+            frame: "data",
+            detail: format!(
+                "{} bytes, shorter than the {DATA_HEADER_LEN}-byte header",
+                frame.payload.len()
+            ),
+        });
+    }
+    let mut p = frame.payload.clone();
+    let object = p.get_u64();
+    let offset = p.get_u64();
+    if offset.checked_add(p.len() as u64).is_none() {
+        return Err(MessageError {
+            frame: "data",
+            detail: format!("chunk at offset {offset} overflows 64 bits"),
+        });
+    }
+    Ok((DataHeader { object, offset }, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_round_trip_and_layout() {
+        let f = encode_data(7, 1 << 40, b"abc");
+        assert_eq!(&f.payload[..8], &7u64.to_be_bytes());
+        assert_eq!(&f.payload[8..16], &(1u64 << 40).to_be_bytes());
+        let (h, chunk) = decode_data(&f).unwrap();
+        assert_eq!(
+            h,
+            DataHeader {
+                object: 7,
+                offset: 1 << 40
+            }
+        );
+        assert_eq!(&chunk[..], b"abc");
+    }
+
+    #[test]
+    fn short_or_overflowing_data_is_rejected() {
+        assert!(decode_data(&Frame::new(FrameType::DATA, vec![0u8; 15])).is_err());
+        let f = encode_data(1, u64::MAX, b"x");
+        assert!(decode_data(&f).is_err());
+        let f = encode_data(1, u64::MAX, b"");
+        assert!(decode_data(&f).is_ok());
+    }
+}
