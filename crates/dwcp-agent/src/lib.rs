@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use dwcp_control::Settings;
 use dwcp_transport::{ConnError, Connection, Endpoint, Stage, TlsConfigs};
-use dwcp_wire::msg::{self, Ping};
+use dwcp_wire::msg::{self, Close, Ping};
 use dwcp_wire::{ErrorCode, FrameType, NodeId};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -50,6 +50,9 @@ pub enum AgentError {
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
 }
+
+/// Longest the admin server gets to finish open requests at shutdown.
+const ADMIN_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// State shared between the accept loop, connection tasks and the admin server.
 #[derive(Debug)]
@@ -143,6 +146,7 @@ impl Agent {
             grace,
         } = self;
         let stop_conns = CancellationToken::new();
+        let cut_conns = CancellationToken::new();
         let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(max_connections));
@@ -184,9 +188,15 @@ impl Agent {
                     };
                     let shared = shared.clone();
                     let stop = stop_conns.clone();
+                    let cut = cut_conns.clone();
                     tracker.spawn(
                         async move {
-                            serve_peer(&shared, tcp, peer, stop).await;
+                            tokio::select! {
+                                () = serve_peer(&shared, tcp, peer, stop) => {}
+                                () = cut.cancelled() => {
+                                    debug!("connection cut at the end of the grace period");
+                                }
+                            }
                             drop(permit);
                         }
                         .instrument(info_span!("peer", %peer)),
@@ -207,11 +217,21 @@ impl Agent {
                 remaining = tracker.len(),
                 "grace period over; cutting remaining connections"
             );
+            cut_conns.cancel();
+            // Cut tasks return at their next await point; this wait is short.
+            let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
         }
         stop_admin.cancel();
-        match admin_task.await {
-            Ok(r) => r.map_err(AgentError::Admin)?,
-            Err(e) => warn!(error = %e, "admin server task ended abnormally"),
+        // axum waits for open admin connections to finish; one stuck client must not keep the
+        // agent from exiting.
+        let admin_abort = admin_task.abort_handle();
+        match tokio::time::timeout(ADMIN_SHUTDOWN, admin_task).await {
+            Ok(Ok(r)) => r.map_err(AgentError::Admin)?,
+            Ok(Err(e)) => warn!(error = %e, "admin server task ended abnormally"),
+            Err(_) => {
+                warn!("admin connections still open after {ADMIN_SHUTDOWN:?}; closing them");
+                admin_abort.abort();
+            }
         }
         info!("agent stopped");
         Ok(())
@@ -223,6 +243,10 @@ impl Agent {
 async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
     let m = &shared.metrics;
     m.connections_active.inc();
+    // Decrements on every exit, including cancellation when the grace period runs out.
+    let _active = scopeguard(|| {
+        m.connections_active.dec();
+    });
     let _ = tcp.set_nodelay(true);
     let io = Metered::new(tcp, m.bytes_received.clone(), m.bytes_sent.clone());
     let accepted = tokio::select! {
@@ -250,7 +274,17 @@ async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: Can
             }
         }
     }
-    m.connections_active.dec();
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnMut()>(f: F) -> impl Drop {
+    struct Guard<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    Guard(f)
 }
 
 async fn serve_frames<S>(
@@ -306,10 +340,26 @@ where
                     return Err(dwcp_wire::HandshakeError::from(e).into());
                 }
             },
-            FrameType::GOAWAY => {
-                debug!("peer said goodbye");
+            // REJECT here means the client refused our HELLO_ACK (PROTOCOL.md, "Handshake",
+            // step 4); either way the peer is closing and says why.
+            FrameType::GOAWAY | FrameType::REJECT => {
+                match msg::decode::<Close>(&frame) {
+                    Ok(close) if frame.ty == FrameType::REJECT => warn!(
+                        code = %close.error_code(),
+                        "peer refused the handshake after our HELLO_ACK: {}",
+                        close.printable_reason()
+                    ),
+                    Ok(close) => debug!(
+                        code = %close.error_code(),
+                        "peer closed: {}",
+                        close.printable_reason()
+                    ),
+                    Err(e) => debug!("peer closed with a malformed {}: {e}", frame.ty.name()),
+                }
                 return Ok(());
             }
+            // Unsolicited answers are harmless: nothing here sends PINGs of its own yet.
+            FrameType::PONG => {}
             ty if ty.is_extension() => debug!(ty = ty.0, "skipping unknown extension frame"),
             ty => {
                 let err = dwcp_wire::HandshakeError::UnexpectedFrame {

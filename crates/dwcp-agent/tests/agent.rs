@@ -188,6 +188,49 @@ async fn t22_missing_client_certificate_is_refused() {
 }
 
 #[tokio::test]
+async fn t22b_certificate_without_node_id_is_refused_during_tls() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint_with(cluster.anonymous_creds(), &settings(&cluster, |_| {}));
+    let err = connect(&ep, agent.addr).await.unwrap_err();
+    assert!(matches!(err, ConnError::CertificateRefused(_)), "{err:?}");
+    wait_failed(&agent, "bad_peer_certificate").await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t22c_expired_server_certificate_is_refused_by_the_dialler() {
+    let cluster = TestCluster::new();
+    let s = settings(&cluster, |_| {});
+    let agent = RunningAgent::start_with(cluster.expired_creds("server"), &s).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let err = connect(&ep, agent.addr).await.unwrap_err();
+    assert!(err.is_auth(), "{err:?}");
+    assert!(err.to_string().contains("expired"), "{err}");
+    wait_failed(&agent, "certificate_refused_by_peer").await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t22d_dialler_can_insist_on_a_node() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let want: dwcp_wire::NodeId = "server".parse().unwrap();
+    let mut ok = dwcp_transport::connect_to(&ep, agent.addr, Some(&want))
+        .await
+        .unwrap();
+    ok.ping(1, PING_TIMEOUT).await.unwrap();
+    ok.close(ErrorCode::NO_ERROR, "").await;
+    let other: dwcp_wire::NodeId = "someone-else".parse().unwrap();
+    match dwcp_transport::connect_to(&ep, agent.addr, Some(&other)).await {
+        Err(e @ ConnError::WrongPeer { .. }) => assert!(e.is_auth()),
+        other => panic!("{other:?}"),
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn t23_identity_and_cluster_must_match() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
@@ -384,7 +427,11 @@ async fn t51_connection_limit() {
     let agent = RunningAgent::start(&cluster, "server", |c| c.agent.max_connections = 1).await;
     let ep = endpoint(&cluster, "client", |_| {});
     let mut first = connect(&ep, agent.addr).await.unwrap();
-    assert!(connect(&ep, agent.addr).await.is_err());
+    // Closed at once, before TLS.
+    match connect(&ep, agent.addr).await {
+        Err(ConnError::Closed(dwcp_transport::Stage::Tls) | ConnError::Tls { .. }) => {}
+        other => panic!("{other:?}"),
+    }
     first.ping(1, PING_TIMEOUT).await.unwrap();
     assert_eq!(
         metric_value(
@@ -455,4 +502,71 @@ async fn t52_expired_certificate_makes_the_agent_unready() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn t61_stuck_admin_client_does_not_block_shutdown() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    // Half a request, never finished.
+    let mut stuck = TcpStream::connect(agent.admin).await.unwrap();
+    stuck.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    agent.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn t62_reject_after_hello_ack_is_taken_as_a_close() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let codec = FrameCodec::handshake();
+    let mut tls = raw_tls(ep.tls.client.clone(), agent.addr).await.unwrap();
+    let hello = msg::Hello {
+        versions: vec![1, 3],
+        node_id: "client".into(),
+        cluster_id: cluster.cluster_id.to_string(),
+        capabilities: Some(ep.capabilities.clone()),
+    };
+    let mut out = BytesMut::new();
+    codec
+        .encode(&msg::encode(FrameType::HELLO, &hello), &mut out)
+        .unwrap();
+    tls.write_all(&out).await.unwrap();
+    // Wait for HELLO_ACK, then refuse it as a client that found fault with it would.
+    let mut buf = BytesMut::new();
+    let ack = loop {
+        if let Some(f) = codec.decode(&mut buf).unwrap() {
+            break f;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut chunk)
+            .await
+            .unwrap();
+        assert!(n > 0, "agent closed before HELLO_ACK");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert_eq!(ack.ty, FrameType::HELLO_ACK);
+    let mut out = BytesMut::new();
+    codec
+        .encode(
+            &msg::encode(
+                FrameType::REJECT,
+                &Close::new(ErrorCode::PROTOCOL_ERROR, "no thanks"),
+            ),
+            &mut out,
+        )
+        .unwrap();
+    tls.write_all(&out).await.unwrap();
+    let rest = read_until_closed(&mut tls, Duration::from_secs(5))
+        .await
+        .expect("agent must close after a REJECT");
+    // The agent closes without answering: no GOAWAY(UNEXPECTED_FRAME).
+    assert_eq!(close_code(&frames_in(&rest)), None);
+    agent.stop().await.unwrap();
 }

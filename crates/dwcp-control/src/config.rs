@@ -870,11 +870,89 @@ mod tests {
 
         use super::*;
 
+        const KEYS: [(&str, &str); 17] = [
+            ("node", "id"),
+            ("node", "cluster_id"),
+            ("node", "certs_dir"),
+            ("agent", "listen"),
+            ("agent", "admin_listen"),
+            ("agent", "max_connections"),
+            ("agent", "shutdown_grace_secs"),
+            ("protocol", "versions"),
+            ("protocol", "max_frame_size"),
+            ("protocol", "tls_timeout_ms"),
+            ("protocol", "handshake_timeout_ms"),
+            ("protocol", "idle_timeout_secs"),
+            ("transport", "min_streams"),
+            ("transport", "max_streams"),
+            ("transport", "quic"),
+            ("encoding", "codecs"),
+            ("log", "level"),
+        ];
+
         proptest! {
             /// Arbitrary text never panics the loader or the validator.
             #[test]
             fn arbitrary_text(text in "\\PC{0,200}") {
                 if let Ok(c) = Config::from_toml(&text, Vec::new()) {
+                    let _ = c.validate();
+                }
+            }
+
+            /// Structured TOML: known keys with values of any type. Never a panic; a type
+            /// error names the key; a validation error names the field.
+            #[test]
+            fn known_keys_any_values(
+                entries in proptest::collection::vec(
+                    (0usize..KEYS.len(), prop_oneof![
+                        any::<i64>().prop_map(|v| v.to_string()),
+                        any::<bool>().prop_map(|v| v.to_string()),
+                        "[a-z0-9 .:_-]{0,12}".prop_map(|v| format!("{v:?}")),
+                        proptest::collection::vec(0u32..5, 0..4).prop_map(|v| format!("{v:?}")),
+                    ]),
+                    0..6,
+                ),
+            ) {
+                let mut by_section: std::collections::BTreeMap<&str, Vec<String>> =
+                    Default::default();
+                let mut seen = std::collections::BTreeSet::new();
+                for (k, v) in &entries {
+                    let (section, field) = KEYS[*k];
+                    if seen.insert(*k) {
+                        by_section.entry(section).or_default().push(format!("{field} = {v}"));
+                    }
+                }
+                let text: String = by_section
+                    .iter()
+                    .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
+                    .collect();
+                match Config::from_toml(&text, Vec::new()) {
+                    Ok(c) => match c.validate() {
+                        Ok(_) => {}
+                        Err(ConfigError::Invalid(f)) => {
+                            for e in f {
+                                let named = KEYS.iter().any(|(s, k)| {
+                                    e.field.starts_with(&format!("{s}.{k}"))
+                                });
+                                prop_assert!(named, "{} names no key", e.field);
+                            }
+                        }
+                        Err(e) => prop_assert!(false, "{e}"),
+                    },
+                    Err(ConfigError::Parse(msg)) => {
+                        let named = KEYS.iter().any(|(_, k)| msg.contains(k));
+                        prop_assert!(named, "parse error names no key: {msg}");
+                    }
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+            }
+
+            /// Environment values of any shape never panic the override parser.
+            #[test]
+            fn env_values(k in 0usize..KEYS.len(), raw in "\\PC{0,30}") {
+                let (section, field) = KEYS[k];
+                let var = format!("DWCP_{}__{}", section.to_uppercase(), field.to_uppercase());
+                if let Ok(c) = Config::from_toml("", vec![(var, raw)]) {
                     let _ = c.validate();
                 }
             }

@@ -55,6 +55,31 @@ impl TestCluster {
         NodeCredentials::load(self.dir(), &id).unwrap()
     }
 
+    /// Credentials signed by this CA whose certificate names no DWCP node (no
+    /// `urn:dwcp:node:` name): a valid chain that must still be refused.
+    pub fn anonymous_creds(&self) -> NodeCredentials {
+        let ca_pem = std::fs::read_to_string(pki::ca_cert_path(self.dir())).unwrap();
+        let ca_key =
+            KeyPair::from_pem(&std::fs::read_to_string(pki::ca_key_path(self.dir())).unwrap())
+                .unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = pki::node_params(
+            &NodeId::new("anon").unwrap(),
+            now,
+            now + time::Duration::days(1),
+        )
+        .unwrap();
+        params.subject_alt_names =
+            vec![rcgen::SanType::DnsName("anon.example".try_into().unwrap())];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let mut creds = self.creds("template-node");
+        creds.chain = vec![cert.der().clone()];
+        creds.key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        creds
+    }
+
     /// Credentials for `node` whose certificate expired yesterday (signed by this CA).
     pub fn expired_creds(&self, node: &str) -> NodeCredentials {
         let id = NodeId::new(node).unwrap();
@@ -126,8 +151,12 @@ pub struct RunningAgent {
 impl RunningAgent {
     /// Starts agent `node` of `cluster`.
     pub async fn start(cluster: &TestCluster, node: &str, tweak: impl FnOnce(&mut Config)) -> Self {
-        let creds = cluster.creds(node);
-        let settings = settings(cluster, tweak);
+        Self::start_with(cluster.creds(node), &settings(cluster, tweak)).await
+    }
+
+    /// Starts an agent with the given credentials and settings.
+    pub async fn start_with(creds: NodeCredentials, settings: &Settings) -> Self {
+        let settings = settings.clone();
         let tls = TlsConfigs::new(&creds).unwrap();
         let agent = Agent::bind(creds.node_id.clone(), &settings, tls, i64::MAX)
             .await

@@ -70,6 +70,9 @@ impl Endpoint {
     }
 }
 
+/// Longest a [`Connection::close`] waits for the peer to take the `GOAWAY`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The stage a connection failed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -128,6 +131,14 @@ pub enum ConnError {
         /// What went wrong.
         detail: String,
     },
+    /// The peer is a valid node of the cluster, but not the one expected.
+    #[error("expected node {expected}, but the peer's certificate is for node {found}")]
+    WrongPeer {
+        /// Node asked for.
+        expected: NodeId,
+        /// Node that answered.
+        found: NodeId,
+    },
     /// The DWCP handshake failed.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
@@ -166,6 +177,7 @@ impl ConnError {
             Self::Timeout { .. } => "timeout",
             Self::CertificateRefused(_) => "certificate_refused_by_peer",
             Self::BadPeerCertificate(_) => "bad_peer_certificate",
+            Self::WrongPeer { .. } => "wrong_peer",
             Self::Tls { .. } => "tls_error",
             Self::Handshake(e) => e.reason(),
             Self::Frame(e) => e.reason(),
@@ -179,7 +191,7 @@ impl ConnError {
     pub fn is_auth(&self) -> bool {
         matches!(
             self,
-            Self::CertificateRefused(_) | Self::BadPeerCertificate(_)
+            Self::CertificateRefused(_) | Self::BadPeerCertificate(_) | Self::WrongPeer { .. }
         ) || matches!(
             self,
             Self::Handshake(HandshakeError::IdentityMismatch { .. })
@@ -218,10 +230,21 @@ pub struct Connection<S> {
     peer_addr: SocketAddr,
 }
 
-/// Dials `addr`: TCP, TLS, handshake.
+/// Dials `addr`: TCP, TLS, handshake. Any node of the cluster may answer; use
+/// [`connect_to`] when a particular node is expected.
 pub async fn connect(
     endpoint: &Endpoint,
     addr: SocketAddr,
+) -> Result<Connection<TcpStream>, ConnError> {
+    connect_to(endpoint, addr, None).await
+}
+
+/// Dials `addr` and, if `expected` is given, refuses any node but that one (checked against
+/// its certificate, before the DWCP handshake).
+pub async fn connect_to(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    expected: Option<&NodeId>,
 ) -> Result<Connection<TcpStream>, ConnError> {
     let tcp = tokio::time::timeout(endpoint.connect_timeout, TcpStream::connect(addr))
         .await
@@ -245,6 +268,14 @@ pub async fn connect(
     })?
     .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
     let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
+    if let Some(want) = expected {
+        if *want != peer_id {
+            return Err(ConnError::WrongPeer {
+                expected: want.clone(),
+                found: peer_id,
+            });
+        }
+    }
     let hs = Handshake::client(endpoint.local_params(), peer_id, Instant::now());
     bounded(
         endpoint,
@@ -431,8 +462,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// ignored: the peer may already be gone.
     pub async fn close(mut self, code: ErrorCode, reason: &str) {
         let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
-        let _ = self.send(&frame).await;
-        let _ = self.io.shutdown().await;
+        // Bounded: a peer that stopped reading must not pin the caller.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.send(&frame).await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
     }
 }
 
@@ -462,7 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         let close: Close = msg::decode(&frame).map_err(HandshakeError::from)?;
                         return Err(ConnError::GoAway {
                             code: close.error_code(),
-                            reason: close.reason,
+                            reason: close.printable_reason(),
                         });
                     }
                     ty if ty.is_extension() => {}

@@ -155,6 +155,9 @@ fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> Result<(),
             io_err("create", path)(e)
         }
     })?;
+    // `mode` only applies to files created now: a replaced key must not keep looser bits.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(io_err("set permissions of", path))?;
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(io_err("write", path))
@@ -405,29 +408,56 @@ impl NodeCredentials {
     /// Fails if the node certificate is not valid at `now`: a node with an expired
     /// certificate would be refused by every peer, so it should not start.
     pub fn check_validity(&self, now: UnixTime) -> Result<(), PkiError> {
-        let (nb, na) = validity(&self.chain[0]).map_err(|detail| PkiError::Invalid {
-            path: self.cert_path.clone(),
-            detail,
-        })?;
         let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        if now < nb || now > na {
-            let fmt = |t: i64| {
-                OffsetDateTime::from_unix_timestamp(t)
-                    .ok()
-                    .and_then(|d| {
-                        d.format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    })
-                    .unwrap_or_else(|| t.to_string())
-            };
-            return Err(PkiError::NotValidNow {
-                path: self.cert_path.clone(),
-                not_before: fmt(nb),
-                not_after: fmt(na),
-            });
+        let ca_path = self
+            .cert_path
+            .parent()
+            .and_then(Path::parent)
+            .map_or_else(|| PathBuf::from("ca.pem"), ca_cert_path);
+        let certs = self
+            .ca_certs
+            .iter()
+            .map(|c| (c, ca_path.clone()))
+            .chain(std::iter::once((&self.chain[0], self.cert_path.clone())));
+        for (cert, path) in certs {
+            check_window(cert, &path, now)?;
         }
         Ok(())
     }
+
+    /// When the node certificate stops being valid, Unix seconds.
+    pub fn not_after(&self) -> Result<i64, PkiError> {
+        validity(&self.chain[0])
+            .map(|(_, na)| na)
+            .map_err(|detail| PkiError::Invalid {
+                path: self.cert_path.clone(),
+                detail,
+            })
+    }
+}
+
+fn check_window(cert: &CertificateDer<'_>, path: &Path, now: i64) -> Result<(), PkiError> {
+    let (nb, na) = validity(cert).map_err(|detail| PkiError::Invalid {
+        path: path.to_path_buf(),
+        detail,
+    })?;
+    if now < nb || now > na {
+        let fmt = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .ok()
+                .and_then(|d| {
+                    d.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| t.to_string())
+        };
+        return Err(PkiError::NotValidNow {
+            path: path.to_path_buf(),
+            not_before: fmt(nb),
+            not_after: fmt(na),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -469,7 +499,18 @@ mod tests {
             init_ca(dir.path(), &c, 30, false),
             Err(PkiError::Exists { .. })
         ));
+        // A replaced key gets 0600 even if the old file was world-readable.
+        fs::set_permissions(
+            ca_key_path(dir.path()),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
         init_ca(dir.path(), &c, 30, true).unwrap();
+        let mode = fs::metadata(ca_key_path(dir.path())).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         issue_node(dir.path(), &id("a"), 1, false).unwrap();
         assert!(matches!(
             issue_node(dir.path(), &id("a"), 1, false),

@@ -12,10 +12,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, Error as TlsError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
+    Error as TlsError, RootCertStore, ServerConfig, SignatureScheme,
 };
 
 use crate::pki::{NodeCredentials, node_id_from_cert};
@@ -67,7 +68,7 @@ impl TlsConfigs {
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| err(&e))?
-            .with_client_cert_verifier(client_verifier)
+            .with_client_cert_verifier(Arc::new(NodeClientVerifier(client_verifier)))
             .with_single_cert(creds.chain.clone(), creds.key.clone_key())
             .map_err(|e| err(&e))?;
         server.alpn_protocols = vec![ALPN.to_vec()];
@@ -117,11 +118,7 @@ impl ServerCertVerifier for NodeCertVerifier {
             now,
             self.algs.all,
         )?;
-        node_id_from_cert(end_entity).map_err(|e| {
-            TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-                NotANodeCert(e),
-            ))))
-        })?;
+        require_node_id(end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -145,6 +142,69 @@ impl ServerCertVerifier for NodeCertVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+/// Refuses a certificate that names no DWCP node: a chain to the cluster CA is not enough, the
+/// handshake needs the node id.
+fn require_node_id(cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+    node_id_from_cert(cert).map(|_| ()).map_err(|e| {
+        TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+            NotANodeCert(e),
+        ))))
+    })
+}
+
+/// The stock client verifier (chain, validity, client-auth usage) plus the node-id check, so
+/// a client certificate without a node id is refused during TLS, with an alert the client can
+/// report, rather than after it.
+#[derive(Debug)]
+struct NodeClientVerifier(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for NodeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        require_node_id(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 
@@ -206,6 +266,9 @@ pub fn classify(err: &TlsError) -> TlsFailure {
             }
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "the peer's certificate is not issued for DWCP nodes (key usage)".into()
+            }
+            CertificateError::Other(e) => {
+                format!("the peer's certificate is not a DWCP node certificate: {e}")
             }
             other => format!("the peer's certificate is invalid: {other:?}"),
         }),

@@ -256,7 +256,8 @@ impl FrameCodec {
         // `len <= max_payload <= 16 MiB`, so this cannot overflow usize.
         let total = HEADER_LEN + len as usize + TRAILER_LEN;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // No reserve for the announced length: memory grows with bytes that actually
+            // arrive, not with what a peer claims it will send.
             return Ok(None);
         }
         let body_end = HEADER_LEN + len as usize;

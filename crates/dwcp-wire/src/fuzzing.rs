@@ -141,6 +141,7 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
         cluster_id: "fuzz".into(),
         capabilities: Some(local.capabilities.clone()),
         negotiated: Some(local.capabilities),
+        versions: vec![1, 3],
     };
     let ping = Ping {
         seq: 7,

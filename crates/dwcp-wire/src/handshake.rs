@@ -424,7 +424,7 @@ impl Handshake {
                     // The peer has already given up: record why, and send nothing back.
                     self.state = Err(HandshakeError::Rejected {
                         code: close.error_code(),
-                        reason: close.reason,
+                        reason: close.printable_reason(),
                     });
                     return;
                 }
@@ -466,7 +466,7 @@ impl Handshake {
         if cluster_id != self.local.cluster_id.as_str() {
             return Err(HandshakeError::ClusterMismatch {
                 ours: self.local.cluster_id.to_string(),
-                theirs: cluster_id.chars().take(300).collect(),
+                theirs: msg::printable(cluster_id, 300),
             });
         }
         let caps =
@@ -481,11 +481,11 @@ impl Handshake {
 
     fn on_hello(&mut self, frame: &Frame) -> Result<Established, HandshakeError> {
         let hello: Hello = msg::decode(frame)?;
-        if hello.versions.len() > MAX_VERSIONS {
+        if hello.versions.is_empty() || hello.versions.len() > MAX_VERSIONS {
             return Err(MessageError {
                 frame: "hello",
                 detail: format!(
-                    "{} versions listed, at most {MAX_VERSIONS} allowed",
+                    "{} versions listed, 1..={MAX_VERSIONS} allowed",
                     hello.versions.len()
                 ),
             }
@@ -510,6 +510,7 @@ impl Handshake {
             cluster_id: self.local.cluster_id.to_string(),
             capabilities: Some(self.local.capabilities.clone()),
             negotiated: Some(negotiated.clone()),
+            versions: self.our_versions(),
         };
         self.transmit
             .push_back(msg::encode(FrameType::HELLO_ACK, &ack));
@@ -532,6 +533,17 @@ impl Handshake {
                     self.our_versions()
                 ))
             })?;
+        if ack.versions.len() > MAX_VERSIONS
+            || negotiate_version(&self.local.versions, &ack.versions) != Some(version)
+        {
+            return Err(HandshakeError::BadAnswer(format!(
+                "server chose version {} but lists {:?}; the highest common version with ours \
+                 ({:?}) is another",
+                ack.version,
+                ack.versions,
+                self.our_versions()
+            )));
+        }
         let (peer_node_id, peer_caps) =
             self.check_peer(&ack.node_id, &ack.cluster_id, ack.capabilities.as_ref())?;
         let expected = negotiate(version, &self.local.capabilities, &peer_caps);
@@ -814,6 +826,56 @@ mod tests {
         ));
         assert_eq!(s.poll_transmit().map(|f| f.ty), Some(FrameType::REJECT));
         assert_eq!(s.poll_transmit(), None);
+    }
+
+    #[test]
+    fn silent_downgrade_is_detected_by_the_client() {
+        let now = Instant::now();
+        let mut c = Handshake::client(
+            params("a", &Version::ALL, caps(8, &["zstd"], false, true)),
+            id("b"),
+            now,
+        );
+        let mut s = Handshake::server(
+            params("b", &Version::ALL, caps(8, &["zstd"], false, true)),
+            id("a"),
+            now,
+        );
+        s.handle_frame(c.poll_transmit().unwrap());
+        let mut ack: HelloAck = msg::decode(&s.poll_transmit().unwrap()).unwrap();
+        // A tampering or buggy server picks v1 although both speak v3.
+        ack.version = 1;
+        ack.negotiated = Some(negotiate(
+            Version::V1,
+            &caps(8, &["zstd"], false, true),
+            &caps(8, &["zstd"], false, true),
+        ));
+        c.handle_frame(msg::encode(FrameType::HELLO_ACK, &ack));
+        assert!(matches!(
+            c.outcome(),
+            Outcome::Failed(HandshakeError::BadAnswer(_))
+        ));
+    }
+
+    #[test]
+    fn empty_version_list_is_a_protocol_error() {
+        let now = Instant::now();
+        let mut s = Handshake::server(
+            params("b", &Version::ALL, caps(8, &[], false, false)),
+            id("a"),
+            now,
+        );
+        let hello = Hello {
+            versions: vec![],
+            node_id: "a".into(),
+            cluster_id: "c1".into(),
+            capabilities: Some(caps(8, &[], false, false)),
+        };
+        s.handle_frame(msg::encode(FrameType::HELLO, &hello));
+        match s.outcome() {
+            Outcome::Failed(e) => assert_eq!(e.code(), ErrorCode::PROTOCOL_ERROR),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

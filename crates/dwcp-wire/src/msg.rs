@@ -43,6 +43,10 @@ pub struct HelloAck {
     /// What both will use on this connection (computed by the server, checked by the client).
     #[prost(message, optional, tag = "5")]
     pub negotiated: Option<Capabilities>,
+    /// Every version the server accepts, so the client can check that `version` is the
+    /// highest common one (no silent downgrade).
+    #[prost(uint32, repeated, tag = "6")]
+    pub versions: Vec<u32>,
 }
 
 /// Capabilities, advertised by each side and negotiated by the server.
@@ -90,6 +94,19 @@ pub struct Ping {
 /// Longest reason string sent in a `REJECT` or `GOAWAY`; longer ones are cut.
 pub const MAX_REASON_LEN: usize = 1024;
 
+/// Text from a peer made safe for logs and terminals: at most `max` bytes, control characters
+/// replaced by `?`.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(if c.is_control() { '?' } else { c });
+    }
+    out
+}
+
 /// A frame payload that does not decode as the message its type announces.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {frame} message: {detail}")]
@@ -128,6 +145,12 @@ impl Close {
             code: code.0,
             reason,
         }
+    }
+
+    /// The reason as safe to print: cut to [`MAX_REASON_LEN`] bytes, control characters
+    /// (which could forge log lines or drive a terminal) replaced by `?`.
+    pub fn printable_reason(&self) -> String {
+        printable(&self.reason, MAX_REASON_LEN)
     }
 
     /// The code as an [`ErrorCode`].
@@ -176,6 +199,18 @@ mod tests {
         let frame = Frame::new(FrameType::HELLO, vec![0xff; 10]);
         let err = decode::<Hello>(&frame).unwrap_err();
         assert_eq!(err.frame, "hello");
+    }
+
+    #[test]
+    fn peer_text_is_made_printable() {
+        let close = Close {
+            code: 1,
+            reason: format!("line\n\u{1b}[31mfake{}", "x".repeat(5000)),
+        };
+        let p = close.printable_reason();
+        assert!(p.starts_with("line??[31mfake"));
+        assert!(p.len() <= MAX_REASON_LEN);
+        assert!(!p.chars().any(char::is_control));
     }
 
     #[test]

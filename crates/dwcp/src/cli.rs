@@ -116,6 +116,11 @@ pub(crate) struct PingArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub(crate) timeout_secs: u64,
 
+    /// Refuse the peer unless its certificate is for this node id (without it, any node of
+    /// the cluster may answer at PEER).
+    #[arg(long, value_name = "ID")]
+    pub(crate) expect_node: Option<String>,
+
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub(crate) json: bool,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use dwcp_agent::Agent;
 use dwcp_control::{Config, DEFAULT_TOML, Settings};
 use dwcp_transport::pki::{self, NodeCredentials};
-use dwcp_transport::{Connection, Endpoint, TlsConfigs, connect};
+use dwcp_transport::{Connection, Endpoint, TlsConfigs, connect, connect_to};
 use dwcp_wire::{Capabilities, ClusterId, ErrorCode, NodeId};
 use rustls::pki_types::UnixTime;
 use serde_json::json;
@@ -57,13 +57,16 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
                     c.agent.admin_listen.clone_from(l);
                 }
             })?;
+            // Validate first: a bad log.level is reported with every other bad setting.
+            let settings = validate(&cfg)?;
             logs(Some(&cfg), false)?;
-            agent(&cfg)
+            agent(&settings)
         }
         Command::Ping(args) => {
             let cfg = node_config(&args.node, |_| {})?;
+            let settings = validate(&cfg)?;
             logs(Some(&cfg), false)?;
-            ping(&cfg, &args)
+            ping(&settings, &args)
         }
         Command::Certs(c) => {
             logs(None, false)?;
@@ -107,7 +110,26 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
         None => String::new(),
     };
     let name = path.map_or_else(|| "configuration".into(), |p| p.display().to_string());
-    Config::from_toml(&text, std::env::vars()).with_context(|| format!("{name} is invalid"))
+    Config::from_toml(&text, dwcp_env()?).with_context(|| format!("{name} is invalid"))
+}
+
+/// The `DWCP_*` environment variables. `std::env::vars` would panic on a variable that is not
+/// UTF-8; ours must be UTF-8, anybody else's is none of our business.
+fn dwcp_env() -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let Some(k) = k
+            .to_str()
+            .filter(|k| k.starts_with(dwcp_control::ENV_PREFIX))
+        else {
+            continue;
+        };
+        let v = v
+            .into_string()
+            .map_err(|_| UsageError(format!("environment variable {k} is not valid UTF-8")))?;
+        out.push((k.to_string(), v));
+    }
+    Ok(out)
 }
 
 /// Loads the configuration and applies the node flags and `extra` overrides.
@@ -159,15 +181,15 @@ fn credentials(settings: &Settings, id: &NodeId) -> Result<(NodeCredentials, Tls
     Ok((creds, tls))
 }
 
-fn agent(cfg: &Config) -> Result<()> {
-    let settings = validate(cfg)?;
-    let id = node_id(&settings)?;
-    let (creds, tls) = credentials(&settings, &id)?;
-    let not_after = pki::validity(&creds.chain[0])
-        .map(|(_, na)| na)
-        .map_err(|e| anyhow!("{}: {e}", creds.cert_path.display()))?;
+fn agent(settings: &Settings) -> Result<()> {
+    let id = node_id(settings)?;
+    let (creds, tls) = credentials(settings, &id)?;
+    let not_after = creds.not_after()?;
     runtime()?.block_on(async {
-        let agent = Agent::bind(id.clone(), &settings, tls, not_after).await?;
+        // Signal handlers go in before the agent reports ready, so that a SIGTERM arriving
+        // right after /readyz turns 200 is a clean shutdown, not a kill.
+        let shutdown = shutdown_signal()?;
+        let agent = Agent::bind(id.clone(), settings, tls, not_after).await?;
         info!(
             node_id = %id,
             cluster_id = %settings.cluster_id,
@@ -176,41 +198,39 @@ fn agent(cfg: &Config) -> Result<()> {
             versions = ?settings.versions.iter().map(|v| v.number()).collect::<Vec<_>>(),
             "starting agent"
         );
-        agent.run(shutdown_signal()).await?;
+        agent.run(shutdown).await?;
         Ok(())
     })
 }
 
-/// Completes on SIGTERM or ctrl-c (SIGINT).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => info!("SIGINT (ctrl-c) received"),
+            _ = term.recv() => info!("SIGTERM received"),
         }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => info!("ctrl-c received"),
-        () = term => info!("SIGTERM received"),
-    }
+    })
 }
 
+/// A peer name that does not resolve (exit code 5, like any unreachable peer).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ResolveError(String);
+
 async fn resolve(peer: &str) -> Result<SocketAddr> {
-    let mut addrs = tokio::net::lookup_host(peer).await.map_err(|e| {
-        UsageError(format!(
-            "cannot resolve peer {peer:?} (expected HOST:PORT): {e}"
-        ))
-    })?;
+    if !peer.contains(':') {
+        return Err(UsageError(format!("peer {peer:?} has no port: expected HOST:PORT")).into());
+    }
+    let mut addrs = tokio::net::lookup_host(peer)
+        .await
+        .map_err(|e| ResolveError(format!("cannot resolve peer {peer:?}: {e}")))?;
     addrs
         .next()
-        .ok_or_else(|| UsageError(format!("peer {peer:?} resolves to no address")).into())
+        .ok_or_else(|| ResolveError(format!("peer {peer:?} resolves to no address")).into())
 }
 
 fn caps_text(c: &Capabilities) -> String {
@@ -265,15 +285,20 @@ fn stats(samples: &[Duration]) -> Option<RttStats> {
     })
 }
 
-fn ping(cfg: &Config, args: &PingArgs) -> Result<()> {
-    let settings = validate(cfg)?;
-    let id = node_id(&settings)?;
-    let (_creds, tls) = credentials(&settings, &id)?;
-    let endpoint = Endpoint::new(id, &settings, tls);
+fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
+    let expect = args
+        .expect_node
+        .as_deref()
+        .map(NodeId::new)
+        .transpose()
+        .map_err(|e| UsageError(format!("--expect-node: {e}")))?;
+    let id = node_id(settings)?;
+    let (_creds, tls) = credentials(settings, &id)?;
+    let endpoint = Endpoint::new(id, settings, tls);
     runtime()?.block_on(async {
         let addr = resolve(&args.peer).await?;
         let started = Instant::now();
-        let mut conn = connect(&endpoint, addr)
+        let mut conn = connect_to(&endpoint, addr, expect.as_ref())
             .await
             .with_context(|| format!("cannot establish a DWCP session with {addr}"))?;
         let handshake = started.elapsed();

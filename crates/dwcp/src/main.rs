@@ -10,7 +10,7 @@ use clap::Parser;
 use dwcp_agent::AgentError;
 use dwcp_control::ConfigError;
 use dwcp_transport::{ConnError, PkiError, TlsSetupError};
-use dwcp_wire::{Fault, HandshakeError};
+use dwcp_wire::{ErrorCode, Fault, HandshakeError};
 
 use crate::cli::Cli;
 
@@ -65,6 +65,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(AgentError::Bind { .. }) = cause.downcast_ref::<AgentError>() {
             return exit::NETWORK;
         }
+        if cause.downcast_ref::<commands::ResolveError>().is_some() {
+            return exit::NETWORK;
+        }
     }
     exit::INTERNAL
 }
@@ -79,11 +82,17 @@ fn conn_code(e: &ConnError) -> u8 {
         | ConnError::Closed(_)
         | ConnError::Io { .. } => exit::NETWORK,
         ConnError::Handshake(HandshakeError::Timeout(_)) => exit::NETWORK,
-        ConnError::Handshake(h) if h.fault() == Fault::Refused => match h.code() {
-            dwcp_wire::ErrorCode::IDENTITY_MISMATCH => exit::AUTH,
-            dwcp_wire::ErrorCode::TIMEOUT | dwcp_wire::ErrorCode::SHUTTING_DOWN => exit::NETWORK,
-            _ => exit::PROTOCOL,
-        },
+        ConnError::Handshake(h) if h.fault() == Fault::Refused => code_exit(h.code()),
+        ConnError::GoAway { code, .. } => code_exit(*code),
+        _ => exit::PROTOCOL,
+    }
+}
+
+/// The exit code for a close code the peer sent.
+fn code_exit(code: ErrorCode) -> u8 {
+    match code {
+        ErrorCode::IDENTITY_MISMATCH => exit::AUTH,
+        ErrorCode::TIMEOUT | ErrorCode::SHUTTING_DOWN | ErrorCode::OVERLOADED => exit::NETWORK,
         _ => exit::PROTOCOL,
     }
 }

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 
 fn dwcp() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dwcp"));
-    c.env_remove("DWCP_PROTOCOL__VERSIONS");
+    // The caller's DWCP_* settings must not leak into the tests.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("DWCP_") {
+            c.env_remove(k);
+        }
+    }
     c
 }
 
@@ -102,9 +107,21 @@ fn help_lists_the_commands() {
     let o = run(&["--help"]);
     assert!(o.status.success());
     let help = text(&o.stdout);
-    for cmd in ["agent", "ping", "certs", "config", "demo", "Exit codes"] {
-        assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
+    // The subcommand list proper: lines of the "Commands:" section that start with a name.
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for cmd in ["agent", "ping", "certs", "config", "demo"] {
+        assert!(commands.contains(&cmd), "--help lacks {cmd}: {commands:?}");
     }
+    assert!(help.contains("Exit codes"), "{help}");
     let v = text(&run(&["--version"]).stdout);
     assert!(v.starts_with("dwcp ") && v.contains("v1, v3"), "{v}");
     let o = run(&["frobnicate"]);
@@ -212,6 +229,81 @@ fn foreign_ca_fails_with_auth_exit_code() {
     let err = text(&o.stderr);
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("not issued by our cluster CA"), "{err}");
+}
+
+#[test]
+fn expect_node_refuses_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let agent = start_agent(dir.path(), "node-a", &[]);
+    let certs = dir.path().to_str().unwrap();
+    let base = [
+        "ping",
+        &agent.addr,
+        "--certs-dir",
+        certs,
+        "--node-id",
+        "node-b",
+        "-n",
+        "1",
+    ];
+    let o = dwcp()
+        .args(base)
+        .args(["--expect-node", "node-a"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = dwcp()
+        .args(base)
+        .args(["--expect-node", "node-c"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("expected node node-c"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn unresolvable_peer_is_a_network_error() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-b"]);
+    let certs = dir.path().to_str().unwrap();
+    let o = run(&[
+        "ping",
+        "no-such-host.invalid:7700",
+        "--certs-dir",
+        certs,
+        "--node-id",
+        "node-b",
+    ]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
+    let o = run(&[
+        "ping",
+        "127.0.0.1",
+        "--certs-dir",
+        certs,
+        "--node-id",
+        "node-b",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("HOST:PORT"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn bad_log_level_in_config_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(&f, "[log]\nlevel = \"loud\"\n").unwrap();
+    let o = run(&["ping", "127.0.0.1:1", "--config", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("log.level = \"loud\""),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
