@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dwcp_control::Settings;
+use dwcp_transport::session::Receiver;
 use dwcp_transport::{ConnError, Connection, Endpoint, Stage, TlsConfigs};
 use dwcp_wire::msg::{self, Close, Ping};
 use dwcp_wire::{ErrorCode, FrameType, NodeId};
@@ -46,6 +47,14 @@ pub enum AgentError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The spool directory cannot be created.
+    #[error("cannot create the spool directory {path}: {source}")]
+    Spool {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The admin server failed.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
@@ -63,6 +72,8 @@ struct Shared {
     /// Unix seconds after which this node's certificate is expired.
     cert_not_after: i64,
     idle_timeout: Duration,
+    /// Receives transfer sessions (`dwcp send` to this agent) into `agent.spool_dir`.
+    spool: Arc<Receiver>,
 }
 
 /// A bound, not yet running agent.
@@ -104,6 +115,13 @@ impl Agent {
             .iter()
             .map(|v| v.number().to_string())
             .collect();
+        let spool =
+            Receiver::new(&settings.spool_dir, settings.idle_timeout).map_err(|source| {
+                AgentError::Spool {
+                    path: settings.spool_dir.clone(),
+                    source,
+                }
+            })?;
         let metrics = Metrics::new(node_id.as_str(), &versions.join(","));
         metrics.certificate_expiry.set(cert_not_after);
         Ok(Self {
@@ -113,6 +131,7 @@ impl Agent {
                 ready: AtomicBool::new(false),
                 cert_not_after,
                 idle_timeout: settings.idle_timeout,
+                spool,
             }),
             listener,
             admin,
@@ -289,25 +308,27 @@ fn scopeguard<F: FnMut()>(f: F) -> impl Drop {
 
 async fn serve_frames<S>(
     shared: &Shared,
-    mut conn: Connection<S>,
+    conn: Connection<S>,
     stop: &CancellationToken,
 ) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let peer = conn.established().peer_node_id.clone();
+    let (mut reader, mut writer) = conn.split();
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => {
-                conn.close(ErrorCode::SHUTTING_DOWN, "agent is shutting down").await;
+                writer.close(ErrorCode::SHUTTING_DOWN, "agent is shutting down").await;
                 return Ok(());
             }
-            r = tokio::time::timeout(shared.idle_timeout, conn.recv()) => r,
+            r = tokio::time::timeout(shared.idle_timeout, reader.recv()) => r,
         };
         let frame = match next {
             Err(_) => {
                 let reason = format!("idle for {:?}", shared.idle_timeout);
                 debug!("{reason}; closing");
-                conn.close(ErrorCode::TIMEOUT, &reason).await;
+                writer.close(ErrorCode::TIMEOUT, &reason).await;
                 return Ok(());
             }
             Ok(Ok(None)) => {
@@ -316,7 +337,7 @@ where
             }
             Ok(Err(e)) => {
                 if let ConnError::Frame(fe) = &e {
-                    conn.close(fe.code(), &fe.to_string()).await;
+                    writer.close(fe.code(), &fe.to_string()).await;
                 }
                 return Err(e);
             }
@@ -324,11 +345,20 @@ where
         };
         shared.metrics.frame(frame.ty.name());
         match frame.ty {
+            // The connection belongs to a transfer session: the spool receiver takes it over.
+            FrameType::SESSION => {
+                let served = shared
+                    .spool
+                    .serve(peer, frame, reader, writer, stop)
+                    .await?;
+                debug!(?served, "session stream ended");
+                return Ok(());
+            }
             FrameType::PING => match msg::decode::<Ping>(&frame) {
                 // Bounded: a peer that pings but never reads must not pin this task.
                 Ok(ping) => tokio::time::timeout(
                     shared.idle_timeout,
-                    conn.send(&msg::encode(FrameType::PONG, &ping)),
+                    writer.send(&msg::encode(FrameType::PONG, &ping)),
                 )
                 .await
                 .map_err(|_| ConnError::Timeout {
@@ -336,7 +366,9 @@ where
                     after: shared.idle_timeout,
                 })??,
                 Err(e) => {
-                    conn.close(ErrorCode::PROTOCOL_ERROR, &e.to_string()).await;
+                    writer
+                        .close(ErrorCode::PROTOCOL_ERROR, &e.to_string())
+                        .await;
                     return Err(dwcp_wire::HandshakeError::from(e).into());
                 }
             },
@@ -366,7 +398,7 @@ where
                     ty: ty.0,
                     name: ty.name(),
                 };
-                conn.close(err.code(), &err.to_string()).await;
+                writer.close(err.code(), &err.to_string()).await;
                 return Err(err.into());
             }
         }

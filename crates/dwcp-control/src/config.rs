@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub max_connections: u32,
     /// Seconds in-flight work gets to finish after SIGTERM / ctrl-c.
     pub shutdown_grace_secs: u32,
+    /// Where files sent to this agent (`dwcp send`) are stored.
+    pub spool_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -84,6 +86,7 @@ impl Default for AgentConfig {
             admin_listen: "127.0.0.1:7701".into(),
             max_connections: 1024,
             shutdown_grace_secs: 10,
+            spool_dir: PathBuf::from("/var/lib/dwcp/spool"),
         }
     }
 }
@@ -242,6 +245,8 @@ pub struct Settings {
     pub max_connections: u32,
     /// Time in-flight work gets at shutdown.
     pub shutdown_grace: Duration,
+    /// Where received files go.
+    pub spool_dir: PathBuf,
     /// Versions offered, lowest first.
     pub versions: Vec<Version>,
     /// TLS handshake timeout.
@@ -332,6 +337,9 @@ impl Config {
             1,
             65_536,
         );
+        if self.agent.spool_dir.as_os_str().is_empty() {
+            bad("agent.spool_dir", "\"\"".into(), "a directory path".into());
+        }
         range(
             &mut bad,
             "agent.shutdown_grace_secs",
@@ -454,6 +462,7 @@ impl Config {
                 admin_listen,
                 max_connections: self.agent.max_connections,
                 shutdown_grace: Duration::from_secs(self.agent.shutdown_grace_secs.into()),
+                spool_dir: self.agent.spool_dir.clone(),
                 versions,
                 tls_timeout: Duration::from_millis(self.protocol.tls_timeout_ms.into()),
                 handshake_timeout: Duration::from_millis(self.protocol.handshake_timeout_ms.into()),
@@ -633,6 +642,8 @@ admin_listen = "127.0.0.1:7701"
 max_connections = 1024
 # Seconds in-flight work gets to finish after SIGTERM or ctrl-c (0..=3600).
 shutdown_grace_secs = 10
+# Where files sent to this node with `dwcp send` are stored (created if missing).
+spool_dir = "/var/lib/dwcp/spool"
 
 [protocol]
 # Versions offered and accepted: 1 (legacy: one stream, no delta) and/or 3.

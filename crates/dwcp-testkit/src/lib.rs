@@ -120,6 +120,7 @@ pub fn settings(cluster: &TestCluster, tweak: impl FnOnce(&mut Config)) -> Setti
     c.agent.listen = "127.0.0.1:0".into();
     c.agent.admin_listen = "127.0.0.1:0".into();
     c.agent.shutdown_grace_secs = 2;
+    c.agent.spool_dir = cluster.dir().join("spool");
     c.protocol.tls_timeout_ms = 1000;
     c.protocol.handshake_timeout_ms = 1000;
     tweak(&mut c);
@@ -341,4 +342,115 @@ pub async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(
     })
     .await;
     r.ok().map(|()| buf)
+}
+
+/// What a [`Proxy`] does to the connection with a given index (0 = first accepted).
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Forward faithfully.
+    None,
+    /// Cut connection `conn` once `after` bytes went from client to server.
+    Kill {
+        /// Connection index.
+        conn: usize,
+        /// Client-to-server bytes before the cut.
+        after: u64,
+    },
+    /// Flip one bit of the client-to-server byte at offset `after` of connection `conn`.
+    Corrupt {
+        /// Connection index.
+        conn: usize,
+        /// Offset of the byte to corrupt.
+        after: u64,
+    },
+}
+
+/// A TCP proxy on loopback that can break one connection on purpose.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    /// Forwards connections to `target`, applying `fault`.
+    pub async fn start(target: SocketAddr, fault: Fault) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut index = 0usize;
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let i = index;
+                index += 1;
+                pipes.spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut total = 0u64;
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            match fault {
+                                Fault::Kill { conn, after }
+                                    if conn == i && total + n as u64 >= after =>
+                                {
+                                    return;
+                                }
+                                Fault::Corrupt { conn, after }
+                                    if conn == i && total <= after && after < total + n as u64 =>
+                                {
+                                    buf[(after - total) as usize] ^= 0x40;
+                                }
+                                _ => {}
+                            }
+                            total += n as u64;
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let down = async {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    };
+                    // Whichever direction ends first ends the connection (both sockets drop).
+                    tokio::select! {
+                        () = up => {}
+                        () = down => {}
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+/// A file of `size` pseudo-random bytes (deterministic from `seed`) in `dir`.
+pub fn random_file(dir: &Path, name: &str, size: usize, seed: u64) -> std::path::PathBuf {
+    let mut x = seed | 1;
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        // xorshift64*: cheap, and incompressible enough for transport tests.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        data.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    data.truncate(size);
+    let path = dir.join(name);
+    std::fs::write(&path, data).unwrap();
+    path
 }

@@ -16,7 +16,7 @@ use dwcp_wire::{
     Handshake, HandshakeError, LocalParams, NodeId, Outcome, Version,
 };
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
@@ -429,33 +429,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Sends one frame and flushes it.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
-        self.codec.encode(frame, &mut self.wbuf)?;
-        let r = async {
-            self.io.write_all(&self.wbuf).await?;
-            self.io.flush().await
-        }
-        .await;
-        self.wbuf.clear();
-        r.map_err(|e| ConnError::from_io(Stage::Established, e))
+        write_frame(&mut self.io, &self.codec, &mut self.wbuf, frame).await
     }
 
     /// Receives the next frame; `Ok(None)` when the peer closed cleanly between frames.
     /// Cancel-safe: a frame is only taken off the buffer once complete.
     pub async fn recv(&mut self) -> Result<Option<Frame>, ConnError> {
-        loop {
-            if let Some(frame) = self.codec.decode(&mut self.rbuf)? {
-                return Ok(Some(frame));
-            }
-            let n = self
-                .io
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|e| ConnError::from_io(Stage::Established, e))?;
-            if n == 0 {
-                self.codec.decode_eof(&self.rbuf)?;
-                return Ok(None);
-            }
-        }
+        read_frame(&mut self.io, &self.codec, &mut self.rbuf).await
+    }
+
+    /// Splits the connection into a receiving and a sending half, for a reader task and a
+    /// writer task.
+    pub fn split(self) -> (Reader<S>, Writer<S>) {
+        let (r, w) = tokio::io::split(self.io);
+        (
+            FrameReader {
+                io: r,
+                codec: self.codec.clone(),
+                buf: self.rbuf,
+            },
+            FrameWriter {
+                io: w,
+                codec: self.codec,
+                buf: self.wbuf,
+            },
+        )
     }
 
     /// Sends a `GOAWAY` with `code` and `reason`, then closes the TLS session. Errors are
@@ -463,6 +461,110 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn close(mut self, code: ErrorCode, reason: &str) {
         let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
         // Bounded: a peer that stopped reading must not pin the caller.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.send(&frame).await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+    frame: &Frame,
+) -> Result<(), ConnError> {
+    codec.encode(frame, buf)?;
+    let r = async {
+        io.write_all(buf).await?;
+        io.flush().await
+    }
+    .await;
+    buf.clear();
+    r.map_err(|e| ConnError::from_io(Stage::Established, e))
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame>, ConnError> {
+    loop {
+        if let Some(frame) = codec.decode(buf)? {
+            return Ok(Some(frame));
+        }
+        let n = io
+            .read_buf(buf)
+            .await
+            .map_err(|e| ConnError::from_io(Stage::Established, e))?;
+        if n == 0 {
+            codec.decode_eof(buf)?;
+            return Ok(None);
+        }
+    }
+}
+
+/// The receiving half of a TLS [`Connection`].
+pub type Reader<S> = FrameReader<ReadHalf<TlsStream<S>>>;
+/// The sending half of a TLS [`Connection`].
+pub type Writer<S> = FrameWriter<WriteHalf<TlsStream<S>>>;
+
+/// The receiving half of a [`Connection`].
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    io: R,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Receives the next frame; `Ok(None)` on a clean close between frames. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, ConnError> {
+        read_frame(&mut self.io, &self.codec, &mut self.buf).await
+    }
+}
+
+/// The sending half of a [`Connection`].
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    io: W,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Sends one frame and flushes it.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        write_frame(&mut self.io, &self.codec, &mut self.buf, frame).await
+    }
+
+    /// Sends a `DATA` frame for `chunk` without copying the chunk into a frame buffer.
+    pub async fn send_data(
+        &mut self,
+        object: u64,
+        offset: u64,
+        chunk: &[u8],
+    ) -> Result<(), ConnError> {
+        let (head, tail) = dwcp_wire::data::data_frame_parts(&self.codec, object, offset, chunk)?;
+        let r = async {
+            self.io.write_all(&head).await?;
+            self.io.write_all(chunk).await?;
+            self.io.write_all(&tail).await?;
+            self.io.flush().await
+        }
+        .await;
+        r.map_err(|e| ConnError::from_io(Stage::Established, e))
+    }
+
+    /// Largest chunk a `DATA` frame can carry on this connection.
+    pub fn max_chunk(&self) -> usize {
+        self.codec.max_payload() as usize - dwcp_wire::data::DATA_HEADER_LEN
+    }
+
+    /// Sends a `GOAWAY` and shuts the sending side down, bounded in time; errors are ignored.
+    pub async fn close(mut self, code: ErrorCode, reason: &str) {
+        let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let _ = self.send(&frame).await;
             let _ = self.io.shutdown().await;

@@ -13,6 +13,9 @@ pub mod pki;
 pub mod session;
 mod tls;
 
-pub use conn::{ConnError, Connection, Endpoint, Stage, accept, connect, connect_to};
+pub use conn::{
+    ConnError, Connection, Endpoint, FrameReader, FrameWriter, Reader, Stage, Writer, accept,
+    connect, connect_to,
+};
 pub use pki::{NodeCredentials, PkiError};
 pub use tls::{ALPN, TlsConfigs, TlsFailure, TlsSetupError, classify};

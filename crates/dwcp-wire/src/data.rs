@@ -134,6 +134,32 @@ pub fn encode_data(object: u64, offset: u64, chunk: &[u8]) -> Frame {
     Frame::new(FrameType::DATA, p.freeze())
 }
 
+/// The bytes around a chunk that make it a whole `DATA` frame on the wire: the frame header
+/// with the `DATA` header (24 bytes) before it, the CRC-32C (4 bytes) after it. Lets a writer
+/// send the chunk from where it lies, without copying it into a frame buffer.
+pub fn data_frame_parts(
+    codec: &crate::FrameCodec,
+    object: u64,
+    offset: u64,
+    chunk: &[u8],
+) -> Result<([u8; 8 + DATA_HEADER_LEN], [u8; 4]), crate::FrameError> {
+    let len = DATA_HEADER_LEN + chunk.len();
+    let len32 = u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= codec.max_payload())
+        .ok_or(crate::FrameError::PayloadTooLarge {
+            len,
+            max: codec.max_payload(),
+        })?;
+    let mut head = [0u8; 8 + DATA_HEADER_LEN];
+    head[..4].copy_from_slice(&len32.to_be_bytes());
+    head[4..6].copy_from_slice(&FrameType::DATA.0.to_be_bytes());
+    head[8..16].copy_from_slice(&object.to_be_bytes());
+    head[16..24].copy_from_slice(&offset.to_be_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head), chunk);
+    Ok((head, crc.to_be_bytes()))
+}
+
 /// Splits a `DATA` frame into header and chunk (no copy).
 pub fn decode_data(frame: &Frame) -> Result<(DataHeader, Bytes), MessageError> {
     if frame.payload.len() < DATA_HEADER_LEN {
@@ -175,6 +201,23 @@ mod tests {
             }
         );
         assert_eq!(&chunk[..], b"abc");
+    }
+
+    #[test]
+    fn frame_parts_equal_the_encoded_frame() {
+        let codec = crate::FrameCodec::with_max_payload(1 << 20);
+        let chunk = vec![9u8; 1000];
+        let (head, tail) = data_frame_parts(&codec, 3, 4096, &chunk).unwrap();
+        let mut whole = head.to_vec();
+        whole.extend_from_slice(&chunk);
+        whole.extend_from_slice(&tail);
+        let mut expected = BytesMut::new();
+        codec
+            .encode(&encode_data(3, 4096, &chunk), &mut expected)
+            .unwrap();
+        assert_eq!(whole, expected.to_vec());
+        let small = crate::FrameCodec::with_max_payload(4096);
+        assert!(data_frame_parts(&small, 1, 0, &[0u8; 4096]).is_err());
     }
 
     #[test]

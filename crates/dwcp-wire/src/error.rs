@@ -37,6 +37,10 @@ impl ErrorCode {
     pub const INVALID_CAPABILITIES: Self = Self(13);
     /// The sender has too many connections.
     pub const OVERLOADED: Self = Self(14);
+    /// A transferred object does not match its digest.
+    pub const CHECKSUM_MISMATCH: Self = Self(15);
+    /// The receiver cannot store an object (bad name, disk error).
+    pub const STORAGE_ERROR: Self = Self(16);
 
     /// The documented name, or `None` for a code this version does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -56,6 +60,8 @@ impl ErrorCode {
             Self::INTERNAL_ERROR => "INTERNAL_ERROR",
             Self::INVALID_CAPABILITIES => "INVALID_CAPABILITIES",
             Self::OVERLOADED => "OVERLOADED",
+            Self::CHECKSUM_MISMATCH => "CHECKSUM_MISMATCH",
+            Self::STORAGE_ERROR => "STORAGE_ERROR",
             _ => return None,
         })
     }

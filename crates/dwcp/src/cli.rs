@@ -53,6 +53,12 @@ pub(crate) enum Command {
     /// Connect to a peer (mutual TLS + handshake), show the negotiated version and
     /// capabilities, and measure the round-trip time over a number of probes.
     Ping(PingArgs),
+    /// Send files to a node (an agent's spool or `dwcp recv`) over a multi-stream session:
+    /// striped over parallel TLS connections, verified end to end (BLAKE3), resumed after
+    /// interruptions.
+    Send(SendArgs),
+    /// Receive one transfer session into a directory, then exit.
+    Recv(RecvArgs),
     /// Create a cluster CA and node certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -126,6 +132,90 @@ pub(crate) struct PingArgs {
     pub(crate) json: bool,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct SendArgs {
+    /// Files to send (regular files; each arrives under its file name).
+    #[arg(value_name = "PATH", required = true)]
+    pub(crate) paths: Vec<PathBuf>,
+
+    /// Receiver address, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) to: String,
+
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+
+    /// Parallel TLS connections (1..=512; the receiver may allow fewer, a v1 peer only 1).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub(crate) streams: u32,
+
+    /// Cap on the sending rate, e.g. 100M (bytes/s; suffixes K, M, G = 1000^n, Ki, Mi, Gi =
+    /// 1024^n; append "bit" for bits/s, e.g. 800Mbit).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub(crate) rate_limit: Option<u64>,
+
+    /// Seconds to keep reconnecting and resuming after the connection breaks.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub(crate) retry_secs: u64,
+
+    /// Refuse the receiver unless its certificate is for this node id.
+    #[arg(long, value_name = "ID")]
+    pub(crate) expect_node: Option<String>,
+
+    /// Print one JSON summary instead of a progress bar and text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RecvArgs {
+    /// Address to listen on, IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: String,
+
+    /// Directory to store the files in (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: PathBuf,
+
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+
+    /// Print one JSON summary instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Parses a rate such as `100M`, `1.5Gi`, `800Mbit` into bytes per second.
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (t, bits) = match t.strip_suffix("bit") {
+        Some(r) => (r, true),
+        None => (t.strip_suffix('B').unwrap_or(t), false),
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate such as 100M, 1.5Gi or 800Mbit"))?;
+    let mult = match unit {
+        "" => 1.0,
+        "K" | "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown unit {other:?} in {s:?}")),
+    };
+    let bytes = n * mult / if bits { 8.0 } else { 1.0 };
+    if !(1.0..=1e13).contains(&bytes) {
+        return Err(format!("{s:?} is out of range (1 byte/s .. 10 TB/s)"));
+    }
+    Ok(bytes as u64)
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum CertsCommand {
     /// Create a cluster CA: DIR/ca.pem (give to every node) and DIR/ca.key (keep safe).
@@ -187,4 +277,21 @@ pub(crate) struct DemoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100M"), Ok(100_000_000));
+        assert_eq!(parse_rate("800Mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_rate("1.5K"), Ok(1500));
+        assert_eq!(parse_rate("42"), Ok(42));
+        for bad in ["", "fast", "10X", "0", "-5M", "1e20"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?}");
+        }
+    }
 }

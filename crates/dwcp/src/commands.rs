@@ -20,7 +20,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::{
-    CertsCommand, Cli, Command, ConfigCommand, DemoArgs, LogFormat, NodeArgs, PingArgs,
+    CertsCommand, Cli, Command, ConfigCommand, DemoArgs, LogFormat, NodeArgs, PingArgs, RecvArgs,
+    SendArgs,
 };
 
 /// A problem with what the user asked for that clap cannot see (exit code 3).
@@ -34,7 +35,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         log_format,
         log_level,
     } = cli;
-    let logs = |cfg: Option<&Config>, quiet: bool| -> Result<()> {
+    let logs = |cfg: Option<&Config>, default_level: &str| -> Result<()> {
         let format = match (log_format, cfg.map(|c| c.log.format.as_str())) {
             (Some(f), _) => f,
             (None, Some("json")) => LogFormat::Json,
@@ -43,8 +44,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         let level = log_level
             .clone()
             .or_else(|| cfg.map(|c| c.log.level.clone()))
-            // The demo prints its own report; agent chatter would drown it.
-            .unwrap_or_else(|| if quiet { "error" } else { "info" }.into());
+            .unwrap_or_else(|| default_level.into());
         init_logging(format, &level)
     };
     match command {
@@ -59,22 +59,36 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             })?;
             // Validate first: a bad log.level is reported with every other bad setting.
             let settings = validate(&cfg)?;
-            logs(Some(&cfg), false)?;
+            logs(Some(&cfg), "info")?;
             agent(&settings)
         }
         Command::Ping(args) => {
             let cfg = node_config(&args.node, |_| {})?;
             let settings = validate(&cfg)?;
-            logs(Some(&cfg), false)?;
+            logs(Some(&cfg), "info")?;
             ping(&settings, &args)
         }
+        Command::Send(args) => {
+            let cfg = node_config(&args.node, |_| {})?;
+            let settings = validate(&cfg)?;
+            // Progress bar or JSON on the terminal: only trouble is logged by default.
+            logs(Some(&cfg), "warn")?;
+            send(&settings, &args)
+        }
+        Command::Recv(args) => {
+            let cfg = node_config(&args.node, |_| {})?;
+            let settings = validate(&cfg)?;
+            logs(Some(&cfg), "info")?;
+            recv(&settings, &args)
+        }
         Command::Certs(c) => {
-            logs(None, false)?;
+            logs(None, "info")?;
             certs(c)
         }
         Command::Config(c) => config(c),
         Command::Demo(args) => {
-            logs(None, true)?;
+            // The demo prints its own report; agent chatter would drown it.
+            logs(None, "error")?;
             demo(&args)
         }
     }
@@ -361,6 +375,194 @@ fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
     })
 }
 
+fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
+    use dwcp_transport::session::{SendOptions, Source, send_files};
+    let expect = args
+        .expect_node
+        .as_deref()
+        .map(NodeId::new)
+        .transpose()
+        .map_err(|e| UsageError(format!("--expect-node: {e}")))?;
+    let sources = args
+        .paths
+        .iter()
+        .map(|p| Source::file(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut names = std::collections::HashSet::new();
+    for s in &sources {
+        if !names.insert(s.name.as_str()) {
+            return Err(UsageError(format!(
+                "two files are named {:?}: names must differ",
+                s.name
+            ))
+            .into());
+        }
+    }
+    let id = node_id(settings)?;
+    let (_creds, tls) = credentials(settings, &id)?;
+    let endpoint = Endpoint::new(id, settings, tls);
+    let opts = SendOptions {
+        streams: args.streams,
+        retry_for: Duration::from_secs(args.retry_secs),
+        rate_limit: args.rate_limit,
+        ..SendOptions::default()
+    };
+    let total: u64 = sources.iter().map(|s| s.size).sum();
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:24!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .map_err(|e| anyhow!("progress bar template: {e}"))?
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let report = runtime()?.block_on(async {
+        let addr = resolve(&args.to).await?;
+        let mut progress = |p: &dwcp_transport::session::Progress| {
+            bar.set_position(p.total_acked);
+            bar.set_message(format!("{} ({} streams)", p.name, p.streams));
+        };
+        send_files(
+            &endpoint,
+            addr,
+            expect.as_ref(),
+            &sources,
+            &opts,
+            &mut progress,
+        )
+        .await
+        .with_context(|| format!("transfer to {addr} failed"))
+    })?;
+    bar.finish_and_clear();
+    let goodput = total as f64 * 8.0 / report.seconds.max(1e-9) / 1e6;
+    if args.json {
+        let out = json!({
+            "bytes": total,
+            "bytes_sent": report.bytes_sent,
+            "resent_bytes": report.resent_bytes,
+            "seconds": report.seconds,
+            "goodput_mbit_s": goodput,
+            "streams": report.streams,
+            "streams_lost": report.streams_lost,
+            "reconnects": report.reconnects,
+            "version": report.version.map(|v| v.number()),
+            "files": report.objects.iter().map(|o| json!({
+                "name": o.name, "size": o.size, "resumed_from": o.resumed_from,
+                "seconds": o.seconds,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+    } else {
+        for o in &report.objects {
+            let resumed = if o.resumed_from > 0 {
+                format!(", resumed at {} bytes", o.resumed_from)
+            } else {
+                String::new()
+            };
+            println!("sent {} ({} bytes, verified{resumed})", o.name, o.size);
+        }
+        println!(
+            "{} bytes in {:.2} s: {:.1} Mbit/s over {} streams ({} re-sent bytes, {} streams lost, {} reconnects)",
+            total,
+            report.seconds,
+            goodput,
+            report.streams,
+            report.resent_bytes,
+            report.streams_lost,
+            report.reconnects
+        );
+    }
+    Ok(())
+}
+
+fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
+    use dwcp_transport::session::{Receiver, RecvEvent};
+    let listen: SocketAddr = args
+        .listen
+        .parse()
+        .map_err(|_| UsageError(format!("--listen {:?}: expected IP:PORT", args.listen)))?;
+    let id = node_id(settings)?;
+    let (_creds, tls) = credentials(settings, &id)?;
+    let endpoint = std::sync::Arc::new(Endpoint::new(id, settings, tls));
+    let receiver = Receiver::new(&args.out, settings.idle_timeout)
+        .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
+    let stored = runtime()?.block_on(async {
+        let shutdown = shutdown_signal()?;
+        tokio::pin!(shutdown);
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| ResolveError(format!("cannot listen on {listen}: {e}")))?;
+        info!(listen = %listener.local_addr()?, out = %args.out.display(), "waiting for a sender");
+        let mut events = receiver.subscribe();
+        let mut stored = Vec::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _stop_on_exit = stop.clone().drop_guard();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Err(anyhow!("interrupted before a transfer completed")),
+                ev = events.recv() => match ev {
+                    Ok(RecvEvent::Stored { name, size, path, resumed_from, .. }) => {
+                        stored.push((name, size, path, resumed_from));
+                    }
+                    Ok(RecvEvent::Failed { name, reason, .. }) => {
+                        return Err(anyhow!("receiving {name:?} failed: {reason}"));
+                    }
+                    Ok(RecvEvent::SessionDone { .. }) => return Ok(stored),
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow!("receiver event stream: {e}")),
+                },
+                accepted = listener.accept() => {
+                    let Ok((tcp, peer)) = accepted else { continue };
+                    let _ = tcp.set_nodelay(true);
+                    let endpoint = endpoint.clone();
+                    let receiver = receiver.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        let conn = match dwcp_transport::accept(&endpoint, tcp, peer).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::warn!(%peer, "handshake failed: {e}");
+                                return;
+                            }
+                        };
+                        let peer_id = conn.established().peer_node_id.clone();
+                        let (mut reader, writer) = conn.split();
+                        match reader.recv().await {
+                            Ok(Some(f)) if f.ty == dwcp_wire::FrameType::SESSION => {
+                                if let Err(e) = receiver.serve(peer_id, f, reader, writer, &stop).await {
+                                    tracing::warn!(%peer, "stream ended: {e}");
+                                }
+                            }
+                            Ok(_) => writer.close(ErrorCode::UNEXPECTED_FRAME, "dwcp recv only takes transfer sessions").await,
+                            Err(e) => tracing::warn!(%peer, "stream failed: {e}"),
+                        }
+                    });
+                }
+            }
+        }
+    })?;
+    if args.json {
+        let files: Vec<_> = stored
+            .iter()
+            .map(|(n, s, p, r)| json!({"name": n, "size": s, "path": p, "resumed_from": r}))
+            .collect();
+        println!("{}", json!({ "files": files }));
+    } else {
+        for (name, size, path, _) in &stored {
+            println!(
+                "received {name} ({size} bytes, verified) -> {}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn certs(cmd: CertsCommand) -> Result<()> {
     match cmd {
         CertsCommand::Init {
@@ -474,6 +676,7 @@ async fn demo_node(dir: &Path, name: &str, versions: Vec<u32>) -> Result<DemoNod
     cfg.agent.listen = "127.0.0.1:0".into();
     cfg.agent.admin_listen = "127.0.0.1:0".into();
     cfg.agent.shutdown_grace_secs = 2;
+    cfg.agent.spool_dir = dir.join(format!("spool-{name}"));
     cfg.protocol.versions = versions;
     let settings = validate(&cfg)?;
     let id = node_id(&settings)?;

@@ -51,6 +51,16 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<ConnError>() {
             return conn_code(e);
         }
+        if let Some(e) = cause.downcast_ref::<dwcp_transport::session::SendError>() {
+            use dwcp_transport::session::SendError;
+            return match e {
+                SendError::Connect(c) => conn_code(c),
+                SendError::Source { .. } => exit::FILES,
+                SendError::Interrupted { .. } => exit::NETWORK,
+                SendError::Refused { code, .. } => code_exit(*code),
+                _ => exit::PROTOCOL,
+            };
+        }
         if cause.downcast_ref::<ConfigError>().is_some()
             || cause.downcast_ref::<commands::UsageError>().is_some()
         {

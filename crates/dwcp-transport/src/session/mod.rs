@@ -5,4 +5,9 @@
 //! sockets; the drivers beside them move the bytes.
 
 pub mod reasm;
+pub mod recv;
 pub mod sched;
+pub mod send;
+
+pub use recv::{Receiver, RecvEvent, Served};
+pub use send::{ObjectReport, Progress, SendError, SendOptions, SendReport, Source, send_files};

@@ -1,0 +1,234 @@
+//! Transfer sessions into an agent's spool: striping, verification, lost and corrupted streams,
+//! resume after a receiver restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint, random_file, settings};
+use dwcp_transport::session::{SendError, SendOptions, Source, send_files};
+
+fn opts(streams: u32) -> SendOptions {
+    SendOptions {
+        streams,
+        retry_for: Duration::from_secs(20),
+        ..SendOptions::default()
+    }
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    assert!(x == y, "{} differs from {}", b.display(), a.display());
+}
+
+#[tokio::test]
+async fn t10_files_arrive_verified_over_many_streams() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let files = [
+        random_file(src.path(), "a.img", 9 * 1024 * 1024 + 17, 1),
+        random_file(src.path(), "b.img", 1000, 2),
+        random_file(src.path(), "empty", 0, 3),
+    ];
+    let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let mut calls = 0;
+    let report = send_files(&ep, agent.addr, None, &sources, &opts(8), &mut |_| {
+        calls += 1
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.objects.len(), 3);
+    assert_eq!(report.streams, 8);
+    assert_eq!(report.bytes_sent, 9 * 1024 * 1024 + 17 + 1000);
+    assert_eq!(report.resent_bytes, 0);
+    assert!(calls > 0);
+    let spool = cluster.dir().join("spool");
+    for f in &files {
+        same_file(f, &spool.join(f.file_name().unwrap()));
+    }
+    // No partial or state files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t11_v1_peer_gets_one_stream() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| c.protocol.versions = vec![1]).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 2 * 1024 * 1024, 4);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let report = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &opts(8),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.streams, 1);
+    assert_eq!(report.version, Some(dwcp_wire::Version::V1));
+    same_file(&f, &cluster.dir().join("spool/x"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t20_transfer_survives_a_killed_stream() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    // Connection 2 (a data stream) is cut after 3 MB have gone through it.
+    let proxy = Proxy::start(
+        agent.addr,
+        Fault::Kill {
+            conn: 2,
+            after: 3_000_000,
+        },
+    )
+    .await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "big", 32 * 1024 * 1024, 5);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let report = send_files(
+        &ep,
+        proxy.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &opts(4),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.streams_lost, 1, "{report:?}");
+    assert_eq!(report.reconnects, 0, "{report:?}");
+    same_file(&f, &cluster.dir().join("spool/big"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t21_corrupted_chunk_is_detected_and_resent() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    // One bit flipped in the middle of stream 1's data: TLS (and behind it the frame CRC)
+    // refuses it, the stream dies, and its chunks go out again on the others.
+    let proxy = Proxy::start(
+        agent.addr,
+        Fault::Corrupt {
+            conn: 1,
+            after: 2_000_000,
+        },
+    )
+    .await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "c", 16 * 1024 * 1024, 6);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let report = send_files(
+        &ep,
+        proxy.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &opts(4),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.streams_lost, 1, "{report:?}");
+    assert!(report.resent_bytes > 0, "{report:?}");
+    same_file(&f, &cluster.dir().join("spool/c"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t30_resume_after_receiver_restart() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let addr = agent.addr;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "vm.raw", 24 * 1024 * 1024, 7);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let source = Source::file(&f).unwrap();
+    let mut o = opts(4);
+    // ~8 MB/s: the transfer takes ~3 s, so the restart lands in the middle of it.
+    o.rate_limit = Some(8_000_000);
+    let sender =
+        tokio::spawn(async move { send_files(&ep, addr, None, &[source], &o, &mut |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    agent.stop().await.unwrap();
+    let part = cluster.dir().join("spool/.vm.raw.dwcp-part");
+    assert!(part.exists(), "partial file kept for resuming");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = settings(&cluster, |c| c.agent.listen = addr.to_string());
+    let agent = RunningAgent::start_with(cluster.creds("server"), &s).await;
+    let report = tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(report.reconnects >= 1, "{report:?}");
+    let resumed = report.objects[0].resumed_from;
+    assert!(resumed > 0, "nothing resumed: {report:?}");
+    // Nothing that had arrived was sent again after the restart: the total sent is at most
+    // the file plus what was in flight (one window) when the receiver went away.
+    assert!(
+        report.bytes_sent <= 24 * 1024 * 1024 + SendOptions::default().window,
+        "{report:?}"
+    );
+    same_file(&f, &cluster.dir().join("spool/vm.raw"));
+    assert!(!part.exists());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t31_unreachable_receiver_fails_fast() {
+    let cluster = TestCluster::new();
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 10, 8);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = std::time::Instant::now();
+    match send_files(
+        &ep,
+        free,
+        None,
+        &[Source::file(&f).unwrap()],
+        &opts(2),
+        &mut |_| {},
+    )
+    .await
+    {
+        Err(SendError::Connect(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn t32_bad_object_name_is_refused() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 10, 9);
+    let mut source = Source::file(&f).unwrap();
+    source.name = "../escape".into();
+    let ep = endpoint(&cluster, "client", |_| {});
+    match send_files(&ep, agent.addr, None, &[source], &opts(2), &mut |_| {}).await {
+        Err(SendError::Refused { code, .. }) => {
+            assert_eq!(code, dwcp_wire::ErrorCode::STORAGE_ERROR)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!cluster.dir().join("escape").exists());
+    agent.stop().await.unwrap();
+}

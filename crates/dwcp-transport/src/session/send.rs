@@ -1,0 +1,780 @@
+//! Sending files over a transfer session: the driver around [`Scheduler`].
+//!
+//! ```text
+//!   stream 0 ── writer task ──┐                ┌── reader task ── stream 0
+//!   stream 1 ── writer task ──┤  Core (lock):  ├── reader task ── stream 1
+//!   ...                       │  scheduler,    │   ...
+//!                             │  source, hash  │
+//!                             └──── notify ────┴─> events (ACK, OBJECT_DONE, stream lost)
+//! ```
+//!
+//! Writer tasks take the next chunk from the scheduler (reading it from the file under the
+//! same lock, so reads stay sequential and the digest is computed in order) and write it out.
+//! The main loop feeds acknowledgements back, notices dead streams (their chunks go to the
+//! others) and sends `OBJECT_END` once every byte has been read. If every stream dies, the
+//! whole session is opened again and the receiver says where to resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dwcp_wire::data::{Ack, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin};
+use dwcp_wire::msg;
+use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId, Version};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsStream;
+use tracing::{debug, info, warn};
+
+use super::sched::{Next, Scheduler};
+use crate::conn::{ConnError, Endpoint, FrameWriter, connect_to};
+
+type Writer = FrameWriter<WriteHalf<TlsStream<TcpStream>>>;
+
+/// How to send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Parallel connections to open (capped by what the peer negotiates; 1 in v1).
+    pub streams: u32,
+    /// Chunk size in bytes (capped by the negotiated frame size).
+    pub chunk: usize,
+    /// Most unacknowledged bytes per object: bounds the sender's memory.
+    pub window: u64,
+    /// How long to keep trying to reconnect after the session broke.
+    pub retry_for: Duration,
+    /// Cap on the session's sending rate, bytes per second.
+    pub rate_limit: Option<u64>,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            streams: 8,
+            // 256 KiB: big enough that per-frame costs vanish, small enough that a lost stream
+            // strands little data and striping stays even.
+            chunk: 256 * 1024,
+            // 32 MiB: several bandwidth-delay products of a 1 Gbit/s, 40 ms path.
+            window: 32 * 1024 * 1024,
+            retry_for: Duration::from_secs(60),
+            rate_limit: None,
+        }
+    }
+}
+
+/// A file to send.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Name at the receiver (the file name).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Size and modification time, so a changed file is not resumed onto an old copy.
+    pub version_tag: String,
+}
+
+impl Source {
+    /// Describes the file at `path`.
+    pub fn file(path: &Path) -> Result<Self, SendError> {
+        let meta = std::fs::metadata(path).map_err(|source| SendError::Source {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(SendError::Source {
+                path: path.to_path_buf(),
+                source: std::io::Error::other("not a regular file"),
+            });
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| SendError::Source {
+                path: path.to_path_buf(),
+                source: std::io::Error::other("file name is not UTF-8"),
+            })?
+            .to_string();
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(Self {
+            path: path.to_path_buf(),
+            name,
+            size: meta.len(),
+            version_tag: format!("size={} mtime_ns={mtime}", meta.len()),
+        })
+    }
+}
+
+/// Where a transfer is.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Current object.
+    pub name: String,
+    /// Its acknowledged bytes.
+    pub object_acked: u64,
+    /// Its size.
+    pub object_size: u64,
+    /// Acknowledged bytes of all objects.
+    pub total_acked: u64,
+    /// Size of all objects.
+    pub total_size: u64,
+    /// Streams alive now.
+    pub streams: usize,
+}
+
+/// One object's outcome.
+#[derive(Debug, Clone)]
+pub struct ObjectReport {
+    /// Name.
+    pub name: String,
+    /// Size.
+    pub size: u64,
+    /// Bytes the receiver already held when this transfer (last attempt) began.
+    pub resumed_from: u64,
+    /// Seconds from first `OBJECT_BEGIN` to verified.
+    pub seconds: f64,
+}
+
+/// What a whole transfer did.
+#[derive(Debug, Clone, Default)]
+pub struct SendReport {
+    /// Per object.
+    pub objects: Vec<ObjectReport>,
+    /// Payload bytes written to streams, re-sent chunks included.
+    pub bytes_sent: u64,
+    /// Bytes sent more than once (chunks of streams that died).
+    pub resent_bytes: u64,
+    /// Most streams in use at once.
+    pub streams: u32,
+    /// Streams that died during the transfer.
+    pub streams_lost: u32,
+    /// Sessions opened again after the previous one broke.
+    pub reconnects: u32,
+    /// Protocol version of the last session.
+    pub version: Option<Version>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// A local file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Source {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// No session could be (re-)established in time.
+    #[error("cannot reach the receiver: {0}")]
+    Connect(#[source] ConnError),
+    /// The receiver refused or failed an object.
+    #[error("receiver failed {name:?}: {code}: {reason}")]
+    Refused {
+        /// Object name.
+        name: String,
+        /// Code it sent.
+        code: ErrorCode,
+        /// Reason it gave.
+        reason: String,
+    },
+    /// The receiver broke the protocol.
+    #[error("receiver misbehaved: {0}")]
+    Protocol(String),
+    /// Every stream broke and reconnecting did not succeed within the retry period.
+    #[error("transfer interrupted and not resumed within {retry_for:?}: {last}")]
+    Interrupted {
+        /// The retry budget.
+        retry_for: Duration,
+        /// The last failure.
+        last: String,
+    },
+}
+
+impl SendError {
+    /// The underlying connection error, if any (for exit codes).
+    pub fn conn(&self) -> Option<&ConnError> {
+        match self {
+            Self::Connect(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+enum Event {
+    Frame(Frame),
+    Lost(u32, String),
+}
+
+/// A token bucket shared by a session's streams.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens, sleeping off any debt. Bursts are capped at 50 ms of
+    /// rate so an idle period does not turn into a spike.
+    async fn take(&self, n: usize) {
+        let wait = {
+            let mut s = self.state.lock().await;
+            let now = Instant::now();
+            let burst = self.rate * 0.05;
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(burst);
+            s.1 = now;
+            s.0 -= n as f64;
+            (s.0 < 0.0).then(|| Duration::from_secs_f64(-s.0 / self.rate))
+        };
+        if let Some(w) = wait {
+            tokio::time::sleep(w).await;
+        }
+    }
+}
+
+struct Session {
+    writers: Vec<Option<Arc<Mutex<Writer>>>>,
+    events: mpsc::Receiver<Event>,
+    readers: JoinSet<()>,
+    version: Version,
+}
+
+impl Session {
+    async fn open(
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+        streams: u32,
+    ) -> Result<Self, ConnError> {
+        let first = connect_to(endpoint, addr, expected).await?;
+        let est = first.established().clone();
+        let n = streams.clamp(1, est.negotiated.max_streams.max(1));
+        let id: [u8; 16] = rand_id();
+        let (tx, events) = mpsc::channel(1024);
+        let mut session = Self {
+            writers: Vec::new(),
+            events,
+            readers: JoinSet::new(),
+            version: est.version,
+        };
+        session.add(0, first, &id, &tx).await?;
+        // The other streams in parallel; a stream that cannot be opened is logged and skipped.
+        let mut dials = JoinSet::new();
+        for i in 1..n {
+            let endpoint = endpoint.clone();
+            let want = est.peer_node_id.clone();
+            dials.spawn(async move { (i, connect_to(&endpoint, addr, Some(&want)).await) });
+        }
+        session.writers.resize_with(n as usize, || None);
+        while let Some(r) = dials.join_next().await {
+            match r {
+                Ok((i, Ok(conn))) => {
+                    if let Err(e) = session.add(i, conn, &id, &tx).await {
+                        warn!(stream = i, "stream failed to join: {e}");
+                    }
+                }
+                Ok((i, Err(e))) => warn!(stream = i, "cannot open stream: {e}"),
+                Err(e) => warn!("stream dial task failed: {e}"),
+            }
+        }
+        Ok(session)
+    }
+
+    async fn add(
+        &mut self,
+        index: u32,
+        conn: crate::Connection<TcpStream>,
+        id: &[u8; 16],
+        tx: &mpsc::Sender<Event>,
+    ) -> Result<(), ConnError> {
+        let (mut reader, mut writer) = conn.split();
+        let join = SessionJoin {
+            session_id: id.to_vec(),
+            stream_index: index,
+        };
+        writer.send(&msg::encode(FrameType::SESSION, &join)).await?;
+        if self.writers.len() <= index as usize {
+            self.writers.resize_with(index as usize + 1, || None);
+        }
+        self.writers[index as usize] = Some(Arc::new(Mutex::new(writer)));
+        let tx = tx.clone();
+        self.readers.spawn(async move {
+            let why = loop {
+                match reader.recv().await {
+                    Ok(Some(f)) => {
+                        if tx.send(Event::Frame(f)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break "closed by the receiver".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let _ = tx.send(Event::Lost(index, why)).await;
+        });
+        Ok(())
+    }
+
+    fn alive(&self) -> usize {
+        self.writers.iter().flatten().count()
+    }
+
+    fn any_writer(&self) -> Option<Arc<Mutex<Writer>>> {
+        self.writers.iter().flatten().next().cloned()
+    }
+
+    async fn close(self) {
+        for w in self.writers.into_iter().flatten() {
+            if let Ok(w) = Arc::try_unwrap(w) {
+                w.into_inner()
+                    .close(ErrorCode::NO_ERROR, "transfer complete")
+                    .await;
+            }
+        }
+        let mut readers = self.readers;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while readers.join_next().await.is_some() {}
+        })
+        .await;
+        readers.abort_all();
+    }
+}
+
+fn rand_id() -> [u8; 16] {
+    // Session ids only need to be unique between two nodes, not secret: peers are already
+    // authenticated and sessions are scoped to the peer's node id.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let h = blake3::hash(&[&t.to_le_bytes()[..], &std::process::id().to_le_bytes()].concat());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.as_bytes()[..16]);
+    id
+}
+
+struct Core {
+    sched: Scheduler,
+    file: tokio::fs::File,
+    hasher: blake3::Hasher,
+}
+
+/// Why one object's transfer stopped.
+enum ObjectFailure {
+    /// The session broke; try again on a new one.
+    SessionLost(String),
+    /// Final.
+    Fatal(SendError),
+}
+
+/// Sends `files` to the node at `addr`, one after another over one session, resuming after
+/// interruptions. `progress` is called as acknowledgements arrive.
+pub async fn send_files(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    files: &[Source],
+    opts: &SendOptions,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<SendReport, SendError> {
+    let started = Instant::now();
+    let mut report = SendReport::default();
+    let total_size: u64 = files.iter().map(|f| f.size).sum();
+    let bucket = opts.rate_limit.map(|r| Arc::new(Bucket::new(r)));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut done_bytes = 0u64;
+    let mut next_file = 0usize;
+    let mut object_id = 0u64;
+    let mut failing_since: Option<Instant> = None;
+    let mut ever_connected = false;
+    let mut backoff = Duration::from_millis(250);
+    'sessions: loop {
+        let mut session = match Session::open(endpoint, addr, expected, opts.streams).await {
+            Ok(s) => s,
+            Err(e) => {
+                let retryable = matches!(
+                    e,
+                    ConnError::Connect { .. }
+                        | ConnError::Timeout { .. }
+                        | ConnError::Closed(_)
+                        | ConnError::Io { .. }
+                );
+                // Reconnecting is for resuming an interrupted transfer; a receiver that cannot be
+                // reached at all is reported at once.
+                if !retryable || !ever_connected {
+                    return Err(SendError::Connect(e));
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.retry_for {
+                    return Err(SendError::Interrupted {
+                        retry_for: opts.retry_for,
+                        last: e.to_string(),
+                    });
+                }
+                debug!("reconnect failed ({e}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue 'sessions;
+            }
+        };
+        ever_connected = true;
+        backoff = Duration::from_millis(250);
+        report.version = Some(session.version);
+        report.streams = report.streams.max(session.alive() as u32);
+        info!(
+            streams = session.alive(),
+            version = %session.version,
+            "session open"
+        );
+        while next_file < files.len() {
+            let src = &files[next_file];
+            object_id += 1;
+            let t0 = Instant::now();
+            let r = send_object(
+                &mut session,
+                src,
+                object_id,
+                opts,
+                bucket.clone(),
+                sent.clone(),
+                &mut report,
+                &mut |acked, streams| {
+                    progress(&Progress {
+                        name: src.name.clone(),
+                        object_acked: acked,
+                        object_size: src.size,
+                        total_acked: done_bytes + acked,
+                        total_size,
+                        streams,
+                    });
+                },
+            )
+            .await;
+            match r {
+                Ok(resumed_from) => {
+                    report.objects.push(ObjectReport {
+                        name: src.name.clone(),
+                        size: src.size,
+                        resumed_from,
+                        seconds: t0.elapsed().as_secs_f64(),
+                    });
+                    done_bytes += src.size;
+                    next_file += 1;
+                }
+                Err(ObjectFailure::Fatal(e)) => {
+                    session.close().await;
+                    return Err(e);
+                }
+                Err(ObjectFailure::SessionLost(why)) => {
+                    warn!("session lost during {:?}: {why}; reconnecting", src.name);
+                    report.reconnects += 1;
+                    failing_since = Some(Instant::now());
+                    session.readers.abort_all();
+                    continue 'sessions;
+                }
+            }
+        }
+        session.close().await;
+        break;
+    }
+    report.bytes_sent = sent.load(Ordering::Relaxed);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_object(
+    session: &mut Session,
+    src: &Source,
+    object: u64,
+    opts: &SendOptions,
+    bucket: Option<Arc<Bucket>>,
+    sent: Arc<AtomicU64>,
+    report: &mut SendReport,
+    progress: &mut (dyn FnMut(u64, usize) + Send),
+) -> Result<u64, ObjectFailure> {
+    let lost = |why: String| ObjectFailure::SessionLost(why);
+    let Some(w0) = session.any_writer() else {
+        return Err(lost("no stream left".into()));
+    };
+    let begin = ObjectBegin {
+        object,
+        name: src.name.clone(),
+        size: src.size,
+        version_tag: src.version_tag.clone(),
+    };
+    w0.lock()
+        .await
+        .send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    // Wait for the receiver's answer: how much it already has.
+    let have = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.events.recv())
+            .await
+            .map_err(|_| lost("no answer to OBJECT_BEGIN within 30 s".into()))?
+            .ok_or_else(|| lost("all streams closed".into()))?;
+        match ev {
+            Event::Frame(f) if f.ty == FrameType::OBJECT_STATE => {
+                let st: ObjectState = decode(&f)?;
+                if st.object == object {
+                    break st.have;
+                }
+            }
+            Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
+                let d: ObjectDone = decode(&f)?;
+                if d.object == object {
+                    return Err(refused(src, &d));
+                }
+            }
+            Event::Frame(_) => {}
+            Event::Lost(i, why) => {
+                on_lost(session, report, i, &why, None).await;
+                if session.alive() == 0 {
+                    return Err(lost(why));
+                }
+            }
+        }
+    };
+    if have > src.size {
+        return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
+            "receiver claims {have} bytes of a {}-byte object",
+            src.size
+        ))));
+    }
+
+    // Open the source; hash what the receiver already has, so the digest covers everything.
+    let src_err = |e: std::io::Error| {
+        ObjectFailure::Fatal(SendError::Source {
+            path: src.path.clone(),
+            source: e,
+        })
+    };
+    let mut file = tokio::fs::File::open(&src.path).await.map_err(src_err)?;
+    let mut hasher = blake3::Hasher::new();
+    if have > 0 {
+        let mut left = have;
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            file.read_exact(&mut buf[..n]).await.map_err(src_err)?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        info!(name = %src.name, have, "resuming");
+    }
+    file.seek(std::io::SeekFrom::Start(have))
+        .await
+        .map_err(src_err)?;
+    let chunk = opts.chunk.min(
+        session
+            .any_writer()
+            .ok_or_else(|| lost("no stream left".into()))?
+            .lock()
+            .await
+            .max_chunk(),
+    );
+    let core = Arc::new(Mutex::new(Core {
+        sched: Scheduler::new(have, src.size, chunk, opts.window),
+        file,
+        hasher,
+    }));
+    let notify = Arc::new(Notify::new());
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<(u32, String)>();
+    let mut writers = JoinSet::new();
+    for (i, w) in session.writers.iter().enumerate() {
+        if let Some(w) = w {
+            writers.spawn(stream_writer(
+                i as u32,
+                object,
+                w.clone(),
+                core.clone(),
+                notify.clone(),
+                bucket.clone(),
+                sent.clone(),
+                fail_tx.clone(),
+            ));
+        }
+    }
+    let mut end_sent = false;
+    let result = loop {
+        // Once every byte has been read the digest is final: announce the end.
+        if !end_sent {
+            let c = core.lock().await;
+            if c.sched.read() == src.size {
+                let end = ObjectEnd {
+                    object,
+                    size: src.size,
+                    blake3: c.hasher.clone().finalize().as_bytes().to_vec(),
+                };
+                drop(c);
+                if let Some(w) = session.any_writer() {
+                    if w.lock()
+                        .await
+                        .send(&msg::encode(FrameType::OBJECT_END, &end))
+                        .await
+                        .is_ok()
+                    {
+                        end_sent = true;
+                    }
+                }
+            }
+        }
+        let ev = tokio::select! {
+            ev = session.events.recv() => ev,
+            Some((i, why)) = fail_rx.recv() => Some(Event::Lost(i, why)),
+            () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        let Some(ev) = ev else {
+            break Err(lost("all streams closed".into()));
+        };
+        match ev {
+            Event::Frame(f) if f.ty == FrameType::ACK => {
+                let a: Ack = decode(&f)?;
+                if a.object != object {
+                    continue;
+                }
+                let mut c = core.lock().await;
+                if let Err(e) = c.sched.ack(a.offset) {
+                    break Err(ObjectFailure::Fatal(SendError::Protocol(e.to_string())));
+                }
+                let acked = c.sched.acked();
+                drop(c);
+                notify.notify_waiters();
+                progress(acked, session.alive());
+            }
+            Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
+                let d: ObjectDone = decode(&f)?;
+                if d.object != object {
+                    continue;
+                }
+                if d.code == 0 {
+                    progress(src.size, session.alive());
+                    break Ok(have);
+                }
+                break Err(refused(src, &d));
+            }
+            Event::Frame(f) if f.ty == FrameType::GOAWAY => {
+                let close: msg::Close = decode(&f)?;
+                debug!("receiver sent GOAWAY: {}", close.printable_reason());
+            }
+            Event::Frame(_) => {}
+            Event::Lost(i, why) => {
+                on_lost(session, report, i, &why, Some(&core)).await;
+                notify.notify_waiters();
+                if session.alive() == 0 {
+                    break Err(lost(why));
+                }
+            }
+        }
+    };
+    writers.abort_all();
+    let c = core.lock().await;
+    report.resent_bytes += c.sched.resent_bytes();
+    result
+}
+
+/// Marks stream `i` dead; its in-flight chunks go back to the scheduler.
+async fn on_lost(
+    session: &mut Session,
+    report: &mut SendReport,
+    i: u32,
+    why: &str,
+    core: Option<&Arc<Mutex<Core>>>,
+) {
+    if let Some(slot) = session.writers.get_mut(i as usize) {
+        if slot.take().is_some() {
+            report.streams_lost += 1;
+            warn!(stream = i, "stream lost: {why}");
+        }
+    }
+    if let Some(core) = core {
+        core.lock().await.sched.stream_lost(i);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_writer(
+    i: u32,
+    object: u64,
+    writer: Arc<Mutex<Writer>>,
+    core: Arc<Mutex<Core>>,
+    notify: Arc<Notify>,
+    bucket: Option<Arc<Bucket>>,
+    sent: Arc<AtomicU64>,
+    fail: mpsc::UnboundedSender<(u32, String)>,
+) {
+    loop {
+        let notified = notify.notified();
+        let job = {
+            let mut c = core.lock().await;
+            match c.sched.next(i) {
+                Next::Done => return,
+                Next::Wait => None,
+                Next::Resend { offset, data } => Some((offset, data)),
+                Next::Read { offset, len } => {
+                    let mut buf = vec![0u8; len];
+                    if let Err(e) = c.file.read_exact(&mut buf).await {
+                        let _ = fail.send((i, format!("cannot read the source: {e}")));
+                        return;
+                    }
+                    c.hasher.update(&buf);
+                    let data = Bytes::from(buf);
+                    c.sched.sent(offset, data.clone(), i);
+                    Some((offset, data))
+                }
+            }
+        };
+        match job {
+            None => {
+                // Re-check at least every 100 ms in case a wake-up raced with us.
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
+            Some((offset, data)) => {
+                if let Some(b) = &bucket {
+                    b.take(data.len()).await;
+                }
+                let r = writer.lock().await.send_data(object, offset, &data).await;
+                match r {
+                    Ok(()) => {
+                        sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        let _ = fail.send((i, e.to_string()));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn decode<M: prost::Message + Default>(f: &Frame) -> Result<M, ObjectFailure> {
+    msg::decode(f)
+        .map_err(|e| ObjectFailure::Fatal(SendError::Protocol(HandshakeError::from(e).to_string())))
+}
+
+fn refused(src: &Source, d: &ObjectDone) -> ObjectFailure {
+    ObjectFailure::Fatal(SendError::Refused {
+        name: src.name.clone(),
+        code: ErrorCode(d.code),
+        reason: msg::printable(&d.reason, msg::MAX_REASON_LEN),
+    })
+}
