@@ -169,7 +169,8 @@ impl Default for EncodingConfig {
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
-    /// A level (`info`) or comma-separated `target=level` directives (`info,dwcp_agent=debug`).
+    /// A level (`info`) or comma-separated `target=level` directives (`info,dwcp_agent=debug`);
+    /// empty means the command's own default.
     pub level: String,
 }
 
@@ -177,7 +178,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: "text".into(),
-            level: "info".into(),
+            level: String::new(),
         }
     }
 }
@@ -449,7 +450,9 @@ impl Config {
                 "\"text\" or \"json\"".into(),
             );
         }
-        if let Err(e) = check_log_level(&self.log.level) {
+        if self.log.level.is_empty() {
+            // The command's default.
+        } else if let Err(e) = check_log_level(&self.log.level) {
             bad("log.level", quote(&self.log.level), e);
         }
 
@@ -676,7 +679,8 @@ codecs = ["zstd", "lz4"]
 # "text" or "json".
 format = "text"
 # A level (off, error, warn, info, debug, trace) or directives like "info,dwcp_agent=debug".
-level = "info"
+# Empty: the command's default (info for agent, recv and ping; warn for send; error for demo).
+level = ""
 "#;
 
 #[cfg(test)]

@@ -99,6 +99,10 @@ pub(crate) struct AgentArgs {
     /// Address of the admin HTTP server (overrides agent.admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub(crate) admin_listen: Option<String>,
+
+    /// Where files sent to this node are stored (overrides agent.spool_dir).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) spool_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

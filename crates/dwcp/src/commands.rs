@@ -43,7 +43,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         };
         let level = log_level
             .clone()
-            .or_else(|| cfg.map(|c| c.log.level.clone()))
+            .or_else(|| cfg.map(|c| c.log.level.clone()).filter(|l| !l.is_empty()))
             .unwrap_or_else(|| default_level.into());
         init_logging(format, &level)
     };
@@ -55,6 +55,9 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(l) = &args.admin_listen {
                     c.agent.admin_listen.clone_from(l);
+                }
+                if let Some(d) = &args.spool_dir {
+                    c.agent.spool_dir.clone_from(d);
                 }
             })?;
             // Validate first: a bad log.level is reported with every other bad setting.
