@@ -266,7 +266,9 @@ async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: Can
     let _active = scopeguard(|| {
         m.connections_active.dec();
     });
-    let _ = tcp.set_nodelay(true);
+    if let Err(e) = shared.endpoint.socket.tune_accepted(&tcp) {
+        debug!("cannot tune the socket: {e}");
+    }
     let io = Metered::new(tcp, m.bytes_received.clone(), m.bytes_sent.clone());
     let accepted = tokio::select! {
         () = stop.cancelled() => None,

@@ -132,6 +132,12 @@ pub struct TransportConfig {
     pub max_streams: u32,
     /// Offer QUIC sessions to peers.
     pub quic: bool,
+    /// TCP congestion control for peer sockets; empty keeps the system default.
+    pub congestion: String,
+    /// Socket send/receive buffer in bytes; 0 leaves the kernel's autotuning on.
+    pub socket_buffer_bytes: u32,
+    /// Seconds of idleness before TCP keepalive probes; 0 disables keepalive.
+    pub keepalive_secs: u32,
 }
 
 impl Default for TransportConfig {
@@ -140,6 +146,13 @@ impl Default for TransportConfig {
             min_streams: 4,
             max_streams: 512,
             quic: false,
+            // BBR holds a single stream near the link rate on long lossy paths where CUBIC
+            // collapses; the kernel falls back to its default where BBR is not allowed.
+            congestion: "bbr".into(),
+            // Linux autotuning (net.ipv4.tcp_rmem/wmem) sizes buffers to the path; a fixed size
+            // would switch it off.
+            socket_buffer_bytes: 0,
+            keepalive_secs: 30,
         }
     }
 }
@@ -260,6 +273,12 @@ pub struct Settings {
     pub capabilities: Capabilities,
     /// Fewest streams per session.
     pub min_streams: u32,
+    /// Congestion control for peer sockets.
+    pub congestion: Option<String>,
+    /// Fixed socket buffer size.
+    pub socket_buffer: Option<u32>,
+    /// TCP keepalive idle time.
+    pub keepalive: Option<Duration>,
     /// Log settings.
     pub log: LogConfig,
 }
@@ -427,6 +446,31 @@ impl Config {
             );
         }
 
+        let cc = &self.transport.congestion;
+        if cc.len() > 15 || !cc.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bad(
+                "transport.congestion",
+                quote(cc),
+                "an algorithm name such as \"bbr\" or \"cubic\" (at most 15 of a-z 0-9 _), or \"\""
+                    .into(),
+            );
+        }
+        let b = self.transport.socket_buffer_bytes;
+        if b != 0 && !(64 * 1024..=1 << 30).contains(&b) {
+            bad(
+                "transport.socket_buffer_bytes",
+                b.to_string(),
+                "0 (kernel autotuning) or 65536..=1073741824".into(),
+            );
+        }
+        range(
+            &mut bad,
+            "transport.keepalive_secs",
+            self.transport.keepalive_secs,
+            0,
+            7200,
+        );
+
         for (i, c) in self.encoding.codecs.iter().enumerate() {
             if !KNOWN_CODECS.contains(&c.as_str()) {
                 bad(
@@ -478,6 +522,10 @@ impl Config {
                     max_frame_size: self.protocol.max_frame_size,
                 },
                 min_streams: self.transport.min_streams,
+                congestion: Some(self.transport.congestion.clone()).filter(|c| !c.is_empty()),
+                socket_buffer: Some(self.transport.socket_buffer_bytes).filter(|b| *b > 0),
+                keepalive: Some(Duration::from_secs(self.transport.keepalive_secs.into()))
+                    .filter(|d| !d.is_zero()),
                 log: self.log.clone(),
             }),
             _ => Err(ConfigError::Invalid(errs)),
@@ -668,6 +716,14 @@ min_streams = 4
 max_streams = 512
 # Offer QUIC sessions to peers.
 quic = false
+# TCP congestion control for peer sockets ("bbr", "cubic", ...; "" = system default).
+# Falls back to the system default, with a warning, where the kernel does not allow it.
+congestion = "bbr"
+# Socket send/receive buffer, bytes: 0 = kernel autotuning (net.ipv4.tcp_rmem/wmem), else
+# 65536..=1073741824 (capped by net.core.rmem_max/wmem_max).
+socket_buffer_bytes = 0
+# Seconds of idleness before TCP keepalive probes (0 = off, ..=7200).
+keepalive_secs = 30
 
 [encoding]
 # Use delta encoding (HDE) with v3 peers that allow it.
@@ -885,7 +941,7 @@ mod tests {
 
         use super::*;
 
-        const KEYS: [(&str, &str); 17] = [
+        const KEYS: [(&str, &str); 19] = [
             ("node", "id"),
             ("node", "cluster_id"),
             ("node", "certs_dir"),
@@ -901,6 +957,8 @@ mod tests {
             ("transport", "min_streams"),
             ("transport", "max_streams"),
             ("transport", "quic"),
+            ("transport", "congestion"),
+            ("transport", "keepalive_secs"),
             ("encoding", "codecs"),
             ("log", "level"),
         ];

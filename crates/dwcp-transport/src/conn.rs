@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
+use crate::net::SocketOptions;
 use crate::pki::node_id_from_cert;
 use crate::tls::{TlsConfigs, TlsFailure, classify};
 
@@ -42,6 +43,8 @@ pub struct Endpoint {
     pub tls_timeout: Duration,
     /// DWCP handshake timeout.
     pub handshake_timeout: Duration,
+    /// How peer sockets are tuned.
+    pub socket: SocketOptions,
 }
 
 impl Endpoint {
@@ -56,6 +59,11 @@ impl Endpoint {
             connect_timeout: settings.tls_timeout,
             tls_timeout: settings.tls_timeout,
             handshake_timeout: settings.handshake_timeout,
+            socket: SocketOptions {
+                congestion: settings.congestion.clone(),
+                buffer: settings.socket_buffer,
+                keepalive: settings.keepalive,
+            },
         }
     }
 
@@ -246,15 +254,12 @@ pub async fn connect_to(
     addr: SocketAddr,
     expected: Option<&NodeId>,
 ) -> Result<Connection<TcpStream>, ConnError> {
-    let tcp = tokio::time::timeout(endpoint.connect_timeout, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(endpoint.connect_timeout, endpoint.socket.connect(addr))
         .await
         .map_err(|_| ConnError::Timeout {
             stage: Stage::Connect,
             after: endpoint.connect_timeout,
         })?
-        .map_err(|source| ConnError::Connect { addr, source })?;
-    // Frames are written whole; Nagle would only add latency to pings and handshakes.
-    tcp.set_nodelay(true)
         .map_err(|source| ConnError::Connect { addr, source })?;
     let connector = TlsConnector::from(endpoint.tls.client.clone());
     let tls = tokio::time::timeout(

@@ -9,6 +9,7 @@
 //! over tokio. The multi-stream session layer (AMST) will build on [`Connection`].
 
 mod conn;
+pub mod net;
 pub mod pki;
 pub mod session;
 mod tls;

@@ -521,7 +521,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                 },
                 accepted = listener.accept() => {
                     let Ok((tcp, peer)) = accepted else { continue };
-                    let _ = tcp.set_nodelay(true);
+                    let _ = endpoint.socket.tune_accepted(&tcp);
                     let endpoint = endpoint.clone();
                     let receiver = receiver.clone();
                     let stop = stop.clone();
