@@ -23,13 +23,22 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked
 fi
-# System tools the tests call: kill (procps) to signal agents.
+# System tools the tests call: kill and sysctl (procps) for agents and the testbed; ip and tc
+# (iproute2) and ping (iputils-ping) for the WAN testbed tests, which run when root;
+# iperf3 for `dwcp bench transport`.
 need_apt=()
 command -v kill >/dev/null 2>&1 || need_apt+=(procps)
+command -v sysctl >/dev/null 2>&1 || need_apt+=(procps)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v tc >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
+command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         log "installing ${need_apt[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    elif [ "$(id -u)" != 0 ]; then
+        echo "note: not root: the WAN testbed tests will be skipped" >&2
     else
         echo "missing system packages: ${need_apt[*]} (install them, or run as root on Debian)" >&2
         exit 1

@@ -1,0 +1,526 @@
+//! The WAN testbed: two network namespaces joined through a link emulator.
+//!
+//! ```text
+//!   netns A                                                     netns B
+//!   10.213.N.1  --dwcp0 (TUN)--> [ emulator A->B ] --dwcp0 (TUN)-->  10.213.N.2
+//!               <--------------- [ emulator B->A ] <--------------
+//!   tc: HTB rate limit + byte-limited FIFO on each TUN's egress (the bottleneck queue)
+//! ```
+//!
+//! The kernels this project runs on have no `sch_netem`, so one-way delay, jitter and random
+//! loss are applied in user space: each TUN device is created inside its namespace, and one
+//! thread per direction reads packets leaving A, drops a seeded random fraction, and writes the
+//! rest into B once their delay has passed (in order: jitter never reorders). The rate limit
+//! stays in the kernel (HTB), where it is exact. TUN devices without offloads hand over
+//! wire-sized packets, so loss hits individual packets, never GSO super-packets.
+//!
+//! Only addresses inside the two namespaces are used (10.213.N.0/30, where N is derived from
+//! the process id). Everything is torn down on [`Testbed::down`] or drop: the emulator threads
+//! stop, which removes the TUN devices, and the namespaces are deleted. Root is required.
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+/// A link profile: what the emulated path does to packets, per direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Name (`dc`, `wan`, `internet`, `lossy`, or `custom`).
+    pub name: String,
+    /// One-way delay (RTT is twice this).
+    pub delay: Duration,
+    /// Uniform jitter added to the delay, at most this much (never reorders).
+    pub jitter: Duration,
+    /// Probability that a packet is dropped, 0..1.
+    pub loss: f64,
+    /// Link rate in bits per second; `None` for no limit.
+    pub rate_bps: Option<u64>,
+}
+
+impl Profile {
+    /// The profiles of the architecture page.
+    pub fn named(name: &str) -> Option<Self> {
+        let p = |delay_us: u64, jitter_us: u64, loss: f64, rate: Option<u64>| Self {
+            name: name.to_string(),
+            delay: Duration::from_micros(delay_us),
+            jitter: Duration::from_micros(jitter_us),
+            loss,
+            rate_bps: rate,
+        };
+        Some(match name {
+            // 0.2 ms RTT, no rate limit (CPU-bound), no loss.
+            "dc" => p(100, 0, 0.0, None),
+            // 40 ms RTT, 1 Gbit/s, 0.01 % loss.
+            "wan" => p(20_000, 500, 0.0001, Some(1_000_000_000)),
+            // 100 ms RTT, 200 Mbit/s, 0.5 % loss.
+            "internet" => p(50_000, 1_000, 0.005, Some(200_000_000)),
+            // 150 ms RTT, 100 Mbit/s, 2 % loss.
+            "lossy" => p(75_000, 2_000, 0.02, Some(100_000_000)),
+            _ => return None,
+        })
+    }
+
+    /// Names of the built-in profiles.
+    pub const NAMES: [&'static str; 4] = ["dc", "wan", "internet", "lossy"];
+
+    /// Round-trip time without queueing.
+    pub fn rtt(&self) -> Duration {
+        self.delay * 2
+    }
+
+    /// Bytes in flight on the path at full rate (bandwidth-delay product), if rate-limited.
+    pub fn bdp_bytes(&self) -> Option<u64> {
+        self.rate_bps
+            .map(|r| (r as f64 / 8.0 * self.rtt().as_secs_f64()) as u64)
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rate = self.rate_bps.map_or_else(
+            || "unlimited".to_string(),
+            |r| format!("{} Mbit/s", r / 1_000_000),
+        );
+        write!(
+            f,
+            "{}: RTT {:.1} ms (jitter ±{:.1} ms each way), {rate}, loss {:.2} % each way",
+            self.name,
+            self.rtt().as_secs_f64() * 1e3,
+            self.jitter.as_secs_f64() * 1e3,
+            self.loss * 100.0
+        )
+    }
+}
+
+/// What went wrong building or running the testbed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TestbedError {
+    /// Not running as root.
+    #[error("the testbed needs root (network namespaces, TUN devices, tc)")]
+    NotRoot,
+    /// A command failed.
+    #[error("`{cmd}` failed: {detail}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its error output or the spawn error.
+        detail: String,
+    },
+    /// A system call failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Whether this process can build a testbed.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn run(args: &[&str]) -> Result<Output, TestbedError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| TestbedError::Command {
+            cmd: args.join(" "),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(TestbedError::Command {
+            cmd: args.join(" "),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Packets counted by the emulator, per direction.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Packets read from the sending side.
+    pub packets: AtomicU64,
+    /// Packets dropped on purpose.
+    pub dropped: AtomicU64,
+    /// Bytes delivered.
+    pub bytes: AtomicU64,
+}
+
+/// A running testbed. Dropping it tears everything down.
+#[derive(Debug)]
+pub struct Testbed {
+    /// The profile in force.
+    pub profile: Profile,
+    /// Name of namespace A.
+    pub ns_a: String,
+    /// Name of namespace B.
+    pub ns_b: String,
+    /// Address of A (inside its namespace).
+    pub addr_a: std::net::Ipv4Addr,
+    /// Address of B.
+    pub addr_b: std::net::Ipv4Addr,
+    /// A→B and B→A counters.
+    pub stats: [Arc<LinkStats>; 2],
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    sysctls: Vec<(String, String)>,
+    up: bool,
+    /// Held while the testbed exists: one testbed per machine at a time, so global sysctls are
+    /// saved and restored in order and benchmarks do not share the CPU.
+    _lock: File,
+}
+
+/// Path of the machine-wide testbed lock.
+const LOCK_PATH: &str = "/run/dwcp-testbed.lock";
+
+fn machine_lock() -> Result<File, TestbedError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_PATH)
+        .map_err(|source| TestbedError::Io {
+            what: format!("open {LOCK_PATH}"),
+            source,
+        })?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+        TestbedError::Io {
+            what: format!("lock {LOCK_PATH}"),
+            source: e.into(),
+        }
+    })?;
+    Ok(f)
+}
+
+/// Global sysctls raised for the duration of a testbed (restored on teardown): buffer limits
+/// large enough for one stream to fill a long fat pipe, and cubic allowed next to bbr so that
+/// benchmarks can compare them.
+const GLOBAL_SYSCTLS: [(&str, &str); 3] = [
+    ("net/core/rmem_max", "268435456"),
+    ("net/core/wmem_max", "268435456"),
+    ("net/ipv4/tcp_allowed_congestion_control", "reno bbr cubic"),
+];
+
+impl Testbed {
+    /// Builds the namespaces and starts the emulator for `profile`; `seed` fixes the loss
+    /// pattern.
+    pub fn up(profile: Profile, seed: u64) -> Result<Self, TestbedError> {
+        if !is_root() {
+            return Err(TestbedError::NotRoot);
+        }
+        let lock = machine_lock()?;
+        let pid = std::process::id();
+        // Testbeds are exclusive per machine (the lock), so the subnet only has to differ from
+        // leftovers of a crashed run; it is only ever used inside our namespaces.
+        let n = (pid % 250) as u8 + 1;
+        let mut tb = Self {
+            ns_a: format!("dwcp-tb{pid}-a"),
+            ns_b: format!("dwcp-tb{pid}-b"),
+            _lock: lock,
+            addr_a: std::net::Ipv4Addr::new(10, 213, n, 1),
+            addr_b: std::net::Ipv4Addr::new(10, 213, n, 2),
+            stats: [Arc::default(), Arc::default()],
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            sysctls: Vec::new(),
+            up: true,
+            profile,
+        };
+        // Tear down on any failure below (Drop does it).
+        tb.build(seed)?;
+        Ok(tb)
+    }
+
+    fn build(&mut self, seed: u64) -> Result<(), TestbedError> {
+        for (key, value) in GLOBAL_SYSCTLS {
+            let path = format!("/proc/sys/{key}");
+            let old = std::fs::read_to_string(&path).map_err(|source| TestbedError::Io {
+                what: format!("read {path}"),
+                source,
+            })?;
+            self.sysctls.push((path.clone(), old.trim().to_string()));
+            std::fs::write(&path, value).map_err(|source| TestbedError::Io {
+                what: format!("write {path}"),
+                source,
+            })?;
+        }
+        for ns in [&self.ns_a, &self.ns_b] {
+            let _ = run(&["ip", "netns", "del", ns]);
+            run(&["ip", "netns", "add", ns])?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            // Per-namespace TCP buffer ceilings (the defaults cap a stream at ~4 MiB in
+            // flight); each namespace gets the same, so iperf3 and dwcp see the same host.
+            for (k, v) in [
+                ("net.ipv4.tcp_rmem", "4096 131072 134217728"),
+                ("net.ipv4.tcp_wmem", "4096 16384 134217728"),
+            ] {
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("{k}={v}"),
+                ])?;
+            }
+        }
+        let tun_a = open_tun_in(&self.ns_a)?;
+        let tun_b = open_tun_in(&self.ns_b)?;
+        for (ns, me, peer) in [
+            (&self.ns_a, self.addr_a, self.addr_b),
+            (&self.ns_b, self.addr_b, self.addr_a),
+        ] {
+            run(&["ip", "-n", ns, "link", "set", "dwcp0", "mtu", "1500", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &me.to_string(),
+                "peer",
+                &format!("{peer}/32"),
+                "dev",
+                "dwcp0",
+            ])?;
+            if let (Some(rate), Some(bdp)) = (self.profile.rate_bps, self.profile.bdp_bytes()) {
+                let rate = format!("{rate}bit");
+                // The bottleneck queue: one bandwidth-delay product, at least 64 KiB.
+                let limit = bdp.max(64 * 1024).to_string();
+                run(&[
+                    "tc", "-n", ns, "qdisc", "add", "dev", "dwcp0", "root", "handle", "1:", "htb",
+                    "default", "1",
+                ])?;
+                run(&[
+                    "tc", "-n", ns, "class", "add", "dev", "dwcp0", "parent", "1:", "classid",
+                    "1:1", "htb", "rate", &rate, "ceil", &rate,
+                ])?;
+                run(&[
+                    "tc", "-n", ns, "qdisc", "add", "dev", "dwcp0", "parent", "1:1", "bfifo",
+                    "limit", &limit,
+                ])?;
+            } else {
+                run(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "link",
+                    "set",
+                    "dwcp0",
+                    "txqueuelen",
+                    "10000",
+                ])?;
+            }
+        }
+        let tun_a = Arc::new(tun_a);
+        let tun_b = Arc::new(tun_b);
+        self.spawn_direction(tun_a.clone(), tun_b.clone(), 0, seed)?;
+        self.spawn_direction(tun_b, tun_a, 1, seed.wrapping_add(0x9e37_79b9))?;
+        debug!(profile = %self.profile, "testbed up");
+        Ok(())
+    }
+
+    fn spawn_direction(
+        &mut self,
+        from: Arc<tun_rs::SyncDevice>,
+        to: Arc<tun_rs::SyncDevice>,
+        dir: usize,
+        seed: u64,
+    ) -> Result<(), TestbedError> {
+        let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+        let stop = self.stop.clone();
+        let stats = self.stats[dir].clone();
+        let profile = self.profile.clone();
+        let reader = std::thread::Builder::new()
+            .name(format!("tb-read-{dir}"))
+            .spawn(move || read_loop(&from, &tx, &stop, &stats, &profile, seed))
+            .map_err(|source| TestbedError::Io {
+                what: "start the emulator".into(),
+                source,
+            })?;
+        let stats = self.stats[dir].clone();
+        let writer = std::thread::Builder::new()
+            .name(format!("tb-write-{dir}"))
+            .spawn(move || write_loop(&to, &rx, &stats))
+            .map_err(|source| TestbedError::Io {
+                what: "start the emulator".into(),
+                source,
+            })?;
+        self.threads.push(reader);
+        self.threads.push(writer);
+        Ok(())
+    }
+
+    /// A command to run inside namespace A.
+    pub fn cmd_a(&self, program: &str) -> Command {
+        in_ns(&self.ns_a, program)
+    }
+
+    /// A command to run inside namespace B.
+    pub fn cmd_b(&self, program: &str) -> Command {
+        in_ns(&self.ns_b, program)
+    }
+
+    /// Stops the emulator, deletes the namespaces and restores the sysctls.
+    pub fn down(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if !self.up {
+            return;
+        }
+        self.up = false;
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for ns in [&self.ns_a, &self.ns_b] {
+            if let Err(e) = run(&["ip", "netns", "del", ns]) {
+                warn!("testbed teardown: {e}");
+            }
+        }
+        for (path, old) in self.sysctls.drain(..).rev() {
+            if let Err(e) = std::fs::write(&path, &old) {
+                warn!("cannot restore {path} to {old:?}: {e}");
+            }
+        }
+        debug!("testbed down");
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn in_ns(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]);
+    c
+}
+
+/// Creates the TUN device `dwcp0` inside namespace `ns`: a helper thread enters the namespace,
+/// creates the device there, and exits; the file descriptor keeps working from any thread.
+fn open_tun_in(ns: &str) -> Result<tun_rs::SyncDevice, TestbedError> {
+    let path = format!("/var/run/netns/{ns}");
+    let ns_file = File::open(&path).map_err(|source| TestbedError::Io {
+        what: format!("open {path}"),
+        source,
+    })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(
+                ns_file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(|e| TestbedError::Io {
+                what: format!("enter namespace {ns}"),
+                source: e.into(),
+            })?;
+            tun_rs::DeviceBuilder::new()
+                .name("dwcp0")
+                .build_sync()
+                .map_err(|source| TestbedError::Io {
+                    what: format!("create a TUN device in {ns}"),
+                    source,
+                })
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(TestbedError::Io {
+                what: "create a TUN device".into(),
+                source: std::io::Error::other("helper thread panicked"),
+            })
+        })
+    })
+}
+
+/// xorshift64*: a small seeded generator, so a run's loss pattern can be repeated.
+#[derive(Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn read_loop(
+    from: &tun_rs::SyncDevice,
+    tx: &mpsc::Sender<(Instant, Vec<u8>)>,
+    stop: &AtomicBool,
+    stats: &LinkStats,
+    profile: &Profile,
+    seed: u64,
+) {
+    let mut rng = Rng(seed | 1);
+    let mut last_release = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        // Wake up every 100 ms to notice `stop`.
+        let mut fds = [rustix::event::PollFd::new(
+            from,
+            rustix::event::PollFlags::IN,
+        )];
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(_) => continue,
+        }
+        let n = match from.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
+        stats.packets.fetch_add(1, Ordering::Relaxed);
+        if profile.loss > 0.0 && rng.next_f64() < profile.loss {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let jitter = profile.jitter.mul_f64(rng.next_f64());
+        // Never release before the previous packet: jitter must not reorder.
+        let release = (Instant::now() + profile.delay + jitter).max(last_release);
+        last_release = release;
+        if tx.send((release, buf[..n].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_loop(to: &tun_rs::SyncDevice, rx: &mpsc::Receiver<(Instant, Vec<u8>)>, stats: &LinkStats) {
+    // Ends when the reader stops (channel closed).
+    while let Ok((release, packet)) = rx.recv() {
+        let now = Instant::now();
+        if release > now {
+            std::thread::sleep(release - now);
+        }
+        if to.send(&packet).is_ok() {
+            stats
+                .bytes
+                .fetch_add(packet.len() as u64, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The emulator produces the profile it is asked for (root only; skipped otherwise).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use dwcp_testbed::{Profile, Testbed, is_root};
+
+/// Median RTT in ms of `ping -U` (user-to-user time: the delay stage sits after the kernel's
+/// receive timestamp, TESTBED.md) from A to B.
+fn ping_rtt_ms(tb: &Testbed, count: u32) -> f64 {
+    let out = tb
+        .cmd_a("ping")
+        .args([
+            "-U",
+            "-q",
+            "-n",
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            "-c",
+            &count.to_string(),
+        ])
+        .arg(tb.addr_b.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ping failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // rtt min/avg/max/mdev = a/b/c/d ms
+    let line = text.lines().find(|l| l.contains("min/avg/max")).unwrap();
+    let nums = line.split('=').nth(1).unwrap().trim();
+    nums.split('/').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn emulated_rtt_and_teardown() {
+    if !is_root() {
+        eprintln!("SKIPPED: the testbed needs root (network namespaces, TUN, tc)");
+        return;
+    }
+    let profile = Profile {
+        name: "test".into(),
+        delay: Duration::from_millis(20),
+        jitter: Duration::ZERO,
+        loss: 0.0,
+        rate_bps: Some(100_000_000),
+    };
+    let tb = Testbed::up(profile, 1).unwrap();
+    let rtt = ping_rtt_ms(&tb, 20);
+    assert!((40.0..48.0).contains(&rtt), "RTT {rtt} ms, expected ~40");
+    let (ns_a, ns_b) = (tb.ns_a.clone(), tb.ns_b.clone());
+    tb.down();
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(!list.contains(&ns_a) && !list.contains(&ns_b), "{list}");
+}
+
+#[test]
+fn emulated_loss_rate() {
+    if !is_root() {
+        eprintln!("SKIPPED: the testbed needs root (network namespaces, TUN, tc)");
+        return;
+    }
+    let profile = Profile {
+        name: "test".into(),
+        delay: Duration::from_millis(1),
+        jitter: Duration::ZERO,
+        loss: 0.10,
+        rate_bps: None,
+    };
+    let tb = Testbed::up(profile, 7).unwrap();
+    let out = tb
+        .cmd_a("ping")
+        .args(["-q", "-n", "-i", "0.002", "-W", "1", "-c", "1000"])
+        .arg(tb.addr_b.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Both directions lose 10 %: ~19 % of echoes go unanswered.
+    let loss: f64 = text
+        .split(',')
+        .find(|s| s.contains("packet loss"))
+        .and_then(|s| s.trim().split('%').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((12.0..27.0).contains(&loss), "loss {loss} %: {text}");
+    let sent = tb.stats[0]
+        .packets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = tb.stats[0]
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent >= 1000, "{sent}");
+    assert!((60..=140).contains(&dropped), "{dropped} of {sent} dropped");
+}
