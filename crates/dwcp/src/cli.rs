@@ -65,6 +65,9 @@ pub(crate) enum Command {
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Benchmarks on the WAN testbed (root).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Start agents on loopback with throwaway certificates (v1+v3, v1-only, and a node of a
     /// foreign CA), connect them, measure, and print a report. Needs no root and no setup.
     Demo(DemoArgs),
@@ -270,6 +273,40 @@ pub(crate) enum ConfigCommand {
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// iperf3 (1 and 8 streams, cubic and bbr) and `dwcp send` (1 stream, default streams;
+    /// bbr and cubic) on the same emulated link, in one run; prints a table and writes JSON.
+    Transport(BenchTransportArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchTransportArgs {
+    /// Link profile: dc, wan, internet, lossy.
+    #[arg(long, default_value = "internet")]
+    pub(crate) profile: String,
+
+    /// Bytes `dwcp send` transfers, e.g. 200M, 1Gi.
+    #[arg(long, default_value = "200M")]
+    pub(crate) size: String,
+
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub(crate) seconds: u32,
+
+    /// Streams of the "default" dwcp runs.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub(crate) streams: u32,
+
+    /// Seed of the emulator's loss pattern.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+
+    /// Where to write the JSON report [default: bench-transport-PROFILE.json].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -89,6 +89,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             certs(c)
         }
         Command::Config(c) => config(c),
+        Command::Bench(crate::cli::BenchCommand::Transport(args)) => {
+            logs(None, "warn")?;
+            crate::bench::transport(&args)
+        }
         Command::Demo(args) => {
             // The demo prints its own report; agent chatter would drown it.
             logs(None, "error")?;

@@ -1,6 +1,7 @@
 //! `dwcp`: parse arguments, run the command, map the error to an exit code, print the cause
 //! chain.
 
+mod bench;
 mod cli;
 mod commands;
 

@@ -1,0 +1,298 @@
+//! `dwcp bench transport`: iperf3 and `dwcp send` on the same emulated link, in one run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use dwcp_testbed::{Profile, Testbed};
+use serde_json::{Value, json};
+
+use crate::cli::BenchTransportArgs;
+use crate::commands::UsageError;
+
+/// One measured row.
+struct Row {
+    tool: &'static str,
+    label: String,
+    congestion: &'static str,
+    streams: u32,
+    mbit_s: f64,
+    detail: Value,
+}
+
+/// Waits for `child` at most `limit`, killing it after that.
+fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::process::Output> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn iperf3(tb: &Testbed, streams: u32, congestion: &str, seconds: u32) -> Result<f64> {
+    let port = "5201";
+    let server = tb
+        .cmd_b("iperf3")
+        .args(["-s", "-1", "-p", port, "-B"])
+        .arg(tb.addr_b.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start iperf3 (apt-get install iperf3)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = tb
+        .cmd_a("iperf3")
+        .args(["-c"])
+        .arg(tb.addr_b.to_string())
+        .args([
+            "-p",
+            port,
+            "-J",
+            "-C",
+            congestion,
+            "-t",
+            &seconds.to_string(),
+        ])
+        .args(["-P", &streams.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = wait_bounded(
+        client,
+        Duration::from_secs(u64::from(seconds) + 30),
+        "iperf3",
+    )?;
+    let _ = wait_bounded(server, Duration::from_secs(5), "iperf3 server");
+    let j: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 output is not JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = j.get("error") {
+        bail!("iperf3: {e}");
+    }
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+        .ok_or_else(|| anyhow!("iperf3 JSON lacks end.sum_received.bits_per_second"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dwcp_send(
+    tb: &Testbed,
+    exe: &Path,
+    certs: &Path,
+    file: &Path,
+    out: &Path,
+    streams: u32,
+    congestion: &str,
+    size: u64,
+) -> Result<Value> {
+    let listen = format!("{}:7800", tb.addr_b);
+    let recv = tb
+        .cmd_b(
+            exe.to_str()
+                .ok_or_else(|| anyhow!("binary path is not UTF-8"))?,
+        )
+        .args([
+            "recv",
+            "--listen",
+            &listen,
+            "--node-id",
+            "bench-b",
+            "--json",
+            "--out",
+        ])
+        .arg(out)
+        .arg("--certs-dir")
+        .arg(certs)
+        .env("DWCP_TRANSPORT__CONGESTION", congestion)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let send = tb
+        .cmd_a(
+            exe.to_str()
+                .ok_or_else(|| anyhow!("binary path is not UTF-8"))?,
+        )
+        .arg("send")
+        .arg(file)
+        .args(["--to", &listen, "--node-id", "bench-a", "--json"])
+        .args(["--streams", &streams.to_string()])
+        .arg("--certs-dir")
+        .arg(certs)
+        .env("DWCP_TRANSPORT__CONGESTION", congestion)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Even at 1 Mbit/s the transfer would be done in size*8/1e6 s; give it that plus slack.
+    let limit = Duration::from_secs(60 + size * 8 / 1_000_000);
+    let out_s = wait_bounded(send, limit, "dwcp send")?;
+    let _ = wait_bounded(recv, Duration::from_secs(10), "dwcp recv");
+    let _ = std::fs::remove_dir_all(out);
+    if !out_s.status.success() {
+        bail!(
+            "dwcp send failed: {}",
+            String::from_utf8_lossy(&out_s.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out_s.stdout).context("dwcp send --json output")
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    crate::cli::parse_rate(s).map_err(|e| UsageError(format!("--size: {e}")).into())
+}
+
+pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
+    let profile = Profile::named(&args.profile).ok_or_else(|| {
+        UsageError(format!(
+            "unknown profile {:?}: one of {:?}",
+            args.profile,
+            Profile::NAMES
+        ))
+    })?;
+    if !dwcp_testbed::is_root() {
+        return Err(UsageError(
+            "dwcp bench transport needs root (it builds a network-namespace testbed)".into(),
+        )
+        .into());
+    }
+    let size = parse_size(&args.size)?;
+    let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
+    let work = tempfile::tempdir()?;
+    let certs = work.path().join("certs");
+    dwcp_transport::pki::init_ca(&certs, &dwcp_wire::ClusterId::new("dwcp")?, 1, false)?;
+    for n in ["bench-a", "bench-b"] {
+        dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(n)?, 1, false)?;
+    }
+    let file = work.path().join("payload.bin");
+    write_random(&file, size)?;
+
+    eprintln!("building testbed: {profile}");
+    let tb = Testbed::up(profile.clone(), args.seed)?;
+    let mut rows = Vec::new();
+    let secs = args.seconds;
+    for (streams, cc) in [(1, "cubic"), (1, "bbr"), (8, "cubic"), (8, "bbr")] {
+        eprintln!("iperf3 {streams} stream(s), {cc} ...");
+        let mbit = iperf3(&tb, streams, cc, secs)?;
+        rows.push(Row {
+            tool: "iperf3",
+            label: format!("iperf3 -P {streams}"),
+            congestion: cc,
+            streams,
+            mbit_s: mbit,
+            detail: json!({}),
+        });
+    }
+    for (streams, cc, label) in [
+        (1, "bbr", "dwcp send --streams 1"),
+        (args.streams, "bbr", "dwcp send (default)"),
+        (args.streams, "cubic", "dwcp send (default)"),
+    ] {
+        eprintln!("{label} {streams} stream(s), {cc} ...");
+        let out = work.path().join("out");
+        let j = dwcp_send(&tb, &exe, &certs, &file, &out, streams, cc, size)?;
+        let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
+        rows.push(Row {
+            tool: "dwcp",
+            label: label.to_string(),
+            congestion: cc,
+            streams: j["streams"].as_u64().unwrap_or(0) as u32,
+            mbit_s: mbit,
+            detail: j,
+        });
+    }
+    let stats: Vec<Value> = tb
+        .stats
+        .iter()
+        .map(|s| {
+            json!({
+                "packets": s.packets.load(std::sync::atomic::Ordering::Relaxed),
+                "dropped": s.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    tb.down();
+
+    let base = rows
+        .iter()
+        .find(|r| r.tool == "iperf3" && r.streams == 1 && r.congestion == "cubic")
+        .map_or(1.0, |r| r.mbit_s.max(1e-9));
+    let link = profile.rate_bps.map(|r| r as f64 / 1e6);
+    println!("profile {profile}; payload {size} bytes; iperf3 runs {secs} s");
+    println!(
+        "{:<26} {:>6} {:>7} {:>10} {:>9} {:>10}",
+        "run", "cc", "streams", "Mbit/s", "% link", "x iperf3-1"
+    );
+    for r in &rows {
+        let pct = link.map_or_else(
+            || "-".to_string(),
+            |l| format!("{:.1}", r.mbit_s / l * 100.0),
+        );
+        println!(
+            "{:<26} {:>6} {:>7} {:>10.1} {:>9} {:>10.2}",
+            r.label,
+            r.congestion,
+            r.streams,
+            r.mbit_s,
+            pct,
+            r.mbit_s / base
+        );
+    }
+    let report = json!({
+        "profile": {
+            "name": profile.name, "rtt_ms": profile.rtt().as_secs_f64() * 1e3,
+            "loss": profile.loss, "rate_mbit_s": link,
+        },
+        "size": size,
+        "iperf3_seconds": secs,
+        "seed": args.seed,
+        "emulator": stats,
+        "runs": rows.iter().map(|r| json!({
+            "tool": r.tool, "label": r.label, "congestion": r.congestion, "streams": r.streams,
+            "mbit_s": r.mbit_s, "ratio_to_iperf3_single_cubic": r.mbit_s / base,
+            "percent_of_link": link.map(|l| r.mbit_s / l * 100.0), "detail": r.detail,
+        })).collect::<Vec<_>>(),
+    });
+    let path: PathBuf = args
+        .json_out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-transport-{}.json", profile.name)));
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("JSON: {}", path.display());
+    Ok(())
+}
+
+/// Incompressible data (xorshift), so that later compression cannot flatter the transport.
+fn write_random(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut left = size;
+    let mut block = vec![0u8; 1 << 16];
+    while left > 0 {
+        for chunk in block.chunks_mut(8) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
