@@ -244,6 +244,7 @@ impl Testbed {
     }
 
     fn build(&mut self, seed: u64) -> Result<(), TestbedError> {
+        remove_stale_namespaces();
         for (key, value) in GLOBAL_SYSCTLS {
             let path = format!("/proc/sys/{key}");
             let old = std::fs::read_to_string(&path).map_err(|source| TestbedError::Io {
@@ -406,6 +407,28 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// Deletes namespaces left by testbed processes that died without tearing down (killed, or a
+/// test runner's timeout). Safe while holding the machine lock: no other testbed is running.
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("dwcp-tb")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            warn!("removing stale testbed namespace {name}");
+            let _ = run(&["ip", "netns", "del", &name]);
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -21,12 +22,43 @@ struct Row {
     detail: Value,
 }
 
-/// Waits for `child` at most `limit`, killing it after that.
+/// Set by SIGINT/SIGTERM: runs stop, and the testbed is torn down on the way out.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn watch_signals() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    });
+    Ok(())
+}
+
+/// Waits for `child` at most `limit`, killing it after that (or on interruption).
 fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::process::Output> {
     let deadline = Instant::now() + limit;
     loop {
         if child.try_wait()?.is_some() {
             return Ok(child.wait_with_output()?);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("interrupted");
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -35,6 +67,27 @@ fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::pr
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Average RTT of 20 `ping -U` probes A -> B (user-to-user time, which includes the
+/// emulator's delay stage; see TESTBED.md).
+fn ping_rtt_ms(tb: &Testbed) -> Result<f64> {
+    let child = tb
+        .cmd_a("ping")
+        .args(["-U", "-q", "-n", "-i", "0.05", "-W", "2", "-c", "20"])
+        .arg(tb.addr_b.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run ping (apt-get install iputils-ping)")?;
+    let out = wait_bounded(child, Duration::from_secs(30), "ping")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no RTT in ping output: {text}"))
 }
 
 fn iperf3(tb: &Testbed, streams: u32, congestion: &str, seconds: u32) -> Result<f64> {
@@ -168,6 +221,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         .into());
     }
     let size = parse_size(&args.size)?;
+    watch_signals()?;
     let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
     let work = tempfile::tempdir()?;
     let certs = work.path().join("certs");
@@ -175,11 +229,14 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     for n in ["bench-a", "bench-b"] {
         dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(n)?, 1, false)?;
     }
-    let file = work.path().join("payload.bin");
-    write_random(&file, size)?;
 
     eprintln!("building testbed: {profile}");
     let tb = Testbed::up(profile.clone(), args.seed)?;
+    let rtt = ping_rtt_ms(&tb)?;
+    eprintln!(
+        "emulator check: ping -U RTT {rtt:.2} ms (profile {:.1} ms)",
+        profile.rtt().as_secs_f64() * 1e3
+    );
     let mut rows = Vec::new();
     let secs = args.seconds;
     for (streams, cc) in [(1, "cubic"), (1, "bbr"), (8, "cubic"), (8, "bbr")] {
@@ -199,9 +256,23 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         (args.streams, "bbr", "dwcp send (default)"),
         (args.streams, "cubic", "dwcp send (default)"),
     ] {
-        eprintln!("{label} {streams} stream(s), {cc} ...");
+        // Bound each transfer to about twice the iperf3 duration at the rate iperf3 reached
+        // with the same congestion control and stream count: a CUBIC run over a lossy link
+        // would otherwise take many minutes for the same payload.
+        let like = rows
+            .iter()
+            .filter(|r| r.congestion == cc && r.streams == streams.min(8))
+            .map(|r| r.mbit_s)
+            .fold(0.0_f64, f64::max);
+        let cap = (like * 1e6 / 8.0 * f64::from(secs) * 2.0) as u64;
+        let run_size = size.min(cap.max(4 << 20));
+        let file = work.path().join(format!("payload-{run_size}.bin"));
+        if !file.exists() {
+            write_random(&file, run_size)?;
+        }
+        eprintln!("{label}: {streams} stream(s), {cc}, {run_size} bytes ...");
         let out = work.path().join("out");
-        let j = dwcp_send(&tb, &exe, &certs, &file, &out, streams, cc, size)?;
+        let j = dwcp_send(&tb, &exe, &certs, &file, &out, streams, cc, run_size)?;
         let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
         rows.push(Row {
             tool: "dwcp",
@@ -217,8 +288,8 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         .iter()
         .map(|s| {
             json!({
-                "packets": s.packets.load(std::sync::atomic::Ordering::Relaxed),
-                "dropped": s.dropped.load(std::sync::atomic::Ordering::Relaxed),
+                "packets": s.packets.load(Ordering::Relaxed),
+                "dropped": s.dropped.load(Ordering::Relaxed),
             })
         })
         .collect();
@@ -229,7 +300,11 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         .find(|r| r.tool == "iperf3" && r.streams == 1 && r.congestion == "cubic")
         .map_or(1.0, |r| r.mbit_s.max(1e-9));
     let link = profile.rate_bps.map(|r| r as f64 / 1e6);
-    println!("profile {profile}; payload {size} bytes; iperf3 runs {secs} s");
+    println!("emulator check: ping -U average RTT {rtt:.2} ms");
+    println!(
+        "profile {profile}; dwcp payload up to {size} bytes (see JSON for each run); iperf3 \
+         runs {secs} s"
+    );
     println!(
         "{:<26} {:>6} {:>7} {:>10} {:>9} {:>10}",
         "run", "cc", "streams", "Mbit/s", "% link", "x iperf3-1"
@@ -256,6 +331,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         },
         "size": size,
         "iperf3_seconds": secs,
+        "ping_rtt_ms": rtt,
         "seed": args.seed,
         "emulator": stats,
         "runs": rows.iter().map(|r| json!({

@@ -435,3 +435,67 @@ fn demo_runs_without_setup() {
     assert_eq!(j["node_b"]["handshakes_ok"], 1.0);
     assert_eq!(j["node_b"]["handshakes_failed"], 1.0);
 }
+
+#[test]
+fn internet_profile_transfer_in_namespaces() {
+    if !dwcp_testbed::is_root() {
+        eprintln!("SKIPPED: needs root to build the network-namespace testbed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let certs = dir.path().to_str().unwrap().to_string();
+    let data: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("img.raw");
+    std::fs::write(&file, &data).unwrap();
+    let out = dir.path().join("out");
+    let profile = dwcp_testbed::Profile::named("internet").unwrap();
+    let tb = dwcp_testbed::Testbed::up(profile, 3).unwrap();
+    let listen = format!("{}:7800", tb.addr_b);
+    let exe = env!("CARGO_BIN_EXE_dwcp");
+    let mut recv = tb
+        .cmd_b(exe)
+        .args([
+            "recv",
+            "--listen",
+            &listen,
+            "--node-id",
+            "node-b",
+            "--certs-dir",
+            &certs,
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let send = tb
+        .cmd_a(exe)
+        .arg("send")
+        .arg(&file)
+        .args(["--to", &listen, "--certs-dir", &certs])
+        .args(["--node-id", "node-a", "--streams", "4", "--json"])
+        .output()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let recv_status = loop {
+        if let Some(s) = recv.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = recv.kill();
+            panic!("recv did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    tb.down();
+    assert!(send.status.success(), "{}", text(&send.stderr));
+    assert!(recv_status.success());
+    let j: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
+    assert_eq!(j["streams"], 4, "{j}");
+    assert!(std::fs::read(out.join("img.raw")).unwrap() == data);
+}
