@@ -55,14 +55,19 @@ impl TestCluster {
         NodeCredentials::load(self.dir(), &id).unwrap()
     }
 
-    /// Credentials signed by this CA whose certificate names no DWCP node (no
-    /// `urn:dwcp:node:` name): a valid chain that must still be refused.
-    pub fn anonymous_creds(&self) -> NodeCredentials {
+    /// The CA as an rcgen issuer, for certificates `dwcp certs` would not make.
+    fn issuer(&self) -> Issuer<'static, KeyPair> {
         let ca_pem = std::fs::read_to_string(pki::ca_cert_path(self.dir())).unwrap();
         let ca_key =
             KeyPair::from_pem(&std::fs::read_to_string(pki::ca_key_path(self.dir())).unwrap())
                 .unwrap();
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap()
+    }
+
+    /// Credentials signed by this CA whose certificate names no DWCP node (no
+    /// `urn:dwcp:node:` name): a valid chain that must still be refused.
+    pub fn anonymous_creds(&self) -> NodeCredentials {
+        let issuer = self.issuer();
         let now = time::OffsetDateTime::now_utc();
         let mut params = pki::node_params(
             &NodeId::new("anon").unwrap(),
@@ -83,11 +88,7 @@ impl TestCluster {
     /// Credentials for `node` whose certificate expired yesterday (signed by this CA).
     pub fn expired_creds(&self, node: &str) -> NodeCredentials {
         let id = NodeId::new(node).unwrap();
-        let ca_pem = std::fs::read_to_string(pki::ca_cert_path(self.dir())).unwrap();
-        let ca_key =
-            KeyPair::from_pem(&std::fs::read_to_string(pki::ca_key_path(self.dir())).unwrap())
-                .unwrap();
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let issuer = self.issuer();
         let now = time::OffsetDateTime::now_utc();
         let params = pki::node_params(
             &id,

@@ -463,14 +463,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Sends a `GOAWAY` with `code` and `reason`, then closes the TLS session. Errors are
     /// ignored: the peer may already be gone.
-    pub async fn close(mut self, code: ErrorCode, reason: &str) {
-        let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
-        // Bounded: a peer that stopped reading must not pin the caller.
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _ = self.send(&frame).await;
-            let _ = self.io.shutdown().await;
-        })
-        .await;
+    pub async fn close(self, code: ErrorCode, reason: &str) {
+        let (_, writer) = self.split();
+        writer.close(code, reason).await;
     }
 }
 
@@ -567,7 +562,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.codec.max_payload() as usize - dwcp_wire::data::DATA_HEADER_LEN
     }
 
-    /// Sends a `GOAWAY` and shuts the sending side down, bounded in time; errors are ignored.
+    /// Sends a `GOAWAY` and shuts the sending side down, bounded in time (a peer that stopped
+    /// reading must not pin the caller); errors are ignored.
     pub async fn close(mut self, code: ErrorCode, reason: &str) {
         let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
