@@ -232,3 +232,22 @@ async fn t32_bad_object_name_is_refused() {
     assert!(!cluster.dir().join("escape").exists());
     agent.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn t33_object_larger_than_the_free_space_is_refused_up_front() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "huge", 10, 10);
+    let mut source = Source::file(&f).unwrap();
+    source.size = 1 << 60;
+    let ep = endpoint(&cluster, "client", |_| {});
+    match send_files(&ep, agent.addr, None, &[source], &opts(2), &mut |_| {}).await {
+        Err(SendError::Refused { code, reason, .. }) => {
+            assert_eq!(code, dwcp_wire::ErrorCode::STORAGE_ERROR);
+            assert!(reason.contains("not enough space"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    agent.stop().await.unwrap();
+}

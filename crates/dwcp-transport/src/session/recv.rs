@@ -38,6 +38,11 @@ use crate::conn::{ConnError, FrameReader, FrameWriter};
 /// Acknowledge at least every this many new contiguous bytes.
 const ACK_STEP: u64 = 1024 * 1024;
 
+/// Most separate byte ranges held beyond the contiguous prefix of one object. A sender keeps
+/// at most a window (32 MiB by default, in 256 KiB chunks: ~128 ranges) outstanding; far more
+/// means it is not following the protocol, and the bookkeeping must stay bounded.
+const MAX_ISLANDS: usize = 16_384;
+
 /// What the receiver reports as it works.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -303,14 +308,25 @@ impl Receiver {
                             continue;
                         };
                         o.ranges.insert(offset, offset + len);
-                        let c = o.ranges.contiguous();
-                        if c >= o.acked + ACK_STEP || (c == o.size && o.acked < c) {
-                            o.acked = c;
-                            save_state(o);
-                            Some(c)
+                        if o.ranges.islands() > MAX_ISLANDS {
+                            Err(format!(
+                                "more than {MAX_ISLANDS} separate ranges outstanding: the sender \
+                                 ignores its window"
+                            ))
                         } else {
-                            None
+                            let c = o.ranges.contiguous();
+                            if c >= o.acked + ACK_STEP || (c == o.size && o.acked < c) {
+                                o.acked = c;
+                                save_state(o);
+                                Ok(Some(c))
+                            } else {
+                                Ok(None)
+                            }
                         }
+                    };
+                    let ack = match ack {
+                        Ok(a) => a,
+                        Err(detail) => return Err(self.violation(writer, detail).await),
                     };
                     if let Some(offset) = ack {
                         let a = Ack {
@@ -442,6 +458,17 @@ impl Receiver {
         // Never trust the state beyond what the part file holds.
         let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
         let have = have.min(on_disk).min(b.size);
+        // Refuse now what cannot fit, rather than fail with a full disk halfway through.
+        if let Ok(st) = rustix::fs::fstatvfs(&file) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let need = b.size - have;
+            if need > free {
+                return Err(format!(
+                    "not enough space in {}: {need} bytes needed, {free} available",
+                    self.dir.display()
+                ));
+            }
+        }
         file.set_len(b.size)
             .map_err(|e| format!("cannot size {}: {e}", part.display()))?;
         if have > 0 {
