@@ -116,7 +116,7 @@ impl Agent {
             .map(|v| v.number().to_string())
             .collect();
         let spool =
-            Receiver::new(&settings.spool_dir, settings.idle_timeout).map_err(|source| {
+            Receiver::new(&settings.spool_dir, settings.idle_timeout, true).map_err(|source| {
                 AgentError::Spool {
                     path: settings.spool_dir.clone(),
                     source,
@@ -317,6 +317,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let peer = conn.established().peer_node_id.clone();
+    let max_streams = conn.established().negotiated.max_streams;
     let (mut reader, mut writer) = conn.split();
     loop {
         let next = tokio::select! {
@@ -351,7 +352,7 @@ where
             FrameType::SESSION => {
                 let served = shared
                     .spool
-                    .serve(peer, frame, reader, writer, stop)
+                    .serve(peer, frame, reader, writer, max_streams, stop)
                     .await?;
                 debug!(?served, "session stream ended");
                 return Ok(());

@@ -45,7 +45,7 @@ async fn t10_files_arrive_verified_over_many_streams() {
     assert_eq!(report.bytes_sent, 9 * 1024 * 1024 + 17 + 1000);
     assert_eq!(report.resent_bytes, 0);
     assert!(calls > 0);
-    let spool = cluster.dir().join("spool");
+    let spool = cluster.dir().join("spool/client");
     for f in &files {
         same_file(f, &spool.join(f.file_name().unwrap()));
     }
@@ -78,7 +78,7 @@ async fn t11_v1_peer_gets_one_stream() {
     .unwrap();
     assert_eq!(report.streams, 1);
     assert_eq!(report.version, Some(dwcp_wire::Version::V1));
-    same_file(&f, &cluster.dir().join("spool/x"));
+    same_file(&f, &cluster.dir().join("spool/client/x"));
     agent.stop().await.unwrap();
 }
 
@@ -110,7 +110,7 @@ async fn t20_transfer_survives_a_killed_stream() {
     .unwrap();
     assert_eq!(report.streams_lost, 1, "{report:?}");
     assert_eq!(report.reconnects, 0, "{report:?}");
-    same_file(&f, &cluster.dir().join("spool/big"));
+    same_file(&f, &cluster.dir().join("spool/client/big"));
     agent.stop().await.unwrap();
 }
 
@@ -143,7 +143,7 @@ async fn t21_corrupted_chunk_is_detected_and_resent() {
     .unwrap();
     assert_eq!(report.streams_lost, 1, "{report:?}");
     assert!(report.resent_bytes > 0, "{report:?}");
-    same_file(&f, &cluster.dir().join("spool/c"));
+    same_file(&f, &cluster.dir().join("spool/client/c"));
     agent.stop().await.unwrap();
 }
 
@@ -163,7 +163,7 @@ async fn t30_resume_after_receiver_restart() {
         tokio::spawn(async move { send_files(&ep, addr, None, &[source], &o, &mut |_| {}).await });
     tokio::time::sleep(Duration::from_millis(1200)).await;
     agent.stop().await.unwrap();
-    let part = cluster.dir().join("spool/.vm.raw.dwcp-part");
+    let part = cluster.dir().join("spool/client/.vm.raw.dwcp-part");
     assert!(part.exists(), "partial file kept for resuming");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let s = settings(&cluster, |c| c.agent.listen = addr.to_string());
@@ -182,7 +182,7 @@ async fn t30_resume_after_receiver_restart() {
         report.bytes_sent <= 24 * 1024 * 1024 + SendOptions::default().window,
         "{report:?}"
     );
-    same_file(&f, &cluster.dir().join("spool/vm.raw"));
+    same_file(&f, &cluster.dir().join("spool/client/vm.raw"));
     assert!(!part.exists());
     agent.stop().await.unwrap();
 }
@@ -249,5 +249,39 @@ async fn t33_object_larger_than_the_free_space_is_refused_up_front() {
         }
         other => panic!("{other:?}"),
     }
+    // Refused before anything was created.
+    assert!(!cluster.dir().join("spool/client/.huge.dwcp-part").exists());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t34_one_transfer_per_destination_file() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "same.img", 8 * 1024 * 1024, 11);
+    let g = random_file(src.path(), "other-content", 8 * 1024 * 1024, 12);
+    let mut second = Source::file(&g).unwrap();
+    second.name = "same.img".into();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let ep2 = ep.clone();
+    let addr = agent.addr;
+    let mut slow = opts(2);
+    slow.rate_limit = Some(4_000_000);
+    let first = Source::file(&f).unwrap();
+    let t1 =
+        tokio::spawn(
+            async move { send_files(&ep, addr, None, &[first], &slow, &mut |_| {}).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Same destination name while the first transfer runs: refused, the first one unharmed.
+    match send_files(&ep2, addr, None, &[second], &opts(2), &mut |_| {}).await {
+        Err(SendError::Refused { reason, .. }) => {
+            assert!(reason.contains("in progress"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    t1.await.unwrap().unwrap();
+    same_file(&f, &cluster.dir().join("spool/client/same.img"));
     agent.stop().await.unwrap();
 }

@@ -195,13 +195,40 @@ fn machine_lock() -> Result<File, TestbedError> {
             what: format!("open {LOCK_PATH}"),
             source,
         })?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
-        TestbedError::Io {
-            what: format!("lock {LOCK_PATH}"),
-            source: e.into(),
+    // Bounded wait: another testbed (a benchmark, a test) may hold it for a few minutes.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(f),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                return Err(TestbedError::Io {
+                    what: format!("lock {LOCK_PATH} (another testbed still running after 15 min?)"),
+                    source: e.into(),
+                });
+            }
         }
-    })?;
-    Ok(f)
+    }
+}
+
+/// Where the original values of the global sysctls are kept while a testbed runs, so that a
+/// testbed killed before its teardown is repaired by the next one.
+const SAVED_SYSCTLS: &str = "/run/dwcp-testbed.sysctls";
+
+fn restore_saved_sysctls() {
+    let Ok(text) = std::fs::read_to_string(SAVED_SYSCTLS) else {
+        return;
+    };
+    for line in text.lines() {
+        if let Some((path, value)) = line.split_once('=') {
+            if let Err(e) = std::fs::write(path, value) {
+                warn!("cannot restore {path} from an interrupted testbed: {e}");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(SAVED_SYSCTLS);
 }
 
 /// Global sysctls raised for the duration of a testbed (restored on teardown): buffer limits
@@ -245,6 +272,20 @@ impl Testbed {
 
     fn build(&mut self, seed: u64) -> Result<(), TestbedError> {
         remove_stale_namespaces();
+        restore_saved_sysctls();
+        let mut saved = String::new();
+        for (key, _) in GLOBAL_SYSCTLS {
+            let path = format!("/proc/sys/{key}");
+            let old = std::fs::read_to_string(&path).map_err(|source| TestbedError::Io {
+                what: format!("read {path}"),
+                source,
+            })?;
+            saved.push_str(&format!("{path}={}\n", old.trim()));
+        }
+        std::fs::write(SAVED_SYSCTLS, saved).map_err(|source| TestbedError::Io {
+            what: format!("write {SAVED_SYSCTLS}"),
+            source,
+        })?;
         for (key, value) in GLOBAL_SYSCTLS {
             let path = format!("/proc/sys/{key}");
             let old = std::fs::read_to_string(&path).map_err(|source| TestbedError::Io {
@@ -400,6 +441,7 @@ impl Testbed {
                 warn!("cannot restore {path} to {old:?}: {e}");
             }
         }
+        let _ = std::fs::remove_file(SAVED_SYSCTLS);
         debug!("testbed down");
     }
 }

@@ -475,6 +475,8 @@ async fn write_frame<W: AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     frame: &Frame,
 ) -> Result<(), ConnError> {
+    // A write cancelled half-way (its task aborted) may have left bytes here: start clean.
+    buf.clear();
     codec.encode(frame, buf)?;
     let r = async {
         io.write_all(buf).await?;
@@ -562,15 +564,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.codec.max_payload() as usize - dwcp_wire::data::DATA_HEADER_LEN
     }
 
-    /// Sends a `GOAWAY` and shuts the sending side down, bounded in time (a peer that stopped
-    /// reading must not pin the caller); errors are ignored.
-    pub async fn close(mut self, code: ErrorCode, reason: &str) {
+    /// Like [`Self::close`], through a shared reference (the half stays in place, unusable).
+    pub async fn goodbye(&mut self, code: ErrorCode, reason: &str) {
         let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let _ = self.send(&frame).await;
             let _ = self.io.shutdown().await;
         })
         .await;
+    }
+
+    /// Sends a `GOAWAY` and shuts the sending side down, bounded in time (a peer that stopped
+    /// reading must not pin the caller); errors are ignored.
+    pub async fn close(mut self, code: ErrorCode, reason: &str) {
+        self.goodbye(code, reason).await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! `dwcp bench transport`: iperf3 and `dwcp send` on the same emulated link, in one run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -48,21 +48,51 @@ fn watch_signals() -> Result<()> {
     Ok(())
 }
 
+/// A child process that is killed if it is still running when this goes out of scope, so
+/// that no error path leaves a server behind in a namespace.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts `cmd` with its output going to files (never to pipes that could fill up and stall
+/// it); returns the process and the two file paths.
+fn spawn_logged(
+    mut cmd: std::process::Command,
+    dir: &Path,
+    name: &str,
+) -> Result<(Reaped, PathBuf, PathBuf)> {
+    let out = dir.join(format!("{name}.out"));
+    let err = dir.join(format!("{name}.err"));
+    let child = cmd
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok((Reaped(child), out, err))
+}
+
 /// Waits for `child` at most `limit`, killing it after that (or on interruption).
-fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::process::Output> {
+fn wait_bounded(
+    child: &mut Reaped,
+    limit: Duration,
+    what: &str,
+) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
+        if let Some(status) = child.0.try_wait()? {
+            return Ok(status);
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
-            let _ = child.kill();
-            let _ = child.wait();
             bail!("interrupted");
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             bail!("{what} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -71,17 +101,14 @@ fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::pr
 
 /// Average RTT of 20 `ping -U` probes A -> B (user-to-user time, which includes the
 /// emulator's delay stage; see TESTBED.md).
-fn ping_rtt_ms(tb: &Testbed) -> Result<f64> {
-    let child = tb
-        .cmd_a("ping")
-        .args(["-U", "-q", "-n", "-i", "0.05", "-W", "2", "-c", "20"])
-        .arg(tb.addr_b.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+fn ping_rtt_ms(tb: &Testbed, work: &Path) -> Result<f64> {
+    let mut cmd = tb.cmd_a("ping");
+    cmd.args(["-U", "-q", "-n", "-i", "0.05", "-W", "2", "-c", "20"])
+        .arg(tb.addr_b.to_string());
+    let (mut child, out, _) = spawn_logged(cmd, work, "ping")
         .context("cannot run ping (apt-get install iputils-ping)")?;
-    let out = wait_bounded(child, Duration::from_secs(30), "ping")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    wait_bounded(&mut child, Duration::from_secs(30), "ping")?;
+    let text = std::fs::read_to_string(out)?;
     text.lines()
         .find(|l| l.contains("min/avg/max"))
         .and_then(|l| l.split('=').nth(1))
@@ -90,19 +117,17 @@ fn ping_rtt_ms(tb: &Testbed) -> Result<f64> {
         .ok_or_else(|| anyhow!("no RTT in ping output: {text}"))
 }
 
-fn iperf3(tb: &Testbed, streams: u32, congestion: &str, seconds: u32) -> Result<f64> {
+fn iperf3(tb: &Testbed, work: &Path, streams: u32, congestion: &str, seconds: u32) -> Result<f64> {
     let port = "5201";
-    let server = tb
-        .cmd_b("iperf3")
+    let mut server = tb.cmd_b("iperf3");
+    server
         .args(["-s", "-1", "-p", port, "-B"])
-        .arg(tb.addr_b.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .arg(tb.addr_b.to_string());
+    let (mut server, _, _) = spawn_logged(server, work, "iperf3-server")
         .context("cannot start iperf3 (apt-get install iperf3)")?;
     std::thread::sleep(Duration::from_millis(300));
-    let client = tb
-        .cmd_a("iperf3")
+    let mut client = tb.cmd_a("iperf3");
+    client
         .args(["-c"])
         .arg(tb.addr_b.to_string())
         .args([
@@ -114,20 +139,18 @@ fn iperf3(tb: &Testbed, streams: u32, congestion: &str, seconds: u32) -> Result<
             "-t",
             &seconds.to_string(),
         ])
-        .args(["-P", &streams.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let out = wait_bounded(
-        client,
+        .args(["-P", &streams.to_string()]);
+    let (mut client, out, err) = spawn_logged(client, work, "iperf3-client")?;
+    wait_bounded(
+        &mut client,
         Duration::from_secs(u64::from(seconds) + 30),
         "iperf3",
     )?;
-    let _ = wait_bounded(server, Duration::from_secs(5), "iperf3 server");
-    let j: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+    let _ = wait_bounded(&mut server, Duration::from_secs(5), "iperf3 server");
+    let j: Value = serde_json::from_slice(&std::fs::read(&out)?).with_context(|| {
         format!(
             "iperf3 output is not JSON: {}",
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read_to_string(&err).unwrap_or_default()
         )
     })?;
     if let Some(e) = j.get("error") {
@@ -142,6 +165,7 @@ fn iperf3(tb: &Testbed, streams: u32, congestion: &str, seconds: u32) -> Result<
 #[allow(clippy::too_many_arguments)]
 fn dwcp_send(
     tb: &Testbed,
+    work: &Path,
     exe: &Path,
     certs: &Path,
     file: &Path,
@@ -150,56 +174,47 @@ fn dwcp_send(
     congestion: &str,
     size: u64,
 ) -> Result<Value> {
+    let exe = exe
+        .to_str()
+        .ok_or_else(|| anyhow!("binary path is not UTF-8"))?;
     let listen = format!("{}:7800", tb.addr_b);
-    let recv = tb
-        .cmd_b(
-            exe.to_str()
-                .ok_or_else(|| anyhow!("binary path is not UTF-8"))?,
-        )
-        .args([
-            "recv",
-            "--listen",
-            &listen,
-            "--node-id",
-            "bench-b",
-            "--json",
-            "--out",
-        ])
-        .arg(out)
-        .arg("--certs-dir")
-        .arg(certs)
-        .env("DWCP_TRANSPORT__CONGESTION", congestion)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut recv = tb.cmd_b(exe);
+    recv.args([
+        "recv",
+        "--listen",
+        &listen,
+        "--node-id",
+        "bench-b",
+        "--json",
+        "--out",
+    ])
+    .arg(out)
+    .arg("--certs-dir")
+    .arg(certs)
+    .env("DWCP_TRANSPORT__CONGESTION", congestion);
+    let (mut recv, _, _) = spawn_logged(recv, work, "dwcp-recv")?;
     std::thread::sleep(Duration::from_millis(300));
-    let send = tb
-        .cmd_a(
-            exe.to_str()
-                .ok_or_else(|| anyhow!("binary path is not UTF-8"))?,
-        )
-        .arg("send")
+    let mut send = tb.cmd_a(exe);
+    send.arg("send")
         .arg(file)
         .args(["--to", &listen, "--node-id", "bench-a", "--json"])
         .args(["--streams", &streams.to_string()])
         .arg("--certs-dir")
         .arg(certs)
-        .env("DWCP_TRANSPORT__CONGESTION", congestion)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+        .env("DWCP_TRANSPORT__CONGESTION", congestion);
+    let (mut send, sout, serr) = spawn_logged(send, work, "dwcp-send")?;
     // Even at 1 Mbit/s the transfer would be done in size*8/1e6 s; give it that plus slack.
     let limit = Duration::from_secs(60 + size * 8 / 1_000_000);
-    let out_s = wait_bounded(send, limit, "dwcp send")?;
-    let _ = wait_bounded(recv, Duration::from_secs(10), "dwcp recv");
+    let status = wait_bounded(&mut send, limit, "dwcp send")?;
+    let _ = wait_bounded(&mut recv, Duration::from_secs(10), "dwcp recv");
     let _ = std::fs::remove_dir_all(out);
-    if !out_s.status.success() {
+    if !status.success() {
         bail!(
             "dwcp send failed: {}",
-            String::from_utf8_lossy(&out_s.stderr).trim()
+            std::fs::read_to_string(serr).unwrap_or_default().trim()
         );
     }
-    serde_json::from_slice(&out_s.stdout).context("dwcp send --json output")
+    serde_json::from_slice(&std::fs::read(sout)?).context("dwcp send --json output")
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -232,7 +247,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
 
     eprintln!("building testbed: {profile}");
     let tb = Testbed::up(profile.clone(), args.seed)?;
-    let rtt = ping_rtt_ms(&tb)?;
+    let rtt = ping_rtt_ms(&tb, work.path())?;
     eprintln!(
         "emulator check: ping -U RTT {rtt:.2} ms (profile {:.1} ms)",
         profile.rtt().as_secs_f64() * 1e3
@@ -241,7 +256,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     let secs = args.seconds;
     for (streams, cc) in [(1, "cubic"), (1, "bbr"), (8, "cubic"), (8, "bbr")] {
         eprintln!("iperf3 {streams} stream(s), {cc} ...");
-        let mbit = iperf3(&tb, streams, cc, secs)?;
+        let mbit = iperf3(&tb, work.path(), streams, cc, secs)?;
         rows.push(Row {
             tool: "iperf3",
             label: format!("iperf3 -P {streams}"),
@@ -272,7 +287,17 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         }
         eprintln!("{label}: {streams} stream(s), {cc}, {run_size} bytes ...");
         let out = work.path().join("out");
-        let j = dwcp_send(&tb, &exe, &certs, &file, &out, streams, cc, run_size)?;
+        let j = dwcp_send(
+            &tb,
+            work.path(),
+            &exe,
+            &certs,
+            &file,
+            &out,
+            streams,
+            cc,
+            run_size,
+        )?;
         let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
         rows.push(Row {
             tool: "dwcp",

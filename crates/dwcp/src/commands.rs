@@ -496,7 +496,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
     let id = node_id(settings)?;
     let (_creds, tls) = credentials(settings, &id)?;
     let endpoint = std::sync::Arc::new(Endpoint::new(id, settings, tls));
-    let receiver = Receiver::new(&args.out, settings.idle_timeout)
+    let receiver = Receiver::new(&args.out, settings.idle_timeout, false)
         .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
     let stored = runtime()?.block_on(async {
         let shutdown = shutdown_signal()?;
@@ -529,6 +529,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                     let endpoint = endpoint.clone();
                     let receiver = receiver.clone();
                     let stop = stop.clone();
+                    let idle = settings.idle_timeout;
                     tokio::spawn(async move {
                         let conn = match dwcp_transport::accept(&endpoint, tcp, peer).await {
                             Ok(c) => c,
@@ -538,15 +539,27 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                             }
                         };
                         let peer_id = conn.established().peer_node_id.clone();
+                        let max_streams = conn.established().negotiated.max_streams;
                         let (mut reader, writer) = conn.split();
-                        match reader.recv().await {
-                            Ok(Some(f)) if f.ty == dwcp_wire::FrameType::SESSION => {
-                                if let Err(e) = receiver.serve(peer_id, f, reader, writer, &stop).await {
+                        match tokio::time::timeout(idle, reader.recv()).await {
+                            Err(_) => writer.close(ErrorCode::TIMEOUT, "no SESSION frame").await,
+                            Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::SESSION => {
+                                let served = receiver
+                                    .serve(peer_id, f, reader, writer, max_streams, &stop)
+                                    .await;
+                                if let Err(e) = served {
                                     tracing::warn!(%peer, "stream ended: {e}");
                                 }
                             }
-                            Ok(_) => writer.close(ErrorCode::UNEXPECTED_FRAME, "dwcp recv only takes transfer sessions").await,
-                            Err(e) => tracing::warn!(%peer, "stream failed: {e}"),
+                            Ok(Ok(_)) => {
+                                writer
+                                    .close(
+                                        ErrorCode::UNEXPECTED_FRAME,
+                                        "dwcp recv only takes transfer sessions",
+                                    )
+                                    .await;
+                            }
+                            Ok(Err(e)) => tracing::warn!(%peer, "stream failed: {e}"),
                         }
                     });
                 }
@@ -664,7 +677,8 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(series))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
+        // Not `.sum()`: an empty f64 sum is -0.0, which would print as "-0".
+        .fold(0.0, |a, b| a + b)
 }
 
 struct DemoNode {
@@ -750,7 +764,16 @@ fn demo(args: &DemoArgs) -> Result<()> {
             Err(e) => e.to_string(),
         };
 
-        let metrics_b = http_get(b.admin, "/metrics").await?;
+        // The refused node's side returns as soon as it rejects; node-b counts its side of the
+        // failure a moment later (on the TLS alert). Give it up to 2 s to show up.
+        let mut metrics_b = http_get(b.admin, "/metrics").await?;
+        for _ in 0..40 {
+            if metric(&metrics_b, "dwcp_handshakes_total{result=\"failed\"") >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            metrics_b = http_get(b.admin, "/metrics").await?;
+        }
         let ready_b = http_get(b.admin, "/readyz").await?;
         for n in [a, b, legacy] {
             let _ = n.stop.send(());

@@ -43,6 +43,9 @@ const ACK_STEP: u64 = 1024 * 1024;
 /// means it is not following the protocol, and the bookkeeping must stay bounded.
 const MAX_ISLANDS: usize = 16_384;
 
+/// Most objects open at once in one session (senders send them one after another).
+const MAX_OBJECTS: usize = 64;
+
 /// What the receiver reports as it works.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -104,6 +107,8 @@ struct RxObject {
     name: String,
     size: u64,
     file: Arc<File>,
+    /// Where the verified file is published.
+    path: PathBuf,
     part: PathBuf,
     state: PathBuf,
     tag: String,
@@ -118,6 +123,8 @@ struct RxObject {
 struct RxSession {
     objects: HashMap<u64, RxObject>,
     goodbye: bool,
+    /// Objects already verified or failed: late duplicates for them are ignored.
+    finished: std::collections::HashSet<u64>,
     /// Connections of the session being served; at 0 the session is forgotten (what it
     /// stored is on disk, and a resuming sender opens a new session).
     conns: usize,
@@ -132,6 +139,10 @@ pub struct Receiver {
     sessions: Mutex<SessionMap>,
     events: broadcast::Sender<RecvEvent>,
     idle: Duration,
+    /// Destination files being received, across all sessions.
+    active: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Store each peer's objects in a subdirectory named after it.
+    per_peer: bool,
 }
 
 /// What a served connection ended with.
@@ -144,8 +155,9 @@ pub enum Served {
 }
 
 impl Receiver {
-    /// Receives into `dir` (created if missing); a connection silent for `idle` is dropped.
-    pub fn new(dir: &Path, idle: Duration) -> std::io::Result<Arc<Self>> {
+    /// Receives into `dir` (created if missing), or into `dir/<peer node id>` when
+    /// `per_peer`; a connection silent for `idle` is dropped.
+    pub fn new(dir: &Path, idle: Duration, per_peer: bool) -> std::io::Result<Arc<Self>> {
         fs::create_dir_all(dir)?;
         let (events, _) = broadcast::channel(256);
         Ok(Arc::new(Self {
@@ -153,6 +165,8 @@ impl Receiver {
             sessions: Mutex::new(HashMap::new()),
             events,
             idle,
+            active: Mutex::new(std::collections::HashSet::new()),
+            per_peer,
         }))
     }
 
@@ -179,6 +193,12 @@ impl Receiver {
         s.conns = s.conns.saturating_sub(1);
         if s.conns == 0 {
             map.remove(&(peer.clone(), id.to_vec()));
+            // What it had not finished stays on disk for a resuming sender.
+            let mut active = lock(&self.active);
+            for o in s.objects.values() {
+                active.remove(&o.path);
+            }
+            s.objects.clear();
         }
     }
 
@@ -193,6 +213,7 @@ impl Receiver {
         first: Frame,
         reader: FrameReader<R>,
         writer: FrameWriter<W>,
+        max_streams: u32,
         stop: &CancellationToken,
     ) -> Result<Served, ConnError>
     where
@@ -213,6 +234,13 @@ impl Receiver {
         }
         debug!(%peer, stream = join.stream_index, "stream joined session");
         let session = self.session(&peer, &join.session_id);
+        let conns = lock(&session).conns;
+        if conns > max_streams as usize {
+            self.leave(&peer, &join.session_id, &session);
+            let detail =
+                format!("session has {conns} connections, the handshake allowed {max_streams}");
+            return Err(self.violation(writer, detail).await);
+        }
         let result = self
             .serve_stream(peer.clone(), &session, reader, writer, stop)
             .await;
@@ -260,6 +288,8 @@ impl Receiver {
                     let checked = {
                         let s = lock(session);
                         match s.objects.get(&h.object) {
+                            // A re-sent chunk racing with the object's completion: harmless.
+                            None if s.finished.contains(&h.object) => Ok(None),
                             None => Err(format!("data for unknown object {}", h.object)),
                             Some(o) if h.offset + chunk.len() as u64 > o.size => Err(format!(
                                 "chunk at {} ({} bytes) runs past the object's size {}",
@@ -267,11 +297,12 @@ impl Receiver {
                                 chunk.len(),
                                 o.size
                             )),
-                            Some(o) => Ok(o.file.clone()),
+                            Some(o) => Ok(Some(o.file.clone())),
                         }
                     };
                     let file = match checked {
-                        Ok(f) => f,
+                        Ok(Some(f)) => f,
+                        Ok(None) => continue,
                         Err(detail) => return Err(self.violation(writer, detail).await),
                     };
                     let offset = h.offset;
@@ -290,8 +321,7 @@ impl Receiver {
                                 code: ErrorCode::STORAGE_ERROR.0,
                                 reason,
                             };
-                            writer
-                                .send(&msg::encode(FrameType::OBJECT_DONE, &done))
+                            self.send(&mut writer, &msg::encode(FrameType::OBJECT_DONE, &done))
                                 .await?;
                             continue;
                         }
@@ -307,7 +337,7 @@ impl Receiver {
                         let Some(o) = s.objects.get_mut(&h.object) else {
                             continue;
                         };
-                        o.ranges.insert(offset, offset + len);
+                        let new = o.ranges.insert(offset, offset + len);
                         if o.ranges.islands() > MAX_ISLANDS {
                             Err(format!(
                                 "more than {MAX_ISLANDS} separate ranges outstanding: the sender \
@@ -317,8 +347,11 @@ impl Receiver {
                             let c = o.ranges.contiguous();
                             if c >= o.acked + ACK_STEP || (c == o.size && o.acked < c) {
                                 o.acked = c;
-                                save_state(o);
-                                Ok(Some(c))
+                                Ok(Some((c, Some((o.state.clone(), o.tag.clone(), o.size)))))
+                            } else if new == 0 {
+                                // A duplicate: the sender re-sent because it did not see our
+                                // ACK (lost with a stream); say again where we are.
+                                Ok(Some((o.acked, None)))
                             } else {
                                 Ok(None)
                             }
@@ -328,19 +361,23 @@ impl Receiver {
                         Ok(a) => a,
                         Err(detail) => return Err(self.violation(writer, detail).await),
                     };
-                    if let Some(offset) = ack {
+                    if let Some((offset, persist)) = ack {
+                        if let Some((path, tag, size)) = persist {
+                            save_state(&path, &tag, size, offset);
+                        }
                         let a = Ack {
                             object: h.object,
                             offset,
                         };
-                        writer.send(&msg::encode(FrameType::ACK, &a)).await?;
+                        self.send(&mut writer, &msg::encode(FrameType::ACK, &a))
+                            .await?;
                     }
                     self.maybe_finish(&peer, session, h.object, &mut writer)
                         .await?;
                 }
                 FrameType::OBJECT_BEGIN => {
                     let begin: ObjectBegin = msg::decode(&frame).map_err(HandshakeError::from)?;
-                    let reply = match self.begin(session, &begin) {
+                    let reply = match self.begin(&peer, session, &begin) {
                         Ok(have) => msg::encode(
                             FrameType::OBJECT_STATE,
                             &ObjectState {
@@ -360,13 +397,16 @@ impl Receiver {
                             )
                         }
                     };
-                    writer.send(&reply).await?;
+                    self.send(&mut writer, &reply).await?;
                 }
                 FrameType::OBJECT_END => {
                     let end: ObjectEnd = msg::decode(&frame).map_err(HandshakeError::from)?;
                     let problem = {
                         let mut s = lock(session);
+                        let done = s.finished.contains(&end.object);
                         match s.objects.get_mut(&end.object) {
+                            // A repeated end after the verdict: nothing to do.
+                            None if done => None,
                             Some(o) if o.size == end.size && end.blake3.len() == 32 => {
                                 o.digest = Some(end.blake3);
                                 None
@@ -390,7 +430,8 @@ impl Receiver {
                 }
                 FrameType::PING => {
                     let p: Ping = msg::decode(&frame).map_err(HandshakeError::from)?;
-                    writer.send(&msg::encode(FrameType::PONG, &p)).await?;
+                    self.send(&mut writer, &msg::encode(FrameType::PONG, &p))
+                        .await?;
                 }
                 FrameType::GOAWAY => {
                     let close: Close = msg::decode(&frame).map_err(HandshakeError::from)?;
@@ -428,56 +469,68 @@ impl Receiver {
     }
 
     /// Opens (or resumes) the part file for an object; returns the bytes already held.
-    fn begin(&self, session: &Mutex<RxSession>, b: &ObjectBegin) -> Result<u64, String> {
-        check_name(&b.name)?;
-        let mut s = lock(session);
-        if let Some(o) = s.objects.get(&b.object) {
-            // A repeated BEGIN (e.g. on a replacement stream): same answer.
-            if o.name == b.name && o.size == b.size {
-                return Ok(o.ranges.contiguous());
-            }
-            return Err(format!(
-                "object {} was begun with another name or size",
-                b.object
-            ));
+    /// Where objects from `peer` are stored.
+    fn dir_for(&self, peer: &NodeId) -> PathBuf {
+        if self.per_peer {
+            self.dir.join(peer.as_str())
+        } else {
+            self.dir.clone()
         }
-        let part = self.dir.join(format!(".{}.dwcp-part", b.name));
-        let state = self.dir.join(format!(".{}.dwcp-state", b.name));
-        // One line in the state file: control characters cannot split it.
-        let tag = msg::printable(&b.version_tag, 200);
-        let have = read_state(&state)
-            .filter(|(t, size, _)| *t == tag && *size == b.size)
-            .map_or(0, |(_, _, have)| have);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(have == 0)
-            .open(&part)
-            .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
-        // Never trust the state beyond what the part file holds.
-        let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let have = have.min(on_disk).min(b.size);
-        // Refuse now what cannot fit, rather than fail with a full disk halfway through.
-        if let Ok(st) = rustix::fs::fstatvfs(&file) {
-            let free = st.f_bavail.saturating_mul(st.f_frsize);
-            let need = b.size - have;
-            if need > free {
+    }
+
+    /// Opens (or resumes) the part file for an object; returns the bytes already held.
+    fn begin(
+        &self,
+        peer: &NodeId,
+        session: &Mutex<RxSession>,
+        b: &ObjectBegin,
+    ) -> Result<u64, String> {
+        check_name(&b.name)?;
+        {
+            let s = lock(session);
+            if let Some(o) = s.objects.get(&b.object) {
+                // A repeated BEGIN (e.g. on a replacement stream): same answer.
+                if o.name == b.name && o.size == b.size {
+                    return Ok(o.ranges.contiguous());
+                }
                 return Err(format!(
-                    "not enough space in {}: {need} bytes needed, {free} available",
-                    self.dir.display()
+                    "object {} was begun with another name or size",
+                    b.object
+                ));
+            }
+            if s.objects.len() >= MAX_OBJECTS {
+                return Err(format!(
+                    "more than {MAX_OBJECTS} objects open in one session"
                 ));
             }
         }
-        file.set_len(b.size)
-            .map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+        let dir = self.dir_for(peer);
+        let path = dir.join(&b.name);
+        // One transfer per destination file at a time, whatever session it comes from: two
+        // would share the part file.
+        if !lock(&self.active).insert(path.clone()) {
+            return Err(format!(
+                "another transfer of {:?} into {} is in progress",
+                b.name,
+                dir.display()
+            ));
+        }
+        let opened = self.open_part(&dir, b);
+        let (file, part, state, tag, have) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                lock(&self.active).remove(&path);
+                return Err(e);
+            }
+        };
         if have > 0 {
             info!(name = %b.name, have, size = b.size, "resuming object");
         }
-        let mut o = RxObject {
+        let o = RxObject {
             name: b.name.clone(),
             size: b.size,
             file: Arc::new(file),
+            path,
             part,
             state,
             tag,
@@ -487,17 +540,62 @@ impl Receiver {
             digest: None,
             finishing: false,
         };
-        save_state(&mut o);
-        s.objects.insert(b.object, o);
+        save_state(&o.state, &o.tag, o.size, o.acked);
+        lock(session).objects.insert(b.object, o);
         Ok(have)
     }
 
+    /// The file work of [`Self::begin`], done without the session lock.
+    #[allow(clippy::type_complexity)]
+    fn open_part(
+        &self,
+        dir: &Path,
+        b: &ObjectBegin,
+    ) -> Result<(File, PathBuf, PathBuf, String, u64), String> {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let part = dir.join(format!(".{}.dwcp-part", b.name));
+        let state = dir.join(format!(".{}.dwcp-state", b.name));
+        // One line in the state file: control characters cannot split it.
+        let tag = msg::printable(&b.version_tag, 200);
+        // The state file is written after the data it counts, so after a process restart it
+        // never claims more than the part file holds; after a power loss it might, and the
+        // digest check catches that (the sender then starts over).
+        let have = read_state(&state)
+            .filter(|(t, size, _)| *t == tag && *size == b.size)
+            .map_or(0, |(_, _, have)| have.min(b.size));
+        // Refuse now what cannot fit, before creating anything.
+        if let Ok(st) = rustix::fs::statvfs(dir) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let need = b.size - have;
+            if need > free {
+                return Err(format!(
+                    "not enough space in {}: {need} bytes needed, {free} available",
+                    dir.display()
+                ));
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(have == 0)
+            .open(&part)
+            .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+        file.set_len(b.size)
+            .map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+        Ok((file, part, state, tag, have))
+    }
+
     fn fail_object(&self, peer: &NodeId, session: &Mutex<RxSession>, object: u64, reason: &str) {
-        let name = lock(session)
-            .objects
-            .remove(&object)
-            .map(|o| o.name)
-            .unwrap_or_default();
+        let removed = {
+            let mut s = lock(session);
+            s.finished.insert(object);
+            s.objects.remove(&object)
+        };
+        let name = removed.map_or_else(String::new, |o| {
+            lock(&self.active).remove(&o.path);
+            o.name
+        });
         warn!(%peer, %name, "object failed: {reason}");
         let _ = self.events.send(RecvEvent::Failed {
             peer: peer.clone(),
@@ -530,7 +628,7 @@ impl Receiver {
                 o.file.clone(),
                 o.part.clone(),
                 o.state.clone(),
-                self.dir.join(&o.name),
+                o.path.clone(),
                 digest,
                 o.name.clone(),
                 o.size,
@@ -564,11 +662,25 @@ impl Receiver {
                 )
             })?;
             let _ = fs::remove_file(&state);
+            // The rename is durable only once the directory is.
+            if let Some(dir) = final_path.parent() {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+                    (
+                        ErrorCode::STORAGE_ERROR,
+                        format!("cannot sync {}: {e}", dir.display()),
+                    )
+                })?;
+            }
             Ok(())
         })
         .await
         .unwrap_or_else(|e| Err((ErrorCode::INTERNAL_ERROR, e.to_string())));
-        lock(session).objects.remove(&object);
+        {
+            let mut s = lock(session);
+            s.objects.remove(&object);
+            s.finished.insert(object);
+        }
+        lock(&self.active).remove(&path);
         let done = match verdict {
             Ok(()) => {
                 info!(%peer, %name, size, verify_ms = started.elapsed().as_millis() as u64, "object stored");
@@ -599,9 +711,23 @@ impl Receiver {
                 }
             }
         };
-        writer
-            .send(&msg::encode(FrameType::OBJECT_DONE, &done))
+        self.send(writer, &msg::encode(FrameType::OBJECT_DONE, &done))
             .await
+    }
+
+    /// Sends a frame, bounded by the idle timeout: a sender that stops reading must not pin
+    /// this task.
+    async fn send<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut FrameWriter<W>,
+        frame: &Frame,
+    ) -> Result<(), ConnError> {
+        tokio::time::timeout(self.idle, writer.send(frame))
+            .await
+            .map_err(|_| ConnError::Timeout {
+                stage: crate::Stage::Established,
+                after: self.idle,
+            })?
     }
 }
 
@@ -630,10 +756,10 @@ fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
 
 /// Records the acknowledged prefix so a restarted receiver can resume. Best effort: a state
 /// file that claims too much is caught by the final digest check, never silently accepted.
-fn save_state(o: &mut RxObject) {
-    let text = format!("dwcp-part 1\n{}\n{}\n{}\n", o.tag, o.size, o.acked);
-    if let Err(e) = fs::write(&o.state, text) {
-        warn!(path = %o.state.display(), "cannot record progress: {e}");
+fn save_state(path: &Path, tag: &str, size: u64, acked: u64) {
+    let text = format!("dwcp-part 1\n{tag}\n{size}\n{acked}\n");
+    if let Err(e) = fs::write(path, text) {
+        warn!(path = %path.display(), "cannot record progress: {e}");
     }
 }
 

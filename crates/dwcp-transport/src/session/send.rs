@@ -203,6 +203,15 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// The code announced to the receiver when the transfer is given up for this reason.
+    fn close_code(&self) -> ErrorCode {
+        match self {
+            Self::Refused { code, .. } => *code,
+            Self::Source { .. } => ErrorCode::INTERNAL_ERROR,
+            _ => ErrorCode::PROTOCOL_ERROR,
+        }
+    }
+
     /// The underlying connection error, if any (for exit codes).
     pub fn conn(&self) -> Option<&ConnError> {
         match self {
@@ -338,16 +347,21 @@ impl Session {
     }
 
     fn any_writer(&self) -> Option<Arc<Mutex<Writer>>> {
-        self.writers.iter().flatten().next().cloned()
+        self.any_writer_indexed().map(|(_, w)| w)
     }
 
-    async fn close(self) {
+    fn any_writer_indexed(&self) -> Option<(usize, Arc<Mutex<Writer>>)> {
+        self.writers
+            .iter()
+            .enumerate()
+            .find_map(|(i, w)| w.clone().map(|w| (i, w)))
+    }
+
+    /// Says goodbye on every stream (`NO_ERROR` only when the transfer is complete) and
+    /// waits briefly for the receiver to close.
+    async fn close(self, code: ErrorCode, reason: &str) {
         for w in self.writers.into_iter().flatten() {
-            if let Ok(w) = Arc::try_unwrap(w) {
-                w.into_inner()
-                    .close(ErrorCode::NO_ERROR, "transfer complete")
-                    .await;
-            }
+            w.lock().await.goodbye(code, reason).await;
         }
         let mut readers = self.readers;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -404,6 +418,8 @@ pub async fn send_files(
     let mut object_id = 0u64;
     let mut failing_since: Option<Instant> = None;
     let mut ever_connected = false;
+    // Objects already restarted from zero after a failed verification (once each).
+    let mut restarted: Vec<usize> = Vec::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
         let mut session = match Session::open(endpoint, addr, expected, opts.streams).await {
@@ -455,6 +471,7 @@ pub async fn send_files(
                 bucket.clone(),
                 sent.clone(),
                 &mut report,
+                &mut failing_since,
                 &mut |acked, streams| {
                     progress(&Progress {
                         name: src.name.clone(),
@@ -469,6 +486,7 @@ pub async fn send_files(
             .await;
             match r {
                 Ok(resumed_from) => {
+                    failing_since = None;
                     report.objects.push(ObjectReport {
                         name: src.name.clone(),
                         size: src.size,
@@ -478,20 +496,40 @@ pub async fn send_files(
                     done_bytes += src.size;
                     next_file += 1;
                 }
+                Err(ObjectFailure::Fatal(SendError::Refused { code, .. }))
+                    if code == ErrorCode::CHECKSUM_MISMATCH && !restarted.contains(&next_file) =>
+                {
+                    // A resumed prefix that did not survive (e.g. a power loss at the
+                    // receiver) shows up as a mismatch; the receiver has dropped its copy, so
+                    // one retry from the start settles it.
+                    warn!(
+                        "{:?} failed verification; sending it again from the start",
+                        src.name
+                    );
+                    restarted.push(next_file);
+                }
                 Err(ObjectFailure::Fatal(e)) => {
-                    session.close().await;
+                    session.close(e.close_code(), &e.to_string()).await;
                     return Err(e);
                 }
                 Err(ObjectFailure::SessionLost(why)) => {
                     warn!("session lost during {:?}: {why}; reconnecting", src.name);
                     report.reconnects += 1;
-                    failing_since = Some(Instant::now());
                     session.readers.abort_all();
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= opts.retry_for {
+                        return Err(SendError::Interrupted {
+                            retry_for: opts.retry_for,
+                            last: why,
+                        });
+                    }
                     continue 'sessions;
                 }
             }
         }
-        session.close().await;
+        session
+            .close(ErrorCode::NO_ERROR, "transfer complete")
+            .await;
         break;
     }
     report.bytes_sent = sent.load(Ordering::Relaxed);
@@ -508,6 +546,7 @@ async fn send_object(
     bucket: Option<Arc<Bucket>>,
     sent: Arc<AtomicU64>,
     report: &mut SendReport,
+    failing_since: &mut Option<Instant>,
     progress: &mut (dyn FnMut(u64, usize) + Send),
 ) -> Result<u64, ObjectFailure> {
     let lost = |why: String| ObjectFailure::SessionLost(why);
@@ -597,11 +636,12 @@ async fn send_object(
         hasher,
     }));
     let notify = Arc::new(Notify::new());
-    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<(u32, String)>();
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WriterFailure>();
     let mut writers = JoinSet::new();
+    let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
     for (i, w) in session.writers.iter().enumerate() {
         if let Some(w) = w {
-            writers.spawn(stream_writer(
+            writer_tasks[i] = Some(writers.spawn(stream_writer(
                 i as u32,
                 object,
                 w.clone(),
@@ -610,13 +650,15 @@ async fn send_object(
                 bucket.clone(),
                 sent.clone(),
                 fail_tx.clone(),
-            ));
+                src.path.clone(),
+            )));
         }
     }
-    let mut end_sent = false;
+    // The stream OBJECT_END went out on: if that stream dies, the end is sent again.
+    let mut end_sent: Option<usize> = None;
     let result = loop {
         // Once every byte has been read the digest is final: announce the end.
-        if !end_sent {
+        if end_sent.is_none() {
             let c = core.lock().await;
             if c.sched.read() == src.size {
                 let end = ObjectEnd {
@@ -625,21 +667,24 @@ async fn send_object(
                     blake3: c.hasher.clone().finalize().as_bytes().to_vec(),
                 };
                 drop(c);
-                if let Some(w) = session.any_writer() {
+                if let Some((i, w)) = session.any_writer_indexed() {
                     if w.lock()
                         .await
                         .send(&msg::encode(FrameType::OBJECT_END, &end))
                         .await
                         .is_ok()
                     {
-                        end_sent = true;
+                        end_sent = Some(i);
                     }
                 }
             }
         }
         let ev = tokio::select! {
             ev = session.events.recv() => ev,
-            Some((i, why)) = fail_rx.recv() => Some(Event::Lost(i, why)),
+            Some(f) = fail_rx.recv() => match f {
+                WriterFailure::Lost(i, why) => Some(Event::Lost(i, why)),
+                WriterFailure::Fatal(e) => break Err(ObjectFailure::Fatal(e)),
+            },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
         };
         let Some(ev) = ev else {
@@ -652,11 +697,15 @@ async fn send_object(
                     continue;
                 }
                 let mut c = core.lock().await;
+                let before = c.sched.acked();
                 if let Err(e) = c.sched.ack(a.offset) {
                     break Err(ObjectFailure::Fatal(SendError::Protocol(e.to_string())));
                 }
                 let acked = c.sched.acked();
                 drop(c);
+                if acked > before {
+                    *failing_since = None;
+                }
                 notify.notify_waiters();
                 progress(acked, session.alive());
             }
@@ -677,6 +726,12 @@ async fn send_object(
             }
             Event::Frame(_) => {}
             Event::Lost(i, why) => {
+                if let Some(Some(task)) = writer_tasks.get_mut(i as usize).map(Option::take) {
+                    task.abort();
+                }
+                if end_sent == Some(i as usize) {
+                    end_sent = None;
+                }
                 on_lost(session, report, i, &why, Some(&core)).await;
                 notify.notify_waiters();
                 if session.alive() == 0 {
@@ -685,7 +740,20 @@ async fn send_object(
             }
         }
     };
-    writers.abort_all();
+    if result.is_ok() {
+        // Every byte is acknowledged: writers see `Next::Done` and return after the frame
+        // they are writing, so no stream is left with half a frame for the next object.
+        notify.notify_waiters();
+        let finished = tokio::time::timeout(Duration::from_secs(10), async {
+            while writers.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            writers.abort_all();
+        }
+    } else {
+        writers.abort_all();
+    }
     let c = core.lock().await;
     report.resent_bytes += c.sched.resent_bytes();
     result
@@ -710,6 +778,14 @@ async fn on_lost(
     }
 }
 
+/// Why a writer task stopped early.
+enum WriterFailure {
+    /// Its stream failed; the session goes on without it.
+    Lost(u32, String),
+    /// The source could not be read: the transfer cannot go on.
+    Fatal(SendError),
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_writer(
     i: u32,
@@ -719,7 +795,8 @@ async fn stream_writer(
     notify: Arc<Notify>,
     bucket: Option<Arc<Bucket>>,
     sent: Arc<AtomicU64>,
-    fail: mpsc::UnboundedSender<(u32, String)>,
+    fail: mpsc::UnboundedSender<WriterFailure>,
+    path: PathBuf,
 ) {
     loop {
         let notified = notify.notified();
@@ -731,8 +808,8 @@ async fn stream_writer(
                 Next::Resend { offset, data } => Some((offset, data)),
                 Next::Read { offset, len } => {
                     let mut buf = vec![0u8; len];
-                    if let Err(e) = c.file.read_exact(&mut buf).await {
-                        let _ = fail.send((i, format!("cannot read the source: {e}")));
+                    if let Err(source) = c.file.read_exact(&mut buf).await {
+                        let _ = fail.send(WriterFailure::Fatal(SendError::Source { path, source }));
                         return;
                     }
                     c.hasher.update(&buf);
@@ -757,7 +834,7 @@ async fn stream_writer(
                         sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        let _ = fail.send((i, e.to_string()));
+                        let _ = fail.send(WriterFailure::Lost(i, e.to_string()));
                         return;
                     }
                 }
