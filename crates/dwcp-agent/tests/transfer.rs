@@ -285,3 +285,38 @@ async fn t34_one_transfer_per_destination_file() {
     same_file(&f, &cluster.dir().join("spool/client/same.img"));
     agent.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn t35_sender_gives_up_after_its_retry_period() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let addr = agent.addr;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "gone", 16 * 1024 * 1024, 13);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let source = Source::file(&f).unwrap();
+    let mut o = opts(2);
+    o.rate_limit = Some(4_000_000);
+    o.retry_for = Duration::from_secs(2);
+    let sender =
+        tokio::spawn(async move { send_files(&ep, addr, None, &[source], &o, &mut |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The receiver goes away for good.
+    agent.stop().await.unwrap();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(30), sender)
+        .await
+        .expect("the sender must give up, not hang")
+        .unwrap();
+    match r {
+        Err(SendError::Interrupted { retry_for, .. }) => {
+            assert_eq!(retry_for, Duration::from_secs(2))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
