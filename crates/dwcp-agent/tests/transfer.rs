@@ -109,6 +109,10 @@ async fn t20_transfer_survives_a_killed_stream() {
     .await
     .unwrap();
     assert_eq!(report.streams_lost, 1, "{report:?}");
+    assert_eq!(
+        report.streams_replaced, 1,
+        "the dead stream is replaced: {report:?}"
+    );
     assert_eq!(report.reconnects, 0, "{report:?}");
     same_file(&f, &cluster.dir().join("spool/client/big"));
     agent.stop().await.unwrap();

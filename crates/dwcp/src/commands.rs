@@ -456,6 +456,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "goodput_mbit_s": goodput,
             "streams": report.streams,
             "streams_lost": report.streams_lost,
+            "streams_replaced": report.streams_replaced,
             "reconnects": report.reconnects,
             "version": report.version.map(|v| v.number()),
             "files": report.objects.iter().map(|o| json!({
@@ -474,13 +475,15 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             println!("sent {} ({} bytes, verified{resumed})", o.name, o.size);
         }
         println!(
-            "{} bytes in {:.2} s: {:.1} Mbit/s over {} streams ({} re-sent bytes, {} streams lost, {} reconnects)",
+            "{} bytes in {:.2} s: {:.1} Mbit/s over {} streams ({} re-sent bytes, {} streams lost \
+             and {} replaced, {} reconnects)",
             total,
             report.seconds,
             goodput,
             report.streams,
             report.resent_bytes,
             report.streams_lost,
+            report.streams_replaced,
             report.reconnects
         );
     }

@@ -156,6 +156,8 @@ pub struct SendReport {
     pub streams: u32,
     /// Streams that died during the transfer.
     pub streams_lost: u32,
+    /// Dead streams replaced by new connections.
+    pub streams_replaced: u32,
     /// Sessions opened again after the previous one broke.
     pub reconnects: u32,
     /// Protocol version of the last session.
@@ -223,8 +225,13 @@ impl SendError {
 
 enum Event {
     Frame(Frame),
-    Lost(u32, String),
+    /// Stream `index` of generation `generation` ended, and why.
+    Lost(u32, u64, String),
 }
+
+/// A stream slot: the generation of the connection in it (a replacement gets a new one, so
+/// late news about its predecessor is not mistaken for news about it) and its writer.
+type Slot = Option<(u64, Arc<Mutex<Writer>>)>;
 
 /// A token bucket shared by a session's streams.
 #[derive(Debug)]
@@ -260,10 +267,17 @@ impl Bucket {
 }
 
 struct Session {
-    writers: Vec<Option<Arc<Mutex<Writer>>>>,
+    writers: Vec<Slot>,
     events: mpsc::Receiver<Event>,
     readers: JoinSet<()>,
     version: Version,
+    /// What is needed to open replacement streams.
+    endpoint: Endpoint,
+    addr: std::net::SocketAddr,
+    peer: NodeId,
+    id: [u8; 16],
+    tx: mpsc::Sender<Event>,
+    next_gen: u64,
 }
 
 impl Session {
@@ -283,8 +297,14 @@ impl Session {
             events,
             readers: JoinSet::new(),
             version: est.version,
+            endpoint: endpoint.clone(),
+            addr,
+            peer: est.peer_node_id.clone(),
+            id,
+            tx,
+            next_gen: 0,
         };
-        session.add(0, first, &id, &tx).await?;
+        session.add(0, first).await?;
         // The other streams in parallel; a stream that cannot be opened is logged and skipped.
         let mut dials = JoinSet::new();
         for i in 1..n {
@@ -296,7 +316,7 @@ impl Session {
         while let Some(r) = dials.join_next().await {
             match r {
                 Ok((i, Ok(conn))) => {
-                    if let Err(e) = session.add(i, conn, &id, &tx).await {
+                    if let Err(e) = session.add(i, conn).await {
                         warn!(stream = i, "stream failed to join: {e}");
                     }
                 }
@@ -307,24 +327,25 @@ impl Session {
         Ok(session)
     }
 
+    /// Puts `conn` into slot `index`; returns the stream's generation.
     async fn add(
         &mut self,
         index: u32,
         conn: crate::Connection<TcpStream>,
-        id: &[u8; 16],
-        tx: &mpsc::Sender<Event>,
-    ) -> Result<(), ConnError> {
+    ) -> Result<u64, ConnError> {
         let (mut reader, mut writer) = conn.split();
         let join = SessionJoin {
-            session_id: id.to_vec(),
+            session_id: self.id.to_vec(),
             stream_index: index,
         };
         writer.send(&msg::encode(FrameType::SESSION, &join)).await?;
         if self.writers.len() <= index as usize {
             self.writers.resize_with(index as usize + 1, || None);
         }
-        self.writers[index as usize] = Some(Arc::new(Mutex::new(writer)));
-        let tx = tx.clone();
+        let generation = self.next_gen;
+        self.next_gen += 1;
+        self.writers[index as usize] = Some((generation, Arc::new(Mutex::new(writer))));
+        let tx = self.tx.clone();
         self.readers.spawn(async move {
             let why = loop {
                 match reader.recv().await {
@@ -337,9 +358,16 @@ impl Session {
                     Err(e) => break e.to_string(),
                 }
             };
-            let _ = tx.send(Event::Lost(index, why)).await;
+            let _ = tx.send(Event::Lost(index, generation, why)).await;
         });
-        Ok(())
+        Ok(generation)
+    }
+
+    /// The generation of the stream in slot `index`, if one is alive there.
+    fn generation(&self, index: u32) -> Option<u64> {
+        self.writers
+            .get(index as usize)
+            .and_then(|s| s.as_ref().map(|(g, _)| *g))
     }
 
     fn alive(&self) -> usize {
@@ -354,13 +382,13 @@ impl Session {
         self.writers
             .iter()
             .enumerate()
-            .find_map(|(i, w)| w.clone().map(|w| (i, w)))
+            .find_map(|(i, w)| w.as_ref().map(|(_, w)| (i, w.clone())))
     }
 
     /// Says goodbye on every stream (`NO_ERROR` only when the transfer is complete) and
     /// waits briefly for the receiver to close.
     async fn close(self, code: ErrorCode, reason: &str) {
-        for w in self.writers.into_iter().flatten() {
+        for (_, w) in self.writers.into_iter().flatten() {
             w.lock().await.goodbye(code, reason).await;
         }
         let mut readers = self.readers;
@@ -584,8 +612,8 @@ async fn send_object(
                 }
             }
             Event::Frame(_) => {}
-            Event::Lost(i, why) => {
-                on_lost(session, report, i, &why, None).await;
+            Event::Lost(i, generation, why) => {
+                on_lost(session, report, i, generation, &why, None).await;
                 if session.alive() == 0 {
                     return Err(lost(why));
                 }
@@ -640,9 +668,10 @@ async fn send_object(
     let mut writers = JoinSet::new();
     let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
     for (i, w) in session.writers.iter().enumerate() {
-        if let Some(w) = w {
+        if let Some((generation, w)) = w {
             writer_tasks[i] = Some(writers.spawn(stream_writer(
                 i as u32,
+                *generation,
                 object,
                 w.clone(),
                 core.clone(),
@@ -656,6 +685,11 @@ async fn send_object(
     }
     // The stream OBJECT_END went out on: if that stream dies, the end is sent again.
     let mut end_sent: Option<usize> = None;
+    // Dead streams are replaced (a few times per slot, so a peer that keeps killing them
+    // cannot keep us dialling).
+    let mut replacing: JoinSet<(u32, Result<crate::Connection<TcpStream>, ConnError>)> =
+        JoinSet::new();
+    let mut replacements_left = 3 * session.writers.len();
     let result = loop {
         // Once every byte has been read the digest is final: announce the end.
         if end_sent.is_none() {
@@ -682,8 +716,43 @@ async fn send_object(
         let ev = tokio::select! {
             ev = session.events.recv() => ev,
             Some(f) = fail_rx.recv() => match f {
-                WriterFailure::Lost(i, why) => Some(Event::Lost(i, why)),
+                WriterFailure::Lost(i, generation, why) => Some(Event::Lost(i, generation, why)),
                 WriterFailure::Fatal(e) => break Err(ObjectFailure::Fatal(e)),
+            },
+            Some(r) = replacing.join_next(), if !replacing.is_empty() => {
+                match r {
+                    Ok((i, Ok(conn))) => match session.add(i, conn).await {
+                        Ok(generation) => {
+                            report.streams_replaced += 1;
+                            info!(stream = i, "stream replaced");
+                            let Some((_, w)) = session.writers[i as usize].clone() else {
+                                continue;
+                            };
+                            if writer_tasks.len() <= i as usize {
+                                writer_tasks.resize(i as usize + 1, None);
+                            }
+                            writer_tasks[i as usize] = Some(writers.spawn(stream_writer(
+                                i,
+                                generation,
+                                object,
+                                w,
+                                core.clone(),
+                                notify.clone(),
+                                bucket.clone(),
+                                sent.clone(),
+                                fail_tx.clone(),
+                                src.path.clone(),
+                            )));
+                        }
+                        Err(e) => warn!(stream = i, "replacement stream failed to join: {e}"),
+                    },
+                    Ok((i, Err(e))) => warn!(stream = i, "cannot replace stream: {e}"),
+                    Err(e) => warn!("replacement task failed: {e}"),
+                }
+                if session.alive() == 0 && replacing.is_empty() {
+                    break Err(lost("every stream failed and none could be replaced".into()));
+                }
+                continue;
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
         };
@@ -725,21 +794,32 @@ async fn send_object(
                 debug!("receiver sent GOAWAY: {}", close.printable_reason());
             }
             Event::Frame(_) => {}
-            Event::Lost(i, why) => {
+            Event::Lost(i, generation, why) => {
+                if session.generation(i) != Some(generation) {
+                    continue; // news about a stream that was already replaced
+                }
                 if let Some(Some(task)) = writer_tasks.get_mut(i as usize).map(Option::take) {
                     task.abort();
                 }
                 if end_sent == Some(i as usize) {
                     end_sent = None;
                 }
-                on_lost(session, report, i, &why, Some(&core)).await;
+                on_lost(session, report, i, generation, &why, Some(&core)).await;
                 notify.notify_waiters();
-                if session.alive() == 0 {
+                if session.alive() == 0 && replacing.is_empty() {
                     break Err(lost(why));
+                }
+                if replacements_left > 0 {
+                    replacements_left -= 1;
+                    let endpoint = session.endpoint.clone();
+                    let (addr, peer) = (session.addr, session.peer.clone());
+                    replacing
+                        .spawn(async move { (i, connect_to(&endpoint, addr, Some(&peer)).await) });
                 }
             }
         }
     };
+    replacing.abort_all();
     if result.is_ok() {
         // Every byte is acknowledged: writers see `Next::Done` and return after the frame
         // they are writing, so no stream is left with half a frame for the next object.
@@ -764,9 +844,13 @@ async fn on_lost(
     session: &mut Session,
     report: &mut SendReport,
     i: u32,
+    generation: u64,
     why: &str,
     core: Option<&Arc<Mutex<Core>>>,
 ) {
+    if session.generation(i) != Some(generation) {
+        return;
+    }
     if let Some(slot) = session.writers.get_mut(i as usize) {
         if slot.take().is_some() {
             report.streams_lost += 1;
@@ -780,8 +864,8 @@ async fn on_lost(
 
 /// Why a writer task stopped early.
 enum WriterFailure {
-    /// Its stream failed; the session goes on without it.
-    Lost(u32, String),
+    /// Its stream (slot, generation) failed; the session goes on without it.
+    Lost(u32, u64, String),
     /// The source could not be read: the transfer cannot go on.
     Fatal(SendError),
 }
@@ -789,6 +873,7 @@ enum WriterFailure {
 #[allow(clippy::too_many_arguments)]
 async fn stream_writer(
     i: u32,
+    generation: u64,
     object: u64,
     writer: Arc<Mutex<Writer>>,
     core: Arc<Mutex<Core>>,
@@ -834,7 +919,7 @@ async fn stream_writer(
                         sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        let _ = fail.send(WriterFailure::Lost(i, e.to_string()));
+                        let _ = fail.send(WriterFailure::Lost(i, generation, e.to_string()));
                         return;
                     }
                 }
