@@ -235,7 +235,9 @@ impl Receiver {
         debug!(%peer, stream = join.stream_index, "stream joined session");
         let session = self.session(&peer, &join.session_id);
         let conns = lock(&session).conns;
-        if conns > max_streams as usize {
+        // Twice the handshake's limit: a replacement stream may join while the receiver has not
+        // yet noticed that its predecessor died.
+        if conns > 2 * max_streams as usize {
             self.leave(&peer, &join.session_id, &session);
             let detail =
                 format!("session has {conns} connections, the handshake allowed {max_streams}");
