@@ -175,6 +175,27 @@ impl Agent {
             shared.clone(),
             stop_admin.clone().cancelled_owned(),
         ));
+        // Spool events feed the per-peer transfer metrics.
+        let mut spool_events = shared.spool.subscribe();
+        let metrics_shared = shared.clone();
+        let spool_metrics = tokio::spawn(async move {
+            use dwcp_transport::session::RecvEvent;
+            loop {
+                match spool_events.recv().await {
+                    Ok(RecvEvent::Stored { peer, size, .. }) => {
+                        metrics_shared.metrics.object(peer.as_str(), "stored", size);
+                    }
+                    Ok(RecvEvent::Failed { peer, .. }) => {
+                        metrics_shared.metrics.object(peer.as_str(), "failed", 0);
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        warn!("transfer metrics missed {n} events");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         shared.ready.store(true, Ordering::SeqCst);
         shared.metrics.ready.set(1);
         info!(
@@ -252,6 +273,7 @@ impl Agent {
                 admin_abort.abort();
             }
         }
+        spool_metrics.abort();
         info!("agent stopped");
         Ok(())
     }

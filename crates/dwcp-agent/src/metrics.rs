@@ -33,6 +33,10 @@ pub struct Metrics {
     pub bytes_received: Counter,
     /// Bytes written to peer sockets (TLS records included).
     pub bytes_sent: Counter,
+    /// Objects received into the spool, by sending `peer` and `result` (`stored`, `failed`).
+    pub objects_received: Family<Labels, Counter>,
+    /// Bytes of objects stored in the spool, by sending `peer`.
+    pub object_bytes_received: Family<Labels, Counter>,
     /// 1 while `/readyz` answers 200.
     pub ready: Gauge,
     /// Expiry of this node's certificate, Unix seconds: alert well before it.
@@ -57,6 +61,8 @@ impl Metrics {
             frames_received: Family::default(),
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
+            objects_received: Family::default(),
+            object_bytes_received: Family::default(),
             ready: Gauge::default(),
             certificate_expiry: Gauge::default(),
             registry,
@@ -97,6 +103,16 @@ impl Metrics {
             "Bytes written to peer sockets, TLS included",
             m.bytes_sent.clone(),
         );
+        registry.register(
+            "objects_received",
+            "Objects received into the spool, by sending peer and result",
+            m.objects_received.clone(),
+        );
+        registry.register(
+            "object_bytes_received",
+            "Bytes of objects verified and stored in the spool, by sending peer",
+            m.object_bytes_received.clone(),
+        );
         registry.register("ready", "1 while the agent is ready", m.ready.clone());
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -122,6 +138,21 @@ impl Metrics {
         self.frames_received
             .get_or_create(&vec![("type", ty.to_string())])
             .inc();
+    }
+
+    /// Counts a received object.
+    pub fn object(&self, peer: &str, result: &'static str, bytes: u64) {
+        self.objects_received
+            .get_or_create(&vec![
+                ("peer", peer.to_string()),
+                ("result", result.to_string()),
+            ])
+            .inc();
+        if bytes > 0 {
+            self.object_bytes_received
+                .get_or_create(&vec![("peer", peer.to_string())])
+                .inc_by(bytes);
+        }
     }
 
     /// The exposition text (OpenMetrics, which Prometheus reads natively).

@@ -56,6 +56,31 @@ async fn t10_files_arrive_verified_over_many_streams() {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The metrics follow the spool's events asynchronously: give them a moment.
+    let mut text = agent.metrics().await;
+    let stored = |t: &str| {
+        dwcp_testkit::metric_value(
+            t,
+            "dwcp_objects_received_total",
+            &[("peer", "client"), ("result", "stored")],
+        )
+    };
+    for _ in 0..40 {
+        if stored(&text) >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = agent.metrics().await;
+    }
+    assert_eq!(stored(&text), 3.0, "{text}");
+    assert_eq!(
+        dwcp_testkit::metric_value(
+            &text,
+            "dwcp_object_bytes_received_total",
+            &[("peer", "client")]
+        ),
+        (9 * 1024 * 1024 + 17 + 1000) as f64
+    );
     agent.stop().await.unwrap();
 }
 
