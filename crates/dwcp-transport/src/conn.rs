@@ -262,16 +262,11 @@ pub async fn connect_to(
         })?
         .map_err(|source| ConnError::Connect { addr, source })?;
     let connector = TlsConnector::from(endpoint.tls.client.clone());
-    let tls = tokio::time::timeout(
-        endpoint.tls_timeout,
+    let tls = tls_step(
+        endpoint,
         connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
     )
-    .await
-    .map_err(|_| ConnError::Timeout {
-        stage: Stage::Tls,
-        after: endpoint.tls_timeout,
-    })?
-    .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
+    .await?;
     let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
     if let Some(want) = expected {
         if *want != peer_id {
@@ -299,13 +294,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let acceptor = TlsAcceptor::from(endpoint.tls.server.clone());
-    let tls = tokio::time::timeout(endpoint.tls_timeout, acceptor.accept(io))
-        .await
-        .map_err(|_| ConnError::Timeout {
-            stage: Stage::Tls,
-            after: endpoint.tls_timeout,
-        })?
-        .map_err(|e| ConnError::from_io(Stage::Tls, e))?;
+    let tls = tls_step(endpoint, acceptor.accept(io)).await?;
     let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
     let hs = Handshake::server(endpoint.local_params(), peer_id, Instant::now());
     bounded(
@@ -313,6 +302,20 @@ where
         Connection::finish(TlsStream::Server(tls), hs, peer_addr),
     )
     .await
+}
+
+/// Runs a TLS handshake under the endpoint's TLS timeout, classifying its failure.
+async fn tls_step<T>(
+    endpoint: &Endpoint,
+    fut: impl Future<Output = io::Result<T>>,
+) -> Result<T, ConnError> {
+    tokio::time::timeout(endpoint.tls_timeout, fut)
+        .await
+        .map_err(|_| ConnError::Timeout {
+            stage: Stage::Tls,
+            after: endpoint.tls_timeout,
+        })?
+        .map_err(|e| ConnError::from_io(Stage::Tls, e))
 }
 
 /// Bounds the whole DWCP handshake, writes included. The sans-IO machine's deadline covers

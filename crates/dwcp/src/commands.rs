@@ -47,6 +47,12 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             .unwrap_or_else(|| default_level.into());
         init_logging(format, &level)
     };
+    // Validate first, so that a bad log.level is reported with every other bad setting.
+    let settings_and_logs = |cfg: &Config, default_level: &str| -> Result<Settings> {
+        let settings = validate(cfg)?;
+        logs(Some(cfg), default_level)?;
+        Ok(settings)
+    };
     match command {
         Command::Agent(args) => {
             let cfg = node_config(&args.node, |c| {
@@ -60,29 +66,20 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
                     c.agent.spool_dir.clone_from(d);
                 }
             })?;
-            // Validate first: a bad log.level is reported with every other bad setting.
-            let settings = validate(&cfg)?;
-            logs(Some(&cfg), "info")?;
-            agent(&settings)
+            agent(&settings_and_logs(&cfg, "info")?)
         }
         Command::Ping(args) => {
             let cfg = node_config(&args.node, |_| {})?;
-            let settings = validate(&cfg)?;
-            logs(Some(&cfg), "info")?;
-            ping(&settings, &args)
+            ping(&settings_and_logs(&cfg, "info")?, &args)
         }
         Command::Send(args) => {
             let cfg = node_config(&args.node, |_| {})?;
-            let settings = validate(&cfg)?;
             // Progress bar or JSON on the terminal: only trouble is logged by default.
-            logs(Some(&cfg), "warn")?;
-            send(&settings, &args)
+            send(&settings_and_logs(&cfg, "warn")?, &args)
         }
         Command::Recv(args) => {
             let cfg = node_config(&args.node, |_| {})?;
-            let settings = validate(&cfg)?;
-            logs(Some(&cfg), "info")?;
-            recv(&settings, &args)
+            recv(&settings_and_logs(&cfg, "info")?, &args)
         }
         Command::Certs(c) => {
             logs(None, "info")?;
