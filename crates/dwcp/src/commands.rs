@@ -199,6 +199,20 @@ fn credentials(settings: &Settings, id: &NodeId) -> Result<(NodeCredentials, Tls
     Ok((creds, tls))
 }
 
+/// This node's endpoint for talking to peers: id, checked certificates, TLS, protocol settings.
+fn peer_endpoint(settings: &Settings) -> Result<Endpoint> {
+    let id = node_id(settings)?;
+    let (_creds, tls) = credentials(settings, &id)?;
+    Ok(Endpoint::new(id, settings, tls))
+}
+
+/// The `--expect-node` flag, validated.
+fn expected_node(flag: Option<&str>) -> Result<Option<NodeId>> {
+    flag.map(NodeId::new)
+        .transpose()
+        .map_err(|e| UsageError(format!("--expect-node: {e}")).into())
+}
+
 fn agent(settings: &Settings) -> Result<()> {
     let id = node_id(settings)?;
     let (creds, tls) = credentials(settings, &id)?;
@@ -304,15 +318,8 @@ fn stats(samples: &[Duration]) -> Option<RttStats> {
 }
 
 fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
-    let expect = args
-        .expect_node
-        .as_deref()
-        .map(NodeId::new)
-        .transpose()
-        .map_err(|e| UsageError(format!("--expect-node: {e}")))?;
-    let id = node_id(settings)?;
-    let (_creds, tls) = credentials(settings, &id)?;
-    let endpoint = Endpoint::new(id, settings, tls);
+    let expect = expected_node(args.expect_node.as_deref())?;
+    let endpoint = peer_endpoint(settings)?;
     runtime()?.block_on(async {
         let addr = resolve(&args.peer).await?;
         let started = Instant::now();
@@ -381,12 +388,7 @@ fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
 
 fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
     use dwcp_transport::session::{SendOptions, Source, send_files};
-    let expect = args
-        .expect_node
-        .as_deref()
-        .map(NodeId::new)
-        .transpose()
-        .map_err(|e| UsageError(format!("--expect-node: {e}")))?;
+    let expect = expected_node(args.expect_node.as_deref())?;
     let sources = args
         .paths
         .iter()
@@ -402,9 +404,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             .into());
         }
     }
-    let id = node_id(settings)?;
-    let (_creds, tls) = credentials(settings, &id)?;
-    let endpoint = Endpoint::new(id, settings, tls);
+    let endpoint = peer_endpoint(settings)?;
     let opts = SendOptions {
         streams: args.streams,
         retry_for: Duration::from_secs(args.retry_secs),
@@ -493,9 +493,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         .listen
         .parse()
         .map_err(|_| UsageError(format!("--listen {:?}: expected IP:PORT", args.listen)))?;
-    let id = node_id(settings)?;
-    let (_creds, tls) = credentials(settings, &id)?;
-    let endpoint = std::sync::Arc::new(Endpoint::new(id, settings, tls));
+    let endpoint = std::sync::Arc::new(peer_endpoint(settings)?);
     let receiver = Receiver::new(&args.out, settings.idle_timeout, false)
         .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
     let stored = runtime()?.block_on(async {

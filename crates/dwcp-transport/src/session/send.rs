@@ -665,22 +665,21 @@ async fn send_object(
     }));
     let notify = Arc::new(Notify::new());
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WriterFailure>();
+    let ctx = ObjectCtx {
+        object,
+        core: core.clone(),
+        notify: notify.clone(),
+        bucket,
+        sent,
+        fail: fail_tx,
+        path: src.path.clone(),
+    };
     let mut writers = JoinSet::new();
     let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
     for (i, w) in session.writers.iter().enumerate() {
         if let Some((generation, w)) = w {
-            writer_tasks[i] = Some(writers.spawn(stream_writer(
-                i as u32,
-                *generation,
-                object,
-                w.clone(),
-                core.clone(),
-                notify.clone(),
-                bucket.clone(),
-                sent.clone(),
-                fail_tx.clone(),
-                src.path.clone(),
-            )));
+            writer_tasks[i] =
+                Some(writers.spawn(stream_writer(ctx.clone(), i as u32, *generation, w.clone())));
         }
     }
     // The stream OBJECT_END went out on: if that stream dies, the end is sent again.
@@ -731,18 +730,8 @@ async fn send_object(
                             if writer_tasks.len() <= i as usize {
                                 writer_tasks.resize(i as usize + 1, None);
                             }
-                            writer_tasks[i as usize] = Some(writers.spawn(stream_writer(
-                                i,
-                                generation,
-                                object,
-                                w,
-                                core.clone(),
-                                notify.clone(),
-                                bucket.clone(),
-                                sent.clone(),
-                                fail_tx.clone(),
-                                src.path.clone(),
-                            )));
+                            writer_tasks[i as usize] =
+                                Some(writers.spawn(stream_writer(ctx.clone(), i, generation, w)));
                         }
                         Err(e) => warn!(stream = i, "replacement stream failed to join: {e}"),
                     },
@@ -870,19 +859,30 @@ enum WriterFailure {
     Fatal(SendError),
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn stream_writer(
-    i: u32,
-    generation: u64,
+/// What every writer task of one object shares.
+#[derive(Clone)]
+struct ObjectCtx {
     object: u64,
-    writer: Arc<Mutex<Writer>>,
     core: Arc<Mutex<Core>>,
     notify: Arc<Notify>,
     bucket: Option<Arc<Bucket>>,
     sent: Arc<AtomicU64>,
     fail: mpsc::UnboundedSender<WriterFailure>,
     path: PathBuf,
-) {
+}
+
+/// Feeds stream `i` (of `generation`) from the object's scheduler until the object is done or
+/// the stream fails.
+async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mutex<Writer>>) {
+    let ObjectCtx {
+        object,
+        core,
+        notify,
+        bucket,
+        sent,
+        fail,
+        path,
+    } = ctx;
     loop {
         let notified = notify.notified();
         let job = {
