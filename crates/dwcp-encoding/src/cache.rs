@@ -1,0 +1,729 @@
+//! The baseline cache: content the receiver already holds, addressed by strong hash.
+//!
+//! Three places content can live, one index over them:
+//! - **memory**: recently used entries, within `mem_budget` (least recently used go first);
+//! - **packs**: append-only files in `dir`, within `disk_budget`. The oldest pack is deleted
+//!   when the budget is exceeded; an entry used from an old pack is first copied forward into
+//!   the newest one, so what survives is what was recently *useful*, not merely recent;
+//! - **seeds**: pages of local files (a VM's disk, base images) registered by
+//!   [`BaselineCache::seed_path`]; only their location is kept, never a copy.
+//!
+//! Whatever the place, content is re-hashed before it is served: a pack corrupted on disk
+//! or a seed file changed since it was indexed is a miss (counted in
+//! [`CacheStats::corrupt`]), never a wrong page. Packs survive restarts: the index is rebuilt
+//! from their entry headers, and a torn tail left by a crash is cut off.
+//!
+//! Pack format (`pack-NNNNNNNN.hdec`): `"HDEC" version 0 0 0`, then entries of
+//! `key[16] fast:u64 len:u32 check:u32 data[len]`, where `check` is the low 32 bits of the
+//! XXH3 of the 28 header bytes before it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::hash::{Key, KeyHashed, PassThroughBuild, fast64, is_zero};
+use crate::store::ContentSource;
+
+const PACK_MAGIC: [u8; 4] = *b"HDEC";
+const PACK_HEADER: u64 = 8;
+const ENTRY_HEADER: usize = 32;
+/// Largest entry a pack may hold (a page or a chunk).
+pub const MAX_ENTRY: u32 = 1 << 20;
+
+/// Where and how much.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Directory for packs; `None` keeps the cache in memory only (lost on exit).
+    pub dir: Option<PathBuf>,
+    /// Bytes of content kept in memory.
+    pub mem_budget: u64,
+    /// Bytes of packs kept on disk.
+    pub disk_budget: u64,
+    /// Size at which a pack is sealed and a new one started.
+    pub pack_bytes: u64,
+}
+
+impl CacheConfig {
+    /// In memory only, with `mem_budget` bytes.
+    pub fn memory(mem_budget: u64) -> Self {
+        Self {
+            dir: None,
+            mem_budget,
+            disk_budget: 0,
+            pack_bytes: 64 << 20,
+        }
+    }
+
+    /// Persisted in `dir`.
+    pub fn persistent(dir: impl Into<PathBuf>, mem_budget: u64, disk_budget: u64) -> Self {
+        let pack_bytes = (disk_budget / 8).clamp(1 << 20, 64 << 20);
+        Self {
+            dir: Some(dir.into()),
+            mem_budget,
+            disk_budget,
+            pack_bytes,
+        }
+    }
+}
+
+/// Counters for reports and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Entries indexed (all places).
+    pub entries: u64,
+    /// Of which, pages of seed files.
+    pub seeded: u64,
+    /// Bytes held in memory.
+    pub mem_bytes: u64,
+    /// Bytes of packs on disk.
+    pub disk_bytes: u64,
+    /// Lookups served.
+    pub hits: u64,
+    /// Lookups not held.
+    pub misses: u64,
+    /// Entries that failed verification and were dropped.
+    pub corrupt: u64,
+    /// Entries dropped to keep a budget.
+    pub evicted: u64,
+    /// Entries added.
+    pub inserted: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Loc {
+    Mem,
+    Pack { pack: u32, offset: u64 },
+    Seed { file: u32, offset: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    loc: Loc,
+    fast: u64,
+    len: u32,
+}
+
+#[derive(Debug)]
+struct Pack {
+    path: PathBuf,
+    file: File,
+    bytes: u64,
+    keys: Vec<Key>,
+}
+
+#[derive(Debug)]
+struct Active {
+    id: u32,
+    writer: BufWriter<File>,
+    bytes: u64,
+}
+
+/// A content-addressed store of pages and chunks. See the module documentation.
+#[derive(Debug)]
+pub struct BaselineCache {
+    cfg: CacheConfig,
+    index: HashMap<KeyHashed, Entry, PassThroughBuild>,
+    mem: HashMap<KeyHashed, (Box<[u8]>, u64), PassThroughBuild>,
+    lru: BTreeMap<u64, Key>,
+    tick: u64,
+    packs: BTreeMap<u32, Pack>,
+    active: Option<Active>,
+    seeds: Vec<(PathBuf, File)>,
+    stats: CacheStats,
+}
+
+impl BaselineCache {
+    /// Opens (or creates) a cache. With a directory, existing packs are indexed; entries whose
+    /// headers do not verify end the scan of their pack, and a torn tail of the newest pack is
+    /// truncated.
+    pub fn open(cfg: CacheConfig) -> io::Result<Self> {
+        let mut c = Self {
+            cfg,
+            index: HashMap::default(),
+            mem: HashMap::default(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            packs: BTreeMap::new(),
+            active: None,
+            seeds: Vec::new(),
+            stats: CacheStats::default(),
+        };
+        if let Some(dir) = c.cfg.dir.clone() {
+            std::fs::create_dir_all(&dir)?;
+            let mut ids = Vec::new();
+            for e in std::fs::read_dir(&dir)? {
+                let name = e?.file_name();
+                let name = name.to_string_lossy();
+                if let Some(id) = name
+                    .strip_prefix("pack-")
+                    .and_then(|n| n.strip_suffix(".hdec"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                {
+                    ids.push(id);
+                }
+            }
+            ids.sort_unstable();
+            let last = ids.last().copied();
+            for id in ids {
+                c.load_pack(&dir, id, Some(id) == last)?;
+            }
+            c.enforce_disk_budget()?;
+        }
+        Ok(c)
+    }
+
+    fn pack_path(dir: &Path, id: u32) -> PathBuf {
+        dir.join(format!("pack-{id:08}.hdec"))
+    }
+
+    fn load_pack(&mut self, dir: &Path, id: u32, newest: bool) -> io::Result<()> {
+        let path = Self::pack_path(dir, id);
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let len = file.metadata()?.len();
+        let mut head = [0u8; PACK_HEADER as usize];
+        if len < PACK_HEADER || file.read_exact_at(&mut head, 0).is_err() || head[..4] != PACK_MAGIC
+        {
+            tracing::warn!(path = %path.display(), "not a cache pack; removing it");
+            drop(file);
+            std::fs::remove_file(&path)?;
+            return Ok(());
+        }
+        let mut offset = PACK_HEADER;
+        let mut keys = Vec::new();
+        let mut h = [0u8; ENTRY_HEADER];
+        while offset + ENTRY_HEADER as u64 <= len {
+            file.read_exact_at(&mut h, offset)?;
+            let Some((key, fast, elen)) = parse_entry_header(&h) else {
+                break;
+            };
+            let data_at = offset + ENTRY_HEADER as u64;
+            if data_at + u64::from(elen) > len {
+                break;
+            }
+            let kh = KeyHashed(key);
+            self.index.entry(kh).or_insert(Entry {
+                loc: Loc::Pack {
+                    pack: id,
+                    offset: data_at,
+                },
+                fast,
+                len: elen,
+            });
+            keys.push(key);
+            offset = data_at + u64::from(elen);
+        }
+        if offset < len {
+            tracing::warn!(path = %path.display(), valid = offset, len, "cache pack has a damaged tail; cutting it off");
+            if newest {
+                file.set_len(offset)?;
+            }
+        }
+        self.stats.disk_bytes += offset;
+        self.stats.entries = self.index.len() as u64;
+        self.packs.insert(
+            id,
+            Pack {
+                path,
+                file,
+                bytes: offset,
+                keys,
+            },
+        );
+        Ok(())
+    }
+
+    /// What the cache holds, as fast hashes: the summary a sender builds its
+    /// [`RemoteIndex`](crate::RemoteIndex) from.
+    pub fn summary(&self) -> Vec<u64> {
+        self.index.values().map(|e| e.fast).collect()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CacheStats {
+        let mut s = self.stats.clone();
+        s.entries = self.index.len() as u64;
+        s
+    }
+
+    /// Whether `key` is indexed (not verified).
+    pub fn contains(&self, key: &Key) -> bool {
+        self.index.contains_key(&KeyHashed(*key))
+    }
+
+    /// Registers the pages of `path` (a file, or every regular file under a directory, a few
+    /// levels deep) as seeds: page-aligned, non-zero pages of `page_size` bytes. Returns the
+    /// number of pages newly indexed.
+    pub fn seed_path(&mut self, path: &Path, page_size: usize) -> io::Result<u64> {
+        let mut files = Vec::new();
+        collect_files(path, 0, &mut files)?;
+        files.sort();
+        let mut added = 0;
+        let mut buf = vec![0u8; page_size * 256];
+        for f in files {
+            let file = File::open(&f)?;
+            let len = file.metadata()?.len();
+            let id = u32::try_from(self.seeds.len())
+                .map_err(|_| io::Error::other("too many seed files"))?;
+            let mut off = 0u64;
+            while off + page_size as u64 <= len {
+                let n = ((len - off) as usize / page_size * page_size).min(buf.len());
+                file.read_exact_at(&mut buf[..n], off)?;
+                for (i, page) in buf[..n].chunks_exact(page_size).enumerate() {
+                    if is_zero(page) {
+                        continue;
+                    }
+                    let kh = KeyHashed(Key::of(page));
+                    if self.index.contains_key(&kh) {
+                        continue;
+                    }
+                    let loc = Loc::Seed {
+                        file: id,
+                        offset: off + (i * page_size) as u64,
+                    };
+                    self.index.insert(
+                        kh,
+                        Entry {
+                            loc,
+                            fast: fast64(page),
+                            len: page_size as u32,
+                        },
+                    );
+                    added += 1;
+                }
+                off += n as u64;
+            }
+            self.seeds.push((f, file));
+        }
+        self.stats.seeded += added;
+        self.stats.entries = self.index.len() as u64;
+        Ok(added)
+    }
+
+    /// Adds content (a page or a chunk that arrived). Returns its key.
+    pub fn insert(&mut self, data: &[u8]) -> io::Result<Key> {
+        let key = Key::of(data);
+        let kh = KeyHashed(key);
+        if self.index.contains_key(&kh) || data.len() > MAX_ENTRY as usize || data.is_empty() {
+            return Ok(key);
+        }
+        let fast = fast64(data);
+        let loc = if self.cfg.dir.is_some() {
+            let (pack, offset) = self.append(&key, fast, data)?;
+            Loc::Pack { pack, offset }
+        } else {
+            Loc::Mem
+        };
+        self.index.insert(
+            kh,
+            Entry {
+                loc,
+                fast,
+                len: data.len() as u32,
+            },
+        );
+        self.stats.inserted += 1;
+        self.remember(key, data.into());
+        self.enforce_disk_budget()?;
+        Ok(key)
+    }
+
+    /// Copies the content named `key` into `buf` if held and verified.
+    pub fn get(&mut self, key: &Key, buf: &mut Vec<u8>) -> io::Result<bool> {
+        let kh = KeyHashed(*key);
+        let Some(entry) = self.index.get(&kh).copied() else {
+            self.stats.misses += 1;
+            return Ok(false);
+        };
+        let start = buf.len();
+        if let Some((data, tick)) = self.mem.get_mut(&kh) {
+            buf.extend_from_slice(data);
+            self.tick += 1;
+            self.lru.remove(tick);
+            *tick = self.tick;
+            self.lru.insert(self.tick, *key);
+            self.stats.hits += 1;
+            return Ok(true);
+        }
+        buf.resize(start + entry.len as usize, 0);
+        let read = match entry.loc {
+            Loc::Mem => Ok(false),
+            Loc::Pack { pack, offset } => {
+                if self.active.as_ref().is_some_and(|a| a.id == pack) {
+                    self.flush()?;
+                }
+                match self.packs.get(&pack) {
+                    Some(p) => p
+                        .file
+                        .read_exact_at(&mut buf[start..], offset)
+                        .map(|()| true),
+                    None => Ok(false),
+                }
+            }
+            Loc::Seed { file, offset } => match self.seeds.get(file as usize) {
+                Some((_, f)) => f.read_exact_at(&mut buf[start..], offset).map(|()| true),
+                None => Ok(false),
+            },
+        };
+        let ok = match read {
+            Ok(ok) => ok,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+            Err(e) => return Err(e),
+        };
+        if !ok || Key::of(&buf[start..]) != *key {
+            buf.truncate(start);
+            self.index.remove(&kh);
+            self.stats.corrupt += 1;
+            self.stats.misses += 1;
+            tracing::warn!(%key, "baseline cache entry failed verification; dropped");
+            return Ok(false);
+        }
+        self.stats.hits += 1;
+        let data: Box<[u8]> = buf[start..].into();
+        // Keep what is used: an entry read from the older half of the packs moves forward.
+        if let Loc::Pack { pack, .. } = entry.loc
+            && self.is_old(pack)
+        {
+            let (pack, offset) = self.append(key, entry.fast, &data)?;
+            if let Some(e) = self.index.get_mut(&kh) {
+                e.loc = Loc::Pack { pack, offset };
+            }
+        }
+        self.remember(*key, data);
+        self.enforce_disk_budget()?;
+        Ok(true)
+    }
+
+    /// Writes buffered pack data to disk and syncs it.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(a) = &mut self.active {
+            a.writer.flush()?;
+            a.writer.get_ref().sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn is_old(&self, pack: u32) -> bool {
+        let n = self.packs.len();
+        n >= 2 && self.packs.keys().take(n / 2).any(|&id| id == pack)
+    }
+
+    fn remember(&mut self, key: Key, data: Box<[u8]>) {
+        let len = data.len() as u64;
+        if len > self.cfg.mem_budget {
+            return;
+        }
+        self.tick += 1;
+        if let Some((_, old)) = self.mem.insert(KeyHashed(key), (data, self.tick)) {
+            self.lru.remove(&old);
+            self.stats.mem_bytes -= len;
+        }
+        self.lru.insert(self.tick, key);
+        self.stats.mem_bytes += len;
+        while self.stats.mem_bytes > self.cfg.mem_budget {
+            let Some((_, victim)) = self.lru.pop_first() else {
+                break;
+            };
+            let vh = KeyHashed(victim);
+            if let Some((d, _)) = self.mem.remove(&vh) {
+                self.stats.mem_bytes -= d.len() as u64;
+            }
+            // Memory-only entries have nowhere else to live.
+            if matches!(self.index.get(&vh), Some(Entry { loc: Loc::Mem, .. })) {
+                self.index.remove(&vh);
+                self.stats.evicted += 1;
+            }
+        }
+    }
+
+    fn append(&mut self, key: &Key, fast: u64, data: &[u8]) -> io::Result<(u32, u64)> {
+        let Some(dir) = self.cfg.dir.clone() else {
+            return Err(io::Error::other("cache has no directory"));
+        };
+        let need_new = self
+            .active
+            .as_ref()
+            .is_none_or(|a| a.bytes >= self.cfg.pack_bytes);
+        if need_new {
+            self.seal()?;
+            let id = self.packs.keys().next_back().map_or(0, |&i| i + 1);
+            let path = Self::pack_path(&dir, id);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            let mut writer = BufWriter::with_capacity(1 << 20, file.try_clone()?);
+            writer.write_all(&PACK_MAGIC)?;
+            writer.write_all(&[crate::FORMAT_VERSION, 0, 0, 0])?;
+            self.packs.insert(
+                id,
+                Pack {
+                    path,
+                    file,
+                    bytes: PACK_HEADER,
+                    keys: Vec::new(),
+                },
+            );
+            self.stats.disk_bytes += PACK_HEADER;
+            self.active = Some(Active {
+                id,
+                writer,
+                bytes: PACK_HEADER,
+            });
+        }
+        let Some(a) = self.active.as_mut() else {
+            return Err(io::Error::other("no active pack"));
+        };
+        let mut h = [0u8; ENTRY_HEADER];
+        h[..16].copy_from_slice(&key.0);
+        h[16..24].copy_from_slice(&fast.to_le_bytes());
+        h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        let check = xxhash_rust::xxh3::xxh3_64(&h[..28]) as u32;
+        h[28..].copy_from_slice(&check.to_le_bytes());
+        a.writer.write_all(&h)?;
+        a.writer.write_all(data)?;
+        let offset = a.bytes + ENTRY_HEADER as u64;
+        let added = (ENTRY_HEADER + data.len()) as u64;
+        a.bytes += added;
+        let id = a.id;
+        if let Some(p) = self.packs.get_mut(&id) {
+            p.bytes += added;
+            p.keys.push(*key);
+        }
+        self.stats.disk_bytes += added;
+        Ok((id, offset))
+    }
+
+    fn seal(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.active = None;
+        Ok(())
+    }
+
+    fn enforce_disk_budget(&mut self) -> io::Result<()> {
+        // The active pack is never evicted, so this ends.
+        while self.stats.disk_bytes > self.cfg.disk_budget && self.packs.len() > 1 {
+            let Some((&id, _)) = self.packs.iter().next() else {
+                break;
+            };
+            if self.active.as_ref().is_some_and(|a| a.id == id) {
+                break;
+            }
+            let Some(p) = self.packs.remove(&id) else {
+                break;
+            };
+            for k in &p.keys {
+                let kh = KeyHashed(*k);
+                if matches!(self.index.get(&kh), Some(Entry { loc: Loc::Pack { pack, .. }, .. }) if *pack == id)
+                {
+                    self.index.remove(&kh);
+                    if let Some((d, t)) = self.mem.remove(&kh) {
+                        self.lru.remove(&t);
+                        self.stats.mem_bytes -= d.len() as u64;
+                    }
+                    self.stats.evicted += 1;
+                }
+            }
+            self.stats.disk_bytes -= p.bytes;
+            drop(p.file);
+            std::fs::remove_file(&p.path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BaselineCache {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "baseline cache: final flush failed");
+        }
+    }
+}
+
+impl ContentSource for BaselineCache {
+    fn fetch(&mut self, key: &Key, buf: &mut Vec<u8>) -> bool {
+        match self.get(key, buf) {
+            Ok(hit) => hit,
+            Err(e) => {
+                tracing::warn!(error = %e, "baseline cache read failed; treating as a miss");
+                false
+            }
+        }
+    }
+
+    fn learn(&mut self, data: &[u8]) {
+        if let Err(e) = self.insert(data) {
+            tracing::warn!(error = %e, "baseline cache write failed; entry not kept");
+        }
+    }
+}
+
+fn parse_entry_header(h: &[u8; ENTRY_HEADER]) -> Option<(Key, u64, u32)> {
+    let check = u32::from_le_bytes([h[28], h[29], h[30], h[31]]);
+    if xxhash_rust::xxh3::xxh3_64(&h[..28]) as u32 != check {
+        return None;
+    }
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&h[..16]);
+    let mut f = [0u8; 8];
+    f.copy_from_slice(&h[16..24]);
+    let len = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
+    (len > 0 && len <= MAX_ENTRY).then_some((Key(key), u64::from_le_bytes(f), len))
+}
+
+fn collect_files(path: &Path, depth: usize, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    const MAX_DEPTH: usize = 4;
+    const MAX_FILES: usize = 100_000;
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+    } else if meta.is_dir() && depth <= MAX_DEPTH {
+        for e in std::fs::read_dir(path)? {
+            if out.len() >= MAX_FILES {
+                break;
+            }
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_file() || ft.is_dir() {
+                collect_files(&e.path(), depth + 1, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(seed: u32) -> Vec<u8> {
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8)
+            .collect()
+    }
+
+    #[test]
+    fn memory_cache_keeps_its_budget_and_evicts_least_recently_used() {
+        let mut c = BaselineCache::open(CacheConfig::memory(10 * 4096)).unwrap();
+        let keys: Vec<Key> = (1..=10).map(|i| c.insert(&page(i)).unwrap()).collect();
+        let mut buf = Vec::new();
+        assert!(c.get(&keys[0], &mut buf).unwrap()); // 1 is now recent
+        assert_eq!(buf, page(1));
+        c.insert(&page(11)).unwrap();
+        assert!(c.stats().mem_bytes <= 10 * 4096);
+        assert!(c.contains(&keys[0]), "recently used entry kept");
+        assert!(!c.contains(&keys[1]), "least recently used entry evicted");
+        assert_eq!(c.stats().evicted, 1);
+    }
+
+    #[test]
+    fn persisted_cache_survives_restart_and_keeps_the_disk_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            pack_bytes: 32 * 1024,
+            ..CacheConfig::persistent(dir.path(), 8 * 4096, 128 * 1024)
+        };
+        let keys: Vec<Key> = {
+            let mut c = BaselineCache::open(cfg.clone()).unwrap();
+            (1..=40).map(|i| c.insert(&page(i)).unwrap()).collect()
+        };
+        let mut c = BaselineCache::open(cfg).unwrap();
+        let s = c.stats();
+        assert!(s.disk_bytes <= 128 * 1024, "{s:?}");
+        assert!(
+            s.entries > 20 && s.entries < 40,
+            "old packs were evicted: {s:?}"
+        );
+        let mut buf = Vec::new();
+        assert!(c.get(&keys[39], &mut buf).unwrap());
+        assert_eq!(buf, page(40));
+        assert!(
+            !c.get(&keys[0], &mut Vec::new()).unwrap(),
+            "evicted with the oldest pack"
+        );
+        let summary = c.summary();
+        assert!(summary.contains(&fast64(&page(40))));
+    }
+
+    #[test]
+    fn a_corrupted_entry_is_detected_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig::persistent(dir.path(), 0, 1 << 30);
+        let k = {
+            let mut c = BaselineCache::open(cfg.clone()).unwrap();
+            c.insert(&page(1)).unwrap();
+            c.insert(&page(2)).unwrap()
+        };
+        // Flip a byte inside the second entry's data.
+        let pack = BaselineCache::pack_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x40;
+        std::fs::write(&pack, &bytes).unwrap();
+        let mut c = BaselineCache::open(cfg).unwrap();
+        let mut buf = Vec::new();
+        assert!(!c.get(&k, &mut buf).unwrap());
+        assert!(buf.is_empty());
+        assert_eq!(c.stats().corrupt, 1);
+        assert!(!c.contains(&k));
+        assert!(c.get(&Key::of(&page(1)), &mut buf).unwrap());
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig::persistent(dir.path(), 0, 1 << 30);
+        {
+            let mut c = BaselineCache::open(cfg.clone()).unwrap();
+            for i in 1..=3 {
+                c.insert(&page(i)).unwrap();
+            }
+        }
+        let pack = BaselineCache::pack_path(dir.path(), 0);
+        let len = std::fs::metadata(&pack).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let mut c = BaselineCache::open(cfg.clone()).unwrap();
+        assert_eq!(c.stats().entries, 2);
+        c.insert(&page(4)).unwrap();
+        drop(c);
+        let mut c = BaselineCache::open(cfg).unwrap();
+        assert_eq!(c.stats().entries, 3);
+        let mut buf = Vec::new();
+        assert!(c.get(&Key::of(&page(4)), &mut buf).unwrap());
+        assert_eq!(buf, page(4));
+    }
+
+    #[test]
+    fn seeds_serve_file_pages_and_a_changed_file_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("base.img");
+        let mut data = Vec::new();
+        for i in 1..=8 {
+            data.extend_from_slice(&page(i));
+        }
+        data.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&img, &data).unwrap();
+        let mut c = BaselineCache::open(CacheConfig::memory(0)).unwrap();
+        assert_eq!(
+            c.seed_path(dir.path(), 4096).unwrap(),
+            8,
+            "zero page not indexed"
+        );
+        let mut buf = Vec::new();
+        assert!(c.get(&Key::of(&page(3)), &mut buf).unwrap());
+        assert_eq!(buf, page(3));
+        // The file changes under the cache: served content would be wrong, so it is a miss.
+        let mut changed = data.clone();
+        changed[4096 * 4 + 7] ^= 1;
+        std::fs::write(&img, &changed).unwrap();
+        assert!(!c.get(&Key::of(&page(5)), &mut Vec::new()).unwrap());
+        assert_eq!(c.stats().corrupt, 1);
+    }
+}

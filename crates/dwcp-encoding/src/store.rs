@@ -1,0 +1,180 @@
+//! Where decoded pages go and where referenced content comes from.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::hash::Key;
+
+/// The receiver's copy of a page-addressed object: a memory image or a disk image. Also
+/// the *base* the sender's XOR deltas and "same as base" runs refer to: whatever the store
+/// held at an address before this object arrived.
+pub trait PageStore {
+    /// Number of pages the store can hold.
+    fn page_count(&self) -> u64;
+    /// Reads the page at `addr` into `buf` (one page long). `Ok(false)` when the store has
+    /// no content there (a hole, or a file shorter than the address).
+    fn read_page(&mut self, addr: u64, buf: &mut [u8]) -> io::Result<bool>;
+    /// Writes `data`, a whole number of pages, starting at page `addr`.
+    fn write_pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()>;
+    /// Writes `count` zero pages from `addr`.
+    fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> io::Result<()> {
+        const BATCH: u64 = 64;
+        let zeros = vec![0u8; page_size * BATCH as usize];
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(BATCH);
+            self.write_pages(addr + done, &zeros[..n as usize * page_size])?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Content the receiver can serve by strong hash: its baseline cache.
+pub trait ContentSource {
+    /// Copies the content named `key` into `buf` if held *and verified* (its strong hash
+    /// recomputed); anything else is a miss.
+    fn fetch(&mut self, key: &Key, buf: &mut Vec<u8>) -> bool;
+    /// Offered every page or chunk that arrived as new content, for later transfers.
+    fn learn(&mut self, _data: &[u8]) {}
+}
+
+/// No baseline cache: every reference misses.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCache;
+
+impl ContentSource for NoCache {
+    fn fetch(&mut self, _key: &Key, _buf: &mut Vec<u8>) -> bool {
+        false
+    }
+}
+
+/// A page store in memory (tests, benchmarks, the memory-image backend).
+#[derive(Debug, Clone)]
+pub struct MemStore {
+    data: Vec<u8>,
+    page_size: usize,
+}
+
+impl MemStore {
+    /// `pages` zero pages of `page_size` bytes.
+    pub fn zeroed(pages: u64, page_size: usize) -> Self {
+        Self {
+            data: vec![0; pages as usize * page_size],
+            page_size,
+        }
+    }
+
+    /// A store holding `data` (whose length must be a multiple of `page_size`).
+    pub fn from_vec(data: Vec<u8>, page_size: usize) -> Self {
+        debug_assert_eq!(data.len() % page_size, 0);
+        Self { data, page_size }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Gives the bytes back.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.data
+    }
+
+    fn range(&self, addr: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start = usize::try_from(addr)
+            .ok()
+            .and_then(|a| a.checked_mul(self.page_size))
+            .filter(|s| s.checked_add(len).is_some_and(|e| e <= self.data.len()))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page beyond the store"))?;
+        Ok(start..start + len)
+    }
+}
+
+impl PageStore for MemStore {
+    fn page_count(&self) -> u64 {
+        (self.data.len() / self.page_size) as u64
+    }
+
+    fn read_page(&mut self, addr: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let r = self.range(addr, buf.len())?;
+        buf.copy_from_slice(&self.data[r]);
+        Ok(true)
+    }
+
+    fn write_pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
+        let r = self.range(addr, data.len())?;
+        self.data[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> io::Result<()> {
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(page_size))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "run too long"))?;
+        let r = self.range(addr, len)?;
+        self.data[r].fill(0);
+        Ok(())
+    }
+}
+
+/// A page store over a file of a fixed size (a disk or memory image on the receiver).
+/// Reads past the end of the file's current data are holes.
+#[derive(Debug)]
+pub struct FileStore {
+    file: File,
+    pages: u64,
+    page_size: usize,
+    held: u64,
+}
+
+impl FileStore {
+    /// Opens `file` as a store of `pages` pages; its current contents are the base.
+    pub fn new(file: File, pages: u64, page_size: usize) -> io::Result<Self> {
+        let held = file.metadata()?.len();
+        Ok(Self {
+            file,
+            pages,
+            page_size,
+            held,
+        })
+    }
+
+    /// Gives the file back.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    fn offset(&self, addr: u64, len: usize) -> io::Result<u64> {
+        let end = addr
+            .checked_mul(self.page_size as u64)
+            .and_then(|o| o.checked_add(len as u64).map(|e| (o, e)))
+            .filter(|&(_, e)| e <= self.pages * self.page_size as u64);
+        end.map(|(o, _)| o)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page beyond the store"))
+    }
+}
+
+impl PageStore for FileStore {
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+
+    fn read_page(&mut self, addr: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let off = self.offset(addr, buf.len())?;
+        if off + buf.len() as u64 > self.held {
+            return Ok(false);
+        }
+        self.file.read_exact_at(buf, off)?;
+        Ok(true)
+    }
+
+    fn write_pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
+        let off = self.offset(addr, data.len())?;
+        self.file.write_all_at(data, off)?;
+        self.held = self.held.max(off + data.len() as u64);
+        Ok(())
+    }
+}
