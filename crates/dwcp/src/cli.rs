@@ -280,6 +280,36 @@ pub(crate) enum BenchCommand {
     /// iperf3 (1 and 8 streams, cubic and bbr) and `dwcp send` (1 stream, default streams;
     /// bbr and cubic) on the same emulated link, in one run; prints a table and writes JSON.
     Transport(BenchTransportArgs),
+    /// zstd -3 and lz4 of a generated VM image against HDE cold, warm (previous version held)
+    /// and seeded (receiver seeded from the files the image's pages came from); one table.
+    Encoding(BenchEncodingArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchEncodingArgs {
+    /// Image size, e.g. 256Mi, 1Gi.
+    #[arg(long, default_value = "256Mi")]
+    pub(crate) size: String,
+
+    /// Fraction of pages the workload dirties between the two versions (warm row).
+    #[arg(long, default_value_t = 0.10)]
+    pub(crate) dirty: f64,
+
+    /// Image seed.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+
+    /// Runs per row; the fastest is reported (outputs are identical).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub(crate) repeat: u32,
+
+    /// Synthetic binary and text pages instead of this machine's files.
+    #[arg(long)]
+    pub(crate) synthetic: bool,
+
+    /// Where to write the JSON report [default: bench-encoding.json].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -90,6 +90,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             logs(None, "warn")?;
             crate::bench::transport(&args)
         }
+        Command::Bench(crate::cli::BenchCommand::Encoding(args)) => {
+            logs(None, "warn")?;
+            crate::bench_encoding::run(&args)
+        }
         Command::Demo(args) => {
             // The demo prints its own report; agent chatter would drown it.
             logs(None, "error")?;

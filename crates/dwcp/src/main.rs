@@ -2,6 +2,7 @@
 //! chain.
 
 mod bench;
+mod bench_encoding;
 mod cli;
 mod commands;
 
