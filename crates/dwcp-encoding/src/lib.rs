@@ -27,6 +27,9 @@ mod remote;
 mod store;
 pub mod stream;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use cache::{BaselineCache, CacheConfig, CacheStats};
 pub use codec::{Codec, ParseCodecError, ZSTD_LEVELS};
 pub use hash::{Key, fast64, fast128, is_zero};
