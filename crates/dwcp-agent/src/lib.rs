@@ -55,6 +55,14 @@ pub enum AgentError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The baseline cache cannot be opened.
+    #[error("cannot open the baseline cache in {path}: {source}")]
+    Cache {
+        /// Its directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The admin server failed.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
@@ -115,13 +123,33 @@ impl Agent {
             .iter()
             .map(|v| v.number().to_string())
             .collect();
-        let spool =
-            Receiver::new(&settings.spool_dir, settings.idle_timeout, true).map_err(|source| {
-                AgentError::Spool {
-                    path: settings.spool_dir.clone(),
-                    source,
-                }
-            })?;
+        let cache = if settings.capabilities.delta {
+            Some(
+                dwcp_transport::session::open_cache(&settings.cache).map_err(|source| {
+                    AgentError::Cache {
+                        path: settings
+                            .cache
+                            .dir
+                            .as_ref()
+                            .map_or_else(|| "memory".into(), |d| d.display().to_string()),
+                        source,
+                    }
+                })?,
+            )
+        } else {
+            None
+        };
+        let spool = Receiver::with_delta(
+            &settings.spool_dir,
+            settings.idle_timeout,
+            true,
+            settings.capabilities.delta,
+            cache,
+        )
+        .map_err(|source| AgentError::Spool {
+            path: settings.spool_dir.clone(),
+            source,
+        })?;
         let metrics = Metrics::new(node_id.as_str(), &versions.join(","));
         metrics.certificate_expiry.set(cert_not_after);
         Ok(Self {

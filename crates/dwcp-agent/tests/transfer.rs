@@ -6,14 +6,38 @@
 use std::time::Duration;
 
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint, random_file, settings};
-use dwcp_transport::session::{SendError, SendOptions, Source, send_files};
+use dwcp_transport::session::{DeltaOptions, SendError, SendOptions, Source, send_files};
 
+/// The transport alone: these tests count the bytes of the files themselves.
 fn opts(streams: u32) -> SendOptions {
     SendOptions {
         streams,
         retry_for: Duration::from_secs(20),
+        delta: DeltaOptions {
+            enabled: false,
+            ..DeltaOptions::default()
+        },
         ..SendOptions::default()
     }
+}
+
+fn delta_opts() -> SendOptions {
+    SendOptions {
+        retry_for: Duration::from_secs(20),
+        ..SendOptions::default()
+    }
+}
+
+/// A generated VM image (synthetic pages, so the test does not depend on the machine).
+fn image(mb: u64, seed: u64) -> dwcp_encoding::image::Image {
+    use dwcp_encoding::image::{Corpus, ImageSpec, generate};
+    generate(
+        &ImageSpec {
+            seed,
+            ..ImageSpec::new(mb << 20)
+        },
+        &mut Corpus::synthetic(),
+    )
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) {
@@ -348,4 +372,162 @@ async fn t35_sender_gives_up_after_its_retry_period() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn t14_delta_sends_what_the_receiver_lacks_and_rebuilds_the_file_exactly() {
+    use dwcp_encoding::image::{Corpus, Dirtier, DirtyModel};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let src = tempfile::tempdir().unwrap();
+    let spool = cluster.dir().join("spool/client");
+    let v1 = image(8, 1);
+    let path = src.path().join("vm.img");
+    std::fs::write(&path, &v1.data).unwrap();
+
+    // First transfer: nothing at the receiver; zero pages and duplicates still vanish.
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&path).unwrap()],
+        &delta_opts(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let d = r.objects[0].delta.clone().expect("sent delta-encoded");
+    assert_eq!(d.layout, "pages");
+    assert!(d.encoded_bytes < v1.data.len() as u64 * 7 / 10, "{d:?}");
+    assert!(d.saved_zero > 0 && d.saved_dup > 0, "{d:?}");
+    same_file(&path, &spool.join("vm.img"));
+
+    // Second version, 10% of pages dirtied: unchanged pages are "same as yours".
+    let mut v2 = v1.data.clone();
+    Dirtier::new(DirtyModel::default(), v1.pages(), 4096, 5).dirty_fraction(
+        &mut v2,
+        0.10,
+        &mut Corpus::synthetic(),
+    );
+    std::fs::write(&path, &v2).unwrap();
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&path).unwrap()],
+        &delta_opts(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let d = r.objects[0].delta.clone().unwrap();
+    assert!(d.saved_same > v1.data.len() as u64 / 2, "{d:?}");
+    assert!(d.encoded_bytes < v1.data.len() as u64 / 10, "{d:?}");
+    same_file(&path, &spool.join("vm.img"));
+
+    // The same first version under another name: every page is in the receiver's cache.
+    let other = src.path().join("clone.img");
+    std::fs::write(&other, &v1.data).unwrap();
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&other).unwrap()],
+        &delta_opts(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let d = r.objects[0].delta.clone().unwrap();
+    assert!(d.saved_cache > v1.data.len() as u64 / 3, "{d:?}");
+    assert!(d.encoded_bytes < v1.data.len() as u64 / 50, "{d:?}");
+    same_file(&other, &spool.join("clone.img"));
+
+    // A file that is not a whole number of pages goes the stream way.
+    let odd = src.path().join("odd.bin");
+    let mut bytes = v1.data[..3 << 20].to_vec();
+    bytes.extend_from_slice(b"tail");
+    std::fs::write(&odd, &bytes).unwrap();
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&odd).unwrap()],
+        &delta_opts(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.objects[0].delta.as_ref().unwrap().layout, "stream");
+    same_file(&odd, &spool.join("odd.bin"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t15_a_reference_the_receiver_cannot_resolve_is_sent_again_not_corrupted() {
+    let cluster = TestCluster::new();
+    let seeds = tempfile::tempdir().unwrap();
+    let base = image(4, 2);
+    let seed_file = seeds.path().join("base.img");
+    std::fs::write(&seed_file, &base.data).unwrap();
+    let seed_path = seed_file.clone();
+    let agent = RunningAgent::start(&cluster, "server", move |c| {
+        c.encoding.seed_paths = vec![seed_path];
+    })
+    .await;
+    // The seed file changes after the receiver indexed it: what it advertises is stale.
+    let mut changed = base.data.clone();
+    for p in 0..base.pages() as usize {
+        changed[p * 4096 + 100] ^= 0x5a;
+    }
+    std::fs::write(&seed_file, &changed).unwrap();
+
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("vm.img");
+    std::fs::write(&path, &base.data).unwrap();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&path).unwrap()],
+        &delta_opts(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let d = r.objects[0].delta.clone().unwrap();
+    assert!(
+        d.cold_retry,
+        "the first attempt referred to stale seeds: {d:?}"
+    );
+    assert_eq!(d.saved_cache, 0, "{d:?}");
+    same_file(&path, &cluster.dir().join("spool/client/vm.img"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t16_a_receiver_that_turned_delta_off_gets_plain_files() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| c.encoding.delta = false).await;
+    let src = tempfile::tempdir().unwrap();
+    let img = image(2, 3);
+    let path = src.path().join("vm.img");
+    std::fs::write(&path, &img.data).unwrap();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&path).unwrap()],
+        &delta_opts(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(r.objects[0].delta.is_none());
+    assert_eq!(r.bytes_sent, img.data.len() as u64);
+    same_file(&path, &cluster.dir().join("spool/client/vm.img"));
+    agent.stop().await.unwrap();
 }

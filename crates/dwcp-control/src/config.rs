@@ -165,6 +165,14 @@ pub struct EncodingConfig {
     pub delta: bool,
     /// Compression codecs, in order of preference.
     pub codecs: Vec<String>,
+    /// Where the agent keeps its baseline cache ("" = in memory only).
+    pub cache_dir: PathBuf,
+    /// Baseline cache content kept in memory, MiB.
+    pub cache_mem_mib: u32,
+    /// Baseline cache packs kept on disk, MiB.
+    pub cache_disk_mib: u32,
+    /// Files or directories whose pages seed the baseline cache at start.
+    pub seed_paths: Vec<PathBuf>,
 }
 
 impl Default for EncodingConfig {
@@ -172,6 +180,10 @@ impl Default for EncodingConfig {
         Self {
             delta: true,
             codecs: vec!["zstd".into(), "lz4".into()],
+            cache_dir: PathBuf::from("/var/lib/dwcp/cache"),
+            cache_mem_mib: 256,
+            cache_disk_mib: 8192,
+            seed_paths: Vec::new(),
         }
     }
 }
@@ -281,6 +293,21 @@ pub struct Settings {
     pub keepalive: Option<Duration>,
     /// Log settings.
     pub log: LogConfig,
+    /// Baseline cache of the agent.
+    pub cache: CacheSettings,
+}
+
+/// Where and how large the agent's baseline cache is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Directory for persisted packs; `None` keeps the cache in memory only.
+    pub dir: Option<PathBuf>,
+    /// Bytes kept in memory.
+    pub mem_bytes: u64,
+    /// Bytes kept on disk.
+    pub disk_bytes: u64,
+    /// Seed files or directories.
+    pub seeds: Vec<PathBuf>,
 }
 
 impl Config {
@@ -487,6 +514,22 @@ impl Config {
             }
         }
 
+        range(
+            &mut bad,
+            "encoding.cache_mem_mib",
+            self.encoding.cache_mem_mib,
+            0,
+            1 << 20,
+        );
+        for (i, p) in self.encoding.seed_paths.iter().enumerate() {
+            if p.as_os_str().is_empty() {
+                bad(
+                    &format!("encoding.seed_paths[{i}]"),
+                    "\"\"".into(),
+                    "a file or directory path".into(),
+                );
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bad(
                 "log.format",
@@ -527,6 +570,13 @@ impl Config {
                 keepalive: Some(Duration::from_secs(self.transport.keepalive_secs.into()))
                     .filter(|d| !d.is_zero()),
                 log: self.log.clone(),
+                cache: CacheSettings {
+                    dir: Some(self.encoding.cache_dir.clone())
+                        .filter(|d| !d.as_os_str().is_empty()),
+                    mem_bytes: u64::from(self.encoding.cache_mem_mib) << 20,
+                    disk_bytes: u64::from(self.encoding.cache_disk_mib) << 20,
+                    seeds: self.encoding.seed_paths.clone(),
+                },
             }),
             _ => Err(ConfigError::Invalid(errs)),
         }
@@ -730,6 +780,15 @@ keepalive_secs = 30
 delta = true
 # Compression codecs in order of preference: "zstd", "lz4".
 codecs = ["zstd", "lz4"]
+# Baseline cache of received pages and chunks (what delta-encoded transfers refer to);
+# "" keeps it in memory only. Persisted across restarts, integrity-checked.
+cache_dir = "/var/lib/dwcp/cache"
+# Cache content kept in memory, MiB (0..=1048576).
+cache_mem_mib = 256
+# Cache kept on disk, MiB; the least recently useful packs go first.
+cache_disk_mib = 8192
+# Files or directories (VM disks, base images) whose pages seed the cache at start.
+seed_paths = []
 
 [log]
 # "text" or "json".
@@ -941,7 +1000,7 @@ mod tests {
 
         use super::*;
 
-        const KEYS: [(&str, &str); 19] = [
+        const KEYS: [(&str, &str); 21] = [
             ("node", "id"),
             ("node", "cluster_id"),
             ("node", "certs_dir"),
@@ -960,6 +1019,8 @@ mod tests {
             ("transport", "congestion"),
             ("transport", "keepalive_secs"),
             ("encoding", "codecs"),
+            ("encoding", "cache_mem_mib"),
+            ("encoding", "seed_paths"),
             ("log", "level"),
         ];
 

@@ -6,6 +6,6 @@
 mod config;
 
 pub use config::{
-    AgentConfig, Config, ConfigError, DEFAULT_TOML, ENV_PREFIX, EncodingConfig, FieldError,
-    KNOWN_CODECS, LogConfig, NodeConfig, ProtocolConfig, Settings, TransportConfig,
+    AgentConfig, CacheSettings, Config, ConfigError, DEFAULT_TOML, ENV_PREFIX, EncodingConfig,
+    FieldError, KNOWN_CODECS, LogConfig, NodeConfig, ProtocolConfig, Settings, TransportConfig,
 };

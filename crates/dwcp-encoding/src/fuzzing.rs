@@ -183,7 +183,11 @@ mod tests {
                 let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
                     panic!("{}: {e} (bless with DWCP_BLESS_CORPUS=1)", path.display())
                 });
-                assert!(on_disk == bytes, "{} is stale (bless with DWCP_BLESS_CORPUS=1)", path.display());
+                assert!(
+                    on_disk == bytes,
+                    "{} is stale (bless with DWCP_BLESS_CORPUS=1)",
+                    path.display()
+                );
             }
         }
     }

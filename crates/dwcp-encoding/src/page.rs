@@ -274,6 +274,32 @@ impl PageEncoder {
         remote: Option<&RemoteIndex>,
         out: &mut Vec<u8>,
     ) -> Result<(), EncodeError> {
+        self.push_inner(addr, page, base, None, remote, out)
+    }
+
+    /// Like [`push`](Self::push) when the sender knows only the summary hash of the
+    /// receiver's page at `addr` (from its `BASE_INFO`), not the page: an equal page becomes a
+    /// "same" run; there is nothing to delta against.
+    pub fn push_with_base_hash(
+        &mut self,
+        addr: u64,
+        page: &[u8],
+        base_hash: Option<u64>,
+        remote: Option<&RemoteIndex>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        self.push_inner(addr, page, None, base_hash, remote, out)
+    }
+
+    fn push_inner(
+        &mut self,
+        addr: u64,
+        page: &[u8],
+        base: Option<&[u8]>,
+        base_hash: Option<u64>,
+        remote: Option<&RemoteIndex>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         let ps = self.cfg.page_size;
         if page.len() != ps {
             return Err(EncodeError::PageLength {
@@ -305,7 +331,7 @@ impl PageEncoder {
             return self.maybe_flush(out);
         }
         let h = fast128(page);
-        if base.is_some_and(|b| b == page) {
+        if base.is_some_and(|b| b == page) || base_hash == Some(h as u64) {
             self.stats.same += 1;
             self.sent.entry(h).or_insert(addr);
             self.extend_run(RunKind::Same, addr, h as u64, out);

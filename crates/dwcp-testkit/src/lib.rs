@@ -122,6 +122,7 @@ pub fn settings(cluster: &TestCluster, tweak: impl FnOnce(&mut Config)) -> Setti
     c.agent.admin_listen = "127.0.0.1:0".into();
     c.agent.shutdown_grace_secs = 2;
     c.agent.spool_dir = cluster.dir().join("spool");
+    c.encoding.cache_dir = cluster.dir().join("cache");
     c.protocol.tls_timeout_ms = 1000;
     c.protocol.handshake_timeout_ms = 1000;
     tweak(&mut c);

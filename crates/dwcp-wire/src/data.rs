@@ -29,7 +29,24 @@ impl FrameType {
     pub const ACK: Self = Self(0x0015);
     /// Receiver: the object is verified and stored, or failed.
     pub const OBJECT_DONE: Self = Self(0x0016);
+    /// Sender, before a delta-encoded object: what does the receiver hold?
+    pub const BASE_QUERY: Self = Self(0x0017);
+    /// Receiver: a piece of its answer to `BASE_QUERY`.
+    pub const BASE_INFO: Self = Self(0x0018);
 }
+
+/// `ObjectBegin::encoding`: the object is the content itself.
+pub const ENCODING_RAW: u32 = 0;
+/// `ObjectBegin::encoding`: the object is an HDE page object of the content.
+pub const ENCODING_HDE_PAGES: u32 = 1;
+/// `ObjectBegin::encoding`: the object is an HDE stream object of the content.
+pub const ENCODING_HDE_STREAM: u32 = 2;
+
+/// `BaseInfo::part`: the receiver's cache summary (an HDE summary).
+pub const BASE_PART_SUMMARY: u32 = 0;
+/// `BaseInfo::part`: summary hashes (u64 little-endian) of each page of the receiver's current
+/// copy of the named object, if it has one of the same size.
+pub const BASE_PART_PAGES: u32 = 1;
 
 /// Bytes of the `DATA` header: object id and offset, both u64 big-endian.
 pub const DATA_HEADER_LEN: usize = 16;
@@ -64,6 +81,54 @@ pub struct ObjectBegin {
     /// receiver only resumes a partial copy of the same content.
     #[prost(string, tag = "4")]
     pub version_tag: String,
+    /// How the bytes encode the content: [`ENCODING_RAW`] or an HDE object (only when the
+    /// handshake negotiated `delta`).
+    #[prost(uint32, tag = "5")]
+    pub encoding: u32,
+    /// For an encoded object: the size of the content it decodes to.
+    #[prost(uint64, tag = "6")]
+    pub raw_size: u64,
+    /// For an encoded object: the BLAKE3 digest of the content it decodes to (32 bytes).
+    #[prost(bytes = "vec", tag = "7")]
+    pub raw_blake3: Vec<u8>,
+}
+
+/// `BASE_QUERY` (0x0017).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct BaseQuery {
+    /// Id the answer will carry (the id the object will have).
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// Name the object will have.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Size of the content.
+    #[prost(uint64, tag = "3")]
+    pub raw_size: u64,
+    /// Page size for the page hashes (0: no page hashes wanted).
+    #[prost(uint32, tag = "4")]
+    pub page_size: u32,
+}
+
+/// `BASE_INFO` (0x0018): one piece of one part of the answer; parts are sent in order, each in
+/// pieces at increasing offsets, and every part at least once (possibly empty).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct BaseInfo {
+    /// The query's object id.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// [`BASE_PART_SUMMARY`] or [`BASE_PART_PAGES`].
+    #[prost(uint32, tag = "2")]
+    pub part: u32,
+    /// Position of `data` in the part.
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+    /// Length of the whole part.
+    #[prost(uint64, tag = "4")]
+    pub total: u64,
+    /// The bytes.
+    #[prost(bytes = "vec", tag = "5")]
+    pub data: Vec<u8>,
 }
 
 /// `OBJECT_STATE` (0x0012).

@@ -41,6 +41,9 @@ impl ErrorCode {
     pub const CHECKSUM_MISMATCH: Self = Self(15);
     /// The receiver cannot store an object (bad name, disk error).
     pub const STORAGE_ERROR: Self = Self(16);
+    /// A delta-encoded object referred to content the receiver does not hold (or no longer
+    /// holds as the sender assumed); the sender sends it again without such references.
+    pub const DELTA_UNRESOLVED: Self = Self(17);
 
     /// The documented name, or `None` for a code this version does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -62,6 +65,7 @@ impl ErrorCode {
             Self::OVERLOADED => "OVERLOADED",
             Self::CHECKSUM_MISMATCH => "CHECKSUM_MISMATCH",
             Self::STORAGE_ERROR => "STORAGE_ERROR",
+            Self::DELTA_UNRESOLVED => "DELTA_UNRESOLVED",
             _ => return None,
         })
     }

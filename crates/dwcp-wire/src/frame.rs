@@ -77,6 +77,8 @@ impl FrameType {
             Self::OBJECT_END => "object_end",
             Self::ACK => "ack",
             Self::OBJECT_DONE => "object_done",
+            Self::BASE_QUERY => "base_query",
+            Self::BASE_INFO => "base_info",
             t if t.is_extension() => "extension",
             _ => "unknown",
         }

@@ -198,6 +198,8 @@ fn dwcp_send(
     send.arg("send")
         .arg(file)
         .args(["--to", &listen, "--node-id", "bench-a", "--json"])
+        // The transport alone: random data gains nothing from delta encoding anyway.
+        .arg("--no-delta")
         .args(["--streams", &streams.to_string()])
         .arg("--certs-dir")
         .arg(certs)

@@ -106,6 +106,10 @@ pub(crate) struct AgentArgs {
     /// Where files sent to this node are stored (overrides agent.spool_dir).
     #[arg(long, value_name = "DIR")]
     pub(crate) spool_dir: Option<PathBuf>,
+
+    /// Where the baseline cache persists (overrides encoding.cache_dir).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -169,9 +173,38 @@ pub(crate) struct SendArgs {
     #[arg(long, value_name = "ID")]
     pub(crate) expect_node: Option<String>,
 
+    /// Send files as they are, without delta encoding (HDE).
+    #[arg(long)]
+    pub(crate) no_delta: bool,
+
+    /// How files are cut for delta encoding: pages (raw disk and memory images), stream
+    /// (content-defined chunks), or auto (pages when the size is a whole number of 4 KiB pages).
+    #[arg(long, value_enum, default_value_t = LayoutArg::Auto)]
+    pub(crate) layout: LayoutArg,
+
+    /// Compressor for what delta encoding leaves: none, lz4, zstd:LEVEL (-7..=19).
+    #[arg(long, value_name = "CODEC", default_value = "zstd:2", value_parser = parse_codec)]
+    pub(crate) codec: dwcp_encoding::Codec,
+
     /// Print one JSON summary instead of a progress bar and text.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `--layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LayoutArg {
+    /// Pages when the file is a whole number of pages, else stream.
+    Auto,
+    /// Page-addressed.
+    Pages,
+    /// Content-defined chunks.
+    Stream,
+}
+
+fn parse_codec(s: &str) -> Result<dwcp_encoding::Codec, String> {
+    s.parse()
+        .map_err(|e: dwcp_encoding::ParseCodecError| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +219,20 @@ pub(crate) struct RecvArgs {
 
     #[command(flatten)]
     pub(crate) node: NodeArgs,
+
+    /// Keep the baseline cache in DIR, so later transfers can refer to what this one brought
+    /// [default: in memory, for this run only].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cache_dir: Option<PathBuf>,
+
+    /// File or directory (a VM disk, base images) whose pages seed the baseline cache;
+    /// repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) seed: Vec<PathBuf>,
+
+    /// Refuse delta-encoded transfers (senders then send files as they are).
+    #[arg(long)]
+    pub(crate) no_delta: bool,
 
     /// Print one JSON summary instead of text.
     #[arg(long)]

@@ -65,6 +65,9 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
                 if let Some(d) = &args.spool_dir {
                     c.agent.spool_dir.clone_from(d);
                 }
+                if let Some(d) = &args.cache_dir {
+                    c.encoding.cache_dir.clone_from(d);
+                }
             })?;
             agent(&settings_and_logs(&cfg, "info")?)
         }
@@ -78,7 +81,11 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             send(&settings_and_logs(&cfg, "warn")?, &args)
         }
         Command::Recv(args) => {
-            let cfg = node_config(&args.node, |_| {})?;
+            let cfg = node_config(&args.node, |c| {
+                if args.no_delta {
+                    c.encoding.delta = false;
+                }
+            })?;
             recv(&settings_and_logs(&cfg, "info")?, &args)
         }
         Command::Certs(c) => {
@@ -413,8 +420,28 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
         streams: args.streams,
         retry_for: Duration::from_secs(args.retry_secs),
         rate_limit: args.rate_limit,
+        delta: dwcp_transport::session::DeltaOptions {
+            enabled: !args.no_delta,
+            layout: match args.layout {
+                crate::cli::LayoutArg::Auto => dwcp_transport::session::Layout::Auto,
+                crate::cli::LayoutArg::Pages => dwcp_transport::session::Layout::Pages,
+                crate::cli::LayoutArg::Stream => dwcp_transport::session::Layout::Stream,
+            },
+            codec: args.codec,
+            ..Default::default()
+        },
         ..SendOptions::default()
     };
+    if args.layout == crate::cli::LayoutArg::Pages
+        && let Some(s) = sources.iter().find(|s| s.size % 4096 != 0)
+    {
+        return Err(UsageError(format!(
+            "--layout pages: {} is {} bytes, not a whole number of 4096-byte pages",
+            s.path.display(),
+            s.size
+        ))
+        .into());
+    }
     let total: u64 = sources.iter().map(|s| s.size).sum();
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
@@ -448,9 +475,25 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let goodput = total as f64 * 8.0 / report.seconds.max(1e-9) / 1e6;
+    let delta_json = |d: &dwcp_transport::session::DeltaReport| {
+        json!({
+            "layout": d.layout, "bytes": d.raw_bytes, "bytes_on_wire": d.encoded_bytes,
+            "saved": {
+                "zero": d.saved_zero, "same": d.saved_same, "dup": d.saved_dup,
+                "cache": d.saved_cache, "delta": d.saved_delta, "compression": d.saved_compression,
+            },
+            "receiver_cache_entries": d.receiver_cache_entries, "cold_retry": d.cold_retry,
+        })
+    };
+    let on_wire: u64 = report
+        .objects
+        .iter()
+        .map(|o| o.delta.as_ref().map_or(o.size, |d| d.encoded_bytes))
+        .sum();
     if args.json {
         let out = json!({
             "bytes": total,
+            "bytes_on_wire": on_wire,
             "bytes_sent": report.bytes_sent,
             "resent_bytes": report.resent_bytes,
             "seconds": report.seconds,
@@ -462,7 +505,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "version": report.version.map(|v| v.number()),
             "files": report.objects.iter().map(|o| json!({
                 "name": o.name, "size": o.size, "resumed_from": o.resumed_from,
-                "seconds": o.seconds,
+                "seconds": o.seconds, "delta": o.delta.as_ref().map(delta_json),
             })).collect::<Vec<_>>(),
         });
         println!("{out}");
@@ -473,7 +516,23 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             } else {
                 String::new()
             };
-            println!("sent {} ({} bytes, verified{resumed})", o.name, o.size);
+            let delta = o.delta.as_ref().map_or_else(String::new, |d| {
+                format!(
+                    ", {} on the wire ({:.1} %, HDE {}{})",
+                    d.encoded_bytes,
+                    d.encoded_bytes as f64 / d.raw_bytes.max(1) as f64 * 100.0,
+                    d.layout,
+                    if d.cold_retry {
+                        ", sent again without references"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            println!(
+                "sent {} ({} bytes{delta}, verified{resumed})",
+                o.name, o.size
+            );
         }
         println!(
             "{} bytes in {:.2} s: {:.1} Mbit/s over {} streams ({} re-sent bytes, {} streams lost \
@@ -498,8 +557,31 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         .parse()
         .map_err(|_| UsageError(format!("--listen {:?}: expected IP:PORT", args.listen)))?;
     let endpoint = std::sync::Arc::new(peer_endpoint(settings)?);
-    let receiver = Receiver::new(&args.out, settings.idle_timeout, false)
-        .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
+    let cache = if settings.capabilities.delta {
+        let s = dwcp_control::CacheSettings {
+            dir: args.cache_dir.clone(),
+            seeds: args.seed.clone(),
+            ..settings.cache.clone()
+        };
+        Some(dwcp_transport::session::open_cache(&s).with_context(|| {
+            format!(
+                "cannot open the baseline cache{}",
+                args.cache_dir
+                    .as_ref()
+                    .map_or_else(String::new, |d| format!(" in {}", d.display()))
+            )
+        })?)
+    } else {
+        None
+    };
+    let receiver = Receiver::with_delta(
+        &args.out,
+        settings.idle_timeout,
+        false,
+        settings.capabilities.delta,
+        cache,
+    )
+    .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
     let stored = runtime()?.block_on(async {
         let shutdown = shutdown_signal()?;
         tokio::pin!(shutdown);
@@ -700,6 +782,7 @@ async fn demo_node(dir: &Path, name: &str, versions: Vec<u32>) -> Result<DemoNod
     cfg.agent.admin_listen = "127.0.0.1:0".into();
     cfg.agent.shutdown_grace_secs = 2;
     cfg.agent.spool_dir = dir.join(format!("spool-{name}"));
+    cfg.encoding.cache_dir = dir.join(format!("cache-{name}"));
     cfg.protocol.versions = versions;
     let settings = validate(&cfg)?;
     let id = node_id(&settings)?;

@@ -4,10 +4,12 @@
 //! The pure parts, [`sched`] (sender) and [`reasm`] (receiver), import neither tokio nor
 //! sockets; the drivers beside them move the bytes.
 
+pub mod delta;
 pub mod reasm;
 pub mod recv;
 pub mod sched;
 pub mod send;
 
+pub use delta::{DeltaOptions, DeltaReport, Layout, open_cache};
 pub use recv::{Receiver, RecvEvent, Served};
 pub use send::{ObjectReport, Progress, SendError, SendOptions, SendReport, Source, send_files};

@@ -14,7 +14,15 @@
 //! .NAME.dwcp-part    the bytes received so far, at their offsets
 //! .NAME.dwcp-state   "dwcp-part 1\n<version tag>\n<size>\n<contiguous bytes>\n"
 //! NAME               the verified file (the part file renamed)
+//! .NAME.dwcp-decode  an HDE-encoded object being decoded (from NAME, its base, if present)
 //! ```
+//!
+//! An object sent delta-encoded (HDE, `ObjectBegin::encoding`) is received and verified the
+//! same way; then it is decoded against what this receiver holds — its previous copy of
+//! `NAME` and its baseline cache — and the result is verified against the content's own
+//! digest before it replaces `NAME`. Content it refers to but that is not here (evicted, or
+//! changed since the sender was told) fails the object with `DELTA_UNRESOLVED`, and the
+//! sender sends it again without such references: never a wrong file.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -24,7 +32,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin};
+use dwcp_encoding::{BaselineCache, ContentSource, NoCache, RemoteIndex};
+use dwcp_wire::data::{
+    self, Ack, BaseInfo, BaseQuery, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin,
+};
 use dwcp_wire::msg::{self, Close, Ping};
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -117,7 +128,20 @@ struct RxObject {
     resumed_from: u64,
     digest: Option<Vec<u8>>,
     finishing: bool,
+    /// Set for an HDE-encoded object: how to decode it and what it must decode to.
+    delta: Option<Delta>,
 }
+
+/// What an encoded object decodes to.
+#[derive(Debug, Clone)]
+struct Delta {
+    encoding: u32,
+    raw_size: u64,
+    raw_blake3: Vec<u8>,
+}
+
+/// Largest content an encoded object may decode to (16 TiB).
+const MAX_RAW_SIZE: u64 = 1 << 44;
 
 #[derive(Debug, Default)]
 struct RxSession {
@@ -143,6 +167,10 @@ pub struct Receiver {
     active: Mutex<std::collections::HashSet<PathBuf>>,
     /// Store each peer's objects in a subdirectory named after it.
     per_peer: bool,
+    /// Whether HDE-encoded objects are accepted.
+    delta: bool,
+    /// The baseline cache encoded objects are decoded against, and learn into.
+    cache: Option<Arc<Mutex<BaselineCache>>>,
 }
 
 /// What a served connection ended with.
@@ -158,6 +186,18 @@ impl Receiver {
     /// Receives into `dir` (created if missing), or into `dir/<peer node id>` when
     /// `per_peer`; a connection silent for `idle` is dropped.
     pub fn new(dir: &Path, idle: Duration, per_peer: bool) -> std::io::Result<Arc<Self>> {
+        Self::with_delta(dir, idle, per_peer, true, None)
+    }
+
+    /// As [`Self::new`], saying whether delta-encoded objects are accepted and which baseline
+    /// cache (if any) they are decoded against.
+    pub fn with_delta(
+        dir: &Path,
+        idle: Duration,
+        per_peer: bool,
+        delta: bool,
+        cache: Option<BaselineCache>,
+    ) -> std::io::Result<Arc<Self>> {
         fs::create_dir_all(dir)?;
         let (events, _) = broadcast::channel(256);
         Ok(Arc::new(Self {
@@ -167,6 +207,8 @@ impl Receiver {
             idle,
             active: Mutex::new(std::collections::HashSet::new()),
             per_peer,
+            delta,
+            cache: cache.map(|c| Arc::new(Mutex::new(c))),
         }))
     }
 
@@ -401,6 +443,10 @@ impl Receiver {
                     };
                     self.send(&mut writer, &reply).await?;
                 }
+                FrameType::BASE_QUERY => {
+                    let q: BaseQuery = msg::decode(&frame).map_err(HandshakeError::from)?;
+                    self.answer_base_query(&peer, &q, &mut writer).await?;
+                }
                 FrameType::OBJECT_END => {
                     let end: ObjectEnd = msg::decode(&frame).map_err(HandshakeError::from)?;
                     let problem = {
@@ -472,6 +518,66 @@ impl Receiver {
 
     /// Opens (or resumes) the part file for an object; returns the bytes already held.
     /// Where objects from `peer` are stored.
+    /// Answers a `BASE_QUERY`: the cache summary, then the page hashes of the current copy of
+    /// the named object if it has the announced size. A bad name gets empty parts (the object
+    /// itself will be refused when it is begun).
+    async fn answer_base_query<W: AsyncWrite + Unpin>(
+        &self,
+        peer: &NodeId,
+        q: &BaseQuery,
+        writer: &mut FrameWriter<W>,
+    ) -> Result<(), ConnError> {
+        let summary = match (&self.cache, self.delta) {
+            (Some(c), true) => {
+                let mut hashes = lock(c).summary();
+                let mut out = Vec::new();
+                RemoteIndex::encode(&mut hashes, &mut out);
+                out
+            }
+            _ => Vec::new(),
+        };
+        let ps = q.page_size as usize;
+        let path = self.dir_for(peer).join(&q.name);
+        let pages = if self.delta
+            && check_name(&q.name).is_ok()
+            && (512..=65536).contains(&ps)
+            && ps.is_power_of_two()
+            && q.raw_size % ps as u64 == 0
+        {
+            let raw_size = q.raw_size;
+            tokio::task::spawn_blocking(move || page_hashes(&path, raw_size, ps))
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let piece = writer.max_chunk().saturating_sub(64).max(1024);
+        for (part, bytes) in [
+            (data::BASE_PART_SUMMARY, summary),
+            (data::BASE_PART_PAGES, pages),
+        ] {
+            let total = bytes.len() as u64;
+            let mut offset = 0usize;
+            loop {
+                let end = (offset + piece).min(bytes.len());
+                let info = BaseInfo {
+                    object: q.object,
+                    part,
+                    offset: offset as u64,
+                    total,
+                    data: bytes[offset..end].to_vec(),
+                };
+                self.send(writer, &msg::encode(FrameType::BASE_INFO, &info))
+                    .await?;
+                offset = end;
+                if offset >= bytes.len() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn dir_for(&self, peer: &NodeId) -> PathBuf {
         if self.per_peer {
             self.dir.join(peer.as_str())
@@ -488,6 +594,27 @@ impl Receiver {
         b: &ObjectBegin,
     ) -> Result<u64, String> {
         check_name(&b.name)?;
+        let delta = match b.encoding {
+            data::ENCODING_RAW => None,
+            _ if !self.delta => {
+                return Err("delta-encoded objects are turned off on this receiver".into());
+            }
+            data::ENCODING_HDE_PAGES | data::ENCODING_HDE_STREAM => {
+                if b.raw_blake3.len() != 32 || b.raw_size > MAX_RAW_SIZE {
+                    return Err(format!(
+                        "encoded object {:?} needs a 32-byte content digest and a content size \
+                         up to {MAX_RAW_SIZE} bytes",
+                        b.name
+                    ));
+                }
+                Some(Delta {
+                    encoding: b.encoding,
+                    raw_size: b.raw_size,
+                    raw_blake3: b.raw_blake3.clone(),
+                })
+            }
+            other => return Err(format!("unknown object encoding {other}")),
+        };
         {
             let s = lock(session);
             if let Some(o) = s.objects.get(&b.object) {
@@ -517,7 +644,7 @@ impl Receiver {
                 dir.display()
             ));
         }
-        let opened = self.open_part(&dir, b);
+        let opened = self.open_part(&dir, b, delta.as_ref().map_or(0, |d| d.raw_size));
         let (file, part, state, tag, have) = match opened {
             Ok(x) => x,
             Err(e) => {
@@ -541,6 +668,7 @@ impl Receiver {
             resumed_from: have,
             digest: None,
             finishing: false,
+            delta,
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
         lock(session).objects.insert(b.object, o);
@@ -553,6 +681,7 @@ impl Receiver {
         &self,
         dir: &Path,
         b: &ObjectBegin,
+        decoded: u64,
     ) -> Result<(File, PathBuf, PathBuf, String, u64), String> {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let part = dir.join(format!(".{}.dwcp-part", b.name));
@@ -568,7 +697,8 @@ impl Receiver {
         // Refuse now what cannot fit, before creating anything.
         if let Ok(st) = rustix::fs::statvfs(dir) {
             let free = st.f_bavail.saturating_mul(st.f_frsize);
-            let need = b.size - have;
+            // An encoded object also needs room for what it decodes to.
+            let need = (b.size - have).saturating_add(decoded);
             if need > free {
                 return Err(format!(
                     "not enough space in {}: {need} bytes needed, {free} available",
@@ -635,9 +765,12 @@ impl Receiver {
                 o.name.clone(),
                 o.size,
                 o.resumed_from,
+                o.delta.clone(),
             )
         };
-        let (file, part, state, path, digest, name, size, resumed_from) = job;
+        let (file, part, state, path, digest, name, size, resumed_from, delta) = job;
+        let size = delta.as_ref().map_or(size, |d| d.raw_size);
+        let cache = self.cache.clone();
         let final_path = path.clone();
         let started = Instant::now();
         let verdict = tokio::task::spawn_blocking(move || -> Result<(), (ErrorCode, String)> {
@@ -657,12 +790,19 @@ impl Receiver {
                     ),
                 ));
             }
-            fs::rename(&part, &final_path).map_err(|e| {
-                (
-                    ErrorCode::STORAGE_ERROR,
-                    format!("cannot rename into {}: {e}", final_path.display()),
-                )
-            })?;
+            if let Some(d) = &delta {
+                let r = decode_into(&part, &final_path, d, cache.as_deref());
+                let _ = fs::remove_file(&part);
+                let _ = fs::remove_file(&state);
+                r?;
+            } else {
+                fs::rename(&part, &final_path).map_err(|e| {
+                    (
+                        ErrorCode::STORAGE_ERROR,
+                        format!("cannot rename into {}: {e}", final_path.display()),
+                    )
+                })?;
+            }
             let _ = fs::remove_file(&state);
             // The rename is durable only once the directory is.
             if let Some(dir) = final_path.parent() {
@@ -737,6 +877,169 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks is a bug; the data (object tables) stays
     // consistent enough to keep serving other sessions, so recover the guard.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Summary hashes of the pages of `path`, little-endian, if it holds exactly `size` bytes.
+fn page_hashes(path: &Path, size: u64, page_size: usize) -> Vec<u8> {
+    // 2^28 pages (1 TiB of 4 KiB pages) is 2 GiB of hashes: the most worth sending.
+    const MAX_PAGES: u64 = 1 << 28;
+    let Ok(mut f) = File::open(path) else {
+        return Vec::new();
+    };
+    if f.metadata().map(|m| m.len()).ok() != Some(size) || size / page_size as u64 > MAX_PAGES {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity((size / page_size as u64 * 8) as usize);
+    let mut buf = vec![0u8; page_size * 256];
+    let mut left = size;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        if f.read_exact(&mut buf[..n]).is_err() {
+            return Vec::new();
+        }
+        for p in buf[..n].chunks_exact(page_size) {
+            out.extend_from_slice(&dwcp_encoding::fast64(p).to_le_bytes());
+        }
+        left -= n as u64;
+    }
+    out
+}
+
+/// Decodes the verified encoded object in `part` into `final_path`: into a scratch copy of
+/// the current `final_path` (the base its references assume), verified against the content
+/// digest, then renamed over it.
+fn decode_into(
+    part: &Path,
+    final_path: &Path,
+    d: &Delta,
+    cache: Option<&Mutex<BaselineCache>>,
+) -> Result<(), (ErrorCode, String)> {
+    let storage =
+        |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = final_path.with_file_name(format!(".{name}.dwcp-decode"));
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let base_len = fs::metadata(final_path).map(|m| m.len()).ok();
+        if d.encoding == data::ENCODING_HDE_PAGES && base_len == Some(d.raw_size) {
+            fs::copy(final_path, &tmp).map_err(|e| storage("cannot copy the base", &e))?;
+        }
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(d.encoding != data::ENCODING_HDE_PAGES || base_len != Some(d.raw_size))
+            .open(&tmp)
+            .map_err(|e| storage("cannot create the decode file", &e))?;
+        out.set_len(d.raw_size)
+            .map_err(|e| storage("cannot size the decode file", &e))?;
+        let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
+        let mut guard = cache.map(lock);
+        let mut none = NoCache;
+        let src: &mut dyn ContentSource = match guard.as_deref_mut() {
+            Some(c) => c,
+            None => &mut none,
+        };
+        let bad = |e: dwcp_encoding::DecodeError| match e {
+            dwcp_encoding::DecodeError::Store(e) => storage("cannot write the decoded content", &e),
+            e => (
+                ErrorCode::PROTOCOL_ERROR,
+                format!("undecodable HDE object: {e}"),
+            ),
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        if d.encoding == data::ENCODING_HDE_PAGES {
+            let mut head = [0u8; 6];
+            input
+                .read_exact(&mut head)
+                .map_err(|e| storage("cannot read the object", &e))?;
+            let shift = head[5];
+            if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT)
+                .contains(&shift)
+                || d.raw_size % (1u64 << shift) != 0
+            {
+                return Err((
+                    ErrorCode::PROTOCOL_ERROR,
+                    "encoded object has a bad page size".into(),
+                ));
+            }
+            let mut store = dwcp_encoding::FileStore::new(out, d.raw_size >> shift, 1 << shift)
+                .map_err(|e| storage("cannot open the decode file", &e))?;
+            let mut dec = dwcp_encoding::PageDecoder::new();
+            dec.push(&head, &mut store, src).map_err(bad)?;
+            loop {
+                let n = input
+                    .read(&mut buf)
+                    .map_err(|e| storage("cannot read the object", &e))?;
+                if n == 0 {
+                    break;
+                }
+                dec.push(&buf[..n], &mut store, src).map_err(bad)?;
+            }
+            dec.finish().map_err(bad)?;
+            if !dec.missing().is_empty() {
+                return Err((
+                    ErrorCode::DELTA_UNRESOLVED,
+                    format!(
+                        "{} pages referred to content this receiver does not hold",
+                        dec.missing().len()
+                    ),
+                ));
+            }
+            store
+                .into_file()
+                .sync_data()
+                .map_err(|e| storage("cannot sync", &e))?;
+        } else {
+            let mut w = std::io::BufWriter::new(out);
+            let mut dec = dwcp_encoding::stream::StreamDecoder::new();
+            loop {
+                let n = input
+                    .read(&mut buf)
+                    .map_err(|e| storage("cannot read the object", &e))?;
+                if n == 0 {
+                    break;
+                }
+                if let dwcp_encoding::stream::Progress::Need { key, .. } =
+                    dec.push(&buf[..n], &mut w, src).map_err(bad)?
+                {
+                    return Err((
+                        ErrorCode::DELTA_UNRESOLVED,
+                        format!("chunk {key} is not held by this receiver"),
+                    ));
+                }
+            }
+            dec.finish().map_err(bad)?;
+            let out = w
+                .into_inner()
+                .map_err(|e| storage("cannot write", &e.error()))?;
+            out.sync_data().map_err(|e| storage("cannot sync", &e))?;
+        }
+        if let Some(c) = guard.as_deref_mut()
+            && let Err(e) = c.flush()
+        {
+            warn!("baseline cache flush failed: {e}");
+        }
+        drop(guard);
+        let got = hash_file(&tmp).map_err(|e| storage("cannot read back", &e))?;
+        if got.as_bytes()[..] != d.raw_blake3[..] {
+            return Err((
+                ErrorCode::DELTA_UNRESOLVED,
+                "decoded content does not match the sender's digest (this receiver's copy is not \
+                 the one the sender assumed)"
+                    .into(),
+            ));
+        }
+        fs::rename(&tmp, final_path)
+            .map_err(|e| storage(&format!("cannot rename into {}", final_path.display()), &e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn hex(b: &[u8]) -> String {

@@ -20,7 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dwcp_wire::data::{Ack, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin};
+use dwcp_encoding::RemoteIndex;
+use dwcp_wire::data::{
+    self, Ack, BaseInfo, BaseQuery, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin,
+};
 use dwcp_wire::msg;
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId, Version};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, WriteHalf};
@@ -30,6 +33,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsStream;
 use tracing::{debug, info, warn};
 
+use super::delta::{self, DeltaOptions, DeltaReport, Encoded};
 use super::sched::{Next, Scheduler};
 use crate::conn::{ConnError, Endpoint, FrameWriter, connect_to};
 
@@ -48,6 +52,8 @@ pub struct SendOptions {
     pub retry_for: Duration,
     /// Cap on the session's sending rate, bytes per second.
     pub rate_limit: Option<u64>,
+    /// Delta encoding (HDE), used with receivers that negotiated it.
+    pub delta: DeltaOptions,
 }
 
 impl Default for SendOptions {
@@ -61,6 +67,7 @@ impl Default for SendOptions {
             window: 32 * 1024 * 1024,
             retry_for: Duration::from_secs(60),
             rate_limit: None,
+            delta: DeltaOptions::default(),
         }
     }
 }
@@ -141,6 +148,8 @@ pub struct ObjectReport {
     pub resumed_from: u64,
     /// Seconds from first `OBJECT_BEGIN` to verified.
     pub seconds: f64,
+    /// What delta encoding did, when the object was sent encoded.
+    pub delta: Option<DeltaReport>,
 }
 
 /// What a whole transfer did.
@@ -271,6 +280,8 @@ struct Session {
     events: mpsc::Receiver<Event>,
     readers: JoinSet<()>,
     version: Version,
+    /// Whether the receiver takes delta-encoded objects.
+    delta: bool,
     /// What is needed to open replacement streams.
     endpoint: Endpoint,
     addr: std::net::SocketAddr,
@@ -297,6 +308,7 @@ impl Session {
             events,
             readers: JoinSet::new(),
             version: est.version,
+            delta: est.negotiated.delta,
             endpoint: endpoint.clone(),
             addr,
             peer: est.peer_node_id.clone(),
@@ -448,6 +460,10 @@ pub async fn send_files(
     let mut ever_connected = false;
     // Objects already restarted from zero after a failed verification (once each).
     let mut restarted: Vec<usize> = Vec::new();
+    // Files encoded for this transfer (kept across reconnects), and files whose delta could
+    // not be resolved (sent again without references, once).
+    let mut encoded: std::collections::HashMap<usize, Encoded> = std::collections::HashMap::new();
+    let mut cold: Vec<usize> = Vec::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
         let mut session = match Session::open(endpoint, addr, expected, opts.streams).await {
@@ -489,11 +505,65 @@ pub async fn send_files(
         );
         while next_file < files.len() {
             let src = &files[next_file];
-            object_id += 1;
             let t0 = Instant::now();
+            // Delta encoding: ask what the receiver holds, encode once per file (a resumed
+            // transfer must send the same bytes), then send the encoded object instead.
+            let use_delta = opts.delta.enabled && session.delta && src.size > 0;
+            if use_delta && !encoded.contains_key(&next_file) {
+                let cold = cold.contains(&next_file);
+                object_id += 1;
+                let e = match prepare_delta(
+                    &mut session,
+                    &mut report,
+                    src,
+                    object_id,
+                    cold,
+                    &opts.delta,
+                )
+                .await
+                {
+                    Ok(e) => e,
+                    Err(ObjectFailure::SessionLost(why)) => {
+                        warn!(
+                            "session lost while preparing {:?}: {why}; reconnecting",
+                            src.name
+                        );
+                        report.reconnects += 1;
+                        session.readers.abort_all();
+                        let since = *failing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= opts.retry_for {
+                            return Err(SendError::Interrupted {
+                                retry_for: opts.retry_for,
+                                last: why,
+                            });
+                        }
+                        continue 'sessions;
+                    }
+                    Err(ObjectFailure::Fatal(e)) => {
+                        session.close(e.close_code(), &e.to_string()).await;
+                        return Err(e);
+                    }
+                };
+                encoded.insert(next_file, e);
+            }
+            let enc = if use_delta {
+                encoded.get(&next_file)
+            } else {
+                None
+            };
+            let wire_src = enc.map(|e| Source {
+                path: e.file.path().to_path_buf(),
+                name: src.name.clone(),
+                size: e.size,
+                version_tag: format!("{} hde={}", src.version_tag, &e.digest.to_hex()[..16]),
+            });
+            let extra = enc.map(|e| (e.encoding, src.size, e.raw_blake3.as_bytes().to_vec()));
+            let raw_size = src.size;
+            object_id += 1;
             let r = send_object(
                 &mut session,
-                src,
+                wire_src.as_ref().unwrap_or(src),
+                extra,
                 object_id,
                 opts,
                 bucket.clone(),
@@ -501,10 +571,17 @@ pub async fn send_files(
                 &mut report,
                 &mut failing_since,
                 &mut |acked, streams| {
+                    // Progress is in content bytes, whatever crosses the network.
+                    let acked = match &wire_src {
+                        Some(w) if w.size > 0 => {
+                            (acked as f64 / w.size as f64 * raw_size as f64) as u64
+                        }
+                        _ => acked,
+                    };
                     progress(&Progress {
                         name: src.name.clone(),
                         object_acked: acked,
-                        object_size: src.size,
+                        object_size: raw_size,
                         total_acked: done_bytes + acked,
                         total_size,
                         streams,
@@ -515,11 +592,17 @@ pub async fn send_files(
             match r {
                 Ok(resumed_from) => {
                     failing_since = None;
+                    let delta = encoded.remove(&next_file).map(|e| {
+                        let mut r = e.report;
+                        r.cold_retry = cold.contains(&next_file);
+                        r
+                    });
                     report.objects.push(ObjectReport {
                         name: src.name.clone(),
                         size: src.size,
                         resumed_from,
                         seconds: t0.elapsed().as_secs_f64(),
+                        delta,
                     });
                     done_bytes += src.size;
                     next_file += 1;
@@ -535,6 +618,19 @@ pub async fn send_files(
                         src.name
                     );
                     restarted.push(next_file);
+                }
+                Err(ObjectFailure::Fatal(SendError::Refused { code, reason, .. }))
+                    if code == ErrorCode::DELTA_UNRESOLVED && !cold.contains(&next_file) =>
+                {
+                    // The receiver lacks something the encoding referred to (evicted, or its
+                    // copy changed): encode again without references to its holdings.
+                    warn!(
+                        "{:?}: receiver could not resolve the delta ({reason}); sending it \
+                         again without references",
+                        src.name
+                    );
+                    encoded.remove(&next_file);
+                    cold.push(next_file);
                 }
                 Err(ObjectFailure::Fatal(e)) => {
                     session.close(e.close_code(), &e.to_string()).await;
@@ -569,6 +665,7 @@ pub async fn send_files(
 async fn send_object(
     session: &mut Session,
     src: &Source,
+    encoding: Option<(u32, u64, Vec<u8>)>,
     object: u64,
     opts: &SendOptions,
     bucket: Option<Arc<Bucket>>,
@@ -581,11 +678,15 @@ async fn send_object(
     let Some(w0) = session.any_writer() else {
         return Err(lost("no stream left".into()));
     };
+    let (encoding, raw_size, raw_blake3) = encoding.unwrap_or((data::ENCODING_RAW, 0, Vec::new()));
     let begin = ObjectBegin {
         object,
         name: src.name.clone(),
         size: src.size,
         version_tag: src.version_tag.clone(),
+        encoding,
+        raw_size,
+        raw_blake3,
     };
     w0.lock()
         .await
@@ -829,6 +930,130 @@ async fn send_object(
 }
 
 /// Marks stream `i` dead; its in-flight chunks go back to the scheduler.
+/// Asks the receiver what it holds for `src` (unless `cold`) and encodes the file against it.
+async fn prepare_delta(
+    session: &mut Session,
+    report: &mut SendReport,
+    src: &Source,
+    query_id: u64,
+    cold: bool,
+    opts: &DeltaOptions,
+) -> Result<Encoded, ObjectFailure> {
+    let lost = |why: String| ObjectFailure::SessionLost(why);
+    let encoding = delta::encoding_for(opts.layout, src.size, opts.page_size);
+    let (summary, pages) = if cold {
+        (Vec::new(), Vec::new())
+    } else {
+        let Some(w0) = session.any_writer() else {
+            return Err(lost("no stream left".into()));
+        };
+        let q = BaseQuery {
+            object: query_id,
+            name: src.name.clone(),
+            raw_size: src.size,
+            page_size: if encoding == data::ENCODING_HDE_PAGES {
+                opts.page_size as u32
+            } else {
+                0
+            },
+        };
+        w0.lock()
+            .await
+            .send(&msg::encode(FrameType::BASE_QUERY, &q))
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        // The answer: each part in pieces, in order; bounded by what a summary and a page
+        // list of this file can be.
+        let max_pages = if q.page_size > 0 {
+            src.size / u64::from(q.page_size) * 8
+        } else {
+            0
+        };
+        let limits = [(dwcp_encoding::MAX_SUMMARY_ENTRIES * 10), max_pages];
+        let mut parts: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        let mut complete = [false, false];
+        while !(complete[0] && complete[1]) {
+            let ev = tokio::time::timeout(Duration::from_secs(60), session.events.recv())
+                .await
+                .map_err(|_| lost("no answer to BASE_QUERY within 60 s".into()))?
+                .ok_or_else(|| lost("all streams closed".into()))?;
+            match ev {
+                Event::Frame(f) if f.ty == FrameType::BASE_INFO => {
+                    let info: BaseInfo = decode(&f)?;
+                    if info.object != query_id {
+                        continue;
+                    }
+                    let i = match info.part {
+                        data::BASE_PART_SUMMARY => 0,
+                        data::BASE_PART_PAGES => 1,
+                        other => {
+                            return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
+                                "BASE_INFO part {other} is unknown"
+                            ))));
+                        }
+                    };
+                    let part = &mut parts[i];
+                    if info.total > limits[i]
+                        || info.offset != part.len() as u64
+                        || info.offset + info.data.len() as u64 > info.total
+                    {
+                        return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
+                            "BASE_INFO piece at {} of {} (part {}) does not follow the {} bytes \
+                             received, or exceeds the {}-byte limit",
+                            info.offset,
+                            info.total,
+                            info.part,
+                            part.len(),
+                            limits[i]
+                        ))));
+                    }
+                    part.extend_from_slice(&info.data);
+                    complete[i] = part.len() as u64 == info.total;
+                }
+                Event::Frame(_) => {}
+                Event::Lost(i, generation, why) => {
+                    on_lost(session, report, i, generation, &why, None).await;
+                    if session.alive() == 0 {
+                        return Err(lost(why));
+                    }
+                }
+            }
+        }
+        let [summary, pages] = parts;
+        (summary, pages)
+    };
+    let remote = if summary.is_empty() {
+        None
+    } else {
+        Some(RemoteIndex::decode(&summary).map_err(|e| {
+            ObjectFailure::Fatal(SendError::Protocol(format!(
+                "receiver's cache summary: {e}"
+            )))
+        })?)
+    };
+    let path = src.path.clone();
+    let opts = opts.clone();
+    let e = tokio::task::spawn_blocking(move || {
+        delta::encode_file(&path, encoding, &opts, remote.as_ref(), &pages)
+    })
+    .await
+    .map_err(|e| ObjectFailure::Fatal(SendError::Protocol(format!("encoder task failed: {e}"))))?
+    .map_err(|source| {
+        ObjectFailure::Fatal(SendError::Source {
+            path: src.path.clone(),
+            source,
+        })
+    })?;
+    info!(
+        name = %src.name,
+        raw = e.report.raw_bytes,
+        encoded = e.size,
+        layout = e.report.layout,
+        "delta-encoded"
+    );
+    Ok(e)
+}
+
 async fn on_lost(
     session: &mut Session,
     report: &mut SendReport,

@@ -1,0 +1,225 @@
+//! Delta encoding on the sending side: asking the receiver what it holds, and encoding a file
+//! into an HDE object against that (`docs/PROTOCOL.md`, "Transfer sessions", rule 10).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
+use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
+use dwcp_wire::data;
+
+/// How a file is cut for delta encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Pages for a file whose size is a whole number of pages, a stream otherwise.
+    Auto,
+    /// Page-addressed (raw disk and memory images).
+    Pages,
+    /// Content-defined chunks (anything else).
+    Stream,
+}
+
+/// Delta encoding settings of a sender.
+#[derive(Debug, Clone)]
+pub struct DeltaOptions {
+    /// Use HDE with receivers that negotiated it.
+    pub enabled: bool,
+    /// How to cut files.
+    pub layout: Layout,
+    /// Compressor for literals.
+    pub codec: Codec,
+    /// Page size of the page layout.
+    pub page_size: usize,
+}
+
+impl Default for DeltaOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            layout: Layout::Auto,
+            codec: Codec::Zstd(2),
+            page_size: 4096,
+        }
+    }
+}
+
+/// What delta encoding did to one file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeltaReport {
+    /// `pages` or `stream`.
+    pub layout: &'static str,
+    /// Size of the file.
+    pub raw_bytes: u64,
+    /// Size of the encoded object (what crossed the network, once).
+    pub encoded_bytes: u64,
+    /// Bytes not sent because they were zero pages.
+    pub saved_zero: u64,
+    /// ... equal to the receiver's current copy.
+    pub saved_same: u64,
+    /// ... duplicates within the file.
+    pub saved_dup: u64,
+    /// ... held by the receiver's baseline cache.
+    pub saved_cache: u64,
+    /// ... by XOR deltas.
+    pub saved_delta: u64,
+    /// ... by compressing literals.
+    pub saved_compression: u64,
+    /// Entries of the receiver's cache summary the encoder saw.
+    pub receiver_cache_entries: u64,
+    /// Whether this is a second attempt without references (the first could not be resolved).
+    pub cold_retry: bool,
+}
+
+/// A file encoded into a temporary object.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub(crate) file: tempfile::NamedTempFile,
+    pub(crate) size: u64,
+    pub(crate) digest: blake3::Hash,
+    pub(crate) encoding: u32,
+    pub(crate) raw_blake3: blake3::Hash,
+    pub(crate) report: DeltaReport,
+}
+
+/// Opens the baseline cache a receiver decodes against (persisted in `s.dir`, or in memory)
+/// and indexes the seed files. Seed files that cannot be read are logged and skipped.
+pub fn open_cache(
+    s: &dwcp_control::CacheSettings,
+) -> std::io::Result<dwcp_encoding::BaselineCache> {
+    let cfg = match &s.dir {
+        Some(d) => dwcp_encoding::CacheConfig::persistent(d, s.mem_bytes, s.disk_bytes),
+        None => dwcp_encoding::CacheConfig::memory(s.mem_bytes),
+    };
+    let mut cache = dwcp_encoding::BaselineCache::open(cfg)?;
+    for p in &s.seeds {
+        match cache.seed_path(p, 4096) {
+            Ok(n) => tracing::info!(path = %p.display(), pages = n, "baseline cache seeded"),
+            Err(e) => tracing::warn!(path = %p.display(), "cannot seed the baseline cache: {e}"),
+        }
+    }
+    Ok(cache)
+}
+
+/// The encoding a file gets.
+pub(crate) fn encoding_for(layout: Layout, size: u64, page_size: usize) -> u32 {
+    match layout {
+        Layout::Pages => data::ENCODING_HDE_PAGES,
+        Layout::Stream => data::ENCODING_HDE_STREAM,
+        Layout::Auto if size % page_size as u64 == 0 => data::ENCODING_HDE_PAGES,
+        Layout::Auto => data::ENCODING_HDE_STREAM,
+    }
+}
+
+/// Encodes `path` into a temporary file in the system's temporary directory. `remote` is the
+/// receiver's cache summary, `base` the summary hashes of its pages of this file (8 bytes per
+/// page, empty when it has no copy of this size). Blocking: run it off the runtime.
+pub(crate) fn encode_file(
+    path: &Path,
+    encoding: u32,
+    opts: &DeltaOptions,
+    remote: Option<&RemoteIndex>,
+    base: &[u8],
+) -> std::io::Result<Encoded> {
+    let mut input = File::open(path)?;
+    let raw_size = input.metadata()?.len();
+    let mut tmp = tempfile::Builder::new().prefix(".dwcp-hde-").tempfile()?;
+    let mut hasher = blake3::Hasher::new();
+    let mut raw_hasher = blake3::Hasher::new();
+    let mut out = Vec::with_capacity(8 << 20);
+    let mut flush = |out: &mut Vec<u8>, tmp: &mut tempfile::NamedTempFile, force: bool| {
+        if force || out.len() >= 4 << 20 {
+            hasher.update(out);
+            let r = tmp.write_all(out);
+            out.clear();
+            r
+        } else {
+            Ok(())
+        }
+    };
+    let mut report = DeltaReport {
+        raw_bytes: raw_size,
+        receiver_cache_entries: remote.map_or(0, |r| r.len() as u64),
+        ..DeltaReport::default()
+    };
+    let ps = opts.page_size;
+    let mut buf = vec![0u8; ps * 256];
+    let invalid = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+    };
+    if encoding == data::ENCODING_HDE_PAGES {
+        if raw_size % ps as u64 != 0 {
+            return Err(invalid(&format!(
+                "{} is not a whole number of {ps}-byte pages (use the stream layout)",
+                path.display()
+            )));
+        }
+        let pages = raw_size / ps as u64;
+        let cfg = EncoderConfig {
+            page_size: ps,
+            codec: opts.codec,
+            ..EncoderConfig::new(pages)
+        };
+        let mut enc = PageEncoder::new(cfg).map_err(|e| invalid(&e))?;
+        let base_hash = |addr: u64| -> Option<u64> {
+            let at = usize::try_from(addr).ok()?.checked_mul(8)?;
+            let b: [u8; 8] = base.get(at..at + 8)?.try_into().ok()?;
+            Some(u64::from_le_bytes(b))
+        };
+        let mut addr = 0u64;
+        let mut left = raw_size;
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            input.read_exact(&mut buf[..n])?;
+            raw_hasher.update(&buf[..n]);
+            for page in buf[..n].chunks_exact(ps) {
+                enc.push_with_base_hash(addr, page, base_hash(addr), remote, &mut out)
+                    .map_err(|e| invalid(&e))?;
+                addr += 1;
+            }
+            flush(&mut out, &mut tmp, false)?;
+            left -= n as u64;
+        }
+        let s = enc.finish(&mut out);
+        let psz = ps as u64;
+        report.layout = "pages";
+        report.saved_zero = s.zero * psz;
+        report.saved_same = s.same * psz;
+        report.saved_dup = s.dup * psz;
+        report.saved_cache = s.cache * psz;
+        report.saved_delta = (s.xor * psz).saturating_sub(s.xor_bytes);
+        report.saved_compression = s.payload_raw.saturating_sub(s.payload_compressed);
+    } else {
+        let cfg = StreamConfig {
+            codec: opts.codec,
+            ..StreamConfig::default()
+        };
+        let mut enc = StreamEncoder::new(cfg).map_err(|e| invalid(&e))?;
+        loop {
+            let n = input.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            raw_hasher.update(&buf[..n]);
+            enc.push(&buf[..n], remote, &mut out);
+            flush(&mut out, &mut tmp, false)?;
+        }
+        let s = enc.finish(remote, &mut out);
+        report.layout = "stream";
+        report.saved_dup = s.dup_bytes;
+        report.saved_cache = s.cache_bytes;
+        report.saved_compression = s.payload_raw.saturating_sub(s.payload_compressed);
+    }
+    flush(&mut out, &mut tmp, true)?;
+    tmp.as_file().sync_data()?;
+    let size = tmp.as_file().metadata()?.len();
+    report.encoded_bytes = size;
+    Ok(Encoded {
+        file: tmp,
+        size,
+        digest: hasher.finalize(),
+        encoding,
+        raw_blake3: raw_hasher.finalize(),
+        report,
+    })
+}
