@@ -210,8 +210,16 @@ impl Agent {
             use dwcp_transport::session::RecvEvent;
             loop {
                 match spool_events.recv().await {
-                    Ok(RecvEvent::Stored { peer, size, .. }) => {
+                    Ok(RecvEvent::Stored {
+                        peer,
+                        size,
+                        encoded_size,
+                        ..
+                    }) => {
                         metrics_shared.metrics.object(peer.as_str(), "stored", size);
+                        if let Some(wire) = encoded_size {
+                            metrics_shared.metrics.delta(peer.as_str(), wire, size);
+                        }
                     }
                     Ok(RecvEvent::Failed { peer, .. }) => {
                         metrics_shared.metrics.object(peer.as_str(), "failed", 0);

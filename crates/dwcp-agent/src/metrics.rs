@@ -37,6 +37,17 @@ pub struct Metrics {
     pub objects_received: Family<Labels, Counter>,
     /// Bytes of objects stored in the spool, by sending `peer`.
     pub object_bytes_received: Family<Labels, Counter>,
+    /// Delta-encoded (HDE) objects stored: bytes that crossed the network, by `peer`.
+    pub delta_wire_bytes: Family<Labels, Counter>,
+    /// ... and the bytes of content they rebuilt, by `peer` (the ratio is HDE's saving).
+    pub delta_content_bytes: Family<Labels, Counter>,
+    /// Baseline cache entries (pages and chunks, seeds included).
+    pub cache_entries: Gauge,
+    /// Baseline cache bytes, by `tier` (`memory`, `disk`).
+    pub cache_bytes: Family<Labels, Gauge>,
+    /// Baseline cache lookups since start, by `result` (`hit`, `miss`, `corrupt`), and
+    /// entries `evicted`.
+    pub cache_events: Family<Labels, Gauge>,
     /// 1 while `/readyz` answers 200.
     pub ready: Gauge,
     /// Expiry of this node's certificate, Unix seconds: alert well before it.
@@ -63,6 +74,11 @@ impl Metrics {
             bytes_sent: Counter::default(),
             objects_received: Family::default(),
             object_bytes_received: Family::default(),
+            delta_wire_bytes: Family::default(),
+            delta_content_bytes: Family::default(),
+            cache_entries: Gauge::default(),
+            cache_bytes: Family::default(),
+            cache_events: Family::default(),
             ready: Gauge::default(),
             certificate_expiry: Gauge::default(),
             registry,
@@ -113,6 +129,31 @@ impl Metrics {
             "Bytes of objects verified and stored in the spool, by sending peer",
             m.object_bytes_received.clone(),
         );
+        registry.register(
+            "delta_wire_bytes",
+            "Bytes of delta-encoded (HDE) objects stored, as they crossed the network, by peer",
+            m.delta_wire_bytes.clone(),
+        );
+        registry.register(
+            "delta_content_bytes",
+            "Bytes of content rebuilt from delta-encoded (HDE) objects, by peer",
+            m.delta_content_bytes.clone(),
+        );
+        registry.register(
+            "baseline_cache_entries",
+            "Pages and chunks the baseline cache holds or indexes",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "baseline_cache_bytes",
+            "Bytes the baseline cache holds, by tier",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "baseline_cache_events",
+            "Baseline cache lookups by result (hit, miss, corrupt) and evictions since start",
+            m.cache_events.clone(),
+        );
         registry.register("ready", "1 while the agent is ready", m.ready.clone());
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -152,6 +193,34 @@ impl Metrics {
             self.object_bytes_received
                 .get_or_create(&vec![("peer", peer.to_string())])
                 .inc_by(bytes);
+        }
+    }
+
+    /// Counts a delta-encoded object stored.
+    pub fn delta(&self, peer: &str, wire: u64, content: u64) {
+        let l = vec![("peer", peer.to_string())];
+        self.delta_wire_bytes.get_or_create(&l).inc_by(wire);
+        self.delta_content_bytes.get_or_create(&l).inc_by(content);
+    }
+
+    /// Takes the baseline cache's counters (at scrape time).
+    pub fn cache(&self, s: &dwcp_encoding::CacheStats) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.cache_entries.set(g(s.entries));
+        for (tier, v) in [("memory", s.mem_bytes), ("disk", s.disk_bytes)] {
+            self.cache_bytes
+                .get_or_create(&vec![("tier", tier.to_string())])
+                .set(g(v));
+        }
+        for (r, v) in [
+            ("hit", s.hits),
+            ("miss", s.misses),
+            ("corrupt", s.corrupt),
+            ("evicted", s.evicted),
+        ] {
+            self.cache_events
+                .get_or_create(&vec![("result", r.to_string())])
+                .set(g(v));
         }
     }
 

@@ -461,6 +461,35 @@ async fn t14_delta_sends_what_the_receiver_lacks_and_rebuilds_the_file_exactly()
     .unwrap();
     assert_eq!(r.objects[0].delta.as_ref().unwrap().layout, "stream");
     same_file(&odd, &spool.join("odd.bin"));
+
+    // What HDE saved, and what the cache holds, are scraped per peer.
+    let mut text = agent.metrics().await;
+    let content = |t: &str| {
+        dwcp_testkit::metric_value(t, "dwcp_delta_content_bytes_total", &[("peer", "client")])
+    };
+    for _ in 0..40 {
+        if content(&text) >= (3 * (8 << 20) + (3 << 20) + 4) as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = agent.metrics().await;
+    }
+    assert_eq!(
+        content(&text),
+        (3 * (8 << 20) + (3 << 20) + 4) as f64,
+        "{text}"
+    );
+    let wire =
+        dwcp_testkit::metric_value(&text, "dwcp_delta_wire_bytes_total", &[("peer", "client")]);
+    assert!(wire > 0.0 && wire < content(&text) / 2.0, "{text}");
+    assert!(
+        dwcp_testkit::metric_value(&text, "dwcp_baseline_cache_entries", &[]) > 1000.0,
+        "{text}"
+    );
+    assert!(
+        dwcp_testkit::metric_value(&text, "dwcp_baseline_cache_events", &[("result", "hit")]) > 0.0,
+        "{text}"
+    );
     agent.stop().await.unwrap();
 }
 

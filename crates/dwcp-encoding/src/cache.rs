@@ -132,6 +132,9 @@ pub struct BaselineCache {
     active: Option<Active>,
     seeds: Vec<(PathBuf, File)>,
     stats: CacheStats,
+    /// Holds an exclusive lock on the directory while open: two processes appending to the
+    /// same packs would interleave their entries.
+    _lock: Option<File>,
 }
 
 impl BaselineCache {
@@ -149,9 +152,23 @@ impl BaselineCache {
             active: None,
             seeds: Vec::new(),
             stats: CacheStats::default(),
+            _lock: None,
         };
         if let Some(dir) = c.cfg.dir.clone() {
             std::fs::create_dir_all(&dir)?;
+            let lock = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join("LOCK"))?;
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("{} is in use by another process", dir.display()),
+                    )
+                })?;
+            c._lock = Some(lock);
             let mut ids = Vec::new();
             for e in std::fs::read_dir(&dir)? {
                 let name = e?.file_name();
@@ -645,6 +662,17 @@ mod tests {
         );
         let summary = c.summary();
         assert!(summary.contains(&fast64(&page(40))));
+    }
+
+    #[test]
+    fn a_directory_is_used_by_one_cache_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig::persistent(dir.path(), 0, 1 << 20);
+        let first = BaselineCache::open(cfg.clone()).unwrap();
+        let err = BaselineCache::open(cfg.clone()).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(first);
+        BaselineCache::open(cfg).unwrap();
     }
 
     #[test]

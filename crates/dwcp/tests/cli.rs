@@ -75,6 +75,11 @@ fn start_agent(certs: &Path, node: &str, env: &[(&str, &str)]) -> AgentProc {
     ])
     .arg("--certs-dir")
     .arg(certs)
+    // Each agent its own spool and cache: tests run in parallel.
+    .arg("--spool-dir")
+    .arg(certs.join(format!("spool-{node}")))
+    .arg("--cache-dir")
+    .arg(certs.join(format!("cache-{node}")))
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     for (k, v) in env {
@@ -498,4 +503,116 @@ fn internet_profile_transfer_in_namespaces() {
     let j: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
     assert_eq!(j["streams"], 4, "{j}");
     assert!(std::fs::read(out.join("img.raw")).unwrap() == data);
+}
+
+/// One `dwcp recv` run on loopback receiving one `dwcp send`; returns send's JSON.
+fn recv_and_send(certs: &Path, out: &Path, cache: &Path, file: &Path) -> serde_json::Value {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut recv = dwcp()
+        .args([
+            "recv",
+            "--listen",
+            &listen,
+            "--node-id",
+            "node-b",
+            "--certs-dir",
+        ])
+        .arg(certs)
+        .arg("--out")
+        .arg(out)
+        .arg("--cache-dir")
+        .arg(cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Bounded wait for the listener.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "recv did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let send = dwcp()
+        .arg("send")
+        .arg(file)
+        .args([
+            "--to",
+            &listen,
+            "--node-id",
+            "node-a",
+            "--json",
+            "--certs-dir",
+        ])
+        .arg(certs)
+        .output()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = recv.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = recv.kill();
+            panic!("recv did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(send.status.success(), "{}", text(&send.stderr));
+    assert!(status.success());
+    serde_json::from_slice(&send.stdout).unwrap()
+}
+
+#[test]
+fn recv_cache_persists_so_a_second_run_receives_known_pages_by_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let (out, cache) = (dir.path().join("out"), dir.path().join("cache"));
+    // 1024 distinct, compressible pages.
+    let data: Vec<u8> = (0..4096u32 * 1024)
+        .map(|i| ((i / 4096).wrapping_mul(31) ^ (i % 251)) as u8)
+        .collect();
+    let a = dir.path().join("a.img");
+    std::fs::write(&a, &data).unwrap();
+    let j = recv_and_send(dir.path(), &out, &cache, &a);
+    assert_eq!(j["files"][0]["delta"]["layout"], "pages", "{j}");
+    assert!(std::fs::read(out.join("a.img")).unwrap() == data);
+
+    // A new recv process, the same cache directory: the same pages under another name cost
+    // a reference each.
+    let b = dir.path().join("b.img");
+    std::fs::write(&b, &data).unwrap();
+    let j = recv_and_send(dir.path(), &out, &cache, &b);
+    let on_wire = j["bytes_on_wire"].as_u64().unwrap();
+    assert!(on_wire < data.len() as u64 / 100, "{j}");
+    assert_eq!(
+        j["files"][0]["delta"]["saved"]["cache"],
+        data.len() as u64,
+        "{j}"
+    );
+    assert!(std::fs::read(out.join("b.img")).unwrap() == data);
+
+    // --layout pages refuses a file that is not whole pages, before connecting.
+    let odd = dir.path().join("odd.bin");
+    std::fs::write(&odd, b"not a page").unwrap();
+    let o = dwcp()
+        .arg("send")
+        .arg(&odd)
+        .args([
+            "--to",
+            "127.0.0.1:9",
+            "--layout",
+            "pages",
+            "--node-id",
+            "node-a",
+            "--certs-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("whole number of 4096-byte pages"),
+        "{}",
+        text(&o.stderr)
+    );
 }

@@ -73,6 +73,9 @@ pub enum RecvEvent {
         size: u64,
         /// Bytes that were already here from an earlier, interrupted attempt.
         resumed_from: u64,
+        /// For a delta-encoded object: the bytes of the encoded object (what crossed the
+        /// network), `size` being the content's.
+        encoded_size: Option<u64>,
     },
     /// An object failed (digest mismatch, storage error).
     Failed {
@@ -210,6 +213,11 @@ impl Receiver {
             delta,
             cache: cache.map(|c| Arc::new(Mutex::new(c))),
         }))
+    }
+
+    /// The baseline cache's counters, if it has one.
+    pub fn cache_stats(&self) -> Option<dwcp_encoding::CacheStats> {
+        self.cache.as_ref().map(|c| lock(c).stats())
     }
 
     /// The output directory.
@@ -769,6 +777,7 @@ impl Receiver {
             )
         };
         let (file, part, state, path, digest, name, size, resumed_from, delta) = job;
+        let encoded_size = delta.as_ref().map(|_| size);
         let size = delta.as_ref().map_or(size, |d| d.raw_size);
         let cache = self.cache.clone();
         let final_path = path.clone();
@@ -832,6 +841,7 @@ impl Receiver {
                     path,
                     size,
                     resumed_from,
+                    encoded_size,
                 });
                 ObjectDone {
                     object,
