@@ -427,7 +427,14 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
                 crate::cli::LayoutArg::Pages => dwcp_transport::session::Layout::Pages,
                 crate::cli::LayoutArg::Stream => dwcp_transport::session::Layout::Stream,
             },
-            codec: args.codec,
+            codec: match args.codec {
+                crate::cli::CodecChoice::Auto => None,
+                crate::cli::CodecChoice::Fixed(c) => Some(c),
+            },
+            link_bps: args
+                .link_rate
+                .or(args.rate_limit)
+                .unwrap_or(dwcp_transport::session::DEFAULT_LINK_BPS),
             ..Default::default()
         },
         ..SendOptions::default()
@@ -483,6 +490,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
                 "cache": d.saved_cache, "delta": d.saved_delta, "compression": d.saved_compression,
             },
             "receiver_cache_entries": d.receiver_cache_entries, "cold_retry": d.cold_retry,
+            "codec": d.codec, "codec_changes": d.codec_changes,
         })
     };
     let on_wire: u64 = report
@@ -518,10 +526,11 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             };
             let delta = o.delta.as_ref().map_or_else(String::new, |d| {
                 format!(
-                    ", {} on the wire ({:.1} %, HDE {}{})",
+                    ", {} on the wire ({:.1} %, HDE {}, {}{})",
                     d.encoded_bytes,
                     d.encoded_bytes as f64 / d.raw_bytes.max(1) as f64 * 100.0,
                     d.layout,
+                    d.codec,
                     if d.cold_retry {
                         ", sent again without references"
                     } else {

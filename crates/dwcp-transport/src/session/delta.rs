@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
+use dwcp_encoding::chooser::Chooser;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_wire::data;
@@ -27,21 +28,55 @@ pub struct DeltaOptions {
     pub enabled: bool,
     /// How to cut files.
     pub layout: Layout,
-    /// Compressor for literals.
-    pub codec: Codec,
+    /// Compressor for literals; `None` lets the codec chooser pick for `link_bps`.
+    pub codec: Option<Codec>,
+    /// The link's bandwidth, bytes per second, for the chooser.
+    pub link_bps: u64,
     /// Page size of the page layout.
     pub page_size: usize,
 }
+
+/// The link rate the chooser assumes when none is known: 1 Gbit/s.
+pub const DEFAULT_LINK_BPS: u64 = 125_000_000;
 
 impl Default for DeltaOptions {
     fn default() -> Self {
         Self {
             enabled: true,
             layout: Layout::Auto,
-            codec: Codec::Zstd(2),
+            codec: None,
+            link_bps: DEFAULT_LINK_BPS,
             page_size: 4096,
         }
     }
+}
+
+/// Picks the codec for a file from a sample of it (up to 32 pieces of 256 KiB spread over
+/// the file, zero pages left out, as the encoder leaves them out), calibrated on this
+/// machine. Small files get zstd level 2 without the calibration cost.
+fn choose_codec(
+    input: &File,
+    size: u64,
+    link_bps: u64,
+) -> std::io::Result<(Codec, Option<Chooser>)> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 256 << 10;
+    let mut sample = Vec::new();
+    if size >= 4 << 20 {
+        let mut buf = vec![0u8; PIECE as usize];
+        for i in 0..32 {
+            let at = (size - PIECE) / 31 * i / 4096 * 4096;
+            input.read_exact_at(&mut buf, at)?;
+            for p in buf.chunks(4096).filter(|p| !dwcp_encoding::is_zero(p)) {
+                sample.extend_from_slice(p);
+            }
+        }
+    }
+    if sample.len() < 1 << 20 {
+        return Ok((Codec::Zstd(2), None));
+    }
+    let chooser = Chooser::calibrate(&sample);
+    Ok((chooser.choose(link_bps as f64), Some(chooser)))
 }
 
 /// What delta encoding did to one file.
@@ -69,6 +104,10 @@ pub struct DeltaReport {
     pub receiver_cache_entries: u64,
     /// Whether this is a second attempt without references (the first could not be resolved).
     pub cold_retry: bool,
+    /// The compressor used last (the chooser may change it as it learns the data).
+    pub codec: String,
+    /// How often the chooser changed the compressor during the file.
+    pub codec_changes: u32,
 }
 
 /// A file encoded into a temporary object.
@@ -143,6 +182,10 @@ pub(crate) fn encode_file(
         ..DeltaReport::default()
     };
     let ps = opts.page_size;
+    let (mut codec, mut chooser) = match opts.codec {
+        Some(c) => (c, None),
+        None => choose_codec(&input, raw_size, opts.link_bps)?,
+    };
     let mut buf = vec![0u8; ps * 256];
     let invalid = |e: &dyn std::fmt::Display| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
@@ -157,7 +200,7 @@ pub(crate) fn encode_file(
         let pages = raw_size / ps as u64;
         let cfg = EncoderConfig {
             page_size: ps,
-            codec: opts.codec,
+            codec,
             ..EncoderConfig::new(pages)
         };
         let mut enc = PageEncoder::new(cfg).map_err(|e| invalid(&e))?;
@@ -168,6 +211,7 @@ pub(crate) fn encode_file(
         };
         let mut addr = 0u64;
         let mut left = raw_size;
+        let mut seen = (0u64, 0u64);
         while left > 0 {
             let n = (left as usize).min(buf.len());
             input.read_exact(&mut buf[..n])?;
@@ -179,6 +223,22 @@ pub(crate) fn encode_file(
             }
             flush(&mut out, &mut tmp, false)?;
             left -= n as u64;
+            // Learn the ratio the data actually gets, and change codec if another now wins.
+            if let Some(ch) = chooser.as_mut() {
+                let s = enc.stats();
+                let (raw, comp) = (s.payload_raw - seen.0, s.payload_compressed - seen.1);
+                if raw >= 8 << 20 {
+                    ch.observe(codec, raw, comp);
+                    seen = (s.payload_raw, s.payload_compressed);
+                    let next = ch.choose(opts.link_bps as f64);
+                    if next != codec {
+                        tracing::debug!(from = %codec, to = %next, "codec chooser changed its mind");
+                        codec = next;
+                        enc.set_codec(next);
+                        report.codec_changes += 1;
+                    }
+                }
+            }
         }
         let s = enc.finish(&mut out);
         let psz = ps as u64;
@@ -191,7 +251,7 @@ pub(crate) fn encode_file(
         report.saved_compression = s.payload_raw.saturating_sub(s.payload_compressed);
     } else {
         let cfg = StreamConfig {
-            codec: opts.codec,
+            codec,
             ..StreamConfig::default()
         };
         let mut enc = StreamEncoder::new(cfg).map_err(|e| invalid(&e))?;
@@ -214,6 +274,7 @@ pub(crate) fn encode_file(
     tmp.as_file().sync_data()?;
     let size = tmp.as_file().metadata()?.len();
     report.encoded_bytes = size;
+    report.codec = codec.to_string();
     Ok(Encoded {
         file: tmp,
         size,

@@ -10,6 +10,6 @@ pub mod recv;
 pub mod sched;
 pub mod send;
 
-pub use delta::{DeltaOptions, DeltaReport, Layout, open_cache};
+pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
 pub use recv::{Receiver, RecvEvent, Served};
 pub use send::{ObjectReport, Progress, SendError, SendOptions, SendReport, Source, send_files};
