@@ -1,0 +1,745 @@
+//! The migration state machine, without I/O: it reads no clock and moves no byte. The engine
+//! that drives it performs each [`Action`] and reports what happened as an [`Event`], with
+//! the measurements (bytes, seconds) it took; the machine answers with the next action.
+//!
+//! ```text
+//!  Prepare ─> PreCopy round 0 (all pages) ─> round 1..n (pages dirtied since) ─┐
+//!                 ▲                                                             │ remaining dirty set
+//!                 └── Throttle (auto-converge) <── rounds stop shrinking        │ fits the downtime
+//!                                                                               ▼ budget
+//!  Done <─ Cleanup <─ ResumeDestination <─ SendFinal <─ StopSource <────────────┘
+//!
+//!  any failure before the destination resumed ─> Rollback (source runs on, destination
+//!  cleaned) ─> RolledBack, with the reason
+//! ```
+//!
+//! The stop decision uses the *expected* bandwidth — a moving average of the goodput the
+//! rounds achieved (the bandwidth predictor takes this place later) — and the bytes a dirty
+//! page has actually cost on the wire, so delta encoding's savings count.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Tuning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Longest the VM may be paused.
+    pub downtime_budget: Duration,
+    /// Most pre-copy rounds before escalating.
+    pub max_rounds: u32,
+    /// A round "shrinks" when it leaves fewer than this fraction of the previous round's
+    /// dirty pages.
+    pub shrink_ratio: f64,
+    /// Rounds in a row that do not shrink before escalating.
+    pub stall_rounds: u32,
+    /// Auto-converge steps: the share of the guest's time taken away, in percent.
+    pub throttle_steps: Vec<u8>,
+    /// Weight of the newest goodput sample in the bandwidth estimate.
+    pub bandwidth_alpha: f64,
+}
+
+impl Default for Config {
+    /// 300 ms budget, 30 rounds, shrink below 90% or escalate after 2 rounds, throttle
+    /// 20-40-60-80-95%.
+    fn default() -> Self {
+        Self {
+            downtime_budget: Duration::from_millis(300),
+            max_rounds: 30,
+            shrink_ratio: 0.9,
+            stall_rounds: 2,
+            throttle_steps: vec![20, 40, 60, 80, 95],
+            bandwidth_alpha: 0.5,
+        }
+    }
+}
+
+/// What the source supports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceCaps {
+    /// It can slow the guest down (auto-converge).
+    pub throttle: bool,
+    /// It can switch to post-copy.
+    pub postcopy: bool,
+}
+
+/// Where the migration is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reserving on the destination, negotiating, warming the baseline.
+    Prepare,
+    /// Pre-copy round `n` (0: all pages).
+    PreCopy(u32),
+    /// Slowing the guest down before the next round.
+    Throttling,
+    /// Pausing the source.
+    Stopping,
+    /// Sending the last dirty pages with the source paused.
+    StopAndCopy,
+    /// Switching to post-copy (destination runs, fetches missing pages).
+    PostCopy,
+    /// Resuming on the destination.
+    Resuming,
+    /// Releasing the source.
+    Cleanup,
+    /// Migrated.
+    Done,
+    /// Undoing: the source keeps (or resumes) running, the destination is cleaned.
+    RollingBack,
+    /// Undone.
+    RolledBack,
+}
+
+/// What the engine must do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Reserve on the destination, negotiate, warm the baseline; then [`Event::Prepared`].
+    Prepare,
+    /// Send a round: every page (`full`) or the pages dirtied since the previous round; then
+    /// [`Event::RoundSent`].
+    SendRound {
+        /// Round number.
+        round: u32,
+        /// All pages rather than the dirty ones.
+        full: bool,
+    },
+    /// Throttle the guest to `percent`% of its time taken away; then [`Event::Throttled`].
+    Throttle {
+        /// Share taken away.
+        percent: u8,
+    },
+    /// Pause the source; then [`Event::SourceStopped`].
+    StopSource,
+    /// Send the remaining dirty pages (source paused); then [`Event::FinalSent`].
+    SendFinal,
+    /// Switch to post-copy; then [`Event::PostCopyDone`].
+    StartPostCopy,
+    /// Resume the VM on the destination; then [`Event::DestinationResumed`].
+    ResumeDestination,
+    /// Release the source; then [`Event::CleanedUp`].
+    CleanupSource,
+    /// Undo: resume the source if paused, clean the destination; then
+    /// [`Event::RolledBack`].
+    Rollback {
+        /// Why.
+        reason: String,
+    },
+    /// Nothing more to do: see [`Orchestrator::outcome`].
+    Finished,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Preparation done.
+    Prepared,
+    /// A round went out.
+    RoundSent(RoundStats),
+    /// The guest is throttled as asked.
+    Throttled,
+    /// The source is paused.
+    SourceStopped,
+    /// The last pages went out.
+    FinalSent(RoundStats),
+    /// Post-copy completed.
+    PostCopyDone,
+    /// The VM runs on the destination.
+    DestinationResumed,
+    /// The source is released.
+    CleanedUp,
+    /// The rollback is complete.
+    RolledBack,
+    /// The current action failed.
+    Failed(String),
+}
+
+/// Measurements of one round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundStats {
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes that crossed the network.
+    pub wire_bytes: u64,
+    /// Seconds the round took.
+    pub seconds: f64,
+    /// Pages dirtied since this round started (what the next round must send).
+    pub dirty_after: u64,
+}
+
+/// How it ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Still running.
+    Running,
+    /// The VM runs on the destination.
+    Migrated {
+        /// How the last phase was reached.
+        how: Convergence,
+    },
+    /// The VM runs on the source; nothing is left on the destination.
+    RolledBack {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How pre-copy ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Convergence {
+    /// The dirty set fit the budget on its own.
+    Converged,
+    /// It did after throttling the guest to this percentage.
+    Throttled(u8),
+    /// Post-copy finished it.
+    PostCopy,
+}
+
+impl fmt::Display for Convergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Converged => f.write_str("converged"),
+            Self::Throttled(p) => write!(f, "converged with the guest throttled by {p}%"),
+            Self::PostCopy => f.write_str("finished in post-copy"),
+        }
+    }
+}
+
+/// The state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Orchestrator {
+    cfg: Config,
+    caps: SourceCaps,
+    phase: Phase,
+    rounds: Vec<RoundStats>,
+    /// Expected goodput, bytes per second (moving average).
+    bandwidth: Option<f64>,
+    /// Wire bytes a page costs (moving average).
+    page_cost: Option<f64>,
+    throttle: Option<usize>,
+    stalls: u32,
+    source_stopped: bool,
+    outcome: Outcome,
+    how: Convergence,
+}
+
+impl Orchestrator {
+    /// A migration about to start.
+    pub fn new(cfg: Config, caps: SourceCaps) -> Self {
+        Self {
+            cfg,
+            caps,
+            phase: Phase::Prepare,
+            rounds: Vec::new(),
+            bandwidth: None,
+            page_cost: None,
+            throttle: None,
+            stalls: 0,
+            source_stopped: false,
+            outcome: Outcome::Running,
+            how: Convergence::Converged,
+        }
+    }
+
+    /// The first action.
+    pub fn start(&self) -> Action {
+        Action::Prepare
+    }
+
+    /// Where it is.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Rounds so far (the final one included once sent).
+    pub fn rounds(&self) -> &[RoundStats] {
+        &self.rounds
+    }
+
+    /// How it ended, or `Running`.
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
+    /// Expected goodput, bytes per second.
+    pub fn bandwidth(&self) -> Option<f64> {
+        self.bandwidth
+    }
+
+    /// Throttle in force, percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle
+            .and_then(|i| self.cfg.throttle_steps.get(i).copied())
+            .unwrap_or(0)
+    }
+
+    /// Pause predicted for sending `dirty` pages at the expected bandwidth.
+    pub fn predicted_downtime(&self, dirty: u64) -> Option<Duration> {
+        let (bw, cost) = (self.bandwidth?, self.page_cost?);
+        let secs = dirty as f64 * cost / bw.max(1.0);
+        Some(Duration::from_secs_f64(secs.min(1e9)))
+    }
+
+    /// Takes the outcome of the current action; returns the next.
+    pub fn handle(&mut self, ev: Event) -> Action {
+        if let Event::Failed(why) = ev {
+            return self.failed(why);
+        }
+        match (&self.phase, ev) {
+            (Phase::Prepare, Event::Prepared) => {
+                self.phase = Phase::PreCopy(0);
+                Action::SendRound {
+                    round: 0,
+                    full: true,
+                }
+            }
+            (Phase::PreCopy(n), Event::RoundSent(stats)) => {
+                let n = *n;
+                self.after_round(n, stats)
+            }
+            (Phase::Throttling, Event::Throttled) => {
+                let next = self.rounds.len() as u32;
+                self.phase = Phase::PreCopy(next);
+                Action::SendRound {
+                    round: next,
+                    full: false,
+                }
+            }
+            (Phase::Stopping, Event::SourceStopped) => {
+                self.source_stopped = true;
+                self.phase = Phase::StopAndCopy;
+                Action::SendFinal
+            }
+            (Phase::StopAndCopy, Event::FinalSent(stats)) => {
+                self.rounds.push(stats);
+                self.phase = Phase::Resuming;
+                Action::ResumeDestination
+            }
+            (Phase::PostCopy, Event::PostCopyDone) => {
+                self.phase = Phase::Cleanup;
+                self.outcome = Outcome::Migrated {
+                    how: Convergence::PostCopy,
+                };
+                Action::CleanupSource
+            }
+            (Phase::Resuming, Event::DestinationResumed) => {
+                // Committed: from here on the VM lives on the destination.
+                self.phase = Phase::Cleanup;
+                self.outcome = Outcome::Migrated {
+                    how: self.how.clone(),
+                };
+                Action::CleanupSource
+            }
+            (Phase::Cleanup, Event::CleanedUp) => {
+                self.phase = Phase::Done;
+                Action::Finished
+            }
+            (Phase::RollingBack, Event::RolledBack) => {
+                self.phase = Phase::RolledBack;
+                Action::Finished
+            }
+            (Phase::Done | Phase::RolledBack, _) => Action::Finished,
+            (phase, ev) => {
+                let why = format!("engine reported {ev:?} during {phase:?}");
+                self.failed(why)
+            }
+        }
+    }
+
+    fn after_round(&mut self, n: u32, stats: RoundStats) -> Action {
+        if stats.seconds > 0.0 && stats.wire_bytes > 0 {
+            let sample = stats.wire_bytes as f64 / stats.seconds;
+            let a = self.cfg.bandwidth_alpha;
+            self.bandwidth = Some(
+                self.bandwidth
+                    .map_or(sample, |b| b * (1.0 - a) + sample * a),
+            );
+        }
+        if stats.pages > 0 {
+            let sample = stats.wire_bytes as f64 / stats.pages as f64;
+            // Weighted by pages: a round of a handful of pages says little.
+            self.page_cost = Some(match self.page_cost {
+                None => sample,
+                Some(c) => {
+                    let w = (stats.pages as f64 / (stats.pages as f64 + 1000.0)).max(0.05);
+                    c * (1.0 - w) + sample * w
+                }
+            });
+        }
+        let dirty = stats.dirty_after;
+        let previous = (n > 0).then_some(stats.pages);
+        self.rounds.push(stats);
+        if self
+            .predicted_downtime(dirty)
+            .is_some_and(|d| d <= self.cfg.downtime_budget)
+        {
+            self.phase = Phase::Stopping;
+            return Action::StopSource;
+        }
+        // Not yet: did this round shrink the dirty set?
+        if previous.is_some_and(|p| dirty as f64 >= p as f64 * self.cfg.shrink_ratio) {
+            self.stalls += 1;
+        } else {
+            self.stalls = 0;
+        }
+        let out_of_rounds = n + 1 >= self.cfg.max_rounds;
+        if self.stalls >= self.cfg.stall_rounds || out_of_rounds {
+            self.stalls = 0;
+            return self.escalate(dirty);
+        }
+        self.phase = Phase::PreCopy(n + 1);
+        Action::SendRound {
+            round: n + 1,
+            full: false,
+        }
+    }
+
+    fn escalate(&mut self, dirty: u64) -> Action {
+        let rounds = self.rounds.len() as u32;
+        if self.caps.throttle && rounds < self.cfg.max_rounds {
+            let next = self.throttle.map_or(0, |i| i + 1);
+            if let Some(&percent) = self.cfg.throttle_steps.get(next) {
+                self.throttle = Some(next);
+                self.how = Convergence::Throttled(percent);
+                self.phase = Phase::Throttling;
+                return Action::Throttle { percent };
+            }
+        }
+        if self.caps.postcopy {
+            self.phase = Phase::PostCopy;
+            return Action::StartPostCopy;
+        }
+        let predicted = self
+            .predicted_downtime(dirty)
+            .map_or_else(|| "unknown".into(), |d| format!("{} ms", d.as_millis()));
+        let bw = self.bandwidth.map_or(0.0, |b| b * 8.0 / 1e6);
+        self.failed(format!(
+            "did not converge after {rounds} rounds{}: {dirty} pages stay dirty per round at \
+             {bw:.1} Mbit/s, a predicted downtime of {predicted} against a budget of {} ms",
+            if self.throttle.is_some() {
+                format!(" and throttling by {}%", self.throttle())
+            } else {
+                String::new()
+            },
+            self.cfg.downtime_budget.as_millis()
+        ))
+    }
+
+    fn failed(&mut self, why: String) -> Action {
+        match self.phase {
+            // Once the destination runs, the VM is there: a failing cleanup is not a reason
+            // to move it back.
+            Phase::Cleanup => {
+                self.phase = Phase::Done;
+                Action::Finished
+            }
+            Phase::Done | Phase::RolledBack => Action::Finished,
+            Phase::RollingBack => {
+                // A rollback that fails is reported as such; there is nothing further to try.
+                self.phase = Phase::RolledBack;
+                if let Outcome::RolledBack { reason } = &mut self.outcome {
+                    reason.push_str(&format!("; the rollback itself failed: {why}"));
+                }
+                Action::Finished
+            }
+            _ => {
+                let phase = format!("{:?}", self.phase);
+                let reason = format!("{why} (in {phase})");
+                self.phase = Phase::RollingBack;
+                self.outcome = Outcome::RolledBack {
+                    reason: reason.clone(),
+                };
+                Action::Rollback { reason }
+            }
+        }
+    }
+
+    /// Whether the source was paused at some point (a rollback must resume it).
+    pub fn source_stopped(&self) -> bool {
+        self.source_stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model VM and link: `pages` of memory, the guest dirtying `dirty_pps` distinct pages
+    /// per second (scaled down by throttling), a link of `bw` bytes/s, `cost` wire bytes per
+    /// page. Drives the machine to the end and returns the actions it took.
+    fn simulate(
+        cfg: Config,
+        caps: SourceCaps,
+        pages: u64,
+        dirty_pps: f64,
+        bw: f64,
+        cost: f64,
+        fail_at: Option<&dyn Fn(&Action) -> bool>,
+    ) -> (Orchestrator, Vec<Action>) {
+        let mut o = Orchestrator::new(cfg, caps);
+        let mut actions = vec![o.start()];
+        let mut throttle = 0u8;
+        for _ in 0..1000 {
+            let a = actions.last().unwrap().clone();
+            if a == Action::Finished {
+                return (o, actions);
+            }
+            if fail_at.is_some_and(|f| f(&a)) {
+                actions.push(o.handle(Event::Failed("injected".into())));
+                continue;
+            }
+            let ev = match a {
+                Action::Prepare => Event::Prepared,
+                Action::SendRound { full, .. } => {
+                    let sent = if full {
+                        pages
+                    } else {
+                        o.rounds().last().map_or(pages, |r| r.dirty_after)
+                    };
+                    let secs = sent as f64 * cost / bw;
+                    let rate = dirty_pps * f64::from(100 - throttle) / 100.0;
+                    let dirty_after = ((rate * secs) as u64).min(pages);
+                    Event::RoundSent(RoundStats {
+                        pages: sent,
+                        wire_bytes: (sent as f64 * cost) as u64,
+                        seconds: secs,
+                        dirty_after,
+                    })
+                }
+                Action::Throttle { percent } => {
+                    throttle = percent;
+                    Event::Throttled
+                }
+                Action::StopSource => Event::SourceStopped,
+                Action::SendFinal => {
+                    let sent = o.rounds().last().map_or(0, |r| r.dirty_after);
+                    Event::FinalSent(RoundStats {
+                        pages: sent,
+                        wire_bytes: (sent as f64 * cost) as u64,
+                        seconds: sent as f64 * cost / bw,
+                        dirty_after: 0,
+                    })
+                }
+                Action::StartPostCopy => Event::PostCopyDone,
+                Action::ResumeDestination => Event::DestinationResumed,
+                Action::CleanupSource => Event::CleanedUp,
+                Action::Rollback { .. } => Event::RolledBack,
+                Action::Finished => unreachable!(),
+            };
+            actions.push(o.handle(ev));
+        }
+        panic!("no end after 1000 steps: {actions:?}");
+    }
+
+    const GIB_PAGES: u64 = 262_144;
+
+    #[test]
+    fn a_workload_slower_than_the_link_converges_within_the_budget() {
+        // 1 GiB, 200 Mbit/s link, 1500 bytes per page on the wire, 2560 pages/s dirtied
+        // (10 MB/s).
+        let (o, actions) = simulate(
+            Config::default(),
+            SourceCaps::default(),
+            GIB_PAGES,
+            2560.0,
+            25e6,
+            1500.0,
+            None,
+        );
+        assert!(
+            matches!(
+                o.outcome(),
+                Outcome::Migrated {
+                    how: Convergence::Converged
+                }
+            ),
+            "{:?}",
+            o.outcome()
+        );
+        assert!(actions.contains(&Action::StopSource));
+        let last = o.rounds().last().unwrap();
+        assert!(last.seconds <= 0.3, "final round took {} s", last.seconds);
+        assert!(
+            o.rounds().len() >= 3,
+            "several rounds: {}",
+            o.rounds().len()
+        );
+        assert_eq!(o.phase(), &Phase::Done);
+    }
+
+    #[test]
+    fn a_workload_faster_than_the_link_is_throttled_until_it_converges() {
+        // Dirtying twice the link rate.
+        let link = 25e6;
+        let pps = 2.0 * link / 1500.0;
+        let caps = SourceCaps {
+            throttle: true,
+            postcopy: false,
+        };
+        let (o, actions) = simulate(Config::default(), caps, GIB_PAGES, pps, link, 1500.0, None);
+        assert!(
+            matches!(
+                o.outcome(),
+                Outcome::Migrated {
+                    how: Convergence::Throttled(_)
+                }
+            ),
+            "{:?}",
+            o.outcome()
+        );
+        let throttles: Vec<u8> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Throttle { percent } => Some(*percent),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !throttles.is_empty() && throttles.windows(2).all(|w| w[0] < w[1]),
+            "{throttles:?}"
+        );
+        assert!(o.rounds().last().unwrap().seconds <= 0.3);
+    }
+
+    #[test]
+    fn without_throttle_or_postcopy_a_runaway_workload_is_aborted_with_a_reason() {
+        let link = 25e6;
+        let (o, actions) = simulate(
+            Config::default(),
+            SourceCaps::default(),
+            GIB_PAGES,
+            2.0 * link / 1500.0,
+            link,
+            1500.0,
+            None,
+        );
+        let Outcome::RolledBack { reason } = o.outcome() else {
+            panic!("{:?}", o.outcome())
+        };
+        assert!(
+            reason.contains("did not converge") && reason.contains("budget of 300 ms"),
+            "{reason}"
+        );
+        assert!(
+            !actions.contains(&Action::StopSource),
+            "the source was never paused"
+        );
+        assert_eq!(o.phase(), &Phase::RolledBack);
+    }
+
+    #[test]
+    fn post_copy_finishes_what_throttling_cannot() {
+        // Throttling is not enough (a guest dirtying 100x the link) but post-copy is there.
+        let link = 25e6;
+        let caps = SourceCaps {
+            throttle: true,
+            postcopy: true,
+        };
+        let (o, actions) = simulate(
+            Config::default(),
+            caps,
+            GIB_PAGES,
+            100.0 * link / 1500.0,
+            link,
+            1500.0,
+            None,
+        );
+        assert!(
+            matches!(
+                o.outcome(),
+                Outcome::Migrated {
+                    how: Convergence::PostCopy
+                }
+            ),
+            "{:?}",
+            o.outcome()
+        );
+        assert!(actions.contains(&Action::StartPostCopy));
+    }
+
+    #[test]
+    fn a_failure_in_any_phase_before_resume_rolls_back_and_says_where() {
+        type Pick = fn(&Action) -> bool;
+        let cases: [(&str, Pick); 5] = [
+            ("Prepare", |a| matches!(a, Action::Prepare)),
+            ("PreCopy(0)", |a| {
+                matches!(a, Action::SendRound { round: 0, .. })
+            }),
+            ("PreCopy(2)", |a| {
+                matches!(a, Action::SendRound { round: 2, .. })
+            }),
+            ("StopAndCopy", |a| matches!(a, Action::SendFinal)),
+            ("Resuming", |a| matches!(a, Action::ResumeDestination)),
+        ];
+        for (phase, pick) in cases {
+            let (o, actions) = simulate(
+                Config::default(),
+                SourceCaps::default(),
+                GIB_PAGES,
+                2560.0,
+                25e6,
+                1500.0,
+                Some(&pick),
+            );
+            let Outcome::RolledBack { reason } = o.outcome() else {
+                panic!("{phase}: {:?}", o.outcome())
+            };
+            assert!(
+                reason.contains("injected") && reason.contains(phase),
+                "{phase}: {reason}"
+            );
+            assert!(
+                actions.iter().any(|a| matches!(a, Action::Rollback { .. })),
+                "{phase}"
+            );
+            assert!(
+                !actions.contains(&Action::CleanupSource),
+                "{phase}: source kept"
+            );
+            // A paused source is known to the engine, which resumes it in the rollback.
+            assert_eq!(
+                o.source_stopped(),
+                phase == "StopAndCopy" || phase == "Resuming",
+                "{phase}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_cleanup_after_resume_does_not_undo_the_migration() {
+        let pick = |a: &Action| matches!(a, Action::CleanupSource);
+        let (o, _) = simulate(
+            Config::default(),
+            SourceCaps::default(),
+            GIB_PAGES,
+            2560.0,
+            25e6,
+            1500.0,
+            Some(&pick),
+        );
+        assert!(
+            matches!(o.outcome(), Outcome::Migrated { .. }),
+            "{:?}",
+            o.outcome()
+        );
+    }
+
+    #[test]
+    fn an_event_out_of_order_is_a_failure_not_a_panic() {
+        let mut o = Orchestrator::new(Config::default(), SourceCaps::default());
+        let a = o.handle(Event::SourceStopped);
+        assert!(matches!(a, Action::Rollback { .. }), "{a:?}");
+        assert_eq!(o.handle(Event::RolledBack), Action::Finished);
+        assert_eq!(o.handle(Event::Prepared), Action::Finished);
+    }
+
+    proptest::proptest! {
+        /// Whatever the workload and link, the machine ends (migrated or rolled back) in a
+        /// bounded number of steps, and a migration that stopped the source had a predicted
+        /// pause within budget or used post-copy.
+        #[test]
+        fn always_ends(pages in 1u64..1_000_000, pps in 0.0f64..1e6, bw in 1e5f64..1e10, cost in 10.0f64..5000.0, throttle: bool, postcopy: bool) {
+            let (o, _) = simulate(Config::default(), SourceCaps { throttle, postcopy }, pages, pps, bw, cost, None);
+            proptest::prop_assert!(matches!(o.phase(), Phase::Done | Phase::RolledBack));
+            proptest::prop_assert!(o.rounds().len() <= 31);
+        }
+    }
+}
