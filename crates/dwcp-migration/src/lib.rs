@@ -2,8 +2,16 @@
 //!
 //! - [`orchestrator`]: the migration state machine, sans I/O: phases, stop-and-copy decision,
 //!   escalation when rounds stop shrinking, rollback from any phase.
+//! - [`memvm`]: a memory-image VM under a live dirtying workload with dirty tracking.
+//! - [`engine`]: the source side of a migration to a destination agent over transfer
+//!   sessions, rounds encoded with HDE.
 
+pub mod engine;
+pub mod memvm;
 pub mod orchestrator;
+
+pub use engine::{Destination, MigrationReport, MigrationSpec, Progress, RoundReport, migrate};
+pub use memvm::MemoryVm;
 
 pub use orchestrator::{
     Action, Config, Convergence, Event, Orchestrator, Outcome, Phase, RoundStats, SourceCaps,

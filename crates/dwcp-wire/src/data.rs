@@ -33,6 +33,32 @@ impl FrameType {
     pub const BASE_QUERY: Self = Self(0x0017);
     /// Receiver: a piece of its answer to `BASE_QUERY`.
     pub const BASE_INFO: Self = Self(0x0018);
+    /// Sender: commit or abort a migration target; the receiver answers `OBJECT_DONE`.
+    pub const MIGRATION: Self = Self(0x0019);
+}
+
+/// `ObjectBegin::encoding`: an HDE page object applied in place to the migration target
+/// `name` (live-migration rounds; no content digest, the target is published by
+/// `MIGRATION` commit).
+pub const ENCODING_HDE_PAGES_INPLACE: u32 = 3;
+
+/// `Migration::op`: publish the migration target under its name.
+pub const MIGRATION_COMMIT: u32 = 1;
+/// `Migration::op`: delete the migration target.
+pub const MIGRATION_ABORT: u32 = 2;
+
+/// `MIGRATION` (0x0019).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct Migration {
+    /// Id echoed in the `OBJECT_DONE` answer.
+    #[prost(uint64, tag = "1")]
+    pub object: u64,
+    /// [`MIGRATION_COMMIT`] or [`MIGRATION_ABORT`].
+    #[prost(uint32, tag = "2")]
+    pub op: u32,
+    /// The target's name.
+    #[prost(string, tag = "3")]
+    pub name: String,
 }
 
 /// `ObjectBegin::encoding`: the object is the content itself.
@@ -108,6 +134,9 @@ pub struct BaseQuery {
     /// Page size for the page hashes (0: no page hashes wanted).
     #[prost(uint32, tag = "4")]
     pub page_size: u32,
+    /// Hash the migration target `name` (rounds applied so far) rather than the published file.
+    #[prost(bool, tag = "5")]
+    pub migration_target: bool,
 }
 
 /// `BASE_INFO` (0x0018): one piece of one part of the answer; parts are sent in order, each in

@@ -79,6 +79,7 @@ impl FrameType {
             Self::OBJECT_DONE => "object_done",
             Self::BASE_QUERY => "base_query",
             Self::BASE_INFO => "base_info",
+            Self::MIGRATION => "migration",
             t if t.is_extension() => "extension",
             _ => "unknown",
         }

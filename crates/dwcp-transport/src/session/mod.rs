@@ -12,4 +12,7 @@ pub mod send;
 
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
 pub use recv::{Receiver, RecvEvent, Served};
-pub use send::{ObjectReport, Progress, SendError, SendOptions, SendReport, Source, send_files};
+pub use send::{
+    ObjectReport, Progress, SendError, SendOptions, SendReport, Source, migration_op, query_base,
+    send_files,
+};

@@ -15,6 +15,8 @@
 //! .NAME.dwcp-state   "dwcp-part 1\n<version tag>\n<size>\n<contiguous bytes>\n"
 //! NAME               the verified file (the part file renamed)
 //! .NAME.dwcp-decode  an HDE-encoded object being decoded (from NAME, its base, if present)
+//! .NAME.dwcp-migrating  a live-migration target: rounds are applied to it in place, and a
+//!                    MIGRATION commit renames it to NAME (an abort deletes it)
 //! ```
 //!
 //! An object sent delta-encoded (HDE, `ObjectBegin::encoding`) is received and verified the
@@ -34,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use dwcp_encoding::{BaselineCache, ContentSource, NoCache, RemoteIndex};
 use dwcp_wire::data::{
-    self, Ack, BaseInfo, BaseQuery, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin,
+    self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
+    SessionJoin,
 };
 use dwcp_wire::msg::{self, Close, Ping};
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId};
@@ -451,6 +454,12 @@ impl Receiver {
                     };
                     self.send(&mut writer, &reply).await?;
                 }
+                FrameType::MIGRATION => {
+                    let m: Migration = msg::decode(&frame).map_err(HandshakeError::from)?;
+                    let done = self.migration(&peer, &m).await;
+                    self.send(&mut writer, &msg::encode(FrameType::OBJECT_DONE, &done))
+                        .await?;
+                }
                 FrameType::BASE_QUERY => {
                     let q: BaseQuery = msg::decode(&frame).map_err(HandshakeError::from)?;
                     self.answer_base_query(&peer, &q, &mut writer).await?;
@@ -545,7 +554,10 @@ impl Receiver {
             _ => Vec::new(),
         };
         let ps = q.page_size as usize;
-        let path = self.dir_for(peer).join(&q.name);
+        let mut path = self.dir_for(peer).join(&q.name);
+        if q.migration_target {
+            path = migration_target(&path);
+        }
         let pages = if self.delta
             && check_name(&q.name).is_ok()
             && (512..=65536).contains(&ps)
@@ -586,6 +598,65 @@ impl Receiver {
         Ok(())
     }
 
+    /// Commits (publishes) or aborts (deletes) a migration target.
+    async fn migration(&self, peer: &NodeId, m: &Migration) -> ObjectDone {
+        let refuse = |reason: String| ObjectDone {
+            object: m.object,
+            code: ErrorCode::STORAGE_ERROR.0,
+            reason,
+        };
+        if let Err(e) = check_name(&m.name) {
+            return refuse(e);
+        }
+        let path = self.dir_for(peer).join(&m.name);
+        if !lock(&self.active).insert(path.clone()) {
+            return refuse(format!("a transfer into {:?} is in progress", m.name));
+        }
+        let target = migration_target(&path);
+        let op = m.op;
+        let name = m.name.clone();
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            match op {
+                data::MIGRATION_COMMIT => {
+                    File::open(&target)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| format!("no migration target for {name:?}: {e}"))?;
+                    fs::rename(&target, &p).map_err(|e| format!("cannot publish {name:?}: {e}"))?;
+                    if let Some(dir) = p.parent() {
+                        File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+                    }
+                    Ok(())
+                }
+                data::MIGRATION_ABORT => match fs::remove_file(&target) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(format!("cannot remove the migration target {name:?}: {e}")),
+                },
+                other => Err(format!("unknown migration op {other}")),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        lock(&self.active).remove(&path);
+        match r {
+            Ok(()) => {
+                info!(%peer, name = %m.name, op = m.op, "migration target {}", if m.op == data::MIGRATION_COMMIT { "committed" } else { "aborted" });
+                ObjectDone {
+                    object: m.object,
+                    code: 0,
+                    reason: String::new(),
+                }
+            }
+            Err(reason) => {
+                warn!(%peer, name = %m.name, "migration op failed: {reason}");
+                refuse(reason)
+            }
+        }
+    }
+
     fn dir_for(&self, peer: &NodeId) -> PathBuf {
         if self.per_peer {
             self.dir.join(peer.as_str())
@@ -606,6 +677,19 @@ impl Receiver {
             data::ENCODING_RAW => None,
             _ if !self.delta => {
                 return Err("delta-encoded objects are turned off on this receiver".into());
+            }
+            data::ENCODING_HDE_PAGES_INPLACE => {
+                if b.raw_size > MAX_RAW_SIZE || b.raw_size == 0 {
+                    return Err(format!(
+                        "migration round for {:?} needs a target size of 1..={MAX_RAW_SIZE} bytes",
+                        b.name
+                    ));
+                }
+                Some(Delta {
+                    encoding: b.encoding,
+                    raw_size: b.raw_size,
+                    raw_blake3: Vec::new(),
+                })
             }
             data::ENCODING_HDE_PAGES | data::ENCODING_HDE_STREAM => {
                 if b.raw_blake3.len() != 32 || b.raw_size > MAX_RAW_SIZE {
@@ -800,7 +884,11 @@ impl Receiver {
                 ));
             }
             if let Some(d) = &delta {
-                let r = decode_into(&part, &final_path, d, cache.as_deref());
+                let r = if d.encoding == data::ENCODING_HDE_PAGES_INPLACE {
+                    apply_round(&part, &final_path, d, cache.as_deref())
+                } else {
+                    decode_into(&part, &final_path, d, cache.as_deref())
+                };
                 let _ = fs::remove_file(&part);
                 let _ = fs::remove_file(&state);
                 r?;
@@ -913,6 +1001,94 @@ fn page_hashes(path: &Path, size: u64, page_size: usize) -> Vec<u8> {
         left -= n as u64;
     }
     out
+}
+
+/// Where the migration target of `path` lives until it is committed.
+fn migration_target(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.dwcp-migrating"))
+}
+
+/// Applies a verified migration round in `part` to the migration target of `final_path`, in
+/// place: pages not in the round keep what earlier rounds wrote.
+fn apply_round(
+    part: &Path,
+    final_path: &Path,
+    d: &Delta,
+    cache: Option<&Mutex<BaselineCache>>,
+) -> Result<(), (ErrorCode, String)> {
+    let storage =
+        |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
+    let target = migration_target(final_path);
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&target)
+        .map_err(|e| storage("cannot open the migration target", &e))?;
+    if out.metadata().map(|m| m.len()).ok() != Some(d.raw_size) {
+        out.set_len(d.raw_size)
+            .map_err(|e| storage("cannot size the migration target", &e))?;
+    }
+    let mut input = File::open(part).map_err(|e| storage("cannot read the round", &e))?;
+    let mut head = [0u8; 6];
+    input
+        .read_exact(&mut head)
+        .map_err(|e| storage("cannot read the round", &e))?;
+    let shift = head[5];
+    if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT).contains(&shift)
+        || d.raw_size % (1u64 << shift) != 0
+    {
+        return Err((
+            ErrorCode::PROTOCOL_ERROR,
+            "migration round has a bad page size".into(),
+        ));
+    }
+    let bad = |e: dwcp_encoding::DecodeError| match e {
+        dwcp_encoding::DecodeError::Store(e) => storage("cannot write the migration target", &e),
+        e => (
+            ErrorCode::PROTOCOL_ERROR,
+            format!("undecodable migration round: {e}"),
+        ),
+    };
+    let mut store = dwcp_encoding::FileStore::new(out, d.raw_size >> shift, 1 << shift)
+        .map_err(|e| storage("cannot open the migration target", &e))?;
+    let mut guard = cache.map(lock);
+    let mut none = NoCache;
+    let src: &mut dyn ContentSource = match guard.as_deref_mut() {
+        Some(c) => c,
+        None => &mut none,
+    };
+    let mut dec = dwcp_encoding::PageDecoder::new();
+    dec.push(&head, &mut store, src).map_err(bad)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input
+            .read(&mut buf)
+            .map_err(|e| storage("cannot read the round", &e))?;
+        if n == 0 {
+            break;
+        }
+        dec.push(&buf[..n], &mut store, src).map_err(bad)?;
+    }
+    dec.finish().map_err(bad)?;
+    if !dec.missing().is_empty() {
+        return Err((
+            ErrorCode::DELTA_UNRESOLVED,
+            format!(
+                "{} pages referred to content this receiver does not hold",
+                dec.missing().len()
+            ),
+        ));
+    }
+    store
+        .into_file()
+        .sync_data()
+        .map_err(|e| storage("cannot sync", &e))
 }
 
 /// Decodes the verified encoded object in `part` into `final_path`: into a scratch copy of

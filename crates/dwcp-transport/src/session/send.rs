@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dwcp_encoding::RemoteIndex;
 use dwcp_wire::data::{
-    self, Ack, BaseInfo, BaseQuery, ObjectBegin, ObjectDone, ObjectEnd, ObjectState, SessionJoin,
+    self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
+    SessionJoin,
 };
 use dwcp_wire::msg;
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId, Version};
@@ -83,6 +84,9 @@ pub struct Source {
     pub size: u64,
     /// Size and modification time, so a changed file is not resumed onto an old copy.
     pub version_tag: String,
+    /// Set when the file already is an encoded object (e.g. a migration round): sent as is,
+    /// announced with these `ObjectBegin` fields (encoding, content size, content digest).
+    pub pre_encoded: Option<(u32, u64, Vec<u8>)>,
 }
 
 impl Source {
@@ -116,6 +120,7 @@ impl Source {
             name,
             size: meta.len(),
             version_tag: format!("size={} mtime_ns={mtime}", meta.len()),
+            pre_encoded: None,
         })
     }
 }
@@ -508,7 +513,8 @@ pub async fn send_files(
             let t0 = Instant::now();
             // Delta encoding: ask what the receiver holds, encode once per file (a resumed
             // transfer must send the same bytes), then send the encoded object instead.
-            let use_delta = opts.delta.enabled && session.delta && src.size > 0;
+            let use_delta =
+                opts.delta.enabled && session.delta && src.size > 0 && src.pre_encoded.is_none();
             if use_delta && !encoded.contains_key(&next_file) {
                 let cold = cold.contains(&next_file);
                 object_id += 1;
@@ -556,8 +562,11 @@ pub async fn send_files(
                 name: src.name.clone(),
                 size: e.size,
                 version_tag: format!("{} hde={}", src.version_tag, &e.digest.to_hex()[..16]),
+                pre_encoded: None,
             });
-            let extra = enc.map(|e| (e.encoding, src.size, e.raw_blake3.as_bytes().to_vec()));
+            let extra = enc
+                .map(|e| (e.encoding, src.size, e.raw_blake3.as_bytes().to_vec()))
+                .or_else(|| src.pre_encoded.clone());
             let raw_size = src.size;
             object_id += 1;
             let r = send_object(
@@ -620,7 +629,9 @@ pub async fn send_files(
                     restarted.push(next_file);
                 }
                 Err(ObjectFailure::Fatal(SendError::Refused { code, reason, .. }))
-                    if code == ErrorCode::DELTA_UNRESOLVED && !cold.contains(&next_file) =>
+                    if code == ErrorCode::DELTA_UNRESOLVED
+                        && !cold.contains(&next_file)
+                        && src.pre_encoded.is_none() =>
                 {
                     // The receiver lacks something the encoding referred to (evicted, or its
                     // copy changed): encode again without references to its holdings.
@@ -956,71 +967,14 @@ async fn prepare_delta(
             } else {
                 0
             },
+            migration_target: false,
         };
         w0.lock()
             .await
             .send(&msg::encode(FrameType::BASE_QUERY, &q))
             .await
             .map_err(|e| lost(e.to_string()))?;
-        // The answer: each part in pieces, in order; bounded by what a summary and a page
-        // list of this file can be.
-        let max_pages = if q.page_size > 0 {
-            src.size / u64::from(q.page_size) * 8
-        } else {
-            0
-        };
-        let limits = [(dwcp_encoding::MAX_SUMMARY_ENTRIES * 10), max_pages];
-        let mut parts: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-        let mut complete = [false, false];
-        while !(complete[0] && complete[1]) {
-            let ev = tokio::time::timeout(Duration::from_secs(60), session.events.recv())
-                .await
-                .map_err(|_| lost("no answer to BASE_QUERY within 60 s".into()))?
-                .ok_or_else(|| lost("all streams closed".into()))?;
-            match ev {
-                Event::Frame(f) if f.ty == FrameType::BASE_INFO => {
-                    let info: BaseInfo = decode(&f)?;
-                    if info.object != query_id {
-                        continue;
-                    }
-                    let i = match info.part {
-                        data::BASE_PART_SUMMARY => 0,
-                        data::BASE_PART_PAGES => 1,
-                        other => {
-                            return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
-                                "BASE_INFO part {other} is unknown"
-                            ))));
-                        }
-                    };
-                    let part = &mut parts[i];
-                    if info.total > limits[i]
-                        || info.offset != part.len() as u64
-                        || info.offset + info.data.len() as u64 > info.total
-                    {
-                        return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
-                            "BASE_INFO piece at {} of {} (part {}) does not follow the {} bytes \
-                             received, or exceeds the {}-byte limit",
-                            info.offset,
-                            info.total,
-                            info.part,
-                            part.len(),
-                            limits[i]
-                        ))));
-                    }
-                    part.extend_from_slice(&info.data);
-                    complete[i] = part.len() as u64 == info.total;
-                }
-                Event::Frame(_) => {}
-                Event::Lost(i, generation, why) => {
-                    on_lost(session, report, i, generation, &why, None).await;
-                    if session.alive() == 0 {
-                        return Err(lost(why));
-                    }
-                }
-            }
-        }
-        let [summary, pages] = parts;
-        (summary, pages)
+        collect_base_info(session, report, &q).await?
     };
     let remote = if summary.is_empty() {
         None
@@ -1052,6 +1006,198 @@ async fn prepare_delta(
         "delta-encoded"
     );
     Ok(e)
+}
+
+/// Waits for the receiver's answer to `q` (`BASE_INFO` parts) on the session.
+async fn collect_base_info(
+    session: &mut Session,
+    report: &mut SendReport,
+    q: &BaseQuery,
+) -> Result<(Vec<u8>, Vec<u8>), ObjectFailure> {
+    let lost = |why: String| ObjectFailure::SessionLost(why);
+    let query_id = q.object;
+    // The answer: each part in pieces, in order; bounded by what a summary and a page
+    // list of this file can be.
+    let max_pages = if q.page_size > 0 {
+        q.raw_size / u64::from(q.page_size) * 8
+    } else {
+        0
+    };
+    let limits = [(dwcp_encoding::MAX_SUMMARY_ENTRIES * 10), max_pages];
+    let mut parts: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut complete = [false, false];
+    while !(complete[0] && complete[1]) {
+        let ev = tokio::time::timeout(Duration::from_secs(60), session.events.recv())
+            .await
+            .map_err(|_| lost("no answer to BASE_QUERY within 60 s".into()))?
+            .ok_or_else(|| lost("all streams closed".into()))?;
+        match ev {
+            Event::Frame(f) if f.ty == FrameType::BASE_INFO => {
+                let info: BaseInfo = decode(&f)?;
+                if info.object != query_id {
+                    continue;
+                }
+                let i = match info.part {
+                    data::BASE_PART_SUMMARY => 0,
+                    data::BASE_PART_PAGES => 1,
+                    other => {
+                        return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
+                            "BASE_INFO part {other} is unknown"
+                        ))));
+                    }
+                };
+                let part = &mut parts[i];
+                if info.total > limits[i]
+                    || info.offset != part.len() as u64
+                    || info.offset + info.data.len() as u64 > info.total
+                {
+                    return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
+                        "BASE_INFO piece at {} of {} (part {}) does not follow the {} bytes \
+                             received, or exceeds the {}-byte limit",
+                        info.offset,
+                        info.total,
+                        info.part,
+                        part.len(),
+                        limits[i]
+                    ))));
+                }
+                part.extend_from_slice(&info.data);
+                complete[i] = part.len() as u64 == info.total;
+            }
+            Event::Frame(_) => {}
+            Event::Lost(i, generation, why) => {
+                on_lost(session, report, i, generation, &why, None).await;
+                if session.alive() == 0 {
+                    return Err(lost(why));
+                }
+            }
+        }
+    }
+    let [summary, pages] = parts;
+    Ok((summary, pages))
+}
+
+/// Asks a receiver what it holds for `name`: its cache summary, and the summary hashes of
+/// the pages of its copy (or, with `migration_target`, of the migration target) if that
+/// is `raw_size` bytes. One short session.
+pub async fn query_base(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    name: &str,
+    raw_size: u64,
+    page_size: u32,
+    migration_target: bool,
+) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
+    let mut session = Session::open(endpoint, addr, expected, 1)
+        .await
+        .map_err(SendError::Connect)?;
+    let mut report = SendReport::default();
+    let q = BaseQuery {
+        object: 1,
+        name: name.to_string(),
+        raw_size,
+        page_size,
+        migration_target,
+    };
+    let r = async {
+        let w = session
+            .any_writer()
+            .ok_or_else(|| SendError::Protocol("no stream".into()))?;
+        w.lock()
+            .await
+            .send(&msg::encode(FrameType::BASE_QUERY, &q))
+            .await
+            .map_err(SendError::Connect)?;
+        collect_base_info(&mut session, &mut report, &q)
+            .await
+            .map_err(|f| match f {
+                ObjectFailure::Fatal(e) => e,
+                ObjectFailure::SessionLost(why) => SendError::Interrupted {
+                    retry_for: Duration::ZERO,
+                    last: why,
+                },
+            })
+    }
+    .await;
+    session.close(ErrorCode::NO_ERROR, "query done").await;
+    let (summary, pages) = r?;
+    let remote = if summary.is_empty() {
+        None
+    } else {
+        Some(
+            RemoteIndex::decode(&summary)
+                .map_err(|e| SendError::Protocol(format!("receiver's cache summary: {e}")))?,
+        )
+    };
+    let pages = pages
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    Ok((remote, pages))
+}
+
+/// Commits or aborts the migration target `name` on a receiver (`MIGRATION`).
+pub async fn migration_op(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    name: &str,
+    op: u32,
+) -> Result<(), SendError> {
+    let mut session = Session::open(endpoint, addr, expected, 1)
+        .await
+        .map_err(SendError::Connect)?;
+    let m = Migration {
+        object: 1,
+        op,
+        name: name.to_string(),
+    };
+    let r = async {
+        let w = session
+            .any_writer()
+            .ok_or_else(|| SendError::Protocol("no stream".into()))?;
+        w.lock()
+            .await
+            .send(&msg::encode(FrameType::MIGRATION, &m))
+            .await
+            .map_err(SendError::Connect)?;
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), session.events.recv())
+                .await
+                .map_err(|_| SendError::Protocol("no answer to MIGRATION within 60 s".into()))?
+                .ok_or_else(|| SendError::Protocol("connection closed before the answer".into()))?;
+            match ev {
+                Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
+                    let d: ObjectDone =
+                        msg::decode(&f).map_err(|e| SendError::Protocol(e.to_string()))?;
+                    if d.object != m.object {
+                        continue;
+                    }
+                    if d.code == 0 {
+                        return Ok(());
+                    }
+                    return Err(SendError::Refused {
+                        name: m.name.clone(),
+                        code: ErrorCode(d.code),
+                        reason: msg::printable(&d.reason, 500),
+                    });
+                }
+                Event::Frame(_) => {}
+                Event::Lost(_, _, why) => {
+                    return Err(SendError::Interrupted {
+                        retry_for: Duration::ZERO,
+                        last: why,
+                    });
+                }
+            }
+        }
+    }
+    .await;
+    session
+        .close(ErrorCode::NO_ERROR, "migration op done")
+        .await;
+    r
 }
 
 async fn on_lost(

@@ -1,0 +1,505 @@
+//! The source side of a live migration of a [`MemoryVm`] to a destination node: drives the
+//! [`Orchestrator`], sending each round as an HDE page object over a transfer session.
+//!
+//! Each round takes the VM's dirty set, copies those pages, and encodes them against what the
+//! destination holds: the content it was sent last for that address (the *shadow*, so an
+//! edited page travels as an XOR delta), the destination's baseline cache (round 0, from the
+//! summary asked for in the prepare phase), duplicates, zero pages. The destination applies
+//! rounds in place to a migration target that a `MIGRATION` commit publishes at the end; a
+//! rollback aborts it. After the commit, the pages of the paused source and of the
+//! destination are compared, hash by hash.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use dwcp_encoding::chooser::Chooser;
+use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
+use dwcp_transport::Endpoint;
+use dwcp_transport::session::{
+    DeltaOptions, SendError, SendOptions, Source, migration_op, query_base, send_files,
+};
+use dwcp_wire::{ErrorCode, NodeId, data};
+use tracing::{info, warn};
+
+use crate::memvm::MemoryVm;
+use crate::orchestrator::{Action, Config, Event, Orchestrator, Outcome, RoundStats, SourceCaps};
+
+/// Where to and how.
+#[derive(Debug, Clone)]
+pub struct MigrationSpec {
+    /// Name of the VM's memory image at the destination.
+    pub name: String,
+    /// Orchestrator tuning (downtime budget, rounds, throttle steps).
+    pub config: Config,
+    /// Whether the guest may be throttled (auto-converge).
+    pub throttle: bool,
+    /// Compressor; `None` lets the chooser pick for `link_bps`.
+    pub codec: Option<Codec>,
+    /// The link's bandwidth, bytes per second, for the chooser.
+    pub link_bps: u64,
+    /// Parallel connections per round.
+    pub streams: u32,
+}
+
+impl MigrationSpec {
+    /// Defaults for a VM named `name`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            config: Config::default(),
+            throttle: true,
+            codec: None,
+            link_bps: dwcp_transport::session::DEFAULT_LINK_BPS,
+            streams: 8,
+        }
+    }
+}
+
+/// The destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    /// This node's endpoint (credentials, settings).
+    pub endpoint: &'a Endpoint,
+    /// The destination agent.
+    pub addr: SocketAddr,
+    /// Refuse any other node.
+    pub expected: Option<&'a NodeId>,
+}
+
+/// One round as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundReport {
+    /// Round number (the last one ran with the guest paused).
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Seconds (encode and send).
+    pub seconds: f64,
+    /// Pages dirtied meanwhile.
+    pub dirty_after: u64,
+    /// Guest throttle in force, percent.
+    pub throttle: u8,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationReport {
+    /// Whether the VM now runs on the destination.
+    pub migrated: bool,
+    /// How pre-copy ended, or why it was rolled back.
+    pub how: String,
+    /// Wall-clock seconds from start to commit (or to the end of the rollback).
+    pub total_seconds: f64,
+    /// Guest paused (source stopped) until the destination committed, milliseconds.
+    pub downtime_ms: Option<f64>,
+    /// Rounds, the final one last.
+    pub rounds: Vec<RoundReport>,
+    /// Guest memory size.
+    pub guest_bytes: u64,
+    /// Bytes on the wire over all rounds.
+    pub wire_bytes: u64,
+    /// Whether the destination's pages equal the paused source's, checked after the commit.
+    pub bit_exact: Option<bool>,
+    /// Compressor used.
+    pub codec: String,
+    /// Pages sent as zero / same / dup / cache / XOR / literal, over all rounds.
+    pub levels: [u64; 6],
+    /// Predicted pause when the source was stopped, milliseconds.
+    pub predicted_downtime_ms: Option<f64>,
+}
+
+/// Live progress for displays.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Phase name.
+    pub phase: String,
+    /// Current round.
+    pub round: u32,
+    /// Dirty pages left.
+    pub dirty: u64,
+    /// Expected goodput, bytes/s.
+    pub bandwidth: Option<f64>,
+    /// Bytes on the wire so far.
+    pub wire_bytes: u64,
+    /// Predicted pause if stopped now, ms.
+    pub predicted_downtime_ms: Option<f64>,
+    /// Guest throttle, percent.
+    pub throttle: u8,
+}
+
+/// Migrates `vm` to `dest`. Never leaves both sides without the VM: any failure before the
+/// commit resumes the source and aborts the destination's target.
+pub async fn migrate(
+    vm: &MemoryVm,
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> MigrationReport {
+    let started = Instant::now();
+    let ps = vm.page_size();
+    let pages = vm.pages();
+    let raw_size = pages * ps as u64;
+    let caps = SourceCaps {
+        throttle: spec.throttle,
+        postcopy: false,
+    };
+    let mut orch = Orchestrator::new(spec.config.clone(), caps);
+    let mut action = orch.start();
+    let mut state = RoundState {
+        shadow: vec![0u8; raw_size as usize],
+        sent: vec![0u64; pages.div_ceil(64) as usize],
+        remote: None,
+        codec: spec.codec.unwrap_or(Codec::Zstd(2)),
+        levels: [0; 6],
+        id: format!(
+            "{:x}",
+            started.elapsed().as_nanos() ^ u128::from(std::process::id())
+        ),
+    };
+    let mut report = MigrationReport {
+        migrated: false,
+        how: String::new(),
+        total_seconds: 0.0,
+        downtime_ms: None,
+        rounds: Vec::new(),
+        guest_bytes: raw_size,
+        wire_bytes: 0,
+        bit_exact: None,
+        codec: String::new(),
+        levels: [0; 6],
+        predicted_downtime_ms: None,
+    };
+    let mut paused_at: Option<Instant> = None;
+    // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
+    for _ in 0..(spec.config.max_rounds as usize + 64) {
+        progress(&Progress {
+            phase: format!("{:?}", orch.phase()),
+            round: orch.rounds().len() as u32,
+            dirty: vm.dirty_count(),
+            bandwidth: orch.bandwidth(),
+            wire_bytes: report.wire_bytes,
+            predicted_downtime_ms: orch
+                .predicted_downtime(vm.dirty_count())
+                .map(|d| d.as_secs_f64() * 1000.0),
+            throttle: orch.throttle(),
+        });
+        let event = match action.clone() {
+            Action::Prepare => prepare(vm, dest, spec, &mut state).await,
+            Action::SendRound { round, .. } => {
+                match send_round(vm, dest, spec, &mut state, round).await {
+                    Ok(stats) => {
+                        report.wire_bytes += stats.wire_bytes;
+                        report
+                            .rounds
+                            .push(round_report(round, &stats, orch.throttle()));
+                        Event::RoundSent(stats)
+                    }
+                    Err(e) => Event::Failed(e),
+                }
+            }
+            Action::Throttle { percent } => {
+                vm.throttle(percent);
+                info!(percent, "throttling the guest (auto-converge)");
+                Event::Throttled
+            }
+            Action::StopSource => {
+                report.predicted_downtime_ms = orch
+                    .predicted_downtime(vm.dirty_count())
+                    .map(|d| d.as_secs_f64() * 1000.0);
+                vm.pause();
+                paused_at = Some(Instant::now());
+                Event::SourceStopped
+            }
+            Action::SendFinal => {
+                let round = orch.rounds().len() as u32;
+                match send_round(vm, dest, spec, &mut state, round).await {
+                    Ok(stats) => {
+                        report.wire_bytes += stats.wire_bytes;
+                        report
+                            .rounds
+                            .push(round_report(round, &stats, orch.throttle()));
+                        Event::FinalSent(stats)
+                    }
+                    Err(e) => Event::Failed(e),
+                }
+            }
+            Action::StartPostCopy => {
+                Event::Failed("post-copy is not supported by this source".into())
+            }
+            Action::ResumeDestination => {
+                match migration_op(
+                    dest.endpoint,
+                    dest.addr,
+                    dest.expected,
+                    &spec.name,
+                    data::MIGRATION_COMMIT,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                        report.total_seconds = started.elapsed().as_secs_f64();
+                        Event::DestinationResumed
+                    }
+                    Err(e) => Event::Failed(format!("commit failed: {e}")),
+                }
+            }
+            Action::CleanupSource => {
+                // The source stays paused (it no longer owns the VM); check the copy.
+                report.bit_exact = match query_base(
+                    dest.endpoint,
+                    dest.addr,
+                    dest.expected,
+                    &spec.name,
+                    raw_size,
+                    ps as u32,
+                    false,
+                )
+                .await
+                {
+                    Ok((_, dest_pages)) => Some(dest_pages == vm.page_hashes()),
+                    Err(e) => {
+                        warn!("cannot verify the destination: {e}");
+                        None
+                    }
+                };
+                Event::CleanedUp
+            }
+            Action::Rollback { reason } => {
+                warn!("rolling back: {reason}");
+                vm.throttle(0);
+                if vm.is_paused() {
+                    vm.resume();
+                }
+                match migration_op(
+                    dest.endpoint,
+                    dest.addr,
+                    dest.expected,
+                    &spec.name,
+                    data::MIGRATION_ABORT,
+                )
+                .await
+                {
+                    Ok(()) => Event::RolledBack,
+                    Err(e) => Event::Failed(format!("cannot clean the destination: {e}")),
+                }
+            }
+            Action::Finished => break,
+        };
+        action = orch.handle(event);
+    }
+    match orch.outcome() {
+        Outcome::Migrated { how } => {
+            report.migrated = true;
+            report.how = how.to_string();
+        }
+        Outcome::RolledBack { reason } => {
+            report.how = reason.clone();
+            report.total_seconds = started.elapsed().as_secs_f64();
+        }
+        Outcome::Running => report.how = "stopped before the end".into(),
+    }
+    report.codec = state.codec.to_string();
+    report.levels = state.levels;
+    report
+}
+
+fn round_report(round: u32, s: &RoundStats, throttle: u8) -> RoundReport {
+    RoundReport {
+        round,
+        pages: s.pages,
+        wire_bytes: s.wire_bytes,
+        seconds: s.seconds,
+        dirty_after: s.dirty_after,
+        throttle,
+    }
+}
+
+struct RoundState {
+    /// What the destination holds, page by page, as far as this source sent it.
+    shadow: Vec<u8>,
+    /// Pages sent at least once (their shadow is valid).
+    sent: Vec<u64>,
+    remote: Option<RemoteIndex>,
+    codec: Codec,
+    levels: [u64; 6],
+    id: String,
+}
+
+async fn prepare(
+    vm: &MemoryVm,
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    state: &mut RoundState,
+) -> Event {
+    let raw = vm.pages() * vm.page_size() as u64;
+    // A target left over from an earlier attempt is not trusted: start clean.
+    if let Err(e) = migration_op(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        &spec.name,
+        data::MIGRATION_ABORT,
+    )
+    .await
+    {
+        return Event::Failed(format!(
+            "destination refused to reserve {:?}: {e}",
+            spec.name
+        ));
+    }
+    match query_base(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        &spec.name,
+        raw,
+        0,
+        false,
+    )
+    .await
+    {
+        Ok((remote, _)) => state.remote = remote,
+        Err(e) => return Event::Failed(format!("cannot reach the destination: {e}")),
+    }
+    if spec.codec.is_none() {
+        // Calibrate on a sample of non-zero pages spread over the image.
+        let step = (vm.pages() / 2048).max(1);
+        let addrs: Vec<u64> = (0..vm.pages()).step_by(step as usize).collect();
+        let mut sample = Vec::new();
+        vm.copy_pages(&addrs, &mut sample);
+        let sample: Vec<u8> = sample
+            .chunks_exact(vm.page_size())
+            .filter(|p| !dwcp_encoding::is_zero(p))
+            .flatten()
+            .copied()
+            .collect();
+        if sample.len() >= 1 << 20 {
+            state.codec = Chooser::calibrate(&sample).choose(spec.link_bps as f64);
+        }
+    }
+    info!(codec = %state.codec, cache_entries = state.remote.as_ref().map_or(0, RemoteIndex::len), "prepared");
+    Event::Prepared
+}
+
+/// Encodes and sends the pages dirtied since the previous round (all pages the first time).
+async fn send_round(
+    vm: &MemoryVm,
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    state: &mut RoundState,
+    round: u32,
+) -> Result<RoundStats, String> {
+    let t0 = Instant::now();
+    let dirty = vm.take_dirty();
+    let mut cold = false;
+    // At most twice: a round the destination cannot resolve is sent again without references.
+    loop {
+        let (file, wire) = encode_round(vm, state, &dirty, cold)
+            .map_err(|e| format!("encoding round {round}: {e}"))?;
+        let src = Source {
+            path: file.path().to_path_buf(),
+            name: spec.name.clone(),
+            size: wire,
+            version_tag: format!(
+                "migration {} round {round}{}",
+                state.id,
+                if cold { " cold" } else { "" }
+            ),
+            pre_encoded: Some((
+                data::ENCODING_HDE_PAGES_INPLACE,
+                vm.pages() * vm.page_size() as u64,
+                Vec::new(),
+            )),
+        };
+        let opts = SendOptions {
+            streams: spec.streams,
+            retry_for: Duration::from_secs(30),
+            delta: DeltaOptions {
+                enabled: false,
+                ..DeltaOptions::default()
+            },
+            ..SendOptions::default()
+        };
+        match send_files(
+            dest.endpoint,
+            dest.addr,
+            dest.expected,
+            &[src],
+            &opts,
+            &mut |_| {},
+        )
+        .await
+        {
+            Ok(_) => {
+                return Ok(RoundStats {
+                    pages: dirty.len() as u64,
+                    wire_bytes: wire,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    dirty_after: vm.dirty_count(),
+                });
+            }
+            Err(SendError::Refused { code, .. })
+                if code == ErrorCode::DELTA_UNRESOLVED && !cold =>
+            {
+                warn!(
+                    round,
+                    "destination could not resolve the round; sending it again without references"
+                );
+                cold = true;
+            }
+            Err(e) => return Err(format!("round {round}: {e}")),
+        }
+    }
+}
+
+/// Writes the HDE page object of `dirty` to a temporary file; returns it and its size.
+fn encode_round(
+    vm: &MemoryVm,
+    state: &mut RoundState,
+    dirty: &[u64],
+    cold: bool,
+) -> std::io::Result<(tempfile::NamedTempFile, u64)> {
+    let ps = vm.page_size();
+    let cfg = EncoderConfig {
+        page_size: ps,
+        codec: state.codec,
+        ..EncoderConfig::new(vm.pages())
+    };
+    let mut enc = PageEncoder::new(cfg).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut tmp = tempfile::Builder::new().prefix(".dwcp-round-").tempfile()?;
+    let mut out = Vec::with_capacity(8 << 20);
+    let mut buf = Vec::with_capacity(1024 * ps);
+    let remote = if cold { None } else { state.remote.as_ref() };
+    for batch in dirty.chunks(1024) {
+        buf.clear();
+        vm.copy_pages(batch, &mut buf);
+        for (&addr, page) in batch.iter().zip(buf.chunks_exact(ps)) {
+            let at = addr as usize * ps;
+            let (w, bit) = ((addr / 64) as usize, 1u64 << (addr % 64));
+            let was_sent = state.sent[w] & bit != 0;
+            let base = (was_sent && !cold).then(|| &state.shadow[at..at + ps]);
+            enc.push(addr, page, base, remote, &mut out)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            state.shadow[at..at + ps].copy_from_slice(page);
+            state.sent[w] |= bit;
+        }
+        if out.len() >= 4 << 20 {
+            tmp.write_all(&out)?;
+            out.clear();
+        }
+    }
+    let s = enc.finish(&mut out);
+    tmp.write_all(&out)?;
+    tmp.flush()?;
+    for (i, v) in [s.zero, s.same, s.dup, s.cache, s.xor, s.literal]
+        .into_iter()
+        .enumerate()
+    {
+        state.levels[i] += v;
+    }
+    Ok((tmp, s.bytes_out))
+}

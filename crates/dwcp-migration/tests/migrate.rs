@@ -1,0 +1,125 @@
+//! Live migration of a memory-image VM between two agents on loopback.
+
+use std::time::Duration;
+
+use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
+use dwcp_migration::{Destination, MemoryVm, MigrationSpec, migrate};
+use dwcp_testkit::{RunningAgent, TestCluster, endpoint};
+
+fn vm(mb: u64, writes_per_sec: f64) -> MemoryVm {
+    let img = generate(&ImageSpec::new(mb << 20), &mut Corpus::synthetic());
+    MemoryVm::start(img.data, 4096, DirtyModel::default(), writes_per_sec, 7)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let dest = Destination {
+        endpoint: &ep,
+        addr: agent.addr,
+        expected: None,
+    };
+    let v = vm(16, 2000.0);
+    let spec = MigrationSpec::new("vm1.mem");
+    let r = migrate(&v, dest, &spec, &mut |_| {}).await;
+    assert!(r.migrated, "{r:?}");
+    assert_eq!(r.bit_exact, Some(true), "{r:?}");
+    assert!(r.downtime_ms.is_some() && !r.rounds.is_empty(), "{r:?}");
+    assert!(
+        v.is_paused(),
+        "the source stays paused: the VM lives on the destination now"
+    );
+    // The published image is the source's memory at the moment it stopped.
+    let dest_img = std::fs::read(cluster.dir().join("spool/src/vm1.mem")).unwrap();
+    let hashes: Vec<u64> = dest_img
+        .chunks_exact(4096)
+        .map(dwcp_encoding::fast64)
+        .collect();
+    assert_eq!(hashes, v.page_hashes());
+    assert!(
+        !cluster
+            .dir()
+            .join("spool/src/.vm1.mem.dwcp-migrating")
+            .exists()
+    );
+
+    // The same VM again (as if it had come back): the destination's cache holds its pages.
+    let v2 = vm(16, 2000.0);
+    let r2 = migrate(&v2, dest, &MigrationSpec::new("vm1-again.mem"), &mut |_| {}).await;
+    assert!(r2.migrated && r2.bit_exact == Some(true), "{r2:?}");
+    assert!(
+        r2.wire_bytes < r.wire_bytes / 5,
+        "warm {} vs cold {}",
+        r2.wire_bytes,
+        r.wire_bytes
+    );
+    assert!(
+        r2.levels[3] > 0,
+        "pages by cache reference: {:?}",
+        r2.levels
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_that_never_converges_is_rolled_back_with_the_source_running() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let dest = Destination {
+        endpoint: &ep,
+        addr: agent.addr,
+        expected: None,
+    };
+    // A guest rewriting pages far faster than the rounds go, no throttling allowed, and a
+    // budget no round can meet.
+    let v = vm(8, 200_000.0);
+    let mut spec = MigrationSpec::new("busy.mem");
+    spec.throttle = false;
+    spec.config.downtime_budget = Duration::from_micros(1);
+    spec.config.max_rounds = 4;
+    let r = migrate(&v, dest, &spec, &mut |_| {}).await;
+    assert!(!r.migrated, "{r:?}");
+    assert!(r.how.contains("did not converge"), "{}", r.how);
+    assert!(!v.is_paused(), "the source keeps running");
+    let w = v.writes();
+    let mut waited = 0;
+    while v.writes() == w && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(v.writes() > w, "and its workload with it");
+    let spool = cluster.dir().join("spool/src");
+    assert!(
+        !spool.join(".busy.mem.dwcp-migrating").exists(),
+        "destination cleaned"
+    );
+    assert!(!spool.join("busy.mem").exists());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_goes_away_leaves_the_source_running() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let addr = agent.addr;
+    agent.stop().await.unwrap();
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(4, 1000.0);
+    let r = migrate(
+        &v,
+        Destination {
+            endpoint: &ep,
+            addr,
+            expected: None,
+        },
+        &MigrationSpec::new("gone.mem"),
+        &mut |_| {},
+    )
+    .await;
+    assert!(!r.migrated, "{r:?}");
+    assert!(r.how.contains("Prepare"), "{}", r.how);
+    assert!(!v.is_paused());
+}
