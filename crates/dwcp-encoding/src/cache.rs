@@ -130,7 +130,9 @@ pub struct BaselineCache {
     tick: u64,
     packs: BTreeMap<u32, Pack>,
     active: Option<Active>,
-    seeds: Vec<(PathBuf, File)>,
+    /// Seed files, opened when read (a seed directory may hold more files than a process
+    /// may keep open).
+    seeds: Vec<PathBuf>,
     stats: CacheStats,
     /// Holds an exclusive lock on the directory while open: two processes appending to the
     /// same packs would interleave their entries.
@@ -279,10 +281,15 @@ impl BaselineCache {
         let mut added = 0;
         let mut buf = vec![0u8; page_size * 256];
         for f in files {
-            let file = File::open(&f)?;
+            let Ok(file) = File::open(&f) else {
+                tracing::warn!(path = %f.display(), "cannot open a seed file; skipped");
+                continue;
+            };
             let len = file.metadata()?.len();
             let id = u32::try_from(self.seeds.len())
                 .map_err(|_| io::Error::other("too many seed files"))?;
+            // Registered first: entries indexed before a read error below still name it.
+            self.seeds.push(f.clone());
             let mut off = 0u64;
             while off + page_size as u64 <= len {
                 let n = ((len - off) as usize / page_size * page_size).min(buf.len());
@@ -311,7 +318,6 @@ impl BaselineCache {
                 }
                 off += n as u64;
             }
-            self.seeds.push((f, file));
         }
         self.stats.seeded += added;
         self.stats.entries = self.index.len() as u64;
@@ -323,6 +329,11 @@ impl BaselineCache {
         let key = Key::of(data);
         let kh = KeyHashed(key);
         if self.index.contains_key(&kh) || data.len() > MAX_ENTRY as usize || data.is_empty() {
+            return Ok(key);
+        }
+        // Memory is the only place a memory-only cache has: what does not fit is not kept
+        // (and so never advertised).
+        if self.cfg.dir.is_none() && data.len() as u64 > self.cfg.mem_budget {
             return Ok(key);
         }
         let fast = fast64(data);
@@ -378,9 +389,9 @@ impl BaselineCache {
                     None => Ok(false),
                 }
             }
-            Loc::Seed { file, offset } => match self.seeds.get(file as usize) {
-                Some((_, f)) => f.read_exact_at(&mut buf[start..], offset).map(|()| true),
-                None => Ok(false),
+            Loc::Seed { file, offset } => match self.seeds.get(file as usize).map(File::open) {
+                Some(Ok(f)) => f.read_exact_at(&mut buf[start..], offset).map(|()| true),
+                Some(Err(_)) | None => Ok(false),
             },
         };
         let ok = match read {
@@ -662,6 +673,14 @@ mod tests {
         );
         let summary = c.summary();
         assert!(summary.contains(&fast64(&page(40))));
+    }
+
+    #[test]
+    fn a_memory_cache_does_not_advertise_what_it_cannot_keep() {
+        let mut c = BaselineCache::open(CacheConfig::memory(1000)).unwrap();
+        let k = c.insert(&page(1)).unwrap();
+        assert!(!c.contains(&k));
+        assert!(c.summary().is_empty());
     }
 
     #[test]

@@ -367,6 +367,7 @@ pub struct StreamDecoder {
     supplied: Option<(Key, Vec<u8>)>,
     fetched: Vec<u8>,
     bytes_out: u64,
+    limit: u64,
 }
 
 impl std::fmt::Debug for StreamDecoder {
@@ -397,6 +398,16 @@ impl StreamDecoder {
             supplied: None,
             fetched: Vec::new(),
             bytes_out: 0,
+            limit: u64::MAX,
+        }
+    }
+
+    /// A decoder that refuses to produce more than `limit` bytes: references repeat content
+    /// cheaply, so an untrusted object must not decide how much it writes.
+    pub fn with_limit(limit: u64) -> Self {
+        Self {
+            limit,
+            ..Self::new()
         }
     }
 
@@ -574,6 +585,7 @@ impl StreamDecoder {
                         why: "bad section or length",
                     });
                 }
+                self.check_limit(len)?;
                 let at = self.cur.sect_at[sect];
                 let data = self.cur.raw[sect]
                     .get(at..at + len)
@@ -590,6 +602,7 @@ impl StreamDecoder {
             OP_REF => {
                 let key = Key(r.array::<16>("chunk key")?);
                 let len = r.bounded(MAX_CHUNK as u64, "chunk length")?;
+                self.check_limit(len)?;
                 let data = if let Some(d) = self.recent.get(&KeyHashed(key)) {
                     d.clone()
                 } else if let Some((k, d)) = self.supplied.take_if(|(k, _)| *k == key) {
@@ -627,6 +640,17 @@ impl StreamDecoder {
             }
         }
         Ok(Progress::Ready)
+    }
+
+    fn check_limit(&self, len: usize) -> Result<(), DecodeError> {
+        if self.bytes_out.saturating_add(len as u64) > self.limit {
+            return Err(DecodeError::Limit {
+                what: "decoded stream length",
+                value: self.bytes_out.saturating_add(len as u64),
+                max: self.limit,
+            });
+        }
+        Ok(())
     }
 
     fn remember(&mut self, key: Key, data: Vec<u8>) {
@@ -740,6 +764,17 @@ mod tests {
             }
             let (bytes, _) = encode(&data, piece, None);
             prop_assert_eq!(decode(&bytes, &mut NoCache), data);
+        }
+
+        #[test]
+        fn the_output_limit_holds(n in 1usize..200_000) {
+            let data = vec![7u8; 300_000];
+            let (bytes, _) = encode(&data, 1 << 16, None);
+            let mut dec = StreamDecoder::with_limit(n as u64);
+            let mut out = Vec::new();
+            let r = dec.push(&bytes, &mut out, &mut NoCache);
+            prop_assert!(r.is_err());
+            prop_assert!(out.len() <= n);
         }
 
         #[test]

@@ -219,8 +219,13 @@ impl Receiver {
     }
 
     /// The baseline cache's counters, if it has one.
+    /// Never waits: `None` while a decode holds the cache.
     pub fn cache_stats(&self) -> Option<dwcp_encoding::CacheStats> {
-        self.cache.as_ref().map(|c| lock(c).stats())
+        self.cache.as_ref().and_then(|c| match c.try_lock() {
+            Ok(g) => Some(g.stats()),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().stats()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        })
     }
 
     /// The output directory.
@@ -544,12 +549,18 @@ impl Receiver {
         q: &BaseQuery,
         writer: &mut FrameWriter<W>,
     ) -> Result<(), ConnError> {
+        // The cache lock may be held by a decode for a while: not on an async worker.
         let summary = match (&self.cache, self.delta) {
             (Some(c), true) => {
-                let mut hashes = lock(c).summary();
-                let mut out = Vec::new();
-                RemoteIndex::encode(&mut hashes, &mut out);
-                out
+                let c = c.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut hashes = lock(&c).summary();
+                    let mut out = Vec::new();
+                    RemoteIndex::encode(&mut hashes, &mut out);
+                    out
+                })
+                .await
+                .unwrap_or_default()
             }
             _ => Vec::new(),
         };
@@ -1181,7 +1192,7 @@ fn decode_into(
                 .map_err(|e| storage("cannot sync", &e))?;
         } else {
             let mut w = std::io::BufWriter::new(out);
-            let mut dec = dwcp_encoding::stream::StreamDecoder::new();
+            let mut dec = dwcp_encoding::stream::StreamDecoder::with_limit(d.raw_size);
             loop {
                 let n = input
                     .read(&mut buf)
@@ -1199,6 +1210,16 @@ fn decode_into(
                 }
             }
             dec.finish().map_err(bad)?;
+            if dec.bytes_out() != d.raw_size {
+                return Err((
+                    ErrorCode::PROTOCOL_ERROR,
+                    format!(
+                        "stream object decodes to {} bytes, not the announced {}",
+                        dec.bytes_out(),
+                        d.raw_size
+                    ),
+                ));
+            }
             let out = w
                 .into_inner()
                 .map_err(|e| storage("cannot write", &e.error()))?;

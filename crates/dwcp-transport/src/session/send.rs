@@ -564,10 +564,18 @@ pub async fn send_files(
                 version_tag: format!("{} hde={}", src.version_tag, &e.digest.to_hex()[..16]),
                 pre_encoded: None,
             });
+            // The content size is what was encoded (the file may have changed since it was
+            // listed).
             let extra = enc
-                .map(|e| (e.encoding, src.size, e.raw_blake3.as_bytes().to_vec()))
+                .map(|e| {
+                    (
+                        e.encoding,
+                        e.report.raw_bytes,
+                        e.raw_blake3.as_bytes().to_vec(),
+                    )
+                })
                 .or_else(|| src.pre_encoded.clone());
-            let raw_size = src.size;
+            let raw_size = enc.map_or(src.size, |e| e.report.raw_bytes);
             object_id += 1;
             let r = send_object(
                 &mut session,
@@ -1027,9 +1035,16 @@ async fn collect_base_info(
     let mut parts: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut complete = [false, false];
     while !(complete[0] && complete[1]) {
-        let ev = tokio::time::timeout(Duration::from_secs(60), session.events.recv())
+        // The receiver reads its whole copy for the page hashes: allow for 100 MB/s.
+        let wait = Duration::from_secs(60 + q.raw_size / 100_000_000);
+        let ev = tokio::time::timeout(wait, session.events.recv())
             .await
-            .map_err(|_| lost("no answer to BASE_QUERY within 60 s".into()))?
+            .map_err(|_| {
+                lost(format!(
+                    "no answer to BASE_QUERY within {} s",
+                    wait.as_secs()
+                ))
+            })?
             .ok_or_else(|| lost("all streams closed".into()))?;
         match ev {
             Event::Frame(f) if f.ty == FrameType::BASE_INFO => {
