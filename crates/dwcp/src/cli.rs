@@ -57,6 +57,10 @@ pub(crate) enum Command {
     /// striped over parallel TLS connections, verified end to end (BLAKE3), resumed after
     /// interruptions.
     Send(SendArgs),
+    /// Live-migrate a VM to a destination agent: pre-copy rounds encoded with HDE, stop and
+    /// copy within the downtime budget, commit, verify; rolls back on any failure. Backend:
+    /// a generated memory image under a dirtying workload (QEMU is not supported yet).
+    Migrate(MigrateArgs),
     /// Receive one transfer session into a directory, then exit.
     Recv(RecvArgs),
     /// Create a cluster CA and node certificates.
@@ -406,10 +410,83 @@ pub(crate) struct BenchTransportArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct MigrateArgs {
+    /// Destination agent, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) to: String,
+
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+
+    /// Refuse the destination unless its certificate is for this node id.
+    #[arg(long, value_name = "ID")]
+    pub(crate) expect_node: Option<String>,
+
+    #[command(flatten)]
+    pub(crate) vm: VmArgs,
+
+    /// Name of the VM's memory image at the destination (in the agent's spool, under this
+    /// node's directory).
+    #[arg(long, default_value = "vm.mem")]
+    pub(crate) name: String,
+
+    /// Longest pause of the guest, milliseconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub(crate) downtime_ms: u64,
+
+    /// Most pre-copy rounds before escalating.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) max_rounds: u32,
+
+    /// Never throttle the guest (auto-converge): abort instead when rounds stop shrinking.
+    #[arg(long)]
+    pub(crate) no_throttle: bool,
+
+    /// Parallel TLS connections per round.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub(crate) streams: u32,
+
+    /// Compressor: auto (chosen for --link-rate), none, lz4, zstd:LEVEL.
+    #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_codec)]
+    pub(crate) codec: CodecChoice,
+
+    /// The link's bandwidth, for --codec auto [default: 1Gbit].
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub(crate) link_rate: Option<u64>,
+
+    /// Print one JSON report instead of progress and text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The generated VM of `migrate` and `demo`.
+#[derive(Debug, Args)]
+pub(crate) struct VmArgs {
+    /// Guest memory size, e.g. 1Gi, 512Mi.
+    #[arg(long, default_value = "1Gi")]
+    pub(crate) vm_size: String,
+
+    /// Page writes of the guest's workload, bytes per second (4 KiB pages), e.g. 10M.
+    #[arg(long, default_value = "10M", value_parser = parse_rate)]
+    pub(crate) dirty_rate: u64,
+
+    /// Seed of the image and the workload.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+
+    /// Synthetic binary and text pages instead of this machine's files.
+    #[arg(long)]
+    pub(crate) synthetic: bool,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// Number of ping probes between the two nodes.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) probes: u32,
+
+    #[command(flatten)]
+    pub(crate) vm: VmArgs,
 
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -101,6 +101,11 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             logs(None, "warn")?;
             crate::bench_encoding::run(&args)
         }
+        Command::Migrate(args) => {
+            let cfg = node_config(&args.node, |_| {})?;
+            let settings = settings_and_logs(&cfg, "warn")?;
+            crate::migrate::run(&settings, &args)
+        }
         Command::Demo(args) => {
             // The demo prints its own report; agent chatter would drown it.
             logs(None, "error")?;
@@ -124,7 +129,7 @@ fn init_logging(format: LogFormat, level: &str) -> Result<()> {
     .map_err(|e| anyhow!("cannot install the logger: {e}"))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,14 +216,14 @@ fn credentials(settings: &Settings, id: &NodeId) -> Result<(NodeCredentials, Tls
 }
 
 /// This node's endpoint for talking to peers: id, checked certificates, TLS, protocol settings.
-fn peer_endpoint(settings: &Settings) -> Result<Endpoint> {
+pub(crate) fn peer_endpoint(settings: &Settings) -> Result<Endpoint> {
     let id = node_id(settings)?;
     let (_creds, tls) = credentials(settings, &id)?;
     Ok(Endpoint::new(id, settings, tls))
 }
 
 /// The `--expect-node` flag, validated.
-fn expected_node(flag: Option<&str>) -> Result<Option<NodeId>> {
+pub(crate) fn expected_node(flag: Option<&str>) -> Result<Option<NodeId>> {
     flag.map(NodeId::new)
         .transpose()
         .map_err(|e| UsageError(format!("--expect-node: {e}")).into())
@@ -264,7 +269,7 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>> {
 #[error("{0}")]
 pub(crate) struct ResolveError(String);
 
-async fn resolve(peer: &str) -> Result<SocketAddr> {
+pub(crate) async fn resolve(peer: &str) -> Result<SocketAddr> {
     if !peer.contains(':') {
         return Err(UsageError(format!("peer {peer:?} has no port: expected HOST:PORT")).into());
     }
@@ -869,6 +874,14 @@ fn demo(args: &DemoArgs) -> Result<()> {
             metrics_b = http_get(b.admin, "/metrics").await?;
         }
         let ready_b = http_get(b.admin, "/readyz").await?;
+
+        // The main job: live-migrate a generated VM from node-a to node-b.
+        let vm = crate::migrate::make_vm(&args.vm, !args.json)?;
+        let spec = dwcp_migration::MigrationSpec::new("demo-vm.mem");
+        let dest = dwcp_migration::Destination { endpoint: &a.endpoint, addr: b.addr, expected: None };
+        let migration = crate::migrate::run_with_progress(&vm, dest, &spec, !args.json).await;
+        drop(vm);
+        let metrics_b = http_get(b.admin, "/metrics").await?;
         for n in [a, b, legacy] {
             let _ = n.stop.send(());
             tokio::time::timeout(Duration::from_secs(10), n.task)
@@ -895,6 +908,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
                     "node_b": {"handshakes_ok": ok, "handshakes_failed": failed,
                                "bytes_received": bytes_in, "bytes_sent": bytes_out,
                                "readyz": ready_b.trim()},
+                    "migration": crate::migrate::report_json(&migration),
                 })
             );
         } else {
@@ -922,10 +936,10 @@ fn demo(args: &DemoArgs) -> Result<()> {
                 ready_b.trim()
             );
             println!();
-            println!(
-                "Live migration of a generated VM is not part of this build yet; it joins this \
-                 demo with the migration engine."
-            );
+            crate::migrate::print_report(&migration, "node-a", "node-b");
+        }
+        if !migration.migrated {
+            return Err(anyhow!("the demo migration failed: {}", migration.how));
         }
         Ok(())
     })

@@ -5,6 +5,7 @@ mod bench;
 mod bench_encoding;
 mod cli;
 mod commands;
+mod migrate;
 
 use std::process::ExitCode;
 

@@ -424,7 +424,15 @@ fn config_check_and_default() {
 
 #[test]
 fn demo_runs_without_setup() {
-    let o = run(&["demo", "--probes", "5", "--json"]);
+    let o = run(&[
+        "demo",
+        "--probes",
+        "5",
+        "--json",
+        "--vm-size",
+        "16Mi",
+        "--synthetic",
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["version"], 3);
@@ -437,7 +445,12 @@ fn demo_runs_without_setup() {
             .contains("cluster CA"),
         "{j}"
     );
-    assert_eq!(j["node_b"]["handshakes_ok"], 1.0);
+    let m = &j["migration"];
+    assert_eq!(m["result"], "migrated", "{m}");
+    assert_eq!(m["bit_exact"], true, "{m}");
+    assert_eq!(m["guest_bytes"], 16 << 20, "{m}");
+    assert!(m["rounds"].as_array().unwrap().len() >= 2, "{m}");
+    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
     assert_eq!(j["node_b"]["handshakes_failed"], 1.0);
 }
 
@@ -615,4 +628,59 @@ fn recv_cache_persists_so_a_second_run_receives_known_pages_by_reference() {
         "{}",
         text(&o.stderr)
     );
+}
+
+#[test]
+fn migrate_a_memory_image_vm_to_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let agent = start_agent(dir.path(), "node-b", &[]);
+    let o = dwcp()
+        .args([
+            "migrate",
+            "--to",
+            &agent.addr,
+            "--node-id",
+            "node-a",
+            "--expect-node",
+            "node-b",
+        ])
+        .args([
+            "--vm-size",
+            "8Mi",
+            "--synthetic",
+            "--dirty-rate",
+            "4M",
+            "--name",
+            "web1.mem",
+            "--json",
+            "--certs-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["result"], "migrated", "{j}");
+    assert_eq!(j["bit_exact"], true, "{j}");
+    let img = std::fs::read(dir.path().join("spool-node-b/node-a/web1.mem")).unwrap();
+    assert_eq!(img.len(), 8 << 20);
+
+    // Bad input is refused before anything starts.
+    let o = dwcp()
+        .args([
+            "migrate",
+            "--to",
+            &agent.addr,
+            "--node-id",
+            "node-a",
+            "--vm-size",
+            "10",
+        ])
+        .arg("--certs-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("--vm-size"), "{}", text(&o.stderr));
 }

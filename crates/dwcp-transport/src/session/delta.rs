@@ -271,7 +271,6 @@ pub(crate) fn encode_file(
         report.saved_compression = s.payload_raw.saturating_sub(s.payload_compressed);
     }
     flush(&mut out, &mut tmp, true)?;
-    tmp.as_file().sync_data()?;
     let size = tmp.as_file().metadata()?.len();
     report.encoded_bytes = size;
     report.codec = codec.to_string();

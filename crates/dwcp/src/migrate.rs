@@ -1,0 +1,213 @@
+//! `dwcp migrate` and the migration part of `dwcp demo`.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use dwcp_control::Settings;
+use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
+use dwcp_migration::{Destination, MemoryVm, MigrationReport, MigrationSpec, migrate};
+use serde_json::{Value, json};
+
+use crate::cli::{CodecChoice, MigrateArgs, VmArgs};
+use crate::commands::UsageError;
+
+/// Generates the VM's image and starts its workload.
+pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
+    let size =
+        crate::cli::parse_rate(&args.vm_size).map_err(|e| UsageError(format!("--vm-size: {e}")))?;
+    if !(1 << 20..=64 << 30).contains(&size) {
+        return Err(UsageError("--vm-size must be between 1Mi and 64Gi".into()).into());
+    }
+    let t = Instant::now();
+    if chatty {
+        eprint!(
+            "generating a {} MiB VM image (35% zero, 30% binaries, 15% text, 10% duplicate, 10% random pages)...",
+            size >> 20
+        );
+        let _ = std::io::stderr().flush();
+    }
+    let mut corpus = if args.synthetic {
+        Corpus::synthetic()
+    } else {
+        Corpus::system()
+    };
+    let img = generate(
+        &ImageSpec {
+            seed: args.seed,
+            ..ImageSpec::new(size)
+        },
+        &mut corpus,
+    );
+    if chatty {
+        eprintln!(" {:.1} s", t.elapsed().as_secs_f64());
+    }
+    let writes = args.dirty_rate as f64 / 4096.0;
+    Ok(MemoryVm::start(
+        img.data,
+        4096,
+        DirtyModel::default(),
+        writes,
+        args.seed,
+    ))
+}
+
+/// Runs a migration, with a one-line progress display on standard error when `chatty`.
+pub(crate) async fn run_with_progress(
+    vm: &MemoryVm,
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    chatty: bool,
+) -> MigrationReport {
+    let mut last = Instant::now();
+    let mut progress = |p: &dwcp_migration::Progress| {
+        if !chatty || last.elapsed().as_millis() < 200 && p.phase != "Prepare" {
+            return;
+        }
+        last = Instant::now();
+        let rate = p
+            .bandwidth
+            .map_or_else(|| "-".into(), |b| format!("{:.0} Mbit/s", b * 8.0 / 1e6));
+        let pred = p
+            .predicted_downtime_ms
+            .map_or_else(|| "-".into(), |d| format!("{d:.0} ms"));
+        eprint!(
+            "\r\x1b[2K{:<12} round {:>2}  dirty {:>8} pages  {}  wire {:>6.1} MB  predicted pause {}{}",
+            p.phase,
+            p.round,
+            p.dirty,
+            rate,
+            p.wire_bytes as f64 / 1e6,
+            pred,
+            if p.throttle > 0 {
+                format!("  throttle {}%", p.throttle)
+            } else {
+                String::new()
+            }
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let r = migrate(vm, dest, spec, &mut progress).await;
+    if chatty {
+        eprintln!("\r\x1b[2K");
+    }
+    r
+}
+
+/// The report as JSON.
+pub(crate) fn report_json(r: &MigrationReport) -> Value {
+    let [zero, same, dup, cache, xor, literal] = r.levels;
+    json!({
+        "result": if r.migrated { "migrated" } else { "rolled back" },
+        "how": r.how,
+        "total_seconds": r.total_seconds,
+        "downtime_ms": r.downtime_ms,
+        "predicted_downtime_ms": r.predicted_downtime_ms,
+        "guest_bytes": r.guest_bytes,
+        "wire_bytes": r.wire_bytes,
+        "bit_exact": r.bit_exact,
+        "codec": r.codec,
+        "pages": {"zero": zero, "same": same, "dup": dup, "cache": cache, "xor": xor, "literal": literal},
+        "rounds": r.rounds.iter().map(|x| json!({
+            "round": x.round, "pages": x.pages, "wire_bytes": x.wire_bytes, "seconds": x.seconds,
+            "dirty_after": x.dirty_after, "throttle": x.throttle,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The report as text.
+pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
+    println!(
+        "live migration {from} -> {to}: {} MiB guest under a dirtying workload",
+        r.guest_bytes >> 20
+    );
+    println!("  round     pages   on the wire    seconds   dirtied meanwhile  throttle");
+    let last = r.rounds.len().saturating_sub(1);
+    for (i, x) in r.rounds.iter().enumerate() {
+        println!(
+            "  {:>5}{} {:>8} {:>10.1} MB {:>10.3} {:>19} {:>8}%",
+            x.round,
+            if i == last && r.downtime_ms.is_some() {
+                "*"
+            } else {
+                " "
+            },
+            x.pages,
+            x.wire_bytes as f64 / 1e6,
+            x.seconds,
+            x.dirty_after,
+            x.throttle
+        );
+    }
+    let [zero, same, dup, cache, xor, literal] = r.levels;
+    println!("  (* the stop-and-copy round, guest paused)");
+    println!(
+        "  pages sent as: {zero} zero, {dup} duplicate, {cache} from the destination's cache, {same} unchanged, {xor} XOR delta, {literal} literal ({})",
+        r.codec
+    );
+    if r.migrated {
+        println!(
+            "result: migrated ({}) in {:.2} s; guest paused {:.0} ms (predicted {:.0} ms, budget 300 ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
+            r.how,
+            r.total_seconds,
+            r.downtime_ms.unwrap_or(0.0),
+            r.predicted_downtime_ms.unwrap_or(0.0),
+            r.wire_bytes as f64 / 1e6,
+            r.guest_bytes >> 20,
+            r.wire_bytes as f64 / r.guest_bytes.max(1) as f64 * 100.0,
+            match r.bit_exact {
+                Some(true) => "bit-exact with the source at the moment it stopped",
+                Some(false) => "DIFFERS from the source (a bug: please report)",
+                None => "not verified",
+            }
+        );
+    } else {
+        println!(
+            "result: rolled back after {:.2} s, the VM runs on at the source: {}",
+            r.total_seconds, r.how
+        );
+    }
+}
+
+/// `dwcp migrate`.
+pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
+    let expect = crate::commands::expected_node(args.expect_node.as_deref())?;
+    let endpoint = crate::commands::peer_endpoint(settings)?;
+    let mut spec = MigrationSpec::new(&args.name);
+    spec.config.downtime_budget = std::time::Duration::from_millis(args.downtime_ms);
+    spec.config.max_rounds = args.max_rounds;
+    spec.throttle = !args.no_throttle;
+    spec.streams = args.streams;
+    spec.codec = match args.codec {
+        CodecChoice::Auto => None,
+        CodecChoice::Fixed(c) => Some(c),
+    };
+    if let Some(r) = args.link_rate {
+        spec.link_bps = r;
+    }
+    let vm = make_vm(&args.vm, !args.json)?;
+    let report = crate::commands::runtime()?.block_on(async {
+        let addr = crate::commands::resolve(&args.to).await?;
+        let dest = Destination {
+            endpoint: &endpoint,
+            addr,
+            expected: expect.as_ref(),
+        };
+        anyhow::Ok(run_with_progress(&vm, dest, &spec, !args.json).await)
+    })?;
+    if args.json {
+        println!("{}", report_json(&report));
+    } else {
+        let from = settings
+            .node_id
+            .as_ref()
+            .map_or("this node", |n| n.as_str());
+        print_report(&report, from, &args.to);
+    }
+    if report.migrated {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("migration rolled back: {}", report.how))
+            .context("the VM still runs at the source")
+    }
+}
