@@ -565,3 +565,43 @@ async fn t16_a_receiver_that_turned_delta_off_gets_plain_files() {
     same_file(&path, &cluster.dir().join("spool/client/vm.img"));
     agent.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn t17_a_delta_encoded_transfer_resumes_after_a_receiver_restart() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let addr = agent.addr;
+    let src = tempfile::tempdir().unwrap();
+    // Random pages: the encoded object is about as large as the file, long enough to cut.
+    let f = random_file(src.path(), "vm.raw", 24 * 1024 * 1024, 9);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let source = Source::file(&f).unwrap();
+    let mut o = delta_opts();
+    o.rate_limit = Some(8_000_000);
+    let sender =
+        tokio::spawn(async move { send_files(&ep, addr, None, &[source], &o, &mut |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = settings(&cluster, |c| c.agent.listen = addr.to_string());
+    let agent = RunningAgent::start_with(cluster.creds("server"), &s).await;
+    let report = tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(report.reconnects >= 1, "{report:?}");
+    let o = &report.objects[0];
+    assert!(
+        o.resumed_from > 0,
+        "the encoded object resumed where it stopped: {report:?}"
+    );
+    let d = o.delta.as_ref().unwrap();
+    assert!(!d.cold_retry, "{d:?}");
+    assert!(
+        report.bytes_sent <= d.encoded_bytes + SendOptions::default().window,
+        "{report:?}"
+    );
+    same_file(&f, &cluster.dir().join("spool/client/vm.raw"));
+    agent.stop().await.unwrap();
+}

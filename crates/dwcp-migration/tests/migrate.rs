@@ -123,3 +123,32 @@ async fn a_destination_that_goes_away_leaves_the_source_running() {
     assert!(r.how.contains("Prepare"), "{}", r.how);
     assert!(!v.is_paused());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_migrations_at_once_to_one_destination_each_arrive_with_their_own_report() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let dest = Destination {
+        endpoint: &ep,
+        addr: agent.addr,
+        expected: None,
+    };
+    let (a, b) = (vm(8, 1000.0), vm(8, 3000.0));
+    let (sa, sb) = (MigrationSpec::new("a.mem"), MigrationSpec::new("b.mem"));
+    let (mut pa, mut pb) = (
+        |_: &dwcp_migration::Progress| {},
+        |_: &dwcp_migration::Progress| {},
+    );
+    let (ra, rb) = tokio::join!(
+        migrate(&a, dest, &sa, &mut pa),
+        migrate(&b, dest, &sb, &mut pb)
+    );
+    for (r, name, v) in [(&ra, "a.mem", &a), (&rb, "b.mem", &b)] {
+        assert!(r.migrated && r.bit_exact == Some(true), "{name}: {r:?}");
+        let img = std::fs::read(cluster.dir().join("spool/src").join(name)).unwrap();
+        let hashes: Vec<u64> = img.chunks_exact(4096).map(dwcp_encoding::fast64).collect();
+        assert_eq!(hashes, v.page_hashes(), "{name}");
+    }
+    agent.stop().await.unwrap();
+}
