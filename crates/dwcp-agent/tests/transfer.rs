@@ -605,3 +605,42 @@ async fn t17_a_delta_encoded_transfer_resumes_after_a_receiver_restart() {
     same_file(&f, &cluster.dir().join("spool/client/vm.raw"));
     agent.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn t18_adaptive_streams_start_from_the_mode_and_retire_what_does_not_pay() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "big.raw", 32 * 1024 * 1024, 11);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let mut o = opts(1);
+    o.adaptive = true;
+    o.min_streams = 2;
+    o.max_streams = 16;
+    // The rate cap is the bottleneck: more streams cannot help, so the controller goes down.
+    o.rate_limit = Some(6_000_000);
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &o,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let (mode, rtt) = r.mode.expect("mode detected");
+    assert_eq!(
+        mode,
+        dwcp_transport::session::Mode::Datacenter,
+        "loopback rtt {rtt:?}"
+    );
+    assert_eq!(
+        r.streams, 16,
+        "started from the datacenter default, capped at max: {r:?}"
+    );
+    assert!(r.streams_retired > 0 && r.streams_final < 16, "{r:?}");
+    assert!(r.streams_final >= 2, "{r:?}");
+    same_file(&f, &cluster.dir().join("spool/client/big.raw"));
+    agent.stop().await.unwrap();
+}

@@ -44,6 +44,9 @@ impl ErrorCode {
     /// A delta-encoded object referred to content the receiver does not hold (or no longer
     /// holds as the sender assumed); the sender sends it again without such references.
     pub const DELTA_UNRESOLVED: Self = Self(17);
+    /// `GOAWAY` on one stream of a session that goes on (the sender retires a stream); not
+    /// the end of the session.
+    pub const STREAM_CLOSED: Self = Self(18);
 
     /// The documented name, or `None` for a code this version does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -66,6 +69,7 @@ impl ErrorCode {
             Self::CHECKSUM_MISMATCH => "CHECKSUM_MISMATCH",
             Self::STORAGE_ERROR => "STORAGE_ERROR",
             Self::DELTA_UNRESOLVED => "DELTA_UNRESOLVED",
+            Self::STREAM_CLOSED => "STREAM_CLOSED",
             _ => return None,
         })
     }

@@ -170,7 +170,7 @@ fn dwcp_send(
     certs: &Path,
     file: &Path,
     out: &Path,
-    streams: u32,
+    streams: &str,
     congestion: &str,
     size: u64,
 ) -> Result<Value> {
@@ -200,7 +200,7 @@ fn dwcp_send(
         .args(["--to", &listen, "--node-id", "bench-a", "--json"])
         // The transport alone: random data gains nothing from delta encoding anyway.
         .arg("--no-delta")
-        .args(["--streams", &streams.to_string()])
+        .args(["--streams", streams])
         .arg("--certs-dir")
         .arg(certs)
         .env("DWCP_TRANSPORT__CONGESTION", congestion);
@@ -268,11 +268,17 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
             detail: json!({}),
         });
     }
-    for (streams, cc, label) in [
-        (1, "bbr", "dwcp send --streams 1"),
-        (args.streams, "bbr", "dwcp send (default)"),
-        (args.streams, "cubic", "dwcp send (default)"),
+    let fixed = args.streams.to_string();
+    for (streams, streams_arg, cc, label) in [
+        (1, "1", "bbr", "dwcp send --streams 1"),
+        (args.streams, fixed.as_str(), "bbr", "dwcp send --streams N"),
+        (8, "auto", "bbr", "dwcp send --streams auto"),
+        (8, "auto", "cubic", "dwcp send --streams auto"),
     ] {
+        // The fixed-N row only when asked for (--streams).
+        if streams_arg == fixed && args.streams == 0 {
+            continue;
+        }
         // Bound each transfer to about twice the iperf3 duration at the rate iperf3 reached
         // with the same congestion control and stream count: a CUBIC run over a lossy link
         // would otherwise take many minutes for the same payload.
@@ -287,7 +293,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         if !file.exists() {
             write_random(&file, run_size)?;
         }
-        eprintln!("{label}: {streams} stream(s), {cc}, {run_size} bytes ...");
+        eprintln!("{label}: {streams_arg} stream(s), {cc}, {run_size} bytes ...");
         let out = work.path().join("out");
         let j = dwcp_send(
             &tb,
@@ -296,7 +302,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
             &certs,
             &file,
             &out,
-            streams,
+            streams_arg,
             cc,
             run_size,
         )?;

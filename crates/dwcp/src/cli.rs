@@ -160,9 +160,16 @@ pub(crate) struct SendArgs {
     #[command(flatten)]
     pub(crate) node: NodeArgs,
 
-    /// Parallel TLS connections (1..=512; the receiver may allow fewer, a v1 peer only 1).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
-    pub(crate) streams: u32,
+    /// Parallel TLS connections: a number (1..=512; the receiver may allow fewer, a v1 peer
+    /// only 1), or auto: start from the mode's default (datacenter 64, internet 8) and follow
+    /// goodput within transport.min_streams..=transport.max_streams.
+    #[arg(long, default_value = "auto", value_parser = parse_streams)]
+    pub(crate) streams: StreamsArg,
+
+    /// For --streams auto: datacenter, internet, or auto (datacenter when the first round
+    /// trip is under 10 ms).
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub(crate) mode: ModeArg,
 
     /// Cap on the sending rate, e.g. 100M (bytes/s; suffixes K, M, G = 1000^n, Ki, Mi, Gi =
     /// 1024^n; append "bit" for bits/s, e.g. 800Mbit).
@@ -199,6 +206,38 @@ pub(crate) struct SendArgs {
     /// Print one JSON summary instead of a progress bar and text.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `--streams`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamsArg {
+    /// Adaptive.
+    Auto,
+    /// Fixed.
+    Fixed(u32),
+}
+
+fn parse_streams(s: &str) -> Result<StreamsArg, String> {
+    if s == "auto" {
+        return Ok(StreamsArg::Auto);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if (1..=512).contains(&n) => Ok(StreamsArg::Fixed(n)),
+        _ => Err(format!(
+            "{s:?}: expected auto or a number of streams in 1..=512"
+        )),
+    }
+}
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ModeArg {
+    /// From the first round trip.
+    Auto,
+    /// Many streams.
+    Datacenter,
+    /// Fewer streams.
+    Internet,
 }
 
 /// `--layout`.
@@ -396,8 +435,8 @@ pub(crate) struct BenchTransportArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
     pub(crate) seconds: u32,
 
-    /// Streams of the "default" dwcp runs.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
+    /// Also run dwcp send with this fixed number of streams (beside 1 and auto); 0: not.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=512))]
     pub(crate) streams: u32,
 
     /// Seed of the emulator's loss pattern.

@@ -422,7 +422,18 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
     }
     let endpoint = peer_endpoint(settings)?;
     let opts = SendOptions {
-        streams: args.streams,
+        streams: match args.streams {
+            crate::cli::StreamsArg::Fixed(n) => n,
+            crate::cli::StreamsArg::Auto => 8,
+        },
+        adaptive: args.streams == crate::cli::StreamsArg::Auto,
+        mode: match args.mode {
+            crate::cli::ModeArg::Auto => None,
+            crate::cli::ModeArg::Datacenter => Some(dwcp_transport::session::Mode::Datacenter),
+            crate::cli::ModeArg::Internet => Some(dwcp_transport::session::Mode::Internet),
+        },
+        min_streams: settings.min_streams,
+        max_streams: settings.capabilities.max_streams,
         retry_for: Duration::from_secs(args.retry_secs),
         rate_limit: args.rate_limit,
         delta: dwcp_transport::session::DeltaOptions {
@@ -512,6 +523,11 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "seconds": report.seconds,
             "goodput_mbit_s": goodput,
             "streams": report.streams,
+            "streams_final": report.streams_final,
+            "streams_added": report.streams_added,
+            "streams_retired": report.streams_retired,
+            "mode": report.mode.map(|(m, _)| format!("{m:?}").to_lowercase()),
+            "rtt_ms": report.mode.map(|(_, r)| r.as_secs_f64() * 1e3),
             "streams_lost": report.streams_lost,
             "streams_replaced": report.streams_replaced,
             "reconnects": report.reconnects,

@@ -4,12 +4,14 @@
 //! The pure parts, [`sched`] (sender) and [`reasm`] (receiver), import neither tokio nor
 //! sockets; the drivers beside them move the bytes.
 
+pub mod adapt;
 pub mod delta;
 pub mod reasm;
 pub mod recv;
 pub mod sched;
 pub mod send;
 
+pub use adapt::Mode;
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
 pub use recv::{Receiver, RecvEvent, Served};
 pub use send::{

@@ -14,6 +14,7 @@
 //! others) and sends `OBJECT_END` once every byte has been read. If every stream dies, the
 //! whole session is opened again and the receiver says where to resume.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use dwcp_wire::data::{
     self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
     SessionJoin,
 };
-use dwcp_wire::msg;
+use dwcp_wire::msg::{self, Ping};
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId, Version};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, WriteHalf};
 use tokio::net::TcpStream;
@@ -34,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsStream;
 use tracing::{debug, info, warn};
 
+use super::adapt::{Controller, Mode};
 use super::delta::{self, DeltaOptions, DeltaReport, Encoded};
 use super::sched::{Next, Scheduler};
 use crate::conn::{ConnError, Endpoint, FrameWriter, connect_to};
@@ -43,8 +45,19 @@ type Writer = FrameWriter<WriteHalf<TlsStream<TcpStream>>>;
 /// How to send.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
-    /// Parallel connections to open (capped by what the peer negotiates; 1 in v1).
+    /// Parallel connections to open (capped by what the peer negotiates; 1 in v1); unused
+    /// when `adaptive`.
     pub streams: u32,
+    /// Adapt the stream count to the path (`adapt`): start from the mode's default (`mode`,
+    /// or detected from the round-trip time) and follow goodput within
+    /// `[min_streams, max_streams]`.
+    pub adaptive: bool,
+    /// Datacenter or internet; `None` detects it from the first round trip.
+    pub mode: Option<Mode>,
+    /// Fewest streams the adaptive count goes to.
+    pub min_streams: u32,
+    /// Most streams the adaptive count goes to.
+    pub max_streams: u32,
     /// Chunk size in bytes (capped by the negotiated frame size).
     pub chunk: usize,
     /// Most unacknowledged bytes per object: bounds the sender's memory.
@@ -69,6 +82,10 @@ impl Default for SendOptions {
             retry_for: Duration::from_secs(60),
             rate_limit: None,
             delta: DeltaOptions::default(),
+            adaptive: false,
+            mode: None,
+            min_streams: 4,
+            max_streams: 512,
         }
     }
 }
@@ -172,6 +189,14 @@ pub struct SendReport {
     pub streams_lost: u32,
     /// Dead streams replaced by new connections.
     pub streams_replaced: u32,
+    /// Streams added and retired by the adaptive count.
+    pub streams_added: u32,
+    /// Streams retired by the adaptive count.
+    pub streams_retired: u32,
+    /// Streams at the end.
+    pub streams_final: u32,
+    /// The mode the adaptive count started from, and the round trip it was detected from.
+    pub mode: Option<(Mode, Duration)>,
     /// Sessions opened again after the previous one broke.
     pub reconnects: u32,
     /// Protocol version of the last session.
@@ -247,6 +272,20 @@ enum Event {
 /// late news about its predecessor is not mistaken for news about it) and its writer.
 type Slot = Option<(u64, Arc<Mutex<Writer>>)>;
 
+/// How many streams a session opens.
+#[derive(Debug, Clone)]
+enum StreamPlan {
+    Fixed(u32),
+    Adaptive {
+        min: u32,
+        max: u32,
+        mode: Option<Mode>,
+        /// Bytes left to send, so a small transfer does not open 64 streams.
+        bytes: u64,
+        chunk: usize,
+    },
+}
+
 /// A token bucket shared by a session's streams.
 #[derive(Debug)]
 struct Bucket {
@@ -287,6 +326,13 @@ struct Session {
     version: Version,
     /// Whether the receiver takes delta-encoded objects.
     delta: bool,
+    /// The adaptive stream count, when on.
+    ctl: Option<Controller>,
+    /// Slots retired by it: their writers stop taking chunks.
+    retired: Arc<std::sync::Mutex<HashSet<u32>>>,
+    /// Round trip measured at open (adaptive sessions).
+    rtt: Option<Duration>,
+    mode: Option<Mode>,
     /// What is needed to open replacement streams.
     endpoint: Endpoint,
     addr: std::net::SocketAddr,
@@ -301,10 +347,14 @@ impl Session {
         endpoint: &Endpoint,
         addr: std::net::SocketAddr,
         expected: Option<&NodeId>,
-        streams: u32,
+        plan: &StreamPlan,
     ) -> Result<Self, ConnError> {
         let first = connect_to(endpoint, addr, expected).await?;
         let est = first.established().clone();
+        let streams = match plan {
+            StreamPlan::Fixed(n) => *n,
+            StreamPlan::Adaptive { .. } => 1,
+        };
         let n = streams.clamp(1, est.negotiated.max_streams.max(1));
         let id: [u8; 16] = rand_id();
         let (tx, events) = mpsc::channel(1024);
@@ -314,6 +364,10 @@ impl Session {
             readers: JoinSet::new(),
             version: est.version,
             delta: est.negotiated.delta,
+            ctl: None,
+            retired: Arc::default(),
+            rtt: None,
+            mode: None,
             endpoint: endpoint.clone(),
             addr,
             peer: est.peer_node_id.clone(),
@@ -322,6 +376,36 @@ impl Session {
             next_gen: 0,
         };
         session.add(0, first).await?;
+        let n = match plan {
+            StreamPlan::Fixed(_) => n,
+            StreamPlan::Adaptive {
+                min,
+                max,
+                mode,
+                bytes,
+                chunk,
+            } => {
+                let rtt = session.round_trip().await;
+                let mode = mode.unwrap_or_else(|| rtt.map_or(Mode::Internet, Mode::for_rtt));
+                let max = (*max).min(est.negotiated.max_streams.max(1));
+                let min = (*min).min(max);
+                // No more streams than there are chunks to keep them busy.
+                let useful = u32::try_from(bytes / (*chunk as u64).max(1) / 4)
+                    .unwrap_or(u32::MAX)
+                    .max(1);
+                let n = mode.initial_streams().min(useful).clamp(min, max);
+                session.ctl = Some(Controller::new(min, max));
+                session.rtt = rtt;
+                session.mode = Some(mode);
+                info!(
+                    ?mode,
+                    rtt_ms = rtt.map(|r| r.as_secs_f64() * 1e3),
+                    streams = n,
+                    "adaptive streams"
+                );
+                n
+            }
+        };
         // The other streams in parallel; a stream that cannot be opened is logged and skipped.
         let mut dials = JoinSet::new();
         for i in 1..n {
@@ -378,6 +462,41 @@ impl Session {
             let _ = tx.send(Event::Lost(index, generation, why)).await;
         });
         Ok(generation)
+    }
+
+    /// One PING/PONG on stream 0, for the mode; `None` if no answer within 2 s.
+    async fn round_trip(&mut self) -> Option<Duration> {
+        let w = self.any_writer()?;
+        let seq = 0x5eed_u64;
+        let t = Instant::now();
+        w.lock()
+            .await
+            .send(&msg::encode(
+                FrameType::PING,
+                &Ping {
+                    seq,
+                    timestamp_micros: 0,
+                },
+            ))
+            .await
+            .ok()?;
+        let deadline = t + Duration::from_secs(2);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.events.recv())
+                .await
+                .ok()??
+            {
+                Event::Frame(f) if f.ty == FrameType::PONG => {
+                    let p: Ping = msg::decode(&f).ok()?;
+                    if p.seq == seq {
+                        return Some(t.elapsed());
+                    }
+                }
+                Event::Frame(_) => {}
+                Event::Lost(..) => return None,
+            }
+        }
     }
 
     /// The generation of the stream in slot `index`, if one is alive there.
@@ -471,7 +590,18 @@ pub async fn send_files(
     let mut cold: Vec<usize> = Vec::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
-        let mut session = match Session::open(endpoint, addr, expected, opts.streams).await {
+        let plan = if opts.adaptive {
+            StreamPlan::Adaptive {
+                min: opts.min_streams,
+                max: opts.max_streams,
+                mode: opts.mode,
+                bytes: total_size.saturating_sub(done_bytes),
+                chunk: opts.chunk,
+            }
+        } else {
+            StreamPlan::Fixed(opts.streams)
+        };
+        let mut session = match Session::open(endpoint, addr, expected, &plan).await {
             Ok(s) => s,
             Err(e) => {
                 let retryable = matches!(
@@ -503,6 +633,9 @@ pub async fn send_files(
         backoff = Duration::from_millis(250);
         report.version = Some(session.version);
         report.streams = report.streams.max(session.alive() as u32);
+        if let (Some(m), Some(r)) = (session.mode, session.rtt) {
+            report.mode = Some((m, r));
+        }
         info!(
             streams = session.alive(),
             version = %session.version,
@@ -670,6 +803,7 @@ pub async fn send_files(
                 }
             }
         }
+        report.streams_final = session.alive() as u32;
         session
             .close(ErrorCode::NO_ERROR, "transfer complete")
             .await;
@@ -793,7 +927,15 @@ async fn send_object(
         sent,
         fail: fail_tx,
         path: src.path.clone(),
+        retired: session.retired.clone(),
     };
+    // Goodput samples for the adaptive stream count.
+    let mut sample_at = Instant::now();
+    let mut sample_acked = have;
+    let mut growing: HashSet<u32> = HashSet::new();
+    // Its own timer: ACKs may arrive more often than any idle timeout would fire.
+    let mut adapt_tick = tokio::time::interval(Duration::from_millis(250));
+    adapt_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut writers = JoinSet::new();
     let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
     for (i, w) in session.writers.iter().enumerate() {
@@ -842,8 +984,13 @@ async fn send_object(
                 match r {
                     Ok((i, Ok(conn))) => match session.add(i, conn).await {
                         Ok(generation) => {
-                            report.streams_replaced += 1;
-                            info!(stream = i, "stream replaced");
+                            if growing.remove(&i) {
+                                report.streams_added += 1;
+                                report.streams = report.streams.max(session.alive() as u32);
+                            } else {
+                                report.streams_replaced += 1;
+                                info!(stream = i, "stream replaced");
+                            }
                             let Some((_, w)) = session.writers[i as usize].clone() else {
                                 continue;
                             };
@@ -855,7 +1002,10 @@ async fn send_object(
                         }
                         Err(e) => warn!(stream = i, "replacement stream failed to join: {e}"),
                     },
-                    Ok((i, Err(e))) => warn!(stream = i, "cannot replace stream: {e}"),
+                    Ok((i, Err(e))) => {
+                        growing.remove(&i);
+                        warn!(stream = i, "cannot open stream: {e}");
+                    }
                     Err(e) => warn!("replacement task failed: {e}"),
                 }
                 if session.alive() == 0 && replacing.is_empty() {
@@ -864,6 +1014,61 @@ async fn send_object(
                 continue;
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            _ = adapt_tick.tick(), if session.ctl.is_some() => {
+                if sample_at.elapsed() >= Duration::from_secs(1) {
+                    let acked = core.lock().await.sched.acked();
+                    let goodput = (acked - sample_acked) as f64 / sample_at.elapsed().as_secs_f64();
+                    sample_at = Instant::now();
+                    sample_acked = acked;
+                    let alive = session.alive() as u32 + growing.len() as u32;
+                    let target = session.ctl.as_mut().map_or(alive, |c| c.on_sample(goodput, alive));
+                    if target > alive {
+                        for _ in alive..target {
+                            let i = session.writers.len() as u32;
+                            session.writers.push(None);
+                            growing.insert(i);
+                            let endpoint = session.endpoint.clone();
+                            let (addr, peer) = (session.addr, session.peer.clone());
+                            replacing.spawn(async move { (i, connect_to(&endpoint, addr, Some(&peer)).await) });
+                        }
+                        debug!(from = alive, to = target, goodput_mbit = goodput * 8e-6, "adding streams");
+                    } else if target < alive {
+                        let mut victims: Vec<u32> = session
+                            .writers
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, w)| w.is_some())
+                            .map(|(i, _)| i as u32)
+                            .collect();
+                        victims.reverse();
+                        victims.truncate((alive - target) as usize);
+                        for i in victims {
+                            if session.alive() <= 1 {
+                                break;
+                            }
+                            {
+                                let mut c = core.lock().await;
+                                if let Ok(mut r) = session.retired.lock() {
+                                    r.insert(i);
+                                }
+                                c.sched.stream_lost(i);
+                            }
+                            notify.notify_waiters();
+                            if end_sent == Some(i as usize) {
+                                end_sent = None;
+                            }
+                            if let Some(Some((_, w))) = session.writers.get_mut(i as usize).map(Option::take) {
+                                report.streams_retired += 1;
+                                tokio::spawn(async move {
+                                    w.lock().await.goodbye(ErrorCode::STREAM_CLOSED, "stream retired").await;
+                                });
+                            }
+                        }
+                        debug!(from = alive, to = target, goodput_mbit = goodput * 8e-6, "retiring streams");
+                    }
+                }
+                continue;
+            },
         };
         let Some(ev) = ev else {
             break Err(lost("all streams closed".into()));
@@ -1104,7 +1309,7 @@ pub async fn query_base(
     page_size: u32,
     migration_target: bool,
 ) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
-    let mut session = Session::open(endpoint, addr, expected, 1)
+    let mut session = Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
         .await
         .map_err(SendError::Connect)?;
     let mut report = SendReport::default();
@@ -1160,7 +1365,7 @@ pub async fn migration_op(
     name: &str,
     op: u32,
 ) -> Result<(), SendError> {
-    let mut session = Session::open(endpoint, addr, expected, 1)
+    let mut session = Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
         .await
         .map_err(SendError::Connect)?;
     let m = Migration {
@@ -1255,6 +1460,7 @@ struct ObjectCtx {
     sent: Arc<AtomicU64>,
     fail: mpsc::UnboundedSender<WriterFailure>,
     path: PathBuf,
+    retired: Arc<std::sync::Mutex<HashSet<u32>>>,
 }
 
 /// Feeds stream `i` (of `generation`) from the object's scheduler until the object is done or
@@ -1268,11 +1474,17 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         sent,
         fail,
         path,
+        retired,
     } = ctx;
     loop {
         let notified = notify.notified();
         let job = {
             let mut c = core.lock().await;
+            // Checked under the core lock, which retiring takes too: once retired, this
+            // stream is given no chunk.
+            if retired.lock().is_ok_and(|r| r.contains(&i)) {
+                return;
+            }
             match c.sched.next(i) {
                 Next::Done => return,
                 Next::Wait => None,

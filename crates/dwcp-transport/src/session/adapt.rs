@@ -1,0 +1,292 @@
+//! How many streams a session runs: a per-mode starting point, then hill climbing on
+//! goodput. Pure: fed samples, answers with a target stream count.
+//!
+//! Starting point: 64 streams when the peer is in the same datacenter (round-trip time under
+//! 10 ms), 8 across the internet, clamped to `[min, max]`. Then, once the streams have
+//! settled (two samples after every change are ignored — new connections start slowly):
+//!
+//! - *up*: add a quarter (at least one) while each step raises goodput by more than 5 %;
+//! - *down*: when going up did not pay, try a quarter fewer than the best count, and keep
+//!   going down while goodput holds within 3 % (fewer streams cost less CPU and are kinder
+//!   to other traffic);
+//! - *hold* at the best count found; probe one step up after a cool-down of 20 samples
+//!   (doubling, up to 320, each time such a probe finds nothing), or learn again at once if
+//!   goodput falls under 70 % of what that count gave for three samples in a row (the path
+//!   changed).
+//!
+//! Every change needs a clear gain over a settled measurement, so the count does not flap on
+//! noise.
+
+use std::time::Duration;
+
+/// Where the peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Round trip under 10 ms: many streams, CPU is the limit.
+    Datacenter,
+    /// Farther away: fewer, longer-lived streams.
+    Internet,
+}
+
+impl Mode {
+    /// The mode for a measured round-trip time.
+    pub fn for_rtt(rtt: Duration) -> Self {
+        if rtt < Duration::from_millis(10) {
+            Self::Datacenter
+        } else {
+            Self::Internet
+        }
+    }
+
+    /// Streams to start with.
+    pub fn initial_streams(self) -> u32 {
+        match self {
+            Self::Datacenter => 64,
+            Self::Internet => 8,
+        }
+    }
+}
+
+const SETTLE: u32 = 2;
+const COOLDOWN: u32 = 20;
+const GAIN_UP: f64 = 1.05;
+const HOLD_DOWN: f64 = 0.97;
+const DROP: f64 = 0.7;
+const DROP_SAMPLES: u32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Up,
+    Down,
+    Hold,
+}
+
+/// The controller of one session.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    min: u32,
+    max: u32,
+    best: Option<(u32, f64)>,
+    phase: Phase,
+    settle: u32,
+    cooldown: u32,
+    low: u32,
+    /// Re-probes from hold that found nothing, in a row: each doubles the next cool-down.
+    idle_probes: u32,
+    /// The current up-step is a re-probe from hold (a miss goes back to hold, not down).
+    reprobe: bool,
+}
+
+impl Controller {
+    /// A controller for counts in `[min, max]` (min at least 1).
+    pub fn new(min: u32, max: u32) -> Self {
+        let min = min.max(1);
+        Self {
+            min,
+            max: max.max(min),
+            best: None,
+            phase: Phase::Up,
+            settle: SETTLE,
+            cooldown: 0,
+            low: 0,
+            idle_probes: 0,
+            reprobe: false,
+        }
+    }
+
+    /// The best count found so far and its goodput.
+    pub fn best(&self) -> Option<(u32, f64)> {
+        self.best
+    }
+
+    fn up(&self, n: u32) -> u32 {
+        (n + (n / 4).max(1)).min(self.max)
+    }
+
+    fn down(&self, n: u32) -> u32 {
+        n.saturating_sub((n / 4).max(1)).max(self.min)
+    }
+
+    /// Takes one goodput sample (bytes/s over the last interval) measured with `streams`
+    /// streams alive; returns the count to run with next.
+    pub fn on_sample(&mut self, goodput: f64, streams: u32) -> u32 {
+        let n = streams.clamp(self.min, self.max);
+        if self.settle > 0 {
+            self.settle -= 1;
+            return n;
+        }
+        let target = match (self.phase, self.best) {
+            (_, None) => {
+                self.best = Some((n, goodput));
+                self.step_from(n, Phase::Up)
+            }
+            (Phase::Up, Some((_, bg))) => {
+                if goodput > bg * GAIN_UP {
+                    self.best = Some((n, goodput));
+                    self.idle_probes = 0;
+                    self.reprobe = false;
+                    self.step_from(n, Phase::Up)
+                } else if self.reprobe {
+                    self.reprobe = false;
+                    self.idle_probes += 1;
+                    self.hold()
+                } else {
+                    self.try_down()
+                }
+            }
+            (Phase::Down, Some((_, bg))) => {
+                if goodput >= bg * HOLD_DOWN {
+                    self.best = Some((n, goodput));
+                    self.step_from(n, Phase::Down)
+                } else {
+                    self.hold()
+                }
+            }
+            (Phase::Hold, Some((bn, bg))) => {
+                if n == bn {
+                    // Track slow drift of what the best count gives.
+                    self.best = Some((bn, bg * 0.8 + goodput * 0.2));
+                }
+                self.low = if goodput < bg * DROP { self.low + 1 } else { 0 };
+                self.cooldown = self.cooldown.saturating_sub(1);
+                if self.low >= DROP_SAMPLES {
+                    // The path changed: learn again from here.
+                    self.low = 0;
+                    self.idle_probes = 0;
+                    self.best = Some((n, goodput));
+                    self.step_from(n, Phase::Up)
+                } else if self.cooldown == 0 {
+                    self.reprobe = true;
+                    self.step_from(bn, Phase::Up)
+                } else {
+                    bn
+                }
+            }
+        };
+        if target != n {
+            self.settle = SETTLE;
+        }
+        target
+    }
+
+    /// Moves one step from `n` in `dir`; at a bound, turns to the next phase.
+    fn step_from(&mut self, n: u32, dir: Phase) -> u32 {
+        let next = if dir == Phase::Up {
+            self.up(n)
+        } else {
+            self.down(n)
+        };
+        if next != n {
+            self.phase = dir;
+            return next;
+        }
+        if dir == Phase::Up {
+            self.try_down()
+        } else {
+            self.hold()
+        }
+    }
+
+    fn try_down(&mut self) -> u32 {
+        let (bn, _) = self.best.unwrap_or((self.min, 0.0));
+        let next = self.down(bn);
+        if next < bn {
+            self.phase = Phase::Down;
+            next
+        } else {
+            self.hold()
+        }
+    }
+
+    fn hold(&mut self) -> u32 {
+        self.phase = Phase::Hold;
+        self.cooldown = COOLDOWN << self.idle_probes.min(4);
+        self.low = 0;
+        self.best.map_or(self.min, |(bn, _)| bn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the controller against a goodput curve for `samples` samples; returns the counts.
+    fn run(
+        c: &mut Controller,
+        start: u32,
+        samples: usize,
+        curve: impl Fn(u32, usize) -> f64,
+    ) -> Vec<u32> {
+        let mut n = start;
+        let mut out = Vec::new();
+        for t in 0..samples {
+            n = c.on_sample(curve(n, t), n);
+            out.push(n);
+        }
+        out
+    }
+
+    #[test]
+    fn climbs_to_the_knee_of_a_saturating_link_and_stays() {
+        // Each stream gets 10 MB/s until the link's 160 MB/s is full.
+        let mut c = Controller::new(4, 512);
+        let counts = run(&mut c, 8, 200, |n, _| f64::from(n.min(16)) * 10e6);
+        let end = *counts.last().unwrap();
+        assert!((16..=21).contains(&end), "{counts:?}");
+        // No flapping once settled: few changes over the last 100 samples.
+        let changes = counts[100..].windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(changes <= 10, "{changes} changes: {counts:?}");
+    }
+
+    #[test]
+    fn comes_down_when_too_many_streams_cost_goodput() {
+        // CPU-bound: more streams than 12 lose goodput.
+        let mut c = Controller::new(4, 512);
+        let curve = |n: u32, _| {
+            if n <= 12 {
+                f64::from(n) * 10e6
+            } else {
+                120e6 - f64::from(n - 12) * 2e6
+            }
+        };
+        let counts = run(&mut c, 64, 300, curve);
+        let end = *counts.last().unwrap();
+        assert!((9..=16).contains(&end), "{counts:?}");
+    }
+
+    #[test]
+    fn stays_in_bounds_and_relearns_when_the_path_changes() {
+        let mut c = Controller::new(4, 32);
+        // The link shrinks to a quarter at sample 150: per-stream share drops too.
+        let curve = |n: u32, t: usize| {
+            let cap = if t < 150 { 400e6 } else { 100e6 };
+            (f64::from(n) * 10e6).min(cap)
+        };
+        let counts = run(&mut c, 8, 400, curve);
+        assert!(counts.iter().all(|&n| (4..=32).contains(&n)), "{counts:?}");
+        assert!(
+            counts[..150].contains(&32),
+            "climbed to the bound: {counts:?}"
+        );
+        let end = *counts.last().unwrap();
+        assert!(end <= 16, "came back down after the change: {counts:?}");
+    }
+
+    #[test]
+    fn noise_alone_does_not_move_it() {
+        // Flat goodput (one stream fills the link) with +-3 % noise.
+        let mut c = Controller::new(4, 512);
+        let counts = run(&mut c, 8, 300, |_, t| {
+            100e6 * (1.0 + 0.03 * ((t * 7919 % 13) as f64 / 6.0 - 1.0))
+        });
+        assert!(counts[100..].iter().all(|&n| n <= 8), "{counts:?}");
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(Mode::for_rtt(Duration::from_micros(300)), Mode::Datacenter);
+        assert_eq!(Mode::for_rtt(Duration::from_millis(100)), Mode::Internet);
+        assert_eq!(Mode::Datacenter.initial_streams(), 64);
+        assert_eq!(Mode::Internet.initial_streams(), 8);
+    }
+}
