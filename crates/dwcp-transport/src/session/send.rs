@@ -394,7 +394,9 @@ impl Session {
                     .unwrap_or(u32::MAX)
                     .max(1);
                 let n = mode.initial_streams().min(useful).clamp(min, max);
-                session.ctl = Some(Controller::new(min, max));
+                // Short paths reach speed at once: one settling sample is enough there.
+                let settle = if mode == Mode::Datacenter { 1 } else { 2 };
+                session.ctl = Some(Controller::for_mode(min, max, settle, mode));
                 session.rtt = rtt;
                 session.mode = Some(mode);
                 info!(
@@ -1015,7 +1017,11 @@ async fn send_object(
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             _ = adapt_tick.tick(), if session.ctl.is_some() => {
-                if sample_at.elapsed() >= Duration::from_secs(1) {
+                // A sample spans eight round trips, 250 ms to 2 s.
+                let every = session
+                    .rtt
+                    .map_or(Duration::from_secs(1), |r| (r * 8).clamp(Duration::from_millis(250), Duration::from_secs(2)));
+                if sample_at.elapsed() >= every {
                     let acked = core.lock().await.sched.acked();
                     let goodput = (acked - sample_acked) as f64 / sample_at.elapsed().as_secs_f64();
                     sample_at = Instant::now();
