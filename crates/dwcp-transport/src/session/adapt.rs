@@ -5,7 +5,7 @@
 //! 10 ms), 8 across the internet, clamped to `[min, max]`. Then, once the streams have
 //! settled (two samples after every change are ignored — new connections start slowly):
 //!
-//! - *up*: add a quarter (at least one) while each step raises goodput by more than 10 %;
+//! - *up*: add half again (at least one) while each step raises goodput by more than 10 %;
 //! - *down*: when going up did not pay, try half the best count, and keep halving while
 //!   goodput holds within 3 % (fewer streams cost less CPU and are kinder to other
 //!   traffic);
@@ -118,7 +118,7 @@ impl Controller {
     }
 
     fn up(&self, n: u32) -> u32 {
-        (n + (n / 4).max(1)).min(self.max)
+        (n + (n / 2).max(1)).min(self.max)
     }
 
     fn down(&self, n: u32) -> u32 {

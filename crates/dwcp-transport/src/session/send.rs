@@ -1017,10 +1017,11 @@ async fn send_object(
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             _ = adapt_tick.tick(), if session.ctl.is_some() => {
-                // A sample spans eight round trips, 250 ms to 2 s.
+                // A sample spans sixteen round trips, 250 ms to 3 s: loss-driven paths are
+                // noisy over shorter ones.
                 let every = session
                     .rtt
-                    .map_or(Duration::from_secs(1), |r| (r * 8).clamp(Duration::from_millis(250), Duration::from_secs(2)));
+                    .map_or(Duration::from_secs(1), |r| (r * 16).clamp(Duration::from_millis(250), Duration::from_secs(3)));
                 if sample_at.elapsed() >= every {
                     let acked = core.lock().await.sched.acked();
                     let goodput = (acked - sample_acked) as f64 / sample_at.elapsed().as_secs_f64();
