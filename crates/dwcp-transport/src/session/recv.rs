@@ -1049,42 +1049,57 @@ fn apply_round(
         out.set_len(d.raw_size)
             .map_err(|e| storage("cannot size the migration target", &e))?;
     }
-    let mut input = File::open(part).map_err(|e| storage("cannot read the round", &e))?;
-    let mut head = [0u8; 6];
-    input
-        .read_exact(&mut head)
-        .map_err(|e| storage("cannot read the round", &e))?;
-    let shift = head[5];
-    if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT).contains(&shift)
-        || d.raw_size % (1u64 << shift) != 0
-    {
-        return Err((
-            ErrorCode::PROTOCOL_ERROR,
-            "migration round has a bad page size".into(),
-        ));
-    }
-    let bad = |e: dwcp_encoding::DecodeError| match e {
-        dwcp_encoding::DecodeError::Store(e) => storage("cannot write the migration target", &e),
-        e => (
-            ErrorCode::PROTOCOL_ERROR,
-            format!("undecodable migration round: {e}"),
-        ),
-    };
-    let mut store = dwcp_encoding::FileStore::new(out, d.raw_size >> shift, 1 << shift)
-        .map_err(|e| storage("cannot open the migration target", &e))?;
     let mut guard = cache.map(lock);
     let mut none = NoCache;
     let src: &mut dyn ContentSource = match guard.as_deref_mut() {
         Some(c) => c,
         None => &mut none,
     };
+    // Not synced here: the commit publishes the target at the end.
+    decode_pages(part, out, d.raw_size, src).map(drop)
+}
+
+/// Decodes the HDE page object in `part` into `out` (a file of `raw_size` bytes, holding the
+/// base its references assume); returns the file. Pages it cannot rebuild fail it with
+/// `DELTA_UNRESOLVED`.
+fn decode_pages(
+    part: &Path,
+    out: File,
+    raw_size: u64,
+    src: &mut dyn ContentSource,
+) -> Result<File, (ErrorCode, String)> {
+    let storage =
+        |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
+    let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
+    let mut head = [0u8; 6];
+    input
+        .read_exact(&mut head)
+        .map_err(|e| storage("cannot read the object", &e))?;
+    let shift = head[5];
+    if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT).contains(&shift)
+        || raw_size % (1u64 << shift) != 0
+    {
+        return Err((
+            ErrorCode::PROTOCOL_ERROR,
+            "HDE page object has a bad page size".into(),
+        ));
+    }
+    let bad = |e: dwcp_encoding::DecodeError| match e {
+        dwcp_encoding::DecodeError::Store(e) => storage("cannot write the decoded pages", &e),
+        e => (
+            ErrorCode::PROTOCOL_ERROR,
+            format!("undecodable HDE object: {e}"),
+        ),
+    };
+    let mut store = dwcp_encoding::FileStore::new(out, raw_size >> shift, 1 << shift)
+        .map_err(|e| storage("cannot open the destination", &e))?;
     let mut dec = dwcp_encoding::PageDecoder::new();
     dec.push(&head, &mut store, src).map_err(bad)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = input
             .read(&mut buf)
-            .map_err(|e| storage("cannot read the round", &e))?;
+            .map_err(|e| storage("cannot read the object", &e))?;
         if n == 0 {
             break;
         }
@@ -1100,9 +1115,7 @@ fn apply_round(
             ),
         ));
     }
-    // Not synced here: the commit syncs the target once, at the end.
-    drop(store);
-    Ok(())
+    Ok(store.into_file())
 }
 
 /// Decodes the verified encoded object in `part` into `final_path`: into a scratch copy of
@@ -1136,7 +1149,6 @@ fn decode_into(
             .map_err(|e| storage("cannot create the decode file", &e))?;
         out.set_len(d.raw_size)
             .map_err(|e| storage("cannot size the decode file", &e))?;
-        let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
         let mut guard = cache.map(lock);
         let mut none = NoCache;
         let src: &mut dyn ContentSource = match guard.as_deref_mut() {
@@ -1150,50 +1162,13 @@ fn decode_into(
                 format!("undecodable HDE object: {e}"),
             ),
         };
-        let mut buf = vec![0u8; 1 << 20];
         if d.encoding == data::ENCODING_HDE_PAGES {
-            let mut head = [0u8; 6];
-            input
-                .read_exact(&mut head)
-                .map_err(|e| storage("cannot read the object", &e))?;
-            let shift = head[5];
-            if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT)
-                .contains(&shift)
-                || d.raw_size % (1u64 << shift) != 0
-            {
-                return Err((
-                    ErrorCode::PROTOCOL_ERROR,
-                    "encoded object has a bad page size".into(),
-                ));
-            }
-            let mut store = dwcp_encoding::FileStore::new(out, d.raw_size >> shift, 1 << shift)
-                .map_err(|e| storage("cannot open the decode file", &e))?;
-            let mut dec = dwcp_encoding::PageDecoder::new();
-            dec.push(&head, &mut store, src).map_err(bad)?;
-            loop {
-                let n = input
-                    .read(&mut buf)
-                    .map_err(|e| storage("cannot read the object", &e))?;
-                if n == 0 {
-                    break;
-                }
-                dec.push(&buf[..n], &mut store, src).map_err(bad)?;
-            }
-            dec.finish().map_err(bad)?;
-            if !dec.missing().is_empty() {
-                return Err((
-                    ErrorCode::DELTA_UNRESOLVED,
-                    format!(
-                        "{} pages referred to content this receiver does not hold",
-                        dec.missing().len()
-                    ),
-                ));
-            }
-            store
-                .into_file()
+            decode_pages(part, out, d.raw_size, src)?
                 .sync_data()
                 .map_err(|e| storage("cannot sync", &e))?;
         } else {
+            let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
+            let mut buf = vec![0u8; 1 << 20];
             let mut w = std::io::BufWriter::new(out);
             let mut dec = dwcp_encoding::stream::StreamDecoder::with_limit(d.raw_size);
             loop {
