@@ -154,9 +154,14 @@ pub async fn migrate(
         remote: None,
         codec: spec.codec.unwrap_or(Codec::Zstd(2)),
         levels: [0; 6],
+        // Names this migration's rounds, so a partial round of another migration of the same
+        // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
-            "{:x}",
-            started.elapsed().as_nanos() ^ u128::from(std::process::id())
+            "{:x}-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+            std::process::id()
         ),
     };
     let mut report = MigrationReport {
