@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use dwcp_testbed::{Profile, Testbed};
 use serde_json::{Value, json};
 
-use crate::cli::BenchTransportArgs;
+use crate::cli::{BenchMigrationArgs, BenchTransportArgs};
 use crate::commands::UsageError;
 
 /// One measured row.
@@ -403,5 +403,200 @@ fn write_random(path: &Path, size: u64) -> Result<()> {
         left -= n as u64;
     }
     f.flush()?;
+    Ok(())
+}
+
+/// `dwcp bench migration`: the memory-image engine over the testbed.
+pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
+    let profile = Profile::named(&args.profile).ok_or_else(|| {
+        UsageError(format!(
+            "unknown profile {:?}: one of {:?}",
+            args.profile,
+            Profile::NAMES
+        ))
+    })?;
+    if !dwcp_testbed::is_root() {
+        return Err(UsageError(
+            "dwcp bench migration needs root (it builds a network-namespace testbed)".into(),
+        )
+        .into());
+    }
+    let mut cases = Vec::new();
+    for c in args
+        .cases
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        let (size, rate) = c
+            .split_once('@')
+            .ok_or_else(|| UsageError(format!("--cases: {c:?} is not SIZE@DIRTY-RATE")))?;
+        parse_size(size)?;
+        crate::cli::parse_rate(rate).map_err(|e| UsageError(format!("--cases: {e}")))?;
+        cases.push((size.to_string(), rate.to_string()));
+    }
+    if cases.is_empty() {
+        return Err(UsageError("--cases: no case given".into()).into());
+    }
+    watch_signals()?;
+    let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
+    let exe = exe
+        .to_str()
+        .ok_or_else(|| anyhow!("binary path is not UTF-8"))?
+        .to_string();
+    let work = tempfile::tempdir()?;
+    let certs = work.path().join("certs");
+    dwcp_transport::pki::init_ca(&certs, &dwcp_wire::ClusterId::new("dwcp")?, 1, false)?;
+    for n in ["bench-a", "bench-b"] {
+        dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(n)?, 1, false)?;
+    }
+    eprintln!("building testbed: {profile}");
+    let tb = Testbed::up(profile.clone(), args.seed)?;
+    let rtt = ping_rtt_ms(&tb, work.path())?;
+    eprintln!(
+        "emulator check: ping -U RTT {rtt:.2} ms (profile {:.1} ms)",
+        profile.rtt().as_secs_f64() * 1e3
+    );
+    let listen = format!("{}:7900", tb.addr_b);
+    let mut agent = tb.cmd_b(&exe);
+    agent
+        .args([
+            "agent",
+            "--node-id",
+            "bench-b",
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:7901",
+        ])
+        .arg("--spool-dir")
+        .arg(work.path().join("spool"))
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .arg("--certs-dir")
+        .arg(&certs)
+        .env("DWCP_TRANSPORT__CONGESTION", &args.congestion);
+    let (_agent, _, agent_err) = spawn_logged(agent, work.path(), "agent")?;
+    // Ready when it answers a ping from the other side (bounded).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut p = tb.cmd_a(&exe);
+        p.args(["ping", &listen, "--node-id", "bench-a", "-n", "1"])
+            .arg("--certs-dir")
+            .arg(&certs);
+        let (mut child, _, _) = spawn_logged(p, work.path(), "ping-agent")?;
+        if wait_bounded(&mut child, Duration::from_secs(10), "dwcp ping")?.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent in namespace B did not come up: {}",
+                std::fs::read_to_string(&agent_err)
+                    .unwrap_or_default()
+                    .trim()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let link = profile.rate_bps.map(|r| format!("{}", r / 8));
+    let mut runs = Vec::new();
+    for (i, (size, rate)) in cases.iter().enumerate() {
+        eprintln!("migrating a {size} VM writing {rate}B/s ...");
+        let mut m = tb.cmd_a(&exe);
+        m.args([
+            "migrate",
+            "--to",
+            &listen,
+            "--node-id",
+            "bench-a",
+            "--expect-node",
+            "bench-b",
+            "--json",
+        ])
+        .args([
+            "--vm-size",
+            size,
+            "--dirty-rate",
+            rate,
+            "--seed",
+            &args.seed.to_string(),
+        ])
+        .args(["--name", &format!("vm-{i}.mem")])
+        .arg("--certs-dir")
+        .arg(&certs)
+        .env("DWCP_TRANSPORT__CONGESTION", &args.congestion);
+        if let Some(l) = &link {
+            m.args(["--link-rate", l]);
+        }
+        let (mut child, out, err) = spawn_logged(m, work.path(), &format!("migrate-{i}"))?;
+        let status = wait_bounded(
+            &mut child,
+            Duration::from_secs(args.timeout_secs),
+            "dwcp migrate",
+        )?;
+        let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
+            json!({"result": "failed", "how": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
+        });
+        runs.push(
+            json!({"vm_size": size, "dirty_rate": rate, "exit": status.code(), "report": report}),
+        );
+    }
+    tb.down();
+    println!("emulator check: ping -U average RTT {rtt:.2} ms");
+    println!(
+        "profile {profile}; congestion {}; memory-image VMs (the QEMU backend is not built yet)",
+        args.congestion
+    );
+    println!(
+        "{:<8} {:>10} {:>12} {:>9} {:>11} {:>11} {:>7} {:>10} {:>9} {:>10}",
+        "vm",
+        "dirty B/s",
+        "result",
+        "total s",
+        "paused ms",
+        "predicted",
+        "rounds",
+        "wire MB",
+        "throttle",
+        "bit-exact"
+    );
+    for r in &runs {
+        let rep = &r["report"];
+        let throttle = rep["rounds"].as_array().map_or(0, |a| {
+            a.iter()
+                .filter_map(|x| x["throttle"].as_u64())
+                .max()
+                .unwrap_or(0)
+        });
+        println!(
+            "{:<8} {:>10} {:>12} {:>9.1} {:>11.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
+            r["vm_size"].as_str().unwrap_or(""),
+            r["dirty_rate"].as_str().unwrap_or(""),
+            rep["result"].as_str().unwrap_or("?"),
+            rep["total_seconds"].as_f64().unwrap_or(0.0),
+            rep["downtime_ms"].as_f64().unwrap_or(0.0),
+            rep["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
+            rep["rounds"].as_array().map_or(0, Vec::len),
+            rep["wire_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            throttle,
+            rep["bit_exact"]
+                .as_bool()
+                .map_or("-", |b| if b { "yes" } else { "NO" }),
+        );
+        if rep["result"] != "migrated" {
+            println!("         why: {}", rep["how"].as_str().unwrap_or(""));
+        }
+    }
+    let path = args
+        .json_out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-migration-{}.json", profile.name)));
+    let report = json!({
+        "profile": profile.name, "ping_rtt_ms": rtt, "congestion": args.congestion, "seed": args.seed,
+        "runs": runs,
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("JSON: {}", path.display());
     Ok(())
 }

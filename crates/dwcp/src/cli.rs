@@ -392,6 +392,36 @@ pub(crate) enum BenchCommand {
     /// zstd -3 and lz4 of a generated VM image against HDE cold, warm (previous version held)
     /// and seeded (receiver seeded from the files the image's pages came from); one table.
     Encoding(BenchEncodingArgs),
+    /// Live migration of generated memory-image VMs between the testbed's two namespaces
+    /// (an agent in B, `dwcp migrate` in A), at several sizes and dirty rates; table + JSON.
+    Migration(BenchMigrationArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchMigrationArgs {
+    /// Link profile: dc, wan, internet, lossy.
+    #[arg(long, default_value = "internet")]
+    pub(crate) profile: String,
+
+    /// Cases as SIZE@DIRTY-RATE, comma-separated (dirty rate in bytes/s of page writes).
+    #[arg(long, default_value = "1Gi@10M,2Gi@10M,2Gi@50M")]
+    pub(crate) cases: String,
+
+    /// TCP congestion control on both sides.
+    #[arg(long, default_value = "bbr")]
+    pub(crate) congestion: String,
+
+    /// Seconds a migration may take before it is called a failure.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=7200))]
+    pub(crate) timeout_secs: u64,
+
+    /// Seed of the emulator's loss pattern and of the images.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+
+    /// Where to write the JSON report [default: bench-migration-PROFILE.json].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -97,6 +97,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             logs(None, "warn")?;
             crate::bench::transport(&args)
         }
+        Command::Bench(crate::cli::BenchCommand::Migration(args)) => {
+            logs(None, "warn")?;
+            crate::bench::migration(&args)
+        }
         Command::Bench(crate::cli::BenchCommand::Encoding(args)) => {
             logs(None, "warn")?;
             crate::bench_encoding::run(&args)

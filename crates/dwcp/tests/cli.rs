@@ -684,3 +684,15 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--vm-size"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn bench_migration_refuses_bad_cases_before_building_anything() {
+    let o = run(&["bench", "migration", "--cases", "1Gi-at-10M"]);
+    // Not root: refused for that; root: refused for the case. Either way before any testbed.
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("SIZE@DIRTY-RATE") || e.contains("needs root"),
+        "{e}"
+    );
+}
