@@ -17,7 +17,8 @@ use dwcp_encoding::chooser::Chooser;
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
-    DeltaOptions, SendError, SendOptions, Source, migration_op, query_base, send_files,
+    DeltaOptions, KeptSession, SendError, SendOptions, Source, migration_op, migration_op_kept,
+    query_base, send_files_kept,
 };
 use dwcp_wire::{ErrorCode, NodeId, data};
 use tracing::{info, warn};
@@ -148,6 +149,8 @@ pub async fn migrate(
     };
     let mut orch = Orchestrator::new(spec.config.clone(), caps);
     let mut action = orch.start();
+    // One session for every round and the commit: set-up is paid once, not on the pause path.
+    let mut kept = KeptSession::new();
     let mut state = RoundState {
         shadow: vec![0u8; raw_size as usize],
         sent: vec![0u64; pages.div_ceil(64) as usize],
@@ -194,8 +197,14 @@ pub async fn migrate(
         let event = match action.clone() {
             Action::Prepare => prepare(vm, dest, spec, &mut state).await,
             Action::SendRound { round, .. } => {
-                match send_round(vm, dest, spec, &mut state, round).await {
+                match send_round(vm, dest, spec, &mut state, round, &mut kept).await {
                     Ok(stats) => {
+                        if round == 0
+                            && let Some(rtt) = kept.round_trip().await
+                        {
+                            // The budget is 300 ms + 1 RTT: the final exchange needs one.
+                            orch.set_rtt_allowance(rtt);
+                        }
                         report.wire_bytes += stats.wire_bytes;
                         report
                             .rounds
@@ -220,7 +229,7 @@ pub async fn migrate(
             }
             Action::SendFinal => {
                 let round = orch.rounds().len() as u32;
-                match send_round(vm, dest, spec, &mut state, round).await {
+                match send_round(vm, dest, spec, &mut state, round, &mut kept).await {
                     Ok(stats) => {
                         report.wire_bytes += stats.wire_bytes;
                         report
@@ -235,12 +244,13 @@ pub async fn migrate(
                 Event::Failed("post-copy is not supported by this source".into())
             }
             Action::ResumeDestination => {
-                match migration_op(
+                match migration_op_kept(
                     dest.endpoint,
                     dest.addr,
                     dest.expected,
                     &spec.name,
                     data::MIGRATION_COMMIT,
+                    &mut kept,
                 )
                 .await
                 {
@@ -279,12 +289,13 @@ pub async fn migrate(
                 if vm.is_paused() {
                     vm.resume();
                 }
-                match migration_op(
+                match migration_op_kept(
                     dest.endpoint,
                     dest.addr,
                     dest.expected,
                     &spec.name,
                     data::MIGRATION_ABORT,
+                    &mut kept,
                 )
                 .await
                 {
@@ -296,6 +307,7 @@ pub async fn migrate(
         };
         action = orch.handle(event);
     }
+    kept.close().await;
     match orch.outcome() {
         Outcome::Migrated { how } => {
             report.migrated = true;
@@ -397,6 +409,7 @@ async fn send_round(
     spec: &MigrationSpec,
     state: &mut RoundState,
     round: u32,
+    kept: &mut KeptSession,
 ) -> Result<RoundStats, String> {
     let t0 = Instant::now();
     let dirty = vm.take_dirty();
@@ -429,13 +442,14 @@ async fn send_round(
             },
             ..SendOptions::default()
         };
-        match send_files(
+        match send_files_kept(
             dest.endpoint,
             dest.addr,
             dest.expected,
             &[src],
             &opts,
             &mut |_| {},
+            kept,
         )
         .await
         {

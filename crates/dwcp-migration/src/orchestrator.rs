@@ -13,9 +13,9 @@
 //!  cleaned) ─> RolledBack, with the reason
 //! ```
 //!
-//! The stop decision uses the *expected* bandwidth — a moving average of the goodput the
-//! rounds achieved (the bandwidth predictor takes this place later) — and the bytes a dirty
-//! page has actually cost on the wire, so delta encoding's savings count.
+//! The stop decision uses the *expected* round time: a line `fixed cost + bytes / bandwidth`
+//! fitted to the rounds so far (the bandwidth predictor takes this place later), and the
+//! bytes a dirty page has actually cost on the wire, so delta encoding's savings count.
 
 use std::fmt;
 use std::time::Duration;
@@ -34,8 +34,9 @@ pub struct Config {
     pub stall_rounds: u32,
     /// Auto-converge steps: the share of the guest's time taken away, in percent.
     pub throttle_steps: Vec<u8>,
-    /// Weight of the newest goodput sample in the bandwidth estimate.
-    pub bandwidth_alpha: f64,
+    /// Added to the budget: the round trip the final exchange cannot avoid (the engine
+    /// measures it; the issue's bound is 300 ms + 1 RTT).
+    pub rtt_allowance: Duration,
 }
 
 impl Default for Config {
@@ -48,7 +49,7 @@ impl Default for Config {
             shrink_ratio: 0.9,
             stall_rounds: 2,
             throttle_steps: vec![20, 40, 60, 80, 95],
-            bandwidth_alpha: 0.5,
+            rtt_allowance: Duration::ZERO,
         }
     }
 }
@@ -214,6 +215,10 @@ pub struct Orchestrator {
     bandwidth: Option<f64>,
     /// Wire bytes a page costs (moving average).
     page_cost: Option<f64>,
+    /// Seconds a round costs beyond its bytes (round trips, set-up), moving average.
+    overhead: Option<f64>,
+    /// (wire bytes, seconds) of every round, for the fit.
+    samples: Vec<(f64, f64)>,
     throttle: Option<usize>,
     stalls: u32,
     source_stopped: bool,
@@ -231,6 +236,8 @@ impl Orchestrator {
             rounds: Vec::new(),
             bandwidth: None,
             page_cost: None,
+            overhead: None,
+            samples: Vec::new(),
             throttle: None,
             stalls: 0,
             source_stopped: false,
@@ -274,7 +281,7 @@ impl Orchestrator {
     /// Pause predicted for sending `dirty` pages at the expected bandwidth.
     pub fn predicted_downtime(&self, dirty: u64) -> Option<Duration> {
         let (bw, cost) = (self.bandwidth?, self.page_cost?);
-        let secs = dirty as f64 * cost / bw.max(1.0);
+        let secs = self.overhead.unwrap_or(0.0) + dirty as f64 * cost / bw.max(1.0);
         Some(Duration::from_secs_f64(secs.min(1e9)))
     }
 
@@ -345,13 +352,14 @@ impl Orchestrator {
     }
 
     fn after_round(&mut self, n: u32, stats: RoundStats) -> Action {
+        // Round time = fixed cost + bytes / bandwidth, fitted by least squares over the
+        // rounds so far (one round gives the bandwidth alone). The fixed cost — round trips,
+        // per-object exchanges — is what small final rounds are made of.
         if stats.seconds > 0.0 && stats.wire_bytes > 0 {
-            let sample = stats.wire_bytes as f64 / stats.seconds;
-            let a = self.cfg.bandwidth_alpha;
-            self.bandwidth = Some(
-                self.bandwidth
-                    .map_or(sample, |b| b * (1.0 - a) + sample * a),
-            );
+            self.samples.push((stats.wire_bytes as f64, stats.seconds));
+            let (fixed, per_byte) = fit(&self.samples);
+            self.overhead = Some(fixed);
+            self.bandwidth = Some(1.0 / per_byte.max(1e-12));
         }
         if stats.pages > 0 {
             let sample = stats.wire_bytes as f64 / stats.pages as f64;
@@ -369,7 +377,7 @@ impl Orchestrator {
         self.rounds.push(stats);
         if self
             .predicted_downtime(dirty)
-            .is_some_and(|d| d <= self.cfg.downtime_budget)
+            .is_some_and(|d| d <= self.cfg.downtime_budget + self.cfg.rtt_allowance)
         {
             self.phase = Phase::Stopping;
             return Action::StopSource;
@@ -413,13 +421,13 @@ impl Orchestrator {
         let bw = self.bandwidth.map_or(0.0, |b| b * 8.0 / 1e6);
         self.failed(format!(
             "did not converge after {rounds} rounds{}: {dirty} pages stay dirty per round at \
-             {bw:.1} Mbit/s, a predicted downtime of {predicted} against a budget of {} ms",
+             {bw:.1} Mbit/s, a predicted downtime of {predicted} against a budget of {} ms (round trip included)",
             if self.throttle.is_some() {
                 format!(" and throttling by {}%", self.throttle())
             } else {
                 String::new()
             },
-            self.cfg.downtime_budget.as_millis()
+            (self.cfg.downtime_budget + self.cfg.rtt_allowance).as_millis()
         ))
     }
 
@@ -452,10 +460,40 @@ impl Orchestrator {
         }
     }
 
+    /// Sets the round trip added to the downtime budget, once the engine has measured it.
+    pub fn set_rtt_allowance(&mut self, rtt: Duration) {
+        self.cfg.rtt_allowance = rtt;
+    }
+
     /// Whether the source was paused at some point (a rollback must resume it).
     pub fn source_stopped(&self) -> bool {
         self.source_stopped
     }
+}
+
+/// Least-squares line `seconds = fixed + bytes * per_byte` through `(bytes, seconds)`
+/// points, with `fixed >= 0` and `per_byte > 0`; one point (or points of one size) gives
+/// the plain ratio.
+fn fit(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (sxx, sxy) = points.iter().fold((0.0, 0.0), |(a, b), &(x, y)| {
+        (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
+    });
+    let ratio = (sy / sx.max(1.0), 0.0);
+    if points.len() < 2 || sxx <= 0.0 {
+        return (ratio.1, ratio.0);
+    }
+    let per_byte = sxy / sxx;
+    let fixed = my - per_byte * mx;
+    if per_byte <= 0.0 || fixed < 0.0 {
+        // Noise the line cannot explain: fall back to the plain ratio.
+        return (0.0, sy / sx.max(1.0));
+    }
+    (fixed, per_byte)
 }
 
 #[cfg(test)]
@@ -719,6 +757,49 @@ mod tests {
             matches!(o.outcome(), Outcome::Migrated { .. }),
             "{:?}",
             o.outcome()
+        );
+    }
+
+    #[test]
+    fn a_fixed_cost_per_round_is_learned_and_the_rtt_allowance_used() {
+        // Every round costs 250 ms of round trips beyond its bytes.
+        let drive = |allowance_ms: u64| {
+            let cfg = Config {
+                rtt_allowance: Duration::from_millis(allowance_ms),
+                ..Config::default()
+            };
+            let mut o = Orchestrator::new(cfg, SourceCaps::default());
+            let mut a = o.handle(Event::Prepared);
+            let mut pages = GIB_PAGES;
+            for _ in 0..40 {
+                match a {
+                    Action::SendRound { .. } => {
+                        let secs = 0.25 + pages as f64 * 1500.0 / 25e6;
+                        let dirty = ((2560.0 * secs) as u64).min(GIB_PAGES);
+                        a = o.handle(Event::RoundSent(RoundStats {
+                            pages,
+                            wire_bytes: pages * 1500,
+                            seconds: secs,
+                            dirty_after: dirty,
+                        }));
+                        pages = dirty;
+                    }
+                    Action::StopSource => return (o, true),
+                    _ => return (o, false),
+                }
+            }
+            (o, false)
+        };
+        let (o, stopped) = drive(100);
+        assert!(
+            stopped,
+            "300 ms + 100 ms covers 250 ms of round trips: {:?}",
+            o.rounds()
+        );
+        let p = o.predicted_downtime(0).unwrap();
+        assert!(
+            p >= Duration::from_millis(200),
+            "the fixed cost is in the prediction: {p:?}"
         );
     }
 

@@ -147,7 +147,7 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
     );
     if r.migrated {
         println!(
-            "result: migrated ({}) in {:.2} s; guest paused {:.0} ms (predicted {:.0} ms, budget 300 ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
+            "result: migrated ({}) in {:.2} s; guest paused {:.0} ms (predicted {:.0} ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
             r.how,
             r.total_seconds,
             r.downtime_ms.unwrap_or(0.0),

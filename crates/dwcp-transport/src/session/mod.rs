@@ -15,6 +15,6 @@ pub use adapt::Mode;
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
 pub use recv::{Receiver, RecvEvent, Served};
 pub use send::{
-    ObjectReport, Progress, SendError, SendOptions, SendReport, Source, migration_op, query_base,
-    send_files,
+    KeptSession, ObjectReport, Progress, SendError, SendOptions, SendReport, Source, migration_op,
+    migration_op_kept, query_base, send_files, send_files_kept,
 };

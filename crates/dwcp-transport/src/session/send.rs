@@ -574,6 +574,62 @@ pub async fn send_files(
     opts: &SendOptions,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<SendReport, SendError> {
+    // A one-off transfer: the session closes at the end.
+    let mut kept = KeptSession::default();
+    send_files_kept(endpoint, addr, expected, files, opts, progress, &mut kept).await
+}
+
+/// A session kept open between transfers to the same receiver (live-migration rounds), so
+/// that each does not pay connection set-up again. Close it with [`KeptSession::close`].
+#[derive(Default)]
+pub struct KeptSession {
+    session: Option<Session>,
+    object_id: u64,
+    keep: bool,
+}
+
+impl std::fmt::Debug for KeptSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptSession")
+            .field("open", &self.session.is_some())
+            .field("object_id", &self.object_id)
+            .finish()
+    }
+}
+
+impl KeptSession {
+    /// Nothing open yet; [`send_files_kept`] opens it and leaves it open.
+    pub fn new() -> Self {
+        Self {
+            keep: true,
+            ..Self::default()
+        }
+    }
+
+    /// One round trip on the open session (`None` when none is open or no answer came).
+    pub async fn round_trip(&mut self) -> Option<Duration> {
+        self.session.as_mut()?.round_trip().await
+    }
+
+    /// Says goodbye on every stream.
+    pub async fn close(mut self) {
+        if let Some(s) = self.session.take() {
+            s.close(ErrorCode::NO_ERROR, "done").await;
+        }
+    }
+}
+
+/// As [`send_files`], on `kept`'s session when it is alive (opening one otherwise), and
+/// leaving it open afterwards when `kept` was made with [`KeptSession::new`] and used here.
+pub async fn send_files_kept(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    files: &[Source],
+    opts: &SendOptions,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+    kept: &mut KeptSession,
+) -> Result<SendReport, SendError> {
     let started = Instant::now();
     let mut report = SendReport::default();
     let total_size: u64 = files.iter().map(|f| f.size).sum();
@@ -581,7 +637,6 @@ pub async fn send_files(
     let sent = Arc::new(AtomicU64::new(0));
     let mut done_bytes = 0u64;
     let mut next_file = 0usize;
-    let mut object_id = 0u64;
     let mut failing_since: Option<Instant> = None;
     let mut ever_connected = false;
     // Objects already restarted from zero after a failed verification (once each).
@@ -603,7 +658,12 @@ pub async fn send_files(
         } else {
             StreamPlan::Fixed(opts.streams)
         };
-        let mut session = match Session::open(endpoint, addr, expected, &plan).await {
+        let reused = kept.session.take().filter(|s| s.alive() > 0);
+        let opened = match reused {
+            Some(s) => Ok(s),
+            None => Session::open(endpoint, addr, expected, &plan).await,
+        };
+        let mut session = match opened {
             Ok(s) => s,
             Err(e) => {
                 let retryable = matches!(
@@ -652,12 +712,12 @@ pub async fn send_files(
                 opts.delta.enabled && session.delta && src.size > 0 && src.pre_encoded.is_none();
             if use_delta && !encoded.contains_key(&next_file) {
                 let cold = cold.contains(&next_file);
-                object_id += 1;
+                kept.object_id += 1;
                 let e = match prepare_delta(
                     &mut session,
                     &mut report,
                     src,
-                    object_id,
+                    kept.object_id,
                     cold,
                     &opts.delta,
                 )
@@ -711,7 +771,8 @@ pub async fn send_files(
                 })
                 .or_else(|| src.pre_encoded.clone());
             let raw_size = enc.map_or(src.size, |e| e.report.raw_bytes);
-            object_id += 1;
+            kept.object_id += 1;
+            let object_id = kept.object_id;
             let r = send_object(
                 &mut session,
                 wire_src.as_ref().unwrap_or(src),
@@ -806,9 +867,13 @@ pub async fn send_files(
             }
         }
         report.streams_final = session.alive() as u32;
-        session
-            .close(ErrorCode::NO_ERROR, "transfer complete")
-            .await;
+        if kept.keep {
+            kept.session = Some(session);
+        } else {
+            session
+                .close(ErrorCode::NO_ERROR, "transfer complete")
+                .await;
+        }
         break;
     }
     report.bytes_sent = sent.load(Ordering::Relaxed);
@@ -1372,11 +1437,29 @@ pub async fn migration_op(
     name: &str,
     op: u32,
 ) -> Result<(), SendError> {
-    let mut session = Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
-        .await
-        .map_err(SendError::Connect)?;
+    let mut kept = KeptSession::default();
+    migration_op_kept(endpoint, addr, expected, name, op, &mut kept).await
+}
+
+/// As [`migration_op`], on `kept`'s session when it is alive (the commit is on the guest's
+/// pause path: no connection set-up there).
+pub async fn migration_op_kept(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    name: &str,
+    op: u32,
+    kept: &mut KeptSession,
+) -> Result<(), SendError> {
+    let mut session = match kept.session.take().filter(|s| s.alive() > 0) {
+        Some(s) => s,
+        None => Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
+            .await
+            .map_err(SendError::Connect)?,
+    };
+    kept.object_id += 1;
     let m = Migration {
-        object: 1,
+        object: kept.object_id,
         op,
         name: name.to_string(),
     };
@@ -1421,9 +1504,13 @@ pub async fn migration_op(
         }
     }
     .await;
-    session
-        .close(ErrorCode::NO_ERROR, "migration op done")
-        .await;
+    if kept.keep && r.is_ok() {
+        kept.session = Some(session);
+    } else {
+        session
+            .close(ErrorCode::NO_ERROR, "migration op done")
+            .await;
+    }
     r
 }
 
