@@ -223,37 +223,48 @@ fn parse_size(s: &str) -> Result<u64> {
     crate::cli::parse_rate(s).map_err(|e| UsageError(format!("--size: {e}")).into())
 }
 
-pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
-    let profile = Profile::named(&args.profile).ok_or_else(|| {
+/// The named profile, for a root user (the testbed builds network namespaces).
+fn testbed_profile(name: &str, bench: &str) -> Result<Profile> {
+    let profile = Profile::named(name).ok_or_else(|| {
         UsageError(format!(
-            "unknown profile {:?}: one of {:?}",
-            args.profile,
+            "unknown profile {name:?}: one of {:?}",
             Profile::NAMES
         ))
     })?;
     if !dwcp_testbed::is_root() {
-        return Err(UsageError(
-            "dwcp bench transport needs root (it builds a network-namespace testbed)".into(),
-        )
+        return Err(UsageError(format!(
+            "dwcp bench {bench} needs root (it builds a network-namespace testbed)"
+        ))
         .into());
     }
-    let size = parse_size(&args.size)?;
-    watch_signals()?;
-    let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
+    Ok(profile)
+}
+
+/// A work directory with a throwaway cluster (nodes bench-a, bench-b), the testbed up, and
+/// its round trip checked with ping.
+fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBuf, Testbed, f64)> {
     let work = tempfile::tempdir()?;
     let certs = work.path().join("certs");
     dwcp_transport::pki::init_ca(&certs, &dwcp_wire::ClusterId::new("dwcp")?, 1, false)?;
     for n in ["bench-a", "bench-b"] {
         dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(n)?, 1, false)?;
     }
-
     eprintln!("building testbed: {profile}");
-    let tb = Testbed::up(profile.clone(), args.seed)?;
+    let tb = Testbed::up(profile.clone(), seed)?;
     let rtt = ping_rtt_ms(&tb, work.path())?;
     eprintln!(
         "emulator check: ping -U RTT {rtt:.2} ms (profile {:.1} ms)",
         profile.rtt().as_secs_f64() * 1e3
     );
+    Ok((work, certs, tb, rtt))
+}
+
+pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
+    let profile = testbed_profile(&args.profile, "transport")?;
+    let size = parse_size(&args.size)?;
+    watch_signals()?;
+    let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
+    let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
     let mut rows = Vec::new();
     let secs = args.seconds;
     for (streams, cc) in [(1, "cubic"), (1, "bbr"), (8, "cubic"), (8, "bbr")] {
@@ -408,19 +419,7 @@ fn write_random(path: &Path, size: u64) -> Result<()> {
 
 /// `dwcp bench migration`: the memory-image engine over the testbed.
 pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
-    let profile = Profile::named(&args.profile).ok_or_else(|| {
-        UsageError(format!(
-            "unknown profile {:?}: one of {:?}",
-            args.profile,
-            Profile::NAMES
-        ))
-    })?;
-    if !dwcp_testbed::is_root() {
-        return Err(UsageError(
-            "dwcp bench migration needs root (it builds a network-namespace testbed)".into(),
-        )
-        .into());
-    }
+    let profile = testbed_profile(&args.profile, "migration")?;
     let mut cases = Vec::new();
     for c in args
         .cases
@@ -444,19 +443,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .to_str()
         .ok_or_else(|| anyhow!("binary path is not UTF-8"))?
         .to_string();
-    let work = tempfile::tempdir()?;
-    let certs = work.path().join("certs");
-    dwcp_transport::pki::init_ca(&certs, &dwcp_wire::ClusterId::new("dwcp")?, 1, false)?;
-    for n in ["bench-a", "bench-b"] {
-        dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(n)?, 1, false)?;
-    }
-    eprintln!("building testbed: {profile}");
-    let tb = Testbed::up(profile.clone(), args.seed)?;
-    let rtt = ping_rtt_ms(&tb, work.path())?;
-    eprintln!(
-        "emulator check: ping -U RTT {rtt:.2} ms (profile {:.1} ms)",
-        profile.rtt().as_secs_f64() * 1e3
-    );
+    let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
     let listen = format!("{}:7900", tb.addr_b);
     let mut agent = tb.cmd_b(&exe);
     agent
