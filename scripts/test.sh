@@ -33,15 +33,26 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v tc >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
+# QEMU (TCG) for the QEMU migration backend's tests and `dwcp bench migration`.
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         log "installing ${need_apt[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
     elif [ "$(id -u)" != 0 ]; then
         echo "note: not root: the WAN testbed tests will be skipped" >&2
     else
         echo "missing system packages: ${need_apt[*]} (install them, or run as root on Debian)" >&2
         exit 1
+    fi
+fi
+
+# The QEMU tests' guest: a Debian kernel and a busybox initramfs (downloaded, not installed).
+if command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    log "guest image for the QEMU tests (scripts/guest-image.sh)"
+    if ! scripts/guest-image.sh target/guest; then
+        [ "$(id -u)" = 0 ] && apt-get update -qq && scripts/guest-image.sh target/guest \
+            || echo "note: no guest image: the QEMU tests will be skipped" >&2
     fi
 fi
 

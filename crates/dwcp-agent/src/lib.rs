@@ -150,6 +150,9 @@ impl Agent {
             path: settings.spool_dir.clone(),
             source,
         })?;
+        if let Some(dir) = &settings.qemu_dir {
+            spool.accept_qemu(dir);
+        }
         let metrics = Metrics::new(node_id.as_str(), &versions.join(","));
         metrics.certificate_expiry.set(cert_not_after);
         Ok(Self {

@@ -36,8 +36,19 @@ pub struct Config {
     pub transport: TransportConfig,
     /// Encoding (HDE) settings advertised in the handshake.
     pub encoding: EncodingConfig,
+    /// Live migration.
+    pub migration: MigrationConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `[migration]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// Directory where destination QEMUs wait for incoming migrations (`NAME.incoming`,
+    /// `NAME.qmp`); "" refuses QEMU migrations.
+    pub qemu_dir: PathBuf,
 }
 
 /// `[node]`
@@ -295,6 +306,8 @@ pub struct Settings {
     pub log: LogConfig,
     /// Baseline cache of the agent.
     pub cache: CacheSettings,
+    /// Where incoming QEMU migrations are fed (`None`: refused).
+    pub qemu_dir: Option<PathBuf>,
 }
 
 /// Where and how large the agent's baseline cache is.
@@ -577,6 +590,8 @@ impl Config {
                     disk_bytes: u64::from(self.encoding.cache_disk_mib) << 20,
                     seeds: self.encoding.seed_paths.clone(),
                 },
+                qemu_dir: Some(self.migration.qemu_dir.clone())
+                    .filter(|d| !d.as_os_str().is_empty()),
             }),
             _ => Err(ConfigError::Invalid(errs)),
         }
@@ -789,6 +804,12 @@ cache_mem_mib = 256
 cache_disk_mib = 8192
 # Files or directories (VM disks, base images) whose pages seed the cache at start.
 seed_paths = []
+
+[migration]
+# Directory where destination QEMUs wait for incoming migrations: the QEMU of VM NAME is
+# started with -incoming unix:DIR/NAME.incoming and -qmp unix:DIR/NAME.qmp,server=on,wait=off.
+# "" refuses QEMU migrations.
+qemu_dir = ""
 
 [log]
 # "text" or "json".

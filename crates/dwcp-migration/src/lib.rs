@@ -5,13 +5,17 @@
 //! - [`memvm`]: a memory-image VM under a live dirtying workload with dirty tracking.
 //! - [`engine`]: the source side of a migration to a destination agent over transfer
 //!   sessions, rounds encoded with HDE.
+//! - [`qemu`]: the QEMU backend: QEMU's own migration stream carried through DWCP.
 
 pub mod engine;
 pub mod memvm;
 pub mod orchestrator;
+pub mod qemu;
+pub mod qemu_vm;
 
 pub use engine::{Destination, MigrationReport, MigrationSpec, Progress, RoundReport, migrate};
 pub use memvm::MemoryVm;
+pub use qemu::{QemuError, QemuProgress, QemuReport, QemuSpec, migrate_qemu};
 
 pub use orchestrator::{
     Action, Config, Convergence, Event, Orchestrator, Outcome, Phase, RoundStats, SourceCaps,

@@ -11,6 +11,7 @@
 mod conn;
 pub mod net;
 pub mod pki;
+pub mod qmp;
 pub mod session;
 mod tls;
 

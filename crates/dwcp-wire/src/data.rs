@@ -46,6 +46,15 @@ pub const ENCODING_HDE_PAGES_INPLACE: u32 = 3;
 pub const MIGRATION_COMMIT: u32 = 1;
 /// `Migration::op`: delete the migration target.
 pub const MIGRATION_ABORT: u32 = 2;
+/// `Migration::op`: connect to the local QEMU waiting for the incoming migration of the VM
+/// `name` and feed it the stream segments that follow (objects `NAME.qemu.SEQ`).
+pub const MIGRATION_QEMU_OPEN: u32 = 3;
+/// `Migration::op`: the stream of `name` ended after `segments` segments: feed the rest,
+/// close, and answer once QEMU has loaded it (the answer's `reason` is a JSON detail).
+pub const MIGRATION_QEMU_FINISH: u32 = 4;
+/// `Migration::op`: give up the incoming QEMU migration of `name` (close its stream, drop
+/// segments not fed yet).
+pub const MIGRATION_QEMU_ABORT: u32 = 5;
 
 /// `MIGRATION` (0x0019).
 #[derive(Clone, PartialEq, Eq, Message)]
@@ -59,6 +68,9 @@ pub struct Migration {
     /// The target's name.
     #[prost(string, tag = "3")]
     pub name: String,
+    /// [`MIGRATION_QEMU_FINISH`]: how many segments the stream had.
+    #[prost(uint64, tag = "4")]
+    pub segments: u64,
 }
 
 /// `ObjectBegin::encoding`: the object is the content itself.

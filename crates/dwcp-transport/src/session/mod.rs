@@ -6,6 +6,7 @@
 
 pub mod adapt;
 pub mod delta;
+pub mod qemu_feed;
 pub mod reasm;
 pub mod recv;
 pub mod sched;
@@ -13,8 +14,10 @@ pub mod send;
 
 pub use adapt::Mode;
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
+pub use qemu_feed::segment_name;
 pub use recv::{Receiver, RecvEvent, Served};
 pub use send::{
-    KeptSession, ObjectReport, Progress, SendError, SendOptions, SendReport, Source, migration_op,
-    migration_op_kept, query_base, send_files, send_files_kept,
+    KeptSession, MigrationRequest, ObjectReport, Progress, SendError, SendOptions, SendReport,
+    Source, migration_op, migration_op_kept, migration_request_kept, query_base, send_files,
+    send_files_kept,
 };

@@ -177,6 +177,8 @@ pub struct Receiver {
     delta: bool,
     /// The baseline cache encoded objects are decoded against, and learn into.
     cache: Option<Arc<Mutex<BaselineCache>>>,
+    /// Incoming QEMU migrations, when this node accepts them ([`Self::accept_qemu`]).
+    qemu: std::sync::OnceLock<super::qemu_feed::Feeds>,
 }
 
 /// What a served connection ended with.
@@ -215,7 +217,15 @@ impl Receiver {
             per_peer,
             delta,
             cache: cache.map(|c| Arc::new(Mutex::new(c))),
+            qemu: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Accepts incoming QEMU migrations: the QEMU for VM `NAME` waits in `dir` with
+    /// `-incoming unix:DIR/NAME.incoming` and a monitor `-qmp unix:DIR/NAME.qmp,server=on,wait=off`.
+    /// Only the first call has an effect.
+    pub fn accept_qemu(&self, dir: &Path) {
+        let _ = self.qemu.set(super::qemu_feed::Feeds::new(dir));
     }
 
     /// The baseline cache's counters, if it has one.
@@ -619,6 +629,37 @@ impl Receiver {
         if let Err(e) = check_name(&m.name) {
             return refuse(e);
         }
+        if matches!(
+            m.op,
+            data::MIGRATION_QEMU_OPEN | data::MIGRATION_QEMU_FINISH | data::MIGRATION_QEMU_ABORT
+        ) {
+            let Some(feeds) = self.qemu.get() else {
+                return refuse(
+                    "this node does not accept QEMU migrations (no migration.qemu_dir)".into(),
+                );
+            };
+            let r = match m.op {
+                data::MIGRATION_QEMU_OPEN => {
+                    feeds.open(peer, &m.name).await.map(|()| String::new())
+                }
+                data::MIGRATION_QEMU_FINISH => feeds.finish(peer, &m.name, m.segments).await,
+                _ => {
+                    feeds.abort(peer, &m.name);
+                    Ok(String::new())
+                }
+            };
+            return match r {
+                Ok(detail) => ObjectDone {
+                    object: m.object,
+                    code: 0,
+                    reason: detail,
+                },
+                Err(reason) => {
+                    warn!(%peer, vm = %m.name, op = m.op, "QEMU migration op failed: {reason}");
+                    refuse(reason)
+                }
+            };
+        }
         let path = self.dir_for(peer).join(&m.name);
         if !lock(&self.active).insert(path.clone()) {
             return refuse(format!("a transfer into {:?} is in progress", m.name));
@@ -938,6 +979,9 @@ impl Receiver {
         let done = match verdict {
             Ok(()) => {
                 info!(%peer, %name, size, verify_ms = started.elapsed().as_millis() as u64, "object stored");
+                if let Some(f) = self.qemu.get() {
+                    f.stored(peer, &name, &path);
+                }
                 let _ = self.events.send(RecvEvent::Stored {
                     peer: peer.clone(),
                     name,

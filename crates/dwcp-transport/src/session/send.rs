@@ -1451,6 +1451,39 @@ pub async fn migration_op_kept(
     op: u32,
     kept: &mut KeptSession,
 ) -> Result<(), SendError> {
+    let req = MigrationRequest {
+        name,
+        op,
+        segments: 0,
+        timeout: Duration::from_secs(60),
+    };
+    migration_request_kept(endpoint, addr, expected, &req, kept)
+        .await
+        .map(|_| ())
+}
+
+/// A `MIGRATION` request (see [`migration_request_kept`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationRequest<'a> {
+    /// The target or VM name.
+    pub name: &'a str,
+    /// `dwcp_wire::data::MIGRATION_*`.
+    pub op: u32,
+    /// For `MIGRATION_QEMU_FINISH`: the stream's segment count.
+    pub segments: u64,
+    /// How long to wait for the answer.
+    pub timeout: Duration,
+}
+
+/// Sends one `MIGRATION` request on `kept`'s session (opening one with a single stream when
+/// none is alive) and returns the answer's detail (the `reason` of a successful answer).
+pub async fn migration_request_kept(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    req: &MigrationRequest<'_>,
+    kept: &mut KeptSession,
+) -> Result<String, SendError> {
     let mut session = match kept.session.take().filter(|s| s.alive() > 0) {
         Some(s) => s,
         None => Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
@@ -1460,9 +1493,11 @@ pub async fn migration_op_kept(
     kept.object_id += 1;
     let m = Migration {
         object: kept.object_id,
-        op,
-        name: name.to_string(),
+        op: req.op,
+        name: req.name.to_string(),
+        segments: req.segments,
     };
+    let timeout = req.timeout;
     let r = async {
         let w = session
             .any_writer()
@@ -1473,9 +1508,11 @@ pub async fn migration_op_kept(
             .await
             .map_err(SendError::Connect)?;
         loop {
-            let ev = tokio::time::timeout(Duration::from_secs(60), session.events.recv())
+            let ev = tokio::time::timeout(timeout, session.events.recv())
                 .await
-                .map_err(|_| SendError::Protocol("no answer to MIGRATION within 60 s".into()))?
+                .map_err(|_| {
+                    SendError::Protocol(format!("no answer to MIGRATION within {timeout:?}"))
+                })?
                 .ok_or_else(|| SendError::Protocol("connection closed before the answer".into()))?;
             match ev {
                 Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
@@ -1485,7 +1522,7 @@ pub async fn migration_op_kept(
                         continue;
                     }
                     if d.code == 0 {
-                        return Ok(());
+                        return Ok(msg::printable(&d.reason, 4096));
                     }
                     return Err(SendError::Refused {
                         name: m.name.clone(),

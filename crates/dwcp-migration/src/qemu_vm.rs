@@ -1,0 +1,228 @@
+//! Starting the test guest under QEMU (TCG), for the QEMU backend's tests, `dwcp bench
+//! migration` and `dwcp migrate --qemu-demo`: the kernel and initramfs built by
+//! `scripts/guest-image.sh`, RAM optionally backed by a file (so that source and destination
+//! memory can be compared byte for byte), the serial console to a log file, QMP monitors on
+//! Unix sockets. The process is killed when the handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The guest's kernel and initramfs.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// `vmlinuz`.
+    pub kernel: PathBuf,
+    /// `initramfs.cpio.gz`.
+    pub initrd: PathBuf,
+}
+
+impl GuestImage {
+    /// The image in `dir` (`vmlinuz`, `initramfs.cpio.gz`), if both are there.
+    pub fn in_dir(dir: &Path) -> Option<Self> {
+        let img = Self {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.cpio.gz"),
+        };
+        (img.kernel.is_file() && img.initrd.is_file()).then_some(img)
+    }
+
+    /// `$DWCP_GUEST_DIR`, else `target/guest` under the current directory or an ancestor.
+    pub fn find() -> Option<Self> {
+        if let Some(d) = std::env::var_os("DWCP_GUEST_DIR") {
+            return Self::in_dir(Path::new(&d));
+        }
+        let mut dir = std::env::current_dir().ok();
+        while let Some(d) = dir {
+            if let Some(img) = Self::in_dir(&d.join("target/guest")) {
+                return Some(img);
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        None
+    }
+}
+
+/// The QEMU binary, if installed.
+pub fn qemu_binary() -> Option<PathBuf> {
+    let name = "qemu-system-x86_64";
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// How to start one QEMU.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Guest RAM, MiB.
+    pub mem_mib: u64,
+    /// Back RAM with this file (shared mapping), or anonymous memory when `None`.
+    pub mem_file: Option<PathBuf>,
+    /// Serial console log.
+    pub serial_log: PathBuf,
+    /// QMP monitors to open (`server=on,wait=off`).
+    pub qmp: Vec<PathBuf>,
+    /// `-incoming` URI (a destination).
+    pub incoming: Option<String>,
+    /// Stay paused after an incoming migration (`-S`), e.g. to compare memory first.
+    pub stay_paused: bool,
+    /// Pages per second the guest's workload rewrites.
+    pub dirty_pages_per_sec: u64,
+    /// Command prefix, e.g. `ip netns exec NS`.
+    pub prefix: Vec<String>,
+}
+
+impl Launch {
+    /// A guest of `mem_mib` logging its console to `serial_log`.
+    pub fn new(mem_mib: u64, serial_log: PathBuf) -> Self {
+        Self {
+            mem_mib,
+            mem_file: None,
+            serial_log,
+            qmp: Vec::new(),
+            incoming: None,
+            stay_paused: false,
+            dirty_pages_per_sec: 256,
+            prefix: Vec::new(),
+        }
+    }
+}
+
+/// A running QEMU; killed on drop.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    serial: PathBuf,
+}
+
+impl QemuProcess {
+    /// Starts QEMU and waits (at most 10 s) for its monitors to appear.
+    pub fn spawn(image: &GuestImage, launch: &Launch) -> std::io::Result<Self> {
+        let qemu = qemu_binary()
+            .ok_or_else(|| std::io::Error::other("qemu-system-x86_64 is not installed"))?;
+        let mut argv: Vec<String> = launch.prefix.clone();
+        argv.push(qemu.display().to_string());
+        let m = launch.mem_mib;
+        argv.extend(
+            [
+                "-machine",
+                "pc,accel=tcg",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-m",
+                &format!("{m}M"),
+                "-kernel",
+                &image.kernel.display().to_string(),
+                "-initrd",
+                &image.initrd.display().to_string(),
+                "-append",
+                &format!(
+                    "console=ttyS0 quiet panic=-1 dwcp.dirty={}",
+                    launch.dirty_pages_per_sec
+                ),
+                "-serial",
+                &format!("file:{}", launch.serial_log.display()),
+            ]
+            .map(String::from),
+        );
+        if let Some(f) = &launch.mem_file {
+            argv.push("-object".into());
+            argv.push(format!(
+                "memory-backend-file,id=ram0,size={m}M,mem-path={},share=on",
+                f.display()
+            ));
+            argv.push("-machine".into());
+            argv.push("memory-backend=ram0".into());
+        }
+        for q in &launch.qmp {
+            let _ = std::fs::remove_file(q);
+            argv.push("-qmp".into());
+            argv.push(format!("unix:{},server=on,wait=off", q.display()));
+        }
+        if let Some(i) = &launch.incoming {
+            argv.push("-incoming".into());
+            argv.push(i.clone());
+        }
+        if launch.stay_paused {
+            argv.push("-S".into());
+        }
+        let _ = std::fs::remove_file(&launch.serial_log);
+        let log = std::fs::File::create(launch.serial_log.with_extension("stderr"))?;
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let mut p = Self {
+            child,
+            serial: launch.serial_log.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !launch.qmp.iter().all(|q| q.exists()) {
+            if let Some(status) = p.child.try_wait()? {
+                let err = std::fs::read_to_string(launch.serial_log.with_extension("stderr"))
+                    .unwrap_or_default();
+                return Err(std::io::Error::other(format!(
+                    "QEMU exited at start ({status}): {}",
+                    err.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(
+                    "QEMU's monitors did not appear in 10 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+
+    /// The serial console so far.
+    pub fn serial(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits until the console shows `needle` (at most `timeout`); returns the console.
+    pub async fn wait_serial(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> std::io::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.serial();
+            if s.contains(needle) {
+                return Ok(s);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "QEMU exited ({status}) before the console showed {needle:?}"
+                )));
+            }
+            if Instant::now() > deadline {
+                let tail: String = s.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                return Err(std::io::Error::other(format!(
+                    "the console did not show {needle:?} within {timeout:?} (last lines: {tail})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

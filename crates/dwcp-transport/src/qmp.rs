@@ -1,0 +1,371 @@
+//! A small QMP (QEMU Machine Protocol) client: JSON lines over a Unix socket.
+//!
+//! One command at a time; asynchronous events that arrive meanwhile are kept (with QEMU's
+//! own timestamp) for [`Qmp::wait_event`]. Every read is bounded in time.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Longest line accepted from QEMU (its replies are small; a runaway peer must not grow us).
+const MAX_LINE: usize = 1 << 20;
+
+/// What went wrong talking QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// Cannot connect to the monitor socket.
+    #[error("cannot connect to the QMP socket {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading or writing failed, or QEMU closed the monitor.
+    #[error("QMP connection to {path}: {what}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What happened.
+        what: String,
+    },
+    /// Nothing came in time.
+    #[error("QMP {path}: no answer to {what} within {timeout:?}")]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// The command or event waited for.
+        what: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// QEMU answered with an error.
+    #[error("QMP {command}: {class}: {desc}")]
+    Command {
+        /// The command.
+        command: String,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// Not QMP.
+    #[error("QMP {path}: unexpected message: {line}")]
+    Protocol {
+        /// The socket.
+        path: PathBuf,
+        /// What came.
+        line: String,
+    },
+}
+
+/// An asynchronous event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    /// `STOP`, `RESUME`, `MIGRATION`, ...
+    pub name: String,
+    /// When QEMU says it happened (host clock).
+    pub at: SystemTime,
+    /// The event's `data` member (`Null` when absent).
+    pub data: Value,
+}
+
+/// A connected, negotiated QMP monitor.
+#[derive(Debug)]
+pub struct Qmp {
+    path: PathBuf,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    events: VecDeque<QmpEvent>,
+    timeout: Duration,
+    /// Bytes of a line not complete yet; kept across timed-out reads (read_until appends as
+    /// it goes, so a read cut short by a timeout loses nothing).
+    partial: Vec<u8>,
+}
+
+impl Qmp {
+    /// Connects to the monitor at `path`, reads the greeting and leaves capabilities
+    /// negotiation mode. Each later answer must come within `timeout`.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                path: path.to_path_buf(),
+                what: "connect".into(),
+                timeout,
+            })?
+            .map_err(|source| QmpError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Self {
+            path: path.to_path_buf(),
+            reader: BufReader::new(r),
+            writer: w,
+            events: VecDeque::new(),
+            timeout,
+            partial: Vec::new(),
+        };
+        let greeting = qmp.read_message("greeting", timeout).await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol {
+                path: qmp.path.clone(),
+                line: greeting.to_string(),
+            });
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` with `arguments` and returns its `return` value.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let mut msg = Map::new();
+        msg.insert("execute".into(), Value::String(command.into()));
+        if let Some(a) = arguments {
+            msg.insert("arguments".into(), a);
+        }
+        let mut line = Value::Object(msg).to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| self.io(format!("cannot send {command}: {e}")))?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = self.read_message(command, left).await?;
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                return Err(QmpError::Command {
+                    command: command.into(),
+                    class: s("class"),
+                    desc: s("desc"),
+                });
+            }
+            // Anything else is an event; read_message has queued it.
+        }
+    }
+
+    /// `query-status`'s `status` (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
+    pub async fn status(&mut self) -> Result<String, QmpError> {
+        let r = self.execute("query-status", None).await?;
+        Ok(r.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string())
+    }
+
+    /// The first queued or arriving event named `name`, waiting at most `timeout`.
+    pub async fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<QmpEvent, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e.name == name) {
+                if let Some(e) = self.events.remove(i) {
+                    return Ok(e);
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = self.read_message(name, left).await?;
+            if m.get("return").is_some() || m.get("error").is_some() {
+                return Err(QmpError::Protocol {
+                    path: self.path.clone(),
+                    line: m.to_string(),
+                });
+            }
+        }
+    }
+
+    /// A queued event named `name`, if one came already (does not wait).
+    pub fn take_event(&mut self, name: &str) -> Option<QmpEvent> {
+        let i = self.events.iter().position(|e| e.name == name)?;
+        self.events.remove(i)
+    }
+
+    /// Reads messages that are already waiting (queueing events), for at most `within`.
+    pub async fn poll_events(&mut self, within: Duration) -> Result<(), QmpError> {
+        loop {
+            match self.read_message("events", within).await {
+                Ok(m) if m.get("event").is_some() => continue,
+                Ok(m) => {
+                    return Err(QmpError::Protocol {
+                        path: self.path.clone(),
+                        line: m.to_string(),
+                    });
+                }
+                Err(QmpError::Timeout { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads one message; events are queued and also returned.
+    async fn read_message(&mut self, what: &str, timeout: Duration) -> Result<Value, QmpError> {
+        let read = async {
+            loop {
+                let n = self.reader.read_until(b'\n', &mut self.partial).await?;
+                if n == 0 || self.partial.ends_with(b"\n") || self.partial.len() > MAX_LINE {
+                    return Ok::<usize, std::io::Error>(n);
+                }
+            }
+        };
+        let n = tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                path: self.path.clone(),
+                what: what.into(),
+                timeout,
+            })?
+            .map_err(|e| self.io(format!("read failed: {e}")))?;
+        if self.partial.len() > MAX_LINE {
+            return Err(self.io(format!("a message longer than {MAX_LINE} bytes")));
+        }
+        if n == 0 && !self.partial.ends_with(b"\n") {
+            return Err(self.io("QEMU closed the monitor".into()));
+        }
+        let line = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
+        let v: Value = serde_json::from_str(line.trim()).map_err(|_| QmpError::Protocol {
+            path: self.path.clone(),
+            line: line.trim().chars().take(200).collect(),
+        })?;
+        if let Some(name) = v.get("event").and_then(Value::as_str) {
+            self.events.push_back(parse_event(name, &v));
+            // Bounded: a monitor nobody drains for events keeps only the latest.
+            while self.events.len() > 1024 {
+                self.events.pop_front();
+            }
+        }
+        Ok(v)
+    }
+
+    fn io(&self, what: String) -> QmpError {
+        QmpError::Io {
+            path: self.path.clone(),
+            what,
+        }
+    }
+}
+
+fn parse_event(name: &str, v: &Value) -> QmpEvent {
+    let ts = v.get("timestamp");
+    let secs = ts
+        .and_then(|t| t.get("seconds"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let micros = ts
+        .and_then(|t| t.get("microseconds"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    QmpEvent {
+        name: name.to_string(),
+        at: UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros),
+        data: v.get("data").cloned().unwrap_or(Value::Null),
+    }
+}
+
+/// `{"key": value}` for command arguments.
+pub fn args(pairs: &[(&str, Value)]) -> Value {
+    let mut m = Map::new();
+    for (k, v) in pairs {
+        m.insert((*k).to_string(), v.clone());
+    }
+    Value::Object(m)
+}
+
+/// A migration capability setting, as `migrate-set-capabilities` wants it.
+pub fn capability(name: &str, on: bool) -> Value {
+    json!({"capability": name, "state": on})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU monitor: greets, answers each command from `script`, with events between.
+    async fn fake(listener: UnixListener, script: Vec<&'static str>) {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        for answer in script {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "client closed early");
+            s.write_all(answer.as_bytes()).await.unwrap();
+        }
+        // Keep the socket open until the client is done.
+        let _ = s.read(&mut buf).await;
+    }
+
+    #[tokio::test]
+    async fn commands_events_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(fake(
+            listener,
+            vec![
+                "{\"return\": {}}\n",
+                "{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 250000}}\n{\"return\": {\"status\": \"paused\", \"running\": false}}\n",
+                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no such thing\"}}\n",
+            ],
+        ));
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(q.status().await.unwrap(), "paused");
+        let stop = q
+            .wait_event("STOP", Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            stop.at,
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(250)
+        );
+        let err = q.execute("frobnicate", None).await.unwrap_err();
+        assert!(
+            matches!(err, QmpError::Command { ref desc, .. } if desc == "no such thing"),
+            "{err}"
+        );
+        let none = q.wait_event("RESUME", Duration::from_millis(50)).await;
+        assert!(matches!(none, Err(QmpError::Timeout { .. })), "{none:?}");
+        drop(q);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"this is not json\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let err = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QmpError::Protocol { .. }), "{err}");
+        let missing = Qmp::connect(&dir.path().join("nope"), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(missing, QmpError::Connect { .. }), "{missing}");
+    }
+}

@@ -1,0 +1,308 @@
+//! The destination side of a QEMU migration through DWCP: feeding the stream segments a
+//! sender delivers (ordinary objects named `VM.qemu.SEQ`) in order into the local QEMU that
+//! waits with `-incoming unix:DIR/VM.incoming`, and watching that QEMU over its monitor
+//! `DIR/VM.qmp` to say when (and whether) it has loaded the VM.
+//!
+//! Memory stays bounded: a segment is read from disk only when QEMU is ready for it, and the
+//! sender keeps only a bounded number of segments unacknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dwcp_wire::NodeId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::qmp::Qmp;
+
+/// How long QEMU may take to accept a segment, or to load the VM after the last one.
+const STALL: Duration = Duration::from_secs(60);
+
+/// The object name of segment `seq` of `vm`'s stream.
+pub fn segment_name(vm: &str, seq: u64) -> String {
+    format!("{vm}.qemu.{seq:010}")
+}
+
+/// `(vm, seq)` if `name` is a segment name.
+pub(crate) fn parse_segment(name: &str) -> Option<(&str, u64)> {
+    let (vm, seq) = name.rsplit_once(".qemu.")?;
+    if vm.is_empty() || seq.len() != 10 || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((vm, seq.parse().ok()?))
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    /// Next segment QEMU gets.
+    next: u64,
+    /// Stored segments not fed yet.
+    ready: BTreeMap<u64, PathBuf>,
+    /// Set by FINISH: the stream has this many segments.
+    total: Option<u64>,
+    fed_bytes: u64,
+    /// The feeder stopped on this.
+    error: Option<String>,
+    /// Every segment went in and the stream was closed.
+    closed: bool,
+    last_progress: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Feed {
+    state: Mutex<FeedState>,
+    wake: Notify,
+    qmp: tokio::sync::Mutex<Qmp>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The incoming QEMU migrations of one receiver.
+#[derive(Debug)]
+pub(crate) struct Feeds {
+    dir: PathBuf,
+    feeds: Mutex<HashMap<(NodeId, String), Arc<Feed>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Feeds {
+    /// QEMU sockets are looked for in `dir`.
+    pub(crate) fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            feeds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// OPEN: connects to the waiting QEMU and starts feeding.
+    pub(crate) async fn open(&self, peer: &NodeId, vm: &str) -> Result<(), String> {
+        if lock(&self.feeds).contains_key(&(peer.clone(), vm.to_string())) {
+            return Err(format!("an incoming migration of {vm:?} is already open"));
+        }
+        let qmp_path = self.dir.join(format!("{vm}.qmp"));
+        let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("destination QEMU monitor: {e}"))?;
+        let status = qmp
+            .status()
+            .await
+            .map_err(|e| format!("destination QEMU monitor: {e}"))?;
+        if status != "inmigrate" {
+            return Err(format!(
+                "the destination QEMU for {vm:?} is {status:?}, not waiting for a migration \
+                 (start it with -incoming unix:{})",
+                self.dir.join(format!("{vm}.incoming")).display()
+            ));
+        }
+        let sock_path = self.dir.join(format!("{vm}.incoming"));
+        let sock = tokio::time::timeout(Duration::from_secs(10), UnixStream::connect(&sock_path))
+            .await
+            .map_err(|_| format!("connecting to {} timed out", sock_path.display()))?
+            .map_err(|e| format!("cannot connect to {}: {e}", sock_path.display()))?;
+        let feed = Arc::new(Feed {
+            state: Mutex::new(FeedState {
+                last_progress: Some(Instant::now()),
+                ..FeedState::default()
+            }),
+            wake: Notify::new(),
+            qmp: tokio::sync::Mutex::new(qmp),
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(feed_loop(feed.clone(), sock, vm.to_string()));
+        *lock(&feed.task) = Some(task);
+        lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
+        info!(%peer, vm, "incoming QEMU migration opened");
+        Ok(())
+    }
+
+    /// Called for every stored object: queues it if it is a segment of an open feed. Returns
+    /// whether it was one.
+    pub(crate) fn stored(&self, peer: &NodeId, name: &str, path: &Path) -> bool {
+        let Some((vm, seq)) = parse_segment(name) else {
+            return false;
+        };
+        let feed = lock(&self.feeds)
+            .get(&(peer.clone(), vm.to_string()))
+            .cloned();
+        let Some(feed) = feed else {
+            // Nobody will feed it: do not leave it behind.
+            let _ = std::fs::remove_file(path);
+            return true;
+        };
+        lock(&feed.state).ready.insert(seq, path.to_path_buf());
+        feed.wake.notify_one();
+        true
+    }
+
+    /// FINISH: waits until every segment is in and QEMU has loaded the VM; returns a JSON
+    /// detail (`status`, `resumed_unix_us`, `fed_bytes`).
+    pub(crate) async fn finish(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        total: u64,
+    ) -> Result<String, String> {
+        let feed = lock(&self.feeds)
+            .get(&(peer.clone(), vm.to_string()))
+            .cloned()
+            .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
+        {
+            lock(&feed.state).total = Some(total);
+        }
+        feed.wake.notify_one();
+        let result = self.finish_inner(&feed, vm).await;
+        self.remove(peer, vm);
+        result
+    }
+
+    async fn finish_inner(&self, feed: &Feed, vm: &str) -> Result<String, String> {
+        // Wait for the feeder, as long as it makes progress.
+        loop {
+            {
+                let s = lock(&feed.state);
+                if let Some(e) = &s.error {
+                    return Err(e.clone());
+                }
+                if s.closed {
+                    break;
+                }
+                if s.last_progress.is_some_and(|t| t.elapsed() > STALL) {
+                    return Err(format!(
+                        "the stream of {vm:?} stalled at segment {} for {STALL:?}",
+                        s.next
+                    ));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // QEMU loads what it got, then closes the stream and starts the VM (or stays paused
+        // when started with -S). Poll its state; the RESUME event says exactly when.
+        let deadline = Instant::now() + STALL;
+        let mut qmp = feed.qmp.lock().await;
+        let status = loop {
+            let status = qmp
+                .status()
+                .await
+                .map_err(|e| format!("destination QEMU for {vm:?} after the stream: {e}"))?;
+            match status.as_str() {
+                "inmigrate" | "finish-migrate" | "restore-vm" => {}
+                "running" | "paused" | "prelaunch" => break status,
+                other => {
+                    return Err(format!(
+                        "destination QEMU for {vm:?} did not load the VM (state {other:?})"
+                    ));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "destination QEMU for {vm:?} still loading after {STALL:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let _ = qmp.poll_events(Duration::from_millis(1)).await;
+        let resumed = qmp
+            .take_event("RESUME")
+            .map(|e| e.at)
+            .or_else(|| (status == "running").then(SystemTime::now));
+        let resumed_us = resumed
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as u64);
+        let fed = lock(&feed.state).fed_bytes;
+        info!(vm, %status, fed, "incoming QEMU migration loaded");
+        Ok(format!(
+            "{{\"status\":\"{status}\",\"resumed_unix_us\":{},\"fed_bytes\":{fed}}}",
+            resumed_us.map_or("null".to_string(), |v| v.to_string())
+        ))
+    }
+
+    /// ABORT: stops feeding; QEMU sees its stream end early and gives up.
+    pub(crate) fn abort(&self, peer: &NodeId, vm: &str) {
+        self.remove(peer, vm);
+    }
+
+    fn remove(&self, peer: &NodeId, vm: &str) {
+        let feed = lock(&self.feeds).remove(&(peer.clone(), vm.to_string()));
+        if let Some(feed) = feed {
+            if let Some(t) = lock(&feed.task).take() {
+                t.abort();
+            }
+            let ready = std::mem::take(&mut lock(&feed.state).ready);
+            for p in ready.values() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
+    let r = async {
+        loop {
+            let (next, total) = {
+                let mut s = lock(&feed.state);
+                let next = s.next;
+                (s.ready.remove(&next).map(|p| (next, p)), s.total)
+            };
+            match next {
+                Some((seq, path)) => {
+                    let bytes = tokio::fs::read(&path)
+                        .await
+                        .map_err(|e| format!("cannot read segment {seq}: {e}"))?;
+                    sock.write_all(&bytes).await.map_err(|e| {
+                        format!(
+                            "the destination QEMU stopped reading the stream at segment {seq}: {e}"
+                        )
+                    })?;
+                    let _ = tokio::fs::remove_file(&path).await;
+                    let mut s = lock(&feed.state);
+                    s.next = seq + 1;
+                    s.fed_bytes += bytes.len() as u64;
+                    s.last_progress = Some(Instant::now());
+                }
+                None if total.is_some_and(|t| lock(&feed.state).next >= t) => {
+                    sock.shutdown()
+                        .await
+                        .map_err(|e| format!("cannot close the stream: {e}"))?;
+                    debug!(vm, "stream fed and closed");
+                    return Ok::<(), String>(());
+                }
+                None => {
+                    // Woken by a stored segment or FINISH; the timeout only re-checks.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), feed.wake.notified())
+                        .await;
+                }
+            }
+        }
+    }
+    .await;
+    let mut s = lock(&feed.state);
+    match r {
+        Ok(()) => s.closed = true,
+        Err(e) => {
+            warn!(vm, "feeding the destination QEMU failed: {e}");
+            s.error = Some(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip() {
+        let n = segment_name("vm-1.prod", 42);
+        assert_eq!(n, "vm-1.prod.qemu.0000000042");
+        assert_eq!(parse_segment(&n), Some(("vm-1.prod", 42)));
+        assert_eq!(parse_segment("vm.qemu.42"), None);
+        assert_eq!(parse_segment(".qemu.0000000001"), None);
+        assert_eq!(parse_segment("vm.qemu.00000000x1"), None);
+        assert_eq!(parse_segment("image.raw"), None);
+    }
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Builds the test guest for the QEMU migration backend from Debian packages:
+#   OUT/vmlinuz           the Debian kernel (linux-image-amd64, the package's current version)
+#   OUT/initramfs.cpio.gz busybox-static plus /init (scripts/guest-init.sh) and a payload of
+#                         this machine's shared libraries and text files, which /init copies
+#                         into RAM to give the guest a realistic memory mix.
+# Usage: scripts/guest-image.sh [OUT]   (default target/guest; no root needed, only apt-get)
+# The packages are downloaded (`apt-get download`), not installed. Re-running with an existing
+# OUT whose files are newer than this script and guest-init.sh does nothing.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-$here/../target/guest}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] \
+    && [ "$out/initramfs.cpio.gz" -nt "$here/guest-init.sh" ] \
+    && [ "$out/initramfs.cpio.gz" -nt "$here/guest-image.sh" ]; then
+    echo "guest image up to date in $out"
+    exit 0
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+chmod 0777 "$work" # apt-get download runs as _apt where it can
+
+# The kernel: linux-image-amd64 is a metapackage; fetch the versioned image it depends on.
+kpkg="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+if [ -z "$kpkg" ]; then
+    echo "guest-image: cannot resolve linux-image-amd64 (run apt-get update?)" >&2
+    exit 1
+fi
+apt-get download -q "$kpkg" busybox-static >/dev/null 2>&1 || apt-get download "$kpkg" busybox-static
+dpkg-deb -x busybox-static_*.deb bb
+dpkg-deb --fsys-tarfile "${kpkg}"_*.deb | tar -x --wildcards './boot/vmlinuz-*'
+cp boot/vmlinuz-* "$out/vmlinuz"
+
+root="$work/root"
+mkdir -p "$root"/{bin,dev,proc,sys,mem,payload/lib,payload/text}
+cp bb/bin/busybox "$root/bin/busybox"
+cp "$here/guest-init.sh" "$root/init"
+chmod 0755 "$root/init" "$root/bin/busybox"
+
+# Payload: real ELF code and real text from this machine, about 48 MiB and 12 MiB.
+budget_copy() { # budget_kib dest files...
+    local budget=$1 dest=$2 used=0 f sz
+    shift 2
+    for f in "$@"; do
+        [ -f "$f" ] && [ ! -L "$f" ] || continue
+        sz=$(($(stat -c %s "$f") / 1024))
+        [ $((used + sz)) -le "$budget" ] || continue
+        cp "$f" "$dest/$(echo "$f" | tr / _)"
+        used=$((used + sz))
+    done
+}
+# shellcheck disable=SC2046
+budget_copy $((48 * 1024)) "$root/payload/lib" $(ls -S /usr/lib/x86_64-linux-gnu/*.so* 2>/dev/null | head -400)
+# shellcheck disable=SC2046
+budget_copy $((12 * 1024)) "$root/payload/text" $(find /usr/share/perl /usr/share/perl5 /usr/share/doc /usr/share/common-licenses \
+    -type f \( -name '*.pm' -o -name '*.pl' -o -name 'copyright' -o -name '*.txt' -o -name 'GPL*' \) 2>/dev/null | sort | head -4000)
+
+(cd "$root" && find . | "$work/bb/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -1 > "$out/initramfs.cpio.gz.tmp"
+mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+echo "guest image in $out: $(du -h "$out/vmlinuz" | cut -f1) kernel ($kpkg), $(du -h "$out/initramfs.cpio.gz" | cut -f1) initramfs"

@@ -1,0 +1,83 @@
+#!/bin/busybox sh
+# /init of the test guest (scripts/guest-image.sh). Fills RAM with a realistic mix, then runs
+# a dirtying workload and prints a heartbeat on the serial console:
+#   dwcp-guest ready ...      filling done (the host waits for this line)
+#   dwcp-guest tick N         every second
+#   dwcp-guest check ok|BAD   every 5 s: a 4 MiB file written at start still has its digest
+# Kernel command-line knobs: dwcp.dirty=PAGES_PER_SECOND (default 256, 0 for none),
+# dwcp.fill=0 to skip filling. Of RAM, about 35 % stays zero, 30 % code, 15 % text,
+# 10 % duplicates of the code, 10 % random.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+
+param() { sed -n "s/.*dwcp\.$1=\([0-9]*\).*/\1/p" /proc/cmdline; }
+dirty=$(param dirty)
+dirty=${dirty:-256}
+fill=$(param fill)
+fill=${fill:-1}
+
+mem_kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
+mount -t tmpfs -o size=90% tmpfs /mem
+kib_of() { du -sk "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+# What may still be filled: MemAvailable less a reserve for the workload and the kernel.
+room() { awk '/MemAvailable/ {r = $2 - 32768; print (r > 0 ? r : 0)}' /proc/meminfo; }
+
+# Copies of a payload directory, each shifted by a few hundred bytes so that no page repeats
+# another (same kind of content, different pages), until `budget` KiB are used.
+shifted_copies() { # name src budget_kib
+    i=1
+    used=0
+    while [ "$used" -lt "$3" ] && [ "$i" -lt 200 ] && [ "$(room)" -gt "$(kib_of "$2")" ]; do
+        { head -c $((i * 331)) /init; cat "$2"/*; } >"/mem/$1.$i"
+        used=$(kib_of /mem/$1.*)
+        i=$((i + 1))
+    done
+}
+
+dd if=/dev/urandom of=/mem/check bs=4096 count=1024 2>/dev/null
+check=$(md5sum /mem/check | cut -d' ' -f1)
+if [ "$fill" = 1 ]; then
+    payload_lib=$(kib_of /payload/lib)
+    payload_text=$(kib_of /payload/text)
+    shifted_copies code /payload/lib $((mem_kib * 30 / 100 - payload_lib))
+    shifted_copies text /payload/text $((mem_kib * 15 / 100 - payload_text))
+    i=1
+    while [ "$(kib_of /mem/dup.*)" -lt $((mem_kib * 10 / 100)) ] && [ "$i" -lt 100 ] \
+        && [ "$(room)" -gt "$(kib_of /payload/lib)" ]; do
+        mkdir -p "/mem/dup.$i" && cp /payload/lib/* "/mem/dup.$i/"
+        i=$((i + 1))
+    done
+fi
+random_pages=$((mem_kib * 10 / 100 / 4))
+[ "$random_pages" -gt $(($(room) / 4)) ] && random_pages=$(($(room) / 4))
+[ "$random_pages" -lt 256 ] && random_pages=256
+dd if=/dev/urandom of=/mem/random bs=4096 count=$random_pages 2>/dev/null
+echo "dwcp-guest ready mem_kib=$mem_kib filled_kib=$(kib_of /mem /payload) dirty_pages_per_s=$dirty"
+
+(
+    n=0
+    while true; do
+        n=$((n + 1))
+        echo "dwcp-guest tick $n"
+        if [ $((n % 5)) = 0 ]; then
+            if [ "$(md5sum /mem/check | cut -d' ' -f1)" = "$check" ]; then
+                echo "dwcp-guest check ok"
+            else
+                echo "dwcp-guest check BAD"
+            fi
+        fi
+        sleep 1
+    done
+) &
+
+# The workload: rewrite random pages of /mem/random, `dirty` pages a second in tenths.
+per=$((dirty / 10))
+while true; do
+    if [ "$per" -gt 0 ]; then
+        at=$(((RANDOM * 32768 + RANDOM) % (random_pages - per)))
+        dd if=/dev/urandom of=/mem/random bs=4096 count=$per seek=$at conv=notrunc 2>/dev/null
+    fi
+    sleep 0.1
+done
