@@ -17,16 +17,17 @@
 //! event to the destination's `RESUME` (both QEMU timestamps), besides what QEMU reports.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_encoding::{Codec, RemoteIndex};
 use dwcp_transport::qmp::{Qmp, args, capability};
+use dwcp_transport::session::adapt::{Controller, Mode};
 use dwcp_transport::session::{
-    DeltaOptions, KeptSession, MigrationRequest, SendOptions, Source, migration_request_kept,
-    query_base, segment_name, send_files_kept,
+    Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept, query_base,
 };
 use dwcp_wire::data;
 use serde_json::{Value, json};
@@ -148,7 +149,10 @@ pub struct QemuError {
 /// Bytes read from QEMU and not yet acknowledged by the destination.
 #[derive(Debug)]
 struct Budget {
+    /// Bytes read from QEMU.
     inflight: Mutex<u64>,
+    /// Of those, acknowledged by the destination.
+    acked: AtomicU64,
     limit: AtomicU64,
     freed: Notify,
 }
@@ -165,14 +169,18 @@ impl Budget {
     fn take(&self, n: u64) {
         *self.lock() += n;
     }
-    fn free(&self, n: u64) {
-        let mut g = self.lock();
-        *g = g.saturating_sub(n);
-        drop(g);
-        self.freed.notify_waiters();
+    fn set_acked(&self, acked: u64) {
+        if self.acked.swap(acked, Ordering::Relaxed) != acked {
+            self.freed.notify_waiters();
+        }
+    }
+    /// Read and not acknowledged.
+    fn inflight(&self) -> u64 {
+        self.lock()
+            .saturating_sub(self.acked.load(Ordering::Relaxed))
     }
     fn room(&self) -> u64 {
-        self.limit().saturating_sub(*self.lock())
+        self.limit().saturating_sub(self.inflight())
     }
 }
 
@@ -186,14 +194,18 @@ struct Segment {
 #[derive(Debug, Default)]
 struct Counters {
     stream: AtomicU64,
-    acked: AtomicU64,
     wire: AtomicU64,
     cache: AtomicU64,
-    failed: AtomicBool,
 }
 
-const MIN_BUDGET: u64 = 4 << 20;
-const MAX_BUDGET: u64 = 64 << 20;
+/// The phase of a failure after which the guest may run at the destination: the source is
+/// not resumed (that could run it twice).
+pub const UNKNOWN: &str = "resume (outcome unknown)";
+
+const MIN_WINDOW_MIB: u32 = 4;
+/// Smallest window once QEMU iterates over dirty pages.
+const LATE_WINDOW: u64 = 8 << 20;
+const MAX_WINDOW_MIB: u32 = 64;
 
 /// Migrates the QEMU guest behind `spec.qmp` to `dest`. On failure the source QEMU's
 /// migration is cancelled and the guest resumed there; the destination drops the stream.
@@ -281,7 +293,12 @@ pub async fn migrate_qemu(
         }
         Err((phase, reason)) => {
             warn!(vm = %spec.vm, phase, "QEMU migration failed: {reason}; rolling back");
-            rollback(dest, spec, &mut qmp, was_running).await;
+            if phase == UNKNOWN {
+                // Resuming the source could run the guest twice; leave it paused.
+                warn!(vm = %spec.vm, "the destination may run the guest: the source stays paused");
+            } else {
+                rollback(dest, spec, &mut qmp, was_running).await;
+            }
             let abort = MigrationRequest {
                 name: &spec.vm,
                 op: data::MIGRATION_QEMU_ABORT,
@@ -356,7 +373,13 @@ async fn run(
     let q = |e: dwcp_transport::qmp::QmpError| ("prepare", e.to_string());
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({"capabilities": [capability("auto-converge", spec.auto_converge)]})),
+        // One stream through the tunnel: multifd (several sockets) and post-copy off, whatever
+        // an earlier migration of this QEMU left set.
+        Some(json!({"capabilities": [
+            capability("auto-converge", spec.auto_converge),
+            capability("multifd", false),
+            capability("postcopy-ram", false),
+        ]})),
     )
     .await
     .map_err(q)?;
@@ -394,115 +417,64 @@ async fn run(
 
     let budget = Arc::new(Budget {
         inflight: Mutex::new(0),
-        limit: AtomicU64::new(8 << 20),
+        acked: AtomicU64::new(0),
+        limit: AtomicU64::new(u64::from(MIN_WINDOW_MIB) << 20),
         freed: Notify::new(),
     });
     let counters = Arc::new(Counters::default());
-    let sessions = spec.sessions.max(1);
-    let (tx, rx) = mpsc::channel::<Segment>(1);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let remote = Arc::new(remote);
-    let mut senders = tokio::task::JoinSet::new();
-    for i in 0..sessions {
-        senders.spawn(sender(
-            i,
-            dest.endpoint.clone(),
-            dest.addr,
-            dest.expected.cloned(),
-            spec.clone(),
-            rx.clone(),
-            remote.clone(),
-            budget.clone(),
-            counters.clone(),
-        ));
-    }
+    let tunnel = Tunnel::open(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        spec.streams,
+        &spec.vm,
+    )
+    .await
+    .map_err(|e| ("start", format!("tunnel: {e}")))?;
+    let (tx, rx) = mpsc::channel::<Segment>(2);
     let mut reader = tokio::spawn(read_segments(
         sock,
         tx,
         budget.clone(),
         counters.clone(),
-        sessions as u64,
+        tunnel.max_block(),
     ));
-
-    // Watch: QEMU's progress, the budget, failures. Bounded by spec.timeout.
-    let deadline = Instant::now() + spec.timeout;
-    let mut last = (Instant::now(), 0u64);
-    let mut rate = 0.0f64;
-    let mut segments = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            r = &mut reader, if segments.is_none() => {
-                match r {
-                    Ok(Ok(n)) => segments = Some(n),
-                    Ok(Err(e)) => return Err(("transfer", e)),
-                    Err(e) => return Err(("transfer", format!("reader task: {e}"))),
-                }
-            }
-            s = senders.join_next(), if !senders.is_empty() => {
-                match s {
-                    Some(Ok(Ok(()))) | None => {}
-                    Some(Ok(Err(e))) => return Err(("transfer", e)),
-                    Some(Err(e)) => return Err(("transfer", format!("sender task: {e}"))),
-                }
-            }
-            _ = tick.tick() => {
-                if Instant::now() > deadline {
-                    return Err(("transfer", format!("not done within {:?}", spec.timeout)));
-                }
-                let acked = counters.acked.load(Ordering::Relaxed);
-                let dt = last.0.elapsed().as_secs_f64();
-                if dt > 0.0 {
-                    let r = (acked - last.1) as f64 / dt;
-                    rate = if rate == 0.0 { r } else { 0.7 * rate + 0.3 * r };
-                    last = (Instant::now(), acked);
-                    // About four round trips (and 50 ms) of goodput may wait in the tunnel.
-                    let want = (rate * (4.0 * rtt.as_secs_f64() + 0.05)) as u64;
-                    budget.limit.store(want.clamp(MIN_BUDGET, MAX_BUDGET), Ordering::Relaxed);
-                    budget.freed.notify_waiters();
-                }
-                let info = qmp.execute("query-migrate", None).await.unwrap_or(Value::Null);
-                let ram = info.get("ram");
-                let n = |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_u64).unwrap_or(0);
-                let p = QemuProgress {
-                    phase: info.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
-                    round: n(ram, "dirty-sync-count"),
-                    remaining: n(ram, "remaining"),
-                    total: n(ram, "total"),
-                    dirty_rate: n(ram, "dirty-pages-rate"),
-                    stream_bytes: counters.stream.load(Ordering::Relaxed),
-                    wire_bytes: counters.wire.load(Ordering::Relaxed),
-                    rate,
-                    expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
-                };
-                if p.phase == "failed" {
-                    let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                    return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
-                }
-                report.throttle = report.throttle.max(info.get("cpu-throttle-percentage").and_then(Value::as_u64).unwrap_or(0));
-                progress(&p);
-            }
-        }
-        if segments.is_some() && senders.is_empty() {
-            break;
-        }
-    }
-    let segments = segments.unwrap_or(0);
-    report.segments = segments;
+    let remote = Arc::new(remote);
+    let tunnel = Arc::new(tunnel);
+    let blocks = encode_segments(rx, spec.delta, spec.codec, remote);
+    // Blocks go into the tunnel and acknowledgements free the window in a task of their own:
+    // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
+    // lock), and that must not stall the stream QEMU is waiting on.
+    let mut forwarder = tokio::spawn(forward(
+        blocks,
+        tunnel.clone(),
+        budget.clone(),
+        counters.clone(),
+    ));
+    let result = pump(
+        spec,
+        qmp,
+        &tunnel,
+        &budget,
+        &counters,
+        &mut reader,
+        &mut forwarder,
+        rtt,
+        progress,
+        report,
+        control,
+        dest,
+    )
+    .await;
+    reader.abort();
+    forwarder.abort();
+    let (_, _, wire, resent) = tunnel.acked();
+    report.wire_bytes = wire;
+    tunnel.close();
+    let detail = result?;
+    debug!(resent, "tunnel done");
     report.stream_bytes = counters.stream.load(Ordering::Relaxed);
-    report.wire_bytes = counters.wire.load(Ordering::Relaxed);
     report.cache_bytes = counters.cache.load(Ordering::Relaxed);
-
-    // Every segment is stored at the destination: let it finish feeding and load.
-    let finish = MigrationRequest {
-        name: &spec.vm,
-        op: data::MIGRATION_QEMU_FINISH,
-        segments,
-        timeout: Duration::from_secs(180),
-    };
-    let detail = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control)
-        .await
-        .map_err(|e| ("resume", format!("destination: {e}")))?;
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
         .get("status")
@@ -561,48 +533,227 @@ async fn run(
     Ok(())
 }
 
-/// Reads QEMU's stream into segments while the budget allows; returns the segment count.
+/// Watches the transfer until the destination has loaded the guest: feeds the tunnel from the
+/// encoder, adapts the window and QEMU's downtime limit, reports progress; then FINISH.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    spec: &QemuSpec,
+    qmp: &mut Qmp,
+    tunnel: &Tunnel,
+    budget: &Budget,
+    counters: &Counters,
+    reader: &mut tokio::task::JoinHandle<Result<u64, String>>,
+    forwarder: &mut tokio::task::JoinHandle<Result<u64, String>>,
+    rtt: Duration,
+    progress: &mut (dyn FnMut(&QemuProgress) + Send),
+    report: &mut QemuReport,
+    control: &mut KeptSession,
+    dest: Destination<'_>,
+) -> Result<String, (&'static str, String)> {
+    let deadline = Instant::now() + spec.timeout;
+    let mut last = (Instant::now(), 0u64);
+    let mut rate = 0.0f64;
+    let mut segments: Option<u64> = None;
+    let mut queued: Option<u64> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut qemu_limit = spec.downtime.as_millis() as u64;
+    let mut polls = 0u32;
+    let mode = Mode::for_rtt(rtt);
+    let mut ctl = Controller::for_mode(MIN_WINDOW_MIB, MAX_WINDOW_MIB, 1, mode);
+    let mut window_mib = if mode == Mode::Datacenter {
+        MAX_WINDOW_MIB
+    } else {
+        16
+    };
+    budget
+        .limit
+        .store(u64::from(window_mib) << 20, Ordering::Relaxed);
+    // Goodput samples of eight round trips (250 ms to 1 s).
+    let sample_every = (rtt * 8).clamp(Duration::from_millis(250), Duration::from_secs(1));
+    let mut sample_at = Instant::now();
+    let mut sample_wire = 0u64;
+    // QEMU's dirty-sync count: 1 during the first pass over RAM.
+    let mut qemu_round = 0u64;
+    loop {
+        tokio::select! {
+            r = &mut *reader, if segments.is_none() => {
+                match r {
+                    Ok(Ok(n)) => segments = Some(n),
+                    Ok(Err(e)) => return Err(("transfer", e)),
+                    Err(e) => return Err(("transfer", format!("reader task: {e}"))),
+                }
+            }
+            r = &mut *forwarder, if queued.is_none() => {
+                match r {
+                    Ok(Ok(n)) => queued = Some(n),
+                    Ok(Err(e)) => return Err(("transfer", e)),
+                    Err(e) => return Err(("transfer", format!("forwarding task: {e}"))),
+                }
+            }
+            () = tunnel.wait_progress(Duration::from_millis(50)) => {
+                if let Some(e) = tunnel.error() {
+                    return Err(("transfer", e));
+                }
+            }
+            _ = tick.tick() => {
+                if Instant::now() > deadline {
+                    return Err(("transfer", format!("not done within {:?}", spec.timeout)));
+                }
+                let (_, acked, _, _) = tunnel.acked();
+                let dt = last.0.elapsed().as_secs_f64();
+                if dt >= 0.2 {
+                    let r = (acked - last.1) as f64 / dt;
+                    rate = if rate == 0.0 { r } else { 0.6 * rate + 0.4 * r };
+                    last = (Instant::now(), acked);
+                    // The window (what was read from QEMU and is not acknowledged yet) is
+                    // hill-climbed on wire goodput like the stream count (session::adapt): up
+                    // by half while that gains, down by half while goodput holds. Too small
+                    // starves the path; too big hides a backlog from QEMU, which drains while
+                    // the guest is paused.
+                    let (_, _, wire_acked, _) = tunnel.acked();
+                    if sample_at.elapsed() >= sample_every {
+                        let goodput = (wire_acked - sample_wire) as f64 / sample_at.elapsed().as_secs_f64();
+                        sample_at = Instant::now();
+                        sample_wire = wire_acked;
+                        window_mib = ctl.on_sample(goodput, window_mib);
+                    }
+                    // After QEMU's first pass the guest may be stopped at the end of any
+                    // iteration, and whatever waits in the tunnel then adds to the pause: keep
+                    // it to what the downtime budget leaves after a round trip, but no less
+                    // than 8 MiB (on a lossy path a smaller window starves the stream, and
+                    // the guest would then need throttling to converge at all).
+                    let mut window = u64::from(window_mib) << 20;
+                    if qemu_round >= 2 && rate > 0.0 {
+                        let allow = (spec.downtime.as_secs_f64() - rtt.as_secs_f64()).max(0.05);
+                        window = window.min(((rate * allow) as u64).max(LATE_WINDOW));
+                    }
+                    budget.limit.store(window, Ordering::Relaxed);
+                    debug!(
+                        window_mib = budget.limit() as f64 / 1048576.0,
+                        inflight_mib = budget.inflight() as f64 / 1048576.0,
+                        rate_mb_s = rate / 1e6,
+                        "tunnel window"
+                    );
+                    budget.freed.notify_waiters();
+                    // QEMU stops the guest when what is left fits its downtime limit at the
+                    // bandwidth it sees; what waits in the tunnel and the final round trip
+                    // come on top, so ask QEMU for that much less.
+                    if rate > 0.0 {
+                        let backlog_ms = budget.inflight() as f64 / rate * 1000.0;
+                        let rtt_ms = rtt.as_secs_f64() * 1000.0;
+                        let target = spec.downtime.as_millis() as f64;
+                        let want = (target - backlog_ms - rtt_ms).max(target * 0.2).round() as u64;
+                        if want.abs_diff(qemu_limit) * 5 > qemu_limit {
+                            let _ = qmp.execute("migrate-set-parameters", Some(args(&[("downtime-limit", json!(want))]))).await;
+                            debug!(from = qemu_limit, to = want, backlog_ms, "QEMU downtime limit");
+                            qemu_limit = want;
+                        }
+                    }
+                }
+                polls += 1;
+                if polls % 3 == 0 {
+                    let info = qmp.execute("query-migrate", None).await.unwrap_or(Value::Null);
+                    let ram = info.get("ram");
+                    let n = |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_u64).unwrap_or(0);
+                    let p = QemuProgress {
+                        phase: info.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
+                        round: {
+                            qemu_round = n(ram, "dirty-sync-count");
+                            qemu_round
+                        },
+                        remaining: n(ram, "remaining"),
+                        total: n(ram, "total"),
+                        dirty_rate: n(ram, "dirty-pages-rate"),
+                        stream_bytes: counters.stream.load(Ordering::Relaxed),
+                        wire_bytes: counters.wire.load(Ordering::Relaxed),
+                        rate,
+                        expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
+                    };
+                    if p.phase == "failed" {
+                        let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                        return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
+                    }
+                    report.throttle = report.throttle.max(info.get("cpu-throttle-percentage").and_then(Value::as_u64).unwrap_or(0));
+                    progress(&p);
+                }
+            }
+        }
+        if let Some(n) = segments
+            && queued == Some(n)
+        {
+            report.segments = n;
+            break;
+        }
+    }
+    // Everything is queued: the destination feeds what it has not yet and answers once QEMU
+    // has loaded the guest. Meanwhile the tunnel keeps delivering; a failure there ends it.
+    let finish = MigrationRequest {
+        name: &spec.vm,
+        op: data::MIGRATION_QEMU_FINISH,
+        segments: report.segments,
+        timeout: Duration::from_secs(180),
+    };
+    debug!(
+        inflight_mib = budget.inflight() as f64 / 1048576.0,
+        "stream ended; finishing"
+    );
+    let fut = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control);
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            r = &mut fut => {
+                return r.map_err(|e| match e {
+                    // The destination answered: its QEMU did not load the guest.
+                    SendError::Refused { .. } => ("resume", format!("destination: {e}")),
+                    // No answer: the destination may be running the guest already.
+                    e => (UNKNOWN, format!("no answer from the destination after the stream ended: {e}")),
+                });
+            }
+            () = tunnel.wait_progress(Duration::from_millis(100)) => {
+                if let Some(e) = tunnel.error() {
+                    return Err(("transfer", e));
+                }
+            }
+        }
+    }
+}
+
+/// Reads QEMU's stream into segments of at most `max` bytes while the budget allows; returns
+/// the segment count.
 async fn read_segments(
     mut sock: UnixStream,
     tx: mpsc::Sender<Segment>,
     budget: Arc<Budget>,
     counters: Arc<Counters>,
-    sessions: u64,
+    max: usize,
 ) -> Result<u64, String> {
-    // A segment closes when full, when QEMU pauses writing (5 ms), or 50 ms after it began.
-    const IDLE: Duration = Duration::from_millis(5);
-    const SPAN: Duration = Duration::from_millis(50);
+    // A segment closes when full, or when QEMU pauses writing (2 ms).
+    const IDLE: Duration = Duration::from_millis(2);
     const SILENCE: Duration = Duration::from_secs(120);
+    // QEMU writes its header at once; silence then means it waits for something else (e.g.
+    // more channels).
+    const FIRST: Duration = Duration::from_secs(20);
     let mut seq = 0u64;
     loop {
-        // Wait for room (each sender may hold one segment, plus one being read).
         loop {
-            if counters.failed.load(Ordering::Relaxed) {
-                return Err("a sender failed".into());
-            }
             let notified = budget.freed.notified();
             if budget.room() > 0 {
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         }
-        let max = (budget.limit() / (sessions + 1)).clamp(256 << 10, 8 << 20) as usize;
         let want = max.min(budget.room().max(64 << 10) as usize);
         let mut buf = Vec::with_capacity(want);
-        let began = Instant::now();
         let mut eof = false;
         while buf.len() < want {
-            let wait = if buf.is_empty() {
-                SILENCE
-            } else {
-                IDLE.min(SPAN.saturating_sub(began.elapsed()))
+            let wait = match (buf.is_empty(), seq) {
+                (true, 0) => FIRST,
+                (true, _) => SILENCE,
+                (false, _) => IDLE,
             };
-            if wait.is_zero() {
-                break;
-            }
             match tokio::time::timeout(wait, sock.read_buf(&mut buf)).await {
                 Err(_) if buf.is_empty() => {
-                    return Err(format!("QEMU sent nothing for {SILENCE:?}"));
+                    return Err(format!("QEMU sent nothing for {wait:?}"));
                 }
                 Err(_) => break,
                 Ok(Ok(0)) => {
@@ -620,7 +771,7 @@ async fn read_segments(
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             tx.send(Segment { seq, bytes: buf })
                 .await
-                .map_err(|_| "the senders stopped".to_string())?;
+                .map_err(|_| "the encoder stopped".to_string())?;
             seq += 1;
         }
         if eof {
@@ -629,119 +780,110 @@ async fn read_segments(
     }
 }
 
-/// Takes segments off the queue and sends each as an object over this task's own session.
-#[allow(clippy::too_many_arguments)]
-async fn sender(
-    index: u32,
-    endpoint: dwcp_transport::Endpoint,
-    addr: std::net::SocketAddr,
-    expected: Option<dwcp_wire::NodeId>,
-    spec: QemuSpec,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Segment>>>,
+/// Encodes segments, two at a time (one per core), into blocks in stream order. Returns the
+/// receiving end of the blocks at once; the blocks follow as they are ready.
+fn encode_segments(
+    mut rx: mpsc::Receiver<Segment>,
+    delta: bool,
+    codec: Codec,
     remote: Arc<Option<RemoteIndex>>,
-    budget: Arc<Budget>,
-    counters: Arc<Counters>,
-) -> Result<(), String> {
-    let mut kept = KeptSession::new();
-    let opts = SendOptions {
-        streams: spec.streams,
-        retry_for: Duration::from_secs(30),
-        delta: DeltaOptions {
-            enabled: false,
-            ..DeltaOptions::default()
-        },
-        ..SendOptions::default()
-    };
-    let r = async {
+) -> mpsc::Receiver<(Block, u64)> {
+    let (btx, brx) = mpsc::channel::<(Block, u64)>(4);
+    tokio::spawn(async move {
+        let mut pending = std::collections::VecDeque::new();
         loop {
-            let seg = { rx.lock().await.recv().await };
-            let Some(seg) = seg else {
-                return Ok(());
+            let seg = if pending.len() >= 2 {
+                None
+            } else {
+                rx.recv().await
             };
-            let raw_len = seg.bytes.len() as u64;
-            let use_hde = spec.delta && remote.is_some();
-            let codec = spec.codec;
-            let rm = remote.clone();
-            let (file, pre, wire, cache) = tokio::task::spawn_blocking(move || {
-                encode_segment(&seg.bytes, use_hde, codec, rm.as_ref().as_ref())
-            })
-            .await
-            .map_err(|e| format!("encoder task: {e}"))??;
-            let src = Source {
-                path: file.path().to_path_buf(),
-                name: segment_name(&spec.vm, seg.seq),
-                size: wire,
-                version_tag: format!("qemu-segment {}", seg.seq),
-                pre_encoded: pre,
-            };
-            send_files_kept(
-                &endpoint,
-                addr,
-                expected.as_ref(),
-                &[src],
-                &opts,
-                &mut |_| {},
-                &mut kept,
-            )
-            .await
-            .map_err(|e| format!("segment {} (session {index}): {e}", seg.seq))?;
-            counters.wire.fetch_add(wire, Ordering::Relaxed);
-            counters.cache.fetch_add(cache, Ordering::Relaxed);
-            counters.acked.fetch_add(raw_len, Ordering::Relaxed);
-            budget.free(raw_len);
+            match seg {
+                Some(seg) => {
+                    let rm = remote.clone();
+                    pending.push_back(tokio::task::spawn_blocking(move || {
+                        encode_segment(seg, delta, codec, rm.as_ref().as_ref())
+                    }));
+                }
+                None => {
+                    let Some(h) = pending.pop_front() else {
+                        return; // input ended and everything went out
+                    };
+                    let Ok(block) = h.await else { return };
+                    if btx.send(block).await.is_err() {
+                        return;
+                    }
+                }
+            }
         }
-    }
-    .await;
-    if r.is_err() {
-        counters.failed.store(true, Ordering::Relaxed);
-        budget.freed.notify_waiters();
-    }
-    kept.close().await;
-    r
+    });
+    brx
 }
 
-type EncodedSegment = (
-    tempfile::NamedTempFile,
-    Option<(u32, u64, Vec<u8>)>,
-    u64,
-    u64,
-);
+/// Moves encoded blocks into the tunnel, and acknowledgements into the window, until the
+/// last block is queued; returns how many were.
+async fn forward(
+    mut blocks: mpsc::Receiver<(Block, u64)>,
+    tunnel: Arc<Tunnel>,
+    budget: Arc<Budget>,
+    counters: Arc<Counters>,
+) -> Result<u64, String> {
+    let mut queued = 0u64;
+    loop {
+        tokio::select! {
+            b = blocks.recv() => match b {
+                Some((b, cache)) => {
+                    let wire = b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len());
+                    counters.wire.fetch_add(wire as u64, Ordering::Relaxed);
+                    counters.cache.fetch_add(cache, Ordering::Relaxed);
+                    tunnel.send(b).map_err(|e| e.to_string())?;
+                    queued += 1;
+                }
+                None => return Ok(queued),
+            },
+            () = tunnel.wait_progress(Duration::from_millis(50)) => {
+                let (_, acked_raw, _, _) = tunnel.acked();
+                budget.set_acked(acked_raw);
+                if let Some(e) = tunnel.error() {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
 
-/// One segment as an object file: HDE stream-encoded against the destination's cache, or raw.
+/// One segment as a block: HDE stream-encoded against the destination's cache when that
+/// makes it smaller, raw otherwise; with the bytes it refers to in the cache.
 fn encode_segment(
-    bytes: &[u8],
+    seg: Segment,
     hde: bool,
     codec: Codec,
     remote: Option<&RemoteIndex>,
-) -> Result<EncodedSegment, String> {
-    use std::io::Write;
-    let mut file = tempfile::Builder::new()
-        .prefix(".dwcp-qemu-seg-")
-        .tempfile()
-        .map_err(|e| format!("cannot make a segment file: {e}"))?;
-    let (out, pre, cache) = if hde {
-        let cfg = StreamConfig {
-            codec,
-            ..StreamConfig::default()
-        };
-        let mut enc = StreamEncoder::new(cfg).map_err(|e| e.to_string())?;
-        let mut out = Vec::with_capacity(bytes.len() / 2 + 1024);
-        enc.push(bytes, remote, &mut out);
-        let stats = enc.finish(remote, &mut out);
-        let digest = blake3::hash(bytes);
-        (
-            out,
-            Some((
-                data::ENCODING_HDE_STREAM,
-                bytes.len() as u64,
-                digest.as_bytes().to_vec(),
-            )),
-            stats.cache_bytes,
-        )
-    } else {
-        (bytes.to_vec(), None, 0)
+) -> (Block, u64) {
+    let raw = Bytes::from(seg.bytes);
+    let mut cache = 0;
+    let encoded = hde
+        .then(|| {
+            let cfg = StreamConfig {
+                codec,
+                ..StreamConfig::default()
+            };
+            StreamEncoder::new(cfg).ok().map(|mut enc| {
+                let mut out = Vec::with_capacity(raw.len() / 2 + 1024);
+                enc.push(&raw, remote, &mut out);
+                cache = enc.finish(remote, &mut out).cache_bytes;
+                out
+            })
+        })
+        .flatten()
+        .filter(|out| out.len() < raw.len())
+        .map(|out| (data::TUNNEL_HDE_STREAM, Bytes::from(out)));
+    if encoded.is_none() {
+        cache = 0;
+    }
+    let block = Block {
+        seq: seg.seq,
+        raw,
+        encoded,
     };
-    file.write_all(&out)
-        .map_err(|e| format!("cannot write a segment file: {e}"))?;
-    Ok((file, pre, out.len() as u64, cache))
+    (block, cache)
 }

@@ -80,6 +80,8 @@ impl FrameType {
             Self::BASE_QUERY => "base_query",
             Self::BASE_INFO => "base_info",
             Self::MIGRATION => "migration",
+            Self::TUNNEL_DATA => "tunnel_data",
+            Self::TUNNEL_ACK => "tunnel_ack",
             t if t.is_extension() => "extension",
             _ => "unknown",
         }

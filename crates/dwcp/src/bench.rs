@@ -50,7 +50,7 @@ fn watch_signals() -> Result<()> {
 
 /// A child process that is killed if it is still running when this goes out of scope, so
 /// that no error path leaves a server behind in a namespace.
-struct Reaped(Child);
+pub(crate) struct Reaped(Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -63,7 +63,7 @@ impl Drop for Reaped {
 
 /// Starts `cmd` with its output going to files (never to pipes that could fill up and stall
 /// it); returns the process and the two file paths.
-fn spawn_logged(
+pub(crate) fn spawn_logged(
     mut cmd: std::process::Command,
     dir: &Path,
     name: &str,
@@ -79,7 +79,7 @@ fn spawn_logged(
 }
 
 /// Waits for `child` at most `limit`, killing it after that (or on interruption).
-fn wait_bounded(
+pub(crate) fn wait_bounded(
     child: &mut Reaped,
     limit: Duration,
     what: &str,
@@ -105,16 +105,21 @@ fn ping_rtt_ms(tb: &Testbed, work: &Path) -> Result<f64> {
     let mut cmd = tb.cmd_a("ping");
     cmd.args(["-U", "-q", "-n", "-i", "0.05", "-W", "2", "-c", "20"])
         .arg(tb.addr_b.to_string());
-    let (mut child, out, _) = spawn_logged(cmd, work, "ping")
+    let (mut child, out, err) = spawn_logged(cmd, work, "ping")
         .context("cannot run ping (apt-get install iputils-ping)")?;
     wait_bounded(&mut child, Duration::from_secs(30), "ping")?;
-    let text = std::fs::read_to_string(out)?;
+    let text = std::fs::read_to_string(out)? + &std::fs::read_to_string(err)?;
     text.lines()
         .find(|l| l.contains("min/avg/max"))
         .and_then(|l| l.split('=').nth(1))
         .and_then(|v| v.trim().split('/').nth(1))
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow!("no RTT in ping output: {text}"))
+        .ok_or_else(|| {
+            anyhow!(
+                "no RTT in ping output (is iputils-ping installed?): {}",
+                text.trim()
+            )
+        })
 }
 
 fn iperf3(tb: &Testbed, work: &Path, streams: u32, congestion: &str, seconds: u32) -> Result<f64> {
@@ -434,8 +439,9 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         crate::cli::parse_rate(rate).map_err(|e| UsageError(format!("--cases: {e}")))?;
         cases.push((size.to_string(), rate.to_string()));
     }
-    if cases.is_empty() {
-        return Err(UsageError("--cases: no case given".into()).into());
+    let qemu_mem = parse_size(&args.qemu_mem)? >> 20;
+    if cases.is_empty() && qemu_mem == 0 {
+        return Err(UsageError("--cases: no case given (and --qemu-mem 0)".into()).into());
     }
     watch_signals()?;
     let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
@@ -462,7 +468,12 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .arg(work.path().join("cache"))
         .arg("--certs-dir")
         .arg(&certs)
-        .env("DWCP_TRANSPORT__CONGESTION", &args.congestion);
+        .env("DWCP_TRANSPORT__CONGESTION", &args.congestion)
+        .env(
+            "DWCP_MIGRATION__QEMU_DIR",
+            crate::bench_qemu::qemu_dir(work.path()),
+        );
+    std::fs::create_dir_all(crate::bench_qemu::qemu_dir(work.path()))?;
     let (_agent, _, agent_err) = spawn_logged(agent, work.path(), "agent")?;
     // Ready when it answers a ping from the other side (bounded).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -528,12 +539,41 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             json!({"vm_size": size, "dirty_rate": rate, "exit": status.code(), "report": report}),
         );
     }
+    let qemu_rows = if qemu_mem == 0 {
+        None
+    } else if let Some(why) = crate::bench_qemu::unavailable() {
+        eprintln!("QEMU rows skipped: {why}");
+        Some(Err(why))
+    } else {
+        let qd = crate::bench_qemu::qemu_dir(work.path());
+        let qb = crate::bench_qemu::QemuBench {
+            tb: &tb,
+            work: work.path(),
+            exe: &exe,
+            certs: &certs,
+            listen: &listen,
+            qemu_dir: &qd,
+            congestion: &args.congestion,
+            mem_mib: qemu_mem,
+            dirty_pages: args.qemu_dirty_pages,
+            native_timeout: Duration::from_secs(args.qemu_native_timeout_secs),
+            cases: args
+                .qemu_cases
+                .split(',')
+                .map(|c| c.trim().to_string())
+                .collect(),
+        };
+        Some(qb.run().map_err(|e| format!("{e:#}")))
+    };
     tb.down();
     println!("emulator check: ping -U average RTT {rtt:.2} ms");
-    println!(
-        "profile {profile}; congestion {}; memory-image VMs (the QEMU backend is not built yet)",
-        args.congestion
-    );
+    println!("profile {profile}; congestion {}", args.congestion);
+    match &qemu_rows {
+        Some(Ok(rows)) => crate::bench_qemu::print_rows(rows, qemu_mem),
+        Some(Err(why)) => println!("QEMU rows: not run: {why}"),
+        None => {}
+    }
+    println!("memory-image VMs:");
     println!(
         "{:<8} {:>10} {:>12} {:>9} {:>11} {:>11} {:>7} {:>10} {:>9} {:>10}",
         "vm",
@@ -581,6 +621,11 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
     let report = json!({
         "profile": profile.name, "ping_rtt_ms": rtt, "congestion": args.congestion, "seed": args.seed,
         "runs": runs,
+        "qemu": match &qemu_rows {
+            Some(Ok(rows)) => json!({"mem_mib": qemu_mem, "dirty_pages_per_s": args.qemu_dirty_pages, "cases": rows}),
+            Some(Err(why)) => json!({"not_run": why}),
+            None => Value::Null,
+        },
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;

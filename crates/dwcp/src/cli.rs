@@ -415,6 +415,23 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=7200))]
     pub(crate) timeout_secs: u64,
 
+    /// Guest RAM of the QEMU rows (QEMU native, and through DWCP cold and warm); 0 skips them.
+    #[arg(long, default_value = "1Gi")]
+    pub(crate) qemu_mem: String,
+
+    /// QEMU cases, comma-separated: native (default settings), multifd (8 channels, zstd),
+    /// cold and warm (through DWCP).
+    #[arg(long, default_value = "native,multifd,cold,warm")]
+    pub(crate) qemu_cases: String,
+
+    /// Pages per second the QEMU guest's workload rewrites.
+    #[arg(long, default_value_t = 2560)]
+    pub(crate) qemu_dirty_pages: u64,
+
+    /// Seconds QEMU's native migration gets before it is called unfinished.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=3600))]
+    pub(crate) qemu_native_timeout_secs: u64,
+
     /// Seed of the emulator's loss pattern and of the images.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -526,6 +543,16 @@ pub(crate) struct MigrateArgs {
     /// Print one JSON report instead of progress and text.
     #[arg(long)]
     pub(crate) json: bool,
+
+    /// Migrate the running QEMU whose QMP monitor is this Unix socket, instead of a generated
+    /// memory image. The destination agent's QEMU for VM --name waits in its
+    /// `migration.qemu_dir` (`NAME.incoming`, `NAME.qmp`).
+    #[arg(long, value_name = "SOCKET")]
+    pub(crate) qemu_qmp: Option<PathBuf>,
+
+    /// With --qemu-qmp: parallel sessions carrying the stream's segments.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub(crate) sessions: u32,
 }
 
 /// The generated VM of `migrate` and `demo`.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_encoding;
+mod bench_qemu;
 mod cli;
 mod commands;
 mod migrate;

@@ -6,7 +6,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use dwcp_control::Settings;
 use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
-use dwcp_migration::{Destination, MemoryVm, MigrationReport, MigrationSpec, migrate};
+use dwcp_migration::{
+    Destination, MemoryVm, MigrationReport, MigrationSpec, QemuError, QemuProgress, QemuReport,
+    QemuSpec, migrate, migrate_qemu,
+};
 use serde_json::{Value, json};
 
 use crate::cli::{CodecChoice, MigrateArgs, VmArgs};
@@ -173,6 +176,9 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
 pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
     let expect = crate::commands::expected_node(args.expect_node.as_deref())?;
     let endpoint = crate::commands::peer_endpoint(settings)?;
+    if let Some(qmp) = &args.qemu_qmp {
+        return run_qemu(settings, args, qmp, &endpoint, expect.as_ref());
+    }
     let mut spec = MigrationSpec::new(&args.name);
     spec.config.downtime_budget = std::time::Duration::from_millis(args.downtime_ms);
     spec.config.max_rounds = args.max_rounds;
@@ -210,4 +216,161 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         Err(anyhow::anyhow!("migration rolled back: {}", report.how))
             .context("the VM still runs at the source")
     }
+}
+
+/// The QEMU backend's spec from the command line.
+pub(crate) fn qemu_spec(args: &MigrateArgs, qmp: &std::path::Path) -> QemuSpec {
+    let mut spec = QemuSpec::new(&args.name, qmp.to_path_buf());
+    spec.downtime = std::time::Duration::from_millis(args.downtime_ms);
+    spec.auto_converge = !args.no_throttle;
+    spec.streams = args.streams;
+    spec.sessions = args.sessions;
+    spec.codec = match args.codec {
+        CodecChoice::Fixed(c) => c,
+        // zstd level 2 runs at several hundred MB/s a core; on links faster than that, lz4.
+        CodecChoice::Auto if args.link_rate.is_some_and(|r| r >= 625_000_000) => {
+            dwcp_encoding::Codec::Lz4
+        }
+        CodecChoice::Auto => dwcp_encoding::Codec::Zstd(2),
+    };
+    spec.delta = !matches!(args.codec, CodecChoice::Fixed(dwcp_encoding::Codec::None));
+    spec
+}
+
+/// `dwcp migrate --qemu-qmp`.
+fn run_qemu(
+    settings: &Settings,
+    args: &MigrateArgs,
+    qmp: &std::path::Path,
+    endpoint: &dwcp_transport::Endpoint,
+    expect: Option<&dwcp_wire::NodeId>,
+) -> Result<()> {
+    let spec = qemu_spec(args, qmp);
+    let chatty = !args.json;
+    let result = crate::commands::runtime()?.block_on(async {
+        let addr = crate::commands::resolve(&args.to).await?;
+        let dest = Destination {
+            endpoint,
+            addr,
+            expected: expect,
+        };
+        anyhow::Ok(run_qemu_with_progress(dest, &spec, chatty).await)
+    })?;
+    let from = settings
+        .node_id
+        .as_ref()
+        .map_or("this node", |n| n.as_str());
+    match result {
+        Ok(r) => {
+            if args.json {
+                println!("{}", qemu_report_json(&r, None));
+            } else {
+                print_qemu_report(&r, from, &args.to);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", qemu_report_json(&e.report, Some(&e)));
+            }
+            Err(anyhow::anyhow!("{e}")).context("the guest still runs at the source")
+        }
+    }
+}
+
+/// Runs a QEMU migration, with a one-line progress display on standard error when `chatty`.
+pub(crate) async fn run_qemu_with_progress(
+    dest: Destination<'_>,
+    spec: &QemuSpec,
+    chatty: bool,
+) -> Result<QemuReport, QemuError> {
+    let started = Instant::now();
+    let mut progress = |p: &QemuProgress| {
+        if !chatty {
+            return;
+        }
+        let left = p.remaining as f64;
+        let eta = if p.rate > 0.0 && p.remaining > 0 {
+            format!("{:.0} s", left / p.rate)
+        } else {
+            "-".into()
+        };
+        eprint!(
+            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}",
+            started.elapsed().as_secs_f64(),
+            p.phase,
+            p.round,
+            left / 1e6,
+            p.dirty_rate,
+            p.rate * 8.0 / 1e6,
+            p.stream_bytes as f64 / 1e6,
+            p.wire_bytes as f64 / 1e6,
+            eta,
+            p.expected_downtime_ms
+                .map_or_else(|| "-".into(), |d| format!("{d:.0} ms")),
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let r = migrate_qemu(dest, spec, &mut progress).await;
+    if chatty {
+        eprintln!("\r\x1b[2K");
+    }
+    r
+}
+
+/// A QEMU migration report as JSON.
+pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value {
+    json!({
+        "backend": "qemu",
+        "result": if r.migrated { "migrated" } else { "rolled back" },
+        "error": err.map(|e| e.to_string()),
+        "phase_failed": err.map(|e| e.phase),
+        "total_seconds": r.total_seconds,
+        "downtime_ms": r.downtime_ms,
+        "qemu_downtime_ms": r.qemu_downtime_ms,
+        "destination_status": r.dest_status,
+        "ram_bytes": r.ram_bytes,
+        "stream_bytes": r.stream_bytes,
+        "wire_bytes": r.wire_bytes,
+        "cache_bytes": r.cache_bytes,
+        "segments": r.segments,
+        "rounds": r.rounds,
+        "throttle_percent": r.throttle,
+    })
+}
+
+/// A QEMU migration report as text.
+pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
+    println!(
+        "QEMU live migration {from} -> {to}: {} MiB of guest RAM",
+        r.ram_bytes >> 20
+    );
+    println!(
+        "  QEMU's stream {:.1} MB in {} segments; {:.1} MB on the wire ({:.1} % of the stream, {:.1} MB by reference to the destination's cache)",
+        r.stream_bytes as f64 / 1e6,
+        r.segments,
+        r.wire_bytes as f64 / 1e6,
+        r.wire_bytes as f64 / r.stream_bytes.max(1) as f64 * 100.0,
+        r.cache_bytes as f64 / 1e6
+    );
+    println!(
+        "  {} pre-copy iterations (QEMU's dirty syncs){}",
+        r.rounds,
+        if r.throttle > 0 {
+            format!(", auto-converge throttled the guest up to {} %", r.throttle)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "result: migrated in {:.2} s; guest paused {} end to end (source STOP -> destination RESUME), QEMU reports {}; destination {}",
+        r.total_seconds,
+        r.downtime_ms.map_or_else(
+            || "- (destination not resumed)".into(),
+            |d| format!("{d:.0} ms")
+        ),
+        r.qemu_downtime_ms
+            .map_or_else(|| "-".into(), |d| format!("{d:.0} ms")),
+        r.dest_status
+    );
 }

@@ -1,16 +1,17 @@
-//! The destination side of a QEMU migration through DWCP: feeding the stream segments a
-//! sender delivers (ordinary objects named `VM.qemu.SEQ`) in order into the local QEMU that
-//! waits with `-incoming unix:DIR/VM.incoming`, and watching that QEMU over its monitor
-//! `DIR/VM.qmp` to say when (and whether) it has loaded the VM.
+//! The destination side of a QEMU migration through DWCP: feeding the blocks of the stream
+//! (`TUNNEL_DATA` frames, decoded by the connection that received them) in order into the
+//! local QEMU that waits with `-incoming unix:DIR/VM.incoming`, and watching that QEMU over
+//! its monitor `DIR/VM.qmp` to say when (and whether) it has loaded the VM.
 //!
-//! Memory stays bounded: a segment is read from disk only when QEMU is ready for it, and the
-//! sender keeps only a bounded number of segments unacknowledged.
+//! Memory stays bounded: at most [`MAX_BUFFERED`] bytes wait for QEMU; beyond that the
+//! connections stop reading (and the sender's window stops it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use dwcp_wire::NodeId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -22,26 +23,17 @@ use crate::qmp::Qmp;
 /// How long QEMU may take to accept a segment, or to load the VM after the last one.
 const STALL: Duration = Duration::from_secs(60);
 
-/// The object name of segment `seq` of `vm`'s stream.
-pub fn segment_name(vm: &str, seq: u64) -> String {
-    format!("{vm}.qemu.{seq:010}")
-}
-
-/// `(vm, seq)` if `name` is a segment name.
-pub(crate) fn parse_segment(name: &str) -> Option<(&str, u64)> {
-    let (vm, seq) = name.rsplit_once(".qemu.")?;
-    if vm.is_empty() || seq.len() != 10 || !seq.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((vm, seq.parse().ok()?))
-}
+/// Most bytes of one stream held for QEMU.
+pub(crate) const MAX_BUFFERED: usize = 64 << 20;
 
 #[derive(Debug, Default)]
 struct FeedState {
     /// Next segment QEMU gets.
     next: u64,
-    /// Stored segments not fed yet.
-    ready: BTreeMap<u64, PathBuf>,
+    /// Blocks received and not fed yet.
+    ready: BTreeMap<u64, Bytes>,
+    /// Their bytes.
+    buffered: usize,
     /// Set by FINISH: the stream has this many segments.
     total: Option<u64>,
     fed_bytes: u64,
@@ -55,7 +47,10 @@ struct FeedState {
 #[derive(Debug)]
 struct Feed {
     state: Mutex<FeedState>,
+    /// Wakes connections waiting for room.
     wake: Notify,
+    /// Wakes the feeder.
+    kick: Notify,
     qmp: tokio::sync::Mutex<Qmp>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -111,6 +106,7 @@ impl Feeds {
                 ..FeedState::default()
             }),
             wake: Notify::new(),
+            kick: Notify::new(),
             qmp: tokio::sync::Mutex::new(qmp),
             task: Mutex::new(None),
         });
@@ -121,23 +117,46 @@ impl Feeds {
         Ok(())
     }
 
-    /// Called for every stored object: queues it if it is a segment of an open feed. Returns
-    /// whether it was one.
-    pub(crate) fn stored(&self, peer: &NodeId, name: &str, path: &Path) -> bool {
-        let Some((vm, seq)) = parse_segment(name) else {
-            return false;
-        };
+    /// A block of `vm`'s stream arrived (decoded): queue it for QEMU, waiting while too much
+    /// is queued already.
+    pub(crate) async fn push(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        seq: u64,
+        block: Bytes,
+    ) -> Result<(), String> {
         let feed = lock(&self.feeds)
             .get(&(peer.clone(), vm.to_string()))
-            .cloned();
-        let Some(feed) = feed else {
-            // Nobody will feed it: do not leave it behind.
-            let _ = std::fs::remove_file(path);
-            return true;
-        };
-        lock(&feed.state).ready.insert(seq, path.to_path_buf());
-        feed.wake.notify_one();
-        true
+            .cloned()
+            .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
+        let started = Instant::now();
+        loop {
+            let notified = feed.wake.notified();
+            {
+                let mut s = lock(&feed.state);
+                if let Some(e) = &s.error {
+                    return Err(e.clone());
+                }
+                if seq < s.next || s.ready.contains_key(&seq) {
+                    return Ok(()); // a block sent again after a lost stream
+                }
+                if s.buffered < MAX_BUFFERED || seq == s.next {
+                    s.buffered += block.len();
+                    s.ready.insert(seq, block);
+                    break;
+                }
+            }
+            if started.elapsed() > STALL {
+                return Err(format!(
+                    "the destination QEMU took no data for {STALL:?} (block {seq} waiting)"
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+        feed.wake.notify_waiters();
+        feed.kick.notify_one();
+        Ok(())
     }
 
     /// FINISH: waits until every segment is in and QEMU has loaded the VM; returns a JSON
@@ -155,7 +174,7 @@ impl Feeds {
         {
             lock(&feed.state).total = Some(total);
         }
-        feed.wake.notify_one();
+        feed.kick.notify_one();
         let result = self.finish_inner(&feed, vm).await;
         self.remove(peer, vm);
         result
@@ -174,7 +193,7 @@ impl Feeds {
                 }
                 if s.last_progress.is_some_and(|t| t.elapsed() > STALL) {
                     return Err(format!(
-                        "the stream of {vm:?} stalled at segment {} for {STALL:?}",
+                        "the stream of {vm:?} stalled at block {} for {STALL:?}",
                         s.next
                     ));
                 }
@@ -233,10 +252,13 @@ impl Feeds {
             if let Some(t) = lock(&feed.task).take() {
                 t.abort();
             }
-            let ready = std::mem::take(&mut lock(&feed.state).ready);
-            for p in ready.values() {
-                let _ = std::fs::remove_file(p);
-            }
+            let mut s = lock(&feed.state);
+            s.ready.clear();
+            s.buffered = 0;
+            s.error
+                .get_or_insert_with(|| "the incoming migration was given up".into());
+            drop(s);
+            feed.wake.notify_waiters();
         }
     }
 }
@@ -250,20 +272,19 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                 (s.ready.remove(&next).map(|p| (next, p)), s.total)
             };
             match next {
-                Some((seq, path)) => {
-                    let bytes = tokio::fs::read(&path)
-                        .await
-                        .map_err(|e| format!("cannot read segment {seq}: {e}"))?;
-                    sock.write_all(&bytes).await.map_err(|e| {
+                Some((seq, block)) => {
+                    sock.write_all(&block).await.map_err(|e| {
                         format!(
-                            "the destination QEMU stopped reading the stream at segment {seq}: {e}"
+                            "the destination QEMU stopped reading the stream at block {seq}: {e}"
                         )
                     })?;
-                    let _ = tokio::fs::remove_file(&path).await;
                     let mut s = lock(&feed.state);
                     s.next = seq + 1;
-                    s.fed_bytes += bytes.len() as u64;
+                    s.buffered = s.buffered.saturating_sub(block.len());
+                    s.fed_bytes += block.len() as u64;
                     s.last_progress = Some(Instant::now());
+                    drop(s);
+                    feed.wake.notify_waiters();
                 }
                 None if total.is_some_and(|t| lock(&feed.state).next >= t) => {
                     sock.shutdown()
@@ -273,8 +294,8 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                     return Ok::<(), String>(());
                 }
                 None => {
-                    // Woken by a stored segment or FINISH; the timeout only re-checks.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), feed.wake.notified())
+                    // Woken by a block or FINISH; the timeout only re-checks.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), feed.kick.notified())
                         .await;
                 }
             }
@@ -288,21 +309,5 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
             warn!(vm, "feeding the destination QEMU failed: {e}");
             s.error = Some(e);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segment_names_round_trip() {
-        let n = segment_name("vm-1.prod", 42);
-        assert_eq!(n, "vm-1.prod.qemu.0000000042");
-        assert_eq!(parse_segment(&n), Some(("vm-1.prod", 42)));
-        assert_eq!(parse_segment("vm.qemu.42"), None);
-        assert_eq!(parse_segment(".qemu.0000000001"), None);
-        assert_eq!(parse_segment("vm.qemu.00000000x1"), None);
-        assert_eq!(parse_segment("image.raw"), None);
     }
 }

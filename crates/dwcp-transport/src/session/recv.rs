@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use dwcp_encoding::{BaselineCache, ContentSource, NoCache, RemoteIndex};
 use dwcp_wire::data::{
     self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
@@ -469,6 +470,13 @@ impl Receiver {
                     };
                     self.send(&mut writer, &reply).await?;
                 }
+                FrameType::TUNNEL_DATA => {
+                    let (h, block) =
+                        data::decode_tunnel_data(&frame).map_err(HandshakeError::from)?;
+                    let ack = self.tunnel_block(&peer, &h, block).await;
+                    self.send(&mut writer, &msg::encode(FrameType::TUNNEL_ACK, &ack))
+                        .await?;
+                }
                 FrameType::MIGRATION => {
                     let m: Migration = msg::decode(&frame).map_err(HandshakeError::from)?;
                     let done = self.migration(&peer, &m).await;
@@ -617,6 +625,52 @@ impl Receiver {
             }
         }
         Ok(())
+    }
+
+    /// Takes a block of a tunnelled stream: decodes it (against the baseline cache) and queues
+    /// it for the incoming QEMU migration it belongs to.
+    async fn tunnel_block(
+        &self,
+        peer: &NodeId,
+        h: &data::TunnelHeader,
+        block: Bytes,
+    ) -> data::TunnelAck {
+        let ack = |code: ErrorCode, reason: String| data::TunnelAck {
+            name: h.name.clone(),
+            seq: h.seq,
+            code: code.0,
+            reason,
+        };
+        let Some(feeds) = self.qemu.get() else {
+            return ack(
+                ErrorCode::STORAGE_ERROR,
+                "this node does not accept QEMU migrations (no migration.qemu_dir)".into(),
+            );
+        };
+        let raw = if h.encoding == data::TUNNEL_RAW {
+            block
+        } else if !self.delta {
+            return ack(
+                ErrorCode::PROTOCOL_ERROR,
+                "delta encoding is off on this node".into(),
+            );
+        } else {
+            let cache = self.cache.clone();
+            let raw_len = u64::from(h.raw_len);
+            let r = tokio::task::spawn_blocking(move || {
+                decode_block(&block, raw_len, cache.as_deref())
+            })
+            .await
+            .unwrap_or_else(|e| Err((ErrorCode::INTERNAL_ERROR, e.to_string())));
+            match r {
+                Ok(raw) => raw,
+                Err((code, reason)) => return ack(code, reason),
+            }
+        };
+        match feeds.push(peer, &h.name, h.seq, raw).await {
+            Ok(()) => ack(ErrorCode(0), String::new()),
+            Err(reason) => ack(ErrorCode::STORAGE_ERROR, reason),
+        }
     }
 
     /// Commits (publishes) or aborts (deletes) a migration target.
@@ -979,9 +1033,6 @@ impl Receiver {
         let done = match verdict {
             Ok(()) => {
                 info!(%peer, %name, size, verify_ms = started.elapsed().as_millis() as u64, "object stored");
-                if let Some(f) = self.qemu.get() {
-                    f.stored(peer, &name, &path);
-                }
                 let _ = self.events.send(RecvEvent::Stored {
                     peer: peer.clone(),
                     name,
@@ -1269,6 +1320,47 @@ fn decode_into(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Decodes one HDE stream block of a tunnel into its `raw_len` bytes.
+fn decode_block(
+    block: &[u8],
+    raw_len: u64,
+    cache: Option<&Mutex<BaselineCache>>,
+) -> Result<Bytes, (ErrorCode, String)> {
+    let mut guard = cache.map(lock);
+    let mut none = NoCache;
+    let src: &mut dyn ContentSource = match guard.as_deref_mut() {
+        Some(c) => c,
+        None => &mut none,
+    };
+    let mut out = Vec::with_capacity(raw_len as usize);
+    let mut dec = dwcp_encoding::stream::StreamDecoder::with_limit(raw_len);
+    let bad = |e: dwcp_encoding::DecodeError| {
+        (
+            ErrorCode::PROTOCOL_ERROR,
+            format!("undecodable HDE block: {e}"),
+        )
+    };
+    if let dwcp_encoding::stream::Progress::Need { key, .. } =
+        dec.push(block, &mut out, src).map_err(bad)?
+    {
+        return Err((
+            ErrorCode::DELTA_UNRESOLVED,
+            format!("chunk {key} is not held by this receiver"),
+        ));
+    }
+    dec.finish().map_err(bad)?;
+    if out.len() as u64 != raw_len {
+        return Err((
+            ErrorCode::PROTOCOL_ERROR,
+            format!(
+                "block decodes to {} bytes, not the announced {raw_len}",
+                out.len()
+            ),
+        ));
+    }
+    Ok(Bytes::from(out))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -538,7 +538,7 @@ impl Session {
     }
 }
 
-fn rand_id() -> [u8; 16] {
+pub(crate) fn rand_id() -> [u8; 16] {
     // Session ids only need to be unique between two nodes, not secret: peers are already
     // authenticated and sessions are scoped to the peer's node id.
     let t = std::time::SystemTime::now()

@@ -1,0 +1,209 @@
+//! The QEMU stream tunnel against a fake destination QEMU (no QEMU needed): blocks sent out
+//! of order, encoded or raw, one sent twice, one connection killed mid-way — QEMU gets exactly
+//! the stream, in order, and the destination says when it has loaded it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
+use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint};
+use dwcp_transport::session::{
+    Block, KeptSession, MigrationRequest, Tunnel, migration_request_kept,
+};
+use dwcp_wire::data;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+/// A destination QEMU as the agent sees it: an incoming socket that collects the stream, and
+/// a monitor that says `inmigrate` until the stream has ended, `running` after.
+fn fake_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<Vec<u8>> {
+    let loaded = Arc::new(AtomicBool::new(false));
+    let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
+    let l2 = loaded.clone();
+    tokio::spawn(async move {
+        let (s, _) = qmp.accept().await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let answer = if line.contains("query-status") {
+                let st = if l2.load(Ordering::SeqCst) {
+                    "running"
+                } else {
+                    "inmigrate"
+                };
+                format!("{{\"return\": {{\"status\": \"{st}\", \"running\": true}}}}\n")
+            } else {
+                "{\"return\": {}}\n".to_string()
+            };
+            if w.write_all(answer.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = incoming.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        loaded.store(true, Ordering::SeqCst);
+        got
+    })
+}
+
+fn block_content(seq: u64) -> Vec<u8> {
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..256 * 1024)
+        .map(|i| {
+            if seq % 3 == 0 {
+                // Compressible text-like content.
+                b"the quick brown fox jumps over the lazy dog "[i % 44]
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_arrives_whole_and_in_order_despite_reordering_duplicates_and_a_lost_stream() {
+    let cluster = TestCluster::new();
+    let qemu_dir = cluster.dir().join("qemu");
+    std::fs::create_dir_all(&qemu_dir).unwrap();
+    let qd = qemu_dir.clone();
+    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let got = fake_qemu(&qemu_dir, "vm");
+
+    let mut control = KeptSession::new();
+    let req = |op, segments| MigrationRequest {
+        name: "vm",
+        op,
+        segments,
+        timeout: Duration::from_secs(30),
+    };
+    migration_request_kept(
+        &ep,
+        agent.addr,
+        None,
+        &req(data::MIGRATION_QEMU_OPEN, 0),
+        &mut control,
+    )
+    .await
+    .unwrap();
+
+    // Connection 1 dies after 1 MB: what it had in flight goes again on the others.
+    let proxy = Proxy::start(
+        agent.addr,
+        Fault::Kill {
+            conn: 1,
+            after: 1 << 20,
+        },
+    )
+    .await;
+    let tunnel = Tunnel::open(&ep, proxy.addr, None, 4, "vm").await.unwrap();
+    let n = 40u64;
+    let mut order: Vec<u64> = (0..n).collect();
+    order.reverse(); // the last block first: the destination must hold it back
+    order.swap(5, 30);
+    let mut expected = Vec::new();
+    for seq in 0..n {
+        expected.extend_from_slice(&block_content(seq));
+    }
+    for &seq in order.iter().chain([7u64].iter()) {
+        let raw = Bytes::from(block_content(seq));
+        let encoded = (seq % 2 == 0).then(|| {
+            let mut enc = StreamEncoder::new(StreamConfig::default()).unwrap();
+            let mut out = Vec::new();
+            enc.push(&raw, None, &mut out);
+            enc.finish(None, &mut out);
+            (data::TUNNEL_HDE_STREAM, Bytes::from(out))
+        });
+        tunnel.send(Block { seq, raw, encoded }).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tunnel.acked().0 < n {
+        assert!(Instant::now() < deadline, "acked {:?}", tunnel.acked());
+        assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    let (_, raw, wire, resent) = tunnel.acked();
+    assert_eq!(raw, expected.len() as u64);
+    assert!(wire < raw, "text blocks compress: {wire} of {raw}");
+    assert!(resent > 0, "the killed connection's blocks went again");
+
+    let detail = migration_request_kept(
+        &ep,
+        agent.addr,
+        None,
+        &req(data::MIGRATION_QEMU_FINISH, n),
+        &mut control,
+    )
+    .await
+    .unwrap();
+    assert!(detail.contains("\"status\":\"running\""), "{detail}");
+    assert!(
+        detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
+        "{detail}"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(10), got)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        got == expected,
+        "QEMU got {} bytes, not the stream",
+        got.len()
+    );
+    tunnel.close();
+    control.close().await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_without_an_open_migration_or_qemu_dir_are_refused() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let mut control = KeptSession::new();
+    let open = MigrationRequest {
+        name: "vm",
+        op: data::MIGRATION_QEMU_OPEN,
+        segments: 0,
+        timeout: Duration::from_secs(30),
+    };
+    let e = migration_request_kept(&ep, agent.addr, None, &open, &mut control)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("qemu_dir"), "{e}");
+
+    let tunnel = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
+    tunnel
+        .send(Block {
+            seq: 0,
+            raw: Bytes::from_static(b"stream"),
+            encoded: None,
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel.error().is_none() {
+        assert!(Instant::now() < deadline, "no error reported");
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tunnel.error().unwrap().contains("qemu_dir"),
+        "{:?}",
+        tunnel.error()
+    );
+    tunnel.close();
+    agent.stop().await.unwrap();
+}

@@ -1,0 +1,284 @@
+//! The QEMU rows of `dwcp bench migration`: one guest in namespace A, migrated over the
+//! emulated link to a fresh QEMU in namespace B with QEMU's own migration (default settings,
+//! then multifd with 8 channels and zstd) and through DWCP (cold, then warm: the same guest
+//! again, the destination's cache holding what the cold run sent). After each run the
+//! destination is killed and the source guest resumed, so every case moves the same,
+//! still-running guest.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow};
+use dwcp_migration::qemu_vm::{GuestImage, Launch, QemuProcess, qemu_binary};
+use dwcp_testbed::Testbed;
+use dwcp_transport::qmp::{Qmp, args, capability};
+use serde_json::{Value, json};
+
+/// What the QEMU rows need from the bench around them.
+pub(crate) struct QemuBench<'a> {
+    pub(crate) tb: &'a Testbed,
+    pub(crate) work: &'a Path,
+    pub(crate) exe: &'a str,
+    pub(crate) certs: &'a Path,
+    pub(crate) listen: &'a str,
+    pub(crate) qemu_dir: &'a Path,
+    pub(crate) congestion: &'a str,
+    pub(crate) mem_mib: u64,
+    pub(crate) dirty_pages: u64,
+    pub(crate) native_timeout: Duration,
+    /// Which of `native`, `multifd`, `cold`, `warm` to run.
+    pub(crate) cases: Vec<String>,
+}
+
+/// Why the QEMU rows cannot run here, if they cannot.
+pub(crate) fn unavailable() -> Option<String> {
+    if qemu_binary().is_none() {
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
+    }
+    if GuestImage::find().is_none() {
+        return Some("no guest image: run scripts/guest-image.sh (or set DWCP_GUEST_DIR)".into());
+    }
+    None
+}
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn ns_prefix(ns: &str) -> Vec<String> {
+    ["ip", "netns", "exec", ns].map(String::from).to_vec()
+}
+
+impl QemuBench<'_> {
+    /// Runs every case; one JSON object per case.
+    pub(crate) fn run(&self) -> Result<Vec<Value>> {
+        let image = GuestImage::find().ok_or_else(|| anyhow!("no guest image"))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        // QEMU's own sockets use the namespace's default congestion control.
+        for mut c in [self.tb.cmd_a("sysctl"), self.tb.cmd_b("sysctl")] {
+            c.args(["-q", "-w"]).arg(format!(
+                "net.ipv4.tcp_congestion_control={}",
+                self.congestion
+            ));
+            let _ = c.status();
+        }
+        let mut l = Launch::new(self.mem_mib, self.work.join("qemu-src.log"));
+        l.qmp = vec![self.work.join("qemu-src.qmp")];
+        l.dirty_pages_per_sec = self.dirty_pages;
+        l.prefix = ns_prefix(&self.tb.ns_a);
+        let t = Instant::now();
+        eprintln!(
+            "QEMU: booting a {} MiB guest in namespace A and filling its RAM ...",
+            self.mem_mib
+        );
+        let mut src = QemuProcess::spawn(&image, &l)?;
+        rt.block_on(src.wait_serial("dwcp-guest ready", Duration::from_secs(600)))?;
+        eprintln!("QEMU: guest ready after {:.0} s", t.elapsed().as_secs_f64());
+        let mut rows = Vec::new();
+        for (i, (key, case)) in [
+            ("native", "native default"),
+            ("multifd", "native multifd zstd x8"),
+            ("cold", "dwcp cold"),
+            ("warm", "dwcp warm"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            if !self.cases.iter().any(|c| c == key) {
+                continue;
+            }
+            eprintln!("QEMU: {case} ...");
+            let r = if case.starts_with("native") {
+                rt.block_on(self.native(&image, i, case.contains("multifd")))
+            } else {
+                self.through_dwcp(&image, i)
+            };
+            let row = match r {
+                Ok(v) => v,
+                Err(e) => json!({"result": "failed", "error": format!("{e:#}")}),
+            };
+            eprintln!("QEMU: {case}: {row}");
+            rows.push(json!({"case": case, "report": row}));
+            // Resume the source guest for the next case, and let it run a little.
+            rt.block_on(async {
+                let mut q = Qmp::connect(&self.work.join("qemu-src.qmp"), QMP_TIMEOUT).await?;
+                let _ = q.execute("migrate_cancel", None).await;
+                if q.status().await? != "running" {
+                    q.execute("cont", None).await?;
+                }
+                anyhow::Ok(())
+            })
+            .context("cannot resume the source guest")?;
+            std::thread::sleep(Duration::from_secs(5));
+            if !src.alive() {
+                return Err(anyhow!("the source QEMU died"));
+            }
+        }
+        Ok(rows)
+    }
+
+    fn dest_launch(&self, i: usize) -> Launch {
+        let mut l = Launch::new(self.mem_mib, self.work.join(format!("qemu-dst-{i}.log")));
+        l.qmp = vec![self.work.join(format!("qemu-dst-{i}.qmp"))];
+        l.prefix = ns_prefix(&self.tb.ns_b);
+        l
+    }
+
+    /// QEMU's own migration over the link, A -> B.
+    async fn native(&self, image: &GuestImage, i: usize, multifd: bool) -> Result<Value> {
+        let mut l = self.dest_launch(i);
+        l.incoming = Some("defer".into());
+        let _dst = QemuProcess::spawn(image, &l)?;
+        let mut dq = Qmp::connect(&l.qmp[0], QMP_TIMEOUT).await?;
+        let mut sq = Qmp::connect(&self.work.join("qemu-src.qmp"), QMP_TIMEOUT).await?;
+        for q in [&mut sq, &mut dq] {
+            q.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [capability("multifd", multifd)]})),
+            )
+            .await?;
+            if multifd {
+                q.execute(
+                    "migrate-set-parameters",
+                    Some(args(&[
+                        ("multifd-channels", json!(8)),
+                        ("multifd-compression", json!("zstd")),
+                    ])),
+                )
+                .await?;
+            }
+        }
+        let uri = format!("tcp:{}:4444", self.tb.addr_b);
+        dq.execute("migrate-incoming", Some(args(&[("uri", json!(uri))])))
+            .await?;
+        let _ = sq.poll_events(Duration::from_millis(1)).await;
+        while sq.take_event("STOP").is_some() {}
+        let t0 = SystemTime::now();
+        let started = Instant::now();
+        sq.execute("migrate", Some(args(&[("uri", json!(uri))])))
+            .await?;
+        let info = loop {
+            let info = sq.execute("query-migrate", None).await?;
+            match info.get("status").and_then(Value::as_str) {
+                Some("completed") => break info,
+                Some("failed") => {
+                    return Ok(json!({"result": "failed", "error": info.to_string()}));
+                }
+                _ if started.elapsed() > self.native_timeout => {
+                    let _ = sq.execute("migrate_cancel", None).await;
+                    let ram = &info["ram"];
+                    return Ok(json!({
+                        "result": "not finished",
+                        "error": format!("not completed within {:?}", self.native_timeout),
+                        "wire_bytes": ram["transferred"], "rounds": ram["dirty-sync-count"],
+                    }));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let stop = sq.wait_event("STOP", Duration::from_secs(5)).await.ok();
+        let resume = dq.wait_event("RESUME", Duration::from_secs(60)).await.ok();
+        let ms = |a: SystemTime, b: SystemTime| {
+            b.duration_since(a).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        let ram = &info["ram"];
+        Ok(json!({
+            "result": if resume.is_some() { "migrated" } else { "not resumed" },
+            "total_seconds": resume.as_ref().map_or(started.elapsed().as_secs_f64(), |r| ms(t0, r.at) / 1e3),
+            "downtime_ms": match (&stop, &resume) { (Some(s), Some(r)) => Some(ms(s.at, r.at)), _ => None },
+            "qemu_downtime_ms": info["downtime"],
+            "wire_bytes": ram["transferred"],
+            "rounds": ram["dirty-sync-count"],
+            "throttle_percent": info["cpu-throttle-percentage"],
+        }))
+    }
+
+    /// `dwcp migrate --qemu-qmp` from A to the agent in B.
+    fn through_dwcp(&self, image: &GuestImage, i: usize) -> Result<Value> {
+        let vm = "vmq";
+        let mut l = self.dest_launch(i);
+        l.incoming = Some(format!(
+            "unix:{}",
+            self.qemu_dir.join(format!("{vm}.incoming")).display()
+        ));
+        l.qmp.push(self.qemu_dir.join(format!("{vm}.qmp")));
+        let _dst = QemuProcess::spawn(image, &l)?;
+        let mut m = self.tb.cmd_a(self.exe);
+        m.args(["migrate", "--to", self.listen, "--node-id", "bench-a"])
+            .args(["--expect-node", "bench-b", "--json", "--name", vm])
+            .arg("--qemu-qmp")
+            .arg(self.work.join("qemu-src.qmp"))
+            .arg("--certs-dir")
+            .arg(self.certs)
+            .env("DWCP_TRANSPORT__CONGESTION", self.congestion)
+            .env("DWCP_LOG__LEVEL", "warn,dwcp_migration=debug");
+        if let Some(r) = self.tb.profile.rate_bps {
+            m.args(["--link-rate", &format!("{}", r / 8)]);
+        }
+        let (mut child, out, err) =
+            crate::bench::spawn_logged(m, self.work, &format!("migrate-qemu-{i}"))?;
+        crate::bench::wait_bounded(
+            &mut child,
+            Duration::from_secs(900),
+            "dwcp migrate --qemu-qmp",
+        )?;
+        if let Ok(keep) = std::env::var("DWCP_BENCH_KEEP_LOGS") {
+            let _ = std::fs::copy(&err, Path::new(&keep).join(format!("migrate-qemu-{i}.log")));
+        }
+        let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
+            json!({"result": "failed", "error": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
+        });
+        Ok(report)
+    }
+}
+
+/// Prints the QEMU rows and the ratios to QEMU's best native setting.
+pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
+    println!("QEMU guest, {mem_mib} MiB (TCG), same link, one run:");
+    println!(
+        "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>12}",
+        "case", "result", "total s", "paused ms*", "QEMU says", "wire MB", "rounds", "vs best nat."
+    );
+    let best = rows
+        .iter()
+        .filter(|r| {
+            r["case"].as_str().is_some_and(|c| c.starts_with("native"))
+                && r["report"]["result"] == "migrated"
+        })
+        .filter_map(|r| r["report"]["total_seconds"].as_f64())
+        .fold(None, |b: Option<f64>, t| Some(b.map_or(t, |b| b.min(t))));
+    for r in rows {
+        let rep = &r["report"];
+        let total = rep["total_seconds"].as_f64();
+        let f = |v: &Value, scale: f64, prec: usize| {
+            v.as_f64()
+                .map_or_else(|| "-".to_string(), |x| format!("{:.prec$}", x / scale))
+        };
+        println!(
+            "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>12}",
+            r["case"].as_str().unwrap_or(""),
+            rep["result"].as_str().unwrap_or("?"),
+            f(&rep["total_seconds"], 1.0, 1),
+            f(&rep["downtime_ms"], 1.0, 0),
+            f(&rep["qemu_downtime_ms"], 1.0, 0),
+            f(&rep["wire_bytes"], 1e6, 1),
+            rep["rounds"].as_u64().map_or("-".into(), |x| x.to_string()),
+            match (total, best) {
+                (Some(t), Some(b)) if rep["result"] == "migrated" => format!("{:.2}x", t / b),
+                _ => "-".into(),
+            }
+        );
+        if let Some(e) = rep["error"].as_str() {
+            println!("    why: {}", e.chars().take(300).collect::<String>());
+        }
+    }
+    println!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");
+}
+
+/// Where the destination agent's QEMUs wait.
+pub(crate) fn qemu_dir(work: &Path) -> PathBuf {
+    work.join("qemu-b")
+}
