@@ -1,20 +1,22 @@
 //! The QEMU backend: live-migrates a running QEMU to a destination node, carrying QEMU's own
-//! migration stream through DWCP (transfer sessions, HDE stream encoding against the
-//! destination's baseline cache). QEMU's protocol stays the judge of correctness: the source
-//! QEMU writes its stream to a local socket of ours, the destination agent feeds it to a QEMU
-//! waiting with `-incoming` (see `dwcp_transport::session::qemu_feed`).
+//! migration stream through DWCP (a tunnel of HDE-encoded blocks over one session, decoded
+//! against the destination's baseline cache). QEMU's protocol stays the judge of correctness:
+//! the source QEMU writes its stream to a local socket of ours, the destination agent feeds it
+//! to a QEMU waiting with `-incoming` (see `dwcp_transport::session::qemu_feed`).
 //!
 //! ```text
-//!  QEMU ──unix──> reader ──segments──> K sessions (HDE stream objects) ──> agent ──unix──> QEMU
-//!                   ^                         │
-//!                   └── byte budget <── acks ─┘
+//!  QEMU ──unix──> reader ──segments──> encoders (2) ──blocks──> tunnel (N connections) ──> agent ──unix──> QEMU
+//!                   ^                                              │
+//!                   └────────────── window <──── TUNNEL_ACK ───────┘
 //! ```
 //!
 //! QEMU decides when to stop the guest from the bandwidth it sees on its socket, so the
 //! tunnel must not hide a backlog: the reader takes bytes from QEMU only while the bytes read
-//! and not yet acknowledged by the destination stay under a budget of about four round trips
-//! of measured goodput (4–64 MiB). Downtime is measured end to end, from the source's `STOP`
-//! event to the destination's `RESUME` (both QEMU timestamps), besides what QEMU reports.
+//! and not yet acknowledged by the destination stay within a window (4–64 MiB, hill-climbed on
+//! goodput, kept to the downtime budget's worth once QEMU iterates over dirty pages), and
+//! QEMU's downtime limit is lowered by what that backlog takes to drain. Downtime is measured
+//! end to end, from the source's `STOP` event to the destination's `RESUME` (both QEMU
+//! timestamps), besides what QEMU reports.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,9 +55,7 @@ pub struct QemuSpec {
     pub delta: bool,
     /// Compressor for HDE literals.
     pub codec: Codec,
-    /// Parallel sessions carrying segments (hides each object's round trips).
-    pub sessions: u32,
-    /// Streams (connections) per session.
+    /// Connections carrying the stream.
     pub streams: u32,
     /// Give up (and roll back) after this long.
     pub timeout: Duration,
@@ -71,7 +71,6 @@ impl QemuSpec {
             auto_converge: true,
             delta: true,
             codec: Codec::Zstd(2),
-            sessions: 3,
             streams: 4,
             timeout: Duration::from_secs(600),
         }
@@ -203,8 +202,10 @@ struct Counters {
 pub const UNKNOWN: &str = "resume (outcome unknown)";
 
 const MIN_WINDOW_MIB: u32 = 4;
+/// Largest block of the stream.
+const BLOCK: usize = 256 << 10;
 /// Smallest window once QEMU iterates over dirty pages.
-const LATE_WINDOW: u64 = 8 << 20;
+const LATE_WINDOW: u64 = 4 << 20;
 const MAX_WINDOW_MIB: u32 = 64;
 
 /// Migrates the QEMU guest behind `spec.qmp` to `dest`. On failure the source QEMU's
@@ -437,7 +438,9 @@ async fn run(
         tx,
         budget.clone(),
         counters.clone(),
-        tunnel.max_block(),
+        // Small blocks: on a lossy path a block waits for TCP's recovery of any packet it
+        // lost, so smaller ones are acknowledged sooner on average and the window moves more.
+        tunnel.max_block().min(BLOCK),
     ));
     let remote = Arc::new(remote);
     let tunnel = Arc::new(tunnel);
@@ -558,13 +561,11 @@ async fn pump(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
-    let mode = Mode::for_rtt(rtt);
-    let mut ctl = Controller::for_mode(MIN_WINDOW_MIB, MAX_WINDOW_MIB, 1, mode);
-    let mut window_mib = if mode == Mode::Datacenter {
-        MAX_WINDOW_MIB
-    } else {
-        16
-    };
+    // From 16 MiB up, on every path: on a short one that is already far more than a round
+    // trip of goodput, and every MiB waiting costs pause time when QEMU stops the guest.
+    let mut ctl = Controller::for_mode(MIN_WINDOW_MIB, MAX_WINDOW_MIB, 1, Mode::Internet);
+    let mut window_mib = 16;
+    let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
     budget
         .limit
         .store(u64::from(window_mib) << 20, Ordering::Relaxed);
@@ -619,12 +620,15 @@ async fn pump(
                     }
                     // After QEMU's first pass the guest may be stopped at the end of any
                     // iteration, and whatever waits in the tunnel then adds to the pause: keep
-                    // it to what the downtime budget leaves after a round trip, but no less
-                    // than 8 MiB (on a lossy path a smaller window starves the stream, and
-                    // the guest would then need throttling to converge at all).
+                    // it to half of what the downtime budget leaves after a round trip (QEMU's
+                    // own final round gets the other half), but no less than 4 MiB (on a
+                    // lossy path a smaller window starves the stream, and the guest would then
+                    // need throttling to converge at all).
                     let mut window = u64::from(window_mib) << 20;
-                    if qemu_round >= 2 && rate > 0.0 {
-                        let allow = (spec.downtime.as_secs_f64() - rtt.as_secs_f64()).max(0.05);
+                    // On a short path a window of a few MiB already fills it, so there the
+                    // cap holds from the start.
+                    if (qemu_round >= 2 || short_path) && rate > 0.0 {
+                        let allow = (spec.downtime.as_secs_f64() - rtt.as_secs_f64()).max(0.05) / 2.0;
                         window = window.min(((rate * allow) as u64).max(LATE_WINDOW));
                     }
                     budget.limit.store(window, Ordering::Relaxed);
@@ -736,7 +740,10 @@ async fn read_segments(
     let mut seq = 0u64;
     loop {
         loop {
+            // Registered before the check: an acknowledgement in between must wake it.
             let notified = budget.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if budget.room() > 0 {
                 break;
             }

@@ -54,6 +54,32 @@ fn destination(image: &GuestImage, dir: &Path, qemu_dir: &Path, vm: &str) -> Qem
     QemuProcess::spawn(image, &l).unwrap()
 }
 
+/// A destination agent accepting QEMU migrations, and the source's endpoint.
+struct Nodes {
+    _cluster: TestCluster,
+    dir: tempfile::TempDir,
+    qemu_dir: std::path::PathBuf,
+    agent: RunningAgent,
+    ep: dwcp_transport::Endpoint,
+}
+
+async fn nodes() -> Nodes {
+    let cluster = TestCluster::new();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu_dir = dir.path().join("qemu-b");
+    std::fs::create_dir_all(&qemu_dir).unwrap();
+    let qd = qemu_dir.clone();
+    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    Nodes {
+        _cluster: cluster,
+        dir,
+        qemu_dir,
+        agent,
+        ep,
+    }
+}
+
 fn digest(path: &Path) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut h).unwrap();
@@ -63,13 +89,13 @@ fn digest(path: &Path) -> blake3::Hash {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     let Some(image) = guest() else { return };
-    let cluster = TestCluster::new();
-    let dir = tempfile::tempdir().unwrap();
-    let qemu_dir = dir.path().join("qemu-b");
-    std::fs::create_dir_all(&qemu_dir).unwrap();
-    let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
-    let ep = endpoint(&cluster, "src", |_| {});
+    let Nodes {
+        _cluster,
+        dir,
+        qemu_dir,
+        agent,
+        ep,
+    } = nodes().await;
     let dest = Destination {
         endpoint: &ep,
         addr: agent.addr,
@@ -131,13 +157,13 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_migration_leaves_the_source_guest_running() {
     let Some(image) = guest() else { return };
-    let cluster = TestCluster::new();
-    let dir = tempfile::tempdir().unwrap();
-    let qemu_dir = dir.path().join("qemu-b");
-    std::fs::create_dir_all(&qemu_dir).unwrap();
-    let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
-    let ep = endpoint(&cluster, "src", |_| {});
+    let Nodes {
+        _cluster,
+        dir,
+        qemu_dir,
+        agent,
+        ep,
+    } = nodes().await;
     let dest = Destination {
         endpoint: &ep,
         addr: agent.addr,
@@ -156,7 +182,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
     let mut spec = QemuSpec::new("vm2", dir.path().join("src.qmp"));
     // A slow compressor keeps the transfer going long enough to kill the destination in it.
     spec.codec = dwcp_encoding::Codec::Zstd(15);
-    spec.sessions = 1;
+    spec.streams = 1;
     let e = migrate_qemu(dest, &spec, &mut |p| {
         if p.stream_bytes > 0 {
             dst.take(); // killed

@@ -528,7 +528,7 @@ pub(crate) struct MigrateArgs {
     #[arg(long)]
     pub(crate) no_throttle: bool,
 
-    /// Parallel TLS connections per round.
+    /// Parallel TLS connections (per round; with --qemu-qmp, carrying the stream).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub(crate) streams: u32,
 
@@ -549,10 +549,6 @@ pub(crate) struct MigrateArgs {
     /// `migration.qemu_dir` (`NAME.incoming`, `NAME.qmp`).
     #[arg(long, value_name = "SOCKET")]
     pub(crate) qemu_qmp: Option<PathBuf>,
-
-    /// With --qemu-qmp: parallel sessions carrying the stream's segments.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
-    pub(crate) sessions: u32,
 }
 
 /// The generated VM of `migrate` and `demo`.

@@ -224,7 +224,6 @@ pub(crate) fn qemu_spec(args: &MigrateArgs, qmp: &std::path::Path) -> QemuSpec {
     spec.downtime = std::time::Duration::from_millis(args.downtime_ms);
     spec.auto_converge = !args.no_throttle;
     spec.streams = args.streams;
-    spec.sessions = args.sessions;
     spec.codec = match args.codec {
         CodecChoice::Fixed(c) => c,
         // zstd level 2 runs at several hundred MB/s a core; on links faster than that, lz4.

@@ -23,8 +23,10 @@ use crate::qmp::Qmp;
 /// How long QEMU may take to accept a segment, or to load the VM after the last one.
 const STALL: Duration = Duration::from_secs(60);
 
-/// Most bytes of one stream held for QEMU.
-pub(crate) const MAX_BUFFERED: usize = 64 << 20;
+/// Most bytes of one stream held for QEMU. Small: a block is acknowledged once queued here,
+/// so what waits here is outside the sender's window, hidden from QEMU's stop decision at the
+/// source; beyond this the connections stop reading and the window sees the wait.
+pub(crate) const MAX_BUFFERED: usize = 8 << 20;
 
 #[derive(Debug, Default)]
 struct FeedState {
@@ -133,6 +135,8 @@ impl Feeds {
         let started = Instant::now();
         loop {
             let notified = feed.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             {
                 let mut s = lock(&feed.state);
                 if let Some(e) = &s.error {
@@ -141,7 +145,13 @@ impl Feeds {
                 if seq < s.next || s.ready.contains_key(&seq) {
                     return Ok(()); // a block sent again after a lost stream
                 }
-                if s.buffered < MAX_BUFFERED || seq == s.next {
+                // Wait for room only when the blocks before this one are all here: then the
+                // feeder has the next one and frees room. A block after a gap (its
+                // predecessor was on a connection that died, or is still on its way) is taken
+                // at once, or the connection bringing the missing one could be the one
+                // waiting; the sender's window bounds those.
+                let gap = s.ready.range(s.next..seq).count() as u64 != seq - s.next;
+                if s.buffered < MAX_BUFFERED || gap || seq == s.next {
                     s.buffered += block.len();
                     s.ready.insert(seq, block);
                     break;

@@ -127,7 +127,11 @@ impl Tunnel {
             tasks.spawn(async move {
                 let why = loop {
                     let next = {
+                        // Registered before the queue is looked at, so that a block queued
+                        // in between wakes it (notify_waiters keeps no permit).
                         let notified = wk.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
                         let b = {
                             let mut s = lock(&st);
                             if s.error.is_some() || s.dead.contains(&i) {
@@ -215,7 +219,7 @@ impl Tunnel {
         s.queued_at.insert(block.seq, std::time::Instant::now());
         s.queue.insert(block.seq, Arc::new(block));
         drop(s);
-        self.work.notify_one();
+        self.work.notify_waiters();
         Ok(())
     }
 
@@ -277,7 +281,7 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         };
         s.queue.insert(b.seq, Arc::new(raw));
         drop(s);
-        work.notify_one();
+        work.notify_waiters();
         return;
     }
     if ack.code != 0 {
