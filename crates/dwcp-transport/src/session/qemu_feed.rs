@@ -80,7 +80,10 @@ impl Feeds {
     /// OPEN: connects to the waiting QEMU and starts feeding.
     pub(crate) async fn open(&self, peer: &NodeId, vm: &str) -> Result<(), String> {
         if lock(&self.feeds).contains_key(&(peer.clone(), vm.to_string())) {
-            return Err(format!("an incoming migration of {vm:?} is already open"));
+            // The same source opens again: its earlier attempt is over (an ABORT that never
+            // arrived must not block the retry).
+            warn!(%peer, vm, "an earlier incoming migration of this VM was still open; dropped");
+            self.remove(peer, vm);
         }
         let qmp_path = self.dir.join(format!("{vm}.qmp"));
         let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10))
