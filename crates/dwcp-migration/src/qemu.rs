@@ -19,14 +19,14 @@
 //! timestamps), besides what QEMU reports.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_encoding::{Codec, RemoteIndex};
-use dwcp_transport::qmp::{Qmp, args, capability};
+use dwcp_transport::qmp::{Qmp, capability};
 use dwcp_transport::session::adapt::{Controller, Mode};
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept, query_base,
@@ -123,7 +123,7 @@ pub struct QemuProgress {
     pub dirty_rate: u64,
     /// Stream bytes so far.
     pub stream_bytes: u64,
-    /// Wire bytes so far.
+    /// Wire bytes acknowledged so far.
     pub wire_bytes: u64,
     /// Acknowledged goodput, stream bytes per second.
     pub rate: f64,
@@ -145,11 +145,11 @@ pub struct QemuError {
     pub report: Box<QemuReport>,
 }
 
-/// Bytes read from QEMU and not yet acknowledged by the destination.
+/// The window: bytes read from QEMU and not yet acknowledged by the destination.
 #[derive(Debug)]
 struct Budget {
-    /// Bytes read from QEMU.
-    inflight: Mutex<u64>,
+    /// Bytes read from QEMU (the stream so far).
+    read: AtomicU64,
     /// Of those, acknowledged by the destination.
     acked: AtomicU64,
     limit: AtomicU64,
@@ -157,16 +157,14 @@ struct Budget {
 }
 
 impl Budget {
-    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
-        self.inflight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
     fn limit(&self) -> u64 {
         self.limit.load(Ordering::Relaxed)
     }
+    fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
     fn take(&self, n: u64) {
-        *self.lock() += n;
+        self.read.fetch_add(n, Ordering::Relaxed);
     }
     fn set_acked(&self, acked: u64) {
         if self.acked.swap(acked, Ordering::Relaxed) != acked {
@@ -175,7 +173,7 @@ impl Budget {
     }
     /// Read and not acknowledged.
     fn inflight(&self) -> u64 {
-        self.lock()
+        self.read()
             .saturating_sub(self.acked.load(Ordering::Relaxed))
     }
     fn room(&self) -> u64 {
@@ -187,14 +185,6 @@ impl Budget {
 struct Segment {
     seq: u64,
     bytes: Vec<u8>,
-}
-
-/// Counters shared by the pipeline's tasks.
-#[derive(Debug, Default)]
-struct Counters {
-    stream: AtomicU64,
-    wire: AtomicU64,
-    cache: AtomicU64,
 }
 
 /// The phase of a failure after which the guest may run at the destination: the source is
@@ -298,7 +288,7 @@ pub async fn migrate_qemu(
                 // Resuming the source could run the guest twice; leave it paused.
                 warn!(vm = %spec.vm, "the destination may run the guest: the source stays paused");
             } else {
-                rollback(dest, spec, &mut qmp, was_running).await;
+                rollback(spec, &mut qmp, was_running).await;
             }
             let abort = MigrationRequest {
                 name: &spec.vm,
@@ -322,7 +312,7 @@ pub async fn migrate_qemu(
 }
 
 /// Cancels the source's migration and makes sure the guest runs there again.
-async fn rollback(_dest: Destination<'_>, spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) {
+async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) {
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         warn!(vm = %spec.vm, "migrate_cancel: {e}");
     }
@@ -386,11 +376,11 @@ async fn run(
     .map_err(q)?;
     qmp.execute(
         "migrate-set-parameters",
-        Some(args(&[
-            ("downtime-limit", json!(spec.downtime.as_millis() as u64)),
-            // QEMU's default cap is 128 MiB/s; the tunnel's backpressure is the limit here.
-            ("max-bandwidth", json!(100u64 << 30)),
-        ])),
+        // QEMU's default cap is 128 MiB/s; the tunnel's backpressure is the limit here.
+        Some(json!({
+            "downtime-limit": spec.downtime.as_millis() as u64,
+            "max-bandwidth": 100u64 << 30,
+        })),
     )
     .await
     .map_err(q)?;
@@ -399,10 +389,7 @@ async fn run(
     while qmp.take_event("STOP").is_some() {}
     qmp.execute(
         "migrate",
-        Some(args(&[(
-            "uri",
-            json!(format!("unix:{}", sock_path.display())),
-        )])),
+        Some(json!({"uri": format!("unix:{}", sock_path.display())})),
     )
     .await
     .map_err(|e| ("start", e.to_string()))?;
@@ -417,12 +404,11 @@ async fn run(
         .map_err(|e| ("start", format!("accept: {e}")))?;
 
     let budget = Arc::new(Budget {
-        inflight: Mutex::new(0),
+        read: AtomicU64::new(0),
         acked: AtomicU64::new(0),
         limit: AtomicU64::new(u64::from(MIN_WINDOW_MIB) << 20),
         freed: Notify::new(),
     });
-    let counters = Arc::new(Counters::default());
     let tunnel = Tunnel::open(
         dest.endpoint,
         dest.addr,
@@ -437,7 +423,6 @@ async fn run(
         sock,
         tx,
         budget.clone(),
-        counters.clone(),
         // Small blocks: on a lossy path a block waits for TCP's recovery of any packet it
         // lost, so smaller ones are acknowledged sooner on average and the window moves more.
         tunnel.max_block().min(BLOCK),
@@ -448,18 +433,12 @@ async fn run(
     // Blocks go into the tunnel and acknowledgements free the window in a task of their own:
     // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
     // lock), and that must not stall the stream QEMU is waiting on.
-    let mut forwarder = tokio::spawn(forward(
-        blocks,
-        tunnel.clone(),
-        budget.clone(),
-        counters.clone(),
-    ));
+    let mut forwarder = tokio::spawn(forward(blocks, tunnel.clone(), budget.clone()));
     let result = pump(
         spec,
         qmp,
         &tunnel,
         &budget,
-        &counters,
         &mut reader,
         &mut forwarder,
         rtt,
@@ -476,8 +455,7 @@ async fn run(
     tunnel.close();
     let detail = result?;
     debug!(resent, "tunnel done");
-    report.stream_bytes = counters.stream.load(Ordering::Relaxed);
-    report.cache_bytes = counters.cache.load(Ordering::Relaxed);
+    report.stream_bytes = budget.read();
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
         .get("status")
@@ -544,9 +522,8 @@ async fn pump(
     qmp: &mut Qmp,
     tunnel: &Tunnel,
     budget: &Budget,
-    counters: &Counters,
     reader: &mut tokio::task::JoinHandle<Result<u64, String>>,
-    forwarder: &mut tokio::task::JoinHandle<Result<u64, String>>,
+    forwarder: &mut tokio::task::JoinHandle<Result<(u64, u64), String>>,
     rtt: Duration,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
@@ -586,7 +563,10 @@ async fn pump(
             }
             r = &mut *forwarder, if queued.is_none() => {
                 match r {
-                    Ok(Ok(n)) => queued = Some(n),
+                    Ok(Ok((n, cached))) => {
+                        queued = Some(n);
+                        report.cache_bytes = cached;
+                    }
                     Ok(Err(e)) => return Err(("transfer", e)),
                     Err(e) => return Err(("transfer", format!("forwarding task: {e}"))),
                 }
@@ -600,7 +580,7 @@ async fn pump(
                 if Instant::now() > deadline {
                     return Err(("transfer", format!("not done within {:?}", spec.timeout)));
                 }
-                let (_, acked, _, _) = tunnel.acked();
+                let (_, acked, wire_acked, _) = tunnel.acked();
                 let dt = last.0.elapsed().as_secs_f64();
                 if dt >= 0.2 {
                     let r = (acked - last.1) as f64 / dt;
@@ -611,7 +591,6 @@ async fn pump(
                     // by half while that gains, down by half while goodput holds. Too small
                     // starves the path; too big hides a backlog from QEMU, which drains while
                     // the guest is paused.
-                    let (_, _, wire_acked, _) = tunnel.acked();
                     if sample_at.elapsed() >= sample_every {
                         let goodput = (wire_acked - sample_wire) as f64 / sample_at.elapsed().as_secs_f64();
                         sample_at = Instant::now();
@@ -648,7 +627,7 @@ async fn pump(
                         let target = spec.downtime.as_millis() as f64;
                         let want = (target - backlog_ms - rtt_ms).max(target * 0.2).round() as u64;
                         if want.abs_diff(qemu_limit) * 5 > qemu_limit {
-                            let _ = qmp.execute("migrate-set-parameters", Some(args(&[("downtime-limit", json!(want))]))).await;
+                            let _ = qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": want}))).await;
                             debug!(from = qemu_limit, to = want, backlog_ms, "QEMU downtime limit");
                             qemu_limit = want;
                         }
@@ -668,8 +647,8 @@ async fn pump(
                         remaining: n(ram, "remaining"),
                         total: n(ram, "total"),
                         dirty_rate: n(ram, "dirty-pages-rate"),
-                        stream_bytes: counters.stream.load(Ordering::Relaxed),
-                        wire_bytes: counters.wire.load(Ordering::Relaxed),
+                        stream_bytes: budget.read(),
+                        wire_bytes: wire_acked,
                         rate,
                         expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
                     };
@@ -728,7 +707,6 @@ async fn read_segments(
     mut sock: UnixStream,
     tx: mpsc::Sender<Segment>,
     budget: Arc<Budget>,
-    counters: Arc<Counters>,
     max: usize,
 ) -> Result<u64, String> {
     // A segment closes when full, or when QEMU pauses writing (2 ms).
@@ -773,9 +751,6 @@ async fn read_segments(
         }
         if !buf.is_empty() {
             budget.take(buf.len() as u64);
-            counters
-                .stream
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
             tx.send(Segment { seq, bytes: buf })
                 .await
                 .map_err(|_| "the encoder stopped".to_string())?;
@@ -827,25 +802,23 @@ fn encode_segments(
 }
 
 /// Moves encoded blocks into the tunnel, and acknowledgements into the window, until the
-/// last block is queued; returns how many were.
+/// last block is queued; returns how many were, and the stream bytes they sent by reference
+/// to the destination's cache.
 async fn forward(
     mut blocks: mpsc::Receiver<(Block, u64)>,
     tunnel: Arc<Tunnel>,
     budget: Arc<Budget>,
-    counters: Arc<Counters>,
-) -> Result<u64, String> {
-    let mut queued = 0u64;
+) -> Result<(u64, u64), String> {
+    let (mut queued, mut cached) = (0u64, 0u64);
     loop {
         tokio::select! {
             b = blocks.recv() => match b {
                 Some((b, cache)) => {
-                    let wire = b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len());
-                    counters.wire.fetch_add(wire as u64, Ordering::Relaxed);
-                    counters.cache.fetch_add(cache, Ordering::Relaxed);
+                    cached += cache;
                     tunnel.send(b).map_err(|e| e.to_string())?;
                     queued += 1;
                 }
-                None => return Ok(queued),
+                None => return Ok((queued, cached)),
             },
             () = tunnel.wait_progress(Duration::from_millis(50)) => {
                 let (_, acked_raw, _, _) = tunnel.acked();

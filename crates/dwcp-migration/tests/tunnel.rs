@@ -213,3 +213,24 @@ async fn blocks_without_an_open_migration_or_qemu_dir_are_refused() {
     tunnel.close();
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_standing_for_more_than_16_mib_is_refused() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let tunnel = Tunnel::open(&ep, agent.addr, None, 1, "vm").await.unwrap();
+    // A tiny encoded block claiming to stand for 17 MiB: the receiver would size its output
+    // from that, so it is refused before it is sent (and by a receiver, before decoding).
+    let e = tunnel
+        .send(Block {
+            seq: 0,
+            raw: Bytes::from(vec![0u8; 17 << 20]),
+            encoded: Some((data::TUNNEL_HDE_STREAM, Bytes::from_static(b"tiny"))),
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    assert!(tunnel.error().is_none(), "the tunnel itself goes on");
+    tunnel.close();
+    agent.stop().await.unwrap();
+}

@@ -279,15 +279,6 @@ fn parse_event(name: &str, v: &Value) -> QmpEvent {
     }
 }
 
-/// `{"key": value}` for command arguments.
-pub fn args(pairs: &[(&str, Value)]) -> Value {
-    let mut m = Map::new();
-    for (k, v) in pairs {
-        m.insert((*k).to_string(), v.clone());
-    }
-    Value::Object(m)
-}
-
 /// A migration capability setting, as `migrate-set-capabilities` wants it.
 pub fn capability(name: &str, on: bool) -> Value {
     json!({"capability": name, "state": on})

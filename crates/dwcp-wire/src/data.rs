@@ -41,6 +41,9 @@ impl FrameType {
     pub const TUNNEL_ACK: Self = Self(0x001B);
 }
 
+/// Most bytes one `TUNNEL_DATA` block may stand for (`raw_len`); a receiver refuses more.
+pub const TUNNEL_MAX_RAW: u32 = 16 << 20;
+
 /// `TunnelHeader::encoding`: the block is the bytes themselves.
 pub const TUNNEL_RAW: u8 = 0;
 /// `TunnelHeader::encoding`: the block is an HDE stream object of the bytes.

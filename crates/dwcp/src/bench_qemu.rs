@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, anyhow};
 use dwcp_migration::qemu_vm::{GuestImage, Launch, QemuProcess, qemu_binary};
 use dwcp_testbed::Testbed;
-use dwcp_transport::qmp::{Qmp, args, capability};
+use dwcp_transport::qmp::{Qmp, capability};
 use serde_json::{Value, json};
 
 /// What the QEMU rows need from the bench around them.
@@ -143,23 +143,19 @@ impl QemuBench<'_> {
             if multifd {
                 q.execute(
                     "migrate-set-parameters",
-                    Some(args(&[
-                        ("multifd-channels", json!(8)),
-                        ("multifd-compression", json!("zstd")),
-                    ])),
+                    Some(json!({"multifd-channels": 8, "multifd-compression": "zstd"})),
                 )
                 .await?;
             }
         }
         let uri = format!("tcp:{}:4444", self.tb.addr_b);
-        dq.execute("migrate-incoming", Some(args(&[("uri", json!(uri))])))
+        dq.execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await?;
         let _ = sq.poll_events(Duration::from_millis(1)).await;
         while sq.take_event("STOP").is_some() {}
         let t0 = SystemTime::now();
         let started = Instant::now();
-        sq.execute("migrate", Some(args(&[("uri", json!(uri))])))
-            .await?;
+        sq.execute("migrate", Some(json!({ "uri": uri }))).await?;
         let info = loop {
             let info = sq.execute("query-migrate", None).await?;
             match info.get("status").and_then(Value::as_str) {

@@ -28,6 +28,10 @@ const STALL: Duration = Duration::from_secs(60);
 /// source; beyond this the connections stop reading and the window sees the wait.
 pub(crate) const MAX_BUFFERED: usize = 8 << 20;
 
+/// Most bytes held ahead of a gap (blocks after one not yet received). A sender keeps at
+/// most its window unacknowledged (64 MiB here); far more means it does not.
+pub(crate) const MAX_AHEAD: usize = 256 << 20;
+
 #[derive(Debug, Default)]
 struct FeedState {
     /// Next segment QEMU gets.
@@ -154,6 +158,13 @@ impl Feeds {
                 // at once, or the connection bringing the missing one could be the one
                 // waiting; the sender's window bounds those.
                 let gap = s.ready.range(s.next..seq).count() as u64 != seq - s.next;
+                if gap && s.buffered >= MAX_AHEAD {
+                    return Err(format!(
+                        "more than {MAX_AHEAD} bytes of blocks ahead of block {} (the sender \
+                         ignores its window)",
+                        s.next
+                    ));
+                }
                 if s.buffered < MAX_BUFFERED || gap || seq == s.next {
                     s.buffered += block.len();
                     s.ready.insert(seq, block);

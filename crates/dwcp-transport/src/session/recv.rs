@@ -647,6 +647,17 @@ impl Receiver {
                 "this node does not accept QEMU migrations (no migration.qemu_dir)".into(),
             );
         };
+        if h.raw_len > data::TUNNEL_MAX_RAW {
+            // Checked before decoding: the decoder's output is sized from it.
+            return ack(
+                ErrorCode::PROTOCOL_ERROR,
+                format!(
+                    "block of {} bytes (at most {})",
+                    h.raw_len,
+                    data::TUNNEL_MAX_RAW
+                ),
+            );
+        }
         let raw = if h.encoding == data::TUNNEL_RAW {
             block
         } else if !self.delta {

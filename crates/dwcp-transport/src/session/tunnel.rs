@@ -210,8 +210,16 @@ impl Tunnel {
         self.max_block
     }
 
-    /// Queues a block (returns at once; the caller's window bounds what is queued).
+    /// Queues a block (returns at once; the caller's window bounds what is queued). A block
+    /// stands for at most [`data::TUNNEL_MAX_RAW`] bytes.
     pub fn send(&self, block: Block) -> Result<(), SendError> {
+        if block.raw.len() > data::TUNNEL_MAX_RAW as usize {
+            return Err(SendError::Protocol(format!(
+                "a tunnel block stands for at most {} bytes, not {}",
+                data::TUNNEL_MAX_RAW,
+                block.raw.len()
+            )));
+        }
         let mut s = lock(&self.state);
         if let Some(e) = &s.error {
             return Err(SendError::Protocol(e.clone()));
