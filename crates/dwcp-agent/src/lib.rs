@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   peers ──> listener ──> per-connection task: TLS ─ handshake ─ frames (PING -> PONG ...)
+//!   peers ──> QUIC (UDP, same port) ──> per-stream task: handshake ─ frames
 //!                                  │ metrics, logs
 //!   scraper ─> admin HTTP: /healthz /readyz /metrics
 //!   SIGTERM ─> stop accepting, GOAWAY to idle peers, wait up to the grace period, exit
@@ -20,8 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dwcp_control::Settings;
+use dwcp_transport::quic::{self, QuicListener};
 use dwcp_transport::session::Receiver;
-use dwcp_transport::{ConnError, Connection, Endpoint, Stage, TlsConfigs};
+use dwcp_transport::{ConnError, Endpoint, Framed, Stage, TlsConfigs};
 use dwcp_wire::msg::{self, Close, Ping};
 use dwcp_wire::{ErrorCode, FrameType, NodeId};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -89,6 +91,8 @@ struct Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// QUIC sessions on the same port (UDP), when `transport.quic` is on.
+    quic: Option<QuicListener>,
     admin: TcpListener,
     max_connections: usize,
     grace: Duration,
@@ -155,9 +159,23 @@ impl Agent {
         }
         let metrics = Metrics::new(node_id.as_str(), &versions.join(","));
         metrics.certificate_expiry.set(cert_not_after);
+        let endpoint = Endpoint::new(node_id, settings, tls);
+        let quic = if settings.capabilities.quic {
+            // The TCP listener's port (it may have been chosen by the system).
+            let addr = listener.local_addr().unwrap_or(settings.listen);
+            Some(
+                QuicListener::bind(&endpoint, addr).map_err(|e| AgentError::Bind {
+                    what: "QUIC listener (UDP)",
+                    addr,
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             shared: Arc::new(Shared {
-                endpoint: Endpoint::new(node_id, settings, tls),
+                endpoint,
                 metrics,
                 ready: AtomicBool::new(false),
                 cert_not_after,
@@ -165,6 +183,7 @@ impl Agent {
                 spool,
             }),
             listener,
+            quic,
             admin,
             max_connections: settings.max_connections as usize,
             grace: settings.shutdown_grace,
@@ -191,6 +210,7 @@ impl Agent {
         let Self {
             shared,
             listener,
+            quic,
             admin,
             max_connections,
             grace,
@@ -247,6 +267,20 @@ impl Agent {
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                Some(incoming) = async { quic.as_ref()?.accept().await }, if quic.is_some() => {
+                    let (shared, tracker2) = (shared.clone(), tracker.clone());
+                    let (limit, stop, cut) = (limit.clone(), stop_conns.clone(), cut_conns.clone());
+                    let peer = incoming.remote_address();
+                    tracker.spawn(
+                        async move {
+                            tokio::select! {
+                                () = serve_quic(shared, incoming, tracker2, limit, stop) => {}
+                                () = cut.cancelled() => {}
+                            }
+                        }
+                        .instrument(info_span!("quic", %peer)),
+                    );
+                }
                 accepted = listener.accept() => {
                     let (tcp, peer) = match accepted {
                         Ok(x) => x,
@@ -287,6 +321,10 @@ impl Agent {
         shared.ready.store(false, Ordering::SeqCst);
         shared.metrics.ready.set(0);
         drop(listener);
+        // New QUIC connections are refused from now on; open ones finish with their streams.
+        if let Some(q) = &quic {
+            q.refuse_new();
+        }
         let open = tracker.len();
         info!(open_connections = open, grace = ?grace, "shutting down: no longer accepting");
         stop_conns.cancel();
@@ -313,6 +351,9 @@ impl Agent {
             }
         }
         spool_metrics.abort();
+        if let Some(q) = quic {
+            q.close();
+        }
         info!("agent stopped");
         Ok(())
     }
@@ -358,6 +399,81 @@ async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: Can
     }
 }
 
+/// Runs one QUIC connection: its TLS handshake, then each stream the peer opens in its own
+/// task (handshake, then frames), every stream counted against `agent.max_connections`.
+async fn serve_quic(
+    shared: Arc<Shared>,
+    incoming: quic::Incoming,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let m = &shared.metrics;
+    let accepted = tokio::select! {
+        () = stop.cancelled() => return,
+        r = quic::accept_connection(&shared.endpoint, incoming) => r,
+    };
+    let conn = match accepted {
+        Ok(c) => c,
+        Err(e) => {
+            m.handshake("failed", e.reason(), "");
+            warn!(reason = e.reason(), "QUIC handshake failed: {e}");
+            return;
+        }
+    };
+    let addr = conn.remote_address();
+    let peer_id = conn.node_id().clone();
+    loop {
+        let io = tokio::select! {
+            () = stop.cancelled() => return,
+            io = conn.next_stream() => match io {
+                Some(io) => io,
+                None => {
+                    debug!("QUIC connection closed");
+                    return;
+                }
+            },
+        };
+        m.connections_accepted.inc();
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            m.connections_refused.inc();
+            warn!(%addr, "QUIC stream refused: connection limit reached");
+            drop(io);
+            continue;
+        };
+        let (shared, stop, peer_id) = (shared.clone(), stop.clone(), peer_id.clone());
+        tracker.spawn(
+            async move {
+                let m = &shared.metrics;
+                m.connections_active.inc();
+                let _active = scopeguard(|| {
+                    m.connections_active.dec();
+                });
+                let io = Metered::new(io, m.bytes_received.clone(), m.bytes_sent.clone());
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => None,
+                    r = quic::accept_stream(&shared.endpoint, io, peer_id, addr) => Some(r),
+                };
+                match accepted {
+                    None => debug!("shutdown during handshake"),
+                    Some(Err(e)) => {
+                        m.handshake("failed", e.reason(), "");
+                        warn!(reason = e.reason(), "handshake failed: {e}");
+                    }
+                    Some(Ok(conn)) => {
+                        m.handshake("ok", "", &conn.established().version.to_string());
+                        if let Err(e) = serve_frames(&shared, conn, &stop).await {
+                            warn!(reason = e.reason(), "QUIC stream ended: {e}");
+                        }
+                    }
+                }
+                drop(permit);
+            }
+            .instrument(info_span!("stream")),
+        );
+    }
+}
+
 /// Runs `f` when dropped.
 fn scopeguard<F: FnMut()>(f: F) -> impl Drop {
     struct Guard<F: FnMut()>(F);
@@ -369,13 +485,13 @@ fn scopeguard<F: FnMut()>(f: F) -> impl Drop {
     Guard(f)
 }
 
-async fn serve_frames<S>(
+async fn serve_frames<T>(
     shared: &Shared,
-    conn: Connection<S>,
+    conn: Framed<T>,
     stop: &CancellationToken,
 ) -> Result<(), ConnError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
     let peer = conn.established().peer_node_id.clone();
     let max_streams = conn.established().negotiated.max_streams;

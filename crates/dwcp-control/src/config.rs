@@ -145,6 +145,8 @@ pub struct TransportConfig {
     pub quic: bool,
     /// TCP congestion control for peer sockets; empty keeps the system default.
     pub congestion: String,
+    /// QUIC's congestion control (quinn's, in user space): bbr, cubic or reno.
+    pub quic_congestion: String,
     /// Socket send/receive buffer in bytes; 0 leaves the kernel's autotuning on.
     pub socket_buffer_bytes: u32,
     /// Seconds of idleness before TCP keepalive probes; 0 disables keepalive.
@@ -156,10 +158,12 @@ impl Default for TransportConfig {
         Self {
             min_streams: 4,
             max_streams: 512,
-            quic: false,
+            quic: true,
             // BBR holds a single stream near the link rate on long lossy paths where CUBIC
             // collapses; the kernel falls back to its default where BBR is not allowed.
             congestion: "bbr".into(),
+            // QUIC's controller runs in user space: BBR whatever the kernel offers TCP.
+            quic_congestion: "bbr".into(),
             // Linux autotuning (net.ipv4.tcp_rmem/wmem) sizes buffers to the path; a fixed size
             // would switch it off.
             socket_buffer_bytes: 0,
@@ -298,6 +302,8 @@ pub struct Settings {
     pub min_streams: u32,
     /// Congestion control for peer sockets.
     pub congestion: Option<String>,
+    /// QUIC's congestion control.
+    pub quic_congestion: String,
     /// Fixed socket buffer size.
     pub socket_buffer: Option<u32>,
     /// TCP keepalive idle time.
@@ -495,6 +501,14 @@ impl Config {
                     .into(),
             );
         }
+        let qcc = &self.transport.quic_congestion;
+        if !["bbr", "cubic", "reno"].contains(&qcc.as_str()) {
+            bad(
+                "transport.quic_congestion",
+                quote(qcc),
+                "\"bbr\", \"cubic\" or \"reno\"".into(),
+            );
+        }
         let b = self.transport.socket_buffer_bytes;
         if b != 0 && !(64 * 1024..=1 << 30).contains(&b) {
             bad(
@@ -579,6 +593,7 @@ impl Config {
                 },
                 min_streams: self.transport.min_streams,
                 congestion: Some(self.transport.congestion.clone()).filter(|c| !c.is_empty()),
+                quic_congestion: self.transport.quic_congestion.clone(),
                 socket_buffer: Some(self.transport.socket_buffer_bytes).filter(|b| *b > 0),
                 keepalive: Some(Duration::from_secs(self.transport.keepalive_secs.into()))
                     .filter(|d| !d.is_zero()),
@@ -780,10 +795,13 @@ min_streams = 4
 # Most parallel streams per session (1..=512); advertised to peers.
 max_streams = 512
 # Offer QUIC sessions to peers.
-quic = false
+quic = true
 # TCP congestion control for peer sockets ("bbr", "cubic", ...; "" = system default).
 # Falls back to the system default, with a warning, where the kernel does not allow it.
 congestion = "bbr"
+# QUIC's congestion control, quinn's, in user space ("bbr", "cubic", "reno"): independent of
+# what the kernel offers TCP.
+quic_congestion = "bbr"
 # Socket send/receive buffer, bytes: 0 = kernel autotuning (net.ipv4.tcp_rmem/wmem), else
 # 65536..=1073741824 (capped by net.core.rmem_max/wmem_max).
 socket_buffer_bytes = 0
@@ -1021,7 +1039,7 @@ mod tests {
 
         use super::*;
 
-        const KEYS: [(&str, &str); 21] = [
+        const KEYS: [(&str, &str); 22] = [
             ("node", "id"),
             ("node", "cluster_id"),
             ("node", "certs_dir"),
@@ -1038,6 +1056,7 @@ mod tests {
             ("transport", "max_streams"),
             ("transport", "quic"),
             ("transport", "congestion"),
+            ("transport", "quic_congestion"),
             ("transport", "keepalive_secs"),
             ("encoding", "codecs"),
             ("encoding", "cache_mem_mib"),

@@ -45,6 +45,8 @@ pub struct Endpoint {
     pub handshake_timeout: Duration,
     /// How peer sockets are tuned.
     pub socket: SocketOptions,
+    /// QUIC's congestion control (`bbr`, `cubic`, `reno`).
+    pub quic_congestion: String,
 }
 
 impl Endpoint {
@@ -64,16 +66,56 @@ impl Endpoint {
                 buffer: settings.socket_buffer,
                 keepalive: settings.keepalive,
             },
+            quic_congestion: settings.quic_congestion.clone(),
         }
     }
 
-    fn local_params(&self) -> LocalParams {
+    pub(crate) fn local_params(&self) -> LocalParams {
         LocalParams {
             node_id: self.node_id.clone(),
             cluster_id: self.cluster_id.clone(),
             versions: self.versions.clone(),
             capabilities: self.capabilities.clone(),
             timeout: self.handshake_timeout,
+        }
+    }
+}
+
+/// What a session's streams ride on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Carrier {
+    /// One TCP connection per stream, each with its own TLS session and congestion window.
+    #[default]
+    Tcp,
+    /// One QUIC connection (UDP) whose streams share one TLS session and congestion window.
+    Quic,
+    /// QUIC on internet paths when TCP would run a loss-based congestion control (the kernel
+    /// does not let sockets use BBR) and the receiver offers QUIC; TCP otherwise
+    /// (`docs/BENCHMARKS.md`, "TCP or QUIC").
+    Auto,
+}
+
+impl std::fmt::Display for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Quic => "quic",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for Carrier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "quic" => Ok(Self::Quic),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!(
+                "unknown transport {other:?}: expected tcp, quic or auto"
+            )),
         }
     }
 }
@@ -88,6 +130,8 @@ pub enum Stage {
     Connect,
     /// The TLS handshake.
     Tls,
+    /// The QUIC handshake (UDP, with TLS inside).
+    Quic,
     /// The DWCP handshake.
     Handshake,
     /// After the handshake.
@@ -99,6 +143,7 @@ impl std::fmt::Display for Stage {
         f.write_str(match self {
             Self::Connect => "TCP connect",
             Self::Tls => "TLS handshake",
+            Self::Quic => "QUIC handshake (is UDP open and transport.quic on at the peer?)",
             Self::Handshake => "DWCP handshake",
             Self::Established => "established connection",
         })
@@ -227,16 +272,32 @@ impl ConnError {
     }
 }
 
-/// An established connection: framed messages over mutual TLS.
+/// An established connection: framed messages over a secured byte stream (mutual TLS over
+/// TCP, or a QUIC stream).
 #[derive(Debug)]
-pub struct Connection<S> {
-    io: TlsStream<S>,
+pub struct Framed<T> {
+    io: T,
     codec: FrameCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
     established: Established,
     peer_addr: SocketAddr,
 }
+
+/// An established connection over mutual TLS on `S` (TCP).
+pub type Connection<S> = Framed<TlsStream<S>>;
+
+/// A byte stream a [`Framed`] connection can run on, boxed so that TCP and QUIC streams can
+/// share one session.
+pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
+/// A connection over either carrier.
+pub type AnyConnection = Framed<Box<dyn Duplex>>;
+/// The receiving half of an [`AnyConnection`].
+pub type AnyReader = FrameReader<ReadHalf<Box<dyn Duplex>>>;
+/// The sending half of an [`AnyConnection`].
+pub type AnyWriter = FrameWriter<WriteHalf<Box<dyn Duplex>>>;
 
 /// Dials `addr`: TCP, TLS, handshake. Any node of the cluster may answer; use
 /// [`connect_to`] when a particular node is expected.
@@ -277,11 +338,7 @@ pub async fn connect_to(
         }
     }
     let hs = Handshake::client(endpoint.local_params(), peer_id, Instant::now());
-    bounded(
-        endpoint,
-        Connection::finish(TlsStream::Client(tls), hs, addr),
-    )
-    .await
+    bounded(endpoint, Framed::finish(TlsStream::Client(tls), hs, addr)).await
 }
 
 /// Accepts a peer on `io` (already accepted from a listener): TLS, then handshake.
@@ -299,7 +356,7 @@ where
     let hs = Handshake::server(endpoint.local_params(), peer_id, Instant::now());
     bounded(
         endpoint,
-        Connection::finish(TlsStream::Server(tls), hs, peer_addr),
+        Framed::finish(TlsStream::Server(tls), hs, peer_addr),
     )
     .await
 }
@@ -320,7 +377,7 @@ async fn tls_step<T>(
 
 /// Bounds the whole DWCP handshake, writes included. The sans-IO machine's deadline covers
 /// waiting for the peer; this also covers a peer that stops reading while we write.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     endpoint: &Endpoint,
     fut: impl Future<Output = Result<T, ConnError>>,
 ) -> Result<T, ConnError> {
@@ -334,7 +391,7 @@ async fn bounded<T>(
         })?
 }
 
-fn peer_node_id(
+pub(crate) fn peer_node_id(
     certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
 ) -> Result<NodeId, ConnError> {
     let cert = certs
@@ -345,9 +402,9 @@ fn peer_node_id(
     })
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    async fn finish(
-        mut io: TlsStream<S>,
+impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {
+    pub(crate) async fn finish(
+        mut io: T,
         mut hs: Handshake,
         peer_addr: SocketAddr,
     ) -> Result<Self, ConnError> {
@@ -425,6 +482,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         })
     }
 
+    /// The same connection with its byte stream boxed ([`AnyConnection`]).
+    pub fn boxed(self) -> AnyConnection
+    where
+        T: Send + 'static,
+    {
+        Framed {
+            io: Box::new(self.io),
+            codec: self.codec,
+            rbuf: self.rbuf,
+            wbuf: self.wbuf,
+            established: self.established,
+            peer_addr: self.peer_addr,
+        }
+    }
+
     /// What the handshake settled.
     pub fn established(&self) -> &Established {
         &self.established
@@ -448,7 +520,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Splits the connection into a receiving and a sending half, for a reader task and a
     /// writer task.
-    pub fn split(self) -> (Reader<S>, Writer<S>) {
+    pub fn split(self) -> (FrameReader<ReadHalf<T>>, FrameWriter<WriteHalf<T>>) {
         let (r, w) = tokio::io::split(self.io);
         (
             FrameReader {
@@ -584,7 +656,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl Connection<TcpStream> {
+    /// The congestion control the kernel runs on this connection's socket.
+    pub fn congestion(&self) -> Option<String> {
+        crate::net::congestion_of(self.io.get_ref().0)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {
     /// Sends a `PING` and waits for its `PONG`, returning the round-trip time. Extension frames
     /// in between are skipped; a `GOAWAY` ends the wait with [`ConnError::GoAway`].
     pub async fn ping(&mut self, seq: u64, timeout: Duration) -> Result<Duration, ConnError> {

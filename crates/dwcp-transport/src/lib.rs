@@ -12,12 +12,13 @@ mod conn;
 pub mod net;
 pub mod pki;
 pub mod qmp;
+pub mod quic;
 pub mod session;
 mod tls;
 
 pub use conn::{
-    ConnError, Connection, Endpoint, FrameReader, FrameWriter, Reader, Stage, Writer, accept,
-    connect, connect_to,
+    AnyConnection, AnyReader, AnyWriter, Carrier, ConnError, Connection, Duplex, Endpoint,
+    FrameReader, FrameWriter, Framed, Reader, Stage, Writer, accept, connect, connect_to,
 };
 pub use pki::{NodeCredentials, PkiError};
 pub use tls::{ALPN, TlsConfigs, TlsFailure, TlsSetupError, classify};

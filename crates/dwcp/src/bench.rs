@@ -177,6 +177,7 @@ fn dwcp_send(
     out: &Path,
     streams: &str,
     congestion: &str,
+    carrier: &str,
     size: u64,
 ) -> Result<Value> {
     let exe = exe
@@ -196,7 +197,8 @@ fn dwcp_send(
     .arg(out)
     .arg("--certs-dir")
     .arg(certs)
-    .env("DWCP_TRANSPORT__CONGESTION", congestion);
+    .env("DWCP_TRANSPORT__CONGESTION", congestion)
+    .env("DWCP_TRANSPORT__QUIC", "true");
     let (mut recv, _, _) = spawn_logged(recv, work, "dwcp-recv")?;
     std::thread::sleep(Duration::from_millis(300));
     let mut send = tb.cmd_a(exe);
@@ -206,6 +208,7 @@ fn dwcp_send(
         // The transport alone: random data gains nothing from delta encoding anyway.
         .arg("--no-delta")
         .args(["--streams", streams])
+        .args(["--transport", carrier])
         .arg("--certs-dir")
         .arg(certs)
         .env("DWCP_TRANSPORT__CONGESTION", congestion);
@@ -285,12 +288,31 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         });
     }
     let fixed = args.streams.to_string();
-    for (streams, streams_arg, cc, label) in [
-        (1, "1", "bbr", "dwcp send --streams 1"),
-        (args.streams, fixed.as_str(), "bbr", "dwcp send --streams N"),
-        (8, "auto", "bbr", "dwcp send --streams auto"),
-        (8, "auto", "cubic", "dwcp send --streams auto"),
+    // The congestion column is the kernel's (TCP). QUIC runs quinn's BBR in user space
+    // (transport.quic_congestion) whatever the kernel offers, so its rows run on a "CUBIC
+    // host", where the choice between the carriers matters.
+    for (streams, streams_arg, cc, carrier, label) in [
+        (1, "1", "bbr", "tcp", "dwcp send --streams 1"),
+        (
+            args.streams,
+            fixed.as_str(),
+            "bbr",
+            "tcp",
+            "dwcp send --streams N",
+        ),
+        (8, "auto", "bbr", "tcp", "dwcp send tcp"),
+        (8, "auto", "cubic", "tcp", "dwcp send tcp"),
+        (8, "auto", "cubic", "quic", "dwcp send quic"),
+        (8, "auto", "cubic", "auto", "dwcp send (default)"),
     ] {
+        let row_kind = if streams_arg == "auto" {
+            carrier
+        } else {
+            "tcp"
+        };
+        if !args.carriers.iter().any(|c| c == row_kind) {
+            continue;
+        }
         // The fixed-N row only when asked for (--streams).
         if streams_arg == fixed && args.streams == 0 {
             continue;
@@ -298,9 +320,11 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         // Bound each transfer to about twice the iperf3 duration at the rate iperf3 reached
         // with the same congestion control and stream count: a CUBIC run over a lossy link
         // would otherwise take many minutes for the same payload.
+        // QUIC's BBR is in user space: bound its rows like BBR's.
+        let like_cc = if carrier == "tcp" { cc } else { "bbr" };
         let like = rows
             .iter()
-            .filter(|r| r.congestion == cc && r.streams == streams.min(8))
+            .filter(|r| r.congestion == like_cc && r.streams == streams.min(8))
             .map(|r| r.mbit_s)
             .fold(0.0_f64, f64::max);
         let cap = (like * 1e6 / 8.0 * f64::from(secs) * 2.0) as u64;
@@ -309,7 +333,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         if !file.exists() {
             write_random(&file, run_size)?;
         }
-        eprintln!("{label}: {streams_arg} stream(s), {cc}, {run_size} bytes ...");
+        eprintln!("{label}: {streams_arg} stream(s), {cc}, {carrier}, {run_size} bytes ...");
         let out = work.path().join("out");
         let j = dwcp_send(
             &tb,
@@ -320,12 +344,18 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
             &out,
             streams_arg,
             cc,
+            carrier,
             run_size,
         )?;
         let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
+        let used = j["transport"].as_str().unwrap_or("?");
         rows.push(Row {
             tool: "dwcp",
-            label: label.to_string(),
+            label: if carrier == "auto" {
+                format!("{label} -> {used}")
+            } else {
+                label.to_string()
+            },
             congestion: cc,
             streams: j["streams"].as_u64().unwrap_or(0) as u32,
             mbit_s: mbit,

@@ -176,6 +176,13 @@ pub(crate) struct SendArgs {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) rate_limit: Option<u64>,
 
+    /// What the streams ride on: tcp (one TLS connection each), quic (streams of one QUIC
+    /// connection, UDP to the same port; the receiver needs transport.quic = true), or auto:
+    /// quic on an internet path (round trip >= 10 ms) when this kernel does not let TCP use
+    /// BBR and the receiver offers QUIC, tcp otherwise.
+    #[arg(long, value_name = "CARRIER", default_value = "auto")]
+    pub(crate) transport: dwcp_transport::Carrier,
+
     /// Seconds to keep reconnecting and resuming after the connection breaks.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub(crate) retry_secs: u64,
@@ -485,6 +492,11 @@ pub(crate) struct BenchTransportArgs {
     /// Also run dwcp send with this fixed number of streams (beside 1 and auto); 0: not.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=512))]
     pub(crate) streams: u32,
+
+    /// Which dwcp rows to run, comma-separated: tcp (--transport tcp), quic (--transport
+    /// quic), auto (the default carrier on a host whose TCP runs CUBIC).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,quic,auto", value_parser = ["tcp", "quic", "auto"])]
+    pub(crate) carriers: Vec<String>,
 
     /// Seed of the emulator's loss pattern.
     #[arg(long, default_value_t = 1)]

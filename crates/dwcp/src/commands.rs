@@ -440,6 +440,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
         max_streams: settings.capabilities.max_streams,
         retry_for: Duration::from_secs(args.retry_secs),
         rate_limit: args.rate_limit,
+        carrier: args.transport,
         delta: dwcp_transport::session::DeltaOptions {
             enabled: !args.no_delta,
             layout: match args.layout {
@@ -526,6 +527,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "resent_bytes": report.resent_bytes,
             "seconds": report.seconds,
             "goodput_mbit_s": goodput,
+            "transport": report.carrier.map(|c| c.to_string()),
             "streams": report.streams,
             "streams_final": report.streams_final,
             "streams_added": report.streams_added,
@@ -569,12 +571,15 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             );
         }
         println!(
-            "{} bytes in {:.2} s: {:.1} Mbit/s over {} streams ({} re-sent bytes, {} streams lost \
-             and {} replaced, {} reconnects)",
+            "{} bytes in {:.2} s: {:.1} Mbit/s over {} {} streams ({} re-sent bytes, {} streams \
+             lost and {} replaced, {} reconnects)",
             total,
             report.seconds,
             goodput,
             report.streams,
+            report
+                .carrier
+                .map_or_else(|| "-".to_string(), |c| c.to_string().to_uppercase()),
             report.resent_bytes,
             report.streams_lost,
             report.streams_replaced,
@@ -622,6 +627,16 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| ResolveError(format!("cannot listen on {listen}: {e}")))?;
+        // QUIC sessions on the same port (UDP), when transport.quic is on.
+        let quic = if settings.capabilities.quic {
+            let addr = listener.local_addr()?;
+            Some(
+                dwcp_transport::quic::QuicListener::bind(&endpoint, addr)
+                    .map_err(|e| ResolveError(format!("cannot listen on {addr} (UDP, QUIC): {e}")))?,
+            )
+        } else {
+            None
+        };
         info!(listen = %listener.local_addr()?, out = %args.out.display(), "waiting for a sender");
         let mut events = receiver.subscribe();
         let mut stored = Vec::new();
@@ -649,35 +664,35 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                     let stop = stop.clone();
                     let idle = settings.idle_timeout;
                     tokio::spawn(async move {
-                        let conn = match dwcp_transport::accept(&endpoint, tcp, peer).await {
+                        match dwcp_transport::accept(&endpoint, tcp, peer).await {
+                            Ok(conn) => recv_stream(conn, &receiver, &stop, idle).await,
+                            Err(e) => tracing::warn!(%peer, "handshake failed: {e}"),
+                        }
+                    });
+                }
+                Some(incoming) = async { quic.as_ref()?.accept().await }, if quic.is_some() => {
+                    let endpoint = endpoint.clone();
+                    let receiver = receiver.clone();
+                    let stop = stop.clone();
+                    let idle = settings.idle_timeout;
+                    tokio::spawn(async move {
+                        let peer = incoming.remote_address();
+                        let conn = match dwcp_transport::quic::accept_connection(&endpoint, incoming).await {
                             Ok(c) => c,
                             Err(e) => {
-                                tracing::warn!(%peer, "handshake failed: {e}");
+                                tracing::warn!(%peer, "QUIC handshake failed: {e}");
                                 return;
                             }
                         };
-                        let peer_id = conn.established().peer_node_id.clone();
-                        let max_streams = conn.established().negotiated.max_streams;
-                        let (mut reader, writer) = conn.split();
-                        match tokio::time::timeout(idle, reader.recv()).await {
-                            Err(_) => writer.close(ErrorCode::TIMEOUT, "no SESSION frame").await,
-                            Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::SESSION => {
-                                let served = receiver
-                                    .serve(peer_id, f, reader, writer, max_streams, &stop)
-                                    .await;
-                                if let Err(e) = served {
-                                    tracing::warn!(%peer, "stream ended: {e}");
+                        while let Some(io) = conn.next_stream().await {
+                            let (endpoint, receiver, stop) = (endpoint.clone(), receiver.clone(), stop.clone());
+                            let id = conn.node_id().clone();
+                            tokio::spawn(async move {
+                                match dwcp_transport::quic::accept_stream(&endpoint, io, id, peer).await {
+                                    Ok(c) => recv_stream(c, &receiver, &stop, idle).await,
+                                    Err(e) => tracing::warn!(%peer, "handshake failed: {e}"),
                                 }
-                            }
-                            Ok(Ok(_)) => {
-                                writer
-                                    .close(
-                                        ErrorCode::UNEXPECTED_FRAME,
-                                        "dwcp recv only takes transfer sessions",
-                                    )
-                                    .await;
-                            }
-                            Ok(Err(e)) => tracing::warn!(%peer, "stream failed: {e}"),
+                            });
                         }
                     });
                 }
@@ -699,6 +714,41 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves one stream of `dwcp recv`: its first frame must open a transfer session.
+async fn recv_stream<T>(
+    conn: dwcp_transport::Framed<T>,
+    receiver: &dwcp_transport::session::Receiver,
+    stop: &tokio_util::sync::CancellationToken,
+    idle: Duration,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let peer = conn.peer_addr();
+    let peer_id = conn.established().peer_node_id.clone();
+    let max_streams = conn.established().negotiated.max_streams;
+    let (mut reader, writer) = conn.split();
+    match tokio::time::timeout(idle, reader.recv()).await {
+        Err(_) => writer.close(ErrorCode::TIMEOUT, "no SESSION frame").await,
+        Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::SESSION => {
+            let served = receiver
+                .serve(peer_id, f, reader, writer, max_streams, stop)
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(%peer, "stream ended: {e}");
+            }
+        }
+        Ok(Ok(_)) => {
+            writer
+                .close(
+                    ErrorCode::UNEXPECTED_FRAME,
+                    "dwcp recv only takes transfer sessions",
+                )
+                .await;
+        }
+        Ok(Err(e)) => tracing::warn!(%peer, "stream failed: {e}"),
+    }
 }
 
 fn certs(cmd: CertsCommand) -> Result<()> {

@@ -28,19 +28,18 @@ use dwcp_wire::data::{
 };
 use dwcp_wire::msg::{self, Ping};
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId, Version};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::adapt::{Controller, Mode};
 use super::delta::{self, DeltaOptions, DeltaReport, Encoded};
 use super::sched::{Next, Scheduler};
-use crate::conn::{ConnError, Endpoint, FrameWriter, connect_to};
+use crate::conn::{AnyConnection, AnyWriter, Carrier, ConnError, Endpoint, Framed, connect_to};
+use crate::quic::{self, QuicPeer};
 
-type Writer = FrameWriter<WriteHalf<TlsStream<TcpStream>>>;
+type Writer = AnyWriter;
 
 /// How to send.
 #[derive(Debug, Clone)]
@@ -68,6 +67,8 @@ pub struct SendOptions {
     pub rate_limit: Option<u64>,
     /// Delta encoding (HDE), used with receivers that negotiated it.
     pub delta: DeltaOptions,
+    /// TCP connections or one QUIC connection.
+    pub carrier: Carrier,
 }
 
 impl Default for SendOptions {
@@ -86,6 +87,7 @@ impl Default for SendOptions {
             mode: None,
             min_streams: 4,
             max_streams: 512,
+            carrier: Carrier::Tcp,
         }
     }
 }
@@ -201,6 +203,8 @@ pub struct SendReport {
     pub reconnects: u32,
     /// Protocol version of the last session.
     pub version: Option<Version>,
+    /// What the last session's streams rode on (never `Auto`).
+    pub carrier: Option<Carrier>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -319,6 +323,97 @@ impl Bucket {
     }
 }
 
+/// Opens a session's streams: TCP connections (each with its own TLS session), or streams of
+/// one QUIC connection.
+#[derive(Debug, Clone)]
+enum Dialer {
+    Tcp {
+        endpoint: Endpoint,
+        addr: std::net::SocketAddr,
+    },
+    Quic {
+        endpoint: Endpoint,
+        conn: QuicPeer,
+    },
+}
+
+impl Dialer {
+    /// Opens the first stream of a session, and the dialer for the others.
+    async fn first(
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+        carrier: Carrier,
+        mode: Option<Mode>,
+    ) -> Result<(Self, AnyConnection), ConnError> {
+        let endpoint = endpoint.clone();
+        match carrier {
+            Carrier::Tcp | Carrier::Auto => {
+                let mut c = connect_to(&endpoint, addr, expected).await?;
+                let cc = c.congestion().unwrap_or_default();
+                let loss_based = !cc.starts_with("bbr");
+                if carrier == Carrier::Auto && loss_based && c.established().negotiated.quic {
+                    // The path decides: QUIC (user-space BBR) only pays on long, lossy paths.
+                    let internet = match mode {
+                        Some(m) => m == Mode::Internet,
+                        None => c
+                            .ping(0x5eed, Duration::from_secs(2))
+                            .await
+                            .map_or(true, |r| Mode::for_rtt(r) == Mode::Internet),
+                    };
+                    if internet {
+                        let peer = c.established().peer_node_id.clone();
+                        match Self::first_quic(endpoint.clone(), addr, Some(&peer)).await {
+                            Ok(quic) => {
+                                info!(tcp_congestion = %cc, "internet path, TCP without BBR: using QUIC");
+                                c.close(ErrorCode::NO_ERROR, "switching to QUIC").await;
+                                return Ok(quic);
+                            }
+                            Err(e) => warn!("QUIC unavailable ({e}); staying on TCP"),
+                        }
+                    }
+                }
+                Ok((Self::Tcp { endpoint, addr }, c.boxed()))
+            }
+            Carrier::Quic => Self::first_quic(endpoint, addr, expected).await,
+        }
+    }
+
+    async fn first_quic(
+        endpoint: Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+    ) -> Result<(Self, AnyConnection), ConnError> {
+        let conn = quic::dial(&endpoint, addr, expected).await?;
+        let c = conn.open(&endpoint).await?;
+        Ok((Self::Quic { endpoint, conn }, c.boxed()))
+    }
+
+    fn carrier(&self) -> Carrier {
+        match self {
+            Self::Tcp { .. } => Carrier::Tcp,
+            Self::Quic { .. } => Carrier::Quic,
+        }
+    }
+
+    /// Opens one more stream to `peer`.
+    async fn dial(&self, peer: &NodeId) -> Result<AnyConnection, ConnError> {
+        match self {
+            Self::Tcp { endpoint, addr, .. } => connect_to(endpoint, *addr, Some(peer))
+                .await
+                .map(Framed::boxed),
+            Self::Quic { endpoint, conn } => conn.open(endpoint).await.map(Framed::boxed),
+        }
+    }
+
+    /// Closes what the streams share (the QUIC connection).
+    async fn close(&self) {
+        if let Self::Quic { conn, .. } = self {
+            conn.close().await;
+        }
+    }
+}
+
 struct Session {
     writers: Vec<Slot>,
     events: mpsc::Receiver<Event>,
@@ -334,8 +429,7 @@ struct Session {
     rtt: Option<Duration>,
     mode: Option<Mode>,
     /// What is needed to open replacement streams.
-    endpoint: Endpoint,
-    addr: std::net::SocketAddr,
+    dialer: Dialer,
     peer: NodeId,
     id: [u8; 16],
     tx: mpsc::Sender<Event>,
@@ -348,8 +442,10 @@ impl Session {
         addr: std::net::SocketAddr,
         expected: Option<&NodeId>,
         plan: &StreamPlan,
+        carrier: Carrier,
+        mode: Option<Mode>,
     ) -> Result<Self, ConnError> {
-        let first = connect_to(endpoint, addr, expected).await?;
+        let (dialer, first) = Dialer::first(endpoint, addr, expected, carrier, mode).await?;
         let est = first.established().clone();
         let streams = match plan {
             StreamPlan::Fixed(n) => *n,
@@ -368,8 +464,7 @@ impl Session {
             retired: Arc::default(),
             rtt: None,
             mode: None,
-            endpoint: endpoint.clone(),
-            addr,
+            dialer,
             peer: est.peer_node_id.clone(),
             id,
             tx,
@@ -411,9 +506,9 @@ impl Session {
         // The other streams in parallel; a stream that cannot be opened is logged and skipped.
         let mut dials = JoinSet::new();
         for i in 1..n {
-            let endpoint = endpoint.clone();
+            let dialer = session.dialer.clone();
             let want = est.peer_node_id.clone();
-            dials.spawn(async move { (i, connect_to(&endpoint, addr, Some(&want)).await) });
+            dials.spawn(async move { (i, dialer.dial(&want).await) });
         }
         session.writers.resize_with(n as usize, || None);
         while let Some(r) = dials.join_next().await {
@@ -431,11 +526,7 @@ impl Session {
     }
 
     /// Puts `conn` into slot `index`; returns the stream's generation.
-    async fn add(
-        &mut self,
-        index: u32,
-        conn: crate::Connection<TcpStream>,
-    ) -> Result<u64, ConnError> {
+    async fn add(&mut self, index: u32, conn: AnyConnection) -> Result<u64, ConnError> {
         let (mut reader, mut writer) = conn.split();
         let join = SessionJoin {
             session_id: self.id.to_vec(),
@@ -535,6 +626,8 @@ impl Session {
         })
         .await;
         readers.abort_all();
+        // Only now: closing a QUIC connection drops what its streams have not delivered.
+        self.dialer.close().await;
     }
 }
 
@@ -661,7 +754,7 @@ pub async fn send_files_kept(
         let reused = kept.session.take().filter(|s| s.alive() > 0);
         let opened = match reused {
             Some(s) => Ok(s),
-            None => Session::open(endpoint, addr, expected, &plan).await,
+            None => Session::open(endpoint, addr, expected, &plan, opts.carrier, opts.mode).await,
         };
         let mut session = match opened {
             Ok(s) => s,
@@ -694,6 +787,7 @@ pub async fn send_files_kept(
         ever_connected = true;
         backoff = Duration::from_millis(250);
         report.version = Some(session.version);
+        report.carrier = Some(session.dialer.carrier());
         report.streams = report.streams.max(session.alive() as u32);
         if let (Some(m), Some(r)) = (session.mode, session.rtt) {
             report.mode = Some((m, r));
@@ -1015,8 +1109,7 @@ async fn send_object(
     let mut end_sent: Option<usize> = None;
     // Dead streams are replaced (a few times per slot, so a peer that keeps killing them
     // cannot keep us dialling).
-    let mut replacing: JoinSet<(u32, Result<crate::Connection<TcpStream>, ConnError>)> =
-        JoinSet::new();
+    let mut replacing: JoinSet<(u32, Result<AnyConnection, ConnError>)> = JoinSet::new();
     let mut replacements_left = 3 * session.writers.len();
     let result = loop {
         // Once every byte has been read the digest is final: announce the end.
@@ -1099,9 +1192,8 @@ async fn send_object(
                             let i = session.writers.len() as u32;
                             session.writers.push(None);
                             growing.insert(i);
-                            let endpoint = session.endpoint.clone();
-                            let (addr, peer) = (session.addr, session.peer.clone());
-                            replacing.spawn(async move { (i, connect_to(&endpoint, addr, Some(&peer)).await) });
+                            let (dialer, peer) = (session.dialer.clone(), session.peer.clone());
+                            replacing.spawn(async move { (i, dialer.dial(&peer).await) });
                         }
                         debug!(from = alive, to = target, goodput_mbit = goodput * 8e-6, "adding streams");
                     } else if target < alive {
@@ -1197,10 +1289,8 @@ async fn send_object(
                 }
                 if replacements_left > 0 {
                     replacements_left -= 1;
-                    let endpoint = session.endpoint.clone();
-                    let (addr, peer) = (session.addr, session.peer.clone());
-                    replacing
-                        .spawn(async move { (i, connect_to(&endpoint, addr, Some(&peer)).await) });
+                    let (dialer, peer) = (session.dialer.clone(), session.peer.clone());
+                    replacing.spawn(async move { (i, dialer.dial(&peer).await) });
                 }
             }
         }
@@ -1381,9 +1471,16 @@ pub async fn query_base(
     page_size: u32,
     migration_target: bool,
 ) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
-    let mut session = Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
-        .await
-        .map_err(SendError::Connect)?;
+    let mut session = Session::open(
+        endpoint,
+        addr,
+        expected,
+        &StreamPlan::Fixed(1),
+        Carrier::Tcp,
+        None,
+    )
+    .await
+    .map_err(SendError::Connect)?;
     let mut report = SendReport::default();
     let q = BaseQuery {
         object: 1,
@@ -1486,9 +1583,16 @@ pub async fn migration_request_kept(
 ) -> Result<String, SendError> {
     let mut session = match kept.session.take().filter(|s| s.alive() > 0) {
         Some(s) => s,
-        None => Session::open(endpoint, addr, expected, &StreamPlan::Fixed(1))
-            .await
-            .map_err(SendError::Connect)?,
+        None => Session::open(
+            endpoint,
+            addr,
+            expected,
+            &StreamPlan::Fixed(1),
+            Carrier::Tcp,
+            None,
+        )
+        .await
+        .map_err(SendError::Connect)?,
     };
     kept.object_id += 1;
     let m = Migration {
