@@ -49,9 +49,14 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
     let v2 = vm(16, 2000.0);
     let r2 = migrate(&v2, dest, &MigrationSpec::new("vm1-again.mem"), &mut |_| {}).await;
     assert!(r2.migrated && r2.bit_exact == Some(true), "{r2:?}");
+    // The first pass (the whole of RAM) is what the cache saves; later rounds carry what the
+    // workload dirtied meanwhile, which depends on how busy this machine is.
+    let first = |r: &dwcp_migration::MigrationReport| r.rounds[0].wire_bytes;
     assert!(
-        r2.wire_bytes < r.wire_bytes / 5,
-        "warm {} vs cold {}",
+        first(&r2) < first(&r) / 5,
+        "warm first pass {} vs cold {} (whole migrations: {} vs {})",
+        first(&r2),
+        first(&r),
         r2.wire_bytes,
         r.wire_bytes
     );

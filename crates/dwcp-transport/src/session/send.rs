@@ -36,7 +36,9 @@ use tracing::{debug, info, warn};
 use super::adapt::{Controller, Mode};
 use super::delta::{self, DeltaOptions, DeltaReport, Encoded};
 use super::sched::{Next, Scheduler};
-use crate::conn::{AnyConnection, AnyWriter, Carrier, ConnError, Endpoint, Framed, connect_to};
+use crate::conn::{
+    AnyConnection, AnyWriter, Carrier, ConnError, Endpoint, Framed, Stage, connect_to,
+};
 use crate::quic::{self, QuicPeer};
 
 type Writer = AnyWriter;
@@ -445,7 +447,30 @@ impl Session {
         carrier: Carrier,
         mode: Option<Mode>,
     ) -> Result<Self, ConnError> {
-        let (dialer, first) = Dialer::first(endpoint, addr, expected, carrier, mode).await?;
+        // A receiver that answered but dropped or stalled the handshake may just be busy (a
+        // storm of handshakes on a loaded host): two more tries before giving up.
+        let mut tries = 0u32;
+        let (dialer, first) = loop {
+            match Dialer::first(endpoint, addr, expected, carrier, mode).await {
+                Ok(x) => break x,
+                Err(e)
+                    if tries < 2
+                        && matches!(
+                            e,
+                            ConnError::Closed(Stage::Tls | Stage::Handshake)
+                                | ConnError::Timeout {
+                                    stage: Stage::Tls | Stage::Handshake,
+                                    ..
+                                }
+                        ) =>
+                {
+                    tries += 1;
+                    debug!("handshake failed ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(200) * tries).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let est = first.established().clone();
         let streams = match plan {
             StreamPlan::Fixed(n) => *n,
