@@ -202,6 +202,15 @@ async fn t21_corrupted_chunk_is_detected_and_resent() {
 
 #[tokio::test]
 async fn t30_resume_after_receiver_restart() {
+    resume_after_receiver_restart(dwcp_transport::Carrier::Tcp).await;
+}
+
+#[tokio::test]
+async fn t30q_resume_after_receiver_restart_over_quic() {
+    resume_after_receiver_restart(dwcp_transport::Carrier::Quic).await;
+}
+
+async fn resume_after_receiver_restart(carrier: dwcp_transport::Carrier) {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     let addr = agent.addr;
@@ -210,6 +219,7 @@ async fn t30_resume_after_receiver_restart() {
     let ep = endpoint(&cluster, "client", |_| {});
     let source = Source::file(&f).unwrap();
     let mut o = opts(4);
+    o.carrier = carrier;
     // ~8 MB/s: the transfer takes ~3 s, so the restart lands in the middle of it.
     o.rate_limit = Some(8_000_000);
     let sender =
@@ -227,6 +237,7 @@ async fn t30_resume_after_receiver_restart() {
         .unwrap()
         .unwrap();
     assert!(report.reconnects >= 1, "{report:?}");
+    assert_eq!(report.carrier, Some(carrier));
     let resumed = report.objects[0].resumed_from;
     assert!(resumed > 0, "nothing resumed: {report:?}");
     // Nothing that had arrived was sent again after the restart: the total sent is at most
