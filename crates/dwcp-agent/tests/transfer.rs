@@ -1,11 +1,12 @@
 //! Transfer sessions into an agent's spool: striping, verification, lost and corrupted streams,
-//! resume after a receiver restart.
+//! resume after a receiver restart; over TCP and over QUIC.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint, random_file, settings};
+use dwcp_transport::Carrier;
 use dwcp_transport::session::{DeltaOptions, SendError, SendOptions, Source, send_files};
 
 /// The transport alone: these tests count the bytes of the files themselves.
@@ -202,15 +203,15 @@ async fn t21_corrupted_chunk_is_detected_and_resent() {
 
 #[tokio::test]
 async fn t30_resume_after_receiver_restart() {
-    resume_after_receiver_restart(dwcp_transport::Carrier::Tcp).await;
+    resume_after_receiver_restart(Carrier::Tcp).await;
 }
 
 #[tokio::test]
 async fn t30q_resume_after_receiver_restart_over_quic() {
-    resume_after_receiver_restart(dwcp_transport::Carrier::Quic).await;
+    resume_after_receiver_restart(Carrier::Quic).await;
 }
 
-async fn resume_after_receiver_restart(carrier: dwcp_transport::Carrier) {
+async fn resume_after_receiver_restart(carrier: Carrier) {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     let addr = agent.addr;
@@ -655,5 +656,170 @@ async fn t18_adaptive_streams_start_from_the_mode_and_retire_what_does_not_pay()
     assert!(r.streams_retired > 0, "{r:?}");
     assert!((2..=16).contains(&r.streams_final), "{r:?}");
     same_file(&f, &cluster.dir().join("spool/client/big.raw"));
+    agent.stop().await.unwrap();
+}
+
+// QUIC: the same sessions on the streams of one QUIC connection to the agent's UDP port.
+
+fn quic_opts(streams: u32) -> SendOptions {
+    SendOptions {
+        carrier: Carrier::Quic,
+        ..opts(streams)
+    }
+}
+
+#[tokio::test]
+async fn t60_files_arrive_verified_over_quic_streams() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let files = [
+        random_file(src.path(), "a.img", 9 * 1024 * 1024 + 17, 1),
+        random_file(src.path(), "b.img", 1000, 2),
+        random_file(src.path(), "empty", 0, 3),
+    ];
+    let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let report = send_files(&ep, agent.addr, None, &sources, &quic_opts(6), &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.objects.len(), 3);
+    assert_eq!(report.streams, 6, "{report:?}");
+    assert_eq!(report.bytes_sent, 9 * 1024 * 1024 + 17 + 1000);
+    assert_eq!(report.resent_bytes, 0);
+    let spool = cluster.dir().join("spool/client");
+    for f in &files {
+        same_file(f, &spool.join(f.file_name().unwrap()));
+    }
+    // Every stream ran the DWCP handshake: six successful handshakes, counted as connections.
+    let text = agent.metrics().await;
+    let ok = dwcp_testkit::metric_value(
+        &text,
+        "dwcp_handshakes_total",
+        &[("result", "ok"), ("reason", ""), ("version", "v3")],
+    );
+    assert_eq!(ok, 6.0, "{text}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t62_quic_refuses_a_foreign_ca_like_tcp() {
+    let ours = TestCluster::new();
+    let foreign = TestCluster::new();
+    let agent = RunningAgent::start(&ours, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 1000, 9);
+    let ep = endpoint(&foreign, "client", |_| {});
+    let err = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &quic_opts(2),
+        &mut |_| {},
+    )
+    .await
+    .unwrap_err();
+    let SendError::Connect(e) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(e.is_auth(), "{e:?}");
+    assert!(!foreign.dir().join("spool/client/x").exists());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn t63_a_receiver_without_quic_is_reported_not_waited_for_forever() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| c.transport.quic = false).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 1000, 10);
+    let mut ep = endpoint(&cluster, "client", |_| {});
+    ep.connect_timeout = Duration::from_millis(500);
+    ep.tls_timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let err = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &quic_opts(2),
+        &mut |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SendError::Connect(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("QUIC"),
+        "the error says what was tried: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // TCP still works.
+    let mut o = quic_opts(2);
+    o.carrier = Carrier::Tcp;
+    send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &o,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    agent.stop().await.unwrap();
+}
+
+/// `Carrier::Auto`: QUIC only for an internet path on which TCP would run a loss-based
+/// congestion control (reno is always available, so it stands for a host without BBR).
+#[tokio::test]
+async fn t64_auto_picks_quic_only_for_internet_paths_without_bbr() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 3 * 1024 * 1024, 11);
+    let addr = agent.addr;
+    let send = |congestion: &str, mode| {
+        let mut ep = endpoint(&cluster, "client", |_| {});
+        ep.socket.congestion = Some(congestion.to_string());
+        let mut o = quic_opts(2);
+        o.carrier = Carrier::Auto;
+        o.mode = mode;
+        let src = Source::file(&f).unwrap();
+        async move {
+            send_files(&ep, addr, None, &[src], &o, &mut |_| {})
+                .await
+                .unwrap()
+        }
+    };
+    use dwcp_transport::session::Mode;
+    let r = send("reno", Some(Mode::Internet)).await;
+    assert_eq!(r.carrier, Some(Carrier::Quic), "{r:?}");
+    // A loopback round trip is a datacenter path: TCP.
+    let r = send("reno", None).await;
+    assert_eq!(r.carrier, Some(Carrier::Tcp), "{r:?}");
+    let r = send("reno", Some(Mode::Datacenter)).await;
+    assert_eq!(r.carrier, Some(Carrier::Tcp), "{r:?}");
+    same_file(&f, &cluster.dir().join("spool/client/x"));
+    agent.stop().await.unwrap();
+
+    // A receiver that does not offer QUIC keeps the sender on TCP.
+    let agent = RunningAgent::start(&cluster, "server", |c| c.transport.quic = false).await;
+    let mut ep = endpoint(&cluster, "client", |_| {});
+    ep.socket.congestion = Some("reno".into());
+    let mut o = quic_opts(2);
+    o.carrier = Carrier::Auto;
+    o.mode = Some(Mode::Internet);
+    let r = send_files(
+        &ep,
+        agent.addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &o,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.carrier, Some(Carrier::Tcp), "{r:?}");
     agent.stop().await.unwrap();
 }
