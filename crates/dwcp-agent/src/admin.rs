@@ -59,6 +59,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     if let Some(s) = shared.spool.cache_stats() {
         shared.metrics.cache(&s);
     }
+    shared.metrics.peers(&shared.spool.peer_stats());
     match shared.metrics.render() {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n").into_response(),

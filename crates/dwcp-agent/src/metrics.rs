@@ -41,8 +41,13 @@ pub struct Metrics {
     pub delta_wire_bytes: Family<Labels, Counter>,
     /// ... and the bytes of content they rebuilt, by `peer` (the ratio is HDE's saving).
     pub delta_content_bytes: Family<Labels, Counter>,
+    /// Session streams open now, by sending `peer`.
+    pub session_streams: Family<Labels, Gauge>,
+    /// Chunk bytes taken from session streams, by sending `peer`, as they arrive.
+    pub session_data_bytes: Family<Labels, Counter>,
     /// Baseline cache entries (pages and chunks, seeds included).
     pub cache_entries: Gauge,
+    peers_update: std::sync::Mutex<()>,
     /// Baseline cache bytes, by `tier` (`memory`, `disk`).
     pub cache_bytes: Family<Labels, Gauge>,
     /// Baseline cache lookups since start, by `result` (`hit`, `miss`, `corrupt`), and
@@ -76,7 +81,10 @@ impl Metrics {
             object_bytes_received: Family::default(),
             delta_wire_bytes: Family::default(),
             delta_content_bytes: Family::default(),
+            session_streams: Family::default(),
+            session_data_bytes: Family::default(),
             cache_entries: Gauge::default(),
+            peers_update: std::sync::Mutex::default(),
             cache_bytes: Family::default(),
             cache_events: Family::default(),
             ready: Gauge::default(),
@@ -140,6 +148,16 @@ impl Metrics {
             m.delta_content_bytes.clone(),
         );
         registry.register(
+            "session_streams",
+            "Transfer-session streams open now (TCP connections or QUIC streams), by sending peer",
+            m.session_streams.clone(),
+        );
+        registry.register(
+            "session_data_bytes",
+            "Chunk bytes taken from transfer sessions as they arrive (its rate is the live goodput), by sending peer",
+            m.session_data_bytes.clone(),
+        );
+        registry.register(
             "baseline_cache_entries",
             "Pages and chunks the baseline cache holds or indexes",
             m.cache_entries.clone(),
@@ -201,6 +219,24 @@ impl Metrics {
         let l = vec![("peer", peer.to_string())];
         self.delta_wire_bytes.get_or_create(&l).inc_by(wire);
         self.delta_content_bytes.get_or_create(&l).inc_by(content);
+    }
+
+    /// Takes the receiver's per-peer session counters (at scrape time).
+    pub fn peers(&self, stats: &[dwcp_transport::session::PeerStats]) {
+        // Two scrapes at once must not both add the same difference.
+        let _one = self
+            .peers_update
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for s in stats {
+            let l = vec![("peer", s.peer.as_str().to_string())];
+            self.session_streams
+                .get_or_create(&l)
+                .set(i64::from(s.streams));
+            let c = self.session_data_bytes.get_or_create(&l);
+            // The receiver's count only grows: move the counter up to it.
+            c.inc_by(s.data_bytes.saturating_sub(c.get()));
+        }
     }
 
     /// Takes the baseline cache's counters (at scrape time).

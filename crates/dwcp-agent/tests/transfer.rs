@@ -106,6 +106,19 @@ async fn t10_files_arrive_verified_over_many_streams() {
         ),
         (9 * 1024 * 1024 + 17 + 1000) as f64
     );
+    // Every chunk counted as it arrived; no stream is open any more.
+    assert_eq!(
+        dwcp_testkit::metric_value(
+            &text,
+            "dwcp_session_data_bytes_total",
+            &[("peer", "client")]
+        ),
+        (9 * 1024 * 1024 + 17 + 1000) as f64
+    );
+    assert_eq!(
+        dwcp_testkit::metric_value(&text, "dwcp_session_streams", &[("peer", "client")]),
+        0.0
+    );
     agent.stop().await.unwrap();
 }
 
@@ -821,5 +834,77 @@ async fn t64_auto_picks_quic_only_for_internet_paths_without_bbr() {
     .await
     .unwrap();
     assert_eq!(r.carrier, Some(Carrier::Tcp), "{r:?}");
+    agent.stop().await.unwrap();
+}
+
+/// Sessions measure their path while they send: heartbeat round trips, goodput, and (QUIC)
+/// losses, in the progress callbacks and the report.
+#[tokio::test]
+async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "m", 12 * 1024 * 1024, 12);
+    let ep = endpoint(&cluster, "client", |_| {});
+    for carrier in [Carrier::Tcp, Carrier::Quic] {
+        let mut o = opts(2);
+        o.carrier = carrier;
+        // ~4 MB/s: three seconds, three heartbeats or so.
+        o.rate_limit = Some(4_000_000);
+        let mut seen_goodput = 0.0_f64;
+        let mut seen_rtt = None;
+        let report = send_files(
+            &ep,
+            agent.addr,
+            None,
+            &[Source::file(&f).unwrap()],
+            &o,
+            &mut |p| {
+                seen_goodput = seen_goodput.max(p.link.goodput_bps);
+                seen_rtt = seen_rtt.or(p.link.rtt);
+            },
+        )
+        .await
+        .unwrap();
+        let link = report.link;
+        assert!(link.heartbeats >= 1, "{carrier}: {link:?}");
+        let (min, mean, max) = (
+            link.rtt_min.unwrap(),
+            link.rtt_mean.unwrap(),
+            link.rtt_max.unwrap(),
+        );
+        assert!(min <= mean && mean <= max, "{carrier}: {link:?}");
+        // Loopback: far below a second even behind a chunk in the socket buffer.
+        assert!(max < Duration::from_secs(1), "{carrier}: {link:?}");
+        assert!(
+            seen_rtt.is_some(),
+            "{carrier}: progress carries the round trip"
+        );
+        // The rate cap is 4 MB/s: what was acknowledged per second is near it, not above
+        // the cap by much (bursts of 50 ms are allowed) and not nothing.
+        assert!(
+            seen_goodput > 1e6 && link.goodput_bps < 8e6,
+            "{carrier}: {seen_goodput} / {link:?}"
+        );
+        assert_eq!(
+            link.lost_packets.is_some(),
+            carrier == Carrier::Quic,
+            "{carrier}: {link:?}"
+        );
+    }
+    // The receiver's side, per peer, while a session runs: its streams.
+    let mut o = opts(3);
+    o.rate_limit = Some(4_000_000);
+    let (addr, source) = (agent.addr, Source::file(&f).unwrap());
+    let sender =
+        tokio::spawn(async move { send_files(&ep, addr, None, &[source], &o, &mut |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let text = agent.metrics().await;
+    assert_eq!(
+        dwcp_testkit::metric_value(&text, "dwcp_session_streams", &[("peer", "client")]),
+        3.0,
+        "{text}"
+    );
+    sender.await.unwrap().unwrap();
     agent.stop().await.unwrap();
 }

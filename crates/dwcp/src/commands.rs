@@ -488,7 +488,10 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
         let addr = resolve(&args.to).await?;
         let mut progress = |p: &dwcp_transport::session::Progress| {
             bar.set_position(p.total_acked);
-            bar.set_message(format!("{} ({} streams)", p.name, p.streams));
+            let rtt = p.link.rtt.map_or_else(String::new, |r| {
+                format!(", RTT {:.0} ms", r.as_secs_f64() * 1e3)
+            });
+            bar.set_message(format!("{} ({} streams{rtt})", p.name, p.streams));
         };
         send_files(
             &endpoint,
@@ -528,6 +531,16 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "seconds": report.seconds,
             "goodput_mbit_s": goodput,
             "transport": report.carrier.map(|c| c.to_string()),
+            "link": {
+                "heartbeats": report.link.heartbeats,
+                "rtt_ms_min": report.link.rtt_min.map(|r| r.as_secs_f64() * 1e3),
+                "rtt_ms_mean": report.link.rtt_mean.map(|r| r.as_secs_f64() * 1e3),
+                "rtt_ms_max": report.link.rtt_max.map(|r| r.as_secs_f64() * 1e3),
+                "rtt_ms_last": report.link.rtt.map(|r| r.as_secs_f64() * 1e3),
+                "goodput_mbit_s_last": report.link.goodput_bps * 8e-6,
+                "quic_lost_packets": report.link.lost_packets,
+                "quic_congestion_events": report.link.congestion_events,
+            },
             "streams": report.streams,
             "streams_final": report.streams_final,
             "streams_added": report.streams_added,

@@ -15,10 +15,10 @@ pub mod tunnel;
 
 pub use adapt::Mode;
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
-pub use recv::{Receiver, RecvEvent, Served};
+pub use recv::{PeerStats, Receiver, RecvEvent, Served};
 pub use send::{
-    KeptSession, MigrationRequest, ObjectReport, Progress, SendError, SendOptions, SendReport,
-    Source, migration_op, migration_op_kept, migration_request_kept, query_base, send_files,
-    send_files_kept,
+    KeptSession, LinkStats, MigrationRequest, ObjectReport, Progress, SendError, SendOptions,
+    SendReport, Source, migration_op, migration_op_kept, migration_request_kept, query_base,
+    send_files, send_files_kept,
 };
 pub use tunnel::{Block, Tunnel};

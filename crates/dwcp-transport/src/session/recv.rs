@@ -180,6 +180,26 @@ pub struct Receiver {
     cache: Option<Arc<Mutex<BaselineCache>>>,
     /// Incoming QEMU migrations, when this node accepts them ([`Self::accept_qemu`]).
     qemu: std::sync::OnceLock<super::qemu_feed::Feeds>,
+    /// Per sending peer: streams open now, bytes of `DATA` taken.
+    peers: Mutex<HashMap<NodeId, Arc<PeerCounters>>>,
+}
+
+#[derive(Debug, Default)]
+struct PeerCounters {
+    streams: std::sync::atomic::AtomicU32,
+    data_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// What a receiver sees of one sending peer ([`Receiver::peer_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    /// The peer.
+    pub peer: NodeId,
+    /// Session streams it has open now.
+    pub streams: u32,
+    /// Chunk bytes taken from it since start (as they arrive, before objects complete):
+    /// its rate is the live goodput.
+    pub data_bytes: u64,
 }
 
 /// What a served connection ended with.
@@ -219,7 +239,23 @@ impl Receiver {
             delta,
             cache: cache.map(|c| Arc::new(Mutex::new(c))),
             qemu: std::sync::OnceLock::new(),
+            peers: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Each peer that has sent to this receiver: its open streams and the bytes taken.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut v: Vec<PeerStats> = lock(&self.peers)
+            .iter()
+            .map(|(peer, c)| PeerStats {
+                peer: peer.clone(),
+                streams: c.streams.load(Relaxed),
+                data_bytes: c.data_bytes.load(Relaxed),
+            })
+            .collect();
+        v.sort_by(|a, b| a.peer.as_str().cmp(b.peer.as_str()));
+        v
     }
 
     /// Accepts incoming QEMU migrations: the QEMU for VM `NAME` waits in `dir` with
@@ -312,9 +348,16 @@ impl Receiver {
                 format!("session has {conns} connections, the handshake allowed {max_streams}");
             return Err(self.violation(writer, detail).await);
         }
+        let counters = lock(&self.peers).entry(peer.clone()).or_default().clone();
+        counters
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self
-            .serve_stream(peer.clone(), &session, reader, writer, stop)
+            .serve_stream(peer.clone(), &session, &counters, reader, writer, stop)
             .await;
+        counters
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.leave(&peer, &join.session_id, &session);
         result
     }
@@ -323,6 +366,7 @@ impl Receiver {
         &self,
         peer: NodeId,
         session: &Mutex<RxSession>,
+        counters: &PeerCounters,
         mut reader: FrameReader<R>,
         mut writer: FrameWriter<W>,
         stop: &CancellationToken,
@@ -356,6 +400,9 @@ impl Receiver {
             match frame.ty {
                 FrameType::DATA => {
                     let (h, chunk) = data::decode_data(&frame).map_err(HandshakeError::from)?;
+                    counters
+                        .data_bytes
+                        .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     let checked = {
                         let s = lock(session);
                         match s.objects.get(&h.object) {

@@ -161,7 +161,48 @@ pub struct Progress {
     pub total_size: u64,
     /// Streams alive now.
     pub streams: usize,
+    /// What the session measures of the path.
+    pub link: LinkStats,
 }
+
+/// What a session measures of its path while it sends: the round trip of heartbeats
+/// (`PING`/`PONG` every second on one of its streams, so under load: it includes what waits
+/// in that stream's socket buffer), acknowledged goodput, and what QUIC says it lost. For the
+/// mode detector and the bandwidth predictor, and for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkStats {
+    /// The latest heartbeat's round trip.
+    pub rtt: Option<Duration>,
+    /// Shortest heartbeat round trip.
+    pub rtt_min: Option<Duration>,
+    /// Longest heartbeat round trip.
+    pub rtt_max: Option<Duration>,
+    /// Mean heartbeat round trip.
+    pub rtt_mean: Option<Duration>,
+    /// Heartbeats answered.
+    pub heartbeats: u32,
+    /// Bytes per second acknowledged by the receiver over the last heartbeat interval.
+    pub goodput_bps: f64,
+    /// Packets QUIC declared lost (QUIC sessions only: TCP's retransmissions are the
+    /// kernel's and not counted here).
+    pub lost_packets: Option<u64>,
+    /// Congestion events QUIC's controller saw (QUIC sessions only).
+    pub congestion_events: Option<u64>,
+}
+
+impl LinkStats {
+    fn sample(&mut self, rtt: Duration) {
+        let n = self.heartbeats;
+        self.rtt = Some(rtt);
+        self.rtt_min = Some(self.rtt_min.map_or(rtt, |m| m.min(rtt)));
+        self.rtt_max = Some(self.rtt_max.map_or(rtt, |m| m.max(rtt)));
+        self.rtt_mean = Some(self.rtt_mean.map_or(rtt, |m| (m * n + rtt) / (n + 1)));
+        self.heartbeats = n.saturating_add(1);
+    }
+}
+
+/// Heartbeat sequence numbers start here, apart from the mode probe's.
+const HEARTBEAT_SEQ: u64 = 1 << 32;
 
 /// One object's outcome.
 #[derive(Debug, Clone)]
@@ -207,6 +248,8 @@ pub struct SendReport {
     pub version: Option<Version>,
     /// What the last session's streams rode on (never `Auto`).
     pub carrier: Option<Carrier>,
+    /// What the sessions measured of the path.
+    pub link: LinkStats,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -436,6 +479,9 @@ struct Session {
     id: [u8; 16],
     tx: mpsc::Sender<Event>,
     next_gen: u64,
+    /// Heartbeat timestamps count from here.
+    epoch: Instant,
+    next_heartbeat: u64,
 }
 
 impl Session {
@@ -494,6 +540,8 @@ impl Session {
             id,
             tx,
             next_gen: 0,
+            epoch: Instant::now(),
+            next_heartbeat: HEARTBEAT_SEQ,
         };
         session.add(0, first).await?;
         let n = match plan {
@@ -614,6 +662,48 @@ impl Session {
                 Event::Frame(_) => {}
                 Event::Lost(..) => return None,
             }
+        }
+    }
+
+    /// Sends a heartbeat on one stream, stamped when it is written (after any chunk that
+    /// holds the stream), without waiting for it here.
+    fn heartbeat(&mut self) {
+        let Some(w) = self.any_writer() else {
+            return;
+        };
+        let (seq, epoch) = (self.next_heartbeat, self.epoch);
+        self.next_heartbeat += 1;
+        tokio::spawn(async move {
+            let mut w = w.lock().await;
+            let ping = Ping {
+                seq,
+                timestamp_micros: u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
+            };
+            // A failed write shows up as a lost stream in the reader.
+            let _ = w.send(&msg::encode(FrameType::PING, &ping)).await;
+        });
+    }
+
+    /// The round trip of a heartbeat's `PONG`; `None` for other pongs and for stamps that
+    /// cannot be ours (the receiver echoes them; it is trusted with nothing more).
+    fn heartbeat_rtt(&self, f: &Frame) -> Option<Duration> {
+        let p: Ping = msg::decode(f).ok()?;
+        if !(HEARTBEAT_SEQ..self.next_heartbeat).contains(&p.seq) {
+            return None;
+        }
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).ok()?;
+        now.checked_sub(p.timestamp_micros)
+            .map(Duration::from_micros)
+    }
+
+    /// What QUIC counted on this session's connection.
+    fn quic_counts(&self) -> Option<(u64, u64)> {
+        match &self.dialer {
+            Dialer::Quic { conn, .. } => {
+                let s = conn.stats();
+                Some((s.path.lost_packets, s.path.congestion_events))
+            }
+            Dialer::Tcp { .. } => None,
         }
     }
 
@@ -902,7 +992,7 @@ pub async fn send_files_kept(
                 sent.clone(),
                 &mut report,
                 &mut failing_since,
-                &mut |acked, streams| {
+                &mut |acked, streams, link| {
                     // Progress is in content bytes, whatever crosses the network.
                     let acked = match &wire_src {
                         Some(w) if w.size > 0 => {
@@ -917,6 +1007,7 @@ pub async fn send_files_kept(
                         total_acked: done_bytes + acked,
                         total_size,
                         streams,
+                        link: *link,
                     });
                 },
             )
@@ -1011,7 +1102,7 @@ async fn send_object(
     sent: Arc<AtomicU64>,
     report: &mut SendReport,
     failing_since: &mut Option<Instant>,
-    progress: &mut (dyn FnMut(u64, usize) + Send),
+    progress: &mut (dyn FnMut(u64, usize, &LinkStats) + Send),
 ) -> Result<u64, ObjectFailure> {
     let lost = |why: String| ObjectFailure::SessionLost(why);
     let Some(w0) = session.any_writer() else {
@@ -1122,6 +1213,10 @@ async fn send_object(
     // Its own timer: ACKs may arrive more often than any idle timeout would fire.
     let mut adapt_tick = tokio::time::interval(Duration::from_millis(250));
     adapt_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let every = Duration::from_secs(1);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut beat_at, mut beat_acked) = (Instant::now(), have);
     let mut writers = JoinSet::new();
     let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
     for (i, w) in session.writers.iter().enumerate() {
@@ -1199,6 +1294,20 @@ async fn send_object(
                 continue;
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            _ = heartbeat.tick() => {
+                let acked = core.lock().await.sched.acked();
+                let dt = beat_at.elapsed().as_secs_f64();
+                if dt > 0.0 {
+                    report.link.goodput_bps = acked.saturating_sub(beat_acked) as f64 / dt;
+                }
+                (beat_at, beat_acked) = (Instant::now(), acked);
+                if let Some((lost, events)) = session.quic_counts() {
+                    report.link.lost_packets = Some(lost);
+                    report.link.congestion_events = Some(events);
+                }
+                session.heartbeat();
+                continue;
+            },
             _ = adapt_tick.tick(), if session.ctl.is_some() => {
                 // A sample spans sixteen round trips, 250 ms to 3 s: loss-driven paths are
                 // noisy over shorter ones.
@@ -1279,7 +1388,7 @@ async fn send_object(
                     *failing_since = None;
                 }
                 notify.notify_waiters();
-                progress(acked, session.alive());
+                progress(acked, session.alive(), &report.link);
             }
             Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
                 let d: ObjectDone = decode(&f)?;
@@ -1287,7 +1396,7 @@ async fn send_object(
                     continue;
                 }
                 if d.code == 0 {
-                    progress(src.size, session.alive());
+                    progress(src.size, session.alive(), &report.link);
                     break Ok(have);
                 }
                 break Err(refused(src, &d));
@@ -1295,6 +1404,11 @@ async fn send_object(
             Event::Frame(f) if f.ty == FrameType::GOAWAY => {
                 let close: msg::Close = decode(&f)?;
                 debug!("receiver sent GOAWAY: {}", close.printable_reason());
+            }
+            Event::Frame(f) if f.ty == FrameType::PONG => {
+                if let Some(rtt) = session.heartbeat_rtt(&f) {
+                    report.link.sample(rtt);
+                }
             }
             Event::Frame(_) => {}
             Event::Lost(i, generation, why) => {
