@@ -268,13 +268,21 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(incoming) = async { quic.as_ref()?.accept().await }, if quic.is_some() => {
+                    shared.metrics.connections_accepted.inc();
+                    // As for TCP: no handshake work for a node that is full.
+                    if limit.available_permits() == 0 {
+                        shared.metrics.connections_refused.inc();
+                        warn!(peer = %incoming.remote_address(), max_connections, "QUIC connection refused: limit reached");
+                        incoming.refuse();
+                        continue;
+                    }
                     let (shared, tracker2) = (shared.clone(), tracker.clone());
                     let (limit, stop, cut) = (limit.clone(), stop_conns.clone(), cut_conns.clone());
                     let peer = incoming.remote_address();
                     tracker.spawn(
                         async move {
                             tokio::select! {
-                                () = serve_quic(shared, incoming, tracker2, limit, stop) => {}
+                                () = serve_quic(shared, incoming, tracker2, limit, stop, cut.clone()) => {}
                                 () = cut.cancelled() => {}
                             }
                         }
@@ -352,7 +360,7 @@ impl Agent {
         }
         spool_metrics.abort();
         if let Some(q) = quic {
-            q.close();
+            q.close().await;
         }
         info!("agent stopped");
         Ok(())
@@ -407,6 +415,7 @@ async fn serve_quic(
     tracker: TaskTracker,
     limit: Arc<Semaphore>,
     stop: CancellationToken,
+    cut: CancellationToken,
 ) {
     let m = &shared.metrics;
     let accepted = tokio::select! {
@@ -425,7 +434,12 @@ async fn serve_quic(
     let peer_id = conn.node_id().clone();
     loop {
         let io = tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                // Hold the connection while its streams say goodbye (dropping it would drop
+                // their GOAWAYs): until the sender closes it, or the grace period ends.
+                conn.closed().await;
+                return;
+            }
             io = conn.next_stream() => match io {
                 Some(io) => io,
                 None => {
@@ -434,7 +448,6 @@ async fn serve_quic(
                 }
             },
         };
-        m.connections_accepted.inc();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             m.connections_refused.inc();
             warn!(%addr, "QUIC stream refused: connection limit reached");
@@ -442,32 +455,40 @@ async fn serve_quic(
             continue;
         };
         let (shared, stop, peer_id) = (shared.clone(), stop.clone(), peer_id.clone());
-        tracker.spawn(
-            async move {
-                let m = &shared.metrics;
-                m.connections_active.inc();
-                let _active = scopeguard(|| {
-                    m.connections_active.dec();
-                });
-                let io = Metered::new(io, m.bytes_received.clone(), m.bytes_sent.clone());
-                let accepted = tokio::select! {
-                    () = stop.cancelled() => None,
-                    r = quic::accept_stream(&shared.endpoint, io, peer_id, addr) => Some(r),
-                };
-                match accepted {
-                    None => debug!("shutdown during handshake"),
-                    Some(Err(e)) => {
-                        m.handshake("failed", e.reason(), "");
-                        warn!(reason = e.reason(), "handshake failed: {e}");
-                    }
-                    Some(Ok(conn)) => {
-                        m.handshake("ok", "", &conn.established().version.to_string());
-                        if let Err(e) = serve_frames(&shared, conn, &stop).await {
-                            warn!(reason = e.reason(), "QUIC stream ended: {e}");
-                        }
+        let serve = async move {
+            let m = &shared.metrics;
+            m.connections_active.inc();
+            let _active = scopeguard(|| {
+                m.connections_active.dec();
+            });
+            let io = Metered::new(io, m.bytes_received.clone(), m.bytes_sent.clone());
+            let accepted = tokio::select! {
+                () = stop.cancelled() => None,
+                r = quic::accept_stream(&shared.endpoint, io, peer_id, addr) => Some(r),
+            };
+            match accepted {
+                None => debug!("shutdown during handshake"),
+                Some(Err(e)) => {
+                    m.handshake("failed", e.reason(), "");
+                    warn!(reason = e.reason(), "handshake failed: {e}");
+                }
+                Some(Ok(conn)) => {
+                    m.handshake("ok", "", &conn.established().version.to_string());
+                    if let Err(e) = serve_frames(&shared, conn, &stop).await {
+                        warn!(reason = e.reason(), "QUIC stream ended: {e}");
                     }
                 }
-                drop(permit);
+            }
+            drop(permit);
+        };
+        let cut = cut.clone();
+        // As TCP connections are: the grace period bounds every stream.
+        tracker.spawn(
+            async move {
+                tokio::select! {
+                    () = serve => {}
+                    () = cut.cancelled() => {}
+                }
             }
             .instrument(info_span!("stream")),
         );

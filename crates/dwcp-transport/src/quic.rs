@@ -7,7 +7,7 @@
 //! node certificates and the identity binding work exactly as over TCP.
 //!
 //! Differences worth knowing: congestion control runs once per QUIC connection (quinn's, in
-//! user space: `bbr`, `cubic` or `reno` from the same `transport.congestion` setting), so
+//! user space: `bbr`, `cubic` or `reno` from `transport.quic_congestion`), so
 //! more streams share one congestion window instead of adding windows as TCP connections do;
 //! and every packet is encrypted and acknowledged in user space, which costs CPU.
 
@@ -282,16 +282,23 @@ impl QuicPeer {
                 stage: Stage::Handshake,
                 after: endpoint.handshake_timeout,
             })?;
-        let (send, recv) = opened.map_err(|e| ConnError::Io {
-            stage: Stage::Handshake,
-            source: io::Error::other(e.to_string()),
-        })?;
+        let limit = endpoint.tls_timeout;
+        let (send, recv) = match opened {
+            Ok(s) => s,
+            Err(e) => return Err(connect_error(addr, limit, e)),
+        };
         let hs = Handshake::client(endpoint.local_params(), self.peer.clone(), Instant::now());
-        bounded(
+        let r = bounded(
             endpoint,
             Framed::finish(tokio::io::join(recv, send), hs, addr),
         )
-        .await
+        .await;
+        // In TLS 1.3 the server judges our certificate after our side of the handshake is
+        // done: its refusal closes the connection under the first stream. Say so.
+        match (r, self.conn.close_reason()) {
+            (Err(_), Some(reason)) => Err(connect_error(addr, limit, reason)),
+            (r, _) => r,
+        }
     }
 
     /// Closes the QUIC connection (after the streams said goodbye) and waits briefly for the
@@ -332,9 +339,10 @@ impl QuicListener {
         self.endpoint.set_server_config(None);
     }
 
-    /// Closes every connection.
-    pub fn close(&self) {
+    /// Closes every connection and waits (up to a second) for the peers to hear it.
+    pub async fn close(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
 
@@ -378,6 +386,11 @@ impl QuicIncoming {
     /// The peer's node id (from its certificate).
     pub fn node_id(&self) -> &NodeId {
         &self.peer
+    }
+
+    /// Completes once the connection is closed (by either side, or idle).
+    pub async fn closed(&self) {
+        self.conn.closed().await;
     }
 
     /// The next stream the peer opens, as a raw byte stream; `None` once the connection is

@@ -741,27 +741,42 @@ async fn recv_stream<T>(
     let peer = conn.peer_addr();
     let peer_id = conn.established().peer_node_id.clone();
     let max_streams = conn.established().negotiated.max_streams;
-    let (mut reader, writer) = conn.split();
-    match tokio::time::timeout(idle, reader.recv()).await {
-        Err(_) => writer.close(ErrorCode::TIMEOUT, "no SESSION frame").await,
-        Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::SESSION => {
-            let served = receiver
-                .serve(peer_id, f, reader, writer, max_streams, stop)
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(%peer, "stream ended: {e}");
+    let (mut reader, mut writer) = conn.split();
+    // A sender may probe the round trip before its session (a few PINGs at most).
+    for _ in 0..8 {
+        match tokio::time::timeout(idle, reader.recv()).await {
+            Err(_) => return writer.close(ErrorCode::TIMEOUT, "no SESSION frame").await,
+            Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::SESSION => {
+                let served = receiver
+                    .serve(peer_id, f, reader, writer, max_streams, stop)
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(%peer, "stream ended: {e}");
+                }
+                return;
             }
+            Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::PING => {
+                let pong = dwcp_wire::Frame {
+                    ty: dwcp_wire::FrameType::PONG,
+                    ..f
+                };
+                let sent = tokio::time::timeout(idle, writer.send(&pong)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::PONG || f.ty.is_extension() => {}
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(_))) => break,
+            Ok(Err(e)) => return tracing::warn!(%peer, "stream failed: {e}"),
         }
-        Ok(Ok(_)) => {
-            writer
-                .close(
-                    ErrorCode::UNEXPECTED_FRAME,
-                    "dwcp recv only takes transfer sessions",
-                )
-                .await;
-        }
-        Ok(Err(e)) => tracing::warn!(%peer, "stream failed: {e}"),
     }
+    writer
+        .close(
+            ErrorCode::UNEXPECTED_FRAME,
+            "dwcp recv only takes transfer sessions",
+        )
+        .await;
 }
 
 fn certs(cmd: CertsCommand) -> Result<()> {

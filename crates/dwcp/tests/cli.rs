@@ -520,6 +520,18 @@ fn internet_profile_transfer_in_namespaces() {
 
 /// One `dwcp recv` run on loopback receiving one `dwcp send`; returns send's JSON.
 fn recv_and_send(certs: &Path, out: &Path, cache: &Path, file: &Path) -> serde_json::Value {
+    recv_and_send_with(certs, out, cache, file, &[], &[])
+}
+
+/// As [`recv_and_send`], with more arguments and environment for `dwcp send`.
+fn recv_and_send_with(
+    certs: &Path,
+    out: &Path,
+    cache: &Path,
+    file: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut recv = dwcp()
         .args([
@@ -557,6 +569,8 @@ fn recv_and_send(certs: &Path, out: &Path, cache: &Path, file: &Path) -> serde_j
             "--certs-dir",
         ])
         .arg(certs)
+        .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -573,6 +587,47 @@ fn recv_and_send(certs: &Path, out: &Path, cache: &Path, file: &Path) -> serde_j
     assert!(send.status.success(), "{}", text(&send.stderr));
     assert!(status.success());
     serde_json::from_slice(&send.stdout).unwrap()
+}
+
+/// `dwcp recv` takes sessions over QUIC as well, and answers the round-trip probe that
+/// `--transport auto` sends before its session; the JSON says which carrier ran.
+#[test]
+fn recv_takes_quic_and_auto_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let file = dir.path().join("q.raw");
+    std::fs::write(&file, &data).unwrap();
+    for (i, (args, env, want)) in [
+        (&["--transport", "quic"][..], &[][..], "quic"),
+        // A host whose TCP cannot use BBR (reno), on a path measured as a datacenter one:
+        // the probe is answered and the session stays on TCP.
+        (
+            &["--transport", "auto"][..],
+            &[("DWCP_TRANSPORT__CONGESTION", "reno")][..],
+            "tcp",
+        ),
+        // ... and on a path declared internet: QUIC.
+        (
+            &["--transport", "auto", "--mode", "internet"][..],
+            &[("DWCP_TRANSPORT__CONGESTION", "reno")][..],
+            "quic",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("out{i}"));
+        let cache = dir.path().join(format!("cache{i}"));
+        let j = recv_and_send_with(dir.path(), &out, &cache, &file, args, env);
+        assert_eq!(j["transport"], want, "{args:?}: {j}");
+        assert!(
+            std::fs::read(out.join("q.raw")).unwrap() == data,
+            "{args:?}"
+        );
+    }
 }
 
 #[test]

@@ -190,6 +190,24 @@ struct PeerCounters {
     data_bytes: std::sync::atomic::AtomicU64,
 }
 
+/// One stream counted in its peer's `streams` for as long as it lives.
+struct OpenStream(Arc<PeerCounters>);
+
+impl OpenStream {
+    fn new(c: Arc<PeerCounters>) -> Self {
+        c.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What a receiver sees of one sending peer ([`Receiver::peer_stats`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStats {
@@ -349,15 +367,12 @@ impl Receiver {
             return Err(self.violation(writer, detail).await);
         }
         let counters = lock(&self.peers).entry(peer.clone()).or_default().clone();
-        counters
-            .streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Counted while this stream is served, however that ends (cancellation included).
+        let open = OpenStream::new(counters);
         let result = self
-            .serve_stream(peer.clone(), &session, &counters, reader, writer, stop)
+            .serve_stream(peer.clone(), &session, &open.0, reader, writer, stop)
             .await;
-        counters
-            .streams
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        drop(open);
         self.leave(&peer, &join.session_id, &session);
         result
     }

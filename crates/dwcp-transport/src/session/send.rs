@@ -201,8 +201,10 @@ impl LinkStats {
     }
 }
 
-/// Heartbeat sequence numbers start here, apart from the mode probe's.
+/// Heartbeat sequence numbers start here, apart from the probes'.
 const HEARTBEAT_SEQ: u64 = 1 << 32;
+/// The sequence number of `Carrier::Auto`'s round-trip probe (the mode probe uses `0x5eed`).
+const AUTO_PROBE_SEQ: u64 = 0xa070;
 
 /// One object's outcome.
 #[derive(Debug, Clone)]
@@ -395,22 +397,32 @@ impl Dialer {
         match carrier {
             Carrier::Tcp | Carrier::Auto => {
                 let mut c = connect_to(&endpoint, addr, expected).await?;
-                let cc = c.congestion().unwrap_or_default();
-                let loss_based = !cc.starts_with("bbr");
-                if carrier == Carrier::Auto && loss_based && c.established().negotiated.quic {
+                let cc = c.congestion();
+                // Unknown (not Linux): keep TCP.
+                let loss_based = cc.as_deref().is_some_and(|cc| !cc.starts_with("bbr"));
+                let offers_quic = c.established().version == Version::V3
+                    && c.established().peer_capabilities.quic;
+                if carrier == Carrier::Auto && loss_based && offers_quic {
                     // The path decides: QUIC (user-space BBR) only pays on long, lossy paths.
                     let internet = match mode {
                         Some(m) => m == Mode::Internet,
-                        None => c
-                            .ping(0x5eed, Duration::from_secs(2))
-                            .await
-                            .map_or(true, |r| Mode::for_rtt(r) == Mode::Internet),
+                        None => match c.ping(AUTO_PROBE_SEQ, Duration::from_secs(2)).await {
+                            Ok(r) => Mode::for_rtt(r) == Mode::Internet,
+                            // No answer within 2 s: a long path, if anything.
+                            Err(ConnError::Timeout { .. }) => true,
+                            // The receiver refused the probe: stay on TCP, on a new connection.
+                            Err(e) => {
+                                debug!("round-trip probe failed ({e}); staying on TCP");
+                                c = connect_to(&endpoint, addr, expected).await?;
+                                false
+                            }
+                        },
                     };
                     if internet {
                         let peer = c.established().peer_node_id.clone();
                         match Self::first_quic(endpoint.clone(), addr, Some(&peer)).await {
                             Ok(quic) => {
-                                info!(tcp_congestion = %cc, "internet path, TCP without BBR: using QUIC");
+                                info!(tcp_congestion = ?cc, "internet path, TCP without BBR: using QUIC");
                                 c.close(ErrorCode::NO_ERROR, "switching to QUIC").await;
                                 return Ok(quic);
                             }
@@ -482,6 +494,8 @@ struct Session {
     /// Heartbeat timestamps count from here.
     epoch: Instant,
     next_heartbeat: u64,
+    /// The heartbeat being written, if any: one at a time.
+    beating: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Session {
@@ -542,6 +556,7 @@ impl Session {
             next_gen: 0,
             epoch: Instant::now(),
             next_heartbeat: HEARTBEAT_SEQ,
+            beating: None,
         };
         session.add(0, first).await?;
         let n = match plan {
@@ -668,20 +683,28 @@ impl Session {
     /// Sends a heartbeat on one stream, stamped when it is written (after any chunk that
     /// holds the stream), without waiting for it here.
     fn heartbeat(&mut self) {
+        if self.beating.as_ref().is_some_and(|t| !t.is_finished()) {
+            return; // the last one is still waiting for its stream: no pile-up
+        }
         let Some(w) = self.any_writer() else {
             return;
         };
         let (seq, epoch) = (self.next_heartbeat, self.epoch);
         self.next_heartbeat += 1;
-        tokio::spawn(async move {
-            let mut w = w.lock().await;
-            let ping = Ping {
-                seq,
-                timestamp_micros: u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
-            };
-            // A failed write shows up as a lost stream in the reader.
-            let _ = w.send(&msg::encode(FrameType::PING, &ping)).await;
-        });
+        self.beating = Some(tokio::spawn(async move {
+            // Bounded: a stalled stream must not keep this task (and its stream) alive.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut w = w.lock().await;
+                let ping = Ping {
+                    seq,
+                    timestamp_micros: u64::try_from(epoch.elapsed().as_micros())
+                        .unwrap_or(u64::MAX),
+                };
+                // A failed write shows up as a lost stream in the reader.
+                let _ = w.send(&msg::encode(FrameType::PING, &ping)).await;
+            })
+            .await;
+        }));
     }
 
     /// The round trip of a heartbeat's `PONG`; `None` for other pongs and for stamps that
@@ -732,8 +755,15 @@ impl Session {
     /// Says goodbye on every stream (`NO_ERROR` only when the transfer is complete) and
     /// waits briefly for the receiver to close.
     async fn close(self, code: ErrorCode, reason: &str) {
+        if let Some(t) = &self.beating {
+            t.abort();
+        }
         for (_, w) in self.writers.into_iter().flatten() {
-            w.lock().await.goodbye(code, reason).await;
+            // The lock too is bounded: a writer stuck in a dead stream must not hold us.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                w.lock().await.goodbye(code, reason).await;
+            })
+            .await;
         }
         let mut readers = self.readers;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
