@@ -151,6 +151,8 @@ pub struct TransportConfig {
     pub socket_buffer_bytes: u32,
     /// Seconds of idleness before TCP keepalive probes; 0 disables keepalive.
     pub keepalive_secs: u32,
+    /// Most bytes a peer socket keeps queued but not yet sent (TCP_NOTSENT_LOWAT); 0: no limit.
+    pub notsent_lowat_bytes: u32,
 }
 
 impl Default for TransportConfig {
@@ -168,6 +170,10 @@ impl Default for TransportConfig {
             // would switch it off.
             socket_buffer_bytes: 0,
             keepalive_secs: 30,
+            // One chunk: a stream keeps its congestion window in flight, and what is not yet
+            // sent stays with the session, which gives it to a stream that is moving
+            // (docs/BENCHMARKS.md: heartbeats waited 1.4 s behind unsent chunks without it).
+            notsent_lowat_bytes: 256 * 1024,
         }
     }
 }
@@ -308,6 +314,8 @@ pub struct Settings {
     pub socket_buffer: Option<u32>,
     /// TCP keepalive idle time.
     pub keepalive: Option<Duration>,
+    /// Unsent-bytes limit of peer sockets.
+    pub notsent_lowat: Option<u32>,
     /// Log settings.
     pub log: LogConfig,
     /// Baseline cache of the agent.
@@ -524,6 +532,14 @@ impl Config {
             0,
             7200,
         );
+        let lw = self.transport.notsent_lowat_bytes;
+        if lw != 0 && !(16 * 1024..=1 << 30).contains(&lw) {
+            bad(
+                "transport.notsent_lowat_bytes",
+                lw.to_string(),
+                "0 (no limit) or 16384..=1073741824".into(),
+            );
+        }
 
         for (i, c) in self.encoding.codecs.iter().enumerate() {
             if !KNOWN_CODECS.contains(&c.as_str()) {
@@ -597,6 +613,7 @@ impl Config {
                 socket_buffer: Some(self.transport.socket_buffer_bytes).filter(|b| *b > 0),
                 keepalive: Some(Duration::from_secs(self.transport.keepalive_secs.into()))
                     .filter(|d| !d.is_zero()),
+                notsent_lowat: Some(self.transport.notsent_lowat_bytes).filter(|n| *n > 0),
                 log: self.log.clone(),
                 cache: CacheSettings {
                     dir: Some(self.encoding.cache_dir.clone())
@@ -807,6 +824,9 @@ quic_congestion = "bbr"
 socket_buffer_bytes = 0
 # Seconds of idleness before TCP keepalive probes (0 = off, ..=7200).
 keepalive_secs = 30
+# Most bytes a peer socket queues but has not sent yet (TCP_NOTSENT_LOWAT): 0 = no limit, else
+# 16384..=1073741824.
+notsent_lowat_bytes = 262144
 
 [encoding]
 # Use delta encoding (HDE) with v3 peers that allow it.
@@ -1039,7 +1059,7 @@ mod tests {
 
         use super::*;
 
-        const KEYS: [(&str, &str); 22] = [
+        const KEYS: [(&str, &str); 23] = [
             ("node", "id"),
             ("node", "cluster_id"),
             ("node", "certs_dir"),
@@ -1058,6 +1078,7 @@ mod tests {
             ("transport", "congestion"),
             ("transport", "quic_congestion"),
             ("transport", "keepalive_secs"),
+            ("transport", "notsent_lowat_bytes"),
             ("encoding", "codecs"),
             ("encoding", "cache_mem_mib"),
             ("encoding", "seed_paths"),

@@ -65,6 +65,7 @@ impl Endpoint {
                 congestion: settings.congestion.clone(),
                 buffer: settings.socket_buffer,
                 keepalive: settings.keepalive,
+                notsent_lowat: settings.notsent_lowat,
             },
             quic_congestion: settings.quic_congestion.clone(),
         }

@@ -25,6 +25,10 @@ pub struct SocketOptions {
     pub buffer: Option<u32>,
     /// Idle time before TCP keepalive probes; `None` disables keepalive.
     pub keepalive: Option<Duration>,
+    /// Most bytes a socket holds not yet sent (`TCP_NOTSENT_LOWAT`); `None`: no limit.
+    /// Without it Linux lets a stream queue seconds of data locally, which a session would
+    /// rather give to a stream that is moving (and which hides a backlog from QEMU).
+    pub notsent_lowat: Option<u32>,
 }
 
 static CONGESTION_WARNED: AtomicBool = AtomicBool::new(false);
@@ -57,6 +61,9 @@ impl SocketOptions {
     fn after_connect(&self, stream: &TcpStream) -> io::Result<()> {
         // Frames are written whole; Nagle would only add latency to small control frames.
         stream.set_nodelay(true)?;
+        if let Some(n) = self.notsent_lowat {
+            socket2::SockRef::from(stream).set_tcp_notsent_lowat(n)?;
+        }
         if let Some(idle) = self.keepalive {
             let ka = socket2::TcpKeepalive::new()
                 .with_time(idle)
@@ -111,6 +118,7 @@ mod tests {
             congestion: Some(want.into()),
             buffer: Some(1 << 20),
             keepalive: Some(Duration::from_secs(30)),
+            notsent_lowat: Some(256 * 1024),
         };
         let (client, server) = tokio::join!(opts.connect(addr), listener.accept());
         let client = client.unwrap();
@@ -123,6 +131,10 @@ mod tests {
         );
         assert_eq!(congestion_of(&server).as_deref(), Some(want));
         assert!(client.nodelay().unwrap());
+        assert_eq!(
+            socket2::SockRef::from(&client).tcp_notsent_lowat().unwrap(),
+            256 * 1024
+        );
         assert!(socket2::SockRef::from(&client).keepalive().unwrap());
         // The kernel caps the request at net.core.rmem_max and doubles it for bookkeeping.
         let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
