@@ -586,6 +586,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             congestion: &args.congestion,
             mem_mib: qemu_mem,
             dirty_pages: args.qemu_dirty_pages,
+            codec: args.qemu_codec,
             native_timeout: Duration::from_secs(args.qemu_native_timeout_secs),
             cases: args
                 .qemu_cases

@@ -25,6 +25,8 @@ pub(crate) struct QemuBench<'a> {
     pub(crate) congestion: &'a str,
     pub(crate) mem_mib: u64,
     pub(crate) dirty_pages: u64,
+    /// `--codec` of `dwcp migrate`.
+    pub(crate) codec: crate::cli::CodecChoice,
     pub(crate) native_timeout: Duration,
     /// Which of `native`, `multifd`, `cold`, `warm` to run.
     pub(crate) cases: Vec<String>,
@@ -211,6 +213,9 @@ impl QemuBench<'_> {
             .arg(self.certs)
             .env("DWCP_TRANSPORT__CONGESTION", self.congestion)
             .env("DWCP_LOG__LEVEL", "warn,dwcp_migration=debug");
+        if let crate::cli::CodecChoice::Fixed(c) = self.codec {
+            m.args(["--codec", &c.to_string()]);
+        }
         if let Some(r) = self.tb.profile.rate_bps {
             m.args(["--link-rate", &format!("{}", r / 8)]);
         }

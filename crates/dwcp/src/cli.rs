@@ -435,6 +435,10 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 2560)]
     pub(crate) qemu_dirty_pages: u64,
 
+    /// `dwcp migrate --codec` of the rows through DWCP: auto, none, lz4, zstd:LEVEL.
+    #[arg(long, default_value = "auto", value_parser = parse_codec)]
+    pub(crate) qemu_codec: CodecChoice,
+
     /// Seconds QEMU's native migration gets before it is called unfinished.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=3600))]
     pub(crate) qemu_native_timeout_secs: u64,
