@@ -55,6 +55,9 @@ pub struct QemuSpec {
     pub delta: bool,
     /// Compressor for HDE literals.
     pub codec: Codec,
+    /// The compressor instead when the round trip shows a datacenter path (under 10 ms):
+    /// there the CPU, not the link, is the limit.
+    pub short_path_codec: Option<Codec>,
     /// Connections carrying the stream.
     pub streams: u32,
     /// Give up (and roll back) after this long.
@@ -71,6 +74,7 @@ impl QemuSpec {
             auto_converge: true,
             delta: true,
             codec: Codec::Zstd(2),
+            short_path_codec: None,
             streams: 4,
             timeout: Duration::from_secs(600),
         }
@@ -106,6 +110,8 @@ pub struct QemuReport {
     pub rounds: u64,
     /// Highest auto-converge throttle QEMU applied, percent.
     pub throttle: u64,
+    /// The compressor the stream was encoded with.
+    pub codec: String,
 }
 
 /// Live progress.
@@ -429,7 +435,13 @@ async fn run(
     ));
     let remote = Arc::new(remote);
     let tunnel = Arc::new(tunnel);
-    let blocks = encode_segments(rx, spec.delta, spec.codec, remote);
+    let codec = match spec.short_path_codec {
+        Some(c) if Mode::for_rtt(rtt) == Mode::Datacenter => c,
+        _ => spec.codec,
+    };
+    debug!(%codec, rtt_ms = rtt.as_secs_f64() * 1e3, "codec of the stream");
+    report.codec = codec.to_string();
+    let blocks = encode_segments(rx, spec.delta, codec, remote);
     // Blocks go into the tunnel and acknowledgements free the window in a task of their own:
     // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
     // lock), and that must not stall the stream QEMU is waiting on.

@@ -232,6 +232,11 @@ pub(crate) fn qemu_spec(args: &MigrateArgs, qmp: &std::path::Path) -> QemuSpec {
         }
         CodecChoice::Auto => dwcp_encoding::Codec::Zstd(2),
     };
+    // Without a link rate, the round trip decides: lz4 on a datacenter path, where zstd's
+    // CPU time made migrations slower (docs/BENCHMARKS.md, QEMU on dc).
+    if args.codec == CodecChoice::Auto && args.link_rate.is_none() {
+        spec.short_path_codec = Some(dwcp_encoding::Codec::Lz4);
+    }
     spec.delta = !matches!(args.codec, CodecChoice::Fixed(dwcp_encoding::Codec::None));
     spec
 }
@@ -335,6 +340,7 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "segments": r.segments,
         "rounds": r.rounds,
         "throttle_percent": r.throttle,
+        "codec": r.codec,
     })
 }
 
