@@ -49,6 +49,15 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) {
 
 #[tokio::test]
 async fn t10_files_arrive_verified_over_many_streams() {
+    files_arrive_verified(Carrier::Tcp, 8).await;
+}
+
+#[tokio::test]
+async fn t60_files_arrive_verified_over_quic_streams() {
+    files_arrive_verified(Carrier::Quic, 6).await;
+}
+
+async fn files_arrive_verified(carrier: Carrier, streams: u32) {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     let src = tempfile::tempdir().unwrap();
@@ -60,13 +69,16 @@ async fn t10_files_arrive_verified_over_many_streams() {
     let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
     let ep = endpoint(&cluster, "client", |_| {});
     let mut calls = 0;
-    let report = send_files(&ep, agent.addr, None, &sources, &opts(8), &mut |_| {
-        calls += 1
-    })
-    .await
-    .unwrap();
+    let o = SendOptions {
+        carrier,
+        ..opts(streams)
+    };
+    let report = send_files(&ep, agent.addr, None, &sources, &o, &mut |_| calls += 1)
+        .await
+        .unwrap();
     assert_eq!(report.objects.len(), 3);
-    assert_eq!(report.streams, 8);
+    assert_eq!(report.streams, streams);
+    assert_eq!(report.carrier, Some(carrier));
     assert_eq!(report.bytes_sent, 9 * 1024 * 1024 + 17 + 1000);
     assert_eq!(report.resent_bytes, 0);
     assert!(calls > 0);
@@ -118,6 +130,16 @@ async fn t10_files_arrive_verified_over_many_streams() {
     assert_eq!(
         dwcp_testkit::metric_value(&text, "dwcp_session_streams", &[("peer", "client")]),
         0.0
+    );
+    // Every stream (a TCP connection or a QUIC stream) ran the DWCP handshake.
+    assert_eq!(
+        dwcp_testkit::metric_value(
+            &text,
+            "dwcp_handshakes_total",
+            &[("result", "ok"), ("reason", ""), ("version", "v3")],
+        ),
+        f64::from(streams),
+        "{text}"
     );
     agent.stop().await.unwrap();
 }
@@ -679,40 +701,6 @@ fn quic_opts(streams: u32) -> SendOptions {
         carrier: Carrier::Quic,
         ..opts(streams)
     }
-}
-
-#[tokio::test]
-async fn t60_files_arrive_verified_over_quic_streams() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let src = tempfile::tempdir().unwrap();
-    let files = [
-        random_file(src.path(), "a.img", 9 * 1024 * 1024 + 17, 1),
-        random_file(src.path(), "b.img", 1000, 2),
-        random_file(src.path(), "empty", 0, 3),
-    ];
-    let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
-    let ep = endpoint(&cluster, "client", |_| {});
-    let report = send_files(&ep, agent.addr, None, &sources, &quic_opts(6), &mut |_| {})
-        .await
-        .unwrap();
-    assert_eq!(report.objects.len(), 3);
-    assert_eq!(report.streams, 6, "{report:?}");
-    assert_eq!(report.bytes_sent, 9 * 1024 * 1024 + 17 + 1000);
-    assert_eq!(report.resent_bytes, 0);
-    let spool = cluster.dir().join("spool/client");
-    for f in &files {
-        same_file(f, &spool.join(f.file_name().unwrap()));
-    }
-    // Every stream ran the DWCP handshake: six successful handshakes, counted as connections.
-    let text = agent.metrics().await;
-    let ok = dwcp_testkit::metric_value(
-        &text,
-        "dwcp_handshakes_total",
-        &[("result", "ok"), ("reason", ""), ("version", "v3")],
-    );
-    assert_eq!(ok, 6.0, "{text}");
-    agent.stop().await.unwrap();
 }
 
 #[tokio::test]
