@@ -32,6 +32,7 @@ pub struct SocketOptions {
 }
 
 static CONGESTION_WARNED: AtomicBool = AtomicBool::new(false);
+static LOWAT_WARNED: AtomicBool = AtomicBool::new(false);
 
 impl SocketOptions {
     /// Opens a TCP connection to `addr` with these options (buffers are set before connecting,
@@ -62,7 +63,12 @@ impl SocketOptions {
         // Frames are written whole; Nagle would only add latency to small control frames.
         stream.set_nodelay(true)?;
         if let Some(n) = self.notsent_lowat {
-            socket2::SockRef::from(stream).set_tcp_notsent_lowat(n)?;
+            // Best effort, like the congestion control: a kernel without it only queues more.
+            if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
+                if !LOWAT_WARNED.swap(true, Ordering::Relaxed) {
+                    warn!("cannot limit unsent bytes (TCP_NOTSENT_LOWAT): {e}");
+                }
+            }
         }
         if let Some(idle) = self.keepalive {
             let ka = socket2::TcpKeepalive::new()
