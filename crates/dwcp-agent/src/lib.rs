@@ -380,9 +380,23 @@ async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: Can
         debug!("cannot tune the socket: {e}");
     }
     let io = Metered::new(tcp, m.bytes_received.clone(), m.bytes_sent.clone());
+    let handshake = dwcp_transport::accept(&shared.endpoint, io, peer);
+    handshake_then_serve(shared, handshake, &stop).await;
+}
+
+/// Counts a connection's (or QUIC stream's) DWCP handshake, then serves its frames; stops
+/// early when the agent shuts down during the handshake.
+async fn handshake_then_serve<T>(
+    shared: &Shared,
+    handshake: impl Future<Output = Result<Framed<T>, ConnError>>,
+    stop: &CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let m = &shared.metrics;
     let accepted = tokio::select! {
         () = stop.cancelled() => None,
-        r = dwcp_transport::accept(&shared.endpoint, io, peer) => Some(r),
+        r = handshake => Some(r),
     };
     match accepted {
         None => debug!("shutdown during handshake"),
@@ -400,7 +414,7 @@ async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: Can
                 max_streams = est.negotiated.max_streams,
                 "peer connected"
             );
-            if let Err(e) = serve_frames(shared, conn, &stop).await {
+            if let Err(e) = serve_frames(shared, conn, stop).await {
                 warn!(reason = e.reason(), "connection ended: {e}");
             }
         }
@@ -462,23 +476,8 @@ async fn serve_quic(
                 m.connections_active.dec();
             });
             let io = Metered::new(io, m.bytes_received.clone(), m.bytes_sent.clone());
-            let accepted = tokio::select! {
-                () = stop.cancelled() => None,
-                r = quic::accept_stream(&shared.endpoint, io, peer_id, addr) => Some(r),
-            };
-            match accepted {
-                None => debug!("shutdown during handshake"),
-                Some(Err(e)) => {
-                    m.handshake("failed", e.reason(), "");
-                    warn!(reason = e.reason(), "handshake failed: {e}");
-                }
-                Some(Ok(conn)) => {
-                    m.handshake("ok", "", &conn.established().version.to_string());
-                    if let Err(e) = serve_frames(&shared, conn, &stop).await {
-                        warn!(reason = e.reason(), "QUIC stream ended: {e}");
-                    }
-                }
-            }
+            let handshake = quic::accept_stream(&shared.endpoint, io, peer_id, addr);
+            handshake_then_serve(&shared, handshake, &stop).await;
             drop(permit);
         };
         let cut = cut.clone();

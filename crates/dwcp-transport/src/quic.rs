@@ -258,16 +258,6 @@ impl QuicPeer {
         &self.peer
     }
 
-    /// Whether the QUIC connection is still up.
-    pub fn is_alive(&self) -> bool {
-        self.conn.close_reason().is_none()
-    }
-
-    /// quinn's smoothed round-trip estimate.
-    pub fn rtt(&self) -> Duration {
-        self.conn.rtt()
-    }
-
     /// quinn's counters for the connection (packets lost, congestion events, ...).
     pub fn stats(&self) -> quinn::ConnectionStats {
         self.conn.stats()

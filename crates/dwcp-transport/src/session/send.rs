@@ -613,6 +613,23 @@ impl Session {
         Ok(session)
     }
 
+    /// A one-stream TCP session for requests (base queries, migration control).
+    async fn control(
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+    ) -> Result<Self, ConnError> {
+        Self::open(
+            endpoint,
+            addr,
+            expected,
+            &StreamPlan::Fixed(1),
+            Carrier::Tcp,
+            None,
+        )
+        .await
+    }
+
     /// Puts `conn` into slot `index`; returns the stream's generation.
     async fn add(&mut self, index: u32, conn: AnyConnection) -> Result<u64, ConnError> {
         let (mut reader, mut writer) = conn.split();
@@ -1640,16 +1657,9 @@ pub async fn query_base(
     page_size: u32,
     migration_target: bool,
 ) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
-    let mut session = Session::open(
-        endpoint,
-        addr,
-        expected,
-        &StreamPlan::Fixed(1),
-        Carrier::Tcp,
-        None,
-    )
-    .await
-    .map_err(SendError::Connect)?;
+    let mut session = Session::control(endpoint, addr, expected)
+        .await
+        .map_err(SendError::Connect)?;
     let mut report = SendReport::default();
     let q = BaseQuery {
         object: 1,
@@ -1752,16 +1762,9 @@ pub async fn migration_request_kept(
 ) -> Result<String, SendError> {
     let mut session = match kept.session.take().filter(|s| s.alive() > 0) {
         Some(s) => s,
-        None => Session::open(
-            endpoint,
-            addr,
-            expected,
-            &StreamPlan::Fixed(1),
-            Carrier::Tcp,
-            None,
-        )
-        .await
-        .map_err(SendError::Connect)?,
+        None => Session::control(endpoint, addr, expected)
+            .await
+            .map_err(SendError::Connect)?,
     };
     kept.object_id += 1;
     let m = Migration {
