@@ -228,8 +228,9 @@ fn run_workload(inner: &Inner, model: DirtyModel, rate: f64, seed: u64) {
                     dirty[(a / 64) as usize] |= 1 << (a % 64);
                 }
             }
-            drop(m);
+            // Counted under the memory lock: once `pause` has taken it, the count is final.
             inner.writes.fetch_add(chunk, Ordering::Relaxed);
+            drop(m);
         }
         std::thread::sleep(TICK);
     }
