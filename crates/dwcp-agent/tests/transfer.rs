@@ -236,6 +236,103 @@ async fn t21_corrupted_chunk_is_detected_and_resent() {
     agent.stop().await.unwrap();
 }
 
+/// A chunk sent again with other bytes after the receiver acknowledged the first copy (so
+/// its digest thread may have hashed it) does not change the file: what is published is what
+/// was verified.
+#[tokio::test]
+async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again() {
+    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
+    use dwcp_wire::{FrameType, msg};
+    async fn next(
+        c: &mut dwcp_transport::Connection<tokio::net::TcpStream>,
+        ty: FrameType,
+    ) -> dwcp_wire::Frame {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let f = c.recv().await.unwrap().expect("receiver closed the stream");
+                if f.ty == ty {
+                    return f;
+                }
+            }
+        })
+        .await
+        .expect("no answer within 20 s")
+    }
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
+        .await
+        .unwrap();
+    let join = SessionJoin {
+        session_id: vec![7; 16],
+        stream_index: 0,
+    };
+    c.send(&msg::encode(FrameType::SESSION, &join))
+        .await
+        .unwrap();
+    const HALF: usize = 512 * 1024;
+    let content: Vec<u8> = (0..4 * HALF).map(|i| (i % 251) as u8).collect();
+    let begin = ObjectBegin {
+        object: 1,
+        name: "dup".into(),
+        size: content.len() as u64,
+        version_tag: "t22".into(),
+        ..ObjectBegin::default()
+    };
+    c.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    next(&mut c, FrameType::OBJECT_STATE).await;
+    for i in 0..2 {
+        let chunk = &content[i * HALF..(i + 1) * HALF];
+        c.send(&data::encode_data(1, (i * HALF) as u64, chunk))
+            .await
+            .unwrap();
+    }
+    let a: Ack = msg::decode(&next(&mut c, FrameType::ACK).await).unwrap();
+    assert_eq!(a.offset, 2 * HALF as u64);
+    // The first half again, with other bytes: acknowledged as a duplicate, not written.
+    c.send(&data::encode_data(1, 0, &vec![0xff; HALF]))
+        .await
+        .unwrap();
+    let a: Ack = msg::decode(&next(&mut c, FrameType::ACK).await).unwrap();
+    assert_eq!(a.offset, 2 * HALF as u64);
+    // Straddling the prefix: only the bytes beyond it count.
+    let mut straddle = vec![0xee; HALF];
+    straddle[HALF / 2..].copy_from_slice(&content[2 * HALF..2 * HALF + HALF / 2]);
+    c.send(&data::encode_data(
+        1,
+        (2 * HALF - HALF / 2) as u64,
+        &straddle,
+    ))
+    .await
+    .unwrap();
+    c.send(&data::encode_data(
+        1,
+        (2 * HALF + HALF / 2) as u64,
+        &content[2 * HALF + HALF / 2..],
+    ))
+    .await
+    .unwrap();
+    let end = ObjectEnd {
+        object: 1,
+        size: content.len() as u64,
+        blake3: blake3::hash(&content).as_bytes().to_vec(),
+    };
+    c.send(&msg::encode(FrameType::OBJECT_END, &end))
+        .await
+        .unwrap();
+    let d: ObjectDone = msg::decode(&next(&mut c, FrameType::OBJECT_DONE).await).unwrap();
+    assert_eq!(d.code, 0, "{}", d.reason);
+    let got = std::fs::read(cluster.dir().join("spool/client/dup")).unwrap();
+    assert!(
+        got == content,
+        "the published file is not what was verified"
+    );
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn t30_resume_after_receiver_restart() {
     resume_after_receiver_restart(Carrier::Tcp).await;

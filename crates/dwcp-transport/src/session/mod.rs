@@ -6,6 +6,7 @@
 
 pub mod adapt;
 pub mod delta;
+mod digest;
 pub mod qemu_feed;
 pub mod reasm;
 pub mod recv;

@@ -3,9 +3,10 @@
 //! Every connection of a session is served by its own task ([`Receiver::serve`]); they share
 //! the session's object table. Chunks are written at their offsets as they arrive (no
 //! reordering buffer: memory per connection is one frame), the contiguous prefix is
-//! acknowledged and recorded in a small state file next to the partial file, and at the end the
-//! whole file is hashed and compared with the sender's BLAKE3 digest before it is renamed into
-//! place. A sender that reconnects after a failure is told how much is already here and resumes
+//! acknowledged and recorded in a small state file next to the partial file. The acknowledged
+//! prefix is hashed (and synced to disk) on a thread of its own as it grows ([`Digester`]), so
+//! at the end only the last bytes are left to hash before the file is compared with the
+//! sender's BLAKE3 digest and renamed into place. A sender that reconnects after a failure is told how much is already here and resumes
 //! from there.
 //!
 //! Files in the output directory, for an object named `NAME`:
@@ -47,11 +48,16 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::digest::Digester;
 use super::reasm::Ranges;
 use crate::conn::{ConnError, FrameReader, FrameWriter};
 
 /// Acknowledge at least every this many new contiguous bytes.
 const ACK_STEP: u64 = 1024 * 1024;
+
+/// While an object arrives, sync its part file to disk every this many bytes, so that the
+/// final sync has little left to write.
+const SYNC_STEP: u64 = 64 * 1024 * 1024;
 
 /// Most separate byte ranges held beyond the contiguous prefix of one object. A sender keeps
 /// at most a window (32 MiB by default, in 256 KiB chunks: ~128 ranges) outstanding; far more
@@ -137,6 +143,8 @@ struct RxObject {
     finishing: bool,
     /// Set for an HDE-encoded object: how to decode it and what it must decode to.
     delta: Option<Delta>,
+    /// Hashes the acknowledged prefix as it grows; taken when the object finishes.
+    digester: Option<Digester>,
 }
 
 /// What an encoded object decodes to.
@@ -430,20 +438,29 @@ impl Receiver {
                                 chunk.len(),
                                 o.size
                             )),
-                            Some(o) => Ok(Some(o.file.clone())),
+                            Some(o) => Ok(Some((o.file.clone(), o.acked))),
                         }
                     };
-                    let file = match checked {
+                    let (file, floor) = match checked {
                         Ok(Some(f)) => f,
                         Ok(None) => continue,
                         Err(detail) => return Err(self.violation(writer, detail).await),
                     };
                     let offset = h.offset;
-                    let written = tokio::task::spawn_blocking(move || {
-                        file.write_all_at(&chunk, offset)
-                            .map(|()| chunk.len() as u64)
-                    })
-                    .await;
+                    let full = chunk.len() as u64;
+                    // Bytes below the acknowledged prefix are here and may be hashed already
+                    // (the digester): a re-sent chunk must not write them again.
+                    let skip = floor.saturating_sub(offset).min(full);
+                    let written = if skip == full {
+                        Ok(Ok(full))
+                    } else {
+                        tokio::task::spawn_blocking(move || {
+                            // `skip < full = chunk.len()`, so the slice is in bounds.
+                            file.write_all_at(&chunk[skip as usize..], offset + skip)
+                                .map(|()| full)
+                        })
+                        .await
+                    };
                     let len = match written {
                         Ok(Ok(n)) => n,
                         Ok(Err(e)) => {
@@ -480,6 +497,9 @@ impl Receiver {
                             let c = o.ranges.contiguous();
                             if c >= o.acked + ACK_STEP || (c == o.size && o.acked < c) {
                                 o.acked = c;
+                                if let Some(d) = &o.digester {
+                                    d.advance(c);
+                                }
                                 Ok(Some((c, Some((o.state.clone(), o.tag.clone(), o.size)))))
                             } else if new == 0 {
                                 // A duplicate: the sender re-sent because it did not see our
@@ -923,10 +943,22 @@ impl Receiver {
         if have > 0 {
             info!(name = %b.name, have, size = b.size, "resuming object");
         }
+        let file = Arc::new(file);
+        // A migration round need not survive a crash (see `maybe_finish`): no syncs.
+        let round = delta
+            .as_ref()
+            .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
+        let digester = match Digester::start(file.clone(), have, (!round).then_some(SYNC_STEP)) {
+            Ok(d) => d,
+            Err(e) => {
+                lock(&self.active).remove(&path);
+                return Err(format!("cannot start hashing {:?}: {e}", b.name));
+            }
+        };
         let o = RxObject {
             name: b.name.clone(),
             size: b.size,
-            file: Arc::new(file),
+            file,
             path,
             part,
             state,
@@ -937,6 +969,7 @@ impl Receiver {
             digest: None,
             finishing: false,
             delta,
+            digester: Some(digester),
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
         lock(session).objects.insert(b.object, o);
@@ -1025,6 +1058,7 @@ impl Receiver {
             };
             o.finishing = true;
             (
+                o.digester.take(),
                 o.file.clone(),
                 o.part.clone(),
                 o.state.clone(),
@@ -1036,7 +1070,12 @@ impl Receiver {
                 o.delta.clone(),
             )
         };
-        let (file, part, state, path, digest, name, size, resumed_from, delta) = job;
+        let (digester, file, part, state, path, digest, name, size, resumed_from, delta) = job;
+        // Most of the file is hashed by now; this waits for the rest.
+        let hashed = match digester {
+            Some(d) => Some(d.finish(size).await),
+            None => None,
+        };
         let encoded_size = delta.as_ref().map(|_| size);
         let size = delta.as_ref().map_or(size, |d| d.raw_size);
         let cache = self.cache.clone();
@@ -1052,7 +1091,8 @@ impl Receiver {
                 file.sync_data()
                     .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot sync: {e}")))?;
             }
-            let got = hash_file(&part)
+            let got = hashed
+                .unwrap_or_else(|| hash_file(&part))
                 .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot read back: {e}")))?;
             if got.as_bytes()[..] != digest[..] {
                 let _ = fs::remove_file(&part);
