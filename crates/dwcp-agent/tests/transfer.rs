@@ -787,6 +787,8 @@ async fn t18_adaptive_streams_start_from_the_mode_and_retire_what_does_not_pay()
     // the machine's noise, but always within bounds.
     assert!(r.streams_retired > 0, "{r:?}");
     assert!((2..=16).contains(&r.streams_final), "{r:?}");
+    // A retired stream closes cleanly after its last chunk: nothing on it is sent again.
+    assert_eq!(r.resent_bytes, 0, "{r:?}");
     same_file(&f, &cluster.dir().join("spool/client/big.raw"));
     agent.stop().await.unwrap();
 }

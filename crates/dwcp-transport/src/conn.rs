@@ -641,19 +641,22 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Like [`Self::close`], through a shared reference (the half stays in place, unusable).
-    pub async fn goodbye(&mut self, code: ErrorCode, reason: &str) {
+    ///
+    /// Returns whether the `GOAWAY` was written and the sending side shut down in time: only
+    /// then does the peer see every frame sent before it.
+    pub async fn goodbye(&mut self, code: ErrorCode, reason: &str) -> bool {
         let frame = msg::encode(FrameType::GOAWAY, &Close::new(code, reason));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _ = self.send(&frame).await;
-            let _ = self.io.shutdown().await;
+        tokio::time::timeout(CLOSE_TIMEOUT, async {
+            self.send(&frame).await.is_ok() && self.io.shutdown().await.is_ok()
         })
-        .await;
+        .await
+        .unwrap_or(false)
     }
 
     /// Sends a `GOAWAY` and shuts the sending side down, bounded in time (a peer that stopped
     /// reading must not pin the caller); errors are ignored.
     pub async fn close(mut self, code: ErrorCode, reason: &str) {
-        self.goodbye(code, reason).await;
+        let _ = self.goodbye(code, reason).await;
     }
 }
 

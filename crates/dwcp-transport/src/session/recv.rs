@@ -605,6 +605,9 @@ impl Receiver {
                 }
                 FrameType::GOAWAY => {
                     let close: Close = msg::decode(&frame).map_err(HandshakeError::from)?;
+                    // Answered, so the sender knows every frame it sent before was read (a
+                    // retired stream's chunks need not be sent again).
+                    let _ = writer.goodbye(ErrorCode::NO_ERROR, "goodbye").await;
                     if close.error_code() == ErrorCode::NO_ERROR {
                         let first_goodbye = !std::mem::replace(&mut lock(session).goodbye, true);
                         if first_goodbye {

@@ -46,6 +46,8 @@ pub struct AckError {
 struct Flight {
     data: Bytes,
     stream: u32,
+    /// Given back before it went out: its next sending is not a re-send.
+    unsent: bool,
 }
 
 /// The send schedule of one object.
@@ -83,7 +85,9 @@ impl Scheduler {
         if let Some(offset) = self.resend.pop_first() {
             if let Some(f) = self.in_flight.get_mut(&offset) {
                 f.stream = stream;
-                self.resent_bytes += f.data.len() as u64;
+                if !std::mem::take(&mut f.unsent) {
+                    self.resent_bytes += f.data.len() as u64;
+                }
                 return Next::Resend {
                     offset,
                     data: f.data.clone(),
@@ -108,7 +112,14 @@ impl Scheduler {
     /// Records that `data`, read for a [`Next::Read`] at `offset`, went out on `stream`.
     pub fn sent(&mut self, offset: u64, data: Bytes, stream: u32) {
         if offset + data.len() as u64 > self.acked {
-            self.in_flight.insert(offset, Flight { data, stream });
+            self.in_flight.insert(
+                offset,
+                Flight {
+                    data,
+                    stream,
+                    unsent: false,
+                },
+            );
         }
     }
 
@@ -132,6 +143,15 @@ impl Scheduler {
             self.resend.remove(&o);
         }
         Ok(())
+    }
+
+    /// The chunk at `offset`, taken by a stream, was not sent after all: another stream sends
+    /// it.
+    pub fn give_back(&mut self, offset: u64) {
+        if let Some(f) = self.in_flight.get_mut(&offset) {
+            f.unsent = true;
+            self.resend.insert(offset);
+        }
     }
 
     /// `stream` died: everything it had in flight will be sent again on the others.
@@ -225,6 +245,35 @@ mod tests {
         assert_eq!(s.next(1), Next::Done);
         assert_eq!(s.in_flight_bytes(), 0);
         assert_eq!(s.resent_bytes(), 20);
+    }
+
+    #[test]
+    fn a_chunk_given_back_goes_out_once_more_and_only_that_one() {
+        let mut s = Scheduler::new(0, 30, 10, 100);
+        for _ in 0..2 {
+            let Next::Read { offset, len } = s.next(0) else {
+                panic!()
+            };
+            s.sent(offset, Bytes::from(vec![offset as u8; len]), 0);
+        }
+        s.give_back(10);
+        // Nothing happens for an offset not in flight (acknowledged, or never read).
+        s.give_back(25);
+        let Next::Resend { offset, data } = s.next(1) else {
+            panic!()
+        };
+        assert_eq!((offset, data[0]), (10, 10));
+        assert_eq!(
+            s.next(1),
+            Next::Read {
+                offset: 20,
+                len: 10
+            }
+        );
+        s.ack(10).unwrap();
+        s.give_back(0);
+        assert_eq!(s.next(1), Next::Wait);
+        assert_eq!(s.resent_bytes(), 0, "given back, not sent twice");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! others) and sends `OBJECT_END` once every byte has been read. If every stream dies, the
 //! whole session is opened again and the receiver says where to resume.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -318,6 +318,10 @@ enum Event {
     /// Stream `index` of generation `generation` ended, and why.
     Lost(u32, u64, String),
 }
+
+/// Why a stream ended when the receiver closed it cleanly (after answering our `GOAWAY`, every
+/// frame sent before it was read).
+const CLOSED_BY_RECEIVER: &str = "closed by the receiver";
 
 /// A stream slot: the generation of the connection in it (a replacement gets a new one, so
 /// late news about its predecessor is not mistaken for news about it) and its writer.
@@ -653,7 +657,7 @@ impl Session {
                             return;
                         }
                     }
-                    Ok(None) => break "closed by the receiver".to_string(),
+                    Ok(None) => break CLOSED_BY_RECEIVER.to_string(),
                     Err(e) => break e.to_string(),
                 }
             };
@@ -778,7 +782,7 @@ impl Session {
         for (_, w) in self.writers.into_iter().flatten() {
             // The lock too is bounded: a writer stuck in a dead stream must not hold us.
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                w.lock().await.goodbye(code, reason).await;
+                let _ = w.lock().await.goodbye(code, reason).await;
             })
             .await;
         }
@@ -898,7 +902,7 @@ pub async fn send_files_kept(
     let mut restarted: Vec<usize> = Vec::new();
     // Files encoded for this transfer (kept across reconnects), and files whose delta could
     // not be resolved (sent again without references, once).
-    let mut encoded: std::collections::HashMap<usize, Encoded> = std::collections::HashMap::new();
+    let mut encoded: HashMap<usize, Encoded> = HashMap::new();
     let mut cold: Vec<usize> = Vec::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
@@ -1274,6 +1278,11 @@ async fn send_object(
     }
     // The stream OBJECT_END went out on: if that stream dies, the end is sent again.
     let mut end_sent: Option<usize> = None;
+    // Once every byte is read, goodput samples only measure the tail: the count holds.
+    let mut tail = false;
+    // Streams being retired (slot -> generation): their chunks are sent again only if the
+    // stream does not close cleanly.
+    let mut retiring: HashMap<u32, u64> = HashMap::new();
     // Dead streams are replaced (a few times per slot, so a peer that keeps killing them
     // cannot keep us dialling).
     let mut replacing: JoinSet<(u32, Result<AnyConnection, ConnError>)> = JoinSet::new();
@@ -1297,6 +1306,7 @@ async fn send_object(
                         .is_ok()
                     {
                         end_sent = Some(i);
+                        tail = true;
                     }
                 }
             }
@@ -1355,7 +1365,7 @@ async fn send_object(
                 session.heartbeat();
                 continue;
             },
-            _ = adapt_tick.tick(), if session.ctl.is_some() => {
+            _ = adapt_tick.tick(), if session.ctl.is_some() && !tail => {
                 // A sample spans sixteen round trips, 250 ms to 3 s: loss-driven paths are
                 // noisy over shorter ones.
                 let every = session
@@ -1392,20 +1402,26 @@ async fn send_object(
                                 break;
                             }
                             {
-                                let mut c = core.lock().await;
+                                // Under the core lock, which writers take before a chunk:
+                                // from here on this stream is given none.
+                                let _c = core.lock().await;
                                 if let Ok(mut r) = session.retired.lock() {
                                     r.insert(i);
                                 }
-                                c.sched.stream_lost(i);
                             }
                             notify.notify_waiters();
                             if end_sent == Some(i as usize) {
                                 end_sent = None;
                             }
-                            if let Some(Some((_, w))) = session.writers.get_mut(i as usize).map(Option::take) {
+                            if let Some(Some((generation, w))) = session.writers.get_mut(i as usize).map(Option::take) {
                                 report.streams_retired += 1;
+                                retiring.insert(i, generation);
+                                let fail = ctx.fail.clone();
                                 tokio::spawn(async move {
-                                    w.lock().await.goodbye(ErrorCode::STREAM_CLOSED, "stream retired").await;
+                                    // After the chunk being written, if any (the lock).
+                                    if !w.lock().await.goodbye(ErrorCode::STREAM_CLOSED, "stream retired").await {
+                                        let _ = fail.send(WriterFailure::Lost(i, generation, "could not retire the stream cleanly".into()));
+                                    }
                                 });
                             }
                         }
@@ -1459,6 +1475,18 @@ async fn send_object(
             }
             Event::Frame(_) => {}
             Event::Lost(i, generation, why) => {
+                if retiring.get(&i) == Some(&generation) {
+                    retiring.remove(&i);
+                    if why != CLOSED_BY_RECEIVER {
+                        debug!(
+                            stream = i,
+                            "retired stream ended unclean ({why}): its chunks go out again"
+                        );
+                        core.lock().await.sched.stream_lost(i);
+                        notify.notify_waiters();
+                    }
+                    continue;
+                }
                 if session.generation(i) != Some(generation) {
                     continue; // news about a stream that was already replaced
                 }
@@ -1918,7 +1946,17 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                 if let Some(b) = &bucket {
                     b.take(data.len()).await;
                 }
-                let r = writer.lock().await.send_data(object, offset, &data).await;
+                let mut w = writer.lock().await;
+                // Retired while this chunk waited (for the rate limit or the lock): its
+                // goodbye may be out already, so another stream sends it.
+                if retired.lock().is_ok_and(|r| r.contains(&i)) {
+                    drop(w);
+                    core.lock().await.sched.give_back(offset);
+                    notify.notify_waiters();
+                    return;
+                }
+                let r = w.send_data(object, offset, &data).await;
+                drop(w);
                 match r {
                     Ok(()) => {
                         sent.fetch_add(data.len() as u64, Ordering::Relaxed);
