@@ -583,7 +583,14 @@ impl Session {
                 let n = mode.initial_streams().min(useful).clamp(min, max);
                 // Short paths reach speed at once: one settling sample is enough there.
                 let settle = if mode == Mode::Datacenter { 1 } else { 2 };
-                session.ctl = Some(Controller::for_mode(min, max, settle, mode));
+                let ctl = Controller::for_mode(min, max, settle, mode);
+                // Across the internet a retired stream's share takes seconds to reclaim
+                // (see `adapt`): climb, but never probe below the best count.
+                session.ctl = Some(if mode == Mode::Internet {
+                    ctl.holding_after_up()
+                } else {
+                    ctl
+                });
                 session.rtt = rtt;
                 session.mode = Some(mode);
                 info!(
