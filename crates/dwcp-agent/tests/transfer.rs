@@ -333,6 +333,43 @@ async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again()
     agent.stop().await.unwrap();
 }
 
+/// A stream whose handshake is slow (its SYN lost, say) does not hold up the transfer: the
+/// others start, and it would join when ready.
+#[tokio::test]
+async fn t23_a_slow_stream_does_not_hold_up_the_others() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let proxy = Proxy::start(
+        agent.addr,
+        Fault::Stall {
+            conn: 2,
+            delay: Duration::from_secs(30),
+        },
+    )
+    .await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "s", 8 * 1024 * 1024, 9);
+    let ep = endpoint(&cluster, "client", |_| {});
+    let report = tokio::time::timeout(
+        Duration::from_secs(25),
+        send_files(
+            &ep,
+            proxy.addr,
+            None,
+            &[Source::file(&f).unwrap()],
+            &opts(4),
+            &mut |_| {},
+        ),
+    )
+    .await
+    .expect("the transfer waited for the stalled stream")
+    .unwrap();
+    assert_eq!(report.streams, 3, "{report:?}");
+    assert_eq!(report.resent_bytes, 0, "{report:?}");
+    same_file(&f, &cluster.dir().join("spool/client/s"));
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn t30_resume_after_receiver_restart() {
     resume_after_receiver_restart(Carrier::Tcp).await;

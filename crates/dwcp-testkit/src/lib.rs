@@ -365,6 +365,14 @@ pub enum Fault {
         /// Offset of the byte to corrupt.
         after: u64,
     },
+    /// Hold connection `conn` for `delay` before connecting it to the server (a handshake
+    /// that is slow to complete, like one whose SYN was lost).
+    Stall {
+        /// Connection index.
+        conn: usize,
+        /// How long.
+        delay: Duration,
+    },
 }
 
 /// A TCP proxy on loopback that can break one connection on purpose.
@@ -393,6 +401,11 @@ impl Proxy {
                 let i = index;
                 index += 1;
                 pipes.spawn(async move {
+                    if let Fault::Stall { conn, delay } = fault {
+                        if conn == i {
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };

@@ -58,8 +58,9 @@ pub(crate) enum Command {
     /// interruptions.
     Send(SendArgs),
     /// Live-migrate a VM to a destination agent: pre-copy rounds encoded with HDE, stop and
-    /// copy within the downtime budget, commit, verify; rolls back on any failure. Backend:
-    /// a generated memory image under a dirtying workload (QEMU is not supported yet).
+    /// copy within the downtime budget, commit, verify; rolls back on any failure. Backends:
+    /// a generated memory image under a dirtying workload, or a running QEMU (--qemu-qmp),
+    /// whose migration stream is carried to the destination agent's QEMU.
     Migrate(MigrateArgs),
     /// Receive one transfer session into a directory, then exit.
     Recv(RecvArgs),

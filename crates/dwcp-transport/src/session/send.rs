@@ -491,6 +491,11 @@ struct Session {
     mode: Option<Mode>,
     /// What is needed to open replacement streams.
     dialer: Dialer,
+    /// Streams being opened (at the start, as replacements, or to grow): they join when
+    /// ready, while the others already carry data.
+    joining: JoinSet<(u32, Result<AnyConnection, ConnError>)>,
+    /// Slots of the streams opened with the session that have not joined yet.
+    opening: HashSet<u32>,
     peer: NodeId,
     id: [u8; 16],
     tx: mpsc::Sender<Event>,
@@ -513,6 +518,7 @@ impl Session {
     ) -> Result<Self, ConnError> {
         // A receiver that answered but dropped or stalled the handshake may just be busy (a
         // storm of handshakes on a loaded host): two more tries before giving up.
+        let t_open = Instant::now();
         let mut tries = 0u32;
         let (dialer, first) = loop {
             match Dialer::first(endpoint, addr, expected, carrier, mode).await {
@@ -554,6 +560,8 @@ impl Session {
             rtt: None,
             mode: None,
             dialer,
+            joining: JoinSet::new(),
+            opening: HashSet::new(),
             peer: est.peer_node_id.clone(),
             id,
             tx,
@@ -602,24 +610,46 @@ impl Session {
                 n
             }
         };
-        // The other streams in parallel; a stream that cannot be opened is logged and skipped.
-        let mut dials = JoinSet::new();
+        // The other streams in parallel. They get about twice as long as the first one took
+        // (at least 100 ms); any still opening then join while the others carry data, so the
+        // slowest handshake (a lost SYN costs a 1 s retransmit timeout) does not hold up the
+        // first byte. A stream that cannot be opened is logged and skipped.
+        let first_took = t_open.elapsed();
         for i in 1..n {
             let dialer = session.dialer.clone();
             let want = est.peer_node_id.clone();
-            dials.spawn(async move { (i, dialer.dial(&want).await) });
+            session
+                .joining
+                .spawn(async move { (i, dialer.dial(&want).await) });
+            session.opening.insert(i);
         }
         session.writers.resize_with(n as usize, || None);
-        while let Some(r) = dials.join_next().await {
+        let deadline =
+            tokio::time::Instant::now() + (first_took * 2).max(Duration::from_millis(100));
+        while !session.opening.is_empty() {
+            let Ok(Some(r)) = tokio::time::timeout_at(deadline, session.joining.join_next()).await
+            else {
+                break;
+            };
             match r {
                 Ok((i, Ok(conn))) => {
+                    session.opening.remove(&i);
                     if let Err(e) = session.add(i, conn).await {
                         warn!(stream = i, "stream failed to join: {e}");
                     }
                 }
-                Ok((i, Err(e))) => warn!(stream = i, "cannot open stream: {e}"),
+                Ok((i, Err(e))) => {
+                    session.opening.remove(&i);
+                    warn!(stream = i, "cannot open stream: {e}");
+                }
                 Err(e) => warn!("stream dial task failed: {e}"),
             }
+        }
+        if !session.opening.is_empty() {
+            debug!(
+                waiting = session.opening.len(),
+                "starting before every stream has joined"
+            );
         }
         Ok(session)
     }
@@ -1292,7 +1322,6 @@ async fn send_object(
     let mut retiring: HashMap<u32, u64> = HashMap::new();
     // Dead streams are replaced (a few times per slot, so a peer that keeps killing them
     // cannot keep us dialling).
-    let mut replacing: JoinSet<(u32, Result<AnyConnection, ConnError>)> = JoinSet::new();
     let mut replacements_left = 3 * session.writers.len();
     let result = loop {
         // Once every byte has been read the digest is final: announce the end.
@@ -1324,17 +1353,17 @@ async fn send_object(
                 WriterFailure::Lost(i, generation, why) => Some(Event::Lost(i, generation, why)),
                 WriterFailure::Fatal(e) => break Err(ObjectFailure::Fatal(e)),
             },
-            Some(r) = replacing.join_next(), if !replacing.is_empty() => {
+            Some(r) = session.joining.join_next(), if !session.joining.is_empty() => {
                 match r {
                     Ok((i, Ok(conn))) => match session.add(i, conn).await {
                         Ok(generation) => {
                             if growing.remove(&i) {
                                 report.streams_added += 1;
-                                report.streams = report.streams.max(session.alive() as u32);
-                            } else {
+                            } else if !session.opening.remove(&i) {
                                 report.streams_replaced += 1;
                                 info!(stream = i, "stream replaced");
                             }
+                            report.streams = report.streams.max(session.alive() as u32);
                             let Some((_, w)) = session.writers[i as usize].clone() else {
                                 continue;
                             };
@@ -1348,11 +1377,12 @@ async fn send_object(
                     },
                     Ok((i, Err(e))) => {
                         growing.remove(&i);
+                        session.opening.remove(&i);
                         warn!(stream = i, "cannot open stream: {e}");
                     }
-                    Err(e) => warn!("replacement task failed: {e}"),
+                    Err(e) => warn!("stream dial task failed: {e}"),
                 }
-                if session.alive() == 0 && replacing.is_empty() {
+                if session.alive() == 0 && session.joining.is_empty() {
                     break Err(lost("every stream failed and none could be replaced".into()));
                 }
                 continue;
@@ -1383,7 +1413,8 @@ async fn send_object(
                     let goodput = (acked - sample_acked) as f64 / sample_at.elapsed().as_secs_f64();
                     sample_at = Instant::now();
                     sample_acked = acked;
-                    let alive = session.alive() as u32 + growing.len() as u32;
+                    // Streams still opening count: they are on their way.
+                    let alive = session.alive() as u32 + session.joining.len() as u32;
                     let target = session.ctl.as_mut().map_or(alive, |c| c.on_sample(goodput, alive));
                     if target > alive {
                         for _ in alive..target {
@@ -1391,7 +1422,7 @@ async fn send_object(
                             session.writers.push(None);
                             growing.insert(i);
                             let (dialer, peer) = (session.dialer.clone(), session.peer.clone());
-                            replacing.spawn(async move { (i, dialer.dial(&peer).await) });
+                            session.joining.spawn(async move { (i, dialer.dial(&peer).await) });
                         }
                         debug!(from = alive, to = target, goodput_mbit = goodput * 8e-6, "adding streams");
                     } else if target < alive {
@@ -1505,18 +1536,24 @@ async fn send_object(
                 }
                 on_lost(session, report, i, generation, &why, Some(&core)).await;
                 notify.notify_waiters();
-                if session.alive() == 0 && replacing.is_empty() {
+                if session.alive() == 0 && session.joining.is_empty() {
                     break Err(lost(why));
                 }
                 if replacements_left > 0 {
                     replacements_left -= 1;
                     let (dialer, peer) = (session.dialer.clone(), session.peer.clone());
-                    replacing.spawn(async move { (i, dialer.dial(&peer).await) });
+                    session
+                        .joining
+                        .spawn(async move { (i, dialer.dial(&peer).await) });
                 }
             }
         }
     };
-    replacing.abort_all();
+    if result.is_err() {
+        // The session is given up or reopened: nothing it was dialling is wanted.
+        session.joining.abort_all();
+        session.opening.clear();
+    }
     if result.is_ok() {
         // Every byte is acknowledged: writers see `Next::Done` and return after the frame
         // they are writing, so no stream is left with half a frame for the next object.
