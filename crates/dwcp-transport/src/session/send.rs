@@ -571,8 +571,23 @@ impl Session {
             beating: None,
         };
         session.add(0, first).await?;
+        // How long one stream took to open: the others should take about as long.
+        let connected = t_open.elapsed();
+        let dial = |session: &mut Self, range: std::ops::Range<u32>| {
+            for i in range {
+                let dialer = session.dialer.clone();
+                let want = est.peer_node_id.clone();
+                session
+                    .joining
+                    .spawn(async move { (i, dialer.dial(&want).await) });
+                session.opening.insert(i);
+            }
+        };
         let n = match plan {
-            StreamPlan::Fixed(_) => n,
+            StreamPlan::Fixed(_) => {
+                dial(&mut session, 1..n);
+                n
+            }
             StreamPlan::Adaptive {
                 min,
                 max,
@@ -580,15 +595,21 @@ impl Session {
                 bytes,
                 chunk,
             } => {
-                let rtt = session.round_trip().await;
-                let mode = mode.unwrap_or_else(|| rtt.map_or(Mode::Internet, Mode::for_rtt));
                 let max = (*max).min(est.negotiated.max_streams.max(1));
                 let min = (*min).min(max);
                 // No more streams than there are chunks to keep them busy.
                 let useful = u32::try_from(bytes / (*chunk as u64).max(1) / 4)
                     .unwrap_or(u32::MAX)
                     .max(1);
-                let n = mode.initial_streams().min(useful).clamp(min, max);
+                let start = |mode: Mode| mode.initial_streams().min(useful).clamp(min, max);
+                // The fewer streams of either mode open while the round trip is measured;
+                // a datacenter path gets the rest after.
+                let early = start(Mode::Internet).min(start(Mode::Datacenter));
+                dial(&mut session, 1..early);
+                let rtt = session.round_trip().await;
+                let mode = mode.unwrap_or_else(|| rtt.map_or(Mode::Internet, Mode::for_rtt));
+                let n = start(mode).max(early);
+                dial(&mut session, early..n);
                 // Short paths reach speed at once: one settling sample is enough there.
                 let settle = if mode == Mode::Datacenter { 1 } else { 2 };
                 let ctl = Controller::for_mode(min, max, settle, mode);
@@ -610,22 +631,14 @@ impl Session {
                 n
             }
         };
-        // The other streams in parallel. They get about twice as long as the first one took
+        // The other streams open in parallel and get a quarter longer than the first one took
         // (at least 100 ms); any still opening then join while the others carry data, so the
         // slowest handshake (a lost SYN costs a 1 s retransmit timeout) does not hold up the
         // first byte. A stream that cannot be opened is logged and skipped.
-        let first_took = t_open.elapsed();
-        for i in 1..n {
-            let dialer = session.dialer.clone();
-            let want = est.peer_node_id.clone();
-            session
-                .joining
-                .spawn(async move { (i, dialer.dial(&want).await) });
-            session.opening.insert(i);
-        }
         session.writers.resize_with(n as usize, || None);
-        let deadline =
-            tokio::time::Instant::now() + (first_took * 2).max(Duration::from_millis(100));
+        let deadline = tokio::time::Instant::from_std(t_open)
+            + connected
+            + (connected * 5 / 4).max(Duration::from_millis(100));
         while !session.opening.is_empty() {
             let Ok(Some(r)) = tokio::time::timeout_at(deadline, session.joining.join_next()).await
             else {
