@@ -291,11 +291,14 @@ impl QuicPeer {
         }
     }
 
-    /// Closes the QUIC connection (after the streams said goodbye) and waits briefly for the
-    /// close to reach the peer.
+    /// Closes the QUIC connection (after the streams said goodbye) and, unless the peer closed
+    /// it already, waits briefly for the close to reach the peer.
     pub async fn close(&self) {
+        let peer_closed = self.conn.close_reason().is_some();
         self.conn.close(VarInt::from_u32(0), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if !peer_closed {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        }
     }
 }
 

@@ -655,7 +655,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         let mut stored = Vec::new();
         let stop = tokio_util::sync::CancellationToken::new();
         let _stop_on_exit = stop.clone().drop_guard();
-        loop {
+        let outcome = async { loop {
             tokio::select! {
                 () = &mut shutdown => return Err(anyhow!("interrupted before a transfer completed")),
                 ev = events.recv() => match ev {
@@ -710,7 +710,14 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                     });
                 }
             }
+        } }
+        .await;
+        // Tell QUIC senders at once (CONNECTION_CLOSE): a process that just exits leaves them
+        // waiting for their idle timeout.
+        if let Some(q) = &quic {
+            q.close().await;
         }
+        outcome
     })?;
     if args.json {
         let files: Vec<_> = stored
