@@ -6,8 +6,8 @@
 //! acknowledged and recorded in a small state file next to the partial file. The acknowledged
 //! prefix is hashed (and synced to disk) on a thread of its own as it grows ([`Digester`]), so
 //! at the end only the last bytes are left to hash before the file is compared with the
-//! sender's BLAKE3 digest and renamed into place. A sender that reconnects after a failure is told how much is already here and resumes
-//! from there.
+//! sender's BLAKE3 digest and renamed into place. A sender that reconnects after a failure is
+//! told how much is already here and resumes from there.
 //!
 //! Files in the output directory, for an object named `NAME`:
 //!

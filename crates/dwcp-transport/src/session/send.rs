@@ -575,11 +575,7 @@ impl Session {
         let connected = t_open.elapsed();
         let dial = |session: &mut Self, range: std::ops::Range<u32>| {
             for i in range {
-                let dialer = session.dialer.clone();
-                let want = est.peer_node_id.clone();
-                session
-                    .joining
-                    .spawn(async move { (i, dialer.dial(&want).await) });
+                session.dial(i);
                 session.opening.insert(i);
             }
         };
@@ -665,6 +661,13 @@ impl Session {
             );
         }
         Ok(session)
+    }
+
+    /// Starts opening a stream for slot `i`; it joins through `joining`.
+    fn dial(&mut self, i: u32) {
+        let (dialer, peer) = (self.dialer.clone(), self.peer.clone());
+        self.joining
+            .spawn(async move { (i, dialer.dial(&peer).await) });
     }
 
     /// A one-stream TCP session for requests (base queries, migration control).
@@ -1434,8 +1437,7 @@ async fn send_object(
                             let i = session.writers.len() as u32;
                             session.writers.push(None);
                             growing.insert(i);
-                            let (dialer, peer) = (session.dialer.clone(), session.peer.clone());
-                            session.joining.spawn(async move { (i, dialer.dial(&peer).await) });
+                            session.dial(i);
                         }
                         debug!(from = alive, to = target, goodput_mbit = goodput * 8e-6, "adding streams");
                     } else if target < alive {
@@ -1554,10 +1556,7 @@ async fn send_object(
                 }
                 if replacements_left > 0 {
                     replacements_left -= 1;
-                    let (dialer, peer) = (session.dialer.clone(), session.peer.clone());
-                    session
-                        .joining
-                        .spawn(async move { (i, dialer.dial(&peer).await) });
+                    session.dial(i);
                 }
             }
         }
