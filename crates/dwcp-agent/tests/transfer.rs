@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint, random_file, settings};
 use dwcp_transport::Carrier;
-use dwcp_transport::session::{DeltaOptions, SendError, SendOptions, Source, send_files};
+use dwcp_transport::session::{
+    DeltaOptions, SendError, SendOptions, SendReport, Source, send_files,
+};
 
 /// The transport alone: these tests count the bytes of the files themselves.
 fn opts(streams: u32) -> SendOptions {
@@ -167,73 +169,61 @@ async fn t11_v1_peer_gets_one_stream() {
     agent.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn t20_transfer_survives_a_killed_stream() {
+/// Sends a random file of `size` bytes over 4 streams through a proxy with `fault`, checks that
+/// it arrived intact, and returns the report. Bounded: a transfer that hangs fails the test.
+async fn send_through(fault: Fault, name: &str, size: usize, seed: u64) -> SendReport {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    // Connection 2 (a data stream) is cut after 3 MB have gone through it.
-    let proxy = Proxy::start(
-        agent.addr,
-        Fault::Kill {
-            conn: 2,
-            after: 3_000_000,
-        },
-    )
-    .await;
+    let proxy = Proxy::start(agent.addr, fault).await;
     let src = tempfile::tempdir().unwrap();
-    let f = random_file(src.path(), "big", 32 * 1024 * 1024, 5);
+    let f = random_file(src.path(), name, size, seed);
     let ep = endpoint(&cluster, "client", |_| {});
-    let report = send_files(
-        &ep,
-        proxy.addr,
-        None,
-        &[Source::file(&f).unwrap()],
-        &opts(4),
-        &mut |_| {},
+    let report = tokio::time::timeout(
+        Duration::from_secs(45),
+        send_files(
+            &ep,
+            proxy.addr,
+            None,
+            &[Source::file(&f).unwrap()],
+            &opts(4),
+            &mut |_| {},
+        ),
     )
     .await
+    .expect("the transfer did not finish within 45 s")
     .unwrap();
+    same_file(&f, &cluster.dir().join("spool/client").join(name));
+    agent.stop().await.unwrap();
+    report
+}
+
+#[tokio::test]
+async fn t20_transfer_survives_a_killed_stream() {
+    // Connection 2 (a data stream) is cut after 3 MB have gone through it.
+    let fault = Fault::Kill {
+        conn: 2,
+        after: 3_000_000,
+    };
+    let report = send_through(fault, "big", 32 * 1024 * 1024, 5).await;
     assert_eq!(report.streams_lost, 1, "{report:?}");
     assert_eq!(
         report.streams_replaced, 1,
         "the dead stream is replaced: {report:?}"
     );
     assert_eq!(report.reconnects, 0, "{report:?}");
-    same_file(&f, &cluster.dir().join("spool/client/big"));
-    agent.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn t21_corrupted_chunk_is_detected_and_resent() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     // One bit flipped in the middle of stream 1's data: TLS (and behind it the frame CRC)
     // refuses it, the stream dies, and its chunks go out again on the others.
-    let proxy = Proxy::start(
-        agent.addr,
-        Fault::Corrupt {
-            conn: 1,
-            after: 2_000_000,
-        },
-    )
-    .await;
-    let src = tempfile::tempdir().unwrap();
-    let f = random_file(src.path(), "c", 16 * 1024 * 1024, 6);
-    let ep = endpoint(&cluster, "client", |_| {});
-    let report = send_files(
-        &ep,
-        proxy.addr,
-        None,
-        &[Source::file(&f).unwrap()],
-        &opts(4),
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
+    let fault = Fault::Corrupt {
+        conn: 1,
+        after: 2_000_000,
+    };
+    let report = send_through(fault, "c", 16 * 1024 * 1024, 6).await;
     assert_eq!(report.streams_lost, 1, "{report:?}");
     assert!(report.resent_bytes > 0, "{report:?}");
-    same_file(&f, &cluster.dir().join("spool/client/c"));
-    agent.stop().await.unwrap();
 }
 
 /// A chunk sent again with other bytes after the receiver acknowledged the first copy (so
@@ -337,37 +327,14 @@ async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again()
 /// others start, and it would join when ready.
 #[tokio::test]
 async fn t23_a_slow_stream_does_not_hold_up_the_others() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let proxy = Proxy::start(
-        agent.addr,
-        Fault::Stall {
-            conn: 2,
-            delay: Duration::from_secs(30),
-        },
-    )
-    .await;
-    let src = tempfile::tempdir().unwrap();
-    let f = random_file(src.path(), "s", 8 * 1024 * 1024, 9);
-    let ep = endpoint(&cluster, "client", |_| {});
-    let report = tokio::time::timeout(
-        Duration::from_secs(25),
-        send_files(
-            &ep,
-            proxy.addr,
-            None,
-            &[Source::file(&f).unwrap()],
-            &opts(4),
-            &mut |_| {},
-        ),
-    )
-    .await
-    .expect("the transfer waited for the stalled stream")
-    .unwrap();
+    // Stalled for longer than the transfer may take: it never joins.
+    let fault = Fault::Stall {
+        conn: 2,
+        delay: Duration::from_secs(60),
+    };
+    let report = send_through(fault, "s", 8 * 1024 * 1024, 9).await;
     assert_eq!(report.streams, 3, "{report:?}");
     assert_eq!(report.resent_bytes, 0, "{report:?}");
-    same_file(&f, &cluster.dir().join("spool/client/s"));
-    agent.stop().await.unwrap();
 }
 
 #[tokio::test]
