@@ -12,6 +12,7 @@ pub mod reasm;
 pub mod recv;
 pub mod sched;
 pub mod send;
+mod source;
 pub mod tunnel;
 
 pub use adapt::Mode;

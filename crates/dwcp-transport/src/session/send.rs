@@ -8,8 +8,9 @@
 //!                             └──── notify ────┴─> events (ACK, OBJECT_DONE, stream lost)
 //! ```
 //!
-//! Writer tasks take the next chunk from the scheduler (reading it from the file under the
-//! same lock, so reads stay sequential and the digest is computed in order) and write it out.
+//! Writer tasks take the next chunk from the scheduler and from the [`SourceReader`] under the
+//! same lock (the reader thread reads and hashes the file in order, ahead of them) and write
+//! it out.
 //! The main loop feeds acknowledgements back, notices dead streams (their chunks go to the
 //! others) and sends `OBJECT_END` once every byte has been read. If every stream dies, the
 //! whole session is opened again and the receiver says where to resume.
@@ -20,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use dwcp_encoding::RemoteIndex;
 use dwcp_wire::data::{
     self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
@@ -28,7 +28,6 @@ use dwcp_wire::data::{
 };
 use dwcp_wire::msg::{self, Ping};
 use dwcp_wire::{ErrorCode, Frame, FrameType, HandshakeError, NodeId, Version};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -36,6 +35,7 @@ use tracing::{debug, info, warn};
 use super::adapt::{Controller, Mode};
 use super::delta::{self, DeltaOptions, DeltaReport, Encoded};
 use super::sched::{Next, Scheduler};
+use super::source::SourceReader;
 use crate::conn::{
     AnyConnection, AnyWriter, Carrier, ConnError, Endpoint, Framed, Stage, connect_to,
 };
@@ -864,8 +864,7 @@ pub(crate) fn rand_id() -> [u8; 16] {
 
 struct Core {
     sched: Scheduler,
-    file: tokio::fs::File,
-    hasher: blake3::Hasher,
+    source: SourceReader,
 }
 
 /// Why one object's transfer stopped.
@@ -1262,29 +1261,18 @@ async fn send_object(
         ))));
     }
 
-    // Open the source; hash what the receiver already has, so the digest covers everything.
+    // Open the source; the reader hashes what the receiver already has too, so the digest
+    // covers everything.
     let src_err = |e: std::io::Error| {
         ObjectFailure::Fatal(SendError::Source {
             path: src.path.clone(),
             source: e,
         })
     };
-    let mut file = tokio::fs::File::open(&src.path).await.map_err(src_err)?;
-    let mut hasher = blake3::Hasher::new();
+    let file = std::fs::File::open(&src.path).map_err(src_err)?;
     if have > 0 {
-        let mut left = have;
-        let mut buf = vec![0u8; 1 << 20];
-        while left > 0 {
-            let n = (left as usize).min(buf.len());
-            file.read_exact(&mut buf[..n]).await.map_err(src_err)?;
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
         info!(name = %src.name, have, "resuming");
     }
-    file.seek(std::io::SeekFrom::Start(have))
-        .await
-        .map_err(src_err)?;
     let chunk = opts.chunk.min(
         session
             .any_writer()
@@ -1293,10 +1281,10 @@ async fn send_object(
             .await
             .max_chunk(),
     );
+    let source = SourceReader::start(file, have, src.size, chunk).map_err(src_err)?;
     let core = Arc::new(Mutex::new(Core {
         sched: Scheduler::new(have, src.size, chunk, opts.window),
-        file,
-        hasher,
+        source,
     }));
     let notify = Arc::new(Notify::new());
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WriterFailure>();
@@ -1342,12 +1330,17 @@ async fn send_object(
     let result = loop {
         // Once every byte has been read the digest is final: announce the end.
         if end_sent.is_none() {
-            let c = core.lock().await;
+            let mut c = core.lock().await;
             if c.sched.read() == src.size {
+                // Ready once the last chunk is taken (at once for a fully resumed file).
+                let digest = match c.source.digest().await {
+                    Ok(d) => d,
+                    Err(e) => break Err(src_err(e)),
+                };
                 let end = ObjectEnd {
                     object,
                     size: src.size,
-                    blake3: c.hasher.clone().finalize().as_bytes().to_vec(),
+                    blake3: digest.as_bytes().to_vec(),
                 };
                 drop(c);
                 if let Some((i, w)) = session.any_writer_indexed() {
@@ -1981,13 +1974,14 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                 Next::Wait => None,
                 Next::Resend { offset, data } => Some((offset, data)),
                 Next::Read { offset, len } => {
-                    let mut buf = vec![0u8; len];
-                    if let Err(source) = c.file.read_exact(&mut buf).await {
-                        let _ = fail.send(WriterFailure::Fatal(SendError::Source { path, source }));
-                        return;
-                    }
-                    c.hasher.update(&buf);
-                    let data = Bytes::from(buf);
+                    let data = match c.source.chunk(offset, len).await {
+                        Ok(d) => d,
+                        Err(source) => {
+                            let _ =
+                                fail.send(WriterFailure::Fatal(SendError::Source { path, source }));
+                            return;
+                        }
+                    };
                     c.sched.sent(offset, data.clone(), i);
                     Some((offset, data))
                 }
