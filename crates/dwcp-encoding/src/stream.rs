@@ -31,6 +31,10 @@ pub const MAX_CHUNK: usize = 256 << 10;
 /// Largest in-stream window a decoder accepts (2^28 bytes).
 pub const MAX_WINDOW_LOG: u8 = 28;
 
+/// Chunks shorter than this are always sent literally (a reference is 18 bytes or more), and
+/// receivers do not keep them in their cache: the short pieces between a QEMU stream's
+/// pages, for instance.
+const MIN_REF: usize = 64;
 const OP_LIT: u8 = 0;
 const OP_REF: u8 = 1;
 
@@ -228,9 +232,37 @@ impl StreamEncoder {
         self.pending.drain(..used);
     }
 
+    /// Encodes `chunk` as one chunk of its own, after cutting what is pending up to it. For
+    /// callers that know where content starts and ends, e.g. the pages of a QEMU migration
+    /// stream: a page cut on its own boundaries matches the same page in the receiver's cache
+    /// wherever it lies, which content-defined cuts spanning a page and its neighbours do not.
+    /// A chunk longer than the configured largest is pushed as ordinary input instead.
+    pub fn push_chunk(&mut self, chunk: &[u8], remote: Option<&RemoteIndex>, out: &mut Vec<u8>) {
+        if chunk.is_empty() {
+            return;
+        }
+        if chunk.len() > self.cfg.max_chunk as usize {
+            self.push(chunk, remote, out);
+            return;
+        }
+        self.header(out);
+        self.cut_pending(remote, out);
+        self.stats.bytes_in += chunk.len() as u64;
+        self.chunk(chunk, remote, out);
+    }
+
     /// Encodes what is left and ends the stream.
     pub fn finish(mut self, remote: Option<&RemoteIndex>, out: &mut Vec<u8>) -> StreamStats {
         self.header(out);
+        self.cut_pending(remote, out);
+        self.flush(out);
+        out.push(TAG_END);
+        self.stats.bytes_out += 1;
+        self.stats
+    }
+
+    /// Cuts every pending byte into chunks, the last ending where the input does.
+    fn cut_pending(&mut self, remote: Option<&RemoteIndex>, out: &mut Vec<u8>) {
         let pending = std::mem::take(&mut self.pending);
         for c in fastcdc::v2020::FastCDC::new(
             &pending,
@@ -240,10 +272,8 @@ impl StreamEncoder {
         ) {
             self.chunk(&pending[c.offset..c.offset + c.length], remote, out);
         }
-        self.flush(out);
-        out.push(TAG_END);
-        self.stats.bytes_out += 1;
-        self.stats
+        self.pending = pending;
+        self.pending.clear();
     }
 
     fn header(&mut self, out: &mut Vec<u8>) {
@@ -260,7 +290,10 @@ impl StreamEncoder {
         self.stats.chunks += 1;
         let key = Key::of(chunk);
         let len = chunk.len() as u32;
-        if self.window.contains(&key) {
+        if chunk.len() < MIN_REF {
+            // A reference (key and length) would cost more than the bytes: literal.
+            self.literal(chunk);
+        } else if self.window.contains(&key) {
             self.stats.dup += 1;
             self.stats.dup_bytes += u64::from(len);
             self.op_ref(key, len);
@@ -269,13 +302,7 @@ impl StreamEncoder {
             self.stats.cache_bytes += u64::from(len);
             self.op_ref(key, len);
         } else {
-            self.stats.literal += 1;
-            let sect = classify(chunk);
-            self.ops.push(OP_LIT);
-            put_varint(&mut self.ops, u64::from(len));
-            self.ops.push(sect);
-            self.n_ops += 1;
-            self.sections[sect as usize].extend_from_slice(chunk);
+            self.literal(chunk);
         }
         // Both sides add every chunk, whatever its op, in stream order.
         self.window.add(key, len, |_| {});
@@ -285,6 +312,16 @@ impl StreamEncoder {
         {
             self.flush(out);
         }
+    }
+
+    fn literal(&mut self, chunk: &[u8]) {
+        self.stats.literal += 1;
+        let sect = classify(chunk);
+        self.ops.push(OP_LIT);
+        put_varint(&mut self.ops, chunk.len() as u64);
+        self.ops.push(sect);
+        self.n_ops += 1;
+        self.sections[sect as usize].extend_from_slice(chunk);
     }
 
     fn op_ref(&mut self, key: Key, len: u32) {
@@ -593,7 +630,9 @@ impl StreamDecoder {
                         what: "literal chunk",
                     })?;
                 out.write_all(data)?;
-                cache.learn(data);
+                if data.len() >= MIN_REF {
+                    cache.learn(data);
+                }
                 let chunk = data.to_vec();
                 self.cur.sect_at[sect] += len;
                 self.bytes_out += len as u64;
@@ -748,6 +787,66 @@ mod tests {
         // Wrong content for a key is refused.
         let k = *cache.0.keys().next().unwrap();
         assert!(dec.resolve(k, vec![1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn pages_pushed_as_chunks_match_the_cache_wherever_they_lie() {
+        // Records shaped like a QEMU migration stream's: an 8-byte header, then a 4 KiB page.
+        let img = generate(&ImageSpec::new(1 << 20), &mut Corpus::synthetic());
+        let pages: Vec<&[u8]> = img.data.chunks(4096).collect();
+        let n = pages.len();
+        let records = |order: &[usize], tag: u64| -> Vec<Vec<u8>> {
+            order
+                .iter()
+                .flat_map(|&i| {
+                    [
+                        ((i as u64) << 12 | tag).to_be_bytes().to_vec(),
+                        pages[i].to_vec(),
+                    ]
+                })
+                .collect()
+        };
+        let encode_pieces = |pieces: &[Vec<u8>], as_chunks: bool, remote: Option<&RemoteIndex>| {
+            let mut enc = StreamEncoder::new(StreamConfig::default()).unwrap();
+            let mut out = Vec::new();
+            for p in pieces {
+                if as_chunks && p.len() == 4096 {
+                    enc.push_chunk(p, remote, &mut out);
+                } else {
+                    enc.push(p, remote, &mut out);
+                }
+            }
+            let s = enc.finish(remote, &mut out);
+            assert_eq!(s.bytes_out, out.len() as u64);
+            (out, s)
+        };
+        let first = records(&(0..n).collect::<Vec<_>>(), 0x08);
+        let mut cache = MapCache(HashMap::new());
+        let (bytes, _) = encode_pieces(&first, true, None);
+        assert_eq!(decode(&bytes, &mut cache), first.concat());
+        // Headers are not kept in the cache; pages are.
+        assert!(cache.0.values().all(|v| v.len() >= MIN_REF));
+        assert!(cache.0.values().any(|v| v.len() == 4096));
+        // The same pages in reverse order under other headers: every page is a reference.
+        let remote = RemoteIndex::from_hashes(cache.0.values().map(|v| fast64(v)));
+        let second = records(&(0..n).rev().collect::<Vec<_>>(), 0x28);
+        let (bytes, s) = encode_pieces(&second, true, Some(&remote));
+        assert_eq!(s.cache_bytes + s.dup_bytes, (n * 4096) as u64, "{s:?}");
+        assert_eq!(s.payload_raw, (n * 8) as u64, "{s:?}");
+        assert_eq!(decode(&bytes, &mut cache), second.concat());
+        // Content-defined cuts across headers and pages find far less.
+        let (_, cdc) = encode_pieces(&second, false, Some(&remote));
+        assert!(
+            cdc.cache_bytes + cdc.dup_bytes < s.cache_bytes / 2,
+            "{cdc:?}"
+        );
+        // A chunk over the largest size is ordinary input.
+        let mut enc = StreamEncoder::new(StreamConfig::default()).unwrap();
+        let mut out = Vec::new();
+        enc.push_chunk(&img.data, None, &mut out);
+        enc.push_chunk(&[], None, &mut out);
+        enc.finish(None, &mut out);
+        assert_eq!(decode(&out, &mut NoCache), img.data);
     }
 
     proptest! {

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod memvm;
 pub mod orchestrator;
 pub mod qemu;
+pub mod qemu_stream;
 pub mod qemu_vm;
 
 pub use engine::{Destination, MigrationReport, MigrationSpec, Progress, RoundReport, migrate};

@@ -844,7 +844,8 @@ async fn forward(
 }
 
 /// One segment as a block: HDE stream-encoded against the destination's cache when that
-/// makes it smaller, raw otherwise; with the bytes it refers to in the cache.
+/// makes it smaller, raw otherwise; with the bytes it refers to in the cache. Guest pages
+/// found in it are chunks of their own ([`crate::qemu_stream`]).
 fn encode_segment(
     seg: Segment,
     hde: bool,
@@ -861,7 +862,14 @@ fn encode_segment(
             };
             StreamEncoder::new(cfg).ok().map(|mut enc| {
                 let mut out = Vec::with_capacity(raw.len() / 2 + 1024);
-                enc.push(&raw, remote, &mut out);
+                // Guest pages as chunks of their own, the bytes between them cut by content.
+                let mut at = 0;
+                for page in crate::qemu_stream::page_spans(&raw) {
+                    enc.push(&raw[at..page.start], remote, &mut out);
+                    enc.push_chunk(&raw[page.clone()], remote, &mut out);
+                    at = page.end;
+                }
+                enc.push(&raw[at..], remote, &mut out);
                 cache = enc.finish(remote, &mut out).cache_bytes;
                 out
             })
