@@ -235,9 +235,14 @@ pub async fn migrate_qemu(
     }
     let was_running = status == "running";
 
-    // Prepare: what the destination's cache holds, and its QEMU waiting for us.
-    let remote = if spec.delta {
-        match query_base(
+    // Prepare: what the destination's cache holds, and its QEMU waiting for us. Both at once:
+    // each is a connection and a few round trips, and starting QEMU takes a while.
+    let base = async {
+        if !spec.delta {
+            return Ok(None);
+        }
+        let t = Instant::now();
+        let r = query_base(
             dest.endpoint,
             dest.addr,
             dest.expected,
@@ -247,12 +252,12 @@ pub async fn migrate_qemu(
             false,
         )
         .await
-        {
-            Ok((r, _)) => r,
-            Err(e) => return Err(fail("prepare", format!("destination: {e}"), &report)),
-        }
-    } else {
-        None
+        .map(|(r, _)| r);
+        debug!(
+            ms = t.elapsed().as_millis() as u64,
+            "destination cache summary"
+        );
+        r
     };
     let mut control = KeptSession::new();
     let open = MigrationRequest {
@@ -261,9 +266,30 @@ pub async fn migrate_qemu(
         segments: 0,
         timeout: Duration::from_secs(30),
     };
-    migration_request_kept(dest.endpoint, dest.addr, dest.expected, &open, &mut control)
-        .await
-        .map_err(|e| fail("prepare", format!("destination: {e}"), &report))?;
+    let opened = async {
+        let t = Instant::now();
+        let r =
+            migration_request_kept(dest.endpoint, dest.addr, dest.expected, &open, &mut control)
+                .await;
+        debug!(
+            ms = t.elapsed().as_millis() as u64,
+            "destination QEMU waiting"
+        );
+        r
+    };
+    let (remote, opened) = tokio::join!(base, opened);
+    if let Err(e) = opened {
+        return Err(fail("prepare", format!("destination: {e}"), &report));
+    }
+    let remote = match remote {
+        Ok(r) => r,
+        Err(e) => {
+            // Its QEMU is waiting for a stream that will not come.
+            abort_destination(&dest, &spec.vm).await;
+            control.close().await;
+            return Err(fail("prepare", format!("destination: {e}"), &report));
+        }
+    };
     let rtt = control
         .round_trip()
         .await
@@ -296,25 +322,30 @@ pub async fn migrate_qemu(
             } else {
                 rollback(spec, &mut qmp, was_running).await;
             }
-            let abort = MigrationRequest {
-                name: &spec.vm,
-                op: data::MIGRATION_QEMU_ABORT,
-                segments: 0,
-                timeout: Duration::from_secs(10),
-            };
-            let mut fresh = KeptSession::default();
-            if let Err(e) =
-                migration_request_kept(dest.endpoint, dest.addr, dest.expected, &abort, &mut fresh)
-                    .await
-            {
-                warn!(vm = %spec.vm, "cannot tell the destination to drop the stream: {e}");
-            }
+            abort_destination(&dest, &spec.vm).await;
             control.close().await;
             report.total_seconds = started.elapsed().as_secs_f64();
             report.error = Some(reason.clone());
             Err(fail(phase, reason, &report))
         }
     }
+}
+
+/// Tells the destination to drop the migration (its QEMU and what it holds of the stream).
+async fn abort_destination(dest: &Destination<'_>, vm: &str) {
+    let abort = MigrationRequest {
+        name: vm,
+        op: data::MIGRATION_QEMU_ABORT,
+        segments: 0,
+        timeout: Duration::from_secs(10),
+    };
+    let mut fresh = KeptSession::default();
+    if let Err(e) =
+        migration_request_kept(dest.endpoint, dest.addr, dest.expected, &abort, &mut fresh).await
+    {
+        warn!(vm = %vm, "cannot tell the destination to drop the stream: {e}");
+    }
+    fresh.close().await;
 }
 
 /// Cancels the source's migration and makes sure the guest runs there again.

@@ -183,4 +183,26 @@ mod tests {
         assert!(page_spans(&vec![0u8; 1 << 20]).is_empty());
         assert!(page_spans(&[]).is_empty());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_give_ordered_in_bounds_pages(
+            mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20_000),
+            plant in proptest::collection::vec((0usize..20_000, proptest::prelude::any::<bool>()), 0..6),
+        ) {
+            // Plant record headers at random places, so the chain logic runs on junk too.
+            for (at, cont) in plant {
+                let h = if cont { header(3, FLAG_PAGE | FLAG_CONTINUE, None) } else { header(3, FLAG_PAGE, Some("pc.ram")) };
+                if at + h.len() <= bytes.len() {
+                    bytes[at..at + h.len()].copy_from_slice(&h);
+                }
+            }
+            let spans = page_spans(&bytes);
+            let mut end = 0;
+            for r in spans {
+                proptest::prop_assert!(r.start >= end && r.end <= bytes.len() && r.len() == PAGE);
+                end = r.end;
+            }
+        }
+    }
 }
