@@ -18,9 +18,10 @@
 //! end to end, from the source's `STOP` event to the destination's `RESUME` (both QEMU
 //! timestamps), besides what QEMU reports.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -464,7 +465,8 @@ async fn run(
         // lost, so smaller ones are acknowledged sooner on average and the window moves more.
         tunnel.max_block().min(BLOCK),
     ));
-    let remote = Arc::new(remote);
+    // What the destination holds: its summary, then the pages of every block it decoded.
+    let remote = Arc::new(remote.map(RwLock::new));
     let tunnel = Arc::new(tunnel);
     let codec = match spec.short_path_codec {
         Some(c) if Mode::for_rtt(rtt) == Mode::Datacenter => c,
@@ -472,11 +474,11 @@ async fn run(
     };
     debug!(%codec, rtt_ms = rtt.as_secs_f64() * 1e3, "codec of the stream");
     report.codec = codec.to_string();
-    let blocks = encode_segments(rx, spec.delta, codec, remote);
+    let blocks = encode_segments(rx, spec.delta, codec, remote.clone());
     // Blocks go into the tunnel and acknowledgements free the window in a task of their own:
     // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
     // lock), and that must not stall the stream QEMU is waiting on.
-    let mut forwarder = tokio::spawn(forward(blocks, tunnel.clone(), budget.clone()));
+    let mut forwarder = tokio::spawn(forward(blocks, tunnel.clone(), budget.clone(), remote));
     let result = pump(
         spec,
         qmp,
@@ -811,9 +813,9 @@ fn encode_segments(
     mut rx: mpsc::Receiver<Segment>,
     delta: bool,
     codec: Codec,
-    remote: Arc<Option<RemoteIndex>>,
-) -> mpsc::Receiver<(Block, u64)> {
-    let (btx, brx) = mpsc::channel::<(Block, u64)>(4);
+    remote: Arc<Option<RwLock<RemoteIndex>>>,
+) -> mpsc::Receiver<Encoded> {
+    let (btx, brx) = mpsc::channel::<Encoded>(4);
     tokio::spawn(async move {
         let mut pending = std::collections::VecDeque::new();
         loop {
@@ -826,7 +828,11 @@ fn encode_segments(
                 Some(seg) => {
                     let rm = remote.clone();
                     pending.push_back(tokio::task::spawn_blocking(move || {
-                        encode_segment(seg, delta, codec, rm.as_ref().as_ref())
+                        let index = rm
+                            .as_ref()
+                            .as_ref()
+                            .map(|l| l.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+                        encode_segment(seg, delta, codec, index.as_deref())
                     }));
                 }
                 None => {
@@ -846,19 +852,28 @@ fn encode_segments(
 
 /// Moves encoded blocks into the tunnel, and acknowledgements into the window, until the
 /// last block is queued; returns how many were, and the stream bytes they sent by reference
-/// to the destination's cache.
+/// to the destination's cache. The pages of each block the destination decoded go into
+/// `known`: it has learned them, so later blocks refer to them (a page that occurs twice in
+/// guest RAM crosses once), and a reference it cannot resolve after all makes that block go
+/// out raw.
 async fn forward(
-    mut blocks: mpsc::Receiver<(Block, u64)>,
+    mut blocks: mpsc::Receiver<Encoded>,
     tunnel: Arc<Tunnel>,
     budget: Arc<Budget>,
+    known: Arc<Option<RwLock<RemoteIndex>>>,
 ) -> Result<(u64, u64), String> {
     let (mut queued, mut cached) = (0u64, 0u64);
+    // Pages of blocks not yet acknowledged, by seq (bounded by the window).
+    let mut pages: HashMap<u64, Vec<u64>> = HashMap::new();
     loop {
         tokio::select! {
             b = blocks.recv() => match b {
-                Some((b, cache)) => {
-                    cached += cache;
-                    tunnel.send(b).map_err(|e| e.to_string())?;
+                Some(e) => {
+                    cached += e.cache_bytes;
+                    if known.is_some() && !e.pages.is_empty() {
+                        pages.insert(e.block.seq, e.pages);
+                    }
+                    tunnel.send(e.block).map_err(|e| e.to_string())?;
                     queued += 1;
                 }
                 None => return Ok((queued, cached)),
@@ -869,22 +884,38 @@ async fn forward(
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }
+                let learned: Vec<Vec<u64>> = tunnel
+                    .take_acked()
+                    .into_iter()
+                    .filter_map(|(seq, decoded)| pages.remove(&seq).filter(|_| decoded))
+                    .collect();
+                if let (Some(k), false) = (known.as_ref(), learned.is_empty()) {
+                    let mut k = k.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for h in learned.into_iter().flatten() {
+                        k.insert(h);
+                    }
+                }
             }
         }
     }
 }
 
+/// A segment ready for the tunnel.
+struct Encoded {
+    block: Block,
+    /// Stream bytes sent as references to the destination's cache.
+    cache_bytes: u64,
+    /// `fast64` of each guest page in the block, when it went out encoded.
+    pages: Vec<u64>,
+}
+
 /// One segment as a block: HDE stream-encoded against the destination's cache when that
 /// makes it smaller, raw otherwise; with the bytes it refers to in the cache. Guest pages
 /// found in it are chunks of their own ([`crate::qemu_stream`]).
-fn encode_segment(
-    seg: Segment,
-    hde: bool,
-    codec: Codec,
-    remote: Option<&RemoteIndex>,
-) -> (Block, u64) {
+fn encode_segment(seg: Segment, hde: bool, codec: Codec, remote: Option<&RemoteIndex>) -> Encoded {
     let raw = Bytes::from(seg.bytes);
-    let mut cache = 0;
+    let mut cache_bytes = 0;
+    let mut pages = Vec::new();
     let encoded = hde
         .then(|| {
             let cfg = StreamConfig {
@@ -898,10 +929,11 @@ fn encode_segment(
                 for page in crate::qemu_stream::page_spans(&raw) {
                     enc.push(&raw[at..page.start], remote, &mut out);
                     enc.push_chunk(&raw[page.clone()], remote, &mut out);
+                    pages.push(dwcp_encoding::fast64(&raw[page.clone()]));
                     at = page.end;
                 }
                 enc.push(&raw[at..], remote, &mut out);
-                cache = enc.finish(remote, &mut out).cache_bytes;
+                cache_bytes = enc.finish(remote, &mut out).cache_bytes;
                 out
             })
         })
@@ -909,12 +941,16 @@ fn encode_segment(
         .filter(|out| out.len() < raw.len())
         .map(|out| (data::TUNNEL_HDE_STREAM, Bytes::from(out)));
     if encoded.is_none() {
-        cache = 0;
+        cache_bytes = 0;
+        pages.clear();
     }
-    let block = Block {
-        seq: seg.seq,
-        raw,
-        encoded,
-    };
-    (block, cache)
+    Encoded {
+        block: Block {
+            seq: seg.seq,
+            raw,
+            encoded,
+        },
+        cache_bytes,
+        pages,
+    }
 }

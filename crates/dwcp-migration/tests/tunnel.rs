@@ -234,3 +234,132 @@ async fn a_block_standing_for_more_than_16_mib_is_refused() {
     tunnel.close();
     agent.stop().await.unwrap();
 }
+
+/// Encodes `pieces` as one block, each 4 KiB piece a chunk of its own.
+fn encode_pages(
+    pieces: &[Vec<u8>],
+    remote: Option<&dwcp_encoding::RemoteIndex>,
+) -> (Bytes, dwcp_encoding::stream::StreamStats) {
+    let mut enc = StreamEncoder::new(StreamConfig::default()).unwrap();
+    let mut out = Vec::new();
+    for p in pieces {
+        if p.len() == 4096 {
+            enc.push_chunk(p, remote, &mut out);
+        } else {
+            enc.push(p, remote, &mut out);
+        }
+    }
+    let s = enc.finish(remote, &mut out);
+    (Bytes::from(out), s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
+    let cluster = TestCluster::new();
+    let qemu_dir = cluster.dir().join("qemu");
+    std::fs::create_dir_all(&qemu_dir).unwrap();
+    let qd = qemu_dir.clone();
+    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let got = fake_qemu(&qemu_dir, "vm");
+    let mut control = KeptSession::new();
+    let req = |op, segments| MigrationRequest {
+        name: "vm",
+        op,
+        segments,
+        timeout: Duration::from_secs(30),
+    };
+    migration_request_kept(
+        &ep,
+        agent.addr,
+        None,
+        &req(data::MIGRATION_QEMU_OPEN, 0),
+        &mut control,
+    )
+    .await
+    .unwrap();
+    let tunnel = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
+    let page = |seed: u64| block_content(seed)[..4096].to_vec();
+    let (p, q, r) = (page(1), page(2), page(4));
+    let hdr = |n: u64| (n << 12 | 0x28).to_be_bytes().to_vec();
+    let wait_acked = |n: u64| {
+        let tunnel = &tunnel;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while tunnel.acked().0 < n {
+                assert!(Instant::now() < deadline, "acked {:?}", tunnel.acked());
+                assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
+                tunnel.wait_progress(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut expected = Vec::new();
+
+    // Block 0 carries P and Q literally; the destination decodes it and learns them.
+    let b0 = vec![hdr(1), p.clone(), hdr(2), q.clone()];
+    let (enc, s) = encode_pages(&b0, None);
+    assert_eq!(s.cache_bytes, 0);
+    expected.extend(b0.concat());
+    tunnel
+        .send(Block {
+            seq: 0,
+            raw: Bytes::from(b0.concat()),
+            encoded: Some((data::TUNNEL_HDE_STREAM, enc)),
+        })
+        .unwrap();
+    wait_acked(1).await;
+    assert_eq!(tunnel.take_acked(), vec![(0, true)]);
+
+    // Block 1 refers to P by the destination's cache: it resolves, nothing goes again raw.
+    let known = dwcp_encoding::RemoteIndex::from_hashes([dwcp_encoding::fast64(&p)]);
+    let b1 = vec![hdr(7), p.clone(), hdr(8), r.clone()];
+    let (enc, s) = encode_pages(&b1, Some(&known));
+    assert_eq!(s.cache_bytes, 4096, "{s:?}");
+    expected.extend(b1.concat());
+    tunnel
+        .send(Block {
+            seq: 1,
+            raw: Bytes::from(b1.concat()),
+            encoded: Some((data::TUNNEL_HDE_STREAM, enc)),
+        })
+        .unwrap();
+    // Block 2 goes raw: the destination does not decode it, so learns nothing from it.
+    let b2 = [hdr(9), r.clone()].concat();
+    expected.extend(&b2);
+    tunnel
+        .send(Block {
+            seq: 2,
+            raw: Bytes::from(b2),
+            encoded: None,
+        })
+        .unwrap();
+    wait_acked(3).await;
+    let mut acked = tunnel.take_acked();
+    acked.sort_unstable();
+    assert_eq!(acked, vec![(1, true), (2, false)]);
+    assert!(tunnel.take_acked().is_empty());
+    assert_eq!(tunnel.acked().3, 0, "no block went again raw");
+
+    let detail = migration_request_kept(
+        &ep,
+        agent.addr,
+        None,
+        &req(data::MIGRATION_QEMU_FINISH, 3),
+        &mut control,
+    )
+    .await
+    .unwrap();
+    assert!(detail.contains("\"status\":\"running\""), "{detail}");
+    let got = tokio::time::timeout(Duration::from_secs(10), got)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        got == expected,
+        "QEMU got {} bytes, not the stream",
+        got.len()
+    );
+    tunnel.close();
+    control.close().await;
+    agent.stop().await.unwrap();
+}

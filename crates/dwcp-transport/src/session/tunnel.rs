@@ -20,6 +20,9 @@ use tracing::{debug, warn};
 use super::send::SendError;
 use crate::conn::{Endpoint, connect_to};
 
+/// Acknowledgements kept for [`Tunnel::take_acked`] when nobody takes them.
+const MAX_ACKED_LOG: usize = 1 << 16;
+
 /// One block.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -47,6 +50,9 @@ struct State {
     wire_bytes: u64,
     resent_raw: u64,
     alive: usize,
+    /// Blocks acknowledged since the last [`Tunnel::take_acked`]: seq, and whether the
+    /// receiver decoded it (it went out encoded) rather than took it raw.
+    acked_log: Vec<(u64, bool)>,
     /// Connections known dead.
     dead: std::collections::HashSet<usize>,
     error: Option<String>,
@@ -244,6 +250,13 @@ impl Tunnel {
         (s.acked_blocks, s.acked_raw, s.wire_bytes, s.resent_raw)
     }
 
+    /// The blocks acknowledged since the last call: seq, and whether the receiver decoded it
+    /// (so holds the chunks it sent literally in its cache, if it has one) or took it raw.
+    /// At most the last 65,536 are kept between calls.
+    pub fn take_acked(&self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut lock(&self.state).acked_log)
+    }
+
     /// The error that stopped the tunnel, if one did.
     pub fn error(&self) -> Option<String> {
         lock(&self.state).error.clone()
@@ -307,6 +320,9 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
             s.min_latency = Some(s.min_latency.map_or(l, |m| m.min(l)));
         }
         s.wire_bytes += b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len()) as u64;
+        if s.acked_log.len() < MAX_ACKED_LOG {
+            s.acked_log.push((b.seq, b.encoded.is_some()));
+        }
     }
     drop(s);
     progress.notify_waiters();
