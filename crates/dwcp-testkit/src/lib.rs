@@ -373,6 +373,16 @@ pub enum Fault {
         /// How long.
         delay: Duration,
     },
+    /// Stop forwarding connection `conn`'s client-to-server bytes for `delay` once `after`
+    /// of them went through (a stream stuck mid-transfer, as in a retransmission timeout).
+    Pause {
+        /// Connection index.
+        conn: usize,
+        /// Client-to-server bytes before the pause.
+        after: u64,
+        /// How long.
+        delay: Duration,
+    },
 }
 
 /// A TCP proxy on loopback that can break one connection on purpose.
@@ -432,9 +442,15 @@ impl Proxy {
                                 }
                                 _ => {}
                             }
+                            let before = total;
                             total += n as u64;
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 return;
+                            }
+                            if let Fault::Pause { conn, after, delay } = fault {
+                                if conn == i && before < after && after <= total {
+                                    tokio::time::sleep(delay).await;
+                                }
                             }
                         }
                     };

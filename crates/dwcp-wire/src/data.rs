@@ -306,6 +306,10 @@ pub struct Ack {
     /// Every byte below this offset is stored.
     #[prost(uint64, tag = "2")]
     pub offset: u64,
+    /// Bytes of the object stored in all (the prefix and what arrived beyond a hole); 0 from
+    /// receivers that do not say.
+    #[prost(uint64, tag = "3")]
+    pub received: u64,
 }
 
 /// `OBJECT_DONE` (0x0016).

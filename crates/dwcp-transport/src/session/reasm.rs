@@ -15,6 +15,8 @@ pub struct Ranges {
     /// start -> end (exclusive), disjoint and non-adjacent, all starting above `contiguous`.
     islands: BTreeMap<u64, u64>,
     contiguous: u64,
+    /// Bytes held: the prefix and the islands.
+    held: u64,
 }
 
 impl Ranges {
@@ -23,7 +25,13 @@ impl Ranges {
         Self {
             islands: BTreeMap::new(),
             contiguous: prefix,
+            held: prefix,
         }
+    }
+
+    /// Bytes held in all, beyond the prefix too.
+    pub fn held(&self) -> u64 {
+        self.held
     }
 
     /// Length of the hole-free prefix.
@@ -72,6 +80,7 @@ impl Ranges {
         } else {
             self.islands.insert(start, end);
         }
+        self.held += new;
         new
     }
 }
@@ -226,10 +235,14 @@ mod tests {
         assert_eq!(r.insert(40, 50), 10);
         assert_eq!(r.insert(30, 40), 10);
         assert_eq!(r.contiguous(), 50);
+        assert_eq!(r.held(), 50);
         let mut r = Ranges::with_prefix(100);
         assert_eq!(r.insert(0, 100), 0);
         assert_eq!(r.insert(90, 110), 10);
         assert_eq!(r.contiguous(), 110);
+        // Beyond a hole: held, not contiguous.
+        assert_eq!(r.insert(200, 250), 50);
+        assert_eq!((r.contiguous(), r.held()), (110, 160));
     }
 
     #[test]
@@ -284,6 +297,7 @@ mod tests {
                 }
                 new_total += ranges.insert(o, o + l as u64);
                 prop_assert_eq!(ranges.contiguous(), reorder.next_offset());
+                prop_assert_eq!(ranges.held(), new_total);
             }
             prop_assert_eq!(&out, &data);
             prop_assert!(reorder.is_complete());

@@ -54,6 +54,8 @@ use crate::conn::{ConnError, FrameReader, FrameWriter};
 
 /// Acknowledge at least every this many new contiguous bytes.
 const ACK_STEP: u64 = 1024 * 1024;
+/// An `ACK` also goes out when this much more arrived beyond a hole since the last one.
+const HOLE_STEP: u64 = 2 * ACK_STEP;
 
 /// While an object arrives, sync its part file to disk every this many bytes, so that the
 /// final sync has little left to write.
@@ -138,6 +140,8 @@ struct RxObject {
     tag: String,
     ranges: Ranges,
     acked: u64,
+    /// Bytes held when the last `ACK` went out.
+    reported: u64,
     resumed_from: u64,
     digest: Option<Vec<u8>>,
     finishing: bool,
@@ -495,18 +499,28 @@ impl Receiver {
                             ))
                         } else {
                             let c = o.ranges.contiguous();
-                            if c >= o.acked + ACK_STEP || (c == o.size && o.acked < c) {
-                                o.acked = c;
-                                if let Some(d) = &o.digester {
-                                    d.advance(c);
-                                }
-                                Ok(Some((c, Some((o.state.clone(), o.tag.clone(), o.size)))))
-                            } else if new == 0 {
-                                // A duplicate: the sender re-sent because it did not see our
-                                // ACK (lost with a stream); say again where we are.
-                                Ok(Some((o.acked, None)))
-                            } else {
+                            let held = o.ranges.held();
+                            // A duplicate: the sender re-sent because it did not see our ACK
+                            // (lost with a stream) or its stream seemed stuck. Data piling up
+                            // beyond a hole: the sender may send the missing chunks again.
+                            // Either way, say where we are.
+                            let due = c >= o.acked + ACK_STEP
+                                || (c == o.size && o.acked < c)
+                                || new == 0
+                                || held >= o.reported + HOLE_STEP;
+                            if !due {
                                 Ok(None)
+                            } else {
+                                o.reported = held;
+                                let mut persist = None;
+                                if c > o.acked {
+                                    o.acked = c;
+                                    if let Some(d) = &o.digester {
+                                        d.advance(c);
+                                    }
+                                    persist = Some((o.state.clone(), o.tag.clone(), o.size));
+                                }
+                                Ok(Some((c, held, persist)))
                             }
                         }
                     };
@@ -514,13 +528,14 @@ impl Receiver {
                         Ok(a) => a,
                         Err(detail) => return Err(self.violation(writer, detail).await),
                     };
-                    if let Some((offset, persist)) = ack {
+                    if let Some((offset, received, persist)) = ack {
                         if let Some((path, tag, size)) = persist {
                             save_state(&path, &tag, size, offset);
                         }
                         let a = Ack {
                             object: h.object,
                             offset,
+                            received,
                         };
                         self.send(&mut writer, &msg::encode(FrameType::ACK, &a))
                             .await?;
@@ -968,6 +983,7 @@ impl Receiver {
             tag,
             ranges: Ranges::with_prefix(have),
             acked: have,
+            reported: have,
             resumed_from: have,
             digest: None,
             finishing: false,

@@ -1,11 +1,13 @@
 //! Sender side of an object: which chunk each stream sends next, what is in flight, what must
-//! be sent again after a stream died. Pure: no I/O, no clock.
+//! be sent again after a stream died or while it seems stuck. Pure: no I/O, no clock (the
+//! driver passes the time in).
 //!
 //! Memory is bounded by the window: new bytes are only read from the source while
 //! `read - acked < window`, and in-flight chunks are dropped as soon as the receiver's
 //! contiguous acknowledgement passes them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -48,6 +50,10 @@ struct Flight {
     stream: u32,
     /// Given back before it went out: its next sending is not a re-send.
     unsent: bool,
+    /// When it was last handed to a stream ([`Scheduler::stamp`]).
+    sent_at: Option<Instant>,
+    /// A second copy went out on this stream while the first seemed stuck.
+    hedge: Option<u32>,
 }
 
 /// The send schedule of one object.
@@ -85,6 +91,8 @@ impl Scheduler {
         if let Some(offset) = self.resend.pop_first() {
             if let Some(f) = self.in_flight.get_mut(&offset) {
                 f.stream = stream;
+                f.hedge = None;
+                f.sent_at = None;
                 if !std::mem::take(&mut f.unsent) {
                     self.resent_bytes += f.data.len() as u64;
                 }
@@ -118,6 +126,8 @@ impl Scheduler {
                     data,
                     stream,
                     unsent: false,
+                    sent_at: None,
+                    hedge: None,
                 },
             );
         }
@@ -154,13 +164,53 @@ impl Scheduler {
         }
     }
 
-    /// `stream` died: everything it had in flight will be sent again on the others.
+    /// `stream` died: everything it had in flight will be sent again on the others (unless
+    /// a second copy is on its way on another stream).
     pub fn stream_lost(&mut self, stream: u32) {
-        for (o, f) in &self.in_flight {
-            if f.stream == stream {
-                self.resend.insert(*o);
+        for (o, f) in &mut self.in_flight {
+            if f.hedge == Some(stream) {
+                // The first copy is still on its way.
+                f.hedge = None;
+            } else if f.stream == stream {
+                match f.hedge.take() {
+                    // The second copy is now the only one.
+                    Some(h) => f.stream = h,
+                    None => {
+                        self.resend.insert(*o);
+                    }
+                }
             }
         }
+    }
+
+    /// The chunk at `offset` went out on its stream at `now`.
+    pub fn stamp(&mut self, offset: u64, now: Instant) {
+        if let Some(f) = self.in_flight.get_mut(&offset) {
+            f.sent_at = Some(now);
+        }
+    }
+
+    /// A chunk for idle `stream` to send a second time: the receiver's prefix waits on the
+    /// oldest chunk in flight, and when that chunk's stream has had it for `after` or longer,
+    /// that stream seems stuck (a retransmission timeout, a slow path): its chunks go again
+    /// here, oldest first, each once. The caller decides when the receiver's report (data
+    /// held beyond a hole) makes this worth it. A copy counts as re-sent.
+    pub fn hedge(&mut self, stream: u32, now: Instant, after: Duration) -> Option<(u64, Bytes)> {
+        let stuck = self.in_flight.first_key_value()?.1.stream;
+        if stuck == stream {
+            return None;
+        }
+        let resend = &self.resend;
+        let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
+            f.stream == stuck
+                && f.hedge.is_none()
+                && !resend.contains(o)
+                && f.sent_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= after)
+        })?;
+        f.hedge = Some(stream);
+        self.resent_bytes += f.data.len() as u64;
+        Some((offset, f.data.clone()))
     }
 
     /// The receiver reported a gap at `offset` (e.g. a chunk it could not verify): send the
@@ -245,6 +295,90 @@ mod tests {
         assert_eq!(s.next(1), Next::Done);
         assert_eq!(s.in_flight_bytes(), 0);
         assert_eq!(s.resent_bytes(), 20);
+    }
+
+    #[test]
+    fn a_stuck_streams_chunks_go_again_on_an_idle_one_once_each() {
+        let t0 = Instant::now();
+        let after = Duration::from_millis(200);
+        let mut s = Scheduler::new(0, 60, 10, 60);
+        // Chunks 0, 20, 40 on stream 0; 10, 30, 50 on stream 1.
+        for i in 0..6u64 {
+            let Next::Read { offset, len } = s.next((i % 2) as u32) else {
+                panic!("read expected")
+            };
+            s.sent(offset, Bytes::from(vec![i as u8; len]), (i % 2) as u32);
+            s.stamp(offset, t0);
+        }
+        assert_eq!(s.next(1), Next::Wait);
+        // Too early, or asked by the stuck stream itself: nothing.
+        assert_eq!(s.hedge(1, t0 + Duration::from_millis(100), after), None);
+        assert_eq!(s.hedge(0, t0 + after, after), None);
+        // Stream 0 holds the prefix: its chunks go on stream 1, oldest first, each once.
+        let later = t0 + after;
+        assert_eq!(s.hedge(1, later, after).map(|c| c.0), Some(0));
+        assert_eq!(s.hedge(2, later, after).map(|c| c.0), Some(20));
+        assert_eq!(s.hedge(1, later, after).map(|c| c.0), Some(40));
+        assert_eq!(s.hedge(1, later, after), None);
+        assert_eq!(s.resent_bytes(), 30);
+        // Stream 0 dies: its chunks are on their way elsewhere, nothing is queued again.
+        s.stream_lost(0);
+        assert_eq!(s.next(1), Next::Wait);
+        // Stream 2 dies too: the chunk it carried (20) goes again, and only that one.
+        s.stream_lost(2);
+        assert_eq!(
+            s.next(1),
+            Next::Resend {
+                offset: 20,
+                data: Bytes::from(vec![2u8; 10])
+            }
+        );
+        assert_eq!(s.next(1), Next::Wait);
+        s.ack(60).unwrap();
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn a_hedged_chunk_whose_copy_was_lost_is_still_on_its_first_stream() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(0, 20, 10, 20);
+        for st in [0u32, 1] {
+            let Next::Read { offset, len } = s.next(st) else {
+                panic!()
+            };
+            s.sent(offset, Bytes::from(vec![0; len]), st);
+            s.stamp(offset, t0);
+        }
+        assert!(
+            s.hedge(1, t0 + Duration::from_secs(1), Duration::ZERO)
+                .is_some()
+        );
+        // The copy's stream dies: only its own chunk goes again (stream 0 still carries the
+        // hedged one), and the hedged one may be hedged again later.
+        s.stream_lost(1);
+        assert_eq!(
+            s.next(2),
+            Next::Resend {
+                offset: 10,
+                data: Bytes::from(vec![0; 10])
+            }
+        );
+        assert_eq!(s.next(2), Next::Wait);
+        assert_eq!(
+            s.hedge(2, t0 + Duration::from_secs(2), Duration::ZERO)
+                .map(|c| c.0),
+            Some(0)
+        );
+        // Unstamped chunks are never hedged.
+        let mut s = Scheduler::new(0, 20, 10, 20);
+        let Next::Read { offset, len } = s.next(0) else {
+            panic!()
+        };
+        s.sent(offset, Bytes::from(vec![0; len]), 0);
+        assert_eq!(
+            s.hedge(1, t0 + Duration::from_secs(9), Duration::ZERO),
+            None
+        );
     }
 
     #[test]

@@ -865,6 +865,8 @@ pub(crate) fn rand_id() -> [u8; 16] {
 struct Core {
     sched: Scheduler,
     source: SourceReader,
+    /// Bytes the receiver last said it holds, beyond its prefix too.
+    held: u64,
 }
 
 /// Why one object's transfer stopped.
@@ -1285,6 +1287,7 @@ async fn send_object(
     let core = Arc::new(Mutex::new(Core {
         sched: Scheduler::new(have, src.size, chunk, opts.window),
         source,
+        held: have,
     }));
     let notify = Arc::new(Notify::new());
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WriterFailure>();
@@ -1297,6 +1300,14 @@ async fn send_object(
         fail: fail_tx,
         path: src.path.clone(),
         retired: session.retired.clone(),
+        // Two chunks per stream beyond the prefix is ordinary striping; more means a hole.
+        hole: (2 * chunk as u64 * session.writers.len().max(1) as u64)
+            .clamp(2 * 1024 * 1024, (opts.window / 2).max(1)),
+        // Well beyond a round trip and a fast retransmission: a timeout, a stalled path.
+        stuck_after: session
+            .rtt
+            .map_or(Duration::from_millis(500), |r| r * 4)
+            .max(Duration::from_millis(200)),
     };
     // Goodput samples for the adaptive stream count.
     let mut sample_at = Instant::now();
@@ -1317,8 +1328,9 @@ async fn send_object(
                 Some(writers.spawn(stream_writer(ctx.clone(), i as u32, *generation, w.clone())));
         }
     }
-    // The stream OBJECT_END went out on: if that stream dies, the end is sent again.
-    let mut end_sent: Option<usize> = None;
+    // The streams OBJECT_END went out on: two, so that one stuck stream cannot hold it back;
+    // if one dies, the end is sent again.
+    let mut end_on: Vec<usize> = Vec::new();
     // Once every byte is read, goodput samples only measure the tail: the count holds.
     let mut tail = false;
     // Streams being retired (slot -> generation): their chunks are sent again only if the
@@ -1329,7 +1341,7 @@ async fn send_object(
     let mut replacements_left = 3 * session.writers.len();
     let result = loop {
         // Once every byte has been read the digest is final: announce the end.
-        if end_sent.is_none() {
+        if end_on.len() < session.alive().min(2) {
             let mut c = core.lock().await;
             if c.sched.read() == src.size {
                 // Ready once the last chunk is taken (at once for a fully resumed file).
@@ -1343,14 +1355,24 @@ async fn send_object(
                     blake3: digest.as_bytes().to_vec(),
                 };
                 drop(c);
-                if let Some((i, w)) = session.any_writer_indexed() {
-                    if w.lock()
-                        .await
-                        .send(&msg::encode(FrameType::OBJECT_END, &end))
-                        .await
-                        .is_ok()
-                    {
-                        end_sent = Some(i);
+                // Only on streams whose writers are free: one stuck in the middle of a chunk
+                // must not hold this loop. What is not sent now is tried at the next event
+                // (the receiver ignores a repeated end).
+                let frame = msg::encode(FrameType::OBJECT_END, &end);
+                let free: Vec<(usize, Arc<Mutex<Writer>>)> = session
+                    .writers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !end_on.contains(i))
+                    .filter_map(|(i, w)| w.as_ref().map(|(_, w)| (i, w.clone())))
+                    .collect();
+                for (i, w) in free {
+                    if end_on.len() >= 2 {
+                        break;
+                    }
+                    let Ok(mut g) = w.try_lock() else { continue };
+                    if g.send(&frame).await.is_ok() {
+                        end_on.push(i);
                         tail = true;
                     }
                 }
@@ -1456,9 +1478,7 @@ async fn send_object(
                                 }
                             }
                             notify.notify_waiters();
-                            if end_sent == Some(i as usize) {
-                                end_sent = None;
-                            }
+                            end_on.retain(|&e| e != i as usize);
                             if let Some(Some((generation, w))) = session.writers.get_mut(i as usize).map(Option::take) {
                                 report.streams_retired += 1;
                                 retiring.insert(i, generation);
@@ -1487,6 +1507,7 @@ async fn send_object(
                     continue;
                 }
                 let mut c = core.lock().await;
+                c.held = c.held.max(a.received);
                 let before = c.sched.acked();
                 if let Err(e) = c.sched.ack(a.offset) {
                     break Err(ObjectFailure::Fatal(SendError::Protocol(e.to_string())));
@@ -1539,9 +1560,7 @@ async fn send_object(
                 if let Some(Some(task)) = writer_tasks.get_mut(i as usize).map(Option::take) {
                     task.abort();
                 }
-                if end_sent == Some(i as usize) {
-                    end_sent = None;
-                }
+                end_on.retain(|&e| e != i as usize);
                 on_lost(session, report, i, generation, &why, Some(&core)).await;
                 notify.notify_waiters();
                 if session.alive() == 0 && session.joining.is_empty() {
@@ -1563,11 +1582,27 @@ async fn send_object(
         // Every byte is acknowledged: writers see `Next::Done` and return after the frame
         // they are writing, so no stream is left with half a frame for the next object.
         notify.notify_waiters();
-        let finished = tokio::time::timeout(Duration::from_secs(10), async {
+        let grace = session
+            .rtt
+            .map_or(Duration::from_secs(1), |r| r * 8)
+            .max(Duration::from_secs(1));
+        let finished = tokio::time::timeout(grace, async {
             while writers.join_next().await.is_some() {}
         })
         .await;
         if finished.is_err() {
+            // A writer still in the middle of a chunk by now is on a stuck stream (its chunks
+            // went on the others): that stream has half a frame on it, so the session goes
+            // on without it.
+            for (i, t) in writer_tasks.iter().enumerate() {
+                if let Some(t) = t.as_ref().filter(|t| !t.is_finished()) {
+                    t.abort();
+                    if let Some(Some(_)) = session.writers.get_mut(i).map(Option::take) {
+                        debug!(stream = i, "stream dropped: stuck in the middle of a chunk");
+                        report.streams_retired += 1;
+                    }
+                }
+            }
             writers.abort_all();
         }
     } else {
@@ -1945,6 +1980,11 @@ struct ObjectCtx {
     fail: mpsc::UnboundedSender<WriterFailure>,
     path: PathBuf,
     retired: Arc<std::sync::Mutex<HashSet<u32>>>,
+    /// An idle stream sends a stuck stream's chunks again once the receiver holds this much
+    /// beyond its prefix ...
+    hole: u64,
+    /// ... and the chunk it waits on has been out this long.
+    stuck_after: Duration,
 }
 
 /// Feeds stream `i` (of `generation`) from the object's scheduler until the object is done or
@@ -1959,6 +1999,8 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         fail,
         path,
         retired,
+        hole,
+        stuck_after,
     } = ctx;
     loop {
         let notified = notify.notified();
@@ -1969,10 +2011,27 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
             if retired.lock().is_ok_and(|r| r.contains(&i)) {
                 return;
             }
+            let now = Instant::now();
             match c.sched.next(i) {
                 Next::Done => return,
-                Next::Wait => None,
-                Next::Resend { offset, data } => Some((offset, data)),
+                Next::Wait => {
+                    // Idle: if data piles up at the receiver behind a chunk whose stream
+                    // seems stuck, send that stream's chunks again here.
+                    let hedged = (c.held.saturating_sub(c.sched.acked()) >= hole)
+                        .then(|| c.sched.hedge(i, now, stuck_after))
+                        .flatten();
+                    if let Some((offset, _)) = &hedged {
+                        debug!(
+                            stream = i,
+                            offset, "chunk sent again: its stream seems stuck"
+                        );
+                    }
+                    hedged
+                }
+                Next::Resend { offset, data } => {
+                    c.sched.stamp(offset, now);
+                    Some((offset, data))
+                }
                 Next::Read { offset, len } => {
                     let data = match c.source.chunk(offset, len).await {
                         Ok(d) => d,
@@ -1983,6 +2042,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                         }
                     };
                     c.sched.sent(offset, data.clone(), i);
+                    c.sched.stamp(offset, now);
                     Some((offset, data))
                 }
             }
