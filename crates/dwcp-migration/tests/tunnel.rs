@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint};
+use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, Tunnel, migration_request_kept,
 };
@@ -75,8 +76,26 @@ fn block_content(seq: u64) -> Vec<u8> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_stream() {
+/// A request about the test's VM.
+fn req(op: u32, segments: u64) -> MigrationRequest<'static> {
+    MigrationRequest {
+        name: "vm",
+        op,
+        segments,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+/// A destination agent whose (fake) QEMU waits for VM "vm", with the migration opened.
+struct Opened {
+    _cluster: TestCluster,
+    agent: RunningAgent,
+    ep: Endpoint,
+    got: tokio::task::JoinHandle<Vec<u8>>,
+    control: KeptSession,
+}
+
+async fn open_vm() -> Opened {
     let cluster = TestCluster::new();
     let qemu_dir = cluster.dir().join("qemu");
     std::fs::create_dir_all(&qemu_dir).unwrap();
@@ -84,14 +103,7 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
     let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
     let ep = endpoint(&cluster, "src", |_| {});
     let got = fake_qemu(&qemu_dir, "vm");
-
     let mut control = KeptSession::new();
-    let req = |op, segments| MigrationRequest {
-        name: "vm",
-        op,
-        segments,
-        timeout: Duration::from_secs(30),
-    };
     migration_request_kept(
         &ep,
         agent.addr,
@@ -101,18 +113,65 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
     )
     .await
     .unwrap();
+    Opened {
+        _cluster: cluster,
+        agent,
+        ep,
+        got,
+        control,
+    }
+}
+
+impl Opened {
+    /// Ends a stream of `n` blocks: the destination's answer, and the bytes its QEMU got.
+    async fn finish(mut self, tunnel: Tunnel, n: u64) -> (String, Vec<u8>) {
+        let detail = migration_request_kept(
+            &self.ep,
+            self.agent.addr,
+            None,
+            &req(data::MIGRATION_QEMU_FINISH, n),
+            &mut self.control,
+        )
+        .await
+        .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), self.got)
+            .await
+            .unwrap()
+            .unwrap();
+        tunnel.close();
+        self.control.close().await;
+        self.agent.stop().await.unwrap();
+        (detail, got)
+    }
+}
+
+/// Waits until `n` blocks are acknowledged (at most 60 s), failing on a tunnel error.
+async fn wait_acked(tunnel: &Tunnel, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tunnel.acked().0 < n {
+        assert!(Instant::now() < deadline, "acked {:?}", tunnel.acked());
+        assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_stream() {
+    let vm = open_vm().await;
 
     // Connection 1 dies inside its first random block (each is 256 KiB on the wire): what it
     // had in flight goes again on the others.
     let proxy = Proxy::start(
-        agent.addr,
+        vm.agent.addr,
         Fault::Kill {
             conn: 1,
             after: 100_000,
         },
     )
     .await;
-    let tunnel = Tunnel::open(&ep, proxy.addr, None, 4, "vm").await.unwrap();
+    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 4, "vm")
+        .await
+        .unwrap();
     let n = 40u64;
     let mut order: Vec<u64> = (0..n).collect();
     order.reverse(); // the last block first: the destination must hold it back
@@ -132,12 +191,7 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         });
         tunnel.send(Block { seq, raw, encoded }).unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tunnel.acked().0 < n {
-        assert!(Instant::now() < deadline, "acked {:?}", tunnel.acked());
-        assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
-        tunnel.wait_progress(Duration::from_millis(100)).await;
-    }
+    wait_acked(&tunnel, n).await;
     let (_, raw, wire, resent) = tunnel.acked();
     assert_eq!(raw, expected.len() as u64);
     assert!(wire < raw, "text blocks compress: {wire} of {raw}");
@@ -147,32 +201,17 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         tunnel.acked()
     );
 
-    let detail = migration_request_kept(
-        &ep,
-        agent.addr,
-        None,
-        &req(data::MIGRATION_QEMU_FINISH, n),
-        &mut control,
-    )
-    .await
-    .unwrap();
+    let (detail, got) = vm.finish(tunnel, n).await;
     assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
         "{detail}"
     );
-    let got = tokio::time::timeout(Duration::from_secs(10), got)
-        .await
-        .unwrap()
-        .unwrap();
     assert!(
         got == expected,
         "QEMU got {} bytes, not the stream",
         got.len()
     );
-    tunnel.close();
-    control.close().await;
-    agent.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,44 +294,13 @@ fn encode_pages(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
-    let cluster = TestCluster::new();
-    let qemu_dir = cluster.dir().join("qemu");
-    std::fs::create_dir_all(&qemu_dir).unwrap();
-    let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
-    let ep = endpoint(&cluster, "src", |_| {});
-    let got = fake_qemu(&qemu_dir, "vm");
-    let mut control = KeptSession::new();
-    let req = |op, segments| MigrationRequest {
-        name: "vm",
-        op,
-        segments,
-        timeout: Duration::from_secs(30),
-    };
-    migration_request_kept(
-        &ep,
-        agent.addr,
-        None,
-        &req(data::MIGRATION_QEMU_OPEN, 0),
-        &mut control,
-    )
-    .await
-    .unwrap();
-    let tunnel = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
+    let vm = open_vm().await;
+    let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 2, "vm")
+        .await
+        .unwrap();
     let page = |seed: u64| block_content(seed)[..4096].to_vec();
     let (p, q, r) = (page(1), page(2), page(4));
     let hdr = |n: u64| (n << 12 | 0x28).to_be_bytes().to_vec();
-    let wait_acked = |n: u64| {
-        let tunnel = &tunnel;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while tunnel.acked().0 < n {
-                assert!(Instant::now() < deadline, "acked {:?}", tunnel.acked());
-                assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
-                tunnel.wait_progress(Duration::from_millis(100)).await;
-            }
-        }
-    };
     let mut expected = Vec::new();
 
     // Block 0 carries P and Q literally; the destination decodes it and learns them.
@@ -307,7 +315,7 @@ async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
             encoded: Some((data::TUNNEL_HDE_STREAM, enc)),
         })
         .unwrap();
-    wait_acked(1).await;
+    wait_acked(&tunnel, 1).await;
     assert_eq!(tunnel.take_acked(), vec![(0, true)]);
 
     // Block 1 refers to P by the destination's cache: it resolves, nothing goes again raw.
@@ -333,33 +341,18 @@ async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
             encoded: None,
         })
         .unwrap();
-    wait_acked(3).await;
+    wait_acked(&tunnel, 3).await;
     let mut acked = tunnel.take_acked();
     acked.sort_unstable();
     assert_eq!(acked, vec![(1, true), (2, false)]);
     assert!(tunnel.take_acked().is_empty());
     assert_eq!(tunnel.acked().3, 0, "no block went again raw");
 
-    let detail = migration_request_kept(
-        &ep,
-        agent.addr,
-        None,
-        &req(data::MIGRATION_QEMU_FINISH, 3),
-        &mut control,
-    )
-    .await
-    .unwrap();
+    let (detail, got) = vm.finish(tunnel, 3).await;
     assert!(detail.contains("\"status\":\"running\""), "{detail}");
-    let got = tokio::time::timeout(Duration::from_secs(10), got)
-        .await
-        .unwrap()
-        .unwrap();
     assert!(
         got == expected,
         "QEMU got {} bytes, not the stream",
         got.len()
     );
-    tunnel.close();
-    control.close().await;
-    agent.stop().await.unwrap();
 }
