@@ -172,27 +172,32 @@ async fn t11_v1_peer_gets_one_stream() {
 /// Sends a random file of `size` bytes over 4 streams through a proxy with `fault`, checks that
 /// it arrived intact, and returns the report. Bounded: a transfer that hangs fails the test.
 async fn send_through(fault: Fault, name: &str, size: usize, seed: u64) -> SendReport {
+    send_all_through(fault, &[(name, size, seed)]).await
+}
+
+/// Sends files (name, size, seed) in one session through a proxy with `fault`, bounded in
+/// time, and checks each arrived whole.
+async fn send_all_through(fault: Fault, files: &[(&str, usize, u64)]) -> SendReport {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     let proxy = Proxy::start(agent.addr, fault).await;
     let src = tempfile::tempdir().unwrap();
-    let f = random_file(src.path(), name, size, seed);
+    let paths: Vec<_> = files
+        .iter()
+        .map(|(name, size, seed)| random_file(src.path(), name, *size, *seed))
+        .collect();
+    let sources: Vec<Source> = paths.iter().map(|p| Source::file(p).unwrap()).collect();
     let ep = endpoint(&cluster, "client", |_| {});
     let report = tokio::time::timeout(
         Duration::from_secs(45),
-        send_files(
-            &ep,
-            proxy.addr,
-            None,
-            &[Source::file(&f).unwrap()],
-            &opts(4),
-            &mut |_| {},
-        ),
+        send_files(&ep, proxy.addr, None, &sources, &opts(4), &mut |_| {}),
     )
     .await
     .expect("the transfer did not finish within 45 s")
     .unwrap();
-    same_file(&f, &cluster.dir().join("spool/client").join(name));
+    for (p, (name, _, _)) in paths.iter().zip(files) {
+        same_file(p, &cluster.dir().join("spool/client").join(name));
+    }
     // Before the agent stops: a connection the proxy holds up would keep it draining.
     drop(proxy);
     agent.stop().await.unwrap();
@@ -348,7 +353,16 @@ async fn t24_a_stream_stuck_mid_transfer_has_its_chunks_sent_on_the_others() {
         after: 1_000_000,
         delay: Duration::from_secs(120),
     };
-    let report = send_through(fault, "stuck", 16 * 1024 * 1024, 13).await;
+    // A second file in the same session: the stuck stream, dropped once the first was
+    // done (half a chunk on it), is replaced, and the second goes over the others.
+    let report = send_all_through(
+        fault,
+        &[
+            ("stuck", 16 * 1024 * 1024, 13),
+            ("after", 4 * 1024 * 1024, 14),
+        ],
+    )
+    .await;
     assert_eq!(
         report.streams_lost, 0,
         "the stream was not given up: {report:?}"

@@ -865,6 +865,8 @@ async fn forward(
     let (mut queued, mut cached) = (0u64, 0u64);
     // Pages of blocks not yet acknowledged, by seq (bounded by the window).
     let mut pages: HashMap<u64, Vec<u64>> = HashMap::new();
+    // Pages of decoded blocks not yet in `known`.
+    let mut learned: Vec<u64> = Vec::new();
     loop {
         tokio::select! {
             b = blocks.recv() => match b {
@@ -884,15 +886,20 @@ async fn forward(
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }
-                let learned: Vec<Vec<u64>> = tunnel
-                    .take_acked()
-                    .into_iter()
-                    .filter_map(|(seq, decoded)| pages.remove(&seq).filter(|_| decoded))
-                    .collect();
+                learned.extend(
+                    tunnel
+                        .take_acked()
+                        .into_iter()
+                        .filter_map(|(seq, decoded)| pages.remove(&seq).filter(|_| decoded))
+                        .flatten(),
+                );
+                // Not waiting on encoders that read the index on other threads (this is an
+                // async task): what cannot go in now goes in at the next acknowledgement.
                 if let (Some(k), false) = (known.as_ref(), learned.is_empty()) {
-                    let mut k = k.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for h in learned.into_iter().flatten() {
-                        k.insert(h);
+                    if let Ok(mut k) = k.try_write() {
+                        for h in learned.drain(..) {
+                            k.insert(h);
+                        }
                     }
                 }
             }

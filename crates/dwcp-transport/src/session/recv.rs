@@ -55,7 +55,7 @@ use crate::conn::{ConnError, FrameReader, FrameWriter};
 /// Acknowledge at least every this many new contiguous bytes.
 const ACK_STEP: u64 = 1024 * 1024;
 /// An `ACK` also goes out when this much more arrived beyond a hole since the last one.
-const HOLE_STEP: u64 = 2 * ACK_STEP;
+const HOLE_STEP: u64 = ACK_STEP;
 
 /// While an object arrives, sync its part file to disk every this many bytes, so that the
 /// final sync has little left to write.

@@ -52,8 +52,8 @@ struct Flight {
     unsent: bool,
     /// When it was last handed to a stream ([`Scheduler::stamp`]).
     sent_at: Option<Instant>,
-    /// A second copy went out on this stream while the first seemed stuck.
-    hedge: Option<u32>,
+    /// A second copy went out on this stream while the first seemed stuck, at this time.
+    hedge: Option<(u32, Instant)>,
 }
 
 /// The send schedule of one object.
@@ -168,13 +168,16 @@ impl Scheduler {
     /// a second copy is on its way on another stream).
     pub fn stream_lost(&mut self, stream: u32) {
         for (o, f) in &mut self.in_flight {
-            if f.hedge == Some(stream) {
+            if f.hedge.is_some_and(|(h, _)| h == stream) {
                 // The first copy is still on its way.
                 f.hedge = None;
             } else if f.stream == stream {
                 match f.hedge.take() {
                     // The second copy is now the only one.
-                    Some(h) => f.stream = h,
+                    Some((h, at)) => {
+                        f.stream = h;
+                        f.sent_at = Some(at);
+                    }
                     None => {
                         self.resend.insert(*o);
                     }
@@ -196,19 +199,21 @@ impl Scheduler {
     /// here, oldest first, each once. The caller decides when the receiver's report (data
     /// held beyond a hole) makes this worth it. A copy counts as re-sent.
     pub fn hedge(&mut self, stream: u32, now: Instant, after: Duration) -> Option<(u64, Bytes)> {
-        let stuck = self.in_flight.first_key_value()?.1.stream;
-        if stuck == stream {
+        let old = |f: &Flight| {
+            f.sent_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= after)
+        };
+        let first = self.in_flight.first_key_value()?.1;
+        // The prefix waits on this chunk: only when it has been out long is its stream stuck.
+        let stuck = first.stream;
+        if stuck == stream || !(old(first) || first.hedge.is_some()) {
             return None;
         }
         let resend = &self.resend;
         let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
-            f.stream == stuck
-                && f.hedge.is_none()
-                && !resend.contains(o)
-                && f.sent_at
-                    .is_some_and(|t| now.saturating_duration_since(t) >= after)
+            f.stream == stuck && f.hedge.is_none() && !resend.contains(o) && old(f)
         })?;
-        f.hedge = Some(stream);
+        f.hedge = Some((stream, now));
         self.resent_bytes += f.data.len() as u64;
         Some((offset, f.data.clone()))
     }
@@ -224,6 +229,11 @@ impl Scheduler {
     /// Bytes acknowledged.
     pub fn acked(&self) -> u64 {
         self.acked
+    }
+
+    /// The object's size.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// Bytes read from the source so far.

@@ -1300,16 +1300,10 @@ async fn send_object(
         fail: fail_tx,
         path: src.path.clone(),
         retired: session.retired.clone(),
-        // Two chunks per stream beyond the prefix is ordinary striping; more means a hole.
         // Not over QUIC: its streams share one connection's loss recovery, and a stream
         // that waits is queued behind the others in quinn, not stuck (sending its chunks
         // again there cost 11 % of a datacenter-speed transfer).
-        hole: if session.dialer.carrier() == Carrier::Quic {
-            u64::MAX
-        } else {
-            (2 * chunk as u64 * session.writers.len().max(1) as u64)
-                .clamp(2 * 1024 * 1024, (opts.window / 2).max(1))
-        },
+        hedging: session.dialer.carrier() != Carrier::Quic,
         // Well beyond a round trip and a fast retransmission: a timeout, a stalled path.
         stuck_after: session
             .rtt
@@ -1366,21 +1360,33 @@ async fn send_object(
                 // must not hold this loop. What is not sent now is tried at the next event
                 // (the receiver ignores a repeated end).
                 let frame = msg::encode(FrameType::OBJECT_END, &end);
-                let free: Vec<(usize, Arc<Mutex<Writer>>)> = session
+                let free: Vec<(usize, u64, Arc<Mutex<Writer>>)> = session
                     .writers
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| !end_on.contains(i))
-                    .filter_map(|(i, w)| w.as_ref().map(|(_, w)| (i, w.clone())))
+                    .filter_map(|(i, w)| w.as_ref().map(|(g, w)| (i, *g, w.clone())))
                     .collect();
-                for (i, w) in free {
+                for (i, generation, w) in free {
                     if end_on.len() >= 2 {
                         break;
                     }
                     let Ok(mut g) = w.try_lock() else { continue };
-                    if g.send(&frame).await.is_ok() {
-                        end_on.push(i);
-                        tail = true;
+                    // Bounded: a stream whose socket takes no small frame for a second is
+                    // stuck, and this loop must go on handling the others.
+                    match tokio::time::timeout(Duration::from_secs(1), g.send(&frame)).await {
+                        Ok(Ok(())) => {
+                            end_on.push(i);
+                            tail = true;
+                        }
+                        Ok(Err(_)) => {}
+                        Err(_) => {
+                            let _ = ctx.fail.send(WriterFailure::Lost(
+                                i as u32,
+                                generation,
+                                "stuck: the object's end could not be written".into(),
+                            ));
+                        }
                     }
                 }
             }
@@ -1533,6 +1539,11 @@ async fn send_object(
                     continue;
                 }
                 if d.code == 0 {
+                    // Verified: every byte is held, whatever ACKs are still on their way
+                    // (so the writers see the end now).
+                    if let Err(e) = core.lock().await.sched.ack(src.size) {
+                        break Err(ObjectFailure::Fatal(SendError::Protocol(e.to_string())));
+                    }
                     progress(src.size, session.alive(), &report.link);
                     break Ok(have);
                 }
@@ -1598,15 +1609,25 @@ async fn send_object(
         })
         .await;
         if finished.is_err() {
-            // A writer still in the middle of a chunk by now is on a stuck stream (its chunks
-            // went on the others): that stream has half a frame on it, so the session goes
-            // on without it.
+            // A writer still in the middle of a chunk by now (holding its stream's lock) is on
+            // a stuck stream whose chunks went on the others: that stream has half a frame
+            // on it, so the session goes on without it, dialling a replacement.
             for (i, t) in writer_tasks.iter().enumerate() {
-                if let Some(t) = t.as_ref().filter(|t| !t.is_finished()) {
-                    t.abort();
+                let Some(t) = t.as_ref().filter(|t| !t.is_finished()) else {
+                    continue;
+                };
+                // Looked at before the abort, which releases the lock.
+                let mid_frame = session
+                    .writers
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|(_, w)| w.try_lock().is_err());
+                t.abort();
+                if mid_frame {
                     if let Some(Some(_)) = session.writers.get_mut(i).map(Option::take) {
                         debug!(stream = i, "stream dropped: stuck in the middle of a chunk");
                         report.streams_retired += 1;
+                        session.dial(i as u32);
                     }
                 }
             }
@@ -1987,12 +2008,16 @@ struct ObjectCtx {
     fail: mpsc::UnboundedSender<WriterFailure>,
     path: PathBuf,
     retired: Arc<std::sync::Mutex<HashSet<u32>>>,
-    /// An idle stream sends a stuck stream's chunks again once the receiver holds this much
-    /// beyond its prefix ...
-    hole: u64,
-    /// ... and the chunk it waits on has been out this long.
+    /// Whether an idle stream sends a stuck stream's chunks again: once the receiver holds
+    /// data beyond the chunk its prefix waits on and that chunk has been out `stuck_after`,
+    /// or, with every byte read, once it has been out five times that.
+    hedging: bool,
     stuck_after: Duration,
 }
+
+/// Data the receiver holds beyond a hole that says the hole is not ordinary striping (it
+/// reports in steps of 1 MiB).
+const HOLE: u64 = 1024 * 1024;
 
 /// Feeds stream `i` (of `generation`) from the object's scheduler until the object is done or
 /// the stream fails.
@@ -2006,7 +2031,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         fail,
         path,
         retired,
-        hole,
+        hedging,
         stuck_after,
     } = ctx;
     loop {
@@ -2018,15 +2043,31 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
             if retired.lock().is_ok_and(|r| r.contains(&i)) {
                 return;
             }
+            // Before the scheduler commits to a read: this wait may be cancelled (the stream
+            // lost, its task aborted) without losing a chunk.
+            if let Err(source) = c.source.ready().await {
+                let _ = fail.send(WriterFailure::Fatal(SendError::Source { path, source }));
+                return;
+            }
             let now = Instant::now();
             match c.sched.next(i) {
                 Next::Done => return,
                 Next::Wait => {
                     // Idle: if data piles up at the receiver behind a chunk whose stream
                     // seems stuck, send that stream's chunks again here.
-                    let hedged = (c.held.saturating_sub(c.sched.acked()) >= hole)
-                        .then(|| c.sched.hedge(i, now, stuck_after))
-                        .flatten();
+                    let beyond = c.held.saturating_sub(c.sched.acked());
+                    let after = if beyond >= HOLE {
+                        Some(stuck_after)
+                    } else if c.sched.read() == c.sched.size() {
+                        // The receiver may hold too little beyond the hole to say so (the
+                        // end of a small object): wait longer, then send it again anyway.
+                        Some(stuck_after * 5)
+                    } else {
+                        None
+                    };
+                    let hedged = after
+                        .filter(|_| hedging)
+                        .and_then(|after| c.sched.hedge(i, now, after));
                     if let Some((offset, _)) = &hedged {
                         debug!(
                             stream = i,
@@ -2040,7 +2081,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                     Some((offset, data))
                 }
                 Next::Read { offset, len } => {
-                    let data = match c.source.chunk(offset, len).await {
+                    let data = match c.source.take(offset, len) {
                         Ok(d) => d,
                         Err(source) => {
                             let _ =

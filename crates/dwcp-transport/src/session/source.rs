@@ -29,8 +29,12 @@ pub(crate) struct SourceReader {
     digest: Option<oneshot::Receiver<io::Result<blake3::Hash>>>,
     /// The digest once received (the end of an object may be sent more than once).
     hash: Option<blake3::Hash>,
-    /// Offset of the next chunk out of `chunks`.
+    /// The next chunk, taken off the queue by [`ready`](Self::ready).
+    peeked: Option<Bytes>,
+    /// Offset of the next chunk to hand out.
     next: u64,
+    /// End of the file.
+    size: u64,
 }
 
 impl SourceReader {
@@ -56,12 +60,31 @@ impl SourceReader {
             chunks,
             digest: Some(digest),
             hash: None,
-            next: have,
+            peeked: None,
+            next: have.min(size),
+            size,
         })
     }
 
-    /// The chunk at `offset` of `len` bytes: the next one in order.
-    pub(crate) async fn chunk(&mut self, offset: u64, len: usize) -> io::Result<Bytes> {
+    /// Waits until the next chunk is read (at once when every chunk was handed out).
+    /// Cancel-safe: a chunk that arrives is kept for [`take`](Self::take), so a caller may
+    /// wait here before committing to a read and be cancelled without losing one.
+    pub(crate) async fn ready(&mut self) -> io::Result<()> {
+        if self.peeked.is_some() || self.next >= self.size {
+            return Ok(());
+        }
+        match self.chunks.recv().await {
+            Some(r) => {
+                self.peeked = Some(r?);
+                Ok(())
+            }
+            None => Err(io::Error::other("the source reader stopped")),
+        }
+    }
+
+    /// The chunk at `offset` of `len` bytes, which must be the next one and
+    /// [`ready`](Self::ready).
+    pub(crate) fn take(&mut self, offset: u64, len: usize) -> io::Result<Bytes> {
         if offset != self.next {
             // The scheduler reads in order; anything else is a bug, not a bad file.
             return Err(io::Error::other(format!(
@@ -69,10 +92,10 @@ impl SourceReader {
                 self.next
             )));
         }
-        let data = match self.chunks.recv().await {
-            Some(r) => r?,
-            None => return Err(io::Error::other("the source reader stopped")),
-        };
+        let data = self
+            .peeked
+            .take()
+            .ok_or_else(|| io::Error::other(format!("chunk at {offset} is not read yet")))?;
         if data.len() != len {
             return Err(io::Error::other(format!(
                 "chunk at {offset}: {} bytes read, {len} expected",
@@ -81,6 +104,16 @@ impl SourceReader {
         }
         self.next += len as u64;
         Ok(data)
+    }
+
+    /// The chunk at `offset` of `len` bytes: the next one in order.
+    #[cfg(test)]
+    pub(crate) async fn chunk(&mut self, offset: u64, len: usize) -> io::Result<Bytes> {
+        if offset != self.next {
+            return self.take(offset, len);
+        }
+        self.ready().await?;
+        self.take(offset, len)
     }
 
     /// The digest of the whole file; ready as soon as the last chunk has been taken.
@@ -118,7 +151,7 @@ fn read(
         if tx.is_closed() {
             return Ok(());
         }
-        let n = (left as usize).min(block);
+        let n = left.min(block as u64) as usize;
         fill(&mut file, &mut buf, n)?;
         hasher.update(&buf);
         left -= n as u64;
@@ -132,7 +165,7 @@ fn read(
         return Ok(());
     }
     while at < size {
-        let n = ((size - at) as usize).min(block);
+        let n = (size - at).min(block as u64) as usize;
         let mut data = Vec::new();
         fill(&mut file, &mut data, n)?;
         hasher.update(&data);
@@ -256,6 +289,35 @@ mod tests {
         let (_d, f) = file_with(&bytes);
         let mut r = SourceReader::start(f, 15_000, 20_000, 4096).unwrap();
         assert!(r.chunk(15_000, 4096).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_chunk_can_be_cancelled_without_losing_it() {
+        // A stream's task may be aborted while it waits for the reader: the chunk it was
+        // waiting for must still be there for the next one.
+        let bytes = pattern(3 * (1 << 20) + 999);
+        let (_d, f) = file_with(&bytes);
+        let size = bytes.len() as u64;
+        let chunk = 100_000;
+        let mut r = SourceReader::start(f, 0, size, chunk).unwrap();
+        let (mut out, mut at, mut cancelled) = (Vec::new(), 0u64, 0);
+        while at < size {
+            // Cancelled whenever the chunk is not there within a microsecond.
+            match tokio::time::timeout(std::time::Duration::from_micros(1), r.ready()).await {
+                Err(_) => {
+                    cancelled += 1;
+                    assert!(cancelled < 1_000_000);
+                    continue;
+                }
+                Ok(ready) => ready.unwrap(),
+            }
+            let len = ((size - at) as usize).min(chunk);
+            out.extend_from_slice(&r.take(at, len).unwrap());
+            at += len as u64;
+        }
+        assert_eq!(out, bytes);
+        assert!(r.take(at, 1).is_err(), "nothing past the end");
+        assert_eq!(r.digest().await.unwrap(), blake3::hash(&bytes));
     }
 
     #[tokio::test]
