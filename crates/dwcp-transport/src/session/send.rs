@@ -816,14 +816,9 @@ impl Session {
     }
 
     fn any_writer(&self) -> Option<Arc<Mutex<Writer>>> {
-        self.any_writer_indexed().map(|(_, w)| w)
-    }
-
-    fn any_writer_indexed(&self) -> Option<(usize, Arc<Mutex<Writer>>)> {
         self.writers
             .iter()
-            .enumerate()
-            .find_map(|(i, w)| w.as_ref().map(|(_, w)| (i, w.clone())))
+            .find_map(|w| w.as_ref().map(|(_, w)| w.clone()))
     }
 
     /// Says goodbye on every stream (`NO_ERROR` only when the transfer is complete) and
