@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the test guest for the QEMU migration backend from Debian packages:
 #   OUT/vmlinuz           the Debian kernel (linux-image-amd64, the package's current version)
-#   OUT/initramfs.cpio.gz busybox-static plus /init (scripts/guest-init.sh) and a payload of
-#                         this machine's shared libraries and text files, which /init copies
-#                         into RAM to give the guest a realistic memory mix.
+#   OUT/initramfs.cpio.gz busybox-static plus /init (scripts/guest-init.sh), the kernel's
+#                         virtio-blk modules and a payload of this machine's shared libraries
+#                         and text files, which /init copies into RAM to give the guest a
+#                         realistic memory mix.
+#   OUT/disk.img          the guest's disk: copies of that payload, which /init reads into RAM
+#                         the way a VM's page cache holds its disk's files (QEMU attaches it
+#                         read-only; a destination holding it can seed its baseline cache).
 # Usage: scripts/guest-image.sh [OUT]   (default target/guest; no root needed, only apt-get)
 # The packages are downloaded (`apt-get download`), not installed. Re-running with an existing
 # OUT whose files are newer than this script and guest-init.sh does nothing.
@@ -13,7 +17,7 @@ out="${1:-$here/../target/guest}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] \
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] && [ -s "$out/disk.img" ] \
     && [ "$out/initramfs.cpio.gz" -nt "$here/guest-init.sh" ] \
     && [ "$out/initramfs.cpio.gz" -nt "$here/guest-image.sh" ]; then
     echo "guest image up to date in $out"
@@ -35,9 +39,20 @@ apt-get download -q "$kpkg" busybox-static >/dev/null 2>&1 || apt-get download "
 dpkg-deb -x busybox-static_*.deb bb
 dpkg-deb --fsys-tarfile "${kpkg}"_*.deb | tar -x --wildcards './boot/vmlinuz-*'
 cp boot/vmlinuz-* "$out/vmlinuz"
+dpkg-deb --fsys-tarfile "${kpkg}"_*.deb | tar -x --wildcards \
+    './lib/modules/*/kernel/drivers/virtio/*.ko' './lib/modules/*/kernel/drivers/block/virtio_blk.ko'
 
 root="$work/root"
-mkdir -p "$root"/{bin,dev,proc,sys,mem,payload/lib,payload/text}
+mkdir -p "$root"/{bin,dev,proc,sys,mem,payload/lib,payload/text,lib/modules}
+# What /init loads (in this order) to see the disk.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    f="$(find lib/modules -name "$m.ko" | head -1)"
+    if [ -z "$f" ]; then
+        echo "guest-image: module $m not in $kpkg" >&2
+        exit 1
+    fi
+    cp "$f" "$root/lib/modules/"
+done
 cp bb/bin/busybox "$root/bin/busybox"
 cp "$here/guest-init.sh" "$root/init"
 chmod 0755 "$root/init" "$root/bin/busybox"
@@ -60,6 +75,32 @@ budget_copy $((48 * 1024)) "$root/payload/lib" $(ls -S /usr/lib/x86_64-linux-gnu
 budget_copy $((12 * 1024)) "$root/payload/text" $(find /usr/share/perl /usr/share/perl5 /usr/share/doc /usr/share/common-licenses \
     -type f \( -name '*.pm' -o -name '*.pl' -o -name 'copyright' -o -name '*.txt' -o -name 'GPL*' \) 2>/dev/null | sort | head -4000)
 
+# The disk: page 0 lists the copies ("KIND FIRST_PAGE PAGES COPIES" per line); each copy
+# starts on a 4 KiB page, is shifted by a few hundred bytes (so that no page repeats another,
+# as in guest-init.sh) and padded to PAGES pages. Enough copies for a 1 GiB guest; a larger
+# guest makes the rest of its copies itself.
+disk="$out/disk.img.tmp"
+rm -f "$disk"
+header=""
+page=1
+add_copies() { # kind dir copies
+    local kind=$1 dir=$2 n=$3 i size stride
+    size=$(cat "$dir"/* | wc -c)
+    stride=$(((size + n * 331 + 4095) / 4096))
+    header="$header$kind $page $stride $n
+"
+    for i in $(seq 1 "$n"); do
+        { head -c $((i * 331)) "$here/guest-init.sh"; cat "$dir"/*; } >"$work/copy"
+        truncate -s $((stride * 4096)) "$work/copy"
+        dd if="$work/copy" of="$disk" bs=4096 seek="$page" conv=notrunc status=none
+        page=$((page + stride))
+    done
+}
+add_copies code "$root/payload/lib" 6
+add_copies text "$root/payload/text" 12
+printf '%s' "$header" | dd of="$disk" conv=notrunc status=none
+mv "$disk" "$out/disk.img"
+
 (cd "$root" && find . | "$work/bb/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -1 > "$out/initramfs.cpio.gz.tmp"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
-echo "guest image in $out: $(du -h "$out/vmlinuz" | cut -f1) kernel ($kpkg), $(du -h "$out/initramfs.cpio.gz" | cut -f1) initramfs"
+echo "guest image in $out: $(du -h "$out/vmlinuz" | cut -f1) kernel ($kpkg), $(du -h "$out/initramfs.cpio.gz" | cut -f1) initramfs, $(du -h "$out/disk.img" | cut -f1) disk"

@@ -24,11 +24,39 @@ kib_of() { du -sk "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 # What may still be filled: MemAvailable less a reserve for the workload and the kernel.
 room() { awk '/MemAvailable/ {r = $2 - 32768; print (r > 0 ? r : 0)}' /proc/meminfo; }
 
-# Copies of a payload directory, each shifted by a few hundred bytes so that no page repeats
-# another (same kind of content, different pages), until `budget` KiB are used.
-shifted_copies() { # name src budget_kib
+# The disk (scripts/guest-image.sh: disk.img), when QEMU attaches it: virtio-blk.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    [ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko" 2>/dev/null
+done
+i=0
+while [ ! -b /dev/vda ] && [ -d /sys/bus/virtio ] && [ "$i" -lt 30 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+disk_index=""
+disk_copies=0
+[ -b /dev/vda ] && disk_index=$(dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -a -E '^(code|text) [0-9]+ [0-9]+ [0-9]+$')
+
+# Copies of a payload until `budget` KiB are used: first those on the disk, read the way a
+# page cache holds a file (each disk page becomes one page in RAM; O_DIRECT, so that the
+# block device's own cache keeps no second copy), then made here: each copy shifted by a few
+# hundred bytes so that no page repeats another (same kind of content, different pages).
+copies() { # name src budget_kib
     i=1
     used=0
+    # shellcheck disable=SC2086
+    set -- "$1" "$2" "$3" $(echo "$disk_index" | grep "^$1 ")
+    while [ -n "$5" ] && [ "$used" -lt "$3" ] && [ "$i" -le "$7" ] \
+        && [ "$(room)" -gt $(($6 * 4)) ]; do
+        at=$((($5 + (i - 1) * $6) * 4096))
+        dd if=/dev/vda of="/mem/$1.$i" bs=1M iflag=direct,skip_bytes,count_bytes \
+            skip=$at count=$(($6 * 4096)) 2>/dev/null \
+            || dd if=/dev/vda of="/mem/$1.$i" bs=1M iflag=skip_bytes,count_bytes \
+                skip=$at count=$(($6 * 4096)) 2>/dev/null
+        used=$(kib_of /mem/$1.*)
+        i=$((i + 1))
+        disk_copies=$((disk_copies + 1))
+    done
     while [ "$used" -lt "$3" ] && [ "$i" -lt 200 ] && [ "$(room)" -gt "$(kib_of "$2")" ]; do
         { head -c $((i * 331)) /init; cat "$2"/*; } >"/mem/$1.$i"
         used=$(kib_of /mem/$1.*)
@@ -41,8 +69,8 @@ check=$(md5sum /mem/check | cut -d' ' -f1)
 if [ "$fill" = 1 ]; then
     payload_lib=$(kib_of /payload/lib)
     payload_text=$(kib_of /payload/text)
-    shifted_copies code /payload/lib $((mem_kib * 30 / 100 - payload_lib))
-    shifted_copies text /payload/text $((mem_kib * 15 / 100 - payload_text))
+    copies code /payload/lib $((mem_kib * 30 / 100 - payload_lib))
+    copies text /payload/text $((mem_kib * 15 / 100 - payload_text))
     i=1
     while [ "$(kib_of /mem/dup.*)" -lt $((mem_kib * 10 / 100)) ] && [ "$i" -lt 100 ] \
         && [ "$(room)" -gt "$(kib_of /payload/lib)" ]; do
@@ -54,7 +82,7 @@ random_pages=$((mem_kib * 10 / 100 / 4))
 [ "$random_pages" -gt $(($(room) / 4)) ] && random_pages=$(($(room) / 4))
 [ "$random_pages" -lt 256 ] && random_pages=256
 dd if=/dev/urandom of=/mem/random bs=4096 count=$random_pages 2>/dev/null
-echo "dwcp-guest ready mem_kib=$mem_kib filled_kib=$(kib_of /mem /payload) dirty_pages_per_s=$dirty"
+echo "dwcp-guest ready mem_kib=$mem_kib filled_kib=$(kib_of /mem /payload) dirty_pages_per_s=$dirty disk_copies=$disk_copies"
 
 (
     n=0

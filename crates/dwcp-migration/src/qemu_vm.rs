@@ -15,14 +15,20 @@ pub struct GuestImage {
     pub kernel: PathBuf,
     /// `initramfs.cpio.gz`.
     pub initrd: PathBuf,
+    /// `disk.img`, attached read-only when present: the guest reads part of what it keeps
+    /// in RAM from it, as a VM's page cache holds its disk's files.
+    pub disk: Option<PathBuf>,
 }
 
 impl GuestImage {
-    /// The image in `dir` (`vmlinuz`, `initramfs.cpio.gz`), if both are there.
+    /// The image in `dir` (`vmlinuz`, `initramfs.cpio.gz`, and `disk.img` if there), if the
+    /// first two are there.
     pub fn in_dir(dir: &Path) -> Option<Self> {
+        let disk = dir.join("disk.img");
         let img = Self {
             kernel: dir.join("vmlinuz"),
             initrd: dir.join("initramfs.cpio.gz"),
+            disk: disk.is_file().then_some(disk),
         };
         (img.kernel.is_file() && img.initrd.is_file()).then_some(img)
     }
@@ -129,6 +135,15 @@ impl QemuProcess {
             ]
             .map(String::from),
         );
+        if let Some(d) = &image.disk {
+            // Read-only: source and destination QEMU open it at once during a migration.
+            argv.push("-drive".into());
+            argv.push(format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                // QEMU's option syntax: a comma in a value is written twice.
+                d.display().to_string().replace(',', ",,")
+            ));
+        }
         if let Some(f) = &launch.mem_file {
             argv.push("-object".into());
             argv.push(format!(

@@ -63,13 +63,18 @@ struct Nodes {
     ep: dwcp_transport::Endpoint,
 }
 
-async fn nodes() -> Nodes {
+/// `seeds`: what the destination's baseline cache is seeded with.
+async fn nodes(seeds: Vec<std::path::PathBuf>) -> Nodes {
     let cluster = TestCluster::new();
     let dir = tempfile::tempdir().unwrap();
     let qemu_dir = dir.path().join("qemu-b");
     std::fs::create_dir_all(&qemu_dir).unwrap();
     let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let agent = RunningAgent::start(&cluster, "dest", move |c| {
+        c.migration.qemu_dir = qd;
+        c.encoding.seed_paths = seeds;
+    })
+    .await;
     let ep = endpoint(&cluster, "src", |_| {});
     Nodes {
         _cluster: cluster,
@@ -89,13 +94,16 @@ fn digest(path: &Path) -> blake3::Hash {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     let Some(image) = guest() else { return };
+    // The destination holds the guest's disk, whose pages the guest also keeps in RAM: those
+    // go by reference, the rest (zero, random, text made in the guest) as data.
+    let disk = image.disk.clone().expect("the guest image has a disk.img");
     let Nodes {
         _cluster,
         dir,
         qemu_dir,
         agent,
         ep,
-    } = nodes().await;
+    } = nodes(vec![disk]).await;
     let dest = Destination {
         endpoint: &ep,
         addr: agent.addr,
@@ -103,6 +111,11 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     };
 
     let mut src = source(&image, dir.path()).await;
+    assert!(
+        !src.serial().contains("disk_copies=0"),
+        "the guest read nothing from its disk: {}",
+        src.serial()
+    );
     let mut dst = destination(&image, dir.path(), &qemu_dir, "vm1");
     let spec = QemuSpec::new("vm1", dir.path().join("src.qmp"));
     let mut phases = Vec::new();
@@ -118,6 +131,11 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     assert!(
         r.wire_bytes < r.stream_bytes,
         "HDE made the stream smaller: {r:?}"
+    );
+    // At least one 48 MiB copy of the guest's code came from its disk.
+    assert!(
+        r.cache_bytes >= 32 << 20,
+        "pages of the seeded disk went by reference: {r:?}"
     );
     // Guest RAM plus QEMU's ROMs and device RAM.
     assert!(r.ram_bytes >= MEM_MIB << 20, "{r:?}");
@@ -167,7 +185,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         qemu_dir,
         agent,
         ep,
-    } = nodes().await;
+    } = nodes(Vec::new()).await;
     let dest = Destination {
         endpoint: &ep,
         addr: agent.addr,

@@ -250,6 +250,67 @@ fn testbed_profile(name: &str, bench: &str) -> Result<Profile> {
 
 /// A work directory with a throwaway cluster (nodes bench-a, bench-b), the testbed up, and
 /// its round trip checked with ping.
+/// An agent in namespace B for `dwcp bench migration`.
+pub(crate) struct AgentSpec<'a> {
+    /// Names its spool, cache and QEMU directories under the work directory, and its logs.
+    pub(crate) name: &'a str,
+    pub(crate) listen: &'a str,
+    pub(crate) admin: &'a str,
+    pub(crate) congestion: &'a str,
+    /// What its baseline cache is seeded with (`encoding.seed_paths`).
+    pub(crate) seeds: Option<&'a Path>,
+}
+
+/// Starts an agent in namespace B and waits (bounded) until it answers a ping from A.
+pub(crate) fn start_agent(
+    tb: &Testbed,
+    exe: &str,
+    work: &Path,
+    certs: &Path,
+    spec: &AgentSpec<'_>,
+) -> Result<Reaped> {
+    let qemu_dir = crate::bench_qemu::qemu_dir(work, spec.name);
+    std::fs::create_dir_all(&qemu_dir)?;
+    let mut agent = tb.cmd_b(exe);
+    agent
+        .args(["agent", "--node-id", "bench-b", "--listen", spec.listen])
+        .args(["--admin-listen", spec.admin])
+        .arg("--spool-dir")
+        .arg(work.join(format!("{}-spool", spec.name)))
+        .arg("--cache-dir")
+        .arg(work.join(format!("{}-cache", spec.name)))
+        .arg("--certs-dir")
+        .arg(certs)
+        .env("DWCP_TRANSPORT__CONGESTION", spec.congestion)
+        .env("DWCP_MIGRATION__QEMU_DIR", &qemu_dir);
+    if let Some(seeds) = spec.seeds {
+        agent.env("DWCP_ENCODING__SEED_PATHS", seeds);
+    }
+    let (agent, _, agent_err) = spawn_logged(agent, work, spec.name)?;
+    // Ready when it answers a ping from the other side (bounded; seeding comes first).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut p = tb.cmd_a(exe);
+        p.args(["ping", spec.listen, "--node-id", "bench-a", "-n", "1"])
+            .arg("--certs-dir")
+            .arg(certs);
+        let (mut child, _, _) = spawn_logged(p, work, &format!("ping-{}", spec.name))?;
+        if wait_bounded(&mut child, Duration::from_secs(10), "dwcp ping")?.success() {
+            return Ok(agent);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent {:?} in namespace B did not come up: {}",
+                spec.name,
+                std::fs::read_to_string(&agent_err)
+                    .unwrap_or_default()
+                    .trim()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBuf, Testbed, f64)> {
     let work = tempfile::tempdir()?;
     let certs = work.path().join("certs");
@@ -470,8 +531,13 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         cases.push((size.to_string(), rate.to_string()));
     }
     let qemu_mem = parse_size(&args.qemu_mem)? >> 20;
-    if cases.is_empty() && qemu_mem == 0 {
-        return Err(UsageError("--cases: no case given (and --qemu-mem 0)".into()).into());
+    let qemu_cases = crate::bench_qemu::parse_cases(&args.qemu_cases)
+        .map_err(|e| UsageError(format!("--qemu-cases: {e}")))?;
+    if cases.is_empty() && (qemu_mem == 0 || qemu_cases.is_empty()) {
+        return Err(UsageError(
+            "--cases: no case given (and no QEMU case: --qemu-mem 0 or --qemu-cases \"\")".into(),
+        )
+        .into());
     }
     watch_signals()?;
     let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
@@ -481,51 +547,19 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .to_string();
     let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
     let listen = format!("{}:7900", tb.addr_b);
-    let mut agent = tb.cmd_b(&exe);
-    agent
-        .args([
-            "agent",
-            "--node-id",
-            "bench-b",
-            "--listen",
-            &listen,
-            "--admin-listen",
-            "127.0.0.1:7901",
-        ])
-        .arg("--spool-dir")
-        .arg(work.path().join("spool"))
-        .arg("--cache-dir")
-        .arg(work.path().join("cache"))
-        .arg("--certs-dir")
-        .arg(&certs)
-        .env("DWCP_TRANSPORT__CONGESTION", &args.congestion)
-        .env(
-            "DWCP_MIGRATION__QEMU_DIR",
-            crate::bench_qemu::qemu_dir(work.path()),
-        );
-    std::fs::create_dir_all(crate::bench_qemu::qemu_dir(work.path()))?;
-    let (_agent, _, agent_err) = spawn_logged(agent, work.path(), "agent")?;
-    // Ready when it answers a ping from the other side (bounded).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut p = tb.cmd_a(&exe);
-        p.args(["ping", &listen, "--node-id", "bench-a", "-n", "1"])
-            .arg("--certs-dir")
-            .arg(&certs);
-        let (mut child, _, _) = spawn_logged(p, work.path(), "ping-agent")?;
-        if wait_bounded(&mut child, Duration::from_secs(10), "dwcp ping")?.success() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent in namespace B did not come up: {}",
-                std::fs::read_to_string(&agent_err)
-                    .unwrap_or_default()
-                    .trim()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let _agent = start_agent(
+        &tb,
+        &exe,
+        work.path(),
+        &certs,
+        &AgentSpec {
+            name: "agent",
+            listen: &listen,
+            admin: "127.0.0.1:7901",
+            congestion: &args.congestion,
+            seeds: None,
+        },
+    )?;
     let link = profile.rate_bps.map(|r| format!("{}", r / 8));
     let mut runs = Vec::new();
     for (i, (size, rate)) in cases.iter().enumerate() {
@@ -569,30 +603,24 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             json!({"vm_size": size, "dirty_rate": rate, "exit": status.code(), "report": report}),
         );
     }
-    let qemu_rows = if qemu_mem == 0 {
+    let qemu_rows = if qemu_mem == 0 || qemu_cases.is_empty() {
         None
     } else if let Some(why) = crate::bench_qemu::unavailable() {
         eprintln!("QEMU rows skipped: {why}");
         Some(Err(why))
     } else {
-        let qd = crate::bench_qemu::qemu_dir(work.path());
         let qb = crate::bench_qemu::QemuBench {
             tb: &tb,
             work: work.path(),
             exe: &exe,
             certs: &certs,
             listen: &listen,
-            qemu_dir: &qd,
             congestion: &args.congestion,
             mem_mib: qemu_mem,
             dirty_pages: args.qemu_dirty_pages,
             codec: args.qemu_codec,
             native_timeout: Duration::from_secs(args.qemu_native_timeout_secs),
-            cases: args
-                .qemu_cases
-                .split(',')
-                .map(|c| c.trim().to_string())
-                .collect(),
+            cases: qemu_cases,
         };
         Some(qb.run().map_err(|e| format!("{e:#}")))
     };

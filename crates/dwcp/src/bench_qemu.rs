@@ -1,9 +1,10 @@
 //! The QEMU rows of `dwcp bench migration`: one guest in namespace A, migrated over the
 //! emulated link to a fresh QEMU in namespace B with QEMU's own migration (default settings,
-//! then multifd with 8 channels and zstd) and through DWCP (cold, then warm: the same guest
-//! again, the destination's cache holding what the cold run sent). After each run the
-//! destination is killed and the source guest resumed, so every case moves the same,
-//! still-running guest.
+//! then multifd with 8 channels and zstd) and through DWCP: cold (the destination's cache
+//! empty), seeded (a second agent whose cache holds nothing but the pages of the guest's
+//! images: kernel, initramfs and disk) and warm (the first agent again, its cache holding
+//! what the cold run sent). After each run the destination is killed and the source guest
+//! resumed, so every case moves the same, still-running guest.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -20,15 +21,15 @@ pub(crate) struct QemuBench<'a> {
     pub(crate) work: &'a Path,
     pub(crate) exe: &'a str,
     pub(crate) certs: &'a Path,
+    /// The agent in B (`bench::start_agent` named "agent").
     pub(crate) listen: &'a str,
-    pub(crate) qemu_dir: &'a Path,
     pub(crate) congestion: &'a str,
     pub(crate) mem_mib: u64,
     pub(crate) dirty_pages: u64,
     /// `--codec` of `dwcp migrate`.
     pub(crate) codec: crate::cli::CodecChoice,
     pub(crate) native_timeout: Duration,
-    /// Which of `native`, `multifd`, `cold`, `warm` to run.
+    /// Which of [`CASES`] to run.
     pub(crate) cases: Vec<String>,
 }
 
@@ -46,6 +47,31 @@ pub(crate) fn unavailable() -> Option<String> {
 }
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The QEMU cases, in the order they run, and their table names.
+const CASES: [(&str, &str); 5] = [
+    ("native", "native default"),
+    ("multifd", "native multifd zstd x8"),
+    ("cold", "dwcp cold"),
+    ("seeded", "dwcp seeded"),
+    ("warm", "dwcp warm"),
+];
+
+/// `--qemu-cases`: names from [`CASES`], comma-separated (an empty list runs none).
+pub(crate) fn parse_cases(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if CASES.iter().any(|(k, _)| *k == c) {
+                Ok(c.to_string())
+            } else {
+                let known: Vec<&str> = CASES.iter().map(|(k, _)| *k).collect();
+                Err(format!("unknown case {c:?} (known: {})", known.join(", ")))
+            }
+        })
+        .collect()
+}
 
 fn ns_prefix(ns: &str) -> Vec<String> {
     ["ip", "netns", "exec", ns].map(String::from).to_vec()
@@ -80,23 +106,17 @@ impl QemuBench<'_> {
         rt.block_on(src.wait_serial("dwcp-guest ready", Duration::from_secs(600)))?;
         eprintln!("QEMU: guest ready after {:.0} s", t.elapsed().as_secs_f64());
         let mut rows = Vec::new();
-        for (i, (key, case)) in [
-            ("native", "native default"),
-            ("multifd", "native multifd zstd x8"),
-            ("cold", "dwcp cold"),
-            ("warm", "dwcp warm"),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, (key, case)) in CASES.iter().enumerate() {
             if !self.cases.iter().any(|c| c == key) {
                 continue;
             }
             eprintln!("QEMU: {case} ...");
             let r = if case.starts_with("native") {
                 rt.block_on(self.native(&image, i, case.contains("multifd")))
+            } else if *key == "seeded" {
+                self.seeded(&image, i)
             } else {
-                self.through_dwcp(&image, i)
+                self.through_dwcp(&image, i, self.listen, "agent")
             };
             let row = match r {
                 Ok(v) => v,
@@ -194,18 +214,60 @@ impl QemuBench<'_> {
         }))
     }
 
-    /// `dwcp migrate --qemu-qmp` from A to the agent in B.
-    fn through_dwcp(&self, image: &GuestImage, i: usize) -> Result<Value> {
+    /// Through a second agent in B whose cache is seeded with the guest's images (the
+    /// directory holding its kernel, initramfs and disk) and holds nothing else.
+    fn seeded(&self, image: &GuestImage, i: usize) -> Result<Value> {
+        if image.disk.is_none() {
+            return Err(anyhow!(
+                "the guest image has no disk.img to seed from (rebuild it: scripts/guest-image.sh)"
+            ));
+        }
+        let dir = image
+            .kernel
+            .parent()
+            .ok_or_else(|| anyhow!("the guest kernel has no directory"))?;
+        let listen = self.listen.replace(":7900", ":7902");
+        let t = Instant::now();
+        let _agent = crate::bench::start_agent(
+            self.tb,
+            self.exe,
+            self.work,
+            self.certs,
+            &crate::bench::AgentSpec {
+                name: "agent-seeded",
+                listen: &listen,
+                admin: "127.0.0.1:7903",
+                congestion: self.congestion,
+                seeds: Some(dir),
+            },
+        )?;
+        eprintln!(
+            "QEMU: seeded agent up ({} seeded) after {:.1} s",
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+        self.through_dwcp(image, i, &listen, "agent-seeded")
+    }
+
+    /// `dwcp migrate --qemu-qmp` from A to the agent `agent` in B, listening on `listen`.
+    fn through_dwcp(
+        &self,
+        image: &GuestImage,
+        i: usize,
+        listen: &str,
+        agent: &str,
+    ) -> Result<Value> {
         let vm = "vmq";
+        let qemu_dir = qemu_dir(self.work, agent);
         let mut l = self.dest_launch(i);
         l.incoming = Some(format!(
             "unix:{}",
-            self.qemu_dir.join(format!("{vm}.incoming")).display()
+            qemu_dir.join(format!("{vm}.incoming")).display()
         ));
-        l.qmp.push(self.qemu_dir.join(format!("{vm}.qmp")));
+        l.qmp.push(qemu_dir.join(format!("{vm}.qmp")));
         let _dst = QemuProcess::spawn(image, &l)?;
         let mut m = self.tb.cmd_a(self.exe);
-        m.args(["migrate", "--to", self.listen, "--node-id", "bench-a"])
+        m.args(["migrate", "--to", listen, "--node-id", "bench-a"])
             .args(["--expect-node", "bench-b", "--json", "--name", vm])
             .arg("--qemu-qmp")
             .arg(self.work.join("qemu-src.qmp"))
@@ -279,7 +341,23 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
     println!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");
 }
 
-/// Where the destination agent's QEMUs wait.
-pub(crate) fn qemu_dir(work: &Path) -> PathBuf {
-    work.join("qemu-b")
+/// Where the QEMUs of the destination agent `agent` wait.
+pub(crate) fn qemu_dir(work: &Path, agent: &str) -> PathBuf {
+    work.join(format!("{agent}-qemu"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_cases_are_checked() {
+        assert_eq!(
+            parse_cases(" cold, seeded ,warm").unwrap(),
+            ["cold", "seeded", "warm"]
+        );
+        assert!(parse_cases("").unwrap().is_empty());
+        let e = parse_cases("cold,hot").unwrap_err();
+        assert!(e.contains("\"hot\"") && e.contains("seeded"), "{e}");
+    }
 }

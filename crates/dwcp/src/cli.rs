@@ -423,13 +423,14 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=7200))]
     pub(crate) timeout_secs: u64,
 
-    /// Guest RAM of the QEMU rows (QEMU native, and through DWCP cold and warm); 0 skips them.
+    /// Guest RAM of the QEMU rows (QEMU native, and through DWCP); 0 skips them.
     #[arg(long, default_value = "1Gi")]
     pub(crate) qemu_mem: String,
 
     /// QEMU cases, comma-separated: native (default settings), multifd (8 channels, zstd),
-    /// cold and warm (through DWCP).
-    #[arg(long, default_value = "native,multifd,cold,warm")]
+    /// cold, seeded (the destination's cache seeded with the guest's kernel, initramfs and
+    /// disk) and warm (through DWCP).
+    #[arg(long, default_value = "native,multifd,cold,seeded,warm")]
     pub(crate) qemu_cases: String,
 
     /// Pages per second the QEMU guest's workload rewrites.
