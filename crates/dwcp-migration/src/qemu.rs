@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -28,7 +28,7 @@ use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_encoding::{Codec, RemoteIndex};
 use dwcp_transport::qmp::{Qmp, capability};
-use dwcp_transport::session::adapt::{Controller, Mode};
+use dwcp_transport::session::adapt::Mode;
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept, query_base,
 };
@@ -161,6 +161,8 @@ struct Budget {
     acked: AtomicU64,
     limit: AtomicU64,
     freed: Notify,
+    /// Largest segment read from QEMU now (see [`BLOCK`] and [`LATE_BLOCK`]).
+    block: AtomicUsize,
 }
 
 impl Budget {
@@ -186,6 +188,9 @@ impl Budget {
     fn room(&self) -> u64 {
         self.limit().saturating_sub(self.inflight())
     }
+    fn block(&self) -> usize {
+        self.block.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug)]
@@ -198,12 +203,21 @@ struct Segment {
 /// not resumed (that could run it twice).
 pub const UNKNOWN: &str = "resume (outcome unknown)";
 
-const MIN_WINDOW_MIB: u32 = 4;
-/// Largest block of the stream.
+/// Largest block of the stream during QEMU's first pass over RAM.
 const BLOCK: usize = 256 << 10;
+/// Largest block afterwards, across a long path. The window is small then (it bounds the
+/// pause), and a block is acknowledged only once TCP has recovered every packet of it that
+/// was lost: smaller blocks free the window sooner (on `internet`, 15 -> 17-22 MB/s of dirty
+/// pages through a 4 MiB window).
+const LATE_BLOCK: usize = 64 << 10;
 /// Smallest window once QEMU iterates over dirty pages.
 const LATE_WINDOW: u64 = 4 << 20;
-const MAX_WINDOW_MIB: u32 = 64;
+/// The window of the first pass across a long path: QEMU does not stop the guest before
+/// that pass ends, so a backlog costs no pause then, and pages the destination holds (sent
+/// by reference) go through as fast as the window lets them.
+const FIRST_PASS_WINDOW: u64 = 64 << 20;
+/// The window across a short path until a rate is measured.
+const START_WINDOW: u64 = 16 << 20;
 
 /// Migrates the QEMU guest behind `spec.qmp` to `dest`. On failure the source QEMU's
 /// migration is cancelled and the guest resumed there; the destination drops the stream.
@@ -444,8 +458,9 @@ async fn run(
     let budget = Arc::new(Budget {
         read: AtomicU64::new(0),
         acked: AtomicU64::new(0),
-        limit: AtomicU64::new(u64::from(MIN_WINDOW_MIB) << 20),
+        limit: AtomicU64::new(START_WINDOW),
         freed: Notify::new(),
+        block: AtomicUsize::new(BLOCK),
     });
     let tunnel = Tunnel::open(
         dest.endpoint,
@@ -457,14 +472,7 @@ async fn run(
     .await
     .map_err(|e| ("start", format!("tunnel: {e}")))?;
     let (tx, rx) = mpsc::channel::<Segment>(2);
-    let mut reader = tokio::spawn(read_segments(
-        sock,
-        tx,
-        budget.clone(),
-        // Small blocks: on a lossy path a block waits for TCP's recovery of any packet it
-        // lost, so smaller ones are acknowledged sooner on average and the window moves more.
-        tunnel.max_block().min(BLOCK),
-    ));
+    let mut reader = tokio::spawn(read_segments(sock, tx, budget.clone(), tunnel.max_block()));
     // What the destination holds: its summary, then the pages of every block it decoded.
     let remote = Arc::new(remote.map(RwLock::new));
     let tunnel = Arc::new(tunnel);
@@ -576,25 +584,16 @@ async fn pump(
     dest: Destination<'_>,
 ) -> Result<String, (&'static str, String)> {
     let deadline = Instant::now() + spec.timeout;
-    let mut last = (Instant::now(), 0u64);
+    let mut last = (Instant::now(), 0u64, 0u64);
+    // Acknowledged stream bytes a second, and wire bytes a second (smoothed).
     let mut rate = 0.0f64;
+    let mut wire_rate = 0.0f64;
     let mut segments: Option<u64> = None;
     let mut queued: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
-    // From 16 MiB up, on every path: on a short one that is already far more than a round
-    // trip of goodput, and every MiB waiting costs pause time when QEMU stops the guest.
-    let mut ctl = Controller::for_mode(MIN_WINDOW_MIB, MAX_WINDOW_MIB, 1, Mode::Internet);
-    let mut window_mib = 16;
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
-    budget
-        .limit
-        .store(u64::from(window_mib) << 20, Ordering::Relaxed);
-    // Goodput samples of eight round trips (250 ms to 1 s).
-    let sample_every = (rtt * 8).clamp(Duration::from_millis(250), Duration::from_secs(1));
-    let mut sample_at = Instant::now();
-    let mut sample_wire = 0u64;
     // QEMU's dirty-sync count: 1 during the first pass over RAM.
     let mut qemu_round = 0u64;
     loop {
@@ -630,32 +629,40 @@ async fn pump(
                 if dt >= 0.2 {
                     let r = (acked - last.1) as f64 / dt;
                     rate = if rate == 0.0 { r } else { 0.6 * rate + 0.4 * r };
-                    last = (Instant::now(), acked);
-                    // The window (what was read from QEMU and is not acknowledged yet) is
-                    // hill-climbed on wire goodput like the stream count (session::adapt): up
-                    // by half while that gains, down by half while goodput holds. Too small
-                    // starves the path; too big hides a backlog from QEMU, which drains while
-                    // the guest is paused.
-                    if sample_at.elapsed() >= sample_every {
-                        let goodput = (wire_acked - sample_wire) as f64 / sample_at.elapsed().as_secs_f64();
-                        sample_at = Instant::now();
-                        sample_wire = wire_acked;
-                        window_mib = ctl.on_sample(goodput, window_mib);
-                    }
-                    // After QEMU's first pass the guest may be stopped at the end of any
-                    // iteration, and whatever waits in the tunnel then adds to the pause: keep
-                    // it to half of what the downtime budget leaves after a round trip (QEMU's
-                    // own final round gets the other half), but no less than 4 MiB (on a
-                    // lossy path a smaller window starves the stream, and the guest would then
-                    // need throttling to converge at all).
-                    let mut window = u64::from(window_mib) << 20;
-                    // On a short path a window of a few MiB already fills it, so there the
-                    // cap holds from the start.
-                    if (qemu_round >= 2 || short_path) && rate > 0.0 {
+                    let w = (wire_acked - last.2) as f64 / dt;
+                    wire_rate = if wire_rate == 0.0 { w } else { 0.6 * wire_rate + 0.4 * w };
+                    last = (Instant::now(), acked, wire_acked);
+                    // How fast a backlog drains. Stream bytes go faster than the wire while
+                    // the destination holds what they carry, but the pages dirtied late are
+                    // mostly new: the backlog is counted as if it had to cross whole (the
+                    // slower of the two rates), or a window sized while pages went by
+                    // reference would hold seconds of new pages when QEMU stops the guest.
+                    let drain = if wire_rate > 0.0 { rate.min(wire_rate) } else { rate };
+                    // The window: what was read from QEMU and is not acknowledged yet. Too
+                    // small starves the path; too big hides a backlog from QEMU, which drains
+                    // while the guest is paused. During QEMU's first pass the guest is not
+                    // stopped, so there it is large. Afterwards the guest may be stopped at
+                    // the end of any iteration, and whatever waits in the tunnel then adds to
+                    // the pause: keep it to half of what the downtime budget leaves after a
+                    // round trip (QEMU's own final round gets the other half), but no less
+                    // than 4 MiB (on a lossy path a smaller window starves the stream, and
+                    // the guest would then need throttling to converge at all). On a short
+                    // path a window of a few MiB already fills it, so there the cap holds
+                    // from the start.
+                    let late = qemu_round >= 2 || short_path;
+                    let window = if !late {
+                        FIRST_PASS_WINDOW
+                    } else if drain > 0.0 {
                         let allow = (spec.downtime.as_secs_f64() - rtt.as_secs_f64()).max(0.05) / 2.0;
-                        window = window.min(((rate * allow) as u64).max(LATE_WINDOW));
-                    }
+                        ((drain * allow) as u64).clamp(LATE_WINDOW, FIRST_PASS_WINDOW)
+                    } else {
+                        START_WINDOW
+                    };
                     budget.limit.store(window, Ordering::Relaxed);
+                    budget.block.store(
+                        if qemu_round >= 2 && !short_path { LATE_BLOCK } else { BLOCK },
+                        Ordering::Relaxed,
+                    );
                     debug!(
                         window_mib = budget.limit() as f64 / 1048576.0,
                         inflight_mib = budget.inflight() as f64 / 1048576.0,
@@ -666,8 +673,8 @@ async fn pump(
                     // QEMU stops the guest when what is left fits its downtime limit at the
                     // bandwidth it sees; what waits in the tunnel and the final round trip
                     // come on top, so ask QEMU for that much less.
-                    if rate > 0.0 {
-                        let backlog_ms = budget.inflight() as f64 / rate * 1000.0;
+                    if drain > 0.0 {
+                        let backlog_ms = budget.inflight() as f64 / drain * 1000.0;
                         let rtt_ms = rtt.as_secs_f64() * 1000.0;
                         let target = spec.downtime.as_millis() as f64;
                         let want = (target - backlog_ms - rtt_ms).max(target * 0.2).round() as u64;
@@ -702,6 +709,16 @@ async fn pump(
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
                     report.throttle = report.throttle.max(info.get("cpu-throttle-percentage").and_then(Value::as_u64).unwrap_or(0));
+                    debug!(
+                        round = p.round,
+                        remaining_mb = p.remaining as f64 / 1e6,
+                        dirty_pages_rate = p.dirty_rate,
+                        transferred_mb = n(ram, "transferred") as f64 / 1e6,
+                        normal = n(ram, "normal"),
+                        duplicate = n(ram, "duplicate"),
+                        throttle = n(Some(&info), "cpu-throttle-percentage"),
+                        "QEMU progress"
+                    );
                     progress(&p);
                 }
             }
@@ -772,7 +789,9 @@ async fn read_segments(
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         }
-        let want = max.min(budget.room().max(64 << 10) as usize);
+        let want = max
+            .min(budget.block())
+            .min(budget.room().max(64 << 10) as usize);
         let mut buf = Vec::with_capacity(want);
         let mut eof = false;
         while buf.len() < want {
