@@ -29,7 +29,8 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
     [ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko" 2>/dev/null
 done
 i=0
-while [ ! -b /dev/vda ] && [ -d /sys/bus/virtio ] && [ "$i" -lt 30 ]; do
+# Wait for it only if a virtio device showed up (a guest started without the disk goes on).
+while [ ! -b /dev/vda ] && [ -n "$(ls /sys/bus/virtio/devices 2>/dev/null)" ] && [ "$i" -lt 30 ]; do
     sleep 0.1
     i=$((i + 1))
 done
