@@ -40,10 +40,6 @@ struct State {
     queue: BTreeMap<u64, Arc<Block>>,
     /// Sent on connection `.0`, not acknowledged.
     unacked: HashMap<u64, (usize, Arc<Block>)>,
-    /// When each block not yet acknowledged was queued.
-    queued_at: HashMap<u64, std::time::Instant>,
-    /// Shortest queue-to-acknowledgement time since the last [`Tunnel::take_min_latency`].
-    min_latency: Option<Duration>,
     acked_blocks: u64,
     acked_raw: u64,
     /// Raw bytes of acknowledged blocks sent encoded, and what went on the wire for them.
@@ -230,17 +226,10 @@ impl Tunnel {
         if let Some(e) = &s.error {
             return Err(SendError::Protocol(e.clone()));
         }
-        s.queued_at.insert(block.seq, std::time::Instant::now());
         s.queue.insert(block.seq, Arc::new(block));
         drop(s);
         self.work.notify_waiters();
         Ok(())
-    }
-
-    /// The shortest time from [`Self::send`] to acknowledgement of the blocks acknowledged
-    /// since the last call (a path's round trip plus a block's transmission, without queues).
-    pub fn take_min_latency(&self) -> Option<Duration> {
-        lock(&self.state).min_latency.take()
     }
 
     /// Blocks and raw bytes acknowledged so far; bytes on the wire for them; raw bytes sent
@@ -315,10 +304,6 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
     } else {
         s.acked_blocks += 1;
         s.acked_raw += b.raw.len() as u64;
-        if let Some(t) = s.queued_at.remove(&ack.seq) {
-            let l = t.elapsed();
-            s.min_latency = Some(s.min_latency.map_or(l, |m| m.min(l)));
-        }
         s.wire_bytes += b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len()) as u64;
         if s.acked_log.len() < MAX_ACKED_LOG {
             s.acked_log.push((b.seq, b.encoded.is_some()));
