@@ -12,15 +12,15 @@
 //!
 //! QEMU decides when to stop the guest from the bandwidth it sees on its socket, so the
 //! tunnel must not hide a backlog: the reader takes bytes from QEMU only while the bytes read
-//! and not yet acknowledged by the destination stay within a window (4–64 MiB, hill-climbed on
-//! goodput, kept to the downtime budget's worth once QEMU iterates over dirty pages), and
-//! QEMU's downtime limit is lowered by what that backlog takes to drain. Downtime is measured
+//! and not yet acknowledged by the destination stay within a window (in stream and in wire
+//! bytes, 4–64 MiB; large during QEMU's first pass, the downtime budget's worth afterwards:
+//! see `limits`), and QEMU's downtime limit is lowered by what that backlog takes to drain. Downtime is measured
 //! end to end, from the source's `STOP` event to the destination's `RESUME` (both QEMU
 //! timestamps), besides what QEMU reports.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -152,22 +152,101 @@ pub struct QemuError {
     pub report: Box<QemuReport>,
 }
 
-/// The window: bytes read from QEMU and not yet acknowledged by the destination.
+/// The window: bytes read from QEMU and not yet acknowledged by the destination, counted
+/// twice: as stream bytes, and as the bytes they take on the wire (what is not encoded yet
+/// counts whole).
 #[derive(Debug)]
 struct Budget {
     /// Bytes read from QEMU (the stream so far).
     read: AtomicU64,
     /// Of those, acknowledged by the destination.
     acked: AtomicU64,
-    limit: AtomicU64,
+    /// Stream bytes of the blocks handed to the tunnel, and their size on the wire.
+    forwarded: AtomicU64,
+    forwarded_wire: AtomicU64,
+    /// Wire bytes of the blocks acknowledged.
+    wire_acked: AtomicU64,
+    /// The window during QEMU's first pass, and once it may stop the guest (see [`limits`]).
+    limits: std::sync::Mutex<(Limits, Limits)>,
+    /// The late window applies (never unset).
+    late: AtomicBool,
+    /// Guest RAM, bytes (0 until known): with the highest page offset the reader has seen,
+    /// it tells when QEMU's first pass is about to end.
+    ram: AtomicU64,
+    /// Highest page offset the reader has taken (see [`Budget::saw_offset`]).
+    offset: AtomicU64,
     freed: Notify,
     /// Largest segment read from QEMU now (see [`BLOCK`] and [`LATE_BLOCK`]).
     block: AtomicUsize,
 }
 
 impl Budget {
-    fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed)
+    fn new() -> Self {
+        Self {
+            read: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            forwarded_wire: AtomicU64::new(0),
+            wire_acked: AtomicU64::new(0),
+            limits: std::sync::Mutex::new((
+                Limits {
+                    stream: START_WINDOW,
+                    wire: START_WINDOW,
+                },
+                Limits {
+                    stream: START_WINDOW,
+                    wire: START_WINDOW,
+                },
+            )),
+            late: AtomicBool::new(false),
+            ram: AtomicU64::new(0),
+            offset: AtomicU64::new(0),
+            freed: Notify::new(),
+            block: AtomicUsize::new(BLOCK),
+        }
+    }
+    /// The window that applies now.
+    fn limits(&self) -> Limits {
+        let (first, late) = *self
+            .limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.late.load(Ordering::Relaxed) {
+            late
+        } else {
+            first
+        }
+    }
+    fn set_limits(&self, first: Limits, late: Limits) {
+        *self
+            .limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (first, late);
+        self.freed.notify_waiters();
+    }
+    fn set_late(&self) {
+        self.late.store(true, Ordering::Relaxed);
+    }
+    fn is_late(&self) -> bool {
+        self.late.load(Ordering::Relaxed)
+    }
+    /// The reader saw a page this far into a RAM block, in a segment of `len` bytes: when
+    /// that is the last [`FIRST_PASS_ENDING`] bytes of RAM, QEMU's first pass ends soon (an
+    /// untouched tail of zero pages goes by in a few milliseconds), so the late window applies
+    /// from now on. The first pass goes up in address order, and a segment holds at most one
+    /// zero-page record (9 bytes) per page: an offset further ahead than that is guest data
+    /// that looks like a record, and is not taken.
+    fn saw_offset(&self, offset: u64, len: usize) {
+        let seen = self.offset.load(Ordering::Relaxed);
+        let reach = (len as u64 / 9 + 1) * crate::qemu_stream::PAGE as u64;
+        if offset > seen.saturating_add(reach) {
+            return;
+        }
+        self.offset.fetch_max(offset, Ordering::Relaxed);
+        let ram = self.ram.load(Ordering::Relaxed);
+        if ram > 0 && offset.saturating_add(FIRST_PASS_ENDING) >= ram {
+            self.set_late();
+        }
     }
     fn read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
@@ -175,7 +254,13 @@ impl Budget {
     fn take(&self, n: u64) {
         self.read.fetch_add(n, Ordering::Relaxed);
     }
-    fn set_acked(&self, acked: u64) {
+    /// A block of `stream` bytes, `wire` on the wire, goes into the tunnel.
+    fn forward(&self, stream: u64, wire: u64) {
+        self.forwarded_wire.fetch_add(wire, Ordering::Relaxed);
+        self.forwarded.fetch_add(stream, Ordering::Relaxed);
+    }
+    fn set_acked(&self, acked: u64, wire_acked: u64) {
+        self.wire_acked.store(wire_acked, Ordering::Relaxed);
         if self.acked.swap(acked, Ordering::Relaxed) != acked {
             self.freed.notify_waiters();
         }
@@ -185,11 +270,67 @@ impl Budget {
         self.read()
             .saturating_sub(self.acked.load(Ordering::Relaxed))
     }
+    /// What is read and not acknowledged takes this much on the wire: the blocks in the
+    /// tunnel at their encoded size, what is still being encoded at its full size. (A block
+    /// sent again raw is acknowledged at its raw size: then this undercounts a little.)
+    fn wire_inflight(&self) -> u64 {
+        let forwarded = self.forwarded.load(Ordering::Relaxed);
+        let in_tunnel = self
+            .forwarded_wire
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.wire_acked.load(Ordering::Relaxed));
+        in_tunnel + self.read().saturating_sub(forwarded)
+    }
     fn room(&self) -> u64 {
-        self.limit().saturating_sub(self.inflight())
+        let l = self.limits();
+        l.stream
+            .saturating_sub(self.inflight())
+            .min(l.wire.saturating_sub(self.wire_inflight()))
     }
     fn block(&self) -> usize {
         self.block.load(Ordering::Relaxed)
+    }
+}
+
+/// Most the window may hold, in stream bytes and in wire bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limits {
+    stream: u64,
+    wire: u64,
+}
+
+/// The window for where the migration is. `late`: QEMU may stop the guest at the end of any
+/// iteration now (it iterates over dirty pages, or its first pass is about to end), or the
+/// path is short. `rate` and `wire_rate`: stream and wire bytes acknowledged a second (0 if
+/// not measured yet). `allow`: how long the backlog may take to drain once QEMU stops.
+///
+/// During QEMU's first pass over RAM (not `late`) the guest is not stopped, so a backlog
+/// costs no pause: the window is large in stream bytes, and pages the destination holds (sent
+/// by reference) go through as fast as it lets them; in wire bytes it is half a second of
+/// goodput, so that a pass that ends sooner than expected (an idle guest stops at once) leaves
+/// little to drain. Afterwards whatever waits in the tunnel adds to the pause: it must drain
+/// within `allow` both at the stream rate (the destination decodes and feeds QEMU) and at
+/// the wire rate (pages dirtied late are mostly new), but the window is never below 4 MiB
+/// (on a lossy path a smaller one starves the stream, and the guest would then need
+/// throttling to converge at all).
+fn limits(late: bool, rate: f64, wire_rate: f64, allow: Duration) -> Limits {
+    let of = |rate: f64, time: f64| {
+        if rate > 0.0 {
+            ((rate * time) as u64).clamp(LATE_WINDOW, FIRST_PASS_WINDOW)
+        } else {
+            START_WINDOW
+        }
+    };
+    if late {
+        Limits {
+            stream: of(rate, allow.as_secs_f64()),
+            wire: of(wire_rate, allow.as_secs_f64()),
+        }
+    } else {
+        Limits {
+            stream: FIRST_PASS_WINDOW,
+            wire: of(wire_rate, FIRST_PASS_DRAIN.as_secs_f64()),
+        }
     }
 }
 
@@ -210,13 +351,17 @@ const BLOCK: usize = 256 << 10;
 /// was lost: smaller blocks free the window sooner (on `internet`, 15 -> 17-22 MB/s of dirty
 /// pages through a 4 MiB window).
 const LATE_BLOCK: usize = 64 << 10;
-/// Smallest window once QEMU iterates over dirty pages.
+/// Smallest window (see [`limits`]).
 const LATE_WINDOW: u64 = 4 << 20;
-/// The window of the first pass across a long path: QEMU does not stop the guest before
-/// that pass ends, so a backlog costs no pause then, and pages the destination holds (sent
-/// by reference) go through as fast as the window lets them.
+/// Largest window, and the window in stream bytes during QEMU's first pass over RAM.
 const FIRST_PASS_WINDOW: u64 = 64 << 20;
-/// The window across a short path until a rate is measured.
+/// The window in wire bytes during the first pass: this long at the wire rate.
+const FIRST_PASS_DRAIN: Duration = Duration::from_millis(500);
+/// QEMU's first pass counts as ending (the window as late) once this much RAM is left. The
+/// reader sees it in the stream as it reads (and stops reading until the backlog is within
+/// the late window), so a little ahead of the end is enough.
+const FIRST_PASS_ENDING: u64 = 32 << 20;
+/// The window until a rate is measured.
 const START_WINDOW: u64 = 16 << 20;
 
 /// Migrates the QEMU guest behind `spec.qmp` to `dest`. On failure the source QEMU's
@@ -455,13 +600,7 @@ async fn run(
         })?
         .map_err(|e| ("start", format!("accept: {e}")))?;
 
-    let budget = Arc::new(Budget {
-        read: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        limit: AtomicU64::new(START_WINDOW),
-        freed: Notify::new(),
-        block: AtomicUsize::new(BLOCK),
-    });
+    let budget = Arc::new(Budget::new());
     let tunnel = Tunnel::open(
         dest.endpoint,
         dest.addr,
@@ -594,8 +733,9 @@ async fn pump(
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
-    // QEMU's dirty-sync count: 1 during the first pass over RAM.
+    // QEMU's dirty-sync count: 1 during the first pass over RAM; RAM left in this pass.
     let mut qemu_round = 0u64;
+    let mut qemu_remaining = u64::MAX;
     loop {
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
@@ -632,52 +772,52 @@ async fn pump(
                     let w = (wire_acked - last.2) as f64 / dt;
                     wire_rate = if wire_rate == 0.0 { w } else { 0.6 * wire_rate + 0.4 * w };
                     last = (Instant::now(), acked, wire_acked);
-                    // How fast a backlog drains. Stream bytes go faster than the wire while
-                    // the destination holds what they carry, but the pages dirtied late are
-                    // mostly new: the backlog is counted as if it had to cross whole (the
-                    // slower of the two rates), or a window sized while pages went by
-                    // reference would hold seconds of new pages when QEMU stops the guest.
-                    let drain = if wire_rate > 0.0 { rate.min(wire_rate) } else { rate };
-                    // The window: what was read from QEMU and is not acknowledged yet. Too
-                    // small starves the path; too big hides a backlog from QEMU, which drains
-                    // while the guest is paused. During QEMU's first pass the guest is not
-                    // stopped, so there it is large. Afterwards the guest may be stopped at
-                    // the end of any iteration, and whatever waits in the tunnel then adds to
-                    // the pause: keep it to half of what the downtime budget leaves after a
-                    // round trip (QEMU's own final round gets the other half), but no less
-                    // than 4 MiB (on a lossy path a smaller window starves the stream, and
-                    // the guest would then need throttling to converge at all). On a short
-                    // path a window of a few MiB already fills it, so there the cap holds
-                    // from the start.
-                    let late = qemu_round >= 2 || short_path;
-                    let window = if !late {
-                        FIRST_PASS_WINDOW
-                    } else if drain > 0.0 {
-                        let allow = (spec.downtime.as_secs_f64() - rtt.as_secs_f64()).max(0.05) / 2.0;
-                        ((drain * allow) as u64).clamp(LATE_WINDOW, FIRST_PASS_WINDOW)
-                    } else {
-                        START_WINDOW
-                    };
-                    budget.limit.store(window, Ordering::Relaxed);
+                    // The window (see `limits`): too small starves the path; too big hides a
+                    // backlog from QEMU, which drains while the guest is paused. Late, the
+                    // backlog gets half of what the downtime budget leaves after a round trip
+                    // (QEMU's own final round gets the other half). On a short path a window of
+                    // a few MiB already fills it, so there the late window holds from the start.
+                    if qemu_round >= 2 || short_path || qemu_remaining < FIRST_PASS_ENDING {
+                        budget.set_late();
+                    }
+                    let allow = (spec.downtime.saturating_sub(rtt)).max(Duration::from_millis(50)) / 2;
                     budget.block.store(
                         if qemu_round >= 2 && !short_path { LATE_BLOCK } else { BLOCK },
                         Ordering::Relaxed,
                     );
+                    budget.set_limits(
+                        limits(false, rate, wire_rate, allow),
+                        limits(true, rate, wire_rate, allow),
+                    );
+                    let l = budget.limits();
+                    let late = budget.is_late();
                     debug!(
-                        window_mib = budget.limit() as f64 / 1048576.0,
+                        window_mib = l.stream as f64 / 1048576.0,
+                        wire_window_mib = l.wire as f64 / 1048576.0,
                         inflight_mib = budget.inflight() as f64 / 1048576.0,
+                        wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
                         rate_mb_s = rate / 1e6,
+                        wire_rate_mb_s = wire_rate / 1e6,
+                        late,
                         "tunnel window"
                     );
-                    budget.freed.notify_waiters();
                     // QEMU stops the guest when what is left fits its downtime limit at the
                     // bandwidth it sees; what waits in the tunnel and the final round trip
-                    // come on top, so ask QEMU for that much less.
-                    if drain > 0.0 {
-                        let backlog_ms = budget.inflight() as f64 / drain * 1000.0;
+                    // come on top, so ask QEMU for that much less. The backlog drains at the
+                    // slower of its stream and wire measures. QEMU may also stop the guest at
+                    // the end of its first pass, when the window is large: until then the
+                    // limit may go down to 1 ms, so that QEMU stops the guest only if nothing
+                    // at all was dirtied and otherwise iterates once more, behind the late
+                    // window. Later it stays at a fifth of the budget or more, or a backlog
+                    // that never drains below the budget would keep QEMU from converging.
+                    if rate > 0.0 && wire_rate > 0.0 {
+                        let backlog_ms = (budget.inflight() as f64 / rate)
+                            .max(budget.wire_inflight() as f64 / wire_rate)
+                            * 1000.0;
                         let rtt_ms = rtt.as_secs_f64() * 1000.0;
                         let target = spec.downtime.as_millis() as f64;
-                        let want = (target - backlog_ms - rtt_ms).max(target * 0.2).round() as u64;
+                        let floor = if qemu_round <= 1 { 1.0 } else { target * 0.2 };
+                        let want = (target - backlog_ms - rtt_ms).max(floor).round() as u64;
                         if want.abs_diff(qemu_limit) * 5 > qemu_limit {
                             let _ = qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": want}))).await;
                             debug!(from = qemu_limit, to = want, backlog_ms, "QEMU downtime limit");
@@ -693,7 +833,14 @@ async fn pump(
                     let p = QemuProgress {
                         phase: info.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
                         round: {
-                            qemu_round = n(ram, "dirty-sync-count");
+                            // Never back: a failed or mismatched query reads as 0.
+                            qemu_round = qemu_round.max(n(ram, "dirty-sync-count"));
+                            if let Some(r) = ram.and_then(|r| r.get("remaining")).and_then(Value::as_u64) {
+                                qemu_remaining = r;
+                            }
+                            if let Some(t) = ram.and_then(|r| r.get("total")).and_then(Value::as_u64) {
+                                budget.ram.store(t, Ordering::Relaxed);
+                            }
                             qemu_round
                         },
                         remaining: n(ram, "remaining"),
@@ -815,6 +962,11 @@ async fn read_segments(
         }
         if !buf.is_empty() {
             budget.take(buf.len() as u64);
+            if !budget.is_late()
+                && let Some(o) = crate::qemu_stream::highest_offset(&buf)
+            {
+                budget.saw_offset(o, buf.len());
+            }
             tx.send(Segment { seq, bytes: buf })
                 .await
                 .map_err(|_| "the encoder stopped".to_string())?;
@@ -894,14 +1046,16 @@ async fn forward(
                     if known.is_some() && !e.pages.is_empty() {
                         pages.insert(e.block.seq, e.pages);
                     }
+                    let wire = e.block.encoded.as_ref().map_or(e.block.raw.len(), |(_, b)| b.len());
+                    budget.forward(e.block.raw.len() as u64, wire as u64);
                     tunnel.send(e.block).map_err(|e| e.to_string())?;
                     queued += 1;
                 }
                 None => return Ok((queued, cached)),
             },
             () = tunnel.wait_progress(Duration::from_millis(50)) => {
-                let (_, acked_raw, _, _) = tunnel.acked();
-                budget.set_acked(acked_raw);
+                let (_, acked_raw, wire_acked, _) = tunnel.acked();
+                budget.set_acked(acked_raw, wire_acked);
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }
@@ -978,5 +1132,85 @@ fn encode_segment(seg: Segment, hde: bool, codec: Codec, remote: Option<&RemoteI
         },
         cache_bytes,
         pages,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: f64 = 1e6;
+
+    #[test]
+    fn the_first_pass_holds_much_by_reference_but_half_a_second_of_wire() {
+        let allow = Duration::from_millis(100);
+        let l = limits(false, 150.0 * MB, 25.0 * MB, allow);
+        assert_eq!(l.stream, FIRST_PASS_WINDOW);
+        assert_eq!(l.wire, 12_500_000);
+        // Nothing measured yet.
+        let l = limits(false, 0.0, 0.0, allow);
+        assert_eq!((l.stream, l.wire), (FIRST_PASS_WINDOW, START_WINDOW));
+        // A fast path: capped.
+        assert_eq!(limits(false, 0.0, 1e9, allow).wire, FIRST_PASS_WINDOW);
+    }
+
+    #[test]
+    fn late_the_backlog_drains_within_the_allowance_at_both_rates() {
+        // dc-like: pages by reference went at 300 MB/s, the wire at 100 MB/s.
+        let l = limits(true, 300.0 * MB, 100.0 * MB, Duration::from_millis(150));
+        assert_eq!(l.stream, 45_000_000);
+        assert_eq!(l.wire, 15_000_000);
+        // internet-like: both under the floor.
+        let l = limits(true, 18.0 * MB, 20.0 * MB, Duration::from_millis(100));
+        assert_eq!((l.stream, l.wire), (LATE_WINDOW, LATE_WINDOW));
+    }
+
+    #[test]
+    fn room_is_the_tighter_of_stream_and_wire() {
+        let b = Budget::new();
+        let l = |stream: u64, wire: u64| Limits { stream, wire };
+        b.set_limits(l(64 << 20, 4 << 20), l(1 << 20, 1 << 20));
+        // 32 MiB read, sent by reference in 1 MiB on the wire: the stream limit binds.
+        b.take(32 << 20);
+        assert_eq!(b.room(), 0, "not encoded yet: counts whole on the wire");
+        b.forward(32 << 20, 1 << 20);
+        assert_eq!(b.wire_inflight(), 1 << 20);
+        assert_eq!(b.room(), 3 << 20);
+        b.set_acked(32 << 20, 1 << 20);
+        assert_eq!((b.inflight(), b.wire_inflight()), (0, 0));
+        // 3 MiB of new pages in the tunnel, whole on the wire: the wire limit binds.
+        b.take(3 << 20);
+        b.forward(3 << 20, 3 << 20);
+        assert_eq!(b.room(), 1 << 20);
+        b.set_limits(l(2 << 20, 64 << 20), l(1 << 20, 1 << 20));
+        assert_eq!(b.room(), 0);
+    }
+
+    #[test]
+    fn the_late_window_applies_once_the_reader_nears_the_end_of_ram() {
+        let b = Budget::new();
+        let l = |stream: u64, wire: u64| Limits { stream, wire };
+        b.set_limits(l(64 << 20, 16 << 20), l(4 << 20, 4 << 20));
+        b.take(8 << 20);
+        assert_eq!(b.room(), 8 << 20);
+        const SEG: usize = 256 << 10;
+        // RAM size not known yet: no guess.
+        b.saw_offset(100 << 20, SEG);
+        assert!(!b.is_late());
+        b.ram.store(1 << 30, Ordering::Relaxed);
+        // Too far ahead of what was seen for one segment: guest data that looks like a
+        // record.
+        b.saw_offset(1000 << 20, SEG);
+        assert!(!b.is_late());
+        for mib in (200..=900).step_by(100) {
+            b.saw_offset(mib << 20, SEG);
+        }
+        assert!(!b.is_late(), "124 MiB left");
+        b.saw_offset((1 << 30) - FIRST_PASS_ENDING, SEG);
+        assert!(b.is_late());
+        assert_eq!(b.room(), 0, "8 MiB in flight, late window 4 MiB");
+        // And it stays late.
+        b.saw_offset(0, SEG);
+        assert!(b.is_late());
     }
 }

@@ -33,6 +33,8 @@ struct Record {
     end: usize,
     /// The page bytes, for a page record.
     page: Option<usize>,
+    /// The page's offset in its RAM block.
+    offset: u64,
 }
 
 /// The record at `at`, if the bytes there look like a page or zero-page record that ends
@@ -41,7 +43,8 @@ fn record(buf: &[u8], at: usize) -> Option<Record> {
     let word = buf.get(at..at + 8)?;
     let h = u64::from_be_bytes(word.try_into().ok()?);
     let flags = h & 0xfff;
-    if h & !0xfff >= MAX_OFFSET {
+    let offset = h & !0xfff;
+    if offset >= MAX_OFFSET {
         return None;
     }
     let kind = flags & !FLAG_CONTINUE;
@@ -61,11 +64,13 @@ fn record(buf: &[u8], at: usize) -> Option<Record> {
         (p + PAGE <= buf.len()).then_some(Record {
             end: p + PAGE,
             page: Some(p),
+            offset,
         })
     } else {
         (p < buf.len()).then_some(Record {
             end: p + 1,
             page: None,
+            offset,
         })
     }
 }
@@ -73,6 +78,39 @@ fn record(buf: &[u8], at: usize) -> Option<Record> {
 /// The byte ranges of whole guest pages in `buf`, in order and not overlapping.
 pub fn page_spans(buf: &[u8]) -> Vec<Range<usize>> {
     let mut spans = Vec::new();
+    records(buf, |r, _| {
+        if let Some(p) = r.page {
+            spans.push(p..p + PAGE);
+        }
+    });
+    spans
+}
+
+/// The highest RAM offset of the page and zero-page records in `buf`: during QEMU's first
+/// pass over RAM (block by block, biggest block first, each in address order) it says how far
+/// the pass has come.
+/// Only runs of two records or more count (a lone record at the end of `buf` could be guest
+/// data that happens to look like one).
+pub fn highest_offset(buf: &[u8]) -> Option<u64> {
+    let mut highest = None;
+    let mut run: Option<(u64, usize)> = None; // (highest offset, records) of the current run
+    let mut last_end = usize::MAX;
+    records(buf, |r, start| {
+        let (h, n) = match run {
+            Some((h, n)) if start == last_end => (h.max(r.offset), n + 1),
+            _ => (r.offset, 1),
+        };
+        run = Some((h, n));
+        last_end = r.end;
+        if n >= 2 {
+            highest = highest.max(Some(h));
+        }
+    });
+    highest
+}
+
+/// Calls `f` for each record of the runs found in `buf`, in order, with where it starts.
+fn records(buf: &[u8], mut f: impl FnMut(&Record, usize)) {
     let mut at = 0;
     while at + 8 <= buf.len() {
         let Some(first) = record(buf, at) else {
@@ -88,9 +126,7 @@ pub fn page_spans(buf: &[u8]) -> Vec<Range<usize>> {
         }
         let mut r = first;
         loop {
-            if let Some(p) = r.page {
-                spans.push(p..p + PAGE);
-            }
+            f(&r, at);
             at = r.end;
             match record(buf, at) {
                 Some(next) => r = next,
@@ -98,7 +134,6 @@ pub fn page_spans(buf: &[u8]) -> Vec<Range<usize>> {
             }
         }
     }
-    spans
 }
 
 #[cfg(test)]
@@ -148,6 +183,28 @@ mod tests {
         let found: Vec<&[u8]> = spans.iter().map(|r| &s[r.clone()]).collect();
         let want: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
         assert_eq!(found, want);
+    }
+
+    #[test]
+    fn the_highest_offset_counts_zero_pages_and_every_block() {
+        let (s, _) = stream();
+        assert_eq!(highest_offset(&s), Some(11 << 12));
+        // A run of zero pages only (an untouched tail of RAM).
+        let mut z = Vec::new();
+        z.extend(header(1000, FLAG_ZERO, Some("pc.ram")));
+        z.push(0);
+        for i in 1001..1100 {
+            z.extend(header(i, FLAG_ZERO | FLAG_CONTINUE, None));
+            z.push(0);
+        }
+        assert_eq!(highest_offset(&z), Some(1099 << 12));
+        assert_eq!(highest_offset(b"no records here, only device state"), None);
+        // A lone record-like word at the end is not taken.
+        let mut lone = b"guest data ".to_vec();
+        lone.extend(header(900 << 8, FLAG_ZERO | FLAG_CONTINUE, None));
+        lone.push(0);
+        assert_eq!(page_spans(&lone), Vec::<Range<usize>>::new());
+        assert_eq!(highest_offset(&lone), None);
     }
 
     #[test]
