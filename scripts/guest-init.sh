@@ -40,8 +40,9 @@ disk_copies=0
 
 # Copies of a payload until `budget` KiB are used: first those on the disk, read the way a
 # page cache holds a file (each disk page becomes one page in RAM; O_DIRECT, so that the
-# block device's own cache keeps no second copy), then made here: each copy shifted by a few
-# hundred bytes so that no page repeats another (same kind of content, different pages).
+# block device's own cache keeps no second copy; a disk that cannot do that is not used),
+# then made here: each copy shifted by a few hundred bytes so that no page repeats another
+# (same kind of content, different pages).
 copies() { # name src budget_kib
     i=1
     used=0
@@ -50,16 +51,19 @@ copies() { # name src budget_kib
     while [ -n "$5" ] && [ "$used" -lt "$3" ] && [ "$i" -le "$7" ] \
         && [ "$(room)" -gt $(($6 * 4)) ]; do
         at=$((($5 + (i - 1) * $6) * 4096))
-        dd if=/dev/vda of="/mem/$1.$i" bs=1M iflag=direct,skip_bytes,count_bytes \
-            skip=$at count=$(($6 * 4096)) 2>/dev/null \
-            || dd if=/dev/vda of="/mem/$1.$i" bs=1M iflag=skip_bytes,count_bytes \
-                skip=$at count=$(($6 * 4096)) 2>/dev/null
+        if dd if=/dev/vda of="/mem/$1.$i" bs=1M iflag=direct,skip_bytes,count_bytes \
+            skip=$at count=$(($6 * 4096)) 2>/dev/null; then
+            disk_copies=$((disk_copies + 1))
+        else
+            rm -f "/mem/$1.$i"
+            break
+        fi
         used=$(kib_of /mem/$1.*)
         i=$((i + 1))
-        disk_copies=$((disk_copies + 1))
     done
+    # The shift (i * 331 mod 4093 bytes) differs for every copy up to 4093 of them.
     while [ "$used" -lt "$3" ] && [ "$i" -lt 200 ] && [ "$(room)" -gt "$(kib_of "$2")" ]; do
-        { head -c $((i * 331)) /init; cat "$2"/*; } >"/mem/$1.$i"
+        { yes "dwcp-guest copy $i" | head -c $((i * 331 % 4093)); cat "$2"/*; } >"/mem/$1.$i"
         used=$(kib_of /mem/$1.*)
         i=$((i + 1))
     done

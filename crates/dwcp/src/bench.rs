@@ -248,8 +248,6 @@ fn testbed_profile(name: &str, bench: &str) -> Result<Profile> {
     Ok(profile)
 }
 
-/// A work directory with a throwaway cluster (nodes bench-a, bench-b), the testbed up, and
-/// its round trip checked with ping.
 /// An agent in namespace B for `dwcp bench migration`.
 pub(crate) struct AgentSpec<'a> {
     /// Names its spool, cache and QEMU directories under the work directory, and its logs.
@@ -311,6 +309,8 @@ pub(crate) fn start_agent(
     }
 }
 
+/// A work directory with a throwaway cluster (nodes bench-a, bench-b), the testbed up, and
+/// its round trip checked with ping.
 fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBuf, Testbed, f64)> {
     let work = tempfile::tempdir()?;
     let certs = work.path().join("certs");

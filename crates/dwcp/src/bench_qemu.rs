@@ -103,8 +103,16 @@ impl QemuBench<'_> {
             self.mem_mib
         );
         let mut src = QemuProcess::spawn(&image, &l)?;
-        rt.block_on(src.wait_serial("dwcp-guest ready", Duration::from_secs(600)))?;
-        eprintln!("QEMU: guest ready after {:.0} s", t.elapsed().as_secs_f64());
+        let console = rt.block_on(src.wait_serial("dwcp-guest ready", Duration::from_secs(600)))?;
+        // The guest's own account of what it filled (and how much it read from its disk).
+        let ready = console
+            .lines()
+            .find(|l| l.starts_with("dwcp-guest ready"))
+            .unwrap_or("");
+        eprintln!(
+            "QEMU: guest ready after {:.0} s ({ready})",
+            t.elapsed().as_secs_f64()
+        );
         let mut rows = Vec::new();
         for (i, (key, case)) in CASES.iter().enumerate() {
             if !self.cases.iter().any(|c| c == key) {
@@ -226,7 +234,7 @@ impl QemuBench<'_> {
             .kernel
             .parent()
             .ok_or_else(|| anyhow!("the guest kernel has no directory"))?;
-        let listen = self.listen.replace(":7900", ":7902");
+        let listen = format!("{}:7902", self.tb.addr_b);
         let t = Instant::now();
         let _agent = crate::bench::start_agent(
             self.tb,
