@@ -733,6 +733,10 @@ async fn pump(
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
+    // Part of the pause is neither QEMU's final round nor the tunnel's backlog: the
+    // destination QEMU loading the device state and resuming, with the two agents and the
+    // guests on the same CPUs (on `dc`, 60-90 ms after the last byte; 2026-12-03).
+    let switchover = spec.downtime / 4;
     // QEMU's dirty-sync count: 1 during the first pass over RAM; RAM left in this pass.
     let mut qemu_round = 0u64;
     let mut qemu_remaining = u64::MAX;
@@ -775,12 +779,13 @@ async fn pump(
                     // The window (see `limits`): too small starves the path; too big hides a
                     // backlog from QEMU, which drains while the guest is paused. Late, the
                     // backlog gets half of what the downtime budget leaves after a round trip
-                    // (QEMU's own final round gets the other half). On a short path a window of
-                    // a few MiB already fills it, so there the late window holds from the start.
+                    // and the switchover's own cost (QEMU's final round gets the other half).
+                    // On a short path a window of a few MiB already fills it, so there the late
+                    // window holds from the start.
                     if qemu_round >= 2 || short_path || qemu_remaining < FIRST_PASS_ENDING {
                         budget.set_late();
                     }
-                    let allow = (spec.downtime.saturating_sub(rtt)).max(Duration::from_millis(50)) / 2;
+                    let allow = (spec.downtime.saturating_sub(rtt + switchover)).max(Duration::from_millis(50)) / 2;
                     budget.block.store(
                         if qemu_round >= 2 && !short_path { LATE_BLOCK } else { BLOCK },
                         Ordering::Relaxed,
@@ -817,7 +822,8 @@ async fn pump(
                         let rtt_ms = rtt.as_secs_f64() * 1000.0;
                         let target = spec.downtime.as_millis() as f64;
                         let floor = if qemu_round <= 1 { 1.0 } else { target * 0.2 };
-                        let want = (target - backlog_ms - rtt_ms).max(floor).round() as u64;
+                        let switchover_ms = switchover.as_secs_f64() * 1000.0;
+                        let want = (target - backlog_ms - rtt_ms - switchover_ms).max(floor).round() as u64;
                         if want.abs_diff(qemu_limit) * 5 > qemu_limit {
                             let _ = qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": want}))).await;
                             debug!(from = qemu_limit, to = want, backlog_ms, "QEMU downtime limit");

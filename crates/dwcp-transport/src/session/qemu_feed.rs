@@ -26,7 +26,7 @@ const STALL: Duration = Duration::from_secs(60);
 /// Most bytes of one stream held for QEMU. Small: a block is acknowledged once queued here,
 /// so what waits here is outside the sender's window, hidden from QEMU's stop decision at the
 /// source; beyond this the connections stop reading and the window sees the wait.
-pub(crate) const MAX_BUFFERED: usize = 8 << 20;
+pub(crate) const MAX_BUFFERED: usize = 2 << 20;
 
 /// Most bytes held ahead of a gap (blocks after one not yet received). A sender keeps at
 /// most its window unacknowledged (64 MiB here); far more means it does not.
