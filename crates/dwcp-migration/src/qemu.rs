@@ -182,22 +182,17 @@ struct Budget {
 
 impl Budget {
     fn new() -> Self {
+        const START: Limits = Limits {
+            stream: START_WINDOW,
+            wire: START_WINDOW,
+        };
         Self {
             read: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             forwarded_wire: AtomicU64::new(0),
             wire_acked: AtomicU64::new(0),
-            limits: std::sync::Mutex::new((
-                Limits {
-                    stream: START_WINDOW,
-                    wire: START_WINDOW,
-                },
-                Limits {
-                    stream: START_WINDOW,
-                    wire: START_WINDOW,
-                },
-            )),
+            limits: std::sync::Mutex::new((START, START)),
             late: AtomicBool::new(false),
             ram: AtomicU64::new(0),
             offset: AtomicU64::new(0),
@@ -1147,6 +1142,10 @@ mod tests {
 
     const MB: f64 = 1e6;
 
+    fn l(stream: u64, wire: u64) -> Limits {
+        Limits { stream, wire }
+    }
+
     #[test]
     fn the_first_pass_holds_much_by_reference_but_half_a_second_of_wire() {
         let allow = Duration::from_millis(100);
@@ -1174,9 +1173,8 @@ mod tests {
     #[test]
     fn room_is_the_tighter_of_stream_and_wire() {
         let b = Budget::new();
-        let l = |stream: u64, wire: u64| Limits { stream, wire };
         b.set_limits(l(64 << 20, 4 << 20), l(1 << 20, 1 << 20));
-        // 32 MiB read, sent by reference in 1 MiB on the wire: the stream limit binds.
+        // 32 MiB read, then sent by reference in 1 MiB on the wire.
         b.take(32 << 20);
         assert_eq!(b.room(), 0, "not encoded yet: counts whole on the wire");
         b.forward(32 << 20, 1 << 20);
@@ -1188,6 +1186,7 @@ mod tests {
         b.take(3 << 20);
         b.forward(3 << 20, 3 << 20);
         assert_eq!(b.room(), 1 << 20);
+        // A stream limit under what is in flight binds in turn.
         b.set_limits(l(2 << 20, 64 << 20), l(1 << 20, 1 << 20));
         assert_eq!(b.room(), 0);
     }
@@ -1195,7 +1194,6 @@ mod tests {
     #[test]
     fn the_late_window_applies_once_the_reader_nears_the_end_of_ram() {
         let b = Budget::new();
-        let l = |stream: u64, wire: u64| Limits { stream, wire };
         b.set_limits(l(64 << 20, 16 << 20), l(4 << 20, 4 << 20));
         b.take(8 << 20);
         assert_eq!(b.room(), 8 << 20);
