@@ -18,6 +18,7 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] \
+    && { [ -s "$out/disk.img" ] || [ -e "$out/nodisk" ]; } \
     && [ "$out/initramfs.cpio.gz" -nt "$here/guest-init.sh" ] \
     && [ "$out/initramfs.cpio.gz" -nt "$here/guest-image.sh" ]; then
     echo "guest image up to date in $out"
@@ -53,14 +54,15 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
     f="$(find . -path ./root -prune -o -name "$m.ko*" -print | head -1)"
     case "$f" in
     *.ko) cp "$f" "$root/lib/modules/" ;;
-    *.ko.xz) xz -dc "$f" >"$root/lib/modules/$m.ko" ;;
-    *.ko.zst) zstd -qdc "$f" >"$root/lib/modules/$m.ko" ;;
-    *.ko.gz) gzip -dc "$f" >"$root/lib/modules/$m.ko" ;;
-    *)
-        echo "guest-image: module $m not found in $kpkg: the guest gets no disk" >&2
-        with_disk=0
-        ;;
+    *.ko.xz) "$work/bb/bin/busybox" unxz -c "$f" >"$root/lib/modules/$m.ko" || with_disk=0 ;;
+    *.ko.gz) "$work/bb/bin/busybox" gunzip -c "$f" >"$root/lib/modules/$m.ko" || with_disk=0 ;;
+    *.ko.zst) { command -v zstd >/dev/null && zstd -qdc "$f" >"$root/lib/modules/$m.ko"; } || with_disk=0 ;;
+    *) with_disk=0 ;;
     esac
+    if [ "$with_disk" = 0 ]; then
+        echo "guest-image: module $m not found in $kpkg (or cannot be unpacked): the guest gets no disk" >&2
+        break
+    fi
 done
 cp bb/bin/busybox "$root/bin/busybox"
 cp "$here/guest-init.sh" "$root/init"
@@ -106,7 +108,9 @@ add_copies() { # kind dir copies
         page=$((page + stride))
     done
 }
-rm -f "$out/disk.img"
+# `nodisk` says the last build could not make one (delete it to try again).
+rm -f "$out/disk.img" "$out/nodisk"
+[ "$with_disk" = 1 ] || echo "the kernel's virtio-blk modules were not usable" >"$out/nodisk"
 if [ "$with_disk" = 1 ]; then
     add_copies code "$root/payload/lib" 6
     add_copies text "$root/payload/text" 12

@@ -173,8 +173,10 @@ struct Budget {
     /// Guest RAM, bytes (0 until known): with the highest page offset the reader has seen,
     /// it tells when QEMU's first pass is about to end.
     ram: AtomicU64,
-    /// Highest page offset the reader has taken (see [`Budget::saw_offset`]).
+    /// Highest page offset the reader has taken, and the stream bytes read since it moved
+    /// (see [`Budget::saw_offset`]).
     offset: AtomicU64,
+    unseen: AtomicU64,
     freed: Notify,
     /// Largest segment read from QEMU now (see [`BLOCK`] and [`LATE_BLOCK`]).
     block: AtomicUsize,
@@ -196,6 +198,7 @@ impl Budget {
             late: AtomicBool::new(false),
             ram: AtomicU64::new(0),
             offset: AtomicU64::new(0),
+            unseen: AtomicU64::new(0),
             freed: Notify::new(),
             block: AtomicUsize::new(BLOCK),
         }
@@ -226,20 +229,28 @@ impl Budget {
         self.late.load(Ordering::Relaxed)
     }
     /// The reader saw a page this far into a RAM block, in a segment of `len` bytes: when
-    /// that is the last [`FIRST_PASS_ENDING`] bytes of RAM, QEMU's first pass ends soon (an
-    /// untouched tail of zero pages goes by in a few milliseconds), so the late window applies
-    /// from now on. The first pass goes up in address order, and a segment holds at most one
-    /// zero-page record (9 bytes) per page: an offset further ahead than that is guest data
-    /// that looks like a record, and is not taken.
+    /// the first pass is about to end, the late window applies from now on, before QEMU can
+    /// finish the pass (an untouched tail of zero pages goes by in a few milliseconds). "About
+    /// to end": within [`FIRST_PASS_ENDING`] of the end of RAM, or within what QEMU may have
+    /// written ahead of the reader (its socket buffer and a segment, [`LOOKAHEAD`]) at the
+    /// RAM per stream byte seen lately (over zero pages, 4 KiB per 9 bytes). The first pass
+    /// goes up in address order, and the stream holds at most one page per 9 bytes: an offset
+    /// further ahead than the bytes read since the last one can reach is guest data that looks
+    /// like a record, and is not taken.
     fn saw_offset(&self, offset: u64, len: usize) {
         let seen = self.offset.load(Ordering::Relaxed);
-        let reach = (len as u64 / 9 + 1) * crate::qemu_stream::PAGE as u64;
-        if offset > seen.saturating_add(reach) {
+        let bytes = self.unseen.load(Ordering::Relaxed) + len as u64;
+        let reach = (bytes / 9 + 1) * crate::qemu_stream::PAGE as u64;
+        if offset <= seen || offset > seen.saturating_add(reach) {
+            self.unseen.store(bytes, Ordering::Relaxed);
             return;
         }
-        self.offset.fetch_max(offset, Ordering::Relaxed);
+        self.offset.store(offset, Ordering::Relaxed);
+        self.unseen.store(0, Ordering::Relaxed);
+        let per_byte = (offset - seen) / bytes.max(1);
+        let margin = FIRST_PASS_ENDING.max(per_byte.saturating_mul(LOOKAHEAD));
         let ram = self.ram.load(Ordering::Relaxed);
-        if ram > 0 && offset.saturating_add(FIRST_PASS_ENDING) >= ram {
+        if ram > 0 && offset.saturating_add(margin) >= ram {
             self.set_late();
         }
     }
@@ -266,8 +277,9 @@ impl Budget {
             .saturating_sub(self.acked.load(Ordering::Relaxed))
     }
     /// What is read and not acknowledged takes this much on the wire: the blocks in the
-    /// tunnel at their encoded size, what is still being encoded at its full size. (A block
-    /// sent again raw is acknowledged at its raw size: then this undercounts a little.)
+    /// tunnel at their encoded size (a block sent again raw at its raw size: the caller
+    /// subtracts the difference from what it reports acknowledged), what is still being
+    /// encoded at its full size.
     fn wire_inflight(&self) -> u64 {
         let forwarded = self.forwarded.load(Ordering::Relaxed);
         let in_tunnel = self
@@ -356,6 +368,9 @@ const FIRST_PASS_DRAIN: Duration = Duration::from_millis(500);
 /// reader sees it in the stream as it reads (and stops reading until the backlog is within
 /// the late window), so a little ahead of the end is enough.
 const FIRST_PASS_ENDING: u64 = 32 << 20;
+/// Stream bytes QEMU may have written past what the reader has seen: its socket's buffer
+/// (about 208 KiB by default) and the segment being read.
+const LOOKAHEAD: u64 = 512 << 10;
 /// The window until a rate is measured.
 const START_WINDOW: u64 = 16 << 20;
 
@@ -819,10 +834,16 @@ async fn pump(
                         let floor = if qemu_round <= 1 { 1.0 } else { target * 0.2 };
                         let switchover_ms = switchover.as_secs_f64() * 1000.0;
                         let want = (target - backlog_ms - rtt_ms - switchover_ms).max(floor).round() as u64;
-                        if want.abs_diff(qemu_limit) * 5 > qemu_limit {
-                            let _ = qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": want}))).await;
-                            debug!(from = qemu_limit, to = want, backlog_ms, "QEMU downtime limit");
-                            qemu_limit = want;
+                        // Set again while under the floor: a lost update must not leave QEMU
+                        // at the first pass's 1 ms (it would not converge).
+                        if want.abs_diff(qemu_limit) * 5 > qemu_limit || (qemu_limit as f64) < floor {
+                            match qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": want}))).await {
+                                Ok(_) => {
+                                    debug!(from = qemu_limit, to = want, backlog_ms, "QEMU downtime limit");
+                                    qemu_limit = want;
+                                }
+                                Err(e) => debug!(want, "cannot set QEMU's downtime limit: {e}"),
+                            }
                         }
                     }
                 }
@@ -1056,7 +1077,8 @@ async fn forward(
             },
             () = tunnel.wait_progress(Duration::from_millis(50)) => {
                 let (_, acked_raw, wire_acked, _) = tunnel.acked();
-                budget.set_acked(acked_raw, wire_acked);
+                // Counted at their encoded size when queued.
+                budget.set_acked(acked_raw, wire_acked.saturating_sub(tunnel.raw_growth()));
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }
@@ -1191,30 +1213,65 @@ mod tests {
         assert_eq!(b.room(), 0);
     }
 
+    /// The reader takes `n` segments of page data (a page per 4 KiB of stream) from `from`.
+    fn pages(b: &Budget, from: u64, n: u64) -> u64 {
+        const SEG: u64 = 256 << 10;
+        let mut at = from;
+        for _ in 0..n {
+            at += SEG;
+            b.saw_offset(at, SEG as usize);
+        }
+        at
+    }
+
     #[test]
     fn the_late_window_applies_once_the_reader_nears_the_end_of_ram() {
         let b = Budget::new();
         b.set_limits(l(64 << 20, 16 << 20), l(4 << 20, 4 << 20));
         b.take(8 << 20);
         assert_eq!(b.room(), 8 << 20);
-        const SEG: usize = 256 << 10;
         // RAM size not known yet: no guess.
-        b.saw_offset(100 << 20, SEG);
+        let at = pages(&b, 0, 400);
         assert!(!b.is_late());
         b.ram.store(1 << 30, Ordering::Relaxed);
-        // Too far ahead of what was seen for one segment: guest data that looks like a
-        // record.
-        b.saw_offset(1000 << 20, SEG);
+        // Too far ahead for one segment: guest data that looks like a record.
+        b.saw_offset(1000 << 20, 256 << 10);
         assert!(!b.is_late());
-        for mib in (200..=900).step_by(100) {
-            b.saw_offset(mib << 20, SEG);
-        }
-        assert!(!b.is_late(), "124 MiB left");
-        b.saw_offset((1 << 30) - FIRST_PASS_ENDING, SEG);
+        // Page data up to 40 MiB before the end, then 8 MiB more.
+        let at = pages(&b, at, ((1 << 30) - (40 << 20) - at) / (256 << 10));
+        assert!(!b.is_late(), "{} MiB left", ((1 << 30) - at) >> 20);
+        pages(&b, at, 32);
         assert!(b.is_late());
         assert_eq!(b.room(), 0, "8 MiB in flight, late window 4 MiB");
         // And it stays late.
-        b.saw_offset(0, SEG);
+        b.saw_offset(0, 1);
         assert!(b.is_late());
+    }
+
+    #[test]
+    fn over_zero_pages_the_end_of_ram_is_seen_further_ahead() {
+        let b = Budget::new();
+        b.ram.store(1 << 30, Ordering::Relaxed);
+        let mut at = pages(&b, 0, 2800); // 700 MiB
+        // Zero-page records, 9 bytes a page, 64 KiB of stream at a time: QEMU may be 227 MiB
+        // (512 KiB of such stream) ahead of the reader.
+        while !b.is_late() && at < 1 << 30 {
+            at += (64 << 10) / 9 * 4096;
+            b.saw_offset(at, 64 << 10);
+        }
+        let left = ((1u64 << 30) - at) >> 20;
+        assert!((200..240).contains(&left), "late with {left} MiB left");
+    }
+
+    #[test]
+    fn an_offset_out_of_reach_is_taken_once_enough_was_read() {
+        let b = Budget::new();
+        b.ram.store(1 << 30, Ordering::Relaxed);
+        // A jump of 200 MiB: out of reach for one 256 KiB segment (113 MiB of zero pages) ...
+        b.saw_offset(200 << 20, 256 << 10);
+        assert_eq!(b.offset.load(Ordering::Relaxed), 0);
+        // ... but not for two.
+        b.saw_offset(200 << 20, 256 << 10);
+        assert_eq!(b.offset.load(Ordering::Relaxed), 200 << 20);
     }
 }

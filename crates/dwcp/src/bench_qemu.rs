@@ -227,7 +227,7 @@ impl QemuBench<'_> {
     fn seeded(&self, image: &GuestImage, i: usize) -> Result<Value> {
         if image.disk.is_none() {
             return Err(anyhow!(
-                "the guest image has no disk.img to seed from (rebuild it: scripts/guest-image.sh)"
+                "the guest image has no disk.img to seed from (see its nodisk file; delete that and run scripts/guest-image.sh)"
             ));
         }
         let dir = image

@@ -44,6 +44,8 @@ struct State {
     acked_raw: u64,
     /// Raw bytes of acknowledged blocks sent encoded, and what went on the wire for them.
     wire_bytes: u64,
+    /// What blocks sent again raw added over their encoded size.
+    raw_growth: u64,
     resent_raw: u64,
     alive: usize,
     /// Blocks acknowledged since the last [`Tunnel::take_acked`]: seq, and whether the
@@ -239,6 +241,13 @@ impl Tunnel {
         (s.acked_blocks, s.acked_raw, s.wire_bytes, s.resent_raw)
     }
 
+    /// What the blocks sent again raw (the receiver could not resolve their encoding) take on
+    /// the wire beyond their encoded size: a caller that counted a block's wire bytes when it
+    /// queued the block subtracts this from the acknowledged wire bytes to stay consistent.
+    pub fn raw_growth(&self) -> u64 {
+        lock(&self.state).raw_growth
+    }
+
     /// The blocks acknowledged since the last call: seq, and whether the receiver decoded it
     /// (so holds the chunks it sent literally in its cache, if it has one) or took it raw.
     /// At most the last 65,536 are kept between calls.
@@ -284,6 +293,8 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         // The receiver lacks a chunk the block referred to: send it raw.
         debug!(seq = ack.seq, "tunnel block unresolved; sending it raw");
         s.resent_raw += b.raw.len() as u64;
+        let encoded = b.encoded.as_ref().map_or(0, |e| e.1.len());
+        s.raw_growth += b.raw.len().saturating_sub(encoded) as u64;
         let raw = Block {
             seq: b.seq,
             raw: b.raw.clone(),
