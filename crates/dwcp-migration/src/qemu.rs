@@ -14,9 +14,9 @@
 //! tunnel must not hide a backlog: the reader takes bytes from QEMU only while the bytes read
 //! and not yet acknowledged by the destination stay within a window (in stream and in wire
 //! bytes, 4–64 MiB; large during QEMU's first pass, the downtime budget's worth afterwards:
-//! see `limits`), and QEMU's downtime limit is lowered by what that backlog takes to drain. Downtime is measured
-//! end to end, from the source's `STOP` event to the destination's `RESUME` (both QEMU
-//! timestamps), besides what QEMU reports.
+//! see `limits`), and QEMU's downtime limit is lowered by what that backlog takes to drain.
+//! Downtime is measured end to end, from the source's `STOP` event to the destination's
+//! `RESUME` (both QEMU timestamps), besides what QEMU reports.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
