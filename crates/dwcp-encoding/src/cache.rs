@@ -378,8 +378,10 @@ impl BaselineCache {
         let read = match entry.loc {
             Loc::Mem => Ok(false),
             Loc::Pack { pack, offset } => {
-                if self.active.as_ref().is_some_and(|a| a.id == pack) {
-                    self.flush()?;
+                // What is still buffered must reach the file before it is read back; a
+                // sync is not needed for that (the read sees the page cache).
+                if let Some(a) = self.active.as_mut().filter(|a| a.id == pack) {
+                    a.writer.flush()?;
                 }
                 match self.packs.get(&pack) {
                     Some(p) => p
@@ -409,7 +411,8 @@ impl BaselineCache {
         }
         self.stats.hits += 1;
         let data: Box<[u8]> = buf[start..].into();
-        // Keep what is used: an entry read from the older half of the packs moves forward.
+        // Keep what is used: an entry read from a pack that is next in line for eviction
+        // moves forward.
         if let Loc::Pack { pack, .. } = entry.loc
             && self.is_old(pack)
         {
@@ -432,9 +435,19 @@ impl BaselineCache {
         Ok(())
     }
 
+    /// Whether `pack` goes within the next half of the disk budget written: the oldest packs
+    /// go first, so that is one with at least half the budget in newer packs. Copying
+    /// forward from any older pack than that would rewrite every entry a warm migration uses
+    /// (most of a guest) while the cache is far from full.
     fn is_old(&self, pack: u32) -> bool {
-        let n = self.packs.len();
-        n >= 2 && self.packs.keys().take(n / 2).any(|&id| id == pack)
+        let mut newer = 0u64;
+        for (&id, p) in self.packs.iter().rev() {
+            if id == pack {
+                return newer >= self.cfg.disk_budget / 2;
+            }
+            newer += p.bytes;
+        }
+        false
     }
 
     fn remember(&mut self, key: Key, data: Box<[u8]>) {
@@ -673,6 +686,45 @@ mod tests {
         );
         let summary = c.summary();
         assert!(summary.contains(&fast64(&page(40))));
+    }
+
+    #[test]
+    fn an_entry_used_is_copied_forward_only_when_its_pack_is_next_to_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            pack_bytes: 32 * 1024,
+            // Nothing held in memory: every hit reads its pack.
+            ..CacheConfig::persistent(dir.path(), 0, 256 * 1024)
+        };
+        let mut c = BaselineCache::open(cfg).unwrap();
+        let keys: Vec<Key> = (1..=16).map(|i| c.insert(&page(i)).unwrap()).collect();
+        // Far from the budget: a hit in the first pack reads it, and writes nothing.
+        let disk = c.stats().disk_bytes;
+        let mut buf = Vec::new();
+        assert!(c.get(&keys[0], &mut buf).unwrap());
+        assert_eq!(buf, page(1));
+        assert_eq!(c.stats().disk_bytes, disk, "not copied while far from full");
+        // Half the budget written after it: the first pack is next in line.
+        let more: Vec<Key> = (17..=48).map(|i| c.insert(&page(i)).unwrap()).collect();
+        let disk = c.stats().disk_bytes;
+        assert!(c.get(&keys[0], &mut Vec::new()).unwrap());
+        // (Perhaps into a new pack, with its header.)
+        let grown = c.stats().disk_bytes - disk;
+        assert!(
+            grown == 32 + 4096 || grown == 32 + 4096 + PACK_HEADER,
+            "copied forward: {grown}"
+        );
+        // Enough written for the first packs to go: the entry used survives, its neighbour
+        // not used since does not.
+        for i in 49..=64 {
+            c.insert(&page(i)).unwrap();
+        }
+        assert!(c.stats().disk_bytes <= 256 * 1024);
+        buf.clear();
+        assert!(c.get(&keys[0], &mut buf).unwrap(), "kept: it was used");
+        assert_eq!(buf, page(1));
+        assert!(!c.get(&keys[1], &mut Vec::new()).unwrap(), "evicted");
+        assert!(c.contains(&more[31]));
     }
 
     #[test]
