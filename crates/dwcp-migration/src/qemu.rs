@@ -159,7 +159,7 @@ pub struct QemuError {
 struct Budget {
     /// Bytes read from QEMU (the stream so far).
     read: AtomicU64,
-    /// Of those, acknowledged by the destination.
+    /// Of those, acknowledged by the destination with every byte before them.
     acked: AtomicU64,
     /// Stream bytes of the blocks handed to the tunnel, and their size on the wire.
     forwarded: AtomicU64,
@@ -277,9 +277,8 @@ impl Budget {
             .saturating_sub(self.acked.load(Ordering::Relaxed))
     }
     /// What is read and not acknowledged takes this much on the wire: the blocks in the
-    /// tunnel at their encoded size (a block sent again raw at its raw size: the caller
-    /// subtracts the difference from what it reports acknowledged), what is still being
-    /// encoded at its full size.
+    /// tunnel at their encoded size (the size they were queued with, also when one goes again
+    /// raw), what is still being encoded at its full size.
     fn wire_inflight(&self) -> u64 {
         let forwarded = self.forwarded.load(Ordering::Relaxed);
         let in_tunnel = self
@@ -656,7 +655,7 @@ async fn run(
     report.wire_bytes = wire;
     tunnel.close();
     let detail = result?;
-    debug!(resent, "tunnel done");
+    debug!(resent, hedged = tunnel.hedged(), "tunnel done");
     report.stream_bytes = budget.read();
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
@@ -1076,9 +1075,10 @@ async fn forward(
                 None => return Ok((queued, cached)),
             },
             () = tunnel.wait_progress(Duration::from_millis(50)) => {
-                let (_, acked_raw, wire_acked, _) = tunnel.acked();
-                // Counted at their encoded size when queued.
-                budget.set_acked(acked_raw, wire_acked.saturating_sub(tunnel.raw_growth()));
+                // In order: blocks acknowledged beyond a gap still wait at the destination
+                // (which holds only so much of them), and are not drained.
+                let (acked_raw, wire_acked) = tunnel.acked_in_order();
+                budget.set_acked(acked_raw, wire_acked);
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }

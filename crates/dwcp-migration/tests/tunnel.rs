@@ -1,7 +1,8 @@
 //! The QEMU stream tunnel against a fake destination QEMU (no QEMU needed): blocks sent out
 //! of order, encoded or raw, one connection killed mid-way (its blocks go again, some of them
-//! a second time to the destination) — QEMU gets exactly the stream, in order, and the
-//! destination says when it has loaded it.
+//! a second time to the destination), one connection stuck (its blocks go again on the
+//! others) — QEMU gets exactly the stream, in order, and the destination says when it has
+//! loaded it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -207,6 +208,58 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
         "{detail}"
     );
+    assert!(
+        got == expected,
+        "QEMU got {} bytes, not the stream",
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_stuck_on_one_connection_goes_again_on_another() {
+    let vm = open_vm().await;
+    // Connection 1 stops forwarding for a minute inside its first block (as a connection in
+    // a retransmission timeout does): its blocks go again on the others, long before that.
+    let proxy = Proxy::start(
+        vm.agent.addr,
+        Fault::Pause {
+            conn: 1,
+            after: 100_000,
+            delay: Duration::from_secs(60),
+        },
+    )
+    .await;
+    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 4, "vm")
+        .await
+        .unwrap();
+    let n = 40u64;
+    let mut expected = Vec::new();
+    for seq in 0..n {
+        let raw = Bytes::from(block_content(seq));
+        expected.extend_from_slice(&raw);
+        tunnel
+            .send(Block {
+                seq,
+                raw,
+                encoded: None,
+            })
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tunnel.acked_in_order().0 < expected.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "stuck behind the paused connection: {:?}, hedged {}",
+            tunnel.acked_in_order(),
+            tunnel.hedged()
+        );
+        assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    assert!(tunnel.hedged() > 0);
+    assert_eq!(tunnel.acked().0, n);
+    let (detail, got) = vm.finish(tunnel, n).await;
+    assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         got == expected,
         "QEMU got {} bytes, not the stream",
