@@ -159,8 +159,10 @@ pub struct QemuError {
 struct Budget {
     /// Bytes read from QEMU (the stream so far).
     read: AtomicU64,
-    /// Of those, acknowledged by the destination with every byte before them.
+    /// Of those, acknowledged by the destination.
     acked: AtomicU64,
+    /// Acknowledged together with every byte before them (see [`GAP_LIMIT`]).
+    in_order: AtomicU64,
     /// Stream bytes of the blocks handed to the tunnel, and their size on the wire.
     forwarded: AtomicU64,
     forwarded_wire: AtomicU64,
@@ -191,6 +193,7 @@ impl Budget {
         Self {
             read: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            in_order: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             forwarded_wire: AtomicU64::new(0),
             wire_acked: AtomicU64::new(0),
@@ -265,8 +268,9 @@ impl Budget {
         self.forwarded_wire.fetch_add(wire, Ordering::Relaxed);
         self.forwarded.fetch_add(stream, Ordering::Relaxed);
     }
-    fn set_acked(&self, acked: u64, wire_acked: u64) {
+    fn set_acked(&self, acked: u64, wire_acked: u64, in_order: u64) {
         self.wire_acked.store(wire_acked, Ordering::Relaxed);
+        self.in_order.store(in_order, Ordering::Relaxed);
         if self.acked.swap(acked, Ordering::Relaxed) != acked {
             self.freed.notify_waiters();
         }
@@ -289,9 +293,13 @@ impl Budget {
     }
     fn room(&self) -> u64 {
         let l = self.limits();
+        let beyond_gap = self
+            .read()
+            .saturating_sub(self.in_order.load(Ordering::Relaxed));
         l.stream
             .saturating_sub(self.inflight())
             .min(l.wire.saturating_sub(self.wire_inflight()))
+            .min(GAP_LIMIT.saturating_sub(beyond_gap))
     }
     fn block(&self) -> usize {
         self.block.load(Ordering::Relaxed)
@@ -349,6 +357,13 @@ struct Segment {
 /// The phase of a failure after which the guest may run at the destination: the source is
 /// not resumed (that could run it twice).
 pub const UNKNOWN: &str = "resume (outcome unknown)";
+
+/// Most stream bytes read beyond the acknowledged prefix, whatever the window: blocks
+/// acknowledged after a gap wait at the destination for the block still on its way, and it
+/// holds at most 256 MiB of them (`qemu_feed`). The window counts every acknowledgement, so
+/// that one block in a loss recovery does not stall the stream; the tunnel sends a stuck
+/// block again on another connection.
+const GAP_LIMIT: u64 = 128 << 20;
 
 /// Largest block of the stream during QEMU's first pass over RAM.
 const BLOCK: usize = 256 << 10;
@@ -1075,10 +1090,8 @@ async fn forward(
                 None => return Ok((queued, cached)),
             },
             () = tunnel.wait_progress(Duration::from_millis(50)) => {
-                // In order: blocks acknowledged beyond a gap still wait at the destination
-                // (which holds only so much of them), and are not drained.
-                let (acked_raw, wire_acked) = tunnel.acked_in_order();
-                budget.set_acked(acked_raw, wire_acked);
+                let (acked_raw, wire_acked, in_order) = tunnel.window_acked();
+                budget.set_acked(acked_raw, wire_acked, in_order);
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }
@@ -1276,7 +1289,7 @@ mod tests {
         b.forward(32 << 20, 1 << 20);
         assert_eq!(b.wire_inflight(), 1 << 20);
         assert_eq!(b.room(), 3 << 20);
-        b.set_acked(32 << 20, 1 << 20);
+        b.set_acked(32 << 20, 1 << 20, 32 << 20);
         assert_eq!((b.inflight(), b.wire_inflight()), (0, 0));
         // 3 MiB of new pages in the tunnel, whole on the wire: the wire limit binds.
         b.take(3 << 20);
@@ -1285,6 +1298,25 @@ mod tests {
         // A stream limit under what is in flight binds in turn.
         b.set_limits(l(2 << 20, 64 << 20), l(1 << 20, 1 << 20));
         assert_eq!(b.room(), 0);
+    }
+
+    #[test]
+    fn what_is_acknowledged_beyond_a_gap_is_bounded_too() {
+        let b = Budget::new();
+        let big = l(1 << 40, 1 << 40);
+        b.set_limits(big, big);
+        b.take(200 << 20);
+        b.forward(200 << 20, 200 << 20);
+        // All but one early block acknowledged: the window is nearly empty, but 100 MiB of
+        // it waits at the destination behind that block.
+        b.set_acked(199 << 20, 199 << 20, 100 << 20);
+        assert_eq!(b.inflight(), 1 << 20);
+        assert_eq!(b.room(), GAP_LIMIT - (100 << 20));
+        b.take(GAP_LIMIT - (100 << 20));
+        assert_eq!(b.room(), 0);
+        // The block arrives.
+        b.set_acked(200 << 20, 200 << 20, 200 << 20);
+        assert_eq!(b.room(), 100 << 20);
     }
 
     /// The reader takes `n` segments of page data (a page per 4 KiB of stream) from `from`.

@@ -50,11 +50,12 @@ struct State {
     resent_raw: u64,
     /// Blocks sent a second time while the first was stuck.
     hedged: u64,
-    /// The acknowledged prefix: the first seq not in it, and the raw and wire bytes of the
-    /// blocks before it (each at the wire size it was first queued with).
-    prefix: (u64, u64, u64),
-    /// Blocks acknowledged beyond the prefix: seq, raw and wire bytes.
-    beyond: BTreeMap<u64, (u64, u64)>,
+    /// Wire bytes of the acknowledged blocks at the size they were queued with.
+    queued_wire: u64,
+    /// The acknowledged prefix: the first seq not in it, and the raw bytes before it.
+    prefix: (u64, u64),
+    /// Blocks acknowledged beyond the prefix: seq and raw bytes.
+    beyond: BTreeMap<u64, u64>,
     /// Blocks sent again raw: the encoded size they were queued with.
     first_wire: HashMap<u64, u64>,
     /// Highest seq acknowledged.
@@ -314,14 +315,14 @@ impl Tunnel {
         (s.acked_blocks, s.acked_raw, s.wire_bytes, s.resent_raw)
     }
 
-    /// Raw and wire bytes of the blocks acknowledged together with every block before them;
-    /// a block's wire bytes at the size it was queued with (one sent again raw counts at its
-    /// encoded size). Blocks acknowledged beyond a gap wait at the receiver for the one still
-    /// on its way, so a caller's window belongs on this prefix, not on [`Tunnel::acked`]:
-    /// the receiver holds only so much beyond a gap.
-    pub fn acked_in_order(&self) -> (u64, u64) {
+    /// For a caller's window: raw bytes acknowledged; the wire bytes of those blocks at the
+    /// size they were queued with (one sent again raw counts at its encoded size); and the raw
+    /// bytes acknowledged together with every block before them. Blocks acknowledged beyond a
+    /// gap are at the receiver, but wait there for the one still on its way, and it holds only
+    /// so much of them: a window bounds what is beyond that prefix too.
+    pub fn window_acked(&self) -> (u64, u64, u64) {
         let s = lock(&self.state);
-        (s.prefix.1, s.prefix.2)
+        (s.acked_raw, s.queued_wire, s.prefix.1)
     }
 
     /// Blocks sent a second time because the first copy was stuck (see [`State::stuck`]).
@@ -404,16 +405,15 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         let wire = b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len()) as u64;
         s.acked_raw += b.raw.len() as u64;
         s.wire_bytes += wire;
-        let queued = s.first_wire.remove(&b.seq).unwrap_or(wire);
-        s.beyond.insert(b.seq, (b.raw.len() as u64, queued));
+        s.queued_wire += s.first_wire.remove(&b.seq).unwrap_or(wire);
+        s.beyond.insert(b.seq, b.raw.len() as u64);
         loop {
             let next = s.prefix.0;
-            let Some((raw, wire)) = s.beyond.remove(&next) else {
+            let Some(raw) = s.beyond.remove(&next) else {
                 break;
             };
             s.prefix.0 += 1;
             s.prefix.1 += raw;
-            s.prefix.2 += wire;
         }
         if s.acked_log.len() < MAX_ACKED_LOG {
             s.acked_log.push((b.seq, b.encoded.is_some()));
@@ -501,7 +501,7 @@ mod tests {
         ack(&st, 0, ErrorCode(0));
         ack(&st, 0, ErrorCode(0));
         let s = lock(&st);
-        assert_eq!(s.prefix, (2, 200, 200));
+        assert_eq!(s.prefix, (2, 200));
         assert_eq!(s.acked_blocks, 2);
         assert_eq!(s.wire_bytes, 300, "two blocks and a copy crossed");
         assert_eq!(s.hedged, 1);
@@ -530,7 +530,8 @@ mod tests {
         ack(&st, 3, ErrorCode(0));
         let s = lock(&st);
         assert_eq!((s.acked_raw, s.wire_bytes), (300, 30));
-        assert_eq!(s.prefix, (1, 100, 10), "block 1 is missing");
+        assert_eq!(s.prefix, (1, 100), "block 1 is missing");
+        assert_eq!(s.queued_wire, 30);
         drop(s);
         // Block 1 cannot be resolved: it goes again raw, and counts at its encoded size.
         ack(&st, 1, ErrorCode::DELTA_UNRESOLVED);
@@ -539,7 +540,8 @@ mod tests {
         lock(&st).unacked.insert(1, unacked(0, raw));
         ack(&st, 1, ErrorCode(0));
         let s = lock(&st);
-        assert_eq!(s.prefix, (4, 400, 40));
+        assert_eq!(s.prefix, (4, 400));
+        assert_eq!(s.queued_wire, 40, "block 1 counted as queued");
         assert!(s.beyond.is_empty() && s.first_wire.is_empty());
         assert_eq!(s.wire_bytes, 130, "what crossed: block 1 raw");
     }
