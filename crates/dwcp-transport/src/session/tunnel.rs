@@ -62,6 +62,9 @@ struct State {
     max_acked: Option<u64>,
     /// Shortest time from a block's send to its acknowledgement: a round trip, about.
     min_ack: Option<Duration>,
+    /// Smoothed time to an acknowledgement (weight 1/8), which includes the receiver's own
+    /// waits (its QEMU taking data slowly).
+    avg_ack: Option<Duration>,
     alive: usize,
     /// Blocks acknowledged since the last [`Tunnel::take_acked`]: seq, and whether the
     /// receiver decoded it (it went out encoded) rather than took it raw.
@@ -83,23 +86,23 @@ struct Unacked {
 }
 
 /// A block unacknowledged while later ones are goes again on another connection after this
-/// many shortest acknowledgement times (at least [`MIN_HEDGE`]).
+/// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]).
 const HEDGE_AFTER: u32 = 4;
 const MIN_HEDGE: Duration = Duration::from_millis(200);
 
 impl State {
     /// A block to send again on connection `conn`, which has nothing else to send: the
     /// oldest one unacknowledged, when blocks sent after it have been acknowledged and it has
-    /// been out for [`HEDGE_AFTER`] round trips. Its connection is likely stuck in a
-    /// retransmission timeout (after a tail loss, with little data behind it, TCP has no
-    /// duplicate acknowledgements to recover sooner), and everything behind it waits: the
-    /// receiver feeds QEMU in order, and the sender's window counts from the in-order
-    /// prefix. Each block goes again at most once this way; the receiver ignores a copy.
+    /// been out for [`HEDGE_AFTER`] round trips and twice the usual time. Its connection is
+    /// likely stuck in a retransmission timeout (after a tail loss, with little data behind
+    /// it, TCP has no duplicate acknowledgements to recover sooner), and everything behind it
+    /// waits: the receiver feeds QEMU in order, and holds only so much beyond a gap. Each
+    /// block goes again at most once this way; the receiver ignores a copy.
     fn stuck(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
-        let wait = self
-            .min_ack
-            .map_or(Duration::from_secs(1), |m| m * HEDGE_AFTER)
-            .max(MIN_HEDGE);
+        let wait = match (self.min_ack, self.avg_ack) {
+            (Some(min), Some(avg)) => (min * HEDGE_AFTER).max(avg * 2).max(MIN_HEDGE),
+            _ => return None,
+        };
         let max_acked = self.max_acked?;
         let (_, u) = self.unacked.iter_mut().min_by_key(|(k, _)| **k)?;
         if u.hedged || u.conn == conn || u.block.seq > max_acked || now - u.sent < wait {
@@ -375,6 +378,7 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
     if !u.hedged && ack.code == 0 {
         let took = u.sent.elapsed();
         s.min_ack = Some(s.min_ack.map_or(took, |m| m.min(took)));
+        s.avg_ack = Some(s.avg_ack.map_or(took, |a| (a * 7 + took) / 8));
         s.max_acked = s.max_acked.max(Some(ack.seq));
     }
     if ack.code == ErrorCode::DELTA_UNRESOLVED.0 && b.encoded.is_some() {
@@ -489,7 +493,9 @@ mod tests {
         assert!(lock(&st).stuck(1, later).is_none());
         ack(&st, 1, ErrorCode(0));
         let mut s = lock(&st);
-        let wait = (s.min_ack.unwrap() * HEDGE_AFTER).max(MIN_HEDGE);
+        let wait = (s.min_ack.unwrap() * HEDGE_AFTER)
+            .max(s.avg_ack.unwrap() * 2)
+            .max(MIN_HEDGE);
         let soon = t0 + wait / 2;
         assert!(s.stuck(1, soon).is_none(), "not out long enough");
         assert!(s.stuck(0, later).is_none(), "not on its own connection");
