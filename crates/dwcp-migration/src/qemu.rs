@@ -461,17 +461,36 @@ pub async fn migrate_qemu(
         );
         r
     };
-    let (remote, opened) = tokio::join!(base, opened);
-    if let Err(e) = opened {
-        return Err(fail("prepare", format!("destination: {e}"), &report));
-    }
-    let remote = match remote {
-        Ok(r) => r,
-        Err(e) => {
-            // Its QEMU is waiting for a stream that will not come.
+    // The tunnel's connections too: their handshakes would otherwise come after the summary,
+    // which takes a dozen round trips across a long path (the largest part of preparing).
+    let tunnel = async {
+        let t = Instant::now();
+        let r = Tunnel::open(
+            dest.endpoint,
+            dest.addr,
+            dest.expected,
+            spec.streams,
+            &spec.vm,
+        )
+        .await;
+        debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");
+        r
+    };
+    let (remote, opened, tunnel) = tokio::join!(base, opened, tunnel);
+    let (remote, tunnel) = match (opened, remote, tunnel) {
+        (Ok(_), Ok(r), Ok(t)) => (r, t),
+        (opened, remote, tunnel) => {
+            let why = (opened.err().map(|e| format!("destination: {e}")))
+                .or_else(|| remote.err().map(|e| format!("destination: {e}")))
+                .or_else(|| tunnel.as_ref().err().map(|e| format!("tunnel: {e}")))
+                .unwrap_or_default();
+            if let Ok(t) = tunnel {
+                t.close();
+            }
+            // Its QEMU, if it waits, waits for a stream that will not come.
             abort_destination(&dest, &spec.vm).await;
             control.close().await;
-            return Err(fail("prepare", format!("destination: {e}"), &report));
+            return Err(fail("prepare", why, &report));
         }
     };
     let rtt = control
@@ -485,6 +504,7 @@ pub async fn migrate_qemu(
         &mut qmp,
         &mut control,
         remote,
+        tunnel,
         rtt,
         progress,
         &mut report,
@@ -566,6 +586,7 @@ async fn run(
     qmp: &mut Qmp,
     control: &mut KeptSession,
     remote: Option<RemoteIndex>,
+    tunnel: Tunnel,
     rtt: Duration,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
@@ -625,15 +646,6 @@ async fn run(
         .map_err(|e| ("start", format!("accept: {e}")))?;
 
     let budget = Arc::new(Budget::new());
-    let tunnel = Tunnel::open(
-        dest.endpoint,
-        dest.addr,
-        dest.expected,
-        spec.streams,
-        &spec.vm,
-    )
-    .await
-    .map_err(|e| ("start", format!("tunnel: {e}")))?;
     let (tx, rx) = mpsc::channel::<Segment>(2);
     let mut reader = tokio::spawn(read_segments(sock, tx, budget.clone(), tunnel.max_block()));
     // What the destination holds: its summary, then the pages of every block it decoded.

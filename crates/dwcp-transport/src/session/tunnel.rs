@@ -110,6 +110,13 @@ impl State {
         }
         u.hedged = true;
         self.hedged += 1;
+        debug!(
+            seq = u.block.seq,
+            out_ms = (now - u.sent).as_millis() as u64,
+            wait_ms = wait.as_millis() as u64,
+            behind = max_acked - u.block.seq,
+            "tunnel block stuck; sent again"
+        );
         // The copy crosses too.
         self.wire_bytes += u
             .block
