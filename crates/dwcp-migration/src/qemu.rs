@@ -937,6 +937,8 @@ async fn pump(
         inflight_mib = budget.inflight() as f64 / 1048576.0,
         "stream ended; finishing"
     );
+    // The guest is paused now, waiting for every block: a stuck one goes again sooner.
+    tunnel.finishing();
     let fut = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control);
     tokio::pin!(fut);
     loop {

@@ -50,6 +50,8 @@ struct State {
     resent_raw: u64,
     /// Blocks sent a second time while the first was stuck.
     hedged: u64,
+    /// Every block is queued and the receiver waits for them all (see [`Tunnel::finishing`]).
+    finishing: bool,
     /// Wire bytes of the acknowledged blocks at the size they were queued with.
     queued_wire: u64,
     /// The acknowledged prefix: the first seq not in it, and the raw bytes before it.
@@ -86,8 +88,10 @@ struct Unacked {
 }
 
 /// A block unacknowledged while later ones are goes again on another connection after this
-/// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]).
+/// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]);
+/// once the tunnel is finishing, after [`HEDGE_FINISHING`] shortest times.
 const HEDGE_AFTER: u32 = 4;
+const HEDGE_FINISHING: u32 = 2;
 const MIN_HEDGE: Duration = Duration::from_millis(200);
 
 impl State {
@@ -100,11 +104,17 @@ impl State {
     /// block goes again at most once this way; the receiver ignores a copy.
     fn stuck(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
         let wait = match (self.min_ack, self.avg_ack) {
+            (Some(min), _) if self.finishing => (min * HEDGE_FINISHING).max(MIN_HEDGE),
             (Some(min), Some(avg)) => (min * HEDGE_AFTER).max(avg * 2).max(MIN_HEDGE),
             _ => return None,
         };
         let max_acked = self.max_acked?;
-        let (_, u) = self.unacked.iter_mut().min_by_key(|(k, _)| **k)?;
+        // The oldest one; finishing, the oldest not sent again yet (every block counts).
+        let (_, u) = self
+            .unacked
+            .iter_mut()
+            .filter(|(_, u)| !(self.finishing && u.hedged))
+            .min_by_key(|(k, _)| **k)?;
         if u.hedged || u.conn == conn || u.block.seq > max_acked || now - u.sent < wait {
             return None;
         }
@@ -335,6 +345,14 @@ impl Tunnel {
         (s.acked_raw, s.queued_wire, s.prefix.1)
     }
 
+    /// Every block is queued, and the receiver needs them all before anything more happens
+    /// (a QEMU guest paused until its stream is in): from now on a stuck block goes again
+    /// after two round trips rather than four.
+    pub fn finishing(&self) {
+        lock(&self.state).finishing = true;
+        self.work.notify_waiters();
+    }
+
     /// Blocks sent a second time because the first copy was stuck (see [`State::stuck`]).
     pub fn hedged(&self) -> u64 {
         lock(&self.state).hedged
@@ -518,6 +536,29 @@ mod tests {
         assert_eq!(s.acked_blocks, 2);
         assert_eq!(s.wire_bytes, 300, "two blocks and a copy crossed");
         assert_eq!(s.hedged, 1);
+    }
+
+    #[test]
+    fn finishing_every_stuck_block_goes_again_after_two_round_trips() {
+        let st = Mutex::new(State::default());
+        let t0 = Instant::now();
+        for seq in 0..4 {
+            let mut u = unacked(seq as usize % 2, block(seq, 100, None));
+            u.sent = t0;
+            lock(&st).unacked.insert(seq, u);
+        }
+        ack(&st, 3, ErrorCode(0));
+        let mut s = lock(&st);
+        s.min_ack = Some(Duration::from_millis(100));
+        s.avg_ack = Some(Duration::from_millis(300));
+        let at = t0 + Duration::from_millis(250);
+        assert!(s.stuck(1, at).is_none(), "not yet: 600 ms before finishing");
+        s.finishing = true;
+        // Blocks 0 and 2 went on connection 0, block 1 on connection 1.
+        assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(0));
+        assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
+        assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(2));
+        assert!(s.stuck(1, at).is_none(), "each once");
     }
 
     fn ack(st: &Mutex<State>, seq: u64, code: ErrorCode) {
