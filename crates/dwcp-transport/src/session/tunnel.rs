@@ -89,10 +89,13 @@ struct Unacked {
 
 /// A block unacknowledged while later ones are goes again on another connection after this
 /// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]);
-/// once the tunnel is finishing, after [`HEDGE_FINISHING`] shortest times.
+/// once the tunnel is finishing, after [`HEDGE_FINISHING`] shortest times (at least
+/// [`MIN_HEDGE_FINISHING`]). The floor is above Linux's shortest retransmission timeout (200
+/// ms): on a short path TCP's own timeout comes first, and a copy would only cost CPU.
 const HEDGE_AFTER: u32 = 4;
+const MIN_HEDGE: Duration = Duration::from_millis(300);
 const HEDGE_FINISHING: u32 = 2;
-const MIN_HEDGE: Duration = Duration::from_millis(200);
+const MIN_HEDGE_FINISHING: Duration = Duration::from_millis(200);
 
 impl State {
     /// A block to send again on connection `conn`, which has nothing else to send: the
@@ -104,7 +107,7 @@ impl State {
     /// block goes again at most once this way; the receiver ignores a copy.
     fn stuck(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
         let wait = match (self.min_ack, self.avg_ack) {
-            (Some(min), _) if self.finishing => (min * HEDGE_FINISHING).max(MIN_HEDGE),
+            (Some(min), _) if self.finishing => (min * HEDGE_FINISHING).max(MIN_HEDGE_FINISHING),
             (Some(min), Some(avg)) => (min * HEDGE_AFTER).max(avg * 2).max(MIN_HEDGE),
             _ => return None,
         };
@@ -347,7 +350,7 @@ impl Tunnel {
 
     /// Every block is queued, and the receiver needs them all before anything more happens
     /// (a QEMU guest paused until its stream is in): from now on a stuck block goes again
-    /// after two round trips rather than four.
+    /// after two round trips rather than four (see [`HEDGE_FINISHING`]).
     pub fn finishing(&self) {
         lock(&self.state).finishing = true;
         self.work.notify_waiters();
