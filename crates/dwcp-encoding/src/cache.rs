@@ -443,7 +443,8 @@ impl BaselineCache {
         let mut newer = 0u64;
         for (&id, p) in self.packs.iter().rev() {
             if id == pack {
-                return newer >= self.cfg.disk_budget / 2;
+                // Never the newest pack (a budget of 0 would make every pack old).
+                return newer > 0 && newer >= self.cfg.disk_budget / 2;
             }
             newer += p.bytes;
         }
@@ -725,6 +726,20 @@ mod tests {
         assert_eq!(buf, page(1));
         assert!(!c.get(&keys[1], &mut Vec::new()).unwrap(), "evicted");
         assert!(c.contains(&more[31]));
+    }
+
+    #[test]
+    fn an_entry_in_the_newest_pack_is_never_copied_forward() {
+        // A disk budget of 0 makes half of it 0: every older pack is next in line, but the
+        // newest is where copies go.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = BaselineCache::open(CacheConfig::persistent(dir.path(), 0, 0)).unwrap();
+        let k = c.insert(&page(1)).unwrap();
+        let disk = c.stats().disk_bytes;
+        for _ in 0..3 {
+            assert!(c.get(&k, &mut Vec::new()).unwrap());
+        }
+        assert_eq!(c.stats().disk_bytes, disk);
     }
 
     #[test]
