@@ -129,6 +129,8 @@ pub struct BaselineCache {
     lru: BTreeMap<u64, Key>,
     tick: u64,
     packs: BTreeMap<u32, Pack>,
+    /// Packs numbered below this are next in line for eviction (see [`Self::update_old`]).
+    old_before: u32,
     active: Option<Active>,
     /// Seed files, opened when read (a seed directory may hold more files than a process
     /// may keep open).
@@ -154,6 +156,7 @@ impl BaselineCache {
             active: None,
             seeds: Vec::new(),
             stats: CacheStats::default(),
+            old_before: 0,
             _lock: None,
         };
         if let Some(dir) = c.cfg.dir.clone() {
@@ -250,6 +253,7 @@ impl BaselineCache {
                 keys,
             },
         );
+        self.update_old();
         Ok(())
     }
 
@@ -435,20 +439,27 @@ impl BaselineCache {
         Ok(())
     }
 
-    /// Whether `pack` goes within the next half of the disk budget written: the oldest packs
-    /// go first, so that is one with at least half the budget in newer packs. Copying
-    /// forward from any older pack than that would rewrite every entry a warm migration uses
-    /// (most of a guest) while the cache is far from full.
+    /// Whether `pack` goes within the next half of the disk budget written.
     fn is_old(&self, pack: u32) -> bool {
+        pack < self.old_before
+    }
+
+    /// The oldest packs go first, so the ones next in line are those with at least half the
+    /// disk budget in newer packs, never the newest (a budget of 0 would make every pack
+    /// old). Copying forward from any older pack than that would rewrite every entry a warm
+    /// migration uses (most of a guest) while the cache is far from full. Worked out when a
+    /// pack is added, not on every hit: the newest pack's growth since then is not counted
+    /// (at most one pack's worth fewer copies). Evicting the oldest packs leaves it right.
+    fn update_old(&mut self) {
         let mut newer = 0u64;
+        self.old_before = 0;
         for (&id, p) in self.packs.iter().rev() {
-            if id == pack {
-                // Never the newest pack (a budget of 0 would make every pack old).
-                return newer > 0 && newer >= self.cfg.disk_budget / 2;
+            if newer > 0 && newer >= self.cfg.disk_budget / 2 {
+                self.old_before = id + 1;
+                break;
             }
             newer += p.bytes;
         }
-        false
     }
 
     fn remember(&mut self, key: Key, data: Box<[u8]>) {
@@ -509,6 +520,7 @@ impl BaselineCache {
                 },
             );
             self.stats.disk_bytes += PACK_HEADER;
+            self.update_old();
             self.active = Some(Active {
                 id,
                 writer,
