@@ -78,6 +78,14 @@ pub struct Launch {
     pub dirty_pages_per_sec: u64,
     /// Command prefix, e.g. `ip netns exec NS`.
     pub prefix: Vec<String>,
+    /// Give the guest 8 KiB more than `mem_mib`, so that a TCG guest's dirty pages are all
+    /// seen by QEMU before 9.0. Those QEMUs lose guest writes during a migration: the fast
+    /// path of their dirty-bitmap sync (RAM a whole number of 256 KiB) clears bits without
+    /// making the vCPU's TLB trap the next write to those pages, so a page written again
+    /// after it was sent is never sent again (fixed upstream by commit 03bfc2188f, "physmem:
+    /// Fix migration dirty bitmap coherency with TCG memory access"; not in 7.2.x). The slow
+    /// path does it right. KVM guests track dirty pages in the kernel and are not affected.
+    pub exact_dirty_tracking: bool,
 }
 
 impl Launch {
@@ -92,6 +100,7 @@ impl Launch {
             stay_paused: false,
             dirty_pages_per_sec: 256,
             prefix: Vec::new(),
+            exact_dirty_tracking: false,
         }
     }
 }
@@ -110,7 +119,8 @@ impl QemuProcess {
             .ok_or_else(|| std::io::Error::other("qemu-system-x86_64 is not installed"))?;
         let mut argv: Vec<String> = launch.prefix.clone();
         argv.push(qemu.display().to_string());
-        let m = launch.mem_mib;
+        // KiB: QEMU rounds RAM sizes up to 8 KiB.
+        let m = (launch.mem_mib << 10) + if launch.exact_dirty_tracking { 8 } else { 0 };
         argv.extend(
             [
                 "-machine",
@@ -120,7 +130,7 @@ impl QemuProcess {
                 "-display",
                 "none",
                 "-m",
-                &format!("{m}M"),
+                &format!("{m}K"),
                 "-kernel",
                 &image.kernel.display().to_string(),
                 "-initrd",
@@ -147,7 +157,7 @@ impl QemuProcess {
         if let Some(f) = &launch.mem_file {
             argv.push("-object".into());
             argv.push(format!(
-                "memory-backend-file,id=ram0,size={m}M,mem-path={},share=on",
+                "memory-backend-file,id=ram0,size={m}K,mem-path={},share=on",
                 f.display()
             ));
             argv.push("-machine".into());

@@ -31,6 +31,8 @@ async fn source(image: &GuestImage, dir: &Path) -> QemuProcess {
     l.mem_file = Some(dir.join("src.ram"));
     l.qmp = vec![dir.join("src.qmp")];
     l.dirty_pages_per_sec = 500;
+    // QEMU 7.2 with TCG would lose some of those writes ([`Launch::exact_dirty_tracking`]).
+    l.exact_dirty_tracking = true;
     let mut p = QemuProcess::spawn(image, &l).unwrap();
     p.wait_serial("dwcp-guest ready", Duration::from_secs(180))
         .await
@@ -51,6 +53,7 @@ fn destination(image: &GuestImage, dir: &Path, qemu_dir: &Path, vm: &str) -> Qem
         qemu_dir.join(format!("{vm}.incoming")).display()
     ));
     l.stay_paused = true;
+    l.exact_dirty_tracking = true;
     QemuProcess::spawn(image, &l).unwrap()
 }
 
