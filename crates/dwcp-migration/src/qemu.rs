@@ -161,6 +161,8 @@ struct Budget {
     read: AtomicU64,
     /// Of those, acknowledged by the destination.
     acked: AtomicU64,
+    /// Acknowledged together with every byte before them (see [`GAP_LIMIT`]).
+    in_order: AtomicU64,
     /// Stream bytes of the blocks handed to the tunnel, and their size on the wire.
     forwarded: AtomicU64,
     forwarded_wire: AtomicU64,
@@ -191,6 +193,7 @@ impl Budget {
         Self {
             read: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            in_order: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             forwarded_wire: AtomicU64::new(0),
             wire_acked: AtomicU64::new(0),
@@ -265,8 +268,9 @@ impl Budget {
         self.forwarded_wire.fetch_add(wire, Ordering::Relaxed);
         self.forwarded.fetch_add(stream, Ordering::Relaxed);
     }
-    fn set_acked(&self, acked: u64, wire_acked: u64) {
+    fn set_acked(&self, acked: u64, wire_acked: u64, in_order: u64) {
         self.wire_acked.store(wire_acked, Ordering::Relaxed);
+        self.in_order.store(in_order, Ordering::Relaxed);
         if self.acked.swap(acked, Ordering::Relaxed) != acked {
             self.freed.notify_waiters();
         }
@@ -277,9 +281,8 @@ impl Budget {
             .saturating_sub(self.acked.load(Ordering::Relaxed))
     }
     /// What is read and not acknowledged takes this much on the wire: the blocks in the
-    /// tunnel at their encoded size (a block sent again raw at its raw size: the caller
-    /// subtracts the difference from what it reports acknowledged), what is still being
-    /// encoded at its full size.
+    /// tunnel at their encoded size (the size they were queued with, also when one goes again
+    /// raw), what is still being encoded at its full size.
     fn wire_inflight(&self) -> u64 {
         let forwarded = self.forwarded.load(Ordering::Relaxed);
         let in_tunnel = self
@@ -290,9 +293,13 @@ impl Budget {
     }
     fn room(&self) -> u64 {
         let l = self.limits();
+        let beyond_gap = self
+            .read()
+            .saturating_sub(self.in_order.load(Ordering::Relaxed));
         l.stream
             .saturating_sub(self.inflight())
             .min(l.wire.saturating_sub(self.wire_inflight()))
+            .min(GAP_LIMIT.saturating_sub(beyond_gap))
     }
     fn block(&self) -> usize {
         self.block.load(Ordering::Relaxed)
@@ -350,6 +357,13 @@ struct Segment {
 /// The phase of a failure after which the guest may run at the destination: the source is
 /// not resumed (that could run it twice).
 pub const UNKNOWN: &str = "resume (outcome unknown)";
+
+/// Most stream bytes read beyond the acknowledged prefix, whatever the window: blocks
+/// acknowledged after a gap wait at the destination for the block still on its way, and it
+/// holds at most 256 MiB of them (`qemu_feed`). The window counts every acknowledgement, so
+/// that one block in a loss recovery does not stall the stream; the tunnel sends a stuck
+/// block again on another connection.
+const GAP_LIMIT: u64 = 128 << 20;
 
 /// Largest block of the stream during QEMU's first pass over RAM.
 const BLOCK: usize = 256 << 10;
@@ -447,17 +461,36 @@ pub async fn migrate_qemu(
         );
         r
     };
-    let (remote, opened) = tokio::join!(base, opened);
-    if let Err(e) = opened {
-        return Err(fail("prepare", format!("destination: {e}"), &report));
-    }
-    let remote = match remote {
-        Ok(r) => r,
-        Err(e) => {
-            // Its QEMU is waiting for a stream that will not come.
+    // The tunnel's connections too: their handshakes would otherwise come after the summary,
+    // which takes a dozen round trips across a long path (the largest part of preparing).
+    let tunnel = async {
+        let t = Instant::now();
+        let r = Tunnel::open(
+            dest.endpoint,
+            dest.addr,
+            dest.expected,
+            spec.streams,
+            &spec.vm,
+        )
+        .await;
+        debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");
+        r
+    };
+    let (remote, opened, tunnel) = tokio::join!(base, opened, tunnel);
+    let (remote, tunnel) = match (opened, remote, tunnel) {
+        (Ok(_), Ok(r), Ok(t)) => (r, t),
+        (opened, remote, tunnel) => {
+            let why = (opened.err().map(|e| format!("destination: {e}")))
+                .or_else(|| remote.err().map(|e| format!("destination: {e}")))
+                .or_else(|| tunnel.as_ref().err().map(|e| format!("tunnel: {e}")))
+                .unwrap_or_default();
+            if let Ok(t) = tunnel {
+                t.close();
+            }
+            // Its QEMU, if it waits, waits for a stream that will not come.
             abort_destination(&dest, &spec.vm).await;
             control.close().await;
-            return Err(fail("prepare", format!("destination: {e}"), &report));
+            return Err(fail("prepare", why, &report));
         }
     };
     let rtt = control
@@ -471,6 +504,7 @@ pub async fn migrate_qemu(
         &mut qmp,
         &mut control,
         remote,
+        tunnel,
         rtt,
         progress,
         &mut report,
@@ -552,6 +586,7 @@ async fn run(
     qmp: &mut Qmp,
     control: &mut KeptSession,
     remote: Option<RemoteIndex>,
+    tunnel: Tunnel,
     rtt: Duration,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
@@ -611,15 +646,6 @@ async fn run(
         .map_err(|e| ("start", format!("accept: {e}")))?;
 
     let budget = Arc::new(Budget::new());
-    let tunnel = Tunnel::open(
-        dest.endpoint,
-        dest.addr,
-        dest.expected,
-        spec.streams,
-        &spec.vm,
-    )
-    .await
-    .map_err(|e| ("start", format!("tunnel: {e}")))?;
     let (tx, rx) = mpsc::channel::<Segment>(2);
     let mut reader = tokio::spawn(read_segments(sock, tx, budget.clone(), tunnel.max_block()));
     // What the destination holds: its summary, then the pages of every block it decoded.
@@ -656,7 +682,7 @@ async fn run(
     report.wire_bytes = wire;
     tunnel.close();
     let detail = result?;
-    debug!(resent, "tunnel done");
+    debug!(resent, hedged = tunnel.hedged(), "tunnel done");
     report.stream_bytes = budget.read();
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
@@ -911,6 +937,8 @@ async fn pump(
         inflight_mib = budget.inflight() as f64 / 1048576.0,
         "stream ended; finishing"
     );
+    // The guest is paused now, waiting for every block: a stuck one goes again sooner.
+    tunnel.finishing();
     let fut = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control);
     tokio::pin!(fut);
     loop {
@@ -1076,9 +1104,8 @@ async fn forward(
                 None => return Ok((queued, cached)),
             },
             () = tunnel.wait_progress(Duration::from_millis(50)) => {
-                let (_, acked_raw, wire_acked, _) = tunnel.acked();
-                // Counted at their encoded size when queued.
-                budget.set_acked(acked_raw, wire_acked.saturating_sub(tunnel.raw_growth()));
+                let (acked_raw, wire_acked, in_order) = tunnel.window_acked();
+                budget.set_acked(acked_raw, wire_acked, in_order);
                 if let Some(e) = tunnel.error() {
                     return Err(e);
                 }
@@ -1112,9 +1139,15 @@ struct Encoded {
     pages: Vec<u64>,
 }
 
-/// One segment as a block: HDE stream-encoded against the destination's cache when that
-/// makes it smaller, raw otherwise; with the bytes it refers to in the cache. Guest pages
-/// found in it are chunks of their own ([`crate::qemu_stream`]).
+/// A segment goes encoded even when that is up to 1/RAW_SLACK larger than raw (incompressible
+/// pages, each with an op and its record header as a literal of its own: about 0.2 %). The
+/// destination learns the pages of the blocks it decodes, never those of a raw block: sent
+/// raw, a guest's random pages would cross again in full on every later migration.
+const RAW_SLACK: usize = 64;
+
+/// One segment as a block: HDE stream-encoded against the destination's cache unless that
+/// makes it more than [`RAW_SLACK`] larger, raw otherwise; with the bytes it refers to in the
+/// cache. Guest pages found in it are chunks of their own ([`crate::qemu_stream`]).
 fn encode_segment(seg: Segment, hde: bool, codec: Codec, remote: Option<&RemoteIndex>) -> Encoded {
     let raw = Bytes::from(seg.bytes);
     let mut cache_bytes = 0;
@@ -1141,7 +1174,7 @@ fn encode_segment(seg: Segment, hde: bool, codec: Codec, remote: Option<&RemoteI
             })
         })
         .flatten()
-        .filter(|out| out.len() < raw.len())
+        .filter(|out| out.len() <= raw.len() + raw.len() / RAW_SLACK)
         .map(|out| (data::TUNNEL_HDE_STREAM, Bytes::from(out)));
     if encoded.is_none() {
         cache_bytes = 0;
@@ -1166,6 +1199,74 @@ mod tests {
 
     fn l(stream: u64, wire: u64) -> Limits {
         Limits { stream, wire }
+    }
+
+    /// QEMU page records (the first naming its RAM block) holding `n` pages of random bytes.
+    fn random_page_records(n: u64, seed: u64) -> Vec<u8> {
+        let mut seg = Vec::new();
+        let mut x = seed | 1;
+        for i in 0..n {
+            let flags: u64 = if i == 0 { 0x08 } else { 0x08 | 0x20 };
+            seg.extend_from_slice(&((i << 12) | flags).to_be_bytes());
+            if i == 0 {
+                seg.push(6);
+                seg.extend_from_slice(b"pc.ram");
+            }
+            for _ in 0..crate::qemu_stream::PAGE / 8 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                seg.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        seg
+    }
+
+    #[test]
+    fn incompressible_pages_go_encoded_so_the_destination_learns_them() {
+        use dwcp_encoding::stream::{Progress, StreamDecoder};
+        use dwcp_encoding::{BaselineCache, CacheConfig};
+        let seg = random_page_records(32, 0x9e37_79b9_7f4a_7c15);
+        let e = encode_segment(
+            Segment {
+                seq: 0,
+                bytes: seg.clone(),
+            },
+            true,
+            Codec::Zstd(2),
+            None,
+        );
+        let (encoding, bytes) = e.block.encoded.clone().expect("sent encoded, not raw");
+        assert_eq!(encoding, data::TUNNEL_HDE_STREAM);
+        assert!(bytes.len() >= seg.len(), "random pages do not shrink");
+        assert!(bytes.len() <= seg.len() + seg.len() / RAW_SLACK);
+        assert_eq!(e.pages.len(), 32);
+
+        // The destination decodes the block, and so learns its pages ...
+        let mut cache = BaselineCache::open(CacheConfig::memory(16 << 20)).unwrap();
+        let mut out = Vec::new();
+        let mut dec = StreamDecoder::with_limit(seg.len() as u64);
+        assert_eq!(
+            dec.push(&bytes, &mut out, &mut cache).unwrap(),
+            Progress::Done
+        );
+        dec.finish().unwrap();
+        assert_eq!(out, seg);
+
+        // ... which a later migration of the same pages sends by reference.
+        let remote = RemoteIndex::from_hashes(cache.summary());
+        let again = encode_segment(
+            Segment {
+                seq: 0,
+                bytes: seg.clone(),
+            },
+            true,
+            Codec::Zstd(2),
+            Some(&remote),
+        );
+        assert_eq!(again.cache_bytes, 32 * 4096);
+        let (_, small) = again.block.encoded.expect("encoded");
+        assert!(small.len() < seg.len() / 50, "{} bytes", small.len());
     }
 
     #[test]
@@ -1202,7 +1303,7 @@ mod tests {
         b.forward(32 << 20, 1 << 20);
         assert_eq!(b.wire_inflight(), 1 << 20);
         assert_eq!(b.room(), 3 << 20);
-        b.set_acked(32 << 20, 1 << 20);
+        b.set_acked(32 << 20, 1 << 20, 32 << 20);
         assert_eq!((b.inflight(), b.wire_inflight()), (0, 0));
         // 3 MiB of new pages in the tunnel, whole on the wire: the wire limit binds.
         b.take(3 << 20);
@@ -1211,6 +1312,25 @@ mod tests {
         // A stream limit under what is in flight binds in turn.
         b.set_limits(l(2 << 20, 64 << 20), l(1 << 20, 1 << 20));
         assert_eq!(b.room(), 0);
+    }
+
+    #[test]
+    fn what_is_acknowledged_beyond_a_gap_is_bounded_too() {
+        let b = Budget::new();
+        let big = l(1 << 40, 1 << 40);
+        b.set_limits(big, big);
+        b.take(200 << 20);
+        b.forward(200 << 20, 200 << 20);
+        // All but one early block acknowledged: the window is nearly empty, but 100 MiB of
+        // it waits at the destination behind that block.
+        b.set_acked(199 << 20, 199 << 20, 100 << 20);
+        assert_eq!(b.inflight(), 1 << 20);
+        assert_eq!(b.room(), GAP_LIMIT - (100 << 20));
+        b.take(GAP_LIMIT - (100 << 20));
+        assert_eq!(b.room(), 0);
+        // The block arrives.
+        b.set_acked(200 << 20, 200 << 20, 200 << 20);
+        assert_eq!(b.room(), 100 << 20);
     }
 
     /// The reader takes `n` segments of page data (a page per 4 KiB of stream) from `from`.

@@ -1,7 +1,8 @@
 //! The QEMU stream tunnel against a fake destination QEMU (no QEMU needed): blocks sent out
 //! of order, encoded or raw, one connection killed mid-way (its blocks go again, some of them
-//! a second time to the destination) — QEMU gets exactly the stream, in order, and the
-//! destination says when it has loaded it.
+//! a second time to the destination), one connection stuck (its blocks go again on the
+//! others) — QEMU gets exactly the stream, in order, and the destination says when it has
+//! loaded it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -22,7 +23,9 @@ use tokio::net::UnixListener;
 
 /// A destination QEMU as the agent sees it: an incoming socket that collects the stream, and
 /// a monitor that says `inmigrate` until the stream has ended, `running` after.
-fn fake_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<Vec<u8>> {
+/// It reads nothing from its stream for `idle` after connecting (a QEMU busy loading what it
+/// has).
+fn fake_qemu(dir: &Path, vm: &str, idle: Duration) -> tokio::task::JoinHandle<Vec<u8>> {
     let loaded = Arc::new(AtomicBool::new(false));
     let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
     let l2 = loaded.clone();
@@ -52,6 +55,7 @@ fn fake_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<Vec<u8>> {
     let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
     tokio::spawn(async move {
         let (mut s, _) = incoming.accept().await.unwrap();
+        tokio::time::sleep(idle).await;
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         loaded.store(true, Ordering::SeqCst);
@@ -96,13 +100,17 @@ struct Opened {
 }
 
 async fn open_vm() -> Opened {
+    open_vm_with(Duration::ZERO).await
+}
+
+async fn open_vm_with(qemu_idle: Duration) -> Opened {
     let cluster = TestCluster::new();
     let qemu_dir = cluster.dir().join("qemu");
     std::fs::create_dir_all(&qemu_dir).unwrap();
     let qd = qemu_dir.clone();
     let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let got = fake_qemu(&qemu_dir, "vm");
+    let got = fake_qemu(&qemu_dir, "vm", qemu_idle);
     let mut control = KeptSession::new();
     migration_request_kept(
         &ep,
@@ -207,6 +215,95 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
         "{detail}"
     );
+    assert!(
+        got == expected,
+        "QEMU got {} bytes, not the stream",
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_stuck_on_one_connection_goes_again_on_another() {
+    let vm = open_vm().await;
+    // Connection 1 stops forwarding for a minute inside its first block (as a connection in
+    // a retransmission timeout does): its blocks go again on the others, long before that.
+    let proxy = Proxy::start(
+        vm.agent.addr,
+        Fault::Pause {
+            conn: 1,
+            after: 100_000,
+            delay: Duration::from_secs(60),
+        },
+    )
+    .await;
+    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 4, "vm")
+        .await
+        .unwrap();
+    let n = 40u64;
+    let mut expected = Vec::new();
+    for seq in 0..n {
+        let raw = Bytes::from(block_content(seq));
+        expected.extend_from_slice(&raw);
+        tunnel
+            .send(Block {
+                seq,
+                raw,
+                encoded: None,
+            })
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tunnel.window_acked().2 < expected.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "stuck behind the paused connection: {:?}, hedged {}",
+            tunnel.window_acked(),
+            tunnel.hedged()
+        );
+        assert!(tunnel.error().is_none(), "{:?}", tunnel.error());
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    assert!(tunnel.hedged() > 0);
+    assert_eq!(tunnel.acked().0, n);
+    let (detail, got) = vm.finish(tunnel, n).await;
+    assert!(detail.contains("\"status\":\"running\""), "{detail}");
+    assert!(
+        got == expected,
+        "QEMU got {} bytes, not the stream",
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_qemu_that_does_not_read_holds_the_acknowledgements_back() {
+    // QEMU takes nothing for 3 s: the destination acknowledges what it holds for QEMU (2 MiB,
+    // and a block being written), then stops reading, so the sender's window sees the wait.
+    let vm = open_vm_with(Duration::from_secs(3)).await;
+    let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 4, "vm")
+        .await
+        .unwrap();
+    let n = 40u64;
+    let mut expected = Vec::new();
+    for seq in 0..n {
+        let raw = Bytes::from(block_content(seq));
+        expected.extend_from_slice(&raw);
+        tunnel
+            .send(Block {
+                seq,
+                raw,
+                encoded: None,
+            })
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = tunnel.acked().0;
+    assert!(
+        held <= 12,
+        "{held} blocks of 256 KiB acknowledged with QEMU not reading"
+    );
+    wait_acked(&tunnel, n).await;
+    let (detail, got) = vm.finish(tunnel, n).await;
+    assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         got == expected,
         "QEMU got {} bytes, not the stream",

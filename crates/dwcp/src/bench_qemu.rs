@@ -282,7 +282,10 @@ impl QemuBench<'_> {
             .arg("--certs-dir")
             .arg(self.certs)
             .env("DWCP_TRANSPORT__CONGESTION", self.congestion)
-            .env("DWCP_LOG__LEVEL", "warn,dwcp_migration=debug");
+            .env(
+                "DWCP_LOG__LEVEL",
+                "warn,dwcp_migration=debug,dwcp_transport::session::tunnel=debug",
+            );
         if let crate::cli::CodecChoice::Fixed(c) = self.codec {
             m.args(["--codec", &c.to_string()]);
         }

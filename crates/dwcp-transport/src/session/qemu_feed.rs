@@ -40,6 +40,9 @@ struct FeedState {
     ready: BTreeMap<u64, Bytes>,
     /// Their bytes.
     buffered: usize,
+    /// Blocks received and waiting for room (in `push`): present, so the blocks after them
+    /// are not after a gap.
+    waiting: std::collections::BTreeSet<u64>,
     /// Set by FINISH: the stream has this many segments.
     total: Option<u64>,
     fed_bytes: u64,
@@ -140,46 +143,65 @@ impl Feeds {
             .cloned()
             .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
         let started = Instant::now();
-        loop {
+        let mut block = Some(block);
+        let r = loop {
             let notified = feed.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut s = lock(&feed.state);
                 if let Some(e) = &s.error {
-                    return Err(e.clone());
+                    break Err(e.clone());
                 }
                 if seq < s.next || s.ready.contains_key(&seq) {
-                    return Ok(()); // a block sent again after a lost stream
+                    break Ok(false); // a block sent again after a lost stream, or stuck
                 }
-                // Wait for room only when the blocks before this one are all here: then the
-                // feeder has the next one and frees room. A block after a gap (its
-                // predecessor was on a connection that died, or is still on its way) is taken
-                // at once, or the connection bringing the missing one could be the one
-                // waiting; the sender's window bounds those.
-                let gap = s.ready.range(s.next..seq).count() as u64 != seq - s.next;
+                // A block waits for room while what the feeder can write now (the blocks
+                // from the next one on, without a hole) fills the buffer: that drains
+                // whatever the network does. Otherwise a block after a gap (its predecessor
+                // was on a connection that died, or is still on its way, perhaps behind this
+                // one on this connection) is taken at once, and the sender's window bounds
+                // those; a block with all before it here (queued, being written, or waiting
+                // like this one) waits for room as well.
+                let present =
+                    s.ready.range(s.next..seq).count() + s.waiting.range(s.next..seq).count();
+                let gap = present as u64 != seq - s.next;
                 if gap && s.buffered >= MAX_AHEAD {
-                    return Err(format!(
+                    break Err(format!(
                         "more than {MAX_AHEAD} bytes of blocks ahead of block {} (the sender \
                          ignores its window)",
                         s.next
                     ));
                 }
-                if s.buffered < MAX_BUFFERED || gap || seq == s.next {
-                    s.buffered += block.len();
-                    s.ready.insert(seq, block);
-                    break;
+                let (mut run, mut expect) = (0, s.next);
+                for (k, b) in s.ready.range(s.next..) {
+                    if *k != expect || run >= MAX_BUFFERED {
+                        break;
+                    }
+                    run += b.len();
+                    expect += 1;
                 }
+                if seq == s.next || run < MAX_BUFFERED && (gap || s.buffered < MAX_BUFFERED) {
+                    if let Some(b) = block.take() {
+                        s.buffered += b.len();
+                        s.ready.insert(seq, b);
+                    }
+                    break Ok(true);
+                }
+                s.waiting.insert(seq);
             }
             if started.elapsed() > STALL {
-                return Err(format!(
+                break Err(format!(
                     "the destination QEMU took no data for {STALL:?} (block {seq} waiting)"
                 ));
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        };
+        lock(&feed.state).waiting.remove(&seq);
+        if r? {
+            feed.wake.notify_waiters();
+            feed.kick.notify_one();
         }
-        feed.wake.notify_waiters();
-        feed.kick.notify_one();
         Ok(())
     }
 
@@ -290,10 +312,13 @@ impl Feeds {
 async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
     let r = async {
         loop {
+            // The block stays in `ready` while it is written: taken out, it would leave a
+            // gap before every block that arrives meanwhile, and those are taken at once
+            // (see `push`), however slowly QEMU reads.
             let (next, total) = {
-                let mut s = lock(&feed.state);
+                let s = lock(&feed.state);
                 let next = s.next;
-                (s.ready.remove(&next).map(|p| (next, p)), s.total)
+                (s.ready.get(&next).cloned().map(|p| (next, p)), s.total)
             };
             match next {
                 Some((seq, block)) => {
@@ -303,6 +328,7 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                         )
                     })?;
                     let mut s = lock(&feed.state);
+                    s.ready.remove(&seq);
                     s.next = seq + 1;
                     s.buffered = s.buffered.saturating_sub(block.len());
                     s.fed_bytes += block.len() as u64;

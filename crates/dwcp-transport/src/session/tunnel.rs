@@ -1,13 +1,15 @@
 //! Tunnels: a live byte stream of unknown length (a QEMU migration stream) carried as
 //! numbered blocks (`TUNNEL_DATA`) over several connections of one session, without the
 //! per-object round trips of files. The receiver acknowledges each block once it has taken
-//! it (`TUNNEL_ACK`); a block on a connection that dies goes out again on another; a block
-//! the receiver cannot resolve against its cache goes out again raw. The caller bounds what
-//! is unacknowledged (its window), so memory stays bounded.
+//! it (`TUNNEL_ACK`); a block on a connection that dies goes out again on another, and so
+//! does one stuck on its connection while later blocks are acknowledged; a block the receiver
+//! cannot resolve against its cache goes out again raw. The caller bounds what is beyond the
+//! acknowledged prefix (its window, [`Tunnel::acked_in_order`]), so memory stays bounded at
+//! both ends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dwcp_wire::data::{self, SessionJoin, TunnelAck, TunnelHeader};
@@ -38,15 +40,33 @@ pub struct Block {
 struct State {
     /// Waiting for a connection, by seq (resends go first: lowest seq first).
     queue: BTreeMap<u64, Arc<Block>>,
-    /// Sent on connection `.0`, not acknowledged.
-    unacked: HashMap<u64, (usize, Arc<Block>)>,
+    /// Sent, not acknowledged.
+    unacked: HashMap<u64, Unacked>,
     acked_blocks: u64,
     acked_raw: u64,
-    /// Raw bytes of acknowledged blocks sent encoded, and what went on the wire for them.
+    /// Raw bytes of acknowledged blocks, and what went on the wire for them (copies of stuck
+    /// blocks included).
     wire_bytes: u64,
-    /// What blocks sent again raw added over their encoded size.
-    raw_growth: u64,
     resent_raw: u64,
+    /// Blocks sent a second time while the first was stuck.
+    hedged: u64,
+    /// Every block is queued and the receiver waits for them all (see [`Tunnel::finishing`]).
+    finishing: bool,
+    /// Wire bytes of the acknowledged blocks at the size they were queued with.
+    queued_wire: u64,
+    /// The acknowledged prefix: the first seq not in it, and the raw bytes before it.
+    prefix: (u64, u64),
+    /// Blocks acknowledged beyond the prefix: seq and raw bytes.
+    beyond: BTreeMap<u64, u64>,
+    /// Blocks sent again raw: the encoded size they were queued with.
+    first_wire: HashMap<u64, u64>,
+    /// Highest seq acknowledged.
+    max_acked: Option<u64>,
+    /// Shortest time from a block's send to its acknowledgement: a round trip, about.
+    min_ack: Option<Duration>,
+    /// Smoothed time to an acknowledgement (weight 1/8), which includes the receiver's own
+    /// waits (its QEMU taking data slowly).
+    avg_ack: Option<Duration>,
     alive: usize,
     /// Blocks acknowledged since the last [`Tunnel::take_acked`]: seq, and whether the
     /// receiver decoded it (it went out encoded) rather than took it raw.
@@ -54,6 +74,70 @@ struct State {
     /// Connections known dead.
     dead: std::collections::HashSet<usize>,
     error: Option<String>,
+}
+
+/// A block on its way.
+#[derive(Debug)]
+struct Unacked {
+    /// The connection it went out on.
+    conn: usize,
+    block: Arc<Block>,
+    sent: Instant,
+    /// Sent a second time, on another connection (see [`State::stuck`]).
+    hedged: bool,
+}
+
+/// A block unacknowledged while later ones are goes again on another connection after this
+/// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]);
+/// once the tunnel is finishing, after [`HEDGE_FINISHING`] shortest times (at least
+/// [`MIN_HEDGE_FINISHING`]). The floor is above Linux's shortest retransmission timeout (200
+/// ms): on a short path TCP's own timeout comes first, and a copy would only cost CPU.
+const HEDGE_AFTER: u32 = 4;
+const MIN_HEDGE: Duration = Duration::from_millis(300);
+const HEDGE_FINISHING: u32 = 2;
+const MIN_HEDGE_FINISHING: Duration = Duration::from_millis(200);
+
+impl State {
+    /// A block to send again on connection `conn`, which has nothing else to send: the
+    /// oldest one unacknowledged, when blocks sent after it have been acknowledged and it has
+    /// been out for [`HEDGE_AFTER`] round trips and twice the usual time. Its connection is
+    /// likely stuck in a retransmission timeout (after a tail loss, with little data behind
+    /// it, TCP has no duplicate acknowledgements to recover sooner), and everything behind it
+    /// waits: the receiver feeds QEMU in order, and holds only so much beyond a gap. Each
+    /// block goes again at most once this way; the receiver ignores a copy.
+    fn stuck(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
+        let wait = match (self.min_ack, self.avg_ack) {
+            (Some(min), _) if self.finishing => (min * HEDGE_FINISHING).max(MIN_HEDGE_FINISHING),
+            (Some(min), Some(avg)) => (min * HEDGE_AFTER).max(avg * 2).max(MIN_HEDGE),
+            _ => return None,
+        };
+        let max_acked = self.max_acked?;
+        // The oldest one; finishing, the oldest not sent again yet (every block counts).
+        let (_, u) = self
+            .unacked
+            .iter_mut()
+            .filter(|(_, u)| !(self.finishing && u.hedged))
+            .min_by_key(|(k, _)| **k)?;
+        if u.hedged || u.conn == conn || u.block.seq > max_acked || now - u.sent < wait {
+            return None;
+        }
+        u.hedged = true;
+        self.hedged += 1;
+        debug!(
+            seq = u.block.seq,
+            out_ms = (now - u.sent).as_millis() as u64,
+            wait_ms = wait.as_millis() as u64,
+            behind = max_acked - u.block.seq,
+            "tunnel block stuck; sent again"
+        );
+        // The copy crosses too.
+        self.wire_bytes += u
+            .block
+            .encoded
+            .as_ref()
+            .map_or(u.block.raw.len(), |e| e.1.len()) as u64;
+        Some(u.block.clone())
+    }
 }
 
 /// The sending end of a tunnel.
@@ -142,14 +226,27 @@ impl Tunnel {
                                 return;
                             }
                             let first = s.queue.keys().next().copied();
-                            first.and_then(|k| s.queue.remove(&k)).inspect(|b| {
-                                s.unacked.insert(b.seq, (i, b.clone()));
-                            })
+                            let now = Instant::now();
+                            match first.and_then(|k| s.queue.remove(&k)) {
+                                Some(b) => {
+                                    let u = Unacked {
+                                        conn: i,
+                                        block: b.clone(),
+                                        sent: now,
+                                        hedged: false,
+                                    };
+                                    s.unacked.insert(b.seq, u);
+                                    Ok(b)
+                                }
+                                None => s.stuck(i, now).ok_or(s.unacked.is_empty()),
+                            }
                         };
                         match b {
-                            Some(b) => b,
-                            None => {
-                                let _ = tokio::time::timeout(Duration::from_millis(500), notified)
+                            Ok(b) => b,
+                            Err(idle) => {
+                                // With blocks out, look for a stuck one now and then.
+                                let wait = if idle { 500 } else { 50 };
+                                let _ = tokio::time::timeout(Duration::from_millis(wait), notified)
                                     .await;
                                 continue;
                             }
@@ -241,11 +338,27 @@ impl Tunnel {
         (s.acked_blocks, s.acked_raw, s.wire_bytes, s.resent_raw)
     }
 
-    /// What the blocks sent again raw (the receiver could not resolve their encoding) take on
-    /// the wire beyond their encoded size: a caller that counted a block's wire bytes when it
-    /// queued the block subtracts this from the acknowledged wire bytes to stay consistent.
-    pub fn raw_growth(&self) -> u64 {
-        lock(&self.state).raw_growth
+    /// For a caller's window: raw bytes acknowledged; the wire bytes of those blocks at the
+    /// size they were queued with (one sent again raw counts at its encoded size); and the raw
+    /// bytes acknowledged together with every block before them. Blocks acknowledged beyond a
+    /// gap are at the receiver, but wait there for the one still on its way, and it holds only
+    /// so much of them: a window bounds what is beyond that prefix too.
+    pub fn window_acked(&self) -> (u64, u64, u64) {
+        let s = lock(&self.state);
+        (s.acked_raw, s.queued_wire, s.prefix.1)
+    }
+
+    /// Every block is queued, and the receiver needs them all before anything more happens
+    /// (a QEMU guest paused until its stream is in): from now on a stuck block goes again
+    /// after two round trips rather than four (see [`HEDGE_FINISHING`]).
+    pub fn finishing(&self) {
+        lock(&self.state).finishing = true;
+        self.work.notify_waiters();
+    }
+
+    /// Blocks sent a second time because the first copy was stuck (see [`State::stuck`]).
+    pub fn hedged(&self) -> u64 {
+        lock(&self.state).hedged
     }
 
     /// The blocks acknowledged since the last call: seq, and whether the receiver decoded it
@@ -286,15 +399,22 @@ impl Tunnel {
 
 fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) {
     let mut s = lock(st);
-    let Some((_, b)) = s.unacked.remove(&ack.seq) else {
-        return; // a block acknowledged twice (sent again after a stream loss)
+    let Some(u) = s.unacked.remove(&ack.seq) else {
+        return; // a block acknowledged twice (sent again after a stream loss, or stuck)
     };
+    let b = u.block;
+    if !u.hedged && ack.code == 0 {
+        let took = u.sent.elapsed();
+        s.min_ack = Some(s.min_ack.map_or(took, |m| m.min(took)));
+        s.avg_ack = Some(s.avg_ack.map_or(took, |a| (a * 7 + took) / 8));
+        s.max_acked = s.max_acked.max(Some(ack.seq));
+    }
     if ack.code == ErrorCode::DELTA_UNRESOLVED.0 && b.encoded.is_some() {
         // The receiver lacks a chunk the block referred to: send it raw.
         debug!(seq = ack.seq, "tunnel block unresolved; sending it raw");
         s.resent_raw += b.raw.len() as u64;
         let encoded = b.encoded.as_ref().map_or(0, |e| e.1.len());
-        s.raw_growth += b.raw.len().saturating_sub(encoded) as u64;
+        s.first_wire.insert(b.seq, encoded as u64);
         let raw = Block {
             seq: b.seq,
             raw: b.raw.clone(),
@@ -314,8 +434,19 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         ));
     } else {
         s.acked_blocks += 1;
+        let wire = b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len()) as u64;
         s.acked_raw += b.raw.len() as u64;
-        s.wire_bytes += b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len()) as u64;
+        s.wire_bytes += wire;
+        s.queued_wire += s.first_wire.remove(&b.seq).unwrap_or(wire);
+        s.beyond.insert(b.seq, b.raw.len() as u64);
+        loop {
+            let next = s.prefix.0;
+            let Some(raw) = s.beyond.remove(&next) else {
+                break;
+            };
+            s.prefix.0 += 1;
+            s.prefix.1 += raw;
+        }
         if s.acked_log.len() < MAX_ACKED_LOG {
             s.acked_log.push((b.seq, b.encoded.is_some()));
         }
@@ -335,13 +466,13 @@ fn stream_lost(st: &Mutex<State>, work: &Notify, progress: &Notify, i: usize, wh
     let mine: Vec<u64> = s
         .unacked
         .iter()
-        .filter(|(_, (c, _))| *c == i)
+        .filter(|(_, u)| u.conn == i)
         .map(|(k, _)| *k)
         .collect();
     for k in mine {
-        if let Some((_, b)) = s.unacked.remove(&k) {
-            s.resent_raw += b.raw.len() as u64;
-            s.queue.insert(k, b);
+        if let Some(u) = s.unacked.remove(&k) {
+            s.resent_raw += u.block.raw.len() as u64;
+            s.queue.insert(k, u.block);
         }
     }
     if s.error.is_none() {
@@ -353,4 +484,122 @@ fn stream_lost(st: &Mutex<State>, work: &Notify, progress: &Notify, i: usize, wh
     drop(s);
     work.notify_waiters();
     progress.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(seq: u64, raw: usize, encoded: Option<usize>) -> Arc<Block> {
+        Arc::new(Block {
+            seq,
+            raw: Bytes::from(vec![0u8; raw]),
+            encoded: encoded.map(|n| (data::TUNNEL_HDE_STREAM, Bytes::from(vec![1u8; n]))),
+        })
+    }
+
+    fn unacked(conn: usize, block: Arc<Block>) -> Unacked {
+        Unacked {
+            conn,
+            block,
+            sent: Instant::now(),
+            hedged: false,
+        }
+    }
+
+    #[test]
+    fn a_stuck_block_goes_again_once_on_another_connection() {
+        let st = Mutex::new(State::default());
+        let t0 = Instant::now();
+        for seq in 0..3 {
+            let mut u = unacked(seq as usize, block(seq, 100, None));
+            u.sent = t0;
+            lock(&st).unacked.insert(seq, u);
+        }
+        let later = t0 + Duration::from_secs(5);
+        // Nothing acknowledged yet: nothing is known to be stuck.
+        assert!(lock(&st).stuck(1, later).is_none());
+        ack(&st, 1, ErrorCode(0));
+        let mut s = lock(&st);
+        let wait = (s.min_ack.unwrap() * HEDGE_AFTER)
+            .max(s.avg_ack.unwrap() * 2)
+            .max(MIN_HEDGE);
+        let soon = t0 + wait / 2;
+        assert!(s.stuck(1, soon).is_none(), "not out long enough");
+        assert!(s.stuck(0, later).is_none(), "not on its own connection");
+        let b = s.stuck(1, later).expect("block 0 goes again");
+        assert_eq!(b.seq, 0);
+        assert!(s.stuck(2, later).is_none(), "only once");
+        drop(s);
+        // Either copy's acknowledgement completes it; the other is ignored.
+        ack(&st, 0, ErrorCode(0));
+        ack(&st, 0, ErrorCode(0));
+        let s = lock(&st);
+        assert_eq!(s.prefix, (2, 200));
+        assert_eq!(s.acked_blocks, 2);
+        assert_eq!(s.wire_bytes, 300, "two blocks and a copy crossed");
+        assert_eq!(s.hedged, 1);
+    }
+
+    #[test]
+    fn finishing_every_stuck_block_goes_again_after_two_round_trips() {
+        let st = Mutex::new(State::default());
+        let t0 = Instant::now();
+        for seq in 0..4 {
+            let mut u = unacked(seq as usize % 2, block(seq, 100, None));
+            u.sent = t0;
+            lock(&st).unacked.insert(seq, u);
+        }
+        ack(&st, 3, ErrorCode(0));
+        let mut s = lock(&st);
+        s.min_ack = Some(Duration::from_millis(100));
+        s.avg_ack = Some(Duration::from_millis(300));
+        let at = t0 + Duration::from_millis(250);
+        assert!(s.stuck(1, at).is_none(), "not yet: 600 ms before finishing");
+        s.finishing = true;
+        // Blocks 0 and 2 went on connection 0, block 1 on connection 1.
+        assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(0));
+        assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
+        assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(2));
+        assert!(s.stuck(1, at).is_none(), "each once");
+    }
+
+    fn ack(st: &Mutex<State>, seq: u64, code: ErrorCode) {
+        let a = TunnelAck {
+            name: "vm".into(),
+            seq,
+            code: code.0,
+            reason: String::new(),
+        };
+        on_ack(st, &Notify::new(), &Notify::new(), &a);
+    }
+
+    #[test]
+    fn the_in_order_prefix_waits_for_a_gap_and_counts_first_sizes() {
+        let st = Mutex::new(State::default());
+        for seq in 0..4 {
+            lock(&st)
+                .unacked
+                .insert(seq, unacked(0, block(seq, 100, Some(10))));
+        }
+        ack(&st, 0, ErrorCode(0));
+        ack(&st, 2, ErrorCode(0));
+        ack(&st, 3, ErrorCode(0));
+        let s = lock(&st);
+        assert_eq!((s.acked_raw, s.wire_bytes), (300, 30));
+        assert_eq!(s.prefix, (1, 100), "block 1 is missing");
+        assert_eq!(s.queued_wire, 30);
+        drop(s);
+        // Block 1 cannot be resolved: it goes again raw, and counts at its encoded size.
+        ack(&st, 1, ErrorCode::DELTA_UNRESOLVED);
+        let raw = lock(&st).queue.remove(&1).expect("queued again");
+        assert!(raw.encoded.is_none());
+        lock(&st).unacked.insert(1, unacked(0, raw));
+        ack(&st, 1, ErrorCode(0));
+        let s = lock(&st);
+        assert_eq!(s.prefix, (4, 400));
+        assert_eq!(s.queued_wire, 40, "block 1 counted as queued");
+        assert!(s.beyond.is_empty() && s.first_wire.is_empty());
+        assert_eq!(s.wire_bytes, 130, "what crossed: block 1 raw");
+    }
 }
