@@ -657,7 +657,7 @@ async fn run(
     };
     debug!(%codec, rtt_ms = rtt.as_secs_f64() * 1e3, "codec of the stream");
     report.codec = codec.to_string();
-    let blocks = encode_segments(rx, spec.delta, codec, remote.clone());
+    let blocks = encode_segments(rx, spec.delta, codec, remote.clone(), tunnel.max_block());
     // Blocks go into the tunnel and acknowledgements free the window in a task of their own:
     // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
     // lock), and that must not stall the stream QEMU is waiting on.
@@ -1035,6 +1035,7 @@ fn encode_segments(
     delta: bool,
     codec: Codec,
     remote: Arc<Option<RwLock<RemoteIndex>>>,
+    max_wire: usize,
 ) -> mpsc::Receiver<Encoded> {
     let (btx, brx) = mpsc::channel::<Encoded>(4);
     tokio::spawn(async move {
@@ -1053,7 +1054,7 @@ fn encode_segments(
                             .as_ref()
                             .as_ref()
                             .map(|l| l.read().unwrap_or_else(std::sync::PoisonError::into_inner));
-                        encode_segment(seg, delta, codec, index.as_deref())
+                        encode_segment(seg, delta, codec, index.as_deref(), max_wire)
                     }));
                 }
                 None => {
@@ -1146,9 +1147,16 @@ struct Encoded {
 const RAW_SLACK: usize = 64;
 
 /// One segment as a block: HDE stream-encoded against the destination's cache unless that
-/// makes it more than [`RAW_SLACK`] larger, raw otherwise; with the bytes it refers to in the
-/// cache. Guest pages found in it are chunks of their own ([`crate::qemu_stream`]).
-fn encode_segment(seg: Segment, hde: bool, codec: Codec, remote: Option<&RemoteIndex>) -> Encoded {
+/// makes it more than [`RAW_SLACK`] larger, or larger than `max_wire` (what one frame of the
+/// tunnel carries), raw otherwise; with the bytes it refers to in the cache. Guest pages
+/// found in it are chunks of their own ([`crate::qemu_stream`]).
+fn encode_segment(
+    seg: Segment,
+    hde: bool,
+    codec: Codec,
+    remote: Option<&RemoteIndex>,
+    max_wire: usize,
+) -> Encoded {
     let raw = Bytes::from(seg.bytes);
     let mut cache_bytes = 0;
     let mut pages = Vec::new();
@@ -1174,7 +1182,7 @@ fn encode_segment(seg: Segment, hde: bool, codec: Codec, remote: Option<&RemoteI
             })
         })
         .flatten()
-        .filter(|out| out.len() <= raw.len() + raw.len() / RAW_SLACK)
+        .filter(|out| out.len() <= (raw.len() + raw.len() / RAW_SLACK).min(max_wire))
         .map(|out| (data::TUNNEL_HDE_STREAM, Bytes::from(out)));
     if encoded.is_none() {
         cache_bytes = 0;
@@ -1235,6 +1243,7 @@ mod tests {
             true,
             Codec::Zstd(2),
             None,
+            usize::MAX,
         );
         let (encoding, bytes) = e.block.encoded.clone().expect("sent encoded, not raw");
         assert_eq!(encoding, data::TUNNEL_HDE_STREAM);
@@ -1263,10 +1272,26 @@ mod tests {
             true,
             Codec::Zstd(2),
             Some(&remote),
+            usize::MAX,
         );
         assert_eq!(again.cache_bytes, 32 * 4096);
         let (_, small) = again.block.encoded.expect("encoded");
         assert!(small.len() < seg.len() / 50, "{} bytes", small.len());
+
+        // Where a frame carries no more than the raw segment, it goes raw: larger, it could
+        // not be sent at all.
+        let capped = encode_segment(
+            Segment {
+                seq: 0,
+                bytes: seg.clone(),
+            },
+            true,
+            Codec::Zstd(2),
+            None,
+            seg.len(),
+        );
+        assert!(capped.block.encoded.is_none());
+        assert!(capped.pages.is_empty() && capped.cache_bytes == 0);
     }
 
     #[test]

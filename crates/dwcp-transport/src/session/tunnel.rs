@@ -399,6 +399,17 @@ impl Tunnel {
 
 fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) {
     let mut s = lock(st);
+    let unresolved = ack.code == ErrorCode::DELTA_UNRESOLVED.0;
+    if unresolved
+        && s.first_wire.contains_key(&ack.seq)
+        && s.unacked
+            .get(&ack.seq)
+            .is_some_and(|u| u.block.encoded.is_none())
+    {
+        // The answer to a second encoded copy (one sent while the first was stuck) after the
+        // first's answer made the block go raw: the raw one is on its way.
+        return;
+    }
     let Some(u) = s.unacked.remove(&ack.seq) else {
         return; // a block acknowledged twice (sent again after a stream loss, or stuck)
     };
@@ -409,7 +420,7 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         s.avg_ack = Some(s.avg_ack.map_or(took, |a| (a * 7 + took) / 8));
         s.max_acked = s.max_acked.max(Some(ack.seq));
     }
-    if ack.code == ErrorCode::DELTA_UNRESOLVED.0 && b.encoded.is_some() {
+    if unresolved && b.encoded.is_some() {
         // The receiver lacks a chunk the block referred to: send it raw.
         debug!(seq = ack.seq, "tunnel block unresolved; sending it raw");
         s.resent_raw += b.raw.len() as u64;
@@ -572,6 +583,33 @@ mod tests {
             reason: String::new(),
         };
         on_ack(st, &Notify::new(), &Notify::new(), &a);
+    }
+
+    #[test]
+    fn both_copies_of_a_stuck_block_unresolved_make_it_go_raw_once() {
+        let st = Mutex::new(State::default());
+        let mut u = unacked(0, block(0, 100, Some(10)));
+        u.hedged = true; // a second copy went on another connection
+        lock(&st).unacked.insert(0, u);
+        ack(&st, 0, ErrorCode::DELTA_UNRESOLVED);
+        let raw = lock(&st).queue.remove(&0).expect("queued again raw");
+        assert!(raw.encoded.is_none());
+        lock(&st).unacked.insert(0, unacked(1, raw));
+        // The second encoded copy's answer comes after: the raw block is still awaited.
+        ack(&st, 0, ErrorCode::DELTA_UNRESOLVED);
+        {
+            let s = lock(&st);
+            assert!(s.error.is_none(), "{:?}", s.error);
+            assert!(s.unacked.contains_key(&0) && s.queue.is_empty());
+        }
+        ack(&st, 0, ErrorCode(0));
+        let s = lock(&st);
+        assert_eq!((s.prefix, s.acked_blocks, s.queued_wire), ((1, 100), 1, 10));
+        // A raw block never sent encoded cannot be unresolved: that answer fails the stream.
+        drop(s);
+        lock(&st).unacked.insert(1, unacked(0, block(1, 100, None)));
+        ack(&st, 1, ErrorCode::DELTA_UNRESOLVED);
+        assert!(lock(&st).error.is_some());
     }
 
     #[test]
