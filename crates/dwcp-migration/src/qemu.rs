@@ -448,6 +448,7 @@ pub async fn migrate_qemu(
         name: &spec.vm,
         op: data::MIGRATION_QEMU_OPEN,
         segments: 0,
+        digest: None,
         timeout: Duration::from_secs(30),
     };
     let opened = async {
@@ -541,6 +542,7 @@ async fn abort_destination(dest: &Destination<'_>, vm: &str) {
         name: vm,
         op: data::MIGRATION_QEMU_ABORT,
         segments: 0,
+        digest: None,
         timeout: Duration::from_secs(10),
     };
     let mut fresh = KeptSession::default();
@@ -750,7 +752,7 @@ async fn pump(
     qmp: &mut Qmp,
     tunnel: &Tunnel,
     budget: &Budget,
-    reader: &mut tokio::task::JoinHandle<Result<u64, String>>,
+    reader: &mut tokio::task::JoinHandle<Result<(u64, blake3::Hash), String>>,
     forwarder: &mut tokio::task::JoinHandle<Result<(u64, u64), String>>,
     rtt: Duration,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
@@ -763,7 +765,8 @@ async fn pump(
     // Acknowledged stream bytes a second, and wire bytes a second (smoothed).
     let mut rate = 0.0f64;
     let mut wire_rate = 0.0f64;
-    let mut segments: Option<u64> = None;
+    let mut segments: Option<(u64, blake3::Hash)> = None;
+    let stream_digest: blake3::Hash;
     let mut queued: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut qemu_limit = spec.downtime.as_millis() as u64;
@@ -780,7 +783,7 @@ async fn pump(
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
                 match r {
-                    Ok(Ok(n)) => segments = Some(n),
+                    Ok(Ok(end)) => segments = Some(end),
                     Ok(Err(e)) => return Err(("transfer", e)),
                     Err(e) => return Err(("transfer", format!("reader task: {e}"))),
                 }
@@ -918,10 +921,11 @@ async fn pump(
                 }
             }
         }
-        if let Some(n) = segments
+        if let Some((n, digest)) = segments
             && queued == Some(n)
         {
             report.segments = n;
+            stream_digest = digest;
             break;
         }
     }
@@ -931,6 +935,9 @@ async fn pump(
         name: &spec.vm,
         op: data::MIGRATION_QEMU_FINISH,
         segments: report.segments,
+        // The destination compares it with what it fed its QEMU before QEMU gets the last
+        // byte.
+        digest: Some(*stream_digest.as_bytes()),
         timeout: Duration::from_secs(180),
     };
     debug!(
@@ -961,13 +968,14 @@ async fn pump(
 }
 
 /// Reads QEMU's stream into segments of at most `max` bytes while the budget allows; returns
-/// the segment count.
+/// the segment count and the stream's BLAKE3 digest.
 async fn read_segments(
     mut sock: UnixStream,
     tx: mpsc::Sender<Segment>,
     budget: Arc<Budget>,
     max: usize,
-) -> Result<u64, String> {
+) -> Result<(u64, blake3::Hash), String> {
+    let mut hasher = blake3::Hasher::new();
     // A segment closes when full, or when QEMU pauses writing (2 ms).
     const IDLE: Duration = Duration::from_millis(2);
     const SILENCE: Duration = Duration::from_secs(120);
@@ -1011,6 +1019,7 @@ async fn read_segments(
             }
         }
         if !buf.is_empty() {
+            hasher.update(&buf);
             budget.take(buf.len() as u64);
             if !budget.is_late()
                 && let Some(o) = crate::qemu_stream::highest_offset(&buf)
@@ -1023,7 +1032,7 @@ async fn read_segments(
             seq += 1;
         }
         if eof {
-            return Ok(seq);
+            return Ok((seq, hasher.finalize()));
         }
     }
 }

@@ -15,7 +15,7 @@ use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
-    Block, KeptSession, MigrationRequest, Tunnel, migration_request_kept,
+    Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept,
 };
 use dwcp_wire::data;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -86,6 +86,7 @@ fn req(op: u32, segments: u64) -> MigrationRequest<'static> {
         name: "vm",
         op,
         segments,
+        digest: None,
         timeout: Duration::from_secs(30),
     }
 }
@@ -131,17 +132,28 @@ async fn open_vm_with(qemu_idle: Duration) -> Opened {
 }
 
 impl Opened {
-    /// Ends a stream of `n` blocks: the destination's answer, and the bytes its QEMU got.
-    async fn finish(mut self, tunnel: Tunnel, n: u64) -> (String, Vec<u8>) {
-        let detail = migration_request_kept(
-            &self.ep,
-            self.agent.addr,
-            None,
-            &req(data::MIGRATION_QEMU_FINISH, n),
-            &mut self.control,
-        )
-        .await
-        .unwrap();
+    /// Ends the stream `expected` of `n` blocks: the destination's answer, and the bytes its
+    /// QEMU got.
+    async fn finish(self, tunnel: Tunnel, n: u64, expected: &[u8]) -> (String, Vec<u8>) {
+        let digest = *blake3::hash(expected).as_bytes();
+        let (detail, got) = self.finish_with(tunnel, n, digest).await;
+        (detail.unwrap(), got)
+    }
+
+    /// Ends a stream of `n` blocks whose digest the source says is `digest`.
+    async fn finish_with(
+        mut self,
+        tunnel: Tunnel,
+        n: u64,
+        digest: [u8; 32],
+    ) -> (Result<String, SendError>, Vec<u8>) {
+        let finish = MigrationRequest {
+            digest: Some(digest),
+            ..req(data::MIGRATION_QEMU_FINISH, n)
+        };
+        let detail =
+            migration_request_kept(&self.ep, self.agent.addr, None, &finish, &mut self.control)
+                .await;
         let got = tokio::time::timeout(Duration::from_secs(10), self.got)
             .await
             .unwrap()
@@ -209,7 +221,7 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         tunnel.acked()
     );
 
-    let (detail, got) = vm.finish(tunnel, n).await;
+    let (detail, got) = vm.finish(tunnel, n, &expected).await;
     assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
@@ -220,6 +232,51 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         "QEMU got {} bytes, not the stream",
         got.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_digest_differs_never_completes_at_the_destination() {
+    let vm = open_vm().await;
+    let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 2, "vm")
+        .await
+        .unwrap();
+    let n = 4u64;
+    let mut expected = Vec::new();
+    for seq in 0..n {
+        let raw = Bytes::from(block_content(seq));
+        expected.extend_from_slice(&raw);
+        tunnel
+            .send(Block {
+                seq,
+                raw,
+                encoded: None,
+            })
+            .unwrap();
+    }
+    wait_acked(&tunnel, n).await;
+    let mut vm = vm;
+    // A finish without the digest is refused, and changes nothing.
+    let e = migration_request_kept(
+        &vm.ep,
+        vm.agent.addr,
+        None,
+        &req(data::MIGRATION_QEMU_FINISH, n),
+        &mut vm.control,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("0-byte stream digest"), "{e}");
+    // The source read other bytes from its QEMU than the destination got.
+    let mut other = expected.clone();
+    other[1000] ^= 1;
+    let (r, got) = vm
+        .finish_with(tunnel, n, *blake3::hash(&other).as_bytes())
+        .await;
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("BLAKE3"), "{e}");
+    // QEMU got everything but the last byte: it cannot have loaded the guest.
+    assert_eq!(got.len(), expected.len() - 1);
+    assert!(got[..] == expected[..expected.len() - 1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +322,7 @@ async fn a_block_stuck_on_one_connection_goes_again_on_another() {
     }
     assert!(tunnel.hedged() > 0);
     assert_eq!(tunnel.acked().0, n);
-    let (detail, got) = vm.finish(tunnel, n).await;
+    let (detail, got) = vm.finish(tunnel, n, &expected).await;
     assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         got == expected,
@@ -302,7 +359,7 @@ async fn a_destination_qemu_that_does_not_read_holds_the_acknowledgements_back()
         "{held} blocks of 256 KiB acknowledged with QEMU not reading"
     );
     wait_acked(&tunnel, n).await;
-    let (detail, got) = vm.finish(tunnel, n).await;
+    let (detail, got) = vm.finish(tunnel, n, &expected).await;
     assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         got == expected,
@@ -321,6 +378,7 @@ async fn blocks_without_an_open_migration_or_qemu_dir_are_refused() {
         name: "vm",
         op: data::MIGRATION_QEMU_OPEN,
         segments: 0,
+        digest: None,
         timeout: Duration::from_secs(30),
     };
     let e = migration_request_kept(&ep, agent.addr, None, &open, &mut control)
@@ -445,7 +503,7 @@ async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
     assert!(tunnel.take_acked().is_empty());
     assert_eq!(tunnel.acked().3, 0, "no block went again raw");
 
-    let (detail, got) = vm.finish(tunnel, 3).await;
+    let (detail, got) = vm.finish(tunnel, 3, &expected).await;
     assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         got == expected,

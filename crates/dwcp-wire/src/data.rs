@@ -171,6 +171,9 @@ pub struct Migration {
     /// [`MIGRATION_QEMU_FINISH`]: how many segments the stream had.
     #[prost(uint64, tag = "4")]
     pub segments: u64,
+    /// [`MIGRATION_QEMU_FINISH`]: the BLAKE3 digest (32 bytes) of the whole stream.
+    #[prost(bytes = "vec", tag = "5")]
+    pub blake3: Vec<u8>,
 }
 
 /// `ObjectBegin::encoding`: the object is the content itself.

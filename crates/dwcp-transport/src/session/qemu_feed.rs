@@ -43,8 +43,8 @@ struct FeedState {
     /// Blocks received and waiting for room (in `push`): present, so the blocks after them
     /// are not after a gap.
     waiting: std::collections::BTreeSet<u64>,
-    /// Set by FINISH: the stream has this many segments.
-    total: Option<u64>,
+    /// Set by FINISH: the stream has this many segments, and this BLAKE3 digest.
+    total: Option<(u64, [u8; 32])>,
     fed_bytes: u64,
     /// The feeder stopped on this.
     error: Option<String>,
@@ -205,20 +205,28 @@ impl Feeds {
         Ok(())
     }
 
-    /// FINISH: waits until every segment is in and QEMU has loaded the VM; returns a JSON
-    /// detail (`status`, `resumed_unix_us`, `fed_bytes`).
+    /// FINISH: the stream has `total` segments whose bytes have the BLAKE3 `digest`. Waits
+    /// until every segment is in and QEMU has loaded the VM; returns a JSON detail
+    /// (`status`, `resumed_unix_us`, `fed_bytes`).
     pub(crate) async fn finish(
         &self,
         peer: &NodeId,
         vm: &str,
         total: u64,
+        digest: &[u8],
     ) -> Result<String, String> {
+        let digest: [u8; 32] = digest.try_into().map_err(|_| {
+            format!(
+                "the finish of {vm:?} carries a {}-byte stream digest, not a 32-byte BLAKE3",
+                digest.len()
+            )
+        })?;
         let feed = lock(&self.feeds)
             .get(&(peer.clone(), vm.to_string()))
             .cloned()
             .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
         {
-            lock(&feed.state).total = Some(total);
+            lock(&feed.state).total = Some((total, digest));
         }
         feed.kick.notify_one();
         let result = self.finish_inner(&feed, vm).await;
@@ -310,6 +318,11 @@ impl Feeds {
 }
 
 async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
+    // The last byte written so far stays here until the next block, or until FINISH's digest
+    // matches all of them: QEMU cannot complete the load (nor start the guest) on a stream
+    // other than the one the source QEMU sent.
+    let mut held: Option<u8> = None;
+    let mut hasher = blake3::Hasher::new();
     let r = async {
         loop {
             // The block stays in `ready` while it is written: taken out, it would leave a
@@ -322,11 +335,18 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
             };
             match next {
                 Some((seq, block)) => {
-                    sock.write_all(&block).await.map_err(|e| {
+                    hasher.update(&block);
+                    let stopped = |e: std::io::Error| {
                         format!(
                             "the destination QEMU stopped reading the stream at block {seq}: {e}"
                         )
-                    })?;
+                    };
+                    if let Some((&last, head)) = block.split_last() {
+                        if let Some(b) = held.replace(last) {
+                            sock.write_all(&[b]).await.map_err(stopped)?;
+                        }
+                        sock.write_all(head).await.map_err(stopped)?;
+                    }
                     let mut s = lock(&feed.state);
                     s.ready.remove(&seq);
                     s.next = seq + 1;
@@ -336,11 +356,27 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                     drop(s);
                     feed.wake.notify_waiters();
                 }
-                None if total.is_some_and(|t| lock(&feed.state).next >= t) => {
+                None if total.is_some_and(|(t, _)| lock(&feed.state).next >= t) => {
+                    let want = total.map(|(_, d)| d).unwrap_or_default();
+                    let got = hasher.finalize();
+                    if got.as_bytes() != &want {
+                        return Err(format!(
+                            "the stream's BLAKE3 is {got}, the source's {}: QEMU got other bytes \
+                             than the source's QEMU sent, and does not get the last one",
+                            blake3::Hash::from_bytes(want)
+                        ));
+                    }
+                    if let Some(b) = held.take() {
+                        sock.write_all(&[b]).await.map_err(|e| {
+                            format!(
+                                "the destination QEMU stopped reading the stream at its end: {e}"
+                            )
+                        })?;
+                    }
                     sock.shutdown()
                         .await
                         .map_err(|e| format!("cannot close the stream: {e}"))?;
-                    debug!(vm, "stream fed and closed");
+                    debug!(vm, "stream fed, verified and closed");
                     return Ok::<(), String>(());
                 }
                 None => {

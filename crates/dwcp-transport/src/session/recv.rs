@@ -807,7 +807,9 @@ impl Receiver {
                 data::MIGRATION_QEMU_OPEN => {
                     feeds.open(peer, &m.name).await.map(|()| String::new())
                 }
-                data::MIGRATION_QEMU_FINISH => feeds.finish(peer, &m.name, m.segments).await,
+                data::MIGRATION_QEMU_FINISH => {
+                    feeds.finish(peer, &m.name, m.segments, &m.blake3).await
+                }
                 _ => {
                     feeds.abort(peer, &m.name);
                     Ok(String::new())

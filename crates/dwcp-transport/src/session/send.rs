@@ -1866,6 +1866,7 @@ pub async fn migration_op_kept(
         name,
         op,
         segments: 0,
+        digest: None,
         timeout: Duration::from_secs(60),
     };
     migration_request_kept(endpoint, addr, expected, &req, kept)
@@ -1882,6 +1883,8 @@ pub struct MigrationRequest<'a> {
     pub op: u32,
     /// For `MIGRATION_QEMU_FINISH`: the stream's segment count.
     pub segments: u64,
+    /// For `MIGRATION_QEMU_FINISH`: the stream's BLAKE3 digest.
+    pub digest: Option<[u8; 32]>,
     /// How long to wait for the answer.
     pub timeout: Duration,
 }
@@ -1907,6 +1910,7 @@ pub async fn migration_request_kept(
         op: req.op,
         name: req.name.to_string(),
         segments: req.segments,
+        blake3: req.digest.map(|d| d.to_vec()).unwrap_or_default(),
     };
     let timeout = req.timeout;
     let r = async {
