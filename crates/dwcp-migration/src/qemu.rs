@@ -113,6 +113,10 @@ pub struct QemuReport {
     pub throttle: u64,
     /// The compressor the stream was encoded with.
     pub codec: String,
+    /// The source QEMU: version and accelerator (`QEMU 7.2.22, TCG`), when it said.
+    pub source_qemu: String,
+    /// What the user should know about this migration whatever its result.
+    pub warnings: Vec<String>,
 }
 
 /// Live progress.
@@ -418,6 +422,12 @@ pub async fn migrate_qemu(
         ));
     }
     let was_running = status == "running";
+    let (source_qemu, warning) = source_qemu(&mut qmp).await;
+    report.source_qemu = source_qemu;
+    if let Some(w) = warning {
+        warn!(vm = %spec.vm, "{w}");
+        report.warnings.push(w);
+    }
 
     // Prepare: what the destination's cache holds, and its QEMU waiting for us. Both at once:
     // each is a connection and a few round trips, and starting QEMU takes a while.
@@ -555,6 +565,63 @@ async fn abort_destination(dest: &Destination<'_>, vm: &str) {
 }
 
 /// Cancels the source's migration and makes sure the guest runs there again.
+/// Guest RAM of a TCG guest that QEMU before 9.0 syncs a word (64 pages) at a time, and so
+/// tracks wrongly (see [`tcg_lost_writes`]).
+const TCG_FAST_SYNC: u64 = 64 * 4096;
+
+/// The source QEMU's version and accelerator, and a warning when its own dirty tracking loses
+/// guest writes. Asked over QMP; a QEMU that does not answer gets neither.
+async fn source_qemu(qmp: &mut Qmp) -> (String, Option<String>) {
+    let version = qmp.execute("query-version", None).await.ok();
+    let kvm = qmp.execute("query-kvm", None).await.ok();
+    let ram = qmp.execute("query-memory-size-summary", None).await.ok();
+    let n = |v: &Option<Value>, k: &str| {
+        v.as_ref()
+            .and_then(|v| v.pointer(k))
+            .and_then(Value::as_u64)
+    };
+    let (Some(major), Some(minor), Some(micro)) = (
+        n(&version, "/qemu/major"),
+        n(&version, "/qemu/minor"),
+        n(&version, "/qemu/micro"),
+    ) else {
+        return (String::new(), None);
+    };
+    let kvm = kvm
+        .as_ref()
+        .and_then(|k| k.get("enabled"))
+        .and_then(Value::as_bool);
+    let accel = match kvm {
+        Some(true) => "KVM",
+        Some(false) => "TCG",
+        None => "accelerator unknown",
+    };
+    let warning = match (kvm, n(&ram, "/base-memory")) {
+        (Some(false), Some(ram)) => tcg_lost_writes((major, minor), ram),
+        _ => None,
+    };
+    (format!("QEMU {major}.{minor}.{micro}, {accel}"), warning)
+}
+
+/// QEMU before 9.0 loses guest writes while it migrates a TCG guest whose RAM is a whole
+/// number of 64 pages: the fast path of its dirty-bitmap sync clears the bits without making
+/// the vCPU's TLB trap the next write to those pages, so a page written again after it was
+/// sent is never sent again (fixed upstream by commit 03bfc2188f). The destination then runs
+/// with some pages older than the source's, whatever carries the stream; DWCP cannot see it
+/// (the stream it carries is QEMU's and arrives whole).
+fn tcg_lost_writes((major, minor): (u64, u64), ram: u64) -> Option<String> {
+    (major < 9 && ram > 0 && ram % TCG_FAST_SYNC == 0).then(|| {
+        format!(
+            "the source QEMU {major}.{minor} runs this guest under TCG with {} KiB of RAM, a \
+             whole number of 256 KiB: QEMU before 9.0 can lose guest writes while it migrates \
+             such a guest (its bug, fixed by upstream commit 03bfc2188f), and the destination \
+             may run with a few pages older than the source's. Use KVM, QEMU 9.0 or later, or \
+             give the guest 8 KiB more or less RAM",
+            ram >> 10
+        )
+    })
+}
+
 async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) {
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         warn!(vm = %spec.vm, "migrate_cancel: {e}");
@@ -1237,6 +1304,19 @@ mod tests {
             }
         }
         seg
+    }
+
+    #[test]
+    fn tcg_guests_of_a_whole_number_of_256_kib_are_warned_about_before_qemu_9() {
+        let w = tcg_lost_writes((7, 2), 1 << 30).expect("7.2, 1 GiB");
+        assert!(w.contains("03bfc2188f") && w.contains("1048576 KiB"), "{w}");
+        assert!(tcg_lost_writes((8, 2), 256 << 20).is_some());
+        assert!(tcg_lost_writes((9, 0), 1 << 30).is_none(), "fixed in 9.0");
+        assert!(
+            tcg_lost_writes((7, 2), (256 << 20) + 8192).is_none(),
+            "slow sync path"
+        );
+        assert!(tcg_lost_writes((7, 2), 0).is_none());
     }
 
     #[test]

@@ -350,6 +350,18 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
         }
     }
     println!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");
+    // Said by `dwcp migrate` about the source QEMU: they hold for the native cases as well.
+    let mut warnings: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r["report"]["warnings"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    warnings.sort_unstable();
+    warnings.dedup();
+    for w in warnings {
+        println!("  warning (every case, native too): {w}");
+    }
 }
 
 /// Where the QEMUs of the destination agent `agent` wait.

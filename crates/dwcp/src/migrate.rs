@@ -341,15 +341,25 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "rounds": r.rounds,
         "throttle_percent": r.throttle,
         "codec": r.codec,
+        "source_qemu": r.source_qemu,
+        "warnings": r.warnings,
     })
 }
 
 /// A QEMU migration report as text.
 pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
     println!(
-        "QEMU live migration {from} -> {to}: {} MiB of guest RAM",
-        r.ram_bytes >> 20
+        "QEMU live migration {from} -> {to}: {} MiB of guest RAM{}",
+        r.ram_bytes >> 20,
+        if r.source_qemu.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} at the source)", r.source_qemu)
+        }
     );
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
     println!(
         "  QEMU's stream {:.1} MB in {} segments; {:.1} MB on the wire ({:.1} % of the stream, {:.1} MB by reference to the destination's cache)",
         r.stream_bytes as f64 / 1e6,
