@@ -90,7 +90,7 @@ impl Feeds {
             // The same source opens again: its earlier attempt is over (an ABORT that never
             // arrived must not block the retry).
             warn!(%peer, vm, "an earlier incoming migration of this VM was still open; dropped");
-            self.remove(peer, vm);
+            self.remove(peer, vm, false).await;
         }
         let qmp_path = self.dir.join(format!("{vm}.qmp"));
         let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10))
@@ -230,7 +230,7 @@ impl Feeds {
         }
         feed.kick.notify_one();
         let result = self.finish_inner(&feed, vm).await;
-        self.remove(peer, vm);
+        self.remove(peer, vm, result.is_ok()).await;
         result
     }
 
@@ -295,14 +295,20 @@ impl Feeds {
         ))
     }
 
-    /// ABORT: stops feeding; QEMU sees its stream end early and gives up.
-    pub(crate) fn abort(&self, peer: &NodeId, vm: &str) {
-        self.remove(peer, vm);
+    /// ABORT: stops feeding, and QEMU quits.
+    pub(crate) async fn abort(&self, peer: &NodeId, vm: &str) {
+        self.remove(peer, vm, false).await;
     }
 
-    fn remove(&self, peer: &NodeId, vm: &str) {
+    /// Drops the feed of `vm`. Unless QEMU `loaded` the verified stream, QEMU is told to quit
+    /// before its socket closes: on a stream cut after its end-of-state marker (in the VM
+    /// description QEMU sends last) QEMU 7.2 completes the load and would start the guest.
+    async fn remove(&self, peer: &NodeId, vm: &str, loaded: bool) {
         let feed = lock(&self.feeds).remove(&(peer.clone(), vm.to_string()));
         if let Some(feed) = feed {
+            if !loaded {
+                quit(&feed, vm).await;
+            }
             if let Some(t) = lock(&feed.task).take() {
                 t.abort();
             }
@@ -314,6 +320,21 @@ impl Feeds {
             drop(s);
             feed.wake.notify_waiters();
         }
+    }
+}
+
+/// Tells the destination QEMU of a stream that did not complete to quit (what it does by
+/// itself on a stream that ends early, except on one cut in its last section).
+async fn quit(feed: &Feed, vm: &str) {
+    let mut qmp = feed.qmp.lock().await;
+    match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
+        Ok(Ok(_)) => info!(
+            vm,
+            "destination QEMU told to quit: its stream did not complete"
+        ),
+        // Gone already (it failed the load by itself, or died).
+        Ok(Err(e)) => debug!(vm, "destination QEMU quit: {e}"),
+        Err(_) => warn!(vm, "destination QEMU did not answer quit within 5 s"),
     }
 }
 
@@ -331,7 +352,11 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
             let (next, total) = {
                 let s = lock(&feed.state);
                 let next = s.next;
-                (s.ready.get(&next).cloned().map(|p| (next, p)), s.total)
+                // Past the announced end nothing more goes to QEMU (nor the held byte before
+                // the check).
+                let ended = s.total.is_some_and(|(t, _)| next >= t);
+                let block = s.ready.get(&next).filter(|_| !ended).cloned();
+                (block.map(|p| (next, p)), s.total)
             };
             match next {
                 Some((seq, block)) => {
@@ -388,12 +413,15 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
         }
     }
     .await;
+    if let Err(e) = &r {
+        warn!(vm, "feeding the destination QEMU failed: {e}");
+        // Before the socket closes (see `Feeds::remove`).
+        quit(&feed, &vm).await;
+    }
+    drop(sock);
     let mut s = lock(&feed.state);
     match r {
         Ok(()) => s.closed = true,
-        Err(e) => {
-            warn!(vm, "feeding the destination QEMU failed: {e}");
-            s.error = Some(e);
-        }
+        Err(e) => s.error = Some(e),
     }
 }

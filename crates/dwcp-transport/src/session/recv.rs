@@ -811,7 +811,7 @@ impl Receiver {
                     feeds.finish(peer, &m.name, m.segments, &m.blake3).await
                 }
                 _ => {
-                    feeds.abort(peer, &m.name);
+                    feeds.abort(peer, &m.name).await;
                     Ok(String::new())
                 }
             };
