@@ -28,6 +28,10 @@ const STALL: Duration = Duration::from_secs(60);
 /// source; beyond this the connections stop reading and the window sees the wait.
 pub(crate) const MAX_BUFFERED: usize = 2 << 20;
 
+/// An open stream with nothing to feed for this long, and no finish, is given up (its QEMU
+/// told to quit): the source is gone. The source itself gives up on a QEMU silent for 120 s.
+const IDLE_LIMIT: Duration = Duration::from_secs(180);
+
 /// Most bytes held ahead of a gap (blocks after one not yet received). A sender keeps at
 /// most its window unacknowledged (64 MiB here); far more means it does not.
 pub(crate) const MAX_AHEAD: usize = 256 << 20;
@@ -62,12 +66,15 @@ struct Feed {
     kick: Notify,
     qmp: tokio::sync::Mutex<Qmp>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// See [`IDLE_LIMIT`].
+    idle_limit: Duration,
 }
 
 /// The incoming QEMU migrations of one receiver.
 #[derive(Debug)]
 pub(crate) struct Feeds {
     dir: PathBuf,
+    idle_limit: Duration,
     feeds: Mutex<HashMap<(NodeId, String), Arc<Feed>>>,
 }
 
@@ -80,6 +87,7 @@ impl Feeds {
     pub(crate) fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            idle_limit: IDLE_LIMIT,
             feeds: Mutex::new(HashMap::new()),
         }
     }
@@ -121,6 +129,7 @@ impl Feeds {
             kick: Notify::new(),
             qmp: tokio::sync::Mutex::new(qmp),
             task: Mutex::new(None),
+            idle_limit: self.idle_limit,
         });
         let task = tokio::spawn(feed_loop(feed.clone(), sock, vm.to_string()));
         *lock(&feed.task) = Some(task);
@@ -405,6 +414,14 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                     return Ok::<(), String>(());
                 }
                 None => {
+                    let idle = lock(&feed.state).last_progress.map(|t| t.elapsed());
+                    if total.is_none() && idle.is_some_and(|i| i > feed.idle_limit) {
+                        return Err(format!(
+                            "no block of the stream to feed for {:?}, and no finish: the \
+                             source is gone",
+                            feed.idle_limit
+                        ));
+                    }
                     // Woken by a block or FINISH; the timeout only re-checks.
                     let _ = tokio::time::timeout(Duration::from_millis(500), feed.kick.notified())
                         .await;
@@ -422,6 +439,81 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
     let mut s = lock(&feed.state);
     match r {
         Ok(()) => s.closed = true,
-        Err(e) => s.error = Some(e),
+        Err(e) => {
+            s.error = Some(e);
+            s.ready.clear();
+            s.buffered = 0;
+        }
+    }
+    drop(s);
+    feed.wake.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::net::UnixListener;
+
+    /// A destination QEMU waiting for `vm`: a monitor in `inmigrate` that notes `quit`, and
+    /// an incoming socket; yields what it got and whether `quit` came before the stream ended.
+    fn fake_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
+        let quit = Arc::new(AtomicBool::new(false));
+        let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
+        let q2 = quit.clone();
+        tokio::spawn(async move {
+            let (s, _) = qmp.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let answer = if line.contains("query-status") {
+                    "{\"return\": {\"status\": \"inmigrate\", \"running\": false}}\n"
+                } else {
+                    q2.store(line.contains("\"quit\""), Ordering::SeqCst);
+                    "{\"return\": {}}\n"
+                };
+                if w.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = incoming.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            (got, quit.load(Ordering::SeqCst))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stream_left_without_blocks_or_finish_is_given_up_and_qemu_quits() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = fake_qemu(dir.path(), "vm");
+        let mut feeds = Feeds::new(dir.path());
+        feeds.idle_limit = Duration::from_millis(300);
+        let peer = NodeId::new("src").unwrap();
+        feeds.open(&peer, "vm").await.unwrap();
+        feeds
+            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"))
+            .await
+            .unwrap();
+        // The source goes silent: within the limit and one re-check, QEMU is told to quit,
+        // then its stream closes without the held-back last byte.
+        let (got, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(quit, "QEMU not told to quit before its stream closed");
+        assert_eq!(got, b"QEVM and mor");
+        let e = feeds
+            .push(&peer, "vm", 1, Bytes::from_static(b"late"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("the source is gone"), "{e}");
     }
 }
