@@ -1324,16 +1324,14 @@ mod tests {
         use dwcp_encoding::stream::{Progress, StreamDecoder};
         use dwcp_encoding::{BaselineCache, CacheConfig};
         let seg = random_page_records(32, 0x9e37_79b9_7f4a_7c15);
-        let e = encode_segment(
-            Segment {
+        let encode = |remote: Option<&RemoteIndex>, max_wire: usize| {
+            let seg = Segment {
                 seq: 0,
                 bytes: seg.clone(),
-            },
-            true,
-            Codec::Zstd(2),
-            None,
-            usize::MAX,
-        );
+            };
+            encode_segment(seg, true, Codec::Zstd(2), remote, max_wire)
+        };
+        let e = encode(None, usize::MAX);
         let (encoding, bytes) = e.block.encoded.clone().expect("sent encoded, not raw");
         assert_eq!(encoding, data::TUNNEL_HDE_STREAM);
         assert!(bytes.len() >= seg.len(), "random pages do not shrink");
@@ -1353,32 +1351,14 @@ mod tests {
 
         // ... which a later migration of the same pages sends by reference.
         let remote = RemoteIndex::from_hashes(cache.summary());
-        let again = encode_segment(
-            Segment {
-                seq: 0,
-                bytes: seg.clone(),
-            },
-            true,
-            Codec::Zstd(2),
-            Some(&remote),
-            usize::MAX,
-        );
+        let again = encode(Some(&remote), usize::MAX);
         assert_eq!(again.cache_bytes, 32 * 4096);
         let (_, small) = again.block.encoded.expect("encoded");
         assert!(small.len() < seg.len() / 50, "{} bytes", small.len());
 
         // Where a frame carries no more than the raw segment, it goes raw: larger, it could
         // not be sent at all.
-        let capped = encode_segment(
-            Segment {
-                seq: 0,
-                bytes: seg.clone(),
-            },
-            true,
-            Codec::Zstd(2),
-            None,
-            seg.len(),
-        );
+        let capped = encode(None, seg.len());
         assert!(capped.block.encoded.is_none());
         assert!(capped.pages.is_empty() && capped.cache_bytes == 0);
     }

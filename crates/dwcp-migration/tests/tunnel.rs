@@ -172,6 +172,23 @@ impl Opened {
     }
 }
 
+/// Queues blocks 0..n of [`block_content`], raw; returns the stream they make.
+fn send_raw(tunnel: &Tunnel, n: u64) -> Vec<u8> {
+    let mut expected = Vec::new();
+    for seq in 0..n {
+        let raw = Bytes::from(block_content(seq));
+        expected.extend_from_slice(&raw);
+        tunnel
+            .send(Block {
+                seq,
+                raw,
+                encoded: None,
+            })
+            .unwrap();
+    }
+    expected
+}
+
 /// Waits until `n` blocks are acknowledged (at most 60 s), failing on a tunnel error.
 async fn wait_acked(tunnel: &Tunnel, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -247,16 +264,7 @@ async fn an_abort_after_blocks_were_fed_makes_the_destination_qemu_quit_first() 
     let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 2, "vm")
         .await
         .unwrap();
-    for seq in 0..3 {
-        let raw = Bytes::from(block_content(seq));
-        tunnel
-            .send(Block {
-                seq,
-                raw,
-                encoded: None,
-            })
-            .unwrap();
-    }
+    send_raw(&tunnel, 3);
     wait_acked(&tunnel, 3).await;
     migration_request_kept(
         &vm.ep,
@@ -285,18 +293,7 @@ async fn a_stream_whose_digest_differs_never_completes_at_the_destination() {
         .await
         .unwrap();
     let n = 4u64;
-    let mut expected = Vec::new();
-    for seq in 0..n {
-        let raw = Bytes::from(block_content(seq));
-        expected.extend_from_slice(&raw);
-        tunnel
-            .send(Block {
-                seq,
-                raw,
-                encoded: None,
-            })
-            .unwrap();
-    }
+    let expected = send_raw(&tunnel, n);
     wait_acked(&tunnel, n).await;
     let mut vm = vm;
     // A finish without the digest is refused, and changes nothing.
@@ -343,18 +340,7 @@ async fn a_block_stuck_on_one_connection_goes_again_on_another() {
         .await
         .unwrap();
     let n = 40u64;
-    let mut expected = Vec::new();
-    for seq in 0..n {
-        let raw = Bytes::from(block_content(seq));
-        expected.extend_from_slice(&raw);
-        tunnel
-            .send(Block {
-                seq,
-                raw,
-                encoded: None,
-            })
-            .unwrap();
-    }
+    let expected = send_raw(&tunnel, n);
     let deadline = Instant::now() + Duration::from_secs(20);
     while tunnel.window_acked().2 < expected.len() as u64 {
         assert!(
@@ -386,18 +372,7 @@ async fn a_destination_qemu_that_does_not_read_holds_the_acknowledgements_back()
         .await
         .unwrap();
     let n = 40u64;
-    let mut expected = Vec::new();
-    for seq in 0..n {
-        let raw = Bytes::from(block_content(seq));
-        expected.extend_from_slice(&raw);
-        tunnel
-            .send(Block {
-                seq,
-                raw,
-                encoded: None,
-            })
-            .unwrap();
-    }
+    let expected = send_raw(&tunnel, n);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = tunnel.acked().0;
     assert!(
