@@ -564,7 +564,6 @@ async fn abort_destination(dest: &Destination<'_>, vm: &str) {
     fresh.close().await;
 }
 
-/// Cancels the source's migration and makes sure the guest runs there again.
 /// Guest RAM of a TCG guest that QEMU before 9.0 syncs a word (64 pages) at a time, and so
 /// tracks wrongly (see [`tcg_lost_writes`]).
 const TCG_FAST_SYNC: u64 = 64 * 4096;
@@ -622,6 +621,7 @@ fn tcg_lost_writes((major, minor): (u64, u64), ram: u64) -> Option<String> {
     })
 }
 
+/// Cancels the source's migration and makes sure the guest runs there again.
 async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) {
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         warn!(vm = %spec.vm, "migrate_cancel: {e}");
@@ -833,7 +833,6 @@ async fn pump(
     let mut rate = 0.0f64;
     let mut wire_rate = 0.0f64;
     let mut segments: Option<(u64, blake3::Hash)> = None;
-    let stream_digest: blake3::Hash;
     let mut queued: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut qemu_limit = spec.downtime.as_millis() as u64;
@@ -846,7 +845,7 @@ async fn pump(
     // QEMU's dirty-sync count: 1 during the first pass over RAM; RAM left in this pass.
     let mut qemu_round = 0u64;
     let mut qemu_remaining = u64::MAX;
-    loop {
+    let stream_digest = loop {
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
                 match r {
@@ -992,10 +991,9 @@ async fn pump(
             && queued == Some(n)
         {
             report.segments = n;
-            stream_digest = digest;
-            break;
+            break digest;
         }
-    }
+    };
     // Everything is queued: the destination feeds what it has not yet and answers once QEMU
     // has loaded the guest. Meanwhile the tunnel keeps delivering; a failure there ends it.
     let finish = MigrationRequest {

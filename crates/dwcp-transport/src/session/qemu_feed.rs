@@ -358,17 +358,17 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
             // The block stays in `ready` while it is written: taken out, it would leave a
             // gap before every block that arrives meanwhile, and those are taken at once
             // (see `push`), however slowly QEMU reads.
-            let (next, total) = {
+            let (next, end, finished) = {
                 let s = lock(&feed.state);
                 let next = s.next;
-                // Past the announced end nothing more goes to QEMU (nor the held byte before
-                // the check).
-                let ended = s.total.is_some_and(|(t, _)| next >= t);
-                let block = s.ready.get(&next).filter(|_| !ended).cloned();
-                (block.map(|p| (next, p)), s.total)
+                // Every announced segment went in: the source's digest to check. Past it
+                // nothing more goes to QEMU (nor the held byte before the check).
+                let end = s.total.filter(|&(t, _)| next >= t).map(|(_, d)| d);
+                let block = s.ready.get(&next).filter(|_| end.is_none()).cloned();
+                (block.map(|p| (next, p)), end, s.total.is_some())
             };
-            match next {
-                Some((seq, block)) => {
+            match (next, end) {
+                (Some((seq, block)), _) => {
                     hasher.update(&block);
                     let stopped = |e: std::io::Error| {
                         format!(
@@ -390,8 +390,7 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                     drop(s);
                     feed.wake.notify_waiters();
                 }
-                None if total.is_some_and(|(t, _)| lock(&feed.state).next >= t) => {
-                    let want = total.map(|(_, d)| d).unwrap_or_default();
+                (None, Some(want)) => {
                     let got = hasher.finalize();
                     if got.as_bytes() != &want {
                         return Err(format!(
@@ -413,9 +412,9 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                     debug!(vm, "stream fed, verified and closed");
                     return Ok::<(), String>(());
                 }
-                None => {
+                (None, None) => {
                     let idle = lock(&feed.state).last_progress.map(|t| t.elapsed());
-                    if total.is_none() && idle.is_some_and(|i| i > feed.idle_limit) {
+                    if !finished && idle.is_some_and(|i| i > feed.idle_limit) {
                         return Err(format!(
                             "no block of the stream to feed for {:?}, and no finish: the \
                              source is gone",
