@@ -283,6 +283,8 @@ pub struct Framed<T> {
     wbuf: BytesMut,
     established: Established,
     peer_addr: SocketAddr,
+    /// From our first handshake frame written to the handshake's end.
+    handshake_time: Duration,
 }
 
 /// An established connection over mutual TLS on `S` (TCP).
@@ -412,6 +414,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {
         let codec = FrameCodec::handshake();
         let mut rbuf = BytesMut::with_capacity(4096);
         let mut wbuf = BytesMut::with_capacity(4096);
+        let started = Instant::now();
         loop {
             while let Some(frame) = hs.poll_transmit() {
                 codec.encode(&frame, &mut wbuf)?;
@@ -480,6 +483,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {
             wbuf,
             established,
             peer_addr,
+            handshake_time: started.elapsed(),
         })
     }
 
@@ -495,12 +499,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {
             wbuf: self.wbuf,
             established: self.established,
             peer_addr: self.peer_addr,
+            handshake_time: self.handshake_time,
         }
     }
 
     /// What the handshake settled.
     pub fn established(&self) -> &Established {
         &self.established
+    }
+
+    /// How long the protocol handshake took (after TLS). For the dialling side this is one
+    /// round trip (its `HELLO`, the peer's answer) plus the peer's handling of it: a first
+    /// round-trip sample that costs no extra exchange.
+    pub fn handshake_time(&self) -> Duration {
+        self.handshake_time
     }
 
     /// The peer's address.

@@ -542,6 +542,9 @@ impl Session {
             }
         };
         let est = first.established().clone();
+        // The first stream's handshake exchange is a round trip: enough to choose the mode,
+        // without a ping that would hold up the first byte by one more.
+        let handshake_rtt = first.handshake_time();
         let streams = match plan {
             StreamPlan::Fixed(n) => *n,
             StreamPlan::Adaptive { .. } => 1,
@@ -571,8 +574,6 @@ impl Session {
             beating: None,
         };
         session.add(0, first).await?;
-        // How long one stream took to open: the others should take about as long.
-        let connected = t_open.elapsed();
         let dial = |session: &mut Self, range: std::ops::Range<u32>| {
             for i in range {
                 session.dial(i);
@@ -602,8 +603,8 @@ impl Session {
                 // a datacenter path gets the rest after.
                 let early = start(Mode::Internet).min(start(Mode::Datacenter));
                 dial(&mut session, 1..early);
-                let rtt = session.round_trip().await;
-                let mode = mode.unwrap_or_else(|| rtt.map_or(Mode::Internet, Mode::for_rtt));
+                let rtt = Some(handshake_rtt);
+                let mode = mode.unwrap_or_else(|| Mode::for_rtt(handshake_rtt));
                 let n = start(mode).max(early);
                 dial(&mut session, early..n);
                 // Short paths reach speed at once: one settling sample is enough there.
@@ -627,39 +628,16 @@ impl Session {
                 n
             }
         };
-        // The other streams open in parallel and get a quarter longer than the first one took
-        // (at least 100 ms); any still opening then join while the others carry data, so the
-        // slowest handshake (a lost SYN costs a 1 s retransmit timeout) does not hold up the
-        // first byte. A stream that cannot be opened is logged and skipped.
+        // The other streams open in parallel and join as they come, while the first carries
+        // data: waiting for them would hold up the first byte by a whole handshake (three
+        // round trips, and a lost SYN costs a 1 s retransmit timeout). A stream that cannot
+        // be opened is logged and skipped.
         session.writers.resize_with(n as usize, || None);
-        let deadline = tokio::time::Instant::from_std(t_open)
-            + connected
-            + (connected * 5 / 4).max(Duration::from_millis(100));
-        while !session.opening.is_empty() {
-            let Ok(Some(r)) = tokio::time::timeout_at(deadline, session.joining.join_next()).await
-            else {
-                break;
-            };
-            match r {
-                Ok((i, Ok(conn))) => {
-                    session.opening.remove(&i);
-                    if let Err(e) = session.add(i, conn).await {
-                        warn!(stream = i, "stream failed to join: {e}");
-                    }
-                }
-                Ok((i, Err(e))) => {
-                    session.opening.remove(&i);
-                    warn!(stream = i, "cannot open stream: {e}");
-                }
-                Err(e) => warn!("stream dial task failed: {e}"),
-            }
-        }
-        if !session.opening.is_empty() {
-            debug!(
-                waiting = session.opening.len(),
-                "starting before every stream has joined"
-            );
-        }
+        debug!(
+            opening = session.opening.len(),
+            first_ms = t_open.elapsed().as_secs_f64() * 1e3,
+            "first stream open; the others join while data flows"
+        );
         Ok(session)
     }
 
