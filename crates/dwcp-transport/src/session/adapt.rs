@@ -18,10 +18,13 @@
 //! noise.
 //!
 //! Sessions across the internet turn the down probes off ([`Controller::holding_after_up`]):
-//! a failed up-probe goes back to the best count and holds. There, fewer streams save no CPU
-//! worth having, and the bandwidth a retired stream leaves takes the others seconds to
-//! reclaim (BBR raises its estimate by a quarter every eight round trips): on the `internet`
-//! testbed profile, going from 12 streams to 4 halved goodput for about 5 s.
+//! an up-probe that did not pay keeps its streams and holds, unless goodput clearly fell
+//! (then it goes back to the best count). There, fewer streams save no CPU worth having, and
+//! the bandwidth a retired stream leaves takes the others seconds to reclaim (BBR raises its
+//! estimate by a quarter every eight round trips): on the `internet` testbed profile, going
+//! from 12 streams to 4 halved goodput for about 5 s, and from 12 to 8 cost the last second of
+//! a transfer half its rate. Re-probes back off (doubling cool-downs), so the count creeps up
+//! by half a step at most once per cool-down.
 
 use std::time::Duration;
 
@@ -59,6 +62,10 @@ const GAIN_UP: f64 = 1.10;
 const HOLD_DOWN: f64 = 0.97;
 const DROP: f64 = 0.7;
 const DROP_SAMPLES: u32 = 3;
+/// Without down probes, an up-step that did not pay keeps its streams unless goodput fell
+/// below this share of the best. Not tighter: a BBR `PROBE_RTT` (200 ms + a round trip at a
+/// few packets, every stream at once) inside a 16-round-trip sample costs up to a fifth of it.
+const KEEP: f64 = 0.8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -164,6 +171,15 @@ impl Controller {
                     self.idle_probes = 0;
                     self.reprobe = false;
                     self.step_from(n, Phase::Up)
+                } else if !self.probe_down && goodput >= bg * KEEP {
+                    // More streams did not pay, but going back costs more than staying: the
+                    // streams left take seconds to win back the share of those retired.
+                    if self.reprobe {
+                        self.idle_probes += 1;
+                    }
+                    self.reprobe = false;
+                    self.best = Some((n, goodput.max(bg)));
+                    self.hold()
                 } else if self.reprobe {
                     self.reprobe = false;
                     self.idle_probes += 1;
@@ -337,13 +353,32 @@ mod tests {
     }
 
     #[test]
-    fn without_down_probes_it_returns_to_the_best_count_and_never_goes_below_the_start() {
+    fn without_down_probes_it_keeps_what_it_added_and_never_goes_below_the_start() {
         // BBR across the internet: one stream nearly fills the link, more add nothing.
         let mut c = Controller::new(4, 512).holding_after_up();
         let counts = run(&mut c, 8, 300, |n, _| 180e6 + f64::from(n));
         assert!(counts.iter().all(|&n| n >= 8), "{counts:?}");
+        // The probe to 12 is kept (no retirement), and re-probes back off: 300 samples go
+        // 8 -> 12 -> 18 -> 27 -> 40 at most (cool-downs of 20, 40, 80, 160).
+        let first_12 = counts.iter().position(|&n| n == 12).expect("probed up");
+        assert!(
+            counts[first_12..].iter().all(|&n| n >= 12),
+            "went back down: {counts:?}"
+        );
+        let changes = counts.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(changes <= 4, "{changes} changes: {counts:?}");
+        assert!(*counts.last().unwrap() <= 40, "{counts:?}");
+        // An up-step that clearly cost goodput (a receiver that slows with more streams)
+        // goes back to the best count.
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(&mut c, 8, 300, |n, _| if n > 8 { 120e6 } else { 180e6 });
         assert!(counts.contains(&12), "probed up: {counts:?}");
         assert_eq!(*counts.last().unwrap(), 8, "{counts:?}");
+        // A probe whose sample held a dip of a fifth (every stream in PROBE_RTT) keeps its
+        // streams.
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(&mut c, 8, 20, |n, _| if n > 8 { 150e6 } else { 180e6 });
+        assert_eq!(*counts.last().unwrap(), 12, "{counts:?}");
         // Where more streams pay (CUBIC), it still climbs.
         let mut c = Controller::new(4, 512).holding_after_up();
         let counts = run(&mut c, 8, 200, |n, _| f64::from(n.min(40)) * 2e6);
