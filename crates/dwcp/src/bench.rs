@@ -331,6 +331,11 @@ fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBu
 pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     let profile = testbed_profile(&args.profile, "transport")?;
     let size = parse_size(&args.size)?;
+    if let Some(b) = &args.baseline {
+        if !b.is_file() {
+            return Err(UsageError(format!("--baseline: {} is not a file", b.display())).into());
+        }
+    }
     watch_signals()?;
     let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
     let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
@@ -394,34 +399,51 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         if !file.exists() {
             write_random(&file, run_size)?;
         }
-        eprintln!("{label}: {streams_arg} stream(s), {cc}, {carrier}, {run_size} bytes ...");
-        let out = work.path().join("out");
-        let j = dwcp_send(
-            &tb,
-            work.path(),
-            &exe,
-            &certs,
-            &file,
-            &out,
-            streams_arg,
-            cc,
-            carrier,
-            run_size,
-        )?;
-        let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
-        let used = j["transport"].as_str().unwrap_or("?");
-        rows.push(Row {
-            tool: "dwcp",
-            label: if carrier == "auto" {
-                format!("{label} -> {used}")
-            } else {
-                label.to_string()
-            },
-            congestion: cc,
-            streams: j["streams"].as_u64().unwrap_or(0) as u32,
-            mbit_s: mbit,
-            detail: j,
-        });
+        // The baseline first in each round, so neither build always runs on a warmer host.
+        let builds: Vec<(&Path, bool)> = args
+            .baseline
+            .as_deref()
+            .map(|b| (b, true))
+            .into_iter()
+            .chain([(exe.as_path(), false)])
+            .collect();
+        for round in 1..=args.rounds {
+            for &(bin, is_baseline) in &builds {
+                let which = if is_baseline { " [baseline]" } else { "" };
+                eprintln!(
+                    "{label}{which}: {streams_arg} stream(s), {cc}, {carrier}, {run_size} bytes, \
+                     round {round}/{} ...",
+                    args.rounds
+                );
+                let out = work.path().join("out");
+                let j = dwcp_send(
+                    &tb,
+                    work.path(),
+                    bin,
+                    &certs,
+                    &file,
+                    &out,
+                    streams_arg,
+                    cc,
+                    carrier,
+                    run_size,
+                )?;
+                let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
+                let used = j["transport"].as_str().unwrap_or("?");
+                rows.push(Row {
+                    tool: if is_baseline { "dwcp-baseline" } else { "dwcp" },
+                    label: if carrier == "auto" {
+                        format!("{label} -> {used}{which}")
+                    } else {
+                        format!("{label}{which}")
+                    },
+                    congestion: cc,
+                    streams: j["streams"].as_u64().unwrap_or(0) as u32,
+                    mbit_s: mbit,
+                    detail: j,
+                });
+            }
+        }
     }
     let stats: Vec<Value> = tb
         .stats
@@ -464,7 +486,20 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
             r.mbit_s / base
         );
     }
+    let compared = compare_to_baseline(&rows);
+    for (label, this, baseline) in &compared {
+        println!(
+            "{label}: this build {this:.1} Mbit/s, baseline {baseline:.1} (mean of each): {:.3}x",
+            this / baseline.max(1e-9)
+        );
+    }
     let report = json!({
+        "baseline": args.baseline.as_ref().map(|b| b.display().to_string()),
+        "rounds": args.rounds,
+        "compared": compared.iter().map(|(label, this, baseline)| json!({
+            "run": label, "mbit_s": this, "baseline_mbit_s": baseline,
+            "ratio": this / baseline.max(1e-9),
+        })).collect::<Vec<_>>(),
         "profile": {
             "name": profile.name, "rtt_ms": profile.rtt().as_secs_f64() * 1e3,
             "loss": profile.loss, "rate_mbit_s": link,
@@ -488,6 +523,33 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("JSON: {}", path.display());
     Ok(())
+}
+
+/// For each dwcp row run by both builds: ("label, cc", mean Mbit/s of this build, of the
+/// baseline).
+fn compare_to_baseline(rows: &[Row]) -> Vec<(String, f64, f64)> {
+    const MARK: &str = " [baseline]";
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let pick = |tool: &str, label: &str, cc: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|x| x.tool == tool && x.label == label && x.congestion == cc)
+            .map(|x| x.mbit_s)
+            .collect()
+    };
+    let mut out: Vec<(String, f64, f64)> = Vec::new();
+    for r in rows.iter().filter(|r| r.tool == "dwcp-baseline") {
+        let label = r.label.trim_end_matches(MARK);
+        let key = format!("{label}, {}", r.congestion);
+        if out.iter().any(|(k, _, _)| *k == key) {
+            continue;
+        }
+        let this = pick("dwcp", label, r.congestion);
+        if !this.is_empty() {
+            let base = mean(&pick("dwcp-baseline", &r.label, r.congestion));
+            out.push((key, mean(&this), base));
+        }
+    }
+    out
 }
 
 /// Incompressible data (xorshift), so that later compression cannot flatter the transport.
@@ -690,4 +752,43 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     println!("JSON: {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(tool: &'static str, label: &str, cc: &'static str, mbit_s: f64) -> Row {
+        Row {
+            tool,
+            label: label.to_string(),
+            congestion: cc,
+            streams: 8,
+            mbit_s,
+            detail: json!({}),
+        }
+    }
+
+    #[test]
+    fn baseline_rows_are_compared_per_label_and_congestion_control() {
+        let rows = vec![
+            row("iperf3", "iperf3 -P 1", "bbr", 150.0),
+            row("dwcp-baseline", "dwcp send tcp [baseline]", "bbr", 150.0),
+            row("dwcp", "dwcp send tcp", "bbr", 160.0),
+            row("dwcp-baseline", "dwcp send tcp [baseline]", "bbr", 170.0),
+            row("dwcp", "dwcp send tcp", "bbr", 170.0),
+            row("dwcp-baseline", "dwcp send tcp [baseline]", "cubic", 30.0),
+            row("dwcp", "dwcp send tcp", "cubic", 36.0),
+            // Run by the baseline only: nothing to compare.
+            row("dwcp-baseline", "dwcp send quic [baseline]", "cubic", 80.0),
+        ];
+        let c = compare_to_baseline(&rows);
+        assert_eq!(
+            c,
+            vec![
+                ("dwcp send tcp, bbr".to_string(), 165.0, 160.0),
+                ("dwcp send tcp, cubic".to_string(), 36.0, 30.0),
+            ]
+        );
+    }
 }

@@ -508,6 +508,15 @@ pub(crate) struct BenchTransportArgs {
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
 
+    /// Another dwcp binary (e.g. a previous build) whose `send`/`recv` run each dwcp row too,
+    /// alternating with this one on the same link; the table adds their ratio.
+    #[arg(long, value_name = "BINARY")]
+    pub(crate) baseline: Option<PathBuf>,
+
+    /// How many times each dwcp row runs (alternating with --baseline when given).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub(crate) rounds: u32,
+
     /// Where to write the JSON report [default: bench-transport-PROFILE.json].
     #[arg(long, value_name = "FILE")]
     pub(crate) json_out: Option<PathBuf>,
