@@ -23,7 +23,7 @@ use dwcp_transport::session::{
 use dwcp_wire::{ErrorCode, NodeId, data};
 use tracing::{info, warn};
 
-use crate::memvm::MemoryVm;
+use crate::memvm::{MemoryVm, PageReader};
 use crate::orchestrator::{Action, Config, Event, Orchestrator, Outcome, RoundStats, SourceCaps};
 
 /// Where to and how.
@@ -41,6 +41,11 @@ pub struct MigrationSpec {
     pub link_bps: u64,
     /// Parallel connections per round.
     pub streams: u32,
+    /// A big round goes as objects of `first_part_pages` pages, then twice as many each
+    /// time up to `max_part_pages`, each encoded while the one before it is sent.
+    pub first_part_pages: usize,
+    /// See `first_part_pages`.
+    pub max_part_pages: usize,
 }
 
 impl MigrationSpec {
@@ -53,6 +58,8 @@ impl MigrationSpec {
             codec: None,
             link_bps: dwcp_transport::session::DEFAULT_LINK_BPS,
             streams: 8,
+            first_part_pages: FIRST_PART_PAGES,
+            max_part_pages: MAX_PART_PAGES,
         }
     }
 }
@@ -152,10 +159,13 @@ pub async fn migrate(
     // One session for every round and the commit: set-up is paid once, not on the pause path.
     let mut kept = KeptSession::new();
     let mut state = RoundState {
-        shadow: vec![0u8; raw_size as usize],
-        sent: vec![0u64; pages.div_ceil(64) as usize],
-        remote: None,
-        codec: spec.codec.unwrap_or(Codec::Zstd(2)),
+        enc: Encoding {
+            shadow: vec![0u8; raw_size as usize],
+            sent: vec![0u64; pages.div_ceil(64) as usize],
+            remote: None,
+            codec: spec.codec.unwrap_or(Codec::Zstd(2)),
+            learned: 0,
+        },
         levels: [0; 6],
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
@@ -319,7 +329,7 @@ pub async fn migrate(
         }
         Outcome::Running => report.how = "stopped before the end".into(),
     }
-    report.codec = state.codec.to_string();
+    report.codec = state.enc.codec.to_string();
     report.levels = state.levels;
     report
 }
@@ -336,15 +346,47 @@ fn round_report(round: u32, s: &RoundStats, throttle: u8) -> RoundReport {
 }
 
 struct RoundState {
+    /// Moved to the encoding thread while a part is encoded.
+    enc: Encoding,
+    levels: [u64; 6],
+    id: String,
+}
+
+/// What encoding a round needs and updates.
+struct Encoding {
     /// What the destination holds, page by page, as far as this source sent it.
     shadow: Vec<u8>,
     /// Pages sent at least once (their shadow is valid).
     sent: Vec<u64>,
     remote: Option<RemoteIndex>,
     codec: Codec,
-    levels: [u64; 6],
-    id: String,
+    /// Bytes of pages added to `remote` as learned by the destination (see `encode_pages`).
+    learned: u64,
 }
+
+/// Pages the destination's cache learns from this migration's literal pages are counted on
+/// up to this many bytes: a quarter of an agent's default cache, so that its eviction does
+/// not take them back before they are referred to.
+const MAX_LEARNED_BYTES: u64 = 2 << 30;
+
+impl Encoding {
+    /// Left in [`RoundState`] while the real one is away on the encoding thread.
+    fn away() -> Self {
+        Self {
+            shadow: Vec::new(),
+            sent: Vec::new(),
+            remote: None,
+            codec: Codec::Zstd(2),
+            learned: 0,
+        }
+    }
+}
+
+/// A big round is sent as objects of at most this many pages, each encoded while the one
+/// before it is sent: the first part small, so that sending starts soon, each next one twice
+/// as big, so that few objects pay their exchanges (a begin and an end, a round trip each).
+const FIRST_PART_PAGES: usize = 16 * 1024;
+const MAX_PART_PAGES: usize = 256 * 1024;
 
 async fn prepare(
     vm: &MemoryVm,
@@ -379,7 +421,7 @@ async fn prepare(
     )
     .await
     {
-        Ok((remote, _)) => state.remote = remote,
+        Ok((remote, _)) => state.enc.remote = remote,
         Err(e) => return Event::Failed(format!("cannot reach the destination: {e}")),
     }
     if spec.codec.is_none() {
@@ -395,14 +437,16 @@ async fn prepare(
             .copied()
             .collect();
         if sample.len() >= 1 << 20 {
-            state.codec = Chooser::calibrate(&sample).choose(spec.link_bps as f64);
+            state.enc.codec = Chooser::calibrate(&sample).choose(spec.link_bps as f64);
         }
     }
-    info!(codec = %state.codec, cache_entries = state.remote.as_ref().map_or(0, RemoteIndex::len), "prepared");
+    info!(codec = %state.enc.codec, cache_entries = state.enc.remote.as_ref().map_or(0, RemoteIndex::len), "prepared");
     Event::Prepared
 }
 
 /// Encodes and sends the pages dirtied since the previous round (all pages the first time).
+/// A big round goes as several objects, each encoded on a blocking thread while the one
+/// before it is sent.
 async fn send_round(
     vm: &MemoryVm,
     dest: Destination<'_>,
@@ -413,96 +457,213 @@ async fn send_round(
 ) -> Result<RoundStats, String> {
     let t0 = Instant::now();
     let dirty = vm.take_dirty();
+    let reader = vm.reader();
+    let raw_size = vm.pages() * vm.page_size() as u64;
+    let mut parts: Vec<Vec<u64>> = Vec::new();
+    let mut rest = dirty.as_slice();
+    let max_part = spec.max_part_pages.max(1);
+    let mut part = spec.first_part_pages.clamp(1, max_part);
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_at(part.min(rest.len()));
+        parts.push(head.to_vec());
+        rest = tail;
+        part = part.saturating_mul(2).min(max_part);
+    }
+    if parts.is_empty() {
+        // An empty round still goes, as an empty object: the destination sees every round.
+        parts.push(Vec::new());
+    }
+    let mut wire_total = 0u64;
     let mut cold = false;
-    // At most twice: a round the destination cannot resolve is sent again without references.
-    loop {
-        let (file, wire) = encode_round(vm, state, &dirty, cold)
-            .map_err(|e| format!("encoding round {round}: {e}"))?;
-        let src = Source {
-            path: file.path().to_path_buf(),
-            name: spec.name.clone(),
-            size: wire,
-            version_tag: format!(
-                "migration {} round {round}{}",
-                state.id,
-                if cold { " cold" } else { "" }
-            ),
-            pre_encoded: Some((
-                data::ENCODING_HDE_PAGES_INPLACE,
-                vm.pages() * vm.page_size() as u64,
-                Vec::new(),
-            )),
-        };
-        let opts = SendOptions {
-            streams: spec.streams,
-            retry_for: Duration::from_secs(30),
-            delta: DeltaOptions {
-                enabled: false,
-                ..DeltaOptions::default()
-            },
-            ..SendOptions::default()
-        };
-        match send_files_kept(
-            dest.endpoint,
-            dest.addr,
-            dest.expected,
-            &[src],
-            &opts,
-            &mut |_| {},
-            kept,
+    let mut k = 0usize;
+    let mut ready = encode_part(&reader, state, &parts[0], cold, round).await?;
+    // At most one cold retry per part, and a bound on the whole loop.
+    for _ in 0..parts.len() * 2 + 1 {
+        let (file, wire) = ready;
+        let next = parts
+            .get(k + 1)
+            .map(|p| spawn_encode(reader.clone(), state, p.clone(), cold));
+        let sent = send_part(
+            dest, spec, state, kept, &file, wire, raw_size, round, k, cold,
         )
-        .await
-        {
-            Ok(_) => {
-                return Ok(RoundStats {
-                    pages: dirty.len() as u64,
-                    wire_bytes: wire,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    dirty_after: vm.dirty_count(),
-                });
+        .await;
+        drop(file);
+        let encoded_next = match next {
+            Some(task) => Some(join_encode(task, state, round).await?),
+            None => None,
+        };
+        match sent {
+            Ok(()) => {
+                wire_total += wire;
+                k += 1;
+                match encoded_next {
+                    Some(e) => ready = e,
+                    None => {
+                        return Ok(RoundStats {
+                            pages: dirty.len() as u64,
+                            wire_bytes: wire_total,
+                            seconds: t0.elapsed().as_secs_f64(),
+                            dirty_after: vm.dirty_count(),
+                        });
+                    }
+                }
             }
             Err(SendError::Refused { code, .. })
                 if code == ErrorCode::DELTA_UNRESOLVED && !cold =>
             {
                 warn!(
                     round,
-                    "destination could not resolve the round; sending it again without references"
+                    part = k,
+                    "destination could not resolve the round; sending the rest of it again \
+                     without references"
                 );
+                // The next part was encoded with references too: it is encoded again.
                 cold = true;
+                ready = encode_part(&reader, state, &parts[k], cold, round).await?;
             }
             Err(e) => return Err(format!("round {round}: {e}")),
         }
     }
+    Err(format!("round {round}: no progress sending its parts"))
 }
 
-/// Writes the HDE page object of `dirty` to a temporary file; returns it and its size.
-fn encode_round(
-    vm: &MemoryVm,
-    state: &mut RoundState,
-    dirty: &[u64],
+/// Sends one encoded part of a round as its own object.
+#[allow(clippy::too_many_arguments)]
+async fn send_part(
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    state: &RoundState,
+    kept: &mut KeptSession,
+    file: &tempfile::NamedTempFile,
+    wire: u64,
+    raw_size: u64,
+    round: u32,
+    part: usize,
     cold: bool,
-) -> std::io::Result<(tempfile::NamedTempFile, u64)> {
-    let ps = vm.page_size();
+) -> Result<(), SendError> {
+    let src = Source {
+        path: file.path().to_path_buf(),
+        name: spec.name.clone(),
+        size: wire,
+        version_tag: format!(
+            "migration {} round {round} part {part}{}",
+            state.id,
+            if cold { " cold" } else { "" }
+        ),
+        pre_encoded: Some((data::ENCODING_HDE_PAGES_INPLACE, raw_size, Vec::new())),
+    };
+    let opts = SendOptions {
+        streams: spec.streams,
+        retry_for: Duration::from_secs(30),
+        delta: DeltaOptions {
+            enabled: false,
+            ..DeltaOptions::default()
+        },
+        ..SendOptions::default()
+    };
+    send_files_kept(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        &[src],
+        &opts,
+        &mut |_| {},
+        kept,
+    )
+    .await
+    .map(|_| ())
+}
+
+type Encoded = (tempfile::NamedTempFile, u64);
+type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<(Encoded, [u64; 6])>)>;
+
+/// Starts encoding `addrs` on a blocking thread, with the encoding state moved there.
+fn spawn_encode(
+    reader: PageReader,
+    state: &mut RoundState,
+    addrs: Vec<u64>,
+    cold: bool,
+) -> EncodeTask {
+    let mut enc = std::mem::replace(&mut state.enc, Encoding::away());
+    tokio::task::spawn_blocking(move || {
+        let r = encode_pages(&reader, &mut enc, &addrs, cold);
+        (enc, r)
+    })
+}
+
+/// Waits for [`spawn_encode`]'s work and puts the encoding state back.
+async fn join_encode(
+    task: EncodeTask,
+    state: &mut RoundState,
+    round: u32,
+) -> Result<Encoded, String> {
+    // The state went with the task: a task that panicked or was cancelled lost it, and the
+    // migration cannot go on (it rolls back).
+    let (enc, r) = task
+        .await
+        .map_err(|e| format!("encoding round {round}: the encoder failed: {e}"))?;
+    state.enc = enc;
+    let (encoded, levels) = r.map_err(|e| format!("encoding round {round}: {e}"))?;
+    for (total, v) in state.levels.iter_mut().zip(levels) {
+        *total += v;
+    }
+    Ok(encoded)
+}
+
+/// Encodes `addrs` on a blocking thread and waits for it.
+async fn encode_part(
+    reader: &PageReader,
+    state: &mut RoundState,
+    addrs: &[u64],
+    cold: bool,
+    round: u32,
+) -> Result<Encoded, String> {
+    let task = spawn_encode(reader.clone(), state, addrs.to_vec(), cold);
+    join_encode(task, state, round).await
+}
+
+/// Writes the HDE page object of `addrs` to a temporary file; returns it, its size and the
+/// pages sent at each level (zero / same / dup / cache / XOR / literal).
+fn encode_pages(
+    reader: &PageReader,
+    state: &mut Encoding,
+    addrs: &[u64],
+    cold: bool,
+) -> std::io::Result<(Encoded, [u64; 6])> {
+    let ps = reader.page_size();
     let cfg = EncoderConfig {
         page_size: ps,
         codec: state.codec,
-        ..EncoderConfig::new(vm.pages())
+        ..EncoderConfig::new(reader.pages())
     };
     let mut enc = PageEncoder::new(cfg).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut tmp = tempfile::Builder::new().prefix(".dwcp-round-").tempfile()?;
     let mut out = Vec::with_capacity(8 << 20);
     let mut buf = Vec::with_capacity(1024 * ps);
-    let remote = if cold { None } else { state.remote.as_ref() };
-    for batch in dirty.chunks(1024) {
+    // Only with references, and with a destination that has a cache (it sent a summary).
+    let learn = !cold && state.remote.is_some();
+    for batch in addrs.chunks(1024) {
         buf.clear();
-        vm.copy_pages(batch, &mut buf);
+        reader.copy_pages(batch, &mut buf);
         for (&addr, page) in batch.iter().zip(buf.chunks_exact(ps)) {
             let at = addr as usize * ps;
             let (w, bit) = ((addr / 64) as usize, 1u64 << (addr % 64));
             let was_sent = state.sent[w] & bit != 0;
             let base = (was_sent && !cold).then(|| &state.shadow[at..at + ps]);
+            let literal = enc.stats().literal;
+            let remote = if cold { None } else { state.remote.as_ref() };
             enc.push(addr, page, base, remote, &mut out)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // The destination's cache learns every literal page it applies, and objects are
+            // applied in order: a later part (or round) may refer to this page there. That
+            // keeps the duplicates across the parts of a round, which the encoder sees only
+            // within one object.
+            if learn && enc.stats().literal > literal && state.learned < MAX_LEARNED_BYTES {
+                if let Some(r) = state.remote.as_mut() {
+                    r.insert(dwcp_encoding::fast64(page));
+                    state.learned += ps as u64;
+                }
+            }
             state.shadow[at..at + ps].copy_from_slice(page);
             state.sent[w] |= bit;
         }
@@ -514,11 +675,6 @@ fn encode_round(
     let s = enc.finish(&mut out);
     tmp.write_all(&out)?;
     tmp.flush()?;
-    for (i, v) in [s.zero, s.same, s.dup, s.cache, s.xor, s.literal]
-        .into_iter()
-        .enumerate()
-    {
-        state.levels[i] += v;
-    }
-    Ok((tmp, s.bytes_out))
+    let levels = [s.zero, s.same, s.dup, s.cache, s.xor, s.literal];
+    Ok(((tmp, s.bytes_out), levels))
 }

@@ -127,13 +127,13 @@ impl MemoryVm {
 
     /// Copies the pages at `addrs` (in that order) into `out`, a consistent copy of each page.
     pub fn copy_pages(&self, addrs: &[u64], out: &mut Vec<u8>) {
-        let ps = self.inner.page_size;
-        let m = lock(&self.inner.mem);
-        for &a in addrs {
-            let s = a as usize * ps;
-            if let Some(p) = m.data.get(s..s + ps) {
-                out.extend_from_slice(p);
-            }
+        self.reader().copy_pages(addrs, out);
+    }
+
+    /// A handle that copies pages from another thread (an encoder running beside the sender).
+    pub fn reader(&self) -> PageReader {
+        PageReader {
+            inner: self.inner.clone(),
         }
     }
 
@@ -167,6 +167,45 @@ impl MemoryVm {
     /// Whether the guest is paused.
     pub fn is_paused(&self) -> bool {
         lock(&self.inner.control).paused
+    }
+}
+
+/// Reads a [`MemoryVm`]'s pages; see [`MemoryVm::reader`].
+#[derive(Clone)]
+pub struct PageReader {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PageReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageReader")
+            .field("pages", &self.inner.pages)
+            .field("page_size", &self.inner.page_size)
+            .finish()
+    }
+}
+
+impl PageReader {
+    /// Pages of memory.
+    pub fn pages(&self) -> u64 {
+        self.inner.pages
+    }
+
+    /// Page size.
+    pub fn page_size(&self) -> usize {
+        self.inner.page_size
+    }
+
+    /// Copies the pages at `addrs` (in that order) into `out`, a consistent copy of each page.
+    pub fn copy_pages(&self, addrs: &[u64], out: &mut Vec<u8>) {
+        let ps = self.inner.page_size;
+        let m = lock(&self.inner.mem);
+        for &a in addrs {
+            let s = a as usize * ps;
+            if let Some(p) = m.data.get(s..s + ps) {
+                out.extend_from_slice(p);
+            }
+        }
     }
 }
 
