@@ -18,8 +18,9 @@
 //! noise.
 //!
 //! Sessions across the internet turn the down probes off ([`Controller::holding_after_up`]):
-//! an up-probe that did not pay keeps its streams and holds, unless goodput clearly fell
-//! (then it goes back to the best count). There, fewer streams save no CPU worth having, and
+//! an up-probe that did not pay keeps its streams and holds if goodput held (within 3 %, on
+//! a second sample if the first fell short by less than a fifth), else it goes back to the
+//! best count. There, fewer streams save no CPU worth having, and
 //! the bandwidth a retired stream leaves takes the others seconds to reclaim (BBR raises its
 //! estimate by a quarter every eight round trips): on the `internet` testbed profile, going
 //! from 12 streams to 4 halved goodput for about 5 s, and from 12 to 8 cost the last second of
@@ -62,9 +63,10 @@ const GAIN_UP: f64 = 1.10;
 const HOLD_DOWN: f64 = 0.97;
 const DROP: f64 = 0.7;
 const DROP_SAMPLES: u32 = 3;
-/// Without down probes, an up-step that did not pay keeps its streams unless goodput fell
-/// below this share of the best. Not tighter: a BBR `PROBE_RTT` (200 ms + a round trip at a
-/// few packets, every stream at once) inside a 16-round-trip sample costs up to a fifth of it.
+/// Without down probes, an up-step that did not pay keeps its streams when goodput held
+/// (within `HOLD_DOWN` of the best). Between that and this share of the best, one more sample
+/// decides: a BBR `PROBE_RTT` (200 ms + a round trip at a few packets, every stream at once)
+/// inside a 16-round-trip sample costs up to a fifth of it, but passes.
 const KEEP: f64 = 0.8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +93,9 @@ pub struct Controller {
     reprobe: bool,
     /// Whether to try fewer streams than the best count.
     probe_down: bool,
+    /// The last up-step's sample fell short of the best by less than `KEEP`: the next sample
+    /// decides whether its streams stay.
+    confirming: bool,
 }
 
 impl Controller {
@@ -125,6 +130,7 @@ impl Controller {
             idle_probes: 0,
             reprobe: false,
             probe_down: true,
+            confirming: false,
         }
     }
 
@@ -156,6 +162,7 @@ impl Controller {
             self.settle -= 1;
             return n;
         }
+        let confirming = self.confirming;
         let target = match (self.phase, self.best) {
             (first, None) => {
                 self.best = Some((n, goodput));
@@ -171,15 +178,22 @@ impl Controller {
                     self.idle_probes = 0;
                     self.reprobe = false;
                     self.step_from(n, Phase::Up)
-                } else if !self.probe_down && goodput >= bg * KEEP {
-                    // More streams did not pay, but going back costs more than staying: the
-                    // streams left take seconds to win back the share of those retired.
+                } else if !self.probe_down && goodput >= bg * HOLD_DOWN {
+                    // More streams did not pay, but they cost nothing either, and going back
+                    // costs more than staying: the streams left take seconds to win back the
+                    // share of those retired.
+                    self.confirming = false;
                     if self.reprobe {
                         self.idle_probes += 1;
                     }
                     self.reprobe = false;
                     self.best = Some((n, goodput.max(bg)));
                     self.hold()
+                } else if !self.probe_down && goodput >= bg * KEEP && !self.confirming {
+                    // A loss that may be a passing dip (every BBR stream in PROBE_RTT at once
+                    // costs up to a fifth of a sample): one more sample at this count decides.
+                    self.confirming = true;
+                    return n;
                 } else if self.reprobe {
                     self.reprobe = false;
                     self.idle_probes += 1;
@@ -217,6 +231,10 @@ impl Controller {
                 }
             }
         };
+        if confirming {
+            // The confirming sample was taken (any branch but a new confirmation ends it).
+            self.confirming = false;
+        }
         if target != n {
             self.settle = self.settle_after;
         }
@@ -374,11 +392,27 @@ mod tests {
         let counts = run(&mut c, 8, 300, |n, _| if n > 8 { 120e6 } else { 180e6 });
         assert!(counts.contains(&12), "probed up: {counts:?}");
         assert_eq!(*counts.last().unwrap(), 8, "{counts:?}");
-        // A probe whose sample held a dip of a fifth (every stream in PROBE_RTT) keeps its
-        // streams.
+        // A probe whose first sample held a dip of a sixth (every stream in PROBE_RTT) keeps
+        // its streams once the next sample shows goodput held.
         let mut c = Controller::new(4, 512).holding_after_up();
-        let counts = run(&mut c, 8, 20, |n, _| if n > 8 { 150e6 } else { 180e6 });
+        let counts = run(
+            &mut c,
+            8,
+            20,
+            |n, t| {
+                if n > 8 && t == 5 { 150e6 } else { 180e6 }
+            },
+        );
+        assert_eq!(counts[4], 12, "{counts:?}");
         assert_eq!(*counts.last().unwrap(), 12, "{counts:?}");
+        // A receiver that loses 15 % with each step up: the loss is confirmed, the count goes
+        // back, and it never creeps up over re-probes.
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(&mut c, 8, 400, |n, _| {
+            180e6 * 0.85_f64.powf((f64::from(n) / 8.0).ln() / 1.5_f64.ln())
+        });
+        assert_eq!(*counts.last().unwrap(), 8, "{counts:?}");
+        assert!(counts.iter().all(|&n| n <= 12), "{counts:?}");
         // Where more streams pay (CUBIC), it still climbs.
         let mut c = Controller::new(4, 512).holding_after_up();
         let counts = run(&mut c, 8, 200, |n, _| f64::from(n.min(40)) * 2e6);
