@@ -470,6 +470,47 @@ async fn t32_bad_object_name_is_refused() {
 }
 
 #[tokio::test]
+async fn t36_fresh_objects_start_behind_their_begin_and_a_refused_one_is_reported() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let files = [
+        random_file(src.path(), "f1.img", 5 * 1024 * 1024 + 3, 21),
+        random_file(src.path(), "f2.img", 700, 22),
+        random_file(src.path(), "f3.img", 0, 23),
+    ];
+    let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let fresh = SendOptions {
+        fresh: true,
+        ..opts(4)
+    };
+    let report = send_files(&ep, agent.addr, None, &sources, &fresh, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.objects.len(), 3);
+    assert_eq!(report.resent_bytes, 0);
+    assert_eq!(report.bytes_sent, 5 * 1024 * 1024 + 3 + 700);
+    let spool = cluster.dir().join("spool/client");
+    for f in &files {
+        same_file(f, &spool.join(f.file_name().unwrap()));
+    }
+    // Refused at its begin, with more than a chunk already written behind it: the sender
+    // gets the refusal (the data that followed is ignored, not a protocol violation).
+    let big = random_file(src.path(), "big", 3 * 1024 * 1024, 24);
+    let mut bad = Source::file(&big).unwrap();
+    bad.name = "../escape".into();
+    match send_files(&ep, agent.addr, None, &[bad], &fresh, &mut |_| {}).await {
+        Err(SendError::Refused { code, .. }) => {
+            assert_eq!(code, dwcp_wire::ErrorCode::STORAGE_ERROR)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!cluster.dir().join("escape").exists());
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn t33_object_larger_than_the_free_space_is_refused_up_front() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;

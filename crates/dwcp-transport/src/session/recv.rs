@@ -555,6 +555,9 @@ impl Receiver {
                         ),
                         Err(reason) => {
                             warn!(%peer, name = %msg::printable(&begin.name, 200), "refusing object: {reason}");
+                            // A sender of a fresh object writes data right behind its begin:
+                            // that data is ignored, not a violation that ends the session.
+                            lock(session).finished.insert(begin.object);
                             msg::encode(
                                 FrameType::OBJECT_DONE,
                                 &ObjectDone {

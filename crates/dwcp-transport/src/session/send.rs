@@ -71,6 +71,11 @@ pub struct SendOptions {
     pub delta: DeltaOptions,
     /// TCP connections or one QUIC connection.
     pub carrier: Carrier,
+    /// The receiver holds none of these files (each has a name and version tag it has never
+    /// seen, as a migration round does): the first attempt at each starts writing data on
+    /// the stream of its `OBJECT_BEGIN` at once, a round trip sooner, and the other streams
+    /// join once the receiver answered. Resumed after a reconnection, a file waits as usual.
+    pub fresh: bool,
 }
 
 impl Default for SendOptions {
@@ -85,6 +90,7 @@ impl Default for SendOptions {
             retry_for: Duration::from_secs(60),
             rate_limit: None,
             delta: DeltaOptions::default(),
+            fresh: false,
             adaptive: false,
             mode: None,
             min_streams: 4,
@@ -931,6 +937,8 @@ pub async fn send_files_kept(
     // not be resolved (sent again without references, once).
     let mut encoded: HashMap<usize, Encoded> = HashMap::new();
     let mut cold: Vec<usize> = Vec::new();
+    // Files begun at least once: the receiver may hold part of them.
+    let mut begun: Vec<usize> = Vec::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
         let plan = if opts.adaptive {
@@ -1060,11 +1068,14 @@ pub async fn send_files_kept(
             let raw_size = enc.map_or(src.size, |e| e.report.raw_bytes);
             kept.object_id += 1;
             let object_id = kept.object_id;
+            let fresh = opts.fresh && !begun.contains(&next_file);
+            begun.push(next_file);
             let r = send_object(
                 &mut session,
                 wire_src.as_ref().unwrap_or(src),
                 extra,
                 object_id,
+                fresh,
                 opts,
                 bucket.clone(),
                 sent.clone(),
@@ -1175,6 +1186,7 @@ async fn send_object(
     src: &Source,
     encoding: Option<(u32, u64, Vec<u8>)>,
     object: u64,
+    fresh: bool,
     opts: &SendOptions,
     bucket: Option<Arc<Bucket>>,
     sent: Arc<AtomicU64>,
@@ -1183,7 +1195,12 @@ async fn send_object(
     progress: &mut (dyn FnMut(u64, usize, &LinkStats) + Send),
 ) -> Result<u64, ObjectFailure> {
     let lost = |why: String| ObjectFailure::SessionLost(why);
-    let Some(w0) = session.any_writer() else {
+    let Some((first, w0)) = session
+        .writers
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| w.as_ref().map(|(_, w)| (i, w.clone())))
+    else {
         return Err(lost("no stream left".into()));
     };
     let (encoding, raw_size, raw_blake3) = encoding.unwrap_or((data::ENCODING_RAW, 0, Vec::new()));
@@ -1201,34 +1218,43 @@ async fn send_object(
         .send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
         .await
         .map_err(|e| lost(e.to_string()))?;
-    // Wait for the receiver's answer: how much it already has.
-    let have = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(30), session.events.recv())
-            .await
-            .map_err(|_| lost("no answer to OBJECT_BEGIN within 30 s".into()))?
-            .ok_or_else(|| lost("all streams closed".into()))?;
-        match ev {
-            Event::Frame(f) if f.ty == FrameType::OBJECT_STATE => {
-                let st: ObjectState = decode(&f)?;
-                if st.object == object {
-                    break st.have;
+    // Wait for the receiver's answer: how much it already has. A fresh object has nothing
+    // there: its data follows the begin on the same stream (so the receiver sees the begin
+    // first) and the answer is taken in the loop below.
+    let begun_at = Instant::now();
+    let have = if fresh {
+        0
+    } else {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(30), session.events.recv())
+                .await
+                .map_err(|_| lost("no answer to OBJECT_BEGIN within 30 s".into()))?
+                .ok_or_else(|| lost("all streams closed".into()))?;
+            match ev {
+                Event::Frame(f) if f.ty == FrameType::OBJECT_STATE => {
+                    let st: ObjectState = decode(&f)?;
+                    if st.object == object {
+                        break st.have;
+                    }
                 }
-            }
-            Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
-                let d: ObjectDone = decode(&f)?;
-                if d.object == object {
-                    return Err(refused(src, &d));
+                Event::Frame(f) if f.ty == FrameType::OBJECT_DONE => {
+                    let d: ObjectDone = decode(&f)?;
+                    if d.object == object {
+                        return Err(refused(src, &d));
+                    }
                 }
-            }
-            Event::Frame(_) => {}
-            Event::Lost(i, generation, why) => {
-                on_lost(session, report, i, generation, &why, None).await;
-                if session.alive() == 0 {
-                    return Err(lost(why));
+                Event::Frame(_) => {}
+                Event::Lost(i, generation, why) => {
+                    on_lost(session, report, i, generation, &why, None).await;
+                    if session.alive() == 0 {
+                        return Err(lost(why));
+                    }
                 }
             }
         }
     };
+    // Until the receiver answered, only the begin's stream carries the object.
+    let mut confirmed = !fresh;
     if have > src.size {
         return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
             "receiver claims {have} bytes of a {}-byte object",
@@ -1298,8 +1324,14 @@ async fn send_object(
     let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
     for (i, w) in session.writers.iter().enumerate() {
         if let Some((generation, w)) = w {
-            writer_tasks[i] =
-                Some(writers.spawn(stream_writer(ctx.clone(), i as u32, *generation, w.clone())));
+            if confirmed || i == first {
+                writer_tasks[i] = Some(writers.spawn(stream_writer(
+                    ctx.clone(),
+                    i as u32,
+                    *generation,
+                    w.clone(),
+                )));
+            }
         }
     }
     // The streams OBJECT_END went out on: two, so that one stuck stream cannot hold it back;
@@ -1314,8 +1346,13 @@ async fn send_object(
     // cannot keep us dialling).
     let mut replacements_left = 3 * session.writers.len();
     let result = loop {
-        // Once every byte has been read the digest is final: announce the end.
-        if end_on.len() < session.alive().min(2) {
+        if !confirmed && begun_at.elapsed() > Duration::from_secs(30) {
+            break Err(lost("no answer to OBJECT_BEGIN within 30 s".into()));
+        }
+        // Once every byte has been read the digest is final: announce the end (before the
+        // receiver answered the begin, only behind it on its stream).
+        let end_streams = if confirmed { session.alive().min(2) } else { 1 };
+        if end_on.len() < end_streams {
             let mut c = core.lock().await;
             if c.sched.read() == src.size {
                 // Ready once the last chunk is taken (at once for a fully resumed file).
@@ -1337,11 +1374,11 @@ async fn send_object(
                     .writers
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| !end_on.contains(i))
+                    .filter(|(i, _)| !end_on.contains(i) && (confirmed || *i == first))
                     .filter_map(|(i, w)| w.as_ref().map(|(g, w)| (i, *g, w.clone())))
                     .collect();
                 for (i, generation, w) in free {
-                    if end_on.len() >= 2 {
+                    if end_on.len() >= end_streams {
                         break;
                     }
                     let Ok(mut g) = w.try_lock() else { continue };
@@ -1387,8 +1424,11 @@ async fn send_object(
                             if writer_tasks.len() <= i as usize {
                                 writer_tasks.resize(i as usize + 1, None);
                             }
-                            writer_tasks[i as usize] =
-                                Some(writers.spawn(stream_writer(ctx.clone(), i, generation, w)));
+                            // Not before the receiver answered the begin (then all at once).
+                            if confirmed {
+                                writer_tasks[i as usize] =
+                                    Some(writers.spawn(stream_writer(ctx.clone(), i, generation, w)));
+                            }
                         }
                         Err(e) => warn!(stream = i, "replacement stream failed to join: {e}"),
                     },
@@ -1526,6 +1566,32 @@ async fn send_object(
                 let close: msg::Close = decode(&f)?;
                 debug!("receiver sent GOAWAY: {}", close.printable_reason());
             }
+            Event::Frame(f) if f.ty == FrameType::OBJECT_STATE && !confirmed => {
+                let st: ObjectState = decode(&f)?;
+                if st.object != object {
+                    continue;
+                }
+                if st.have > 0 {
+                    // Cannot happen for a name and tag it never saw; what it holds is what
+                    // goes again, and it takes duplicates.
+                    debug!(have = st.have, "receiver held part of a fresh object");
+                }
+                confirmed = true;
+                for (i, w) in session.writers.iter().enumerate() {
+                    let Some((generation, w)) = w else { continue };
+                    if writer_tasks.len() <= i {
+                        writer_tasks.resize(i + 1, None);
+                    }
+                    if writer_tasks[i].is_none() {
+                        writer_tasks[i] = Some(writers.spawn(stream_writer(
+                            ctx.clone(),
+                            i as u32,
+                            *generation,
+                            w.clone(),
+                        )));
+                    }
+                }
+            }
             Event::Frame(f) if f.ty == FrameType::PONG => {
                 if let Some(rtt) = session.heartbeat_rtt(&f) {
                     report.link.sample(rtt);
@@ -1548,6 +1614,10 @@ async fn send_object(
                 if session.generation(i) != Some(generation) {
                     continue; // news about a stream that was already replaced
                 }
+                if !confirmed && i as usize == first {
+                    // The begin may not have arrived: the object starts over, on a new session.
+                    break Err(lost(why));
+                }
                 if let Some(Some(task)) = writer_tasks.get_mut(i as usize).map(Option::take) {
                     task.abort();
                 }
@@ -1564,8 +1634,9 @@ async fn send_object(
             }
         }
     };
-    if result.is_err() {
-        // The session is given up or reopened: nothing it was dialling is wanted.
+    if matches!(result, Err(ObjectFailure::SessionLost(_))) {
+        // The session is given up or reopened: nothing it was dialling is wanted. (A refused
+        // object leaves it to the next one, which the streams still opening will carry.)
         session.joining.abort_all();
         session.opening.clear();
     }
