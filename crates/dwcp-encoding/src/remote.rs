@@ -50,6 +50,11 @@ impl RemoteIndex {
         self.set.insert(fast64);
     }
 
+    /// Forgets an entry (the receiver turned out not to hold it).
+    pub fn remove(&mut self, fast64: u64) {
+        self.set.remove(&fast64);
+    }
+
     /// Encodes a summary: magic, version, count, then sorted hashes as varint deltas (a
     /// sorted set of random 64-bit values packs to about 7.3 bytes per entry).
     pub fn encode(hashes: &mut [u64], out: &mut Vec<u8>) {
@@ -101,6 +106,19 @@ impl RemoteIndex {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn entries_learned_later_can_be_forgotten() {
+        let mut hs = vec![1, 2, 3];
+        let mut out = Vec::new();
+        RemoteIndex::encode(&mut hs, &mut out);
+        let mut idx = RemoteIndex::decode(&out).unwrap();
+        idx.insert(9);
+        assert!(idx.contains(9) && idx.len() == 4);
+        idx.remove(9);
+        idx.remove(42);
+        assert!(!idx.contains(9) && idx.contains(1) && idx.len() == 3);
+    }
 
     proptest! {
         #[test]

@@ -117,6 +117,9 @@ pub struct MigrationReport {
     pub levels: [u64; 6],
     /// Predicted pause when the source was stopped, milliseconds.
     pub predicted_downtime_ms: Option<f64>,
+    /// Parts of rounds the destination could not resolve (a page it was expected to hold it
+    /// did not), sent again without references; their first sending counts in `wire_bytes`.
+    pub cold_resends: u32,
 }
 
 /// Live progress for displays.
@@ -164,9 +167,11 @@ pub async fn migrate(
             sent: vec![0u64; pages.div_ceil(64) as usize],
             remote: None,
             codec: spec.codec.unwrap_or(Codec::Zstd(2)),
-            learned: 0,
+            learned: Vec::new(),
+            no_learning: false,
         },
         levels: [0; 6],
+        cold_resends: 0,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
@@ -189,6 +194,7 @@ pub async fn migrate(
         codec: String::new(),
         levels: [0; 6],
         predicted_downtime_ms: None,
+        cold_resends: 0,
     };
     let mut paused_at: Option<Instant> = None;
     // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
@@ -331,6 +337,7 @@ pub async fn migrate(
     }
     report.codec = state.enc.codec.to_string();
     report.levels = state.levels;
+    report.cold_resends = state.cold_resends;
     report
 }
 
@@ -349,6 +356,7 @@ struct RoundState {
     /// Moved to the encoding thread while a part is encoded.
     enc: Encoding,
     levels: [u64; 6],
+    cold_resends: u32,
     id: String,
 }
 
@@ -360,14 +368,31 @@ struct Encoding {
     sent: Vec<u64>,
     remote: Option<RemoteIndex>,
     codec: Codec,
-    /// Bytes of pages added to `remote` as learned by the destination (see `encode_pages`).
-    learned: u64,
+    /// Hashes of pages added to `remote` as learned by the destination (see `encode_pages`).
+    learned: Vec<u64>,
+    /// Set once the destination could not resolve a round: no more pages are counted on as
+    /// learned (its cache may be small, or evict them early).
+    no_learning: bool,
 }
 
 /// Pages the destination's cache learns from this migration's literal pages are counted on
 /// up to this many bytes: a quarter of an agent's default cache, so that its eviction does
 /// not take them back before they are referred to.
 const MAX_LEARNED_BYTES: u64 = 2 << 30;
+
+impl Encoding {
+    /// The destination could not resolve a round: forget what it was thought to have learned,
+    /// and count on nothing more.
+    fn unlearn(&mut self) {
+        if let Some(r) = self.remote.as_mut() {
+            for h in self.learned.drain(..) {
+                r.remove(h);
+            }
+        }
+        self.learned.clear();
+        self.no_learning = true;
+    }
+}
 
 impl Encoding {
     /// Left in [`RoundState`] while the real one is away on the encoding thread.
@@ -377,7 +402,8 @@ impl Encoding {
             sent: Vec::new(),
             remote: None,
             codec: Codec::Zstd(2),
-            learned: 0,
+            learned: Vec::new(),
+            no_learning: false,
         }
     }
 }
@@ -479,7 +505,7 @@ async fn send_round(
     let mut ready = encode_part(&reader, state, &parts[0], cold, round).await?;
     // At most one cold retry per part, and a bound on the whole loop.
     for _ in 0..parts.len() * 2 + 1 {
-        let (file, wire) = ready;
+        let (file, wire, levels) = ready;
         let next = parts
             .get(k + 1)
             .map(|p| spawn_encode(reader.clone(), state, p.clone(), cold));
@@ -492,9 +518,15 @@ async fn send_round(
             Some(task) => Some(join_encode(task, state, round).await?),
             None => None,
         };
+        if matches!(&sent, Ok(()) | Err(SendError::Refused { .. })) {
+            // It crossed the network either way.
+            wire_total += wire;
+        }
         match sent {
             Ok(()) => {
-                wire_total += wire;
+                for (total, v) in state.levels.iter_mut().zip(levels) {
+                    *total += v;
+                }
                 k += 1;
                 match encoded_next {
                     Some(e) => ready = e,
@@ -517,8 +549,11 @@ async fn send_round(
                     "destination could not resolve the round; sending the rest of it again \
                      without references"
                 );
-                // The next part was encoded with references too: it is encoded again.
+                // The next part was encoded with references too: it is encoded again. Pages
+                // counted on as learned may be what was missing: no more of that.
                 cold = true;
+                state.cold_resends += 1;
+                state.enc.unlearn();
                 ready = encode_part(&reader, state, &parts[k], cold, round).await?;
             }
             Err(e) => return Err(format!("round {round}: {e}")),
@@ -555,6 +590,8 @@ async fn send_part(
     let opts = SendOptions {
         streams: spec.streams,
         retry_for: Duration::from_secs(30),
+        // Its tag names this migration, round and part: new to the destination.
+        fresh: true,
         delta: DeltaOptions {
             enabled: false,
             ..DeltaOptions::default()
@@ -574,8 +611,10 @@ async fn send_part(
     .map(|_| ())
 }
 
-type Encoded = (tempfile::NamedTempFile, u64);
-type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<(Encoded, [u64; 6])>)>;
+/// An encoded part: its file, size, and pages at each level (zero / same / dup / cache /
+/// XOR / literal).
+type Encoded = (tempfile::NamedTempFile, u64, [u64; 6]);
+type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<Encoded>)>;
 
 /// Starts encoding `addrs` on a blocking thread, with the encoding state moved there.
 fn spawn_encode(
@@ -603,11 +642,7 @@ async fn join_encode(
         .await
         .map_err(|e| format!("encoding round {round}: the encoder failed: {e}"))?;
     state.enc = enc;
-    let (encoded, levels) = r.map_err(|e| format!("encoding round {round}: {e}"))?;
-    for (total, v) in state.levels.iter_mut().zip(levels) {
-        *total += v;
-    }
-    Ok(encoded)
+    r.map_err(|e| format!("encoding round {round}: {e}"))
 }
 
 /// Encodes `addrs` on a blocking thread and waits for it.
@@ -623,13 +658,13 @@ async fn encode_part(
 }
 
 /// Writes the HDE page object of `addrs` to a temporary file; returns it, its size and the
-/// pages sent at each level (zero / same / dup / cache / XOR / literal).
+/// pages sent at each level.
 fn encode_pages(
     reader: &PageReader,
     state: &mut Encoding,
     addrs: &[u64],
     cold: bool,
-) -> std::io::Result<(Encoded, [u64; 6])> {
+) -> std::io::Result<Encoded> {
     let ps = reader.page_size();
     let cfg = EncoderConfig {
         page_size: ps,
@@ -641,7 +676,8 @@ fn encode_pages(
     let mut out = Vec::with_capacity(8 << 20);
     let mut buf = Vec::with_capacity(1024 * ps);
     // Only with references, and with a destination that has a cache (it sent a summary).
-    let learn = !cold && state.remote.is_some();
+    let learn = !cold && !state.no_learning && state.remote.is_some();
+    let max_learned = (MAX_LEARNED_BYTES / ps as u64) as usize;
     for batch in addrs.chunks(1024) {
         buf.clear();
         reader.copy_pages(batch, &mut buf);
@@ -658,10 +694,13 @@ fn encode_pages(
             // applied in order: a later part (or round) may refer to this page there. That
             // keeps the duplicates across the parts of a round, which the encoder sees only
             // within one object.
-            if learn && enc.stats().literal > literal && state.learned < MAX_LEARNED_BYTES {
+            if learn && enc.stats().literal > literal && state.learned.len() < max_learned {
                 if let Some(r) = state.remote.as_mut() {
-                    r.insert(dwcp_encoding::fast64(page));
-                    state.learned += ps as u64;
+                    let h = dwcp_encoding::fast64(page);
+                    if !r.contains(h) {
+                        r.insert(h);
+                        state.learned.push(h);
+                    }
                 }
             }
             state.shadow[at..at + ps].copy_from_slice(page);
@@ -676,5 +715,5 @@ fn encode_pages(
     tmp.write_all(&out)?;
     tmp.flush()?;
     let levels = [s.zero, s.same, s.dup, s.cache, s.xor, s.literal];
-    Ok(((tmp, s.bytes_out), levels))
+    Ok((tmp, s.bytes_out, levels))
 }

@@ -90,6 +90,10 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     assert!(r.migrated, "{r:?}");
     assert_eq!(r.bit_exact, Some(true), "{r:?}");
     assert_eq!(r.rounds[0].pages, 4096, "{r:?}");
+    // Duplicates across parts went as references to what the destination's cache learned
+    // from earlier parts, and it held them all.
+    assert!(r.levels[3] > 0, "{r:?}");
+    assert_eq!(r.cold_resends, 0, "{r:?}");
     let dest_img = std::fs::read(cluster.dir().join("spool/src/parts.mem")).unwrap();
     let hashes: Vec<u64> = dest_img
         .chunks_exact(4096)
@@ -106,6 +110,43 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
         r2.rounds[0].wire_bytes,
         r.rounds[0].wire_bytes
     );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_cache_too_small_for_what_it_learned_still_gets_a_bit_exact_image() {
+    let cluster = TestCluster::new();
+    // A cache of 1 MiB in memory: the literal pages of early parts are evicted before later
+    // parts refer to them, the destination cannot resolve those, and the source sends the
+    // rest of that round without references and stops counting on learned pages.
+    let agent = RunningAgent::start(&cluster, "dest", |c| {
+        c.encoding.cache_dir = std::path::PathBuf::new();
+        c.encoding.cache_mem_mib = 1;
+    })
+    .await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let dest = Destination {
+        endpoint: &ep,
+        addr: agent.addr,
+        expected: None,
+    };
+    let spec = MigrationSpec {
+        first_part_pages: 300,
+        max_part_pages: 600,
+        ..MigrationSpec::new("small-cache.mem")
+    };
+    let v = vm(16, 2000.0);
+    let r = migrate(&v, dest, &spec, &mut |_| {}).await;
+    assert!(r.migrated, "{r:?}");
+    assert_eq!(r.bit_exact, Some(true), "{r:?}");
+    // Once, then the source counts on nothing it sent.
+    assert_eq!(r.cold_resends, 1, "{r:?}");
+    let dest_img = std::fs::read(cluster.dir().join("spool/src/small-cache.mem")).unwrap();
+    let hashes: Vec<u64> = dest_img
+        .chunks_exact(4096)
+        .map(dwcp_encoding::fast64)
+        .collect();
+    assert_eq!(hashes, v.page_hashes());
     agent.stop().await.unwrap();
 }
 

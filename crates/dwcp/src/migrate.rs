@@ -110,6 +110,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "wire_bytes": r.wire_bytes,
         "bit_exact": r.bit_exact,
         "codec": r.codec,
+        "cold_resends": r.cold_resends,
         "pages": {"zero": zero, "same": same, "dup": dup, "cache": cache, "xor": xor, "literal": literal},
         "rounds": r.rounds.iter().map(|x| json!({
             "round": x.round, "pages": x.pages, "wire_bytes": x.wire_bytes, "seconds": x.seconds,
@@ -148,6 +149,13 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
         "  pages sent as: {zero} zero, {dup} duplicate, {cache} from the destination's cache, {same} unchanged, {xor} XOR delta, {literal} literal ({})",
         r.codec
     );
+    if r.cold_resends > 0 {
+        println!(
+            "  {} part(s) of rounds sent again without references: the destination's cache \
+             no longer held pages it had learned from this migration",
+            r.cold_resends
+        );
+    }
     if r.migrated {
         println!(
             "result: migrated ({}) in {:.2} s; guest paused {:.0} ms (predicted {:.0} ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
