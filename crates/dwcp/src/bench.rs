@@ -331,11 +331,17 @@ fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBu
 pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     let profile = testbed_profile(&args.profile, "transport")?;
     let size = parse_size(&args.size)?;
-    if let Some(b) = &args.baseline {
-        if !b.is_file() {
+    // An absolute path: the namespaces' `ip netns exec` would look a bare name up in PATH.
+    let baseline = match &args.baseline {
+        Some(b) if b.is_file() => Some(
+            std::fs::canonicalize(b)
+                .map_err(|e| UsageError(format!("--baseline: {}: {e}", b.display())))?,
+        ),
+        Some(b) => {
             return Err(UsageError(format!("--baseline: {} is not a file", b.display())).into());
         }
-    }
+        None => None,
+    };
     watch_signals()?;
     let exe = std::env::current_exe().context("cannot find the dwcp binary")?;
     let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
@@ -400,8 +406,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
             write_random(&file, run_size)?;
         }
         // The baseline first in each round, so neither build always runs on a warmer host.
-        let builds: Vec<(&Path, bool)> = args
-            .baseline
+        let builds: Vec<(&Path, bool)> = baseline
             .as_deref()
             .map(|b| (b, true))
             .into_iter()
