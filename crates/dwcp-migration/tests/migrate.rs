@@ -1,5 +1,7 @@
 //! Live migration of a memory-image VM between two agents on loopback.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
@@ -11,16 +13,27 @@ fn vm(mb: u64, writes_per_sec: f64) -> MemoryVm {
     MemoryVm::start(img.data, 4096, DirtyModel::default(), writes_per_sec, 7)
 }
 
+/// The destination agent `agent`, reached with `ep`.
+fn to<'a>(ep: &'a dwcp_transport::Endpoint, agent: &RunningAgent) -> Destination<'a> {
+    Destination {
+        endpoint: ep,
+        addr: agent.addr,
+        expected: None,
+    }
+}
+
+/// The page hashes of the image `name` that source node "src" published in `cluster`.
+fn published(cluster: &TestCluster, name: &str) -> Vec<u64> {
+    let img = std::fs::read(cluster.dir().join("spool/src").join(name)).unwrap();
+    img.chunks_exact(4096).map(dwcp_encoding::fast64).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let dest = to(&ep, &agent);
     let v = vm(16, 2000.0);
     let spec = MigrationSpec::new("vm1.mem");
     let r = migrate(&v, dest, &spec, &mut |_| {}).await;
@@ -32,12 +45,7 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
         "the source stays paused: the VM lives on the destination now"
     );
     // The published image is the source's memory at the moment it stopped.
-    let dest_img = std::fs::read(cluster.dir().join("spool/src/vm1.mem")).unwrap();
-    let hashes: Vec<u64> = dest_img
-        .chunks_exact(4096)
-        .map(dwcp_encoding::fast64)
-        .collect();
-    assert_eq!(hashes, v.page_hashes());
+    assert_eq!(published(&cluster, "vm1.mem"), v.page_hashes());
     assert!(
         !cluster
             .dir()
@@ -73,11 +81,7 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let dest = to(&ep, &agent);
     // 4096 pages: the first pass goes as parts of 300, 600, 1000, 1000, 1000 and 196 pages,
     // each encoded while the one before it is sent.
     let small_parts = |name: &str| MigrationSpec {
@@ -94,12 +98,7 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     // from earlier parts, and it held them all.
     assert!(r.levels[3] > 0, "{r:?}");
     assert_eq!(r.cold_resends, 0, "{r:?}");
-    let dest_img = std::fs::read(cluster.dir().join("spool/src/parts.mem")).unwrap();
-    let hashes: Vec<u64> = dest_img
-        .chunks_exact(4096)
-        .map(dwcp_encoding::fast64)
-        .collect();
-    assert_eq!(hashes, v.page_hashes());
+    assert_eq!(published(&cluster, "parts.mem"), v.page_hashes());
     // Warm again, in parts: the pages of every part went into the destination's cache.
     let v2 = vm(16, 2000.0);
     let r2 = migrate(&v2, dest, &small_parts("parts-again.mem"), &mut |_| {}).await;
@@ -125,11 +124,7 @@ async fn a_destination_cache_too_small_for_what_it_learned_still_gets_a_bit_exac
     })
     .await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let dest = to(&ep, &agent);
     let spec = MigrationSpec {
         first_part_pages: 300,
         max_part_pages: 600,
@@ -141,12 +136,7 @@ async fn a_destination_cache_too_small_for_what_it_learned_still_gets_a_bit_exac
     assert_eq!(r.bit_exact, Some(true), "{r:?}");
     // Once, then the source counts on nothing it sent.
     assert_eq!(r.cold_resends, 1, "{r:?}");
-    let dest_img = std::fs::read(cluster.dir().join("spool/src/small-cache.mem")).unwrap();
-    let hashes: Vec<u64> = dest_img
-        .chunks_exact(4096)
-        .map(dwcp_encoding::fast64)
-        .collect();
-    assert_eq!(hashes, v.page_hashes());
+    assert_eq!(published(&cluster, "small-cache.mem"), v.page_hashes());
     agent.stop().await.unwrap();
 }
 
@@ -155,11 +145,7 @@ async fn a_workload_that_never_converges_is_rolled_back_with_the_source_running(
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let dest = to(&ep, &agent);
     // A guest rewriting pages far faster than the rounds go, no throttling allowed, and a
     // budget no round can meet.
     let v = vm(8, 200_000.0);
@@ -216,11 +202,7 @@ async fn two_migrations_at_once_to_one_destination_each_arrive_with_their_own_re
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let dest = to(&ep, &agent);
     let (a, b) = (vm(8, 1000.0), vm(8, 3000.0));
     let (sa, sb) = (MigrationSpec::new("a.mem"), MigrationSpec::new("b.mem"));
     let (mut pa, mut pb) = (
@@ -233,9 +215,7 @@ async fn two_migrations_at_once_to_one_destination_each_arrive_with_their_own_re
     );
     for (r, name, v) in [(&ra, "a.mem", &a), (&rb, "b.mem", &b)] {
         assert!(r.migrated && r.bit_exact == Some(true), "{name}: {r:?}");
-        let img = std::fs::read(cluster.dir().join("spool/src").join(name)).unwrap();
-        let hashes: Vec<u64> = img.chunks_exact(4096).map(dwcp_encoding::fast64).collect();
-        assert_eq!(hashes, v.page_hashes(), "{name}");
+        assert_eq!(published(&cluster, name), v.page_hashes(), "{name}");
     }
     agent.stop().await.unwrap();
 }
