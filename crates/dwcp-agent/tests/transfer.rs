@@ -511,6 +511,51 @@ async fn t36_fresh_objects_start_behind_their_begin_and_a_refused_one_is_reporte
 }
 
 #[tokio::test]
+async fn t37_a_fresh_object_the_receiver_partly_holds_is_resumed_not_resent() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let addr = agent.addr;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "held.img", 24 * 1024 * 1024, 25);
+    let ep = endpoint(&cluster, "client", |_| {});
+    // A first sender is cut off halfway (its receiver stops) and gives up.
+    let mut slow = opts(4);
+    slow.rate_limit = Some(8_000_000);
+    let (ep1, source) = (ep.clone(), Source::file(&f).unwrap());
+    let first =
+        tokio::spawn(
+            async move { send_files(&ep1, addr, None, &[source], &slow, &mut |_| {}).await },
+        );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    agent.stop().await.unwrap();
+    first.abort();
+    let part = cluster.dir().join("spool/client/.held.img.dwcp-part");
+    assert!(part.exists(), "partial file kept for resuming");
+    let s = settings(&cluster, |c| c.agent.listen = addr.to_string());
+    let agent = RunningAgent::start_with(cluster.creds("server"), &s).await;
+    // Sent again, wrongly marked fresh: the receiver's answer shows it holds part of it, and
+    // the sender starts over on a new session that resumes.
+    let fresh = SendOptions {
+        fresh: true,
+        ..opts(4)
+    };
+    let report = send_files(
+        &ep,
+        addr,
+        None,
+        &[Source::file(&f).unwrap()],
+        &fresh,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert!(report.objects[0].resumed_from > 0, "{report:?}");
+    same_file(&f, &cluster.dir().join("spool/client/held.img"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn t33_object_larger_than_the_free_space_is_refused_up_front() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;

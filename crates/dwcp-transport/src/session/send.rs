@@ -1069,7 +1069,9 @@ pub async fn send_files_kept(
             kept.object_id += 1;
             let object_id = kept.object_id;
             let fresh = opts.fresh && !begun.contains(&next_file);
-            begun.push(next_file);
+            if !begun.contains(&next_file) {
+                begun.push(next_file);
+            }
             let r = send_object(
                 &mut session,
                 wire_src.as_ref().unwrap_or(src),
@@ -1572,11 +1574,18 @@ async fn send_object(
                     continue;
                 }
                 if st.have > 0 {
-                    // Cannot happen for a name and tag it never saw; what it holds is what
-                    // goes again, and it takes duplicates.
-                    debug!(have = st.have, "receiver held part of a fresh object");
+                    // Not fresh after all (a caller's mistake): the receiver acknowledges from
+                    // what it holds, which may be beyond what was read here. Start over on a
+                    // new session, where the file resumes as any other.
+                    break Err(lost(format!(
+                        "the receiver already holds {} bytes of an object sent as fresh",
+                        st.have
+                    )));
                 }
                 confirmed = true;
+                // Goodput samples start with every stream carrying the object.
+                sample_at = Instant::now();
+                sample_acked = core.lock().await.sched.acked();
                 for (i, w) in session.writers.iter().enumerate() {
                     let Some((generation, w)) = w else { continue };
                     if writer_tasks.len() <= i {
