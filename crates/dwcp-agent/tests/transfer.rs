@@ -450,22 +450,32 @@ async fn t31_unreachable_receiver_fails_fast() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-#[tokio::test]
-async fn t32_bad_object_name_is_refused() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let src = tempfile::tempdir().unwrap();
-    let f = random_file(src.path(), "x", 10, 9);
-    let mut source = Source::file(&f).unwrap();
+/// Sends `file` under the name "../escape" with `o`: refused, and nothing written outside.
+async fn escape_is_refused(
+    cluster: &TestCluster,
+    agent: &RunningAgent,
+    file: &std::path::Path,
+    o: &SendOptions,
+) {
+    let mut source = Source::file(file).unwrap();
     source.name = "../escape".into();
-    let ep = endpoint(&cluster, "client", |_| {});
-    match send_files(&ep, agent.addr, None, &[source], &opts(2), &mut |_| {}).await {
+    let ep = endpoint(cluster, "client", |_| {});
+    match send_files(&ep, agent.addr, None, &[source], o, &mut |_| {}).await {
         Err(SendError::Refused { code, .. }) => {
             assert_eq!(code, dwcp_wire::ErrorCode::STORAGE_ERROR)
         }
         other => panic!("{other:?}"),
     }
     assert!(!cluster.dir().join("escape").exists());
+}
+
+#[tokio::test]
+async fn t32_bad_object_name_is_refused() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let f = random_file(src.path(), "x", 10, 9);
+    escape_is_refused(&cluster, &agent, &f, &opts(2)).await;
     agent.stop().await.unwrap();
 }
 
@@ -498,15 +508,7 @@ async fn t36_fresh_objects_start_behind_their_begin_and_a_refused_one_is_reporte
     // Refused at its begin, with more than a chunk already written behind it: the sender
     // gets the refusal (the data that followed is ignored, not a protocol violation).
     let big = random_file(src.path(), "big", 3 * 1024 * 1024, 24);
-    let mut bad = Source::file(&big).unwrap();
-    bad.name = "../escape".into();
-    match send_files(&ep, agent.addr, None, &[bad], &fresh, &mut |_| {}).await {
-        Err(SendError::Refused { code, .. }) => {
-            assert_eq!(code, dwcp_wire::ErrorCode::STORAGE_ERROR)
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(!cluster.dir().join("escape").exists());
+    escape_is_refused(&cluster, &agent, &big, &fresh).await;
     agent.stop().await.unwrap();
 }
 
