@@ -11,6 +11,8 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dwcp_encoding::chooser::Chooser;
@@ -482,33 +484,34 @@ async fn send_round(
     kept: &mut KeptSession,
 ) -> Result<RoundStats, String> {
     let t0 = Instant::now();
-    let dirty = vm.take_dirty();
+    // Shared with the encoding thread, which takes each part as a range of it.
+    let dirty: Arc<[u64]> = vm.take_dirty().into();
     let reader = vm.reader();
     let raw_size = vm.pages() * vm.page_size() as u64;
-    let mut parts: Vec<Vec<u64>> = Vec::new();
-    let mut rest = dirty.as_slice();
+    let mut parts: Vec<Range<usize>> = Vec::new();
     let max_part = spec.max_part_pages.max(1);
     let mut part = spec.first_part_pages.clamp(1, max_part);
-    while !rest.is_empty() {
-        let (head, tail) = rest.split_at(part.min(rest.len()));
-        parts.push(head.to_vec());
-        rest = tail;
+    let mut at = 0;
+    while at < dirty.len() {
+        let end = (at + part).min(dirty.len());
+        parts.push(at..end);
+        at = end;
         part = part.saturating_mul(2).min(max_part);
     }
     if parts.is_empty() {
         // An empty round still goes, as an empty object: the destination sees every round.
-        parts.push(Vec::new());
+        parts.push(0..0);
     }
     let mut wire_total = 0u64;
     let mut cold = false;
     let mut k = 0usize;
-    let mut ready = encode_part(&reader, state, &parts[0], cold, round).await?;
+    let mut ready = encode_part(&reader, state, &dirty, parts[0].clone(), cold, round).await?;
     // At most one cold retry per part, and a bound on the whole loop.
     for _ in 0..parts.len() * 2 + 1 {
         let (file, wire, levels) = ready;
         let next = parts
             .get(k + 1)
-            .map(|p| spawn_encode(reader.clone(), state, p.clone(), cold));
+            .map(|p| spawn_encode(reader.clone(), state, dirty.clone(), p.clone(), cold));
         let sent = send_part(
             dest, spec, state, kept, &file, wire, raw_size, round, k, cold,
         )
@@ -554,7 +557,7 @@ async fn send_round(
                 cold = true;
                 state.cold_resends += 1;
                 state.enc.unlearn();
-                ready = encode_part(&reader, state, &parts[k], cold, round).await?;
+                ready = encode_part(&reader, state, &dirty, parts[k].clone(), cold, round).await?;
             }
             Err(e) => return Err(format!("round {round}: {e}")),
         }
@@ -616,16 +619,18 @@ async fn send_part(
 type Encoded = (tempfile::NamedTempFile, u64, [u64; 6]);
 type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<Encoded>)>;
 
-/// Starts encoding `addrs` on a blocking thread, with the encoding state moved there.
+/// Starts encoding the pages `dirty[part]` on a blocking thread, with the encoding state
+/// moved there.
 fn spawn_encode(
     reader: PageReader,
     state: &mut RoundState,
-    addrs: Vec<u64>,
+    dirty: Arc<[u64]>,
+    part: Range<usize>,
     cold: bool,
 ) -> EncodeTask {
     let mut enc = std::mem::replace(&mut state.enc, Encoding::away());
     tokio::task::spawn_blocking(move || {
-        let r = encode_pages(&reader, &mut enc, &addrs, cold);
+        let r = encode_pages(&reader, &mut enc, &dirty[part], cold);
         (enc, r)
     })
 }
@@ -645,15 +650,16 @@ async fn join_encode(
     r.map_err(|e| format!("encoding round {round}: {e}"))
 }
 
-/// Encodes `addrs` on a blocking thread and waits for it.
+/// Encodes the pages `dirty[part]` on a blocking thread and waits for it.
 async fn encode_part(
     reader: &PageReader,
     state: &mut RoundState,
-    addrs: &[u64],
+    dirty: &Arc<[u64]>,
+    part: Range<usize>,
     cold: bool,
     round: u32,
 ) -> Result<Encoded, String> {
-    let task = spawn_encode(reader.clone(), state, addrs.to_vec(), cold);
+    let task = spawn_encode(reader.clone(), state, dirty.clone(), part, cold);
     join_encode(task, state, round).await
 }
 
