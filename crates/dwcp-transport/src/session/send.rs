@@ -938,7 +938,7 @@ pub async fn send_files_kept(
     let mut encoded: HashMap<usize, Encoded> = HashMap::new();
     let mut cold: Vec<usize> = Vec::new();
     // Files begun at least once: the receiver may hold part of them.
-    let mut begun: Vec<usize> = Vec::new();
+    let mut begun: HashSet<usize> = HashSet::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
         let plan = if opts.adaptive {
@@ -1068,10 +1068,7 @@ pub async fn send_files_kept(
             let raw_size = enc.map_or(src.size, |e| e.report.raw_bytes);
             kept.object_id += 1;
             let object_id = kept.object_id;
-            let fresh = opts.fresh && !begun.contains(&next_file);
-            if !begun.contains(&next_file) {
-                begun.push(next_file);
-            }
+            let fresh = begun.insert(next_file) && opts.fresh;
             let r = send_object(
                 &mut session,
                 wire_src.as_ref().unwrap_or(src),
@@ -1323,19 +1320,9 @@ async fn send_object(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let (mut beat_at, mut beat_acked) = (Instant::now(), have);
     let mut writers = JoinSet::new();
-    let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = vec![None; session.writers.len()];
-    for (i, w) in session.writers.iter().enumerate() {
-        if let Some((generation, w)) = w {
-            if confirmed || i == first {
-                writer_tasks[i] = Some(writers.spawn(stream_writer(
-                    ctx.clone(),
-                    i as u32,
-                    *generation,
-                    w.clone(),
-                )));
-            }
-        }
-    }
+    let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = Vec::new();
+    let only = (!confirmed).then_some(first);
+    start_writers(session, &ctx, &mut writers, &mut writer_tasks, only);
     // The streams OBJECT_END went out on: two, so that one stuck stream cannot hold it back;
     // if one dies, the end is sent again.
     let mut end_on: Vec<usize> = Vec::new();
@@ -1412,7 +1399,7 @@ async fn send_object(
             Some(r) = session.joining.join_next(), if !session.joining.is_empty() => {
                 match r {
                     Ok((i, Ok(conn))) => match session.add(i, conn).await {
-                        Ok(generation) => {
+                        Ok(_) => {
                             if growing.remove(&i) {
                                 report.streams_added += 1;
                             } else if !session.opening.remove(&i) {
@@ -1420,16 +1407,9 @@ async fn send_object(
                                 info!(stream = i, "stream replaced");
                             }
                             report.streams = report.streams.max(session.alive() as u32);
-                            let Some((_, w)) = session.writers[i as usize].clone() else {
-                                continue;
-                            };
-                            if writer_tasks.len() <= i as usize {
-                                writer_tasks.resize(i as usize + 1, None);
-                            }
                             // Not before the receiver answered the begin (then all at once).
                             if confirmed {
-                                writer_tasks[i as usize] =
-                                    Some(writers.spawn(stream_writer(ctx.clone(), i, generation, w)));
+                                start_writers(session, &ctx, &mut writers, &mut writer_tasks, Some(i as usize));
                             }
                         }
                         Err(e) => warn!(stream = i, "replacement stream failed to join: {e}"),
@@ -1586,20 +1566,7 @@ async fn send_object(
                 // Goodput samples start with every stream carrying the object.
                 sample_at = Instant::now();
                 sample_acked = core.lock().await.sched.acked();
-                for (i, w) in session.writers.iter().enumerate() {
-                    let Some((generation, w)) = w else { continue };
-                    if writer_tasks.len() <= i {
-                        writer_tasks.resize(i + 1, None);
-                    }
-                    if writer_tasks[i].is_none() {
-                        writer_tasks[i] = Some(writers.spawn(stream_writer(
-                            ctx.clone(),
-                            i as u32,
-                            *generation,
-                            w.clone(),
-                        )));
-                    }
-                }
+                start_writers(session, &ctx, &mut writers, &mut writer_tasks, None);
             }
             Event::Frame(f) if f.ty == FrameType::PONG => {
                 if let Some(rtt) = session.heartbeat_rtt(&f) {
@@ -2078,6 +2045,28 @@ const HOLE: u64 = 1024 * 1024;
 
 /// Feeds stream `i` (of `generation`) from the object's scheduler until the object is done or
 /// the stream fails.
+/// Starts the object's writer on every stream of `session` that has none running (only on
+/// stream `only`, if given).
+fn start_writers(
+    session: &Session,
+    ctx: &ObjectCtx,
+    writers: &mut JoinSet<()>,
+    tasks: &mut Vec<Option<tokio::task::AbortHandle>>,
+    only: Option<usize>,
+) {
+    if tasks.len() < session.writers.len() {
+        tasks.resize(session.writers.len(), None);
+    }
+    for (i, w) in session.writers.iter().enumerate() {
+        let Some((generation, w)) = w else { continue };
+        if only.is_some_and(|o| o != i) || tasks[i].as_ref().is_some_and(|t| !t.is_finished()) {
+            continue;
+        }
+        tasks[i] =
+            Some(writers.spawn(stream_writer(ctx.clone(), i as u32, *generation, w.clone())));
+    }
+}
+
 async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mutex<Writer>>) {
     let ObjectCtx {
         object,
