@@ -48,7 +48,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::digest::Digester;
+use super::digest::{Digester, Follower};
 use super::reasm::Ranges;
 use crate::conn::{ConnError, FrameReader, FrameWriter};
 
@@ -971,7 +971,21 @@ impl Receiver {
         let round = delta
             .as_ref()
             .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
-        let digester = match Digester::start(file.clone(), have, (!round).then_some(SYNC_STEP)) {
+        // A round received from its start is applied while it arrives (see `RoundApply`).
+        let follower: Option<Box<dyn Follower>> = match &delta {
+            Some(d) if round && have == 0 => {
+                match RoundApply::open(&path, d.raw_size, self.cache.clone()) {
+                    Ok(a) => Some(Box::new(a)),
+                    Err((_, e)) => {
+                        lock(&self.active).remove(&path);
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let sync = (!round).then_some(SYNC_STEP);
+        let digester = match Digester::start(file.clone(), have, sync, follower) {
             Ok(d) => d,
             Err(e) => {
                 lock(&self.active).remove(&path);
@@ -1095,10 +1109,13 @@ impl Receiver {
             )
         };
         let (digester, file, part, state, path, digest, name, size, resumed_from, delta) = job;
-        // Most of the file is hashed by now; this waits for the rest.
-        let hashed = match digester {
-            Some(d) => Some(d.finish(size).await),
-            None => None,
+        // Most of the file is hashed (and a round applied) by now; this waits for the rest.
+        let (hashed, follower) = match digester {
+            Some(d) => match d.finish(size).await {
+                Ok((h, f)) => (Some(Ok(h)), f),
+                Err(e) => (Some(Err(e)), None),
+            },
+            None => (None, None),
         };
         let encoded_size = delta.as_ref().map(|_| size);
         let size = delta.as_ref().map_or(size, |d| d.raw_size);
@@ -1132,7 +1149,10 @@ impl Receiver {
             }
             if let Some(d) = &delta {
                 let r = if d.encoding == data::ENCODING_HDE_PAGES_INPLACE {
-                    apply_round(&part, &final_path, d, cache.as_deref())
+                    match follower {
+                        Some(applied) => applied.finish(),
+                        None => apply_round(&part, &final_path, d, cache.as_deref()),
+                    }
                 } else {
                     decode_into(&part, &final_path, d, cache.as_deref())
                 };
@@ -1148,8 +1168,8 @@ impl Receiver {
                 })?;
             }
             let _ = fs::remove_file(&state);
-            // The rename is durable only once the directory is.
-            if let Some(dir) = final_path.parent() {
+            // The rename is durable only once the directory is (a round renames nothing).
+            if let Some(dir) = final_path.parent().filter(|_| !round) {
                 File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
                     (
                         ErrorCode::STORAGE_ERROR,
@@ -1259,14 +1279,9 @@ fn migration_target(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.dwcp-migrating"))
 }
 
-/// Applies a verified migration round in `part` to the migration target of `final_path`, in
-/// place: pages not in the round keep what earlier rounds wrote.
-fn apply_round(
-    part: &Path,
-    final_path: &Path,
-    d: &Delta,
-    cache: Option<&Mutex<BaselineCache>>,
-) -> Result<(), (ErrorCode, String)> {
+/// Opens the migration target of `final_path`, sized to `raw_size`; what earlier rounds wrote
+/// stays.
+fn open_target(final_path: &Path, raw_size: u64) -> Result<File, (ErrorCode, String)> {
     let storage =
         |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
     let target = migration_target(final_path);
@@ -1277,10 +1292,23 @@ fn apply_round(
         .truncate(false)
         .open(&target)
         .map_err(|e| storage("cannot open the migration target", &e))?;
-    if out.metadata().map(|m| m.len()).ok() != Some(d.raw_size) {
-        out.set_len(d.raw_size)
+    if out.metadata().map(|m| m.len()).ok() != Some(raw_size) {
+        out.set_len(raw_size)
             .map_err(|e| storage("cannot size the migration target", &e))?;
     }
+    Ok(out)
+}
+
+/// Applies a verified migration round in `part` to the migration target of `final_path`, in
+/// place: pages not in the round keep what earlier rounds wrote. (A round received from its
+/// first byte in one go was applied while it arrived, by a [`RoundApply`].)
+fn apply_round(
+    part: &Path,
+    final_path: &Path,
+    d: &Delta,
+    cache: Option<&Mutex<BaselineCache>>,
+) -> Result<(), (ErrorCode, String)> {
+    let out = open_target(final_path, d.raw_size)?;
     let mut guard = cache.map(lock);
     let mut none = NoCache;
     let src: &mut dyn ContentSource = match guard.as_deref_mut() {
@@ -1289,6 +1317,164 @@ fn apply_round(
     };
     // Not synced here: the commit publishes the target at the end.
     decode_pages(part, out, d.raw_size, src).map(drop)
+}
+
+/// Decodes a migration round into its target on the digest thread, as its bytes arrive.
+///
+/// What it writes is not verified yet when written: the round's digest is checked at the end,
+/// and a round that fails it fails the migration's object, as before. Applying part of a
+/// round twice (it failed, or its session broke and it resumed, then was decoded again from
+/// the part file) is safe: literal, zero, duplicate and cache pages come out the same, and
+/// the pages that depend on what the target held (unchanged runs, XOR deltas) carry a check
+/// of that base; a base that no longer matches makes those pages unresolved, and the sender
+/// sends the rest of the round again without references.
+struct RoundApply {
+    sink: PagesSink,
+    cache: Option<Arc<Mutex<BaselineCache>>>,
+    failed: Option<(ErrorCode, String)>,
+}
+
+impl RoundApply {
+    fn open(
+        final_path: &Path,
+        raw_size: u64,
+        cache: Option<Arc<Mutex<BaselineCache>>>,
+    ) -> Result<Self, (ErrorCode, String)> {
+        Ok(Self {
+            sink: PagesSink::new(open_target(final_path, raw_size)?, raw_size),
+            cache,
+            failed: None,
+        })
+    }
+}
+
+impl Follower for RoundApply {
+    fn feed(&mut self, bytes: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        // Held for one step only: other sessions' objects use the cache too.
+        let mut guard = self.cache.as_deref().map(lock);
+        let mut none = NoCache;
+        let src: &mut dyn ContentSource = match guard.as_deref_mut() {
+            Some(c) => c,
+            None => &mut none,
+        };
+        if let Err(e) = self.sink.feed(bytes, src) {
+            self.failed = Some(e);
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), (ErrorCode, String)> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => self.sink.finish().map(drop),
+        }
+    }
+}
+
+/// Decodes an HDE page object, fed in order, into a file of `raw_size` bytes that holds the
+/// base its references assume.
+struct PagesSink {
+    /// Until the header says the page size.
+    out: Option<File>,
+    store: Option<dwcp_encoding::FileStore>,
+    head: Vec<u8>,
+    raw_size: u64,
+    dec: dwcp_encoding::PageDecoder,
+}
+
+/// Bytes of an HDE page object's header; the last one is the page size's shift.
+const PAGES_HEADER: usize = 6;
+
+impl PagesSink {
+    fn new(out: File, raw_size: u64) -> Self {
+        Self {
+            out: Some(out),
+            store: None,
+            head: Vec::with_capacity(PAGES_HEADER),
+            raw_size,
+            dec: dwcp_encoding::PageDecoder::new(),
+        }
+    }
+
+    fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        src: &mut dyn ContentSource,
+    ) -> Result<(), (ErrorCode, String)> {
+        if self.store.is_none() {
+            let take = (PAGES_HEADER - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.head.len() < PAGES_HEADER {
+                return Ok(());
+            }
+            let shift = self.head[PAGES_HEADER - 1];
+            if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT)
+                .contains(&shift)
+                || self.raw_size % (1u64 << shift) != 0
+            {
+                return Err((
+                    ErrorCode::PROTOCOL_ERROR,
+                    "HDE page object has a bad page size".into(),
+                ));
+            }
+            let Some(out) = self.out.take() else {
+                return Err((ErrorCode::INTERNAL_ERROR, "page sink without a file".into()));
+            };
+            let mut store = dwcp_encoding::FileStore::new(out, self.raw_size >> shift, 1 << shift)
+                .map_err(|e| {
+                    (
+                        ErrorCode::STORAGE_ERROR,
+                        format!("cannot open the destination: {e}"),
+                    )
+                })?;
+            self.dec
+                .push(&self.head, &mut store, src)
+                .map_err(bad_pages)?;
+            self.store = Some(store);
+        }
+        match self.store.as_mut() {
+            Some(store) if !bytes.is_empty() => self.dec.push(bytes, store, src).map_err(bad_pages),
+            _ => Ok(()),
+        }
+    }
+
+    /// The file, once the whole object decoded; pages it could not rebuild fail it with
+    /// `DELTA_UNRESOLVED`.
+    fn finish(self) -> Result<File, (ErrorCode, String)> {
+        let Some(store) = self.store else {
+            return Err((
+                ErrorCode::PROTOCOL_ERROR,
+                "HDE page object shorter than its header".into(),
+            ));
+        };
+        self.dec.finish().map_err(bad_pages)?;
+        if !self.dec.missing().is_empty() {
+            return Err((
+                ErrorCode::DELTA_UNRESOLVED,
+                format!(
+                    "{} pages referred to content this receiver does not hold",
+                    self.dec.missing().len()
+                ),
+            ));
+        }
+        Ok(store.into_file())
+    }
+}
+
+fn bad_pages(e: dwcp_encoding::DecodeError) -> (ErrorCode, String) {
+    match e {
+        dwcp_encoding::DecodeError::Store(e) => (
+            ErrorCode::STORAGE_ERROR,
+            format!("cannot write the decoded pages: {e}"),
+        ),
+        e => (
+            ErrorCode::PROTOCOL_ERROR,
+            format!("undecodable HDE object: {e}"),
+        ),
+    }
 }
 
 /// Decodes the HDE page object in `part` into `out` (a file of `raw_size` bytes, holding the
@@ -1303,30 +1489,7 @@ fn decode_pages(
     let storage =
         |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
     let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
-    let mut head = [0u8; 6];
-    input
-        .read_exact(&mut head)
-        .map_err(|e| storage("cannot read the object", &e))?;
-    let shift = head[5];
-    if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT).contains(&shift)
-        || raw_size % (1u64 << shift) != 0
-    {
-        return Err((
-            ErrorCode::PROTOCOL_ERROR,
-            "HDE page object has a bad page size".into(),
-        ));
-    }
-    let bad = |e: dwcp_encoding::DecodeError| match e {
-        dwcp_encoding::DecodeError::Store(e) => storage("cannot write the decoded pages", &e),
-        e => (
-            ErrorCode::PROTOCOL_ERROR,
-            format!("undecodable HDE object: {e}"),
-        ),
-    };
-    let mut store = dwcp_encoding::FileStore::new(out, raw_size >> shift, 1 << shift)
-        .map_err(|e| storage("cannot open the destination", &e))?;
-    let mut dec = dwcp_encoding::PageDecoder::new();
-    dec.push(&head, &mut store, src).map_err(bad)?;
+    let mut sink = PagesSink::new(out, raw_size);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = input
@@ -1335,19 +1498,9 @@ fn decode_pages(
         if n == 0 {
             break;
         }
-        dec.push(&buf[..n], &mut store, src).map_err(bad)?;
+        sink.feed(&buf[..n], src)?;
     }
-    dec.finish().map_err(bad)?;
-    if !dec.missing().is_empty() {
-        return Err((
-            ErrorCode::DELTA_UNRESOLVED,
-            format!(
-                "{} pages referred to content this receiver does not hold",
-                dec.missing().len()
-            ),
-        ));
-    }
-    Ok(store.into_file())
+    sink.finish()
 }
 
 /// Decodes the verified encoded object in `part` into `final_path`: into a scratch copy of
@@ -1558,5 +1711,128 @@ mod tests {
         assert_eq!(read_state(&p), Some(("tag 1".into(), 100, 40)));
         fs::write(&p, "garbage").unwrap();
         assert_eq!(read_state(&p), None);
+    }
+
+    const PS: usize = 4096;
+    const PAGES: u64 = 512;
+
+    /// A round of every page of `new`, against `base` (what the target holds) unless cold,
+    /// in small blocks so that part of it can be applied.
+    fn round(new: &[u8], base: Option<&[u8]>) -> Vec<u8> {
+        let cfg = dwcp_encoding::EncoderConfig {
+            codec: dwcp_encoding::Codec::Zstd(1),
+            block_bytes: 8192,
+            ..dwcp_encoding::EncoderConfig::new(PAGES)
+        };
+        let mut enc = dwcp_encoding::PageEncoder::new(cfg).unwrap();
+        let mut out = Vec::new();
+        for (p, page) in new.chunks_exact(PS).enumerate() {
+            let b = base.map(|b| &b[p * PS..(p + 1) * PS]);
+            enc.push(p as u64, page, b, None, &mut out).unwrap();
+        }
+        let stats = enc.finish(&mut out);
+        assert_eq!(stats.xor > 0, base.is_some(), "{stats:?}");
+        out
+    }
+
+    /// Pages of pseudo-random bytes, and the same with a few bytes of each changed.
+    fn images() -> (Vec<u8>, Vec<u8>) {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let base: Vec<u8> = (0..PAGES as usize * PS)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut new = base.clone();
+        for p in 0..PAGES as usize {
+            new[p * PS + p % 97] ^= 0x5a;
+            new[p * PS + 1000 + p % 13] ^= 0xa5;
+            if p % 4 == 0 {
+                // New content: literal pages, which fill blocks.
+                new[p * PS..(p + 1) * PS].reverse();
+            }
+        }
+        (base, new)
+    }
+
+    fn inplace(raw_size: u64) -> Delta {
+        Delta {
+            encoding: data::ENCODING_HDE_PAGES_INPLACE,
+            raw_size,
+            raw_blake3: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_round_applied_while_it_arrives_in_pieces_of_any_size_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let final_path = dir.path().join("vm.mem");
+        let (base, new) = images();
+        fs::write(migration_target(&final_path), &base).unwrap();
+        let obj = round(&new, Some(&base));
+        let mut a = Box::new(RoundApply::open(&final_path, base.len() as u64, None).unwrap());
+        // The header split over several pieces, then uneven ones.
+        let mut at = 0;
+        for n in [1, 2, 4, 7, 100, 5000].into_iter().cycle() {
+            if at == obj.len() {
+                break;
+            }
+            let end = (at + n).min(obj.len());
+            a.feed(&obj[at..end]);
+            at = end;
+        }
+        a.finish().unwrap();
+        assert!(fs::read(migration_target(&final_path)).unwrap() == new);
+    }
+
+    #[test]
+    fn a_round_applied_in_part_then_again_from_its_start_is_never_wrong() {
+        // Its session broke after part of it was applied; resumed, it is decoded again from
+        // the part file. The pages that depend on the target's old content must not be
+        // applied twice: their base checks fail, and the sender is told to send it cold.
+        let dir = tempfile::tempdir().unwrap();
+        let final_path = dir.path().join("vm.mem");
+        let (base, new) = images();
+        let raw_size = base.len() as u64;
+        fs::write(migration_target(&final_path), &base).unwrap();
+        let obj = round(&new, Some(&base));
+        let part = dir.path().join("part");
+        fs::write(&part, &obj).unwrap();
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        a.feed(&obj[..obj.len() / 2]);
+        drop(a);
+        let target = fs::read(migration_target(&final_path)).unwrap();
+        assert!(target != base && target != new, "half of it applied");
+        let e = apply_round(&part, &final_path, &inplace(raw_size), None).unwrap_err();
+        assert_eq!(e.0, ErrorCode::DELTA_UNRESOLVED, "{e:?}");
+        // Sent again without references, it makes the target exact.
+        fs::write(&part, round(&new, None)).unwrap();
+        apply_round(&part, &final_path, &inplace(raw_size), None).unwrap();
+        assert!(fs::read(migration_target(&final_path)).unwrap() == new);
+    }
+
+    #[test]
+    fn a_truncated_or_malformed_round_fails_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let final_path = dir.path().join("vm.mem");
+        let (base, new) = images();
+        let raw_size = base.len() as u64;
+        let obj = round(&new, None);
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        a.feed(&obj[..3]);
+        assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
+        let mut bad = obj.clone();
+        bad[5] = 40; // page size 2^40
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        a.feed(&bad);
+        let e = a.finish().unwrap_err();
+        assert_eq!(e.0, ErrorCode::PROTOCOL_ERROR);
+        assert!(e.1.contains("page size"), "{e:?}");
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        a.feed(&obj[..obj.len() - 10]);
+        assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
     }
 }
