@@ -953,6 +953,7 @@ pub async fn send_files_kept(
             StreamPlan::Fixed(opts.streams)
         };
         let reused = kept.session.take().filter(|s| s.alive() > 0);
+        let was_open = reused.is_some();
         let opened = match reused {
             Some(s) => Ok(s),
             None => Session::open(endpoint, addr, expected, &plan, opts.carrier, opts.mode).await,
@@ -993,11 +994,15 @@ pub async fn send_files_kept(
         if let (Some(m), Some(r)) = (session.mode, session.rtt) {
             report.mode = Some((m, r));
         }
-        info!(
-            streams = session.alive(),
-            version = %session.version,
-            "session open"
-        );
+        if was_open {
+            debug!(streams = session.alive(), "session reused");
+        } else {
+            info!(
+                streams = session.alive(),
+                version = %session.version,
+                "session open"
+            );
+        }
         while next_file < files.len() {
             let src = &files[next_file];
             let t0 = Instant::now();
@@ -1254,6 +1259,9 @@ async fn send_object(
     };
     // Until the receiver answered, only the begin's stream carries the object.
     let mut confirmed = !fresh;
+    // For the log: when the receiver answered, and when the end went out.
+    let mut confirmed_after = begun_at.elapsed();
+    let mut ended_after = Duration::ZERO;
     if have > src.size {
         return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
             "receiver claims {have} bytes of a {}-byte object",
@@ -1289,10 +1297,13 @@ async fn send_object(
     }));
     let notify = Arc::new(Notify::new());
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WriterFailure>();
+    // Written by the writer that sent the last chunk read: the end can go out now.
+    let all_read = Arc::new(Notify::new());
     let ctx = ObjectCtx {
         object,
         core: core.clone(),
         notify: notify.clone(),
+        all_read: all_read.clone(),
         bucket,
         sent,
         fail: fail_tx,
@@ -1376,6 +1387,9 @@ async fn send_object(
                     match tokio::time::timeout(Duration::from_secs(1), g.send(&frame)).await {
                         Ok(Ok(())) => {
                             end_on.push(i);
+                            if !tail {
+                                ended_after = begun_at.elapsed();
+                            }
                             tail = true;
                         }
                         Ok(Err(_)) => {}
@@ -1427,6 +1441,7 @@ async fn send_object(
                 continue;
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            () = all_read.notified(), if end_on.len() < end_streams => continue,
             _ = heartbeat.tick() => {
                 let acked = core.lock().await.sched.acked();
                 let dt = beat_at.elapsed().as_secs_f64();
@@ -1540,6 +1555,15 @@ async fn send_object(
                         break Err(ObjectFailure::Fatal(SendError::Protocol(e.to_string())));
                     }
                     progress(src.size, session.alive(), &report.link);
+                    debug!(
+                        name = %src.name,
+                        size = src.size,
+                        ?confirmed_after,
+                        ?ended_after,
+                        done_after = ?begun_at.elapsed(),
+                        streams = session.alive(),
+                        "object sent"
+                    );
                     break Ok(have);
                 }
                 break Err(refused(src, &d));
@@ -1563,6 +1587,7 @@ async fn send_object(
                     )));
                 }
                 confirmed = true;
+                confirmed_after = begun_at.elapsed();
                 // Goodput samples start with every stream carrying the object.
                 sample_at = Instant::now();
                 sample_acked = core.lock().await.sched.acked();
@@ -2027,6 +2052,8 @@ struct ObjectCtx {
     object: u64,
     core: Arc<Mutex<Core>>,
     notify: Arc<Notify>,
+    /// Woken once the last chunk of the object has been written (see `send_object`).
+    all_read: Arc<Notify>,
     bucket: Option<Arc<Bucket>>,
     sent: Arc<AtomicU64>,
     fail: mpsc::UnboundedSender<WriterFailure>,
@@ -2072,6 +2099,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         object,
         core,
         notify,
+        all_read,
         bucket,
         sent,
         fail,
@@ -2140,13 +2168,14 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                     Some((offset, data))
                 }
             }
+            .map(|(offset, data)| (offset, data, c.sched.read() == c.sched.size()))
         };
         match job {
             None => {
                 // Re-check at least every 100 ms in case a wake-up raced with us.
                 let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
             }
-            Some((offset, data)) => {
+            Some((offset, data, last)) => {
                 if let Some(b) = &bucket {
                     b.take(data.len()).await;
                 }
@@ -2164,6 +2193,10 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                 match r {
                     Ok(()) => {
                         sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        if last {
+                            // A permit if the object's loop is busy: it is not missed.
+                            all_read.notify_one();
+                        }
                     }
                     Err(e) => {
                         let _ = fail.send(WriterFailure::Lost(i, generation, e.to_string()));
