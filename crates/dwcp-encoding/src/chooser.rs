@@ -134,6 +134,51 @@ impl Chooser {
     }
 }
 
+/// Keeps a pipelined encoder ahead of the link: steps the codec down one candidate when the
+/// encoder is not half again as fast as the link, and back up (never above the chooser's pick) when the
+/// encoder is far ahead. The chooser's speeds come from a calibration on an idle core; a
+/// migration's encoder shares the machine with the guest, the network and, on a test
+/// machine, the receiver.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pacer {
+    at: usize,
+    cap: usize,
+}
+
+/// Slowest codec the pacer steps down to (index in [`CANDIDATES`]): lz4. Sending as is would
+/// not be faster on a link slow enough for the encoder to fall behind.
+const PACER_FLOOR: usize = 1;
+
+impl Pacer {
+    /// A pacer starting at `codec`, the strongest it goes back up to; `None` for a codec that
+    /// is not one of the candidates (a fixed choice is left alone).
+    pub fn new(codec: Codec) -> Option<Self> {
+        let at = CANDIDATES.iter().position(|c| *c == codec)?;
+        Some(Self { at, cap: at })
+    }
+
+    /// The codec for the next piece.
+    pub fn codec(&self) -> Codec {
+        CANDIDATES[self.at]
+    }
+
+    /// The encoder encoded the last piece at `encode_rate` while the link took the one
+    /// before it at `link_rate` (in the same unit, e.g. pages per second). Returns the codec
+    /// for the pieces to come.
+    pub fn observe(&mut self, encode_rate: f64, link_rate: f64) -> Codec {
+        // With a margin: parts grow only as fast as the encoder outpaces the link.
+        if encode_rate < link_rate * 1.5 {
+            if self.at > PACER_FLOOR.min(self.cap) {
+                self.at -= 1;
+            }
+        } else if encode_rate > link_rate * 3.0 && self.at < self.cap {
+            // A stronger codec is commonly 1.5-3x slower: only well ahead is there room.
+            self.at += 1;
+        }
+        self.codec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +210,33 @@ mod tests {
         assert_eq!(ch.choose(125e6), Codec::Zstd(1));
         // 100 Mbit/s: the strongest that keeps up.
         assert_eq!(ch.choose(12.5e6), Codec::Zstd(9));
+    }
+
+    #[test]
+    fn the_pacer_steps_down_when_the_encoder_is_slower_than_the_link_and_back_up_to_the_pick() {
+        let mut p = Pacer::new(Codec::Zstd(6)).unwrap();
+        // Keeping up with room: no change.
+        assert_eq!(p.observe(160.0, 100.0), Codec::Zstd(6));
+        assert_eq!(p.observe(250.0, 100.0), Codec::Zstd(6));
+        // Behind, or without room: one step at a time, down to lz4 and no further.
+        assert_eq!(p.observe(140.0, 100.0), Codec::Zstd(3));
+        for _ in 0..10 {
+            p.observe(90.0, 100.0);
+        }
+        assert_eq!(p.codec(), Codec::Lz4);
+        // Far ahead: back up, one step at a time, to the chooser's pick and no further.
+        assert_eq!(p.observe(400.0, 100.0), Codec::Zstd(-1));
+        for _ in 0..10 {
+            p.observe(400.0, 100.0);
+        }
+        assert_eq!(p.codec(), Codec::Zstd(6));
+        // Between the two: stays.
+        p.observe(90.0, 100.0);
+        assert_eq!(p.observe(200.0, 100.0), Codec::Zstd(3));
+        // A pick that is not a candidate, and one below the floor, are left alone.
+        assert!(Pacer::new(Codec::Zstd(19)).is_none());
+        let mut none = Pacer::new(Codec::None).unwrap();
+        assert_eq!(none.observe(10.0, 100.0), Codec::None);
     }
 
     #[test]

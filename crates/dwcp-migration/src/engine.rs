@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dwcp_encoding::chooser::Chooser;
+use dwcp_encoding::chooser::{Chooser, Pacer};
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
@@ -23,7 +23,7 @@ use dwcp_transport::session::{
     query_base, send_files_kept,
 };
 use dwcp_wire::{ErrorCode, NodeId, data};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::memvm::{MemoryVm, PageReader};
 use crate::orchestrator::{Action, Config, Event, Orchestrator, Outcome, RoundStats, SourceCaps};
@@ -172,6 +172,10 @@ pub async fn migrate(
             learned: Vec::new(),
             no_learning: false,
         },
+        pacer: None,
+        codecs: Vec::new(),
+        encode_time: Duration::ZERO,
+        encode_rate: None,
         levels: [0; 6],
         cold_resends: 0,
         // Names this migration's rounds, so a partial round of another migration of the same
@@ -337,7 +341,12 @@ pub async fn migrate(
         }
         Outcome::Running => report.how = "stopped before the end".into(),
     }
-    report.codec = state.enc.codec.to_string();
+    report.codec = state
+        .codecs
+        .iter()
+        .map(Codec::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     report.levels = state.levels;
     report.cold_resends = state.cold_resends;
     report
@@ -357,6 +366,14 @@ fn round_report(round: u32, s: &RoundStats, throttle: u8) -> RoundReport {
 struct RoundState {
     /// Moved to the encoding thread while a part is encoded.
     enc: Encoding,
+    /// Set when the codec was chosen here: keeps the encoder up with the link.
+    pacer: Option<Pacer>,
+    /// Codecs parts were encoded with, in order of first use.
+    codecs: Vec<Codec>,
+    /// How long the last part took to encode.
+    encode_time: Duration,
+    /// Pages per second the encoder managed on the last part big enough to tell.
+    encode_rate: Option<f64>,
     levels: [u64; 6],
     cold_resends: u32,
     id: String,
@@ -413,8 +430,10 @@ impl Encoding {
 /// A big round is sent as objects of at most this many pages, each encoded while the one
 /// before it is sent: the first part small, so that sending starts soon, each next one twice
 /// as big, so that few objects pay their exchanges (a begin and an end, a round trip each).
-const FIRST_PART_PAGES: usize = 16 * 1024;
+const FIRST_PART_PAGES: usize = 4 * 1024;
 const MAX_PART_PAGES: usize = 256 * 1024;
+/// The first part of a round after the first is what the encoder did in this long.
+const FIRST_PART_SECONDS: f64 = 0.5;
 
 async fn prepare(
     vm: &MemoryVm,
@@ -423,6 +442,25 @@ async fn prepare(
     state: &mut RoundState,
 ) -> Event {
     let raw = vm.pages() * vm.page_size() as u64;
+    // The codec calibration (CPU, most of a second) runs while the destination answers.
+    let calibration = spec.codec.is_none().then(|| {
+        // A sample of non-zero pages spread over the image.
+        let step = (vm.pages() / 2048).max(1);
+        let addrs: Vec<u64> = (0..vm.pages()).step_by(step as usize).collect();
+        let mut sample = Vec::new();
+        vm.copy_pages(&addrs, &mut sample);
+        let ps = vm.page_size();
+        let link_bps = spec.link_bps as f64;
+        tokio::task::spawn_blocking(move || {
+            let sample: Vec<u8> = sample
+                .chunks_exact(ps)
+                .filter(|p| !dwcp_encoding::is_zero(p))
+                .flatten()
+                .copied()
+                .collect();
+            (sample.len() >= 1 << 20).then(|| Chooser::calibrate(&sample).choose(link_bps))
+        })
+    });
     // A target left over from an earlier attempt is not trusted: start clean.
     if let Err(e) = migration_op(
         dest.endpoint,
@@ -452,21 +490,13 @@ async fn prepare(
         Ok((remote, _)) => state.enc.remote = remote,
         Err(e) => return Event::Failed(format!("cannot reach the destination: {e}")),
     }
-    if spec.codec.is_none() {
-        // Calibrate on a sample of non-zero pages spread over the image.
-        let step = (vm.pages() / 2048).max(1);
-        let addrs: Vec<u64> = (0..vm.pages()).step_by(step as usize).collect();
-        let mut sample = Vec::new();
-        vm.copy_pages(&addrs, &mut sample);
-        let sample: Vec<u8> = sample
-            .chunks_exact(vm.page_size())
-            .filter(|p| !dwcp_encoding::is_zero(p))
-            .flatten()
-            .copied()
-            .collect();
-        if sample.len() >= 1 << 20 {
-            state.enc.codec = Chooser::calibrate(&sample).choose(spec.link_bps as f64);
+    if let Some(task) = calibration {
+        match task.await {
+            Ok(Some(codec)) => state.enc.codec = codec,
+            Ok(None) => {}
+            Err(e) => return Event::Failed(format!("codec calibration failed: {e}")),
         }
+        state.pacer = Pacer::new(state.enc.codec);
     }
     info!(codec = %state.enc.codec, cache_entries = state.enc.remote.as_ref().map_or(0, RemoteIndex::len), "prepared");
     Event::Prepared
@@ -488,43 +518,79 @@ async fn send_round(
     let dirty: Arc<[u64]> = vm.take_dirty().into();
     let reader = vm.reader();
     let raw_size = vm.pages() * vm.page_size() as u64;
-    let mut parts: Vec<Range<usize>> = Vec::new();
     let max_part = spec.max_part_pages.max(1);
-    let mut part = spec.first_part_pages.clamp(1, max_part);
-    let mut at = 0;
-    while at < dirty.len() {
-        let end = (at + part).min(dirty.len());
-        parts.push(at..end);
-        at = end;
-        part = part.saturating_mul(2).min(max_part);
+    // Small enough that sending starts soon, and once the encoder's pace is known, as much
+    // as it encodes in a fraction of a second: each part costs a round trip.
+    let first = match state.encode_rate {
+        Some(r) => ((r * FIRST_PART_SECONDS) as usize).max(spec.first_part_pages),
+        None => spec.first_part_pages,
     }
-    if parts.is_empty() {
-        // An empty round still goes, as an empty object: the destination sees every round.
-        parts.push(0..0);
-    }
+    .clamp(1, max_part);
+    // Parts are cut as the round goes (see `next_part`); an empty round still goes, as an
+    // empty object: the destination sees every round.
+    let mut parts: Vec<Range<usize>> = Vec::new();
+    parts.push(0..first.min(dirty.len()));
+    // Pages per second the last part was sent at.
+    let mut send_rate = None;
     let mut wire_total = 0u64;
     let mut cold = false;
     let mut k = 0usize;
     let mut ready = encode_part(&reader, state, &dirty, parts[0].clone(), cold, round).await?;
-    // At most one cold retry per part, and a bound on the whole loop.
-    for _ in 0..parts.len() * 2 + 1 {
+    // Every part but the last has at least `first` pages; at most one cold retry per part.
+    for _ in 0..(dirty.len() / first + 1) * 2 + 1 {
         let (file, wire, levels) = ready;
+        if parts.len() == k + 1 {
+            let encode_rate = rate(parts[k].len(), state.encode_time);
+            if let Some(p) = next_part(&parts[k], dirty.len(), max_part, encode_rate, send_rate) {
+                parts.push(p);
+            }
+        }
         let next = parts
             .get(k + 1)
             .map(|p| spawn_encode(reader.clone(), state, dirty.clone(), p.clone(), cold));
+        let sending = Instant::now();
         let sent = send_part(
             dest, spec, state, kept, &file, wire, raw_size, round, k, cold,
         )
         .await;
+        let sending = sending.elapsed();
         drop(file);
         let encoded_next = match next {
-            Some(task) => Some(join_encode(task, state, round).await?),
+            Some(task) => {
+                let waiting = Instant::now();
+                let e = join_encode(task, state, round).await?;
+                let waited = waiting.elapsed();
+                if sent.is_ok()
+                    && let Some(p) = state.pacer.as_mut()
+                {
+                    let before = p.codec();
+                    let encode_rate = rate(parts[k + 1].len(), state.encode_time);
+                    let link_rate = rate(parts[k].len(), sending);
+                    state.enc.codec = p.observe(encode_rate, link_rate);
+                    if state.enc.codec != before {
+                        info!(round, part = k, from = %before, to = %state.enc.codec, encode_rate, link_rate, ?waited, "codec paced");
+                    }
+                }
+                Some(e)
+            }
             None => None,
         };
         if matches!(&sent, Ok(()) | Err(SendError::Refused { .. })) {
             // It crossed the network either way.
             wire_total += wire;
         }
+        if sent.is_ok() {
+            send_rate = Some(rate(parts[k].len(), sending));
+        }
+        debug!(
+            round,
+            part = k,
+            pages = parts[k].len(),
+            wire,
+            ?sending,
+            ok = sent.is_ok(),
+            "part sent"
+        );
         match sent {
             Ok(()) => {
                 for (total, v) in state.levels.iter_mut().zip(levels) {
@@ -563,6 +629,30 @@ async fn send_round(
         }
     }
     Err(format!("round {round}: no progress sending its parts"))
+}
+
+/// Pages per second.
+fn rate(pages: usize, took: Duration) -> f64 {
+    pages as f64 / took.as_secs_f64().max(1e-6)
+}
+
+/// The part after `last`: up to twice as many pages, and no more than the encoder, at
+/// `encode_rate`, can encode while the link, at `send_rate` (pages per second, unknown for
+/// the first part), sends `last` — a part the encoder cannot finish in that time leaves the
+/// link idle. `None` once the round is cut.
+fn next_part(
+    last: &Range<usize>,
+    len: usize,
+    max_part: usize,
+    encode_rate: f64,
+    send_rate: Option<f64>,
+) -> Option<Range<usize>> {
+    if last.end >= len {
+        return None;
+    }
+    let growth = send_rate.map_or(2.0, |s| (encode_rate / s).clamp(1.0, 2.0));
+    let pages = ((last.len().max(1) as f64 * growth) as usize).clamp(1, max_part);
+    Some(last.end..(last.end + pages).min(len))
 }
 
 /// Sends one encoded part of a round as its own object.
@@ -617,7 +707,7 @@ async fn send_part(
 /// An encoded part: its file, size, and pages at each level (zero / same / dup / cache /
 /// XOR / literal).
 type Encoded = (tempfile::NamedTempFile, u64, [u64; 6]);
-type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<Encoded>)>;
+type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<Encoded>, Duration)>;
 
 /// Starts encoding the pages `dirty[part]` on a blocking thread, with the encoding state
 /// moved there.
@@ -628,10 +718,14 @@ fn spawn_encode(
     part: Range<usize>,
     cold: bool,
 ) -> EncodeTask {
+    if !state.codecs.contains(&state.enc.codec) {
+        state.codecs.push(state.enc.codec);
+    }
     let mut enc = std::mem::replace(&mut state.enc, Encoding::away());
     tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
         let r = encode_pages(&reader, &mut enc, &dirty[part], cold);
-        (enc, r)
+        (enc, r, t.elapsed())
     })
 }
 
@@ -643,10 +737,18 @@ async fn join_encode(
 ) -> Result<Encoded, String> {
     // The state went with the task: a task that panicked or was cancelled lost it, and the
     // migration cannot go on (it rolls back).
-    let (enc, r) = task
+    let (enc, r, took) = task
         .await
         .map_err(|e| format!("encoding round {round}: the encoder failed: {e}"))?;
     state.enc = enc;
+    state.encode_time = took;
+    if let Ok((_, _, levels)) = &r {
+        let pages: u64 = levels.iter().sum();
+        // Small parts say little about the pace.
+        if pages >= 1024 {
+            state.encode_rate = Some(pages as f64 / took.as_secs_f64().max(1e-6));
+        }
+    }
     r.map_err(|e| format!("encoding round {round}: {e}"))
 }
 
@@ -722,4 +824,24 @@ fn encode_pages(
     tmp.flush()?;
     let levels = [s.zero, s.same, s.dup, s.cache, s.xor, s.literal];
     Ok((tmp, s.bytes_out, levels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_double_while_the_encoder_outpaces_the_link_and_end_with_the_round() {
+        // The first part's pace unknown: twice as many.
+        assert_eq!(next_part(&(0..100), 1000, 500, 50.0, None), Some(100..300));
+        // An encoder 1.5x as fast as the link: half again as many, so it finishes in time.
+        assert_eq!(next_part(&(0..100), 1000, 500, 150.0, Some(100.0)), Some(100..250));
+        // Slower than the link: no smaller than the last; faster than twice: no more than 2x.
+        assert_eq!(next_part(&(0..100), 1000, 500, 50.0, Some(100.0)), Some(100..200));
+        assert_eq!(next_part(&(0..100), 1000, 500, 900.0, Some(100.0)), Some(100..300));
+        // Capped, then cut at the end of the round, then none.
+        assert_eq!(next_part(&(100..400), 1000, 500, 900.0, None), Some(400..900));
+        assert_eq!(next_part(&(400..900), 1000, 500, 900.0, None), Some(900..1000));
+        assert_eq!(next_part(&(900..1000), 1000, 500, 900.0, None), None);
+    }
 }
