@@ -138,7 +138,7 @@ async fn files_arrive_verified(carrier: Carrier, streams: u32) {
         dwcp_testkit::metric_value(
             &text,
             "dwcp_handshakes_total",
-            &[("result", "ok"), ("reason", ""), ("version", "v3")],
+            &[("result", "ok"), ("reason", ""), ("version", "v4")],
         ),
         f64::from(streams),
         "{text}"
@@ -481,35 +481,45 @@ async fn t32_bad_object_name_is_refused() {
 
 #[tokio::test]
 async fn t36_fresh_objects_start_behind_their_begin_and_a_refused_one_is_reported() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let src = tempfile::tempdir().unwrap();
-    let files = [
-        random_file(src.path(), "f1.img", 5 * 1024 * 1024 + 3, 21),
-        random_file(src.path(), "f2.img", 700, 22),
-        random_file(src.path(), "f3.img", 0, 23),
-    ];
-    let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
-    let ep = endpoint(&cluster, "client", |_| {});
-    let fresh = SendOptions {
-        fresh: true,
-        ..opts(4)
-    };
-    let report = send_files(&ep, agent.addr, None, &sources, &fresh, &mut |_| {})
-        .await
-        .unwrap();
-    assert_eq!(report.objects.len(), 3);
-    assert_eq!(report.resent_bytes, 0);
-    assert_eq!(report.bytes_sent, 5 * 1024 * 1024 + 3 + 700);
-    let spool = cluster.dir().join("spool/client");
-    for f in &files {
-        same_file(f, &spool.join(f.file_name().unwrap()));
+    // v4: the data goes on every stream at once, and may arrive before its begin; v3: on the
+    // begin's stream until the receiver answered.
+    for versions in [vec![1, 3, 4], vec![1, 3]] {
+        let cluster = TestCluster::new();
+        let v = versions.clone();
+        let agent = RunningAgent::start(&cluster, "server", move |c| c.protocol.versions = v).await;
+        let src = tempfile::tempdir().unwrap();
+        let files = [
+            random_file(src.path(), "f1.img", 5 * 1024 * 1024 + 3, 21),
+            random_file(src.path(), "f2.img", 700, 22),
+            random_file(src.path(), "f3.img", 0, 23),
+        ];
+        let sources: Vec<_> = files.iter().map(|p| Source::file(p).unwrap()).collect();
+        let ep = endpoint(&cluster, "client", |_| {});
+        let fresh = SendOptions {
+            fresh: true,
+            ..opts(4)
+        };
+        let report = send_files(&ep, agent.addr, None, &sources, &fresh, &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            report.version.map(|v| v.number()),
+            versions.last().copied(),
+            "{versions:?}"
+        );
+        assert_eq!(report.objects.len(), 3);
+        assert_eq!(report.resent_bytes, 0, "{versions:?}");
+        assert_eq!(report.bytes_sent, 5 * 1024 * 1024 + 3 + 700);
+        let spool = cluster.dir().join("spool/client");
+        for f in &files {
+            same_file(f, &spool.join(f.file_name().unwrap()));
+        }
+        // Refused at its begin, with more than a chunk already written behind it: the sender
+        // gets the refusal (the data that followed is ignored, not a protocol violation).
+        let big = random_file(src.path(), "big", 3 * 1024 * 1024, 24);
+        escape_is_refused(&cluster, &agent, &big, &fresh).await;
+        agent.stop().await.unwrap();
     }
-    // Refused at its begin, with more than a chunk already written behind it: the sender
-    // gets the refusal (the data that followed is ignored, not a protocol violation).
-    let big = random_file(src.path(), "big", 3 * 1024 * 1024, 24);
-    escape_is_refused(&cluster, &agent, &big, &fresh).await;
-    agent.stop().await.unwrap();
 }
 
 #[tokio::test]

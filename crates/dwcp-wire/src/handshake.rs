@@ -39,17 +39,21 @@ pub enum Version {
     V1,
     /// Full protocol: multi-stream, delta encoding, QUIC.
     V3,
+    /// As v3; the data of an object sent fresh may arrive on any connection before its
+    /// begin has been read (the receiver waits for the begin).
+    V4,
 }
 
 impl Version {
     /// Every version this implementation speaks, lowest first.
-    pub const ALL: [Self; 2] = [Self::V1, Self::V3];
+    pub const ALL: [Self; 3] = [Self::V1, Self::V3, Self::V4];
 
     /// The number on the wire.
     pub fn number(self) -> u32 {
         match self {
             Self::V1 => 1,
             Self::V3 => 3,
+            Self::V4 => 4,
         }
     }
 
@@ -58,6 +62,7 @@ impl Version {
         match n {
             1 => Some(Self::V1),
             3 => Some(Self::V3),
+            4 => Some(Self::V4),
             _ => None,
         }
     }
@@ -294,7 +299,7 @@ pub fn negotiate(version: Version, client: &Capabilities, server: &Capabilities)
             delta: false,
             max_frame_size,
         },
-        Version::V3 => Capabilities {
+        Version::V3 | Version::V4 => Capabilities {
             max_streams: client.max_streams.min(server.max_streams),
             codecs: client
                 .codecs
@@ -635,11 +640,15 @@ mod tests {
     fn version_matrix() {
         use Version::*;
         for (cv, sv, want) in [
+            (&[V1, V3, V4][..], &[V1, V3, V4][..], V4),
+            (&[V1, V3, V4][..], &[V1, V3][..], V3),
+            (&[V1, V3][..], &[V1, V3, V4][..], V3),
             (&[V1, V3][..], &[V1, V3][..], V3),
-            (&[V1][..], &[V1, V3][..], V1),
-            (&[V1, V3][..], &[V1][..], V1),
+            (&[V1][..], &[V1, V3, V4][..], V1),
+            (&[V1, V3, V4][..], &[V1][..], V1),
             (&[V1][..], &[V1][..], V1),
             (&[V3][..], &[V3][..], V3),
+            (&[V4][..], &[V3, V4][..], V4),
         ] {
             let (c, s) = run(cv, sv);
             let (c, s) = (c.unwrap().unwrap(), s.unwrap().unwrap());
@@ -652,10 +661,12 @@ mod tests {
     }
 
     #[test]
-    fn v3_negotiates_capabilities() {
+    fn v3_and_v4_negotiate_capabilities() {
         let (c, _) = run(&Version::ALL, &Version::ALL);
         let n = c.unwrap().unwrap().negotiated;
         assert_eq!(n, caps(16, &["lz4"], false, true));
+        let (c, _) = run(&[Version::V3], &Version::ALL);
+        assert_eq!(c.unwrap().unwrap().negotiated, n);
     }
 
     #[test]
@@ -685,10 +696,14 @@ mod tests {
     #[test]
     fn newer_peer_versions_are_ignored() {
         assert_eq!(
-            negotiate_version(&Version::ALL, &[1, 3, 4, 99]),
+            negotiate_version(&Version::ALL, &[1, 3, 4, 5, 99]),
+            Some(Version::V4)
+        );
+        assert_eq!(
+            negotiate_version(&Version::ALL, &[1, 3, 5]),
             Some(Version::V3)
         );
-        assert_eq!(negotiate_version(&Version::ALL, &[2, 4]), None);
+        assert_eq!(negotiate_version(&Version::ALL, &[2, 5]), None);
     }
 
     #[test]

@@ -171,6 +171,23 @@ struct RxSession {
     /// Connections of the session being served; at 0 the session is forgotten (what it
     /// stored is on disk, and a resuming sender opens a new session).
     conns: usize,
+    /// Woken when an object is begun or refused: data that arrived before its begin waits.
+    begun: Arc<tokio::sync::Notify>,
+}
+
+/// How long data for an object not yet begun waits for its `OBJECT_BEGIN`, which a v4 sender
+/// of a fresh object writes on another connection at the same time: beyond retransmissions
+/// of the begin on a lossy path, the data is a violation.
+const BEGIN_WAIT: Duration = Duration::from_secs(10);
+
+/// What the receiver knows of the object a chunk belongs to.
+enum ChunkFor {
+    /// Open: its file and acknowledged prefix.
+    Open(Arc<File>, u64),
+    /// Finished or refused: a late or ignored chunk.
+    Done,
+    /// Not begun (yet).
+    Unknown,
 }
 
 type SessionMap = HashMap<(NodeId, Vec<u8>), Arc<Mutex<RxSession>>>;
@@ -430,19 +447,39 @@ impl Receiver {
                     counters
                         .data_bytes
                         .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    let checked = {
-                        let s = lock(session);
-                        match s.objects.get(&h.object) {
-                            // A re-sent chunk racing with the object's completion: harmless.
-                            None if s.finished.contains(&h.object) => Ok(None),
-                            None => Err(format!("data for unknown object {}", h.object)),
-                            Some(o) if h.offset + chunk.len() as u64 > o.size => Err(format!(
-                                "chunk at {} ({} bytes) runs past the object's size {}",
-                                h.offset,
-                                chunk.len(),
-                                o.size
-                            )),
-                            Some(o) => Ok(Some((o.file.clone(), o.acked))),
+                    let deadline = tokio::time::Instant::now() + BEGIN_WAIT;
+                    let checked = loop {
+                        let begun = lock(session).begun.clone();
+                        let notified = begun.notified();
+                        tokio::pin!(notified);
+                        // Registered before looking, so a begin in between is not missed.
+                        notified.as_mut().enable();
+                        let found = {
+                            let s = lock(session);
+                            match s.objects.get(&h.object) {
+                                // A re-sent chunk racing with the object's completion, or data
+                                // of a refused fresh object: harmless.
+                                None if s.finished.contains(&h.object) => Ok(ChunkFor::Done),
+                                None => Ok(ChunkFor::Unknown),
+                                Some(o) if h.offset + chunk.len() as u64 > o.size => Err(format!(
+                                    "chunk at {} ({} bytes) runs past the object's size {}",
+                                    h.offset,
+                                    chunk.len(),
+                                    o.size
+                                )),
+                                Some(o) => Ok(ChunkFor::Open(o.file.clone(), o.acked)),
+                            }
+                        };
+                        match found {
+                            Ok(ChunkFor::Unknown) if tokio::time::Instant::now() < deadline => {
+                                let _ = tokio::time::timeout_at(deadline, notified).await;
+                            }
+                            Ok(ChunkFor::Unknown) => {
+                                break Err(format!("data for unknown object {}", h.object));
+                            }
+                            Ok(ChunkFor::Done) => break Ok(None),
+                            Ok(ChunkFor::Open(file, acked)) => break Ok(Some((file, acked))),
+                            Err(e) => break Err(e),
                         }
                     };
                     let (file, floor) = match checked {
@@ -557,7 +594,11 @@ impl Receiver {
                             warn!(%peer, name = %msg::printable(&begin.name, 200), "refusing object: {reason}");
                             // A sender of a fresh object writes data right behind its begin:
                             // that data is ignored, not a violation that ends the session.
-                            lock(session).finished.insert(begin.object);
+                            {
+                                let mut s = lock(session);
+                                s.finished.insert(begin.object);
+                                s.begun.notify_waiters();
+                            }
                             msg::encode(
                                 FrameType::OBJECT_DONE,
                                 &ObjectDone {
@@ -1010,7 +1051,11 @@ impl Receiver {
             digester: Some(digester),
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
-        lock(session).objects.insert(b.object, o);
+        {
+            let mut s = lock(session);
+            s.objects.insert(b.object, o);
+            s.begun.notify_waiters();
+        }
         Ok(have)
     }
 

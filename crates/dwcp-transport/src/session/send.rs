@@ -410,7 +410,7 @@ impl Dialer {
                 let cc = c.congestion();
                 // Unknown (not Linux): keep TCP.
                 let loss_based = cc.as_deref().is_some_and(|cc| !cc.starts_with("bbr"));
-                let offers_quic = c.established().version == Version::V3
+                let offers_quic = c.established().version >= Version::V3
                     && c.established().peer_capabilities.quic;
                 if carrier == Carrier::Auto && loss_based && offers_quic {
                     // The path decides: QUIC (user-space BBR) only pays on long, lossy paths.
@@ -1332,7 +1332,10 @@ async fn send_object(
     let (mut beat_at, mut beat_acked) = (Instant::now(), have);
     let mut writers = JoinSet::new();
     let mut writer_tasks: Vec<Option<tokio::task::AbortHandle>> = Vec::new();
-    let only = (!confirmed).then_some(first);
+    // Before the receiver answered, a fresh object's data goes on the begin's stream only,
+    // unless the receiver waits for begins (v4): then on every stream at once, so that a
+    // small object is not held to one stream's share of the path.
+    let only = (!confirmed && session.version < Version::V4).then_some(first);
     start_writers(session, &ctx, &mut writers, &mut writer_tasks, only);
     // The streams OBJECT_END went out on: two, so that one stuck stream cannot hold it back;
     // if one dies, the end is sent again.
@@ -1352,6 +1355,8 @@ async fn send_object(
         // Once every byte has been read the digest is final: announce the end (before the
         // receiver answered the begin, only behind it on its stream).
         let end_streams = if confirmed { session.alive().min(2) } else { 1 };
+        // Set when the end is due but its streams' writers were busy: tried again shortly.
+        let mut end_busy = false;
         if end_on.len() < end_streams {
             let mut c = core.lock().await;
             if c.sched.read() == src.size {
@@ -1381,7 +1386,10 @@ async fn send_object(
                     if end_on.len() >= end_streams {
                         break;
                     }
-                    let Ok(mut g) = w.try_lock() else { continue };
+                    let Ok(mut g) = w.try_lock() else {
+                        end_busy = true;
+                        continue;
+                    };
                     // Bounded: a stream whose socket takes no small frame for a second is
                     // stuck, and this loop must go on handling the others.
                     match tokio::time::timeout(Duration::from_secs(1), g.send(&frame)).await {
@@ -1421,8 +1429,9 @@ async fn send_object(
                                 info!(stream = i, "stream replaced");
                             }
                             report.streams = report.streams.max(session.alive() as u32);
-                            // Not before the receiver answered the begin (then all at once).
-                            if confirmed {
+                            // Not before the receiver answered the begin (then all at once), but
+                            // at once in v4 (see `start_writers` above).
+                            if confirmed || session.version >= Version::V4 {
                                 start_writers(session, &ctx, &mut writers, &mut writer_tasks, Some(i as usize));
                             }
                         }
@@ -1442,6 +1451,9 @@ async fn send_object(
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             () = all_read.notified(), if end_on.len() < end_streams => continue,
+            // Before the receiver answered, the end may go only behind the begin, on a
+            // stream whose writer is still busy with a chunk: a few milliseconds.
+            () = tokio::time::sleep(Duration::from_millis(5)), if end_busy && end_on.is_empty() => continue,
             _ = heartbeat.tick() => {
                 let acked = core.lock().await.sched.acked();
                 let dt = beat_at.elapsed().as_secs_f64();
