@@ -835,13 +835,28 @@ mod tests {
         // The first part's pace unknown: twice as many.
         assert_eq!(next_part(&(0..100), 1000, 500, 50.0, None), Some(100..300));
         // An encoder 1.5x as fast as the link: half again as many, so it finishes in time.
-        assert_eq!(next_part(&(0..100), 1000, 500, 150.0, Some(100.0)), Some(100..250));
+        assert_eq!(
+            next_part(&(0..100), 1000, 500, 150.0, Some(100.0)),
+            Some(100..250)
+        );
         // Slower than the link: no smaller than the last; faster than twice: no more than 2x.
-        assert_eq!(next_part(&(0..100), 1000, 500, 50.0, Some(100.0)), Some(100..200));
-        assert_eq!(next_part(&(0..100), 1000, 500, 900.0, Some(100.0)), Some(100..300));
+        assert_eq!(
+            next_part(&(0..100), 1000, 500, 50.0, Some(100.0)),
+            Some(100..200)
+        );
+        assert_eq!(
+            next_part(&(0..100), 1000, 500, 900.0, Some(100.0)),
+            Some(100..300)
+        );
         // Capped, then cut at the end of the round, then none.
-        assert_eq!(next_part(&(100..400), 1000, 500, 900.0, None), Some(400..900));
-        assert_eq!(next_part(&(400..900), 1000, 500, 900.0, None), Some(900..1000));
+        assert_eq!(
+            next_part(&(100..400), 1000, 500, 900.0, None),
+            Some(400..900)
+        );
+        assert_eq!(
+            next_part(&(400..900), 1000, 500, 900.0, None),
+            Some(900..1000)
+        );
         assert_eq!(next_part(&(900..1000), 1000, 500, 900.0, None), None);
     }
 }
