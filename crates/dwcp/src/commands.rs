@@ -934,8 +934,9 @@ fn demo(args: &DemoArgs) -> Result<()> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     pki::init_ca(dir.path(), &ClusterId::new("demo")?, 1, false)?;
     runtime()?.block_on(async {
-        let a = demo_node(dir.path(), "node-a", vec![1, 3]).await?;
-        let b = demo_node(dir.path(), "node-b", vec![1, 3]).await?;
+        let all: Vec<u32> = dwcp_wire::Version::ALL.iter().map(|v| v.number()).collect();
+        let a = demo_node(dir.path(), "node-a", all.clone()).await?;
+        let b = demo_node(dir.path(), "node-b", all).await?;
         let legacy = demo_node(dir.path(), "node-legacy", vec![1]).await?;
 
         let t = Instant::now();

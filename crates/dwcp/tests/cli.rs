@@ -435,7 +435,7 @@ fn demo_runs_without_setup() {
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["version"], 3);
+    assert_eq!(j["version"], 4);
     assert_eq!(j["legacy_version"], 1);
     assert_eq!(j["probes"], 5);
     assert!(
