@@ -427,9 +427,10 @@ impl Encoding {
     }
 }
 
-/// A big round is sent as objects of at most this many pages, each encoded while the one
-/// before it is sent: the first part small, so that sending starts soon, each next one twice
-/// as big, so that few objects pay their exchanges (a begin and an end, a round trip each).
+/// A big round is sent as objects of at most `MAX_PART_PAGES` pages, each encoded while the
+/// one before it is sent: the first part of round 0 this small, so that sending starts soon,
+/// each next one bigger (see `next_part`), so that few objects pay their exchanges (a begin
+/// and an end, a round trip each).
 const FIRST_PART_PAGES: usize = 4 * 1024;
 const MAX_PART_PAGES: usize = 256 * 1024;
 /// The first part of a round after the first is what the encoder did in this long.

@@ -32,11 +32,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dwcp_encoding::{BaselineCache, ContentSource, NoCache, RemoteIndex};
+use dwcp_encoding::{BaselineCache, ContentSource, NoCache, PageStore, RemoteIndex};
 use dwcp_wire::data::{
     self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
     SessionJoin,
@@ -149,6 +150,16 @@ struct RxObject {
     delta: Option<Delta>,
     /// Hashes the acknowledged prefix as it grows; taken when the object finishes.
     digester: Option<Digester>,
+    /// Set for a round applied as it arrives: raised when the object goes (see [`Guarded`]).
+    abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for RxObject {
+    fn drop(&mut self) {
+        if let Some(a) = &self.abandoned {
+            a.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// What an encoded object decodes to.
@@ -176,9 +187,9 @@ struct RxSession {
 }
 
 /// How long data for an object not yet begun waits for its `OBJECT_BEGIN`, which a v4 sender
-/// of a fresh object writes on another connection at the same time: beyond retransmissions
-/// of the begin on a lossy path, the data is a violation.
-const BEGIN_WAIT: Duration = Duration::from_secs(10);
+/// of a fresh object writes on another connection at the same time: as long as the sender
+/// waits for the answer to a begin, after which the data is a violation.
+const BEGIN_WAIT: Duration = Duration::from_secs(30);
 
 /// What the receiver knows of the object a chunk belongs to.
 enum ChunkFor {
@@ -224,16 +235,14 @@ struct OpenStream(Arc<PeerCounters>);
 
 impl OpenStream {
     fn new(c: Arc<PeerCounters>) -> Self {
-        c.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.streams.fetch_add(1, Ordering::Relaxed);
         Self(c)
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0
-            .streams
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -292,7 +301,7 @@ impl Receiver {
 
     /// Each peer that has sent to this receiver: its open streams and the bytes taken.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
-        use std::sync::atomic::Ordering::Relaxed;
+        use Ordering::Relaxed;
         let mut v: Vec<PeerStats> = lock(&self.peers)
             .iter()
             .map(|(peer, c)| PeerStats {
@@ -446,7 +455,7 @@ impl Receiver {
                     let (h, chunk) = data::decode_data(&frame).map_err(HandshakeError::from)?;
                     counters
                         .data_bytes
-                        .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     let deadline = tokio::time::Instant::now() + BEGIN_WAIT;
                     let checked = loop {
                         let begun = lock(session).begun.clone();
@@ -472,7 +481,13 @@ impl Receiver {
                         };
                         match found {
                             Ok(ChunkFor::Unknown) if tokio::time::Instant::now() < deadline => {
-                                let _ = tokio::time::timeout_at(deadline, notified).await;
+                                tokio::select! {
+                                    () = stop.cancelled() => {
+                                        writer.close(ErrorCode::SHUTTING_DOWN, "receiver is shutting down").await;
+                                        return Ok(Served::Dropped);
+                                    }
+                                    _ = tokio::time::timeout_at(deadline, notified) => {}
+                                }
                             }
                             Ok(ChunkFor::Unknown) => {
                                 break Err(format!("data for unknown object {}", h.object));
@@ -1013,9 +1028,10 @@ impl Receiver {
             .as_ref()
             .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
         // A round received from its start is applied while it arrives (see `RoundApply`).
-        let follower: Option<Box<dyn Follower>> = match &delta {
-            Some(d) if round && have == 0 => {
-                match RoundApply::open(&path, d.raw_size, self.cache.clone()) {
+        let abandoned = (round && have == 0).then(|| Arc::new(AtomicBool::new(false)));
+        let follower: Option<Box<dyn Follower>> = match (&delta, &abandoned) {
+            (Some(d), Some(flag)) => {
+                match RoundApply::open(&path, d.raw_size, self.cache.clone(), flag.clone()) {
                     Ok(a) => Some(Box::new(a)),
                     Err((_, e)) => {
                         lock(&self.active).remove(&path);
@@ -1049,6 +1065,7 @@ impl Receiver {
             finishing: false,
             delta,
             digester: Some(digester),
+            abandoned,
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
         {
@@ -1110,7 +1127,7 @@ impl Receiver {
         };
         let name = removed.map_or_else(String::new, |o| {
             lock(&self.active).remove(&o.path);
-            o.name
+            o.name.clone()
         });
         warn!(%peer, %name, "object failed: {reason}");
         let _ = self.events.send(RecvEvent::Failed {
@@ -1183,6 +1200,20 @@ impl Receiver {
             if got.as_bytes()[..] != digest[..] {
                 let _ = fs::remove_file(&part);
                 let _ = fs::remove_file(&state);
+                if follower.is_some() {
+                    // What arrived was applied to the migration target as it came: the
+                    // target can no longer be trusted, and sending the round again would not
+                    // mend pages the bad bytes wrote. The migration has to start over.
+                    return Err((
+                        ErrorCode::STORAGE_ERROR,
+                        format!(
+                            "BLAKE3 digest mismatch after the round was applied to the \
+                             migration target: received {}, sender has {}",
+                            got.to_hex(),
+                            hex(&digest)
+                        ),
+                    ));
+                }
                 return Err((
                     ErrorCode::CHECKSUM_MISMATCH,
                     format!(
@@ -1367,12 +1398,14 @@ fn apply_round(
 /// Decodes a migration round into its target on the digest thread, as its bytes arrive.
 ///
 /// What it writes is not verified yet when written: the round's digest is checked at the end,
-/// and a round that fails it fails the migration's object, as before. Applying part of a
-/// round twice (it failed, or its session broke and it resumed, then was decoded again from
-/// the part file) is safe: literal, zero, duplicate and cache pages come out the same, and
-/// the pages that depend on what the target held (unchanged runs, XOR deltas) carry a check
-/// of that base; a base that no longer matches makes those pages unresolved, and the sender
-/// sends the rest of the round again without references.
+/// and a round that fails it is refused with `STORAGE_ERROR` (not `CHECKSUM_MISMATCH`, which
+/// a sender retries): the target is no longer trusted and the migration starts over.
+/// Applying part of a round twice (its session broke and it resumed, then was decoded again
+/// from the part file) is safe: literal, zero, duplicate and cache pages come out the same,
+/// and the pages that depend on what the target held (unchanged runs, XOR deltas) carry a
+/// check of that base; a base that no longer matches makes those pages unresolved, and the
+/// sender sends the rest of the round again without references. That is the price of a
+/// broken session in the middle of a round: the rest of it goes cold.
 struct RoundApply {
     sink: PagesSink,
     cache: Option<Arc<Mutex<BaselineCache>>>,
@@ -1384,9 +1417,11 @@ impl RoundApply {
         final_path: &Path,
         raw_size: u64,
         cache: Option<Arc<Mutex<BaselineCache>>>,
+        abandoned: Arc<AtomicBool>,
     ) -> Result<Self, (ErrorCode, String)> {
+        let out = open_target(final_path, raw_size)?;
         Ok(Self {
-            sink: PagesSink::new(open_target(final_path, raw_size)?, raw_size),
+            sink: PagesSink::new(out, raw_size, Some(abandoned)),
             cache,
             failed: None,
         })
@@ -1418,28 +1453,60 @@ impl Follower for RoundApply {
     }
 }
 
+/// A page store that refuses writes once its object is gone (its session ended, or it
+/// failed): the digest thread notices only after its current step, and a resumed copy of the
+/// round, or a later one, may be writing the same pages by then.
+struct Guarded {
+    store: dwcp_encoding::FileStore,
+    abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl PageStore for Guarded {
+    fn page_count(&self) -> u64 {
+        self.store.page_count()
+    }
+
+    fn read_page(&mut self, addr: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.store.read_page(addr, buf)
+    }
+
+    fn write_pages(&mut self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        if self
+            .abandoned
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Acquire))
+        {
+            return Err(std::io::Error::other("the round was abandoned"));
+        }
+        self.store.write_pages(addr, data)
+    }
+}
+
 /// Decodes an HDE page object, fed in order, into a file of `raw_size` bytes that holds the
 /// base its references assume.
 struct PagesSink {
     /// Until the header says the page size.
     out: Option<File>,
-    store: Option<dwcp_encoding::FileStore>,
+    store: Option<Guarded>,
     head: Vec<u8>,
     raw_size: u64,
     dec: dwcp_encoding::PageDecoder,
+    abandoned: Option<Arc<AtomicBool>>,
 }
 
 /// Bytes of an HDE page object's header; the last one is the page size's shift.
 const PAGES_HEADER: usize = 6;
 
 impl PagesSink {
-    fn new(out: File, raw_size: u64) -> Self {
+    /// Writes stop once `abandoned` is raised.
+    fn new(out: File, raw_size: u64, abandoned: Option<Arc<AtomicBool>>) -> Self {
         Self {
             out: Some(out),
             store: None,
             head: Vec::with_capacity(PAGES_HEADER),
             raw_size,
             dec: dwcp_encoding::PageDecoder::new(),
+            abandoned,
         }
     }
 
@@ -1468,13 +1535,17 @@ impl PagesSink {
             let Some(out) = self.out.take() else {
                 return Err((ErrorCode::INTERNAL_ERROR, "page sink without a file".into()));
             };
-            let mut store = dwcp_encoding::FileStore::new(out, self.raw_size >> shift, 1 << shift)
+            let store = dwcp_encoding::FileStore::new(out, self.raw_size >> shift, 1 << shift)
                 .map_err(|e| {
                     (
                         ErrorCode::STORAGE_ERROR,
                         format!("cannot open the destination: {e}"),
                     )
                 })?;
+            let mut store = Guarded {
+                store,
+                abandoned: self.abandoned.take(),
+            };
             self.dec
                 .push(&self.head, &mut store, src)
                 .map_err(bad_pages)?;
@@ -1505,7 +1576,7 @@ impl PagesSink {
                 ),
             ));
         }
-        Ok(store.into_file())
+        Ok(store.store.into_file())
     }
 }
 
@@ -1534,7 +1605,7 @@ fn decode_pages(
     let storage =
         |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
     let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
-    let mut sink = PagesSink::new(out, raw_size);
+    let mut sink = PagesSink::new(out, raw_size, None);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = input
@@ -1782,15 +1853,11 @@ mod tests {
 
     /// Pages of pseudo-random bytes, and the same with a few bytes of each changed.
     fn images() -> (Vec<u8>, Vec<u8>) {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let base: Vec<u8> = (0..PAGES as usize * PS)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut base = vec![0u8; PAGES as usize * PS];
+        blake3::Hasher::new()
+            .update(b"round test")
+            .finalize_xof()
+            .fill(&mut base);
         let mut new = base.clone();
         for p in 0..PAGES as usize {
             new[p * PS + p % 97] ^= 0x5a;
@@ -1801,6 +1868,10 @@ mod tests {
             }
         }
         (base, new)
+    }
+
+    fn flag() -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(false))
     }
 
     fn inplace(raw_size: u64) -> Delta {
@@ -1818,7 +1889,8 @@ mod tests {
         let (base, new) = images();
         fs::write(migration_target(&final_path), &base).unwrap();
         let obj = round(&new, Some(&base));
-        let mut a = Box::new(RoundApply::open(&final_path, base.len() as u64, None).unwrap());
+        let mut a =
+            Box::new(RoundApply::open(&final_path, base.len() as u64, None, flag()).unwrap());
         // The header split over several pieces, then uneven ones.
         let mut at = 0;
         for n in [1, 2, 4, 7, 100, 5000].into_iter().cycle() {
@@ -1846,7 +1918,7 @@ mod tests {
         let obj = round(&new, Some(&base));
         let part = dir.path().join("part");
         fs::write(&part, &obj).unwrap();
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
         a.feed(&obj[..obj.len() / 2]);
         drop(a);
         let target = fs::read(migration_target(&final_path)).unwrap();
@@ -1860,23 +1932,43 @@ mod tests {
     }
 
     #[test]
+    fn a_round_abandoned_while_it_applies_writes_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let final_path = dir.path().join("vm.mem");
+        let (base, new) = images();
+        fs::write(migration_target(&final_path), &base).unwrap();
+        let obj = round(&new, None);
+        let gone = flag();
+        let mut a =
+            Box::new(RoundApply::open(&final_path, base.len() as u64, None, gone.clone()).unwrap());
+        a.feed(&obj[..obj.len() / 2]);
+        let half = fs::read(migration_target(&final_path)).unwrap();
+        assert!(half != base, "half of it applied");
+        gone.store(true, Ordering::Release);
+        a.feed(&obj[obj.len() / 2..]);
+        assert_eq!(fs::read(migration_target(&final_path)).unwrap(), half);
+        let e = a.finish().unwrap_err();
+        assert!(e.1.contains("abandoned"), "{e:?}");
+    }
+
+    #[test]
     fn a_truncated_or_malformed_round_fails_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let final_path = dir.path().join("vm.mem");
         let (base, new) = images();
         let raw_size = base.len() as u64;
         let obj = round(&new, None);
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
         a.feed(&obj[..3]);
         assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
         let mut bad = obj.clone();
         bad[5] = 40; // page size 2^40
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
         a.feed(&bad);
         let e = a.finish().unwrap_err();
         assert_eq!(e.0, ErrorCode::PROTOCOL_ERROR);
         assert!(e.1.contains("page size"), "{e:?}");
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None).unwrap());
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
         a.feed(&obj[..obj.len() - 10]);
         assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
     }
