@@ -82,11 +82,14 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
     let ep = endpoint(&cluster, "src", |_| {});
     let dest = to(&ep, &agent);
-    // 4096 pages: the first pass goes as parts of 300, 600, 1000, 1000, 1000 and 196 pages,
-    // each encoded while the one before it is sent.
+    // 4096 pages: the first pass goes as parts of 300 pages, then more each time (at most
+    // twice as many, at most 1000), each encoded while the one before it is sent.
+    // One codec for both: the pacer's steps follow this machine's load, and the comparison
+    // below is about the cache.
     let small_parts = |name: &str| MigrationSpec {
         first_part_pages: 300,
         max_part_pages: 1000,
+        codec: Some(dwcp_encoding::Codec::Zstd(3)),
         ..MigrationSpec::new(name)
     };
     let v = vm(16, 2000.0);
@@ -103,8 +106,9 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     let v2 = vm(16, 2000.0);
     let r2 = migrate(&v2, dest, &small_parts("parts-again.mem"), &mut |_| {}).await;
     assert!(r2.migrated && r2.bit_exact == Some(true), "{r2:?}");
+    // (Pages the workload rewrote meanwhile go literally: not a fixed share.)
     assert!(
-        r2.rounds[0].wire_bytes < r.rounds[0].wire_bytes / 5,
+        r2.rounds[0].wire_bytes < r.rounds[0].wire_bytes / 4,
         "warm first pass {} vs cold {}",
         r2.rounds[0].wire_bytes,
         r.rounds[0].wire_bytes
