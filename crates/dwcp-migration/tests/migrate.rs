@@ -106,9 +106,8 @@ async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     let v2 = vm(16, 2000.0);
     let r2 = migrate(&v2, dest, &small_parts("parts-again.mem"), &mut |_| {}).await;
     assert!(r2.migrated && r2.bit_exact == Some(true), "{r2:?}");
-    // (Pages the workload rewrote meanwhile go literally: not a fixed share.)
     assert!(
-        r2.rounds[0].wire_bytes < r.rounds[0].wire_bytes / 4,
+        r2.rounds[0].wire_bytes < r.rounds[0].wire_bytes / 5,
         "warm first pass {} vs cold {}",
         r2.rounds[0].wire_bytes,
         r.rounds[0].wire_bytes
