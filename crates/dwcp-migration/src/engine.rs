@@ -555,6 +555,8 @@ async fn send_round(
         )
         .await;
         let sending = sending.elapsed();
+        // Pages per second the link took this part at.
+        let link_rate = rate(parts[k].len(), sending);
         drop(file);
         let encoded_next = match next {
             Some(task) => {
@@ -566,7 +568,6 @@ async fn send_round(
                 {
                     let before = p.codec();
                     let encode_rate = rate(parts[k + 1].len(), state.encode_time);
-                    let link_rate = rate(parts[k].len(), sending);
                     state.enc.codec = p.observe(encode_rate, link_rate);
                     if state.enc.codec != before {
                         info!(round, part = k, from = %before, to = %state.enc.codec, encode_rate, link_rate, ?waited, "codec paced");
@@ -581,7 +582,7 @@ async fn send_round(
             wire_total += wire;
         }
         if sent.is_ok() {
-            send_rate = Some(rate(parts[k].len(), sending));
+            send_rate = Some(link_rate);
         }
         debug!(
             round,

@@ -1870,6 +1870,15 @@ mod tests {
         (base, new)
     }
 
+    /// A directory with a migration target holding the base image; the base and the new one.
+    fn target_holding_base() -> (tempfile::TempDir, PathBuf, Vec<u8>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let final_path = dir.path().join("vm.mem");
+        let (base, new) = images();
+        fs::write(migration_target(&final_path), &base).unwrap();
+        (dir, final_path, base, new)
+    }
+
     fn flag() -> Arc<AtomicBool> {
         Arc::new(AtomicBool::new(false))
     }
@@ -1884,10 +1893,7 @@ mod tests {
 
     #[test]
     fn a_round_applied_while_it_arrives_in_pieces_of_any_size_is_exact() {
-        let dir = tempfile::tempdir().unwrap();
-        let final_path = dir.path().join("vm.mem");
-        let (base, new) = images();
-        fs::write(migration_target(&final_path), &base).unwrap();
+        let (_dir, final_path, base, new) = target_holding_base();
         let obj = round(&new, Some(&base));
         let mut a =
             Box::new(RoundApply::open(&final_path, base.len() as u64, None, flag()).unwrap());
@@ -1910,11 +1916,8 @@ mod tests {
         // Its session broke after part of it was applied; resumed, it is decoded again from
         // the part file. The pages that depend on the target's old content must not be
         // applied twice: their base checks fail, and the sender is told to send it cold.
-        let dir = tempfile::tempdir().unwrap();
-        let final_path = dir.path().join("vm.mem");
-        let (base, new) = images();
+        let (dir, final_path, base, new) = target_holding_base();
         let raw_size = base.len() as u64;
-        fs::write(migration_target(&final_path), &base).unwrap();
         let obj = round(&new, Some(&base));
         let part = dir.path().join("part");
         fs::write(&part, &obj).unwrap();
@@ -1933,10 +1936,7 @@ mod tests {
 
     #[test]
     fn a_round_abandoned_while_it_applies_writes_nothing_more() {
-        let dir = tempfile::tempdir().unwrap();
-        let final_path = dir.path().join("vm.mem");
-        let (base, new) = images();
-        fs::write(migration_target(&final_path), &base).unwrap();
+        let (_dir, final_path, base, new) = target_holding_base();
         let obj = round(&new, None);
         let gone = flag();
         let mut a =
