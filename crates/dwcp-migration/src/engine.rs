@@ -19,8 +19,8 @@ use dwcp_encoding::chooser::{Chooser, Pacer};
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
-    DeltaOptions, KeptSession, SendError, SendOptions, Source, migration_op, migration_op_kept,
-    query_base, send_files_kept,
+    BaseRequest, DeltaOptions, KeptSession, SendError, SendOptions, Source, migration_op_kept,
+    query_base_kept, send_files_kept,
 };
 use dwcp_wire::{ErrorCode, NodeId, data};
 use tracing::{debug, info, warn};
@@ -217,7 +217,7 @@ pub async fn migrate(
             throttle: orch.throttle(),
         });
         let event = match action.clone() {
-            Action::Prepare => prepare(vm, dest, spec, &mut state).await,
+            Action::Prepare => prepare(vm, dest, spec, &mut state, &mut kept).await,
             Action::SendRound { round, .. } => {
                 match send_round(vm, dest, spec, &mut state, round, &mut kept).await {
                     Ok(stats) => {
@@ -286,23 +286,22 @@ pub async fn migrate(
             }
             Action::CleanupSource => {
                 // The source stays paused (it no longer owns the VM); check the copy.
-                report.bit_exact = match query_base(
-                    dest.endpoint,
-                    dest.addr,
-                    dest.expected,
-                    &spec.name,
+                let req = BaseRequest {
+                    name: &spec.name,
                     raw_size,
-                    ps as u32,
-                    false,
-                )
-                .await
-                {
-                    Ok((_, dest_pages)) => Some(dest_pages == vm.page_hashes()),
-                    Err(e) => {
-                        warn!("cannot verify the destination: {e}");
-                        None
-                    }
+                    page_size: ps as u32,
+                    migration_target: false,
                 };
+                report.bit_exact =
+                    match query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut kept)
+                        .await
+                    {
+                        Ok((_, dest_pages)) => Some(dest_pages == vm.page_hashes()),
+                        Err(e) => {
+                            warn!("cannot verify the destination: {e}");
+                            None
+                        }
+                    };
                 Event::CleanedUp
             }
             Action::Rollback { reason } => {
@@ -441,6 +440,7 @@ async fn prepare(
     dest: Destination<'_>,
     spec: &MigrationSpec,
     state: &mut RoundState,
+    kept: &mut KeptSession,
 ) -> Event {
     let raw = vm.pages() * vm.page_size() as u64;
     // The codec calibration (CPU, most of a second) runs while the destination answers.
@@ -462,13 +462,28 @@ async fn prepare(
             (sample.len() >= 1 << 20).then(|| Chooser::calibrate(&sample).choose(link_bps))
         })
     });
+    // The rounds' session opens first and carries the set-up requests too: one set of
+    // handshakes instead of three, and its other streams join while the requests run.
+    if let Err(e) = kept
+        .open(
+            dest.endpoint,
+            dest.addr,
+            dest.expected,
+            &part_options(spec),
+            raw,
+        )
+        .await
+    {
+        return Event::Failed(format!("cannot reach the destination: {e}"));
+    }
     // A target left over from an earlier attempt is not trusted: start clean.
-    if let Err(e) = migration_op(
+    if let Err(e) = migration_op_kept(
         dest.endpoint,
         dest.addr,
         dest.expected,
         &spec.name,
         data::MIGRATION_ABORT,
+        kept,
     )
     .await
     {
@@ -477,17 +492,13 @@ async fn prepare(
             spec.name
         ));
     }
-    match query_base(
-        dest.endpoint,
-        dest.addr,
-        dest.expected,
-        &spec.name,
-        raw,
-        0,
-        false,
-    )
-    .await
-    {
+    let req = BaseRequest {
+        name: &spec.name,
+        raw_size: raw,
+        page_size: 0,
+        migration_target: false,
+    };
+    match query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, kept).await {
         Ok((remote, _)) => state.enc.remote = remote,
         Err(e) => return Event::Failed(format!("cannot reach the destination: {e}")),
     }
@@ -682,17 +693,7 @@ async fn send_part(
         ),
         pre_encoded: Some((data::ENCODING_HDE_PAGES_INPLACE, raw_size, Vec::new())),
     };
-    let opts = SendOptions {
-        streams: spec.streams,
-        retry_for: Duration::from_secs(30),
-        // Its tag names this migration, round and part: new to the destination.
-        fresh: true,
-        delta: DeltaOptions {
-            enabled: false,
-            ..DeltaOptions::default()
-        },
-        ..SendOptions::default()
-    };
+    let opts = part_options(spec);
     send_files_kept(
         dest.endpoint,
         dest.addr,
@@ -704,6 +705,21 @@ async fn send_part(
     )
     .await
     .map(|_| ())
+}
+
+/// How every part of every round is sent (and so how the rounds' session is opened).
+fn part_options(spec: &MigrationSpec) -> SendOptions {
+    SendOptions {
+        streams: spec.streams,
+        retry_for: Duration::from_secs(30),
+        // Its tag names this migration, round and part: new to the destination.
+        fresh: true,
+        delta: DeltaOptions {
+            enabled: false,
+            ..DeltaOptions::default()
+        },
+        ..SendOptions::default()
+    }
 }
 
 /// An encoded part: its file, size, and pages at each level (zero / same / dup / cache /

@@ -83,6 +83,30 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_up_rounds_commit_and_check_share_one_session() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(4, 500.0);
+    let spec = MigrationSpec {
+        streams: 3,
+        ..MigrationSpec::new("one-session.mem")
+    };
+    let r = migrate(&v, to(&ep, &agent), &spec, &mut |_| {}).await;
+    assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    // Each handshake costs round trips on a long path: the reservation, the cache query,
+    // every round, the commit and the final check all went over the rounds' three streams
+    // (they used to open three more sessions of their own).
+    let m = agent.metrics().await;
+    assert_eq!(
+        dwcp_testkit::metric_value(&m, "dwcp_connections_accepted_total", &[]),
+        3.0,
+        "{m}"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_sent_in_parts_arrive_bit_exact_and_warm() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;

@@ -347,6 +347,23 @@ enum StreamPlan {
     },
 }
 
+impl StreamPlan {
+    /// The streams `opts` asks for, for a transfer of `bytes`.
+    fn of(opts: &SendOptions, bytes: u64) -> Self {
+        if opts.adaptive {
+            Self::Adaptive {
+                min: opts.min_streams,
+                max: opts.max_streams,
+                mode: opts.mode,
+                bytes,
+                chunk: opts.chunk,
+            }
+        } else {
+            Self::Fixed(opts.streams)
+        }
+    }
+}
+
 /// A token bucket shared by a session's streams.
 #[derive(Debug)]
 struct Bucket {
@@ -898,6 +915,30 @@ impl KeptSession {
         }
     }
 
+    /// Opens now the session that [`send_files_kept`] with `opts` would open for `bytes` of
+    /// data, so that its handshakes overlap other work; requests made on `self` meanwhile
+    /// ([`query_base_kept`], [`migration_op_kept`]) go on it, and its other streams join
+    /// while they run. Nothing to do when one is open.
+    pub async fn open(
+        &mut self,
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+        opts: &SendOptions,
+        bytes: u64,
+    ) -> Result<(), SendError> {
+        if self.session.as_ref().is_some_and(|s| s.alive() > 0) {
+            return Ok(());
+        }
+        let plan = StreamPlan::of(opts, bytes);
+        let s = Session::open(endpoint, addr, expected, &plan, opts.carrier, opts.mode)
+            .await
+            .map_err(SendError::Connect)?;
+        info!(streams = s.alive(), version = %s.version, "session open");
+        self.session = Some(s);
+        Ok(())
+    }
+
     /// One round trip on the open session (`None` when none is open or no answer came).
     pub async fn round_trip(&mut self) -> Option<Duration> {
         self.session.as_mut()?.round_trip().await
@@ -941,17 +982,7 @@ pub async fn send_files_kept(
     let mut begun: HashSet<usize> = HashSet::new();
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
-        let plan = if opts.adaptive {
-            StreamPlan::Adaptive {
-                min: opts.min_streams,
-                max: opts.max_streams,
-                mode: opts.mode,
-                bytes: total_size.saturating_sub(done_bytes),
-                chunk: opts.chunk,
-            }
-        } else {
-            StreamPlan::Fixed(opts.streams)
-        };
+        let plan = StreamPlan::of(opts, total_size.saturating_sub(done_bytes));
         let reused = kept.session.take().filter(|s| s.alive() > 0);
         let was_open = reused.is_some();
         let opened = match reused {
@@ -1854,12 +1885,52 @@ pub async fn query_base(
     page_size: u32,
     migration_target: bool,
 ) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
-    let mut session = Session::control(endpoint, addr, expected)
-        .await
-        .map_err(SendError::Connect)?;
+    let q = BaseRequest {
+        name,
+        raw_size,
+        page_size,
+        migration_target,
+    };
+    query_base_kept(endpoint, addr, expected, &q, &mut KeptSession::default()).await
+}
+
+/// What [`query_base_kept`] asks about.
+#[derive(Debug, Clone, Copy)]
+pub struct BaseRequest<'a> {
+    /// The file or migration target.
+    pub name: &'a str,
+    /// Its expected size; page hashes come only for a copy of this size.
+    pub raw_size: u64,
+    /// Page size of the hashes (0: no page hashes).
+    pub page_size: u32,
+    /// Hash the migration target rather than the published file.
+    pub migration_target: bool,
+}
+
+/// As [`query_base`], on `kept`'s session when it is open (which then stays open); on a
+/// short session of its own otherwise.
+pub async fn query_base_kept(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    req: &BaseRequest<'_>,
+    kept: &mut KeptSession,
+) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
+    let (mut session, from_kept) = match kept.session.take().filter(|s| s.alive() > 0) {
+        Some(s) => (s, true),
+        None => (
+            Session::control(endpoint, addr, expected)
+                .await
+                .map_err(SendError::Connect)?,
+            false,
+        ),
+    };
     let mut report = SendReport::default();
+    kept.object_id += 1;
+    let (name, raw_size, page_size, migration_target) =
+        (req.name, req.raw_size, req.page_size, req.migration_target);
     let q = BaseQuery {
-        object: 1,
+        object: kept.object_id,
         name: name.to_string(),
         raw_size,
         page_size,
@@ -1885,7 +1956,11 @@ pub async fn query_base(
             })
     }
     .await;
-    session.close(ErrorCode::NO_ERROR, "query done").await;
+    if from_kept && kept.keep && r.is_ok() {
+        kept.session = Some(session);
+    } else {
+        session.close(ErrorCode::NO_ERROR, "query done").await;
+    }
     let (summary, pages) = r?;
     let remote = if summary.is_empty() {
         None
