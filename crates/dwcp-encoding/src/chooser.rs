@@ -122,6 +122,14 @@ impl Chooser {
             .map_or(Codec::Lz4, |c| c.codec)
     }
 
+    /// The codec a [`Pacer`] starts from: the best for a link [`PACE_HEADROOM`] times as fast
+    /// as `link_bps`, so that the encoder starts with the margin the pacer keeps. The
+    /// calibration ran on an idle core; the best codec for the link itself only just keeps
+    /// up there, and falls behind as soon as the encoder shares the machine.
+    pub fn choose_paced(&self, link_bps: f64) -> Codec {
+        self.choose(link_bps * PACE_HEADROOM)
+    }
+
     /// Learns the ratio a codec achieved on real data.
     pub fn observe(&mut self, codec: Codec, raw: u64, compressed: u64) {
         if raw == 0 {
@@ -145,6 +153,10 @@ pub struct Pacer {
     cap: usize,
 }
 
+/// How much faster than the link a paced encoder is kept: parts grow only as fast as the
+/// encoder outpaces the link.
+pub const PACE_HEADROOM: f64 = 1.5;
+
 /// Slowest codec the pacer steps down to (index in [`CANDIDATES`]): lz4. Sending as is would
 /// not be faster on a link slow enough for the encoder to fall behind.
 const PACER_FLOOR: usize = 1;
@@ -166,8 +178,7 @@ impl Pacer {
     /// before it at `link_rate` (in the same unit, e.g. pages per second). Returns the codec
     /// for the pieces to come.
     pub fn observe(&mut self, encode_rate: f64, link_rate: f64) -> Codec {
-        // With a margin: parts grow only as fast as the encoder outpaces the link.
-        if encode_rate < link_rate * 1.5 {
+        if encode_rate < link_rate * PACE_HEADROOM {
             if self.at > PACER_FLOOR.min(self.cap) {
                 self.at -= 1;
             }
@@ -210,6 +221,17 @@ mod tests {
         assert_eq!(ch.choose(125e6), Codec::Zstd(1));
         // 100 Mbit/s: the strongest that keeps up.
         assert_eq!(ch.choose(12.5e6), Codec::Zstd(9));
+    }
+
+    #[test]
+    fn the_paced_pick_leaves_the_pacers_headroom() {
+        let ch = fixed();
+        // 20 MB/s: zstd:9 (60 MB/s of input) keeps up with the link's 20 / 0.38 = 53 MB/s,
+        // but not with half again as much: the pacer would step it down at once.
+        assert_eq!(ch.choose(20e6), Codec::Zstd(9));
+        assert_eq!(ch.choose_paced(20e6), Codec::Zstd(1));
+        // With room to spare, the same.
+        assert_eq!(ch.choose_paced(12.5e6), Codec::Zstd(9));
     }
 
     #[test]

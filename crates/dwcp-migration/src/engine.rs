@@ -459,7 +459,7 @@ async fn prepare(
                 .flatten()
                 .copied()
                 .collect();
-            (sample.len() >= 1 << 20).then(|| Chooser::calibrate(&sample).choose(link_bps))
+            (sample.len() >= 1 << 20).then(|| Chooser::calibrate(&sample).choose_paced(link_bps))
         })
     });
     // The rounds' session opens first and carries the set-up requests too: one set of
