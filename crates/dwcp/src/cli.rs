@@ -73,7 +73,7 @@ pub(crate) enum Command {
     /// Benchmarks on the WAN testbed (root).
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Start agents on loopback with throwaway certificates (v1+v3, v1-only, and a node of a
+    /// Start agents on loopback with throwaway certificates (v1+v3+v4, v1-only, and a node of a
     /// foreign CA), connect them, measure, and print a report. Needs no root and no setup.
     Demo(DemoArgs),
 }
