@@ -816,6 +816,36 @@ impl Session {
         self.writers.iter().flatten().count()
     }
 
+    /// A live stream's slot, generation and writer: a request sent on it is answered on it,
+    /// so its loss is the request's.
+    fn first_writer(&self) -> Option<(u32, u64, Arc<Mutex<Writer>>)> {
+        self.writers
+            .iter()
+            .enumerate()
+            .find_map(|(i, w)| w.as_ref().map(|(g, w)| (i as u32, *g, w.clone())))
+    }
+
+    /// Adds the streams that finished opening meanwhile. Only objects poll `joining`; a
+    /// stream left there has not introduced itself, and a receiver drops such a connection
+    /// after its idle timeout.
+    async fn adopt_joined(&mut self) {
+        while let Some(r) = self.joining.try_join_next() {
+            match r {
+                Ok((i, Ok(conn))) => {
+                    self.opening.remove(&i);
+                    if let Err(e) = self.add(i, conn).await {
+                        warn!(stream = i, "stream failed to join: {e}");
+                    }
+                }
+                Ok((i, Err(e))) => {
+                    self.opening.remove(&i);
+                    warn!(stream = i, "cannot open stream: {e}");
+                }
+                Err(e) => warn!("stream dial task failed: {e}"),
+            }
+        }
+    }
+
     fn any_writer(&self) -> Option<Arc<Mutex<Writer>>> {
         self.writers
             .iter()
@@ -916,9 +946,11 @@ impl KeptSession {
     }
 
     /// Opens now the session that [`send_files_kept`] with `opts` would open for `bytes` of
-    /// data, so that its handshakes overlap other work; requests made on `self` meanwhile
-    /// ([`query_base_kept`], [`migration_op_kept`]) go on it, and its other streams join
-    /// while they run. Nothing to do when one is open.
+    /// data, so that its handshakes are out of the way: requests made on `self` meanwhile
+    /// ([`query_base_kept`], [`migration_op_kept`]) go on its first stream while the others
+    /// connect (and join at the next request or object). Nothing to do when a session is
+    /// open already, whatever its streams (a request on an empty `self` opens a one-stream
+    /// session and keeps it: open this first).
     pub async fn open(
         &mut self,
         endpoint: &Endpoint,
@@ -1744,7 +1776,7 @@ async fn prepare_delta(
     let (summary, pages) = if cold {
         (Vec::new(), Vec::new())
     } else {
-        let Some(w0) = session.any_writer() else {
+        let Some((at, generation, w0)) = session.first_writer() else {
             return Err(lost("no stream left".into()));
         };
         let q = BaseQuery {
@@ -1763,7 +1795,7 @@ async fn prepare_delta(
             .send(&msg::encode(FrameType::BASE_QUERY, &q))
             .await
             .map_err(|e| lost(e.to_string()))?;
-        collect_base_info(session, report, &q).await?
+        collect_base_info(session, report, &q, (at, generation)).await?
     };
     let remote = if summary.is_empty() {
         None
@@ -1798,10 +1830,12 @@ async fn prepare_delta(
 }
 
 /// Waits for the receiver's answer to `q` (`BASE_INFO` parts) on the session.
+/// Reads the answer to `q`, sent on the stream `via` (slot, generation).
 async fn collect_base_info(
     session: &mut Session,
     report: &mut SendReport,
     q: &BaseQuery,
+    via: (u32, u64),
 ) -> Result<(Vec<u8>, Vec<u8>), ObjectFailure> {
     let lost = |why: String| ObjectFailure::SessionLost(why);
     let query_id = q.object;
@@ -1863,7 +1897,8 @@ async fn collect_base_info(
             Event::Frame(_) => {}
             Event::Lost(i, generation, why) => {
                 on_lost(session, report, i, generation, &why, None).await;
-                if session.alive() == 0 {
+                // The answer comes on the query's stream or not at all.
+                if (i, generation) == via || session.alive() == 0 {
                     return Err(lost(why));
                 }
             }
@@ -1907,8 +1942,8 @@ pub struct BaseRequest<'a> {
     pub migration_target: bool,
 }
 
-/// As [`query_base`], on `kept`'s session when it is open (which then stays open); on a
-/// short session of its own otherwise.
+/// As [`query_base`], on `kept`'s session when it is open (which stays open if `kept` was
+/// made with [`KeptSession::new`]); on a short session of its own otherwise.
 pub async fn query_base_kept(
     endpoint: &Endpoint,
     addr: std::net::SocketAddr,
@@ -1936,16 +1971,17 @@ pub async fn query_base_kept(
         page_size,
         migration_target,
     };
+    session.adopt_joined().await;
     let r = async {
-        let w = session
-            .any_writer()
+        let (at, generation, w) = session
+            .first_writer()
             .ok_or_else(|| SendError::Protocol("no stream".into()))?;
         w.lock()
             .await
             .send(&msg::encode(FrameType::BASE_QUERY, &q))
             .await
             .map_err(SendError::Connect)?;
-        collect_base_info(&mut session, &mut report, &q)
+        collect_base_info(&mut session, &mut report, &q, (at, generation))
             .await
             .map_err(|f| match f {
                 ObjectFailure::Fatal(e) => e,
@@ -2050,9 +2086,10 @@ pub async fn migration_request_kept(
         blake3: req.digest.map(|d| d.to_vec()).unwrap_or_default(),
     };
     let timeout = req.timeout;
+    session.adopt_joined().await;
     let r = async {
-        let w = session
-            .any_writer()
+        let (at, generation, w) = session
+            .first_writer()
             .ok_or_else(|| SendError::Protocol("no stream".into()))?;
         w.lock()
             .await
@@ -2083,11 +2120,16 @@ pub async fn migration_request_kept(
                     });
                 }
                 Event::Frame(_) => {}
-                Event::Lost(_, _, why) => {
-                    return Err(SendError::Interrupted {
-                        retry_for: Duration::ZERO,
-                        last: why,
-                    });
+                Event::Lost(i, g, why) => {
+                    on_lost(&mut session, &mut SendReport::default(), i, g, &why, None).await;
+                    // The answer comes on the request's stream or not at all; another
+                    // stream of a kept session may go without it.
+                    if (i, g) == (at, generation) || session.alive() == 0 {
+                        return Err(SendError::Interrupted {
+                            retry_for: Duration::ZERO,
+                            last: why,
+                        });
+                    }
                 }
             }
         }
