@@ -292,16 +292,23 @@ pub async fn migrate(
                     page_size: ps as u32,
                     migration_target: false,
                 };
-                report.bit_exact =
-                    match query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut kept)
-                        .await
-                    {
-                        Ok((_, dest_pages)) => Some(dest_pages == vm.page_hashes()),
-                        Err(e) => {
-                            warn!("cannot verify the destination: {e}");
-                            None
-                        }
-                    };
+                let mut checked =
+                    query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut kept).await;
+                if let Err(e) = &checked {
+                    // The session may have died after the commit: a short one of its own.
+                    debug!("checking on the migration's session failed ({e}); once more");
+                    let mut own = KeptSession::default();
+                    checked =
+                        query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own)
+                            .await;
+                }
+                report.bit_exact = match checked {
+                    Ok((_, dest_pages)) => Some(dest_pages == vm.page_hashes()),
+                    Err(e) => {
+                        warn!("cannot verify the destination: {e}");
+                        None
+                    }
+                };
                 Event::CleanedUp
             }
             Action::Rollback { reason } => {
@@ -463,7 +470,7 @@ async fn prepare(
         })
     });
     // The rounds' session opens first and carries the set-up requests too: one set of
-    // handshakes instead of three, and its other streams join while the requests run.
+    // handshakes instead of three, and its other streams connect while the requests run.
     if let Err(e) = kept
         .open(
             dest.endpoint,
