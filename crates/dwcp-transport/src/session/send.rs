@@ -971,6 +971,22 @@ impl KeptSession {
         Ok(())
     }
 
+    /// The kept session if it is alive (and `true`), else a new one-stream control session.
+    async fn take_or_control(
+        &mut self,
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+    ) -> Result<(Session, bool), SendError> {
+        match self.session.take().filter(|s| s.alive() > 0) {
+            Some(s) => Ok((s, true)),
+            None => Session::control(endpoint, addr, expected)
+                .await
+                .map(|s| (s, false))
+                .map_err(SendError::Connect),
+        }
+    }
+
     /// One round trip on the open session (`None` when none is open or no answer came).
     pub async fn round_trip(&mut self) -> Option<Duration> {
         self.session.as_mut()?.round_trip().await
@@ -1951,15 +1967,7 @@ pub async fn query_base_kept(
     req: &BaseRequest<'_>,
     kept: &mut KeptSession,
 ) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
-    let (mut session, from_kept) = match kept.session.take().filter(|s| s.alive() > 0) {
-        Some(s) => (s, true),
-        None => (
-            Session::control(endpoint, addr, expected)
-                .await
-                .map_err(SendError::Connect)?,
-            false,
-        ),
-    };
+    let (mut session, from_kept) = kept.take_or_control(endpoint, addr, expected).await?;
     let mut report = SendReport::default();
     kept.object_id += 1;
     let (name, raw_size, page_size, migration_target) =
@@ -2071,12 +2079,7 @@ pub async fn migration_request_kept(
     req: &MigrationRequest<'_>,
     kept: &mut KeptSession,
 ) -> Result<String, SendError> {
-    let mut session = match kept.session.take().filter(|s| s.alive() > 0) {
-        Some(s) => s,
-        None => Session::control(endpoint, addr, expected)
-            .await
-            .map_err(SendError::Connect)?,
-    };
+    let (mut session, _) = kept.take_or_control(endpoint, addr, expected).await?;
     kept.object_id += 1;
     let m = Migration {
         object: kept.object_id,
