@@ -161,7 +161,8 @@ pub async fn migrate(
     };
     let mut orch = Orchestrator::new(spec.config.clone(), caps);
     let mut action = orch.start();
-    // One session for every round and the commit: set-up is paid once, not on the pause path.
+    // One session for set-up, every round, the commit and the check: handshakes are paid
+    // once, never on the pause path.
     let mut kept = KeptSession::new();
     let mut state = RoundState {
         enc: Encoding {
