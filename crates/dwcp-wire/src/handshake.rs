@@ -42,11 +42,14 @@ pub enum Version {
     /// As v3; the data of an object sent fresh may arrive on any connection before its
     /// begin has been read (the receiver waits for the begin).
     V4,
+    /// As v4; the in-place migration rounds of one target may be in flight at once (each in
+    /// a session of its own): the receiver applies them in the order it read their begins.
+    V5,
 }
 
 impl Version {
     /// Every version this implementation speaks, lowest first.
-    pub const ALL: [Self; 3] = [Self::V1, Self::V3, Self::V4];
+    pub const ALL: [Self; 4] = [Self::V1, Self::V3, Self::V4, Self::V5];
 
     /// The number on the wire.
     pub fn number(self) -> u32 {
@@ -54,6 +57,7 @@ impl Version {
             Self::V1 => 1,
             Self::V3 => 3,
             Self::V4 => 4,
+            Self::V5 => 5,
         }
     }
 
@@ -63,6 +67,7 @@ impl Version {
             1 => Some(Self::V1),
             3 => Some(Self::V3),
             4 => Some(Self::V4),
+            5 => Some(Self::V5),
             _ => None,
         }
     }
@@ -279,7 +284,7 @@ pub fn validate_capabilities(c: &Capabilities) -> Result<(), String> {
 }
 
 /// Picks the highest version both lists contain. Numbers this implementation does not know are
-/// ignored, so a newer peer offering `[1, 3, 4]` still meets us at 3.
+/// ignored, so a newer peer offering `[1, 3, 4, 5, 6]` still meets us at 5.
 pub fn negotiate_version(ours: &[Version], theirs: &[u32]) -> Option<Version> {
     ours.iter()
         .copied()
@@ -299,7 +304,7 @@ pub fn negotiate(version: Version, client: &Capabilities, server: &Capabilities)
             delta: false,
             max_frame_size,
         },
-        Version::V3 | Version::V4 => Capabilities {
+        Version::V3 | Version::V4 | Version::V5 => Capabilities {
             max_streams: client.max_streams.min(server.max_streams),
             codecs: client
                 .codecs
@@ -649,6 +654,9 @@ mod tests {
             (&[V1][..], &[V1][..], V1),
             (&[V3][..], &[V3][..], V3),
             (&[V4][..], &[V3, V4][..], V4),
+            (&[V1, V3, V4, V5][..], &[V1, V3, V4, V5][..], V5),
+            (&[V1, V3, V4, V5][..], &[V1, V3, V4][..], V4),
+            (&[V1, V3, V4][..], &[V1, V3, V4, V5][..], V4),
         ] {
             let (c, s) = run(cv, sv);
             let (c, s) = (c.unwrap().unwrap(), s.unwrap().unwrap());
@@ -696,14 +704,14 @@ mod tests {
     #[test]
     fn newer_peer_versions_are_ignored() {
         assert_eq!(
-            negotiate_version(&Version::ALL, &[1, 3, 4, 5, 99]),
-            Some(Version::V4)
+            negotiate_version(&Version::ALL, &[1, 3, 4, 5, 6, 99]),
+            Some(Version::V5)
         );
         assert_eq!(
-            negotiate_version(&Version::ALL, &[1, 3, 5]),
+            negotiate_version(&Version::ALL, &[1, 3, 6]),
             Some(Version::V3)
         );
-        assert_eq!(negotiate_version(&Version::ALL, &[2, 5]), None);
+        assert_eq!(negotiate_version(&Version::ALL, &[2, 6]), None);
     }
 
     #[test]
