@@ -14,6 +14,7 @@ pub mod sched;
 pub mod send;
 mod source;
 pub mod tunnel;
+mod turns;
 
 pub use adapt::Mode;
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};

@@ -18,6 +18,10 @@
 //! .NAME.dwcp-decode  an HDE-encoded object being decoded (from NAME, its base, if present)
 //! .NAME.dwcp-migrating  a live-migration target: rounds are applied to it in place, and a
 //!                    MIGRATION commit renames it to NAME (an abort deletes it)
+//! .NAME.TAG.dwcp-round        a migration round (part file and state, one pair per round,
+//! .NAME.TAG.dwcp-round-state  TAG 16 hex digits of its version tag's BLAKE3): rounds of one
+//!                    target may arrive at once, each in its own session, and are applied in
+//!                    the order of their begins (see `turns`)
 //! ```
 //!
 //! An object sent delta-encoded (HDE, `ObjectBegin::encoding`) is received and verified the
@@ -51,6 +55,7 @@ use tracing::{debug, info, warn};
 
 use super::digest::{Digester, Follower};
 use super::reasm::Ranges;
+use super::turns::{Ticket, Turns};
 use crate::conn::{ConnError, FrameReader, FrameWriter};
 
 /// Acknowledge at least every this many new contiguous bytes.
@@ -136,6 +141,9 @@ struct RxObject {
     file: Arc<File>,
     /// Where the verified file is published.
     path: PathBuf,
+    /// What this object holds in the receiver's `active` set: `path`, or for a migration
+    /// round its part file (rounds of one target may overlap, see `turns`).
+    claim: PathBuf,
     part: PathBuf,
     state: PathBuf,
     tag: String,
@@ -152,6 +160,9 @@ struct RxObject {
     digester: Option<Digester>,
     /// Set for a round applied as it arrives: raised when the object goes (see [`Guarded`]).
     abandoned: Option<Arc<AtomicBool>>,
+    /// A round resumed from a part file (applied at its end, not as it arrives): its place
+    /// among its target's rounds.
+    turn: Option<Ticket>,
 }
 
 impl Drop for RxObject {
@@ -212,6 +223,8 @@ pub struct Receiver {
     idle: Duration,
     /// Destination files being received, across all sessions.
     active: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Migration rounds begun, per target, in order.
+    turns: Turns,
     /// Store each peer's objects in a subdirectory named after it.
     per_peer: bool,
     /// Whether HDE-encoded objects are accepted.
@@ -291,6 +304,7 @@ impl Receiver {
             events,
             idle,
             active: Mutex::new(std::collections::HashSet::new()),
+            turns: Turns::default(),
             per_peer,
             delta,
             cache: cache.map(|c| Arc::new(Mutex::new(c))),
@@ -357,7 +371,7 @@ impl Receiver {
             // What it had not finished stays on disk for a resuming sender.
             let mut active = lock(&self.active);
             for o in s.objects.values() {
-                active.remove(&o.path);
+                active.remove(&o.claim);
             }
             s.objects.clear();
         }
@@ -886,15 +900,31 @@ impl Receiver {
                 }
             };
         }
-        let path = self.dir_for(peer).join(&m.name);
-        if !lock(&self.active).insert(path.clone()) {
-            return refuse(format!("a transfer into {:?} is in progress", m.name));
+        let dir = self.dir_for(peer);
+        let path = dir.join(&m.name);
+        {
+            // Rounds begin only while `path` is not claimed: checked together.
+            let mut active = lock(&self.active);
+            if self.turns.busy(&path) {
+                if m.op != data::MIGRATION_ABORT {
+                    return refuse(format!("a round of {:?} is still being received", m.name));
+                }
+                // A rollback while a round is on its way (the source gave up on it): that
+                // round writes nothing more, and the rounds of a new attempt do not wait
+                // behind it.
+                self.turns.abandon(&path);
+            }
+            if !active.insert(path.clone()) {
+                return refuse(format!("a transfer into {:?} is in progress", m.name));
+            }
         }
         let target = migration_target(&path);
         let op = m.op;
         let name = m.name.clone();
         let p = path.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            // The migration ends either way: what its rounds left is not resumed any more.
+            remove_round_files(&dir, &name);
             match op {
                 data::MIGRATION_COMMIT => {
                     // The commit is on the guest's pause path: a rename, no fsync. A VM's
@@ -1002,20 +1032,45 @@ impl Receiver {
         }
         let dir = self.dir_for(peer);
         let path = dir.join(&b.name);
+        // A migration round need not survive a crash (see `maybe_finish`): no syncs.
+        let round = delta
+            .as_ref()
+            .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
+        let (part, state) = part_files(&dir, &b.name, round.then_some(&b.version_tag));
         // One transfer per destination file at a time, whatever session it comes from: two
-        // would share the part file.
-        if !lock(&self.active).insert(path.clone()) {
-            return Err(format!(
-                "another transfer of {:?} into {} is in progress",
-                b.name,
-                dir.display()
-            ));
-        }
-        let opened = self.open_part(&dir, b, delta.as_ref().map_or(0, |d| d.raw_size));
-        let (file, part, state, tag, have) = match opened {
+        // would share the part file. Rounds of a migration target have part files of their
+        // own, and may overlap: they are applied in turn.
+        let claim = if round { part.clone() } else { path.clone() };
+        // A round's place among its target's rounds, in the order of their begins; taken
+        // under the same lock as the claim, so that a commit or abort of the target (which
+        // claims `path`) sees it.
+        let turn = {
+            let mut active = lock(&self.active);
+            if (round && active.contains(&path)) || !active.insert(claim.clone()) {
+                return Err(format!(
+                    "another transfer of {:?} into {} is in progress",
+                    b.name,
+                    dir.display()
+                ));
+            }
+            // Raised when the object goes, or when the target is aborted.
+            round.then(|| {
+                let abandoned = Arc::new(AtomicBool::new(false));
+                (self.turns.take(&path, abandoned.clone()), abandoned)
+            })
+        };
+        let (turn, abandoned) = turn.unzip();
+        let opened = self.open_part(
+            &dir,
+            b,
+            &part,
+            &state,
+            delta.as_ref().map_or(0, |d| d.raw_size),
+        );
+        let (file, tag, have) = match opened {
             Ok(x) => x,
             Err(e) => {
-                lock(&self.active).remove(&path);
+                lock(&self.active).remove(&claim);
                 return Err(e);
             }
         };
@@ -1023,29 +1078,24 @@ impl Receiver {
             info!(name = %b.name, have, size = b.size, "resuming object");
         }
         let file = Arc::new(file);
-        // A migration round need not survive a crash (see `maybe_finish`): no syncs.
-        let round = delta
-            .as_ref()
-            .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
         // A round received from its start is applied while it arrives (see `RoundApply`).
-        let abandoned = (round && have == 0).then(|| Arc::new(AtomicBool::new(false)));
-        let follower: Option<Box<dyn Follower>> = match (&delta, &abandoned) {
-            (Some(d), Some(flag)) => {
-                match RoundApply::open(&path, d.raw_size, self.cache.clone(), flag.clone()) {
-                    Ok(a) => Some(Box::new(a)),
+        let (follower, turn): (Option<Box<dyn Follower>>, _) = match (&delta, &abandoned, turn) {
+            (Some(d), Some(flag), Some(turn)) if have == 0 => {
+                match RoundApply::open(&path, d.raw_size, self.cache.clone(), flag.clone(), turn) {
+                    Ok(a) => (Some(Box::new(a)), None),
                     Err((_, e)) => {
-                        lock(&self.active).remove(&path);
+                        lock(&self.active).remove(&claim);
                         return Err(e);
                     }
                 }
             }
-            _ => None,
+            (_, _, turn) => (None, turn),
         };
         let sync = (!round).then_some(SYNC_STEP);
         let digester = match Digester::start(file.clone(), have, sync, follower) {
             Ok(d) => d,
             Err(e) => {
-                lock(&self.active).remove(&path);
+                lock(&self.active).remove(&claim);
                 return Err(format!("cannot start hashing {:?}: {e}", b.name));
             }
         };
@@ -1054,6 +1104,7 @@ impl Receiver {
             size: b.size,
             file,
             path,
+            claim,
             part,
             state,
             tag,
@@ -1066,6 +1117,7 @@ impl Receiver {
             delta,
             digester: Some(digester),
             abandoned,
+            turn,
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
         {
@@ -1082,17 +1134,17 @@ impl Receiver {
         &self,
         dir: &Path,
         b: &ObjectBegin,
+        part: &Path,
+        state: &Path,
         decoded: u64,
-    ) -> Result<(File, PathBuf, PathBuf, String, u64), String> {
+    ) -> Result<(File, String, u64), String> {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let part = dir.join(format!(".{}.dwcp-part", b.name));
-        let state = dir.join(format!(".{}.dwcp-state", b.name));
         // One line in the state file: control characters cannot split it.
         let tag = msg::printable(&b.version_tag, 200);
         // The state file is written after the data it counts, so after a process restart it
         // never claims more than the part file holds; after a power loss it might, and the
         // digest check catches that (the sender then starts over).
-        let have = read_state(&state)
+        let have = read_state(state)
             .filter(|(t, size, _)| *t == tag && *size == b.size)
             .map_or(0, |(_, _, have)| have.min(b.size));
         // Refuse now what cannot fit, before creating anything.
@@ -1112,11 +1164,11 @@ impl Receiver {
             .write(true)
             .create(true)
             .truncate(have == 0)
-            .open(&part)
+            .open(part)
             .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
         file.set_len(b.size)
             .map_err(|e| format!("cannot size {}: {e}", part.display()))?;
-        Ok((file, part, state, tag, have))
+        Ok((file, tag, have))
     }
 
     fn fail_object(&self, peer: &NodeId, session: &Mutex<RxSession>, object: u64, reason: &str) {
@@ -1126,7 +1178,7 @@ impl Receiver {
             s.objects.remove(&object)
         };
         let name = removed.map_or_else(String::new, |o| {
-            lock(&self.active).remove(&o.path);
+            lock(&self.active).remove(&o.claim);
             o.name.clone()
         });
         warn!(%peer, %name, "object failed: {reason}");
@@ -1163,6 +1215,8 @@ impl Receiver {
                 o.part.clone(),
                 o.state.clone(),
                 o.path.clone(),
+                o.claim.clone(),
+                o.turn.take(),
                 digest,
                 o.name.clone(),
                 o.size,
@@ -1170,7 +1224,20 @@ impl Receiver {
                 o.delta.clone(),
             )
         };
-        let (digester, file, part, state, path, digest, name, size, resumed_from, delta) = job;
+        let (
+            digester,
+            file,
+            part,
+            state,
+            path,
+            claim,
+            turn,
+            digest,
+            name,
+            size,
+            resumed_from,
+            delta,
+        ) = job;
         // Most of the file is hashed (and a round applied) by now; this waits for the rest.
         let (hashed, follower) = match digester {
             Some(d) => match d.finish(size).await {
@@ -1227,7 +1294,14 @@ impl Receiver {
                 let r = if d.encoding == data::ENCODING_HDE_PAGES_INPLACE {
                     match follower {
                         Some(applied) => applied.finish(),
-                        None => apply_round(&part, &final_path, d, cache.as_deref()),
+                        None => {
+                            // After the rounds of this target begun before this one.
+                            if let Some(t) = &turn {
+                                t.wait(TURN_LIMIT)
+                                    .map_err(|e| (ErrorCode::STORAGE_ERROR, e))?;
+                            }
+                            apply_round(&part, &final_path, d, cache.as_deref())
+                        }
                     }
                 } else {
                     decode_into(&part, &final_path, d, cache.as_deref())
@@ -1262,7 +1336,7 @@ impl Receiver {
             s.objects.remove(&object);
             s.finished.insert(object);
         }
-        lock(&self.active).remove(&path);
+        lock(&self.active).remove(&claim);
         let done = match verdict {
             Ok(()) => {
                 info!(%peer, %name, size, verify_ms = started.elapsed().as_millis() as u64, "object stored");
@@ -1346,6 +1420,54 @@ fn page_hashes(path: &Path, size: u64, page_size: usize) -> Vec<u8> {
     out
 }
 
+/// The part and state files of object `name` in `dir`; a migration round's (`round_tag`, its
+/// version tag) are its own, so that rounds of one target can arrive at once.
+fn part_files(dir: &Path, name: &str, round_tag: Option<&String>) -> (PathBuf, PathBuf) {
+    match round_tag {
+        None => (
+            dir.join(format!(".{name}.dwcp-part")),
+            dir.join(format!(".{name}.dwcp-state")),
+        ),
+        Some(tag) => {
+            let h = blake3::hash(tag.as_bytes()).to_hex();
+            let h = &h[..ROUND_TAG_HEX];
+            (
+                dir.join(format!(".{name}.{h}.dwcp-round")),
+                dir.join(format!(".{name}.{h}.dwcp-round-state")),
+            )
+        }
+    }
+}
+
+/// Hex digits of a round's tag hash in its file names.
+const ROUND_TAG_HEX: usize = 16;
+
+/// Removes what rounds of `name`'s migrations left in `dir` (a round that failed keeps its
+/// part file for a resuming sender until its migration is committed or aborted).
+fn remove_round_files(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(f) = file.to_str() else { continue };
+        let Some(rest) = f.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(h) = rest
+            .strip_suffix(".dwcp-round")
+            .or_else(|| rest.strip_suffix(".dwcp-round-state"))
+        else {
+            continue;
+        };
+        // Exactly a tag hash: not the files of an object whose name only starts like this one.
+        if h.len() == ROUND_TAG_HEX && h.bytes().all(|c| c.is_ascii_hexdigit()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Where the migration target of `path` lives until it is committed.
 fn migration_target(path: &Path) -> PathBuf {
     let name = path
@@ -1410,7 +1532,15 @@ struct RoundApply {
     sink: PagesSink,
     cache: Option<Arc<Mutex<BaselineCache>>>,
     failed: Option<(ErrorCode, String)>,
+    /// Held until the round is applied (or dropped): the next round of the target waits.
+    turn: Ticket,
+    /// Whether the rounds begun before this one are done.
+    turn_came: bool,
 }
+
+/// Most a round waits for the rounds of its target begun before it. A round whose object goes
+/// (its session ended, or it failed) lets the next one go at once; this bounds the rest.
+const TURN_LIMIT: Duration = Duration::from_secs(3600);
 
 impl RoundApply {
     fn open(
@@ -1418,18 +1548,33 @@ impl RoundApply {
         raw_size: u64,
         cache: Option<Arc<Mutex<BaselineCache>>>,
         abandoned: Arc<AtomicBool>,
+        turn: Ticket,
     ) -> Result<Self, (ErrorCode, String)> {
         let out = open_target(final_path, raw_size)?;
         Ok(Self {
             sink: PagesSink::new(out, raw_size, Some(abandoned)),
             cache,
             failed: None,
+            turn,
+            turn_came: false,
         })
+    }
+
+    /// Waits (on the digest thread) for the rounds begun before this one, once.
+    fn wait_turn(&mut self) {
+        if self.turn_came || self.failed.is_some() {
+            return;
+        }
+        match self.turn.wait(TURN_LIMIT) {
+            Ok(()) => self.turn_came = true,
+            Err(e) => self.failed = Some((ErrorCode::STORAGE_ERROR, e)),
+        }
     }
 }
 
 impl Follower for RoundApply {
     fn feed(&mut self, bytes: &[u8]) {
+        self.wait_turn();
         if self.failed.is_some() {
             return;
         }
@@ -1445,8 +1590,10 @@ impl Follower for RoundApply {
         }
     }
 
-    fn finish(self: Box<Self>) -> Result<(), (ErrorCode, String)> {
-        match self.failed {
+    fn finish(mut self: Box<Self>) -> Result<(), (ErrorCode, String)> {
+        self.wait_turn();
+        // The ticket goes with `self`, after the sink's last writes.
+        match self.failed.take() {
             Some(e) => Err(e),
             None => self.sink.finish().map(drop),
         }
@@ -1879,6 +2026,11 @@ mod tests {
         (dir, final_path, base, new)
     }
 
+    /// A round's place in a queue of its own: its turn at once.
+    fn ticket() -> Ticket {
+        Turns::default().take(Path::new("target"), flag())
+    }
+
     fn flag() -> Arc<AtomicBool> {
         Arc::new(AtomicBool::new(false))
     }
@@ -1895,8 +2047,9 @@ mod tests {
     fn a_round_applied_while_it_arrives_in_pieces_of_any_size_is_exact() {
         let (_dir, final_path, base, new) = target_holding_base();
         let obj = round(&new, Some(&base));
-        let mut a =
-            Box::new(RoundApply::open(&final_path, base.len() as u64, None, flag()).unwrap());
+        let mut a = Box::new(
+            RoundApply::open(&final_path, base.len() as u64, None, flag(), ticket()).unwrap(),
+        );
         // The header split over several pieces, then uneven ones.
         let mut at = 0;
         for n in [1, 2, 4, 7, 100, 5000].into_iter().cycle() {
@@ -1921,7 +2074,8 @@ mod tests {
         let obj = round(&new, Some(&base));
         let part = dir.path().join("part");
         fs::write(&part, &obj).unwrap();
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
+        let mut a =
+            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
         a.feed(&obj[..obj.len() / 2]);
         drop(a);
         let target = fs::read(migration_target(&final_path)).unwrap();
@@ -1935,12 +2089,49 @@ mod tests {
     }
 
     #[test]
+    fn a_later_round_of_a_target_waits_for_the_one_begun_before_it() {
+        // Two rounds in flight at once (v5): the second's pages are XOR deltas against what
+        // the first writes. Its bytes are here first; applied then, its base checks would
+        // fail. It waits for its turn instead.
+        let (_dir, final_path, base, new) = target_holding_base();
+        let raw_size = base.len() as u64;
+        let mut newer = new.clone();
+        for p in 0..PAGES as usize {
+            newer[p * PS + 7] ^= 0x33;
+        }
+        let first = round(&new, Some(&base));
+        let second = round(&newer, Some(&new));
+        let turns = Turns::default();
+        let (ta, tb) = (
+            turns.take(&final_path, flag()),
+            turns.take(&final_path, flag()),
+        );
+        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ta).unwrap());
+        let mut b = Box::new(RoundApply::open(&final_path, raw_size, None, flag(), tb).unwrap());
+        let later = std::thread::spawn(move || {
+            b.feed(&second);
+            b.finish()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            fs::read(migration_target(&final_path)).unwrap() == base,
+            "the later round wrote before its turn"
+        );
+        a.feed(&first);
+        a.finish().unwrap();
+        later.join().unwrap().unwrap();
+        assert!(fs::read(migration_target(&final_path)).unwrap() == newer);
+        assert!(!turns.busy(&final_path));
+    }
+
+    #[test]
     fn a_round_abandoned_while_it_applies_writes_nothing_more() {
         let (_dir, final_path, base, new) = target_holding_base();
         let obj = round(&new, None);
         let gone = flag();
-        let mut a =
-            Box::new(RoundApply::open(&final_path, base.len() as u64, None, gone.clone()).unwrap());
+        let mut a = Box::new(
+            RoundApply::open(&final_path, base.len() as u64, None, gone.clone(), ticket()).unwrap(),
+        );
         a.feed(&obj[..obj.len() / 2]);
         let half = fs::read(migration_target(&final_path)).unwrap();
         assert!(half != base, "half of it applied");
@@ -1958,17 +2149,20 @@ mod tests {
         let (base, new) = images();
         let raw_size = base.len() as u64;
         let obj = round(&new, None);
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
+        let mut a =
+            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
         a.feed(&obj[..3]);
         assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
         let mut bad = obj.clone();
         bad[5] = 40; // page size 2^40
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
+        let mut a =
+            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
         a.feed(&bad);
         let e = a.finish().unwrap_err();
         assert_eq!(e.0, ErrorCode::PROTOCOL_ERROR);
         assert!(e.1.contains("page size"), "{e:?}");
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag()).unwrap());
+        let mut a =
+            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
         a.feed(&obj[..obj.len() - 10]);
         assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
     }
