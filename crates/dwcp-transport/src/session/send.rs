@@ -925,6 +925,9 @@ pub struct KeptSession {
     session: Option<Session>,
     object_id: u64,
     keep: bool,
+    /// Told when an object sent here has been begun at the receiver and its end is out (see
+    /// [`KeptSession::notify_ended`]).
+    ended: Option<Arc<Notify>>,
 }
 
 impl std::fmt::Debug for KeptSession {
@@ -985,6 +988,24 @@ impl KeptSession {
                 .map(|s| (s, false))
                 .map_err(SendError::Connect),
         }
+    }
+
+    /// The protocol version of the open session, if one is open.
+    pub fn version(&self) -> Option<Version> {
+        self.session.as_ref().map(|s| s.version)
+    }
+
+    /// A new notifier (replacing the one before, and any permit it holds), woken for each
+    /// object sent on this session from now on once the receiver has answered its begin,
+    /// its last chunk has been taken by a stream and its end has gone out on one: what is
+    /// left is its tail (the last chunks' writes and packets, any of them sent again, and
+    /// the receiver's verdict). Woken again for an object resumed after a reconnect. A
+    /// caller that keeps a second session can start the next object there meanwhile; with a
+    /// v5 receiver, migration rounds of one target may overlap so.
+    pub fn notify_ended(&mut self) -> Arc<Notify> {
+        let n = Arc::new(Notify::new());
+        self.ended = Some(n.clone());
+        n
     }
 
     /// One round trip on the open session (`None` when none is open or no answer came).
@@ -1159,6 +1180,7 @@ pub async fn send_files_kept(
                 extra,
                 object_id,
                 fresh,
+                kept.ended.as_deref(),
                 opts,
                 bucket.clone(),
                 sent.clone(),
@@ -1270,6 +1292,7 @@ async fn send_object(
     encoding: Option<(u32, u64, Vec<u8>)>,
     object: u64,
     fresh: bool,
+    ended: Option<&Notify>,
     opts: &SendOptions,
     bucket: Option<Arc<Bucket>>,
     sent: Arc<AtomicU64>,
@@ -1427,6 +1450,8 @@ async fn send_object(
     // Dead streams are replaced (a few times per slot, so a peer that keeps killing them
     // cannot keep us dialling).
     let mut replacements_left = 3 * session.writers.len();
+    // Whether `ended` was told about this object.
+    let mut told_ended = false;
     let result = loop {
         if !confirmed && begun_at.elapsed() > Duration::from_secs(30) {
             break Err(lost("no answer to OBJECT_BEGIN within 30 s".into()));
@@ -1489,6 +1514,12 @@ async fn send_object(
                         }
                     }
                 }
+            }
+        }
+        if !told_ended && confirmed && !end_on.is_empty() {
+            told_ended = true;
+            if let Some(n) = ended {
+                n.notify_one();
             }
         }
         let ev = tokio::select! {
