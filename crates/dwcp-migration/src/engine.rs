@@ -22,7 +22,7 @@ use dwcp_transport::session::{
     BaseRequest, DeltaOptions, KeptSession, SendError, SendOptions, Source, migration_op_kept,
     query_base_kept, send_files_kept,
 };
-use dwcp_wire::{ErrorCode, NodeId, data};
+use dwcp_wire::{ErrorCode, NodeId, Version, data};
 use tracing::{debug, info, warn};
 
 use crate::memvm::{MemoryVm, PageReader};
@@ -48,6 +48,9 @@ pub struct MigrationSpec {
     pub first_part_pages: usize,
     /// See `first_part_pages`.
     pub max_part_pages: usize,
+    /// With a destination that speaks v5, send a round's next part on a second session while
+    /// the one before it waits for its last packets and its verdict.
+    pub overlap_parts: bool,
 }
 
 impl MigrationSpec {
@@ -62,6 +65,7 @@ impl MigrationSpec {
             streams: 8,
             first_part_pages: FIRST_PART_PAGES,
             max_part_pages: MAX_PART_PAGES,
+            overlap_parts: true,
         }
     }
 }
@@ -122,6 +126,9 @@ pub struct MigrationReport {
     /// Parts of rounds the destination could not resolve (a page it was expected to hold it
     /// did not), sent again without references; their first sending counts in `wire_bytes`.
     pub cold_resends: u32,
+    /// Parts started on a second session while the part before them was still on its way
+    /// (a v5 destination; see [`MigrationSpec::overlap_parts`]).
+    pub overlapped_parts: u32,
 }
 
 /// Live progress for displays.
@@ -164,6 +171,9 @@ pub async fn migrate(
     // One session for set-up, every round, the commit and the check: handshakes are paid
     // once, never on the pause path.
     let mut kept = KeptSession::new();
+    // With a v5 destination, a second session: a round's next part goes there while the
+    // part before it ends on the first.
+    let mut spare: Option<KeptSession> = None;
     let mut state = RoundState {
         enc: Encoding {
             shadow: vec![0u8; raw_size as usize],
@@ -179,6 +189,7 @@ pub async fn migrate(
         encode_rate: None,
         levels: [0; 6],
         cold_resends: 0,
+        overlapped_parts: 0,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
@@ -202,6 +213,7 @@ pub async fn migrate(
         levels: [0; 6],
         predicted_downtime_ms: None,
         cold_resends: 0,
+        overlapped_parts: 0,
     };
     let mut paused_at: Option<Instant> = None;
     // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
@@ -218,9 +230,9 @@ pub async fn migrate(
             throttle: orch.throttle(),
         });
         let event = match action.clone() {
-            Action::Prepare => prepare(vm, dest, spec, &mut state, &mut kept).await,
+            Action::Prepare => prepare(vm, dest, spec, &mut state, &mut kept, &mut spare).await,
             Action::SendRound { round, .. } => {
-                match send_round(vm, dest, spec, &mut state, round, &mut kept).await {
+                match send_round(vm, dest, spec, &mut state, round, &mut kept, &mut spare).await {
                     Ok(stats) => {
                         if round == 0
                             && let Some(rtt) = kept.round_trip().await
@@ -252,7 +264,7 @@ pub async fn migrate(
             }
             Action::SendFinal => {
                 let round = orch.rounds().len() as u32;
-                match send_round(vm, dest, spec, &mut state, round, &mut kept).await {
+                match send_round(vm, dest, spec, &mut state, round, &mut kept, &mut spare).await {
                     Ok(stats) => {
                         report.wire_bytes += stats.wire_bytes;
                         report
@@ -336,6 +348,9 @@ pub async fn migrate(
         };
         action = orch.handle(event);
     }
+    if let Some(s) = spare.take() {
+        s.close().await;
+    }
     kept.close().await;
     match orch.outcome() {
         Outcome::Migrated { how } => {
@@ -356,6 +371,7 @@ pub async fn migrate(
         .join(", ");
     report.levels = state.levels;
     report.cold_resends = state.cold_resends;
+    report.overlapped_parts = state.overlapped_parts;
     report
 }
 
@@ -383,6 +399,7 @@ struct RoundState {
     encode_rate: Option<f64>,
     levels: [u64; 6],
     cold_resends: u32,
+    overlapped_parts: u32,
     id: String,
 }
 
@@ -449,6 +466,7 @@ async fn prepare(
     spec: &MigrationSpec,
     state: &mut RoundState,
     kept: &mut KeptSession,
+    spare: &mut Option<KeptSession>,
 ) -> Event {
     let raw = vm.pages() * vm.page_size() as u64;
     // The codec calibration (CPU, most of a second) runs while the destination answers.
@@ -484,6 +502,49 @@ async fn prepare(
     {
         return Event::Failed(format!("cannot reach the destination: {e}"));
     }
+    // The second session connects while the requests below run on the first.
+    let overlap = spec.overlap_parts && kept.version().is_some_and(|v| v >= Version::V5);
+    let mut second = KeptSession::new();
+    let open_second = async {
+        if !overlap {
+            return false;
+        }
+        match second
+            .open(
+                dest.endpoint,
+                dest.addr,
+                dest.expected,
+                &part_options(spec),
+                raw,
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("cannot open a second session ({e}): a round's parts go one at a time");
+                false
+            }
+        }
+    };
+    let (opened, event) = tokio::join!(
+        open_second,
+        set_up(dest, spec, state, kept, raw, calibration)
+    );
+    if opened {
+        *spare = Some(second);
+    }
+    event
+}
+
+/// The requests of the prepare phase, on the rounds' session.
+async fn set_up(
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    state: &mut RoundState,
+    kept: &mut KeptSession,
+    raw: u64,
+    calibration: Option<tokio::task::JoinHandle<Option<Codec>>>,
+) -> Event {
     // A target left over from an earlier attempt is not trusted: start clean.
     if let Err(e) = migration_op_kept(
         dest.endpoint,
@@ -524,7 +585,9 @@ async fn prepare(
 
 /// Encodes and sends the pages dirtied since the previous round (all pages the first time).
 /// A big round goes as several objects, each encoded on a blocking thread while the one
-/// before it is sent.
+/// before it is sent. With a second session (`spare`, a v5 destination), a part starts there
+/// as soon as the one before it has all its bytes out: its last packets and the
+/// destination's verdict, a round trip or more, no longer leave the link idle.
 async fn send_round(
     vm: &MemoryVm,
     dest: Destination<'_>,
@@ -532,8 +595,89 @@ async fn send_round(
     state: &mut RoundState,
     round: u32,
     kept: &mut KeptSession,
+    spare: &mut Option<KeptSession>,
+) -> Result<RoundStats, String> {
+    // The sessions go with the parts they carry, and come back (to the end) when those are
+    // done; the least recently used goes first, so that neither sits idle for long (an idle
+    // one may be closed by the destination). `kept`, which carries the commit, is the one
+    // used last.
+    let mut free: Vec<KeptSession> = spare.take().into_iter().collect();
+    free.push(std::mem::take(kept));
+    let lanes = free.len();
+    let r = send_parts(vm, dest, spec, state, round, &mut free).await;
+    // A session lost with a failed part leaves a new one to be opened when needed.
+    *kept = match free.pop() {
+        Some(s) => s,
+        // Kept open between rounds (unlike a default one).
+        None => KeptSession::new(),
+    };
+    *spare = free.pop();
+    if lanes > 1 && spare.is_none() {
+        debug!(
+            round,
+            "the second session was lost: parts go one at a time from here"
+        );
+    }
+    r
+}
+
+/// A part on its way.
+struct InFlight<'a> {
+    k: usize,
+    wire: u64,
+    levels: [u64; 6],
+    started: Instant,
+    /// Told when all its bytes are out (see [`KeptSession::notify_ended`]).
+    ended: Arc<tokio::sync::Notify>,
+    ended_at: Option<Instant>,
+    sending: PartFuture<'a>,
+}
+
+type PartFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = (KeptSession, Result<(), SendError>)> + Send + 'a>>;
+
+/// What became of a part.
+enum Landed {
+    Ok,
+    /// The destination could not resolve its references.
+    Unresolved,
+    /// Refused otherwise: the round failed (its bytes crossed).
+    Refused(SendError),
+    /// Not sent.
+    Failed(SendError),
+}
+
+impl Landed {
+    /// `DELTA_UNRESOLVED` counts as unresolved unless the part was sent `cold` (without
+    /// references: it cannot fail that way, and a second time is a failure).
+    fn of(r: Result<(), SendError>, cold: bool) -> Self {
+        match r {
+            Ok(()) => Self::Ok,
+            Err(SendError::Refused { code, .. })
+                if code == ErrorCode::DELTA_UNRESOLVED && !cold =>
+            {
+                Self::Unresolved
+            }
+            Err(e @ SendError::Refused { .. }) => Self::Refused(e),
+            Err(e) => Self::Failed(e),
+        }
+    }
+}
+
+/// Parts smaller than this say little about the link's pace while they overlap: most of them
+/// fits in the sockets' buffers.
+const PACE_MIN_WIRE: u64 = 16 << 20;
+
+async fn send_parts(
+    vm: &MemoryVm,
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    state: &mut RoundState,
+    round: u32,
+    free: &mut Vec<KeptSession>,
 ) -> Result<RoundStats, String> {
     let t0 = Instant::now();
+    let lanes = free.len();
     // Shared with the encoding thread, which takes each part as a range of it.
     let dirty: Arc<[u64]> = vm.take_dirty().into();
     let reader = vm.reader();
@@ -550,103 +694,219 @@ async fn send_round(
     // empty object: the destination sees every round.
     let mut parts: Vec<Range<usize>> = Vec::new();
     parts.push(0..first.min(dirty.len()));
-    // Pages per second the last part was sent at.
+    // Pages per second the last part was sent at; whether the pacer has seen it.
     let mut send_rate = None;
+    let mut rate_fresh = false;
+    // Pages at each level of the parts that landed (a cold resend replaces some).
+    let mut landed: std::collections::BTreeMap<usize, [u64; 6]> = Default::default();
     let mut wire_total = 0u64;
     let mut cold = false;
+    // The next part to send, encoded (`ready`) or being encoded.
     let mut k = 0usize;
-    let mut ready = encode_part(&reader, state, &dirty, parts[0].clone(), cold, round).await?;
-    // Every part but the last has at least `first` pages; at most one cold retry per part.
-    for _ in 0..(dirty.len() / first + 1) * 2 + 1 {
-        let (file, wire, levels) = ready;
-        if parts.len() == k + 1 {
-            let encode_rate = rate(parts[k].len(), state.encode_time);
-            if let Some(p) = next_part(&parts[k], dirty.len(), max_part, encode_rate, send_rate) {
-                parts.push(p);
-            }
-        }
-        let next = parts
-            .get(k + 1)
-            .map(|p| spawn_encode(reader.clone(), state, dirty.clone(), p.clone(), cold));
-        let sending = Instant::now();
-        let sent = send_part(
-            dest, spec, state, kept, &file, wire, raw_size, round, k, cold,
-        )
-        .await;
-        let sending = sending.elapsed();
-        // Pages per second the link took this part at.
-        let link_rate = rate(parts[k].len(), sending);
-        drop(file);
-        let encoded_next = match next {
-            Some(task) => {
-                let waiting = Instant::now();
-                let e = join_encode(task, state, round).await?;
-                let waited = waiting.elapsed();
-                if sent.is_ok()
-                    && let Some(p) = state.pacer.as_mut()
+    let mut ready = Some(encode_part(&reader, state, &dirty, parts[0].clone(), cold, round).await?);
+    let mut encoding: Option<EncodeTask> = None;
+    // At most two parts in flight, the older one in its tail.
+    let mut older: Option<InFlight<'_>> = None;
+    let mut newer: Option<InFlight<'_>> = None;
+    // Each part passes a few events (encoded, ended, landed); every part but the last has at
+    // least `first` pages, and at most one cold retry per round sends them all again.
+    for _ in 0..(dirty.len() / first + 2) * 16 {
+        // Start the next part once it is encoded, a session is free, and the part before it
+        // (if any) has all its bytes out.
+        let may_start = ready.is_some()
+            && older.is_none()
+            && newer.as_ref().is_none_or(|n| n.ended_at.is_some())
+            && !free.is_empty();
+        if may_start && let Some((file, wire, levels)) = ready.take() {
+            if parts.len() == k + 1 {
+                let encode_rate = rate(parts[k].len(), state.encode_time);
+                if let Some(p) = next_part(&parts[k], dirty.len(), max_part, encode_rate, send_rate)
                 {
-                    let before = p.codec();
-                    let encode_rate = rate(parts[k + 1].len(), state.encode_time);
-                    state.enc.codec = p.observe(encode_rate, link_rate);
-                    if state.enc.codec != before {
-                        info!(round, part = k, from = %before, to = %state.enc.codec, encode_rate, link_rate, ?waited, "codec paced");
-                    }
+                    parts.push(p);
                 }
-                Some(e)
             }
-            None => None,
-        };
-        if matches!(&sent, Ok(()) | Err(SendError::Refused { .. })) {
-            // It crossed the network either way.
-            wire_total += wire;
+            if let Some(p) = parts.get(k + 1) {
+                encoding = Some(spawn_encode(
+                    reader.clone(),
+                    state,
+                    dirty.clone(),
+                    p.clone(),
+                    cold,
+                ));
+            }
+            if free.is_empty() {
+                return Err(format!("round {round}: no session to send on"));
+            }
+            let mut lane = free.remove(0);
+            let ended = lane.notify_ended();
+            let sending = start_part(
+                dest, spec, &state.id, lane, file, wire, raw_size, round, k, cold,
+            );
+            older = newer.take();
+            if older.is_some() {
+                state.overlapped_parts += 1;
+            }
+            newer = Some(InFlight {
+                k,
+                wire,
+                levels,
+                started: Instant::now(),
+                ended,
+                ended_at: None,
+                sending,
+            });
+            k += 1;
+            continue;
         }
-        if sent.is_ok() {
-            send_rate = Some(link_rate);
-        }
-        debug!(
-            round,
-            part = k,
-            pages = parts[k].len(),
-            wire,
-            ?sending,
-            ok = sent.is_ok(),
-            "part sent"
-        );
-        match sent {
-            Ok(()) => {
+        // Done when nothing is left to send, to encode, or on its way (the newer part may land
+        // before the older one).
+        if older.is_none() && newer.is_none() && ready.is_none() && encoding.is_none() {
+            for levels in landed.values() {
                 for (total, v) in state.levels.iter_mut().zip(levels) {
                     *total += v;
                 }
-                k += 1;
-                match encoded_next {
-                    Some(e) => ready = e,
-                    None => {
-                        return Ok(RoundStats {
-                            pages: dirty.len() as u64,
-                            wire_bytes: wire_total,
-                            seconds: t0.elapsed().as_secs_f64(),
-                            dirty_after: vm.dirty_count(),
-                        });
+            }
+            return Ok(RoundStats {
+                pages: dirty.len() as u64,
+                wire_bytes: wire_total,
+                seconds: t0.elapsed().as_secs_f64(),
+                dirty_after: vm.dirty_count(),
+            });
+        }
+        // Wait for the next thing to happen (a branch is polled only while its precondition
+        // holds; the `pending` fallbacks are never reached).
+        let waiting_for_ended = newer.as_ref().is_some_and(|n| n.ended_at.is_none());
+        let ended = newer.as_ref().map(|n| n.ended.clone());
+        let (part, outcome) = tokio::select! {
+            (lane, r) = landing(&mut older), if older.is_some() => {
+                free.push(lane);
+                (older.take(), r)
+            }
+            (lane, r) = landing(&mut newer), if newer.is_some() => {
+                free.push(lane);
+                let mut n = newer.take();
+                if let Some(n) = n.as_mut()
+                    && n.ended_at.is_none()
+                {
+                    n.ended_at = Some(Instant::now());
+                    if lanes > 1 && let Some(r) = out_rate(n, &parts) {
+                        send_rate = Some(r);
+                        rate_fresh = true;
                     }
                 }
+                (n, r)
             }
-            Err(SendError::Refused { code, .. })
-                if code == ErrorCode::DELTA_UNRESOLVED && !cold =>
-            {
+            () = async {
+                match ended.as_deref() {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            }, if waiting_for_ended => {
+                if let Some(n) = newer.as_mut() {
+                    n.ended_at = Some(Instant::now());
+                    // One part at a time, the whole exchange is the pace (taken as it lands).
+                    if lanes > 1 && let Some(r) = out_rate(n, &parts) {
+                        send_rate = Some(r);
+                        rate_fresh = true;
+                    }
+                }
+                continue;
+            }
+            r = async {
+                match encoding.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            }, if encoding.is_some() && ready.is_none() => {
+                encoding = None;
+                let e = join_encoded(r, state, round)?;
+                // Once per new reading of the link's pace.
+                if let Some(p) = state.pacer.as_mut()
+                    && let Some(link_rate) = send_rate.filter(|_| rate_fresh)
+                {
+                    rate_fresh = false;
+                    let before = p.codec();
+                    let encode_rate = rate(parts[k].len(), state.encode_time);
+                    state.enc.codec = p.observe(encode_rate, link_rate);
+                    if state.enc.codec != before {
+                        info!(round, part = k, from = %before, to = %state.enc.codec, encode_rate, link_rate, "codec paced");
+                    }
+                }
+                ready = Some(e);
+                continue;
+            }
+            else => return Err(format!("round {round}: nothing left to wait for")),
+        };
+        let Some(part) = part else { continue };
+        let outcome = Landed::of(outcome, cold);
+        if !matches!(outcome, Landed::Failed(_)) {
+            // It crossed the network either way.
+            wire_total += part.wire;
+        }
+        let took = part.started.elapsed();
+        if lanes == 1 && matches!(outcome, Landed::Ok) {
+            // One at a time: the part's whole exchange is the link's pace.
+            send_rate = Some(rate(parts[part.k].len(), took));
+            rate_fresh = true;
+        }
+        debug!(
+            round,
+            part = part.k,
+            pages = parts[part.k].len(),
+            wire = part.wire,
+            sending = ?took,
+            out = ?part.ended_at.map(|t| t - part.started),
+            ok = matches!(outcome, Landed::Ok),
+            "part sent"
+        );
+        match outcome {
+            Landed::Ok => {
+                landed.insert(part.k, part.levels);
+            }
+            Landed::Unresolved => {
                 warn!(
                     round,
-                    part = k,
+                    part = part.k,
                     "destination could not resolve the round; sending the rest of it again \
                      without references"
                 );
-                // The next part was encoded with references too: it is encoded again. Pages
-                // counted on as learned may be what was missing: no more of that.
+                // The parts after it were encoded (and may have been sent) with references
+                // too, and one may have been applied before this one failed: they are all
+                // encoded again and sent after it. The other part on its way lands first:
+                // if it came before this one and failed too, the resend starts there.
+                // Pages counted on as learned may be what was missing: no more of that.
+                let mut restart = part.k;
+                let rest = [older.take(), newer.take()];
+                for p in rest.into_iter().flatten() {
+                    let (lane, r) = p.sending.await;
+                    free.push(lane);
+                    let outcome = Landed::of(r, false);
+                    if !matches!(outcome, Landed::Failed(_)) {
+                        wire_total += p.wire;
+                    }
+                    match outcome {
+                        Landed::Ok => {
+                            landed.insert(p.k, p.levels);
+                        }
+                        Landed::Unresolved => restart = restart.min(p.k),
+                        Landed::Refused(e) | Landed::Failed(e) => {
+                            return Err(format!("round {round}: {e}"));
+                        }
+                    }
+                }
+                // What lands from here on replaces what landed of the parts sent again.
+                landed.retain(|&i, _| i < restart);
                 cold = true;
                 state.cold_resends += 1;
+                if let Some(task) = encoding.take() {
+                    join_encoded(task.await, state, round)?;
+                }
                 state.enc.unlearn();
-                ready = encode_part(&reader, state, &dirty, parts[k].clone(), cold, round).await?;
+                k = restart;
+                ready =
+                    Some(encode_part(&reader, state, &dirty, parts[k].clone(), cold, round).await?);
             }
-            Err(e) => return Err(format!("round {round}: {e}")),
+            Landed::Refused(e) | Landed::Failed(e) => return Err(format!("round {round}: {e}")),
         }
     }
     Err(format!("round {round}: no progress sending its parts"))
@@ -676,43 +936,63 @@ fn next_part(
     Some(last.end..(last.end + pages).min(len))
 }
 
-/// Sends one encoded part of a round as its own object.
+/// How fast the link took part `p`, in pages per second, from its start until its bytes were
+/// out (it started behind the tail of the one before it); `None` for a part too small to tell.
+fn out_rate(p: &InFlight<'_>, parts: &[Range<usize>]) -> Option<f64> {
+    let out = p.ended_at? - p.started;
+    (p.wire >= PACE_MIN_WIRE).then(|| rate(parts[p.k].len(), out))
+}
+
+/// The outcome of the part in `p`, if any (else never).
+async fn landing(p: &mut Option<InFlight<'_>>) -> (KeptSession, Result<(), SendError>) {
+    match p {
+        Some(p) => p.sending.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts sending one encoded part of a round, as its own object, on `lane`; the future gives
+/// the session back with the outcome.
 #[allow(clippy::too_many_arguments)]
-async fn send_part(
-    dest: Destination<'_>,
+fn start_part<'a>(
+    dest: Destination<'a>,
     spec: &MigrationSpec,
-    state: &RoundState,
-    kept: &mut KeptSession,
-    file: &tempfile::NamedTempFile,
+    id: &str,
+    mut lane: KeptSession,
+    file: tempfile::NamedTempFile,
     wire: u64,
     raw_size: u64,
     round: u32,
     part: usize,
     cold: bool,
-) -> Result<(), SendError> {
+) -> PartFuture<'a> {
     let src = Source {
         path: file.path().to_path_buf(),
         name: spec.name.clone(),
         size: wire,
         version_tag: format!(
-            "migration {} round {round} part {part}{}",
-            state.id,
+            "migration {id} round {round} part {part}{}",
             if cold { " cold" } else { "" }
         ),
         pre_encoded: Some((data::ENCODING_HDE_PAGES_INPLACE, raw_size, Vec::new())),
     };
     let opts = part_options(spec);
-    send_files_kept(
-        dest.endpoint,
-        dest.addr,
-        dest.expected,
-        &[src],
-        &opts,
-        &mut |_| {},
-        kept,
-    )
-    .await
-    .map(|_| ())
+    Box::pin(async move {
+        let r = send_files_kept(
+            dest.endpoint,
+            dest.addr,
+            dest.expected,
+            &[src],
+            &opts,
+            &mut |_| {},
+            &mut lane,
+        )
+        .await
+        .map(|_| ());
+        // The encoded part is deleted once sent (or given up).
+        drop(file);
+        (lane, r)
+    })
 }
 
 /// How every part of every round is sent (and so how the rounds' session is opened).
@@ -733,7 +1013,8 @@ fn part_options(spec: &MigrationSpec) -> SendOptions {
 /// An encoded part: its file, size, and pages at each level (zero / same / dup / cache /
 /// XOR / literal).
 type Encoded = (tempfile::NamedTempFile, u64, [u64; 6]);
-type EncodeTask = tokio::task::JoinHandle<(Encoding, std::io::Result<Encoded>, Duration)>;
+type EncodeResult = (Encoding, std::io::Result<Encoded>, Duration);
+type EncodeTask = tokio::task::JoinHandle<EncodeResult>;
 
 /// Starts encoding the pages `dirty[part]` on a blocking thread, with the encoding state
 /// moved there.
@@ -761,11 +1042,19 @@ async fn join_encode(
     state: &mut RoundState,
     round: u32,
 ) -> Result<Encoded, String> {
+    join_encoded(task.await, state, round)
+}
+
+/// [`spawn_encode`]'s work, done: puts the encoding state back.
+fn join_encoded(
+    done: Result<EncodeResult, tokio::task::JoinError>,
+    state: &mut RoundState,
+    round: u32,
+) -> Result<Encoded, String> {
     // The state went with the task: a task that panicked or was cancelled lost it, and the
     // migration cannot go on (it rolls back).
-    let (enc, r, took) = task
-        .await
-        .map_err(|e| format!("encoding round {round}: the encoder failed: {e}"))?;
+    let (enc, r, took) =
+        done.map_err(|e| format!("encoding round {round}: the encoder failed: {e}"))?;
     state.enc = enc;
     state.encode_time = took;
     if let Ok((_, _, levels)) = &r {

@@ -111,6 +111,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "bit_exact": r.bit_exact,
         "codec": r.codec,
         "cold_resends": r.cold_resends,
+        "overlapped_parts": r.overlapped_parts,
         "pages": {"zero": zero, "same": same, "dup": dup, "cache": cache, "xor": xor, "literal": literal},
         "rounds": r.rounds.iter().map(|x| json!({
             "round": x.round, "pages": x.pages, "wire_bytes": x.wire_bytes, "seconds": x.seconds,
