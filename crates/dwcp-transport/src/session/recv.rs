@@ -2124,6 +2124,60 @@ mod tests {
         assert!(!turns.busy(&final_path));
     }
 
+    #[tokio::test]
+    async fn a_commit_is_refused_while_a_round_is_on_its_way_and_an_abort_abandons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rx = Receiver::new(dir.path(), Duration::from_secs(10), false).unwrap();
+        let peer = NodeId::new("src").unwrap();
+        let session = Mutex::new(RxSession::default());
+        let begin = |object: u64, part: u32| ObjectBegin {
+            object,
+            name: "vm.mem".into(),
+            size: 1000,
+            version_tag: format!("migration x round 0 part {part}"),
+            encoding: data::ENCODING_HDE_PAGES_INPLACE,
+            raw_size: PAGES * PS as u64,
+            raw_blake3: Vec::new(),
+        };
+        // Two rounds of one target at once, each in a part file of its own.
+        rx.begin(&peer, &session, &begin(1, 0)).unwrap();
+        rx.begin(&peer, &session, &begin(2, 1)).unwrap();
+        let rounds = || {
+            fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name();
+                    n.to_string_lossy().ends_with(".dwcp-round")
+                })
+                .count()
+        };
+        assert_eq!(rounds(), 2);
+        // The same round twice is refused.
+        let e = rx.begin(&peer, &session, &begin(3, 1)).unwrap_err();
+        assert!(e.contains("in progress"), "{e}");
+        let op = |op: u32| Migration {
+            object: 9,
+            op,
+            name: "vm.mem".into(),
+            ..Migration::default()
+        };
+        let done = rx.migration(&peer, &op(data::MIGRATION_COMMIT)).await;
+        assert_eq!(done.code, ErrorCode::STORAGE_ERROR.0, "{done:?}");
+        assert!(done.reason.contains("still being received"), "{done:?}");
+        // A rollback goes through: the rounds write nothing more, and their files go.
+        let done = rx.migration(&peer, &op(data::MIGRATION_ABORT)).await;
+        assert_eq!(done.code, 0, "{done:?}");
+        {
+            let s = lock(&session);
+            for o in s.objects.values() {
+                assert!(o.abandoned.as_ref().unwrap().load(Ordering::Acquire));
+            }
+        }
+        assert_eq!(rounds(), 0);
+        // A new attempt's rounds do not wait behind the abandoned ones.
+        assert!(!rx.turns.busy(&dir.path().join("vm.mem")));
+    }
+
     #[test]
     fn a_round_abandoned_while_it_applies_writes_nothing_more() {
         let (_dir, final_path, base, new) = target_holding_base();
