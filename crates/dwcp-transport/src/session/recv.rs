@@ -905,6 +905,9 @@ impl Receiver {
         {
             // Rounds begin only while `path` is not claimed: checked together.
             let mut active = lock(&self.active);
+            if active.contains(&path) {
+                return refuse(format!("a transfer into {:?} is in progress", m.name));
+            }
             if self.turns.busy(&path) {
                 if m.op != data::MIGRATION_ABORT {
                     return refuse(format!("a round of {:?} is still being received", m.name));
@@ -914,9 +917,7 @@ impl Receiver {
                 // behind it.
                 self.turns.abandon(&path);
             }
-            if !active.insert(path.clone()) {
-                return refuse(format!("a transfer into {:?} is in progress", m.name));
-            }
+            active.insert(path.clone());
         }
         let target = migration_target(&path);
         let op = m.op;
@@ -1217,6 +1218,7 @@ impl Receiver {
                 o.path.clone(),
                 o.claim.clone(),
                 o.turn.take(),
+                o.abandoned.clone(),
                 digest,
                 o.name.clone(),
                 o.size,
@@ -1232,6 +1234,7 @@ impl Receiver {
             path,
             claim,
             turn,
+            abandoned,
             digest,
             name,
             size,
@@ -1300,7 +1303,7 @@ impl Receiver {
                                 t.wait(TURN_LIMIT)
                                     .map_err(|e| (ErrorCode::STORAGE_ERROR, e))?;
                             }
-                            apply_round(&part, &final_path, d, cache.as_deref())
+                            apply_round(&part, &final_path, d, cache.as_deref(), abandoned)
                         }
                     }
                 } else {
@@ -1505,8 +1508,10 @@ fn apply_round(
     final_path: &Path,
     d: &Delta,
     cache: Option<&Mutex<BaselineCache>>,
+    abandoned: Option<Arc<AtomicBool>>,
 ) -> Result<(), (ErrorCode, String)> {
     let out = open_target(final_path, d.raw_size)?;
+    check_not_abandoned(abandoned.as_deref())?;
     let mut guard = cache.map(lock);
     let mut none = NoCache;
     let src: &mut dyn ContentSource = match guard.as_deref_mut() {
@@ -1514,7 +1519,19 @@ fn apply_round(
         None => &mut none,
     };
     // Not synced here: the commit publishes the target at the end.
-    decode_pages(part, out, d.raw_size, src).map(drop)
+    decode_pages(part, out, d.raw_size, src, abandoned).map(drop)
+}
+
+/// After opening a migration target: an abort raises the flags of its rounds before it
+/// deletes the target, so a round whose flag is still down after opening has the target the
+/// abort deletes (and writes nothing once the flag is up). One whose flag is up may have
+/// created a new, empty target: it writes nothing there (the next migration's abort
+/// removes it).
+fn check_not_abandoned(abandoned: Option<&AtomicBool>) -> Result<(), (ErrorCode, String)> {
+    if abandoned.is_some_and(|a| a.load(Ordering::Acquire)) {
+        return Err((ErrorCode::STORAGE_ERROR, "the round was abandoned".into()));
+    }
+    Ok(())
 }
 
 /// Decodes a migration round into its target on the digest thread, as its bytes arrive.
@@ -1551,6 +1568,7 @@ impl RoundApply {
         turn: Ticket,
     ) -> Result<Self, (ErrorCode, String)> {
         let out = open_target(final_path, raw_size)?;
+        check_not_abandoned(Some(&abandoned))?;
         Ok(Self {
             sink: PagesSink::new(out, raw_size, Some(abandoned)),
             cache,
@@ -1748,11 +1766,12 @@ fn decode_pages(
     out: File,
     raw_size: u64,
     src: &mut dyn ContentSource,
+    abandoned: Option<Arc<AtomicBool>>,
 ) -> Result<File, (ErrorCode, String)> {
     let storage =
         |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
     let mut input = File::open(part).map_err(|e| storage("cannot read the object", &e))?;
-    let mut sink = PagesSink::new(out, raw_size, None);
+    let mut sink = PagesSink::new(out, raw_size, abandoned);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = input
@@ -1811,7 +1830,7 @@ fn decode_into(
             ),
         };
         if d.encoding == data::ENCODING_HDE_PAGES {
-            decode_pages(part, out, d.raw_size, src)?
+            decode_pages(part, out, d.raw_size, src, None)?
                 .sync_data()
                 .map_err(|e| storage("cannot sync", &e))?;
         } else {
@@ -2080,11 +2099,11 @@ mod tests {
         drop(a);
         let target = fs::read(migration_target(&final_path)).unwrap();
         assert!(target != base && target != new, "half of it applied");
-        let e = apply_round(&part, &final_path, &inplace(raw_size), None).unwrap_err();
+        let e = apply_round(&part, &final_path, &inplace(raw_size), None, None).unwrap_err();
         assert_eq!(e.0, ErrorCode::DELTA_UNRESOLVED, "{e:?}");
         // Sent again without references, it makes the target exact.
         fs::write(&part, round(&new, None)).unwrap();
-        apply_round(&part, &final_path, &inplace(raw_size), None).unwrap();
+        apply_round(&part, &final_path, &inplace(raw_size), None, None).unwrap();
         assert!(fs::read(migration_target(&final_path)).unwrap() == new);
     }
 
@@ -2176,6 +2195,19 @@ mod tests {
         assert_eq!(rounds(), 0);
         // A new attempt's rounds do not wait behind the abandoned ones.
         assert!(!rx.turns.busy(&dir.path().join("vm.mem")));
+    }
+
+    #[test]
+    fn a_resumed_round_whose_target_was_aborted_applies_nothing() {
+        let (dir, final_path, base, new) = target_holding_base();
+        let part = dir.path().join("part");
+        fs::write(&part, round(&new, None)).unwrap();
+        let gone = flag();
+        gone.store(true, Ordering::Release);
+        let raw_size = base.len() as u64;
+        let e = apply_round(&part, &final_path, &inplace(raw_size), None, Some(gone)).unwrap_err();
+        assert!(e.1.contains("abandoned"), "{e:?}");
+        assert!(fs::read(migration_target(&final_path)).unwrap() == base);
     }
 
     #[test]
