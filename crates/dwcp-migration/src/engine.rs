@@ -490,16 +490,7 @@ async fn prepare(
     });
     // The rounds' session opens first and carries the set-up requests too: one set of
     // handshakes instead of three, and its other streams connect while the requests run.
-    if let Err(e) = kept
-        .open(
-            dest.endpoint,
-            dest.addr,
-            dest.expected,
-            &part_options(spec),
-            raw,
-        )
-        .await
-    {
+    if let Err(e) = open_lane(kept, dest, spec, raw).await {
         return Event::Failed(format!("cannot reach the destination: {e}"));
     }
     // The second session connects while the requests below run on the first.
@@ -509,16 +500,7 @@ async fn prepare(
         if !overlap {
             return false;
         }
-        match second
-            .open(
-                dest.endpoint,
-                dest.addr,
-                dest.expected,
-                &part_options(spec),
-                raw,
-            )
-            .await
-        {
+        match open_lane(&mut second, dest, spec, raw).await {
             Ok(()) => true,
             Err(e) => {
                 warn!("cannot open a second session ({e}): a round's parts go one at a time");
@@ -534,6 +516,18 @@ async fn prepare(
         *spare = Some(second);
     }
     event
+}
+
+/// Opens a session for the parts of a migration of `raw` bytes.
+async fn open_lane(
+    lane: &mut KeptSession,
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    raw: u64,
+) -> Result<(), SendError> {
+    let opts = part_options(spec);
+    lane.open(dest.endpoint, dest.addr, dest.expected, &opts, raw)
+        .await
 }
 
 /// The requests of the prepare phase, on the rounds' session.
@@ -899,7 +893,11 @@ async fn send_parts(
                 cold = true;
                 state.cold_resends += 1;
                 if let Some(task) = encoding.take() {
-                    join_encoded(task.await, state, round)?;
+                    // Only the encoding state is wanted back: the part is encoded again.
+                    let (enc, _, _) = task
+                        .await
+                        .map_err(|e| format!("encoding round {round}: the encoder failed: {e}"))?;
+                    state.enc = enc;
                 }
                 state.enc.unlearn();
                 k = restart;
