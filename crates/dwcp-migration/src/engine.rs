@@ -728,9 +728,7 @@ async fn send_parts(
                     cold,
                 ));
             }
-            if free.is_empty() {
-                return Err(format!("round {round}: no session to send on"));
-            }
+            // `free` is not empty (`may_start`).
             let mut lane = free.remove(0);
             let ended = lane.notify_ended();
             let sending = start_part(
