@@ -61,7 +61,7 @@ async fn t10_handshake_ping_and_metrics() {
     let ep = endpoint(&cluster, "client", |_| {});
     let mut conn = connect(&ep, agent.addr).await.unwrap();
     let est = conn.established().clone();
-    assert_eq!(est.version, Version::V5);
+    assert_eq!(est.version, Version::V6);
     assert_eq!(est.peer_node_id.as_str(), "server");
     assert_eq!(est.negotiated.max_streams, 512);
     assert_eq!(est.negotiated.codecs, vec!["zstd", "lz4"]);
@@ -76,7 +76,7 @@ async fn t10_handshake_ping_and_metrics() {
         metric_value(
             &text,
             "dwcp_handshakes_total",
-            &[("result", "ok"), ("version", "v5")]
+            &[("result", "ok"), ("version", "v6")]
         ),
         1.0
     );
@@ -95,6 +95,8 @@ async fn t10_handshake_ping_and_metrics() {
 async fn t11_version_matrix() {
     let cluster = TestCluster::new();
     for (server, client, want) in [
+        (vec![1, 3, 4, 5, 6], vec![1, 3, 4, 5, 6], Version::V6),
+        (vec![1, 3, 4, 5, 6], vec![1, 3, 4, 5], Version::V5),
         (vec![1, 3, 4, 5], vec![1, 3, 4, 5], Version::V5),
         (vec![1, 3, 4, 5], vec![1, 3, 4], Version::V4),
         (vec![1, 3, 4], vec![1, 3, 4], Version::V4),

@@ -138,7 +138,7 @@ async fn files_arrive_verified(carrier: Carrier, streams: u32) {
         dwcp_testkit::metric_value(
             &text,
             "dwcp_handshakes_total",
-            &[("result", "ok"), ("reason", ""), ("version", "v5")],
+            &[("result", "ok"), ("reason", ""), ("version", "v6")],
         ),
         f64::from(streams),
         "{text}"

@@ -106,7 +106,7 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProtocolConfig {
-    /// Protocol versions offered and accepted: a subset of `[1, 3, 4, 5]`. `[1]` makes a v1-only
+    /// Protocol versions offered and accepted: a subset of `[1, 3, 4, 5, 6]`. `[1]` makes a v1-only
     /// node.
     pub versions: Vec<u32>,
     /// Largest frame payload accepted after the handshake, in bytes.
@@ -122,7 +122,7 @@ pub struct ProtocolConfig {
 impl Default for ProtocolConfig {
     fn default() -> Self {
         Self {
-            versions: vec![1, 3, 4, 5],
+            versions: vec![1, 3, 4, 5, 6],
             // 1 MiB: large enough that per-frame overhead (12 bytes) is noise, small enough that
             // one frame does not monopolise a stream for long on a 100 Mbit/s link (~80 ms).
             max_frame_size: 1024 * 1024,
@@ -435,7 +435,7 @@ impl Config {
                 None => bad(
                     "protocol.versions",
                     format!("{:?}", self.protocol.versions),
-                    format!("version {n} is not supported: allowed 1, 3, 4 and 5"),
+                    format!("version {n} is not supported: allowed 1, 3, 4, 5 and 6"),
                 ),
             }
         }
@@ -443,7 +443,7 @@ impl Config {
             bad(
                 "protocol.versions",
                 "[]".into(),
-                "at least one of 1, 3, 4, 5".into(),
+                "at least one of 1, 3, 4, 5, 6".into(),
             );
         }
         versions.sort();
@@ -796,9 +796,10 @@ spool_dir = "/var/lib/dwcp/spool"
 
 [protocol]
 # Versions offered and accepted: 1 (legacy: one stream, no delta), 3, 4 (as 3, and a fresh
-# object's data on every stream at once) and 5 (as 4, and a migration round's parts in
-# flight at once). The highest common version wins; [1] makes a v1-only node.
-versions = [1, 3, 4, 5]
+# object's data on every stream at once), 5 (as 4, and a migration round's parts in
+# flight at once) and 6 (as 5, and a final round that commits its target when applied).
+# The highest common version wins; [1] makes a v1-only node.
+versions = [1, 3, 4, 5, 6]
 # Largest frame payload accepted after the handshake, bytes (4096..=16777216).
 max_frame_size = 1048576
 # Milliseconds a peer gets to finish the TLS handshake (100..=120000).
@@ -891,7 +892,13 @@ mod tests {
         let s = Config::default().validate().unwrap();
         assert_eq!(
             s.versions,
-            vec![Version::V1, Version::V3, Version::V4, Version::V5]
+            vec![
+                Version::V1,
+                Version::V3,
+                Version::V4,
+                Version::V5,
+                Version::V6
+            ]
         );
         assert_eq!(s.capabilities.max_streams, 512);
         assert!(s.node_id.is_none());

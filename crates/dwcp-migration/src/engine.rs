@@ -129,6 +129,9 @@ pub struct MigrationReport {
     /// Parts started on a second session while the part before them was still on its way
     /// (a v5 destination; see [`MigrationSpec::overlap_parts`]).
     pub overlapped_parts: u32,
+    /// Whether the destination committed the target with the final round, once applied (a v6
+    /// destination): the guest's pause then holds no separate commit round trip.
+    pub committed_with_final_round: bool,
 }
 
 /// Live progress for displays.
@@ -190,6 +193,7 @@ pub async fn migrate(
         levels: [0; 6],
         cold_resends: 0,
         overlapped_parts: 0,
+        committed: None,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
@@ -214,6 +218,7 @@ pub async fn migrate(
         predicted_downtime_ms: None,
         cold_resends: 0,
         overlapped_parts: 0,
+        committed_with_final_round: false,
     };
     let mut paused_at: Option<Instant> = None;
     // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
@@ -232,7 +237,10 @@ pub async fn migrate(
         let event = match action.clone() {
             Action::Prepare => prepare(vm, dest, spec, &mut state, &mut kept, &mut spare).await,
             Action::SendRound { round, .. } => {
-                match send_round(vm, dest, spec, &mut state, round, &mut kept, &mut spare).await {
+                let r = send_round(
+                    vm, dest, spec, &mut state, round, false, &mut kept, &mut spare,
+                );
+                match r.await {
                     Ok(stats) => {
                         if round == 0
                             && let Some(rtt) = kept.round_trip().await
@@ -264,7 +272,12 @@ pub async fn migrate(
             }
             Action::SendFinal => {
                 let round = orch.rounds().len() as u32;
-                match send_round(vm, dest, spec, &mut state, round, &mut kept, &mut spare).await {
+                // With a v6 destination the final round commits the target once applied: the
+                // commit's own round trip is off the pause.
+                let r = send_round(
+                    vm, dest, spec, &mut state, round, true, &mut kept, &mut spare,
+                );
+                match r.await {
                     Ok(stats) => {
                         report.wire_bytes += stats.wire_bytes;
                         report
@@ -277,6 +290,12 @@ pub async fn migrate(
             }
             Action::StartPostCopy => {
                 Event::Failed("post-copy is not supported by this source".into())
+            }
+            Action::ResumeDestination if state.committed.is_some() => {
+                let at = state.committed.unwrap_or_else(Instant::now);
+                report.downtime_ms = paused_at.map(|t| (at - t).as_secs_f64() * 1000.0);
+                report.total_seconds = (at - started).as_secs_f64();
+                Event::DestinationResumed
             }
             Action::ResumeDestination => {
                 match migration_op_kept(
@@ -372,6 +391,7 @@ pub async fn migrate(
     report.levels = state.levels;
     report.cold_resends = state.cold_resends;
     report.overlapped_parts = state.overlapped_parts;
+    report.committed_with_final_round = report.migrated && state.committed.is_some();
     report
 }
 
@@ -401,6 +421,8 @@ struct RoundState {
     cold_resends: u32,
     overlapped_parts: u32,
     id: String,
+    /// When the final round's answer said the destination committed the target (v6).
+    committed: Option<Instant>,
 }
 
 /// What encoding a round needs and updates.
@@ -582,12 +604,14 @@ async fn set_up(
 /// before it is sent. With a second session (`spare`, a v5 destination), a part starts there
 /// as soon as the one before it has all its bytes out: its last packets and the
 /// destination's verdict, a round trip or more, no longer leave the link idle.
+#[allow(clippy::too_many_arguments)]
 async fn send_round(
     vm: &MemoryVm,
     dest: Destination<'_>,
     spec: &MigrationSpec,
     state: &mut RoundState,
     round: u32,
+    commit: bool,
     kept: &mut KeptSession,
     spare: &mut Option<KeptSession>,
 ) -> Result<RoundStats, String> {
@@ -598,7 +622,7 @@ async fn send_round(
     let mut free: Vec<KeptSession> = spare.take().into_iter().collect();
     free.push(std::mem::take(kept));
     let lanes = free.len();
-    let r = send_parts(vm, dest, spec, state, round, &mut free).await;
+    let r = send_parts(vm, dest, spec, state, round, commit, &mut free).await;
     // A session lost with a failed part leaves a new one to be opened when needed.
     *kept = match free.pop() {
         Some(s) => s,
@@ -620,6 +644,8 @@ struct InFlight<'a> {
     k: usize,
     wire: u64,
     levels: [u64; 6],
+    /// Whether the destination commits the target once this part is applied.
+    commits: bool,
     started: Instant,
     /// Told when all its bytes are out (see [`KeptSession::notify_ended`]).
     ended: Arc<tokio::sync::Notify>,
@@ -662,12 +688,16 @@ impl Landed {
 /// fits in the sockets' buffers.
 const PACE_MIN_WIRE: u64 = 16 << 20;
 
+/// With `commit` (the final round), a v6 destination commits the target when the round's
+/// last part is applied (`state.committed`); that part goes alone, once every part before it
+/// landed, so the commit never publishes a target missing one of them.
 async fn send_parts(
     vm: &MemoryVm,
     dest: Destination<'_>,
     spec: &MigrationSpec,
     state: &mut RoundState,
     round: u32,
+    commit: bool,
     free: &mut Vec<KeptSession>,
 ) -> Result<RoundStats, String> {
     let t0 = Instant::now();
@@ -706,10 +736,19 @@ async fn send_parts(
     // least `first` pages, and at most one cold retry per round sends them all again.
     for _ in 0..(dirty.len() / first + 2) * 16 {
         // Start the next part once it is encoded, a session is free, and the part before it
-        // (if any) has all its bytes out.
+        // (if any) has all its bytes out; a part that commits, once the others landed.
+        // (`free[0]` is the session the part would take.)
+        let commits = commit
+            && parts.get(k).is_some_and(|p| p.end >= dirty.len())
+            && free
+                .first()
+                .and_then(KeptSession::version)
+                .is_some_and(|v| v >= Version::V6);
         let may_start = ready.is_some()
             && older.is_none()
-            && newer.as_ref().is_none_or(|n| n.ended_at.is_some())
+            && newer
+                .as_ref()
+                .is_none_or(|n| n.ended_at.is_some() && !commits)
             && !free.is_empty();
         if may_start && let Some((file, wire, levels)) = ready.take() {
             if parts.len() == k + 1 {
@@ -731,9 +770,15 @@ async fn send_parts(
             // `free` is not empty (`may_start`).
             let mut lane = free.remove(0);
             let ended = lane.notify_ended();
-            let sending = start_part(
-                dest, spec, &state.id, lane, file, wire, raw_size, round, k, cold,
-            );
+            // With `commits`, nothing else is on its way (`may_start`): every part before it
+            // landed.
+            let part = PartSpec {
+                round,
+                part: k,
+                cold,
+                commits,
+            };
+            let sending = start_part(dest, spec, &state.id, lane, file, wire, raw_size, part);
             older = newer.take();
             if older.is_some() {
                 state.overlapped_parts += 1;
@@ -742,6 +787,7 @@ async fn send_parts(
                 k,
                 wire,
                 levels,
+                commits,
                 started: Instant::now(),
                 ended,
                 ended_at: None,
@@ -854,6 +900,9 @@ async fn send_parts(
         match outcome {
             Landed::Ok => {
                 landed.insert(part.k, part.levels);
+                if part.commits {
+                    state.committed = Some(Instant::now());
+                }
             }
             Landed::Unresolved => {
                 warn!(
@@ -939,6 +988,17 @@ fn out_rate(p: &InFlight<'_>, parts: &[Range<usize>]) -> Option<f64> {
     (p.wire >= PACE_MIN_WIRE).then(|| rate(parts[p.k].len(), out))
 }
 
+/// Which part of which round a part is, and how it goes.
+#[derive(Clone, Copy)]
+struct PartSpec {
+    round: u32,
+    part: usize,
+    /// Encoded without references (a resend).
+    cold: bool,
+    /// The destination commits the target once it is applied.
+    commits: bool,
+}
+
 /// The outcome of the part in `p`, if any (else never).
 async fn landing(p: &mut Option<InFlight<'_>>) -> (KeptSession, Result<(), SendError>) {
     match p {
@@ -958,19 +1018,20 @@ fn start_part<'a>(
     file: tempfile::NamedTempFile,
     wire: u64,
     raw_size: u64,
-    round: u32,
-    part: usize,
-    cold: bool,
+    p: PartSpec,
 ) -> PartFuture<'a> {
     let src = Source {
         path: file.path().to_path_buf(),
         name: spec.name.clone(),
         size: wire,
         version_tag: format!(
-            "migration {id} round {round} part {part}{}",
-            if cold { " cold" } else { "" }
+            "migration {id} round {} part {}{}",
+            p.round,
+            p.part,
+            if p.cold { " cold" } else { "" }
         ),
         pre_encoded: Some((data::ENCODING_HDE_PAGES_INPLACE, raw_size, Vec::new())),
+        commit: p.commits,
     };
     let opts = part_options(spec);
     Box::pin(async move {

@@ -96,6 +96,8 @@ async fn set_up_rounds_commit_and_check_share_one_session() {
     };
     let r = migrate(&v, to(&ep, &agent), &spec, &mut |_| {}).await;
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    // A v6 destination committed with the final round: no commit of its own on the pause.
+    assert!(r.committed_with_final_round, "{r:?}");
     // Each handshake costs round trips on a long path: the reservation, the cache query,
     // every round, the commit and the final check all went over the rounds' three streams
     // (they used to open three more sessions of their own: 6 connections). A stream
@@ -116,8 +118,8 @@ async fn parts_overlap_on_a_second_session_and_are_applied_in_order() {
     // would not resolve (a cold resend). (The receiver's own tests hold the order itself.)
     let spec = |name: &str| MigrationSpec {
         streams: 2,
-        first_part_pages: 200,
-        max_part_pages: 400,
+        first_part_pages: 50,
+        max_part_pages: 100,
         codec: Some(dwcp_encoding::Codec::Zstd(3)),
         ..MigrationSpec::new(name)
     };
@@ -127,6 +129,7 @@ async fn parts_overlap_on_a_second_session_and_are_applied_in_order() {
     let v = vm(16, 2000.0);
     let r = migrate(&v, to(&ep, &agent), &spec("overlap.mem"), &mut |_| {}).await;
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    assert!(r.committed_with_final_round, "{r:?}");
     assert_eq!(published(&cluster, "overlap.mem"), v.page_hashes());
     assert!(r.levels[3] > 0, "{r:?}");
     assert_eq!(r.cold_resends, 0, "{r:?}");
@@ -157,6 +160,8 @@ async fn parts_overlap_on_a_second_session_and_are_applied_in_order() {
     let r = migrate(&v, to(&ep, &agent), &spec("v4.mem"), &mut |_| {}).await;
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
     assert_eq!(r.overlapped_parts, 0, "{r:?}");
+    // And commits after the final round, on its own request.
+    assert!(!r.committed_with_final_round, "{r:?}");
     let m = agent.metrics().await;
     let accepted = dwcp_testkit::metric_value(&m, "dwcp_connections_accepted_total", &[]);
     assert!(
@@ -310,5 +315,116 @@ async fn two_migrations_at_once_to_one_destination_each_arrive_with_their_own_re
         assert!(r.migrated && r.bit_exact == Some(true), "{name}: {r:?}");
         assert_eq!(published(&cluster, name), v.page_hashes(), "{name}");
     }
+    agent.stop().await.unwrap();
+}
+
+/// A cold in-place round of every page of `img` (4 KiB pages), in a file.
+fn encoded_round(img: &[u8]) -> tempfile::NamedTempFile {
+    let cfg = dwcp_encoding::EncoderConfig {
+        codec: dwcp_encoding::Codec::Zstd(1),
+        ..dwcp_encoding::EncoderConfig::new((img.len() / 4096) as u64)
+    };
+    let mut enc = dwcp_encoding::PageEncoder::new(cfg).unwrap();
+    let mut out = Vec::new();
+    for (p, page) in img.chunks_exact(4096).enumerate() {
+        enc.push(p as u64, page, None, None, &mut out).unwrap();
+    }
+    enc.finish(&mut out);
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f, &out).unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_round_commits_its_target_and_a_copy_of_it_sent_later_is_refused() {
+    use dwcp_transport::session::{KeptSession, SendError, SendOptions, Source, send_files_kept};
+    use dwcp_wire::{ErrorCode, data};
+
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let first = vec![7u8; 64 * 4096];
+    let mut second = first.clone();
+    second[5 * 4096..6 * 4096].fill(9);
+    let (f1, f2) = (encoded_round(&first), encoded_round(&second));
+    let round = |f: &tempfile::NamedTempFile, tag: &str, commit: bool| Source {
+        path: f.path().to_path_buf(),
+        name: "c.mem".into(),
+        size: f.as_file().metadata().unwrap().len(),
+        version_tag: tag.into(),
+        pre_encoded: Some((
+            data::ENCODING_HDE_PAGES_INPLACE,
+            first.len() as u64,
+            Vec::new(),
+        )),
+        commit,
+    };
+    let opts = SendOptions {
+        streams: 2,
+        fresh: true,
+        ..SendOptions::default()
+    };
+    let mut kept = KeptSession::new();
+    let send = async |src: Source, kept: &mut KeptSession| {
+        send_files_kept(&ep, agent.addr, None, &[src], &opts, &mut |_| {}, kept).await
+    };
+    let spool = cluster.dir().join("spool/src");
+    // Round 0 builds the target; nothing is published yet.
+    send(round(&f1, "m round 0", false), &mut kept)
+        .await
+        .unwrap();
+    assert!(spool.join(".c.mem.dwcp-migrating").exists());
+    assert!(!spool.join("c.mem").exists());
+    // The final round's success answer says the target is published.
+    send(round(&f2, "m round 1", true), &mut kept)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(spool.join("c.mem")).unwrap(), second);
+    assert!(!spool.join(".c.mem.dwcp-migrating").exists());
+    // The same round once more (as after a session lost before its answer came): refused,
+    // not applied to a new, empty target, and the published copy stays as it was.
+    match send(round(&f2, "m round 1", true), &mut kept).await {
+        Err(SendError::Refused { code, reason, .. }) => {
+            assert_eq!(code, ErrorCode::STORAGE_ERROR);
+            assert!(reason.contains("no migration target"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(spool.join("c.mem")).unwrap(), second);
+    assert!(!spool.join(".c.mem.dwcp-migrating").exists());
+    // Only an in-place round may ask for a commit.
+    let raw = Source {
+        name: "raw".into(),
+        commit: true,
+        ..Source::file(f1.path()).unwrap()
+    };
+    match send(raw, &mut kept).await {
+        Err(SendError::Protocol(e)) => assert!(e.contains("in-place migration round"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    kept.close().await;
+    agent.stop().await.unwrap();
+
+    // A v5 receiver would not know the request: the sender does not ask it.
+    let cluster = TestCluster::new();
+    let agent =
+        RunningAgent::start(&cluster, "dest", |c| c.protocol.versions = vec![1, 3, 4, 5]).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let mut kept = KeptSession::new();
+    let r = send_files_kept(
+        &ep,
+        agent.addr,
+        None,
+        &[round(&f1, "m round 0", true)],
+        &opts,
+        &mut |_| {},
+        &mut kept,
+    )
+    .await;
+    match r {
+        Err(SendError::Protocol(e)) => assert!(e.contains("protocol v6"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    kept.close().await;
     agent.stop().await.unwrap();
 }

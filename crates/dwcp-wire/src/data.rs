@@ -232,6 +232,13 @@ pub struct ObjectBegin {
     /// For an encoded object: the BLAKE3 digest of the content it decodes to (32 bytes).
     #[prost(bytes = "vec", tag = "7")]
     pub raw_blake3: Vec<u8>,
+    /// For an in-place migration round (v6 and later): once the round is applied, commit its
+    /// migration target, as `MIGRATION` commit would, before answering. A success answer then
+    /// says the target is published. Such a round never creates the target (the target is
+    /// gone once committed, so a copy of the round sent again is refused, never applied to a
+    /// new, empty target).
+    #[prost(bool, tag = "8")]
+    pub commit: bool,
 }
 
 /// `BASE_QUERY` (0x0017).

@@ -45,11 +45,14 @@ pub enum Version {
     /// As v4; the in-place migration rounds of one target may be in flight at once (each in
     /// a session of its own): the receiver applies them in the order it read their begins.
     V5,
+    /// As v5; a migration round may ask to commit its target once it is applied (its
+    /// success answer then says the target is published).
+    V6,
 }
 
 impl Version {
     /// Every version this implementation speaks, lowest first.
-    pub const ALL: [Self; 4] = [Self::V1, Self::V3, Self::V4, Self::V5];
+    pub const ALL: [Self; 5] = [Self::V1, Self::V3, Self::V4, Self::V5, Self::V6];
 
     /// The number on the wire.
     pub fn number(self) -> u32 {
@@ -58,6 +61,7 @@ impl Version {
             Self::V3 => 3,
             Self::V4 => 4,
             Self::V5 => 5,
+            Self::V6 => 6,
         }
     }
 
@@ -68,6 +72,7 @@ impl Version {
             3 => Some(Self::V3),
             4 => Some(Self::V4),
             5 => Some(Self::V5),
+            6 => Some(Self::V6),
             _ => None,
         }
     }
@@ -284,7 +289,7 @@ pub fn validate_capabilities(c: &Capabilities) -> Result<(), String> {
 }
 
 /// Picks the highest version both lists contain. Numbers this implementation does not know are
-/// ignored, so a newer peer offering `[1, 3, 4, 5, 6]` still meets us at 5.
+/// ignored, so a newer peer offering `[1, 3, 4, 5, 6, 7]` still meets us at 6.
 pub fn negotiate_version(ours: &[Version], theirs: &[u32]) -> Option<Version> {
     ours.iter()
         .copied()
@@ -304,7 +309,7 @@ pub fn negotiate(version: Version, client: &Capabilities, server: &Capabilities)
             delta: false,
             max_frame_size,
         },
-        Version::V3 | Version::V4 | Version::V5 => Capabilities {
+        Version::V3 | Version::V4 | Version::V5 | Version::V6 => Capabilities {
             max_streams: client.max_streams.min(server.max_streams),
             codecs: client
                 .codecs
@@ -657,6 +662,9 @@ mod tests {
             (&[V1, V3, V4, V5][..], &[V1, V3, V4, V5][..], V5),
             (&[V1, V3, V4, V5][..], &[V1, V3, V4][..], V4),
             (&[V1, V3, V4][..], &[V1, V3, V4, V5][..], V4),
+            (&[V1, V3, V4, V5, V6][..], &[V1, V3, V4, V5, V6][..], V6),
+            (&[V1, V3, V4, V5, V6][..], &[V1, V3, V4, V5][..], V5),
+            (&[V1, V3, V4, V5][..], &[V1, V3, V4, V5, V6][..], V5),
         ] {
             let (c, s) = run(cv, sv);
             let (c, s) = (c.unwrap().unwrap(), s.unwrap().unwrap());
@@ -704,14 +712,14 @@ mod tests {
     #[test]
     fn newer_peer_versions_are_ignored() {
         assert_eq!(
-            negotiate_version(&Version::ALL, &[1, 3, 4, 5, 6, 99]),
-            Some(Version::V5)
+            negotiate_version(&Version::ALL, &[1, 3, 4, 5, 6, 7, 99]),
+            Some(Version::V6)
         );
         assert_eq!(
-            negotiate_version(&Version::ALL, &[1, 3, 6]),
+            negotiate_version(&Version::ALL, &[1, 3, 7]),
             Some(Version::V3)
         );
-        assert_eq!(negotiate_version(&Version::ALL, &[2, 6]), None);
+        assert_eq!(negotiate_version(&Version::ALL, &[2, 7]), None);
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub(crate) struct Cli {
 }
 
 fn long_version() -> &'static str {
-    concat!(env!("CARGO_PKG_VERSION"), " (wire protocol v1, v3, v4, v5)")
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (wire protocol v1, v3, v4, v5, v6)"
+    )
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

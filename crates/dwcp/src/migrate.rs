@@ -112,6 +112,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "codec": r.codec,
         "cold_resends": r.cold_resends,
         "overlapped_parts": r.overlapped_parts,
+        "committed_with_final_round": r.committed_with_final_round,
         "pages": {"zero": zero, "same": same, "dup": dup, "cache": cache, "xor": xor, "literal": literal},
         "rounds": r.rounds.iter().map(|x| json!({
             "round": x.round, "pages": x.pages, "wire_bytes": x.wire_bytes, "seconds": x.seconds,

@@ -129,7 +129,7 @@ fn help_lists_the_commands() {
     assert!(help.contains("Exit codes"), "{help}");
     let v = text(&run(&["--version"]).stdout);
     assert!(
-        v.starts_with("dwcp ") && v.contains("v1, v3, v4, v5"),
+        v.starts_with("dwcp ") && v.contains("v1, v3, v4, v5, v6"),
         "{v}"
     );
     let o = run(&["frobnicate"]);
@@ -175,7 +175,7 @@ fn agent_and_ping() {
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
     assert!(out.contains("connected to node-a"), "{out}");
-    assert!(out.contains("protocol v5"), "{out}");
+    assert!(out.contains("protocol v6"), "{out}");
     assert!(out.contains("rtt min/avg/max/mdev"), "{out}");
 
     let o = run(&[
@@ -191,7 +191,7 @@ fn agent_and_ping() {
     ]);
     assert!(o.status.success());
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["version"], 5);
+    assert_eq!(j["version"], 6);
     assert_eq!(j["peer_node_id"], "node-a");
     assert_eq!(j["rtt_ms"]["samples"].as_array().unwrap().len(), 2);
     assert!(j["rtt_ms"]["avg"].as_f64().unwrap() > 0.0);
@@ -438,7 +438,7 @@ fn demo_runs_without_setup() {
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["version"], 5);
+    assert_eq!(j["version"], 6);
     assert_eq!(j["legacy_version"], 1);
     assert_eq!(j["probes"], 5);
     assert!(

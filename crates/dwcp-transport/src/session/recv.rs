@@ -179,6 +179,8 @@ struct Delta {
     encoding: u32,
     raw_size: u64,
     raw_blake3: Vec<u8>,
+    /// An in-place round that commits its target once applied (v6).
+    commit: bool,
 }
 
 /// Largest content an encoded object may decode to (16 TiB).
@@ -900,17 +902,37 @@ impl Receiver {
                 }
             };
         }
+        let r = self.settle_target(peer, &m.name, m.op).await;
+        match r {
+            Ok(()) => {
+                info!(%peer, name = %m.name, op = m.op, "migration target {}", if m.op == data::MIGRATION_COMMIT { "committed" } else { "aborted" });
+                ObjectDone {
+                    object: m.object,
+                    code: 0,
+                    reason: String::new(),
+                }
+            }
+            Err(reason) => {
+                warn!(%peer, name = %m.name, "migration op failed: {reason}");
+                refuse(reason)
+            }
+        }
+    }
+
+    /// Commits (publishes) or aborts (deletes) the migration target of `name`: `MIGRATION`,
+    /// or a final round that commits (v6) once it is applied.
+    async fn settle_target(&self, peer: &NodeId, name: &str, op: u32) -> Result<(), String> {
         let dir = self.dir_for(peer);
-        let path = dir.join(&m.name);
+        let path = dir.join(name);
         {
             // Rounds begin only while `path` is not claimed: checked together.
             let mut active = lock(&self.active);
             if active.contains(&path) {
-                return refuse(format!("a transfer into {:?} is in progress", m.name));
+                return Err(format!("a transfer into {:?} is in progress", name));
             }
             if self.turns.busy(&path) {
-                if m.op != data::MIGRATION_ABORT {
-                    return refuse(format!("a round of {:?} is still being received", m.name));
+                if op != data::MIGRATION_ABORT {
+                    return Err(format!("a round of {:?} is still being received", name));
                 }
                 // A rollback while a round is on its way (the source gave up on it): that
                 // round writes nothing more, and the rounds of a new attempt do not wait
@@ -920,8 +942,7 @@ impl Receiver {
             active.insert(path.clone());
         }
         let target = migration_target(&path);
-        let op = m.op;
-        let name = m.name.clone();
+        let name = name.to_owned();
         let p = path.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
             // The migration ends either way: what its rounds left is not resumed any more.
@@ -947,20 +968,7 @@ impl Receiver {
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         lock(&self.active).remove(&path);
-        match r {
-            Ok(()) => {
-                info!(%peer, name = %m.name, op = m.op, "migration target {}", if m.op == data::MIGRATION_COMMIT { "committed" } else { "aborted" });
-                ObjectDone {
-                    object: m.object,
-                    code: 0,
-                    reason: String::new(),
-                }
-            }
-            Err(reason) => {
-                warn!(%peer, name = %m.name, "migration op failed: {reason}");
-                refuse(reason)
-            }
-        }
+        r
     }
 
     fn dir_for(&self, peer: &NodeId) -> PathBuf {
@@ -995,6 +1003,7 @@ impl Receiver {
                     encoding: b.encoding,
                     raw_size: b.raw_size,
                     raw_blake3: Vec::new(),
+                    commit: b.commit,
                 })
             }
             data::ENCODING_HDE_PAGES | data::ENCODING_HDE_STREAM => {
@@ -1009,10 +1018,17 @@ impl Receiver {
                     encoding: b.encoding,
                     raw_size: b.raw_size,
                     raw_blake3: b.raw_blake3.clone(),
+                    commit: false,
                 })
             }
             other => return Err(format!("unknown object encoding {other}")),
         };
+        if b.commit && b.encoding != data::ENCODING_HDE_PAGES_INPLACE {
+            return Err(format!(
+                "object {:?} asks for a commit, which only an in-place migration round may",
+                b.name
+            ));
+        }
         {
             let s = lock(session);
             if let Some(o) = s.objects.get(&b.object) {
@@ -1082,7 +1098,7 @@ impl Receiver {
         // A round received from its start is applied while it arrives (see `RoundApply`).
         let (follower, turn): (Option<Box<dyn Follower>>, _) = match (&delta, &abandoned, turn) {
             (Some(d), Some(flag), Some(turn)) if have == 0 => {
-                match RoundApply::open(&path, d.raw_size, self.cache.clone(), flag.clone(), turn) {
+                match RoundApply::open(d, &path, self.cache.clone(), flag.clone(), turn) {
                     Ok(a) => (Some(Box::new(a)), None),
                     Err((_, e)) => {
                         lock(&self.active).remove(&claim);
@@ -1259,6 +1275,7 @@ impl Receiver {
         let round = delta
             .as_ref()
             .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
+        let commit = delta.as_ref().is_some_and(|d| d.commit);
         let verdict = tokio::task::spawn_blocking(move || -> Result<(), (ErrorCode, String)> {
             if !round {
                 file.sync_data()
@@ -1340,6 +1357,24 @@ impl Receiver {
             s.finished.insert(object);
         }
         lock(&self.active).remove(&claim);
+        // A final round that commits its target (v6): the answer says it is published. The
+        // round's own turn is over by now; a round begun after it makes the commit refused.
+        let verdict = match verdict {
+            Ok(()) if commit => match self
+                .settle_target(peer, &name, data::MIGRATION_COMMIT)
+                .await
+            {
+                Ok(()) => {
+                    info!(%peer, %name, "migration target committed with its final round");
+                    Ok(())
+                }
+                Err(e) => Err((
+                    ErrorCode::STORAGE_ERROR,
+                    format!("the round was applied, but its target was not committed: {e}"),
+                )),
+            },
+            v => v,
+        };
         let done = match verdict {
             Ok(()) => {
                 info!(%peer, %name, size, verify_ms = started.elapsed().as_millis() as u64, "object stored");
@@ -1480,19 +1515,30 @@ fn migration_target(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.dwcp-migrating"))
 }
 
-/// Opens the migration target of `final_path`, sized to `raw_size`; what earlier rounds wrote
-/// stays.
-fn open_target(final_path: &Path, raw_size: u64) -> Result<File, (ErrorCode, String)> {
+/// Opens the migration target of `final_path` for round `d`, sized to its `raw_size`; what
+/// earlier rounds wrote stays. A round that commits never creates the target: with none
+/// there, the migration was committed or aborted already (say, the round is a copy sent again
+/// after the answer to its commit was lost), and it must not be applied to an empty one.
+fn open_target(final_path: &Path, d: &Delta) -> Result<File, (ErrorCode, String)> {
     let storage =
         |what: &str, e: &dyn std::fmt::Display| (ErrorCode::STORAGE_ERROR, format!("{what}: {e}"));
     let target = migration_target(final_path);
+    let raw_size = d.raw_size;
     let out = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
+        .create(!d.commit)
         .truncate(false)
         .open(&target)
-        .map_err(|e| storage("cannot open the migration target", &e))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound if d.commit => (
+                ErrorCode::STORAGE_ERROR,
+                "no migration target to commit this round into: the migration was committed \
+                 or aborted already"
+                    .into(),
+            ),
+            _ => storage("cannot open the migration target", &e),
+        })?;
     if out.metadata().map(|m| m.len()).ok() != Some(raw_size) {
         out.set_len(raw_size)
             .map_err(|e| storage("cannot size the migration target", &e))?;
@@ -1510,7 +1556,7 @@ fn apply_round(
     cache: Option<&Mutex<BaselineCache>>,
     abandoned: Option<Arc<AtomicBool>>,
 ) -> Result<(), (ErrorCode, String)> {
-    let out = open_target(final_path, d.raw_size)?;
+    let out = open_target(final_path, d)?;
     check_not_abandoned(abandoned.as_deref())?;
     let mut guard = cache.map(lock);
     let mut none = NoCache;
@@ -1561,16 +1607,16 @@ const TURN_LIMIT: Duration = Duration::from_secs(3600);
 
 impl RoundApply {
     fn open(
+        d: &Delta,
         final_path: &Path,
-        raw_size: u64,
         cache: Option<Arc<Mutex<BaselineCache>>>,
         abandoned: Arc<AtomicBool>,
         turn: Ticket,
     ) -> Result<Self, (ErrorCode, String)> {
-        let out = open_target(final_path, raw_size)?;
+        let out = open_target(final_path, d)?;
         check_not_abandoned(Some(&abandoned))?;
         Ok(Self {
-            sink: PagesSink::new(out, raw_size, Some(abandoned)),
+            sink: PagesSink::new(out, d.raw_size, Some(abandoned)),
             cache,
             failed: None,
             turn,
@@ -2059,6 +2105,7 @@ mod tests {
             encoding: data::ENCODING_HDE_PAGES_INPLACE,
             raw_size,
             raw_blake3: Vec::new(),
+            commit: false,
         }
     }
 
@@ -2067,7 +2114,14 @@ mod tests {
         let (_dir, final_path, base, new) = target_holding_base();
         let obj = round(&new, Some(&base));
         let mut a = Box::new(
-            RoundApply::open(&final_path, base.len() as u64, None, flag(), ticket()).unwrap(),
+            RoundApply::open(
+                &inplace(base.len() as u64),
+                &final_path,
+                None,
+                flag(),
+                ticket(),
+            )
+            .unwrap(),
         );
         // The header split over several pieces, then uneven ones.
         let mut at = 0;
@@ -2093,8 +2147,9 @@ mod tests {
         let obj = round(&new, Some(&base));
         let part = dir.path().join("part");
         fs::write(&part, &obj).unwrap();
-        let mut a =
-            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
+        let mut a = Box::new(
+            RoundApply::open(&inplace(raw_size), &final_path, None, flag(), ticket()).unwrap(),
+        );
         a.feed(&obj[..obj.len() / 2]);
         drop(a);
         let target = fs::read(migration_target(&final_path)).unwrap();
@@ -2125,8 +2180,10 @@ mod tests {
             turns.take(&final_path, flag()),
             turns.take(&final_path, flag()),
         );
-        let mut a = Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ta).unwrap());
-        let mut b = Box::new(RoundApply::open(&final_path, raw_size, None, flag(), tb).unwrap());
+        let mut a =
+            Box::new(RoundApply::open(&inplace(raw_size), &final_path, None, flag(), ta).unwrap());
+        let mut b =
+            Box::new(RoundApply::open(&inplace(raw_size), &final_path, None, flag(), tb).unwrap());
         let later = std::thread::spawn(move || {
             b.feed(&second);
             b.finish()
@@ -2157,6 +2214,7 @@ mod tests {
             encoding: data::ENCODING_HDE_PAGES_INPLACE,
             raw_size: PAGES * PS as u64,
             raw_blake3: Vec::new(),
+            commit: false,
         };
         // Two rounds of one target at once, each in a part file of its own.
         rx.begin(&peer, &session, &begin(1, 0)).unwrap();
@@ -2216,7 +2274,14 @@ mod tests {
         let obj = round(&new, None);
         let gone = flag();
         let mut a = Box::new(
-            RoundApply::open(&final_path, base.len() as u64, None, gone.clone(), ticket()).unwrap(),
+            RoundApply::open(
+                &inplace(base.len() as u64),
+                &final_path,
+                None,
+                gone.clone(),
+                ticket(),
+            )
+            .unwrap(),
         );
         a.feed(&obj[..obj.len() / 2]);
         let half = fs::read(migration_target(&final_path)).unwrap();
@@ -2235,20 +2300,23 @@ mod tests {
         let (base, new) = images();
         let raw_size = base.len() as u64;
         let obj = round(&new, None);
-        let mut a =
-            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
+        let mut a = Box::new(
+            RoundApply::open(&inplace(raw_size), &final_path, None, flag(), ticket()).unwrap(),
+        );
         a.feed(&obj[..3]);
         assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
         let mut bad = obj.clone();
         bad[5] = 40; // page size 2^40
-        let mut a =
-            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
+        let mut a = Box::new(
+            RoundApply::open(&inplace(raw_size), &final_path, None, flag(), ticket()).unwrap(),
+        );
         a.feed(&bad);
         let e = a.finish().unwrap_err();
         assert_eq!(e.0, ErrorCode::PROTOCOL_ERROR);
         assert!(e.1.contains("page size"), "{e:?}");
-        let mut a =
-            Box::new(RoundApply::open(&final_path, raw_size, None, flag(), ticket()).unwrap());
+        let mut a = Box::new(
+            RoundApply::open(&inplace(raw_size), &final_path, None, flag(), ticket()).unwrap(),
+        );
         a.feed(&obj[..obj.len() - 10]);
         assert_eq!(a.finish().unwrap_err().0, ErrorCode::PROTOCOL_ERROR);
     }

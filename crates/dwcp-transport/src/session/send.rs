@@ -114,6 +114,10 @@ pub struct Source {
     /// Set when the file already is an encoded object (e.g. a migration round): sent as is,
     /// announced with these `ObjectBegin` fields (encoding, content size, content digest).
     pub pre_encoded: Option<(u32, u64, Vec<u8>)>,
+    /// For an in-place migration round: the receiver commits the migration target once the
+    /// round is applied, and its success answer says so (protocol v6; refused before the
+    /// begin goes out with an older receiver).
+    pub commit: bool,
 }
 
 impl Source {
@@ -148,6 +152,7 @@ impl Source {
             size: meta.len(),
             version_tag: format!("size={} mtime_ns={mtime}", meta.len()),
             pre_encoded: None,
+            commit: false,
         })
     }
 }
@@ -1158,6 +1163,8 @@ pub async fn send_files_kept(
                 size: e.size,
                 version_tag: format!("{} hde={}", src.version_tag, &e.digest.to_hex()[..16]),
                 pre_encoded: None,
+                // Refused below: only an in-place round commits.
+                commit: src.commit,
             });
             // The content size is what was encoded (the file may have changed since it was
             // listed).
@@ -1310,6 +1317,15 @@ async fn send_object(
         return Err(lost("no stream left".into()));
     };
     let (encoding, raw_size, raw_blake3) = encoding.unwrap_or((data::ENCODING_RAW, 0, Vec::new()));
+    if src.commit && (session.version < Version::V6 || encoding != data::ENCODING_HDE_PAGES_INPLACE)
+    {
+        // An older receiver would ignore the request and answer as if it had committed.
+        return Err(ObjectFailure::Fatal(SendError::Protocol(format!(
+            "{:?}: a commit with a round needs an in-place migration round and protocol v6 \
+             (the session is {})",
+            src.name, session.version
+        ))));
+    }
     let begin = ObjectBegin {
         object,
         name: src.name.clone(),
@@ -1318,6 +1334,7 @@ async fn send_object(
         encoding,
         raw_size,
         raw_blake3,
+        commit: src.commit,
     };
     w0.lock()
         .await
