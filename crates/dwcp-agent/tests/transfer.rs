@@ -373,6 +373,43 @@ async fn t24_a_stream_stuck_mid_transfer_has_its_chunks_sent_on_the_others() {
 }
 
 #[tokio::test]
+async fn t25_an_urgent_object_goes_twice_over_different_streams_and_arrives_once() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let ep = endpoint(&cluster, "client", |_| {});
+    let spool = cluster.dir().join("spool/client");
+    // Paced, so that the last chunks are still waiting for their turn (unacknowledged) when
+    // the streams that sent the others go idle.
+    let paced = |urgent: bool| SendOptions {
+        urgent,
+        rate_limit: Some(512 * 1024),
+        ..opts(4)
+    };
+    const SIZE: usize = 256 * 1024;
+    for (urgent, name) in [(false, "calm"), (true, "urgent")] {
+        let path = random_file(src.path(), name, SIZE, 25);
+        let sources = [Source::file(&path).unwrap()];
+        let report = tokio::time::timeout(
+            Duration::from_secs(30),
+            send_files(&ep, agent.addr, None, &sources, &paced(urgent), &mut |_| {}),
+        )
+        .await
+        .expect("the transfer did not finish within 30 s")
+        .unwrap();
+        same_file(&path, &spool.join(name));
+        if urgent {
+            // Chunks went a second time on other streams, at most once each.
+            assert!(report.resent_bytes > 0, "{report:?}");
+            assert!(report.resent_bytes <= SIZE as u64, "{report:?}");
+        } else {
+            assert_eq!(report.resent_bytes, 0, "{report:?}");
+        }
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn t30_resume_after_receiver_restart() {
     resume_after_receiver_restart(Carrier::Tcp).await;
 }

@@ -611,7 +611,7 @@ async fn send_round(
     spec: &MigrationSpec,
     state: &mut RoundState,
     round: u32,
-    commit: bool,
+    final_round: bool,
     kept: &mut KeptSession,
     spare: &mut Option<KeptSession>,
 ) -> Result<RoundStats, String> {
@@ -622,7 +622,7 @@ async fn send_round(
     let mut free: Vec<KeptSession> = spare.take().into_iter().collect();
     free.push(std::mem::take(kept));
     let lanes = free.len();
-    let r = send_parts(vm, dest, spec, state, round, commit, &mut free).await;
+    let r = send_parts(vm, dest, spec, state, round, final_round, &mut free).await;
     // A session lost with a failed part leaves a new one to be opened when needed.
     *kept = match free.pop() {
         Some(s) => s,
@@ -688,16 +688,17 @@ impl Landed {
 /// fits in the sockets' buffers.
 const PACE_MIN_WIRE: u64 = 16 << 20;
 
-/// With `commit` (the final round), a v6 destination commits the target when the round's
-/// last part is applied (`state.committed`); that part goes alone, once every part before it
-/// landed, so the commit never publishes a target missing one of them.
+/// The `final_round` (the guest paused) goes urgently (`SendOptions::urgent`), and a v6
+/// destination commits the target when its last part is applied (`state.committed`); that
+/// part goes alone, once every part before it landed, so the commit never publishes a target
+/// missing one of them.
 async fn send_parts(
     vm: &MemoryVm,
     dest: Destination<'_>,
     spec: &MigrationSpec,
     state: &mut RoundState,
     round: u32,
-    commit: bool,
+    final_round: bool,
     free: &mut Vec<KeptSession>,
 ) -> Result<RoundStats, String> {
     let t0 = Instant::now();
@@ -738,7 +739,7 @@ async fn send_parts(
         // Start the next part once it is encoded, a session is free, and the part before it
         // (if any) has all its bytes out; a part that commits, once the others landed.
         // (`free[0]` is the session the part would take.)
-        let commits = commit
+        let commits = final_round
             && parts.get(k).is_some_and(|p| p.end >= dirty.len())
             && free
                 .first()
@@ -777,6 +778,7 @@ async fn send_parts(
                 part: k,
                 cold,
                 commits,
+                urgent: final_round,
             };
             let sending = start_part(dest, spec, &state.id, lane, file, wire, raw_size, part);
             older = newer.take();
@@ -997,6 +999,8 @@ struct PartSpec {
     cold: bool,
     /// The destination commits the target once it is applied.
     commits: bool,
+    /// The guest is paused: see `SendOptions::urgent`.
+    urgent: bool,
 }
 
 /// The outcome of the part in `p`, if any (else never).
@@ -1033,7 +1037,10 @@ fn start_part<'a>(
         pre_encoded: Some((data::ENCODING_HDE_PAGES_INPLACE, raw_size, Vec::new())),
         commit: p.commits,
     };
-    let opts = part_options(spec);
+    let opts = SendOptions {
+        urgent: p.urgent,
+        ..part_options(spec)
+    };
     Box::pin(async move {
         let r = send_files_kept(
             dest.endpoint,

@@ -218,6 +218,20 @@ impl Scheduler {
         Some((offset, f.data.clone()))
     }
 
+    /// A second copy, for idle `stream`, of the oldest chunk in flight that has gone out once
+    /// and on another stream, each chunk once: an object something waits on is sent twice
+    /// over different streams, so that a packet lost on one does not hold it for a
+    /// retransmission (see `hedge` for how the copies are tracked). A copy counts as re-sent.
+    pub fn duplicate(&mut self, stream: u32, now: Instant) -> Option<(u64, Bytes)> {
+        let resend = &self.resend;
+        let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
+            f.stream != stream && f.hedge.is_none() && f.sent_at.is_some() && !resend.contains(o)
+        })?;
+        f.hedge = Some((stream, now));
+        self.resent_bytes += f.data.len() as u64;
+        Some((offset, f.data.clone()))
+    }
+
     /// The receiver reported a gap at `offset` (e.g. a chunk it could not verify): send the
     /// chunk covering it again.
     pub fn resend_from(&mut self, offset: u64) {
@@ -345,6 +359,40 @@ mod tests {
         );
         assert_eq!(s.next(1), Next::Wait);
         s.ack(60).unwrap();
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn an_urgent_objects_chunks_each_go_once_more_on_another_stream() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(0, 40, 10, 40);
+        // Chunks 0 and 20 on stream 0, 10 and 30 on stream 1; 30 not stamped yet.
+        for (i, st) in [0u32, 1, 0, 1].into_iter().enumerate() {
+            let Next::Read { offset, len } = s.next(st) else {
+                panic!("read expected")
+            };
+            s.sent(offset, Bytes::from(vec![i as u8; len]), st);
+            if i < 3 {
+                s.stamp(offset, t0);
+            }
+        }
+        assert_eq!(s.next(0), Next::Wait);
+        // Each idle stream takes the oldest chunk that went out once, elsewhere.
+        assert_eq!(s.duplicate(1, t0).map(|c| c.0), Some(0));
+        assert_eq!(s.duplicate(0, t0).map(|c| c.0), Some(10));
+        assert_eq!(s.duplicate(1, t0).map(|c| c.0), Some(20));
+        // 30 has not gone out yet, and stream 1 carries it.
+        assert_eq!(s.duplicate(0, t0), None);
+        s.stamp(30, t0);
+        assert_eq!(s.duplicate(1, t0), None);
+        assert_eq!(s.duplicate(2, t0).map(|c| c.0), Some(30));
+        // Once each.
+        assert_eq!(s.duplicate(3, t0), None);
+        assert_eq!(s.resent_bytes(), 40);
+        // A copy and its original on different streams: losing either loses nothing.
+        s.stream_lost(0);
+        assert_eq!(s.next(3), Next::Wait);
+        s.ack(40).unwrap();
         assert!(s.is_done());
     }
 
