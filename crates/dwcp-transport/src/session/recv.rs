@@ -1053,6 +1053,11 @@ impl Receiver {
         let round = delta
             .as_ref()
             .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
+        if b.commit && !migration_target(&path).exists() {
+            // Refused before anything is written (`open_target` checks again, should the
+            // target go meanwhile).
+            return Err(NO_TARGET_TO_COMMIT.into());
+        }
         let (part, state) = part_files(&dir, &b.name, round.then_some(&b.version_tag));
         // One transfer per destination file at a time, whatever session it comes from: two
         // would share the part file. Rounds of a migration target have part files of their
@@ -1506,6 +1511,10 @@ fn remove_round_files(dir: &Path, name: &str) {
     }
 }
 
+/// Why a round that commits is refused when its target is gone.
+const NO_TARGET_TO_COMMIT: &str = "no migration target to commit this round into: the migration was committed or aborted \
+     already";
+
 /// Where the migration target of `path` lives until it is committed.
 fn migration_target(path: &Path) -> PathBuf {
     let name = path
@@ -1531,12 +1540,9 @@ fn open_target(final_path: &Path, d: &Delta) -> Result<File, (ErrorCode, String)
         .truncate(false)
         .open(&target)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound if d.commit => (
-                ErrorCode::STORAGE_ERROR,
-                "no migration target to commit this round into: the migration was committed \
-                 or aborted already"
-                    .into(),
-            ),
+            std::io::ErrorKind::NotFound if d.commit => {
+                (ErrorCode::STORAGE_ERROR, NO_TARGET_TO_COMMIT.into())
+            }
             _ => storage("cannot open the migration target", &e),
         })?;
     if out.metadata().map(|m| m.len()).ok() != Some(raw_size) {

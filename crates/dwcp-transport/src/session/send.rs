@@ -1051,6 +1051,17 @@ pub async fn send_files_kept(
     progress: &mut (dyn FnMut(&Progress) + Send),
     kept: &mut KeptSession,
 ) -> Result<SendReport, SendError> {
+    if let Some(f) = files.iter().find(|f| {
+        f.commit
+            && f.pre_encoded
+                .as_ref()
+                .is_none_or(|p| p.0 != data::ENCODING_HDE_PAGES_INPLACE)
+    }) {
+        return Err(SendError::Protocol(format!(
+            "{:?}: only an in-place migration round may ask for a commit",
+            f.name
+        )));
+    }
     let started = Instant::now();
     let mut report = SendReport::default();
     let total_size: u64 = files.iter().map(|f| f.size).sum();
@@ -1350,11 +1361,45 @@ async fn send_object(
         raw_blake3,
         commit: src.commit,
     };
-    w0.lock()
-        .await
-        .send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
-        .await
-        .map_err(|e| lost(e.to_string()))?;
+    // An urgent object's end goes right behind its begin, its digest taken first (it is
+    // small): not at the tail of a stream whose last packets may be lost.
+    let early_end = if opts.urgent && src.size <= URGENT_MAX {
+        let bytes = tokio::fs::read(&src.path).await.map_err(|e| {
+            ObjectFailure::Fatal(SendError::Source {
+                path: src.path.clone(),
+                source: e,
+            })
+        })?;
+        if bytes.len() as u64 != src.size {
+            return Err(ObjectFailure::Fatal(SendError::Source {
+                path: src.path.clone(),
+                source: std::io::Error::other(format!(
+                    "{} bytes, {} expected: changed while being sent",
+                    bytes.len(),
+                    src.size
+                )),
+            }));
+        }
+        Some(blake3::hash(&bytes))
+    } else {
+        None
+    };
+    {
+        let mut w = w0.lock().await;
+        w.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        if let Some(digest) = &early_end {
+            let end = ObjectEnd {
+                object,
+                size: src.size,
+                blake3: digest.as_bytes().to_vec(),
+            };
+            w.send(&msg::encode(FrameType::OBJECT_END, &end))
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+        }
+    }
     // Wait for the receiver's answer: how much it already has. A fresh object has nothing
     // there: its data follows the begin on the same stream (so the receiver sees the begin
     // first) and the answer is taken in the loop below.
@@ -1481,7 +1526,7 @@ async fn send_object(
     start_writers(session, &ctx, &mut writers, &mut writer_tasks, only);
     // The streams OBJECT_END went out on: two, so that one stuck stream cannot hold it back;
     // if one dies, the end is sent again.
-    let mut end_on: Vec<usize> = Vec::new();
+    let mut end_on: Vec<usize> = early_end.iter().map(|_| first).collect();
     // Once every byte is read, goodput samples only measure the tail: the count holds.
     let mut tail = false;
     // Streams being retired (slot -> generation): their chunks are sent again only if the
@@ -1501,7 +1546,7 @@ async fn send_object(
         let end_streams = if confirmed { session.alive().min(2) } else { 1 };
         // Set when the end is due but its streams' writers were busy: tried again shortly.
         let mut end_busy = false;
-        if end_on.len() < end_streams {
+        if end_on.len() < end_streams || (early_end.is_some() && !tail) {
             let mut c = core.lock().await;
             if c.sched.read() == src.size {
                 // Ready once the last chunk is taken (at once for a fully resumed file).
@@ -1509,6 +1554,16 @@ async fn send_object(
                     Ok(d) => d,
                     Err(e) => break Err(src_err(e)),
                 };
+                if early_end.is_some_and(|e| e != digest) {
+                    break Err(src_err(std::io::Error::other(
+                        "changed while being sent (its digest differs from the one sent first)",
+                    )));
+                }
+                if early_end.is_some() && !tail {
+                    // Its end went out first; now every byte has too.
+                    ended_after = begun_at.elapsed();
+                    tail = true;
+                }
                 let end = ObjectEnd {
                     object,
                     size: src.size,
@@ -1556,7 +1611,7 @@ async fn send_object(
                 }
             }
         }
-        if !told_ended && confirmed && !end_on.is_empty() {
+        if !told_ended && confirmed && tail && !end_on.is_empty() {
             told_ended = true;
             if let Some(n) = ended {
                 n.notify_one();
@@ -1600,7 +1655,7 @@ async fn send_object(
                 continue;
             },
             () = tokio::time::sleep(Duration::from_millis(200)) => continue,
-            () = all_read.notified(), if end_on.len() < end_streams => continue,
+            () = all_read.notified(), if end_on.len() < end_streams || (early_end.is_some() && !tail) => continue,
             // Before the receiver answered, the end may go only behind the begin, on a
             // stream whose writer is still busy with a chunk: a few milliseconds.
             () = tokio::time::sleep(Duration::from_millis(5)), if end_busy && end_on.is_empty() => continue,
