@@ -313,6 +313,15 @@ pub async fn migrate(
                         report.total_seconds = started.elapsed().as_secs_f64();
                         Event::DestinationResumed
                     }
+                    // The commit may have happened, its answer lost: ask before rolling back.
+                    Err(e) if published_matches(vm, dest, spec).await => {
+                        warn!(
+                            "the commit's answer was lost ({e}), but the destination has published the paused source's memory"
+                        );
+                        report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                        report.total_seconds = started.elapsed().as_secs_f64();
+                        Event::DestinationResumed
+                    }
                     Err(e) => Event::Failed(format!("commit failed: {e}")),
                 }
             }
@@ -653,8 +662,10 @@ struct InFlight<'a> {
     sending: PartFuture<'a>,
 }
 
+/// Gives the session back with the outcome: the bytes the transport sent again (copies of an
+/// urgent part's chunks, chunks of a lost stream), or why the part failed.
 type PartFuture<'a> =
-    std::pin::Pin<Box<dyn Future<Output = (KeptSession, Result<(), SendError>)> + Send + 'a>>;
+    std::pin::Pin<Box<dyn Future<Output = (KeptSession, Result<u64, SendError>)> + Send + 'a>>;
 
 /// What became of a part.
 enum Landed {
@@ -670,16 +681,17 @@ enum Landed {
 impl Landed {
     /// `DELTA_UNRESOLVED` counts as unresolved unless the part was sent `cold` (without
     /// references: it cannot fail that way, and a second time is a failure).
-    fn of(r: Result<(), SendError>, cold: bool) -> Self {
+    /// Also the bytes sent again on the way (0 unless it landed).
+    fn of(r: Result<u64, SendError>, cold: bool) -> (Self, u64) {
         match r {
-            Ok(()) => Self::Ok,
+            Ok(resent) => (Self::Ok, resent),
             Err(SendError::Refused { code, .. })
                 if code == ErrorCode::DELTA_UNRESOLVED && !cold =>
             {
-                Self::Unresolved
+                (Self::Unresolved, 0)
             }
-            Err(e @ SendError::Refused { .. }) => Self::Refused(e),
-            Err(e) => Self::Failed(e),
+            Err(e @ SendError::Refused { .. }) => (Self::Refused(e), 0),
+            Err(e) => (Self::Failed(e), 0),
         }
     }
 }
@@ -878,10 +890,10 @@ async fn send_parts(
             else => return Err(format!("round {round}: nothing left to wait for")),
         };
         let Some(part) = part else { continue };
-        let outcome = Landed::of(outcome, cold);
+        let (outcome, resent) = Landed::of(outcome, cold);
         if !matches!(outcome, Landed::Failed(_)) {
             // It crossed the network either way.
-            wire_total += part.wire;
+            wire_total += part.wire + resent;
         }
         let took = part.started.elapsed();
         if lanes == 1 && matches!(outcome, Landed::Ok) {
@@ -923,9 +935,9 @@ async fn send_parts(
                 for p in rest.into_iter().flatten() {
                     let (lane, r) = p.sending.await;
                     free.push(lane);
-                    let outcome = Landed::of(r, false);
+                    let (outcome, resent) = Landed::of(r, false);
                     if !matches!(outcome, Landed::Failed(_)) {
-                        wire_total += p.wire;
+                        wire_total += p.wire + resent;
                     }
                     match outcome {
                         Landed::Ok => {
@@ -952,6 +964,21 @@ async fn send_parts(
                 k = restart;
                 ready =
                     Some(encode_part(&reader, state, &dirty, parts[k].clone(), cold, round).await?);
+            }
+            Landed::Refused(e) | Landed::Failed(e) if part.commits => {
+                // The destination may have committed and its answer been lost with the
+                // session (the part sent again on a new one is then refused: its target is
+                // gone). Rolling back would leave the guest on both hosts: ask.
+                if !published_matches(vm, dest, spec).await {
+                    return Err(format!("round {round}: {e}"));
+                }
+                warn!(
+                    round,
+                    "the final round failed ({e}), but the destination has published the \
+                     paused source's memory: the commit went through"
+                );
+                landed.insert(part.k, part.levels);
+                state.committed = Some(Instant::now());
             }
             Landed::Refused(e) | Landed::Failed(e) => return Err(format!("round {round}: {e}")),
         }
@@ -990,6 +1017,26 @@ fn out_rate(p: &InFlight<'_>, parts: &[Range<usize>]) -> Option<f64> {
     (p.wire >= PACE_MIN_WIRE).then(|| rate(parts[p.k].len(), out))
 }
 
+/// Whether the destination has published the paused `vm`'s memory under its name: asked when
+/// the answer to a commit (or to the final round that carries it) was lost, since the commit
+/// may have happened before. On a session of its own: the migration's may be gone.
+async fn published_matches(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> bool {
+    let req = BaseRequest {
+        name: &spec.name,
+        raw_size: vm.pages() * vm.page_size() as u64,
+        page_size: vm.page_size() as u32,
+        migration_target: false,
+    };
+    let mut own = KeptSession::default();
+    match query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own).await {
+        Ok((_, pages)) => pages == vm.page_hashes(),
+        Err(e) => {
+            warn!("cannot ask the destination whether it committed: {e}");
+            false
+        }
+    }
+}
+
 /// Which part of which round a part is, and how it goes.
 #[derive(Clone, Copy)]
 struct PartSpec {
@@ -1004,7 +1051,7 @@ struct PartSpec {
 }
 
 /// The outcome of the part in `p`, if any (else never).
-async fn landing(p: &mut Option<InFlight<'_>>) -> (KeptSession, Result<(), SendError>) {
+async fn landing(p: &mut Option<InFlight<'_>>) -> (KeptSession, Result<u64, SendError>) {
     match p {
         Some(p) => p.sending.as_mut().await,
         None => std::future::pending().await,
@@ -1052,7 +1099,7 @@ fn start_part<'a>(
             &mut lane,
         )
         .await
-        .map(|_| ());
+        .map(|r| r.resent_bytes);
         // The encoded part is deleted once sent (or given up).
         drop(file);
         (lane, r)
@@ -1208,6 +1255,42 @@ fn encode_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_commit_answer_is_settled_by_the_published_pages() {
+        use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
+        let cluster = dwcp_testkit::TestCluster::new();
+        let agent = dwcp_testkit::RunningAgent::start(&cluster, "dest", |_| {}).await;
+        let ep = dwcp_testkit::endpoint(&cluster, "src", |_| {});
+        let dest = Destination {
+            endpoint: &ep,
+            addr: agent.addr,
+            expected: None,
+        };
+        let img = generate(&ImageSpec::new(4 << 20), &mut Corpus::synthetic());
+        let vm = MemoryVm::start(img.data, 4096, DirtyModel::default(), 2000.0, 3);
+        let spec = MigrationSpec::new("settled.mem");
+        // Nothing published yet: not committed.
+        assert!(!published_matches(&vm, dest, &spec).await);
+        let r = migrate(&vm, dest, &spec, &mut |_| {}).await;
+        assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+        // The paused source's memory is what the destination published.
+        assert!(published_matches(&vm, dest, &spec).await);
+        // Not under another name, and not once the source ran on and changed.
+        assert!(!published_matches(&vm, dest, &MigrationSpec::new("other.mem")).await);
+        vm.resume();
+        let w = vm.writes();
+        for _ in 0..100 {
+            if vm.writes() > w {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        vm.pause();
+        assert!(vm.writes() > w);
+        assert!(!published_matches(&vm, dest, &spec).await);
+        agent.stop().await.unwrap();
+    }
 
     #[test]
     fn parts_double_while_the_encoder_outpaces_the_link_and_end_with_the_round() {
