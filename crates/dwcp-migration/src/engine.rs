@@ -194,6 +194,7 @@ pub async fn migrate(
         cold_resends: 0,
         overlapped_parts: 0,
         committed: None,
+        commit_asked: false,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
@@ -221,6 +222,8 @@ pub async fn migrate(
         committed_with_final_round: false,
     };
     let mut paused_at: Option<Instant> = None;
+    // A rollback found the destination committed after all (its answer had been lost).
+    let mut at_destination = false;
     // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
     for _ in 0..(spec.config.max_rounds as usize + 64) {
         progress(&Progress {
@@ -298,6 +301,7 @@ pub async fn migrate(
                 Event::DestinationResumed
             }
             Action::ResumeDestination => {
+                state.commit_asked = true;
                 match migration_op_kept(
                     dest.endpoint,
                     dest.addr,
@@ -352,6 +356,52 @@ pub async fn migrate(
                 };
                 Event::CleanedUp
             }
+            Action::Rollback { reason } if state.commit_asked => {
+                // The destination may have committed, its answer lost: the abort goes first
+                // (a round still on its way then fails, a commit under way ends first), and
+                // the source runs on only if the destination holds no copy.
+                warn!("rolling back after a commit was asked for: {reason}");
+                vm.throttle(0);
+                let mut aborted = Err(String::new());
+                for _ in 0..30 {
+                    aborted = migration_op_kept(
+                        dest.endpoint,
+                        dest.addr,
+                        dest.expected,
+                        &spec.name,
+                        data::MIGRATION_ABORT,
+                        &mut kept,
+                    )
+                    .await
+                    .map_err(|e| e.to_string());
+                    match &aborted {
+                        Err(e) if e.contains("in progress") || e.contains("being received") => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        _ => break,
+                    }
+                }
+                match (aborted, settled(vm, dest, spec).await) {
+                    (Ok(()), Some(false)) => {
+                        vm.resume();
+                        Event::RolledBack
+                    }
+                    (_, Some(true)) => {
+                        warn!("the destination committed after all: the VM lives there now");
+                        at_destination = true;
+                        Event::RolledBack
+                    }
+                    (aborted, _) => Event::Failed(format!(
+                        "the destination did not settle whether it committed ({}): the source \
+                         stays paused; check {:?} on the destination, then resume or discard \
+                         the source",
+                        aborted
+                            .err()
+                            .unwrap_or_else(|| "no answer to the check".into()),
+                        spec.name
+                    )),
+                }
+            }
             Action::Rollback { reason } => {
                 warn!("rolling back: {reason}");
                 vm.throttle(0);
@@ -390,6 +440,16 @@ pub async fn migrate(
             report.total_seconds = started.elapsed().as_secs_f64();
         }
         Outcome::Running => report.how = "stopped before the end".into(),
+    }
+    if at_destination {
+        // The destination published the paused source's memory (compared page by page).
+        report.migrated = true;
+        report.bit_exact = Some(true);
+        report.how = format!(
+            "committed, though its answer was lost ({}); the source stays paused",
+            report.how
+        );
+        report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
     }
     report.codec = state
         .codecs
@@ -432,6 +492,9 @@ struct RoundState {
     id: String,
     /// When the final round's answer said the destination committed the target (v6).
     committed: Option<Instant>,
+    /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
+    /// commit): from then on the destination may own the VM whatever became of the answer.
+    commit_asked: bool,
 }
 
 /// What encoding a round needs and updates.
@@ -792,6 +855,7 @@ async fn send_parts(
                 commits,
                 urgent: final_round,
             };
+            state.commit_asked |= commits;
             let sending = start_part(dest, spec, &state.id, lane, file, wire, raw_size, part);
             older = newer.take();
             if older.is_some() {
@@ -1021,21 +1085,44 @@ fn out_rate(p: &InFlight<'_>, parts: &[Range<usize>]) -> Option<f64> {
 /// the answer to a commit (or to the final round that carries it) was lost, since the commit
 /// may have happened before. On a session of its own: the migration's may be gone.
 async fn published_matches(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> bool {
-    let req = BaseRequest {
-        name: &spec.name,
-        raw_size: vm.pages() * vm.page_size() as u64,
-        page_size: vm.page_size() as u32,
-        migration_target: false,
-    };
-    let mut own = KeptSession::default();
-    match query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own).await {
-        Ok((_, pages)) => pages == vm.page_hashes(),
-        Err(e) => {
-            warn!("cannot ask the destination whether it committed: {e}");
-            false
-        }
-    }
+    settled(vm, dest, spec).await == Some(true)
 }
+
+/// Whether the destination committed this migration: `Some(true)` when no migration target
+/// is left and the image published under the VM's name is the paused `vm`'s memory,
+/// `Some(false)` when either is not so, `None` when the destination did not answer (each
+/// question bounded by [`SETTLE_WAIT`]).
+async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> Option<bool> {
+    let ask = async |migration_target: bool| {
+        let req = BaseRequest {
+            name: &spec.name,
+            raw_size: vm.pages() * vm.page_size() as u64,
+            page_size: vm.page_size() as u32,
+            migration_target,
+        };
+        let mut own = KeptSession::default();
+        let q = query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own);
+        match tokio::time::timeout(SETTLE_WAIT, q).await {
+            Ok(Ok((_, pages))) => Some(pages),
+            Ok(Err(e)) => {
+                warn!("cannot ask the destination whether it committed: {e}");
+                None
+            }
+            Err(_) => {
+                warn!("the destination did not say within {SETTLE_WAIT:?} whether it committed");
+                None
+            }
+        }
+    };
+    // A target still there was not committed (an older image of the same name could match).
+    if !ask(true).await?.is_empty() {
+        return Some(false);
+    }
+    Some(ask(false).await? == vm.page_hashes())
+}
+
+/// Most a question about a commit's outcome waits for its answer.
+const SETTLE_WAIT: Duration = Duration::from_secs(15);
 
 /// Which part of which round a part is, and how it goes.
 #[derive(Clone, Copy)]
@@ -1276,6 +1363,12 @@ mod tests {
         assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
         // The paused source's memory is what the destination published.
         assert!(published_matches(&vm, dest, &spec).await);
+        // Not while a migration target of that name is left (an older image could match).
+        let target = cluster.dir().join("spool/src/.settled.mem.dwcp-migrating");
+        std::fs::write(&target, vec![0u8; 4 << 20]).unwrap();
+        assert_eq!(settled(&vm, dest, &spec).await, Some(false));
+        std::fs::remove_file(&target).unwrap();
+        assert_eq!(settled(&vm, dest, &spec).await, Some(true));
         // Not under another name, and not once the source ran on and changed.
         assert!(!published_matches(&vm, dest, &MigrationSpec::new("other.mem")).await);
         vm.resume();
@@ -1290,6 +1383,8 @@ mod tests {
         assert!(vm.writes() > w);
         assert!(!published_matches(&vm, dest, &spec).await);
         agent.stop().await.unwrap();
+        // Nobody to ask: not known.
+        assert_eq!(settled(&vm, dest, &spec).await, None);
     }
 
     #[test]
