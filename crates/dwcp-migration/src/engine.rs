@@ -364,16 +364,7 @@ pub async fn migrate(
                 vm.throttle(0);
                 let mut aborted = Err(String::new());
                 for _ in 0..30 {
-                    aborted = migration_op_kept(
-                        dest.endpoint,
-                        dest.addr,
-                        dest.expected,
-                        &spec.name,
-                        data::MIGRATION_ABORT,
-                        &mut kept,
-                    )
-                    .await
-                    .map_err(|e| e.to_string());
+                    aborted = abort(dest, spec, &mut kept).await;
                     match &aborted {
                         Err(e) if e.contains("in progress") || e.contains("being received") => {
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -408,16 +399,7 @@ pub async fn migrate(
                 if vm.is_paused() {
                     vm.resume();
                 }
-                match migration_op_kept(
-                    dest.endpoint,
-                    dest.addr,
-                    dest.expected,
-                    &spec.name,
-                    data::MIGRATION_ABORT,
-                    &mut kept,
-                )
-                .await
-                {
+                match abort(dest, spec, &mut kept).await {
                     Ok(()) => Event::RolledBack,
                     Err(e) => Event::Failed(format!("cannot clean the destination: {e}")),
                 }
@@ -1079,6 +1061,24 @@ fn next_part(
 fn out_rate(p: &InFlight<'_>, parts: &[Range<usize>]) -> Option<f64> {
     let out = p.ended_at? - p.started;
     (p.wire >= PACE_MIN_WIRE).then(|| rate(parts[p.k].len(), out))
+}
+
+/// Asks the destination to delete the migration target of `spec`'s VM.
+async fn abort(
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    kept: &mut KeptSession,
+) -> Result<(), String> {
+    migration_op_kept(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        &spec.name,
+        data::MIGRATION_ABORT,
+        kept,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Whether the destination has published the paused `vm`'s memory under its name: asked when
