@@ -399,9 +399,10 @@ async fn t25_an_urgent_object_goes_twice_over_different_streams_and_arrives_once
         .unwrap();
         same_file(&path, &spool.join(name));
         if urgent {
-            // Chunks went a second time on other streams, at most once each.
+            // Chunks went a second time on other streams (a third at most, for one the
+            // receiver's prefix waited on).
             assert!(report.resent_bytes > 0, "{report:?}");
-            assert!(report.resent_bytes <= SIZE as u64, "{report:?}");
+            assert!(report.resent_bytes <= 2 * SIZE as u64, "{report:?}");
         } else {
             assert_eq!(report.resent_bytes, 0, "{report:?}");
         }

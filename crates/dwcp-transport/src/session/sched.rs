@@ -54,6 +54,8 @@ struct Flight {
     sent_at: Option<Instant>,
     /// A second copy went out on this stream while the first seemed stuck, at this time.
     hedge: Option<(u32, Instant)>,
+    /// A third copy went out (see [`Scheduler::third_copy`]).
+    third: bool,
 }
 
 /// The send schedule of one object.
@@ -128,6 +130,7 @@ impl Scheduler {
                     unsent: false,
                     sent_at: None,
                     hedge: None,
+                    third: false,
                 },
             );
         }
@@ -228,6 +231,31 @@ impl Scheduler {
             f.stream != stream && f.hedge.is_none() && f.sent_at.is_some() && !resend.contains(o)
         })?;
         f.hedge = Some((stream, now));
+        self.resent_bytes += f.data.len() as u64;
+        Some((offset, f.data.clone()))
+    }
+
+    /// A third copy, for idle `stream`, of the chunk the receiver's prefix waits on, when
+    /// both its copies (see [`Self::duplicate`]) have been out for `after` or longer and on
+    /// other streams: the receiver holds data beyond it (the caller checks), so both copies
+    /// likely sit behind a lost packet. Once per chunk. Counts as re-sent.
+    pub fn third_copy(
+        &mut self,
+        stream: u32,
+        now: Instant,
+        after: Duration,
+    ) -> Option<(u64, Bytes)> {
+        let (&offset, f) = self.in_flight.iter_mut().next()?;
+        let (h, at) = f.hedge?;
+        if f.third
+            || f.stream == stream
+            || h == stream
+            || now.saturating_duration_since(at) < after
+            || self.resend.contains(&offset)
+        {
+            return None;
+        }
+        f.third = true;
         self.resent_bytes += f.data.len() as u64;
         Some((offset, f.data.clone()))
     }
@@ -389,6 +417,28 @@ mod tests {
         // Once each.
         assert_eq!(s.duplicate(3, t0), None);
         assert_eq!(s.resent_bytes(), 40);
+        // The receiver's prefix waits on chunk 0 (the caller sees data held beyond it): once
+        // both its copies have been out long enough, a third goes on a stream carrying
+        // neither, once.
+        let after = Duration::from_millis(150);
+        assert_eq!(s.third_copy(2, t0 + after, after).map(|c| c.0), Some(0));
+        assert_eq!(s.third_copy(2, t0 + after, after), None);
+        let mut s2 = Scheduler::new(0, 20, 10, 20);
+        for st in [0u32, 1] {
+            let Next::Read { offset, len } = s2.next(st) else {
+                panic!()
+            };
+            s2.sent(offset, Bytes::from(vec![0; len]), st);
+            s2.stamp(offset, t0);
+        }
+        // Not before its second copy went, nor too soon after, nor on a stream carrying it.
+        assert_eq!(s2.third_copy(2, t0 + after, after), None);
+        assert_eq!(s2.duplicate(1, t0).map(|c| c.0), Some(0));
+        assert_eq!(s2.third_copy(2, t0 + after / 2, after), None);
+        assert_eq!(s2.third_copy(0, t0 + after, after), None);
+        assert_eq!(s2.third_copy(1, t0 + after, after), None);
+        assert_eq!(s2.third_copy(3, t0 + after, after).map(|c| c.0), Some(0));
+        assert_eq!(s.resent_bytes(), 50);
         // A copy and its original on different streams: losing either loses nothing.
         s.stream_lost(0);
         assert_eq!(s.next(3), Next::Wait);

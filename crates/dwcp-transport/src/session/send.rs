@@ -1188,7 +1188,7 @@ pub async fn send_files_kept(
                 size: e.size,
                 version_tag: format!("{} hde={}", src.version_tag, &e.digest.to_hex()[..16]),
                 pre_encoded: None,
-                // Refused below: only an in-place round commits.
+                // Never set here: a commit is refused up front for anything but a round.
                 commit: src.commit,
             });
             // The content size is what was encoded (the file may have changed since it was
@@ -1505,6 +1505,11 @@ async fn send_object(
             .map_or(Duration::from_millis(500), |r| r * 4)
             .max(Duration::from_millis(200)),
         duplicate,
+        // (Not under 20 ms: on a short path a hole that brief is not a lost packet.)
+        third_after: session
+            .rtt
+            .map_or(Duration::from_millis(200), |r| r + r / 4)
+            .max(Duration::from_millis(20)),
     };
     // Goodput samples for the adaptive stream count.
     let mut sample_at = Instant::now();
@@ -2325,6 +2330,8 @@ struct ObjectCtx {
     /// An urgent object: once every chunk is out, an idle stream sends a second copy of the
     /// oldest chunk that has only one, on another stream ([`SendOptions::urgent`]).
     duplicate: bool,
+    /// For an urgent object: how long both copies of a chunk are out before a third goes.
+    third_after: Duration,
 }
 
 /// Data the receiver holds beyond a hole that says the hole is not ordinary striping (it
@@ -2369,6 +2376,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         hedging,
         stuck_after,
         duplicate,
+        third_after,
     } = ctx;
     loop {
         let notified = notify.notified();
@@ -2389,7 +2397,15 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
             match c.sched.next(i) {
                 Next::Done => return,
                 Next::Wait if duplicate && c.sched.read() == c.sched.size() => {
-                    c.sched.duplicate(i, now)
+                    // Every chunk twice; then, while the receiver holds data beyond the
+                    // chunk its prefix waits on, that chunk a third time once both copies
+                    // have been out a round trip and a quarter.
+                    let beyond = c.held > c.sched.acked();
+                    match c.sched.duplicate(i, now) {
+                        Some(copy) => Some(copy),
+                        None if beyond => c.sched.third_copy(i, now, third_after),
+                        None => None,
+                    }
                 }
                 Next::Wait => {
                     // Idle: if data piles up at the receiver behind a chunk whose stream
@@ -2437,8 +2453,10 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         };
         match job {
             None => {
-                // Re-check at least every 100 ms in case a wake-up raced with us.
-                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+                // Re-check at least every 100 ms in case a wake-up raced with us (an urgent
+                // object's third copies are due on a clock: every 10 ms).
+                let every = Duration::from_millis(if duplicate { 10 } else { 100 });
+                let _ = tokio::time::timeout(every, notified).await;
             }
             Some((offset, data, last)) => {
                 if let Some(b) = &bucket {
