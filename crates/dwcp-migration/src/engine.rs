@@ -616,16 +616,7 @@ async fn set_up(
     calibration: Option<tokio::task::JoinHandle<Option<Codec>>>,
 ) -> Event {
     // A target left over from an earlier attempt is not trusted: start clean.
-    if let Err(e) = migration_op_kept(
-        dest.endpoint,
-        dest.addr,
-        dest.expected,
-        &spec.name,
-        data::MIGRATION_ABORT,
-        kept,
-    )
-    .await
-    {
+    if let Err(e) = abort(dest, spec, kept).await {
         return Event::Failed(format!(
             "destination refused to reserve {:?}: {e}",
             spec.name
