@@ -2432,7 +2432,11 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                     hedged
                 }
                 Next::Resend { offset, data } => {
-                    c.sched.stamp(offset, now);
+                    // Stamped when it goes out: time spent waiting for the rate limit is not
+                    // time on the path (a chunk taken long before it goes is not stuck).
+                    if bucket.is_none() {
+                        c.sched.stamp(offset, now);
+                    }
                     Some((offset, data))
                 }
                 Next::Read { offset, len } => {
@@ -2445,7 +2449,9 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                         }
                     };
                     c.sched.sent(offset, data.clone(), i);
-                    c.sched.stamp(offset, now);
+                    if bucket.is_none() {
+                        c.sched.stamp(offset, now);
+                    }
                     Some((offset, data))
                 }
             }
@@ -2461,6 +2467,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
             Some((offset, data, last)) => {
                 if let Some(b) = &bucket {
                     b.take(data.len()).await;
+                    core.lock().await.sched.stamp(offset, Instant::now());
                 }
                 let mut w = writer.lock().await;
                 // Retired while this chunk waited (for the rate limit or the lock): its
