@@ -239,6 +239,14 @@ pub struct ObjectBegin {
     /// new, empty target).
     #[prost(bool, tag = "8")]
     pub commit: bool,
+    /// Something waits on this object (a migration's final round, with the guest paused):
+    /// the sender sends its chunks twice, over different streams. The receiver then
+    /// acknowledges every chunk that brings new bytes, lists what it holds beyond a hole
+    /// ([`Ack::islands`]), and sends the object's `OBJECT_DONE` on every stream of the
+    /// session, so that neither waits behind a lost packet of one stream. Receivers that do
+    /// not know the field ignore it; senders ignore repeated answers.
+    #[prost(bool, tag = "9")]
+    pub urgent: bool,
 }
 
 /// `BASE_QUERY` (0x0017).
@@ -320,6 +328,43 @@ pub struct Ack {
     /// receivers that do not say.
     #[prost(uint64, tag = "3")]
     pub received: u64,
+    /// For an urgent object ([`ObjectBegin::urgent`]): the byte ranges held beyond `offset`,
+    /// as start and end (exclusive) pairs in ascending order, at most [`MAX_ACK_ISLANDS`]
+    /// of them (the lowest). Empty otherwise.
+    #[prost(uint64, repeated, tag = "4")]
+    pub islands: Vec<u64>,
+}
+
+/// Most ranges an [`Ack`] lists.
+pub const MAX_ACK_ISLANDS: usize = 32;
+
+impl Ack {
+    /// The listed ranges as `(start, end)` pairs, checked: pairs, each non-empty, above the
+    /// prefix, ascending and apart, no more than [`MAX_ACK_ISLANDS`], none past `limit`.
+    pub fn ranges(&self, limit: u64) -> Result<Vec<(u64, u64)>, String> {
+        if self.islands.len() % 2 != 0 || self.islands.len() > 2 * MAX_ACK_ISLANDS {
+            return Err(format!(
+                "ACK for object {} lists {} range bounds: pairs, at most {MAX_ACK_ISLANDS} of them",
+                self.object,
+                self.islands.len()
+            ));
+        }
+        let mut floor = self.offset;
+        let mut out = Vec::with_capacity(self.islands.len() / 2);
+        for p in self.islands.chunks_exact(2) {
+            let (start, end) = (p[0], p[1]);
+            if start <= floor || end <= start || end > limit {
+                return Err(format!(
+                    "ACK for object {} lists the range {start}..{end} (prefix {}, previous end \
+                     {floor}, {limit} bytes sent)",
+                    self.object, self.offset
+                ));
+            }
+            out.push((start, end));
+            floor = end;
+        }
+        Ok(out)
+    }
 }
 
 /// `OBJECT_DONE` (0x0016).
@@ -406,6 +451,42 @@ pub fn decode_data(frame: &Frame) -> Result<(DataHeader, Bytes), MessageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ack_islands_are_checked() {
+        let ack = |offset: u64, islands: &[u64]| Ack {
+            object: 3,
+            offset,
+            received: 0,
+            islands: islands.to_vec(),
+        };
+        assert_eq!(ack(10, &[]).ranges(100), Ok(vec![]));
+        assert_eq!(
+            ack(10, &[20, 30, 40, 100]).ranges(100),
+            Ok(vec![(20, 30), (40, 100)])
+        );
+        // Round trip through the wire format.
+        let a = ack(10, &[20, 30]);
+        let f = crate::msg::encode(FrameType::ACK, &a);
+        assert_eq!(crate::msg::decode::<Ack>(&f).unwrap(), a);
+        for (offset, bad) in [
+            (10, &[20][..]),         // not pairs
+            (10, &[10, 30]),         // touches the prefix
+            (10, &[5, 30]),          // below it
+            (10, &[30, 30]),         // empty
+            (10, &[40, 50, 20, 30]), // not ascending
+            (10, &[20, 30, 30, 40]), // adjacent
+            (10, &[20, 101]),        // past what was sent
+        ] {
+            let e = ack(offset, bad).ranges(100).unwrap_err();
+            assert!(e.contains("ACK for object 3"), "{e}");
+        }
+        let many: Vec<u64> = (0..2 * MAX_ACK_ISLANDS as u64 + 2)
+            .map(|i| 20 + 2 * i)
+            .collect();
+        assert!(ack(10, &many).ranges(1000).is_err());
+        assert!(ack(10, &many[..2 * MAX_ACK_ISLANDS]).ranges(1000).is_ok());
+    }
 
     #[test]
     fn tunnel_data_round_trip_and_bad_input() {

@@ -44,6 +44,11 @@ impl Ranges {
         self.islands.len()
     }
 
+    /// The lowest `max` ranges held beyond the prefix, as `(start, end)`, ascending.
+    pub fn lowest_islands(&self, max: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.islands.iter().take(max).map(|(&s, &e)| (s, e))
+    }
+
     /// Records `[start, end)`; returns how many of those bytes were new.
     pub fn insert(&mut self, start: u64, end: u64) -> u64 {
         if end <= start || end <= self.contiguous {
@@ -243,6 +248,16 @@ mod tests {
         // Beyond a hole: held, not contiguous.
         assert_eq!(r.insert(200, 250), 50);
         assert_eq!((r.contiguous(), r.held()), (110, 160));
+        assert_eq!(r.insert(300, 310), 10);
+        assert_eq!(r.insert(120, 130), 10);
+        assert_eq!(
+            r.lowest_islands(8).collect::<Vec<_>>(),
+            [(120, 130), (200, 250), (300, 310)]
+        );
+        assert_eq!(
+            r.lowest_islands(2).collect::<Vec<_>>(),
+            [(120, 130), (200, 250)]
+        );
     }
 
     #[test]

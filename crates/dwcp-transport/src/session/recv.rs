@@ -163,6 +163,9 @@ struct RxObject {
     /// A round resumed from a part file (applied at its end, not as it arrives): its place
     /// among its target's rounds.
     turn: Option<Ticket>,
+    /// Something waits on it ([`ObjectBegin::urgent`]): every new chunk is acknowledged,
+    /// with the ranges held beyond a hole, and the verdict goes on every stream.
+    urgent: bool,
 }
 
 impl Drop for RxObject {
@@ -186,7 +189,7 @@ struct Delta {
 /// Largest content an encoded object may decode to (16 TiB).
 const MAX_RAW_SIZE: u64 = 1 << 44;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RxSession {
     objects: HashMap<u64, RxObject>,
     goodbye: bool,
@@ -197,6 +200,38 @@ struct RxSession {
     conns: usize,
     /// Woken when an object is begun or refused: data that arrived before its begin waits.
     begun: Arc<tokio::sync::Notify>,
+    /// Frames every connection of the session sends (an urgent object's verdict), with the
+    /// connection that sent its own copy already. Bounded: a connection that lags behind
+    /// misses copies, which are redundant.
+    shout: broadcast::Sender<(u64, Frame)>,
+    /// Numbers the session's connections, for `shout`.
+    next_conn: u64,
+}
+
+impl Default for RxSession {
+    fn default() -> Self {
+        Self {
+            objects: HashMap::new(),
+            goodbye: false,
+            finished: Default::default(),
+            conns: 0,
+            begun: Default::default(),
+            shout: broadcast::channel(SHOUT_CAPACITY).0,
+            next_conn: 0,
+        }
+    }
+}
+
+/// Frames queued for a session's connections to send (see `RxSession::shout`).
+const SHOUT_CAPACITY: usize = 16;
+
+/// One connection's place in its session.
+struct Conn {
+    /// Its number among the session's connections.
+    me: u64,
+    /// Frames every connection sends.
+    shout: broadcast::Receiver<(u64, Frame)>,
+    open: bool,
 }
 
 /// How long data for an object not yet begun waits for its `OBJECT_BEGIN`, which a v4 sender
@@ -423,19 +458,31 @@ impl Receiver {
         let counters = lock(&self.peers).entry(peer.clone()).or_default().clone();
         // Counted while this stream is served, however that ends (cancellation included).
         let open = OpenStream::new(counters);
+        let (me, shout) = {
+            let mut s = lock(&session);
+            s.next_conn += 1;
+            (s.next_conn, s.shout.subscribe())
+        };
+        let conn = Conn {
+            me,
+            shout,
+            open: true,
+        };
         let result = self
-            .serve_stream(peer.clone(), &session, &open.0, reader, writer, stop)
+            .serve_stream(peer.clone(), &session, &open.0, conn, reader, writer, stop)
             .await;
         drop(open);
         self.leave(&peer, &join.session_id, &session);
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve_stream<R, W>(
         &self,
         peer: NodeId,
         session: &Mutex<RxSession>,
         counters: &PeerCounters,
+        mut conn: Conn,
         mut reader: FrameReader<R>,
         mut writer: FrameWriter<W>,
         stop: &CancellationToken,
@@ -449,6 +496,16 @@ impl Receiver {
                 () = stop.cancelled() => {
                     writer.close(ErrorCode::SHUTTING_DOWN, "receiver is shutting down").await;
                     return Ok(Served::Dropped);
+                }
+                shouted = conn.shout.recv(), if conn.open => {
+                    match shouted {
+                        Ok((from, f)) if from != conn.me => self.send(&mut writer, &f).await?,
+                        // Its own copy went already; copies missed while lagging are
+                        // redundant.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => conn.open = false,
+                    }
+                    continue;
                 }
                 r = tokio::time::timeout(self.idle, reader.recv()) => r,
             };
@@ -572,14 +629,25 @@ impl Receiver {
                             // (lost with a stream) or its stream seemed stuck. Data piling up
                             // beyond a hole: the sender may send the missing chunks again.
                             // Either way, say where we are.
+                            // An urgent object: every chunk, so that the sender knows which
+                            // copies are missing a round trip sooner.
                             let due = c >= o.acked + ACK_STEP
                                 || (c == o.size && o.acked < c)
                                 || new == 0
-                                || held >= o.reported + HOLE_STEP;
+                                || held >= o.reported + HOLE_STEP
+                                || o.urgent;
                             if !due {
                                 Ok(None)
                             } else {
                                 o.reported = held;
+                                let islands: Vec<u64> = if o.urgent {
+                                    o.ranges
+                                        .lowest_islands(data::MAX_ACK_ISLANDS)
+                                        .flat_map(|(s, e)| [s, e])
+                                        .collect()
+                                } else {
+                                    Vec::new()
+                                };
                                 let mut persist = None;
                                 if c > o.acked {
                                     o.acked = c;
@@ -588,7 +656,7 @@ impl Receiver {
                                     }
                                     persist = Some((o.state.clone(), o.tag.clone(), o.size));
                                 }
-                                Ok(Some((c, held, persist)))
+                                Ok(Some((c, held, islands, persist)))
                             }
                         }
                     };
@@ -596,7 +664,7 @@ impl Receiver {
                         Ok(a) => a,
                         Err(detail) => return Err(self.violation(writer, detail).await),
                     };
-                    if let Some((offset, received, persist)) = ack {
+                    if let Some((offset, received, islands, persist)) = ack {
                         if let Some((path, tag, size)) = persist {
                             save_state(&path, &tag, size, offset);
                         }
@@ -604,11 +672,12 @@ impl Receiver {
                             object: h.object,
                             offset,
                             received,
+                            islands,
                         };
                         self.send(&mut writer, &msg::encode(FrameType::ACK, &a))
                             .await?;
                     }
-                    self.maybe_finish(&peer, session, h.object, &mut writer)
+                    self.maybe_finish(&peer, session, h.object, &mut writer, conn.me)
                         .await?;
                 }
                 FrameType::OBJECT_BEGIN => {
@@ -685,7 +754,7 @@ impl Receiver {
                     if let Some(detail) = problem {
                         return Err(self.violation(writer, detail).await);
                     }
-                    self.maybe_finish(&peer, session, end.object, &mut writer)
+                    self.maybe_finish(&peer, session, end.object, &mut writer, conn.me)
                         .await?;
                 }
                 FrameType::PING => {
@@ -1140,6 +1209,7 @@ impl Receiver {
             digester: Some(digester),
             abandoned,
             turn,
+            urgent: b.urgent,
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
         {
@@ -1218,6 +1288,7 @@ impl Receiver {
         session: &Mutex<RxSession>,
         object: u64,
         writer: &mut FrameWriter<W>,
+        me: u64,
     ) -> Result<(), ConnError> {
         let job = {
             let mut s = lock(session);
@@ -1245,6 +1316,7 @@ impl Receiver {
                 o.size,
                 o.resumed_from,
                 o.delta.clone(),
+                o.urgent,
             )
         };
         let (
@@ -1261,6 +1333,7 @@ impl Receiver {
             size,
             resumed_from,
             delta,
+            urgent,
         ) = job;
         // Most of the file is hashed (and a round applied) by now; this waits for the rest.
         let (hashed, follower) = match digester {
@@ -1411,8 +1484,12 @@ impl Receiver {
                 }
             }
         };
-        self.send(writer, &msg::encode(FrameType::OBJECT_DONE, &done))
-            .await
+        let frame = msg::encode(FrameType::OBJECT_DONE, &done);
+        if urgent {
+            // On every stream: the sender waits on the first copy that gets through.
+            let _ = lock(session).shout.send((me, frame.clone()));
+        }
+        self.send(writer, &frame).await
     }
 
     /// Sends a frame, bounded by the idle timeout: a sender that stops reading must not pin
@@ -2221,6 +2298,7 @@ mod tests {
             raw_size: PAGES * PS as u64,
             raw_blake3: Vec::new(),
             commit: false,
+            urgent: false,
         };
         // Two rounds of one target at once, each in a part file of its own.
         rx.begin(&peer, &session, &begin(1, 0)).unwrap();

@@ -56,6 +56,8 @@ struct Flight {
     hedge: Option<(u32, Instant)>,
     /// A third copy went out (see [`Scheduler::third_copy`]).
     third: bool,
+    /// The receiver listed it among what it holds beyond a hole ([`Scheduler::arrived`]).
+    arrived: bool,
 }
 
 /// The send schedule of one object.
@@ -131,6 +133,7 @@ impl Scheduler {
                     sent_at: None,
                     hedge: None,
                     third: false,
+                    arrived: false,
                 },
             );
         }
@@ -214,7 +217,7 @@ impl Scheduler {
         }
         let resend = &self.resend;
         let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
-            f.stream == stuck && f.hedge.is_none() && !resend.contains(o) && old(f)
+            f.stream == stuck && f.hedge.is_none() && !f.arrived && !resend.contains(o) && old(f)
         })?;
         f.hedge = Some((stream, now));
         self.resent_bytes += f.data.len() as u64;
@@ -228,36 +231,68 @@ impl Scheduler {
     pub fn duplicate(&mut self, stream: u32, now: Instant) -> Option<(u64, Bytes)> {
         let resend = &self.resend;
         let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
-            f.stream != stream && f.hedge.is_none() && f.sent_at.is_some() && !resend.contains(o)
+            f.stream != stream
+                && f.hedge.is_none()
+                && f.sent_at.is_some()
+                && !f.arrived
+                && !resend.contains(o)
         })?;
         f.hedge = Some((stream, now));
         self.resent_bytes += f.data.len() as u64;
         Some((offset, f.data.clone()))
     }
 
-    /// A third copy, for idle `stream`, of the chunk the receiver's prefix waits on, when
-    /// both its copies (see [`Self::duplicate`]) have been out for `after` or longer and on
-    /// other streams: the receiver holds data beyond it (the caller checks), so both copies
-    /// likely sit behind a lost packet. Once per chunk. Counts as re-sent.
+    /// A third copy, for idle `stream`, of a chunk the receiver holds data beyond, when both
+    /// its copies (see [`Self::duplicate`]) have been out for `after` or longer and on other
+    /// streams: both likely sit behind a lost packet. Such a chunk is the one its prefix
+    /// waits on when `beyond_prefix` (the caller saw data held beyond the prefix), and any
+    /// below a chunk the receiver listed as held ([`Self::arrived`]). The lowest such chunk
+    /// first, each once. Counts as re-sent.
     pub fn third_copy(
         &mut self,
         stream: u32,
         now: Instant,
         after: Duration,
+        beyond_prefix: bool,
     ) -> Option<(u64, Bytes)> {
-        let (&offset, f) = self.in_flight.iter_mut().next()?;
-        let (h, at) = f.hedge?;
-        if f.third
-            || f.stream == stream
-            || h == stream
-            || now.saturating_duration_since(at) < after
-            || self.resend.contains(&offset)
-        {
-            return None;
-        }
+        let first = *self.in_flight.keys().next()?;
+        let last_arrived = self
+            .in_flight
+            .iter()
+            .rev()
+            .find(|(_, f)| f.arrived)
+            .map(|(&o, _)| o);
+        let resend = &self.resend;
+        let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
+            let o = **o;
+            let behind_hole = (o == first && beyond_prefix) || last_arrived.is_some_and(|a| o < a);
+            behind_hole
+                && !f.arrived
+                && !f.third
+                && f.stream != stream
+                && f.hedge.is_some_and(|(h, at)| {
+                    h != stream && now.saturating_duration_since(at) >= after
+                })
+                && !resend.contains(&o)
+        })?;
         f.third = true;
         self.resent_bytes += f.data.len() as u64;
         Some((offset, f.data.clone()))
+    }
+
+    /// The receiver holds these byte ranges beyond its prefix (ascending, as an urgent
+    /// object's `ACK` lists them): the chunks they cover need no more copies.
+    pub fn arrived(&mut self, ranges: &[(u64, u64)]) {
+        let mut ranges = ranges.iter().peekable();
+        for (&o, f) in &mut self.in_flight {
+            let end = o + f.data.len() as u64;
+            while ranges.next_if(|&&(_, e)| e < end).is_some() {}
+            if let Some(&&(s, e)) = ranges.peek() {
+                if s <= o && end <= e {
+                    f.arrived = true;
+                }
+            }
+        }
     }
 
     /// The receiver reported a gap at `offset` (e.g. a chunk it could not verify): send the
@@ -421,8 +456,11 @@ mod tests {
         // both its copies have been out long enough, a third goes on a stream carrying
         // neither, once.
         let after = Duration::from_millis(150);
-        assert_eq!(s.third_copy(2, t0 + after, after).map(|c| c.0), Some(0));
-        assert_eq!(s.third_copy(2, t0 + after, after), None);
+        assert_eq!(
+            s.third_copy(2, t0 + after, after, true).map(|c| c.0),
+            Some(0)
+        );
+        assert_eq!(s.third_copy(2, t0 + after, after, true), None);
         let mut s2 = Scheduler::new(0, 20, 10, 20);
         for st in [0u32, 1] {
             let Next::Read { offset, len } = s2.next(st) else {
@@ -432,18 +470,69 @@ mod tests {
             s2.stamp(offset, t0);
         }
         // Not before its second copy went, nor too soon after, nor on a stream carrying it.
-        assert_eq!(s2.third_copy(2, t0 + after, after), None);
+        assert_eq!(s2.third_copy(2, t0 + after, after, true), None);
         assert_eq!(s2.duplicate(1, t0).map(|c| c.0), Some(0));
-        assert_eq!(s2.third_copy(2, t0 + after / 2, after), None);
-        assert_eq!(s2.third_copy(0, t0 + after, after), None);
-        assert_eq!(s2.third_copy(1, t0 + after, after), None);
-        assert_eq!(s2.third_copy(3, t0 + after, after).map(|c| c.0), Some(0));
+        assert_eq!(s2.third_copy(2, t0 + after / 2, after, true), None);
+        assert_eq!(s2.third_copy(0, t0 + after, after, true), None);
+        assert_eq!(s2.third_copy(1, t0 + after, after, true), None);
+        assert_eq!(
+            s2.third_copy(3, t0 + after, after, true).map(|c| c.0),
+            Some(0)
+        );
         assert_eq!(s.resent_bytes(), 50);
         // A copy and its original on different streams: losing either loses nothing.
         s.stream_lost(0);
         assert_eq!(s.next(3), Next::Wait);
         s.ack(40).unwrap();
         assert!(s.is_done());
+    }
+
+    #[test]
+    fn chunks_below_what_the_receiver_lists_as_held_get_their_third_copies_at_once() {
+        let t0 = Instant::now();
+        let after = Duration::from_millis(150);
+        // Six chunks of 10 over streams 0..3, each copied on the next stream.
+        let mut s = Scheduler::new(0, 60, 10, 60);
+        for i in 0..6u32 {
+            let Next::Read { offset, len } = s.next(i % 3) else {
+                panic!("read expected")
+            };
+            s.sent(offset, Bytes::from(vec![i as u8; len]), i % 3);
+            s.stamp(offset, t0);
+        }
+        for i in 0..6u32 {
+            assert!(s.duplicate((i + 1) % 3, t0).is_some());
+        }
+        // The receiver holds 10..20 and 40..50 (and nothing of 0, 20, 30, 50).
+        s.arrived(&[(10, 20), (40, 50)]);
+        let late = t0 + after;
+        // Without the list only the chunk at the prefix would qualify; with it, 0, 20 and 30
+        // (below a held chunk), never 10 and 40 (held) nor 50 (nothing held beyond it).
+        let mut thirds = Vec::new();
+        for st in [3u32, 4, 5, 6] {
+            if let Some((o, _)) = s.third_copy(st, late, after, true) {
+                thirds.push(o);
+            }
+        }
+        assert_eq!(thirds, [0, 20, 30]);
+        // Held chunks need no second copy either.
+        let mut s = Scheduler::new(0, 30, 10, 30);
+        for i in 0..3u32 {
+            let Next::Read { offset, len } = s.next(0) else {
+                panic!("read expected")
+            };
+            s.sent(offset, Bytes::from(vec![i as u8; len]), 0);
+            s.stamp(offset, t0);
+        }
+        // A range that covers only part of a chunk does not count it held.
+        s.arrived(&[(5, 20), (25, 30)]);
+        assert_eq!(s.duplicate(1, t0).map(|c| c.0), Some(0));
+        assert_eq!(s.duplicate(1, t0).map(|c| c.0), Some(20));
+        assert_eq!(s.duplicate(1, t0), None);
+        // Too early for a third, and none on the stream that carries a copy.
+        assert_eq!(s.third_copy(2, t0 + after / 2, after, true), None);
+        assert_eq!(s.third_copy(1, late, after, true), None);
+        assert_eq!(s.third_copy(0, late, after, true), None);
     }
 
     #[test]

@@ -1360,6 +1360,7 @@ async fn send_object(
         raw_size,
         raw_blake3,
         commit: src.commit,
+        urgent: opts.urgent && src.size <= URGENT_MAX,
     };
     // An urgent object's end goes right behind its begin, its digest taken first (it is
     // small): not at the tail of a stream whose last packets may be lost.
@@ -1756,6 +1757,11 @@ async fn send_object(
                 let before = c.sched.acked();
                 if let Err(e) = c.sched.ack(a.offset) {
                     break Err(ObjectFailure::Fatal(SendError::Protocol(e.to_string())));
+                }
+                // An urgent object's receiver lists what it holds beyond a hole.
+                match a.ranges(c.sched.read()) {
+                    Ok(ranges) => c.sched.arrived(&ranges),
+                    Err(e) => break Err(ObjectFailure::Fatal(SendError::Protocol(e))),
                 }
                 let acked = c.sched.acked();
                 drop(c);
@@ -2403,8 +2409,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                     let beyond = c.held > c.sched.acked();
                     match c.sched.duplicate(i, now) {
                         Some(copy) => Some(copy),
-                        None if beyond => c.sched.third_copy(i, now, third_after),
-                        None => None,
+                        None => c.sched.third_copy(i, now, third_after, beyond),
                     }
                 }
                 Next::Wait => {
