@@ -492,6 +492,29 @@ async fn t26_an_urgent_objects_receiver_lists_what_it_holds_and_answers_on_every
     for conn in &mut c {
         let d: ObjectDone = msg::decode(&next(conn, FrameType::OBJECT_DONE).await).unwrap();
         assert_eq!((d.object, d.code), (1, 0), "{}", d.reason);
+        // Once per connection: what comes before the answer to a ping is no second verdict.
+        let ping = msg::Ping {
+            seq: 1,
+            ..Default::default()
+        };
+        conn.send(&msg::encode(FrameType::PING, &ping))
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let f = conn
+                    .recv()
+                    .await
+                    .unwrap()
+                    .expect("receiver closed the stream");
+                if matches!(f.ty, FrameType::PONG | FrameType::OBJECT_DONE) {
+                    return f;
+                }
+            }
+        })
+        .await
+        .expect("no answer within 20 s");
+        assert_eq!(f.ty, FrameType::PONG, "a second verdict on one connection");
     }
     let got = std::fs::read(cluster.dir().join("spool/client/urgent")).unwrap();
     assert!(

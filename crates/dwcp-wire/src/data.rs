@@ -241,10 +241,11 @@ pub struct ObjectBegin {
     pub commit: bool,
     /// Something waits on this object (a migration's final round, with the guest paused):
     /// the sender sends its chunks twice, over different streams. The receiver then
-    /// acknowledges every chunk that brings new bytes, lists what it holds beyond a hole
-    /// ([`Ack::islands`]), and sends the object's `OBJECT_DONE` on every stream of the
-    /// session, so that neither waits behind a lost packet of one stream. Receivers that do
-    /// not know the field ignore it; senders ignore repeated answers.
+    /// acknowledges every chunk, lists what it holds beyond a hole ([`Ack::islands`]), and
+    /// sends the object's `OBJECT_DONE` on every stream of the session, so that neither
+    /// waits behind a lost packet of one stream. Receivers that do not know the field
+    /// ignore it (DWCP's ignore it for objects over 16 MiB); senders ignore repeated
+    /// answers.
     #[prost(bool, tag = "9")]
     pub urgent: bool,
 }

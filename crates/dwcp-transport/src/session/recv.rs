@@ -149,6 +149,8 @@ struct RxObject {
     tag: String,
     ranges: Ranges,
     acked: u64,
+    /// The acknowledged prefix last recorded in the state file.
+    saved: u64,
     /// Bytes held when the last `ACK` went out.
     reported: u64,
     resumed_from: u64,
@@ -221,6 +223,9 @@ impl Default for RxSession {
         }
     }
 }
+
+/// Largest object whose `urgent` flag is honoured (senders mark objects of up to 1 MiB).
+const URGENT_MAX_SIZE: u64 = 16 << 20;
 
 /// Frames queued for a session's connections to send (see `RxSession::shout`).
 const SHOUT_CAPACITY: usize = 16;
@@ -493,6 +498,8 @@ impl Receiver {
     {
         loop {
             let next = tokio::select! {
+                // In this order: a verdict to pass on goes before the next frame is read.
+                biased;
                 () = stop.cancelled() => {
                     writer.close(ErrorCode::SHUTTING_DOWN, "receiver is shutting down").await;
                     return Ok(Served::Dropped);
@@ -654,7 +661,12 @@ impl Receiver {
                                     if let Some(d) = &o.digester {
                                         d.advance(c);
                                     }
-                                    persist = Some((o.state.clone(), o.tag.clone(), o.size));
+                                    // Recorded in steps, however often an urgent
+                                    // object is acknowledged.
+                                    if c >= o.saved + ACK_STEP || c == o.size {
+                                        o.saved = c;
+                                        persist = Some((o.state.clone(), o.tag.clone(), o.size));
+                                    }
                                 }
                                 Ok(Some((c, held, islands, persist)))
                             }
@@ -1201,6 +1213,7 @@ impl Receiver {
             tag,
             ranges: Ranges::with_prefix(have),
             acked: have,
+            saved: have,
             reported: have,
             resumed_from: have,
             digest: None,
@@ -1209,7 +1222,8 @@ impl Receiver {
             digester: Some(digester),
             abandoned,
             turn,
-            urgent: b.urgent,
+            // Per-chunk acknowledgements only for what is small enough to need them.
+            urgent: b.urgent && b.size <= URGENT_MAX_SIZE,
         };
         save_state(&o.state, &o.tag, o.size, o.acked);
         {

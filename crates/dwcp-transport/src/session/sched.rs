@@ -184,6 +184,8 @@ impl Scheduler {
                         f.stream = h;
                         f.sent_at = Some(at);
                     }
+                    // Held by the receiver beyond a hole: nothing to send.
+                    None if f.arrived => {}
                     None => {
                         self.resend.insert(*o);
                     }

@@ -2403,9 +2403,9 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
             match c.sched.next(i) {
                 Next::Done => return,
                 Next::Wait if duplicate && c.sched.read() == c.sched.size() => {
-                    // Every chunk twice; then, while the receiver holds data beyond the
-                    // chunk its prefix waits on, that chunk a third time once both copies
-                    // have been out a round trip and a quarter.
+                    // Every chunk twice; then a third time, once both copies have been
+                    // out a round trip and a quarter, a chunk the receiver holds data
+                    // beyond: the one its prefix waits on, or one below a chunk it lists.
                     let beyond = c.held > c.sched.acked();
                     match c.sched.duplicate(i, now) {
                         Some(copy) => Some(copy),
