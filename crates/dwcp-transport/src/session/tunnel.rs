@@ -36,6 +36,13 @@ pub struct Block {
     pub encoded: Option<(u8, Bytes)>,
 }
 
+impl Block {
+    /// The bytes that go on the wire for it.
+    fn wire_len(&self) -> u64 {
+        self.encoded.as_ref().map_or(self.raw.len(), |e| e.1.len()) as u64
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Waiting for a connection, by seq (resends go first: lowest seq first).
@@ -48,7 +55,7 @@ struct State {
     /// blocks included).
     wire_bytes: u64,
     resent_raw: u64,
-    /// Blocks sent a second time while the first was stuck.
+    /// Copies of blocks: sent again while the first was stuck, or at the tail.
     hedged: u64,
     /// Every block is queued and the receiver waits for them all (see [`Tunnel::finishing`]).
     finishing: bool,
@@ -85,6 +92,10 @@ struct Unacked {
     sent: Instant,
     /// Sent a second time, on another connection (see [`State::stuck`]).
     hedged: bool,
+    /// The second copy was a tail copy ([`State::tail_copy`]): its connection and when.
+    copy: Option<(usize, Instant)>,
+    /// A third copy went (a tail copy's both copies late).
+    third: bool,
 }
 
 /// A block unacknowledged while later ones are goes again on another connection after this
@@ -97,7 +108,69 @@ const MIN_HEDGE: Duration = Duration::from_millis(300);
 const HEDGE_FINISHING: u32 = 2;
 const MIN_HEDGE_FINISHING: Duration = Duration::from_millis(200);
 
+/// Once the tunnel is finishing across a long path (a shortest acknowledgement time of at
+/// least [`TAIL_COPY_MIN_RTT`]) and at most [`TAIL_COPY_MAX`] wire bytes are out without a
+/// copy, each block still out goes a second time on another connection at once: the guest
+/// is paused until the last one is in, and a packet lost at the tail of a connection costs
+/// a tail-loss probe or a retransmission timeout, a round trip or more. On a short path TCP
+/// recovers sooner than a copy would help.
+const TAIL_COPY_MAX: u64 = 1 << 20;
+const TAIL_COPY_MIN_RTT: Duration = Duration::from_millis(10);
+
 impl State {
+    /// Finishing across a long path, with little out: a second copy, for idle connection
+    /// `conn`, of the oldest block out once on another connection (see [`TAIL_COPY_MAX`]);
+    /// once every such block has two, a third of the oldest whose two copies have both been
+    /// out [`HEDGE_FINISHING`] shortest acknowledgement times (at least
+    /// [`MIN_HEDGE_FINISHING`]), on a connection carrying neither.
+    fn tail_copy(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
+        if !self.finishing {
+            return None;
+        }
+        let min = self.min_ack.filter(|m| *m >= TAIL_COPY_MIN_RTT)?;
+        let open: u64 = self
+            .unacked
+            .values()
+            .filter(|u| !u.hedged)
+            .map(|u| u.block.wire_len())
+            .sum();
+        let second = (open <= TAIL_COPY_MAX)
+            .then(|| {
+                self.unacked
+                    .iter()
+                    .filter(|(_, u)| !u.hedged && u.conn != conn)
+                    .map(|(k, _)| *k)
+                    .min()
+            })
+            .flatten();
+        let late = (min * HEDGE_FINISHING).max(MIN_HEDGE_FINISHING);
+        let third = || {
+            self.unacked
+                .iter()
+                .filter(|(_, u)| {
+                    !u.third
+                        && u.conn != conn
+                        && u.copy.is_some_and(|(c, at)| {
+                            c != conn && now.saturating_duration_since(at) >= late
+                        })
+                })
+                .map(|(k, _)| *k)
+                .min()
+        };
+        let seq = second.or_else(third)?;
+        let u = self.unacked.get_mut(&seq)?;
+        if u.hedged {
+            u.third = true;
+        } else {
+            u.hedged = true;
+            u.copy = Some((conn, now));
+        }
+        let b = u.block.clone();
+        self.hedged += 1;
+        self.wire_bytes += b.wire_len();
+        Some(b)
+    }
+
     /// A block to send again on connection `conn`, which has nothing else to send: the
     /// oldest one unacknowledged, when blocks sent after it have been acknowledged and it has
     /// been out for [`HEDGE_AFTER`] round trips and twice the usual time. Its connection is
@@ -106,6 +179,9 @@ impl State {
     /// waits: the receiver feeds QEMU in order, and holds only so much beyond a gap. Each
     /// block goes again at most once this way; the receiver ignores a copy.
     fn stuck(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
+        if let Some(b) = self.tail_copy(conn, now) {
+            return Some(b);
+        }
         let wait = match (self.min_ack, self.avg_ack) {
             (Some(min), _) if self.finishing => (min * HEDGE_FINISHING).max(MIN_HEDGE_FINISHING),
             (Some(min), Some(avg)) => (min * HEDGE_AFTER).max(avg * 2).max(MIN_HEDGE),
@@ -131,11 +207,7 @@ impl State {
             "tunnel block stuck; sent again"
         );
         // The copy crosses too.
-        self.wire_bytes += u
-            .block
-            .encoded
-            .as_ref()
-            .map_or(u.block.raw.len(), |e| e.1.len()) as u64;
+        self.wire_bytes += u.block.wire_len();
         Some(u.block.clone())
     }
 }
@@ -234,6 +306,8 @@ impl Tunnel {
                                         block: b.clone(),
                                         sent: now,
                                         hedged: false,
+                                        copy: None,
+                                        third: false,
                                     };
                                     s.unacked.insert(b.seq, u);
                                     Ok(b)
@@ -350,13 +424,15 @@ impl Tunnel {
 
     /// Every block is queued, and the receiver needs them all before anything more happens
     /// (a QEMU guest paused until its stream is in): from now on a stuck block goes again
-    /// after two round trips rather than four (see [`HEDGE_FINISHING`]).
+    /// after two round trips rather than four (see [`HEDGE_FINISHING`]), and across a long
+    /// path the last MiB out goes twice at once (see [`TAIL_COPY_MAX`]).
     pub fn finishing(&self) {
         lock(&self.state).finishing = true;
         self.work.notify_waiters();
     }
 
-    /// Blocks sent a second time because the first copy was stuck (see [`State::stuck`]).
+    /// Copies of blocks sent while the first was stuck, or at the stream's tail (see
+    /// [`State::stuck`]).
     pub fn hedged(&self) -> u64 {
         lock(&self.state).hedged
     }
@@ -445,7 +521,7 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         ));
     } else {
         s.acked_blocks += 1;
-        let wire = b.encoded.as_ref().map_or(b.raw.len(), |e| e.1.len()) as u64;
+        let wire = b.wire_len();
         s.acked_raw += b.raw.len() as u64;
         s.wire_bytes += wire;
         s.queued_wire += s.first_wire.remove(&b.seq).unwrap_or(wire);
@@ -515,6 +591,8 @@ mod tests {
             block,
             sent: Instant::now(),
             hedged: false,
+            copy: None,
+            third: false,
         }
     }
 
@@ -573,6 +651,72 @@ mod tests {
         assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
         assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(2));
         assert!(s.stuck(1, at).is_none(), "each once");
+    }
+
+    #[test]
+    fn finishing_across_a_long_path_the_tail_goes_twice_at_once() {
+        let st = Mutex::new(State::default());
+        let t0 = Instant::now();
+        // Blocks 0..4 of 400 KB on connections 0 and 1; block 4 acknowledged.
+        for seq in 0..5 {
+            let mut u = unacked(seq as usize % 2, block(seq, 400_000, None));
+            u.sent = t0;
+            lock(&st).unacked.insert(seq, u);
+        }
+        ack(&st, 4, ErrorCode(0));
+        let mut s = lock(&st);
+        s.min_ack = Some(Duration::from_millis(100));
+        s.avg_ack = Some(Duration::from_millis(100));
+        // Not before the stream's end is queued.
+        assert!(s.stuck(2, t0).is_none());
+        s.finishing = true;
+        // 1.6 MB out: too much to copy yet.
+        assert!(s.stuck(2, t0).is_none());
+        drop(s);
+        ack(&st, 0, ErrorCode(0));
+        ack(&st, 1, ErrorCode(0));
+        let mut s = lock(&st);
+        // (Acknowledged at once here: the path's round trip as it was.)
+        s.min_ack = Some(Duration::from_millis(100));
+        // 800 KB out: blocks 2 (connection 0) and 3 (connection 1) go again at once, each
+        // on a connection that does not carry it, each once.
+        assert!(s.stuck(0, t0).is_some_and(|b| b.seq == 3));
+        assert!(s.stuck(0, t0).is_none());
+        assert!(s.stuck(1, t0).is_some_and(|b| b.seq == 2));
+        assert!(s.stuck(2, t0).is_none());
+        assert_eq!(s.hedged, 2);
+        // Both copies of each late: a third, on a connection carrying neither, once.
+        let late = t0 + Duration::from_millis(200);
+        assert!(
+            s.stuck(2, t0 + Duration::from_millis(150)).is_none(),
+            "not yet"
+        );
+        assert!(s.stuck(0, late).is_none(), "connection 0 carries both");
+        assert_eq!(s.stuck(2, late).map(|b| b.seq), Some(2));
+        assert_eq!(s.stuck(2, late).map(|b| b.seq), Some(3));
+        assert!(s.stuck(3, late).is_none(), "each once");
+        assert_eq!(s.hedged, 4);
+        let wire = s.wire_bytes;
+        drop(s);
+        // The first answer counts the block; the copies' answers count nothing more.
+        for _ in 0..3 {
+            ack(&st, 2, ErrorCode(0));
+        }
+        let s = lock(&st);
+        assert_eq!(s.acked_blocks, 4);
+        assert_eq!(
+            s.wire_bytes,
+            wire + 400_000,
+            "block 2 once, its copies when they went"
+        );
+        drop(s);
+        // Across a short path, no copies: TCP recovers sooner.
+        let st = Mutex::new(State::default());
+        lock(&st).unacked.insert(0, unacked(0, block(0, 100, None)));
+        let mut s = lock(&st);
+        s.finishing = true;
+        s.min_ack = Some(Duration::from_millis(1));
+        assert!(s.stuck(1, t0).is_none());
     }
 
     fn ack(st: &Mutex<State>, seq: u64, code: ErrorCode) {
