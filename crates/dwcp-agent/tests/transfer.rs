@@ -48,10 +48,18 @@ async fn next(
     c: &mut dwcp_transport::Connection<tokio::net::TcpStream>,
     ty: dwcp_wire::FrameType,
 ) -> dwcp_wire::Frame {
+    next_of(c, &[ty]).await
+}
+
+/// The next frame of any of the types `tys` on `c`, skipping others.
+async fn next_of(
+    c: &mut dwcp_transport::Connection<tokio::net::TcpStream>,
+    tys: &[dwcp_wire::FrameType],
+) -> dwcp_wire::Frame {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let f = c.recv().await.unwrap().expect("receiver closed the stream");
-            if f.ty == ty {
+            if tys.contains(&f.ty) {
                 return f;
             }
         }
@@ -500,20 +508,7 @@ async fn t26_an_urgent_objects_receiver_lists_what_it_holds_and_answers_on_every
         conn.send(&msg::encode(FrameType::PING, &ping))
             .await
             .unwrap();
-        let f = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let f = conn
-                    .recv()
-                    .await
-                    .unwrap()
-                    .expect("receiver closed the stream");
-                if matches!(f.ty, FrameType::PONG | FrameType::OBJECT_DONE) {
-                    return f;
-                }
-            }
-        })
-        .await
-        .expect("no answer within 20 s");
+        let f = next_of(conn, &[FrameType::PONG, FrameType::OBJECT_DONE]).await;
         assert_eq!(f.ty, FrameType::PONG, "a second verdict on one connection");
     }
     let got = std::fs::read(cluster.dir().join("spool/client/urgent")).unwrap();

@@ -285,6 +285,10 @@ impl Scheduler {
     /// The receiver holds these byte ranges beyond its prefix (ascending, as an urgent
     /// object's `ACK` lists them): the chunks they cover need no more copies.
     pub fn arrived(&mut self, ranges: &[(u64, u64)]) {
+        // Every ACK passes here; only an urgent object's list anything.
+        if ranges.is_empty() {
+            return;
+        }
         let mut ranges = ranges.iter().peekable();
         for (&o, f) in &mut self.in_flight {
             let end = o + f.data.len() as u64;
