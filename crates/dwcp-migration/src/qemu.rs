@@ -176,6 +176,9 @@ struct Budget {
     limits: std::sync::Mutex<(Limits, Limits)>,
     /// The late window applies (never unset).
     late: AtomicBool,
+    /// QEMU paused the guest (never unset): no window but [`GAP_LIMIT`] (see
+    /// [`Budget::set_paused`]).
+    paused: AtomicBool,
     /// Guest RAM, bytes (0 until known): with the highest page offset the reader has seen,
     /// it tells when QEMU's first pass is about to end.
     ram: AtomicU64,
@@ -203,6 +206,7 @@ impl Budget {
             wire_acked: AtomicU64::new(0),
             limits: std::sync::Mutex::new((START, START)),
             late: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             ram: AtomicU64::new(0),
             offset: AtomicU64::new(0),
             unseen: AtomicU64::new(0),
@@ -234,6 +238,19 @@ impl Budget {
     }
     fn is_late(&self) -> bool {
         self.late.load(Ordering::Relaxed)
+    }
+    /// QEMU paused the guest for its final round: the window bounded the backlog so that
+    /// QEMU would not stop the guest with too much still to drain, and it has stopped it now.
+    /// What it writes from here on (the rest of the dirty pages, the device state) waits
+    /// for nothing but the destination's room beyond a gap: behind the window it would enter
+    /// the tunnel only as acknowledgements free it, a round trip or more later, on a path
+    /// the window kept below its rate.
+    fn set_paused(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
     }
     /// The reader saw a page this far into a RAM block, in a segment of `len` bytes: when
     /// the first pass is about to end, the late window applies from now on, before QEMU can
@@ -300,10 +317,14 @@ impl Budget {
         let beyond_gap = self
             .read()
             .saturating_sub(self.in_order.load(Ordering::Relaxed));
+        let gap_room = GAP_LIMIT.saturating_sub(beyond_gap);
+        if self.is_paused() {
+            return gap_room;
+        }
         l.stream
             .saturating_sub(self.inflight())
             .min(l.wire.saturating_sub(self.wire_inflight()))
-            .min(GAP_LIMIT.saturating_sub(beyond_gap))
+            .min(gap_room)
     }
     fn block(&self) -> usize {
         self.block.load(Ordering::Relaxed)
@@ -368,6 +389,9 @@ pub const UNKNOWN: &str = "resume (outcome unknown)";
 /// that one block in a loss recovery does not stall the stream; the tunnel sends a stuck
 /// block again on another connection.
 const GAP_LIMIT: u64 = 128 << 20;
+
+/// How often the transfer loop reads QEMU's events at most (for STOP).
+const EVENT_POLL: Duration = Duration::from_millis(5);
 
 /// Largest block of the stream during QEMU's first pass over RAM.
 const BLOCK: usize = 256 << 10;
@@ -845,7 +869,26 @@ async fn pump(
     // QEMU's dirty-sync count: 1 during the first pass over RAM; RAM left in this pass.
     let mut qemu_round = 0u64;
     let mut qemu_remaining = u64::MAX;
+    let mut events_polled = Instant::now();
     let stream_digest = loop {
+        // QEMU's STOP event, read as soon as it comes (a few milliseconds: this loop wakes on
+        // every acknowledgement): across a long path the window lifts then (see
+        // `Budget::set_paused`). On a short path the window is what drains within the budget
+        // anyway, and a burst beyond it only crowds a destination that is busy loading pages.
+        if !short_path && !budget.is_paused() && events_polled.elapsed() >= EVENT_POLL {
+            events_polled = Instant::now();
+            if let Err(e) = qmp.poll_events(Duration::ZERO).await {
+                debug!("reading QEMU's events: {e}");
+            }
+            if qmp.latest_is("STOP", &["STOP", "RESUME"]) {
+                budget.set_paused();
+                debug!(
+                    inflight_mib = budget.inflight() as f64 / 1048576.0,
+                    wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
+                    "guest paused; window lifted"
+                );
+            }
+        }
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
                 match r {
@@ -1404,6 +1447,35 @@ mod tests {
         // A stream limit under what is in flight binds in turn.
         b.set_limits(l(2 << 20, 64 << 20), l(1 << 20, 1 << 20));
         assert_eq!(b.room(), 0);
+    }
+
+    #[test]
+    fn once_the_guest_is_paused_only_the_gap_bounds_the_reader() {
+        let b = Budget::new();
+        b.set_limits(l(64 << 20, 64 << 20), l(4 << 20, 4 << 20));
+        b.set_late();
+        b.take(4 << 20);
+        b.forward(4 << 20, 3 << 20);
+        assert_eq!(b.room(), 0, "the late window is full");
+        // Woken at once: the reader waits on `freed`.
+        let woken = b.freed.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        b.set_paused();
+        assert!(futures_ready(woken.as_mut()));
+        assert_eq!(b.room(), GAP_LIMIT - (4 << 20));
+        // Acknowledged beyond a gap still counts against it.
+        b.take(GAP_LIMIT - (4 << 20));
+        assert_eq!(b.room(), 0);
+        b.set_acked(GAP_LIMIT, GAP_LIMIT, GAP_LIMIT);
+        assert_eq!(b.room(), GAP_LIMIT);
+    }
+
+    /// Whether a future is ready at its first poll.
+    fn futures_ready<F: Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
     }
 
     #[test]

@@ -192,6 +192,17 @@ impl Qmp {
         }
     }
 
+    /// Whether the latest queued event among `names` is `name` (does not wait, takes
+    /// nothing): e.g. `latest_is("STOP", &["STOP", "RESUME"])`, the guest paused now as far as
+    /// the events read so far tell.
+    pub fn latest_is(&self, name: &str, names: &[&str]) -> bool {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| names.contains(&e.name.as_str()))
+            .is_some_and(|e| e.name == name)
+    }
+
     /// A queued event named `name`, if one came already (does not wait).
     pub fn take_event(&mut self, name: &str) -> Option<QmpEvent> {
         let i = self.events.iter().position(|e| e.name == name)?;
@@ -336,6 +347,55 @@ mod tests {
         );
         let none = q.wait_event("RESUME", Duration::from_millis(50)).await;
         assert!(matches!(none, Err(QmpError::Timeout { .. })), "{none:?}");
+        drop(q);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn events_polled_without_a_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (go, mut resume) = tokio::sync::mpsc::channel::<()>(1);
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 4096];
+            assert!(s.read(&mut buf).await.unwrap() > 0);
+            s.write_all(b"{\"return\": {}}\n").await.unwrap();
+            let ev = |name: &str| {
+                format!(
+                    "{{\"event\": \"{name}\", \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\n"
+                )
+            };
+            // A line in two writes: a poll in between must not lose its first half.
+            let stop = ev("STOP");
+            s.write_all(&stop.as_bytes()[..10]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(&stop.as_bytes()[10..]).await.unwrap();
+            resume.recv().await.unwrap();
+            s.write_all(ev("RESUME").as_bytes()).await.unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let paused = |q: &Qmp| q.latest_is("STOP", &["STOP", "RESUME"]);
+        assert!(!paused(&q), "no event yet");
+        let t0 = std::time::Instant::now();
+        while !paused(&q) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "STOP never seen");
+            q.poll_events(Duration::ZERO).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        go.send(()).await.unwrap();
+        while paused(&q) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "RESUME never seen");
+            q.poll_events(Duration::ZERO).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Both still queued for whoever waits for them.
+        assert!(q.take_event("STOP").is_some() && q.take_event("RESUME").is_some());
         drop(q);
         server.await.unwrap();
     }
