@@ -532,3 +532,25 @@ async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
         got.len()
     );
 }
+
+/// A tunnel's connections hold little unsent (see `TUNNEL_NOTSENT_LOWAT`), well under what the
+/// endpoint gives its other connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_connections_keep_little_unsent() {
+    use dwcp_transport::session::tunnel::{TUNNEL_NOTSENT_LOWAT, tune};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let conn = dwcp_transport::connect_to(&ep, agent.addr, None)
+        .await
+        .unwrap();
+    let before = conn.notsent_lowat().unwrap();
+    tune(&conn);
+    assert_eq!(conn.notsent_lowat().unwrap(), TUNNEL_NOTSENT_LOWAT);
+    assert!(
+        before == 0 || before > TUNNEL_NOTSENT_LOWAT,
+        "endpoint's own limit {before}"
+    );
+    drop(conn);
+    agent.stop().await.unwrap();
+}

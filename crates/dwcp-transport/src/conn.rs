@@ -677,6 +677,17 @@ impl Connection<TcpStream> {
     pub fn congestion(&self) -> Option<String> {
         crate::net::congestion_of(self.io.get_ref().0)
     }
+
+    /// Sets how many bytes this connection's socket may hold not yet sent
+    /// (`TCP_NOTSENT_LOWAT`), over the endpoint's setting.
+    pub fn set_notsent_lowat(&self, bytes: u32) -> io::Result<()> {
+        socket2::SockRef::from(self.io.get_ref().0).set_tcp_notsent_lowat(bytes)
+    }
+
+    /// This connection's `TCP_NOTSENT_LOWAT`.
+    pub fn notsent_lowat(&self) -> io::Result<u32> {
+        socket2::SockRef::from(self.io.get_ref().0).tcp_notsent_lowat()
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {

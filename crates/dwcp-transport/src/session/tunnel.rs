@@ -20,7 +20,27 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::send::SendError;
-use crate::conn::{Endpoint, connect_to};
+use crate::conn::{Connection, Endpoint, connect_to};
+
+/// Bytes a tunnel connection's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`) across a
+/// long path (a handshake of 10 ms or more), well under the sessions' default: a writer takes
+/// the next block only once its socket has sent nearly all it was given, so blocks go to the
+/// connections that are moving, not into the queue of one whose congestion window a loss has
+/// just cut. Across `lossy` with the endpoint's 256 KiB, the tunnel's connections held 20-240
+/// KB each unsent during QEMU's last iterations (`ss -tin`, 2026-12-04): about half of the
+/// window waited in local buffers, its blocks acknowledged after two round trips rather than
+/// one, and what the guest's pause waits for queued there too. On `dc` the same limit made
+/// the pause longer (blocks held for a second behind a destination that stopped reading while
+/// its QEMU caught up), so short paths keep the endpoint's setting.
+pub const TUNNEL_NOTSENT_LOWAT: u32 = 32 << 10;
+
+/// Sets a tunnel connection's socket up (see [`TUNNEL_NOTSENT_LOWAT`]). Best effort: a kernel
+/// without the option only queues more.
+pub fn tune(conn: &Connection<tokio::net::TcpStream>) {
+    if let Err(e) = conn.set_notsent_lowat(TUNNEL_NOTSENT_LOWAT) {
+        debug!("tunnel: cannot limit unsent bytes (TCP_NOTSENT_LOWAT): {e}");
+    }
+}
 
 /// Acknowledgements kept for [`Tunnel::take_acked`] when nobody takes them.
 const MAX_ACKED_LOG: usize = 1 << 16;
@@ -100,17 +120,29 @@ struct Unacked {
 
 /// A block unacknowledged while later ones are goes again on another connection after this
 /// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]);
-/// once the tunnel is finishing, after [`HEDGE_FINISHING`] shortest times (at least
-/// [`MIN_HEDGE_FINISHING`]). The floor is above Linux's shortest retransmission timeout (200
-/// ms): on a short path TCP's own timeout comes first, and a copy would only cost CPU.
+/// once the tunnel is finishing, after [`finishing_wait`]. The floors are above Linux's
+/// shortest retransmission timeout (200 ms): on a short path TCP's own timeout comes first,
+/// and a copy would only cost CPU.
 const HEDGE_AFTER: u32 = 4;
 const MIN_HEDGE: Duration = Duration::from_millis(300);
-const HEDGE_FINISHING: u32 = 2;
 const MIN_HEDGE_FINISHING: Duration = Duration::from_millis(200);
+
+/// Finishing (the guest paused until the last block is in), a block still out this long
+/// after it went is held by a loss: 1.25 shortest acknowledgement times, at least
+/// [`MIN_HEDGE_FINISHING`]. TCP's own recovery of a lost packet takes a round trip more at
+/// best, and a tail-loss probe twice the smoothed round trip; a copy sent now arrives a one-way
+/// trip later. (At two shortest times, `lossy` traces of 2026-12-04 showed blocks sent 0.3 s
+/// before the guest paused still out 0.2 s after, their copies then on the pause's critical
+/// path.)
+fn finishing_wait(min_ack: Duration) -> Duration {
+    (min_ack + min_ack / 4).max(MIN_HEDGE_FINISHING)
+}
 
 /// Once the tunnel is finishing across a long path (a shortest acknowledgement time of at
 /// least [`TAIL_COPY_MIN_RTT`]) and at most [`TAIL_COPY_MAX`] wire bytes are out without a
-/// copy, each block still out goes a second time on another connection at once: the guest
+/// copy (not counting blocks out for [`finishing_wait`] already: those go again whatever is
+/// out, see [`State::stuck`]), each block still out goes a second time on another connection
+/// at once: the guest
 /// is paused until the last one is in, and a packet lost at the tail of a connection costs
 /// a tail-loss probe or a retransmission timeout, a round trip or more. On a short path TCP
 /// recovers sooner than a copy would help.
@@ -121,17 +153,17 @@ impl State {
     /// Finishing across a long path, with little out: a second copy, for idle connection
     /// `conn`, of the oldest block out once on another connection (see [`TAIL_COPY_MAX`]);
     /// once every such block has two, a third of the oldest whose two copies have both been
-    /// out [`HEDGE_FINISHING`] shortest acknowledgement times (at least
-    /// [`MIN_HEDGE_FINISHING`]), on a connection carrying neither.
+    /// out [`finishing_wait`], on a connection carrying neither.
     fn tail_copy(&mut self, conn: usize, now: Instant) -> Option<Arc<Block>> {
         if !self.finishing {
             return None;
         }
         let min = self.min_ack.filter(|m| *m >= TAIL_COPY_MIN_RTT)?;
+        let late = finishing_wait(min);
         let open: u64 = self
             .unacked
             .values()
-            .filter(|u| !u.hedged)
+            .filter(|u| !u.hedged && now.saturating_duration_since(u.sent) < late)
             .map(|u| u.block.wire_len())
             .sum();
         let second = (open <= TAIL_COPY_MAX)
@@ -143,7 +175,6 @@ impl State {
                     .min()
             })
             .flatten();
-        let late = (min * HEDGE_FINISHING).max(MIN_HEDGE_FINISHING);
         let third = || {
             self.unacked
                 .iter()
@@ -183,7 +214,7 @@ impl State {
             return Some(b);
         }
         let wait = match (self.min_ack, self.avg_ack) {
-            (Some(min), _) if self.finishing => (min * HEDGE_FINISHING).max(MIN_HEDGE_FINISHING),
+            (Some(min), _) if self.finishing => finishing_wait(min),
             (Some(min), Some(avg)) => (min * HEDGE_AFTER).max(avg * 2).max(MIN_HEDGE),
             _ => return None,
         };
@@ -255,6 +286,13 @@ impl Tunnel {
                 Ok(Ok(c)) => conns.push(c),
                 Ok(Err(e)) => warn!("tunnel: cannot open a stream: {e}"),
                 Err(e) => warn!("tunnel: dial task failed: {e}"),
+            }
+        }
+        // The handshake is a round trip and the peer's handling of it.
+        let rtt = conns.iter().map(|c| c.handshake_time()).min();
+        if rtt.is_some_and(|r| super::Mode::for_rtt(r) == super::Mode::Internet) {
+            for c in &conns {
+                tune(c);
             }
         }
         let id: [u8; 16] = super::send::rand_id();
@@ -424,7 +462,7 @@ impl Tunnel {
 
     /// Every block is queued, and the receiver needs them all before anything more happens
     /// (a QEMU guest paused until its stream is in): from now on a stuck block goes again
-    /// after two round trips rather than four (see [`HEDGE_FINISHING`]), and across a long
+    /// after 1.25 round trips rather than four (see [`finishing_wait`]), and across a long
     /// path the last MiB out goes twice at once (see [`TAIL_COPY_MAX`]).
     pub fn finishing(&self) {
         lock(&self.state).finishing = true;
@@ -631,7 +669,7 @@ mod tests {
     }
 
     #[test]
-    fn finishing_every_stuck_block_goes_again_after_two_round_trips() {
+    fn finishing_every_stuck_block_goes_again_after_a_round_trip_and_a_quarter() {
         let st = Mutex::new(State::default());
         let t0 = Instant::now();
         for seq in 0..4 {
@@ -709,6 +747,22 @@ mod tests {
             wire + 400_000,
             "block 2 once, its copies when they went"
         );
+        drop(s);
+        // Blocks out since before the wait count no more against the MiB: 1.6 MB out, but
+        // 1.2 MB of it past the wait, the rest goes twice at once.
+        let st = Mutex::new(State::default());
+        for seq in 0..4 {
+            let mut u = unacked(seq as usize % 2, block(seq, 400_000, None));
+            u.sent = if seq < 3 { t0 } else { late };
+            lock(&st).unacked.insert(seq, u);
+        }
+        let mut s = lock(&st);
+        (s.finishing, s.min_ack) = (true, Some(Duration::from_millis(100)));
+        let just = t0 + Duration::from_millis(199);
+        assert!(s.stuck(0, just).is_none(), "1.6 MB out, none past the wait");
+        let at = late + Duration::from_millis(1);
+        assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
+        assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(3));
         drop(s);
         // Across a short path, no copies: TCP recovers sooner.
         let st = Mutex::new(State::default());
