@@ -176,8 +176,7 @@ struct Budget {
     limits: std::sync::Mutex<(Limits, Limits)>,
     /// The late window applies (never unset).
     late: AtomicBool,
-    /// QEMU paused the guest (never unset): no window but [`GAP_LIMIT`] (see
-    /// [`Budget::set_paused`]).
+    /// QEMU paused the guest: no window but [`GAP_LIMIT`] (see [`Budget::set_paused`]).
     paused: AtomicBool,
     /// Guest RAM, bytes (0 until known): with the highest page offset the reader has seen,
     /// it tells when QEMU's first pass is about to end.
@@ -245,9 +244,13 @@ impl Budget {
     /// for nothing but the destination's room beyond a gap: behind the window it would enter
     /// the tunnel only as acknowledgements free it, a round trip or more later, on a path
     /// the window kept below its rate.
-    fn set_paused(&self) {
-        self.paused.store(true, Ordering::Relaxed);
-        self.freed.notify_waiters();
+    /// (Unset when QEMU's guest runs again: a pause that was not the final round's, an
+    /// operator's `stop` and `cont`, say.)
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+        if paused {
+            self.freed.notify_waiters();
+        }
     }
     fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
@@ -870,24 +873,16 @@ async fn pump(
     let mut qemu_round = 0u64;
     let mut qemu_remaining = u64::MAX;
     let mut events_polled = Instant::now();
+    // Whether to watch QEMU's events for STOP: across a long path, while the monitor answers.
+    let mut watch = !short_path;
     let stream_digest = loop {
         // QEMU's STOP event, read as soon as it comes (a few milliseconds: this loop wakes on
         // every acknowledgement): across a long path the window lifts then (see
         // `Budget::set_paused`). On a short path the window is what drains within the budget
         // anyway, and a burst beyond it only crowds a destination that is busy loading pages.
-        if !short_path && !budget.is_paused() && events_polled.elapsed() >= EVENT_POLL {
+        if watch && events_polled.elapsed() >= EVENT_POLL {
             events_polled = Instant::now();
-            if let Err(e) = qmp.poll_events(Duration::ZERO).await {
-                debug!("reading QEMU's events: {e}");
-            }
-            if qmp.latest_is("STOP", &["STOP", "RESUME"]) {
-                budget.set_paused();
-                debug!(
-                    inflight_mib = budget.inflight() as f64 / 1048576.0,
-                    wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
-                    "guest paused; window lifted"
-                );
-            }
+            watch = watch_pause(qmp, budget).await;
         }
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
@@ -963,7 +958,12 @@ async fn pump(
                     // at all was dirtied and otherwise iterates once more, behind the late
                     // window. Later it stays at a fifth of the budget or more, or a backlog
                     // that never drains below the budget would keep QEMU from converging.
-                    if rate > 0.0 && wire_rate > 0.0 {
+                    // Read first: QEMU may hold a command's answer until its final round is
+                    // written, and that round would then wait behind the window.
+                    if watch {
+                        watch = watch_pause(qmp, budget).await;
+                    }
+                    if rate > 0.0 && wire_rate > 0.0 && !budget.is_paused() {
                         let backlog_ms = (budget.inflight() as f64 / rate)
                             .max(budget.wire_inflight() as f64 / wire_rate)
                             * 1000.0;
@@ -987,6 +987,9 @@ async fn pump(
                 }
                 polls += 1;
                 if polls % 3 == 0 {
+                    if watch {
+                        watch = watch_pause(qmp, budget).await;
+                    }
                     let info = qmp.execute("query-migrate", None).await.unwrap_or(Value::Null);
                     let ram = info.get("ram");
                     let n = |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_u64).unwrap_or(0);
@@ -1073,6 +1076,27 @@ async fn pump(
             }
         }
     }
+}
+
+/// Reads the QEMU events that have come (waits for none) and lifts the window while the latest
+/// of `STOP` and `RESUME` is a `STOP` (see [`Budget::set_paused`]). False once the monitor
+/// failed (the next command says why).
+async fn watch_pause(qmp: &mut Qmp, budget: &Budget) -> bool {
+    if let Err(e) = qmp.poll_events(Duration::ZERO).await {
+        debug!("reading QEMU's events: {e}");
+        return false;
+    }
+    let paused = qmp.latest_is("STOP", &["STOP", "RESUME"]);
+    if paused != budget.is_paused() {
+        budget.set_paused(paused);
+        debug!(
+            paused,
+            inflight_mib = budget.inflight() as f64 / 1048576.0,
+            wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
+            "guest paused or resumed; window lifted while paused"
+        );
+    }
+    true
 }
 
 /// Reads QEMU's stream into segments of at most `max` bytes while the budget allows; returns
@@ -1461,14 +1485,20 @@ mod tests {
         let woken = b.freed.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        b.set_paused();
+        b.set_paused(true);
         assert!(futures_ready(woken.as_mut()));
         assert_eq!(b.room(), GAP_LIMIT - (4 << 20));
-        // Acknowledged beyond a gap still counts against it.
+        // Acknowledged beyond a gap still counts against it: all but the first MiB.
         b.take(GAP_LIMIT - (4 << 20));
-        assert_eq!(b.room(), 0);
+        b.set_acked(GAP_LIMIT - (1 << 20), GAP_LIMIT, 1 << 20);
+        assert_eq!(b.room(), 1 << 20);
         b.set_acked(GAP_LIMIT, GAP_LIMIT, GAP_LIMIT);
         assert_eq!(b.room(), GAP_LIMIT);
+        // Running again: the window is back.
+        b.set_paused(false);
+        b.take(4 << 20);
+        b.forward(GAP_LIMIT + (4 << 20), GAP_LIMIT + (4 << 20));
+        assert_eq!(b.room(), 0);
     }
 
     /// Whether a future is ready at its first poll.

@@ -140,9 +140,9 @@ fn finishing_wait(min_ack: Duration) -> Duration {
 
 /// Once the tunnel is finishing across a long path (a shortest acknowledgement time of at
 /// least [`TAIL_COPY_MIN_RTT`]) and at most [`TAIL_COPY_MAX`] wire bytes are out without a
-/// copy (not counting blocks out for [`finishing_wait`] already: those go again whatever is
-/// out, see [`State::stuck`]), each block still out goes a second time on another connection
-/// at once: the guest
+/// copy (not counting blocks out for [`finishing_wait`] already: those go again one by one,
+/// oldest first, once a later block is acknowledged, see [`State::stuck`]), each block still
+/// out, and not that long, goes a second time on another connection at once: the guest
 /// is paused until the last one is in, and a packet lost at the tail of a connection costs
 /// a tail-loss probe or a retransmission timeout, a round trip or more. On a short path TCP
 /// recovers sooner than a copy would help.
@@ -170,7 +170,9 @@ impl State {
             .then(|| {
                 self.unacked
                     .iter()
-                    .filter(|(_, u)| !u.hedged && u.conn != conn)
+                    .filter(|(_, u)| {
+                        !u.hedged && u.conn != conn && now.saturating_duration_since(u.sent) < late
+                    })
                     .map(|(k, _)| *k)
                     .min()
             })
@@ -689,6 +691,22 @@ mod tests {
         assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
         assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(2));
         assert!(s.stuck(1, at).is_none(), "each once");
+        drop(s);
+
+        // Across a long path the wait is 1.25 shortest acknowledgement times: 250 ms here
+        // (more than 1 MiB out: no tail copies meanwhile).
+        let st = Mutex::new(State::default());
+        for (seq, size) in [(0, 600_000), (1, 600_000), (2, 100)] {
+            let mut u = unacked(seq as usize % 2, block(seq, size, None));
+            u.sent = t0;
+            lock(&st).unacked.insert(seq, u);
+        }
+        ack(&st, 2, ErrorCode(0));
+        let mut s = lock(&st);
+        (s.finishing, s.min_ack) = (true, Some(Duration::from_millis(200)));
+        assert!(s.stuck(1, t0 + Duration::from_millis(249)).is_none());
+        let at = t0 + Duration::from_millis(251);
+        assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(0));
     }
 
     #[test]
@@ -749,7 +767,9 @@ mod tests {
         );
         drop(s);
         // Blocks out since before the wait count no more against the MiB: 1.6 MB out, but
-        // 1.2 MB of it past the wait, the rest goes twice at once.
+        // 1.2 MB of it past the wait, the rest goes twice at once; the blocks past the wait go
+        // again by the stuck rule (one by one, once a later block is acknowledged), not all at
+        // once as tail copies.
         let st = Mutex::new(State::default());
         for seq in 0..4 {
             let mut u = unacked(seq as usize % 2, block(seq, 400_000, None));
@@ -761,8 +781,16 @@ mod tests {
         let just = t0 + Duration::from_millis(199);
         assert!(s.stuck(0, just).is_none(), "1.6 MB out, none past the wait");
         let at = late + Duration::from_millis(1);
-        assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
         assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(3));
+        assert!(s.stuck(0, at).is_none(), "nothing acknowledged after 0..3");
+        drop(s);
+        // (An answer to a block sent twice tells nothing of the path: block 2's.)
+        ack(&st, 2, ErrorCode(0));
+        let mut s = lock(&st);
+        assert!(s.stuck(0, at).is_none(), "block 0 is on connection 0");
+        assert_eq!(s.stuck(1, at).map(|b| b.seq), Some(0));
+        assert_eq!(s.stuck(0, at).map(|b| b.seq), Some(1));
+        assert_eq!(s.hedged, 3);
         drop(s);
         // Across a short path, no copies: TCP recovers sooner.
         let st = Mutex::new(State::default());
