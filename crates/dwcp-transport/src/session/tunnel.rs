@@ -160,19 +160,19 @@ impl State {
         }
         let min = self.min_ack.filter(|m| *m >= TAIL_COPY_MIN_RTT)?;
         let late = finishing_wait(min);
+        // Out once, and not long enough to be left to the stuck rule.
+        let fresh = |u: &Unacked| !u.hedged && now.saturating_duration_since(u.sent) < late;
         let open: u64 = self
             .unacked
             .values()
-            .filter(|u| !u.hedged && now.saturating_duration_since(u.sent) < late)
+            .filter(|u| fresh(u))
             .map(|u| u.block.wire_len())
             .sum();
         let second = (open <= TAIL_COPY_MAX)
             .then(|| {
                 self.unacked
                     .iter()
-                    .filter(|(_, u)| {
-                        !u.hedged && u.conn != conn && now.saturating_duration_since(u.sent) < late
-                    })
+                    .filter(|(_, u)| fresh(u) && u.conn != conn)
                     .map(|(k, _)| *k)
                     .min()
             })
