@@ -944,6 +944,7 @@ async fn pump(
                         wire_window_mib = l.wire as f64 / 1048576.0,
                         inflight_mib = budget.inflight() as f64 / 1048576.0,
                         wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
+                        read_mb = budget.read() as f64 / 1e6,
                         rate_mb_s = rate / 1e6,
                         wire_rate_mb_s = wire_rate / 1e6,
                         late,
@@ -1019,6 +1020,7 @@ async fn pump(
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
                     report.throttle = report.throttle.max(info.get("cpu-throttle-percentage").and_then(Value::as_u64).unwrap_or(0));
+                    let qemu_mbps = ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64).unwrap_or(0.0);
                     debug!(
                         round = p.round,
                         remaining_mb = p.remaining as f64 / 1e6,
@@ -1027,6 +1029,8 @@ async fn pump(
                         normal = n(ram, "normal"),
                         duplicate = n(ram, "duplicate"),
                         throttle = n(Some(&info), "cpu-throttle-percentage"),
+                        qemu_mbps,
+                        expected_downtime_ms = p.expected_downtime_ms.unwrap_or(0.0),
                         "QEMU progress"
                     );
                     progress(&p);
