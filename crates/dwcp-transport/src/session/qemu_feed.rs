@@ -3,8 +3,9 @@
 //! local QEMU that waits with `-incoming unix:DIR/VM.incoming`, and watching that QEMU over
 //! its monitor `DIR/VM.qmp` to say when (and whether) it has loaded the VM.
 //!
-//! Memory stays bounded: at most [`MAX_BUFFERED`] bytes wait for QEMU; beyond that the
-//! connections stop reading (and the sender's window stops it).
+//! Memory stays bounded: at most [`MAX_BUFFERED`] bytes that QEMU can take now wait for it
+//! (beyond that the connections stop reading, and the sender's window stops it), and at most
+//! [`MAX_AHEAD`] beyond a gap.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,8 +34,9 @@ pub(crate) const MAX_BUFFERED: usize = 2 << 20;
 /// told to quit): the source is gone. The source itself gives up on a QEMU silent for 120 s.
 const IDLE_LIMIT: Duration = Duration::from_secs(180);
 
-/// Most bytes held ahead of a gap (blocks after one not yet received). A sender keeps at
-/// most its window unacknowledged (64 MiB here); far more means it does not.
+/// Most bytes held ahead of a gap (blocks after one not yet received). A sender reads at most
+/// 128 MiB beyond its acknowledged prefix (`GAP_LIMIT` in `dwcp-migration`); far more means it
+/// ignores that.
 pub(crate) const MAX_AHEAD: usize = 256 << 20;
 
 #[derive(Debug, Default)]
@@ -154,6 +156,15 @@ impl Feeds {
             .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
         let started = Instant::now();
         let mut block = Some(block);
+        // Out of `waiting` however this ends, a cancelled push too: a stale entry would count
+        // as present, and the blocks after it would pass for gap-free.
+        struct Waiting<'a>(&'a Feed, u64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.state).waiting.remove(&self.1);
+            }
+        }
+        let waiting = Waiting(&feed, seq);
         let r = loop {
             let notified = feed.wake.notified();
             tokio::pin!(notified);
@@ -210,7 +221,7 @@ impl Feeds {
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         };
-        lock(&feed.state).waiting.remove(&seq);
+        drop(waiting);
         if r? {
             feed.wake.notify_waiters();
             feed.kick.notify_one();
@@ -563,8 +574,8 @@ mod tests {
                 "block {seq} after the gap"
             );
         }
-        // Block 1 closes the gap: what QEMU can be fed now is 1 MiB, so it is taken, although
-        // 5 MiB more wait beyond it.
+        // Block 1 closes the gap: what QEMU can be fed now is block 0 (512 KiB), so it is
+        // taken, although 5 MiB more wait beyond it.
         assert!(
             taken(&feeds, &peer, 1, B, t).await,
             "the block closing the gap waits"

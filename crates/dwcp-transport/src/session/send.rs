@@ -919,8 +919,9 @@ struct Core {
 /// the 250 ms samples of a short path that spread them by more than the controller's 10 %
 /// bars (`dc`, 2026-12-04: 64 streams went to 32 and back to 64 on a host where one stream
 /// moved the most).
+/// A receiver's claim counts up to what was sent at most: it steers the stream count.
 fn delivered(c: &Core) -> u64 {
-    c.held.max(c.sched.acked())
+    c.held.min(c.sched.read()).max(c.sched.acked())
 }
 
 /// Why one object's transfer stopped.
