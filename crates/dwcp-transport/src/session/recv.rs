@@ -224,8 +224,9 @@ impl Default for RxSession {
     }
 }
 
-/// Largest object whose `urgent` flag is honoured (senders mark objects of up to 1 MiB).
-const URGENT_MAX_SIZE: u64 = 16 << 20;
+/// Largest object whose `urgent` flag is honoured (senders mark objects of up to this size,
+/// and send those of up to 1 MiB twice).
+pub(crate) const URGENT_MAX_SIZE: u64 = 16 << 20;
 
 /// Frames queued for a session's connections to send (see `RxSession::shout`).
 const SHOUT_CAPACITY: usize = 16;

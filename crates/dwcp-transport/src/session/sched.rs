@@ -244,6 +244,43 @@ impl Scheduler {
         Some((offset, f.data.clone()))
     }
 
+    /// A second copy, for idle `stream`, of a chunk sent once that the receiver holds data
+    /// beyond, when it has been out for `after` or longer on another stream: it likely sits
+    /// behind a lost packet. Such a chunk is the one the prefix waits on when `beyond_prefix`,
+    /// and any below a chunk the receiver listed as held ([`Self::arrived`]); the lowest
+    /// first, each once (then [`Self::third_copy`] may send it a third time). For an urgent
+    /// object too large to send twice whole. Counts as re-sent.
+    pub fn hole_copy(
+        &mut self,
+        stream: u32,
+        now: Instant,
+        after: Duration,
+        beyond_prefix: bool,
+    ) -> Option<(u64, Bytes)> {
+        let first = *self.in_flight.keys().next()?;
+        let last_arrived = self
+            .in_flight
+            .iter()
+            .rev()
+            .find(|(_, f)| f.arrived)
+            .map(|(&o, _)| o);
+        let resend = &self.resend;
+        let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
+            let o = **o;
+            let behind_hole = (o == first && beyond_prefix) || last_arrived.is_some_and(|a| o < a);
+            behind_hole
+                && !f.arrived
+                && f.hedge.is_none()
+                && f.stream != stream
+                && f.sent_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= after)
+                && !resend.contains(&o)
+        })?;
+        f.hedge = Some((stream, now));
+        self.resent_bytes += f.data.len() as u64;
+        Some((offset, f.data.clone()))
+    }
+
     /// A third copy, for idle `stream`, of a chunk the receiver holds data beyond, when both
     /// its copies (see [`Self::duplicate`]) have been out for `after` or longer and on other
     /// streams: both likely sit behind a lost packet. Such a chunk is the one its prefix
@@ -539,6 +576,54 @@ mod tests {
         assert_eq!(s.third_copy(2, t0 + after / 2, after, true), None);
         assert_eq!(s.third_copy(1, late, after, true), None);
         assert_eq!(s.third_copy(0, late, after, true), None);
+    }
+
+    #[test]
+    fn an_urgent_object_sent_once_copies_the_chunks_below_what_the_receiver_holds() {
+        let t0 = Instant::now();
+        let after = Duration::from_millis(150);
+        let late = t0 + after;
+        // Six chunks of 10 over streams 0..3, once each.
+        let mut s = Scheduler::new(0, 60, 10, 60);
+        for i in 0..6u32 {
+            let Next::Read { offset, len } = s.next(i % 3) else {
+                panic!("read expected")
+            };
+            s.sent(offset, Bytes::from(vec![i as u8; len]), i % 3);
+            s.stamp(offset, t0);
+        }
+        // The receiver holds 10..20 and 40..50: 0, 20 and 30 sit behind a hole, 50 does not.
+        s.arrived(&[(10, 20), (40, 50)]);
+        // Not before they have been out a round trip and a quarter.
+        assert_eq!(s.hole_copy(3, t0 + after / 2, after, true), None);
+        // Then each once, lowest first, never on the stream that carries it (30 is on 0).
+        let mut copies = Vec::new();
+        for st in [0u32, 0, 3, 3, 3, 3] {
+            if let Some((o, _)) = s.hole_copy(st, late, after, true) {
+                copies.push((st, o));
+            }
+        }
+        assert_eq!(copies, [(0, 20), (3, 0), (3, 30)]);
+        assert_eq!(s.resent_bytes(), 30);
+        // Both copies out long enough: a third, as for a chunk sent twice from the start.
+        assert_eq!(
+            s.third_copy(4, late + after, after, true).map(|c| c.0),
+            Some(0)
+        );
+        // Nothing held beyond the prefix and nothing listed: no copy, however long.
+        let mut s = Scheduler::new(0, 20, 10, 20);
+        for st in [0u32, 1] {
+            let Next::Read { offset, len } = s.next(st) else {
+                panic!("read expected")
+            };
+            s.sent(offset, Bytes::from(vec![0; len]), st);
+            s.stamp(offset, t0);
+        }
+        assert_eq!(s.hole_copy(2, late + after * 10, after, false), None);
+        // With data held beyond the prefix, the chunk it waits on goes again.
+        assert_eq!(s.hole_copy(2, late, after, true).map(|c| c.0), Some(0));
+        s.ack(20).unwrap();
+        assert!(s.is_done());
     }
 
     #[test]

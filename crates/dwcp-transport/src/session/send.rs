@@ -80,7 +80,9 @@ pub struct SendOptions {
     /// paused): one up to [`URGENT_MAX`] bytes goes in chunks small enough to spread over
     /// every stream, and each chunk goes on a second stream as soon as one is idle, so that
     /// a packet lost on one stream does not hold the object for its retransmission. Costs
-    /// the object's size again on the wire.
+    /// the object's size again on the wire. A larger one, up to 16 MiB, goes once, and the
+    /// receiver lists what it holds beyond a hole: once every chunk is out, a chunk below
+    /// one it holds goes again on another stream after a round trip and a quarter.
     pub urgent: bool,
 }
 
@@ -1370,7 +1372,7 @@ async fn send_object(
         raw_size,
         raw_blake3,
         commit: src.commit,
-        urgent: opts.urgent && src.size <= URGENT_MAX,
+        urgent: opts.urgent && src.size <= super::recv::URGENT_MAX_SIZE,
     };
     // An urgent object's end goes right behind its begin, its digest taken first (it is
     // small): not at the tail of a stream whose last packets may be lost.
@@ -1480,6 +1482,8 @@ async fn send_object(
     );
     // An urgent object: about two chunks per stream, each sent on two.
     let duplicate = opts.urgent && src.size - have <= URGENT_MAX;
+    // Larger, the receiver still lists what it holds beyond a hole (see `SendOptions::urgent`).
+    let hole_copies = opts.urgent && !duplicate && src.size <= super::recv::URGENT_MAX_SIZE;
     let chunk = if duplicate {
         let per = (src.size - have) / (2 * session.alive().max(1) as u64);
         (per as usize).clamp(URGENT_CHUNK_MIN.min(chunk), chunk)
@@ -1516,6 +1520,7 @@ async fn send_object(
             .map_or(Duration::from_millis(500), |r| r * 4)
             .max(Duration::from_millis(200)),
         duplicate,
+        hole_copies,
         // (Not under 20 ms: on a short path a hole that brief is not a lost packet.)
         third_after: session
             .rtt
@@ -2346,6 +2351,9 @@ struct ObjectCtx {
     /// An urgent object: once every chunk is out, an idle stream sends a second copy of the
     /// oldest chunk that has only one, on another stream ([`SendOptions::urgent`]).
     duplicate: bool,
+    /// An urgent object sent once: once every chunk is out, an idle stream sends a chunk
+    /// below what the receiver holds again when it has been out `third_after`.
+    hole_copies: bool,
     /// For an urgent object: how long both copies of a chunk are out before a third goes.
     third_after: Duration,
 }
@@ -2392,6 +2400,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
         hedging,
         stuck_after,
         duplicate,
+        hole_copies,
         third_after,
     } = ctx;
     loop {
@@ -2421,6 +2430,21 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                         Some(copy) => Some(copy),
                         None => c.sched.third_copy(i, now, third_after, beyond),
                     }
+                }
+                Next::Wait
+                    if hole_copies
+                        && c.sched.read() == c.sched.size()
+                        && let Some(copy) = {
+                            let beyond = c.held > c.sched.acked();
+                            c.sched.hole_copy(i, now, third_after, beyond)
+                        } =>
+                {
+                    debug!(
+                        stream = i,
+                        offset = copy.0,
+                        "urgent chunk sent again: the receiver holds data beyond it"
+                    );
+                    Some(copy)
                 }
                 Next::Wait => {
                     // Idle: if data piles up at the receiver behind a chunk whose stream
