@@ -396,14 +396,15 @@ impl Config {
         };
         let listen = addr("agent.listen", &self.agent.listen);
         let admin_listen = addr("agent.admin_listen", &self.agent.admin_listen);
-        if let (Some(a), Some(b)) = (listen, admin_listen) {
-            if a.port() != 0 && a == b {
-                bad(
-                    "agent.admin_listen",
-                    quote(&self.agent.admin_listen),
-                    "must differ from agent.listen".into(),
-                );
-            }
+        if let (Some(a), Some(b)) = (listen, admin_listen)
+            && a.port() != 0
+            && a == b
+        {
+            bad(
+                "agent.admin_listen",
+                quote(&self.agent.admin_listen),
+                "must differ from agent.listen".into(),
+            );
         }
         range(
             &mut bad,

@@ -1306,13 +1306,15 @@ fn encode_pages(
             // applied in order: a later part (or round) may refer to this page there. That
             // keeps the duplicates across the parts of a round, which the encoder sees only
             // within one object.
-            if learn && enc.stats().literal > literal && state.learned.len() < max_learned {
-                if let Some(r) = state.remote.as_mut() {
-                    let h = dwcp_encoding::fast64(page);
-                    if !r.contains(h) {
-                        r.insert(h);
-                        state.learned.push(h);
-                    }
+            if learn
+                && enc.stats().literal > literal
+                && state.learned.len() < max_learned
+                && let Some(r) = state.remote.as_mut()
+            {
+                let h = dwcp_encoding::fast64(page);
+                if !r.contains(h) {
+                    r.insert(h);
+                    state.learned.push(h);
                 }
             }
             state.shadow[at..at + ps].copy_from_slice(page);

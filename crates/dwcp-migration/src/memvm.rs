@@ -65,7 +65,7 @@ impl MemoryVm {
         let pages = (image.len() / page_size) as u64;
         let words = pages.div_ceil(64) as usize;
         let mut dirty = vec![u64::MAX; words];
-        if pages % 64 != 0
+        if !pages.is_multiple_of(64)
             && let Some(last) = dirty.last_mut()
         {
             *last = (1u64 << (pages % 64)) - 1;

@@ -636,7 +636,7 @@ async fn source_qemu(qmp: &mut Qmp) -> (String, Option<String>) {
 /// with some pages older than the source's, whatever carries the stream; DWCP cannot see it
 /// (the stream it carries is QEMU's and arrives whole).
 fn tcg_lost_writes((major, minor): (u64, u64), ram: u64) -> Option<String> {
-    (major < 9 && ram > 0 && ram % TCG_FAST_SYNC == 0).then(|| {
+    (major < 9 && ram > 0 && ram.is_multiple_of(TCG_FAST_SYNC)).then(|| {
         format!(
             "the source QEMU {major}.{minor} runs this guest under TCG with {} KiB of RAM, a \
              whole number of 256 KiB: QEMU before 9.0 can lose guest writes while it migrates \
@@ -987,7 +987,7 @@ async fn pump(
                     }
                 }
                 polls += 1;
-                if polls % 3 == 0 {
+                if polls.is_multiple_of(3) {
                     if watch {
                         watch = watch_pause(qmp, budget).await;
                     }
@@ -1264,13 +1264,12 @@ async fn forward(
                 );
                 // Not waiting on encoders that read the index on other threads (this is an
                 // async task): what cannot go in now goes in at the next acknowledgement.
-                if let (Some(k), false) = (known.as_ref(), learned.is_empty()) {
-                    if let Ok(mut k) = k.try_write() {
+                if let (Some(k), false) = (known.as_ref(), learned.is_empty())
+                    && let Ok(mut k) = k.try_write() {
                         for h in learned.drain(..) {
                             k.insert(h);
                         }
                     }
-                }
             }
         }
     }

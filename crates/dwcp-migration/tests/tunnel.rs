@@ -73,7 +73,7 @@ fn block_content(seq: u64) -> Vec<u8> {
     let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..256 * 1024)
         .map(|i| {
-            if seq % 3 == 0 {
+            if seq.is_multiple_of(3) {
                 // Compressible text-like content.
                 b"the quick brown fox jumps over the lazy dog "[i % 44]
             } else {

@@ -222,10 +222,10 @@ fn restore_saved_sysctls() {
         return;
     };
     for line in text.lines() {
-        if let Some((path, value)) = line.split_once('=') {
-            if let Err(e) = std::fs::write(path, value) {
-                warn!("cannot restore {path} from an interrupted testbed: {e}");
-            }
+        if let Some((path, value)) = line.split_once('=')
+            && let Err(e) = std::fs::write(path, value)
+        {
+            warn!("cannot restore {path} from an interrupted testbed: {e}");
         }
     }
     let _ = std::fs::remove_file(SAVED_SYSCTLS);

@@ -411,10 +411,10 @@ impl Proxy {
                 let i = index;
                 index += 1;
                 pipes.spawn(async move {
-                    if let Fault::Stall { conn, delay } = fault {
-                        if conn == i {
-                            tokio::time::sleep(delay).await;
-                        }
+                    if let Fault::Stall { conn, delay } = fault
+                        && conn == i
+                    {
+                        tokio::time::sleep(delay).await;
                     }
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -447,10 +447,12 @@ impl Proxy {
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
-                            if let Fault::Pause { conn, after, delay } = fault {
-                                if conn == i && before < after && after <= total {
-                                    tokio::time::sleep(delay).await;
-                                }
+                            if let Fault::Pause { conn, after, delay } = fault
+                                && conn == i
+                                && before < after
+                                && after <= total
+                            {
+                                tokio::time::sleep(delay).await;
                             }
                         }
                     };

@@ -332,13 +332,13 @@ pub async fn connect_to(
     )
     .await?;
     let peer_id = peer_node_id(tls.get_ref().1.peer_certificates())?;
-    if let Some(want) = expected {
-        if *want != peer_id {
-            return Err(ConnError::WrongPeer {
-                expected: want.clone(),
-                found: peer_id,
-            });
-        }
+    if let Some(want) = expected
+        && *want != peer_id
+    {
+        return Err(ConnError::WrongPeer {
+            expected: want.clone(),
+            found: peer_id,
+        });
     }
     let hs = Handshake::client(endpoint.local_params(), peer_id, Instant::now());
     bounded(endpoint, Framed::finish(TlsStream::Client(tls), hs, addr)).await

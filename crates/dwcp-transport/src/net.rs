@@ -64,10 +64,10 @@ impl SocketOptions {
         stream.set_nodelay(true)?;
         if let Some(n) = self.notsent_lowat {
             // Best effort, like the congestion control: a kernel without it only queues more.
-            if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n) {
-                if !LOWAT_WARNED.swap(true, Ordering::Relaxed) {
-                    warn!("cannot limit unsent bytes (TCP_NOTSENT_LOWAT): {e}");
-                }
+            if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(n)
+                && !LOWAT_WARNED.swap(true, Ordering::Relaxed)
+            {
+                warn!("cannot limit unsent bytes (TCP_NOTSENT_LOWAT): {e}");
             }
         }
         if let Some(idle) = self.keepalive {
@@ -84,14 +84,14 @@ impl SocketOptions {
         let Some(algo) = &self.congestion else {
             return;
         };
-        if let Err(e) = rustix::net::sockopt::set_tcp_congestion(fd, algo) {
-            if !CONGESTION_WARNED.swap(true, Ordering::Relaxed) {
-                warn!(
-                    congestion = %algo,
-                    "cannot use congestion control {algo:?} ({e}); keeping the system default \
-                     (see net.ipv4.tcp_allowed_congestion_control)"
-                );
-            }
+        if let Err(e) = rustix::net::sockopt::set_tcp_congestion(fd, algo)
+            && !CONGESTION_WARNED.swap(true, Ordering::Relaxed)
+        {
+            warn!(
+                congestion = %algo,
+                "cannot use congestion control {algo:?} ({e}); keeping the system default \
+                 (see net.ipv4.tcp_allowed_congestion_control)"
+            );
         }
     }
 }

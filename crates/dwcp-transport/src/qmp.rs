@@ -176,10 +176,10 @@ impl Qmp {
     ) -> Result<QmpEvent, QmpError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(i) = self.events.iter().position(|e| e.name == name) {
-                if let Some(e) = self.events.remove(i) {
-                    return Ok(e);
-                }
+            if let Some(i) = self.events.iter().position(|e| e.name == name)
+                && let Some(e) = self.events.remove(i)
+            {
+                return Ok(e);
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let m = self.read_message(name, left).await?;

@@ -236,14 +236,14 @@ pub async fn dial(
         Ok(Ok(c)) => c,
     };
     let peer = peer_id_of(&conn)?;
-    if let Some(want) = expected {
-        if *want != peer {
-            conn.close(VarInt::from_u32(0), b"wrong peer");
-            return Err(ConnError::WrongPeer {
-                expected: want.clone(),
-                found: peer,
-            });
-        }
+    if let Some(want) = expected
+        && *want != peer
+    {
+        conn.close(VarInt::from_u32(0), b"wrong peer");
+        return Err(ConnError::WrongPeer {
+            expected: want.clone(),
+            found: peer,
+        });
     }
     Ok(QuicPeer {
         endpoint: quic,

@@ -343,7 +343,7 @@ impl Ack {
     /// The listed ranges as `(start, end)` pairs, checked: pairs, each non-empty, above the
     /// prefix, ascending and apart, no more than [`MAX_ACK_ISLANDS`], none past `limit`.
     pub fn ranges(&self, limit: u64) -> Result<Vec<(u64, u64)>, String> {
-        if self.islands.len() % 2 != 0 || self.islands.len() > 2 * MAX_ACK_ISLANDS {
+        if !self.islands.len().is_multiple_of(2) || self.islands.len() > 2 * MAX_ACK_ISLANDS {
             return Err(format!(
                 "ACK for object {} lists {} range bounds: pairs, at most {MAX_ACK_ISLANDS} of them",
                 self.object,

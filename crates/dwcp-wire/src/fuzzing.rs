@@ -231,11 +231,11 @@ mod proptests {
                         .unwrap();
                 }
                 let mut v = buf.to_vec();
-                if let Some((i, x)) = flip {
-                    if !v.is_empty() {
-                        let n = v.len();
-                        v[i % n] ^= x;
-                    }
+                if let Some((i, x)) = flip
+                    && !v.is_empty()
+                {
+                    let n = v.len();
+                    v[i % n] ^= x;
                 }
                 v
             })

@@ -145,7 +145,7 @@ pub(crate) fn encoding_for(layout: Layout, size: u64, page_size: usize) -> u32 {
     match layout {
         Layout::Pages => data::ENCODING_HDE_PAGES,
         Layout::Stream => data::ENCODING_HDE_STREAM,
-        Layout::Auto if size % page_size as u64 == 0 => data::ENCODING_HDE_PAGES,
+        Layout::Auto if size.is_multiple_of(page_size as u64) => data::ENCODING_HDE_PAGES,
         Layout::Auto => data::ENCODING_HDE_STREAM,
     }
 }

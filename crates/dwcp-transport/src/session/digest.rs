@@ -149,11 +149,11 @@ fn run(
         }
         pos += n as u64;
         unsynced += n as u64;
-        if let Some(every) = sync_every {
-            if unsynced >= every {
-                file.sync_data()?;
-                unsynced = 0;
-            }
+        if let Some(every) = sync_every
+            && unsynced >= every
+        {
+            file.sync_data()?;
+            unsynced = 0;
         }
     }
 }

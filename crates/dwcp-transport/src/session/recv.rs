@@ -848,7 +848,7 @@ impl Receiver {
             && check_name(&q.name).is_ok()
             && (512..=65536).contains(&ps)
             && ps.is_power_of_two()
-            && q.raw_size % ps as u64 == 0
+            && q.raw_size.is_multiple_of(ps as u64)
         {
             let raw_size = q.raw_size;
             tokio::task::spawn_blocking(move || page_hashes(&path, raw_size, ps))
@@ -1834,7 +1834,7 @@ impl PagesSink {
             let shift = self.head[PAGES_HEADER - 1];
             if !(dwcp_encoding::page::MIN_PAGE_SHIFT..=dwcp_encoding::page::MAX_PAGE_SHIFT)
                 .contains(&shift)
-                || self.raw_size % (1u64 << shift) != 0
+                || !self.raw_size.is_multiple_of(1u64 << shift)
             {
                 return Err((
                     ErrorCode::PROTOCOL_ERROR,

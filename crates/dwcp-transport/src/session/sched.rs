@@ -92,19 +92,19 @@ impl Scheduler {
 
     /// The next action for `stream`.
     pub fn next(&mut self, stream: u32) -> Next {
-        if let Some(offset) = self.resend.pop_first() {
-            if let Some(f) = self.in_flight.get_mut(&offset) {
-                f.stream = stream;
-                f.hedge = None;
-                f.sent_at = None;
-                if !std::mem::take(&mut f.unsent) {
-                    self.resent_bytes += f.data.len() as u64;
-                }
-                return Next::Resend {
-                    offset,
-                    data: f.data.clone(),
-                };
+        if let Some(offset) = self.resend.pop_first()
+            && let Some(f) = self.in_flight.get_mut(&offset)
+        {
+            f.stream = stream;
+            f.hedge = None;
+            f.sent_at = None;
+            if !std::mem::take(&mut f.unsent) {
+                self.resent_bytes += f.data.len() as u64;
             }
+            return Next::Resend {
+                offset,
+                data: f.data.clone(),
+            };
         }
         if self.acked == self.size {
             return Next::Done;
@@ -330,10 +330,11 @@ impl Scheduler {
         for (&o, f) in &mut self.in_flight {
             let end = o + f.data.len() as u64;
             while ranges.next_if(|&&(_, e)| e < end).is_some() {}
-            if let Some(&&(s, e)) = ranges.peek() {
-                if s <= o && end <= e {
-                    f.arrived = true;
-                }
+            if let Some(&&(s, e)) = ranges.peek()
+                && s <= o
+                && end <= e
+            {
+                f.arrived = true;
             }
         }
     }

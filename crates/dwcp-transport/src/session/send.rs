@@ -1911,12 +1911,10 @@ async fn send_object(
                     .and_then(Option::as_ref)
                     .is_some_and(|(_, w)| w.try_lock().is_err());
                 t.abort();
-                if mid_frame {
-                    if let Some(Some(_)) = session.writers.get_mut(i).map(Option::take) {
-                        debug!(stream = i, "stream dropped: stuck in the middle of a chunk");
-                        report.streams_retired += 1;
-                        session.dial(i as u32);
-                    }
+                if mid_frame && let Some(Some(_)) = session.writers.get_mut(i).map(Option::take) {
+                    debug!(stream = i, "stream dropped: stuck in the middle of a chunk");
+                    report.streams_retired += 1;
+                    session.dial(i as u32);
                 }
             }
             writers.abort_all();
@@ -2311,11 +2309,11 @@ async fn on_lost(
     if session.generation(i) != Some(generation) {
         return;
     }
-    if let Some(slot) = session.writers.get_mut(i as usize) {
-        if slot.take().is_some() {
-            report.streams_lost += 1;
-            warn!(stream = i, "stream lost: {why}");
-        }
+    if let Some(slot) = session.writers.get_mut(i as usize)
+        && slot.take().is_some()
+    {
+        report.streams_lost += 1;
+        warn!(stream = i, "stream lost: {why}");
     }
     if let Some(core) = core {
         core.lock().await.sched.stream_lost(i);
