@@ -240,7 +240,8 @@ pub struct ObjectBegin {
     #[prost(bool, tag = "8")]
     pub commit: bool,
     /// Something waits on this object (a migration's final round, with the guest paused):
-    /// the sender sends its chunks twice, over different streams. The receiver then
+    /// the sender sends its chunks twice, over different streams (up to 1 MiB; a larger one
+    /// goes once, and a chunk below what the receiver lists as held goes again). The receiver then
     /// acknowledges every chunk, lists what it holds beyond a hole ([`Ack::islands`]), and
     /// sends the object's `OBJECT_DONE` on every stream of the session, so that neither
     /// waits behind a lost packet of one stream. Receivers that do not know the field

@@ -2429,20 +2429,30 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                         None => c.sched.third_copy(i, now, third_after, beyond),
                     }
                 }
-                Next::Wait
-                    if hole_copies
-                        && c.sched.read() == c.sched.size()
-                        && let Some(copy) = {
-                            let beyond = c.held > c.sched.acked();
-                            c.sched.hole_copy(i, now, third_after, beyond)
-                        } =>
-                {
-                    debug!(
-                        stream = i,
-                        offset = copy.0,
-                        "urgent chunk sent again: the receiver holds data beyond it"
-                    );
-                    Some(copy)
+                Next::Wait if hole_copies && hedging && c.sched.read() == c.sched.size() => {
+                    // An urgent object sent once: a chunk the receiver holds data beyond goes
+                    // a second time after a round trip and a quarter, and a third once both
+                    // copies are that late; otherwise the stuck rule below.
+                    let beyond = c.held > c.sched.acked();
+                    let copy = c
+                        .sched
+                        .hole_copy(i, now, third_after, beyond)
+                        .or_else(|| c.sched.third_copy(i, now, third_after, beyond));
+                    if let Some((offset, _)) = &copy {
+                        debug!(
+                            stream = i,
+                            offset, "urgent chunk sent again: the receiver holds data beyond it"
+                        );
+                    }
+                    copy.or_else(|| {
+                        let held = c.held.saturating_sub(c.sched.acked());
+                        let after = if held >= HOLE {
+                            stuck_after
+                        } else {
+                            stuck_after * 5
+                        };
+                        c.sched.hedge(i, now, after)
+                    })
                 }
                 Next::Wait => {
                     // Idle: if data piles up at the receiver behind a chunk whose stream
@@ -2498,7 +2508,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
             None => {
                 // Re-check at least every 100 ms in case a wake-up raced with us (an urgent
                 // object's third copies are due on a clock: every 10 ms).
-                let every = Duration::from_millis(if duplicate { 10 } else { 100 });
+                let every = Duration::from_millis(if duplicate || hole_copies { 10 } else { 100 });
                 let _ = tokio::time::timeout(every, notified).await;
             }
             Some((offset, data, last)) => {
