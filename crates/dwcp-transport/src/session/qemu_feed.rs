@@ -473,6 +473,15 @@ mod tests {
     /// A destination QEMU waiting for `vm`: a monitor in `inmigrate` that notes `quit`, and
     /// an incoming socket; yields what it got and whether `quit` came before the stream ended.
     fn fake_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
+        fake_qemu_gated(dir, vm, None)
+    }
+
+    /// As [`fake_qemu`], reading its stream only once `gate` is notified (if given).
+    fn fake_qemu_gated(
+        dir: &Path,
+        vm: &str,
+        gate: Option<Arc<Notify>>,
+    ) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
         let quit = Arc::new(AtomicBool::new(false));
         let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
         let q2 = quit.clone();
@@ -498,6 +507,9 @@ mod tests {
         let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
         tokio::spawn(async move {
             let (mut s, _) = incoming.accept().await.unwrap();
+            if let Some(g) = gate {
+                g.notified().await;
+            }
             let mut got = Vec::new();
             s.read_to_end(&mut got).await.unwrap();
             (got, quit.load(Ordering::SeqCst))
@@ -535,32 +547,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // QEMU reads nothing until the gate opens.
         let gate = Arc::new(Notify::new());
-        let incoming = UnixListener::bind(dir.path().join("vm.incoming")).unwrap();
-        let _monitor = {
-            let qmp = UnixListener::bind(dir.path().join("vm.qmp")).unwrap();
-            tokio::spawn(async move {
-                let (s, _) = qmp.accept().await.unwrap();
-                let (r, mut w) = s.into_split();
-                w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                    .await
-                    .unwrap();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(_)) = lines.next_line().await {
-                    let a = "{\"return\": {\"status\": \"inmigrate\", \"running\": false}}\n";
-                    if w.write_all(a.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
-        let g2 = gate.clone();
-        let qemu = tokio::spawn(async move {
-            let (mut s, _) = incoming.accept().await.unwrap();
-            g2.notified().await;
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let qemu = fake_qemu_gated(dir.path(), "vm", Some(gate.clone()));
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
         feeds.open(&peer, "vm").await.unwrap();
@@ -598,7 +585,7 @@ mod tests {
             let (f, p) = (feeds.clone(), peer.clone());
             tokio::spawn(async move { f.finish(&p, "vm", 13, &digest).await })
         };
-        let got = tokio::time::timeout(Duration::from_secs(10), qemu)
+        let (got, _) = tokio::time::timeout(Duration::from_secs(10), qemu)
             .await
             .unwrap()
             .unwrap();

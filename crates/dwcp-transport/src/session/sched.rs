@@ -257,28 +257,16 @@ impl Scheduler {
         after: Duration,
         beyond_prefix: bool,
     ) -> Option<(u64, Bytes)> {
-        let first = *self.in_flight.keys().next()?;
-        let last_arrived = self
-            .in_flight
-            .iter()
-            .rev()
-            .find(|(_, f)| f.arrived)
-            .map(|(&o, _)| o);
-        let resend = &self.resend;
-        let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
-            let o = **o;
-            let behind_hole = (o == first && beyond_prefix) || last_arrived.is_some_and(|a| o < a);
-            behind_hole
-                && !f.arrived
-                && f.hedge.is_none()
-                && f.stream != stream
-                && f.sent_at
-                    .is_some_and(|t| now.saturating_duration_since(t) >= after)
-                && !resend.contains(&o)
-        })?;
-        f.hedge = Some((stream, now));
-        self.resent_bytes += f.data.len() as u64;
-        Some((offset, f.data.clone()))
+        self.copy_behind_hole(
+            beyond_prefix,
+            |f| {
+                f.hedge.is_none()
+                    && f.stream != stream
+                    && f.sent_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= after)
+            },
+            |f| f.hedge = Some((stream, now)),
+        )
     }
 
     /// A third copy, for idle `stream`, of a chunk the receiver holds data beyond, when both
@@ -294,6 +282,28 @@ impl Scheduler {
         after: Duration,
         beyond_prefix: bool,
     ) -> Option<(u64, Bytes)> {
+        self.copy_behind_hole(
+            beyond_prefix,
+            |f| {
+                !f.third
+                    && f.stream != stream
+                    && f.hedge.is_some_and(|(h, at)| {
+                        h != stream && now.saturating_duration_since(at) >= after
+                    })
+            },
+            |f| f.third = true,
+        )
+    }
+
+    /// The lowest chunk the receiver holds data beyond (the one the prefix waits on when
+    /// `beyond_prefix`, any below a chunk listed as held) that is not held itself, not due
+    /// to be re-sent anyway, and `due`: marked by `mark` and counted as re-sent.
+    fn copy_behind_hole(
+        &mut self,
+        beyond_prefix: bool,
+        due: impl Fn(&Flight) -> bool,
+        mark: impl FnOnce(&mut Flight),
+    ) -> Option<(u64, Bytes)> {
         let first = *self.in_flight.keys().next()?;
         let last_arrived = self
             .in_flight
@@ -305,16 +315,9 @@ impl Scheduler {
         let (&offset, f) = self.in_flight.iter_mut().find(|(o, f)| {
             let o = **o;
             let behind_hole = (o == first && beyond_prefix) || last_arrived.is_some_and(|a| o < a);
-            behind_hole
-                && !f.arrived
-                && !f.third
-                && f.stream != stream
-                && f.hedge.is_some_and(|(h, at)| {
-                    h != stream && now.saturating_duration_since(at) >= after
-                })
-                && !resend.contains(&o)
+            behind_hole && !f.arrived && !resend.contains(&o) && due(f)
         })?;
-        f.third = true;
+        mark(f);
         self.resent_bytes += f.data.len() as u64;
         Some((offset, f.data.clone()))
     }
