@@ -2429,36 +2429,51 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                         None => c.sched.third_copy(i, now, third_after, beyond),
                     }
                 }
-                Next::Wait if hole_copies && hedging && c.sched.read() == c.sched.size() => {
+                Next::Wait
+                    if let Some(copy) =
+                        (hole_copies && hedging && c.sched.read() == c.sched.size())
+                            .then(|| {
+                                // An urgent object sent once: a chunk the receiver holds data beyond
+                                // goes a second time after a round trip and a quarter, and a third
+                                // once both copies are that late; otherwise the stuck rule below.
+                                let beyond = c.held > c.sched.acked();
+                                c.sched
+                                    .hole_copy(i, now, third_after, beyond)
+                                    .or_else(|| c.sched.third_copy(i, now, third_after, beyond))
+                            })
+                            .flatten() =>
+                {
+                    debug!(
+                        stream = i,
+                        offset = copy.0,
+                        "urgent chunk sent again: the receiver holds data beyond it"
+                    );
+                    Some(copy)
+                }
+                Next::Wait => {
                     // An urgent object sent once: a chunk the receiver holds data beyond goes
                     // a second time after a round trip and a quarter, and a third once both
-                    // copies are that late; otherwise the stuck rule below.
-                    let beyond = c.held > c.sched.acked();
-                    let copy = c
-                        .sched
-                        .hole_copy(i, now, third_after, beyond)
-                        .or_else(|| c.sched.third_copy(i, now, third_after, beyond));
-                    if let Some((offset, _)) = &copy {
+                    // copies are that late.
+                    let urgent = if hole_copies && hedging && c.sched.read() == c.sched.size() {
+                        let beyond = c.held > c.sched.acked();
+                        c.sched
+                            .hole_copy(i, now, third_after, beyond)
+                            .or_else(|| c.sched.third_copy(i, now, third_after, beyond))
+                    } else {
+                        None
+                    };
+                    if let Some((offset, _)) = &urgent {
                         debug!(
                             stream = i,
                             offset, "urgent chunk sent again: the receiver holds data beyond it"
                         );
                     }
-                    copy.or_else(|| {
-                        let held = c.held.saturating_sub(c.sched.acked());
-                        let after = if held >= HOLE {
-                            stuck_after
-                        } else {
-                            stuck_after * 5
-                        };
-                        c.sched.hedge(i, now, after)
-                    })
-                }
-                Next::Wait => {
                     // Idle: if data piles up at the receiver behind a chunk whose stream
                     // seems stuck, send that stream's chunks again here.
                     let beyond = c.held.saturating_sub(c.sched.acked());
-                    let after = if beyond >= HOLE {
+                    let after = if urgent.is_some() {
+                        None
+                    } else if beyond >= HOLE {
                         Some(stuck_after)
                     } else if c.sched.read() == c.sched.size() {
                         // The receiver may hold too little beyond the hole to say so (the
@@ -2476,7 +2491,7 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                             offset, "chunk sent again: its stream seems stuck"
                         );
                     }
-                    hedged
+                    urgent.or(hedged)
                 }
                 Next::Resend { offset, data } => {
                     // Stamped when it goes out: time spent waiting for the rate limit is not
