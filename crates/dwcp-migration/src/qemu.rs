@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_encoding::{Codec, RemoteIndex};
-use dwcp_transport::qmp::{Qmp, capability};
+use dwcp_transport::qmp::{Qmp, QmpEvent, capability};
 use dwcp_transport::session::adapt::Mode;
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept, query_base,
@@ -758,6 +758,26 @@ async fn run(
     // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
     // lock), and that must not stall the stream QEMU is waiting on.
     let mut forwarder = tokio::spawn(forward(blocks, tunnel.clone(), budget.clone(), remote));
+    // The window lifts the moment QEMU's STOP is read, also while a monitor command waits for
+    // its answer: QEMU holds that answer until its final round is written, and the final round
+    // would wait behind the window (see `Budget::set_paused`).
+    let hooked = budget.clone();
+    qmp.on_event(Some(Box::new(move |e: &QmpEvent| {
+        let paused = match e.name.as_str() {
+            "STOP" => true,
+            "RESUME" => false,
+            _ => return,
+        };
+        if paused != hooked.is_paused() {
+            hooked.set_paused(paused);
+            debug!(
+                paused,
+                inflight_mib = hooked.inflight() as f64 / 1048576.0,
+                wire_inflight_mib = hooked.wire_inflight() as f64 / 1048576.0,
+                "guest paused or resumed; window lifted while paused"
+            );
+        }
+    })));
     let result = pump(
         spec,
         qmp,
@@ -772,6 +792,7 @@ async fn run(
         dest,
     )
     .await;
+    qmp.on_event(None);
     reader.abort();
     forwarder.abort();
     let (_, _, wire, resent) = tunnel.acked();
@@ -882,7 +903,7 @@ async fn pump(
         // runs each, cold and warm), totals level.
         if watch && events_polled.elapsed() >= EVENT_POLL {
             events_polled = Instant::now();
-            watch = watch_pause(qmp, budget).await;
+            watch = watch_pause(qmp).await;
         }
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
@@ -962,7 +983,7 @@ async fn pump(
                     // Read first: QEMU may hold a command's answer until its final round is
                     // written, and that round would then wait behind the window.
                     if watch {
-                        watch = watch_pause(qmp, budget).await;
+                        watch = watch_pause(qmp).await;
                     }
                     if rate > 0.0 && wire_rate > 0.0 && !budget.is_paused() {
                         let backlog_ms = (budget.inflight() as f64 / rate)
@@ -989,7 +1010,7 @@ async fn pump(
                 polls += 1;
                 if polls.is_multiple_of(3) {
                     if watch {
-                        watch = watch_pause(qmp, budget).await;
+                        watch = watch_pause(qmp).await;
                     }
                     let info = qmp.execute("query-migrate", None).await.unwrap_or(Value::Null);
                     let ram = info.get("ram");
@@ -1082,23 +1103,13 @@ async fn pump(
     }
 }
 
-/// Reads the QEMU events that have come (waits for none) and lifts the window while the latest
-/// of `STOP` and `RESUME` is a `STOP` (see [`Budget::set_paused`]). False once the monitor
-/// failed (the next command says why).
-async fn watch_pause(qmp: &mut Qmp, budget: &Budget) -> bool {
+/// Reads the QEMU events that have come (waits for none): the event hook lifts the window at
+/// `STOP` (see [`Budget::set_paused`]). False once the monitor failed (the next command says
+/// why).
+async fn watch_pause(qmp: &mut Qmp) -> bool {
     if let Err(e) = qmp.poll_events(Duration::ZERO).await {
         debug!("reading QEMU's events: {e}");
         return false;
-    }
-    let paused = qmp.latest_is("STOP", &["STOP", "RESUME"]);
-    if paused != budget.is_paused() {
-        budget.set_paused(paused);
-        debug!(
-            paused,
-            inflight_mib = budget.inflight() as f64 / 1048576.0,
-            wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
-            "guest paused or resumed; window lifted while paused"
-        );
     }
     true
 }

@@ -75,17 +75,30 @@ pub struct QmpEvent {
     pub data: Value,
 }
 
+/// Called with each event as it is read, whatever the read was for (see [`Qmp::on_event`]).
+pub type EventHook = Box<dyn FnMut(&QmpEvent) + Send>;
+
 /// A connected, negotiated QMP monitor.
-#[derive(Debug)]
 pub struct Qmp {
     path: PathBuf,
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: VecDeque<QmpEvent>,
+    hook: Option<EventHook>,
     timeout: Duration,
     /// Bytes of a line not complete yet; kept across timed-out reads (read_until appends as
     /// it goes, so a read cut short by a timeout loses nothing).
     partial: Vec<u8>,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp")
+            .field("path", &self.path)
+            .field("events", &self.events.len())
+            .field("hook", &self.hook.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Qmp {
@@ -109,6 +122,7 @@ impl Qmp {
             reader: BufReader::new(r),
             writer: w,
             events: VecDeque::new(),
+            hook: None,
             timeout,
             partial: Vec::new(),
         };
@@ -157,6 +171,14 @@ impl Qmp {
             }
             // Anything else is an event; read_message has queued it.
         }
+    }
+
+    /// Calls `hook` with every event from now on, the moment it is read: also while a command
+    /// waits for its answer. QEMU holds a command's answer while it completes a migration, but
+    /// sends its `STOP` event at once; a caller that must act on the pause cannot wait for the
+    /// answer. The events are queued as before. `None` removes the hook.
+    pub fn on_event(&mut self, hook: Option<EventHook>) {
+        self.hook = hook;
     }
 
     /// `query-status`'s `status` (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
@@ -256,7 +278,11 @@ impl Qmp {
             line: line.trim().chars().take(200).collect(),
         })?;
         if let Some(name) = v.get("event").and_then(Value::as_str) {
-            self.events.push_back(parse_event(name, &v));
+            let event = parse_event(name, &v);
+            if let Some(hook) = self.hook.as_mut() {
+                hook(&event);
+            }
+            self.events.push_back(event);
             // Bounded: a monitor nobody drains for events keeps only the latest.
             while self.events.len() > 1024 {
                 self.events.pop_front();
@@ -396,6 +422,53 @@ mod tests {
         }
         // Both still queued for whoever waits for them.
         assert!(q.take_event("STOP").is_some() && q.take_event("RESUME").is_some());
+        drop(q);
+        server.await.unwrap();
+    }
+
+    /// QEMU sends `STOP` while it holds the answer to a command (it completes a migration
+    /// and its final round waits on the caller): the hook sees the event before the answer.
+    #[tokio::test]
+    async fn the_hook_sees_an_event_while_a_command_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 4096];
+            assert!(s.read(&mut buf).await.unwrap() > 0);
+            s.write_all(b"{\"return\": {}}\n").await.unwrap();
+            // query-migrate: the event now, the answer only once the client acted on it.
+            assert!(s.read(&mut buf).await.unwrap() > 0);
+            s.write_all(
+                b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 5, \"microseconds\": 0}}\n",
+            )
+            .await
+            .unwrap();
+            let seen = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await;
+            assert_eq!(
+                seen.ok().flatten().as_deref(),
+                Some("STOP"),
+                "the hook did not fire while the command waited"
+            );
+            s.write_all(b"{\"return\": {\"status\": \"device\"}}\n")
+                .await
+                .unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(10)).await.unwrap();
+        q.on_event(Some(Box::new(move |e: &QmpEvent| {
+            let _ = seen_tx.send(e.name.clone());
+        })));
+        let r = q.execute("query-migrate", None).await.unwrap();
+        assert_eq!(r["status"], "device");
+        // Still queued for a waiter, too.
+        assert!(q.take_event("STOP").is_some());
+        q.on_event(None);
         drop(q);
         server.await.unwrap();
     }
