@@ -545,6 +545,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "streams_final": report.streams_final,
             "streams_added": report.streams_added,
             "streams_retired": report.streams_retired,
+            "streams_stuck": report.streams_stuck,
             "mode": report.mode.map(|(m, _)| format!("{m:?}").to_lowercase()),
             "rtt_ms": report.mode.map(|(_, r)| r.as_secs_f64() * 1e3),
             "streams_lost": report.streams_lost,

@@ -267,6 +267,9 @@ pub struct SendReport {
     pub streams_added: u32,
     /// Streams retired by the adaptive count.
     pub streams_retired: u32,
+    /// Streams dropped because they were still stuck in the middle of a chunk after an object
+    /// was done (its chunks had gone again on the others); each is dialled again.
+    pub streams_stuck: u32,
     /// Streams at the end.
     pub streams_final: u32,
     /// The mode the adaptive count started from, and the round trip it was detected from.
@@ -1912,8 +1915,8 @@ async fn send_object(
                     .is_some_and(|(_, w)| w.try_lock().is_err());
                 t.abort();
                 if mid_frame && let Some(Some(_)) = session.writers.get_mut(i).map(Option::take) {
-                    debug!(stream = i, "stream dropped: stuck in the middle of a chunk");
-                    report.streams_retired += 1;
+                    info!(stream = i, "stream dropped: stuck in the middle of a chunk");
+                    report.streams_stuck += 1;
                     session.dial(i as u32);
                 }
             }
