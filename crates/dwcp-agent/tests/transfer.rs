@@ -377,9 +377,8 @@ async fn t24_a_stream_stuck_mid_transfer_has_its_chunks_sent_on_the_others() {
         report.streams_lost, 0,
         "the stream was not given up: {report:?}"
     );
-    // Dropped at the first file's end, and counted as that, not as the adaptive count's.
+    // Dropped at the first file's end, and counted as that (a fixed count retires none).
     assert_eq!(report.streams_stuck, 1, "{report:?}");
-    assert_eq!(report.streams_retired, 0, "{report:?}");
     assert!(report.resent_bytes > 0, "{report:?}");
     // What a stuck stream holds, not the file: at most the window.
     assert!(report.resent_bytes <= 32 * 1024 * 1024, "{report:?}");

@@ -778,6 +778,10 @@ async fn run(
             );
         }
     })));
+    // A STOP read before the hook was in place (by `migrate`'s own answer, say) still counts.
+    if qmp.latest_is("STOP", &["STOP", "RESUME"]) {
+        budget.set_paused(true);
+    }
     let result = pump(
         spec,
         qmp,

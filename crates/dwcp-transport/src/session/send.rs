@@ -263,7 +263,7 @@ pub struct SendReport {
     pub streams_lost: u32,
     /// Dead streams replaced by new connections.
     pub streams_replaced: u32,
-    /// Streams added and retired by the adaptive count.
+    /// Streams added by the adaptive count.
     pub streams_added: u32,
     /// Streams retired by the adaptive count.
     pub streams_retired: u32,
