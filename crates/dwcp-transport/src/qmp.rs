@@ -343,6 +343,18 @@ mod tests {
         let _ = s.read(&mut buf).await;
     }
 
+    /// Accepts one client, greets it and answers its `qmp_capabilities`.
+    async fn negotiated(listener: &UnixListener) -> UnixStream {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        s.write_all(b"{\"return\": {}}\n").await.unwrap();
+        s
+    }
+
     #[tokio::test]
     async fn commands_events_and_errors() {
         let dir = tempfile::tempdir().unwrap();
@@ -384,13 +396,8 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let (go, mut resume) = tokio::sync::mpsc::channel::<()>(1);
         let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .unwrap();
+            let mut s = negotiated(&listener).await;
             let mut buf = vec![0u8; 4096];
-            assert!(s.read(&mut buf).await.unwrap() > 0);
-            s.write_all(b"{\"return\": {}}\n").await.unwrap();
             let ev = |name: &str| {
                 format!(
                     "{{\"event\": \"{name}\", \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\n"
@@ -435,13 +442,8 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .unwrap();
+            let mut s = negotiated(&listener).await;
             let mut buf = vec![0u8; 4096];
-            assert!(s.read(&mut buf).await.unwrap() > 0);
-            s.write_all(b"{\"return\": {}}\n").await.unwrap();
             // query-migrate: the event now, the answer only once the client acted on it.
             assert!(s.read(&mut buf).await.unwrap() > 0);
             s.write_all(
