@@ -330,7 +330,14 @@ impl BaselineCache {
 
     /// Adds content (a page or a chunk that arrived). Returns its key.
     pub fn insert(&mut self, data: &[u8]) -> io::Result<Key> {
-        let key = Key::of(data);
+        self.insert_keyed(Key::of(data), data)
+    }
+
+    /// As [`insert`](Self::insert), with the key computed by the caller (`Key::of(data)`):
+    /// a decoder that needs the key anyway hashes each page once. A wrong key is never served:
+    /// [`get`](Self::get) verifies what it reads against the key, so it would only miss.
+    pub fn insert_keyed(&mut self, key: Key, data: &[u8]) -> io::Result<Key> {
+        debug_assert_eq!(key, Key::of(data));
         let kh = KeyHashed(key);
         if self.index.contains_key(&kh) || data.len() > MAX_ENTRY as usize || data.is_empty() {
             return Ok(key);
@@ -612,6 +619,12 @@ impl ContentSource for BaselineCache {
             tracing::warn!(error = %e, "baseline cache write failed; entry not kept");
         }
     }
+
+    fn learn_keyed(&mut self, key: &Key, data: &[u8]) {
+        if let Err(e) = self.insert_keyed(*key, data) {
+            tracing::warn!(error = %e, "baseline cache write failed; entry not kept");
+        }
+    }
 }
 
 fn parse_entry_header(h: &[u8; ENTRY_HEADER]) -> Option<(Key, u64, u32)> {
@@ -771,6 +784,25 @@ mod tests {
         assert!(err.to_string().contains("in use"), "{err}");
         drop(first);
         BaselineCache::open(cfg).unwrap();
+    }
+
+    #[test]
+    fn content_learned_with_its_key_is_kept_and_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig::persistent(dir.path(), 0, 1 << 30);
+        let key = Key::of(&page(7));
+        {
+            let mut c = BaselineCache::open(cfg.clone()).unwrap();
+            ContentSource::learn_keyed(&mut c, &key, &page(7));
+            // Learned twice: kept once.
+            ContentSource::learn_keyed(&mut c, &key, &page(7));
+            assert_eq!(c.stats().inserted, 1);
+        }
+        // On disk under that key, as `insert` would have put it.
+        let mut c = BaselineCache::open(cfg).unwrap();
+        let mut buf = Vec::new();
+        assert!(ContentSource::fetch(&mut c, &key, &mut buf));
+        assert_eq!(buf, page(7));
     }
 
     #[test]

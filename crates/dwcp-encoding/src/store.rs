@@ -38,6 +38,11 @@ pub trait ContentSource {
     fn fetch(&mut self, key: &Key, buf: &mut Vec<u8>) -> bool;
     /// Offered every page or chunk that arrived as new content, for later transfers.
     fn learn(&mut self, _data: &[u8]) {}
+    /// As [`learn`](Self::learn), for content whose key the caller has computed already
+    /// (`key` is `Key::of(data)`), so that the source need not hash it again.
+    fn learn_keyed(&mut self, _key: &Key, data: &[u8]) {
+        self.learn(data);
+    }
 }
 
 /// No baseline cache: every reference misses.
