@@ -440,7 +440,8 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 2560)]
     pub(crate) qemu_dirty_pages: u64,
 
-    /// `dwcp migrate --codec` of the rows through DWCP: auto, none, lz4, zstd:LEVEL.
+    /// `dwcp migrate --codec` of the rows through DWCP: auto, none (no delta encoding either),
+    /// lz4, zstd:LEVEL.
     #[arg(long, default_value = "auto", value_parser = parse_codec)]
     pub(crate) qemu_codec: CodecChoice,
 
@@ -562,7 +563,8 @@ pub(crate) struct MigrateArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub(crate) streams: u32,
 
-    /// Compressor: auto (chosen for --link-rate), none, lz4, zstd:LEVEL.
+    /// Compressor: auto (chosen for --link-rate), none, lz4, zstd:LEVEL. With --qemu-qmp,
+    /// none also turns delta encoding off: QEMU's stream crosses as it is.
     #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_codec)]
     pub(crate) codec: CodecChoice,
 
