@@ -2432,27 +2432,6 @@ async fn stream_writer(ctx: ObjectCtx, i: u32, generation: u64, writer: Arc<Mute
                         None => c.sched.third_copy(i, now, third_after, beyond),
                     }
                 }
-                Next::Wait
-                    if let Some(copy) =
-                        (hole_copies && hedging && c.sched.read() == c.sched.size())
-                            .then(|| {
-                                // An urgent object sent once: a chunk the receiver holds data beyond
-                                // goes a second time after a round trip and a quarter, and a third
-                                // once both copies are that late; otherwise the stuck rule below.
-                                let beyond = c.held > c.sched.acked();
-                                c.sched
-                                    .hole_copy(i, now, third_after, beyond)
-                                    .or_else(|| c.sched.third_copy(i, now, third_after, beyond))
-                            })
-                            .flatten() =>
-                {
-                    debug!(
-                        stream = i,
-                        offset = copy.0,
-                        "urgent chunk sent again: the receiver holds data beyond it"
-                    );
-                    Some(copy)
-                }
                 Next::Wait => {
                     // An urgent object sent once: a chunk the receiver holds data beyond goes
                     // a second time after a round trip and a quarter, and a third once both
