@@ -17,7 +17,7 @@ use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept,
 };
-use dwcp_wire::data;
+use dwcp_wire::{NodeId, data};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
@@ -251,6 +251,33 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
         "{detail}"
     );
+    assert!(
+        got == expected,
+        "QEMU got {} bytes, not the stream",
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_named_node_dials_every_stream_and_refuses_another_node() {
+    let vm = open_vm().await;
+    // Named, every connection is dialled at once, each checked against the name.
+    let other = NodeId::new("src").unwrap();
+    match Tunnel::open(&vm.ep, vm.agent.addr, Some(&other), 4, "vm").await {
+        Err(SendError::Connect(e)) => assert!(e.to_string().contains("src"), "{e}"),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a tunnel to the wrong node opened"),
+    }
+    let dest = NodeId::new("dest").unwrap();
+    let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, Some(&dest), 4, "vm")
+        .await
+        .unwrap();
+    assert_eq!(tunnel.streams(), 4);
+    let n = 12u64;
+    let expected = send_raw(&tunnel, n);
+    wait_acked(&tunnel, n).await;
+    let (detail, got) = vm.finish(tunnel, n, &expected).await;
+    assert!(detail.contains("\"status\":\"running\""), "{detail}");
     assert!(
         got == expected,
         "QEMU got {} bytes, not the stream",
