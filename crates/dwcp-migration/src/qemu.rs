@@ -341,21 +341,47 @@ struct Limits {
     wire: u64,
 }
 
+/// Bytes acknowledged a second: smoothed, and the most seen lately.
+///
+/// The smoothed rate is what the window lets through, so a window sized from it alone can
+/// only shrink: a rate held down by the window (or by a moment without data) makes the next
+/// window smaller still. The peak is what the path and the destination have shown they
+/// take (it decays, by half in about 7 s, should the path slow down for good).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Rate {
+    now: f64,
+    peak: f64,
+}
+
+impl Rate {
+    /// A sample, taken every 0.2 s or so.
+    fn sample(&mut self, r: f64) {
+        self.now = if self.now == 0.0 {
+            r
+        } else {
+            0.6 * self.now + 0.4 * r
+        };
+        self.peak = (self.peak * 0.98).max(self.now);
+    }
+}
+
 /// The window for where the migration is. `late`: QEMU may stop the guest at the end of any
 /// iteration now (it iterates over dirty pages, or its first pass is about to end), or the
-/// path is short. `rate` and `wire_rate`: stream and wire bytes acknowledged a second (0 if
+/// path is short. `stream` and `wire`: stream and wire bytes acknowledged a second (0 if
 /// not measured yet). `allow`: how long the backlog may take to drain once QEMU stops.
 ///
 /// During QEMU's first pass over RAM (not `late`) the guest is not stopped, so a backlog
 /// costs no pause: the window is large in stream bytes, and pages the destination holds (sent
 /// by reference) go through as fast as it lets them; in wire bytes it is half a second of
-/// goodput, so that a pass that ends sooner than expected (an idle guest stops at once) leaves
-/// little to drain. Afterwards whatever waits in the tunnel adds to the pause: it must drain
-/// within `allow` both at the stream rate (the destination decodes and feeds QEMU) and at
-/// the wire rate (pages dirtied late are mostly new), but the window is never below 4 MiB
-/// (on a lossy path a smaller one starves the stream, and the guest would then need
-/// throttling to converge at all).
-fn limits(late: bool, rate: f64, wire_rate: f64, allow: Duration) -> Limits {
+/// the best goodput seen lately, so that a pass that ends sooner than expected (an idle guest
+/// stops at once) leaves little to drain. Afterwards whatever waits in the tunnel adds to the
+/// pause: it must drain within `allow` on the wire at the wire rate (pages dirtied late are
+/// mostly new), and in stream bytes at the rate the destination has shown it decodes and
+/// feeds its QEMU (the peak: the current stream rate is what the window lets through, and
+/// sized from it the stream limit bound at a 4 MiB floor, with the wire half used; internet,
+/// 2026-12-05). Neither window is below 4 MiB (on a lossy path a smaller one starves the
+/// stream, and the guest would then need throttling to converge at all).
+fn limits(late: bool, stream: Rate, wire: Rate, allow: Duration) -> Limits {
     let of = |rate: f64, time: f64| {
         if rate > 0.0 {
             ((rate * time) as u64).clamp(LATE_WINDOW, FIRST_PASS_WINDOW)
@@ -365,13 +391,13 @@ fn limits(late: bool, rate: f64, wire_rate: f64, allow: Duration) -> Limits {
     };
     if late {
         Limits {
-            stream: of(rate, allow.as_secs_f64()),
-            wire: of(wire_rate, allow.as_secs_f64()),
+            stream: of(stream.peak, allow.as_secs_f64()),
+            wire: of(wire.now, allow.as_secs_f64()),
         }
     } else {
         Limits {
             stream: FIRST_PASS_WINDOW,
-            wire: of(wire_rate, FIRST_PASS_DRAIN.as_secs_f64()),
+            wire: of(wire.peak, FIRST_PASS_DRAIN.as_secs_f64()),
         }
     }
 }
@@ -881,9 +907,9 @@ async fn pump(
 ) -> Result<String, (&'static str, String)> {
     let deadline = Instant::now() + spec.timeout;
     let mut last = (Instant::now(), 0u64, 0u64);
-    // Acknowledged stream bytes a second, and wire bytes a second (smoothed).
-    let mut rate = 0.0f64;
-    let mut wire_rate = 0.0f64;
+    // Acknowledged stream bytes a second, and wire bytes a second.
+    let mut rate = Rate::default();
+    let mut wire_rate = Rate::default();
     let mut segments: Option<(u64, blake3::Hash)> = None;
     let mut queued: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -939,10 +965,8 @@ async fn pump(
                 let (_, acked, wire_acked, _) = tunnel.acked();
                 let dt = last.0.elapsed().as_secs_f64();
                 if dt >= 0.2 {
-                    let r = (acked - last.1) as f64 / dt;
-                    rate = if rate == 0.0 { r } else { 0.6 * rate + 0.4 * r };
-                    let w = (wire_acked - last.2) as f64 / dt;
-                    wire_rate = if wire_rate == 0.0 { w } else { 0.6 * wire_rate + 0.4 * w };
+                    rate.sample((acked - last.1) as f64 / dt);
+                    wire_rate.sample((wire_acked - last.2) as f64 / dt);
                     last = (Instant::now(), acked, wire_acked);
                     // The window (see `limits`): too small starves the path; too big hides a
                     // backlog from QEMU, which drains while the guest is paused. Late, the
@@ -970,15 +994,17 @@ async fn pump(
                         inflight_mib = budget.inflight() as f64 / 1048576.0,
                         wire_inflight_mib = budget.wire_inflight() as f64 / 1048576.0,
                         read_mb = budget.read() as f64 / 1e6,
-                        rate_mb_s = rate / 1e6,
-                        wire_rate_mb_s = wire_rate / 1e6,
+                        rate_mb_s = rate.now / 1e6,
+                        peak_mb_s = rate.peak / 1e6,
+                        wire_rate_mb_s = wire_rate.now / 1e6,
+                        wire_peak_mb_s = wire_rate.peak / 1e6,
                         late,
                         "tunnel window"
                     );
                     // QEMU stops the guest when what is left fits its downtime limit at the
                     // bandwidth it sees; what waits in the tunnel and the final round trip
                     // come on top, so ask QEMU for that much less. The backlog drains at the
-                    // slower of its stream and wire measures. QEMU may also stop the guest at
+                    // slower of its stream and wire measures (as the window counts them). QEMU may also stop the guest at
                     // the end of its first pass, when the window is large: until then the
                     // limit may go down to 1 ms, so that QEMU stops the guest only if nothing
                     // at all was dirtied and otherwise iterates once more, behind the late
@@ -989,9 +1015,9 @@ async fn pump(
                     if watch {
                         watch = watch_pause(qmp).await;
                     }
-                    if rate > 0.0 && wire_rate > 0.0 && !budget.is_paused() {
-                        let backlog_ms = (budget.inflight() as f64 / rate)
-                            .max(budget.wire_inflight() as f64 / wire_rate)
+                    if rate.peak > 0.0 && wire_rate.now > 0.0 && !budget.is_paused() {
+                        let backlog_ms = (budget.inflight() as f64 / rate.peak)
+                            .max(budget.wire_inflight() as f64 / wire_rate.now)
                             * 1000.0;
                         let rtt_ms = rtt.as_secs_f64() * 1000.0;
                         let target = spec.downtime.as_millis() as f64;
@@ -1037,7 +1063,7 @@ async fn pump(
                         dirty_rate: n(ram, "dirty-pages-rate"),
                         stream_bytes: budget.read(),
                         wire_bytes: wire_acked,
-                        rate,
+                        rate: rate.now,
                         expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
                     };
                     if p.phase == "failed" {
@@ -1446,28 +1472,96 @@ mod tests {
         assert!(capped.pages.is_empty() && capped.cache_bytes == 0);
     }
 
+    /// A rate that went `now` lately and `peak` at its best.
+    fn rate(now: f64, peak: f64) -> Rate {
+        Rate { now, peak }
+    }
+
     #[test]
     fn the_first_pass_holds_much_by_reference_but_half_a_second_of_wire() {
         let allow = Duration::from_millis(100);
-        let l = limits(false, 150.0 * MB, 25.0 * MB, allow);
+        let l = limits(
+            false,
+            rate(150.0 * MB, 150.0 * MB),
+            rate(25.0 * MB, 25.0 * MB),
+            allow,
+        );
         assert_eq!(l.stream, FIRST_PASS_WINDOW);
         assert_eq!(l.wire, 12_500_000);
+        // The wire went slower for a moment (the encoder fell behind): the window stays what
+        // the path has shown it carries, so that it does not shrink with the rate it holds.
+        let l = limits(
+            false,
+            rate(150.0 * MB, 150.0 * MB),
+            rate(11.0 * MB, 24.0 * MB),
+            allow,
+        );
+        assert_eq!(l.wire, 12_000_000);
         // Nothing measured yet.
-        let l = limits(false, 0.0, 0.0, allow);
+        let l = limits(false, Rate::default(), Rate::default(), allow);
         assert_eq!((l.stream, l.wire), (FIRST_PASS_WINDOW, START_WINDOW));
         // A fast path: capped.
-        assert_eq!(limits(false, 0.0, 1e9, allow).wire, FIRST_PASS_WINDOW);
+        assert_eq!(
+            limits(false, Rate::default(), rate(1e9, 1e9), allow).wire,
+            FIRST_PASS_WINDOW
+        );
     }
 
     #[test]
     fn late_the_backlog_drains_within_the_allowance_at_both_rates() {
         // dc-like: pages by reference went at 300 MB/s, the wire at 100 MB/s.
-        let l = limits(true, 300.0 * MB, 100.0 * MB, Duration::from_millis(150));
+        let allow = Duration::from_millis(150);
+        let l = limits(
+            true,
+            rate(300.0 * MB, 300.0 * MB),
+            rate(100.0 * MB, 100.0 * MB),
+            allow,
+        );
         assert_eq!(l.stream, 45_000_000);
         assert_eq!(l.wire, 15_000_000);
-        // internet-like: both under the floor.
-        let l = limits(true, 18.0 * MB, 20.0 * MB, Duration::from_millis(100));
+        // internet-like, dirty pages: the window holds the stream to 25 MB/s, but the
+        // destination took 170 MB/s of it in the first pass. The stream limit is what it
+        // decodes within the allowance; the wire limit what crosses, here under the floor.
+        let allow = Duration::from_millis(62);
+        let l = limits(
+            true,
+            rate(25.0 * MB, 170.0 * MB),
+            rate(13.0 * MB, 24.0 * MB),
+            allow,
+        );
+        assert_eq!(l.stream, 10_540_000);
+        assert_eq!(l.wire, LATE_WINDOW);
+        // Both under the floor.
+        let l = limits(
+            true,
+            rate(18.0 * MB, 18.0 * MB),
+            rate(20.0 * MB, 20.0 * MB),
+            allow,
+        );
         assert_eq!((l.stream, l.wire), (LATE_WINDOW, LATE_WINDOW));
+    }
+
+    #[test]
+    fn a_rate_keeps_its_peak_for_a_while_and_lets_it_go() {
+        let mut r = Rate::default();
+        r.sample(100.0);
+        assert_eq!(r, rate(100.0, 100.0));
+        // Held down: the smoothed rate follows within a second, the peak stays near.
+        for _ in 0..5 {
+            r.sample(10.0);
+        }
+        assert!(r.now < 20.0, "{r:?}");
+        assert!(r.peak > 90.0, "{r:?}");
+        // Slower for good: the peak halves in about 7 s (34 samples of 0.2 s).
+        for _ in 0..29 {
+            r.sample(10.0);
+        }
+        assert!((45.0..55.0).contains(&r.peak), "{r:?}");
+        // Never below the smoothed rate.
+        for _ in 0..500 {
+            r.sample(10.0);
+        }
+        assert!((r.peak - r.now).abs() < 1e-6, "{r:?}");
     }
 
     #[test]
