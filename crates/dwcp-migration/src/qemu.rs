@@ -367,8 +367,9 @@ impl Rate {
 
 /// The window for where the migration is. `late`: QEMU may stop the guest at the end of any
 /// iteration now (it iterates over dirty pages, or its first pass is about to end), or the
-/// path is short. `stream` and `wire`: stream and wire bytes acknowledged a second (0 if
-/// not measured yet). `allow`: how long the backlog may take to drain once QEMU stops.
+/// path is short. `drain`: stream bytes a second the destination takes, as far as known (see
+/// [`stream_drain`]); `wire`: wire bytes acknowledged a second (0 if not measured yet).
+/// `allow`: how long the backlog may take to drain once QEMU stops.
 ///
 /// During QEMU's first pass over RAM (not `late`) the guest is not stopped, so a backlog
 /// costs no pause: the window is large in stream bytes, and pages the destination holds (sent
@@ -376,12 +377,10 @@ impl Rate {
 /// the best goodput seen lately, so that a pass that ends sooner than expected (an idle guest
 /// stops at once) leaves little to drain. Afterwards whatever waits in the tunnel adds to the
 /// pause: it must drain within `allow` on the wire at the wire rate (pages dirtied late are
-/// mostly new), and in stream bytes at the rate the destination has shown it decodes and
-/// feeds its QEMU (the peak: the current stream rate is what the window lets through, and
-/// sized from it the stream limit bound at a 4 MiB floor, with the wire half used; internet,
-/// 2026-12-05). Neither window is below 4 MiB (on a lossy path a smaller one starves the
-/// stream, and the guest would then need throttling to converge at all).
-fn limits(late: bool, stream: Rate, wire: Rate, allow: Duration) -> Limits {
+/// mostly new), and in stream bytes at `drain`. Neither window is below 4 MiB (on a lossy
+/// path a smaller one starves the stream, and the guest would then need throttling to
+/// converge at all).
+fn limits(late: bool, drain: f64, wire: Rate, allow: Duration) -> Limits {
     let of = |rate: f64, time: f64| {
         if rate > 0.0 {
             ((rate * time) as u64).clamp(LATE_WINDOW, FIRST_PASS_WINDOW)
@@ -391,7 +390,7 @@ fn limits(late: bool, stream: Rate, wire: Rate, allow: Duration) -> Limits {
     };
     if late {
         Limits {
-            stream: of(stream.peak, allow.as_secs_f64()),
+            stream: of(drain, allow.as_secs_f64()),
             wire: of(wire.now, allow.as_secs_f64()),
         }
     } else {
@@ -400,6 +399,17 @@ fn limits(late: bool, stream: Rate, wire: Rate, allow: Duration) -> Limits {
             wire: of(wire.peak, FIRST_PASS_DRAIN.as_secs_f64()),
         }
     }
+}
+
+/// How fast a backlog of stream bytes drains at the destination (decoded, handed to its
+/// QEMU), from the stream rate. Across a long path, the best seen lately: the current rate is
+/// what the window lets through, and sized from it the late stream window sat at its 4 MiB
+/// floor with the wire half used (`internet`, 2026-12-04: dirty rounds at 13 MB/s of wire on
+/// a 25 MB/s link). On a short path the window does not hold the stream back (the CPUs do),
+/// so the current rate is what drains; the peak there, seen while pages went by reference,
+/// let a warm migration pause longer (`dc`: 208-309 ms against 136-255 ms).
+fn stream_drain(rate: Rate, short_path: bool) -> f64 {
+    if short_path { rate.now } else { rate.peak }
 }
 
 #[derive(Debug)]
@@ -982,9 +992,10 @@ async fn pump(
                         if qemu_round >= 2 && !short_path { LATE_BLOCK } else { BLOCK },
                         Ordering::Relaxed,
                     );
+                    let drain = stream_drain(rate, short_path);
                     budget.set_limits(
-                        limits(false, rate, wire_rate, allow),
-                        limits(true, rate, wire_rate, allow),
+                        limits(false, drain, wire_rate, allow),
+                        limits(true, drain, wire_rate, allow),
                     );
                     let l = budget.limits();
                     let late = budget.is_late();
@@ -1015,8 +1026,8 @@ async fn pump(
                     if watch {
                         watch = watch_pause(qmp).await;
                     }
-                    if rate.peak > 0.0 && wire_rate.now > 0.0 && !budget.is_paused() {
-                        let backlog_ms = (budget.inflight() as f64 / rate.peak)
+                    if drain > 0.0 && wire_rate.now > 0.0 && !budget.is_paused() {
+                        let backlog_ms = (budget.inflight() as f64 / drain)
                             .max(budget.wire_inflight() as f64 / wire_rate.now)
                             * 1000.0;
                         let rtt_ms = rtt.as_secs_f64() * 1000.0;
@@ -1480,29 +1491,19 @@ mod tests {
     #[test]
     fn the_first_pass_holds_much_by_reference_but_half_a_second_of_wire() {
         let allow = Duration::from_millis(100);
-        let l = limits(
-            false,
-            rate(150.0 * MB, 150.0 * MB),
-            rate(25.0 * MB, 25.0 * MB),
-            allow,
-        );
+        let l = limits(false, 150.0 * MB, rate(25.0 * MB, 25.0 * MB), allow);
         assert_eq!(l.stream, FIRST_PASS_WINDOW);
         assert_eq!(l.wire, 12_500_000);
         // The wire went slower for a moment (the encoder fell behind): the window stays what
         // the path has shown it carries, so that it does not shrink with the rate it holds.
-        let l = limits(
-            false,
-            rate(150.0 * MB, 150.0 * MB),
-            rate(11.0 * MB, 24.0 * MB),
-            allow,
-        );
+        let l = limits(false, 150.0 * MB, rate(11.0 * MB, 24.0 * MB), allow);
         assert_eq!(l.wire, 12_000_000);
         // Nothing measured yet.
-        let l = limits(false, Rate::default(), Rate::default(), allow);
+        let l = limits(false, 0.0, Rate::default(), allow);
         assert_eq!((l.stream, l.wire), (FIRST_PASS_WINDOW, START_WINDOW));
         // A fast path: capped.
         assert_eq!(
-            limits(false, Rate::default(), rate(1e9, 1e9), allow).wire,
+            limits(false, 0.0, rate(1e9, 1e9), allow).wire,
             FIRST_PASS_WINDOW
         );
     }
@@ -1511,34 +1512,22 @@ mod tests {
     fn late_the_backlog_drains_within_the_allowance_at_both_rates() {
         // dc-like: pages by reference went at 300 MB/s, the wire at 100 MB/s.
         let allow = Duration::from_millis(150);
-        let l = limits(
-            true,
-            rate(300.0 * MB, 300.0 * MB),
-            rate(100.0 * MB, 100.0 * MB),
-            allow,
-        );
+        let l = limits(true, 300.0 * MB, rate(100.0 * MB, 100.0 * MB), allow);
         assert_eq!(l.stream, 45_000_000);
         assert_eq!(l.wire, 15_000_000);
         // internet-like, dirty pages: the window holds the stream to 25 MB/s, but the
         // destination took 170 MB/s of it in the first pass. The stream limit is what it
         // decodes within the allowance; the wire limit what crosses, here under the floor.
         let allow = Duration::from_millis(62);
-        let l = limits(
-            true,
-            rate(25.0 * MB, 170.0 * MB),
-            rate(13.0 * MB, 24.0 * MB),
-            allow,
-        );
+        let drain = stream_drain(rate(25.0 * MB, 170.0 * MB), false);
+        let l = limits(true, drain, rate(13.0 * MB, 24.0 * MB), allow);
         assert_eq!(l.stream, 10_540_000);
         assert_eq!(l.wire, LATE_WINDOW);
         // Both under the floor.
-        let l = limits(
-            true,
-            rate(18.0 * MB, 18.0 * MB),
-            rate(20.0 * MB, 20.0 * MB),
-            allow,
-        );
+        let l = limits(true, 18.0 * MB, rate(20.0 * MB, 20.0 * MB), allow);
         assert_eq!((l.stream, l.wire), (LATE_WINDOW, LATE_WINDOW));
+        // On a short path the CPUs, not the window, hold the stream: it drains at its rate.
+        assert_eq!(stream_drain(rate(250.0 * MB, 400.0 * MB), true), 250.0 * MB);
     }
 
     #[test]
