@@ -533,7 +533,14 @@ pub async fn migrate_qemu(
             ms = t.elapsed().as_millis() as u64,
             "destination QEMU waiting"
         );
-        r
+        // The round trip too, while the summary is still on its way (it takes longer).
+        match r {
+            Ok(_) => Ok(control
+                .round_trip()
+                .await
+                .unwrap_or(Duration::from_millis(1))),
+            Err(e) => Err(e),
+        }
     };
     // The tunnel's connections too: their handshakes would otherwise come after the summary,
     // which takes a dozen round trips across a long path (the largest part of preparing).
@@ -551,8 +558,8 @@ pub async fn migrate_qemu(
         r
     };
     let (remote, opened, tunnel) = tokio::join!(base, opened, tunnel);
-    let (remote, tunnel) = match (opened, remote, tunnel) {
-        (Ok(_), Ok(r), Ok(t)) => (r, t),
+    let (remote, tunnel, rtt) = match (opened, remote, tunnel) {
+        (Ok(rtt), Ok(r), Ok(t)) => (r, t, rtt),
         (opened, remote, tunnel) => {
             let why = (opened.err().map(|e| format!("destination: {e}")))
                 .or_else(|| remote.err().map(|e| format!("destination: {e}")))
@@ -567,11 +574,6 @@ pub async fn migrate_qemu(
             return Err(fail("prepare", why, &report));
         }
     };
-    let rtt = control
-        .round_trip()
-        .await
-        .unwrap_or(Duration::from_millis(1));
-
     let result = run(
         dest,
         spec,
