@@ -533,14 +533,7 @@ pub async fn migrate_qemu(
             ms = t.elapsed().as_millis() as u64,
             "destination QEMU waiting"
         );
-        // The round trip too, while the summary is still on its way (it takes longer).
-        match r {
-            Ok(_) => Ok(control
-                .round_trip()
-                .await
-                .unwrap_or(Duration::from_millis(1))),
-            Err(e) => Err(e),
-        }
+        r
     };
     // The tunnel's connections too: their handshakes would otherwise come after the summary,
     // which takes a dozen round trips across a long path (the largest part of preparing).
@@ -558,8 +551,8 @@ pub async fn migrate_qemu(
         r
     };
     let (remote, opened, tunnel) = tokio::join!(base, opened, tunnel);
-    let (remote, tunnel, rtt) = match (opened, remote, tunnel) {
-        (Ok(rtt), Ok(r), Ok(t)) => (r, t, rtt),
+    let (remote, tunnel) = match (opened, remote, tunnel) {
+        (Ok(_), Ok(r), Ok(t)) => (r, t),
         (opened, remote, tunnel) => {
             let why = (opened.err().map(|e| format!("destination: {e}")))
                 .or_else(|| remote.err().map(|e| format!("destination: {e}")))
@@ -574,6 +567,14 @@ pub async fn migrate_qemu(
             return Err(fail("prepare", why, &report));
         }
     };
+    // Measured now, not alongside the cache summary: the destination may be busy with that
+    // summary then, and one late answer on a short path (2.5 ms seen on `dc`, with 10 ms the
+    // line between short and long) would be taken for a long path.
+    let rtt = control
+        .round_trip()
+        .await
+        .unwrap_or(Duration::from_millis(1));
+
     let result = run(
         dest,
         spec,
