@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint};
-use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept,
 };
+use dwcp_transport::{ConnError, Endpoint};
 use dwcp_wire::{NodeId, data};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -111,11 +111,21 @@ async fn open_vm() -> Opened {
 }
 
 async fn open_vm_with(qemu_idle: Duration) -> Opened {
+    open_vm_limited(qemu_idle, 512).await
+}
+
+/// A destination whose agent allows at most `max_streams` streams a session.
+async fn open_vm_limited(qemu_idle: Duration, max_streams: u32) -> Opened {
     let cluster = TestCluster::new();
     let qemu_dir = cluster.dir().join("qemu");
     std::fs::create_dir_all(&qemu_dir).unwrap();
     let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let agent = RunningAgent::start(&cluster, "dest", move |c| {
+        c.migration.qemu_dir = qd;
+        c.transport.max_streams = max_streams;
+        c.transport.min_streams = c.transport.min_streams.min(max_streams);
+    })
+    .await;
     let ep = endpoint(&cluster, "src", |_| {});
     let got = fake_qemu(&qemu_dir, "vm", qemu_idle);
     let mut control = KeptSession::new();
@@ -258,21 +268,63 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
     );
 }
 
+/// How many connections `open` has made to a listener that takes them and never answers, by
+/// the time `wait` is over.
+async fn dials_before_any_answer(expected: Option<&NodeId>, wait: Duration) -> usize {
+    let cluster = TestCluster::new();
+    let ep = endpoint(&cluster, "src", |_| {});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let open = Tunnel::open(&ep, addr, expected, 4, "vm");
+    assert!(
+        tokio::time::timeout(wait, open).await.is_err(),
+        "opened against a listener that never answers"
+    );
+    holder.abort();
+    accepted.load(Ordering::SeqCst)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tunnel_to_a_named_node_dials_every_stream_and_refuses_another_node() {
-    let vm = open_vm().await;
-    // Named, every connection is dialled at once, each checked against the name.
+async fn a_tunnel_to_a_named_node_dials_every_stream_at_once() {
+    // Named: all four dials are out before any peer answers. Unnamed: only the first, whose
+    // answer names the node the rest must reach.
+    let dest = NodeId::new("dest").unwrap();
+    assert_eq!(
+        dials_before_any_answer(Some(&dest), Duration::from_millis(500)).await,
+        4
+    );
+    assert_eq!(
+        dials_before_any_answer(None, Duration::from_millis(500)).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_tunnel_refuses_another_node_and_keeps_to_the_peers_limit() {
+    let vm = open_vm_limited(Duration::ZERO, 2).await;
     let other = NodeId::new("src").unwrap();
     match Tunnel::open(&vm.ep, vm.agent.addr, Some(&other), 4, "vm").await {
-        Err(SendError::Connect(e)) => assert!(e.to_string().contains("src"), "{e}"),
+        Err(SendError::Connect(ConnError::WrongPeer { expected, found })) => {
+            assert_eq!((expected.as_str(), found.as_str()), ("src", "dest"));
+        }
         Err(e) => panic!("refused for another reason: {e}"),
         Ok(_) => panic!("a tunnel to the wrong node opened"),
     }
+    // Four asked for, dialled at once; the peer allows two, and the stream goes over those.
     let dest = NodeId::new("dest").unwrap();
     let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, Some(&dest), 4, "vm")
         .await
         .unwrap();
-    assert_eq!(tunnel.streams(), 4);
+    assert_eq!(tunnel.streams(), 2);
     let n = 12u64;
     let expected = send_raw(&tunnel, n);
     wait_acked(&tunnel, n).await;
