@@ -354,21 +354,22 @@ struct Rate {
 }
 
 impl Rate {
-    /// A sample, taken every 0.2 s or so.
-    fn sample(&mut self, r: f64) {
+    /// A sample `r` over the last `dt` seconds (about 0.2 s; longer while QEMU's monitor
+    /// keeps the loop waiting). The peak decays with time, not with samples.
+    fn sample(&mut self, r: f64, dt: f64) {
         self.now = if self.now == 0.0 {
             r
         } else {
             0.6 * self.now + 0.4 * r
         };
-        self.peak = (self.peak * 0.98).max(self.now);
+        self.peak = (self.peak * 0.98f64.powf(dt / 0.2)).max(self.now);
     }
 }
 
 /// The window for where the migration is. `late`: QEMU may stop the guest at the end of any
 /// iteration now (it iterates over dirty pages, or its first pass is about to end), or the
 /// path is short. `drain`: stream bytes a second the destination takes, as far as known (see
-/// [`stream_drain`]); `wire`: wire bytes acknowledged a second (0 if not measured yet).
+/// [`stream_drain`]); `wire`: wire bytes acknowledged a second (zero until measured).
 /// `allow`: how long the backlog may take to drain once QEMU stops.
 ///
 /// During QEMU's first pass over RAM (not `late`) the guest is not stopped, so a backlog
@@ -407,7 +408,7 @@ fn limits(late: bool, drain: f64, wire: Rate, allow: Duration) -> Limits {
 /// floor with the wire half used (`internet`, 2026-12-04: dirty rounds at 13 MB/s of wire on
 /// a 25 MB/s link). On a short path the window does not hold the stream back (the CPUs do),
 /// so the current rate is what drains; the peak there, seen while pages went by reference,
-/// let a warm migration pause longer (`dc`: 208-309 ms against 136-255 ms).
+/// let a warm migration pause longer (`dc`: 208-309 ms against 136-254 ms).
 fn stream_drain(rate: Rate, short_path: bool) -> f64 {
     if short_path { rate.now } else { rate.peak }
 }
@@ -443,7 +444,7 @@ const LATE_BLOCK: usize = 64 << 10;
 const LATE_WINDOW: u64 = 4 << 20;
 /// Largest window, and the window in stream bytes during QEMU's first pass over RAM.
 const FIRST_PASS_WINDOW: u64 = 64 << 20;
-/// The window in wire bytes during the first pass: this long at the wire rate.
+/// The window in wire bytes during the first pass: this long at the best wire rate seen lately.
 const FIRST_PASS_DRAIN: Duration = Duration::from_millis(500);
 /// QEMU's first pass counts as ending (the window as late) once this much RAM is left. The
 /// reader sees it in the stream as it reads (and stops reading until the backlog is within
@@ -978,8 +979,8 @@ async fn pump(
                 let (_, acked, wire_acked, _) = tunnel.acked();
                 let dt = last.0.elapsed().as_secs_f64();
                 if dt >= 0.2 {
-                    rate.sample((acked - last.1) as f64 / dt);
-                    wire_rate.sample((wire_acked - last.2) as f64 / dt);
+                    rate.sample((acked - last.1) as f64 / dt, dt);
+                    wire_rate.sample((wire_acked - last.2) as f64 / dt, dt);
                     last = (Instant::now(), acked, wire_acked);
                     // The window (see `limits`): too small starves the path; too big hides a
                     // backlog from QEMU, which drains while the guest is paused. Late, the
@@ -1018,7 +1019,8 @@ async fn pump(
                     // QEMU stops the guest when what is left fits its downtime limit at the
                     // bandwidth it sees; what waits in the tunnel and the final round trip
                     // come on top, so ask QEMU for that much less. The backlog drains at the
-                    // slower of its stream and wire measures (as the window counts them). QEMU may also stop the guest at
+                    // slower of its two measures: stream bytes at `drain` (see `stream_drain`),
+                    // wire bytes at the current wire rate. QEMU may also stop the guest at
                     // the end of its first pass, when the window is large: until then the
                     // limit may go down to 1 ms, so that QEMU stops the guest only if nothing
                     // at all was dirtied and otherwise iterates once more, behind the late
@@ -1536,22 +1538,28 @@ mod tests {
     #[test]
     fn a_rate_keeps_its_peak_for_a_while_and_lets_it_go() {
         let mut r = Rate::default();
-        r.sample(100.0);
+        r.sample(100.0, 0.2);
         assert_eq!(r, rate(100.0, 100.0));
         // Held down: the smoothed rate follows within a second, the peak stays near.
         for _ in 0..5 {
-            r.sample(10.0);
+            r.sample(10.0, 0.2);
         }
         assert!(r.now < 20.0, "{r:?}");
         assert!(r.peak > 90.0, "{r:?}");
-        // Slower for good: the peak halves in about 7 s (34 samples of 0.2 s).
+        // Slower for good: the peak halves in about 7 s (34 samples of 0.2 s)...
         for _ in 0..29 {
-            r.sample(10.0);
+            r.sample(10.0, 0.2);
         }
         assert!((45.0..55.0).contains(&r.peak), "{r:?}");
+        // ... with time, however the samples come: 7 s more in 10 samples halves it again.
+        let before = r.peak;
+        for _ in 0..10 {
+            r.sample(10.0, 0.68);
+        }
+        assert!((0.45..0.55).contains(&(r.peak / before)), "{r:?}");
         // Never below the smoothed rate.
         for _ in 0..500 {
-            r.sample(10.0);
+            r.sample(10.0, 0.2);
         }
         assert!((r.peak - r.now).abs() < 1e-6, "{r:?}");
     }
