@@ -382,11 +382,12 @@ impl Rate {
 /// held the pages new since (the guest's random data) to 9-18 MB/s of a 25 MB/s link, rising
 /// only as slowly as the rate it held down (`internet`, 2026-12-04). A pass that ends sooner
 /// than expected (an idle guest stops at once) still leaves little to drain: the late window
-/// applies before the pass ends, and the reader waits for the backlog to fit it. Afterwards whatever waits in the tunnel adds to the
-/// pause: it must drain within `allow` on the wire at the wire rate (pages dirtied late are
-/// mostly new), and in stream bytes at `drain`. Neither window is below 4 MiB (on a lossy
-/// path a smaller one starves the stream, and the guest would then need throttling to
-/// converge at all).
+/// applies before the pass ends, and the reader waits for the backlog to fit it.
+///
+/// Afterwards whatever waits in the tunnel adds to the pause: it must drain within `allow`
+/// on the wire at the wire rate (pages dirtied late are mostly new), and in stream bytes at
+/// `drain`. Neither window is below 4 MiB (on a lossy path a smaller one starves the stream,
+/// and the guest would then need throttling to converge at all).
 fn limits(late: bool, drain: f64, wire: Rate, allow: Duration) -> Limits {
     let of = |rate: f64, time: f64| {
         if rate > 0.0 {
