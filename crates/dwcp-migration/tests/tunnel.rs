@@ -157,6 +157,19 @@ impl Opened {
         (detail.unwrap(), got)
     }
 
+    /// Ends the stream `expected` of `n` blocks and checks that the destination's QEMU runs,
+    /// having got exactly that stream. Yields the destination's answer.
+    async fn finish_whole(self, tunnel: Tunnel, n: u64, expected: &[u8]) -> String {
+        let (detail, got) = self.finish(tunnel, n, expected).await;
+        assert!(detail.contains("\"status\":\"running\""), "{detail}");
+        assert!(
+            got == expected,
+            "QEMU got {} bytes, not the stream",
+            got.len()
+        );
+        detail
+    }
+
     /// Ends a stream of `n` blocks whose digest the source says is `digest`.
     async fn finish_with(
         mut self,
@@ -255,16 +268,10 @@ async fn the_stream_arrives_whole_and_in_order_despite_reordering_and_a_lost_str
         tunnel.acked()
     );
 
-    let (detail, got) = vm.finish(tunnel, n, &expected).await;
-    assert!(detail.contains("\"status\":\"running\""), "{detail}");
+    let detail = vm.finish_whole(tunnel, n, &expected).await;
     assert!(
         detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
         "{detail}"
-    );
-    assert!(
-        got == expected,
-        "QEMU got {} bytes, not the stream",
-        got.len()
     );
 }
 
@@ -328,13 +335,7 @@ async fn a_named_tunnel_refuses_another_node_and_keeps_to_the_peers_limit() {
     let n = 12u64;
     let expected = send_raw(&tunnel, n);
     wait_acked(&tunnel, n).await;
-    let (detail, got) = vm.finish(tunnel, n, &expected).await;
-    assert!(detail.contains("\"status\":\"running\""), "{detail}");
-    assert!(
-        got == expected,
-        "QEMU got {} bytes, not the stream",
-        got.len()
-    );
+    vm.finish_whole(tunnel, n, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,13 +434,7 @@ async fn a_block_stuck_on_one_connection_goes_again_on_another() {
     }
     assert!(tunnel.hedged() > 0);
     assert_eq!(tunnel.acked().0, n);
-    let (detail, got) = vm.finish(tunnel, n, &expected).await;
-    assert!(detail.contains("\"status\":\"running\""), "{detail}");
-    assert!(
-        got == expected,
-        "QEMU got {} bytes, not the stream",
-        got.len()
-    );
+    vm.finish_whole(tunnel, n, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,13 +454,7 @@ async fn a_destination_qemu_that_does_not_read_holds_the_acknowledgements_back()
         "{held} blocks of 256 KiB acknowledged with QEMU not reading"
     );
     wait_acked(&tunnel, n).await;
-    let (detail, got) = vm.finish(tunnel, n, &expected).await;
-    assert!(detail.contains("\"status\":\"running\""), "{detail}");
-    assert!(
-        got == expected,
-        "QEMU got {} bytes, not the stream",
-        got.len()
-    );
+    vm.finish_whole(tunnel, n, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,13 +592,7 @@ async fn pages_of_a_decoded_block_are_learned_so_later_blocks_refer_to_them() {
     assert!(tunnel.take_acked().is_empty());
     assert_eq!(tunnel.acked().3, 0, "no block went again raw");
 
-    let (detail, got) = vm.finish(tunnel, 3, &expected).await;
-    assert!(detail.contains("\"status\":\"running\""), "{detail}");
-    assert!(
-        got == expected,
-        "QEMU got {} bytes, not the stream",
-        got.len()
-    );
+    vm.finish_whole(tunnel, 3, &expected).await;
 }
 
 /// A tunnel's connections hold little unsent (see `TUNNEL_NOTSENT_LOWAT`), well under what the
