@@ -377,12 +377,12 @@ impl Rate {
 /// During QEMU's first pass over RAM (not `late`) the guest is not stopped, so a backlog
 /// costs no pause: the window is large in stream bytes, and pages the destination holds (sent
 /// by reference) go through as fast as it lets them; in wire bytes it is half a second of
-/// the best goodput seen lately, and at least 16 MiB. The floor: a warm first pass sends its
-/// first hundreds of MB by reference, at 3 MB/s of wire, and a window of half a second of that
-/// held the pages new since (the guest's random data) to 9-18 MB/s of a 25 MB/s link, rising
-/// only as slowly as the rate it held down (`internet`, 2026-12-04). A pass that ends sooner
-/// than expected (an idle guest stops at once) still leaves little to drain: the late window
-/// applies before the pass ends, and the reader waits for the backlog to fit it.
+/// the best goodput seen lately, so that a pass that ends sooner than expected (an idle guest
+/// stops at once, and the late window was not applied in time: see `Budget::saw_offset`)
+/// leaves little to drain. (A floor of 16 MiB was tried: a warm first pass sends its first
+/// hundreds of MB by reference at 3 MB/s of wire, and half a second of that holds the new
+/// pages after them to 9-18 MB/s of a 25 MB/s link at first. But a missed late switch would
+/// then leave 16 MiB to drain in the pause, 1.3 s on `lossy`; 2026-12-04.)
 ///
 /// Afterwards whatever waits in the tunnel adds to the pause: it must drain within `allow`
 /// on the wire at the wire rate (pages dirtied late are mostly new), and in stream bytes at
@@ -404,7 +404,7 @@ fn limits(late: bool, drain: f64, wire: Rate, allow: Duration) -> Limits {
     } else {
         Limits {
             stream: FIRST_PASS_WINDOW,
-            wire: of(wire.peak, FIRST_PASS_DRAIN.as_secs_f64()).max(START_WINDOW),
+            wire: of(wire.peak, FIRST_PASS_DRAIN.as_secs_f64()),
         }
     }
 }
@@ -460,7 +460,7 @@ const FIRST_PASS_ENDING: u64 = 32 << 20;
 /// Stream bytes QEMU may have written past what the reader has seen: its socket's buffer
 /// (about 208 KiB by default) and the segment being read.
 const LOOKAHEAD: u64 = 512 << 10;
-/// The window until a rate is measured, and the least wire window of the first pass.
+/// The window until a rate is measured.
 const START_WINDOW: u64 = 16 << 20;
 /// Seconds in which the best rate seen halves (see [`Rate`]).
 const PEAK_HALF_LIFE: f64 = 30.0;
@@ -1512,10 +1512,9 @@ mod tests {
         // the path has shown it carries, so that it does not shrink with the rate it holds.
         let l = limits(false, 150.0 * MB, rate(11.0 * MB, 40.0 * MB), allow);
         assert_eq!(l.wire, 20_000_000);
-        // Pages went by reference so far, at 3 MB/s of wire: not below 16 MiB, or the new
-        // pages after them would start held to a few MB/s.
+        // Pages went by reference so far, at 3 MB/s of wire: the floor.
         let l = limits(false, 150.0 * MB, rate(3.0 * MB, 3.3 * MB), allow);
-        assert_eq!(l.wire, START_WINDOW);
+        assert_eq!(l.wire, LATE_WINDOW);
         // Nothing measured yet.
         let l = limits(false, 0.0, Rate::default(), allow);
         assert_eq!((l.stream, l.wire), (FIRST_PASS_WINDOW, START_WINDOW));
