@@ -178,11 +178,12 @@ struct Budget {
     late: AtomicBool,
     /// QEMU paused the guest: no window but [`GAP_LIMIT`] (see [`Budget::set_paused`]).
     paused: AtomicBool,
-    /// Guest RAM, bytes (0 until known): with the highest page offset the reader has seen,
-    /// it tells when QEMU's first pass is about to end.
+    /// Guest RAM, bytes (0 until known): with the furthest place in QEMU's first pass the
+    /// reader has seen, it tells when that pass is about to end.
     ram: AtomicU64,
-    /// Highest page offset the reader has taken, and the stream bytes read since it moved
-    /// (see [`Budget::saw_offset`]).
+    /// Furthest place in the first pass the reader has taken (RAM before the page, across
+    /// all blocks: see [`crate::qemu_stream::FirstPass`]), and the stream bytes read since it
+    /// moved (see [`Budget::saw_offset`]).
     offset: AtomicU64,
     unseen: AtomicU64,
     freed: Notify,
@@ -255,13 +256,14 @@ impl Budget {
     fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
     }
-    /// The reader saw a page this far into a RAM block, in a segment of `len` bytes: when
-    /// the first pass is about to end, the late window applies from now on, before QEMU can
-    /// finish the pass (an untouched tail of zero pages goes by in a few milliseconds). "About
-    /// to end": within [`FIRST_PASS_ENDING`] of the end of RAM, or within what QEMU may have
-    /// written ahead of the reader (its socket buffer and a segment, [`LOOKAHEAD`]) at the
-    /// RAM per stream byte seen lately (over zero pages, 4 KiB per 9 bytes). The first pass
-    /// goes up in address order, and the stream holds at most one page per 9 bytes: an offset
+    /// The reader saw a page this far into QEMU's first pass over RAM (`offset`: the RAM
+    /// before it, in all blocks), in a segment of `len` bytes: when the first pass is about
+    /// to end, the late window applies from now on, before QEMU can finish the pass (an
+    /// untouched tail of zero pages goes by in a few milliseconds). "About to end": within
+    /// [`FIRST_PASS_ENDING`] of the end of RAM, or within what QEMU may have written ahead of
+    /// the reader (its socket buffer and a segment, [`LOOKAHEAD`]) at the RAM per stream byte
+    /// seen lately (over zero pages, 4 KiB per 9 bytes). The first pass goes up block by
+    /// block, each in address order, and the stream holds at most one page per 9 bytes: an offset
     /// further ahead than the bytes read since the last one can reach is guest data that looks
     /// like a record, and is not taken.
     fn saw_offset(&self, offset: u64, len: usize) {
@@ -1185,6 +1187,7 @@ async fn read_segments(
     // more channels).
     const FIRST: Duration = Duration::from_secs(20);
     let mut seq = 0u64;
+    let mut pass = crate::qemu_stream::FirstPass::default();
     loop {
         loop {
             // Registered before the check: an acknowledgement in between must wake it.
@@ -1223,10 +1226,14 @@ async fn read_segments(
         if !buf.is_empty() {
             hasher.update(&buf);
             budget.take(buf.len() as u64);
-            if !budget.is_late()
-                && let Some(o) = crate::qemu_stream::highest_offset(&buf)
-            {
-                budget.saw_offset(o, buf.len());
+            if !budget.is_late() {
+                let at = pass.advance(&buf);
+                if let Some(total) = pass.total() {
+                    budget.ram.store(total, Ordering::Relaxed);
+                }
+                if let Some(at) = at {
+                    budget.saw_offset(at, buf.len());
+                }
             }
             tx.send(Segment { seq, bytes: buf })
                 .await

@@ -20,14 +20,16 @@ use std::ops::Range;
 /// Guest page size of the records (x86 targets).
 pub const PAGE: usize = 4096;
 
+const FLAG_MEM_SIZE: u64 = 0x04;
 const FLAG_ZERO: u64 = 0x02;
 const FLAG_PAGE: u64 = 0x08;
+const FLAG_EOS: u64 = 0x10;
 const FLAG_CONTINUE: u64 = 0x20;
 /// Offsets within a RAM block beyond this are not plausible (16 TiB).
 const MAX_OFFSET: u64 = 1 << 44;
 
 /// One record found at a position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Record {
     /// Where the next record starts.
     end: usize,
@@ -35,6 +37,8 @@ struct Record {
     page: Option<usize>,
     /// The page's offset in its RAM block.
     offset: u64,
+    /// Where the block's name is, unless the record continues the previous block.
+    name: Option<Range<usize>>,
 }
 
 /// The record at `at`, if the bytes there look like a page or zero-page record that ends
@@ -52,12 +56,14 @@ fn record(buf: &[u8], at: usize) -> Option<Record> {
         return None;
     }
     let mut p = at + 8;
+    let mut name_at = None;
     if flags & FLAG_CONTINUE == 0 {
         let len = *buf.get(p)? as usize;
         let name = buf.get(p + 1..p + 1 + len)?;
         if len == 0 || !name.iter().all(|b| b.is_ascii_graphic()) {
             return None;
         }
+        name_at = Some(p + 1..p + 1 + len);
         p += 1 + len;
     }
     if kind == FLAG_PAGE {
@@ -65,12 +71,14 @@ fn record(buf: &[u8], at: usize) -> Option<Record> {
             end: p + PAGE,
             page: Some(p),
             offset,
+            name: name_at,
         })
     } else {
         (p < buf.len()).then_some(Record {
             end: p + 1,
             page: None,
             offset,
+            name: name_at,
         })
     }
 }
@@ -86,27 +94,165 @@ pub fn page_spans(buf: &[u8]) -> Vec<Range<usize>> {
     spans
 }
 
-/// The highest RAM offset of the page and zero-page records in `buf`: during QEMU's first
-/// pass over RAM (block by block, biggest block first, each in address order) it says how far
-/// the pass has come.
-/// Only runs of two records or more count (a lone record at the end of `buf` could be guest
-/// data that happens to look like one).
-pub fn highest_offset(buf: &[u8]) -> Option<u64> {
-    let mut highest = None;
-    let mut run: Option<(u64, usize)> = None; // (highest offset, records) of the current run
-    let mut last_end = usize::MAX;
-    records(buf, |r, start| {
-        let (h, n) = match run {
-            Some((h, n)) if start == last_end => (h.max(r.offset), n + 1),
-            _ => (r.offset, 1),
-        };
-        run = Some((h, n));
-        last_end = r.end;
-        if n >= 2 {
-            highest = highest.max(Some(h));
+/// A RAM block of the stream, as its setup section lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamBlock {
+    /// QEMU's name for it (`pc.ram`, a memory backend's id, ...).
+    pub name: String,
+    /// Bytes of RAM in the blocks listed before it: where it starts in QEMU's first pass.
+    pub start: u64,
+    /// Its size (QEMU's `used_length`).
+    pub len: u64,
+}
+
+/// The RAM blocks listed by the setup section in `head`, the stream's first bytes, if it is
+/// there whole. QEMU's `ram_save_setup` writes a section start (`0x01`, the section id, the
+/// name `ram`, instance and version), the total RAM with `RAM_SAVE_FLAG_MEM_SIZE`, each
+/// block's name and length, then `RAM_SAVE_FLAG_EOS`. Taken only when the lengths add up to
+/// the total and the end marker follows: a stream with more per block (the page size under
+/// postcopy with huge pages, the address under `x-ignore-shared`) gives `None`.
+pub fn ram_blocks(head: &[u8]) -> Option<Vec<RamBlock>> {
+    const SECTION_START: u8 = 0x01;
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(head.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut from = 0;
+    while let Some(i) = head.get(from..)?.windows(4).position(|w| w == b"\x03ram") {
+        let at = from + i;
+        from = at + 1;
+        if at < 5 || head[at - 5] != SECTION_START {
+            continue;
         }
-    });
-    highest
+        // The name, then instance and version (4 bytes each).
+        let mut p = at + 4 + 8;
+        let Some(size) = word(p) else { continue };
+        if size & 0xfff != FLAG_MEM_SIZE {
+            continue;
+        }
+        let total = size & !0xfff;
+        p += 8;
+        let mut blocks = Vec::new();
+        let mut start = 0u64;
+        while start < total {
+            let Some(&len) = head.get(p) else { break };
+            let len = len as usize;
+            let Some(name) = head.get(p + 1..p + 1 + len) else {
+                break;
+            };
+            if len == 0 || !name.iter().all(|b| b.is_ascii_graphic()) {
+                break;
+            }
+            let Some(size) = word(p + 1 + len) else { break };
+            if size == 0 || size > total - start {
+                break;
+            }
+            blocks.push(RamBlock {
+                name: String::from_utf8_lossy(name).into_owned(),
+                start,
+                len: size,
+            });
+            start += size;
+            p += 1 + len + 8;
+        }
+        if start == total && total > 0 && word(p) == Some(FLAG_EOS) {
+            return Some(blocks);
+        }
+    }
+    None
+}
+
+/// How far QEMU's first pass over RAM has come, from the page and zero-page records read so
+/// far. The pass goes through the RAM blocks in the order of the setup section (biggest
+/// first), each in address order, and a record's offset counts from the start of its block:
+/// the place in the pass is the block's start plus the offset. The block is named by the
+/// first record of it (and whenever the block changes); a named record cut by a piece's edge
+/// is missed, so once the last page of a block was seen, records without a name belong to
+/// the next one.
+///
+/// Until the setup section is found (or if it is not, within the first MiB), offsets count
+/// as they are: right for a guest whose RAM is one block and a few small ones after it.
+#[derive(Debug, Default)]
+pub struct FirstPass {
+    /// The stream's first bytes, until the setup section is found in them.
+    head: Vec<u8>,
+    /// The head grew past [`HEAD_LIMIT`] without a setup section: no more looking.
+    gave_up: bool,
+    blocks: Option<Vec<RamBlock>>,
+    /// The block of the last record placed, and whether that record was its last page.
+    current: Option<usize>,
+    at_end: bool,
+}
+
+/// How much of the stream's start is searched for its setup section.
+const HEAD_LIMIT: usize = 1 << 20;
+
+impl FirstPass {
+    /// The RAM blocks, once the setup section was read.
+    pub fn blocks(&self) -> Option<&[RamBlock]> {
+        self.blocks.as_deref()
+    }
+
+    /// The guest's RAM, once the setup section was read.
+    pub fn total(&self) -> Option<u64> {
+        let b = self.blocks.as_ref()?.last()?;
+        Some(b.start + b.len)
+    }
+
+    /// Reads `buf`, the next piece of the stream: the furthest place in the first pass (bytes
+    /// of RAM before the page) of the page and zero-page records in it. Only runs of two
+    /// records or more count (a lone record at the end of `buf` could be guest data that
+    /// happens to look like one).
+    pub fn advance(&mut self, buf: &[u8]) -> Option<u64> {
+        if self.blocks.is_none() && !self.gave_up {
+            self.head
+                .extend_from_slice(&buf[..buf.len().min(HEAD_LIMIT - self.head.len())]);
+            self.blocks = ram_blocks(&self.head);
+            if self.blocks.is_some() || self.head.len() >= HEAD_LIMIT {
+                self.gave_up = self.blocks.is_none();
+                self.head = Vec::new();
+            }
+        }
+        let mut highest = None;
+        // The first record of the current run, not placed until a second one follows it.
+        let mut first: Option<(Option<Range<usize>>, u64)> = None;
+        let mut last_end = usize::MAX;
+        records(buf, |r, start| {
+            if start != last_end {
+                first = Some((r.name.clone(), r.offset));
+            } else {
+                if let Some((name, offset)) = first.take() {
+                    highest = highest.max(self.place(name.map(|n| &buf[n]), offset));
+                }
+                highest = highest.max(self.place(r.name.clone().map(|n| &buf[n]), r.offset));
+            }
+            last_end = r.end;
+        });
+        highest
+    }
+
+    /// The place in the first pass of a record at `offset`, named or continuing.
+    fn place(&mut self, name: Option<&[u8]>, offset: u64) -> Option<u64> {
+        let Some(blocks) = &self.blocks else {
+            return Some(offset);
+        };
+        match name {
+            Some(n) => self.current = blocks.iter().position(|b| b.name.as_bytes() == n),
+            None => {
+                if let Some(i) = self.current
+                    && self.at_end
+                    && blocks.get(i + 1).is_some_and(|b| offset < b.len)
+                {
+                    self.current = Some(i + 1);
+                }
+            }
+        }
+        let b = &blocks[self.current?];
+        if offset >= b.len {
+            return None;
+        }
+        self.at_end = offset + PAGE as u64 >= b.len;
+        Some(b.start + offset)
+    }
 }
 
 /// Calls `f` for each record of the runs found in `buf`, in order, with where it starts.
@@ -187,7 +333,9 @@ mod tests {
 
     #[test]
     fn the_highest_offset_counts_zero_pages_and_every_block() {
+        let highest_offset = |b: &[u8]| FirstPass::default().advance(b);
         let (s, _) = stream();
+        // No setup section: offsets as they are.
         assert_eq!(highest_offset(&s), Some(11 << 12));
         // A run of zero pages only (an untouched tail of RAM).
         let mut z = Vec::new();
@@ -205,6 +353,127 @@ mod tests {
         lone.push(0);
         assert_eq!(page_spans(&lone), Vec::<Range<usize>>::new());
         assert_eq!(highest_offset(&lone), None);
+    }
+
+    /// A stream with a setup section listing `blocks` (name, pages), then every page of
+    /// each block in order (page and zero-page records by turns), then more state. Returns
+    /// it and the place in the first pass of each record's end.
+    fn stream_with_setup(blocks: &[(&str, u64)]) -> (Vec<u8>, Vec<(usize, u64)>) {
+        let total: u64 = blocks.iter().map(|b| b.1 * PAGE as u64).sum();
+        let mut s = b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x0dpc-i440fx-7.2".to_vec();
+        s.push(0x01);
+        s.extend(2u32.to_be_bytes());
+        s.extend(b"\x03ram");
+        s.extend(0u32.to_be_bytes());
+        s.extend(4u32.to_be_bytes());
+        s.extend((total | FLAG_MEM_SIZE).to_be_bytes());
+        for (name, pages) in blocks {
+            s.push(name.len() as u8);
+            s.extend(name.as_bytes());
+            s.extend((pages * PAGE as u64).to_be_bytes());
+        }
+        s.extend(FLAG_EOS.to_be_bytes());
+        s.extend(b"\x02\x00\x00\x00\x02");
+        let mut ends = Vec::new();
+        let mut start = 0;
+        for (b, (name, pages)) in blocks.iter().enumerate() {
+            for i in 0..*pages {
+                let named = (i == 0).then_some(*name);
+                let cont = if named.is_some() { 0 } else { FLAG_CONTINUE };
+                if (i + b as u64).is_multiple_of(2) {
+                    s.extend(header(i, FLAG_PAGE | cont, named));
+                    s.extend(page(i as u8 + 1));
+                } else {
+                    s.extend(header(i, FLAG_ZERO | cont, named));
+                    s.push(0);
+                }
+                ends.push((s.len(), start + i * PAGE as u64));
+            }
+            start += pages * PAGE as u64;
+        }
+        s.extend(FLAG_EOS.to_be_bytes());
+        s.extend(b"\x03\x00\x00\x00\x02 more state");
+        (s, ends)
+    }
+
+    #[test]
+    fn the_setup_section_lists_the_blocks_or_nothing() {
+        let (s, _) = stream_with_setup(&[("pc.ram", 6), ("vga.vram", 3), ("pc.bios", 2)]);
+        let blocks = ram_blocks(&s).unwrap();
+        let got: Vec<(&str, u64, u64)> = blocks
+            .iter()
+            .map(|b| (b.name.as_str(), b.start, b.len))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("pc.ram", 0, 6 << 12),
+                ("vga.vram", 6 << 12, 3 << 12),
+                ("pc.bios", 9 << 12, 2 << 12)
+            ]
+        );
+        // Cut short, or lengths that do not add up to the total: nothing.
+        let end = s.windows(7).position(|w| w == b"pc.bios").unwrap() + 7 + 8;
+        assert!(ram_blocks(&s[..end]).is_none());
+        assert!(ram_blocks(&s[..end + 8]).is_some());
+        let mut bad = s;
+        bad[end - 1] ^= 0x10; // pc.bios one page longer
+        assert!(ram_blocks(&bad).is_none());
+        assert!(ram_blocks(b"QEVM no setup here").is_none());
+        assert!(ram_blocks(&[]).is_none());
+    }
+
+    #[test]
+    fn the_first_pass_counts_across_blocks_wherever_the_stream_is_cut() {
+        let blocks = [("pc.ram", 6), ("vga.vram", 3), ("pc.bios", 2)];
+        let (s, ends) = stream_with_setup(&blocks);
+        let total = 11 * PAGE as u64;
+        // Whole: the last page of the last block.
+        let mut pass = FirstPass::default();
+        assert_eq!(pass.advance(&s), Some(total - PAGE as u64));
+        assert_eq!(pass.total(), Some(total));
+        // Offsets alone would say 5 pages (the last of pc.ram).
+        // Cut in two anywhere, also inside a named record: never further than the records
+        // read, and at least to the last page before the last block.
+        let last_block = 9 * PAGE as u64;
+        for cut in 1..s.len() {
+            let mut pass = FirstPass::default();
+            let mut furthest = None;
+            for piece in [&s[..cut], &s[cut..]] {
+                let at = pass.advance(piece);
+                let read = s.len() - (piece.as_ptr() as usize + piece.len() - s.as_ptr() as usize);
+                let done = ends
+                    .iter()
+                    .filter(|e| e.0 <= s.len() - read)
+                    .map(|e| e.1)
+                    .max();
+                assert!(at <= done, "cut at {cut}: {at:?} beyond {done:?}");
+                furthest = furthest.max(at);
+            }
+            // Whole when the last two records are both in one piece.
+            if cut <= ends[ends.len() - 3].0 {
+                assert_eq!(furthest, Some(total - PAGE as u64), "cut at {cut}");
+            } else {
+                assert!(
+                    furthest >= Some(last_block - PAGE as u64),
+                    "cut at {cut}: {furthest:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn after_a_blocks_last_page_unnamed_records_are_the_next_blocks() {
+        let (s, ends) = stream_with_setup(&[("m0", 4), ("m1", 4)]);
+        let total = 8 * PAGE as u64;
+        // Cut within m1's first record, which names it: the rest of m1 continues unnamed.
+        for cut in ends[3].0 + 1..ends[4].0 {
+            let mut pass = FirstPass::default();
+            let a = pass.advance(&s[..cut]);
+            let b = pass.advance(&s[cut..]);
+            assert_eq!(a, Some(3 * PAGE as u64), "cut at {cut}");
+            assert_eq!(b, Some(total - PAGE as u64), "cut at {cut}");
+        }
     }
 
     #[test]
@@ -254,6 +523,18 @@ mod tests {
                     bytes[at..at + h.len()].copy_from_slice(&h);
                 }
             }
+            // The first pass never places a record beyond RAM, whatever follows the setup.
+            let (mut with_setup, _) = stream_with_setup(&[("m0", 3), ("m1", 2)]);
+            with_setup.truncate(86); // the header, the setup section, a section's start
+            proptest::prop_assert!(ram_blocks(&with_setup).is_some());
+            with_setup.extend_from_slice(&bytes);
+            let mut pass = FirstPass::default();
+            for piece in with_setup.chunks(4099) {
+                if let Some(at) = pass.advance(piece) {
+                    proptest::prop_assert!(at < 5 * PAGE as u64);
+                }
+            }
+            proptest::prop_assert_eq!(pass.total(), Some(5 * PAGE as u64));
             let spans = page_spans(&bytes);
             let mut end = 0;
             for r in spans {
