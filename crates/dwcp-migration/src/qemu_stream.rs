@@ -25,6 +25,7 @@ const FLAG_ZERO: u64 = 0x02;
 const FLAG_PAGE: u64 = 0x08;
 const FLAG_EOS: u64 = 0x10;
 const FLAG_CONTINUE: u64 = 0x20;
+const FLAG_MULTIFD_FLUSH: u64 = 0x200;
 /// Offsets within a RAM block beyond this are not plausible (16 TiB).
 const MAX_OFFSET: u64 = 1 << 44;
 
@@ -154,7 +155,12 @@ pub fn ram_blocks(head: &[u8]) -> Option<Vec<RamBlock>> {
             start += size;
             p += 1 + len + 8;
         }
-        if start == total && total > 0 && word(p) == Some(FLAG_EOS) {
+        // QEMU 8.0 and early 8.1 flush multifd channels here even when there are none.
+        let end = match word(p) {
+            Some(FLAG_MULTIFD_FLUSH) => word(p + 8),
+            w => w,
+        };
+        if start == total && total > 0 && end == Some(FLAG_EOS) {
             return Some(blocks);
         }
     }
@@ -167,7 +173,8 @@ pub fn ram_blocks(head: &[u8]) -> Option<Vec<RamBlock>> {
 /// the place in the pass is the block's start plus the offset. The block is named by the
 /// first record of it (and whenever the block changes); a named record cut by a piece's edge
 /// is missed, so once the last page of a block was seen, records without a name belong to
-/// the next one.
+/// the next one, and so do records without a name whose offset is lower than the one
+/// before (each block's pages go up).
 ///
 /// Until the setup section is found (or if it is not, within the first MiB), offsets count
 /// as they are: right for a guest whose RAM is one block and a few small ones after it.
@@ -178,9 +185,11 @@ pub struct FirstPass {
     /// The head grew past [`HEAD_LIMIT`] without a setup section: no more looking.
     gave_up: bool,
     blocks: Option<Vec<RamBlock>>,
-    /// The block of the last record placed, and whether that record was its last page.
-    current: Option<usize>,
-    at_end: bool,
+    /// The block of the last record placed, and that record's offset in it.
+    current: Option<(usize, u64)>,
+    /// The run of records being read began with one that cannot be in the pass: the rest
+    /// of the run continues it.
+    foreign: bool,
 }
 
 /// How much of the stream's start is searched for its setup section.
@@ -218,6 +227,7 @@ impl FirstPass {
         let mut last_end = usize::MAX;
         records(buf, |r, start| {
             if start != last_end {
+                self.foreign = false;
                 first = Some((r.name.clone(), r.offset));
             } else {
                 if let Some((name, offset)) = first.take() {
@@ -230,27 +240,40 @@ impl FirstPass {
         highest
     }
 
-    /// The place in the first pass of a record at `offset`, named or continuing.
+    /// The place in the first pass of a record at `offset`, named or continuing. A record
+    /// that cannot be in the pass (a name not listed, an offset beyond its block: guest data
+    /// that looks like a record), and the rest of its run, are not placed and change nothing.
     fn place(&mut self, name: Option<&[u8]>, offset: u64) -> Option<u64> {
         let Some(blocks) = &self.blocks else {
             return Some(offset);
         };
-        match name {
-            Some(n) => self.current = blocks.iter().position(|b| b.name.as_bytes() == n),
+        if self.foreign && name.is_none() {
+            return None;
+        }
+        let i = match name {
+            Some(n) => {
+                let i = blocks.iter().position(|b| b.name.as_bytes() == n);
+                let Some(i) = i.filter(|&i| offset < blocks[i].len) else {
+                    self.foreign = true;
+                    return None;
+                };
+                i
+            }
             None => {
-                if let Some(i) = self.current
-                    && self.at_end
-                    && blocks.get(i + 1).is_some_and(|b| offset < b.len)
-                {
-                    self.current = Some(i + 1);
+                let (i, last) = self.current?;
+                let ended = last + PAGE as u64 >= blocks[i].len || offset < last;
+                if ended && blocks.get(i + 1).is_some_and(|b| offset < b.len) {
+                    i + 1
+                } else {
+                    i
                 }
             }
-        }
-        let b = &blocks[self.current?];
+        };
+        let b = &blocks[i];
         if offset >= b.len {
             return None;
         }
-        self.at_end = offset + PAGE as u64 >= b.len;
+        self.current = Some((i, offset));
         Some(b.start + offset)
     }
 }
@@ -282,11 +305,12 @@ fn records(buf: &[u8], mut f: impl FnMut(&Record, usize)) {
     }
 }
 
+/// Streams for tests, here and in the tunnel's.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn header(offset: u64, flags: u64, name: Option<&str>) -> Vec<u8> {
+    pub(crate) fn header(offset: u64, flags: u64, name: Option<&str>) -> Vec<u8> {
         let mut v = (offset << 12 | flags).to_be_bytes().to_vec();
         if let Some(n) = name {
             v.push(n.len() as u8);
@@ -295,11 +319,65 @@ mod tests {
         v
     }
 
-    fn page(seed: u8) -> Vec<u8> {
+    pub(crate) fn page(seed: u8) -> Vec<u8> {
         (0..PAGE)
             .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
             .collect()
     }
+
+    /// A stream with a setup section listing `blocks` (name, pages), then every page of
+    /// each block in order (page and zero-page records by turns), then more state (`flush`: with QEMU 8.0's multifd flush in the setup). Returns
+    /// it and the place in the first pass of each record's end.
+    pub(crate) fn stream_with_setup(
+        blocks: &[(&str, u64)],
+        flush: bool,
+    ) -> (Vec<u8>, Vec<(usize, u64)>) {
+        let total: u64 = blocks.iter().map(|b| b.1 * PAGE as u64).sum();
+        let mut s = b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x0dpc-i440fx-7.2".to_vec();
+        s.push(0x01);
+        s.extend(2u32.to_be_bytes());
+        s.extend(b"\x03ram");
+        s.extend(0u32.to_be_bytes());
+        s.extend(4u32.to_be_bytes());
+        s.extend((total | FLAG_MEM_SIZE).to_be_bytes());
+        for (name, pages) in blocks {
+            s.push(name.len() as u8);
+            s.extend(name.as_bytes());
+            s.extend((pages * PAGE as u64).to_be_bytes());
+        }
+        if flush {
+            // QEMU 8.0's multifd flush, written with multifd off too.
+            s.extend(FLAG_MULTIFD_FLUSH.to_be_bytes());
+        }
+        s.extend(FLAG_EOS.to_be_bytes());
+        s.extend(b"\x02\x00\x00\x00\x02");
+        let mut ends = Vec::new();
+        let mut start = 0;
+        for (b, (name, pages)) in blocks.iter().enumerate() {
+            for i in 0..*pages {
+                let named = (i == 0).then_some(*name);
+                let cont = if named.is_some() { 0 } else { FLAG_CONTINUE };
+                if (i + b as u64).is_multiple_of(2) {
+                    s.extend(header(i, FLAG_PAGE | cont, named));
+                    s.extend(page((i as u8).wrapping_add(1)));
+                } else {
+                    s.extend(header(i, FLAG_ZERO | cont, named));
+                    s.push(0);
+                }
+                ends.push((s.len(), start + i * PAGE as u64));
+            }
+            start += pages * PAGE as u64;
+        }
+        s.extend(FLAG_EOS.to_be_bytes());
+        s.extend(b"\x03\x00\x00\x00\x02 more state");
+        (s, ends)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     /// Device state, a RAM part with named and continued page and zero records, more state.
     fn stream() -> (Vec<u8>, Vec<Vec<u8>>) {
@@ -355,50 +433,9 @@ mod tests {
         assert_eq!(highest_offset(&lone), None);
     }
 
-    /// A stream with a setup section listing `blocks` (name, pages), then every page of
-    /// each block in order (page and zero-page records by turns), then more state. Returns
-    /// it and the place in the first pass of each record's end.
-    fn stream_with_setup(blocks: &[(&str, u64)]) -> (Vec<u8>, Vec<(usize, u64)>) {
-        let total: u64 = blocks.iter().map(|b| b.1 * PAGE as u64).sum();
-        let mut s = b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x0dpc-i440fx-7.2".to_vec();
-        s.push(0x01);
-        s.extend(2u32.to_be_bytes());
-        s.extend(b"\x03ram");
-        s.extend(0u32.to_be_bytes());
-        s.extend(4u32.to_be_bytes());
-        s.extend((total | FLAG_MEM_SIZE).to_be_bytes());
-        for (name, pages) in blocks {
-            s.push(name.len() as u8);
-            s.extend(name.as_bytes());
-            s.extend((pages * PAGE as u64).to_be_bytes());
-        }
-        s.extend(FLAG_EOS.to_be_bytes());
-        s.extend(b"\x02\x00\x00\x00\x02");
-        let mut ends = Vec::new();
-        let mut start = 0;
-        for (b, (name, pages)) in blocks.iter().enumerate() {
-            for i in 0..*pages {
-                let named = (i == 0).then_some(*name);
-                let cont = if named.is_some() { 0 } else { FLAG_CONTINUE };
-                if (i + b as u64).is_multiple_of(2) {
-                    s.extend(header(i, FLAG_PAGE | cont, named));
-                    s.extend(page(i as u8 + 1));
-                } else {
-                    s.extend(header(i, FLAG_ZERO | cont, named));
-                    s.push(0);
-                }
-                ends.push((s.len(), start + i * PAGE as u64));
-            }
-            start += pages * PAGE as u64;
-        }
-        s.extend(FLAG_EOS.to_be_bytes());
-        s.extend(b"\x03\x00\x00\x00\x02 more state");
-        (s, ends)
-    }
-
     #[test]
     fn the_setup_section_lists_the_blocks_or_nothing() {
-        let (s, _) = stream_with_setup(&[("pc.ram", 6), ("vga.vram", 3), ("pc.bios", 2)]);
+        let (s, _) = stream_with_setup(&[("pc.ram", 6), ("vga.vram", 3), ("pc.bios", 2)], false);
         let blocks = ram_blocks(&s).unwrap();
         let got: Vec<(&str, u64, u64)> = blocks
             .iter()
@@ -421,12 +458,15 @@ mod tests {
         assert!(ram_blocks(&bad).is_none());
         assert!(ram_blocks(b"QEVM no setup here").is_none());
         assert!(ram_blocks(&[]).is_none());
+        // QEMU 8.0's multifd flush before the end marker.
+        let (s, _) = stream_with_setup(&[("pc.ram", 6), ("pc.bios", 2)], true);
+        assert_eq!(ram_blocks(&s).map(|b| b.len()), Some(2));
     }
 
     #[test]
     fn the_first_pass_counts_across_blocks_wherever_the_stream_is_cut() {
         let blocks = [("pc.ram", 6), ("vga.vram", 3), ("pc.bios", 2)];
-        let (s, ends) = stream_with_setup(&blocks);
+        let (s, ends) = stream_with_setup(&blocks, false);
         let total = 11 * PAGE as u64;
         // Whole: the last page of the last block.
         let mut pass = FirstPass::default();
@@ -439,14 +479,9 @@ mod tests {
         for cut in 1..s.len() {
             let mut pass = FirstPass::default();
             let mut furthest = None;
-            for piece in [&s[..cut], &s[cut..]] {
-                let at = pass.advance(piece);
-                let read = s.len() - (piece.as_ptr() as usize + piece.len() - s.as_ptr() as usize);
-                let done = ends
-                    .iter()
-                    .filter(|e| e.0 <= s.len() - read)
-                    .map(|e| e.1)
-                    .max();
+            for (from, to) in [(0, cut), (cut, s.len())] {
+                let at = pass.advance(&s[from..to]);
+                let done = ends.iter().filter(|e| e.0 <= to).map(|e| e.1).max();
                 assert!(at <= done, "cut at {cut}: {at:?} beyond {done:?}");
                 furthest = furthest.max(at);
             }
@@ -464,7 +499,7 @@ mod tests {
 
     #[test]
     fn after_a_blocks_last_page_unnamed_records_are_the_next_blocks() {
-        let (s, ends) = stream_with_setup(&[("m0", 4), ("m1", 4)]);
+        let (s, ends) = stream_with_setup(&[("m0", 4), ("m1", 4)], false);
         let total = 8 * PAGE as u64;
         // Cut within m1's first record, which names it: the rest of m1 continues unnamed.
         for cut in ends[3].0 + 1..ends[4].0 {
@@ -474,6 +509,43 @@ mod tests {
             assert_eq!(a, Some(3 * PAGE as u64), "cut at {cut}");
             assert_eq!(b, Some(total - PAGE as u64), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn records_that_cannot_be_in_the_pass_change_nothing() {
+        let (setup, _) = stream_with_setup(&[("m0", 8), ("m1", 8)], false);
+        let mut s = setup[..86].to_vec(); // the header, the setup section, a section's start
+        let zero = |s: &mut Vec<u8>, i: u64, name: Option<&str>| {
+            let cont = if name.is_some() { 0 } else { FLAG_CONTINUE };
+            s.extend(header(i, FLAG_ZERO | cont, name));
+            s.push(0);
+        };
+        zero(&mut s, 0, Some("m0"));
+        zero(&mut s, 1, None);
+        let mut pass = FirstPass::default();
+        assert_eq!(pass.advance(&s), Some(PAGE as u64));
+        // Guest data that looks like records of a block not listed, then m0 goes on.
+        let mut t = Vec::new();
+        zero(&mut t, 5, Some("zz"));
+        zero(&mut t, 6, None);
+        zero(&mut t, 7, None);
+        t.extend(b"guest data");
+        zero(&mut t, 2, None);
+        zero(&mut t, 3, None);
+        assert_eq!(pass.advance(&t), Some(3 * PAGE as u64));
+        // An offset beyond m0 (named): not placed; m0 goes on.
+        let mut t = Vec::new();
+        zero(&mut t, 900, Some("m0"));
+        zero(&mut t, 901, None);
+        t.extend(b"guest data");
+        zero(&mut t, 4, None);
+        zero(&mut t, 5, None);
+        assert_eq!(pass.advance(&t), Some(5 * PAGE as u64));
+        // Lower than the last one and unnamed: m1 began, its name cut off.
+        let mut t = Vec::new();
+        zero(&mut t, 0, None);
+        zero(&mut t, 1, None);
+        assert_eq!(pass.advance(&t), Some(9 * PAGE as u64));
     }
 
     #[test]
@@ -514,17 +586,25 @@ mod tests {
         #[test]
         fn any_bytes_give_ordered_in_bounds_pages(
             mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20_000),
-            plant in proptest::collection::vec((0usize..20_000, proptest::prelude::any::<bool>()), 0..6),
+            plant in proptest::collection::vec((0usize..20_000, 0u8..3, 0u64..8), 0..6),
         ) {
-            // Plant record headers at random places, so the chain logic runs on junk too.
-            for (at, cont) in plant {
-                let h = if cont { header(3, FLAG_PAGE | FLAG_CONTINUE, None) } else { header(3, FLAG_PAGE, Some("pc.ram")) };
+            // Plant runs of records at random places (named m0, m1 or pc.ram, or continuing,
+            // at any offset), so the chain logic and the first pass run on junk too.
+            for (at, kind, offset) in plant {
+                let mut h = match kind {
+                    0 => header(offset, FLAG_ZERO, Some("m0")),
+                    1 => header(offset, FLAG_ZERO, Some(if offset % 2 == 0 { "m1" } else { "pc.ram" })),
+                    _ => header(offset, FLAG_ZERO | FLAG_CONTINUE, None),
+                };
+                h.push(0);
+                h.extend(header(offset + 1, FLAG_ZERO | FLAG_CONTINUE, None));
+                h.push(0);
                 if at + h.len() <= bytes.len() {
                     bytes[at..at + h.len()].copy_from_slice(&h);
                 }
             }
             // The first pass never places a record beyond RAM, whatever follows the setup.
-            let (mut with_setup, _) = stream_with_setup(&[("m0", 3), ("m1", 2)]);
+            let (mut with_setup, _) = stream_with_setup(&[("m0", 3), ("m1", 2)], false);
             with_setup.truncate(86); // the header, the setup section, a section's start
             proptest::prop_assert!(ram_blocks(&with_setup).is_some());
             with_setup.extend_from_slice(&bytes);
