@@ -86,6 +86,9 @@ pub struct Launch {
     /// Fix migration dirty bitmap coherency with TCG memory access"; not in 7.2.x). The slow
     /// path does it right. KVM guests track dirty pages in the kernel and are not affected.
     pub exact_dirty_tracking: bool,
+    /// NUMA nodes, each with an equal share of RAM in a RAM block of its own (0 or 1: one
+    /// block, no NUMA). With `mem_file`, node `i` is backed by that path with `.i` appended.
+    pub numa_nodes: u32,
 }
 
 impl Launch {
@@ -101,6 +104,7 @@ impl Launch {
             dirty_pages_per_sec: 256,
             prefix: Vec::new(),
             exact_dirty_tracking: false,
+            numa_nodes: 1,
         }
     }
 }
@@ -119,8 +123,10 @@ impl QemuProcess {
             .ok_or_else(|| std::io::Error::other("qemu-system-x86_64 is not installed"))?;
         let mut argv: Vec<String> = launch.prefix.clone();
         argv.push(qemu.display().to_string());
-        // KiB: QEMU rounds RAM sizes up to 8 KiB.
-        let m = (launch.mem_mib << 10) + if launch.exact_dirty_tracking { 8 } else { 0 };
+        // KiB: QEMU rounds RAM sizes up to 8 KiB. With NUMA, each node's block gets the 8 KiB.
+        let nodes = u64::from(launch.numa_nodes.max(1));
+        let node = (launch.mem_mib << 10) / nodes + if launch.exact_dirty_tracking { 8 } else { 0 };
+        let m = node * nodes;
         argv.extend(
             [
                 "-machine",
@@ -154,7 +160,20 @@ impl QemuProcess {
                 d.display().to_string().replace(',', ",,")
             ));
         }
-        if let Some(f) = &launch.mem_file {
+        if nodes > 1 {
+            for i in 0..nodes {
+                argv.push("-object".into());
+                argv.push(match &launch.mem_file {
+                    Some(f) => format!(
+                        "memory-backend-file,id=m{i},size={node}K,mem-path={}.{i},share=on",
+                        f.display()
+                    ),
+                    None => format!("memory-backend-ram,id=m{i},size={node}K"),
+                });
+                argv.push("-numa".into());
+                argv.push(format!("node,memdev=m{i}"));
+            }
+        } else if let Some(f) = &launch.mem_file {
             argv.push("-object".into());
             argv.push(format!(
                 "memory-backend-file,id=ram0,size={m}K,mem-path={},share=on",

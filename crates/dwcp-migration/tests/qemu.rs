@@ -27,7 +27,13 @@ const MEM_MIB: u64 = 256;
 
 /// The source guest, booted and filled.
 async fn source(image: &GuestImage, dir: &Path) -> QemuProcess {
+    source_of(image, dir, 1).await
+}
+
+/// The source guest with its RAM in `nodes` NUMA nodes (RAM blocks), booted and filled.
+async fn source_of(image: &GuestImage, dir: &Path, nodes: u32) -> QemuProcess {
     let mut l = Launch::new(MEM_MIB, dir.join("src.log"));
+    l.numa_nodes = nodes;
     l.mem_file = Some(dir.join("src.ram"));
     l.qmp = vec![dir.join("src.qmp")];
     l.dirty_pages_per_sec = 500;
@@ -42,7 +48,19 @@ async fn source(image: &GuestImage, dir: &Path) -> QemuProcess {
 
 /// The destination QEMU, waiting in the agent's qemu_dir, paused after loading (-S).
 fn destination(image: &GuestImage, dir: &Path, qemu_dir: &Path, vm: &str) -> QemuProcess {
+    destination_of(image, dir, qemu_dir, vm, 1)
+}
+
+/// As [`destination`], its RAM in `nodes` NUMA nodes.
+fn destination_of(
+    image: &GuestImage,
+    dir: &Path,
+    qemu_dir: &Path,
+    vm: &str,
+    nodes: u32,
+) -> QemuProcess {
     let mut l = Launch::new(MEM_MIB, dir.join("dst.log"));
+    l.numa_nodes = nodes;
     l.mem_file = Some(dir.join("dst.ram"));
     l.qmp = vec![
         qemu_dir.join(format!("{vm}.qmp")),
@@ -184,6 +202,60 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         "the source QEMU stays (paused) until cleaned up"
     );
     drop(sq);
+    agent.stop().await.unwrap();
+}
+
+/// A guest whose RAM is two NUMA nodes, each a RAM block of 128 MiB (and 8 KiB) backed by
+/// its own file: QEMU's offsets restart in the second block, and the tunnel follows its first
+/// pass through both (see `the_first_pass_is_followed_through_every_ram_block_of_a_real_stream`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_of_two_numa_nodes_migrates_through_dwcp_with_the_same_ram() {
+    let Some(image) = guest() else { return };
+    let Nodes {
+        _cluster,
+        dir,
+        qemu_dir,
+        agent,
+        ep,
+    } = nodes(Vec::new()).await;
+    let dest = Destination {
+        endpoint: &ep,
+        addr: agent.addr,
+        expected: None,
+    };
+    let src = source_of(&image, dir.path(), 2).await;
+    let mut dst = destination_of(&image, dir.path(), &qemu_dir, "vm2", 2);
+    let spec = QemuSpec::new("vm2", dir.path().join("src.qmp"));
+    let r = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap();
+    assert!(r.migrated, "{r:?}");
+    assert!(r.ram_bytes >= MEM_MIB << 20, "{r:?}");
+    assert!(r.warnings.is_empty(), "{r:?}");
+    let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sq.status().await.unwrap(), "postmigrate");
+    for node in 0..2 {
+        let (s, d) = (
+            dir.path().join(format!("src.ram.{node}")),
+            dir.path().join(format!("dst.ram.{node}")),
+        );
+        assert_eq!(
+            std::fs::metadata(&s).unwrap().len(),
+            (MEM_MIB << 19) + 8192,
+            "node {node}"
+        );
+        assert_eq!(digest(&s), digest(&d), "node {node}'s RAM differs");
+    }
+    let mut dq = Qmp::connect(&dir.path().join("dst-harness.qmp"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    dq.execute("cont", None).await.unwrap();
+    let console = dst
+        .wait_serial("dwcp-guest tick", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(!console.contains("check BAD"), "{console}");
+    drop((sq, src));
     agent.stop().await.unwrap();
 }
 
