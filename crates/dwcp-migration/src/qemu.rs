@@ -234,7 +234,14 @@ impl Budget {
         self.freed.notify_waiters();
     }
     fn set_late(&self) {
-        self.late.store(true, Ordering::Relaxed);
+        if !self.late.swap(true, Ordering::Relaxed) {
+            debug!(
+                read_mb = self.read() as f64 / 1e6,
+                place_mb = self.offset.load(Ordering::Relaxed) as f64 / 1e6,
+                ram_mb = self.ram.load(Ordering::Relaxed) as f64 / 1e6,
+                "late window applies"
+            );
+        }
     }
     fn is_late(&self) -> bool {
         self.late.load(Ordering::Relaxed)
