@@ -125,7 +125,8 @@ impl QemuProcess {
         argv.push(qemu.display().to_string());
         // KiB: QEMU rounds RAM sizes up to 8 KiB. With NUMA, each node's block gets the 8 KiB.
         let nodes = u64::from(launch.numa_nodes.max(1));
-        let node = (launch.mem_mib << 10) / nodes + if launch.exact_dirty_tracking { 8 } else { 0 };
+        let share = ((launch.mem_mib << 10) / nodes) & !7;
+        let node = share + if launch.exact_dirty_tracking { 8 } else { 0 };
         let m = node * nodes;
         argv.extend(
             [

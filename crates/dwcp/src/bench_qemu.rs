@@ -26,6 +26,8 @@ pub(crate) struct QemuBench<'a> {
     pub(crate) congestion: &'a str,
     pub(crate) mem_mib: u64,
     pub(crate) dirty_pages: u64,
+    /// NUMA nodes of source and destination guests ([`Launch::numa_nodes`]).
+    pub(crate) numa_nodes: u32,
     /// `--codec` of `dwcp migrate`.
     pub(crate) codec: crate::cli::CodecChoice,
     pub(crate) native_timeout: Duration,
@@ -96,6 +98,7 @@ impl QemuBench<'_> {
         let mut l = Launch::new(self.mem_mib, self.work.join("qemu-src.log"));
         l.qmp = vec![self.work.join("qemu-src.qmp")];
         l.dirty_pages_per_sec = self.dirty_pages;
+        l.numa_nodes = self.numa_nodes;
         l.prefix = ns_prefix(&self.tb.ns_a);
         let t = Instant::now();
         eprintln!(
@@ -154,6 +157,7 @@ impl QemuBench<'_> {
         let mut l = Launch::new(self.mem_mib, self.work.join(format!("qemu-dst-{i}.log")));
         l.qmp = vec![self.work.join(format!("qemu-dst-{i}.qmp"))];
         l.prefix = ns_prefix(&self.tb.ns_b);
+        l.numa_nodes = self.numa_nodes;
         l
     }
 

@@ -440,6 +440,11 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 2560)]
     pub(crate) qemu_dirty_pages: u64,
 
+    /// NUMA nodes of the QEMU guest (source and destination), each a RAM block of its own
+    /// with an equal share of RAM (1: one block).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub(crate) qemu_numa_nodes: u32,
+
     /// `dwcp migrate --codec` of the rows through DWCP: auto, none (no delta encoding either),
     /// lz4, zstd:LEVEL.
     #[arg(long, default_value = "auto", value_parser = parse_codec)]
