@@ -75,7 +75,8 @@ fn record(buf: &[u8], at: usize) -> Option<Record> {
             name: name_at,
         })
     } else {
-        (p < buf.len()).then_some(Record {
+        // QEMU writes a zero page as its header and one byte, 0.
+        (buf.get(p) == Some(&0)).then_some(Record {
             end: p + 1,
             page: None,
             offset,
@@ -173,8 +174,8 @@ pub fn ram_blocks(head: &[u8]) -> Option<Vec<RamBlock>> {
 /// the place in the pass is the block's start plus the offset. The block is named by the
 /// first record of it (and whenever the block changes); a named record cut by a piece's edge
 /// is missed, so once the last page of a block was seen, records without a name belong to
-/// the next one, and so do records without a name whose offset is lower than the one
-/// before (each block's pages go up).
+/// the next one, and so do records without a name near a block's start whose offset is lower
+/// than the one before (each block's pages go up).
 ///
 /// Until the setup section is found (or if it is not, within the first MiB), offsets count
 /// as they are: right for a guest whose RAM is one block and a few small ones after it.
@@ -192,6 +193,9 @@ pub struct FirstPass {
     foreign: bool,
 }
 
+/// An unnamed record this near the start of a block, with an offset lower than the record
+/// before, starts the next block (see [`FirstPass`]).
+const RESTART_NEAR: u64 = 16 * PAGE as u64;
 /// How much of the stream's start is searched for its setup section.
 const HEAD_LIMIT: usize = 1 << 20;
 
@@ -261,7 +265,10 @@ impl FirstPass {
             }
             None => {
                 let (i, last) = self.current?;
-                let ended = last + PAGE as u64 >= blocks[i].len || offset < last;
+                // A missed name is the next block's first record: what follows it is near
+                // that block's start.
+                let ended = last + PAGE as u64 >= blocks[i].len
+                    || (offset < last && offset <= RESTART_NEAR);
                 if ended && blocks.get(i + 1).is_some_and(|b| offset < b.len) {
                     i + 1
                 } else {
@@ -326,8 +333,9 @@ pub(crate) mod testing {
     }
 
     /// A stream with a setup section listing `blocks` (name, pages), then every page of
-    /// each block in order (page and zero-page records by turns), then more state (`flush`: with QEMU 8.0's multifd flush in the setup). Returns
-    /// it and the place in the first pass of each record's end.
+    /// each block in order (page and zero-page records by turns), then more state (`flush`:
+    /// with QEMU 8.0's multifd flush in the setup). Returns it and the place in the first
+    /// pass of each record's end.
     pub(crate) fn stream_with_setup(
         blocks: &[(&str, u64)],
         flush: bool,
@@ -410,11 +418,11 @@ mod tests {
     }
 
     #[test]
-    fn the_highest_offset_counts_zero_pages_and_every_block() {
-        let highest_offset = |b: &[u8]| FirstPass::default().advance(b);
+    fn without_a_setup_section_offsets_count_as_they_are() {
+        let furthest = |b: &[u8]| FirstPass::default().advance(b);
         let (s, _) = stream();
         // No setup section: offsets as they are.
-        assert_eq!(highest_offset(&s), Some(11 << 12));
+        assert_eq!(furthest(&s), Some(11 << 12));
         // A run of zero pages only (an untouched tail of RAM).
         let mut z = Vec::new();
         z.extend(header(1000, FLAG_ZERO, Some("pc.ram")));
@@ -423,14 +431,14 @@ mod tests {
             z.extend(header(i, FLAG_ZERO | FLAG_CONTINUE, None));
             z.push(0);
         }
-        assert_eq!(highest_offset(&z), Some(1099 << 12));
-        assert_eq!(highest_offset(b"no records here, only device state"), None);
+        assert_eq!(furthest(&z), Some(1099 << 12));
+        assert_eq!(furthest(b"no records here, only device state"), None);
         // A lone record-like word at the end is not taken.
         let mut lone = b"guest data ".to_vec();
         lone.extend(header(900 << 8, FLAG_ZERO | FLAG_CONTINUE, None));
         lone.push(0);
         assert_eq!(page_spans(&lone), Vec::<Range<usize>>::new());
-        assert_eq!(highest_offset(&lone), None);
+        assert_eq!(furthest(&lone), None);
     }
 
     #[test]
@@ -513,7 +521,7 @@ mod tests {
 
     #[test]
     fn records_that_cannot_be_in_the_pass_change_nothing() {
-        let (setup, _) = stream_with_setup(&[("m0", 8), ("m1", 8)], false);
+        let (setup, _) = stream_with_setup(&[("m0", 64), ("m1", 64)], false);
         let mut s = setup[..86].to_vec(); // the header, the setup section, a section's start
         let zero = |s: &mut Vec<u8>, i: u64, name: Option<&str>| {
             let cont = if name.is_some() { 0 } else { FLAG_CONTINUE };
@@ -541,11 +549,32 @@ mod tests {
         zero(&mut t, 4, None);
         zero(&mut t, 5, None);
         assert_eq!(pass.advance(&t), Some(5 * PAGE as u64));
-        // Lower than the last one and unnamed: m1 began, its name cut off.
+        // Further on in m0, then guest data like unnamed records lower down, but not near
+        // a block's start: still m0 (lower than what was seen, so it moves nothing).
         let mut t = Vec::new();
-        zero(&mut t, 0, None);
+        zero(&mut t, 29, None);
+        zero(&mut t, 30, None);
+        assert_eq!(pass.advance(&t), Some(30 * PAGE as u64));
+        let mut t = Vec::new();
+        zero(&mut t, 20, None);
+        zero(&mut t, 21, None);
+        assert_eq!(pass.advance(&t), Some(21 * PAGE as u64));
+        let mut t = Vec::new();
+        zero(&mut t, 31, None);
+        zero(&mut t, 32, None);
+        assert_eq!(pass.advance(&t), Some(32 * PAGE as u64));
+        // Lower than the last one, unnamed, near a block's start: m1 began, its name cut off.
+        let mut t = Vec::new();
         zero(&mut t, 1, None);
-        assert_eq!(pass.advance(&t), Some(9 * PAGE as u64));
+        zero(&mut t, 2, None);
+        assert_eq!(pass.advance(&t), Some(66 * PAGE as u64));
+        // A zero page's byte is 0: anything else is not a record.
+        let mut t = Vec::new();
+        for i in 3..6 {
+            t.extend(header(i, FLAG_ZERO | FLAG_CONTINUE, None));
+            t.push(7);
+        }
+        assert_eq!(pass.advance(&t), None);
     }
 
     #[test]

@@ -86,8 +86,9 @@ pub struct Launch {
     /// Fix migration dirty bitmap coherency with TCG memory access"; not in 7.2.x). The slow
     /// path does it right. KVM guests track dirty pages in the kernel and are not affected.
     pub exact_dirty_tracking: bool,
-    /// NUMA nodes, each with an equal share of RAM in a RAM block of its own (0 or 1: one
-    /// block, no NUMA). With `mem_file`, node `i` is backed by that path with `.i` appended.
+    /// NUMA nodes, each with an equal share of RAM (rounded down to 8 KiB, so a guest may
+    /// get a little less than `mem_mib`) in a RAM block of its own (0 or 1: one block, no
+    /// NUMA). With `mem_file`, node `i` is backed by that path with `.i` appended.
     pub numa_nodes: u32,
 }
 
