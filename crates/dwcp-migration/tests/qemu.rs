@@ -106,6 +106,36 @@ async fn nodes(seeds: Vec<std::path::PathBuf>) -> Nodes {
     }
 }
 
+impl Nodes {
+    /// The destination agent, for `migrate_qemu`.
+    fn dest(&self) -> Destination<'_> {
+        Destination {
+            endpoint: &self.ep,
+            addr: self.agent.addr,
+            expected: None,
+        }
+    }
+}
+
+/// Lets the destination guest (paused, `-S`) run, and waits for its console to show it
+/// running: its heartbeat, and its own check of a 4 MiB file written before the migration.
+async fn resume_and_check(harness_qmp: &Path, dst: &mut QemuProcess) {
+    let mut dq = Qmp::connect(harness_qmp, Duration::from_secs(5))
+        .await
+        .unwrap();
+    dq.execute("cont", None).await.unwrap();
+    dst.wait_serial("dwcp-guest check ", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The check may come first: the guest can be moved between a tick and the check after
+    // it (hashing 4 MiB under TCG takes a while).
+    let console = dst
+        .wait_serial("dwcp-guest tick", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(!console.contains("check BAD"), "{console}");
+}
+
 fn digest(path: &Path) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut h).unwrap();
@@ -121,18 +151,8 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     if disk.is_none() {
         eprintln!("note: the guest image has no disk.img: pages by reference not checked");
     }
-    let Nodes {
-        _cluster,
-        dir,
-        qemu_dir,
-        agent,
-        ep,
-    } = nodes(disk.iter().cloned().collect()).await;
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let n = nodes(disk.iter().cloned().collect()).await;
+    let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
 
     let mut src = source(&image, dir.path()).await;
     assert!(
@@ -140,7 +160,7 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         "the guest read nothing from its disk: {}",
         src.serial()
     );
-    let mut dst = destination(&image, dir.path(), &qemu_dir, "vm1");
+    let mut dst = destination(&image, dir.path(), qemu_dir, "vm1");
     let spec = QemuSpec::new("vm1", dir.path().join("src.qmp"));
     let mut phases = Vec::new();
     let r = migrate_qemu(dest, &spec, &mut |p| phases.push(p.phase.clone()))
@@ -183,26 +203,13 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
 
     // And the guest runs there: its heartbeat goes on, and its own check of a 4 MiB file
     // written before the migration still holds.
-    let mut dq = Qmp::connect(&dir.path().join("dst-harness.qmp"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    dq.execute("cont", None).await.unwrap();
-    dst.wait_serial("dwcp-guest check ", Duration::from_secs(60))
-        .await
-        .unwrap();
-    // The check may come first: the guest can be moved between a tick and the check after
-    // it (hashing 4 MiB under TCG takes a while).
-    let console = dst
-        .wait_serial("dwcp-guest tick", Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(!console.contains("check BAD"), "{console}");
+    resume_and_check(&dir.path().join("dst-harness.qmp"), &mut dst).await;
     assert!(
         src.alive(),
         "the source QEMU stays (paused) until cleaned up"
     );
     drop(sq);
-    agent.stop().await.unwrap();
+    n.agent.stop().await.unwrap();
 }
 
 /// A guest whose RAM is two NUMA nodes, each a RAM block of 128 MiB (and 8 KiB) backed by
@@ -212,20 +219,10 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_of_two_numa_nodes_migrates_through_dwcp_with_the_same_ram() {
     let Some(image) = guest() else { return };
-    let Nodes {
-        _cluster,
-        dir,
-        qemu_dir,
-        agent,
-        ep,
-    } = nodes(Vec::new()).await;
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let n = nodes(Vec::new()).await;
+    let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
     let src = source_of(&image, dir.path(), 2).await;
-    let mut dst = destination_of(&image, dir.path(), &qemu_dir, "vm2", 2);
+    let mut dst = destination_of(&image, dir.path(), qemu_dir, "vm2", 2);
     let spec = QemuSpec::new("vm2", dir.path().join("src.qmp"));
     let r = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap();
     assert!(r.migrated, "{r:?}");
@@ -247,37 +244,16 @@ async fn a_guest_of_two_numa_nodes_migrates_through_dwcp_with_the_same_ram() {
         );
         assert_eq!(digest(&s), digest(&d), "node {node}'s RAM differs");
     }
-    let mut dq = Qmp::connect(&dir.path().join("dst-harness.qmp"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    dq.execute("cont", None).await.unwrap();
-    dst.wait_serial("dwcp-guest check ", Duration::from_secs(60))
-        .await
-        .unwrap();
-    let console = dst
-        .wait_serial("dwcp-guest tick", Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(!console.contains("check BAD"), "{console}");
+    resume_and_check(&dir.path().join("dst-harness.qmp"), &mut dst).await;
     drop((sq, src));
-    agent.stop().await.unwrap();
+    n.agent.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_migration_leaves_the_source_guest_running() {
     let Some(image) = guest() else { return };
-    let Nodes {
-        _cluster,
-        dir,
-        qemu_dir,
-        agent,
-        ep,
-    } = nodes(Vec::new()).await;
-    let dest = Destination {
-        endpoint: &ep,
-        addr: agent.addr,
-        expected: None,
-    };
+    let n = nodes(Vec::new()).await;
+    let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
     let src = source(&image, dir.path()).await;
 
     // 1. Nobody waits at the destination: refused in prepare, nothing started.
@@ -287,7 +263,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
     assert!(e.reason.contains("vm-nobody.qmp"), "{e}");
 
     // 2. The destination QEMU dies during the transfer: rolled back, source still running.
-    let mut dst = Some(destination(&image, dir.path(), &qemu_dir, "vm2"));
+    let mut dst = Some(destination(&image, dir.path(), qemu_dir, "vm2"));
     let mut spec = QemuSpec::new("vm2", dir.path().join("src.qmp"));
     // A slow compressor keeps the transfer going long enough to kill the destination in it.
     spec.codec = dwcp_encoding::Codec::Zstd(15);
@@ -320,7 +296,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
     );
     assert!(!src.serial().contains("check BAD"));
     drop(sq);
-    agent.stop().await.unwrap();
+    n.agent.stop().await.unwrap();
 }
 
 /// Kills the QEMU it holds when dropped.
