@@ -383,6 +383,14 @@ pub enum Fault {
         /// How long.
         delay: Duration,
     },
+    /// As `Pause`, for the first connection whose client-to-server bytes reach `after`,
+    /// whichever it is: for clients that choose themselves which connection carries what.
+    PauseFirst {
+        /// Client-to-server bytes before the pause.
+        after: u64,
+        /// How long.
+        delay: Duration,
+    },
 }
 
 /// A TCP proxy on loopback that can break one connection on purpose.
@@ -404,12 +412,14 @@ impl Proxy {
     pub async fn start(target: SocketAddr, fault: Fault) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let paused_one = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(async move {
             let mut index = 0usize;
             let mut pipes = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 let i = index;
                 index += 1;
+                let paused_one = paused_one.clone();
                 pipes.spawn(async move {
                     if let Fault::Stall { conn, delay } = fault
                         && conn == i
@@ -447,10 +457,18 @@ impl Proxy {
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
-                            if let Fault::Pause { conn, after, delay } = fault
-                                && conn == i
+                            let pause = match fault {
+                                Fault::Pause { conn, after, delay } if conn == i => {
+                                    Some((after, delay))
+                                }
+                                Fault::PauseFirst { after, delay } => Some((after, delay)),
+                                _ => None,
+                            };
+                            if let Some((after, delay)) = pause
                                 && before < after
                                 && after <= total
+                                && !(matches!(fault, Fault::PauseFirst { .. })
+                                    && paused_one.swap(true, std::sync::atomic::Ordering::SeqCst))
                             {
                                 tokio::time::sleep(delay).await;
                             }
