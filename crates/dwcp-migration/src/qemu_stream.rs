@@ -257,6 +257,8 @@ impl FirstPass {
                     self.foreign = true;
                     return None;
                 };
+                // A true record ends what guest data began.
+                self.foreign = false;
                 i
             }
             None => {
@@ -537,7 +539,7 @@ mod tests {
         s.extend(runs(&[&[(0, Some("m0")), (1, None)]]));
         assert_eq!(pass.advance(&s), Some(PAGE as u64));
         let page = |n: u64| Some(n * PAGE as u64);
-        let steps: [(&str, Runs<'_>, Option<u64>); 7] = [
+        let steps: [(&str, Runs<'_>, Option<u64>); 8] = [
             (
                 "guest data like records of a block not listed, then m0 goes on",
                 &[
@@ -564,6 +566,11 @@ mod tests {
                 page(2),
             ),
             ("m0 goes on", &[&[(33, None), (34, None)]], page(34)),
+            (
+                "a record of m0 right after one of a block not listed: m0 goes on",
+                &[&[(5, Some("zz")), (40, Some("m0")), (41, None)]],
+                page(41),
+            ),
         ];
         for (what, r, want) in steps {
             assert_eq!(pass.advance(&runs(r)), want, "{what}");
