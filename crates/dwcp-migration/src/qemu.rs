@@ -651,16 +651,56 @@ async fn abort_destination(dest: &Destination<'_>, vm: &str) {
     fresh.close().await;
 }
 
-/// Guest RAM of a TCG guest that QEMU before 9.0 syncs a word (64 pages) at a time, and so
-/// tracks wrongly (see [`tcg_lost_writes`]).
+/// A RAM block that QEMU before 9.0 syncs a word (64 pages) at a time when both its place
+/// and its length are whole numbers of this, and then tracks wrongly (see
+/// [`tcg_lost_writes`]).
 const TCG_FAST_SYNC: u64 = 64 * 4096;
+
+/// Blocks smaller than this are firmware (BIOS, option ROMs, ACPI tables), which the guest
+/// does not write.
+const TCG_GUEST_BLOCK: u64 = 1 << 20;
+
+/// One of QEMU's RAM blocks, from `info ramblock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamBlockInfo {
+    /// Its name (`pc.ram`, a memory backend's id, `pc.bios`, ...).
+    pub name: String,
+    /// Its place among all blocks (QEMU's `ram_addr_t`).
+    pub offset: u64,
+    /// Bytes in use.
+    pub used: u64,
+}
+
+/// The blocks of HMP's `info ramblock` (QEMU 2.12 and later): a header line, then one line
+/// per block of name, page size (`4 KiB`), offset, used and total length in hex. `None` if
+/// a line does not read so.
+pub fn parse_ramblocks(text: &str) -> Option<Vec<RamBlockInfo>> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    if !lines.next()?.starts_with("Block Name") {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
+    let blocks: Option<Vec<_>> = lines
+        .map(|l| {
+            // The name may hold spaces in principle: the last five fields are fixed.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n = f.len();
+            (n >= 6).then_some(())?;
+            Some(RamBlockInfo {
+                name: f[..n - 5].join(" "),
+                offset: hex(f[n - 3])?,
+                used: hex(f[n - 2])?,
+            })
+        })
+        .collect();
+    blocks.filter(|b| !b.is_empty())
+}
 
 /// The source QEMU's version and accelerator, and a warning when its own dirty tracking loses
 /// guest writes. Asked over QMP; a QEMU that does not answer gets neither.
-async fn source_qemu(qmp: &mut Qmp) -> (String, Option<String>) {
+pub async fn source_qemu(qmp: &mut Qmp) -> (String, Option<String>) {
     let version = qmp.execute("query-version", None).await.ok();
     let kvm = qmp.execute("query-kvm", None).await.ok();
-    let ram = qmp.execute("query-memory-size-summary", None).await.ok();
     let n = |v: &Option<Value>, k: &str| {
         v.as_ref()
             .and_then(|v| v.pointer(k))
@@ -682,28 +722,65 @@ async fn source_qemu(qmp: &mut Qmp) -> (String, Option<String>) {
         Some(false) => "TCG",
         None => "accelerator unknown",
     };
-    let warning = match (kvm, n(&ram, "/base-memory")) {
-        (Some(false), Some(ram)) => tcg_lost_writes((major, minor), ram),
-        _ => None,
+    let warning = if kvm == Some(false) && major < 9 {
+        // Each block, where the monitor tells them; else guest RAM as one block.
+        let hmp = serde_json::json!({"command-line": "info ramblock"});
+        let listed = qmp
+            .execute("human-monitor-command", Some(hmp))
+            .await
+            .ok()
+            .and_then(|v| v.as_str().and_then(parse_ramblocks));
+        let blocks = match listed {
+            Some(b) => b,
+            None => {
+                let ram = qmp.execute("query-memory-size-summary", None).await.ok();
+                n(&ram, "/base-memory")
+                    .map(|used| {
+                        vec![RamBlockInfo {
+                            name: "guest RAM".into(),
+                            offset: 0,
+                            used,
+                        }]
+                    })
+                    .unwrap_or_default()
+            }
+        };
+        tcg_lost_writes((major, minor), &blocks)
+    } else {
+        None
     };
     (format!("QEMU {major}.{minor}.{micro}, {accel}"), warning)
 }
 
-/// QEMU before 9.0 loses guest writes while it migrates a TCG guest whose RAM is a whole
-/// number of 64 pages: the fast path of its dirty-bitmap sync clears the bits without making
-/// the vCPU's TLB trap the next write to those pages, so a page written again after it was
-/// sent is never sent again (fixed upstream by commit 03bfc2188f). The destination then runs
-/// with some pages older than the source's, whatever carries the stream; DWCP cannot see it
-/// (the stream it carries is QEMU's and arrives whole).
-fn tcg_lost_writes((major, minor): (u64, u64), ram: u64) -> Option<String> {
-    (major < 9 && ram > 0 && ram.is_multiple_of(TCG_FAST_SYNC)).then(|| {
+/// QEMU before 9.0 loses guest writes while it migrates a TCG guest with a RAM block placed
+/// at and as long as a whole number of 64 pages: the fast path of its dirty-bitmap sync
+/// clears the bits without making the vCPU's TLB trap the next write to those pages, so a
+/// page written again after it was sent is never sent again (fixed upstream by commit
+/// 03bfc2188f). The destination then runs with some pages older than the source's,
+/// whatever carries the stream; DWCP cannot see it (the stream it carries is QEMU's and
+/// arrives whole). Each block counts: a guest of two NUMA nodes can have one on the fast
+/// path and a total RAM that is not.
+fn tcg_lost_writes((major, minor): (u64, u64), blocks: &[RamBlockInfo]) -> Option<String> {
+    if major >= 9 {
+        return None;
+    }
+    let fast: Vec<String> = blocks
+        .iter()
+        .filter(|b| {
+            b.used >= TCG_GUEST_BLOCK
+                && b.used.is_multiple_of(TCG_FAST_SYNC)
+                && b.offset.is_multiple_of(TCG_FAST_SYNC)
+        })
+        .map(|b| format!("{} ({} KiB)", b.name, b.used >> 10))
+        .collect();
+    (!fast.is_empty()).then(|| {
         format!(
-            "the source QEMU {major}.{minor} runs this guest under TCG with {} KiB of RAM, a \
-             whole number of 256 KiB: QEMU before 9.0 can lose guest writes while it migrates \
+            "the source QEMU {major}.{minor} runs this guest under TCG with RAM in a whole \
+             number of 256 KiB: {}. QEMU before 9.0 can lose guest writes while it migrates \
              such a guest (its bug, fixed by upstream commit 03bfc2188f), and the destination \
              may run with a few pages older than the source's. Use KVM, QEMU 9.0 or later, or \
-             give the guest 8 KiB more or less RAM",
-            ram >> 10
+             give the guest (each NUMA node) 8 KiB more or less RAM",
+            fast.join(", ")
         )
     })
 }
@@ -1456,17 +1533,76 @@ mod tests {
         seg
     }
 
+    fn block(name: &str, offset: u64, used: u64) -> RamBlockInfo {
+        RamBlockInfo {
+            name: name.into(),
+            offset,
+            used,
+        }
+    }
+
     #[test]
-    fn tcg_guests_of_a_whole_number_of_256_kib_are_warned_about_before_qemu_9() {
-        let w = tcg_lost_writes((7, 2), 1 << 30).expect("7.2, 1 GiB");
-        assert!(w.contains("03bfc2188f") && w.contains("1048576 KiB"), "{w}");
-        assert!(tcg_lost_writes((8, 2), 256 << 20).is_some());
-        assert!(tcg_lost_writes((9, 0), 1 << 30).is_none(), "fixed in 9.0");
+    fn tcg_blocks_of_a_whole_number_of_256_kib_are_warned_about_before_qemu_9() {
+        let one = |used| vec![block("pc.ram", 0, used)];
+        let w = tcg_lost_writes((7, 2), &one(1 << 30)).expect("7.2, 1 GiB");
         assert!(
-            tcg_lost_writes((7, 2), (256 << 20) + 8192).is_none(),
+            w.contains("03bfc2188f") && w.contains("pc.ram (1048576 KiB)"),
+            "{w}"
+        );
+        assert!(tcg_lost_writes((8, 2), &one(256 << 20)).is_some());
+        assert!(
+            tcg_lost_writes((9, 0), &one(1 << 30)).is_none(),
+            "fixed in 9.0"
+        );
+        assert!(
+            tcg_lost_writes((7, 2), &one((256 << 20) + 8192)).is_none(),
             "slow sync path"
         );
-        assert!(tcg_lost_writes((7, 2), 0).is_none());
+        assert!(tcg_lost_writes((7, 2), &one(0)).is_none());
+        assert!(tcg_lost_writes((7, 2), &[]).is_none());
+
+        // Two NUMA nodes: the total is no whole number of 256 KiB, the second node is.
+        let mib = 1 << 20;
+        let nodes = [
+            block("m0", 0, 512 * mib + 8192),
+            block("m1", 513 * mib, 512 * mib),
+            block("pc.bios", 1025 * mib, 256 << 10),
+        ];
+        let w = tcg_lost_writes((7, 2), &nodes).expect("m1 is on the fast path");
+        assert!(w.contains("m1 (524288 KiB)") && !w.contains("m0"), "{w}");
+        assert!(!w.contains("pc.bios"), "firmware is not written: {w}");
+        // The total is, no node is: the same length in the wrong place.
+        let nodes = [
+            block("m0", 0, 512 * mib + (128 << 10)),
+            block("m1", 512 * mib + (128 << 10), 512 * mib + (128 << 10)),
+        ];
+        assert!(tcg_lost_writes((7, 2), &nodes).is_none());
+    }
+
+    #[test]
+    fn ram_blocks_are_read_from_the_monitor() {
+        // QEMU 7.2's answer for a guest of two NUMA nodes, started with -S.
+        let text = "              Block Name    PSize              Offset               Used              Total\r\n                      m0    4 KiB  0x0000000000000000 0x0000000010000000 0x0000000010000000\r\n                      m1    4 KiB  0x0000000010000000 0x0000000010000000 0x0000000010000000\r\n    /rom@etc/acpi/tables    4 KiB  0x0000000020080000 0x0000000000020000 0x0000000000200000\r\n                 pc.bios    4 KiB  0x0000000020000000 0x0000000000040000 0x0000000000040000\r\n";
+        let b = parse_ramblocks(text).expect("read");
+        assert_eq!(
+            b,
+            vec![
+                block("m0", 0, 0x1000_0000),
+                block("m1", 0x1000_0000, 0x1000_0000),
+                block("/rom@etc/acpi/tables", 0x2008_0000, 0x2_0000),
+                block("pc.bios", 0x2000_0000, 0x4_0000),
+            ]
+        );
+        assert!(parse_ramblocks("").is_none());
+        assert!(parse_ramblocks("unknown command: 'info ramblock'").is_none());
+        let header = "Block Name    PSize    Offset    Used    Total\n";
+        assert!(parse_ramblocks(header).is_none(), "no blocks");
+        assert!(parse_ramblocks(&format!("{header}pc.ram 4 KiB 0xzz 0x10 0x10")).is_none());
+        assert!(parse_ramblocks(&format!("{header}pc.ram 0x0 0x10")).is_none());
+        assert_eq!(
+            parse_ramblocks(&format!("{header}my ram 4 KiB 0x0 0x10 0x10")),
+            Some(vec![block("my ram", 0, 0x10)])
+        );
     }
 
     #[test]
