@@ -5,17 +5,20 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 const AFTER_HELP: &str = "\
-Quick start (one machine, two agents):
+Quick start (one machine: an agent and a ping):
   dwcp certs init  --dir ./certs
   dwcp certs issue --dir ./certs --node node-a
   dwcp certs issue --dir ./certs --node node-b
-  dwcp agent --certs-dir ./certs --node-id node-a --listen 127.0.0.1:7700 --admin-listen 127.0.0.1:7701 &
+  dwcp agent --certs-dir ./certs --node-id node-a --listen 127.0.0.1:7700 --admin-listen 127.0.0.1:7701 \\
+             --spool-dir ./spool-a --cache-dir ./cache-a &
   dwcp ping 127.0.0.1:7700 --certs-dir ./certs --node-id node-b
 
 Exit codes: 0 ok, 1 internal error, 2 bad command line, 3 invalid configuration,
 4 certificate or file problem, 5 network (unreachable, timeout, connection lost),
 6 authentication (certificate refused, identity mismatch), 7 protocol (peer incompatible or
-misbehaving). Docs: README.md, docs/CONFIG.md, docs/OPERATIONS.md, docs/PROTOCOL.md.";
+misbehaving), 8 migration failed and rolled back (the VM runs at the source), 9 migration
+outcome unknown (the source stays paused). Docs: README.md, docs/CONFIG.md,
+docs/OPERATIONS.md, docs/PROTOCOL.md.";
 
 /// DWCP moves VM state between hypervisor hosts over mutual TLS, and keeps a cluster of them
 /// consistent.
@@ -30,7 +33,7 @@ pub(crate) struct Cli {
     pub(crate) log_format: Option<LogFormat>,
 
     /// Log level or directives, e.g. `debug` or `info,dwcp_agent=debug` [default: from the
-    /// config file, else info].
+    /// config file, else the command's own: see docs/CONFIG.md, `log.level`].
     #[arg(long, global = true)]
     pub(crate) log_level: Option<String>,
 }
@@ -76,8 +79,8 @@ pub(crate) enum Command {
     /// Benchmarks on the WAN testbed (root).
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Start agents on loopback with throwaway certificates (v1+v3+v4, v1-only, and a node of a
-    /// foreign CA), connect them, measure, and print a report. Needs no root and no setup.
+    /// Start agents on loopback with throwaway certificates (every version, v1-only, and a node
+    /// of a foreign CA), connect them, measure, and print a report. Needs no root and no setup.
     Demo(DemoArgs),
 }
 
@@ -403,8 +406,9 @@ pub(crate) enum BenchCommand {
     /// zstd -3 and lz4 of a generated VM image against HDE cold, warm (previous version held)
     /// and seeded (receiver seeded from the files the image's pages came from); one table.
     Encoding(BenchEncodingArgs),
-    /// Live migration of generated memory-image VMs between the testbed's two namespaces
-    /// (an agent in B, `dwcp migrate` in A), at several sizes and dirty rates; table + JSON.
+    /// Live migration between the testbed's two namespaces (an agent in B, `dwcp migrate` in
+    /// A): a QEMU guest natively (default and multifd) and through DWCP (cold, seeded, warm),
+    /// and generated memory-image VMs at several sizes and dirty rates; table + JSON.
     Migration(BenchMigrationArgs),
 }
 
@@ -568,12 +572,16 @@ pub(crate) struct MigrateArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub(crate) streams: u32,
 
-    /// Compressor: auto (chosen for --link-rate), none, lz4, zstd:LEVEL. With --qemu-qmp,
-    /// none also turns delta encoding off: QEMU's stream crosses as it is.
+    /// Compressor: auto, none, lz4, zstd:LEVEL. Auto: for a memory image, chosen for
+    /// --link-rate; with --qemu-qmp, lz4 for a --link-rate of 5 Gbit/s or more, zstd:2 for a
+    /// slower one, and without --link-rate lz4 on a datacenter path (round trip under 10 ms),
+    /// zstd:2 on a longer one. With --qemu-qmp, none also turns delta encoding off: QEMU's
+    /// stream crosses as it is.
     #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_codec)]
     pub(crate) codec: CodecChoice,
 
-    /// The link's bandwidth, for --codec auto [default: 1Gbit].
+    /// The link's bandwidth, for --codec auto [default: 1Gbit for a memory image; with
+    /// --qemu-qmp, none: the round trip decides].
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) link_rate: Option<u64>,
 

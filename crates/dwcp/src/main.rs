@@ -27,6 +27,8 @@ pub(crate) mod exit {
     pub(crate) const NETWORK: u8 = 5;
     pub(crate) const AUTH: u8 = 6;
     pub(crate) const PROTOCOL: u8 = 7;
+    pub(crate) const ROLLED_BACK: u8 = 8;
+    pub(crate) const OUTCOME_UNKNOWN: u8 = 9;
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,12 @@ fn main() -> ExitCode {
 
 /// The exit code for an error: the first error in the chain of a known kind decides.
 fn exit_code(err: &anyhow::Error) -> u8 {
+    // A migration that began: however it failed, what matters is where the VM now runs.
+    match err.downcast_ref::<migrate::MigrationFailed>() {
+        Some(migrate::MigrationFailed::RolledBack) => return exit::ROLLED_BACK,
+        Some(migrate::MigrationFailed::OutcomeUnknown) => return exit::OUTCOME_UNKNOWN,
+        None => {}
+    }
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<ConnError>() {
             return conn_code(e);

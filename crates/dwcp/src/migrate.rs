@@ -16,6 +16,20 @@ use crate::cli::{CodecChoice, MigrateArgs, VmArgs};
 use crate::commands::UsageError;
 
 /// Generates the VM's image and starts its workload.
+/// A migration that began and did not complete; how it ended sets the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MigrationFailed {
+    /// Rolled back: the VM runs (or waits, as it did) at the source.
+    #[error("migration failed and was rolled back: the VM still runs at the source")]
+    RolledBack,
+    /// The stream was complete and the destination's answer never came.
+    #[error(
+        "migration outcome unknown: the guest may run at the destination, so the source stays \
+         paused (check the destination before resuming it)"
+    )]
+    OutcomeUnknown,
+}
+
 pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
     let size =
         crate::cli::parse_rate(&args.vm_size).map_err(|e| UsageError(format!("--vm-size: {e}")))?;
@@ -224,7 +238,7 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         Ok(())
     } else {
         Err(anyhow::anyhow!("migration rolled back: {}", report.how))
-            .context("the VM still runs at the source")
+            .context(MigrationFailed::RolledBack)
     }
 }
 
@@ -287,7 +301,12 @@ fn run_qemu(
             if args.json {
                 println!("{}", qemu_report_json(&e.report, Some(&e)));
             }
-            Err(anyhow::anyhow!("{e}")).context("the guest still runs at the source")
+            let how = if e.phase == dwcp_migration::qemu::UNKNOWN {
+                MigrationFailed::OutcomeUnknown
+            } else {
+                MigrationFailed::RolledBack
+            };
+            Err(anyhow::anyhow!("{e}")).context(how)
         }
     }
 }

@@ -741,6 +741,42 @@ fn migrate_a_memory_image_vm_to_an_agent() {
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--vm-size"), "{}", text(&o.stderr));
+
+    // A guest that rewrites all of its memory every few milliseconds, with no throttling and
+    // a 1 ms pause allowed, cannot converge: rolled back, exit code 8, the report says why.
+    let o = dwcp()
+        .args([
+            "migrate",
+            "--to",
+            &agent.addr,
+            "--node-id",
+            "node-a",
+            "--vm-size",
+            "8Mi",
+            "--synthetic",
+            "--dirty-rate",
+            "2G",
+            "--downtime-ms",
+            "1",
+            "--max-rounds",
+            "2",
+            "--no-throttle",
+            "--name",
+            "web2.mem",
+            "--json",
+            "--certs-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(8), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("rolled back") && text(&o.stderr).contains("runs at the source"),
+        "{}",
+        text(&o.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_ne!(j["result"], "migrated", "{j}");
 }
 
 #[test]
