@@ -1579,6 +1579,39 @@ mod tests {
         assert!(tcg_lost_writes((7, 2), &nodes).is_none());
     }
 
+    proptest::proptest! {
+        /// Whatever a monitor answers, the parse returns or declines; each block it returns
+        /// is one line of the answer.
+        #[test]
+        fn any_monitor_answer_parses_or_is_declined(
+            lines in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        proptest::string::string_regex("[a-z./@0-9]{0,12}").unwrap(),
+                        proptest::string::string_regex("0x[0-9a-f]{0,18}").unwrap(),
+                        proptest::prelude::Just("KiB".to_string()),
+                        proptest::string::string_regex(".{0,8}").unwrap(),
+                    ],
+                    0..8,
+                ),
+                0..6,
+            ),
+            header in proptest::prelude::any::<bool>(),
+        ) {
+            let mut text = String::new();
+            if header {
+                text.push_str("Block Name PSize Offset Used Total\r\n");
+            }
+            for l in &lines {
+                text.push_str(&l.join(" "));
+                text.push_str("\r\n");
+            }
+            if let Some(blocks) = parse_ramblocks(&text) {
+                proptest::prop_assert!(!blocks.is_empty() && blocks.len() <= lines.len());
+            }
+        }
+    }
+
     #[test]
     fn ram_blocks_are_read_from_the_monitor() {
         // QEMU 7.2's answer for a guest of two NUMA nodes, started with -S.
