@@ -90,6 +90,11 @@ pub struct Launch {
     /// get a little less than `mem_mib`) in a RAM block of its own (0 or 1: one block, no
     /// NUMA). With `mem_file`, node `i` is backed by that path with `.i` appended.
     pub numa_nodes: u32,
+    /// Fault in (and so zero) all guest RAM when QEMU starts (`prealloc=on`, or
+    /// `-mem-prealloc`), as a destination waiting for an incoming migration may be started:
+    /// the kernel then zeroes the fresh pages before the migration rather than while QEMU
+    /// loads them during it.
+    pub prealloc: bool,
 }
 
 impl Launch {
@@ -106,6 +111,7 @@ impl Launch {
             prefix: Vec::new(),
             exact_dirty_tracking: false,
             numa_nodes: 1,
+            prealloc: false,
         }
     }
 }
@@ -162,15 +168,16 @@ impl QemuProcess {
                 d.display().to_string().replace(',', ",,")
             ));
         }
+        let prealloc = if launch.prealloc { ",prealloc=on" } else { "" };
         if nodes > 1 {
             for i in 0..nodes {
                 argv.push("-object".into());
                 argv.push(match &launch.mem_file {
                     Some(f) => format!(
-                        "memory-backend-file,id=m{i},size={node}K,mem-path={}.{i},share=on",
+                        "memory-backend-file,id=m{i},size={node}K,mem-path={}.{i},share=on{prealloc}",
                         f.display()
                     ),
-                    None => format!("memory-backend-ram,id=m{i},size={node}K"),
+                    None => format!("memory-backend-ram,id=m{i},size={node}K{prealloc}"),
                 });
                 argv.push("-numa".into());
                 argv.push(format!("node,memdev=m{i}"));
@@ -178,11 +185,13 @@ impl QemuProcess {
         } else if let Some(f) = &launch.mem_file {
             argv.push("-object".into());
             argv.push(format!(
-                "memory-backend-file,id=ram0,size={m}K,mem-path={},share=on",
+                "memory-backend-file,id=ram0,size={m}K,mem-path={},share=on{prealloc}",
                 f.display()
             ));
             argv.push("-machine".into());
             argv.push("memory-backend=ram0".into());
+        } else if launch.prealloc {
+            argv.push("-mem-prealloc".into());
         }
         for q in &launch.qmp {
             let _ = std::fs::remove_file(q);

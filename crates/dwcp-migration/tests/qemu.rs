@@ -497,3 +497,39 @@ async fn the_lost_writes_warning_names_each_ram_block_on_qemus_fast_path() {
         let _ = qmp.execute("quit", None).await;
     }
 }
+
+/// `Launch::prealloc` starts QEMU with all guest RAM faulted in, whatever backs it: one
+/// anonymous block, NUMA nodes, a file; without it, none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prealloc_faults_in_every_ram_block_at_start() {
+    let Some(image) = guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for (nodes, file, prealloc) in [
+        (1, false, true),
+        (2, false, true),
+        (1, true, true),
+        (2, true, false),
+    ] {
+        let mut l = Launch::new(32, dir.path().join("p.log"));
+        l.numa_nodes = nodes;
+        l.mem_file = file.then(|| dir.path().join("p.ram"));
+        l.qmp = vec![dir.path().join("p.qmp")];
+        l.stay_paused = true;
+        l.prealloc = prealloc;
+        let _p = QemuProcess::spawn(&image, &l).unwrap();
+        let mut q = Qmp::connect(&l.qmp[0], Duration::from_secs(5))
+            .await
+            .unwrap();
+        let devs = q.execute("query-memdev", None).await.unwrap();
+        let devs = devs.as_array().unwrap();
+        assert_eq!(devs.len(), nodes as usize, "{devs:?}");
+        for d in devs {
+            assert_eq!(
+                d["prealloc"].as_bool(),
+                Some(prealloc),
+                "{nodes} nodes, file {file}: {d}"
+            );
+        }
+        let _ = q.execute("quit", None).await;
+    }
+}

@@ -686,6 +686,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             mem_mib: qemu_mem,
             dirty_pages: args.qemu_dirty_pages,
             numa_nodes: args.qemu_numa_nodes,
+            dest_prealloc: args.qemu_dest_prealloc,
             codec: args.qemu_codec,
             native_timeout: Duration::from_secs(args.qemu_native_timeout_secs),
             cases: qemu_cases,
@@ -749,7 +750,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         "profile": profile.name, "ping_rtt_ms": rtt, "congestion": args.congestion, "seed": args.seed,
         "runs": runs,
         "qemu": match &qemu_rows {
-            Some(Ok(rows)) => json!({"mem_mib": qemu_mem, "dirty_pages_per_s": args.qemu_dirty_pages, "numa_nodes": args.qemu_numa_nodes, "cases": rows}),
+            Some(Ok(rows)) => json!({"mem_mib": qemu_mem, "dirty_pages_per_s": args.qemu_dirty_pages, "numa_nodes": args.qemu_numa_nodes, "dest_prealloc": args.qemu_dest_prealloc, "cases": rows}),
             Some(Err(why)) => json!({"not_run": why}),
             None => Value::Null,
         },

@@ -28,6 +28,9 @@ pub(crate) struct QemuBench<'a> {
     pub(crate) dirty_pages: u64,
     /// NUMA nodes of source and destination guests ([`Launch::numa_nodes`]).
     pub(crate) numa_nodes: u32,
+    /// Destination QEMUs (native and through DWCP alike) start with their RAM faulted in
+    /// ([`Launch::prealloc`]).
+    pub(crate) dest_prealloc: bool,
     /// `--codec` of `dwcp migrate`.
     pub(crate) codec: crate::cli::CodecChoice,
     pub(crate) native_timeout: Duration,
@@ -158,6 +161,7 @@ impl QemuBench<'_> {
         l.qmp = vec![self.work.join(format!("qemu-dst-{i}.qmp"))];
         l.prefix = ns_prefix(&self.tb.ns_b);
         l.numa_nodes = self.numa_nodes;
+        l.prealloc = self.dest_prealloc;
         l
     }
 

@@ -449,6 +449,12 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub(crate) qemu_numa_nodes: u32,
 
+    /// Start every destination QEMU (native and through DWCP) with its RAM faulted in
+    /// (`-mem-prealloc`), so that the kernel zeroes its pages before the migration, not while
+    /// QEMU loads them.
+    #[arg(long)]
+    pub(crate) qemu_dest_prealloc: bool,
+
     /// `dwcp migrate --codec` of the rows through DWCP: auto, none (no delta encoding either),
     /// lz4, zstd:LEVEL.
     #[arg(long, default_value = "auto", value_parser = parse_codec)]
