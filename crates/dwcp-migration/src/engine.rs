@@ -132,6 +132,9 @@ pub struct MigrationReport {
     /// Whether the destination committed the target with the final round, once applied (a v6
     /// destination): the guest's pause then holds no separate commit round trip.
     pub committed_with_final_round: bool,
+    /// Not migrated, and the source left paused: whether the destination committed could not
+    /// be settled (see `how`), so the VM runs nowhere until someone checks.
+    pub source_paused: bool,
 }
 
 /// Live progress for displays.
@@ -220,6 +223,7 @@ pub async fn migrate(
         cold_resends: 0,
         overlapped_parts: 0,
         committed_with_final_round: false,
+        source_paused: false,
     };
     let mut paused_at: Option<Instant> = None;
     // A rollback found the destination committed after all (its answer had been lost).
@@ -423,6 +427,7 @@ pub async fn migrate(
         }
         Outcome::Running => report.how = "stopped before the end".into(),
     }
+    report.source_paused = !report.migrated && !at_destination && vm.is_paused();
     if at_destination {
         // The destination published the paused source's memory (compared page by page).
         report.migrated = true;

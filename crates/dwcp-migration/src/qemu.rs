@@ -142,7 +142,7 @@ pub struct QemuProgress {
     pub expected_downtime_ms: Option<f64>,
 }
 
-/// Why a QEMU migration failed (the source keeps running).
+/// Why a QEMU migration failed.
 #[derive(Debug, thiserror::Error)]
 #[error("QEMU migration of {vm:?} failed in {phase}: {reason}")]
 pub struct QemuError {
@@ -152,6 +152,10 @@ pub struct QemuError {
     pub phase: &'static str,
     /// Why.
     pub reason: String,
+    /// The source guest is as it was before (running again, or paused if it was, or never
+    /// touched). False when it was left paused because the guest may run at the destination
+    /// (see [`UNKNOWN`]), or when it could not be resumed.
+    pub source_as_before: bool,
     /// What was measured up to then.
     pub report: Box<QemuReport>,
 }
@@ -440,6 +444,8 @@ struct Segment {
 /// The phase of a failure after which the guest may run at the destination: the source is
 /// not resumed (that could run it twice).
 pub const UNKNOWN: &str = "resume (outcome unknown)";
+/// The phase after the destination loaded the guest: the source's migration must complete.
+const CLEANUP: &str = "cleanup";
 
 /// Most stream bytes read beyond the acknowledged prefix, whatever the window: blocks
 /// acknowledged after a gap wait at the destination for the block still on its way, and it
@@ -489,6 +495,7 @@ pub async fn migrate_qemu(
         vm: spec.vm.clone(),
         phase,
         reason,
+        source_as_before: true,
         report: Box::new(report.clone()),
     };
     let mut qmp = Qmp::connect(&spec.qmp, Duration::from_secs(10))
@@ -617,20 +624,34 @@ pub async fn migrate_qemu(
             Ok(report)
         }
         Err((phase, reason)) => {
-            warn!(vm = %spec.vm, phase, "QEMU migration failed: {reason}; rolling back");
-            if phase == UNKNOWN {
+            let runs_there = runs_at_destination(phase, &report.dest_status);
+            let as_before = if phase == UNKNOWN || runs_there {
                 // Resuming the source could run the guest twice; leave it paused.
-                warn!(vm = %spec.vm, "the destination may run the guest: the source stays paused");
+                warn!(vm = %spec.vm, phase, "QEMU migration failed: {reason}; the destination may run the guest: the source stays paused");
+                false
             } else {
-                rollback(spec, &mut qmp, was_running).await;
+                warn!(vm = %spec.vm, phase, "QEMU migration failed: {reason}; rolling back");
+                rollback(spec, &mut qmp, was_running).await
+            };
+            if !runs_there {
+                abort_destination(&dest, &spec.vm).await;
             }
-            abort_destination(&dest, &spec.vm).await;
             control.close().await;
             report.total_seconds = started.elapsed().as_secs_f64();
             report.error = Some(reason.clone());
-            Err(fail(phase, reason, &report))
+            let mut e = fail(phase, reason, &report);
+            e.source_as_before = as_before;
+            Err(e)
         }
     }
+}
+
+/// A failure in `phase` leaves the guest running at the destination, whose QEMU says
+/// `dest_status`: it loaded the whole stream (its digest checked) and runs, and only the
+/// source's own end failed. Rolling back then would stop a running guest, and run it twice
+/// if the destination could not be told.
+fn runs_at_destination(phase: &str, dest_status: &str) -> bool {
+    phase == CLEANUP && dest_status == "running"
 }
 
 /// Tells the destination to drop the migration (its QEMU and what it holds of the stream).
@@ -778,15 +799,16 @@ fn tcg_lost_writes((major, minor): (u64, u64), blocks: &[RamBlockInfo]) -> Optio
             "the source QEMU {major}.{minor} runs this guest under TCG with RAM in a whole \
              number of 256 KiB: {}. QEMU before 9.0 can lose guest writes while it migrates \
              such a guest (its bug, fixed by upstream commit 03bfc2188f), and the destination \
-             may run with a few pages older than the source's. Use KVM, QEMU 9.0 or later, or \
-             give the guest (each NUMA node) 8 KiB more or less RAM",
+             may run with a few pages older than the source's. Use KVM or QEMU 9.0 or later; \
+             for a block of guest RAM, 8 KiB more or less (for each NUMA node) also avoids it",
             fast.join(", ")
         )
     })
 }
 
-/// Cancels the source's migration and makes sure the guest runs there again.
-async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) {
+/// Cancels the source's migration and makes sure the guest runs there again (if it ran);
+/// returns whether it does.
+async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) -> bool {
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         warn!(vm = %spec.vm, "migrate_cancel: {e}");
     }
@@ -799,15 +821,21 @@ async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) {
             _ => break,
         }
     }
-    if was_running {
-        match qmp.status().await {
-            Ok(s) if s != "running" => {
-                if let Err(e) = qmp.execute("cont", None).await {
-                    warn!(vm = %spec.vm, "cannot resume the source guest: {e}");
-                }
+    if !was_running {
+        return true;
+    }
+    match qmp.status().await {
+        Ok(s) if s != "running" => match qmp.execute("cont", None).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(vm = %spec.vm, "cannot resume the source guest: {e}");
+                false
             }
-            Ok(_) => {}
-            Err(e) => warn!(vm = %spec.vm, "source QEMU: {e}"),
+        },
+        Ok(_) => true,
+        Err(e) => {
+            warn!(vm = %spec.vm, "source QEMU: {e}");
+            false
         }
     }
 }
@@ -959,17 +987,17 @@ async fn run(
         let info = qmp
             .execute("query-migrate", None)
             .await
-            .map_err(|e| ("cleanup", e.to_string()))?;
+            .map_err(|e| (CLEANUP, e.to_string()))?;
         match info.get("status").and_then(Value::as_str) {
             Some("completed") => break info,
             Some("failed") | Some("cancelled") => {
                 return Err((
-                    "cleanup",
+                    CLEANUP,
                     format!("the source QEMU says the migration {info}"),
                 ));
             }
             _ if t.elapsed() > Duration::from_secs(30) => {
-                return Err(("cleanup", "the source QEMU did not complete".into()));
+                return Err((CLEANUP, "the source QEMU did not complete".into()));
             }
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
@@ -1538,6 +1566,17 @@ mod tests {
             name: name.into(),
             offset,
             used,
+        }
+    }
+
+    #[test]
+    fn only_a_failure_after_the_destination_runs_the_guest_leaves_it_there() {
+        assert!(runs_at_destination(CLEANUP, "running"));
+        // With -S the destination waits: the source can take the guest back.
+        assert!(!runs_at_destination(CLEANUP, "paused"));
+        assert!(!runs_at_destination(CLEANUP, ""));
+        for phase in ["prepare", "start", "transfer", "resume", UNKNOWN] {
+            assert!(!runs_at_destination(phase, "running"), "{phase}");
         }
     }
 

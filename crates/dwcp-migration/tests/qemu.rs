@@ -261,6 +261,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
     let e = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap_err();
     assert_eq!(e.phase, "prepare", "{e}");
     assert!(e.reason.contains("vm-nobody.qmp"), "{e}");
+    assert!(e.source_as_before, "{e}");
 
     // 2. The destination QEMU dies during the transfer: rolled back, source still running.
     let mut dst = Some(destination(&image, dir.path(), qemu_dir, "vm2"));
@@ -280,6 +281,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         "the migration ended before the destination was killed: {e}"
     );
     assert!(e.report.error.is_some(), "{e}");
+    assert!(e.source_as_before, "rolled back, resumed: {e}");
     let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
         .await
         .unwrap();

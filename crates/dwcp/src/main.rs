@@ -118,3 +118,42 @@ fn code_exit(code: ErrorCode) -> u8 {
         _ => exit::PROTOCOL,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn a_migration_that_did_not_complete_exits_by_where_it_left_the_vm() {
+        let failed = |how| {
+            Err::<(), _>(anyhow::anyhow!(
+                "QEMU migration of \"vm\" failed in transfer"
+            ))
+            .context(how)
+            .unwrap_err()
+        };
+        assert_eq!(
+            exit_code(&failed(migrate::MigrationFailed::RolledBack)),
+            exit::ROLLED_BACK
+        );
+        assert_eq!(
+            exit_code(&failed(migrate::MigrationFailed::OutcomeUnknown)),
+            exit::OUTCOME_UNKNOWN
+        );
+        // Also under more context, and ahead of any other kind of error in the chain.
+        let io = Err::<(), _>(std::io::Error::other("socket"))
+            .context(migrate::MigrationFailed::OutcomeUnknown)
+            .context("migrating vm")
+            .unwrap_err();
+        assert_eq!(exit_code(&io), exit::OUTCOME_UNKNOWN);
+        assert_eq!(
+            exit_code(&anyhow::Error::new(std::io::Error::other("x"))),
+            exit::FILES
+        );
+        assert_eq!(
+            exit_code(&anyhow::anyhow!("something else")),
+            exit::INTERNAL
+        );
+    }
+}

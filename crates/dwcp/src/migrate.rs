@@ -15,21 +15,23 @@ use serde_json::{Value, json};
 use crate::cli::{CodecChoice, MigrateArgs, VmArgs};
 use crate::commands::UsageError;
 
-/// Generates the VM's image and starts its workload.
-/// A migration that began and did not complete; how it ended sets the exit code.
+/// A migration that did not complete; where that left the VM sets the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum MigrationFailed {
-    /// Rolled back: the VM runs (or waits, as it did) at the source.
-    #[error("migration failed and was rolled back: the VM still runs at the source")]
+    /// Undone, or never begun: the VM is at the source as it was (running, or paused if it
+    /// was paused).
+    #[error("the migration did not complete: the VM is at the source as it was before")]
     RolledBack,
-    /// The stream was complete and the destination's answer never came.
+    /// The source was left paused: the guest may run at the destination, or the source could
+    /// not be resumed.
     #[error(
-        "migration outcome unknown: the guest may run at the destination, so the source stays \
-         paused (check the destination before resuming it)"
+        "the migration did not complete and the source VM is left paused: the guest may run \
+         at the destination; check there before resuming or discarding the source"
     )]
     OutcomeUnknown,
 }
 
+/// Generates the VM's image and starts its workload.
 pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
     let size =
         crate::cli::parse_rate(&args.vm_size).map_err(|e| UsageError(format!("--vm-size: {e}")))?;
@@ -115,7 +117,11 @@ pub(crate) async fn run_with_progress(
 pub(crate) fn report_json(r: &MigrationReport) -> Value {
     let [zero, same, dup, cache, xor, literal] = r.levels;
     json!({
-        "result": if r.migrated { "migrated" } else { "rolled back" },
+        "result": match (r.migrated, r.source_paused) {
+            (true, _) => "migrated",
+            (false, true) => "source paused",
+            (false, false) => "rolled back",
+        },
         "how": r.how,
         "total_seconds": r.total_seconds,
         "downtime_ms": r.downtime_ms,
@@ -188,6 +194,12 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
                 None => "not verified",
             }
         );
+    } else if r.source_paused {
+        println!(
+            "result: not migrated after {:.2} s, the source VM is left PAUSED (check the \
+             destination): {}",
+            r.total_seconds, r.how
+        );
     } else {
         println!(
             "result: rolled back after {:.2} s, the VM runs on at the source: {}",
@@ -237,8 +249,12 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
     if report.migrated {
         Ok(())
     } else {
-        Err(anyhow::anyhow!("migration rolled back: {}", report.how))
-            .context(MigrationFailed::RolledBack)
+        let how = if report.source_paused {
+            MigrationFailed::OutcomeUnknown
+        } else {
+            MigrationFailed::RolledBack
+        };
+        Err(anyhow::anyhow!("migration rolled back: {}", report.how)).context(how)
     }
 }
 
@@ -301,10 +317,10 @@ fn run_qemu(
             if args.json {
                 println!("{}", qemu_report_json(&e.report, Some(&e)));
             }
-            let how = if e.phase == dwcp_migration::qemu::UNKNOWN {
-                MigrationFailed::OutcomeUnknown
-            } else {
+            let how = if e.source_as_before {
                 MigrationFailed::RolledBack
+            } else {
+                MigrationFailed::OutcomeUnknown
             };
             Err(anyhow::anyhow!("{e}")).context(how)
         }
@@ -355,7 +371,11 @@ pub(crate) async fn run_qemu_with_progress(
 pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value {
     json!({
         "backend": "qemu",
-        "result": if r.migrated { "migrated" } else { "rolled back" },
+        "result": match (r.migrated, err) {
+            (true, _) => "migrated",
+            (false, Some(e)) if !e.source_as_before => "source paused",
+            _ => "rolled back",
+        },
         "error": err.map(|e| e.to_string()),
         "phase_failed": err.map(|e| e.phase),
         "total_seconds": r.total_seconds,
