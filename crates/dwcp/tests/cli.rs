@@ -693,30 +693,27 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     let dir = tempfile::tempdir().unwrap();
     cluster(dir.path(), &["node-a", "node-b"]);
     let agent = start_agent(dir.path(), "node-b", &[]);
-    let o = dwcp()
-        .args([
-            "migrate",
-            "--to",
-            &agent.addr,
-            "--node-id",
-            "node-a",
-            "--expect-node",
-            "node-b",
-        ])
-        .args([
-            "--vm-size",
-            "8Mi",
-            "--synthetic",
-            "--dirty-rate",
-            "4M",
-            "--name",
-            "web1.mem",
-            "--json",
-            "--certs-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let migrate = |args: &[&str]| {
+        dwcp()
+            .args(["migrate", "--to", &agent.addr, "--node-id", "node-a"])
+            .args(args)
+            .arg("--certs-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let o = migrate(&[
+        "--expect-node",
+        "node-b",
+        "--vm-size",
+        "8Mi",
+        "--synthetic",
+        "--dirty-rate",
+        "4M",
+        "--name",
+        "web1.mem",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["result"], "migrated", "{j}");
@@ -725,50 +722,27 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     assert_eq!(img.len(), 8 << 20);
 
     // Bad input is refused before anything starts.
-    let o = dwcp()
-        .args([
-            "migrate",
-            "--to",
-            &agent.addr,
-            "--node-id",
-            "node-a",
-            "--vm-size",
-            "10",
-        ])
-        .arg("--certs-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let o = migrate(&["--vm-size", "10"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--vm-size"), "{}", text(&o.stderr));
 
     // A guest that rewrites all of its memory every few milliseconds, with no throttling and
     // a 1 ms pause allowed, cannot converge: rolled back, exit code 8, the report says why.
-    let o = dwcp()
-        .args([
-            "migrate",
-            "--to",
-            &agent.addr,
-            "--node-id",
-            "node-a",
-            "--vm-size",
-            "8Mi",
-            "--synthetic",
-            "--dirty-rate",
-            "2G",
-            "--downtime-ms",
-            "1",
-            "--max-rounds",
-            "2",
-            "--no-throttle",
-            "--name",
-            "web2.mem",
-            "--json",
-            "--certs-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let o = migrate(&[
+        "--vm-size",
+        "8Mi",
+        "--synthetic",
+        "--dirty-rate",
+        "2G",
+        "--downtime-ms",
+        "1",
+        "--max-rounds",
+        "2",
+        "--no-throttle",
+        "--name",
+        "web2.mem",
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(8), "{}", text(&o.stderr));
     assert!(
         text(&o.stderr).contains("did not converge")
