@@ -427,7 +427,6 @@ pub async fn migrate(
         }
         Outcome::Running => report.how = "stopped before the end".into(),
     }
-    report.source_paused = !report.migrated && !at_destination && vm.is_paused();
     if at_destination {
         // The destination published the paused source's memory (compared page by page).
         report.migrated = true;
@@ -438,6 +437,7 @@ pub async fn migrate(
         );
         report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
     }
+    report.source_paused = !report.migrated && vm.is_paused();
     report.codec = state
         .codecs
         .iter()

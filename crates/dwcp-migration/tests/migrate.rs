@@ -255,6 +255,7 @@ async fn a_workload_that_never_converges_is_rolled_back_with_the_source_running(
     assert!(!r.migrated, "{r:?}");
     assert!(r.how.contains("did not converge"), "{}", r.how);
     assert!(!v.is_paused(), "the source keeps running");
+    assert!(!r.source_paused, "{r:?}");
     let w = v.writes();
     let mut waited = 0;
     while v.writes() == w && waited < 100 {

@@ -254,7 +254,7 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         } else {
             MigrationFailed::RolledBack
         };
-        Err(anyhow::anyhow!("migration rolled back: {}", report.how)).context(how)
+        Err(anyhow::anyhow!("not migrated: {}", report.how)).context(how)
     }
 }
 
