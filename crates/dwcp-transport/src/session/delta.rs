@@ -51,6 +51,18 @@ impl Default for DeltaOptions {
     }
 }
 
+/// A file that ends before the size it had when its transfer began was changed meanwhile.
+fn changed(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        std::io::Error::new(
+            e.kind(),
+            "the file ended before the size it had when the transfer began (was it changed?)",
+        )
+    } else {
+        e
+    }
+}
+
 /// Picks the codec for a file from a sample of it (up to 32 pieces of 256 KiB spread over
 /// the file, zero pages left out, as the encoder leaves them out), calibrated on this
 /// machine. Small files get zstd level 2 without the calibration cost.
@@ -66,7 +78,7 @@ fn choose_codec(
         let mut buf = vec![0u8; PIECE as usize];
         for i in 0..32 {
             let at = (size - PIECE) / 31 * i / 4096 * 4096;
-            input.read_exact_at(&mut buf, at)?;
+            input.read_exact_at(&mut buf, at).map_err(changed)?;
             for p in buf.chunks(4096).filter(|p| !dwcp_encoding::is_zero(p)) {
                 sample.extend_from_slice(p);
             }
@@ -150,26 +162,60 @@ pub(crate) fn encoding_for(layout: Layout, size: u64, page_size: usize) -> u32 {
     }
 }
 
-/// Encodes `path` into a temporary file in the system's temporary directory. `remote` is the
-/// receiver's cache summary, `base` the summary hashes of its pages of this file (8 bytes per
-/// page, empty when it has no copy of this size). Blocking: run it off the runtime.
+/// Encodes `path`, of `size` bytes when its transfer began, into a temporary file in the
+/// system's temporary directory. `remote` is the receiver's cache summary, `base` the summary
+/// hashes of its pages of this file (8 bytes per page, empty when it has no copy of this
+/// size). Blocking: run it off the runtime.
 pub(crate) fn encode_file(
     path: &Path,
+    size: u64,
     encoding: u32,
     opts: &DeltaOptions,
     remote: Option<&RemoteIndex>,
     base: &[u8],
 ) -> std::io::Result<Encoded> {
-    let mut input = File::open(path)?;
-    let raw_size = input.metadata()?.len();
-    let mut tmp = tempfile::Builder::new().prefix(".dwcp-hde-").tempfile()?;
+    let input = File::open(path)?;
+    let now = input.metadata()?.len();
+    if now != size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("its size changed from {size} to {now} bytes since the transfer began"),
+        ));
+    }
+    encode(input, size, encoding, opts, remote, base, path)
+}
+
+/// [`encode_file`] on an open file of `raw_size` bytes.
+fn encode(
+    mut input: File,
+    raw_size: u64,
+    encoding: u32,
+    opts: &DeltaOptions,
+    remote: Option<&RemoteIndex>,
+    base: &[u8],
+    path: &Path,
+) -> std::io::Result<Encoded> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".dwcp-hde-")
+        .tempfile()
+        .map_err(|e| {
+            let dir = std::env::temp_dir();
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot create its encoded copy in {}: {e}", dir.display()),
+            )
+        })?;
     let mut hasher = blake3::Hasher::new();
     let mut raw_hasher = blake3::Hasher::new();
     let mut out = Vec::with_capacity(8 << 20);
     let mut flush = |out: &mut Vec<u8>, tmp: &mut tempfile::NamedTempFile, force: bool| {
         if force || out.len() >= 4 << 20 {
             hasher.update(out);
-            let r = tmp.write_all(out);
+            let r = tmp.write_all(out).map_err(|e| {
+                // Not the file's fault: say so (tempfile's error names the copy's path,
+                // in TMPDIR).
+                std::io::Error::new(e.kind(), format!("cannot write its encoded copy: {e}"))
+            });
             out.clear();
             r
         } else {
@@ -191,7 +237,7 @@ pub(crate) fn encode_file(
         std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
     };
     if encoding == data::ENCODING_HDE_PAGES {
-        if raw_size % ps as u64 != 0 {
+        if !raw_size.is_multiple_of(ps as u64) {
             return Err(invalid(&format!(
                 "{} is not a whole number of {ps}-byte pages (use the stream layout)",
                 path.display()
@@ -214,7 +260,7 @@ pub(crate) fn encode_file(
         let mut seen = (0u64, 0u64);
         while left > 0 {
             let n = (left as usize).min(buf.len());
-            input.read_exact(&mut buf[..n])?;
+            input.read_exact(&mut buf[..n]).map_err(changed)?;
             raw_hasher.update(&buf[..n]);
             for page in buf[..n].chunks_exact(ps) {
                 enc.push_with_base_hash(addr, page, base_hash(addr), remote, &mut out)
@@ -255,14 +301,24 @@ pub(crate) fn encode_file(
             ..StreamConfig::default()
         };
         let mut enc = StreamEncoder::new(cfg).map_err(|e| invalid(&e))?;
+        let mut read = 0u64;
         loop {
             let n = input.read(&mut buf)?;
             if n == 0 {
                 break;
             }
+            read += n as u64;
+            if read > raw_size {
+                return Err(invalid(&format!(
+                    "the file grew beyond the {raw_size} bytes it had when the transfer began"
+                )));
+            }
             raw_hasher.update(&buf[..n]);
             enc.push(&buf[..n], remote, &mut out);
             flush(&mut out, &mut tmp, false)?;
+        }
+        if read < raw_size {
+            return Err(changed(std::io::ErrorKind::UnexpectedEof.into()));
         }
         let s = enc.finish(remote, &mut out);
         report.layout = "stream";
@@ -282,4 +338,54 @@ pub(crate) fn encode_file(
         raw_blake3: raw_hasher.finalize(),
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, bytes).unwrap();
+        (dir, p)
+    }
+
+    /// A file whose size is not the one its transfer began with is refused by name, in
+    /// either layout and either direction, and never encoded as something else.
+    #[test]
+    fn a_file_changed_since_its_transfer_began_is_refused_with_a_reason() {
+        let opts = DeltaOptions {
+            codec: Some(Codec::Zstd(2)),
+            ..DeltaOptions::default()
+        };
+        let (_d, p) = file_of(&vec![7u8; 8 * 4096]);
+        for enc in [data::ENCODING_HDE_PAGES, data::ENCODING_HDE_STREAM] {
+            // Sized once, then changed before the encoder opened it.
+            let Err(e) = encode_file(&p, 4 * 4096, enc, &opts, None, &[]) else {
+                panic!("{enc}: a changed size was encoded");
+            };
+            assert!(
+                e.to_string().contains("size changed from 16384 to 32768"),
+                "{e}"
+            );
+            // Shorter or longer than its size while being read.
+            for (claimed, says) in [(16 * 4096, "ended before"), (4 * 4096, "grew beyond")] {
+                let input = File::open(&p).unwrap();
+                let r = encode(input, claimed, enc, &opts, None, &[], &p);
+                if enc == data::ENCODING_HDE_PAGES && claimed < 8 * 4096 {
+                    // The page layout reads what the size says and no further.
+                    assert!(r.is_ok());
+                    continue;
+                }
+                let Err(e) = r else {
+                    panic!("{enc} {claimed}: encoded");
+                };
+                assert!(e.to_string().contains(says), "{enc} {claimed}: {e}");
+            }
+            // Unchanged: encoded.
+            let ok = encode_file(&p, 8 * 4096, enc, &opts, None, &[]).unwrap();
+            assert_eq!(ok.report.raw_bytes, 8 * 4096);
+        }
+    }
 }

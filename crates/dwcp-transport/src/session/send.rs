@@ -290,8 +290,8 @@ pub struct SendReport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
-    /// A local file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// A local file could not be read (or encoded: its temporary copy).
+    #[error("cannot send {path}: {source}")]
     Source {
         /// The file.
         path: PathBuf,
@@ -1975,10 +1975,10 @@ async fn prepare_delta(
             )))
         })?)
     };
-    let path = src.path.clone();
+    let (path, size) = (src.path.clone(), src.size);
     let opts = opts.clone();
     let e = tokio::task::spawn_blocking(move || {
-        delta::encode_file(&path, encoding, &opts, remote.as_ref(), &pages)
+        delta::encode_file(&path, size, encoding, &opts, remote.as_ref(), &pages)
     })
     .await
     .map_err(|e| ObjectFailure::Fatal(SendError::Protocol(format!("encoder task failed: {e}"))))?
