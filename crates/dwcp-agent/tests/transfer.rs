@@ -741,6 +741,23 @@ async fn t33_object_larger_than_the_free_space_is_refused_up_front() {
     }
     // Refused before anything was created.
     assert!(!cluster.dir().join("spool/client/.huge.dwcp-part").exists());
+    // ... and counted as a failed object (the metrics follow the spool's events).
+    let failed = |t: &str| {
+        dwcp_testkit::metric_value(
+            t,
+            "dwcp_objects_received_total",
+            &[("peer", "client"), ("result", "failed")],
+        )
+    };
+    let mut text = agent.metrics().await;
+    for _ in 0..40 {
+        if failed(&text) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = agent.metrics().await;
+    }
+    assert_eq!(failed(&text), 1.0, "{text}");
     agent.stop().await.unwrap();
 }
 

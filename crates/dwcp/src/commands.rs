@@ -268,6 +268,16 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>> {
     })
 }
 
+/// An object `dwcp recv` failed or refused; the exit code follows the code its sender was told
+/// (no space, a refused name: 4; a digest mismatch: 7).
+#[derive(Debug, thiserror::Error)]
+#[error("receiving {name:?} failed: {reason}")]
+pub(crate) struct ObjectFailed {
+    name: String,
+    pub(crate) code: ErrorCode,
+    reason: String,
+}
+
 /// A peer name that does not resolve (exit code 5, like any unreachable peer).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -663,8 +673,8 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                     Ok(RecvEvent::Stored { name, size, path, resumed_from, .. }) => {
                         stored.push((name, size, path, resumed_from));
                     }
-                    Ok(RecvEvent::Failed { name, reason, .. }) => {
-                        return Err(anyhow!("receiving {name:?} failed: {reason}"));
+                    Ok(RecvEvent::Failed { name, code, reason, .. }) => {
+                        return Err(ObjectFailed { name, code, reason }.into());
                     }
                     Ok(RecvEvent::SessionDone { .. }) => return Ok(stored),
                     Ok(_) => {}
@@ -776,7 +786,9 @@ async fn recv_stream<T>(
             Ok(Ok(Some(f))) if f.ty == dwcp_wire::FrameType::PONG || f.ty.is_extension() => {}
             Ok(Ok(None)) => return,
             Ok(Ok(Some(_))) => break,
-            Ok(Err(e)) => return tracing::warn!(%peer, "stream failed: {e}"),
+            // Before its session a stream carries nothing to lose: a sender that gave up
+            // drops its other streams here, and the session's outcome is reported anyway.
+            Ok(Err(e)) => return tracing::debug!(%peer, "stream closed before its session: {e}"),
         }
     }
     writer

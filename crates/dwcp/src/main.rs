@@ -87,6 +87,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(AgentError::Bind { .. }) = cause.downcast_ref::<AgentError>() {
             return exit::NETWORK;
         }
+        if let Some(e) = cause.downcast_ref::<commands::ObjectFailed>() {
+            return code_exit(e.code);
+        }
         if cause.downcast_ref::<commands::ResolveError>().is_some() {
             return exit::NETWORK;
         }
@@ -115,6 +118,8 @@ fn code_exit(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::IDENTITY_MISMATCH => exit::AUTH,
         ErrorCode::TIMEOUT | ErrorCode::SHUTTING_DOWN | ErrorCode::OVERLOADED => exit::NETWORK,
+        // The receiver cannot store it (no space, a name it refuses, a file in use).
+        ErrorCode::STORAGE_ERROR => exit::FILES,
         _ => exit::PROTOCOL,
     }
 }

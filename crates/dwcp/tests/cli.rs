@@ -535,7 +535,25 @@ fn recv_and_send_with(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> serde_json::Value {
+    let (send, status, recv_log) = recv_and_send_status(certs, out, cache, file, args, env);
+    assert!(send.status.success(), "{}", text(&send.stderr));
+    assert!(status.success(), "{recv_log}");
+    serde_json::from_slice(&send.stdout).unwrap()
+}
+
+/// One `dwcp recv` and one `dwcp send` as they end: send's output, recv's exit status and
+/// its standard error.
+fn recv_and_send_status(
+    certs: &Path,
+    out: &Path,
+    cache: &Path,
+    file: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, std::process::ExitStatus, String) {
     let listen = format!("127.0.0.1:{}", free_port());
+    // A file, not a pipe: nothing to drain while recv runs.
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut recv = dwcp()
         .args([
             "recv",
@@ -551,7 +569,7 @@ fn recv_and_send_with(
         .arg("--cache-dir")
         .arg(cache)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
     // Bounded wait for the listener.
@@ -583,13 +601,35 @@ fn recv_and_send_with(
         }
         if Instant::now() > deadline {
             let _ = recv.kill();
-            panic!("recv did not finish");
+            panic!("recv did not finish: {}", text(&send.stderr));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(send.status.success(), "{}", text(&send.stderr));
-    assert!(status.success());
-    serde_json::from_slice(&send.stdout).unwrap()
+    (send, status, std::fs::read_to_string(log.path()).unwrap())
+}
+
+/// An object `dwcp recv` refuses (here: its part file cannot be made) ends both sides, each
+/// saying why, with the file-problem exit code: recv does not wait for a sender that gave up.
+#[test]
+fn recv_and_send_both_exit_when_recv_refuses_the_object() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let file = dir.path().join("img.raw");
+    std::fs::write(&file, vec![5u8; 1 << 20]).unwrap();
+    let out = dir.path().join("out");
+    // A directory where the part file must go: refused at the object's begin (also as root).
+    std::fs::create_dir_all(out.join(".img.raw.dwcp-part")).unwrap();
+    let cache = dir.path().join("cache");
+    let (send, status, recv_log) = recv_and_send_status(dir.path(), &out, &cache, &file, &[], &[]);
+    let send_err = text(&send.stderr);
+    assert_eq!(send.status.code(), Some(4), "{send_err}");
+    assert!(send_err.contains("STORAGE_ERROR"), "{send_err}");
+    assert_eq!(status.code(), Some(4), "{recv_log}");
+    assert!(
+        recv_log.contains("receiving \"img.raw\" failed"),
+        "{recv_log}"
+    );
+    assert!(!out.join("img.raw").exists());
 }
 
 /// `dwcp recv` takes sessions over QUIC as well, and answers the round-trip probe that

@@ -95,12 +95,14 @@ pub enum RecvEvent {
         /// network), `size` being the content's.
         encoded_size: Option<u64>,
     },
-    /// An object failed (digest mismatch, storage error).
+    /// An object failed (digest mismatch, storage error) or was refused at its begin.
     Failed {
         /// Sending node.
         peer: NodeId,
         /// Object name.
         name: String,
+        /// The code the sender was told (`OBJECT_DONE`).
+        code: ErrorCode,
         /// Why.
         reason: String,
     },
@@ -602,7 +604,13 @@ impl Receiver {
                         Ok(Ok(n)) => n,
                         Ok(Err(e)) => {
                             let reason = format!("cannot write: {e}");
-                            self.fail_object(&peer, session, h.object, &reason);
+                            self.fail_object(
+                                &peer,
+                                session,
+                                h.object,
+                                ErrorCode::STORAGE_ERROR,
+                                &reason,
+                            );
                             let done = ObjectDone {
                                 object: h.object,
                                 code: ErrorCode::STORAGE_ERROR.0,
@@ -704,13 +712,26 @@ impl Receiver {
                             },
                         ),
                         Err(reason) => {
-                            warn!(%peer, name = %msg::printable(&begin.name, 200), "refusing object: {reason}");
+                            let name = msg::printable(&begin.name, 200);
+                            warn!(%peer, %name, "refusing object: {reason}");
                             // A sender of a fresh object writes data right behind its begin:
                             // that data is ignored, not a violation that ends the session.
-                            {
+                            let first = {
                                 let mut s = lock(session);
-                                s.finished.insert(begin.object);
+                                let first = s.finished.insert(begin.object);
                                 s.begun.notify_waiters();
+                                first
+                            };
+                            // The sender gives the object up: reported like any failed object
+                            // (a one-shot `dwcp recv` exits on it rather than wait forever).
+                            // Once per object, although a begin may come on several streams.
+                            if first {
+                                let _ = self.events.send(RecvEvent::Failed {
+                                    peer: peer.clone(),
+                                    name,
+                                    code: ErrorCode::STORAGE_ERROR,
+                                    reason: reason.clone(),
+                                });
                             }
                             msg::encode(
                                 FrameType::OBJECT_DONE,
@@ -1278,7 +1299,14 @@ impl Receiver {
         Ok((file, tag, have))
     }
 
-    fn fail_object(&self, peer: &NodeId, session: &Mutex<RxSession>, object: u64, reason: &str) {
+    fn fail_object(
+        &self,
+        peer: &NodeId,
+        session: &Mutex<RxSession>,
+        object: u64,
+        code: ErrorCode,
+        reason: &str,
+    ) {
         let removed = {
             let mut s = lock(session);
             s.finished.insert(object);
@@ -1292,6 +1320,7 @@ impl Receiver {
         let _ = self.events.send(RecvEvent::Failed {
             peer: peer.clone(),
             name,
+            code,
             reason: reason.to_string(),
         });
     }
@@ -1490,6 +1519,7 @@ impl Receiver {
                 let _ = self.events.send(RecvEvent::Failed {
                     peer: peer.clone(),
                     name,
+                    code,
                     reason: reason.clone(),
                 });
                 ObjectDone {
