@@ -99,6 +99,19 @@ pub(crate) fn wait_bounded(
     }
 }
 
+/// A developer's switch: `DWCP_BENCH_KEEP_LOGS=DIR` keeps each `dwcp migrate` log there as
+/// `name` (unset or empty: off).
+pub(crate) fn keep_log(log: &Path, name: &str) {
+    if let Ok(keep) = std::env::var("DWCP_BENCH_KEEP_LOGS")
+        && !keep.is_empty()
+    {
+        let to = Path::new(&keep).join(name);
+        if let Err(e) = std::fs::create_dir_all(&keep).and_then(|()| std::fs::copy(log, &to)) {
+            eprintln!("DWCP_BENCH_KEEP_LOGS: cannot keep {}: {e}", to.display());
+        }
+    }
+}
+
 /// Average RTT of 20 `ping -U` probes A -> B (user-to-user time, which includes the
 /// emulator's delay stage; see TESTBED.md).
 fn ping_rtt_ms(tb: &Testbed, work: &Path) -> Result<f64> {
@@ -629,46 +642,56 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
     )?;
     let link = profile.rate_bps.map(|r| format!("{}", r / 8));
     let mut runs = Vec::new();
+    let n = args.concurrent;
     for (i, (size, rate)) in cases.iter().enumerate() {
-        eprintln!("migrating a {size} VM writing {rate}B/s ...");
-        let mut m = tb.cmd_a(&exe);
-        m.args([
-            "migrate",
-            "--to",
-            &listen,
-            "--node-id",
-            "bench-a",
-            "--expect-node",
-            "bench-b",
-            "--json",
-        ])
-        .args([
-            "--vm-size",
-            size,
-            "--dirty-rate",
-            rate,
-            "--seed",
-            &args.seed.to_string(),
-        ])
-        .args(["--name", &format!("vm-{i}.mem")])
-        .arg("--certs-dir")
-        .arg(&certs)
-        .env("DWCP_TRANSPORT__CONGESTION", &args.congestion);
-        if let Some(l) = &link {
-            m.args(["--link-rate", l]);
+        if n == 1 {
+            eprintln!("migrating a {size} VM writing {rate}B/s ...");
+        } else {
+            eprintln!("migrating {n} VMs of {size} at once, each writing {rate}B/s ...");
         }
-        let (mut child, out, err) = spawn_logged(m, work.path(), &format!("migrate-{i}"))?;
-        let status = wait_bounded(
-            &mut child,
-            Duration::from_secs(args.timeout_secs),
-            "dwcp migrate",
-        )?;
-        let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
-            json!({"result": "failed", "how": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
-        });
-        runs.push(
-            json!({"vm_size": size, "dirty_rate": rate, "exit": status.code(), "report": report}),
-        );
+        let mut children = Vec::new();
+        for k in 0..n {
+            let mut m = tb.cmd_a(&exe);
+            m.args([
+                "migrate",
+                "--to",
+                &listen,
+                "--node-id",
+                "bench-a",
+                "--expect-node",
+                "bench-b",
+                "--json",
+            ])
+            // Each VM its own contents: none finds another's pages at the destination.
+            .args([
+                "--vm-size",
+                size,
+                "--dirty-rate",
+                rate,
+                "--seed",
+                &(args.seed + u64::from(k)).to_string(),
+            ])
+            .args(["--name", &format!("vm-{i}-{k}.mem")])
+            .arg("--certs-dir")
+            .arg(&certs)
+            .env("DWCP_TRANSPORT__CONGESTION", &args.congestion);
+            if let Some(l) = &link {
+                m.args(["--link-rate", l]);
+            }
+            children.push(spawn_logged(m, work.path(), &format!("migrate-{i}-{k}"))?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+        let mut group = Vec::new();
+        for (k, (mut child, out, err)) in children.into_iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let status = wait_bounded(&mut child, left, "dwcp migrate")?;
+            keep_log(&err, &format!("migrate-{i}-{k}.log"));
+            let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
+                json!({"result": "failed", "how": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
+            });
+            group.push(json!({"vm_size": size, "dirty_rate": rate, "at_once": n, "index": k, "exit": status.code(), "report": report}));
+        }
+        runs.extend(group);
     }
     let qemu_rows = if qemu_mem == 0 || qemu_cases.is_empty() {
         None
@@ -715,7 +738,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         "throttle",
         "bit-exact"
     );
-    for r in &runs {
+    for (i, r) in runs.iter().enumerate() {
         let rep = &r["report"];
         let throttle = rep["rounds"].as_array().map_or(0, |a| {
             a.iter()
@@ -725,7 +748,15 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         });
         println!(
             "{:<8} {:>10} {:>12} {:>9.1} {:>11.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
-            r["vm_size"].as_str().unwrap_or(""),
+            if n > 1 {
+                format!(
+                    "{}#{}",
+                    r["vm_size"].as_str().unwrap_or(""),
+                    r["index"].as_u64().unwrap_or(0) + 1
+                )
+            } else {
+                r["vm_size"].as_str().unwrap_or("").to_string()
+            },
             r["dirty_rate"].as_str().unwrap_or(""),
             rep["result"].as_str().unwrap_or("?"),
             rep["total_seconds"].as_f64().unwrap_or(0.0),
@@ -741,6 +772,13 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         if rep["result"] != "migrated" {
             println!("         why: {}", rep["how"].as_str().unwrap_or(""));
         }
+        // After the last of a group run at once: how they shared the link.
+        if n > 1 && r["index"].as_u64() == Some(u64::from(n) - 1) {
+            let group = &runs[i + 1 - n as usize..=i];
+            if let Some(s) = sharing(group, profile.rate_bps) {
+                println!("         {n} at once: {s}");
+            }
+        }
     }
     let path = args
         .json_out
@@ -748,7 +786,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("bench-migration-{}.json", profile.name)));
     let report = json!({
         "profile": profile.name, "ping_rtt_ms": rtt, "congestion": args.congestion, "seed": args.seed,
-        "runs": runs,
+        "runs": runs, "at_once": n,
         "qemu": match &qemu_rows {
             Some(Ok(rows)) => json!({"mem_mib": qemu_mem, "dirty_pages_per_s": args.qemu_dirty_pages, "numa_nodes": args.qemu_numa_nodes, "dest_prealloc": args.qemu_dest_prealloc, "cases": rows}),
             Some(Err(why)) => json!({"not_run": why}),
@@ -761,8 +799,70 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
     Ok(())
 }
 
+/// Migrations run at once (`runs`, as the bench records them): their wire rates (wire bytes
+/// over each one's total time), Jain's fairness index over those, and their sum against the
+/// link rate (bits/s). `None` unless every one migrated.
+fn share_of(runs: &[Value]) -> Option<(Vec<f64>, f64)> {
+    let rates = runs
+        .iter()
+        .map(|r| {
+            let rep = &r["report"];
+            let secs = rep["total_seconds"].as_f64()?;
+            (rep["result"] == "migrated" && secs > 0.0)
+                .then(|| rep["wire_bytes"].as_f64().map(|b| b / secs))?
+        })
+        .collect::<Option<Vec<f64>>>()?;
+    let sum: f64 = rates.iter().sum();
+    let squares: f64 = rates.iter().map(|x| x * x).sum();
+    (squares > 0.0).then(|| {
+        let jain = sum * sum / (rates.len() as f64 * squares);
+        (rates, jain)
+    })
+}
+
+/// One line on how migrations run at once shared the link.
+fn sharing(runs: &[Value], link_bps: Option<u64>) -> Option<String> {
+    let (rates, jain) = share_of(runs)?;
+    let each: Vec<String> = rates.iter().map(|r| format!("{:.1}", r / 1e6)).collect();
+    let sum: f64 = rates.iter().sum();
+    let of_link = link_bps.map_or(String::new(), |l| {
+        format!(" ({:.0} % of the link)", sum * 8.0 / l as f64 * 100.0)
+    });
+    Some(format!(
+        "wire MB/s {} (Jain's fairness {jain:.3}), {:.1} together{of_link}",
+        each.join(", "),
+        sum / 1e6
+    ))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn migrations_at_once_are_scored_by_their_wire_rates() {
+        use serde_json::json;
+        let run = |wire: f64, secs: f64, result: &str| json!({"report": {"result": result, "wire_bytes": wire, "total_seconds": secs}});
+        // Equal rates: index 1.
+        let (rates, jain) =
+            share_of(&[run(100e6, 10.0, "migrated"), run(50e6, 5.0, "migrated")]).unwrap();
+        assert_eq!(rates, vec![10e6, 10e6]);
+        assert!((jain - 1.0).abs() < 1e-12);
+        // One takes everything: 1/n.
+        let (_, jain) =
+            share_of(&[run(100e6, 10.0, "migrated"), run(0.0, 10.0, "migrated")]).unwrap();
+        assert!((jain - 0.5).abs() < 1e-12);
+        // A failed one: not scored.
+        assert!(share_of(&[run(100e6, 10.0, "migrated"), run(1e6, 1.0, "rolled back")]).is_none());
+        let line = sharing(
+            &[run(100e6, 10.0, "migrated"), run(75e6, 10.0, "migrated")],
+            Some(200_000_000),
+        )
+        .unwrap();
+        assert!(
+            line.contains("10.0, 7.5") && line.contains("17.5 together (70 % of the link)"),
+            "{line}"
+        );
+    }
+
     use super::*;
 
     fn row(tool: &'static str, label: &str, cc: &'static str, mbit_s: f64) -> Row {

@@ -307,15 +307,7 @@ impl QemuBench<'_> {
             Duration::from_secs(900),
             "dwcp migrate --qemu-qmp",
         )?;
-        // A developer's switch: keep each migrate log in this directory (empty: off).
-        if let Ok(keep) = std::env::var("DWCP_BENCH_KEEP_LOGS")
-            && !keep.is_empty()
-        {
-            let to = Path::new(&keep).join(format!("migrate-qemu-{i}.log"));
-            if let Err(e) = std::fs::create_dir_all(&keep).and_then(|()| std::fs::copy(&err, &to)) {
-                eprintln!("DWCP_BENCH_KEEP_LOGS: cannot keep {}: {e}", to.display());
-            }
-        }
+        crate::bench::keep_log(&err, &format!("migrate-qemu-{i}.log"));
         let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
             json!({"result": "failed", "error": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
         });

@@ -430,6 +430,11 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=7200))]
     pub(crate) timeout_secs: u64,
 
+    /// Memory-image migrations run at once per case (each its own `dwcp migrate` and VM, of
+    /// the case's size and dirty rate, different contents): how they share the link.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub(crate) concurrent: u32,
+
     /// Guest RAM of the QEMU rows (QEMU native, and through DWCP); 0 skips them.
     #[arg(long, default_value = "1Gi")]
     pub(crate) qemu_mem: String,
