@@ -716,6 +716,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         };
         Some(qb.run().map_err(|e| format!("{e:#}")))
     };
+    keep_log(&work.path().join("agent.err"), "agent.log");
     tb.down();
     println!("emulator check: ping -U average RTT {rtt:.2} ms");
     println!("profile {profile}; congestion {}", args.congestion);
