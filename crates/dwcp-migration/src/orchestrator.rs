@@ -219,8 +219,9 @@ pub struct Orchestrator {
     page_cost: Option<f64>,
     /// Seconds a round costs beyond its bytes (round trips, set-up), moving average.
     overhead: Option<f64>,
-    /// Seconds each round took beyond its bytes.
-    samples: Vec<f64>,
+    /// Seconds each round took beyond its bytes, and whether it was a short round (at most
+    /// twice the pause bound).
+    samples: Vec<(f64, bool)>,
     throttle: Option<usize>,
     stalls: u32,
     /// Rounds sent because the prediction fit but was learned from long rounds only.
@@ -357,10 +358,17 @@ impl Orchestrator {
     }
 
     fn after_round(&mut self, n: u32, stats: RoundStats) -> Action {
+        let bound = self.cfg.downtime_budget + self.cfg.rtt_allowance;
+        // A round much longer than a pause overlaps its parts' round trips, so what it took
+        // beyond its bytes says little about a short final round's fixed cost (a round trip,
+        // the destination's apply and commit): two migrations sharing a link stopped right
+        // after such rounds and paused 0.5 s against a prediction of 0.16 s.
+        let short = stats.seconds <= 2.0 * bound.as_secs_f64();
         // Round time = fixed cost + bytes / bandwidth. The bandwidth comes from rounds big
         // enough for their bytes to dominate (moving average); the fixed cost is the median,
-        // over the last five rounds, of what each took beyond its bytes at that bandwidth —
-        // a median, so that one stalled round does not make every later pause look too long.
+        // over the last five short rounds (the last five rounds while there is none), of what
+        // each took beyond its bytes at that bandwidth — a median, so that one stalled round
+        // does not make every later pause look too long.
         if stats.seconds > 0.0 && stats.wire_bytes > 0 {
             if self.bandwidth.is_none() || stats.wire_bytes >= 4 << 20 {
                 let sample = stats.wire_bytes as f64 / stats.seconds;
@@ -369,9 +377,16 @@ impl Orchestrator {
             if let Some(bw) = self.bandwidth
                 && n > 0
             {
-                self.samples
-                    .push((stats.seconds - stats.wire_bytes as f64 / bw).max(0.0));
-                let mut last: Vec<f64> = self.samples.iter().rev().take(5).copied().collect();
+                self.samples.push((
+                    (stats.seconds - stats.wire_bytes as f64 / bw).max(0.0),
+                    short,
+                ));
+                let any_short = self.samples.iter().any(|&(_, s)| s);
+                let mut last: Vec<f64> = (self.samples.iter().rev())
+                    .filter(|&&(_, s)| s || !any_short)
+                    .take(5)
+                    .map(|&(x, _)| x)
+                    .collect();
                 last.sort_by(f64::total_cmp);
                 self.overhead = last.get(last.len() / 2).copied();
             }
@@ -389,14 +404,9 @@ impl Orchestrator {
         }
         let dirty = stats.dirty_after;
         let previous = (n > 0).then_some(stats.pages);
-        let bound = self.cfg.downtime_budget + self.cfg.rtt_allowance;
-        // A round much longer than a pause overlaps its parts' round trips, so what it took
-        // beyond its bytes says little about a short final round's fixed cost (a round trip,
-        // the destination's apply and commit), nor its pages about the final's: two
-        // migrations sharing a link stopped right after such rounds and paused 0.5 s against
-        // a prediction of 0.16 s. The prediction is trusted after a round like the final
-        // one, or after at most two more rounds.
-        let like_final = dirty == 0 || stats.seconds <= 2.0 * bound.as_secs_f64();
+        // The prediction is trusted after a short round (or with nothing left dirty), or
+        // after at most two more rounds in the whole migration.
+        let like_final = dirty == 0 || short;
         self.rounds.push(stats);
         if self.predicted_downtime(dirty).is_some_and(|d| d <= bound) {
             let out_of_rounds = n + 1 >= self.cfg.max_rounds;
@@ -847,6 +857,16 @@ mod tests {
         assert_eq!(o.throttle(), 0);
         // The short round's fixed cost is in the prediction now.
         assert!(o.predicted_downtime(0).unwrap() >= Duration::from_millis(250));
+        // Two long rounds before a short one: the short one's fixed cost decides, not the
+        // long ones' median.
+        let mut o = Orchestrator::new(cfg.clone(), SourceCaps::default());
+        o.handle(Event::Prepared);
+        o.handle(round(GIB_PAGES, 270_000_000, 0.0, 30_000));
+        assert_eq!(o.handle(round(30_000, 12_000_000, 0.0, 3_000)), send(2));
+        assert_eq!(o.handle(round(30_000, 12_000_000, 0.0, 3_000)), send(3));
+        // 0.38 s beyond its bytes: 1,000 pages more do not fit 400 ms; another round.
+        assert_eq!(o.handle(round(3_000, 1_200_000, 0.38, 1_000)), send(4));
+        assert!(o.predicted_downtime(0).unwrap() >= Duration::from_millis(380));
         // Long rounds only: it stops anyway after two more.
         let mut o = Orchestrator::new(cfg.clone(), SourceCaps::default());
         o.handle(Event::Prepared);
