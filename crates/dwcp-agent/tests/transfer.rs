@@ -340,6 +340,54 @@ async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again()
     agent.stop().await.unwrap();
 }
 
+/// An open object begun again as another (name or size) is a broken sender: the stream is
+/// closed with `PROTOCOL_ERROR`, not answered with a refusal that would count the open
+/// object as failed.
+#[tokio::test]
+async fn t27_an_open_object_begun_again_as_another_closes_the_stream() {
+    use dwcp_wire::data::{ObjectBegin, SessionJoin};
+    use dwcp_wire::msg::Close;
+    use dwcp_wire::{ErrorCode, FrameType, msg};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
+        .await
+        .unwrap();
+    let join = SessionJoin {
+        session_id: vec![9; 16],
+        stream_index: 0,
+    };
+    c.send(&msg::encode(FrameType::SESSION, &join))
+        .await
+        .unwrap();
+    let mut begin = ObjectBegin {
+        object: 1,
+        name: "first".into(),
+        size: 1000,
+        version_tag: "t27".into(),
+        ..ObjectBegin::default()
+    };
+    c.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    next(&mut c, FrameType::OBJECT_STATE).await;
+    begin.name = "second".into();
+    c.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    let f = next_of(&mut c, &[FrameType::GOAWAY, FrameType::OBJECT_DONE]).await;
+    assert_eq!(f.ty, FrameType::GOAWAY, "{f:?}");
+    let close: Close = msg::decode(&f).unwrap();
+    assert_eq!(close.error_code(), ErrorCode::PROTOCOL_ERROR);
+    assert!(
+        close.printable_reason().contains("another name or size"),
+        "{}",
+        close.printable_reason()
+    );
+    agent.stop().await.unwrap();
+}
+
 /// A stream whose handshake is slow (its SYN lost, say) does not hold up the transfer: the
 /// others start, and it would join when ready.
 #[tokio::test]

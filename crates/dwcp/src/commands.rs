@@ -268,8 +268,9 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>> {
     })
 }
 
-/// An object `dwcp recv` failed or refused; the exit code follows the code its sender was told
-/// (no space, a refused name: 4; a digest mismatch: 7).
+/// An object `dwcp recv` failed or refused, and its sender does not send again; the exit code
+/// follows the code its sender was told (no space, a refused name: 4; a second digest
+/// mismatch: 7).
 #[derive(Debug, thiserror::Error)]
 #[error("receiving {name:?} failed: {reason}")]
 pub(crate) struct ObjectFailed {
@@ -664,6 +665,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         info!(listen = %listener.local_addr()?, out = %args.out.display(), "waiting for a sender");
         let mut events = receiver.subscribe();
         let mut stored = Vec::new();
+        let mut retried = std::collections::HashSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
         let _stop_on_exit = stop.clone().drop_guard();
         let outcome = async { loop {
@@ -674,6 +676,10 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                         stored.push((name, size, path, resumed_from));
                     }
                     Ok(RecvEvent::Failed { name, code, reason, .. }) => {
+                        if sender_retries(code, &name, &mut retried) {
+                            tracing::warn!(%name, "{reason}: the sender sends it again");
+                            continue;
+                        }
                         return Err(ObjectFailed { name, code, reason }.into());
                     }
                     Ok(RecvEvent::SessionDone { .. }) => return Ok(stored),
@@ -745,6 +751,20 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the sender of `name` sends it again after a failure with `code`, as `dwcp send`
+/// does once: from the start after a digest mismatch (a resumed prefix that did not
+/// survive), without references after one the receiver could not resolve.
+fn sender_retries(
+    code: ErrorCode,
+    name: &str,
+    retried: &mut std::collections::HashSet<(String, ErrorCode)>,
+) -> bool {
+    matches!(
+        code,
+        ErrorCode::CHECKSUM_MISMATCH | ErrorCode::DELTA_UNRESOLVED
+    ) && retried.insert((name.to_string(), code))
 }
 
 /// Serves one stream of `dwcp recv`: its first frame must open a transfer session.
@@ -1067,6 +1087,20 @@ fn demo(args: &DemoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recv_waits_for_the_one_retry_a_sender_makes() {
+        let mut seen = std::collections::HashSet::new();
+        for code in [ErrorCode::CHECKSUM_MISMATCH, ErrorCode::DELTA_UNRESOLVED] {
+            assert!(sender_retries(code, "a", &mut seen), "{code:?}: first");
+            assert!(!sender_retries(code, "a", &mut seen), "{code:?}: second");
+            assert!(
+                sender_retries(code, "b", &mut seen),
+                "{code:?}: another file"
+            );
+        }
+        assert!(!sender_retries(ErrorCode::STORAGE_ERROR, "c", &mut seen));
+    }
 
     #[test]
     fn stats_of_samples() {

@@ -703,6 +703,19 @@ impl Receiver {
                 }
                 FrameType::OBJECT_BEGIN => {
                     let begin: ObjectBegin = msg::decode(&frame).map_err(HandshakeError::from)?;
+                    // An open object begun again as another: the sender is broken, and a
+                    // refusal would mark the open object finished.
+                    let conflict = lock(session).objects.get(&begin.object).and_then(|o| {
+                        (o.name != begin.name || o.size != begin.size).then(|| {
+                            format!(
+                                "object {} was begun with another name or size",
+                                begin.object
+                            )
+                        })
+                    });
+                    if let Some(detail) = conflict {
+                        return Err(self.violation(writer, detail).await);
+                    }
                     let reply = match self.begin(&peer, session, &begin) {
                         Ok(have) => msg::encode(
                             FrameType::OBJECT_STATE,
