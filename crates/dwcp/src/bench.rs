@@ -669,7 +669,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 "--dirty-rate",
                 rate,
                 "--seed",
-                &(args.seed + u64::from(k)).to_string(),
+                &args.seed.wrapping_add(u64::from(k)).to_string(),
             ])
             .args(["--name", &format!("vm-{i}-{k}.mem")])
             .arg("--certs-dir")
@@ -684,8 +684,13 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         let mut group = Vec::new();
         for (k, (mut child, out, err)) in children.into_iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let status = wait_bounded(&mut child, left, "dwcp migrate")?;
+            let waited = wait_bounded(&mut child, left, "dwcp migrate");
+            // Kept also (above all) when it did not finish.
             keep_log(&err, &format!("migrate-{i}-{k}.log"));
+            if waited.is_err() {
+                keep_log(&work.path().join("agent.err"), "agent.log");
+            }
+            let status = waited?;
             let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
                 json!({"result": "failed", "how": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
             });
