@@ -217,14 +217,15 @@ pub struct Orchestrator {
     bandwidth: Option<f64>,
     /// Wire bytes a page costs (moving average).
     page_cost: Option<f64>,
-    /// Seconds a round costs beyond its bytes (round trips, set-up), moving average.
+    /// Seconds a round costs beyond its bytes (round trips, set-up): a median (see
+    /// `after_round`).
     overhead: Option<f64>,
     /// Seconds each round took beyond its bytes, and whether it was a short round (no longer
     /// than the pause bound).
     samples: Vec<(f64, bool)>,
     throttle: Option<usize>,
     stalls: u32,
-    /// Rounds sent because the prediction fit but was learned from long rounds only.
+    /// Rounds sent because the prediction fit but the round just measured was not short.
     unproven: u32,
     source_stopped: bool,
     outcome: Outcome,
@@ -367,9 +368,9 @@ impl Orchestrator {
         // twice the bound and let a final round of 1.3 MB go.)
         let short = stats.seconds <= bound.as_secs_f64();
         // Round time = fixed cost + bytes / bandwidth. The bandwidth comes from rounds big
-        // enough for their bytes to dominate (moving average); the fixed cost is the median,
-        // over the last five short rounds (the last five rounds while there is none), of what
-        // each took beyond its bytes at that bandwidth — a median, so that one stalled round
+        // enough for their bytes to dominate (moving average); the fixed cost is the median
+        // of what the last five rounds took beyond their bytes at that bandwidth, or of the
+        // last five short rounds where that is larger — a median, so that one stalled round
         // does not make every later pause look too long.
         if stats.seconds > 0.0 && stats.wire_bytes > 0 {
             if self.bandwidth.is_none() || stats.wire_bytes >= 4 << 20 {
@@ -383,14 +384,22 @@ impl Orchestrator {
                     (stats.seconds - stats.wire_bytes as f64 / bw).max(0.0),
                     short,
                 ));
-                let any_short = self.samples.iter().any(|&(_, s)| s);
-                let mut last: Vec<f64> = (self.samples.iter().rev())
-                    .filter(|&&(_, s)| s || !any_short)
-                    .take(5)
-                    .map(|&(x, _)| x)
-                    .collect();
-                last.sort_by(f64::total_cmp);
-                self.overhead = last.get(last.len() / 2).copied();
+                // A short round's sample cannot exceed the bound, so on a path where most
+                // rounds cost more the short ones alone would be the lucky few: the larger
+                // of the two medians.
+                let median = |short_only: bool| {
+                    let mut last: Vec<f64> = (self.samples.iter().rev())
+                        .filter(|&&(_, s)| s || !short_only)
+                        .take(5)
+                        .map(|&(x, _)| x)
+                        .collect();
+                    last.sort_by(f64::total_cmp);
+                    last.get(last.len() / 2).copied()
+                };
+                self.overhead = match (median(true), median(false)) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
             }
         }
         if stats.pages > 0 {
@@ -416,8 +425,10 @@ impl Orchestrator {
                 self.phase = Phase::Stopping;
                 return Action::StopSource;
             }
-            // Not a stall: the dirty set fits, the prediction is what is not yet known.
+            // Not a stall: the dirty set fits, the prediction is what is not yet known (and
+            // a stall before it must not add up with a noisy round after it to an escalation).
             self.unproven += 1;
+            self.stalls = 0;
             self.phase = Phase::PreCopy(n + 1);
             return Action::SendRound {
                 round: n + 1,
@@ -859,6 +870,11 @@ mod tests {
         assert_eq!(o.throttle(), 0);
         // The short round's fixed cost is in the prediction now.
         assert!(o.predicted_downtime(0).unwrap() >= Duration::from_millis(250));
+        // A round of 0.6 s on a 0.4 s bound is not short, though it fits by its numbers.
+        let mut o = Orchestrator::new(cfg.clone(), SourceCaps::default());
+        o.handle(Event::Prepared);
+        o.handle(round(GIB_PAGES, 270_000_000, 0.0, 30_000));
+        assert_eq!(o.handle(round(8_000, 5_000_000, 0.1, 1_000)), send(2));
         // Two long rounds before a short one: the short one's fixed cost decides, not the
         // long ones' median.
         let mut o = Orchestrator::new(cfg.clone(), SourceCaps::default());

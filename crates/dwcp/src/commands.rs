@@ -279,6 +279,13 @@ pub(crate) struct ObjectFailed {
     reason: String,
 }
 
+/// The sender of `dwcp recv`'s session gave it up (exit code 5, as a connection lost).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the sender gave the transfer up: {0} (what arrived is kept: the same `dwcp send` resumes it)"
+)]
+pub(crate) struct SenderGaveUp(String);
+
 /// A peer name that does not resolve (exit code 5, like any unreachable peer).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -683,6 +690,9 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                         return Err(ObjectFailed { name, code, reason }.into());
                     }
                     Ok(RecvEvent::SessionDone { .. }) => return Ok(stored),
+                    Ok(RecvEvent::SenderGaveUp { reason, .. }) => {
+                        return Err(SenderGaveUp(reason).into());
+                    }
                     Ok(_) => {}
                     Err(e) => return Err(anyhow!("receiver event stream: {e}")),
                 },

@@ -90,7 +90,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<commands::ObjectFailed>() {
             return code_exit(e.code);
         }
-        if cause.downcast_ref::<commands::ResolveError>().is_some() {
+        if cause.downcast_ref::<commands::ResolveError>().is_some()
+            || cause.downcast_ref::<commands::SenderGaveUp>().is_some()
+        {
             return exit::NETWORK;
         }
     }

@@ -608,6 +608,49 @@ fn recv_and_send_status(
     (send, status, std::fs::read_to_string(log.path()).unwrap())
 }
 
+/// A sender that gives up mid-transfer (its file was cut short under it) says so to `dwcp
+/// recv`, which exits (5) instead of waiting for a resume that will not come, and keeps what
+/// arrived.
+#[test]
+fn recv_exits_when_its_sender_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let file = dir.path().join("cut.raw");
+    // 64 MiB at 8 MB/s: beyond the sender's 32 MiB window when the file is cut after 1 s.
+    std::fs::write(&file, vec![3u8; 64 << 20]).unwrap();
+    let cut = {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+        })
+    };
+    let (out, cache) = (dir.path().join("out"), dir.path().join("cache"));
+    let (send, status, recv_log) = recv_and_send_status(
+        dir.path(),
+        &out,
+        &cache,
+        &file,
+        &["--no-delta", "--rate-limit", "8M", "--streams", "2"],
+        &[],
+    );
+    cut.join().unwrap();
+    let send_err = text(&send.stderr);
+    assert_eq!(send.status.code(), Some(4), "{send_err}");
+    assert!(send_err.contains("was it changed?"), "{send_err}");
+    assert_eq!(status.code(), Some(5), "{recv_log}");
+    assert!(
+        recv_log.contains("the sender gave the transfer up"),
+        "{recv_log}"
+    );
+    assert!(out.join(".cut.raw.dwcp-part").exists(), "kept for a resume");
+}
+
 /// An object `dwcp recv` refuses (here: its part file cannot be made) ends both sides, each
 /// saying why, with the file-problem exit code: recv does not wait for a sender that gave up.
 #[test]

@@ -111,6 +111,16 @@ pub enum RecvEvent {
         /// Sending node.
         peer: NodeId,
     },
+    /// The sender gave a session up (it closed its streams with an error: a file it could
+    /// not read, a failure it does not retry). What arrived stays for a later resume.
+    SenderGaveUp {
+        /// Sending node.
+        peer: NodeId,
+        /// The code it closed with.
+        code: ErrorCode,
+        /// Its reason.
+        reason: String,
+    },
 }
 
 /// Why an object name is refused.
@@ -822,6 +832,17 @@ impl Receiver {
                         return Ok(Served::Goodbye);
                     }
                     debug!(%peer, "sender closed the stream: {}", close.printable_reason());
+                    // Closing a stream it retires is not giving up; any other error is,
+                    // on every stream of the session: reported once.
+                    if close.error_code() != ErrorCode::STREAM_CLOSED
+                        && !std::mem::replace(&mut lock(session).goodbye, true)
+                    {
+                        let _ = self.events.send(RecvEvent::SenderGaveUp {
+                            peer,
+                            code: close.error_code(),
+                            reason: close.printable_reason(),
+                        });
+                    }
                     return Ok(Served::Dropped);
                 }
                 FrameType::PONG => {}
