@@ -681,16 +681,21 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             children.push(spawn_logged(m, work.path(), &format!("migrate-{i}-{k}"))?);
         }
         let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-        let mut group = Vec::new();
+        // Every one waited for (and its log kept) before a failure ends the bench: the logs
+        // of the others are what tells why.
+        let mut waited = Vec::new();
         for (k, (mut child, out, err)) in children.into_iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let waited = wait_bounded(&mut child, left, "dwcp migrate");
-            // Kept also (above all) when it did not finish.
+            let status = wait_bounded(&mut child, left, "dwcp migrate");
             keep_log(&err, &format!("migrate-{i}-{k}.log"));
-            if waited.is_err() {
-                keep_log(&work.path().join("agent.err"), "agent.log");
-            }
-            let status = waited?;
+            waited.push((status, out, err));
+        }
+        if waited.iter().any(|(s, _, _)| s.is_err()) {
+            keep_log(&work.path().join("agent.err"), "agent.log");
+        }
+        let mut group = Vec::new();
+        for (k, (status, out, err)) in waited.into_iter().enumerate() {
+            let status = status?;
             let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
                 json!({"result": "failed", "how": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
             });
