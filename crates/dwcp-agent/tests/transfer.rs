@@ -43,6 +43,49 @@ fn image(mb: u64, seed: u64) -> dwcp_encoding::image::Image {
     )
 }
 
+/// A stream of client's to `agent` that opened the transfer session `id` (frames by hand).
+async fn raw_session(
+    cluster: &TestCluster,
+    agent: &RunningAgent,
+    id: u8,
+) -> dwcp_transport::Connection<tokio::net::TcpStream> {
+    use dwcp_wire::{FrameType, data::SessionJoin, msg};
+    let ep = endpoint(cluster, "client", |_| {});
+    let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
+        .await
+        .unwrap();
+    let join = SessionJoin {
+        session_id: vec![id; 16],
+        stream_index: 0,
+    };
+    c.send(&msg::encode(FrameType::SESSION, &join))
+        .await
+        .unwrap();
+    c
+}
+
+/// The agent's metrics once `dwcp_objects_received_total` for the client with `result` is
+/// `want` (they follow the spool's events asynchronously: given two seconds); asserted.
+async fn objects_counted(agent: &RunningAgent, result: &str, want: f64) -> String {
+    let count = |t: &str| {
+        dwcp_testkit::metric_value(
+            t,
+            "dwcp_objects_received_total",
+            &[("peer", "client"), ("result", result)],
+        )
+    };
+    let mut text = agent.metrics().await;
+    for _ in 0..40 {
+        if count(&text) >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = agent.metrics().await;
+    }
+    assert_eq!(count(&text), want, "{text}");
+    text
+}
+
 /// The next frame of type `ty` on `c`, skipping others.
 async fn next(
     c: &mut dwcp_transport::Connection<tokio::net::TcpStream>,
@@ -120,23 +163,7 @@ async fn files_arrive_verified(carrier: Carrier, streams: u32) {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    // The metrics follow the spool's events asynchronously: give them a moment.
-    let mut text = agent.metrics().await;
-    let stored = |t: &str| {
-        dwcp_testkit::metric_value(
-            t,
-            "dwcp_objects_received_total",
-            &[("peer", "client"), ("result", "stored")],
-        )
-    };
-    for _ in 0..40 {
-        if stored(&text) >= 3.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        text = agent.metrics().await;
-    }
-    assert_eq!(stored(&text), 3.0, "{text}");
+    let text = objects_counted(&agent, "stored", 3.0).await;
     assert_eq!(
         dwcp_testkit::metric_value(
             &text,
@@ -263,21 +290,11 @@ async fn t21_corrupted_chunk_is_detected_and_resent() {
 /// was verified.
 #[tokio::test]
 async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again() {
-    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
+    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd};
     use dwcp_wire::{FrameType, msg};
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let ep = endpoint(&cluster, "client", |_| {});
-    let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
-        .await
-        .unwrap();
-    let join = SessionJoin {
-        session_id: vec![7; 16],
-        stream_index: 0,
-    };
-    c.send(&msg::encode(FrameType::SESSION, &join))
-        .await
-        .unwrap();
+    let mut c = raw_session(&cluster, &agent, 7).await;
     const HALF: usize = 512 * 1024;
     let content: Vec<u8> = (0..4 * HALF).map(|i| (i % 251) as u8).collect();
     let begin = ObjectBegin {
@@ -345,22 +362,12 @@ async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again()
 /// object as failed.
 #[tokio::test]
 async fn t27_an_open_object_begun_again_as_another_closes_the_stream() {
-    use dwcp_wire::data::{ObjectBegin, SessionJoin};
+    use dwcp_wire::data::ObjectBegin;
     use dwcp_wire::msg::Close;
     use dwcp_wire::{ErrorCode, FrameType, msg};
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let ep = endpoint(&cluster, "client", |_| {});
-    let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
-        .await
-        .unwrap();
-    let join = SessionJoin {
-        session_id: vec![9; 16],
-        stream_index: 0,
-    };
-    c.send(&msg::encode(FrameType::SESSION, &join))
-        .await
-        .unwrap();
+    let mut c = raw_session(&cluster, &agent, 9).await;
     let mut begin = ObjectBegin {
         object: 1,
         name: "first".into(),
@@ -489,7 +496,7 @@ async fn t25_an_urgent_object_goes_twice_over_different_streams_and_arrives_once
 /// hole, and sends its verdict on every stream of the session.
 #[tokio::test]
 async fn t26_an_urgent_objects_receiver_lists_what_it_holds_and_answers_on_every_stream() {
-    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
+    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd};
     use dwcp_wire::{FrameType, msg};
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
@@ -789,23 +796,8 @@ async fn t33_object_larger_than_the_free_space_is_refused_up_front() {
     }
     // Refused before anything was created.
     assert!(!cluster.dir().join("spool/client/.huge.dwcp-part").exists());
-    // ... and counted as a failed object (the metrics follow the spool's events).
-    let failed = |t: &str| {
-        dwcp_testkit::metric_value(
-            t,
-            "dwcp_objects_received_total",
-            &[("peer", "client"), ("result", "failed")],
-        )
-    };
-    let mut text = agent.metrics().await;
-    for _ in 0..40 {
-        if failed(&text) >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        text = agent.metrics().await;
-    }
-    assert_eq!(failed(&text), 1.0, "{text}");
+    // ... and counted as a failed object.
+    objects_counted(&agent, "failed", 1.0).await;
     agent.stop().await.unwrap();
 }
 
