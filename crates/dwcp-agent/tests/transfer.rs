@@ -496,7 +496,7 @@ async fn t25_an_urgent_object_goes_twice_over_different_streams_and_arrives_once
 /// hole, and sends its verdict on every stream of the session.
 #[tokio::test]
 async fn t26_an_urgent_objects_receiver_lists_what_it_holds_and_answers_on_every_stream() {
-    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd};
+    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
     use dwcp_wire::{FrameType, msg};
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
