@@ -410,6 +410,25 @@ pub(crate) enum BenchCommand {
     /// A): a QEMU guest natively (default and multifd) and through DWCP (cold, seeded, warm),
     /// and generated memory-image VMs at several sizes and dirty rates; table + JSON.
     Migration(BenchMigrationArgs),
+    /// Boots the QEMU rows' guest here (no testbed, no root), lets it fill its RAM, and counts
+    /// what the RAM holds: zero pages, repeats, random and compressible pages, against the
+    /// issue's reference guest; table + JSON.
+    Guest(BenchGuestArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchGuestArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1Gi")]
+    pub(crate) mem: String,
+
+    /// Seconds the guest gets to boot and fill its RAM.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=3600))]
+    pub(crate) timeout_secs: u64,
+
+    /// Where to write the JSON report [default: bench-guest.json].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -101,6 +101,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             logs(None, "warn")?;
             crate::bench::migration(&args)
         }
+        Command::Bench(crate::cli::BenchCommand::Guest(args)) => {
+            logs(None, "warn")?;
+            crate::bench_guest::run(&args)
+        }
         Command::Bench(crate::cli::BenchCommand::Encoding(args)) => {
             logs(None, "warn")?;
             crate::bench_encoding::run(&args)

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_encoding;
+mod bench_guest;
 mod bench_qemu;
 mod cli;
 mod commands;
