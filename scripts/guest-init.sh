@@ -5,8 +5,9 @@
 #   dwcp-guest tick N         every second
 #   dwcp-guest check ok|BAD   every 5 s: a 4 MiB file written at start still has its digest
 # Kernel command-line knobs: dwcp.dirty=PAGES_PER_SECOND (default 256, 0 for none),
-# dwcp.fill=0 to skip filling. Of RAM, about 35 % stays zero, 30 % code, 15 % text,
-# 10 % duplicates of the code, 10 % random.
+# dwcp.fill=0 to skip filling. Of RAM (the kernel's own pages counted), about 35 % stays zero,
+# 30 % is code, 15 % text, 10 % duplicates of the code, 10 % random: the reference guest of
+# the migration issue. `dwcp bench guest` boots this guest and counts what its RAM holds.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -19,8 +20,13 @@ fill=$(param fill)
 fill=${fill:-1}
 
 mem_kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
+# All of RAM, the kernel's reserved part included ("Memory: 983744K/1048056K available").
+ram_kib=$(dmesg 2>/dev/null | sed -n 's/.*Memory: [0-9]*K\/\([0-9]*\)K available.*/\1/p' | head -1)
+ram_kib=${ram_kib:-$mem_kib}
 mount -t tmpfs -o size=90% tmpfs /mem
 kib_of() { du -sk "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+# What is in use before filling: the kernel, its data and this initramfs (payload included).
+base_kib=$((ram_kib - $(awk '/MemFree/ {print $2}' /proc/meminfo)))
 # What may still be filled: MemAvailable less a reserve for the workload and the kernel.
 room() { awk '/MemAvailable/ {r = $2 - 32768; print (r > 0 ? r : 0)}' /proc/meminfo; }
 
@@ -38,21 +44,26 @@ disk_index=""
 disk_copies=0
 [ -b /dev/vda ] && disk_index=$(dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -a -E '^(code|text) [0-9]+ [0-9]+ [0-9]+$')
 
-# Copies of a payload until `budget` KiB are used: first those on the disk, read the way a
-# page cache holds a file (each disk page becomes one page in RAM; O_DIRECT, so that the
-# block device's own cache keeps no second copy; a disk that cannot do that is not used),
-# then made here: each copy shifted by a few hundred bytes so that no page repeats another
-# (same kind of content, different pages).
-copies() { # name src budget_kib
+# Copies of a payload until `budget` KiB are used (the last one cut short; at least `least`
+# KiB when there is room): first those on the disk, read the way a page cache holds a file
+# (each disk page becomes one page in RAM; O_DIRECT, so that the block device's own cache
+# keeps no second copy; a disk that cannot do that is not used), then made here: each copy
+# shifted by a few hundred bytes so that no page repeats another (same kind of content,
+# different pages).
+copies() { # name src budget_kib least_kib
     i=1
     used=0
+    want=$3
+    [ "$want" -lt "$4" ] && want=$4
     # shellcheck disable=SC2086
-    set -- "$1" "$2" "$3" $(echo "$disk_index" | grep "^$1 ")
+    set -- "$1" "$2" "$want" $(echo "$disk_index" | grep "^$1 ")
     while [ -n "$5" ] && [ "$used" -lt "$3" ] && [ "$i" -le "$7" ] \
         && [ "$(room)" -gt $(($6 * 4)) ]; do
         at=$((($5 + (i - 1) * $6) * 4096))
+        n=$(($6 * 4))
+        [ "$n" -gt $(($3 - used)) ] && n=$(($3 - used))
         if dd if=/dev/vda of="/mem/$1.$i" bs=1M iflag=direct,skip_bytes,count_bytes \
-            skip=$at count=$(($6 * 4096)) 2>/dev/null; then
+            skip=$at count=$((n * 1024)) 2>/dev/null; then
             disk_copies=$((disk_copies + 1))
         else
             rm -f "/mem/$1.$i"
@@ -63,7 +74,8 @@ copies() { # name src budget_kib
     done
     # The shift (i * 331 mod 4093 bytes) differs for every copy up to 4093 of them.
     while [ "$used" -lt "$3" ] && [ "$i" -lt 200 ] && [ "$(room)" -gt "$(kib_of "$2")" ]; do
-        { yes "dwcp-guest copy $i" | head -c $((i * 331 % 4093)); cat "$2"/*; } >"/mem/$1.$i"
+        { yes "dwcp-guest copy $i" | head -c $((i * 331 % 4093)); cat "$2"/*; } \
+            | head -c $((($3 - used) * 1024)) >"/mem/$1.$i"
         used=$(kib_of /mem/$1.*)
         i=$((i + 1))
     done
@@ -71,23 +83,49 @@ copies() { # name src budget_kib
 
 dd if=/dev/urandom of=/mem/check bs=4096 count=1024 2>/dev/null
 check=$(md5sum /mem/check | cut -d' ' -f1)
+code_kib=0
+text_kib=0
+dup_kib=0
+random_kib=$((ram_kib * 10 / 100 - 4096))
 if [ "$fill" = 1 ]; then
     payload_lib=$(kib_of /payload/lib)
     payload_text=$(kib_of /payload/text)
-    copies code /payload/lib $((mem_kib * 30 / 100 - payload_lib))
-    copies text /payload/text $((mem_kib * 15 / 100 - payload_text))
+    # Measured with `dwcp bench guest` (a 1 GiB guest, Debian's 6.1 kernel): the kernel leaves
+    # about 38 MiB of free pages that repeat others (freed copies of its image and of this
+    # initramfs), and about 14 MiB of what it uses before the fill stays zero.
+    kernel_dup=38912
+    base_zero=14336
+    text_kib=$((ram_kib * 15 / 100 - payload_text))
+    dup_kib=$((ram_kib * 10 / 100 - kernel_dup))
+    # Code takes the rest of the 65 % that is not zero: the kernel's own pages count as code.
+    code_kib=$((ram_kib * 65 / 100 - (base_kib - base_zero) - text_kib - dup_kib - random_kib - 4096))
+    # One copy of the code at least, so that a small guest still reads its disk.
+    copies code /payload/lib "$code_kib" "$payload_lib"
+    copies text /payload/text "$text_kib" 0
+    # Duplicates: the payload's files again, whole pages the same as theirs, until the budget.
     i=1
-    while [ "$(kib_of /mem/dup.*)" -lt $((mem_kib * 10 / 100)) ] && [ "$i" -lt 100 ] \
-        && [ "$(room)" -gt "$(kib_of /payload/lib)" ]; do
-        mkdir -p "/mem/dup.$i" && cp /payload/lib/* "/mem/dup.$i/"
+    used=0
+    while [ "$used" -lt "$dup_kib" ] && [ "$i" -lt 100 ]; do
+        mkdir -p "/mem/dup.$i"
+        added=0
+        for f in /payload/lib/*; do
+            k=$(kib_of "$f")
+            [ $((used + k)) -le "$dup_kib" ] && [ "$(room)" -gt $((k + 1024)) ] || continue
+            cp "$f" "/mem/dup.$i/"
+            used=$((used + k))
+            added=1
+        done
+        [ "$added" = 1 ] || break
         i=$((i + 1))
     done
 fi
-random_pages=$((mem_kib * 10 / 100 / 4))
+random_pages=$((random_kib / 4))
 [ "$random_pages" -gt $(($(room) / 4)) ] && random_pages=$(($(room) / 4))
 [ "$random_pages" -lt 256 ] && random_pages=256
 dd if=/dev/urandom of=/mem/random bs=4096 count=$random_pages 2>/dev/null
-echo "dwcp-guest ready mem_kib=$mem_kib filled_kib=$(kib_of /mem /payload) dirty_pages_per_s=$dirty disk_copies=$disk_copies"
+echo "dwcp-guest ready mem_kib=$mem_kib ram_kib=$ram_kib base_kib=$base_kib filled_kib=$(kib_of /mem /payload)" \
+    "code_kib=$(kib_of /mem/code.*) text_kib=$(kib_of /mem/text.*) dup_kib=$(kib_of /mem/dup.*)" \
+    "random_kib=$(kib_of /mem/random /mem/check) dirty_pages_per_s=$dirty disk_copies=$disk_copies"
 
 (
     n=0
