@@ -265,6 +265,8 @@ fn testbed_profile(name: &str, bench: &str) -> Result<Profile> {
 pub(crate) struct AgentSpec<'a> {
     /// Names its spool, cache and QEMU directories under the work directory, and its logs.
     pub(crate) name: &'a str,
+    /// Its node id (a certificate in the work directory's cluster).
+    pub(crate) node_id: &'a str,
     pub(crate) listen: &'a str,
     pub(crate) admin: &'a str,
     pub(crate) congestion: &'a str,
@@ -284,7 +286,7 @@ pub(crate) fn start_agent(
     std::fs::create_dir_all(&qemu_dir)?;
     let mut agent = tb.cmd_b(exe);
     agent
-        .args(["agent", "--node-id", "bench-b", "--listen", spec.listen])
+        .args(["agent", "--node-id", spec.node_id, "--listen", spec.listen])
         .args(["--admin-listen", spec.admin])
         .arg("--spool-dir")
         .arg(work.join(format!("{}-spool", spec.name)))
@@ -625,21 +627,46 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .to_str()
         .ok_or_else(|| anyhow!("binary path is not UTF-8"))?
         .to_string();
+    if args.destinations > args.concurrent {
+        return Err(UsageError(format!(
+            "--destinations {} is more than --concurrent {}: each destination needs a migration",
+            args.destinations, args.concurrent
+        ))
+        .into());
+    }
     let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
     let listen = format!("{}:7900", tb.addr_b);
-    let _agent = start_agent(
-        &tb,
-        &exe,
-        work.path(),
-        &certs,
-        &AgentSpec {
-            name: "agent",
-            listen: &listen,
-            admin: "127.0.0.1:7901",
-            congestion: &args.congestion,
-            seeds: None,
-        },
-    )?;
+    // The first destination is the agent the QEMU rows use too; the others are nodes of
+    // their own (ports 7910 and up: 7902 is the seeded agent's).
+    let mut dests = vec![("bench-b".to_string(), listen.clone(), "agent".to_string())];
+    for d in 2..=args.destinations {
+        let node = format!("bench-b{d}");
+        dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(&node)?, 1, false)?;
+        let port = 7910 + 2 * (d - 2);
+        dests.push((node, format!("{}:{port}", tb.addr_b), format!("agent-{d}")));
+    }
+    let mut _agents = Vec::new();
+    for (d, (node, addr, name)) in dests.iter().enumerate() {
+        let admin = if d == 0 {
+            "127.0.0.1:7901".to_string()
+        } else {
+            format!("127.0.0.1:{}", 7911 + 2 * (d - 1))
+        };
+        _agents.push(start_agent(
+            &tb,
+            &exe,
+            work.path(),
+            &certs,
+            &AgentSpec {
+                name,
+                node_id: node,
+                listen: addr,
+                admin: &admin,
+                congestion: &args.congestion,
+                seeds: None,
+            },
+        )?);
+    }
     let link = profile.rate_bps.map(|r| format!("{}", r / 8));
     let mut runs = Vec::new();
     let n = args.concurrent;
@@ -647,19 +674,23 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         if n == 1 {
             eprintln!("migrating a {size} VM writing {rate}B/s ...");
         } else {
-            eprintln!("migrating {n} VMs of {size} at once, each writing {rate}B/s ...");
+            eprintln!(
+                "migrating {n} VMs of {size} at once to {} destination(s), each writing {rate}B/s ...",
+                dests.len()
+            );
         }
         let mut children = Vec::new();
         for k in 0..n {
+            let (node, addr, _) = &dests[k as usize % dests.len()];
             let mut m = tb.cmd_a(&exe);
             m.args([
                 "migrate",
                 "--to",
-                &listen,
+                addr,
                 "--node-id",
                 "bench-a",
                 "--expect-node",
-                "bench-b",
+                node,
                 "--json",
             ])
             // Each VM its own contents: none finds another's pages at the destination.
@@ -691,7 +722,12 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             waited.push((status, out, err));
         }
         if waited.iter().any(|(s, _, _)| s.is_err()) {
-            keep_log(&work.path().join("agent.err"), "agent.log");
+            for (_, _, name) in &dests {
+                keep_log(
+                    &work.path().join(format!("{name}.err")),
+                    &format!("{name}.log"),
+                );
+            }
         }
         let mut group = Vec::new();
         for (k, (status, out, err)) in waited.into_iter().enumerate() {
@@ -699,7 +735,8 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
                 json!({"result": "failed", "how": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
             });
-            group.push(json!({"vm_size": size, "dirty_rate": rate, "at_once": n, "index": k, "exit": status.code(), "report": report}));
+            let destination = &dests[k % dests.len()].0;
+            group.push(json!({"vm_size": size, "dirty_rate": rate, "at_once": n, "index": k, "destination": destination, "exit": status.code(), "report": report}));
         }
         runs.extend(group);
     }
@@ -726,7 +763,12 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         };
         Some(qb.run().map_err(|e| format!("{e:#}")))
     };
-    keep_log(&work.path().join("agent.err"), "agent.log");
+    for (_, _, name) in &dests {
+        keep_log(
+            &work.path().join(format!("{name}.err")),
+            &format!("{name}.log"),
+        );
+    }
     tb.down();
     println!("emulator check: ping -U average RTT {rtt:.2} ms");
     println!("profile {profile}; congestion {}", args.congestion);
@@ -736,8 +778,24 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         None => {}
     }
     println!("memory-image VMs:");
+    // "1Gi#2>bench-b2" names each of several at once and where it went.
+    let label = |r: &Value| {
+        let size = r["vm_size"].as_str().unwrap_or("");
+        let k = r["index"].as_u64().unwrap_or(0) + 1;
+        match (n > 1, dests.len() > 1) {
+            (true, true) => format!("{size}#{k}>{}", r["destination"].as_str().unwrap_or("")),
+            (true, false) => format!("{size}#{k}"),
+            _ => size.to_string(),
+        }
+    };
+    let w = runs
+        .iter()
+        .map(|r| label(r).len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
     println!(
-        "{:<8} {:>10} {:>12} {:>9} {:>11} {:>11} {:>7} {:>10} {:>9} {:>10}",
+        "{:<w$} {:>10} {:>12} {:>9} {:>11} {:>11} {:>7} {:>10} {:>9} {:>10}",
         "vm",
         "dirty B/s",
         "result",
@@ -758,16 +816,8 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 .unwrap_or(0)
         });
         println!(
-            "{:<8} {:>10} {:>12} {:>9.1} {:>11.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
-            if n > 1 {
-                format!(
-                    "{}#{}",
-                    r["vm_size"].as_str().unwrap_or(""),
-                    r["index"].as_u64().unwrap_or(0) + 1
-                )
-            } else {
-                r["vm_size"].as_str().unwrap_or("").to_string()
-            },
+            "{:<w$} {:>10} {:>12} {:>9.1} {:>11.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
+            label(r),
             r["dirty_rate"].as_str().unwrap_or(""),
             rep["result"].as_str().unwrap_or("?"),
             rep["total_seconds"].as_f64().unwrap_or(0.0),
@@ -797,7 +847,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("bench-migration-{}.json", profile.name)));
     let report = json!({
         "profile": profile.name, "ping_rtt_ms": rtt, "congestion": args.congestion, "seed": args.seed,
-        "runs": runs, "at_once": n,
+        "runs": runs, "at_once": n, "destinations": dests.iter().map(|d| d.0.clone()).collect::<Vec<_>>(),
         "qemu": match &qemu_rows {
             Some(Ok(rows)) => json!({"mem_mib": qemu_mem, "dirty_pages_per_s": args.qemu_dirty_pages, "numa_nodes": args.qemu_numa_nodes, "dest_prealloc": args.qemu_dest_prealloc, "cases": rows}),
             Some(Err(why)) => json!({"not_run": why}),

@@ -251,6 +251,7 @@ impl QemuBench<'_> {
             self.certs,
             &crate::bench::AgentSpec {
                 name: "agent-seeded",
+                node_id: "bench-b",
                 listen: &listen,
                 admin: "127.0.0.1:7903",
                 congestion: self.congestion,

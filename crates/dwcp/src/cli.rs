@@ -454,6 +454,11 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub(crate) concurrent: u32,
 
+    /// Destination agents in namespace B, each a node of its own (bench-b, bench-b2, ...);
+    /// the migrations run at once go to them in turn (at most `--concurrent`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub(crate) destinations: u32,
+
     /// Guest RAM of the QEMU rows (QEMU native, and through DWCP); 0 skips them.
     #[arg(long, default_value = "1Gi")]
     pub(crate) qemu_mem: String,

@@ -848,3 +848,36 @@ fn bench_migration_refuses_bad_cases_before_building_anything() {
         "{e}"
     );
 }
+
+#[test]
+fn bench_migration_refuses_more_destinations_than_migrations_before_building_anything() {
+    let o = run(&[
+        "bench",
+        "migration",
+        "--cases",
+        "1Gi@10M",
+        "--concurrent",
+        "2",
+        "--destinations",
+        "3",
+        "--qemu-cases",
+        "",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("--destinations 3 is more than --concurrent 2") || e.contains("needs root"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bench_guest_refuses_a_guest_too_small_to_boot() {
+    let o = run(&["bench", "guest", "--mem", "16Mi"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--mem: 16Mi is outside 64Mi..64Gi"),
+        "{}",
+        text(&o.stderr)
+    );
+}
