@@ -597,6 +597,13 @@ fn write_random(path: &Path, size: u64) -> Result<()> {
 
 /// `dwcp bench migration`: the memory-image engine over the testbed.
 pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
+    if args.destinations > args.concurrent {
+        return Err(UsageError(format!(
+            "--destinations {} is more than --concurrent {}: each destination needs a migration",
+            args.destinations, args.concurrent
+        ))
+        .into());
+    }
     let profile = testbed_profile(&args.profile, "migration")?;
     let mut cases = Vec::new();
     for c in args
@@ -627,31 +634,30 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .to_str()
         .ok_or_else(|| anyhow!("binary path is not UTF-8"))?
         .to_string();
-    if args.destinations > args.concurrent {
-        return Err(UsageError(format!(
-            "--destinations {} is more than --concurrent {}: each destination needs a migration",
-            args.destinations, args.concurrent
-        ))
-        .into());
-    }
     let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
     let listen = format!("{}:7900", tb.addr_b);
     // The first destination is the agent the QEMU rows use too; the others are nodes of
     // their own (ports 7910 and up: 7902 is the seeded agent's).
-    let mut dests = vec![("bench-b".to_string(), listen.clone(), "agent".to_string())];
+    // (node, listen, name, admin)
+    let mut dests = vec![(
+        "bench-b".to_string(),
+        listen.clone(),
+        "agent".to_string(),
+        "127.0.0.1:7901".to_string(),
+    )];
     for d in 2..=args.destinations {
         let node = format!("bench-b{d}");
         dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(&node)?, 1, false)?;
         let port = 7910 + 2 * (d - 2);
-        dests.push((node, format!("{}:{port}", tb.addr_b), format!("agent-{d}")));
+        dests.push((
+            node,
+            format!("{}:{port}", tb.addr_b),
+            format!("agent-{d}"),
+            format!("127.0.0.1:{}", port + 1),
+        ));
     }
     let mut _agents = Vec::new();
-    for (d, (node, addr, name)) in dests.iter().enumerate() {
-        let admin = if d == 0 {
-            "127.0.0.1:7901".to_string()
-        } else {
-            format!("127.0.0.1:{}", 7911 + 2 * (d - 1))
-        };
+    for (node, addr, name, admin) in &dests {
         _agents.push(start_agent(
             &tb,
             &exe,
@@ -661,7 +667,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 name,
                 node_id: node,
                 listen: addr,
-                admin: &admin,
+                admin,
                 congestion: &args.congestion,
                 seeds: None,
             },
@@ -681,7 +687,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         }
         let mut children = Vec::new();
         for k in 0..n {
-            let (node, addr, _) = &dests[k as usize % dests.len()];
+            let (node, addr, _, _) = &dests[k as usize % dests.len()];
             let mut m = tb.cmd_a(&exe);
             m.args([
                 "migrate",
@@ -722,7 +728,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
             waited.push((status, out, err));
         }
         if waited.iter().any(|(s, _, _)| s.is_err()) {
-            for (_, _, name) in &dests {
+            for (_, _, name, _) in &dests {
                 keep_log(
                     &work.path().join(format!("{name}.err")),
                     &format!("{name}.log"),
@@ -763,7 +769,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         };
         Some(qb.run().map_err(|e| format!("{e:#}")))
     };
-    for (_, _, name) in &dests {
+    for (_, _, name, _) in &dests {
         keep_log(
             &work.path().join(format!("{name}.err")),
             &format!("{name}.log"),

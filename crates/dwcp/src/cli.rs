@@ -455,7 +455,8 @@ pub(crate) struct BenchMigrationArgs {
     pub(crate) concurrent: u32,
 
     /// Destination agents in namespace B, each a node of its own (bench-b, bench-b2, ...);
-    /// the migrations run at once go to them in turn (at most `--concurrent`).
+    /// the memory-image migrations run at once go to them in turn (at most `--concurrent`).
+    /// The QEMU rows use bench-b.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub(crate) destinations: u32,
 
