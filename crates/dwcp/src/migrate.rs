@@ -38,6 +38,21 @@ pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
     if !(1 << 20..=64 << 30).contains(&size) {
         return Err(UsageError("--vm-size must be between 1Mi and 64Gi".into()).into());
     }
+    // The image, and the source's copy of what the destination holds (XOR deltas are taken
+    // against it): twice the VM in memory. Refused here rather than killed by the kernel.
+    let need = 2 * size + (512 << 20);
+    if let Some(avail) = mem_available()
+        && need > avail
+    {
+        return Err(UsageError(format!(
+            "--vm-size {}: a generated VM needs about {} MiB of memory here (its image and the \
+             source's copy of what the destination holds), and this host has {} MiB available",
+            args.vm_size,
+            need >> 20,
+            avail >> 20
+        ))
+        .into());
+    }
     let t = Instant::now();
     if chatty {
         eprint!(
@@ -69,6 +84,20 @@ pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
         writes,
         args.seed,
     ))
+}
+
+/// Memory the host can still give (`MemAvailable` in `/proc/meminfo`), bytes; `None` where
+/// the kernel does not say.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kib << 10)
 }
 
 /// Runs a migration, with a one-line progress display on standard error when `chatty`.

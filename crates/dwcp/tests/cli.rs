@@ -808,6 +808,24 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     let o = migrate(&["--vm-size", "10"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("--vm-size"), "{}", text(&o.stderr));
+    // So is a VM the host has no memory for (twice its size), where the host says so.
+    let avail_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    });
+    match avail_kib {
+        Some(k) if k < 120 << 20 => {
+            let o = migrate(&["--vm-size", "60Gi"]);
+            assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+            assert!(
+                text(&o.stderr).contains("--vm-size 60Gi: a generated VM needs about 123392 MiB"),
+                "{}",
+                text(&o.stderr)
+            );
+        }
+        _ => eprintln!("note: 120 GiB available or unknown: the memory refusal is not checked"),
+    }
 
     // A guest that rewrites all of its memory every few milliseconds, with no throttling and
     // a 1 ms pause allowed, cannot converge: rolled back, exit code 8, the report says why.
