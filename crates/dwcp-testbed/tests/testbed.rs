@@ -8,7 +8,8 @@ use dwcp_testbed::{Profile, Testbed, is_root};
 
 /// Median RTT in ms of `ping -U` (user-to-user time: the delay stage sits after the kernel's
 /// receive timestamp, TESTBED.md) from A to B.
-fn ping_rtt_ms(tb: &Testbed, count: u32) -> f64 {
+/// ping's min and average round trip, ms.
+fn ping_rtt_ms(tb: &Testbed, count: u32) -> (f64, f64) {
     let out = tb
         .cmd_a("ping")
         .args([
@@ -34,7 +35,8 @@ fn ping_rtt_ms(tb: &Testbed, count: u32) -> f64 {
     // rtt min/avg/max/mdev = a/b/c/d ms
     let line = text.lines().find(|l| l.contains("min/avg/max")).unwrap();
     let nums = line.split('=').nth(1).unwrap().trim();
-    nums.split('/').nth(1).unwrap().parse().unwrap()
+    let mut n = nums.split('/').map(|x| x.parse::<f64>().unwrap());
+    (n.next().unwrap(), n.next().unwrap())
 }
 
 #[test]
@@ -51,8 +53,14 @@ fn emulated_rtt_and_teardown() {
         rate_bps: Some(100_000_000),
     };
     let tb = Testbed::up(profile, 1).unwrap();
-    let rtt = ping_rtt_ms(&tb, 20);
-    assert!((40.0..48.0).contains(&rtt), "RTT {rtt} ms, expected ~40");
+    // The emulator runs in user space: on a loaded host a probe can wait for a CPU, which
+    // raises the average (49 ms seen under the test suite), never the minimum below the delay.
+    let (min, avg) = ping_rtt_ms(&tb, 20);
+    assert!(
+        (40.0..46.0).contains(&min),
+        "RTT min {min} ms, expected ~40"
+    );
+    assert!(avg < 80.0, "RTT average {avg} ms, expected ~40");
     let (ns_a, ns_b) = (tb.ns_a.clone(), tb.ns_b.clone());
     tb.down();
     let list = std::process::Command::new("ip")
