@@ -107,8 +107,13 @@ pub struct MigrationReport {
     pub how: String,
     /// Wall-clock seconds from start to commit (or to the end of the rollback).
     pub total_seconds: f64,
-    /// Guest paused (source stopped) until the destination committed, milliseconds.
+    /// Guest paused (source stopped) until the destination committed, milliseconds: by the
+    /// commit's time as the destination tells it (a v6 destination, with the final round),
+    /// else as [`Self::downtime_observed_ms`].
     pub downtime_ms: Option<f64>,
+    /// Guest paused until the source heard of the commit, milliseconds (the pause plus the
+    /// answer's way back).
+    pub downtime_observed_ms: Option<f64>,
     /// Rounds, the final one last.
     pub rounds: Vec<RoundReport>,
     /// Guest memory size.
@@ -197,6 +202,7 @@ pub async fn migrate(
         cold_resends: 0,
         overlapped_parts: 0,
         committed: None,
+        committed_unix_us: None,
         commit_asked: false,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
@@ -213,6 +219,7 @@ pub async fn migrate(
         how: String::new(),
         total_seconds: 0.0,
         downtime_ms: None,
+        downtime_observed_ms: None,
         rounds: Vec::new(),
         guest_bytes: raw_size,
         wire_bytes: 0,
@@ -226,6 +233,8 @@ pub async fn migrate(
         source_paused: false,
     };
     let mut paused_at: Option<Instant> = None;
+    // The same moment by the clock the destination's commit time is in.
+    let mut paused_unix: Option<std::time::SystemTime> = None;
     // A rollback found the destination committed after all (its answer had been lost).
     let mut at_destination = false;
     // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
@@ -275,6 +284,7 @@ pub async fn migrate(
                     .map(|d| d.as_secs_f64() * 1000.0);
                 vm.pause();
                 paused_at = Some(Instant::now());
+                paused_unix = Some(std::time::SystemTime::now());
                 Event::SourceStopped
             }
             Action::SendFinal => {
@@ -300,7 +310,11 @@ pub async fn migrate(
             }
             Action::ResumeDestination if state.committed.is_some() => {
                 let at = state.committed.unwrap_or_else(Instant::now);
-                report.downtime_ms = paused_at.map(|t| (at - t).as_secs_f64() * 1000.0);
+                let observed = paused_at.map(|t| (at - t).as_secs_f64() * 1000.0);
+                report.downtime_observed_ms = observed;
+                report.downtime_ms = observed.map(|o| {
+                    pause_to_commit_ms(paused_unix, state.committed_unix_us, o).unwrap_or(o)
+                });
                 report.total_seconds = (at - started).as_secs_f64();
                 Event::DestinationResumed
             }
@@ -318,6 +332,7 @@ pub async fn migrate(
                 {
                     Ok(()) => {
                         report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                        report.downtime_observed_ms = report.downtime_ms;
                         report.total_seconds = started.elapsed().as_secs_f64();
                         Event::DestinationResumed
                     }
@@ -327,6 +342,7 @@ pub async fn migrate(
                             "the commit's answer was lost ({e}), but the destination has published the paused source's memory"
                         );
                         report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                        report.downtime_observed_ms = report.downtime_ms;
                         report.total_seconds = started.elapsed().as_secs_f64();
                         Event::DestinationResumed
                     }
@@ -436,6 +452,7 @@ pub async fn migrate(
             report.how
         );
         report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        report.downtime_observed_ms = report.downtime_ms;
     }
     report.source_paused = !report.migrated && vm.is_paused();
     report.codec = state
@@ -479,6 +496,9 @@ struct RoundState {
     id: String,
     /// When the final round's answer said the destination committed the target (v6).
     committed: Option<Instant>,
+    /// When the destination says it committed, by its clock (microseconds since 1970), if
+    /// it says.
+    committed_unix_us: Option<u64>,
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
     /// commit): from then on the destination may own the VM whatever became of the answer.
     commit_asked: bool,
@@ -705,12 +725,14 @@ struct InFlight<'a> {
 
 /// Gives the session back with the outcome: the bytes the transport sent again (copies of an
 /// urgent part's chunks, chunks of a lost stream), or why the part failed.
-type PartFuture<'a> =
-    std::pin::Pin<Box<dyn Future<Output = (KeptSession, Result<u64, SendError>)> + Send + 'a>>;
+type PartFuture<'a> = std::pin::Pin<
+    Box<dyn Future<Output = (KeptSession, Result<(u64, String), SendError>)> + Send + 'a>,
+>;
 
 /// What became of a part.
 enum Landed {
-    Ok,
+    /// With what the destination said (the commit's time, for a part that commits).
+    Ok(String),
     /// The destination could not resolve its references.
     Unresolved,
     /// Refused otherwise: the round failed (its bytes crossed).
@@ -723,9 +745,9 @@ impl Landed {
     /// `DELTA_UNRESOLVED` counts as unresolved unless the part was sent `cold` (without
     /// references: it cannot fail that way, and a second time is a failure).
     /// Also the bytes sent again on the way (0 unless it landed).
-    fn of(r: Result<u64, SendError>, cold: bool) -> (Self, u64) {
+    fn of(r: Result<(u64, String), SendError>, cold: bool) -> (Self, u64) {
         match r {
-            Ok(resent) => (Self::Ok, resent),
+            Ok((resent, answer)) => (Self::Ok(answer), resent),
             Err(SendError::Refused { code, .. })
                 if code == ErrorCode::DELTA_UNRESOLVED && !cold =>
             {
@@ -938,7 +960,7 @@ async fn send_parts(
             wire_total += part.wire + resent;
         }
         let took = part.started.elapsed();
-        if lanes == 1 && matches!(outcome, Landed::Ok) {
+        if lanes == 1 && matches!(outcome, Landed::Ok(_)) {
             // One at a time: the part's whole exchange is the link's pace.
             send_rate = Some(rate(parts[part.k].len(), took));
             rate_fresh = true;
@@ -950,14 +972,15 @@ async fn send_parts(
             wire = part.wire,
             sending = ?took,
             out = ?part.ended_at.map(|t| t - part.started),
-            ok = matches!(outcome, Landed::Ok),
+            ok = matches!(outcome, Landed::Ok(_)),
             "part sent"
         );
         match outcome {
-            Landed::Ok => {
+            Landed::Ok(answer) => {
                 landed.insert(part.k, part.levels);
                 if part.commits {
                     state.committed = Some(Instant::now());
+                    state.committed_unix_us = committed_unix_us(&answer);
                 }
             }
             Landed::Unresolved => {
@@ -982,7 +1005,7 @@ async fn send_parts(
                         wire_total += p.wire + resent;
                     }
                     match outcome {
-                        Landed::Ok => {
+                        Landed::Ok(_) => {
                             landed.insert(p.k, p.levels);
                         }
                         Landed::Unresolved => restart = restart.min(p.k),
@@ -1133,8 +1156,35 @@ struct PartSpec {
     urgent: bool,
 }
 
+/// The commit's time in a final round's answer (`{"committed_unix_us": N}`, PROTOCOL.md),
+/// if it has one.
+fn committed_unix_us(answer: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(answer)
+        .ok()?
+        .get("committed_unix_us")?
+        .as_u64()
+}
+
+/// The pause from the source's stop to the destination's commit, milliseconds, when the
+/// destination said when it committed and that fits what the source saw: no earlier than
+/// the stop, no later than the answer's arrival (`observed_ms` after the stop). A clock
+/// apart by more than that gives `None`, and the observed pause stands.
+fn pause_to_commit_ms(
+    paused: Option<std::time::SystemTime>,
+    committed_unix_us: Option<u64>,
+    observed_ms: f64,
+) -> Option<f64> {
+    let paused_us = paused?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_micros();
+    let committed_us = u128::from(committed_unix_us?);
+    let ms = committed_us.checked_sub(paused_us)? as f64 / 1000.0;
+    (ms <= observed_ms).then_some(ms)
+}
+
 /// The outcome of the part in `p`, if any (else never).
-async fn landing(p: &mut Option<InFlight<'_>>) -> (KeptSession, Result<u64, SendError>) {
+async fn landing(p: &mut Option<InFlight<'_>>) -> (KeptSession, Result<(u64, String), SendError>) {
     match p {
         Some(p) => p.sending.as_mut().await,
         None => std::future::pending().await,
@@ -1182,7 +1232,14 @@ fn start_part<'a>(
             &mut lane,
         )
         .await
-        .map(|r| r.resent_bytes);
+        .map(|r| {
+            let answer = r
+                .objects
+                .last()
+                .map(|o| o.answer.clone())
+                .unwrap_or_default();
+            (r.resent_bytes, answer)
+        });
         // The encoded part is deleted once sent (or given up).
         drop(file);
         (lane, r)
@@ -1340,6 +1397,34 @@ fn encode_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pause_ends_at_the_commit_when_the_destinations_time_fits() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let paused = UNIX_EPOCH + Duration::from_micros(1_000_000_000_000);
+        let at = |ms: u64| Some(1_000_000_000_000 + ms * 1000);
+        assert_eq!(
+            committed_unix_us(r#"{"committed_unix_us":1000000250000}"#),
+            at(250)
+        );
+        // Another answer (an older destination's, empty) says nothing.
+        for a in ["", "done", r#"{"committed_unix_us":-1}"#, r#"{"other":1}"#] {
+            assert_eq!(committed_unix_us(a), None, "{a:?}");
+        }
+        assert_eq!(
+            pause_to_commit_ms(Some(paused), at(250), 300.0),
+            Some(250.0)
+        );
+        assert_eq!(pause_to_commit_ms(Some(paused), at(0), 300.0), Some(0.0));
+        // A commit after the answer came, or before the stop: the clocks are apart.
+        assert_eq!(pause_to_commit_ms(Some(paused), at(301), 300.0), None);
+        assert_eq!(
+            pause_to_commit_ms(Some(paused), Some(999_999_999_000), 300.0),
+            None
+        );
+        assert_eq!(pause_to_commit_ms(None, at(250), 300.0), None);
+        assert_eq!(pause_to_commit_ms(Some(paused), None, 300.0), None);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_commit_answer_is_settled_by_the_published_pages() {

@@ -98,6 +98,10 @@ async fn set_up_rounds_commit_and_check_share_one_session() {
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
     // A v6 destination committed with the final round: no commit of its own on the pause.
     assert!(r.committed_with_final_round, "{r:?}");
+    // The pause ends at the commit, as the destination timed it: before its answer reached
+    // the source.
+    let (paused, heard) = (r.downtime_ms.unwrap(), r.downtime_observed_ms.unwrap());
+    assert!(paused >= 0.0 && paused < heard, "{r:?}");
     // Each handshake costs round trips on a long path: the reservation, the cache query,
     // every round, the commit and the final check all went over the rounds' three streams
     // (they used to open three more sessions of their own: 6 connections). A stream
@@ -160,8 +164,10 @@ async fn parts_overlap_on_a_second_session_and_are_applied_in_order() {
     let r = migrate(&v, to(&ep, &agent), &spec("v4.mem"), &mut |_| {}).await;
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
     assert_eq!(r.overlapped_parts, 0, "{r:?}");
-    // And commits after the final round, on its own request.
+    // And commits after the final round, on its own request: the pause is what the source
+    // saw.
     assert!(!r.committed_with_final_round, "{r:?}");
+    assert_eq!(r.downtime_ms, r.downtime_observed_ms, "{r:?}");
     let m = agent.metrics().await;
     let accepted = dwcp_testkit::metric_value(&m, "dwcp_connections_accepted_total", &[]);
     assert!(

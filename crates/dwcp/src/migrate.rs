@@ -154,6 +154,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "how": r.how,
         "total_seconds": r.total_seconds,
         "downtime_ms": r.downtime_ms,
+        "downtime_observed_ms": r.downtime_observed_ms,
         "predicted_downtime_ms": r.predicted_downtime_ms,
         "guest_bytes": r.guest_bytes,
         "wire_bytes": r.wire_bytes,

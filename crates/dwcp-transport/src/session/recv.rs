@@ -1515,6 +1515,9 @@ impl Receiver {
         lock(&self.active).remove(&claim);
         // A final round that commits its target (v6): the answer says it is published. The
         // round's own turn is over by now; a round begun after it makes the commit refused.
+        // The commit's time, for the source's measure of the pause (its own clock sees the
+        // answer half a round trip later).
+        let mut answer = String::new();
         let verdict = match verdict {
             Ok(()) if commit => match self
                 .settle_target(peer, &name, data::MIGRATION_COMMIT)
@@ -1522,6 +1525,11 @@ impl Receiver {
             {
                 Ok(()) => {
                     info!(%peer, %name, "migration target committed with its final round");
+                    if let Ok(t) =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+                    {
+                        answer = format!("{{\"committed_unix_us\":{}}}", t.as_micros());
+                    }
                     Ok(())
                 }
                 Err(e) => Err((
@@ -1545,7 +1553,7 @@ impl Receiver {
                 ObjectDone {
                     object,
                     code: 0,
-                    reason: String::new(),
+                    reason: answer,
                 }
             }
             Err((code, reason)) => {

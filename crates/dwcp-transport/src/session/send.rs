@@ -246,6 +246,9 @@ pub struct ObjectReport {
     pub seconds: f64,
     /// What delta encoding did, when the object was sent encoded.
     pub delta: Option<DeltaReport>,
+    /// What the receiver said with its verdict (`OBJECT_DONE`'s reason on success: empty,
+    /// or for a migration round that commits, JSON with the commit's time; PROTOCOL.md).
+    pub answer: String,
 }
 
 /// What a whole transfer did.
@@ -1254,7 +1257,7 @@ pub async fn send_files_kept(
             )
             .await;
             match r {
-                Ok(resumed_from) => {
+                Ok((resumed_from, answer)) => {
                     failing_since = None;
                     let delta = encoded.remove(&next_file).map(|e| {
                         let mut r = e.report;
@@ -1267,6 +1270,7 @@ pub async fn send_files_kept(
                         resumed_from,
                         seconds: t0.elapsed().as_secs_f64(),
                         delta,
+                        answer,
                     });
                     done_bytes += src.size;
                     next_file += 1;
@@ -1346,7 +1350,7 @@ async fn send_object(
     report: &mut SendReport,
     failing_since: &mut Option<Instant>,
     progress: &mut (dyn FnMut(u64, usize, &LinkStats) + Send),
-) -> Result<u64, ObjectFailure> {
+) -> Result<(u64, String), ObjectFailure> {
     let lost = |why: String| ObjectFailure::SessionLost(why);
     let Some((first, w0)) = session
         .writers
@@ -1810,7 +1814,7 @@ async fn send_object(
                         streams = session.alive(),
                         "object sent"
                     );
-                    break Ok(have);
+                    break Ok((have, msg::printable(&d.reason, 4096)));
                 }
                 break Err(refused(src, &d));
             }
