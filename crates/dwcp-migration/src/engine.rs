@@ -108,8 +108,8 @@ pub struct MigrationReport {
     /// Wall-clock seconds from start to commit (or to the end of the rollback).
     pub total_seconds: f64,
     /// Guest paused (source stopped) until the destination committed, milliseconds: by the
-    /// commit's time as the destination tells it (a v6 destination, with the final round),
-    /// else as [`Self::downtime_observed_ms`].
+    /// commit's time as a destination that sends it tells it (PROTOCOL.md rule 11; its clock
+    /// taken as in step with the source's), else as [`Self::downtime_observed_ms`].
     pub downtime_ms: Option<f64>,
     /// Guest paused until the source heard of the commit, milliseconds (the pause plus the
     /// answer's way back).
@@ -203,6 +203,7 @@ pub async fn migrate(
         overlapped_parts: 0,
         committed: None,
         committed_unix_us: None,
+        commit_part_out: None,
         commit_asked: false,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
@@ -282,9 +283,10 @@ pub async fn migrate(
                 report.predicted_downtime_ms = orch
                     .predicted_downtime(vm.dirty_count())
                     .map(|d| d.as_secs_f64() * 1000.0);
+                // Taken before the pause, so that any gap between the two lengthens it.
+                paused_unix = Some(std::time::SystemTime::now());
                 vm.pause();
                 paused_at = Some(Instant::now());
-                paused_unix = Some(std::time::SystemTime::now());
                 Event::SourceStopped
             }
             Action::SendFinal => {
@@ -312,8 +314,24 @@ pub async fn migrate(
                 let at = state.committed.unwrap_or_else(Instant::now);
                 let observed = paused_at.map(|t| (at - t).as_secs_f64() * 1000.0);
                 report.downtime_observed_ms = observed;
+                // The commit cannot come before the last byte of its part left the source.
+                let sent = match (state.commit_part_out, paused_at) {
+                    (Some(out), Some(p)) => out.saturating_duration_since(p).as_secs_f64() * 1000.0,
+                    _ => 0.0,
+                };
                 report.downtime_ms = observed.map(|o| {
-                    pause_to_commit_ms(paused_unix, state.committed_unix_us, o).unwrap_or(o)
+                    match pause_to_commit_ms(paused_unix, state.committed_unix_us, sent, o) {
+                        Some(ms) => ms,
+                        None => {
+                            if state.committed_unix_us.is_some() {
+                                warn!(
+                                    observed_ms = o,
+                                    "the destination's commit time does not fall within the pause by this host's clock (clocks apart?): the pause is taken until its answer came"
+                                );
+                            }
+                            o
+                        }
+                    }
                 });
                 report.total_seconds = (at - started).as_secs_f64();
                 Event::DestinationResumed
@@ -499,6 +517,8 @@ struct RoundState {
     /// When the destination says it committed, by its clock (microseconds since 1970), if
     /// it says.
     committed_unix_us: Option<u64>,
+    /// When the last byte of the part that committed was out.
+    commit_part_out: Option<Instant>,
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
     /// commit): from then on the destination may own the VM whatever became of the answer.
     commit_asked: bool,
@@ -981,6 +1001,7 @@ async fn send_parts(
                 if part.commits {
                     state.committed = Some(Instant::now());
                     state.committed_unix_us = committed_unix_us(&answer);
+                    state.commit_part_out = part.ended_at;
                 }
             }
             Landed::Unresolved => {
@@ -1167,11 +1188,14 @@ fn committed_unix_us(answer: &str) -> Option<u64> {
 
 /// The pause from the source's stop to the destination's commit, milliseconds, when the
 /// destination said when it committed and that fits what the source saw: no earlier than
-/// the stop, no later than the answer's arrival (`observed_ms` after the stop). A clock
-/// apart by more than that gives `None`, and the observed pause stands.
+/// the last byte of the committing part left the source (`sent_ms` after the stop), no later
+/// than the answer's arrival (`observed_ms`). A clock apart by more than that gives `None`,
+/// and the observed pause stands; a smaller offset is not seen (the clocks are taken as in
+/// step, NTP or PTP, as for QEMU's `RESUME`).
 fn pause_to_commit_ms(
     paused: Option<std::time::SystemTime>,
     committed_unix_us: Option<u64>,
+    sent_ms: f64,
     observed_ms: f64,
 ) -> Option<f64> {
     let paused_us = paused?
@@ -1180,7 +1204,7 @@ fn pause_to_commit_ms(
         .as_micros();
     let committed_us = u128::from(committed_unix_us?);
     let ms = committed_us.checked_sub(paused_us)? as f64 / 1000.0;
-    (ms <= observed_ms).then_some(ms)
+    (sent_ms <= ms && ms <= observed_ms).then_some(ms)
 }
 
 /// The outcome of the part in `p`, if any (else never).
@@ -1412,18 +1436,26 @@ mod tests {
             assert_eq!(committed_unix_us(a), None, "{a:?}");
         }
         assert_eq!(
-            pause_to_commit_ms(Some(paused), at(250), 300.0),
+            pause_to_commit_ms(Some(paused), at(250), 100.0, 300.0),
             Some(250.0)
         );
-        assert_eq!(pause_to_commit_ms(Some(paused), at(0), 300.0), Some(0.0));
-        // A commit after the answer came, or before the stop: the clocks are apart.
-        assert_eq!(pause_to_commit_ms(Some(paused), at(301), 300.0), None);
         assert_eq!(
-            pause_to_commit_ms(Some(paused), Some(999_999_999_000), 300.0),
+            pause_to_commit_ms(Some(paused), at(0), 0.0, 300.0),
+            Some(0.0)
+        );
+        // A commit after the answer came, before its part was out, or before the stop: the
+        // clocks are apart.
+        assert_eq!(
+            pause_to_commit_ms(Some(paused), at(301), 100.0, 300.0),
             None
         );
-        assert_eq!(pause_to_commit_ms(None, at(250), 300.0), None);
-        assert_eq!(pause_to_commit_ms(Some(paused), None, 300.0), None);
+        assert_eq!(pause_to_commit_ms(Some(paused), at(99), 100.0, 300.0), None);
+        assert_eq!(
+            pause_to_commit_ms(Some(paused), Some(999_999_999_000), 0.0, 300.0),
+            None
+        );
+        assert_eq!(pause_to_commit_ms(None, at(250), 0.0, 300.0), None);
+        assert_eq!(pause_to_commit_ms(Some(paused), None, 0.0, 300.0), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,7 +101,7 @@ async fn set_up_rounds_commit_and_check_share_one_session() {
     // The pause ends at the commit, as the destination timed it: before its answer reached
     // the source.
     let (paused, heard) = (r.downtime_ms.unwrap(), r.downtime_observed_ms.unwrap());
-    assert!(paused >= 0.0 && paused < heard, "{r:?}");
+    assert!(paused < heard && heard - paused < 50.0, "{r:?}");
     // Each handshake costs round trips on a long path: the reservation, the cache query,
     // every round, the commit and the final check all went over the rounds' three streams
     // (they used to open three more sessions of their own: 6 connections). A stream

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use dwcp_testbed::{Profile, Testbed, is_root};
 
-/// Median RTT in ms of `ping -U` (user-to-user time: the delay stage sits after the kernel's
-/// receive timestamp, TESTBED.md) from A to B.
-/// ping's min and average round trip, ms.
+/// The min and average RTT in ms of `ping -U` (user-to-user time: the delay stage sits after
+/// the kernel's receive timestamp, TESTBED.md) from A to B.
 fn ping_rtt_ms(tb: &Testbed, count: u32) -> (f64, f64) {
     let out = tb
         .cmd_a("ping")

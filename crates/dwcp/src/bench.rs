@@ -801,12 +801,13 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .unwrap_or(0)
         .max(8);
     println!(
-        "{:<w$} {:>10} {:>12} {:>9} {:>11} {:>11} {:>7} {:>10} {:>9} {:>10}",
+        "{:<w$} {:>10} {:>12} {:>9} {:>11} {:>9} {:>11} {:>7} {:>10} {:>9} {:>10}",
         "vm",
         "dirty B/s",
         "result",
         "total s",
         "paused ms",
+        "heard ms",
         "predicted",
         "rounds",
         "wire MB",
@@ -822,12 +823,14 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 .unwrap_or(0)
         });
         println!(
-            "{:<w$} {:>10} {:>12} {:>9.1} {:>11.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
+            "{:<w$} {:>10} {:>12} {:>9.1} {:>11.0} {:>9.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
             label(r),
             r["dirty_rate"].as_str().unwrap_or(""),
             rep["result"].as_str().unwrap_or("?"),
             rep["total_seconds"].as_f64().unwrap_or(0.0),
             rep["downtime_ms"].as_f64().unwrap_or(0.0),
+            // Until the source heard of the commit: what `predicted` and the bound are on.
+            rep["downtime_observed_ms"].as_f64().unwrap_or(0.0),
             rep["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
             rep["rounds"].as_array().map_or(0, Vec::len),
             rep["wire_bytes"].as_f64().unwrap_or(0.0) / 1e6,

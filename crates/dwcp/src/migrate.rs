@@ -45,8 +45,9 @@ pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
         && need > avail
     {
         return Err(UsageError(format!(
-            "--vm-size {}: a generated VM needs about {} MiB of memory here (its image and the \
-             source's copy of what the destination holds), and this host has {} MiB available",
+            "--vm-size {}: a generated VM needs about {} MiB of memory (its image and the \
+             source's copy of what the destination holds), and {} MiB is available here (the host's \
+             MemAvailable, or this process's cgroup limit if nearer)",
             args.vm_size,
             need >> 20,
             avail >> 20
@@ -86,8 +87,8 @@ pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
     ))
 }
 
-/// Memory the host can still give (`MemAvailable` in `/proc/meminfo`), bytes; `None` where
-/// the kernel does not say.
+/// Memory this process can still have, bytes: the host's `MemAvailable` (`/proc/meminfo`),
+/// or less where its cgroup has a limit nearer; `None` where the kernel does not say.
 fn mem_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = info
@@ -97,7 +98,47 @@ fn mem_available() -> Option<u64> {
         .next()?
         .parse::<u64>()
         .ok()?;
-    Some(kib << 10)
+    let host = kib << 10;
+    Some(cgroup_room().map_or(host, |c| c.min(host)))
+}
+
+/// What this process's cgroup may still use: its limit less its usage, from the cgroup
+/// `/proc/self/cgroup` names (v2: `memory.max`, `memory.current`; v1: the memory
+/// controller's `memory.limit_in_bytes`, `memory.usage_in_bytes`); `None` without a limit
+/// or where it cannot be read.
+fn cgroup_room() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |dir: &std::path::Path, f: &str| -> Option<u64> {
+        // "max" (v2, no limit) does not parse: None.
+        std::fs::read_to_string(dir.join(f))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let room = |dir: std::path::PathBuf, max: &str, used: &str| -> Option<u64> {
+        Some(read(&dir, max)?.saturating_sub(read(&dir, used)?))
+    };
+    let under =
+        |root: &str, path: &str| std::path::Path::new(root).join(path.trim_start_matches('/'));
+    let v2 = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .and_then(|p| room(under("/sys/fs/cgroup", p), "memory.max", "memory.current"));
+    let v1 = own
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p))
+        .and_then(|p| {
+            room(
+                under("/sys/fs/cgroup/memory", p),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        });
+    match (v2, v1) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Runs a migration, with a one-line progress display on standard error when `chatty`.
@@ -210,10 +251,11 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
     }
     if r.migrated {
         println!(
-            "result: migrated ({}) in {:.2} s; guest paused {:.0} ms (predicted {:.0} ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
+            "result: migrated ({}) in {:.2} s; guest paused {:.0} ms until the destination committed ({:.0} ms until this host heard; predicted {:.0} ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
             r.how,
             r.total_seconds,
             r.downtime_ms.unwrap_or(0.0),
+            r.downtime_observed_ms.unwrap_or(0.0),
             r.predicted_downtime_ms.unwrap_or(0.0),
             r.wire_bytes as f64 / 1e6,
             r.guest_bytes >> 20,

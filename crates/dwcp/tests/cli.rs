@@ -454,6 +454,10 @@ fn demo_runs_without_setup() {
     assert_eq!(m["guest_bytes"], 16 << 20, "{m}");
     assert!(m["rounds"].as_array().unwrap().len() >= 2, "{m}");
     assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    assert!(
+        m["downtime_observed_ms"].as_f64() >= m["downtime_ms"].as_f64(),
+        "{m}"
+    );
     assert_eq!(j["node_b"]["handshakes_failed"], 1.0);
 }
 
