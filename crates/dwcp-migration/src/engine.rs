@@ -203,7 +203,7 @@ pub async fn migrate(
         overlapped_parts: 0,
         committed: None,
         committed_unix_us: None,
-        commit_part_out: None,
+        commit_part_started: None,
         commit_asked: false,
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
@@ -314,8 +314,9 @@ pub async fn migrate(
                 let at = state.committed.unwrap_or_else(Instant::now);
                 let observed = paused_at.map(|t| (at - t).as_secs_f64() * 1000.0);
                 report.downtime_observed_ms = observed;
-                // The commit cannot come before the last byte of its part left the source.
-                let sent = match (state.commit_part_out, paused_at) {
+                // The commit cannot come before its part began to be sent. (Not when its last
+                // byte was out: a small urgent part may land before that is told.)
+                let sent = match (state.commit_part_started, paused_at) {
                     (Some(out), Some(p)) => out.saturating_duration_since(p).as_secs_f64() * 1000.0,
                     _ => 0.0,
                 };
@@ -517,8 +518,8 @@ struct RoundState {
     /// When the destination says it committed, by its clock (microseconds since 1970), if
     /// it says.
     committed_unix_us: Option<u64>,
-    /// When the last byte of the part that committed was out.
-    commit_part_out: Option<Instant>,
+    /// When the part that committed began to be sent.
+    commit_part_started: Option<Instant>,
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
     /// commit): from then on the destination may own the VM whatever became of the answer.
     commit_asked: bool,
@@ -1001,7 +1002,7 @@ async fn send_parts(
                 if part.commits {
                     state.committed = Some(Instant::now());
                     state.committed_unix_us = committed_unix_us(&answer);
-                    state.commit_part_out = part.ended_at;
+                    state.commit_part_started = Some(part.started);
                 }
             }
             Landed::Unresolved => {
@@ -1188,7 +1189,7 @@ fn committed_unix_us(answer: &str) -> Option<u64> {
 
 /// The pause from the source's stop to the destination's commit, milliseconds, when the
 /// destination said when it committed and that fits what the source saw: no earlier than
-/// the last byte of the committing part left the source (`sent_ms` after the stop), no later
+/// the committing part began to be sent (`sent_ms` after the stop), no later
 /// than the answer's arrival (`observed_ms`). A clock apart by more than that gives `None`,
 /// and the observed pause stands; a smaller offset is not seen (the clocks are taken as in
 /// step, NTP or PTP, as for QEMU's `RESUME`).
