@@ -153,13 +153,7 @@ pub(crate) fn run(args: &BenchGuestArgs) -> Result<()> {
         .build()?;
     // Ctrl-C or SIGTERM ends the wait so that QEMU is killed and its RAM file removed (both
     // on drop) rather than left behind.
-    let (mut term, mut int) = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        ))
-    })?;
+    let (mut term, mut int) = crate::bench::stop_signals(&rt)?;
     let mut guest = QemuProcess::spawn(&image, &l)?;
     let waited = rt.block_on(async {
         tokio::select! {
