@@ -317,7 +317,9 @@ pub async fn migrate(
                 // The commit cannot come before its part began to be sent. (Not when its last
                 // byte was out: a small urgent part may land before that is told.)
                 let sent = match (state.commit_part_started, paused_at) {
-                    (Some(out), Some(p)) => out.saturating_duration_since(p).as_secs_f64() * 1000.0,
+                    (Some(start), Some(p)) => {
+                        start.saturating_duration_since(p).as_secs_f64() * 1000.0
+                    }
                     _ => 0.0,
                 };
                 report.downtime_ms = observed.map(|o| {
@@ -745,7 +747,8 @@ struct InFlight<'a> {
 }
 
 /// Gives the session back with the outcome: the bytes the transport sent again (copies of an
-/// urgent part's chunks, chunks of a lost stream), or why the part failed.
+/// urgent part's chunks, chunks of a lost stream) and what the destination answered, or why
+/// the part failed.
 type PartFuture<'a> = std::pin::Pin<
     Box<dyn Future<Output = (KeptSession, Result<(u64, String), SendError>)> + Send + 'a>,
 >;
