@@ -464,8 +464,8 @@ pub(crate) struct BenchMigrationArgs {
     #[arg(long, default_value = "1Gi")]
     pub(crate) qemu_mem: String,
 
-    /// QEMU cases, comma-separated: native (default settings), multifd (8 channels, zstd),
-    /// cold, seeded (the destination's cache seeded with the guest's kernel, initramfs and
+    /// QEMU cases, comma-separated: native (default settings, QEMU's 128 MiB/s cap
+    /// included), multifd (8 channels, zstd, no bandwidth cap), cold, seeded (the destination's cache seeded with the guest's kernel, initramfs and
     /// disk) and warm (through DWCP).
     #[arg(long, default_value = "native,multifd,cold,seeded,warm")]
     pub(crate) qemu_cases: String,
