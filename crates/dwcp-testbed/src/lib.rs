@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 /// A link profile: what the emulated path does to packets, per direction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
-    /// Name (`dc`, `wan`, `internet`, `lossy`, or `custom`).
+    /// Name: `dc`, `wan`, `internet`, `lossy`, or the specification [`Profile::parse`] read.
     pub name: String,
     /// One-way delay (RTT is twice this).
     pub delay: Duration,
@@ -71,6 +71,109 @@ impl Profile {
     /// Names of the built-in profiles.
     pub const NAMES: [&'static str; 4] = ["dc", "wan", "internet", "lossy"];
 
+    /// A profile from a specification: a built-in name (`internet`), settings
+    /// (`rtt=300ms,rate=50mbit,loss=1%`), or a name and settings that change it
+    /// (`lossy,rtt=300ms`). Settings: `rtt` (round trip, e.g. `80ms`, `0.2ms`, `1s`),
+    /// `jitter` (at most this much more delay each way), `loss` (each way, a percentage),
+    /// `rate` (`500kbit`, `50mbit`, `1gbit`, or `unlimited`). What a name does not set is
+    /// zero: no delay, no jitter, no loss, no rate limit. The profile is named after the
+    /// specification.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let spec: String = spec.chars().filter(|c| !c.is_whitespace()).collect();
+        if spec.is_empty() {
+            return Err(format!(
+                "an empty link profile: one of {:?}, or settings such as \
+                 rtt=80ms,rate=100mbit,loss=0.5%",
+                Self::NAMES
+            ));
+        }
+        let mut parts = spec.split(',');
+        let first = parts.next().unwrap_or_default();
+        let (mut p, settings): (Self, Vec<&str>) = if first.contains('=') {
+            let none = Self {
+                name: String::new(),
+                delay: Duration::ZERO,
+                jitter: Duration::ZERO,
+                loss: 0.0,
+                rate_bps: None,
+            };
+            (none, spec.split(',').collect())
+        } else {
+            let named = Self::named(first).ok_or_else(|| {
+                format!(
+                    "unknown link profile {first:?}: one of {:?}, or settings such as \
+                     rtt=80ms,rate=100mbit,loss=0.5%",
+                    Self::NAMES
+                )
+            })?;
+            (named, parts.collect())
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for setting in settings {
+            let (key, value) = setting.split_once('=').ok_or_else(|| {
+                format!(
+                    "link profile setting {setting:?}: expected KEY=VALUE (rtt, jitter, loss, rate)"
+                )
+            })?;
+            if seen.contains(&key) {
+                return Err(format!("link profile: {key} is set twice"));
+            }
+            seen.push(key);
+            let bad = |why: String| format!("link profile setting {setting:?}: {why}");
+            match key {
+                "rtt" => {
+                    let rtt = parse_duration(value).map_err(bad)?;
+                    if rtt > MAX_RTT {
+                        return Err(bad(format!("at most {} ms", MAX_RTT.as_millis())));
+                    }
+                    p.delay = rtt / 2;
+                }
+                "jitter" => {
+                    let j = parse_duration(value).map_err(bad)?;
+                    if j > MAX_JITTER {
+                        return Err(bad(format!("at most {} ms", MAX_JITTER.as_millis())));
+                    }
+                    p.jitter = j;
+                }
+                "loss" => {
+                    let pct = value
+                        .strip_suffix('%')
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .filter(|v| v.is_finite())
+                        .ok_or_else(|| bad("a percentage, e.g. 0.5%".into()))?;
+                    if !(0.0..=MAX_LOSS_PERCENT).contains(&pct) {
+                        return Err(bad(format!("between 0% and {MAX_LOSS_PERCENT}%")));
+                    }
+                    p.loss = pct / 100.0;
+                }
+                "rate" => p.rate_bps = parse_link_rate(value).map_err(bad)?,
+                _ => {
+                    return Err(format!(
+                        "link profile setting {setting:?}: unknown key {key:?} (rtt, jitter, \
+                         loss, rate)"
+                    ));
+                }
+            }
+        }
+        p.name = spec;
+        Ok(p)
+    }
+
+    /// The profile's name with every character that is not a letter, digit, `.`, `-` or `_`
+    /// replaced by `_`: for file names.
+    pub fn file_name(&self) -> String {
+        self.name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
     /// Round-trip time without queueing.
     pub fn rtt(&self) -> Duration {
         self.delay * 2
@@ -83,11 +186,78 @@ impl Profile {
     }
 }
 
+/// Longest round trip a profile may ask for: the emulator holds every packet in flight.
+const MAX_RTT: Duration = Duration::from_secs(4);
+/// Largest jitter, each way.
+const MAX_JITTER: Duration = Duration::from_secs(1);
+/// Largest loss, each way, in percent.
+const MAX_LOSS_PERCENT: f64 = 50.0;
+/// Link rates a profile may ask for, bits per second.
+const RATE_RANGE: std::ops::RangeInclusive<u64> = 100_000..=100_000_000_000;
+
+/// `80ms`, `0.2ms`, `1.5s`, `500us`.
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (num, unit) = value.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| format!("{value:?} is not a duration such as 80ms, 0.2ms or 1s"))?;
+    let secs = match unit {
+        "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        _ => {
+            return Err(format!(
+                "{value:?}: the unit must be s, ms or us (e.g. 80ms)"
+            ));
+        }
+    };
+    // Bounded by the callers' maxima; this only keeps the conversion from overflowing.
+    if secs > 3600.0 {
+        return Err(format!("{value:?} is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `500kbit`, `50mbit`, `1gbit`, `2000000bit`, or `unlimited` (`None`).
+fn parse_link_rate(value: &str) -> Result<Option<u64>, String> {
+    if value == "unlimited" {
+        return Ok(None);
+    }
+    let lower = value.to_ascii_lowercase();
+    let (num, mult) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
+        .into_iter()
+        .find_map(|(unit, m)| lower.strip_suffix(unit).map(|n| (n, m)))
+        .ok_or_else(|| {
+            format!("{value:?}: a rate in bit, kbit, mbit or gbit (e.g. 100mbit), or unlimited")
+        })?;
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| format!("{value:?} is not a rate such as 100mbit"))?;
+    let bps = n * mult;
+    if !(*RATE_RANGE.start() as f64..=*RATE_RANGE.end() as f64).contains(&bps) {
+        return Err(format!("{value:?}: between 100kbit and 100gbit"));
+    }
+    Ok(Some(bps.round() as u64))
+}
+
 impl fmt::Display for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rate = self.rate_bps.map_or_else(
             || "unlimited".to_string(),
-            |r| format!("{} Mbit/s", r / 1_000_000),
+            |r| {
+                if r % 1_000_000 == 0 {
+                    format!("{} Mbit/s", r / 1_000_000)
+                } else {
+                    format!("{:.3} Mbit/s", r as f64 / 1e6)
+                }
+            },
         );
         write!(
             f,
@@ -586,6 +756,96 @@ fn write_loop(to: &tun_rs::SyncDevice, rx: &mpsc::Receiver<(Instant, Vec<u8>)>, 
             stats
                 .bytes
                 .fetch_add(packet.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_name_alone_is_the_built_in_profile() {
+        for name in Profile::NAMES {
+            assert_eq!(Profile::parse(name).unwrap(), Profile::named(name).unwrap());
+        }
+        assert_eq!(Profile::parse(" lossy ").unwrap().name, "lossy");
+    }
+
+    #[test]
+    fn settings_make_a_profile_and_change_a_named_one() {
+        let p = Profile::parse("rtt=300ms, rate=50mbit, loss=1%, jitter=2ms").unwrap();
+        assert_eq!(p.delay, Duration::from_millis(150));
+        assert_eq!(p.jitter, Duration::from_millis(2));
+        assert!((p.loss - 0.01).abs() < 1e-12);
+        assert_eq!(p.rate_bps, Some(50_000_000));
+        assert_eq!(p.name, "rtt=300ms,rate=50mbit,loss=1%,jitter=2ms");
+        assert_eq!(p.file_name(), "rtt_300ms_rate_50mbit_loss_1__jitter_2ms");
+        assert_eq!(
+            p.to_string(),
+            "rtt=300ms,rate=50mbit,loss=1%,jitter=2ms: RTT 300.0 ms (jitter ±2.0 ms each way), \
+             50 Mbit/s, loss 1.00 % each way"
+        );
+
+        // What a name does not change stays the name's.
+        let p = Profile::parse("lossy,rtt=0.4ms,rate=unlimited").unwrap();
+        let lossy = Profile::named("lossy").unwrap();
+        assert_eq!(p.delay, Duration::from_micros(200));
+        assert_eq!(
+            (p.jitter, p.loss, p.rate_bps),
+            (lossy.jitter, lossy.loss, None)
+        );
+
+        // What settings alone do not set is zero.
+        let p = Profile::parse("rate=500kbit").unwrap();
+        assert_eq!(
+            (p.delay, p.jitter, p.loss),
+            (Duration::ZERO, Duration::ZERO, 0.0)
+        );
+        assert_eq!(p.rate_bps, Some(500_000));
+        assert!(p.to_string().contains("0.500 Mbit/s"), "{p}");
+        assert_eq!(
+            Profile::parse("rate=1.5gbit").unwrap().rate_bps,
+            Some(1_500_000_000)
+        );
+        assert_eq!(
+            Profile::parse("rtt=1s").unwrap().delay,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            Profile::parse("rtt=900us").unwrap().delay,
+            Duration::from_micros(450)
+        );
+    }
+
+    #[test]
+    fn a_bad_specification_names_what_is_wrong() {
+        for (spec, want) in [
+            ("", "empty"),
+            ("satellite", "unknown link profile \"satellite\""),
+            ("internet,fast", "expected KEY=VALUE"),
+            ("rtt=80ms,rtt=90ms", "rtt is set twice"),
+            ("rtt=80", "unit must be s, ms or us"),
+            ("rtt=-5ms", "not a duration"),
+            ("rtt=5s", "at most 4000 ms"),
+            ("rtt=1e400ms", "unit must be"),
+            ("rtt=1.2.3ms", "not a duration"),
+            ("rtt=99999999s", "too long"),
+            ("jitter=2s", "at most 1000 ms"),
+            ("loss=1", "a percentage"),
+            ("loss=NaN%", "a percentage"),
+            ("loss=60%", "between 0% and 50%"),
+            ("rate=100", "a rate in bit"),
+            ("rate=0mbit", "not a rate"),
+            ("rate=10bit", "between 100kbit and 100gbit"),
+            ("rate=1000gbit", "between 100kbit and 100gbit"),
+            ("delay=5ms", "unknown key \"delay\""),
+            ("internet,dc", "expected KEY=VALUE"),
+        ] {
+            let err = Profile::parse(spec).unwrap_err();
+            assert!(err.contains(want), "{spec:?}: {err}");
         }
     }
 }

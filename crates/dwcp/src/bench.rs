@@ -251,17 +251,13 @@ fn parse_size(s: &str) -> Result<u64> {
     crate::cli::parse_rate(s).map_err(|e| UsageError(format!("--size: {e}")).into())
 }
 
-/// The named profile, for a root user (the testbed builds network namespaces).
-fn testbed_profile(name: &str, bench: &str) -> Result<Profile> {
-    let profile = Profile::named(name).ok_or_else(|| {
-        UsageError(format!(
-            "unknown profile {name:?}: one of {:?}",
-            Profile::NAMES
-        ))
-    })?;
+/// The profile `spec` names or describes ([`Profile::parse`]), for a root user (the testbed
+/// builds network namespaces).
+pub(crate) fn testbed_profile(spec: &str, bench: &str) -> Result<Profile> {
+    let profile = Profile::parse(spec).map_err(|e| UsageError(format!("--profile: {e}")))?;
     if !dwcp_testbed::is_root() {
         return Err(UsageError(format!(
-            "dwcp bench {bench} needs root (it builds a network-namespace testbed)"
+            "dwcp {bench} needs root (it builds a network-namespace testbed)"
         ))
         .into());
     }
@@ -351,7 +347,7 @@ fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBu
 }
 
 pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
-    let profile = testbed_profile(&args.profile, "transport")?;
+    let profile = testbed_profile(&args.profile, "bench transport")?;
     let size = parse_size(&args.size)?;
     // An absolute path: the namespaces' `ip netns exec` would look a bare name up in PATH.
     let baseline = match &args.baseline {
@@ -545,7 +541,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     let path: PathBuf = args
         .json_out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("bench-transport-{}.json", profile.name)));
+        .unwrap_or_else(|| PathBuf::from(format!("bench-transport-{}.json", profile.file_name())));
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("JSON: {}", path.display());
@@ -611,7 +607,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         ))
         .into());
     }
-    let profile = testbed_profile(&args.profile, "migration")?;
+    let profile = testbed_profile(&args.profile, "bench migration")?;
     let mut cases = Vec::new();
     for c in args
         .cases
@@ -860,7 +856,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
     let path = args
         .json_out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("bench-migration-{}.json", profile.name)));
+        .unwrap_or_else(|| PathBuf::from(format!("bench-migration-{}.json", profile.file_name())));
     let report = json!({
         "profile": profile.name, "ping_rtt_ms": rtt, "congestion": args.congestion, "seed": args.seed,
         "runs": runs, "at_once": n, "destinations": dests.iter().map(|d| d.0.clone()).collect::<Vec<_>>(),

@@ -79,6 +79,11 @@ pub(crate) enum Command {
     /// Benchmarks on the WAN testbed (root).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Build the WAN testbed (two network namespaces joined by a delay, loss and rate
+    /// emulator; root), run a command in each, and tear it down when the one in A ends, on
+    /// ctrl-c or SIGTERM, or after --seconds. Without --in-a it stays up for commands of your
+    /// own: `ip netns exec` into the namespaces it prints.
+    Testbed(TestbedArgs),
     /// Start agents on loopback with throwaway certificates (every version, v1-only, and a node
     /// of a foreign CA), connect them, measure, and print a report. Needs no root and no setup.
     Demo(DemoArgs),
@@ -432,8 +437,38 @@ pub(crate) struct BenchGuestArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct TestbedArgs {
+    /// Link profile: dc, wan, internet or lossy (docs/BENCHMARKS.md), or settings, alone or
+    /// after a name that they change: rtt (round trip), jitter (at most this much more delay
+    /// each way), loss (each way), rate (or unlimited). E.g. `rtt=300ms,rate=50mbit,loss=1%`,
+    /// `lossy,rtt=250ms`. What no name sets is zero.
+    #[arg(long, default_value = "internet")]
+    pub(crate) profile: String,
+
+    /// Shell command to run in namespace A (`sh -c`); its exit status becomes dwcp's. The
+    /// testbed comes down when it ends.
+    #[arg(long, value_name = "COMMAND")]
+    pub(crate) in_a: Option<String>,
+
+    /// Shell command to run in namespace B, started first (a server, say); stopped when the
+    /// testbed comes down.
+    #[arg(long, value_name = "COMMAND")]
+    pub(crate) in_b: Option<String>,
+
+    /// Longest the testbed stays up; a command in A still running then is stopped (exit
+    /// status 124).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub(crate) seconds: u64,
+
+    /// Seed of the emulator's loss and jitter.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct BenchMigrationArgs {
-    /// Link profile: dc, wan, internet, lossy.
+    /// Link profile: dc, wan, internet, lossy; or settings, alone or after a name:
+    /// rtt=300ms,rate=50mbit,loss=1%,jitter=2ms (see `dwcp testbed --help`).
     #[arg(long, default_value = "internet")]
     pub(crate) profile: String,
 
@@ -532,7 +567,8 @@ pub(crate) struct BenchEncodingArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct BenchTransportArgs {
-    /// Link profile: dc, wan, internet, lossy.
+    /// Link profile: dc, wan, internet, lossy; or settings, alone or after a name:
+    /// rtt=300ms,rate=50mbit,loss=1%,jitter=2ms (see `dwcp testbed --help`).
     #[arg(long, default_value = "internet")]
     pub(crate) profile: String,
 

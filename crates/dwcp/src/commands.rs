@@ -109,6 +109,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             logs(None, "warn")?;
             crate::bench_encoding::run(&args)
         }
+        Command::Testbed(args) => {
+            logs(None, "warn")?;
+            crate::testbed_cmd::run(&args)
+        }
         Command::Migrate(args) => {
             let cfg = node_config(&args.node, |_| {})?;
             let settings = settings_and_logs(&cfg, "warn")?;

@@ -8,6 +8,7 @@ mod bench_qemu;
 mod cli;
 mod commands;
 mod migrate;
+mod testbed_cmd;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,9 @@ fn main() -> ExitCode {
 /// The exit code for an error: the first error in the chain of a known kind decides.
 fn exit_code(err: &anyhow::Error) -> u8 {
     // A migration that began: however it failed, what matters is where the VM now runs.
+    if let Some(e) = err.downcast_ref::<testbed_cmd::TestbedCommandEnded>() {
+        return e.code;
+    }
     match err.downcast_ref::<migrate::MigrationFailed>() {
         Some(migrate::MigrationFailed::RolledBack) => return exit::ROLLED_BACK,
         Some(migrate::MigrationFailed::OutcomeUnknown) => return exit::OUTCOME_UNKNOWN,

@@ -903,3 +903,156 @@ fn bench_guest_refuses_a_guest_too_small_to_boot() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn testbed_and_benches_refuse_a_bad_link_profile_before_building_anything() {
+    for args in [
+        &["testbed", "--profile", "rtt=80ms,loss=2"][..],
+        &["bench", "transport", "--profile", "rtt=80ms,loss=2"][..],
+        &["bench", "migration", "--profile", "rtt=80ms,loss=2"][..],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", text(&o.stderr));
+        let e = text(&o.stderr);
+        assert!(
+            e.contains(r#"--profile: link profile setting "loss=2": a percentage"#),
+            "{args:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn testbed_runs_a_command_on_each_side_passes_its_status_on_and_takes_everything_down() {
+    if !dwcp_testbed::is_root() {
+        eprintln!("SKIPPED: needs root to build the network-namespace testbed");
+        return;
+    }
+    // This run's namespaces, from what it prints, are gone once it has ended (other tests'
+    // testbeds may come and go meanwhile).
+    let gone = |err: &str| {
+        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let list = text(&list.stdout);
+        let ours: Vec<&str> = err
+            .split_whitespace()
+            .filter(|w| w.starts_with("dwcp-tb"))
+            .collect();
+        assert!(!ours.is_empty(), "{err}");
+        for ns in ours {
+            assert!(!list.contains(ns), "{ns} still there: {list}");
+        }
+    };
+    // B's command is a marker that must not outlive the testbed; A's pings B's address.
+    let o = run(&[
+        "testbed",
+        "--profile",
+        "rtt=20ms,rate=100mbit",
+        "--in-b",
+        "sleep 47.31",
+        "--in-a",
+        "ping -U -q -n -c 10 -i 0.05 -W 2 $DWCP_TB_ADDR_B",
+    ]);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("RTT 20.0 ms") && err.contains("testbed down"),
+        "{err}"
+    );
+    // rtt min/avg/max/mdev = a/b/c/d ms
+    let line = out.lines().find(|l| l.contains("min/avg/max")).unwrap();
+    let min: f64 = line
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((19.5..26.0).contains(&min), "{line}");
+    let left = Command::new("pgrep")
+        .args(["-f", "^sleep 47.31"])
+        .output()
+        .unwrap();
+    assert!(
+        !left.status.success(),
+        "B's command outlived the testbed: {}",
+        text(&left.stdout)
+    );
+    gone(&err);
+
+    // A's exit status is dwcp's; a command past --seconds is stopped with timeout's 124.
+    let o = run(&["testbed", "--profile", "dc", "--in-a", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o.stderr));
+    let started = Instant::now();
+    let o = run(&[
+        "testbed",
+        "--profile",
+        "dc",
+        "--seconds",
+        "1",
+        "--in-a",
+        "sleep 30",
+    ]);
+    assert_eq!(o.status.code(), Some(124), "{}", text(&o.stderr));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        text(&o.stderr).contains("still running after 1 s"),
+        "{}",
+        text(&o.stderr)
+    );
+    gone(&text(&o.stderr));
+}
+
+#[test]
+fn testbed_held_up_comes_down_on_sigterm() {
+    if !dwcp_testbed::is_root() {
+        eprintln!("SKIPPED: needs root to build the network-namespace testbed");
+        return;
+    }
+    let mut child = dwcp()
+        .args(["testbed", "--profile", "dc", "--in-b", "sleep 48.31"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Up once B's command runs (the testbed lock may first wait for another test's testbed).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !Command::new("pgrep")
+        .args(["-f", "^sleep 48.31"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the testbed did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not down 20 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("SIGTERM: taking the testbed down") && err.contains("testbed down"),
+        "{err}"
+    );
+    let left = Command::new("pgrep")
+        .args(["-f", "^sleep 48.31"])
+        .output()
+        .unwrap();
+    assert!(!left.status.success(), "B's command outlived the testbed");
+}
