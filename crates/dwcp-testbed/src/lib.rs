@@ -79,7 +79,15 @@ impl Profile {
     /// zero: no delay, no jitter, no loss, no rate limit. The profile is named after the
     /// specification.
     pub fn parse(spec: &str) -> Result<Self, String> {
-        let spec: String = spec.chars().filter(|c| !c.is_whitespace()).collect();
+        // Spaces around the commas and the `=` are allowed; not inside a value.
+        let spec: String = spec
+            .split(',')
+            .map(|part| match part.split_once('=') {
+                Some((k, v)) => format!("{}={}", k.trim(), v.trim()),
+                None => part.trim().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         if spec.is_empty() {
             return Err(format!(
                 "an empty link profile: one of {:?}, or settings such as \
@@ -186,8 +194,8 @@ impl Profile {
     }
 }
 
-/// Longest round trip a profile may ask for: the emulator holds every packet in flight.
-const MAX_RTT: Duration = Duration::from_secs(4);
+/// Longest round trip a profile may ask for (a geostationary satellite hop is about 0.6 s).
+const MAX_RTT: Duration = Duration::from_secs(2);
 /// Largest jitter, each way.
 const MAX_JITTER: Duration = Duration::from_secs(1);
 /// Largest loss, each way, in percent.
@@ -225,10 +233,10 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 
 /// `500kbit`, `50mbit`, `1gbit`, `2000000bit`, or `unlimited` (`None`).
 fn parse_link_rate(value: &str) -> Result<Option<u64>, String> {
-    if value == "unlimited" {
+    let lower = value.to_ascii_lowercase();
+    if lower == "unlimited" {
         return Ok(None);
     }
-    let lower = value.to_ascii_lowercase();
     let (num, mult) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
         .into_iter()
         .find_map(|(unit, m)| lower.strip_suffix(unit).map(|n| (n, m)))
@@ -285,6 +293,9 @@ pub enum TestbedError {
         /// Its error output or the spawn error.
         detail: String,
     },
+    /// Told to give up ([`Testbed::up_unless`]) before it was built.
+    #[error("interrupted before the testbed was built")]
+    Interrupted,
     /// A system call failed.
     #[error("cannot {what}: {source}")]
     Io {
@@ -326,7 +337,15 @@ pub struct LinkStats {
     pub dropped: AtomicU64,
     /// Bytes delivered.
     pub bytes: AtomicU64,
+    /// Packets dropped because the emulator already held [`MAX_HELD_PACKETS`] in flight (a
+    /// path without a rate limit and a long delay): a router's tail drop.
+    pub overflowed: AtomicU64,
 }
+
+/// Packets one direction of the emulator holds at most while they wait out their delay
+/// (about 256 MiB of full-sized packets). Only a path without a rate limit gets there: with
+/// one, the kernel's queue ahead of the emulator holds the excess.
+pub const MAX_HELD_PACKETS: usize = 180_000;
 
 /// A running testbed. Dropping it tears everything down.
 #[derive(Debug)]
@@ -355,7 +374,7 @@ pub struct Testbed {
 /// Path of the machine-wide testbed lock.
 const LOCK_PATH: &str = "/run/dwcp-testbed.lock";
 
-fn machine_lock() -> Result<File, TestbedError> {
+fn machine_lock(cancel: &AtomicBool) -> Result<File, TestbedError> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -371,6 +390,9 @@ fn machine_lock() -> Result<File, TestbedError> {
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(f),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(TestbedError::Interrupted);
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(e) => {
@@ -414,10 +436,23 @@ impl Testbed {
     /// Builds the namespaces and starts the emulator for `profile`; `seed` fixes the loss
     /// pattern.
     pub fn up(profile: Profile, seed: u64) -> Result<Self, TestbedError> {
+        Self::up_unless(profile, seed, &AtomicBool::new(false))
+    }
+
+    /// As [`up`](Self::up), but gives up ([`TestbedError::Interrupted`]) once `cancel` is set
+    /// while it waits for another testbed of this machine to end.
+    pub fn up_unless(
+        profile: Profile,
+        seed: u64,
+        cancel: &AtomicBool,
+    ) -> Result<Self, TestbedError> {
         if !is_root() {
             return Err(TestbedError::NotRoot);
         }
-        let lock = machine_lock()?;
+        let lock = machine_lock(cancel)?;
+        if cancel.load(Ordering::SeqCst) {
+            return Err(TestbedError::Interrupted);
+        }
         let pid = std::process::id();
         // Testbeds are exclusive per machine (the lock), so the subnet only has to differ from
         // leftovers of a crashed run; it is only ever used inside our namespaces.
@@ -511,8 +546,9 @@ impl Testbed {
             ])?;
             if let (Some(rate), Some(bdp)) = (self.profile.rate_bps, self.profile.bdp_bytes()) {
                 let rate = format!("{rate}bit");
-                // The bottleneck queue: one bandwidth-delay product, at least 64 KiB.
-                let limit = bdp.max(64 * 1024).to_string();
+                // The bottleneck queue: one bandwidth-delay product, at least 64 KiB and at
+                // most 256 MiB (bfifo's limit is 32 bits).
+                let limit = bdp.clamp(64 * 1024, 256 << 20).to_string();
                 run(&[
                     "tc", "-n", ns, "qdisc", "add", "dev", "dwcp0", "root", "handle", "1:", "htb",
                     "default", "1",
@@ -553,7 +589,7 @@ impl Testbed {
         dir: usize,
         seed: u64,
     ) -> Result<(), TestbedError> {
-        let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+        let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(MAX_HELD_PACKETS);
         let stop = self.stop.clone();
         let stats = self.stats[dir].clone();
         let profile = self.profile.clone();
@@ -597,6 +633,12 @@ impl Testbed {
             return;
         }
         self.up = false;
+        // Whatever still runs in the namespaces (a server started there, a shell someone
+        // opened with `ip netns exec`) goes with them: nothing is left running on a link
+        // that no longer exists.
+        for ns in [&self.ns_a, &self.ns_b] {
+            kill_all_in(ns);
+        }
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -613,6 +655,36 @@ impl Testbed {
         }
         let _ = std::fs::remove_file(SAVED_SYSCTLS);
         debug!("testbed down");
+    }
+}
+
+/// SIGKILLs every process in namespace `ns` (`ip netns pids`), and waits (bounded) until
+/// none is left.
+fn kill_all_in(ns: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids: Vec<i32> = match run(&["ip", "netns", "pids", ns]) {
+            Ok(out) => String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
+            Err(_) => return,
+        };
+        let me = std::process::id() as i32;
+        let pids: Vec<i32> = pids.into_iter().filter(|&p| p != me).collect();
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            warn!("testbed teardown: processes {pids:?} still in namespace {ns}");
+            return;
+        }
+        for pid in pids {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -701,7 +773,7 @@ impl Rng {
 
 fn read_loop(
     from: &tun_rs::SyncDevice,
-    tx: &mpsc::Sender<(Instant, Vec<u8>)>,
+    tx: &mpsc::SyncSender<(Instant, Vec<u8>)>,
     stop: &AtomicBool,
     stats: &LinkStats,
     profile: &Profile,
@@ -739,8 +811,12 @@ fn read_loop(
         // Never release before the previous packet: jitter must not reorder.
         let release = (Instant::now() + profile.delay + jitter).max(last_release);
         last_release = release;
-        if tx.send((release, buf[..n].to_vec())).is_err() {
-            return;
+        match tx.try_send((release, buf[..n].to_vec())) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                stats.overflowed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return,
         }
     }
 }
@@ -790,7 +866,8 @@ mod tests {
         );
 
         // What a name does not change stays the name's.
-        let p = Profile::parse("lossy,rtt=0.4ms,rate=unlimited").unwrap();
+        let p = Profile::parse("lossy, rtt = 0.4ms ,rate=Unlimited").unwrap();
+        assert_eq!(p.name, "lossy,rtt=0.4ms,rate=Unlimited");
         let lossy = Profile::named("lossy").unwrap();
         assert_eq!(p.delay, Duration::from_micros(200));
         assert_eq!(
@@ -829,7 +906,8 @@ mod tests {
             ("rtt=80ms,rtt=90ms", "rtt is set twice"),
             ("rtt=80", "unit must be s, ms or us"),
             ("rtt=-5ms", "not a duration"),
-            ("rtt=5s", "at most 4000 ms"),
+            ("rtt=5s", "at most 2000 ms"),
+            ("rtt=3 00ms", "unit must be"),
             ("rtt=1e400ms", "unit must be"),
             ("rtt=1.2.3ms", "not a duration"),
             ("rtt=99999999s", "too long"),

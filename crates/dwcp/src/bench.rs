@@ -123,8 +123,20 @@ pub(crate) fn keep_log(log: &Path, name: &str) {
 /// emulator's delay stage; see TESTBED.md).
 fn ping_rtt_ms(tb: &Testbed, work: &Path) -> Result<f64> {
     let mut cmd = tb.cmd_a("ping");
-    cmd.args(["-U", "-q", "-n", "-i", "0.05", "-W", "2", "-c", "20"])
-        .arg(tb.addr_b.to_string());
+    // Replies may take up to a round trip (2 s at most) after the last probe.
+    let wait = 2 + tb.profile.rtt().as_secs_f64().ceil() as u64 * 2;
+    cmd.args([
+        "-U",
+        "-q",
+        "-n",
+        "-i",
+        "0.05",
+        "-W",
+        &wait.to_string(),
+        "-c",
+        "20",
+    ])
+    .arg(tb.addr_b.to_string());
     let (mut child, out, err) = spawn_logged(cmd, work, "ping")
         .context("cannot run ping (apt-get install iputils-ping)")?;
     wait_bounded(&mut child, Duration::from_secs(30), "ping")?;

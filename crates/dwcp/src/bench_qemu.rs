@@ -193,8 +193,8 @@ impl QemuBench<'_> {
             }
         }
         // The default row keeps QEMU's default cap (128 MiB/s); the best native setting has
-        // none, as `dwcp migrate` lifts it for the rows through DWCP. Set either way: the
-        // source QEMU keeps what an earlier case set.
+        // none, as `dwcp migrate` lifts it for the rows through DWCP. Set either way, so that
+        // no row depends on what an earlier case left set in the source QEMU.
         let cap: u64 = if multifd { NO_CAP } else { QEMU_DEFAULT_CAP };
         sq.execute(
             "migrate-set-parameters",
@@ -372,6 +372,12 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
         }
     }
     println!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");
+    if rows
+        .iter()
+        .any(|r| r["case"].as_str().is_some_and(|c| c.contains("multifd")))
+    {
+        println!("  native multifd's wire MB is QEMU's count of pages, before zstd");
+    }
     // Said by `dwcp migrate` about the source QEMU: they hold for the native cases as well.
     let mut warnings: Vec<&str> = rows
         .iter()

@@ -5,12 +5,13 @@
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ExitStatus, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dwcp_testbed::Testbed;
-use rustix::process::{Pid, Signal, kill_process_group};
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
 use crate::cli::TestbedArgs;
 
@@ -24,11 +25,77 @@ pub(crate) struct TestbedCommandEnded {
 
 /// `timeout(1)`'s code for a command stopped at its time limit.
 const TIMED_OUT: u8 = 124;
-/// The shell's code for a command ended by SIGINT.
-const INTERRUPTED: u8 = 130;
 
-/// A command in one namespace, in a process group of its own so that everything it started
-/// goes with it. Stopped (SIGTERM to the group, SIGKILL two seconds later) on drop.
+/// The signals that take the testbed down, and the exit status a shell gives for each.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Int,
+    Term,
+    Hup,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Int => "SIGINT",
+            Self::Term => "SIGTERM",
+            Self::Hup => "SIGHUP",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::Int => 130,
+            Self::Term => 143,
+            Self::Hup => 129,
+        }
+    }
+}
+
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the signal handler")?;
+        let (int, term, hup) = rt
+            .block_on(async {
+                Ok::<_, std::io::Error>((
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::terminate())?,
+                    signal(SignalKind::hangup())?,
+                ))
+            })
+            .context("cannot watch for SIGINT, SIGTERM and SIGHUP")?;
+        Ok(Self { rt, int, term, hup })
+    }
+
+    /// A signal that came, waiting at most `wait` for one.
+    fn wait(&mut self, wait: Duration) -> Option<Stop> {
+        let Self { rt, int, term, hup } = self;
+        rt.block_on(async {
+            tokio::select! {
+                biased;
+                _ = int.recv() => Some(Stop::Int),
+                _ = term.recv() => Some(Stop::Term),
+                _ = hup.recv() => Some(Stop::Hup),
+                () = tokio::time::sleep(wait) => None,
+            }
+        })
+    }
+}
+
+/// A command in one namespace, in a process group of its own so that what it starts goes
+/// with it. Stopped (SIGTERM to the group, SIGKILL to what is left two seconds later) on
+/// drop; the testbed's teardown then kills anything still in the namespace.
 struct Side {
     name: &'static str,
     child: Child,
@@ -64,26 +131,26 @@ impl Side {
         self.status
     }
 
+    /// Stops the whole group, its leader gone or not (background jobs outlive a shell).
     fn stop(&mut self) {
-        if self.poll().is_some() {
+        let Some(group) = Pid::from_raw(self.child.id() as i32) else {
             return;
-        }
-        let group = Pid::from_raw(self.child.id() as i32);
-        if let Some(g) = group {
-            let _ = kill_process_group(g, Signal::TERM);
-        }
+        };
+        let _ = kill_process_group(group, Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if self.poll().is_some() {
+        loop {
+            // Reaped, the leader no longer counts; the group is gone when nothing answers.
+            self.poll();
+            if self.status.is_some() && test_kill_process_group(group).is_err() {
+                return;
+            }
+            if Instant::now() >= deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        if let Some(g) = group {
-            // The group may outlive its leader; SIGKILL whatever is left of it.
-            let _ = kill_process_group(g, Signal::KILL);
-        }
-        if self.status.is_none() {
+        let _ = kill_process_group(group, Signal::KILL);
+        if self.poll().is_none() {
             let _ = self.child.kill();
             self.status = self.child.wait().ok();
         }
@@ -104,17 +171,58 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// What `dwcp testbed` returns once A's command has ended with `status`.
+fn passed_on(status: ExitStatus) -> Result<()> {
+    match status.code() {
+        Some(0) => Ok(()),
+        code => Err(TestbedCommandEnded {
+            reason: format!("the command in A {}", describe(status)),
+            // As a shell passes it on: the status, or 128 + the signal.
+            code: code
+                .or_else(|| status.signal().map(|n| 128 + n))
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1),
+        }
+        .into()),
+    }
+}
+
 /// Runs `dwcp testbed`.
 pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
     let profile = crate::bench::testbed_profile(&args.profile, "testbed")?;
     let limit = Duration::from_secs(args.seconds);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal handler")?;
-    let (mut term, mut int) =
-        crate::bench::stop_signals(&rt).context("cannot watch for SIGTERM and SIGINT")?;
-    let tb = Testbed::up(profile, args.seed).context("cannot build the testbed")?;
+    let mut signals = Signals::new()?;
+
+    // Built on a thread of its own: it may wait for another testbed of this machine to end,
+    // and a signal meanwhile must not go unheard.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let building = {
+        let cancel = cancel.clone();
+        let seed = args.seed;
+        std::thread::spawn(move || Testbed::up_unless(profile, seed, &cancel))
+    };
+    let mut stopped: Option<Stop> = None;
+    while !building.is_finished() {
+        if let Some(sig) = signals.wait(Duration::from_millis(50)) {
+            stopped.get_or_insert(sig);
+            cancel.store(true, Ordering::SeqCst);
+        }
+    }
+    let built = building
+        .join()
+        .map_err(|_| anyhow::anyhow!("building the testbed panicked"))?;
+    if let Some(sig) = stopped {
+        // Built after all (the signal came too late to stop it): down again at once.
+        if let Ok(tb) = built {
+            tb.down();
+        }
+        return Err(TestbedCommandEnded {
+            reason: format!("{}: stopped before the testbed was up", sig.name()),
+            code: sig.code(),
+        }
+        .into());
+    }
+    let tb = built.context("cannot build the testbed")?;
     eprintln!("testbed up: {}", tb.profile);
     for (side, addr, ns) in [("A", tb.addr_a, &tb.ns_a), ("B", tb.addr_b, &tb.ns_b)] {
         eprintln!(
@@ -138,30 +246,17 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
     };
     if a.is_none() {
         eprintln!(
-            "held up for at most {} s: ctrl-c or SIGTERM takes it down",
+            "held up for at most {} s: ctrl-c or SIGTERM takes it down (and whatever still \
+             runs in the namespaces)",
             args.seconds
         );
     }
 
     let started = Instant::now();
     let outcome: Result<()> = loop {
-        let signalled = rt.block_on(async {
-            tokio::select! {
-                _ = term.recv() => Some("SIGTERM"),
-                _ = int.recv() => Some("SIGINT"),
-                () = tokio::time::sleep(Duration::from_millis(50)) => None,
-            }
-        });
-        if let Some(sig) = signalled {
-            eprintln!("{sig}: taking the testbed down");
-            break match a.as_mut().map(Side::poll) {
-                Some(None) => Err(TestbedCommandEnded {
-                    reason: format!("the command in A was stopped by {sig}"),
-                    code: INTERRUPTED,
-                }
-                .into()),
-                _ => Ok(()),
-            };
+        // A's end first, whatever else happened in the same turn: its status is passed on.
+        if let Some(s) = a.as_mut().and_then(Side::poll) {
+            break passed_on(s);
         }
         if let Some(side) = b.as_mut()
             && side.status.is_none()
@@ -169,25 +264,25 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
         {
             eprintln!("the command in {} {}", side.name, describe(s));
         }
-        if let Some(side) = a.as_mut()
-            && let Some(s) = side.poll()
-        {
-            break match s.code() {
-                Some(0) => Ok(()),
-                code => Err(TestbedCommandEnded {
-                    reason: format!("the command in A {}", describe(s)),
-                    // As a shell passes it on: the status, or 128 + the signal.
-                    code: code
-                        .or_else(|| s.signal().map(|n| 128 + n))
-                        .and_then(|c| u8::try_from(c).ok())
-                        .unwrap_or(1),
+        let sig = signals.wait(Duration::from_millis(50));
+        let a_ended = a.as_mut().and_then(Side::poll);
+        if let Some(s) = a_ended {
+            break passed_on(s);
+        }
+        if let Some(sig) = sig {
+            eprintln!("{}: taking the testbed down", sig.name());
+            break match a {
+                Some(_) => Err(TestbedCommandEnded {
+                    reason: format!("the command in A was stopped by {}", sig.name()),
+                    code: sig.code(),
                 }
                 .into()),
+                None => Ok(()),
             };
         }
         if started.elapsed() >= limit {
-            break match a.as_mut().map(Side::poll) {
-                Some(None) => Err(TestbedCommandEnded {
+            break match a {
+                Some(_) => Err(TestbedCommandEnded {
                     reason: format!(
                         "the command in A was still running after {} s (--seconds); stopped",
                         args.seconds
@@ -195,7 +290,7 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
                     code: TIMED_OUT,
                 }
                 .into()),
-                _ => {
+                None => {
                     eprintln!(
                         "{} s (--seconds) are up: taking the testbed down",
                         args.seconds
@@ -219,8 +314,13 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
             } else {
                 0.0
             };
+            let overflowed = match s.overflowed.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!(", {n} more dropped with the emulator's queue full"),
+            };
             format!(
-                "{dir} {packets} packets, {dropped} dropped ({pct:.2} %), {:.1} MB delivered",
+                "{dir} {packets} packets, {dropped} dropped ({pct:.2} %){overflowed}, {:.1} MB \
+                 delivered",
                 s.bytes.load(Ordering::Relaxed) as f64 / 1e6
             )
         })

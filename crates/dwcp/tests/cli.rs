@@ -921,35 +921,109 @@ fn testbed_and_benches_refuse_a_bad_link_profile_before_building_anything() {
     }
 }
 
+/// Whether a process whose command line starts with `marker` runs (anywhere on the machine:
+/// markers carry this test process's pid).
+fn running(marker: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("^{marker}")])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// The namespaces a `dwcp testbed` run printed are gone (other tests' testbeds may come and
+/// go meanwhile, so only these are looked for).
+fn testbed_namespaces_gone(err: &str) {
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = text(&list.stdout);
+    let ours: Vec<&str> = err
+        .split_whitespace()
+        .filter(|w| w.starts_with("dwcp-tb"))
+        .collect();
+    assert!(!ours.is_empty(), "{err}");
+    for ns in ours {
+        assert!(!list.contains(ns), "{ns} still there: {list}");
+    }
+}
+
+/// A `dwcp testbed` child, killed on drop if still running (a failed assert must not leave
+/// a testbed up, holding the machine's testbed lock).
+struct TestbedProc(Child);
+
+impl Drop for TestbedProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl TestbedProc {
+    fn start(args: &[&str], marker: &str) -> Self {
+        let child = dwcp()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut p = Self(child);
+        // Up once the marker runs (the testbed lock may first wait for another test's).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !running(marker) {
+            assert!(
+                p.0.try_wait().unwrap().is_none(),
+                "dwcp testbed ended early: {}",
+                p.stderr()
+            );
+            assert!(Instant::now() < deadline, "the testbed did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "not down 20 s after the signal");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            e.read_to_string(&mut err).unwrap();
+        }
+        err
+    }
+}
+
 #[test]
 fn testbed_runs_a_command_on_each_side_passes_its_status_on_and_takes_everything_down() {
     if !dwcp_testbed::is_root() {
         eprintln!("SKIPPED: needs root to build the network-namespace testbed");
         return;
     }
-    // This run's namespaces, from what it prints, are gone once it has ended (other tests'
-    // testbeds may come and go meanwhile).
-    let gone = |err: &str| {
-        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-        let list = text(&list.stdout);
-        let ours: Vec<&str> = err
-            .split_whitespace()
-            .filter(|w| w.starts_with("dwcp-tb"))
-            .collect();
-        assert!(!ours.is_empty(), "{err}");
-        for ns in ours {
-            assert!(!list.contains(ns), "{ns} still there: {list}");
-        }
-    };
-    // B's command is a marker that must not outlive the testbed; A's pings B's address.
+    let pid = std::process::id();
+    // Markers that must not outlive the testbed: a job B's shell leaves behind as it exits,
+    // and one A's shell leaves behind; A then pings B's address.
+    let (mark_b, mark_a) = (format!("sleep 47.{pid}"), format!("sleep 46.{pid}"));
     let o = run(&[
         "testbed",
         "--profile",
         "rtt=20ms,rate=100mbit",
         "--in-b",
-        "sleep 47.31",
+        &format!("{mark_b} & exit 0"),
         "--in-a",
-        "ping -U -q -n -c 10 -i 0.05 -W 2 $DWCP_TB_ADDR_B",
+        &format!("{mark_a} & ping -U -q -n -c 10 -i 0.05 -W 2 $DWCP_TB_ADDR_B"),
     ]);
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert!(o.status.success(), "{out}\n{err}");
@@ -970,21 +1044,17 @@ fn testbed_runs_a_command_on_each_side_passes_its_status_on_and_takes_everything
         .parse()
         .unwrap();
     assert!((19.5..26.0).contains(&min), "{line}");
-    let left = Command::new("pgrep")
-        .args(["-f", "^sleep 47.31"])
-        .output()
-        .unwrap();
-    assert!(
-        !left.status.success(),
-        "B's command outlived the testbed: {}",
-        text(&left.stdout)
-    );
-    gone(&err);
+    assert!(!running(&mark_b), "B's job outlived the testbed");
+    assert!(!running(&mark_a), "A's job outlived the testbed");
+    testbed_namespaces_gone(&err);
 
-    // A's exit status is dwcp's; a command past --seconds is stopped with timeout's 124.
+    // A's exit status is dwcp's, a signal's as a shell gives it; a command past --seconds is
+    // stopped with timeout's 124.
     let o = run(&["testbed", "--profile", "dc", "--in-a", "exit 7"]);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o.stderr));
-    let started = Instant::now();
+    testbed_namespaces_gone(&text(&o.stderr));
+    let o = run(&["testbed", "--profile", "dc", "--in-a", "kill -9 $$"]);
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o.stderr));
     let o = run(&[
         "testbed",
         "--profile",
@@ -995,13 +1065,12 @@ fn testbed_runs_a_command_on_each_side_passes_its_status_on_and_takes_everything
         "sleep 30",
     ]);
     assert_eq!(o.status.code(), Some(124), "{}", text(&o.stderr));
-    assert!(started.elapsed() < Duration::from_secs(20));
     assert!(
         text(&o.stderr).contains("still running after 1 s"),
         "{}",
         text(&o.stderr)
     );
-    gone(&text(&o.stderr));
+    testbed_namespaces_gone(&text(&o.stderr));
 }
 
 #[test]
@@ -1010,49 +1079,55 @@ fn testbed_held_up_comes_down_on_sigterm() {
         eprintln!("SKIPPED: needs root to build the network-namespace testbed");
         return;
     }
-    let mut child = dwcp()
-        .args(["testbed", "--profile", "dc", "--in-b", "sleep 48.31"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Up once B's command runs (the testbed lock may first wait for another test's testbed).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !Command::new("pgrep")
-        .args(["-f", "^sleep 48.31"])
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "the testbed did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "not down 20 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let mark = format!("sleep 48.{}", std::process::id());
+    let mut tb = TestbedProc::start(
+        &[
+            "testbed",
+            "--profile",
+            "dc",
+            "--seconds",
+            "120",
+            "--in-b",
+            &mark,
+        ],
+        &mark,
+    );
+    tb.signal(rustix::process::Signal::TERM);
+    let status = tb.wait();
+    let err = tb.stderr();
     assert!(status.success(), "{err}");
     assert!(
         err.contains("SIGTERM: taking the testbed down") && err.contains("testbed down"),
         "{err}"
     );
-    let left = Command::new("pgrep")
-        .args(["-f", "^sleep 48.31"])
-        .output()
-        .unwrap();
-    assert!(!left.status.success(), "B's command outlived the testbed");
+    assert!(!running(&mark), "B's command outlived the testbed");
+    testbed_namespaces_gone(&err);
+}
+
+#[test]
+fn testbed_stops_a_running_command_on_sigint_with_the_shells_status() {
+    if !dwcp_testbed::is_root() {
+        eprintln!("SKIPPED: needs root to build the network-namespace testbed");
+        return;
+    }
+    let mark = format!("sleep 49.{}", std::process::id());
+    let mut tb = TestbedProc::start(
+        &[
+            "testbed",
+            "--profile",
+            "dc",
+            "--seconds",
+            "120",
+            "--in-a",
+            &mark,
+        ],
+        &mark,
+    );
+    tb.signal(rustix::process::Signal::INT);
+    let status = tb.wait();
+    let err = tb.stderr();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped by SIGINT"), "{err}");
+    assert!(!running(&mark), "A's command outlived the testbed");
+    testbed_namespaces_gone(&err);
 }
