@@ -1345,3 +1345,62 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
     sender.await.unwrap().unwrap();
     agent.stop().await.unwrap();
 }
+
+/// A kept session waits between requests (a QEMU migration's control session waits for the
+/// stream's end, minutes on a slow path): one the receiver closed as idle meanwhile is
+/// replaced before the next request goes out, and one kept alive stays the same connection.
+#[tokio::test]
+async fn t66_a_kept_session_closed_as_idle_is_replaced_and_one_kept_alive_stays_open() {
+    use dwcp_transport::session::{BaseRequest, KeptSession, query_base_kept};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| c.protocol.idle_timeout_secs = 1).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let req = BaseRequest {
+        name: "nothing-here.img",
+        raw_size: 0,
+        page_size: 0,
+        migration_target: false,
+    };
+    let accepted = async || {
+        dwcp_testkit::metric_value(
+            &agent.metrics().await,
+            "dwcp_connections_accepted_total",
+            &[],
+        )
+    };
+
+    let one = SendOptions {
+        streams: 1,
+        ..SendOptions::default()
+    };
+
+    // Idle past the receiver's timeout: the request still gets its answer, on a new session.
+    let mut kept = KeptSession::new();
+    kept.open(&ep, agent.addr, None, &one, 0).await.unwrap();
+    let before = accepted().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    query_base_kept(&ep, agent.addr, None, &req, &mut kept)
+        .await
+        .expect("a request after the receiver closed the kept session as idle");
+    assert_eq!(accepted().await, before + 1.0);
+
+    // Kept alive for as long: the same connection answers.
+    let mut kept = KeptSession::new();
+    kept.open(&ep, agent.addr, None, &one, 0).await.unwrap();
+    let before = accepted().await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while tokio::time::Instant::now() < until {
+        kept.keepalive().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    query_base_kept(&ep, agent.addr, None, &req, &mut kept)
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted().await,
+        before,
+        "the kept session was not kept alive"
+    );
+    kept.close().await;
+    agent.stop().await.unwrap();
+}

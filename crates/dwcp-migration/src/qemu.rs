@@ -1063,6 +1063,7 @@ async fn pump(
     let mut qemu_round = 0u64;
     let mut qemu_remaining = u64::MAX;
     let mut events_polled = Instant::now();
+    let mut kept_alive = Instant::now();
     // Whether to watch QEMU's events for STOP: while the monitor answers.
     let mut watch = true;
     let stream_digest = loop {
@@ -1100,6 +1101,12 @@ async fn pump(
             _ = tick.tick() => {
                 if Instant::now() > deadline {
                     return Err(("transfer", format!("not done within {:?}", spec.timeout)));
+                }
+                // The control session waits for the finish while the tunnel carries the
+                // stream: the destination's agent must not close it as idle meanwhile.
+                if kept_alive.elapsed() >= CONTROL_KEEPALIVE {
+                    kept_alive = Instant::now();
+                    control.keepalive().await;
                 }
                 let (_, acked, wire_acked, _) = tunnel.acked();
                 let dt = last.0.elapsed().as_secs_f64();
@@ -1273,6 +1280,10 @@ async fn pump(
         }
     }
 }
+
+/// How often the control session is kept alive while the stream goes through the tunnel:
+/// well within an agent's idle timeout (120 s by default).
+const CONTROL_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Reads the QEMU events that have come (waits for none): the event hook lifts the window at
 /// `STOP` (see [`Budget::set_paused`]). False once the monitor failed (the next command says

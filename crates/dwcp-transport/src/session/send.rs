@@ -352,6 +352,11 @@ enum Event {
     Lost(u32, u64, String),
 }
 
+/// Sequence number of [`KeptSession::keepalive`]'s pings (their pongs are not waited for).
+const KEEPALIVE_SEQ: u64 = 0x6b61_u64;
+/// How long a keepalive ping may wait for its stream.
+const KEEPALIVE_WRITE: Duration = Duration::from_secs(5);
+
 /// Why a stream ended when the receiver closed it cleanly (after answering our `GOAWAY`, every
 /// frame sent before it was read).
 const CLOSED_BY_RECEIVER: &str = "closed by the receiver";
@@ -747,6 +752,18 @@ impl Session {
         Ok(generation)
     }
 
+    /// Takes the events that came while nothing waited for them (a kept session between
+    /// requests): a stream the receiver closed meanwhile (its idle timeout, say) leaves the
+    /// session, so that no request goes out on it. Nothing was outstanding on it, so nothing
+    /// is lost with it.
+    async fn settle(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            if let Event::Lost(i, g, why) = ev {
+                on_lost(self, &mut SendReport::default(), i, g, &why, None).await;
+            }
+        }
+    }
+
     /// One PING/PONG on stream 0, for the mode; `None` if no answer within 2 s.
     async fn round_trip(&mut self) -> Option<Duration> {
         let w = self.any_writer()?;
@@ -1018,6 +1035,9 @@ impl KeptSession {
         addr: std::net::SocketAddr,
         expected: Option<&NodeId>,
     ) -> Result<(Session, bool), SendError> {
+        if let Some(s) = self.session.as_mut() {
+            s.settle().await;
+        }
         match self.session.take().filter(|s| s.alive() > 0) {
             Some(s) => Ok((s, true)),
             None => Session::control(endpoint, addr, expected)
@@ -1043,6 +1063,35 @@ impl KeptSession {
         let n = Arc::new(Notify::new());
         self.ended = Some(n.clone());
         n
+    }
+
+    /// Keeps an idle kept session open at the receiver, whose agent closes a connection that
+    /// is silent for its idle timeout (`protocol.idle_timeout_secs`, 120 s by default): a
+    /// `PING` on each live stream (the `PONG`s are taken at the next call or request).
+    /// Streams the receiver closed meanwhile leave the session; the next request opens
+    /// another. Call it more often than the receiver's idle timeout while the session waits,
+    /// e.g. during a migration stream carried by another session.
+    pub async fn keepalive(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        s.settle().await;
+        let ping = msg::encode(
+            FrameType::PING,
+            &Ping {
+                seq: KEEPALIVE_SEQ,
+                timestamp_micros: 0,
+            },
+        );
+        let writers: Vec<Arc<Mutex<Writer>>> =
+            s.writers.iter().flatten().map(|(_, w)| w.clone()).collect();
+        for w in writers {
+            // Bounded: a stream that cannot take a frame in this time is failing anyway, and
+            // its reader reports it.
+            let _ =
+                tokio::time::timeout(KEEPALIVE_WRITE, async { w.lock().await.send(&ping).await })
+                    .await;
+        }
     }
 
     /// One round trip on the open session (`None` when none is open or no answer came).
@@ -1100,6 +1149,9 @@ pub async fn send_files_kept(
     let mut backoff = Duration::from_millis(250);
     'sessions: loop {
         let plan = StreamPlan::of(opts, total_size.saturating_sub(done_bytes));
+        if let Some(s) = kept.session.as_mut() {
+            s.settle().await;
+        }
         let reused = kept.session.take().filter(|s| s.alive() > 0);
         let was_open = reused.is_some();
         let opened = match reused {
