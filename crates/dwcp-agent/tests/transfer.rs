@@ -1353,7 +1353,7 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
 async fn t66_a_kept_session_closed_as_idle_is_replaced_and_one_kept_alive_stays_open() {
     use dwcp_transport::session::{BaseRequest, KeptSession, query_base_kept};
     let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |c| c.protocol.idle_timeout_secs = 1).await;
+    let agent = RunningAgent::start(&cluster, "server", |c| c.protocol.idle_timeout_secs = 2).await;
     let ep = endpoint(&cluster, "client", |_| {});
     let req = BaseRequest {
         name: "nothing-here.img",
@@ -1378,7 +1378,7 @@ async fn t66_a_kept_session_closed_as_idle_is_replaced_and_one_kept_alive_stays_
     let mut kept = KeptSession::new();
     kept.open(&ep, agent.addr, None, &one, 0).await.unwrap();
     let before = accepted().await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     query_base_kept(&ep, agent.addr, None, &req, &mut kept)
         .await
         .expect("a request after the receiver closed the kept session as idle");
@@ -1388,10 +1388,10 @@ async fn t66_a_kept_session_closed_as_idle_is_replaced_and_one_kept_alive_stays_
     let mut kept = KeptSession::new();
     kept.open(&ep, agent.addr, None, &one, 0).await.unwrap();
     let before = accepted().await;
-    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    let until = tokio::time::Instant::now() + Duration::from_millis(4000);
     while tokio::time::Instant::now() < until {
-        kept.keepalive().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(kept.keepalive().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     query_base_kept(&ep, agent.addr, None, &req, &mut kept)
         .await

@@ -1104,9 +1104,18 @@ async fn pump(
                 }
                 // The control session waits for the finish while the tunnel carries the
                 // stream: the destination's agent must not close it as idle meanwhile.
+                // Should its connection have gone all the same, a new one now: not on the
+                // pause path, when the finish goes.
                 if kept_alive.elapsed() >= CONTROL_KEEPALIVE {
                     kept_alive = Instant::now();
-                    control.keepalive().await;
+                    if !control.keepalive().await {
+                        let reopen = control.ensure_open(dest.endpoint, dest.addr, dest.expected);
+                        match tokio::time::timeout(Duration::from_secs(10), reopen).await {
+                            Ok(Ok(())) => debug!("control session to the destination opened again"),
+                            Ok(Err(e)) => warn!("cannot open the control session again: {e}"),
+                            Err(_) => warn!("cannot open the control session again within 10 s"),
+                        }
+                    }
                 }
                 let (_, acked, wire_acked, _) = tunnel.acked();
                 let dt = last.0.elapsed().as_secs_f64();
@@ -1282,8 +1291,9 @@ async fn pump(
 }
 
 /// How often the control session is kept alive while the stream goes through the tunnel:
-/// well within an agent's idle timeout (120 s by default).
-const CONTROL_KEEPALIVE: Duration = Duration::from_secs(5);
+/// well within an agent's idle timeout (120 s by default; a few seconds at the least for
+/// this to hold).
+const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// Reads the QEMU events that have come (waits for none): the event hook lifts the window at
 /// `STOP` (see [`Budget::set_paused`]). False once the monitor failed (the next command says

@@ -354,8 +354,9 @@ enum Event {
 
 /// Sequence number of [`KeptSession::keepalive`]'s pings (their pongs are not waited for).
 const KEEPALIVE_SEQ: u64 = 0x6b61_u64;
-/// How long a keepalive ping may wait for its stream.
-const KEEPALIVE_WRITE: Duration = Duration::from_secs(5);
+/// How long a keepalive ping may wait for its stream (it is small and the stream idle: a
+/// stream that cannot take it this soon is failing, and its reader says so).
+const KEEPALIVE_WRITE: Duration = Duration::from_millis(500);
 
 /// Why a stream ended when the receiver closed it cleanly (after answering our `GOAWAY`, every
 /// frame sent before it was read).
@@ -794,7 +795,12 @@ impl Session {
                     }
                 }
                 Event::Frame(_) => {}
-                Event::Lost(..) => return None,
+                // Taken off the channel here, so dropped from the session here too (a later
+                // `settle` no longer sees it, and no request may go out on that stream).
+                Event::Lost(i, g, why) => {
+                    on_lost(self, &mut SendReport::default(), i, g, &why, None).await;
+                    return None;
+                }
             }
         }
     }
@@ -1071,9 +1077,11 @@ impl KeptSession {
     /// Streams the receiver closed meanwhile leave the session; the next request opens
     /// another. Call it more often than the receiver's idle timeout while the session waits,
     /// e.g. during a migration stream carried by another session.
-    pub async fn keepalive(&mut self) {
+    ///
+    /// Returns whether a stream of the session is still open (false also when none was).
+    pub async fn keepalive(&mut self) -> bool {
         let Some(s) = self.session.as_mut() else {
-            return;
+            return false;
         };
         s.settle().await;
         let ping = msg::encode(
@@ -1092,6 +1100,20 @@ impl KeptSession {
                 tokio::time::timeout(KEEPALIVE_WRITE, async { w.lock().await.send(&ping).await })
                     .await;
         }
+        s.alive() > 0
+    }
+
+    /// Opens a one-stream control session unless one of this session's streams is open,
+    /// so that the next request does not pay the handshakes (when it is on the pause path).
+    pub async fn ensure_open(
+        &mut self,
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+    ) -> Result<(), SendError> {
+        let (session, _) = self.take_or_control(endpoint, addr, expected).await?;
+        self.session = Some(session);
+        Ok(())
     }
 
     /// One round trip on the open session (`None` when none is open or no answer came).
