@@ -1073,6 +1073,24 @@ fn testbed_runs_a_command_on_each_side_passes_its_status_on_and_takes_everything
     testbed_namespaces_gone(&text(&o.stderr));
 }
 
+/// Starts `dwcp testbed` with `sleep MARK` as the command in one side (`side`: `--in-a` or
+/// `--in-b`), sends it `sig` once that runs, and returns how it ended and what it said; the
+/// command and the namespaces are gone by then (asserted).
+fn testbed_stopped_by(
+    side: &str,
+    mark: &str,
+    sig: rustix::process::Signal,
+) -> (std::process::ExitStatus, String) {
+    let args = ["testbed", "--profile", "dc", "--seconds", "120", side, mark];
+    let mut tb = TestbedProc::start(&args, mark);
+    tb.signal(sig);
+    let status = tb.wait();
+    let err = tb.stderr();
+    assert!(!running(mark), "the command outlived the testbed: {err}");
+    testbed_namespaces_gone(&err);
+    (status, err)
+}
+
 #[test]
 fn testbed_held_up_comes_down_on_sigterm() {
     if !dwcp_testbed::is_root() {
@@ -1080,28 +1098,12 @@ fn testbed_held_up_comes_down_on_sigterm() {
         return;
     }
     let mark = format!("sleep 48.{}", std::process::id());
-    let mut tb = TestbedProc::start(
-        &[
-            "testbed",
-            "--profile",
-            "dc",
-            "--seconds",
-            "120",
-            "--in-b",
-            &mark,
-        ],
-        &mark,
-    );
-    tb.signal(rustix::process::Signal::TERM);
-    let status = tb.wait();
-    let err = tb.stderr();
+    let (status, err) = testbed_stopped_by("--in-b", &mark, rustix::process::Signal::TERM);
     assert!(status.success(), "{err}");
     assert!(
         err.contains("SIGTERM: taking the testbed down") && err.contains("testbed down"),
         "{err}"
     );
-    assert!(!running(&mark), "B's command outlived the testbed");
-    testbed_namespaces_gone(&err);
 }
 
 #[test]
@@ -1111,23 +1113,7 @@ fn testbed_stops_a_running_command_on_sigint_with_the_shells_status() {
         return;
     }
     let mark = format!("sleep 49.{}", std::process::id());
-    let mut tb = TestbedProc::start(
-        &[
-            "testbed",
-            "--profile",
-            "dc",
-            "--seconds",
-            "120",
-            "--in-a",
-            &mark,
-        ],
-        &mark,
-    );
-    tb.signal(rustix::process::Signal::INT);
-    let status = tb.wait();
-    let err = tb.stderr();
+    let (status, err) = testbed_stopped_by("--in-a", &mark, rustix::process::Signal::INT);
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("stopped by SIGINT"), "{err}");
-    assert!(!running(&mark), "A's command outlived the testbed");
-    testbed_namespaces_gone(&err);
 }
