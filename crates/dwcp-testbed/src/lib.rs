@@ -90,31 +90,29 @@ impl Profile {
             .join(",");
         if spec.is_empty() {
             return Err(format!(
-                "an empty link profile: one of {:?}, or settings such as \
-                 rtt=80ms,rate=100mbit,loss=0.5%",
+                "an empty link profile: one of {:?}, or {SETTINGS_EXAMPLE}",
                 Self::NAMES
             ));
         }
-        let mut parts = spec.split(',');
-        let first = parts.next().unwrap_or_default();
-        let (mut p, settings): (Self, Vec<&str>) = if first.contains('=') {
-            let none = Self {
+        let mut settings: Vec<&str> = spec.split(',').collect();
+        // A name first, unless the specification is settings alone (nothing set is zero).
+        // `split` yields at least one piece, so `settings[0]` exists.
+        let mut p = if settings[0].contains('=') {
+            Self {
                 name: String::new(),
                 delay: Duration::ZERO,
                 jitter: Duration::ZERO,
                 loss: 0.0,
                 rate_bps: None,
-            };
-            (none, spec.split(',').collect())
+            }
         } else {
-            let named = Self::named(first).ok_or_else(|| {
+            let name = settings.remove(0);
+            Self::named(name).ok_or_else(|| {
                 format!(
-                    "unknown link profile {first:?}: one of {:?}, or settings such as \
-                     rtt=80ms,rate=100mbit,loss=0.5%",
+                    "unknown link profile {name:?}: one of {:?}, or {SETTINGS_EXAMPLE}",
                     Self::NAMES
                 )
-            })?;
-            (named, parts.collect())
+            })?
         };
         let mut seen: Vec<&str> = Vec::new();
         for setting in settings {
@@ -193,6 +191,9 @@ impl Profile {
             .map(|r| (r as f64 / 8.0 * self.rtt().as_secs_f64()) as u64)
     }
 }
+
+/// What error messages offer as an example of settings.
+const SETTINGS_EXAMPLE: &str = "settings such as rtt=80ms,rate=100mbit,loss=0.5%";
 
 /// Longest round trip a profile may ask for (a geostationary satellite hop is about 0.6 s).
 const MAX_RTT: Duration = Duration::from_secs(2);
