@@ -6,12 +6,14 @@
 //! - [`engine`]: the source side of a migration to a destination agent over transfer
 //!   sessions, rounds encoded with HDE.
 //! - [`qemu`]: the QEMU backend: QEMU's own migration stream carried through DWCP.
+//! - [`qemu_throttle`]: QEMU's auto-converge steps chosen from the need.
 
 pub mod engine;
 pub mod memvm;
 pub mod orchestrator;
 pub mod qemu;
 pub mod qemu_stream;
+pub mod qemu_throttle;
 pub mod qemu_vm;
 
 pub use engine::{Destination, MigrationReport, MigrationSpec, Progress, RoundReport, migrate};

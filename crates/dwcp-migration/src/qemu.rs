@@ -40,6 +40,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::engine::Destination;
+use crate::qemu_throttle::{Own, Pacer, Steps};
 
 /// How to migrate a QEMU guest.
 #[derive(Debug, Clone)]
@@ -52,6 +53,10 @@ pub struct QemuSpec {
     pub downtime: Duration,
     /// Let QEMU throttle the guest when rounds stop shrinking (its auto-converge).
     pub auto_converge: bool,
+    /// Choose auto-converge's steps from the dirty rate and the stream rate QEMU measured
+    /// ([`crate::qemu_throttle`]), never below QEMU's `cpu-throttle-initial` and
+    /// `-increment` as they are set (put back afterwards). False: QEMU's own steps.
+    pub paced_throttle: bool,
     /// HDE-encode the stream (compression, references to the destination's cache).
     pub delta: bool,
     /// Compressor for HDE literals.
@@ -73,6 +78,7 @@ impl QemuSpec {
             qmp,
             downtime: Duration::from_millis(300),
             auto_converge: true,
+            paced_throttle: true,
             delta: true,
             codec: Codec::Zstd(2),
             short_path_codec: None,
@@ -603,6 +609,19 @@ pub async fn migrate_qemu(
         .await
         .unwrap_or(Duration::from_millis(1));
 
+    // QEMU's throttle steps as they are set: the floor of the paced ones, and put back after.
+    let steps = if spec.auto_converge && spec.paced_throttle {
+        let s = throttle_params(&mut qmp).await;
+        if s.is_none() {
+            let w =
+                "QEMU did not tell its auto-converge parameters: its own throttle steps were used";
+            warn!(vm = %spec.vm, "{w}");
+            report.warnings.push(w.to_string());
+        }
+        s
+    } else {
+        None
+    };
     let result = run(
         dest,
         spec,
@@ -611,11 +630,25 @@ pub async fn migrate_qemu(
         remote,
         tunnel,
         rtt,
+        steps.map(|(s, _)| Pacer::new(s)),
+        steps.is_some_and(|(_, t)| t == Some(true)),
         progress,
         &mut report,
     )
     .await;
     report.total_seconds = started.elapsed().as_secs_f64();
+    if let Some((own, tailslow)) = steps {
+        let mut back = json!({
+            "cpu-throttle-initial": own.steps.initial,
+            "cpu-throttle-increment": own.steps.increment,
+        });
+        if let Some(t) = tailslow {
+            back["cpu-throttle-tailslow"] = json!(t);
+        }
+        if let Err(e) = qmp.execute("migrate-set-parameters", Some(back)).await {
+            warn!(vm = %spec.vm, "cannot put QEMU's throttle steps back: {e}");
+        }
+    }
     match result {
         Ok(()) => {
             control.close().await;
@@ -849,6 +882,8 @@ async fn run(
     remote: Option<RemoteIndex>,
     tunnel: Tunnel,
     rtt: Duration,
+    pacer: Option<Pacer>,
+    tailslow_off: bool,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
 ) -> Result<(), (&'static str, String)> {
@@ -877,16 +912,18 @@ async fn run(
     )
     .await
     .map_err(q)?;
-    qmp.execute(
-        "migrate-set-parameters",
+    let mut params = json!({
+        "downtime-limit": spec.downtime.as_millis() as u64,
         // QEMU's default cap is 128 MiB/s; the tunnel's backpressure is the limit here.
-        Some(json!({
-            "downtime-limit": spec.downtime.as_millis() as u64,
-            "max-bandwidth": 100u64 << 30,
-        })),
-    )
-    .await
-    .map_err(q)?;
+        "max-bandwidth": 100u64 << 30,
+    });
+    if tailslow_off {
+        // Its "tail slow" would cap the paced steps by an estimate of its own.
+        params["cpu-throttle-tailslow"] = json!(false);
+    }
+    qmp.execute("migrate-set-parameters", Some(params))
+        .await
+        .map_err(q)?;
     // Drop events from before the migration (a STOP of an earlier pause must not count).
     let _ = qmp.poll_events(Duration::from_millis(1)).await;
     while qmp.take_event("STOP").is_some() {}
@@ -955,6 +992,7 @@ async fn run(
         &mut reader,
         &mut forwarder,
         rtt,
+        pacer,
         progress,
         report,
         control,
@@ -1039,12 +1077,14 @@ async fn pump(
     reader: &mut tokio::task::JoinHandle<Result<(u64, blake3::Hash), String>>,
     forwarder: &mut tokio::task::JoinHandle<Result<(u64, u64), String>>,
     rtt: Duration,
+    mut pacer: Option<Pacer>,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
     control: &mut KeptSession,
     dest: Destination<'_>,
 ) -> Result<String, (&'static str, String)> {
-    let deadline = Instant::now() + spec.timeout;
+    let started = Instant::now();
+    let deadline = started + spec.timeout;
     let mut last = (Instant::now(), 0u64, 0u64);
     // Acknowledged stream bytes a second, and wire bytes a second.
     let mut rate = Rate::default();
@@ -1227,7 +1267,28 @@ async fn pump(
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
-                    report.throttle = report.throttle.max(info.get("cpu-throttle-percentage").and_then(Value::as_u64).unwrap_or(0));
+                    let throttle = n(Some(&info), "cpu-throttle-percentage");
+                    report.throttle = report.throttle.max(throttle);
+                    // Not once the guest is paused: QEMU's last sync then changes nothing, and
+                    // the monitor should not be kept busy. Nor from a failed query.
+                    if let Some(pacer) = pacer.as_mut().filter(|_| p.phase == "active" && !budget.is_paused()) {
+                        let page = match n(ram, "page-size") {
+                            0 => 4096,
+                            p => p,
+                        };
+                        let dirty = p.dirty_rate as f64 * page as f64;
+                        let throttle = throttle.min(100) as u8;
+                        if let Some(s) = pacer.poll(p.round, throttle, dirty, started.elapsed().as_secs_f64(), budget.read()) {
+                            let set = json!({"cpu-throttle-initial": s.initial, "cpu-throttle-increment": s.increment});
+                            match qmp.execute("migrate-set-parameters", Some(set)).await {
+                                Ok(_) => debug!(round = p.round, throttle, dirty_mb_s = dirty / 1e6, initial = s.initial, increment = s.increment, "QEMU throttle steps"),
+                                Err(e) => {
+                                    debug!("cannot set QEMU's throttle steps: {e}");
+                                    pacer.not_set();
+                                }
+                            }
+                        }
+                    }
                     let qemu_mbps = ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64).unwrap_or(0.0);
                     debug!(
                         round = p.round,
@@ -1288,6 +1349,32 @@ async fn pump(
             }
         }
     }
+}
+
+/// QEMU's auto-converge parameters and "tail slow" (QEMU 5.0 on) as they are set, when it
+/// says.
+async fn throttle_params(qmp: &mut Qmp) -> Option<(Own, Option<bool>)> {
+    let p = match qmp.execute("query-migrate-parameters", None).await {
+        Ok(p) => p,
+        Err(e) => {
+            debug!("query-migrate-parameters: {e}");
+            return None;
+        }
+    };
+    let get = |k: &str| {
+        p.get(k)
+            .and_then(Value::as_u64)
+            .and_then(|v| u8::try_from(v).ok())
+    };
+    let own = Own {
+        steps: Steps {
+            initial: get("cpu-throttle-initial")?,
+            increment: get("cpu-throttle-increment")?,
+        },
+        max: get("max-cpu-throttle").unwrap_or(Own::QEMU.max),
+        trigger: get("throttle-trigger-threshold").unwrap_or(Own::QEMU.trigger),
+    };
+    Some((own, p.get("cpu-throttle-tailslow").and_then(Value::as_bool)))
 }
 
 /// How often the control session is kept alive while the stream goes through the tunnel:

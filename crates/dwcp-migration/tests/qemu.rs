@@ -10,6 +10,7 @@ use dwcp_migration::qemu_vm::{GuestImage, Launch, QemuProcess, qemu_binary};
 use dwcp_migration::{Destination, QemuSpec, migrate_qemu};
 use dwcp_testkit::{RunningAgent, TestCluster, endpoint};
 use dwcp_transport::qmp::Qmp;
+use serde_json::json;
 
 fn guest() -> Option<GuestImage> {
     if qemu_binary().is_none() {
@@ -161,6 +162,16 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         src.serial()
     );
     let mut dst = destination(&image, dir.path(), qemu_dir, "vm1");
+    // Auto-converge's steps as the source's owner set them: the floor of the paced steps
+    // the migration sets, and back afterwards.
+    let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let own = json!({"cpu-throttle-initial": 35, "cpu-throttle-increment": 15, "cpu-throttle-tailslow": true});
+    sq.execute("migrate-set-parameters", Some(own))
+        .await
+        .unwrap();
+    drop(sq);
     let spec = QemuSpec::new("vm1", dir.path().join("src.qmp"));
     let mut phases = Vec::new();
     let r = migrate_qemu(dest, &spec, &mut |p| phases.push(p.phase.clone()))
@@ -195,6 +206,10 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         .await
         .unwrap();
     assert_eq!(sq.status().await.unwrap(), "postmigrate");
+    let params = sq.execute("query-migrate-parameters", None).await.unwrap();
+    assert_eq!(params["cpu-throttle-initial"], 35, "{params}");
+    assert_eq!(params["cpu-throttle-increment"], 15, "{params}");
+    assert_eq!(params["cpu-throttle-tailslow"], true, "{params}");
     assert_eq!(
         digest(&dir.path().join("src.ram")),
         digest(&dir.path().join("dst.ram")),

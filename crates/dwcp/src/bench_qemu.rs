@@ -60,10 +60,12 @@ const QEMU_DEFAULT_CAP: u64 = 128 << 20;
 const NO_CAP: u64 = 100 << 30;
 
 /// The QEMU cases, in the order they run, and their table names.
-const CASES: [(&str, &str); 5] = [
+const CASES: [(&str, &str); 6] = [
     ("native", "native default"),
     ("multifd", "native multifd zstd x8"),
     ("cold", "dwcp cold"),
+    // Not in the default list: the cold case with `--throttle-steps qemu`, to compare.
+    ("cold-qemu-steps", "dwcp cold, QEMU's steps"),
     ("seeded", "dwcp seeded"),
     ("warm", "dwcp warm"),
 ];
@@ -135,8 +137,10 @@ impl QemuBench<'_> {
                 rt.block_on(self.native(&image, i, case.contains("multifd")))
             } else if *key == "seeded" {
                 self.seeded(&image, i)
+            } else if *key == "cold-qemu-steps" {
+                self.cold_with_qemus_steps(&image, i)
             } else {
-                self.through_dwcp(&image, i, self.listen, "agent")
+                self.through_dwcp(&image, i, self.listen, "agent", &[])
             };
             let row = match r {
                 Ok(v) => v,
@@ -278,7 +282,33 @@ impl QemuBench<'_> {
             dir.display(),
             t.elapsed().as_secs_f64()
         );
-        self.through_dwcp(image, i, &listen, "agent-seeded")
+        self.through_dwcp(image, i, &listen, "agent-seeded", &[])
+    }
+
+    /// A cold run (a fresh agent, its cache empty) whose auto-converge takes QEMU's own steps.
+    fn cold_with_qemus_steps(&self, image: &GuestImage, i: usize) -> Result<Value> {
+        let listen = format!("{}:7904", self.tb.addr_b);
+        let _agent = crate::bench::start_agent(
+            self.tb,
+            self.exe,
+            self.work,
+            self.certs,
+            &crate::bench::AgentSpec {
+                name: "agent-cold-qemu-steps",
+                node_id: "bench-b",
+                listen: &listen,
+                admin: "127.0.0.1:7905",
+                congestion: self.congestion,
+                seeds: None,
+            },
+        )?;
+        self.through_dwcp(
+            image,
+            i,
+            &listen,
+            "agent-cold-qemu-steps",
+            &["--throttle-steps", "qemu"],
+        )
     }
 
     /// `dwcp migrate --qemu-qmp` from A to the agent `agent` in B, listening on `listen`.
@@ -288,6 +318,7 @@ impl QemuBench<'_> {
         i: usize,
         listen: &str,
         agent: &str,
+        extra: &[&str],
     ) -> Result<Value> {
         let vm = "vmq";
         let qemu_dir = qemu_dir(self.work, agent);
@@ -305,6 +336,7 @@ impl QemuBench<'_> {
             .arg(self.work.join("qemu-src.qmp"))
             .arg("--certs-dir")
             .arg(self.certs)
+            .args(extra)
             .env("DWCP_TRANSPORT__CONGESTION", self.congestion)
             .env(
                 "DWCP_LOG__LEVEL",
@@ -335,8 +367,16 @@ impl QemuBench<'_> {
 pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
     println!("QEMU guest, {mem_mib} MiB (TCG), same link, one run:");
     println!(
-        "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>12}",
-        "case", "result", "total s", "paused ms*", "QEMU says", "wire MB", "rounds", "vs best nat."
+        "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>9} {:>12}",
+        "case",
+        "result",
+        "total s",
+        "paused ms*",
+        "QEMU says",
+        "wire MB",
+        "rounds",
+        "throttle",
+        "vs best nat."
     );
     let best = rows
         .iter()
@@ -354,7 +394,7 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
                 .map_or_else(|| "-".to_string(), |x| format!("{:.prec$}", x / scale))
         };
         println!(
-            "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>12}",
+            "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>9} {:>12}",
             r["case"].as_str().unwrap_or(""),
             rep["result"].as_str().unwrap_or("?"),
             f(&rep["total_seconds"], 1.0, 1),
@@ -362,6 +402,9 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
             f(&rep["qemu_downtime_ms"], 1.0, 0),
             f(&rep["wire_bytes"], 1e6, 1),
             rep["rounds"].as_u64().map_or("-".into(), |x| x.to_string()),
+            rep["throttle_percent"]
+                .as_u64()
+                .map_or("-".into(), |x| format!("{x} %")),
             match (total, best) {
                 (Some(t), Some(b)) if rep["result"] == "migrated" => format!("{:.2}x", t / b),
                 _ => "-".into(),

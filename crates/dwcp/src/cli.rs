@@ -260,6 +260,15 @@ pub(crate) enum ModeArg {
     Internet,
 }
 
+/// `--throttle-steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ThrottleStepsArg {
+    /// From the dirty rate and the stream rate QEMU measured at its last round.
+    Paced,
+    /// QEMU's own: cpu-throttle-initial, then cpu-throttle-increment a step.
+    Qemu,
+}
+
 /// `--layout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum LayoutArg {
@@ -502,7 +511,8 @@ pub(crate) struct BenchMigrationArgs {
 
     /// QEMU cases, comma-separated: native (default settings, QEMU's 128 MiB/s cap
     /// included), multifd (8 channels, zstd, no bandwidth cap), cold, seeded (the destination's cache seeded with the guest's kernel, initramfs and
-    /// disk) and warm (through DWCP).
+    /// disk) and warm (through DWCP); also cold-qemu-steps (cold, with QEMU's own
+    /// auto-converge steps: `dwcp migrate --throttle-steps qemu`).
     #[arg(long, default_value = "native,multifd,cold,seeded,warm")]
     pub(crate) qemu_cases: String,
 
@@ -640,6 +650,21 @@ pub(crate) struct MigrateArgs {
     /// Never throttle the guest (auto-converge): abort instead when rounds stop shrinking.
     #[arg(long)]
     pub(crate) no_throttle: bool,
+
+    /// With --qemu-qmp, how auto-converge raises the throttle. paced: the first step to
+    /// what the dirty rate and the stream rate QEMU measured call for, each later one at
+    /// least half way to the highest; never below QEMU's cpu-throttle-initial and
+    /// cpu-throttle-increment as set (20 % and 10 points by default), which are put back
+    /// afterwards, nor beyond its max-cpu-throttle. qemu: QEMU's own steps.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "STEPS",
+        default_value = "paced",
+        requires = "qemu_qmp",
+        conflicts_with = "no_throttle"
+    )]
+    pub(crate) throttle_steps: ThrottleStepsArg,
 
     /// Parallel TLS connections (per round; with --qemu-qmp, carrying the stream).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]

@@ -335,6 +335,7 @@ pub(crate) fn qemu_spec(args: &MigrateArgs, qmp: &std::path::Path) -> QemuSpec {
     let mut spec = QemuSpec::new(&args.name, qmp.to_path_buf());
     spec.downtime = std::time::Duration::from_millis(args.downtime_ms);
     spec.auto_converge = !args.no_throttle;
+    spec.paced_throttle = args.throttle_steps == crate::cli::ThrottleStepsArg::Paced;
     spec.streams = args.streams;
     spec.codec = match args.codec {
         CodecChoice::Fixed(c) => c,

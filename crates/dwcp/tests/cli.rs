@@ -860,6 +860,47 @@ fn migrate_a_memory_image_vm_to_an_agent() {
 }
 
 #[test]
+fn throttle_steps_are_for_a_qemu_guest_and_named() {
+    // For a memory image they would mean nothing: refused, not ignored.
+    let o = run(&["migrate", "--to", "127.0.0.1:9", "--throttle-steps", "qemu"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--qemu-qmp"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = run(&[
+        "migrate",
+        "--to",
+        "127.0.0.1:9",
+        "--qemu-qmp",
+        "/nonexistent/qmp",
+        "--throttle-steps",
+        "fast",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(e.contains("'fast'") && e.contains("paced, qemu"), "{e}");
+    // Steps for a throttle that is forbidden: a contradiction, refused.
+    let o = run(&[
+        "migrate",
+        "--to",
+        "127.0.0.1:9",
+        "--qemu-qmp",
+        "/nonexistent/qmp",
+        "--no-throttle",
+        "--throttle-steps",
+        "paced",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("cannot be used with"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
 fn bench_migration_refuses_bad_cases_before_building_anything() {
     let o = run(&["bench", "migration", "--cases", "1Gi-at-10M"]);
     // Not root: refused for that; root: refused for the case. Either way before any testbed.
