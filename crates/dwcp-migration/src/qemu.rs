@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::engine::Destination;
@@ -68,6 +69,10 @@ pub struct QemuSpec {
     pub streams: u32,
     /// Give up (and roll back) after this long.
     pub timeout: Duration,
+    /// Cancelled (the user interrupted it, say): the migration stops and rolls back, unless
+    /// QEMU's stream has ended. The destination may then be loading the guest, and its
+    /// answer is awaited as ever.
+    pub cancel: CancellationToken,
 }
 
 impl QemuSpec {
@@ -84,6 +89,7 @@ impl QemuSpec {
             short_path_codec: None,
             streams: 4,
             timeout: Duration::from_secs(600),
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -450,6 +456,9 @@ struct Segment {
 /// The phase of a failure after which the guest may run at the destination: the source is
 /// not resumed (that could run it twice).
 pub const UNKNOWN: &str = "resume (outcome unknown)";
+
+/// The reason of a migration stopped through [`QemuSpec::cancel`].
+pub const CANCELLED: &str = "cancelled (interrupted)";
 /// The phase after the destination loaded the guest: the source's migration must complete.
 const CLEANUP: &str = "cleanup";
 
@@ -584,7 +593,16 @@ pub async fn migrate_qemu(
         debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");
         r
     };
-    let (remote, opened, tunnel) = tokio::join!(base, opened, tunnel);
+    let prepared = async { tokio::join!(base, opened, tunnel) };
+    let (remote, opened, tunnel) = tokio::select! {
+        r = prepared => r,
+        () = spec.cancel.cancelled() => {
+            // Whatever of the destination was set up goes; nothing ran at the source.
+            abort_destination(&dest, &spec.vm).await;
+            control.close().await;
+            return Err(fail("prepare", CANCELLED.to_string(), &report));
+        }
+    };
     let (remote, tunnel) = match (opened, remote, tunnel) {
         (Ok(_), Ok(r), Ok(t)) => (r, t),
         (opened, remote, tunnel) => {
@@ -1138,6 +1156,9 @@ async fn pump(
                     return Err(("transfer", e));
                 }
             }
+            // Until the stream has ended the destination has loaded nothing: rolling back is
+            // safe (QEMU resumes the guest also from its final round).
+            () = spec.cancel.cancelled() => return Err(("transfer", CANCELLED.to_string())),
             _ = tick.tick() => {
                 if Instant::now() > deadline {
                     return Err(("transfer", format!("not done within {:?}", spec.timeout)));

@@ -313,6 +313,57 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
     );
     assert!(!src.serial().contains("check BAD"));
     drop(sq);
+
+    // 3. Cancelled during the transfer (the user's ctrl-c): rolled back the same way, and the
+    // destination told to drop what it had, its QEMU gone with it.
+    let mut dst = destination(&image, dir.path(), qemu_dir, "vm3");
+    let mut spec = QemuSpec::new("vm3", dir.path().join("src.qmp"));
+    spec.codec = dwcp_encoding::Codec::Zstd(15);
+    spec.streams = 1;
+    let cancel = spec.cancel.clone();
+    let e = migrate_qemu(dest, &spec, &mut |p| {
+        if p.stream_bytes > 0 {
+            cancel.cancel();
+        }
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (e.phase, e.reason.as_str()),
+        ("transfer", dwcp_migration::qemu::CANCELLED),
+        "{e}"
+    );
+    assert!(e.source_as_before, "rolled back, resumed: {e}");
+    let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sq.status().await.unwrap(), "running", "after: {e}");
+    let t = std::time::Instant::now();
+    while dst.alive() && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !dst.alive(),
+        "the destination QEMU still waits after the abort"
+    );
+
+    // 4. Cancelled before anything started: refused in prepare, the source untouched.
+    drop(sq); // (QEMU's monitor takes one client at a time)
+    let _dst = destination(&image, dir.path(), qemu_dir, "vm4");
+    let spec = QemuSpec::new("vm4", dir.path().join("src.qmp"));
+    spec.cancel.cancel();
+    let e = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap_err();
+    assert_eq!(
+        (e.phase, e.reason.as_str()),
+        ("prepare", dwcp_migration::qemu::CANCELLED),
+        "{e}"
+    );
+    assert!(e.source_as_before, "{e}");
+    let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sq.status().await.unwrap(), "running");
+    drop(sq);
     n.agent.stop().await.unwrap();
 }
 

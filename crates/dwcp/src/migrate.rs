@@ -365,6 +365,18 @@ fn run_qemu(
     let spec = qemu_spec(args, qmp);
     let chatty = !args.json;
     let result = crate::commands::runtime()?.block_on(async {
+        // SIGINT or SIGTERM: roll back (QEMU's guest runs on at the source); a second one
+        // ends at once, leaving the source QEMU to fail the migration itself.
+        let mut signals = interrupt_signals()?;
+        let cancel = spec.cancel.clone();
+        tokio::spawn(async move {
+            signals.next().await;
+            eprintln!("\ninterrupted: cancelling the migration (once more to quit at once)");
+            cancel.cancel();
+            signals.next().await;
+            eprintln!("interrupted again: quitting; the source QEMU ends the migration itself");
+            std::process::exit(130);
+        });
         let addr = crate::commands::resolve(&args.to).await?;
         let dest = Destination {
             endpoint,
@@ -396,6 +408,30 @@ fn run_qemu(
                 MigrationFailed::OutcomeUnknown
             };
             Err(anyhow::anyhow!("{e}")).context(how)
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, handled from now on.
+struct InterruptSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+fn interrupt_signals() -> Result<InterruptSignals> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok(InterruptSignals {
+        int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+    })
+}
+
+impl InterruptSignals {
+    /// The next of either.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
     }
 }
