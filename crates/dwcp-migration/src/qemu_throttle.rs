@@ -14,7 +14,7 @@
 //! goes straight to the throttle at which a guest whose dirtying scales with its CPU time
 //! would dirty a third of what the stream carries, and a later step (QEMU takes one only
 //! when the last fell short, so the guest's writes did not scale down as assumed) goes at
-//! least half way to the highest throttle. The values QEMU had are the floor of both, and
+//! least three quarters of the way to the highest throttle. The values QEMU had are the floor of both, and
 //! no paced step goes beyond its `max-cpu-throttle`.
 
 /// QEMU's highest throttle (`max-cpu-throttle` can only lower it), percent.
@@ -73,15 +73,16 @@ pub fn steps_for(own: Own, under: u8, now: u8, dirty: f64, sent: f64) -> Steps {
     };
     // The owner's initial stands even beyond the highest (QEMU does not cap it).
     let initial = need.max(own.steps.initial).clamp(1, MAX);
-    // QEMU steps again only when the last step fell short: half the gap to the highest at
-    // least. While no throttle runs yet, the next step is counted from the initial one.
+    // QEMU steps again only when the last step fell short (the guest's writes did not scale
+    // down as reckoned): three quarters of the gap to the highest at least. While no
+    // throttle runs yet, the next step is counted from the initial one.
     let from = if now == 0 { initial } else { now.min(MAX) };
-    let half = max.saturating_sub(from) / 2;
+    let gap = max.saturating_sub(from);
     Steps {
         initial,
         increment: need
             .saturating_sub(from)
-            .max(half)
+            .max(gap - gap / 4)
             .max(own.steps.increment)
             .clamp(1, MAX),
     }
@@ -165,8 +166,8 @@ mod tests {
         // 2 MB/s against 6 MB/s: a third; the throttle that meets the aim is none.
         let s = steps_for(QEMU, 0, 0, 2.0 * MB, 6.0 * MB);
         assert_eq!(s.initial, 20);
-        // A later step (should QEMU take one) goes half way from 20 to 99.
-        assert_eq!(s.increment, 39);
+        // A later step (should QEMU take one) goes three quarters of the way from 20 to 99.
+        assert_eq!(s.increment, 60);
     }
 
     #[test]
@@ -189,7 +190,7 @@ mod tests {
     }
 
     #[test]
-    fn a_step_that_fell_short_goes_half_way_and_the_throttle_ends_at_99() {
+    fn a_step_that_fell_short_goes_most_of_the_way_and_the_throttle_ends_at_99() {
         // Dirtying that did not scale down (a rate-limited writer): the need reads lower
         // than the throttle in force, and the steps still climb.
         let mut now = 20u8;
@@ -200,7 +201,7 @@ mod tests {
             now = (now + s.increment).min(MAX);
             seen.push(now);
         }
-        assert_eq!(seen, [20, 59, 79, 89, 99]);
+        assert_eq!(seen, [20, 80, 95, 99]);
     }
 
     #[test]
@@ -276,7 +277,7 @@ mod tests {
             s,
             Steps {
                 initial: 80,
-                increment: 10
+                increment: 15
             }
         );
         // The same figures at the next sync: nothing to set.

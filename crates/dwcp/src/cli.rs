@@ -653,9 +653,10 @@ pub(crate) struct MigrateArgs {
 
     /// With --qemu-qmp, how auto-converge raises the throttle. paced: the first step to
     /// what the dirty rate and the stream rate QEMU measured call for, each later one at
-    /// least half way to the highest; never below QEMU's cpu-throttle-initial and
-    /// cpu-throttle-increment as set (20 % and 10 points by default), which are put back
-    /// afterwards, nor beyond its max-cpu-throttle. qemu: QEMU's own steps.
+    /// least three quarters of the way to the highest; never below QEMU's
+    /// cpu-throttle-initial and cpu-throttle-increment as set (20 % and 10 points by
+    /// default), which are put back afterwards, nor beyond its max-cpu-throttle. qemu:
+    /// QEMU's own steps.
     #[arg(
         long,
         value_enum,
