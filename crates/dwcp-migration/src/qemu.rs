@@ -69,10 +69,74 @@ pub struct QemuSpec {
     pub streams: u32,
     /// Give up (and roll back) after this long.
     pub timeout: Duration,
-    /// Cancelled (the user interrupted it, say): the migration stops and rolls back, unless
-    /// QEMU's stream has ended. The destination may then be loading the guest, and its
-    /// answer is awaited as ever.
-    pub cancel: CancellationToken,
+    /// Stops the migration from outside (the user interrupted it, say) while that is safe.
+    pub cancel: Cancel,
+}
+
+/// Stops a QEMU migration from outside, and says whether it still can: until the whole
+/// stream is queued and the finish goes to the destination, the migration stops and rolls
+/// back; from then on the destination may be loading the guest, and its answer is awaited.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<CancelInner>);
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    stage: std::sync::Mutex<CancelStage>,
+    token: CancellationToken,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum CancelStage {
+    #[default]
+    Running,
+    Cancelled,
+    Finishing,
+}
+
+impl Cancel {
+    fn stage(&self) -> std::sync::MutexGuard<'_, CancelStage> {
+        // The stage is a plain value: a panic elsewhere cannot leave it half-written.
+        self.0.stage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the migration to stop and roll back. False when it is too late: the destination
+    /// may be loading the guest, and the migration goes on to its end.
+    pub fn cancel(&self) -> bool {
+        let mut stage = self.stage();
+        match *stage {
+            CancelStage::Running => {
+                *stage = CancelStage::Cancelled;
+                self.0.token.cancel();
+                true
+            }
+            CancelStage::Cancelled => true,
+            CancelStage::Finishing => false,
+        }
+    }
+
+    /// Whether [`Cancel::cancel`] was called in time.
+    pub fn is_cancelled(&self) -> bool {
+        *self.stage() == CancelStage::Cancelled
+    }
+
+    /// Whether it is too late to cancel (the finish went to the destination).
+    pub fn is_finishing(&self) -> bool {
+        *self.stage() == CancelStage::Finishing
+    }
+
+    async fn cancelled(&self) {
+        self.0.token.cancelled().await;
+    }
+
+    /// The point of no return, passed unless cancelled first.
+    fn finish(&self) -> bool {
+        let mut stage = self.stage();
+        if *stage == CancelStage::Cancelled {
+            return false;
+        }
+        *stage = CancelStage::Finishing;
+        true
+    }
 }
 
 impl QemuSpec {
@@ -89,7 +153,7 @@ impl QemuSpec {
             short_path_codec: None,
             streams: 4,
             timeout: Duration::from_secs(600),
-            cancel: CancellationToken::new(),
+            cancel: Cancel::default(),
         }
     }
 }
@@ -513,6 +577,9 @@ pub async fn migrate_qemu(
         source_as_before: true,
         report: Box::new(report.clone()),
     };
+    if spec.cancel.is_cancelled() {
+        return Err(fail("prepare", CANCELLED.to_string(), &report));
+    }
     let mut qmp = Qmp::connect(&spec.qmp, Duration::from_secs(10))
         .await
         .map_err(|e| fail("prepare", e.to_string(), &report))?;
@@ -593,15 +660,28 @@ pub async fn migrate_qemu(
         debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");
         r
     };
-    let prepared = async { tokio::join!(base, opened, tunnel) };
-    let (remote, opened, tunnel) = tokio::select! {
-        r = prepared => r,
-        () = spec.cancel.cancelled() => {
-            // Whatever of the destination was set up goes; nothing ran at the source.
-            abort_destination(&dest, &spec.vm).await;
-            control.close().await;
-            return Err(fail("prepare", CANCELLED.to_string(), &report));
+    let prepared = {
+        let prepared = async { tokio::join!(base, opened, tunnel) };
+        tokio::pin!(prepared);
+        tokio::select! {
+            r = &mut prepared => Some(r),
+            () = spec.cancel.cancelled() => {
+                // Let the requests already sent finish (each is bounded), so that the abort
+                // comes after them and not before an open it would then miss.
+                if let Ok((_, _, Ok(t))) =
+                    tokio::time::timeout(Duration::from_secs(40), &mut prepared).await
+                {
+                    t.close();
+                }
+                None
+            }
         }
+    };
+    let Some((remote, opened, tunnel)) = prepared else {
+        // Whatever of the destination was set up goes. Nothing ran at the source.
+        abort_destination(&dest, &spec.vm).await;
+        control.close().await;
+        return Err(fail("prepare", CANCELLED.to_string(), &report));
     };
     let (remote, tunnel) = match (opened, remote, tunnel) {
         (Ok(_), Ok(r), Ok(t)) => (r, t),
@@ -627,9 +707,11 @@ pub async fn migrate_qemu(
         .await
         .unwrap_or(Duration::from_millis(1));
 
-    // QEMU's throttle steps as they are set: the floor of the paced ones, and put back after.
+    // The settings the migration changes, as they are: put back when it ends. QEMU's
+    // throttle steps are also the floor of the paced ones.
+    let (saved, params) = read_settings(&mut qmp).await;
     let steps = if spec.auto_converge && spec.paced_throttle {
-        let s = throttle_params(&mut qmp).await;
+        let s = params.as_ref().and_then(own_steps);
         if s.is_none() {
             let w =
                 "QEMU did not tell its auto-converge parameters: its own throttle steps were used";
@@ -655,20 +737,9 @@ pub async fn migrate_qemu(
     )
     .await;
     report.total_seconds = started.elapsed().as_secs_f64();
-    if let Some((own, tailslow)) = steps {
-        let mut back = json!({
-            "cpu-throttle-initial": own.steps.initial,
-            "cpu-throttle-increment": own.steps.increment,
-        });
-        if let Some(t) = tailslow {
-            back["cpu-throttle-tailslow"] = json!(t);
-        }
-        if let Err(e) = qmp.execute("migrate-set-parameters", Some(back)).await {
-            warn!(vm = %spec.vm, "cannot put QEMU's throttle steps back: {e}");
-        }
-    }
     match result {
         Ok(()) => {
+            restore_settings(&mut qmp, saved, &spec.vm).await;
             control.close().await;
             report.migrated = true;
             info!(vm = %spec.vm, seconds = report.total_seconds, downtime_ms = ?report.downtime_ms, "QEMU migration done");
@@ -687,6 +758,8 @@ pub async fn migrate_qemu(
             if !runs_there {
                 abort_destination(&dest, &spec.vm).await;
             }
+            // After the rollback: QEMU takes no capability while a migration is active.
+            restore_settings(&mut qmp, saved, &spec.vm).await;
             control.close().await;
             report.total_seconds = started.elapsed().as_secs_f64();
             report.error = Some(reason.clone());
@@ -1156,8 +1229,9 @@ async fn pump(
                     return Err(("transfer", e));
                 }
             }
-            // Until the stream has ended the destination has loaded nothing: rolling back is
-            // safe (QEMU resumes the guest also from its final round).
+            // Until the finish goes, the destination holds back the stream's last byte from its
+            // QEMU: rolling back is safe (the source resumes the guest also from its final
+            // round, or from a completed migration).
             () = spec.cancel.cancelled() => return Err(("transfer", CANCELLED.to_string())),
             _ = tick.tick() => {
                 if Instant::now() > deadline {
@@ -1336,6 +1410,9 @@ async fn pump(
     };
     // Everything is queued: the destination feeds what it has not yet and answers once QEMU
     // has loaded the guest. Meanwhile the tunnel keeps delivering; a failure there ends it.
+    if !spec.cancel.finish() {
+        return Err(("transfer", CANCELLED.to_string()));
+    }
     let finish = MigrationRequest {
         name: &spec.vm,
         op: data::MIGRATION_QEMU_FINISH,
@@ -1372,16 +1449,90 @@ async fn pump(
     }
 }
 
-/// QEMU's auto-converge parameters and "tail slow" (QEMU 5.0 on) as they are set, when it
-/// says.
-async fn throttle_params(qmp: &mut Qmp) -> Option<(Own, Option<bool>)> {
-    let p = match qmp.execute("query-migrate-parameters", None).await {
-        Ok(p) => p,
+/// Migration parameters `dwcp migrate` sets, and capabilities.
+const CHANGED_PARAMETERS: [&str; 5] = [
+    "downtime-limit",
+    "max-bandwidth",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "cpu-throttle-tailslow",
+];
+const CHANGED_CAPABILITIES: [&str; 3] = ["auto-converge", "multifd", "postcopy-ram"];
+
+/// The source QEMU's settings a migration changes, as they were before it.
+#[derive(Debug, Default)]
+struct Saved {
+    /// Arguments of `migrate-set-parameters`.
+    parameters: serde_json::Map<String, Value>,
+    /// Arguments of `migrate-set-capabilities`.
+    capabilities: Vec<Value>,
+}
+
+/// What the source QEMU has set of what the migration changes, and all its parameters.
+async fn read_settings(qmp: &mut Qmp) -> (Saved, Option<Value>) {
+    let mut saved = Saved::default();
+    let params = match qmp.execute("query-migrate-parameters", None).await {
+        Ok(p) => Some(p),
         Err(e) => {
             debug!("query-migrate-parameters: {e}");
-            return None;
+            None
         }
     };
+    for k in CHANGED_PARAMETERS {
+        if let Some(v) = params.as_ref().and_then(|p| p.get(k)) {
+            saved.parameters.insert(k.to_string(), v.clone());
+        }
+    }
+    match qmp.execute("query-migrate-capabilities", None).await {
+        Ok(Value::Array(caps)) => {
+            saved.capabilities = caps
+                .into_iter()
+                .filter(|c| {
+                    c.get("capability")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| CHANGED_CAPABILITIES.contains(&n))
+                })
+                .collect();
+        }
+        Ok(other) => debug!("query-migrate-capabilities answered {other}"),
+        Err(e) => debug!("query-migrate-capabilities: {e}"),
+    }
+    (saved, params)
+}
+
+/// Puts the settings of [`read_settings`] back.
+async fn restore_settings(qmp: &mut Qmp, saved: Saved, vm: &str) {
+    if !saved.parameters.is_empty()
+        && let Err(e) = qmp
+            .execute(
+                "migrate-set-parameters",
+                Some(Value::Object(saved.parameters)),
+            )
+            .await
+    {
+        warn!(
+            vm,
+            "cannot put the source QEMU's migration parameters back: {e}"
+        );
+    }
+    if !saved.capabilities.is_empty()
+        && let Err(e) = qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": saved.capabilities })),
+            )
+            .await
+    {
+        warn!(
+            vm,
+            "cannot put the source QEMU's migration capabilities back: {e}"
+        );
+    }
+}
+
+/// QEMU's auto-converge parameters and "tail slow" (QEMU 5.0 on) in its parameters, when
+/// there.
+fn own_steps(p: &Value) -> Option<(Own, Option<bool>)> {
     let get = |k: &str| {
         p.get(k)
             .and_then(Value::as_u64)
@@ -1662,6 +1813,27 @@ fn encode_segment(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_in_time_stops_the_finish_and_one_too_late_says_so() {
+        let c = Cancel::default();
+        assert!(!c.is_cancelled() && !c.is_finishing());
+        assert!(c.cancel());
+        assert!(c.cancel(), "cancelling twice is still cancelled");
+        assert!(c.is_cancelled());
+        assert!(!c.finish(), "the finish must not go after a cancel");
+        assert!(!c.is_finishing());
+
+        let c = Cancel::default();
+        assert!(c.finish());
+        assert!(!c.cancel(), "too late once the finish went");
+        assert!(c.is_finishing() && !c.is_cancelled());
+        // A clone is the same cancel (the signal handler holds one).
+        let c = Cancel::default();
+        let other = c.clone();
+        assert!(other.cancel());
+        assert!(c.is_cancelled());
+    }
 
     const MB: f64 = 1e6;
 

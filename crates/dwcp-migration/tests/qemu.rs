@@ -162,13 +162,18 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         src.serial()
     );
     let mut dst = destination(&image, dir.path(), qemu_dir, "vm1");
-    // Auto-converge's steps as the source's owner set them: the floor of the paced steps
-    // the migration sets, and back afterwards.
+    // The source's migration settings as its owner left them: auto-converge's steps (the
+    // floor of the paced steps the migration sets), the pause and the bandwidth cap (which it
+    // changes), auto-converge itself off (the migration turns it on); all back afterwards.
     let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
         .await
         .unwrap();
-    let own = json!({"cpu-throttle-initial": 35, "cpu-throttle-increment": 15, "cpu-throttle-tailslow": true});
+    let own = json!({"cpu-throttle-initial": 35, "cpu-throttle-increment": 15, "cpu-throttle-tailslow": true, "downtime-limit": 450, "max-bandwidth": 64 << 20});
     sq.execute("migrate-set-parameters", Some(own))
+        .await
+        .unwrap();
+    let caps = json!({"capabilities": [{"capability": "auto-converge", "state": false}]});
+    sq.execute("migrate-set-capabilities", Some(caps))
         .await
         .unwrap();
     drop(sq);
@@ -210,6 +215,19 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     assert_eq!(params["cpu-throttle-initial"], 35, "{params}");
     assert_eq!(params["cpu-throttle-increment"], 15, "{params}");
     assert_eq!(params["cpu-throttle-tailslow"], true, "{params}");
+    assert_eq!(params["downtime-limit"], 450, "{params}");
+    assert_eq!(params["max-bandwidth"], 64 << 20, "{params}");
+    let caps = sq
+        .execute("query-migrate-capabilities", None)
+        .await
+        .unwrap();
+    let auto_converge = caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["capability"] == "auto-converge")
+        .unwrap();
+    assert_eq!(auto_converge["state"], false, "{caps}");
     assert_eq!(
         digest(&dir.path().join("src.ram")),
         digest(&dir.path().join("dst.ram")),

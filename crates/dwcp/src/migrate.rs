@@ -365,17 +365,33 @@ fn run_qemu(
     let spec = qemu_spec(args, qmp);
     let chatty = !args.json;
     let result = crate::commands::runtime()?.block_on(async {
-        // SIGINT or SIGTERM: roll back (QEMU's guest runs on at the source); a second one
-        // ends at once, leaving the source QEMU to fail the migration itself.
+        // SIGINT or SIGTERM: roll back (QEMU's guest runs on at the source) unless the finish
+        // went to the destination already; a second one ends at once.
         let mut signals = interrupt_signals()?;
         let cancel = spec.cancel.clone();
         tokio::spawn(async move {
             signals.next().await;
-            eprintln!("\ninterrupted: cancelling the migration (once more to quit at once)");
-            cancel.cancel();
-            signals.next().await;
-            eprintln!("interrupted again: quitting; the source QEMU ends the migration itself");
-            std::process::exit(130);
+            if cancel.cancel() {
+                eprintln!(
+                    "\ninterrupted: cancelling the migration and rolling back (once more to quit at once)"
+                );
+            } else {
+                eprintln!(
+                    "\ninterrupted: too late to cancel: the destination is loading the guest; waiting for its answer (once more to quit at once)"
+                );
+            }
+            let code = signals.next().await;
+            if cancel.is_finishing() {
+                eprintln!(
+                    "interrupted again: quitting without the destination's answer; the source QEMU stays paused: {}",
+                    MigrationFailed::OutcomeUnknown
+                );
+                std::process::exit(9);
+            }
+            eprintln!(
+                "interrupted again: quitting; the source QEMU fails the migration when its socket closes and resumes the guest, and the destination's QEMU is told to quit within 3 minutes"
+            );
+            std::process::exit(code);
         });
         let addr = crate::commands::resolve(&args.to).await?;
         let dest = Destination {
@@ -427,11 +443,11 @@ fn interrupt_signals() -> Result<InterruptSignals> {
 }
 
 impl InterruptSignals {
-    /// The next of either.
-    async fn next(&mut self) {
+    /// The next of either; the exit status a shell gives for it.
+    async fn next(&mut self) -> i32 {
         tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+            _ = self.int.recv() => 130,
+            _ = self.term.recv() => 143,
         }
     }
 }
