@@ -83,6 +83,9 @@ pub struct Cancel(Arc<CancelInner>);
 struct CancelInner {
     stage: std::sync::Mutex<CancelStage>,
     token: CancellationToken,
+    /// The source QEMU has written its whole stream: it completed its side, and the guest
+    /// stays paused there unless a rollback resumes it.
+    source_done: AtomicBool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +125,12 @@ impl Cancel {
     /// Whether it is too late to cancel (the finish went to the destination).
     pub fn is_finishing(&self) -> bool {
         *self.stage() == CancelStage::Finishing
+    }
+
+    /// Whether the source QEMU has written its whole stream: were the migration given up
+    /// without a rollback now, the guest would stay paused at the source.
+    pub fn source_done(&self) -> bool {
+        self.0.source_done.load(Ordering::SeqCst)
     }
 
     async fn cancelled(&self) {
@@ -710,9 +719,14 @@ pub async fn migrate_qemu(
     // The settings the migration changes, as they are: put back when it ends. QEMU's
     // throttle steps are also the floor of the paced ones.
     let (saved, params) = read_settings(&mut qmp).await;
+    if params.is_none() {
+        let w = "QEMU did not tell its migration parameters: they are not put back afterwards";
+        warn!(vm = %spec.vm, "{w}");
+        report.warnings.push(w.to_string());
+    }
     let steps = if spec.auto_converge && spec.paced_throttle {
         let s = params.as_ref().and_then(own_steps);
-        if s.is_none() {
+        if params.is_some() && s.is_none() {
             let w =
                 "QEMU did not tell its auto-converge parameters: its own throttle steps were used";
             warn!(vm = %spec.vm, "{w}");
@@ -1209,7 +1223,10 @@ async fn pump(
         tokio::select! {
             r = &mut *reader, if segments.is_none() => {
                 match r {
-                    Ok(Ok(end)) => segments = Some(end),
+                    Ok(Ok(end)) => {
+                        segments = Some(end);
+                        spec.cancel.0.source_done.store(true, Ordering::SeqCst);
+                    }
                     Ok(Err(e)) => return Err(("transfer", e)),
                     Err(e) => return Err(("transfer", format!("reader task: {e}"))),
                 }
@@ -1374,6 +1391,11 @@ async fn pump(
                         let dirty = p.dirty_rate as f64 * page as f64;
                         let throttle = throttle.min(100) as u8;
                         if let Some(s) = pacer.poll(p.round, throttle, dirty, started.elapsed().as_secs_f64(), budget.read()) {
+                            // A new sync is when QEMU may stop the guest: read its STOP first,
+                            // or the window would hold the final round behind this command.
+                            if watch {
+                                watch = watch_pause(qmp).await;
+                            }
                             let set = json!({"cpu-throttle-initial": s.initial, "cpu-throttle-increment": s.increment});
                             match qmp.execute("migrate-set-parameters", Some(set)).await {
                                 Ok(_) => debug!(round = p.round, throttle, dirty_mb_s = dirty / 1e6, initial = s.initial, increment = s.increment, "QEMU throttle steps"),
@@ -1833,6 +1855,7 @@ mod tests {
         let other = c.clone();
         assert!(other.cancel());
         assert!(c.is_cancelled());
+        assert!(!c.source_done());
     }
 
     const MB: f64 = 1e6;

@@ -388,6 +388,12 @@ fn run_qemu(
                 );
                 std::process::exit(9);
             }
+            if cancel.source_done() {
+                eprintln!(
+                    "interrupted again: quitting; the source QEMU had sent its whole stream and may stay paused (resume it with QMP `cont` once the destination has dropped the migration: without the finish it does not start the guest, and its QEMU is told to quit within 3 minutes)"
+                );
+                std::process::exit(9);
+            }
             eprintln!(
                 "interrupted again: quitting; the source QEMU fails the migration when its socket closes and resumes the guest, and the destination's QEMU is told to quit within 3 minutes"
             );
