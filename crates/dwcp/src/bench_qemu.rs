@@ -261,7 +261,34 @@ impl QemuBench<'_> {
             .kernel
             .parent()
             .ok_or_else(|| anyhow!("the guest kernel has no directory"))?;
-        let listen = format!("{}:7902", self.tb.addr_b);
+        self.through_own_agent(image, i, "agent-seeded", 7902, Some(dir), &[])
+    }
+
+    /// A cold run (a fresh agent, its cache empty) whose auto-converge takes QEMU's own steps.
+    fn cold_with_qemus_steps(&self, image: &GuestImage, i: usize) -> Result<Value> {
+        self.through_own_agent(
+            image,
+            i,
+            "agent-cold-qemu-steps",
+            7904,
+            None,
+            &["--throttle-steps", "qemu"],
+        )
+    }
+
+    /// [`Self::through_dwcp`] to an agent of its own in B: `name`, listening on `port` (its
+    /// admin endpoint on the next port), its cache seeded with `seeds` when given.
+    fn through_own_agent(
+        &self,
+        image: &GuestImage,
+        i: usize,
+        name: &str,
+        port: u16,
+        seeds: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Value> {
+        let listen = format!("{}:{port}", self.tb.addr_b);
+        let admin = format!("127.0.0.1:{}", port + 1);
         let t = Instant::now();
         let _agent = crate::bench::start_agent(
             self.tb,
@@ -269,46 +296,20 @@ impl QemuBench<'_> {
             self.work,
             self.certs,
             &crate::bench::AgentSpec {
-                name: "agent-seeded",
+                name,
                 node_id: "bench-b",
                 listen: &listen,
-                admin: "127.0.0.1:7903",
+                admin: &admin,
                 congestion: self.congestion,
-                seeds: Some(dir),
+                seeds,
             },
         )?;
         eprintln!(
-            "QEMU: seeded agent up ({} seeded) after {:.1} s",
-            dir.display(),
+            "QEMU: {name} up{} after {:.1} s",
+            seeds.map_or_else(String::new, |d| format!(" ({} seeded)", d.display())),
             t.elapsed().as_secs_f64()
         );
-        self.through_dwcp(image, i, &listen, "agent-seeded", &[])
-    }
-
-    /// A cold run (a fresh agent, its cache empty) whose auto-converge takes QEMU's own steps.
-    fn cold_with_qemus_steps(&self, image: &GuestImage, i: usize) -> Result<Value> {
-        let listen = format!("{}:7904", self.tb.addr_b);
-        let _agent = crate::bench::start_agent(
-            self.tb,
-            self.exe,
-            self.work,
-            self.certs,
-            &crate::bench::AgentSpec {
-                name: "agent-cold-qemu-steps",
-                node_id: "bench-b",
-                listen: &listen,
-                admin: "127.0.0.1:7905",
-                congestion: self.congestion,
-                seeds: None,
-            },
-        )?;
-        self.through_dwcp(
-            image,
-            i,
-            &listen,
-            "agent-cold-qemu-steps",
-            &["--throttle-steps", "qemu"],
-        )
+        self.through_dwcp(image, i, &listen, name, extra)
     }
 
     /// `dwcp migrate --qemu-qmp` from A to the agent `agent` in B, listening on `listen`.
