@@ -225,6 +225,8 @@ pub struct QemuProgress {
     pub rate: f64,
     /// QEMU's expected downtime, ms.
     pub expected_downtime_ms: Option<f64>,
+    /// Auto-converge's throttle in force, percent (0: none).
+    pub throttle: u64,
 }
 
 /// Why a QEMU migration failed.
@@ -1374,12 +1376,13 @@ async fn pump(
                         wire_bytes: wire_acked,
                         rate: rate.now,
                         expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
+                        throttle: n(Some(&info), "cpu-throttle-percentage"),
                     };
                     if p.phase == "failed" {
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
-                    let throttle = n(Some(&info), "cpu-throttle-percentage");
+                    let throttle = p.throttle;
                     report.throttle = report.throttle.max(throttle);
                     // Not once the guest is paused: QEMU's last sync then changes nothing, and
                     // the monitor should not be kept busy. Nor from a failed query.

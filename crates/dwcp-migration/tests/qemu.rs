@@ -179,11 +179,21 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     drop(sq);
     let spec = QemuSpec::new("vm1", dir.path().join("src.qmp"));
     let mut phases = Vec::new();
-    let r = migrate_qemu(dest, &spec, &mut |p| phases.push(p.phase.clone()))
-        .await
-        .unwrap();
+    let mut throttles = Vec::new();
+    let r = migrate_qemu(dest, &spec, &mut |p| {
+        phases.push(p.phase.clone());
+        throttles.push(p.throttle);
+    })
+    .await
+    .unwrap();
     assert!(r.migrated, "{r:?}");
     assert_eq!(r.dest_status, "paused", "started with -S: {r:?}");
+    // The report's highest throttle is the highest progress showed (on loopback usually none).
+    assert_eq!(
+        throttles.iter().max().copied().unwrap_or(0),
+        r.throttle,
+        "{throttles:?}"
+    );
     assert!(
         r.stream_bytes > 0 && r.wire_bytes > 0 && r.segments > 0,
         "{r:?}"

@@ -476,12 +476,17 @@ pub(crate) async fn run_qemu_with_progress(
             "-".into()
         };
         eprint!(
-            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}",
+            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s{}  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}",
             started.elapsed().as_secs_f64(),
             p.phase,
             p.round,
             left / 1e6,
             p.dirty_rate,
+            if p.throttle > 0 {
+                format!(" (throttled {} %)", p.throttle)
+            } else {
+                String::new()
+            },
             p.rate * 8.0 / 1e6,
             p.stream_bytes as f64 / 1e6,
             p.wire_bytes as f64 / 1e6,
