@@ -17,9 +17,10 @@ Exit codes: 0 ok, 1 internal error, 2 bad command line, 3 invalid configuration,
 4 certificate or file problem, 5 network (unreachable, timeout, connection lost),
 6 authentication (certificate refused, identity mismatch), 7 protocol (peer incompatible or
 misbehaving), 8 migration not completed (the VM is at the source as before), 9 migration not
-completed and the source left paused (check the destination). `dwcp testbed --in-a` passes on
-its command's status. Docs: README.md, docs/CONFIG.md,
-docs/OPERATIONS.md, docs/PROTOCOL.md.";
+completed and the source left paused (check the destination); 130 or 143 when a second
+SIGINT or SIGTERM ends `dwcp migrate --qemu-qmp` at once. `dwcp testbed --in-a` passes on
+its command's status. Docs: README.md, docs/CONFIG.md, docs/OPERATIONS.md,
+docs/PROTOCOL.md.";
 
 /// DWCP moves VM state between hypervisor hosts over mutual TLS, and keeps a cluster of them
 /// consistent.
