@@ -137,6 +137,10 @@ impl Cancel {
         self.0.token.cancelled().await;
     }
 
+    fn set_source_done(&self) {
+        self.0.source_done.store(true, Ordering::SeqCst);
+    }
+
     /// The point of no return, passed unless cancelled first.
     fn finish(&self) -> bool {
         let mut stage = self.stage();
@@ -1227,7 +1231,7 @@ async fn pump(
                 match r {
                     Ok(Ok(end)) => {
                         segments = Some(end);
-                        spec.cancel.0.source_done.store(true, Ordering::SeqCst);
+                        spec.cancel.set_source_done();
                     }
                     Ok(Err(e)) => return Err(("transfer", e)),
                     Err(e) => return Err(("transfer", format!("reader task: {e}"))),

@@ -29,30 +29,12 @@ fn watch_signals() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (mut term, mut int) = stop_signals(&rt)?;
+    let mut stop = rt.block_on(async { crate::commands::StopSignals::new() })?;
     std::thread::spawn(move || {
-        rt.block_on(async {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        });
+        rt.block_on(stop.next());
         INTERRUPTED.store(true, Ordering::SeqCst);
     });
     Ok(())
-}
-
-/// SIGTERM and SIGINT as streams on `rt` (from then on they no longer end the process).
-pub(crate) fn stop_signals(
-    rt: &tokio::runtime::Runtime,
-) -> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
-    rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        ))
-    })
 }
 
 /// A child process that is killed if it is still running when this goes out of scope, so

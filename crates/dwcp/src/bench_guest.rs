@@ -153,13 +153,12 @@ pub(crate) fn run(args: &BenchGuestArgs) -> Result<()> {
         .build()?;
     // Ctrl-C or SIGTERM ends the wait so that QEMU is killed and its RAM file removed (both
     // on drop) rather than left behind.
-    let (mut term, mut int) = crate::bench::stop_signals(&rt)?;
+    let mut stop = rt.block_on(async { crate::commands::StopSignals::new() })?;
     let mut guest = QemuProcess::spawn(&image, &l)?;
     let waited = rt.block_on(async {
         tokio::select! {
             r = guest.wait_serial("dwcp-guest ready", Duration::from_secs(args.timeout_secs)) => r.map_err(anyhow::Error::from),
-            _ = term.recv() => Err(anyhow!("interrupted")),
-            _ = int.recv() => Err(anyhow!("interrupted")),
+            _ = stop.next() => Err(anyhow!("interrupted")),
         }
     });
     let console = match waited {

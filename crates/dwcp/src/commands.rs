@@ -265,15 +265,38 @@ fn agent(settings: &Settings) -> Result<()> {
 
 /// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
 fn shutdown_signal() -> Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut stop = StopSignals::new()?;
     Ok(async move {
-        tokio::select! {
-            _ = int.recv() => info!("SIGINT (ctrl-c) received"),
-            _ = term.recv() => info!("SIGTERM received"),
+        match stop.next().await {
+            130 => info!("SIGINT (ctrl-c) received"),
+            _ => info!("SIGTERM received"),
         }
     })
+}
+
+/// SIGINT and SIGTERM, handled from creation on (they no longer end the process). Made
+/// inside a Tokio runtime; polled on it.
+pub(crate) struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(crate) fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    /// The next of either; the exit status a shell gives for it (130, 143).
+    pub(crate) async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => 130,
+            _ = self.term.recv() => 143,
+        }
+    }
 }
 
 /// An object `dwcp recv` failed or refused, and its sender does not send again; the exit code

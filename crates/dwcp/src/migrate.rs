@@ -367,7 +367,7 @@ fn run_qemu(
     let result = crate::commands::runtime()?.block_on(async {
         // SIGINT or SIGTERM: roll back (QEMU's guest runs on at the source) unless the finish
         // went to the destination already; a second one ends at once.
-        let mut signals = interrupt_signals()?;
+        let mut signals = crate::commands::StopSignals::new()?;
         let cancel = spec.cancel.clone();
         tokio::spawn(async move {
             signals.next().await;
@@ -430,30 +430,6 @@ fn run_qemu(
                 MigrationFailed::OutcomeUnknown
             };
             Err(anyhow::anyhow!("{e}")).context(how)
-        }
-    }
-}
-
-/// SIGINT and SIGTERM, handled from now on.
-struct InterruptSignals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-}
-
-fn interrupt_signals() -> Result<InterruptSignals> {
-    use tokio::signal::unix::{SignalKind, signal};
-    Ok(InterruptSignals {
-        int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-        term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-    })
-}
-
-impl InterruptSignals {
-    /// The next of either; the exit status a shell gives for it.
-    async fn next(&mut self) -> i32 {
-        tokio::select! {
-            _ = self.int.recv() => 130,
-            _ = self.term.recv() => 143,
         }
     }
 }
