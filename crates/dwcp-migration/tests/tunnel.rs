@@ -14,7 +14,7 @@ use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint};
 use dwcp_transport::session::{
-    Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept,
+    Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_kept,
 };
 use dwcp_transport::{ConnError, Endpoint};
 use dwcp_wire::{NodeId, data};
@@ -435,6 +435,28 @@ async fn a_block_stuck_on_one_connection_goes_again_on_another() {
     }
     assert!(tunnel.hedged() > 0);
     assert_eq!(tunnel.acked().0, n);
+    vm.finish_whole(tunnel, n, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_tunnel_sends_no_faster_than_its_cap_on_all_connections_together() {
+    let vm = open_vm().await;
+    let cap = RateLimit::new(4_000_000);
+    let tunnel = Tunnel::open_with(&vm.ep, vm.agent.addr, None, 4, "vm", Some(cap))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let n = 24u64;
+    let expected = send_raw(&tunnel, n);
+    wait_acked(&tunnel, n).await;
+    let took = started.elapsed();
+    // 6 MiB at 4 MB/s is 1.57 s. Each connection pays for a frame after sending it (one
+    // block each, 1 MiB in all, may go at once), and the bucket holds 50 ms of rate.
+    let least = (n * 256 * 1024 - 4 * 256 * 1024 - 200_000) as f64 / 4e6;
+    assert!(
+        took.as_secs_f64() >= least,
+        "{n} blocks of 256 KiB in {took:?}: faster than the cap allows ({least:.2} s)"
+    );
     vm.finish_whole(tunnel, n, &expected).await;
 }
 

@@ -67,6 +67,8 @@ pub struct SendOptions {
     pub retry_for: Duration,
     /// Cap on the session's sending rate, bytes per second.
     pub rate_limit: Option<u64>,
+    /// A cap shared with other sessions (and tunnels); instead of `rate_limit` when set.
+    pub limit: Option<RateLimit>,
     /// Delta encoding (HDE), used with receivers that negotiated it.
     pub delta: DeltaOptions,
     /// TCP connections or one QUIC connection.
@@ -104,6 +106,7 @@ impl Default for SendOptions {
             window: 32 * 1024 * 1024,
             retry_for: Duration::from_secs(60),
             rate_limit: None,
+            limit: None,
             delta: DeltaOptions::default(),
             fresh: false,
             urgent: false,
@@ -397,32 +400,53 @@ impl StreamPlan {
     }
 }
 
-/// A token bucket shared by a session's streams.
+/// A cap on sending rate, in bytes a second: a token bucket shared by every stream of every
+/// session and tunnel given a clone of it (a migration's sessions and its tunnel share one
+/// cap, whatever the number of connections). Sessions take a chunk's payload from it before
+/// they write the chunk; a tunnel connection takes a whole frame after writing it.
+#[derive(Debug, Clone)]
+pub struct RateLimit(Arc<Bucket>);
+
 #[derive(Debug)]
 struct Bucket {
-    rate: f64,
-    state: Mutex<(f64, Instant)>,
+    /// Bytes a second; changed by [`RateLimit::set`].
+    rate: AtomicU64,
+    /// Tokens (negative: debt), and when they were counted (tokio's clock, which tests can
+    /// pause).
+    state: Mutex<(f64, tokio::time::Instant)>,
 }
 
-impl Bucket {
-    fn new(rate: u64) -> Self {
-        Self {
-            rate: rate.max(1) as f64,
-            state: Mutex::new((0.0, Instant::now())),
-        }
+impl RateLimit {
+    /// A cap of `rate` bytes a second (at least 1).
+    pub fn new(rate: u64) -> Self {
+        Self(Arc::new(Bucket {
+            rate: AtomicU64::new(rate.max(1)),
+            state: Mutex::new((0.0, tokio::time::Instant::now())),
+        }))
+    }
+
+    /// The cap, bytes a second.
+    pub fn rate(&self) -> u64 {
+        self.0.rate.load(Ordering::Relaxed)
+    }
+
+    /// Changes the cap for every session and tunnel that shares it, from their next bytes on.
+    pub fn set(&self, rate: u64) {
+        self.0.rate.store(rate.max(1), Ordering::Relaxed);
     }
 
     /// Takes `n` bytes' worth of tokens, sleeping off any debt. Bursts are capped at 50 ms of
     /// rate so an idle period does not turn into a spike.
-    async fn take(&self, n: usize) {
+    pub async fn take(&self, n: usize) {
         let wait = {
-            let mut s = self.state.lock().await;
-            let now = Instant::now();
-            let burst = self.rate * 0.05;
-            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(burst);
+            let mut s = self.0.state.lock().await;
+            let rate = self.rate() as f64;
+            let now = tokio::time::Instant::now();
+            let burst = rate * 0.05;
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
             s.1 = now;
             s.0 -= n as f64;
-            (s.0 < 0.0).then(|| Duration::from_secs_f64(-s.0 / self.rate))
+            (s.0 < 0.0).then(|| Duration::from_secs_f64(-s.0 / rate))
         };
         if let Some(w) = wait {
             tokio::time::sleep(w).await;
@@ -1154,7 +1178,11 @@ pub async fn send_files_kept(
     let started = Instant::now();
     let mut report = SendReport::default();
     let total_size: u64 = files.iter().map(|f| f.size).sum();
-    let bucket = opts.rate_limit.map(|r| Arc::new(Bucket::new(r)));
+    // A cap shared with other sessions wins over one of this session's own.
+    let bucket = opts
+        .limit
+        .clone()
+        .or_else(|| opts.rate_limit.map(RateLimit::new));
     let sent = Arc::new(AtomicU64::new(0));
     let mut done_bytes = 0u64;
     let mut next_file = 0usize;
@@ -1419,7 +1447,7 @@ async fn send_object(
     fresh: bool,
     ended: Option<&Notify>,
     opts: &SendOptions,
-    bucket: Option<Arc<Bucket>>,
+    bucket: Option<RateLimit>,
     sent: Arc<AtomicU64>,
     report: &mut SendReport,
     failing_since: &mut Option<Instant>,
@@ -2417,7 +2445,7 @@ struct ObjectCtx {
     notify: Arc<Notify>,
     /// Woken once the last chunk of the object has been written (see `send_object`).
     all_read: Arc<Notify>,
-    bucket: Option<Arc<Bucket>>,
+    bucket: Option<RateLimit>,
     sent: Arc<AtomicU64>,
     fail: mpsc::UnboundedSender<WriterFailure>,
     path: PathBuf,
@@ -2631,4 +2659,56 @@ fn refused(src: &Source, d: &ObjectDone) -> ObjectFailure {
         code: ErrorCode(d.code),
         reason: msg::printable(&d.reason, msg::MAX_REASON_LEN),
     })
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `users` tasks each taking `each` chunks of `chunk` bytes from one cap; how long it took
+    /// (tokio's clock, paused: exact).
+    async fn drain(cap: &RateLimit, users: usize, each: usize, chunk: usize) -> Duration {
+        let t = tokio::time::Instant::now();
+        let mut tasks = JoinSet::new();
+        for _ in 0..users {
+            let c = cap.clone();
+            tasks.spawn(async move {
+                for _ in 0..each {
+                    c.take(chunk).await;
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        t.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_cap_holds_its_rate_for_all_its_users_together() {
+        let cap = RateLimit::new(1_000_000);
+        // 4 users, 5 chunks of 100 kB each: 2 MB at 1 MB/s.
+        let took = drain(&cap, 4, 5, 100_000).await;
+        assert!(
+            (Duration::from_millis(1_900)..=Duration::from_millis(2_100)).contains(&took),
+            "{took:?}"
+        );
+        // A new rate holds from the next bytes on.
+        cap.set(4_000_000);
+        assert_eq!(cap.rate(), 4_000_000);
+        let took = drain(&cap, 4, 5, 100_000).await;
+        assert!(
+            (Duration::from_millis(450)..=Duration::from_millis(550)).contains(&took),
+            "{took:?}"
+        );
+        // Idle time saves up at most 50 ms of rate: no burst beyond that.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let took = drain(&cap, 1, 10, 100_000).await;
+        // (1 MB at 4 MB/s is 250 ms; less 50 ms of it saved up: 200 ms.)
+        assert!(took >= Duration::from_millis(190), "{took:?}");
+        // A cap of 0 is 1 byte a second, not none.
+        let slow = RateLimit::new(0);
+        assert_eq!(slow.rate(), 1);
+    }
 }

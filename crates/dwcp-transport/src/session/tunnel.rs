@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use super::send::SendError;
+use super::send::{RateLimit, SendError};
 use crate::conn::{ConnError, Connection, Endpoint, Stage, connect_to};
 
 /// Bytes a tunnel connection's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`) across a
@@ -272,6 +272,21 @@ impl Tunnel {
         streams: u32,
         name: &str,
     ) -> Result<Self, SendError> {
+        Self::open_with(endpoint, addr, expected, streams, name, None).await
+    }
+
+    /// As [`Tunnel::open`], every frame it sends taken from `limit` (a cap it may share with
+    /// other sessions). Each connection pays for a frame once it is written, so that no block
+    /// waits for tokens after it was stamped as sent: beyond the cap's 50 ms, the burst may be
+    /// one block on each connection.
+    pub async fn open_with(
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+        streams: u32,
+        name: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<Self, SendError> {
         // With the peer named, every connection is dialled at once: on a long path each dial
         // is several round trips (TCP, TLS, handshake). Dialled one first and then the rest,
         // the tunnel took 1.4 s to open on `internet`; at once, 0.3 s. Without a name, the
@@ -354,11 +369,12 @@ impl Tunnel {
                 .map_err(SendError::Connect)?;
             // Room for the TUNNEL_DATA header and the name.
             max_block = max_block.min(writer.max_chunk().saturating_sub(16 + 255));
-            let (st, wk, pg, nm) = (
+            let (st, wk, pg, nm, limit) = (
                 state.clone(),
                 work.clone(),
                 progress.clone(),
                 name.to_string(),
+                limit.clone(),
             );
             tasks.spawn(async move {
                 let why = loop {
@@ -418,6 +434,11 @@ impl Tunnel {
                     };
                     if let Err(e) = writer.send(&frame).await {
                         break e.to_string();
+                    }
+                    // Paid after the frame went, so that a block is never stamped as sent
+                    // while it waits for tokens (it would look stuck): the next one waits.
+                    if let Some(l) = &limit {
+                        l.take(frame.wire_len()).await;
                     }
                 };
                 stream_lost(&st, &wk, &pg, i, &why);
