@@ -19,8 +19,8 @@ use dwcp_encoding::chooser::{Chooser, Pacer};
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
-    BaseRequest, DeltaOptions, KeptSession, SendError, SendOptions, Source, migration_op_kept,
-    query_base_kept, send_files_kept,
+    BaseRequest, DeltaOptions, KeptSession, RateLimit, SendError, SendOptions, Source,
+    migration_op_kept, query_base_kept, send_files_kept,
 };
 use dwcp_wire::{ErrorCode, NodeId, Version, data};
 use tracing::{debug, info, warn};
@@ -51,6 +51,10 @@ pub struct MigrationSpec {
     /// With a destination that speaks v5, send a round's next part on a second session while
     /// the one before it waits for its last packets and its verdict.
     pub overlap_parts: bool,
+    /// A cap on the rounds' sending rate, shared by every session of the migration (and by
+    /// every migration given a clone of this spec: clone the cap's rate instead for a cap
+    /// of their own).
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl MigrationSpec {
@@ -66,6 +70,7 @@ impl MigrationSpec {
             first_part_pages: FIRST_PART_PAGES,
             max_part_pages: MAX_PART_PAGES,
             overlap_parts: true,
+            rate_limit: None,
         }
     }
 }
@@ -1285,6 +1290,7 @@ fn part_options(spec: &MigrationSpec) -> SendOptions {
             enabled: false,
             ..DeltaOptions::default()
         },
+        limit: spec.rate_limit.clone(),
         ..SendOptions::default()
     }
 }

@@ -30,7 +30,8 @@ use dwcp_encoding::{Codec, RemoteIndex};
 use dwcp_transport::qmp::{Qmp, QmpEvent, capability};
 use dwcp_transport::session::adapt::Mode;
 use dwcp_transport::session::{
-    Block, KeptSession, MigrationRequest, SendError, Tunnel, migration_request_kept, query_base,
+    Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_kept,
+    query_base,
 };
 use dwcp_wire::data;
 use serde_json::{Value, json};
@@ -69,6 +70,10 @@ pub struct QemuSpec {
     pub streams: u32,
     /// Give up (and roll back) after this long.
     pub timeout: Duration,
+    /// A cap on the tunnel's sending rate (wire bytes a second; shared with whatever else
+    /// holds a clone of it). QEMU's own cap is lifted either way: the tunnel's window holds
+    /// QEMU to what the tunnel sends.
+    pub rate_limit: Option<RateLimit>,
     /// Stops the migration from outside (the user interrupted it, say) while that is safe.
     pub cancel: Cancel,
 }
@@ -166,6 +171,7 @@ impl QemuSpec {
             short_path_codec: None,
             streams: 4,
             timeout: Duration::from_secs(600),
+            rate_limit: None,
             cancel: Cancel::default(),
         }
     }
@@ -664,12 +670,13 @@ pub async fn migrate_qemu(
     // which takes a dozen round trips across a long path (the largest part of preparing).
     let tunnel = async {
         let t = Instant::now();
-        let r = Tunnel::open(
+        let r = Tunnel::open_with(
             dest.endpoint,
             dest.addr,
             dest.expected,
             spec.streams,
             &spec.vm,
+            spec.rate_limit.clone(),
         )
         .await;
         debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");

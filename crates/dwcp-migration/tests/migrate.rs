@@ -7,6 +7,7 @@ use std::time::Duration;
 use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
 use dwcp_migration::{Destination, MemoryVm, MigrationSpec, migrate};
 use dwcp_testkit::{RunningAgent, TestCluster, endpoint};
+use dwcp_transport::session::RateLimit;
 
 fn vm(mb: u64, writes_per_sec: f64) -> MemoryVm {
     let img = generate(&ImageSpec::new(mb << 20), &mut Corpus::synthetic());
@@ -111,6 +112,36 @@ async fn set_up_rounds_commit_and_check_share_one_session() {
     assert!(
         (3.0..6.0).contains(&accepted),
         "{accepted} connections: {m}"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_caps_the_migration_on_all_its_sessions_together() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(8, 50.0);
+    // Small parts on two sessions at once (overlapping), one cap for both.
+    let spec = MigrationSpec {
+        streams: 2,
+        first_part_pages: 128,
+        max_part_pages: 256,
+        codec: Some(dwcp_encoding::Codec::Lz4),
+        rate_limit: Some(RateLimit::new(1_000_000)),
+        ..MigrationSpec::new("capped.mem")
+    };
+    let r = migrate(&v, to(&ep, &agent), &spec, &mut |_| {}).await;
+    assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    // What the rounds put on the wire, at 1 MB/s (less the bucket's 50 ms of burst): two
+    // seconds or more.
+    assert!(r.wire_bytes > 2_000_000, "{r:?}");
+    let least = (r.wire_bytes as f64 - 50_000.0) / 1e6;
+    assert!(
+        r.total_seconds >= least,
+        "{} bytes on the wire in {:.2} s: faster than the cap allows ({least:.2} s); {r:?}",
+        r.wire_bytes,
+        r.total_seconds
     );
     agent.stop().await.unwrap();
 }

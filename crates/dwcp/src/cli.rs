@@ -680,10 +680,16 @@ pub(crate) struct MigrateArgs {
     #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_codec)]
     pub(crate) codec: CodecChoice,
 
-    /// The link's bandwidth, for --codec auto [default: 1Gbit for a memory image; with
-    /// --qemu-qmp, none: the round trip decides].
+    /// The link's bandwidth, for --codec auto [default: --rate-limit if given, else 1Gbit
+    /// for a memory image; with --qemu-qmp, none: the round trip decides].
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) link_rate: Option<u64>,
+
+    /// Cap on what the migration sends, e.g. 50M (bytes/s of wire bytes, all connections
+    /// together; suffixes as for `dwcp send --rate-limit`, "bit" for bits/s). With
+    /// --qemu-qmp it caps the tunnel, and QEMU sees the cap through it.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub(crate) rate_limit: Option<u64>,
 
     /// Print one JSON report instead of progress and text.
     #[arg(long)]

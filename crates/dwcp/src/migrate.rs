@@ -10,6 +10,7 @@ use dwcp_migration::{
     Destination, MemoryVm, MigrationReport, MigrationSpec, QemuError, QemuProgress, QemuReport,
     QemuSpec, migrate, migrate_qemu,
 };
+use dwcp_transport::session::RateLimit;
 use serde_json::{Value, json};
 
 use crate::cli::{CodecChoice, MigrateArgs, VmArgs};
@@ -296,9 +297,10 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         CodecChoice::Auto => None,
         CodecChoice::Fixed(c) => Some(c),
     };
-    if let Some(r) = args.link_rate {
+    if let Some(r) = args.link_rate.or(args.rate_limit) {
         spec.link_bps = r;
     }
+    spec.rate_limit = args.rate_limit.map(RateLimit::new);
     let vm = make_vm(&args.vm, !args.json)?;
     let report = crate::commands::runtime()?.block_on(async {
         let addr = crate::commands::resolve(&args.to).await?;
@@ -337,17 +339,20 @@ pub(crate) fn qemu_spec(args: &MigrateArgs, qmp: &std::path::Path) -> QemuSpec {
     spec.auto_converge = !args.no_throttle;
     spec.paced_throttle = args.throttle_steps == crate::cli::ThrottleStepsArg::Paced;
     spec.streams = args.streams;
+    spec.rate_limit = args.rate_limit.map(RateLimit::new);
+    // A cap is the link the migration gets.
+    let link_rate = args.link_rate.or(args.rate_limit);
     spec.codec = match args.codec {
         CodecChoice::Fixed(c) => c,
         // zstd level 2 runs at several hundred MB/s a core; on links faster than that, lz4.
-        CodecChoice::Auto if args.link_rate.is_some_and(|r| r >= 625_000_000) => {
+        CodecChoice::Auto if link_rate.is_some_and(|r| r >= 625_000_000) => {
             dwcp_encoding::Codec::Lz4
         }
         CodecChoice::Auto => dwcp_encoding::Codec::Zstd(2),
     };
     // Without a link rate, the round trip decides: lz4 on a datacenter path, where zstd's
     // CPU time made migrations slower (docs/BENCHMARKS.md, QEMU on dc).
-    if args.codec == CodecChoice::Auto && args.link_rate.is_none() {
+    if args.codec == CodecChoice::Auto && link_rate.is_none() {
         spec.short_path_codec = Some(dwcp_encoding::Codec::Lz4);
     }
     spec.delta = !matches!(args.codec, CodecChoice::Fixed(dwcp_encoding::Codec::None));

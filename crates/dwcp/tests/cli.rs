@@ -808,6 +808,38 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     let img = std::fs::read(dir.path().join("spool-node-b/node-a/web1.mem")).unwrap();
     assert_eq!(img.len(), 8 << 20);
 
+    // Capped at 2 MB/s: the rounds' bytes take that long at least (less 50 ms of burst).
+    let o = migrate(&[
+        "--vm-size",
+        "8Mi",
+        "--synthetic",
+        "--dirty-rate",
+        "1M",
+        "--rate-limit",
+        "16Mbit",
+        "--seed",
+        "2",
+        "--name",
+        "capped.mem",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (wire, secs) = (
+        j["wire_bytes"].as_f64().unwrap(),
+        j["total_seconds"].as_f64().unwrap(),
+    );
+    // Another seed: not pages the destination holds from the VM before.
+    assert!(wire > 1e6, "{j}");
+    assert!(secs >= (wire - 100_000.0) / 2e6, "faster than the cap: {j}");
+    let o = migrate(&["--rate-limit", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--rate-limit"),
+        "{}",
+        text(&o.stderr)
+    );
+
     // Bad input is refused before anything starts.
     let o = migrate(&["--vm-size", "10"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
