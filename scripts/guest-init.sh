@@ -147,11 +147,16 @@ echo "dwcp-guest ready mem_kib=$mem_kib ram_kib=$ram_kib base_kib=$base_kib fill
     done
 ) &
 
-# The workload: rewrite random pages of /mem/random, `dirty` pages a second in tenths.
+# The workload: rewrite random pages of /mem/random, `dirty` pages a second in tenths; with
+# dwcp.hot=PAGES only pages among its first PAGES (a working set it keeps rewriting).
 per=$((dirty / 10))
+span=$random_pages
+hot=$(param hot)
+[ -n "$hot" ] && [ "$hot" -gt 0 ] && [ "$hot" -lt "$span" ] && span=$hot
+[ "$per" -ge "$span" ] && per=$((span - 1))
 while true; do
     if [ "$per" -gt 0 ]; then
-        at=$(((RANDOM * 32768 + RANDOM) % (random_pages - per)))
+        at=$(((RANDOM * 32768 + RANDOM) % (span - per)))
         dd if=/dev/urandom of=/mem/random bs=4096 count=$per seek=$at conv=notrunc 2>/dev/null
     fi
     sleep 0.1

@@ -7,11 +7,13 @@
 //!   sessions, rounds encoded with HDE.
 //! - [`qemu`]: the QEMU backend: QEMU's own migration stream carried through DWCP.
 //! - [`qemu_throttle`]: QEMU's auto-converge steps chosen from the need.
+//! - [`qemu_converge`]: when a QEMU migration cannot converge, and is given up.
 
 pub mod engine;
 pub mod memvm;
 pub mod orchestrator;
 pub mod qemu;
+pub mod qemu_converge;
 pub mod qemu_stream;
 pub mod qemu_throttle;
 pub mod qemu_vm;

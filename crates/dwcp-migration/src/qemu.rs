@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::engine::Destination;
+use crate::qemu_converge::{GiveUp, Watch};
 use crate::qemu_throttle::{Own, Pacer, Steps};
 
 /// How to migrate a QEMU guest.
@@ -70,6 +71,9 @@ pub struct QemuSpec {
     pub streams: u32,
     /// Give up (and roll back) after this long.
     pub timeout: Duration,
+    /// When a migration that cannot converge (auto-converge off or out of steps, rounds that
+    /// do not shrink) is given up and rolled back.
+    pub give_up: GiveUp,
     /// A cap on the tunnel's sending rate (wire bytes a second; shared with whatever else
     /// holds a clone of it). QEMU's own cap is lifted either way: the tunnel's window holds
     /// QEMU to what the tunnel sends.
@@ -172,6 +176,7 @@ impl QemuSpec {
             streams: 4,
             timeout: Duration::from_secs(600),
             rate_limit: None,
+            give_up: GiveUp::default(),
             cancel: Cancel::default(),
         }
     }
@@ -749,6 +754,13 @@ pub async fn migrate_qemu(
     } else {
         None
     };
+    // With auto-converge on, its steps end at `max-cpu-throttle`.
+    let max = params
+        .as_ref()
+        .and_then(|p| p.get("max-cpu-throttle"))
+        .and_then(Value::as_u64)
+        .map_or(Own::QEMU.max, |m| m.min(100) as u8);
+    let converge = Watch::new(spec.give_up, spec.auto_converge.then_some(max));
     let result = run(
         dest,
         spec,
@@ -758,6 +770,7 @@ pub async fn migrate_qemu(
         tunnel,
         rtt,
         steps.map(|(s, _)| Pacer::new(s)),
+        converge,
         steps.is_some_and(|(_, t)| t == Some(true)),
         progress,
         &mut report,
@@ -1001,6 +1014,7 @@ async fn run(
     tunnel: Tunnel,
     rtt: Duration,
     pacer: Option<Pacer>,
+    converge: Watch,
     tailslow_off: bool,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
@@ -1111,6 +1125,7 @@ async fn run(
         &mut forwarder,
         rtt,
         pacer,
+        converge,
         progress,
         report,
         control,
@@ -1122,10 +1137,10 @@ async fn run(
     forwarder.abort();
     let (_, _, wire, resent) = tunnel.acked();
     report.wire_bytes = wire;
+    report.stream_bytes = budget.read();
     tunnel.close();
     let detail = result?;
     debug!(resent, hedged = tunnel.hedged(), "tunnel done");
-    report.stream_bytes = budget.read();
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
         .get("status")
@@ -1196,6 +1211,7 @@ async fn pump(
     forwarder: &mut tokio::task::JoinHandle<Result<(u64, u64), String>>,
     rtt: Duration,
     mut pacer: Option<Pacer>,
+    mut converge: Watch,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
     report: &mut QemuReport,
     control: &mut KeptSession,
@@ -1393,33 +1409,43 @@ async fn pump(
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
-                    let throttle = p.throttle;
-                    report.throttle = report.throttle.max(throttle);
+                    // So far: a failed migration's report tells how far it got.
+                    report.throttle = report.throttle.max(p.throttle);
+                    report.rounds = report.rounds.max(p.round);
+                    if p.total > 0 {
+                        report.ram_bytes = p.total;
+                    }
+                    let throttle = p.throttle.min(100) as u8;
+                    let page = match n(ram, "page-size") {
+                        0 => 4096,
+                        p => p,
+                    };
+                    let dirty = p.dirty_rate as f64 * page as f64;
                     // Not once the guest is paused: QEMU's last sync then changes nothing, and
                     // the monitor should not be kept busy. Nor from a failed query.
-                    if let Some(pacer) = pacer.as_mut().filter(|_| p.phase == "active" && !budget.is_paused()) {
-                        let page = match n(ram, "page-size") {
-                            0 => 4096,
-                            p => p,
-                        };
-                        let dirty = p.dirty_rate as f64 * page as f64;
-                        let throttle = throttle.min(100) as u8;
-                        if let Some(s) = pacer.poll(p.round, throttle, dirty, started.elapsed().as_secs_f64(), budget.read()) {
-                            // A new sync is when QEMU may stop the guest: read its STOP first,
-                            // or the window would hold the final round behind this command.
-                            if watch {
-                                watch = watch_pause(qmp).await;
-                            }
-                            let set = json!({"cpu-throttle-initial": s.initial, "cpu-throttle-increment": s.increment});
-                            match qmp.execute("migrate-set-parameters", Some(set)).await {
-                                Ok(_) => debug!(round = p.round, throttle, dirty_mb_s = dirty / 1e6, initial = s.initial, increment = s.increment, "QEMU throttle steps"),
-                                Err(e) => {
-                                    debug!("cannot set QEMU's throttle steps: {e}");
-                                    pacer.not_set();
-                                }
+                    let iterating = p.phase == "active" && !budget.is_paused();
+                    if let Some(pacer) = pacer.as_mut().filter(|_| iterating)
+                        && let Some(s) = pacer.poll(p.round, throttle, dirty, started.elapsed().as_secs_f64(), budget.read())
+                    {
+                        // A new sync is when QEMU may stop the guest: read its STOP first,
+                        // or the window would hold the final round behind this command.
+                        if watch {
+                            watch = watch_pause(qmp).await;
+                        }
+                        let set = json!({"cpu-throttle-initial": s.initial, "cpu-throttle-increment": s.increment});
+                        match qmp.execute("migrate-set-parameters", Some(set)).await {
+                            Ok(_) => debug!(round = p.round, throttle, dirty_mb_s = dirty / 1e6, initial = s.initial, increment = s.increment, "QEMU throttle steps"),
+                            Err(e) => {
+                                debug!("cannot set QEMU's throttle steps: {e}");
+                                pacer.not_set();
                             }
                         }
                     }
+                    let stall = if iterating {
+                        converge.poll(p.round, throttle, dirty, p.remaining, started.elapsed().as_secs_f64(), budget.read())
+                    } else {
+                        None
+                    };
                     let qemu_mbps = ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64).unwrap_or(0.0);
                     debug!(
                         round = p.round,
@@ -1431,9 +1457,22 @@ async fn pump(
                         throttle = n(Some(&info), "cpu-throttle-percentage"),
                         qemu_mbps,
                         expected_downtime_ms = p.expected_downtime_ms.unwrap_or(0.0),
+                        stalled_rounds = converge.stalls(),
                         "QEMU progress"
                     );
                     progress(&p);
+                    // A guest that dirties its memory as fast as it goes out, with auto-converge
+                    // out of steps, never lets QEMU stop it: given up, rolled back. Unless QEMU
+                    // has just stopped it after all (its STOP read since the query, by a
+                    // command above or now).
+                    if let Some(stall) = stall {
+                        if watch {
+                            watch = watch_pause(qmp).await;
+                        }
+                        if !budget.is_paused() {
+                            return Err(("transfer", stall.to_string()));
+                        }
+                    }
                 }
             }
         }

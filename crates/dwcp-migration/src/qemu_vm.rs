@@ -76,6 +76,9 @@ pub struct Launch {
     pub stay_paused: bool,
     /// Pages per second the guest's workload rewrites.
     pub dirty_pages_per_sec: u64,
+    /// Rewrite only pages among the first this many of the guest's random data (a working
+    /// set it keeps rewriting); `None`: anywhere in it.
+    pub hot_pages: Option<u64>,
     /// Command prefix, e.g. `ip netns exec NS`.
     pub prefix: Vec<String>,
     /// Give the guest 8 KiB more than `mem_mib`, so that a TCG guest's dirty pages are all
@@ -108,6 +111,7 @@ impl Launch {
             incoming: None,
             stay_paused: false,
             dirty_pages_per_sec: 256,
+            hot_pages: None,
             prefix: Vec::new(),
             exact_dirty_tracking: false,
             numa_nodes: 1,
@@ -151,8 +155,11 @@ impl QemuProcess {
                 &image.initrd.display().to_string(),
                 "-append",
                 &format!(
-                    "console=ttyS0 quiet panic=-1 dwcp.dirty={}",
-                    launch.dirty_pages_per_sec
+                    "console=ttyS0 quiet panic=-1 dwcp.dirty={}{}",
+                    launch.dirty_pages_per_sec,
+                    launch
+                        .hot_pages
+                        .map_or_else(String::new, |h| format!(" dwcp.hot={h}"))
                 ),
                 "-serial",
                 &format!("file:{}", launch.serial_log.display()),

@@ -6,10 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use dwcp_migration::qemu_converge::GiveUp;
 use dwcp_migration::qemu_vm::{GuestImage, Launch, QemuProcess, qemu_binary};
 use dwcp_migration::{Destination, QemuSpec, migrate_qemu};
 use dwcp_testkit::{RunningAgent, TestCluster, endpoint};
 use dwcp_transport::qmp::Qmp;
+use dwcp_transport::session::RateLimit;
 use serde_json::json;
 
 fn guest() -> Option<GuestImage> {
@@ -392,6 +394,72 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         .unwrap();
     assert_eq!(sq.status().await.unwrap(), "running");
     drop(sq);
+    n.agent.stop().await.unwrap();
+}
+
+/// A guest that keeps rewriting a working set faster than the migration may send it, with
+/// auto-converge off: QEMU would iterate until the timeout. The migration is given up once
+/// its rounds stop shrinking, with the figures that show why, and rolled back: the guest runs
+/// on at the source, the destination's QEMU goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
+    let Some(image) = guest() else { return };
+    let guest_dir = tempfile::tempdir().unwrap();
+    // 500 pages a second among 512: about 2 MiB rewritten over and over.
+    let mut l = Launch::new(MEM_MIB, guest_dir.path().join("src.log"));
+    l.mem_file = Some(guest_dir.path().join("src.ram"));
+    l.qmp = vec![guest_dir.path().join("src.qmp")];
+    l.dirty_pages_per_sec = 500;
+    l.hot_pages = Some(512);
+    l.exact_dirty_tracking = true;
+    let mut src = QemuProcess::spawn(&image, &l).unwrap();
+    src.wait_serial("dwcp-guest ready", Duration::from_secs(180))
+        .await
+        .unwrap();
+    // The destination's cache holds the guest's RAM as it was once filled (a warm
+    // destination): the first pass goes by reference, quickly even through the cap below.
+    let n = nodes(vec![guest_dir.path().join("src.ram")]).await;
+    let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
+    let mut dst = destination(&image, dir.path(), qemu_dir, "vm-hot");
+    let mut spec = QemuSpec::new("vm-hot", guest_dir.path().join("src.qmp"));
+    spec.auto_converge = false;
+    spec.downtime = Duration::from_millis(50);
+    spec.give_up = GiveUp {
+        rounds: 2,
+        after: Duration::ZERO,
+    };
+    spec.timeout = Duration::from_secs(150);
+    // Half a megabyte a second: the working set takes seconds to send, and is all dirty
+    // again by then.
+    spec.rate_limit = Some(RateLimit::new(500_000));
+    let started = std::time::Instant::now();
+    let e = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap_err();
+    assert_eq!(e.phase, "transfer", "{e}");
+    assert!(
+        e.reason.contains("did not converge") && e.reason.contains("auto-converge off"),
+        "{e}"
+    );
+    assert!(e.source_as_before, "rolled back, resumed: {e}");
+    eprintln!("given up after {:?}: {e}", started.elapsed());
+    let mut sq = Qmp::connect(&guest_dir.path().join("src.qmp"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sq.status().await.unwrap(), "running", "after: {e}");
+    drop(sq);
+    let before = src.serial().matches("dwcp-guest tick").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        src.serial().matches("dwcp-guest tick").count() > before,
+        "the source guest is not running after the rollback"
+    );
+    let t = std::time::Instant::now();
+    while dst.alive() && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !dst.alive(),
+        "the destination QEMU still waits after the abort"
+    );
     n.agent.stop().await.unwrap();
 }
 

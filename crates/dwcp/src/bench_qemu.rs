@@ -60,12 +60,14 @@ const QEMU_DEFAULT_CAP: u64 = 128 << 20;
 const NO_CAP: u64 = 100 << 30;
 
 /// The QEMU cases, in the order they run, and their table names.
-const CASES: [(&str, &str); 6] = [
+const CASES: [(&str, &str); 7] = [
     ("native", "native default"),
     ("multifd", "native multifd zstd x8"),
     ("cold", "dwcp cold"),
     // Not in the default list: the cold case with `--throttle-steps qemu`, to compare.
     ("cold-qemu-steps", "dwcp cold, QEMU's steps"),
+    // Nor this: the cold case with `--no-throttle` (given up when it cannot converge).
+    ("cold-no-throttle", "dwcp cold, no throttle"),
     ("seeded", "dwcp seeded"),
     ("warm", "dwcp warm"),
 ];
@@ -138,7 +140,23 @@ impl QemuBench<'_> {
             } else if *key == "seeded" {
                 self.seeded(&image, i)
             } else if *key == "cold-qemu-steps" {
-                self.cold_with_qemus_steps(&image, i)
+                self.through_own_agent(
+                    &image,
+                    i,
+                    "agent-cold-qemu-steps",
+                    7904,
+                    None,
+                    &["--throttle-steps", "qemu"],
+                )
+            } else if *key == "cold-no-throttle" {
+                self.through_own_agent(
+                    &image,
+                    i,
+                    "agent-cold-no-throttle",
+                    7906,
+                    None,
+                    &["--no-throttle"],
+                )
             } else {
                 self.through_dwcp(&image, i, self.listen, "agent", &[])
             };
@@ -262,18 +280,6 @@ impl QemuBench<'_> {
             .parent()
             .ok_or_else(|| anyhow!("the guest kernel has no directory"))?;
         self.through_own_agent(image, i, "agent-seeded", 7902, Some(dir), &[])
-    }
-
-    /// A cold run (a fresh agent, its cache empty) whose auto-converge takes QEMU's own steps.
-    fn cold_with_qemus_steps(&self, image: &GuestImage, i: usize) -> Result<Value> {
-        self.through_own_agent(
-            image,
-            i,
-            "agent-cold-qemu-steps",
-            7904,
-            None,
-            &["--throttle-steps", "qemu"],
-        )
     }
 
     /// [`Self::through_dwcp`] to an agent of its own in B: `name`, listening on `port` (its

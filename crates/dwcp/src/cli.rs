@@ -513,7 +513,8 @@ pub(crate) struct BenchMigrationArgs {
     /// QEMU cases, comma-separated: native (default settings, QEMU's 128 MiB/s cap
     /// included), multifd (8 channels, zstd, no bandwidth cap), cold, seeded (the destination's cache seeded with the guest's kernel, initramfs and
     /// disk) and warm (through DWCP); also cold-qemu-steps (cold, with QEMU's own
-    /// auto-converge steps: `dwcp migrate --throttle-steps qemu`).
+    /// auto-converge steps: `dwcp migrate --throttle-steps qemu`) and cold-no-throttle (cold,
+    /// `--no-throttle`).
     #[arg(long, default_value = "native,multifd,cold,seeded,warm")]
     pub(crate) qemu_cases: String,
 
@@ -644,11 +645,13 @@ pub(crate) struct MigrateArgs {
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub(crate) downtime_ms: u64,
 
-    /// Most pre-copy rounds before escalating.
+    /// Most pre-copy rounds before escalating (a memory image; QEMU counts its own).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub(crate) max_rounds: u32,
 
-    /// Never throttle the guest (auto-converge): abort instead when rounds stop shrinking.
+    /// Never throttle the guest (auto-converge): abort instead when rounds stop shrinking
+    /// (with --qemu-qmp: after five rounds and 30 s in which the guest dirtied about as much
+    /// as was sent, and no less stayed dirty).
     #[arg(long)]
     pub(crate) no_throttle: bool,
 
