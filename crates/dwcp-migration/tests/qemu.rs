@@ -394,6 +394,48 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         .unwrap();
     assert_eq!(sq.status().await.unwrap(), "running");
     drop(sq);
+
+    // 5. Cancelled at moments from during preparation (the destination asked to open, the
+    // tunnel dialled, the cache summary on its way) to the transfer's start: each time the
+    // destination is told to drop what it opened (its QEMU goes), the source runs on.
+    let mut phases = Vec::new();
+    for (k, delay_ms) in [0u64, 1, 3, 10, 250].into_iter().enumerate() {
+        let vm = format!("vm5-{k}");
+        let mut dst = destination(&image, dir.path(), qemu_dir, &vm);
+        let spec = QemuSpec::new(&vm, dir.path().join("src.qmp"));
+        let cancel = spec.cancel.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            cancel.cancel()
+        });
+        let e = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap_err();
+        assert!(timer.await.unwrap(), "cancelled in time ({delay_ms} ms)");
+        assert_eq!(
+            e.reason,
+            dwcp_migration::qemu::CANCELLED,
+            "{delay_ms} ms: {e}"
+        );
+        assert!(e.source_as_before, "{delay_ms} ms: {e}");
+        phases.push((delay_ms, e.phase));
+        let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(sq.status().await.unwrap(), "running", "{delay_ms} ms: {e}");
+        drop(sq);
+        let t = std::time::Instant::now();
+        while dst.alive() && t.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !dst.alive(),
+            "{delay_ms} ms: the destination QEMU still waits after the abort"
+        );
+    }
+    eprintln!("cancelled (delay, phase): {phases:?}");
+    assert!(
+        !src.serial().contains("check BAD"),
+        "the source guest's own check failed"
+    );
     n.agent.stop().await.unwrap();
 }
 
