@@ -49,6 +49,9 @@ pub struct MigrationConfig {
     /// Directory where destination QEMUs wait for incoming migrations (`NAME.incoming`,
     /// `NAME.qmp`); "" refuses QEMU migrations.
     pub qemu_dir: PathBuf,
+    /// Cap on what each `dwcp migrate` from this node sends, bytes per second (all its
+    /// connections together); 0: none. `--rate-limit` overrides it.
+    pub rate_limit_bytes_per_sec: u64,
 }
 
 /// `[node]`
@@ -323,6 +326,8 @@ pub struct Settings {
     pub cache: CacheSettings,
     /// Where incoming QEMU migrations are fed (`None`: refused).
     pub qemu_dir: Option<PathBuf>,
+    /// Cap on what a migration from this node sends, bytes per second (`None`: none).
+    pub migration_rate_limit: Option<u64>,
 }
 
 /// Where and how large the agent's baseline cache is.
@@ -534,6 +539,14 @@ impl Config {
             0,
             7200,
         );
+        let mr = self.migration.rate_limit_bytes_per_sec;
+        if mr != 0 && !(65_536..=10_000_000_000_000).contains(&mr) {
+            bad(
+                "migration.rate_limit_bytes_per_sec",
+                mr.to_string(),
+                "0 (no cap) or 65536..=10000000000000".into(),
+            );
+        }
         let lw = self.transport.notsent_lowat_bytes;
         if lw != 0 && !(16 * 1024..=1 << 30).contains(&lw) {
             bad(
@@ -626,6 +639,8 @@ impl Config {
                 },
                 qemu_dir: Some(self.migration.qemu_dir.clone())
                     .filter(|d| !d.as_os_str().is_empty()),
+                migration_rate_limit: Some(self.migration.rate_limit_bytes_per_sec)
+                    .filter(|r| *r > 0),
             }),
             _ => Err(ConfigError::Invalid(errs)),
         }
@@ -852,6 +867,9 @@ seed_paths = []
 # started with -incoming unix:DIR/NAME.incoming and -qmp unix:DIR/NAME.qmp,server=on,wait=off.
 # "" refuses QEMU migrations.
 qemu_dir = ""
+# Cap on what each `dwcp migrate` from this node sends, bytes per second, all its connections
+# together (0: none; else 65536 or more). `dwcp migrate --rate-limit` overrides it.
+rate_limit_bytes_per_sec = 0
 
 [log]
 # "text" or "json".
@@ -939,6 +957,25 @@ mod tests {
             f[0].to_string(),
             "transport.max_streams = 513: allowed 1..=512"
         );
+    }
+
+    #[test]
+    fn a_migration_rate_limit_is_none_or_a_real_cap() {
+        let f = invalid_fields("[migration]\nrate_limit_bytes_per_sec = 1000\n");
+        assert_eq!(
+            f[0].to_string(),
+            "migration.rate_limit_bytes_per_sec = 1000: 0 (no cap) or 65536..=10000000000000"
+        );
+        let s = Config::from_toml("", env(&[])).unwrap().validate().unwrap();
+        assert_eq!(s.migration_rate_limit, None);
+        let s = Config::from_toml(
+            "",
+            env(&[("DWCP_MIGRATION__RATE_LIMIT_BYTES_PER_SEC", "50000000")]),
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(s.migration_rate_limit, Some(50_000_000));
     }
 
     #[test]

@@ -690,7 +690,8 @@ pub(crate) struct MigrateArgs {
 
     /// Cap on what the migration sends, e.g. 50M (bytes/s of wire bytes, all connections
     /// together; suffixes as for `dwcp send --rate-limit`, "bit" for bits/s). With
-    /// --qemu-qmp it caps the tunnel, and QEMU sees the cap through it.
+    /// --qemu-qmp it caps the tunnel, and QEMU sees the cap through it [default:
+    /// migration.rate_limit_bytes_per_sec, none unless set].
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) rate_limit: Option<u64>,
 

@@ -297,10 +297,10 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         CodecChoice::Auto => None,
         CodecChoice::Fixed(c) => Some(c),
     };
-    if let Some(r) = args.link_rate.or(args.rate_limit) {
+    if let Some(r) = args.link_rate.or(rate_limit(settings, args)) {
         spec.link_bps = r;
     }
-    spec.rate_limit = args.rate_limit.map(RateLimit::new);
+    spec.rate_limit = rate_limit(settings, args).map(RateLimit::new);
     let vm = make_vm(&args.vm, !args.json)?;
     let report = crate::commands::runtime()?.block_on(async {
         let addr = crate::commands::resolve(&args.to).await?;
@@ -332,16 +332,26 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
     }
 }
 
+/// `--rate-limit`, else the configuration's `migration.rate_limit_bytes_per_sec`.
+fn rate_limit(settings: &Settings, args: &MigrateArgs) -> Option<u64> {
+    args.rate_limit.or(settings.migration_rate_limit)
+}
+
 /// The QEMU backend's spec from the command line.
-pub(crate) fn qemu_spec(args: &MigrateArgs, qmp: &std::path::Path) -> QemuSpec {
+pub(crate) fn qemu_spec(
+    settings: &Settings,
+    args: &MigrateArgs,
+    qmp: &std::path::Path,
+) -> QemuSpec {
     let mut spec = QemuSpec::new(&args.name, qmp.to_path_buf());
     spec.downtime = std::time::Duration::from_millis(args.downtime_ms);
     spec.auto_converge = !args.no_throttle;
     spec.paced_throttle = args.throttle_steps == crate::cli::ThrottleStepsArg::Paced;
     spec.streams = args.streams;
-    spec.rate_limit = args.rate_limit.map(RateLimit::new);
+    let cap = rate_limit(settings, args);
+    spec.rate_limit = cap.map(RateLimit::new);
     // A cap is the link the migration gets.
-    let link_rate = args.link_rate.or(args.rate_limit);
+    let link_rate = args.link_rate.or(cap);
     spec.codec = match args.codec {
         CodecChoice::Fixed(c) => c,
         // zstd level 2 runs at several hundred MB/s a core; on links faster than that, lz4.
@@ -367,7 +377,7 @@ fn run_qemu(
     endpoint: &dwcp_transport::Endpoint,
     expect: Option<&dwcp_wire::NodeId>,
 ) -> Result<()> {
-    let spec = qemu_spec(args, qmp);
+    let spec = qemu_spec(settings, args, qmp);
     let chatty = !args.json;
     let result = crate::commands::runtime()?.block_on(async {
         // SIGINT or SIGTERM: roll back (QEMU's guest runs on at the source) unless the finish

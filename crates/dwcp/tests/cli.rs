@@ -832,6 +832,34 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     // Another seed: not pages the destination holds from the VM before.
     assert!(wire > 1e6, "{j}");
     assert!(secs >= (wire - 100_000.0) / 2e6, "faster than the cap: {j}");
+    // The configuration's cap, when --rate-limit is not given.
+    let o = dwcp()
+        .args(["migrate", "--to", &agent.addr, "--node-id", "node-a"])
+        .args([
+            "--vm-size",
+            "8Mi",
+            "--synthetic",
+            "--dirty-rate",
+            "1M",
+            "--seed",
+            "3",
+        ])
+        .args(["--name", "capped2.mem", "--json", "--certs-dir"])
+        .arg(dir.path())
+        .env("DWCP_MIGRATION__RATE_LIMIT_BYTES_PER_SEC", "2000000")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (wire, secs) = (
+        j["wire_bytes"].as_f64().unwrap(),
+        j["total_seconds"].as_f64().unwrap(),
+    );
+    assert!(wire > 1e6, "{j}");
+    assert!(
+        secs >= (wire - 100_000.0) / 2e6,
+        "faster than the configured cap: {j}"
+    );
     let o = migrate(&["--rate-limit", "0"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(
