@@ -760,7 +760,11 @@ pub async fn migrate_qemu(
         .and_then(|p| p.get("max-cpu-throttle"))
         .and_then(Value::as_u64)
         .map_or(Own::QEMU.max, |m| m.min(100) as u8);
-    let converge = Watch::new(spec.give_up, spec.auto_converge.then_some(max));
+    let converge = Watch::new(
+        spec.give_up,
+        spec.auto_converge.then_some(max),
+        spec.downtime,
+    );
     let result = run(
         dest,
         spec,

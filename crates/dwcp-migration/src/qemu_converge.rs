@@ -5,9 +5,10 @@
 //! QEMU's escalation, auto-converge, can do no more once it is off or at `max-cpu-throttle`.
 //! Such a migration used to run until `dwcp migrate`'s timeout (ten minutes), sending the same
 //! pages again and again. [`Watch`] tells it from what QEMU reports at each dirty-bitmap sync:
-//! once auto-converge has nothing left, a round in which the guest dirtied about as much as
-//! went out (nine tenths or more), and after which no less stays dirty than at the best sync
-//! before (nine tenths or more of it), did not shrink;
+//! once auto-converge has nothing left, a round that took longer than the pause budget, in
+//! which the guest dirtied about as much as went out (nine tenths or more), and after which
+//! no less stays dirty than at the best sync before (nine tenths or more of it), did not
+//! shrink;
 //! after [`GiveUp::rounds`] such rounds in a row, lasting [`GiveUp::after`] at least, the
 //! migration is rolled back with the figures that show why.
 
@@ -81,6 +82,11 @@ impl std::fmt::Display for Stall {
 #[derive(Debug)]
 pub struct Watch {
     give_up: GiveUp,
+    /// Seconds a round must take to count: the pause budget. A round sent in less nearly
+    /// fits it, and QEMU may stop the guest after any such round (over `lossy`, a guest that
+    /// was not throttled kept its dirty set at 1-3 MB in rounds of a fifth of a second for
+    /// a minute, then QEMU stopped it: 2026-12-05).
+    shortest: f64,
     /// `max-cpu-throttle` with auto-converge on; `None` with it off.
     max: Option<u8>,
     /// The dirty-sync count last seen.
@@ -100,10 +106,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// A watch for a migration whose auto-converge stops at `max` percent (`None`: off).
-    pub fn new(give_up: GiveUp, max: Option<u8>) -> Self {
+    /// A watch for a migration whose auto-converge stops at `max` percent (`None`: off) and
+    /// whose guest may be paused for `budget`.
+    pub fn new(give_up: GiveUp, max: Option<u8>, budget: Duration) -> Self {
         Self {
             give_up,
+            shortest: budget.as_secs_f64(),
             max,
             sync: 0,
             mark: None,
@@ -165,7 +173,9 @@ impl Watch {
         // (An owner's `throttle-trigger-threshold` of 90 or more keeps QEMU from stepping
         // while the guest dirties 90 % of what goes out: then nothing is given up.)
         let exhausted = self.max.is_none_or(|m| under >= m && throttle >= m);
-        if !exhausted || shrank || dirty < SHRINK * sent {
+        // Several syncs since the last poll: rounds of that length on average.
+        let round = dt / (sync - s0) as f64;
+        if !exhausted || shrank || dirty < SHRINK * sent || round < self.shortest {
             self.stalls = 0;
             return None;
         }
@@ -193,6 +203,7 @@ mod tests {
     use super::*;
 
     const MB: f64 = 1e6;
+    const BUDGET: Duration = Duration::from_millis(300);
 
     /// Polls one sync a `round` seconds from sync 1, the stream carrying `sent` MB/s, the
     /// guest dirtying `dirty` MB/s and QEMU reporting `remaining` MB at each; returns the
@@ -234,7 +245,7 @@ mod tests {
 
     #[test]
     fn without_auto_converge_a_guest_dirtying_faster_than_the_stream_is_given_up() {
-        let mut w = Watch::new(quick(5), None);
+        let mut w = Watch::new(quick(5), None, BUDGET);
         let (at, stall) = run(&mut w, 30, 2.0, |_| 0, |_| 5.0, |_| 20.0).expect("given up");
         // Syncs 1 and 2 bound the first pass; the round ending at sync 3 sets the first low
         // (less than all of RAM), and the five ending at syncs 4-8 leave no less.
@@ -256,18 +267,18 @@ mod tests {
 
     #[test]
     fn a_guest_dirtying_less_than_the_stream_carries_is_left_to_converge() {
-        let mut w = Watch::new(quick(3), None);
+        let mut w = Watch::new(quick(3), None, BUDGET);
         // Dirtying 85 % of what goes out: slowly, the set shrinks; QEMU gets there.
         assert!(run(&mut w, 50, 2.0, |_| 0, |_| 3.4, |_| 20.0).is_none());
         // A working set rewritten whole every round: as many pages dirtied as sent, a
         // little less than their bytes in the stream. It does not shrink.
-        let mut w = Watch::new(quick(3), None);
+        let mut w = Watch::new(quick(3), None, BUDGET);
         assert!(run(&mut w, 50, 2.0, |_| 0, |_| 3.99, |_| 20.0).is_some());
     }
 
     #[test]
     fn a_dirty_set_that_still_shrinks_is_left_to_converge() {
-        let mut w = Watch::new(quick(3), None);
+        let mut w = Watch::new(quick(3), None, BUDGET);
         // The dirty rate (an average over QEMU's last second) reads high, but every sync
         // leaves a tenth less dirty than the one before.
         let r = run(
@@ -281,7 +292,7 @@ mod tests {
         assert!(r.is_none(), "{r:?}");
         // 7 % less each round: no round is below nine tenths of the one before, but the
         // rounds together are, within the five given.
-        let mut w = Watch::new(quick(5), None);
+        let mut w = Watch::new(quick(5), None, BUDGET);
         let r = run(
             &mut w,
             40,
@@ -292,7 +303,7 @@ mod tests {
         );
         assert!(r.is_none(), "{r:?}");
         // 1 % less each round: too slow; given up after five rounds.
-        let mut w = Watch::new(quick(5), None);
+        let mut w = Watch::new(quick(5), None, BUDGET);
         let (at, _) = run(
             &mut w,
             40,
@@ -308,10 +319,10 @@ mod tests {
     #[test]
     fn while_auto_converge_has_steps_left_nothing_is_given_up() {
         // Throttled to 60 % of a maximum of 99: QEMU will step again.
-        let mut w = Watch::new(quick(2), Some(99));
+        let mut w = Watch::new(quick(2), Some(99), BUDGET);
         assert!(run(&mut w, 20, 2.0, |_| 60, |_| 8.0, |_| 20.0).is_none());
         // At its maximum from round 10 on: the rounds from then on count.
-        let mut w = Watch::new(quick(3), Some(99));
+        let mut w = Watch::new(quick(3), Some(99), BUDGET);
         let throttle = |s: u64| if s >= 10 { 99 } else { 60 };
         let (at, stall) = run(&mut w, 20, 2.0, throttle, |_| 8.0, |_| 20.0).expect("given up");
         // The rounds ending at syncs 10, 11 and 12 ran at 99 %.
@@ -322,7 +333,7 @@ mod tests {
             "{stall}"
         );
         // An owner's lower maximum is the end of the steps too.
-        let mut w = Watch::new(quick(3), Some(50));
+        let mut w = Watch::new(quick(3), Some(50), BUDGET);
         assert!(run(&mut w, 20, 2.0, |_| 50, |_| 8.0, |_| 20.0).is_some());
     }
 
@@ -333,20 +344,41 @@ mod tests {
             after: Duration::from_secs(30),
         };
         // Rounds of 2 s: three of them are not 30 s; fifteen are (from sync 3 to sync 18).
-        let mut w = Watch::new(give_up, None);
+        let mut w = Watch::new(give_up, None, BUDGET);
         let (at, stall) = run(&mut w, 40, 2.0, |_| 0, |_| 5.0, |_| 20.0).expect("given up");
         assert_eq!(at, 18);
         assert!(stall.seconds >= 30.0 && stall.rounds == 15, "{stall:?}");
         // A round that shrinks starts the count again.
-        let mut w = Watch::new(quick(3), None);
+        let mut w = Watch::new(quick(3), None, BUDGET);
         let remaining = |s: u64| if s == 5 { 10.0 } else { 20.0 };
         let (at, _) = run(&mut w, 40, 2.0, |_| 0, |_| 5.0, remaining).expect("given up");
         assert_eq!(at, 8);
     }
 
     #[test]
+    fn rounds_shorter_than_the_pause_budget_do_not_count() {
+        // Rounds of 0.2 s: the dirty set nearly fits the budget, and QEMU may stop the guest
+        // after any of them.
+        let mut w = Watch::new(quick(3), None, BUDGET);
+        assert!(run(&mut w, 100, 0.2, |_| 0, |_| 5.0, |_| 1.0).is_none());
+        // Polled every 0.9 s, with four such rounds in between: the same.
+        let mut w = Watch::new(quick(3), None, BUDGET);
+        let mut given_up = false;
+        for k in 1..=40u64 {
+            let at = k as f64 * 0.9;
+            given_up |= w
+                .poll(4 * k, 0, 5.0 * MB, 1_000_000, at, (4.0 * MB * at) as u64)
+                .is_some();
+        }
+        assert!(!given_up);
+        // Rounds of 0.5 s do.
+        let mut w = Watch::new(quick(3), None, BUDGET);
+        assert!(run(&mut w, 100, 0.5, |_| 0, |_| 5.0, |_| 1.0).is_some());
+    }
+
+    #[test]
     fn polls_without_a_new_sync_or_without_a_rate_change_nothing() {
-        let mut w = Watch::new(quick(1), None);
+        let mut w = Watch::new(quick(1), None, BUDGET);
         // The first pass, then a round in which nothing was read (a stalled socket): no
         // figures, no verdict.
         assert_eq!(w.poll(1, 0, 5.0 * MB, 1, 1.0, 100), None);
