@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use dwcp_transport::session::recv::MIGRATION_OUTCOMES;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,6 +46,9 @@ pub struct Metrics {
     pub session_streams: Family<Labels, Gauge>,
     /// Chunk bytes taken from session streams, by sending `peer`, as they arrive.
     pub session_data_bytes: Family<Labels, Counter>,
+    /// Migrations into this node that ended, by source `peer`, `backend` (`memory`, `qemu`)
+    /// and `result` (`committed`, `aborted`, `failed`).
+    pub migrations_received: Family<Labels, Counter>,
     /// Baseline cache entries (pages and chunks, seeds included).
     pub cache_entries: Gauge,
     peers_update: std::sync::Mutex<()>,
@@ -83,6 +87,7 @@ impl Metrics {
             delta_content_bytes: Family::default(),
             session_streams: Family::default(),
             session_data_bytes: Family::default(),
+            migrations_received: Family::default(),
             cache_entries: Gauge::default(),
             peers_update: std::sync::Mutex::default(),
             cache_bytes: Family::default(),
@@ -156,6 +161,11 @@ impl Metrics {
             "session_data_bytes",
             "Chunk bytes taken from transfer sessions as they arrive (its rate is the live goodput), by sending peer",
             m.session_data_bytes.clone(),
+        );
+        registry.register(
+            "migrations_received",
+            "Migrations into this node that ended, by source peer, backend (memory, qemu) and result (committed, aborted, failed)",
+            m.migrations_received.clone(),
         );
         registry.register(
             "baseline_cache_entries",
@@ -236,6 +246,18 @@ impl Metrics {
             let c = self.session_data_bytes.get_or_create(&l);
             // The receiver's count only grows: move the counter up to it.
             c.inc_by(s.data_bytes.saturating_sub(c.get()));
+            for (&(backend, result), &n) in MIGRATION_OUTCOMES.iter().zip(&s.migrations) {
+                // Only outcomes seen: a peer that never migrated shows none.
+                if n == 0 {
+                    continue;
+                }
+                let c = self.migrations_received.get_or_create(&vec![
+                    ("peer", s.peer.as_str().to_string()),
+                    ("backend", backend.to_string()),
+                    ("result", result.to_string()),
+                ]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
         }
     }
 

@@ -80,6 +80,16 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
         "pages by cache reference: {:?}",
         r2.levels
     );
+    // The destination counts both, by source and result.
+    let m = agent.metrics().await;
+    let ended = |result| {
+        dwcp_testkit::metric_value(
+            &m,
+            "dwcp_migrations_received_total",
+            &[("peer", "src"), ("backend", "memory"), ("result", result)],
+        )
+    };
+    assert_eq!((ended("committed"), ended("aborted")), (2.0, 0.0), "{m}");
     agent.stop().await.unwrap();
 }
 
@@ -306,6 +316,15 @@ async fn a_workload_that_never_converges_is_rolled_back_with_the_source_running(
         "destination cleaned"
     );
     assert!(!spool.join("busy.mem").exists());
+    let m = agent.metrics().await;
+    let ended = |result| {
+        dwcp_testkit::metric_value(
+            &m,
+            "dwcp_migrations_received_total",
+            &[("peer", "src"), ("backend", "memory"), ("result", result)],
+        )
+    };
+    assert_eq!((ended("committed"), ended("aborted")), (0.0, 1.0), "{m}");
     agent.stop().await.unwrap();
 }
 

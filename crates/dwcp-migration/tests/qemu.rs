@@ -254,6 +254,17 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         "the source QEMU stays (paused) until cleaned up"
     );
     drop(sq);
+    let m = n.agent.metrics().await;
+    let loaded = dwcp_testkit::metric_value(
+        &m,
+        "dwcp_migrations_received_total",
+        &[
+            ("peer", "src"),
+            ("backend", "qemu"),
+            ("result", "committed"),
+        ],
+    );
+    assert_eq!(loaded, 1.0, "{m}");
     n.agent.stop().await.unwrap();
 }
 
@@ -432,6 +443,18 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         );
     }
     eprintln!("cancelled (delay, phase): {phases:?}");
+    // The destination counted each abort (steps 2-5: the ones in prepare too, and the one
+    // before anything started) and nothing loaded.
+    let m = n.agent.metrics().await;
+    let ended = |result| {
+        dwcp_testkit::metric_value(
+            &m,
+            "dwcp_migrations_received_total",
+            &[("peer", "src"), ("backend", "qemu"), ("result", result)],
+        )
+    };
+    assert_eq!(ended("committed"), 0.0, "{m}");
+    assert!(ended("aborted") >= 7.0, "{m}");
     assert!(
         !src.serial().contains("check BAD"),
         "the source guest's own check failed"

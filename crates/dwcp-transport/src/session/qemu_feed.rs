@@ -319,16 +319,17 @@ impl Feeds {
         ))
     }
 
-    /// ABORT: stops feeding, and QEMU quits.
-    pub(crate) async fn abort(&self, peer: &NodeId, vm: &str) {
-        self.remove(peer, vm, false).await;
+    /// ABORT: stops feeding, and QEMU quits. Whether an incoming migration was open.
+    pub(crate) async fn abort(&self, peer: &NodeId, vm: &str) -> bool {
+        self.remove(peer, vm, false).await
     }
 
     /// Drops the feed of `vm`. Unless QEMU `loaded` the verified stream, QEMU is told to quit
     /// before its socket closes: on a stream cut after its end-of-state marker (in the VM
     /// description QEMU sends last) QEMU 7.2 completes the load and would start the guest.
-    async fn remove(&self, peer: &NodeId, vm: &str, loaded: bool) {
+    async fn remove(&self, peer: &NodeId, vm: &str, loaded: bool) -> bool {
         let feed = lock(&self.feeds).remove(&(peer.clone(), vm.to_string()));
+        let was_open = feed.is_some();
         if let Some(feed) = feed {
             if !loaded {
                 quit(&feed, vm).await;
@@ -344,6 +345,7 @@ impl Feeds {
             drop(s);
             feed.wake.notify_waiters();
         }
+        was_open
     }
 }
 

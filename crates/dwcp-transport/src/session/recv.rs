@@ -296,7 +296,22 @@ pub struct Receiver {
 struct PeerCounters {
     streams: std::sync::atomic::AtomicU32,
     data_bytes: std::sync::atomic::AtomicU64,
+    /// Migrations from this peer that ended here, by [`MIGRATION_OUTCOMES`].
+    migrations: [std::sync::atomic::AtomicU64; MIGRATION_OUTCOMES.len()],
 }
+
+/// How a migration into this node ended, as counted per peer: the backend (`memory`: a
+/// memory image published in the spool; `qemu`: a QEMU guest's stream fed to the waiting
+/// QEMU) and the result (`committed`: published, or loaded by QEMU; `aborted`: the source
+/// rolled it back; `failed`: the commit or the load failed here).
+pub const MIGRATION_OUTCOMES: [(&str, &str); 6] = [
+    ("memory", "committed"),
+    ("memory", "aborted"),
+    ("memory", "failed"),
+    ("qemu", "committed"),
+    ("qemu", "aborted"),
+    ("qemu", "failed"),
+];
 
 /// One stream counted in its peer's `streams` for as long as it lives.
 struct OpenStream(Arc<PeerCounters>);
@@ -324,6 +339,8 @@ pub struct PeerStats {
     /// Chunk bytes taken from it since start (as they arrive, before objects complete):
     /// its rate is the live goodput.
     pub data_bytes: u64,
+    /// Its migrations that ended here, counted by [`MIGRATION_OUTCOMES`] (same order).
+    pub migrations: [u64; MIGRATION_OUTCOMES.len()],
 }
 
 /// What a served connection ended with.
@@ -377,10 +394,23 @@ impl Receiver {
                 peer: peer.clone(),
                 streams: c.streams.load(Relaxed),
                 data_bytes: c.data_bytes.load(Relaxed),
+                migrations: std::array::from_fn(|i| c.migrations[i].load(Relaxed)),
             })
             .collect();
         v.sort_by(|a, b| a.peer.as_str().cmp(b.peer.as_str()));
         v
+    }
+
+    /// Counts a migration of `peer` that ended here (`backend`, `result`: an entry of
+    /// [`MIGRATION_OUTCOMES`]).
+    fn migration_ended(&self, peer: &NodeId, backend: &str, result: &str) {
+        if let Some(i) = MIGRATION_OUTCOMES
+            .iter()
+            .position(|&(b, r)| b == backend && r == result)
+        {
+            let c = lock(&self.peers).entry(peer.clone()).or_default().clone();
+            c.migrations[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Accepts incoming QEMU migrations: the QEMU for VM `NAME` waits in `dir` with
@@ -1020,10 +1050,17 @@ impl Receiver {
                     feeds.open(peer, &m.name).await.map(|()| String::new())
                 }
                 data::MIGRATION_QEMU_FINISH => {
-                    feeds.finish(peer, &m.name, m.segments, &m.blake3).await
+                    let r = feeds.finish(peer, &m.name, m.segments, &m.blake3).await;
+                    let result = if r.is_ok() { "committed" } else { "failed" };
+                    self.migration_ended(peer, "qemu", result);
+                    r
                 }
                 _ => {
-                    feeds.abort(peer, &m.name).await;
+                    // Counted when something was open (not for a migration refused at its
+                    // start, nor twice).
+                    if feeds.abort(peer, &m.name).await {
+                        self.migration_ended(peer, "qemu", "aborted");
+                    }
                     Ok(String::new())
                 }
             };
@@ -1057,8 +1094,25 @@ impl Receiver {
     }
 
     /// Commits (publishes) or aborts (deletes) the migration target of `name`: `MIGRATION`,
-    /// or a final round that commits (v6) once it is applied.
+    /// or a final round that commits (v6) once it is applied. Counted per peer.
     async fn settle_target(&self, peer: &NodeId, name: &str, op: u32) -> Result<(), String> {
+        // A source also asks to abort before it starts, to clear what an earlier attempt may
+        // have left: counted only when there was a target.
+        let had_target = migration_target(&self.dir_for(peer).join(name)).exists();
+        let r = self.settle(peer, name, op).await;
+        let result = match (&r, op) {
+            (Ok(()), data::MIGRATION_COMMIT) => Some("committed"),
+            (Ok(()), _) => had_target.then_some("aborted"),
+            (Err(_), _) => Some("failed"),
+        };
+        if let Some(result) = result {
+            self.migration_ended(peer, "memory", result);
+        }
+        r
+    }
+
+    /// [`Self::settle_target`], uncounted.
+    async fn settle(&self, peer: &NodeId, name: &str, op: u32) -> Result<(), String> {
         let dir = self.dir_for(peer);
         let path = dir.join(name);
         {
