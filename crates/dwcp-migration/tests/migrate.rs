@@ -90,6 +90,8 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
         )
     };
     assert_eq!((ended("committed"), ended("aborted")), (2.0, 0.0), "{m}");
+    // (The abort each source sends before it starts, to clear what an earlier attempt may
+    // have left, ended nothing: not counted.)
     agent.stop().await.unwrap();
 }
 

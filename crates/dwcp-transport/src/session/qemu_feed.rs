@@ -231,31 +231,38 @@ impl Feeds {
 
     /// FINISH: the stream has `total` segments whose bytes have the BLAKE3 `digest`. Waits
     /// until every segment is in and QEMU has loaded the VM; returns a JSON detail
-    /// (`status`, `resumed_unix_us`, `fed_bytes`).
+    /// (`status`, `resumed_unix_us`, `fed_bytes`), and whether this finish ended the incoming
+    /// migration (false when it was refused, or an abort came first).
     pub(crate) async fn finish(
         &self,
         peer: &NodeId,
         vm: &str,
         total: u64,
         digest: &[u8],
-    ) -> Result<String, String> {
-        let digest: [u8; 32] = digest.try_into().map_err(|_| {
-            format!(
+    ) -> (Result<String, String>, bool) {
+        let Ok(digest) = <[u8; 32]>::try_from(digest) else {
+            let why = format!(
                 "the finish of {vm:?} carries a {}-byte stream digest, not a 32-byte BLAKE3",
                 digest.len()
-            )
-        })?;
+            );
+            return (Err(why), false);
+        };
         let feed = lock(&self.feeds)
             .get(&(peer.clone(), vm.to_string()))
-            .cloned()
-            .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
+            .cloned();
+        let Some(feed) = feed else {
+            return (
+                Err(format!("no incoming migration of {vm:?} is open")),
+                false,
+            );
+        };
         {
             lock(&feed.state).total = Some((total, digest));
         }
         feed.kick.notify_one();
         let result = self.finish_inner(&feed, vm).await;
-        self.remove(peer, vm, result.is_ok()).await;
-        result
+        let ended = self.remove(peer, vm, result.is_ok()).await;
+        (result, ended)
     }
 
     async fn finish_inner(&self, feed: &Feed, vm: &str) -> Result<String, String> {

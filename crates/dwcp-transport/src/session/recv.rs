@@ -303,11 +303,11 @@ struct PeerCounters {
 /// How a migration into this node ended, as counted per peer: the backend (`memory`: a
 /// memory image published in the spool; `qemu`: a QEMU guest's stream fed to the waiting
 /// QEMU) and the result (`committed`: published, or loaded by QEMU; `aborted`: the source
-/// rolled it back; `failed`: the commit or the load failed here).
-pub const MIGRATION_OUTCOMES: [(&str, &str); 6] = [
+/// rolled it back; `failed`: QEMU's load failed here, or its stream did not check out).
+/// A memory image whose commit fails here is rolled back by its source: `aborted`.
+pub const MIGRATION_OUTCOMES: [(&str, &str); 5] = [
     ("memory", "committed"),
     ("memory", "aborted"),
-    ("memory", "failed"),
     ("qemu", "committed"),
     ("qemu", "aborted"),
     ("qemu", "failed"),
@@ -404,10 +404,11 @@ impl Receiver {
     /// Counts a migration of `peer` that ended here (`backend`, `result`: an entry of
     /// [`MIGRATION_OUTCOMES`]).
     fn migration_ended(&self, peer: &NodeId, backend: &str, result: &str) {
-        if let Some(i) = MIGRATION_OUTCOMES
+        let i = MIGRATION_OUTCOMES
             .iter()
-            .position(|&(b, r)| b == backend && r == result)
-        {
+            .position(|&(b, r)| b == backend && r == result);
+        debug_assert!(i.is_some(), "no migration outcome {backend} {result}");
+        if let Some(i) = i {
             let c = lock(&self.peers).entry(peer.clone()).or_default().clone();
             c.migrations[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -1050,9 +1051,13 @@ impl Receiver {
                     feeds.open(peer, &m.name).await.map(|()| String::new())
                 }
                 data::MIGRATION_QEMU_FINISH => {
-                    let r = feeds.finish(peer, &m.name, m.segments, &m.blake3).await;
-                    let result = if r.is_ok() { "committed" } else { "failed" };
-                    self.migration_ended(peer, "qemu", result);
+                    let (r, ended) = feeds.finish(peer, &m.name, m.segments, &m.blake3).await;
+                    // Only a finish that ended the incoming migration itself counts (not one
+                    // refused, nor one an abort overtook: that abort counts).
+                    if ended {
+                        let result = if r.is_ok() { "committed" } else { "failed" };
+                        self.migration_ended(peer, "qemu", result);
+                    }
                     r
                 }
                 _ => {
@@ -1096,25 +1101,27 @@ impl Receiver {
     /// Commits (publishes) or aborts (deletes) the migration target of `name`: `MIGRATION`,
     /// or a final round that commits (v6) once it is applied. Counted per peer.
     async fn settle_target(&self, peer: &NodeId, name: &str, op: u32) -> Result<(), String> {
-        // A source also asks to abort before it starts, to clear what an earlier attempt may
-        // have left: counted only when there was a target.
-        let had_target = migration_target(&self.dir_for(peer).join(name)).exists();
         let r = self.settle(peer, name, op).await;
-        let result = match (&r, op) {
-            (Ok(()), data::MIGRATION_COMMIT) => Some("committed"),
-            (Ok(()), _) => had_target.then_some("aborted"),
-            (Err(_), _) => Some("failed"),
-        };
-        if let Some(result) = result {
+        // A source also asks to abort before it starts, to clear what an earlier attempt may
+        // have left: an abort counts only when it ended something. A commit that fails is
+        // followed by the source's abort, which counts it.
+        if let Ok(true) = r {
+            let result = if op == data::MIGRATION_COMMIT {
+                "committed"
+            } else {
+                "aborted"
+            };
             self.migration_ended(peer, "memory", result);
         }
-        r
+        r.map(|_| ())
     }
 
-    /// [`Self::settle_target`], uncounted.
-    async fn settle(&self, peer: &NodeId, name: &str, op: u32) -> Result<(), String> {
+    /// [`Self::settle_target`], uncounted: whether a migration ended (a target published, or
+    /// a target or a round on its way given up).
+    async fn settle(&self, peer: &NodeId, name: &str, op: u32) -> Result<bool, String> {
         let dir = self.dir_for(peer);
         let path = dir.join(name);
+        let mut round_on_its_way = false;
         {
             // Rounds begin only while `path` is not claimed: checked together.
             let mut active = lock(&self.active);
@@ -1129,13 +1136,14 @@ impl Receiver {
                 // round writes nothing more, and the rounds of a new attempt do not wait
                 // behind it.
                 self.turns.abandon(&path);
+                round_on_its_way = true;
             }
             active.insert(path.clone());
         }
         let target = migration_target(&path);
         let name = name.to_owned();
         let p = path.clone();
-        let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
             // The migration ends either way: what its rounds left is not resumed any more.
             remove_round_files(&dir, &name);
             match op {
@@ -1146,11 +1154,13 @@ impl Receiver {
                     if !target.exists() {
                         return Err(format!("no migration target for {name:?}"));
                     }
-                    fs::rename(&target, &p).map_err(|e| format!("cannot publish {name:?}: {e}"))
+                    fs::rename(&target, &p)
+                        .map(|()| true)
+                        .map_err(|e| format!("cannot publish {name:?}: {e}"))
                 }
                 data::MIGRATION_ABORT => match fs::remove_file(&target) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(round_on_its_way),
                     Err(e) => Err(format!("cannot remove the migration target {name:?}: {e}")),
                 },
                 other => Err(format!("unknown migration op {other}")),
