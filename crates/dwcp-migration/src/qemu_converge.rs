@@ -5,10 +5,10 @@
 //! QEMU's escalation, auto-converge, can do no more once it is off or at `max-cpu-throttle`.
 //! Such a migration used to run until `dwcp migrate`'s timeout (ten minutes), sending the same
 //! pages again and again. [`Watch`] tells it from what QEMU reports at each dirty-bitmap sync:
-//! once auto-converge has nothing left, a round that took longer than the pause budget, in
-//! which the guest dirtied about as much as went out (nine tenths or more), and after which
-//! no less stays dirty than at the best sync before (nine tenths or more of it), did not
-//! shrink;
+//! once auto-converge has nothing left, a round that took four times the pause budget or
+//! longer, in which the guest dirtied about as much as went out (nine tenths or more), and
+//! after which no less stays dirty than at the best sync before (nine tenths or more of
+//! it), did not shrink;
 //! after [`GiveUp::rounds`] such rounds in a row, lasting [`GiveUp::after`] at least, the
 //! migration is rolled back with the figures that show why.
 
@@ -82,10 +82,11 @@ impl std::fmt::Display for Stall {
 #[derive(Debug)]
 pub struct Watch {
     give_up: GiveUp,
-    /// Seconds a round must take to count: the pause budget. A round sent in less nearly
-    /// fits it, and QEMU may stop the guest after any such round (over `lossy`, a guest that
-    /// was not throttled kept its dirty set at 1-3 MB in rounds of a fifth of a second for
-    /// a minute, then QEMU stopped it: 2026-12-05).
+    /// Seconds a round must take to count: four times the pause budget. A dirty set sent
+    /// in less is within a few times of what the pause allows, and QEMU may stop the guest
+    /// after any round that happens to be small enough (over `lossy`, a guest that was not
+    /// throttled kept its dirty set at 1-3 MB in rounds of a fifth of a second for a minute,
+    /// then QEMU stopped it: 2026-12-05). Longer, the polls (every 0.3 s) time it well.
     shortest: f64,
     /// `max-cpu-throttle` with auto-converge on; `None` with it off.
     max: Option<u8>,
@@ -111,7 +112,7 @@ impl Watch {
     pub fn new(give_up: GiveUp, max: Option<u8>, budget: Duration) -> Self {
         Self {
             give_up,
-            shortest: budget.as_secs_f64(),
+            shortest: 4.0 * budget.as_secs_f64(),
             max,
             sync: 0,
             mark: None,
@@ -183,7 +184,7 @@ impl Watch {
             self.since = t0;
             self.streak_low = lowest;
         }
-        self.stalls += 1;
+        self.stalls += u32::try_from(sync - s0).unwrap_or(u32::MAX);
         let seconds = at - self.since;
         (self.stalls >= self.give_up.rounds && seconds >= self.give_up.after.as_secs_f64()).then(
             || Stall {
@@ -356,12 +357,14 @@ mod tests {
     }
 
     #[test]
-    fn rounds_shorter_than_the_pause_budget_do_not_count() {
-        // Rounds of 0.2 s: the dirty set nearly fits the budget, and QEMU may stop the guest
-        // after any of them.
+    fn rounds_shorter_than_four_pause_budgets_do_not_count() {
+        // Rounds of 0.2 s and of 1 s (the budget being 0.3 s): the dirty set is within a few
+        // times of what the pause allows, and QEMU may stop the guest after any round.
         let mut w = Watch::new(quick(3), None, BUDGET);
         assert!(run(&mut w, 100, 0.2, |_| 0, |_| 5.0, |_| 1.0).is_none());
-        // Polled every 0.9 s, with four such rounds in between: the same.
+        let mut w = Watch::new(quick(3), None, BUDGET);
+        assert!(run(&mut w, 100, 1.0, |_| 0, |_| 5.0, |_| 1.0).is_none());
+        // Polled every 0.9 s, with four rounds of 0.2 s in between: the same.
         let mut w = Watch::new(quick(3), None, BUDGET);
         let mut given_up = false;
         for k in 1..=40u64 {
@@ -371,9 +374,23 @@ mod tests {
                 .is_some();
         }
         assert!(!given_up);
-        // Rounds of 0.5 s do.
+        // Rounds of 1.5 s do.
         let mut w = Watch::new(quick(3), None, BUDGET);
-        assert!(run(&mut w, 100, 0.5, |_| 0, |_| 5.0, |_| 1.0).is_some());
+        assert!(run(&mut w, 100, 1.5, |_| 0, |_| 5.0, |_| 1.0).is_some());
+        // Two of them between polls count as two.
+        let mut w = Watch::new(quick(4), None, BUDGET);
+        let mut at_sync = None;
+        for k in 1..=20u64 {
+            let at = k as f64 * 3.0;
+            if w.poll(2 * k, 0, 5.0 * MB, 1_000_000, at, (4.0 * MB * at) as u64)
+                .is_some()
+            {
+                at_sync = Some(2 * k);
+                break;
+            }
+        }
+        // Syncs 2 (the first pass's end), 4 (the first low), then 6 and 8: four rounds.
+        assert_eq!(at_sync, Some(8));
     }
 
     #[test]
@@ -392,6 +409,6 @@ mod tests {
         // A round with figures sets the first low; the next one that leaves no less is a
         // stall: given up at once (one round, no time asked).
         assert_eq!(w.poll(6, 0, 5.0 * MB, 1, 5.0, 600), None);
-        assert!(w.poll(7, 0, 5.0 * MB, 1, 6.0, 700).is_some());
+        assert!(w.poll(7, 0, 5.0 * MB, 1, 7.0, 700).is_some());
     }
 }

@@ -650,8 +650,9 @@ pub(crate) struct MigrateArgs {
     pub(crate) max_rounds: u32,
 
     /// Never throttle the guest (auto-converge): abort instead when rounds stop shrinking
-    /// (with --qemu-qmp: after five rounds and 30 s in which the guest dirtied about as much
-    /// as was sent, and no less stayed dirty).
+    /// (with --qemu-qmp: after five rounds in a row, and 30 s, each four pause budgets long
+    /// or longer, in which the guest dirtied about as much as was sent and no less stayed
+    /// dirty).
     #[arg(long)]
     pub(crate) no_throttle: bool,
 
