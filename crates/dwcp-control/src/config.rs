@@ -49,8 +49,8 @@ pub struct MigrationConfig {
     /// Directory where destination QEMUs wait for incoming migrations (`NAME.incoming`,
     /// `NAME.qmp`); "" refuses QEMU migrations.
     pub qemu_dir: PathBuf,
-    /// Cap on what each `dwcp migrate` from this node sends, bytes per second (all its
-    /// connections together); 0: none. `--rate-limit` overrides it.
+    /// Cap on what each `dwcp migrate` run with this configuration sends, bytes per second
+    /// (all its connections together); 0: none. `--rate-limit` overrides it.
     pub rate_limit_bytes_per_sec: u64,
 }
 
@@ -867,8 +867,8 @@ seed_paths = []
 # started with -incoming unix:DIR/NAME.incoming and -qmp unix:DIR/NAME.qmp,server=on,wait=off.
 # "" refuses QEMU migrations.
 qemu_dir = ""
-# Cap on what each `dwcp migrate` from this node sends, bytes per second, all its connections
-# together (0: none; else 65536 or more). `dwcp migrate --rate-limit` overrides it.
+# Cap on what each `dwcp migrate` run with this file sends, bytes per second, all its
+# connections together (0: none; else 65536 or more). `dwcp migrate --rate-limit` overrides it.
 rate_limit_bytes_per_sec = 0
 
 [log]
