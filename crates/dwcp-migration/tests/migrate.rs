@@ -23,6 +23,19 @@ fn to<'a>(ep: &'a dwcp_transport::Endpoint, agent: &RunningAgent) -> Destination
     }
 }
 
+/// Memory-image migrations of "src" that ended at the destination whose metrics are `m`:
+/// (committed, aborted).
+fn ended(m: &str) -> (f64, f64) {
+    let n = |result| {
+        dwcp_testkit::metric_value(
+            m,
+            "dwcp_migrations_received_total",
+            &[("peer", "src"), ("backend", "memory"), ("result", result)],
+        )
+    };
+    (n("committed"), n("aborted"))
+}
+
 /// The page hashes of the image `name` that source node "src" published in `cluster`.
 fn published(cluster: &TestCluster, name: &str) -> Vec<u64> {
     let img = std::fs::read(cluster.dir().join("spool/src").join(name)).unwrap();
@@ -82,14 +95,7 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
     );
     // The destination counts both, by source and result.
     let m = agent.metrics().await;
-    let ended = |result| {
-        dwcp_testkit::metric_value(
-            &m,
-            "dwcp_migrations_received_total",
-            &[("peer", "src"), ("backend", "memory"), ("result", result)],
-        )
-    };
-    assert_eq!((ended("committed"), ended("aborted")), (2.0, 0.0), "{m}");
+    assert_eq!(ended(&m), (2.0, 0.0), "{m}");
     // (The abort each source sends before it starts, to clear what an earlier attempt may
     // have left, ended nothing: not counted.)
     agent.stop().await.unwrap();
@@ -319,14 +325,7 @@ async fn a_workload_that_never_converges_is_rolled_back_with_the_source_running(
     );
     assert!(!spool.join("busy.mem").exists());
     let m = agent.metrics().await;
-    let ended = |result| {
-        dwcp_testkit::metric_value(
-            &m,
-            "dwcp_migrations_received_total",
-            &[("peer", "src"), ("backend", "memory"), ("result", result)],
-        )
-    };
-    assert_eq!((ended("committed"), ended("aborted")), (0.0, 1.0), "{m}");
+    assert_eq!(ended(&m), (0.0, 1.0), "{m}");
     agent.stop().await.unwrap();
 }
 

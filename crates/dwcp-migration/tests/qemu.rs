@@ -139,6 +139,18 @@ async fn resume_and_check(harness_qmp: &Path, dst: &mut QemuProcess) {
     assert!(!console.contains("check BAD"), "{console}");
 }
 
+/// Waits (20 s at most) for a destination QEMU told to drop its incoming migration to exit.
+async fn assert_quits(dst: &mut QemuProcess, context: &str) {
+    let t = std::time::Instant::now();
+    while dst.alive() && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !dst.alive(),
+        "{context}the destination QEMU still waits after the abort"
+    );
+}
+
 fn digest(path: &Path) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut h).unwrap();
@@ -379,14 +391,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         .await
         .unwrap();
     assert_eq!(sq.status().await.unwrap(), "running", "after: {e}");
-    let t = std::time::Instant::now();
-    while dst.alive() && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        !dst.alive(),
-        "the destination QEMU still waits after the abort"
-    );
+    assert_quits(&mut dst, "").await;
 
     // 4. Cancelled before anything started: refused in prepare, the source untouched.
     drop(sq); // (QEMU's monitor takes one client at a time)
@@ -462,14 +467,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         }
         assert_eq!(after, before + 1.0, "{delay_ms} ms: {m}");
         opened += 1.0;
-        let t = std::time::Instant::now();
-        while dst.alive() && t.elapsed() < Duration::from_secs(20) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            !dst.alive(),
-            "{delay_ms} ms: the destination QEMU still waits after the abort"
-        );
+        assert_quits(&mut dst, &format!("{delay_ms} ms: ")).await;
     }
     eprintln!("cancelled (delay, phase): {phases:?}, {opened} of them after the open");
     assert!(opened >= 2.0, "{phases:?}");
@@ -540,14 +538,7 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
         src.serial().matches("dwcp-guest tick").count() > before,
         "the source guest is not running after the rollback"
     );
-    let t = std::time::Instant::now();
-    while dst.alive() && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        !dst.alive(),
-        "the destination QEMU still waits after the abort"
-    );
+    assert_quits(&mut dst, "").await;
     n.agent.stop().await.unwrap();
 }
 
