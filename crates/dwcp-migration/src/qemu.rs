@@ -242,6 +242,9 @@ pub struct QemuProgress {
     pub expected_downtime_ms: Option<f64>,
     /// Auto-converge's throttle in force, percent (0: none).
     pub throttle: u64,
+    /// Rounds in a row that did not shrink with auto-converge out of steps: at
+    /// [`QemuSpec::give_up`]'s count (and time) the migration is rolled back.
+    pub stalled_rounds: u32,
 }
 
 /// Why a QEMU migration failed.
@@ -1387,7 +1390,7 @@ async fn pump(
                     let info = qmp.execute("query-migrate", None).await.unwrap_or(Value::Null);
                     let ram = info.get("ram");
                     let n = |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_u64).unwrap_or(0);
-                    let p = QemuProgress {
+                    let mut p = QemuProgress {
                         phase: info.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
                         round: {
                             // Never back: a failed or mismatched query reads as 0.
@@ -1408,6 +1411,7 @@ async fn pump(
                         rate: rate.now,
                         expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
                         throttle: n(Some(&info), "cpu-throttle-percentage"),
+                        stalled_rounds: 0,
                     };
                     if p.phase == "failed" {
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
@@ -1464,6 +1468,7 @@ async fn pump(
                         stalled_rounds = converge.stalls(),
                         "QEMU progress"
                     );
+                    p.stalled_rounds = converge.stalls();
                     progress(&p);
                     // A guest that dirties its memory as fast as it goes out, with auto-converge
                     // out of steps, never lets QEMU stop it: given up, rolled back. Unless QEMU

@@ -519,7 +519,10 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     // again by then.
     spec.rate_limit = Some(RateLimit::new(500_000));
     let started = std::time::Instant::now();
-    let e = migrate_qemu(dest, &spec, &mut |_| {}).await.unwrap_err();
+    let mut stalled = Vec::new();
+    let e = migrate_qemu(dest, &spec, &mut |p| stalled.push(p.stalled_rounds))
+        .await
+        .unwrap_err();
     assert_eq!(e.phase, "transfer", "{e}");
     assert!(
         e.reason.contains("did not converge") && e.reason.contains("auto-converge off"),
@@ -527,6 +530,9 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     );
     assert!(e.source_as_before, "rolled back, resumed: {e}");
     eprintln!("given up after {:?}: {e}", started.elapsed());
+    // Progress showed the count coming (it is 0 before it counts), up to the two given.
+    assert_eq!(stalled.iter().max(), Some(&2), "{stalled:?}");
+    assert_eq!(stalled.last(), Some(&2), "{stalled:?}");
     let mut sq = Qmp::connect(&guest_dir.path().join("src.qmp"), Duration::from_secs(5))
         .await
         .unwrap();

@@ -467,7 +467,7 @@ pub(crate) async fn run_qemu_with_progress(
             "-".into()
         };
         eprint!(
-            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s{}  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}",
+            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s{}  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}{}",
             started.elapsed().as_secs_f64(),
             p.phase,
             p.round,
@@ -484,6 +484,17 @@ pub(crate) async fn run_qemu_with_progress(
             eta,
             p.expected_downtime_ms
                 .map_or_else(|| "-".into(), |d| format!("{d:.0} ms")),
+            if p.stalled_rounds > 0 {
+                format!(
+                    "  not shrinking for {} round{} (rolled back at {} and {} s)",
+                    p.stalled_rounds,
+                    if p.stalled_rounds == 1 { "" } else { "s" },
+                    spec.give_up.rounds,
+                    spec.give_up.after.as_secs()
+                )
+            } else {
+                String::new()
+            },
         );
         let _ = std::io::stderr().flush();
     };
