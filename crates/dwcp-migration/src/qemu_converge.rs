@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use crate::qemu_throttle::Periods;
+
 /// A round "shrinks" the dirty set when QEMU reports less than this share of the lowest it
 /// reported at an earlier sync, or when the guest dirtied less than this share of what went
 /// out. (A working set the guest keeps rewriting is dirtied whole in every round: as many
@@ -90,12 +92,7 @@ pub struct Watch {
     shortest: f64,
     /// `max-cpu-throttle` with auto-converge on; `None` with it off.
     max: Option<u8>,
-    /// The dirty-sync count last seen.
-    sync: u64,
-    /// The sync count, seconds and stream bytes read at the last new sync seen.
-    mark: Option<(u64, f64, u64)>,
-    /// The throttle at the previous poll: in force during the round that ended.
-    seen: u8,
+    periods: Periods,
     /// The least QEMU reported dirty at a sync after its first pass.
     lowest: Option<u64>,
     /// Rounds in a row that did not shrink, when the first of them started, and the least
@@ -114,9 +111,7 @@ impl Watch {
             give_up,
             shortest: 4.0 * budget.as_secs_f64(),
             max,
-            sync: 0,
-            mark: None,
-            seen: 0,
+            periods: Periods::default(),
             lowest: None,
             stalls: 0,
             since: 0.0,
@@ -142,22 +137,12 @@ impl Watch {
         at: f64,
         read: u64,
     ) -> Option<Stall> {
-        let under = self.seen;
-        self.seen = throttle;
-        if sync <= self.sync {
-            return None;
-        }
-        self.sync = sync;
-        let (s0, t0, r0) = self.mark.replace((sync, at, read))?;
+        let p = self.periods.poll(sync, throttle, at, read)?;
         // The first pass (up to sync 2) sends every page once: it says nothing of the dirty set.
-        if s0 < 2 {
+        if p.from_sync < 2 || !dirty.is_finite() {
             return None;
         }
-        let dt = at - t0;
-        let sent = read.saturating_sub(r0) as f64 / dt;
-        if !(dt > 0.0 && sent > 0.0 && sent.is_finite() && dirty.is_finite()) {
-            return None;
-        }
+        let sent = p.sent;
         let Some(lowest) = self.lowest else {
             // The first round after the first pass: less than all of RAM stays dirty.
             self.lowest = Some(remaining);
@@ -173,18 +158,18 @@ impl Watch {
         // Auto-converge can do no more: off, or at its highest throttle for the whole round.
         // (An owner's `throttle-trigger-threshold` of 90 or more keeps QEMU from stepping
         // while the guest dirties 90 % of what goes out: then nothing is given up.)
-        let exhausted = self.max.is_none_or(|m| under >= m && throttle >= m);
+        let exhausted = self.max.is_none_or(|m| p.under >= m && throttle >= m);
         // Several syncs since the last poll: rounds of that length on average.
-        let round = dt / (sync - s0) as f64;
+        let round = p.seconds / p.syncs as f64;
         if !exhausted || shrank || dirty < SHRINK * sent || round < self.shortest {
             self.stalls = 0;
             return None;
         }
         if self.stalls == 0 {
-            self.since = t0;
+            self.since = p.start;
             self.streak_low = lowest;
         }
-        self.stalls += u32::try_from(sync - s0).unwrap_or(u32::MAX);
+        self.stalls += u32::try_from(p.syncs).unwrap_or(u32::MAX);
         let seconds = at - self.since;
         (self.stalls >= self.give_up.rounds && seconds >= self.give_up.after.as_secs_f64()).then(
             || Stall {

@@ -88,18 +88,67 @@ pub fn steps_for(own: Own, under: u8, now: u8, dirty: f64, sent: f64) -> Steps {
     }
 }
 
+/// QEMU's stream between the dirty-bitmap syncs a poller sees (several may pass between two
+/// polls): what [`Pacer`] and [`crate::qemu_converge::Watch`] measure rounds by.
+#[derive(Debug, Default)]
+pub struct Periods {
+    /// The dirty-sync count last seen.
+    sync: u64,
+    /// The sync count, seconds and stream bytes read from QEMU at the last new sync seen.
+    mark: Option<(u64, f64, u64)>,
+    /// The throttle at the previous poll: in force while QEMU measured the dirty rate it
+    /// reports at a new sync (a step QEMU takes at that sync is already in the new figure).
+    seen: u8,
+}
+
+/// The stream from one sync seen to the next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Period {
+    /// The sync it started at.
+    pub from_sync: u64,
+    /// Syncs (QEMU's rounds) it spans.
+    pub syncs: u64,
+    /// When it started, seconds.
+    pub start: f64,
+    /// How long it took, seconds.
+    pub seconds: f64,
+    /// Stream bytes read from QEMU a second.
+    pub sent: f64,
+    /// The throttle in force meanwhile, percent.
+    pub under: u8,
+}
+
+impl Periods {
+    /// One poll: QEMU's dirty-sync count `sync` and throttle (percent), at `at` seconds with
+    /// `read` stream bytes read from QEMU so far. The period that ended when this poll sees a
+    /// new sync after an earlier one, and the stream moved in it.
+    pub fn poll(&mut self, sync: u64, throttle: u8, at: f64, read: u64) -> Option<Period> {
+        let under = self.seen;
+        self.seen = throttle;
+        if sync <= self.sync {
+            return None;
+        }
+        self.sync = sync;
+        let (from_sync, start, r0) = self.mark.replace((sync, at, read))?;
+        let seconds = at - start;
+        let sent = read.saturating_sub(r0) as f64 / seconds;
+        (seconds > 0.0 && sent > 0.0 && sent.is_finite()).then_some(Period {
+            from_sync,
+            syncs: sync - from_sync,
+            start,
+            seconds,
+            sent,
+            under,
+        })
+    }
+}
+
 /// Chooses QEMU's throttle steps while a migration runs: fed each `query-migrate`, it says
 /// when to set new ones.
 #[derive(Debug)]
 pub struct Pacer {
     own: Own,
-    /// The dirty-sync count last seen.
-    sync: u64,
-    /// Seconds and stream bytes read from QEMU at the last new sync seen.
-    mark: Option<(f64, u64)>,
-    /// The throttle at the previous poll: in force while QEMU measured the dirty rate it
-    /// reports at a new sync (a step QEMU takes at that sync is already in the new figure).
-    seen: u8,
+    periods: Periods,
     /// The steps last set.
     set: Option<Steps>,
 }
@@ -109,9 +158,7 @@ impl Pacer {
     pub fn new(own: Own) -> Self {
         Self {
             own,
-            sync: 0,
-            mark: None,
-            seen: 0,
+            periods: Periods::default(),
             set: None,
         }
     }
@@ -128,19 +175,11 @@ impl Pacer {
         at: f64,
         read: u64,
     ) -> Option<Steps> {
-        let under = self.seen;
-        self.seen = throttle;
-        if sync <= self.sync {
+        let p = self.periods.poll(sync, throttle, at, read)?;
+        if dirty <= 0.0 {
             return None;
         }
-        self.sync = sync;
-        let (t0, r0) = self.mark.replace((at, read))?;
-        let dt = at - t0;
-        let sent = read.saturating_sub(r0) as f64 / dt;
-        if dt <= 0.0 || sent <= 0.0 || dirty <= 0.0 || !sent.is_finite() {
-            return None;
-        }
-        let steps = steps_for(self.own, under, throttle, dirty, sent);
+        let steps = steps_for(self.own, p.under, throttle, dirty, p.sent);
         if self.set == Some(steps) {
             return None;
         }
