@@ -139,6 +139,13 @@ async fn resume_and_check(harness_qmp: &Path, dst: &mut QemuProcess) {
     assert!(!console.contains("check BAD"), "{console}");
 }
 
+/// The run state of the QEMU whose monitor is `qmp` (the connection closed again: QEMU's
+/// monitor takes one client at a time).
+async fn status(qmp: &Path) -> String {
+    let mut q = Qmp::connect(qmp, Duration::from_secs(5)).await.unwrap();
+    q.status().await.unwrap()
+}
+
 /// Waits (20 s at most) for a destination QEMU told to drop its incoming migration to exit.
 async fn assert_quits(dst: &mut QemuProcess, context: &str) {
     let t = std::time::Instant::now();
@@ -387,14 +394,14 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         "{e}"
     );
     assert!(e.source_as_before, "rolled back, resumed: {e}");
-    let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(sq.status().await.unwrap(), "running", "after: {e}");
+    assert_eq!(
+        status(&dir.path().join("src.qmp")).await,
+        "running",
+        "after: {e}"
+    );
     assert_quits(&mut dst, "").await;
 
     // 4. Cancelled before anything started: refused in prepare, the source untouched.
-    drop(sq); // (QEMU's monitor takes one client at a time)
     let dst4 = destination(&image, dir.path(), qemu_dir, "vm4");
     let spec = QemuSpec::new("vm4", dir.path().join("src.qmp"));
     spec.cancel.cancel();
@@ -405,11 +412,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         "{e}"
     );
     assert!(e.source_as_before, "{e}");
-    let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(sq.status().await.unwrap(), "running");
-    drop(sq);
+    assert_eq!(status(&dir.path().join("src.qmp")).await, "running");
 
     drop(dst4); // never contacted: killed here
 
@@ -453,11 +456,8 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
         );
         assert!(e.source_as_before, "{delay_ms} ms: {e}");
         phases.push((delay_ms, e.phase));
-        let mut sq = Qmp::connect(&dir.path().join("src.qmp"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(sq.status().await.unwrap(), "running", "{delay_ms} ms: {e}");
-        drop(sq);
+        let now = status(&dir.path().join("src.qmp")).await;
+        assert_eq!(now, "running", "{delay_ms} ms: {e}");
         let (after, m) = counted("aborted").await;
         if after == before {
             // The cancel came before anything was sent (a loaded machine can hold this task
@@ -533,11 +533,8 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     // Progress showed the count coming (it is 0 before it counts), up to the two given.
     assert_eq!(stalled.iter().max(), Some(&2), "{stalled:?}");
     assert_eq!(stalled.last(), Some(&2), "{stalled:?}");
-    let mut sq = Qmp::connect(&guest_dir.path().join("src.qmp"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(sq.status().await.unwrap(), "running", "after: {e}");
-    drop(sq);
+    let now = status(&guest_dir.path().join("src.qmp")).await;
+    assert_eq!(now, "running", "after: {e}");
     let before = src.serial().matches("dwcp-guest tick").count();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(

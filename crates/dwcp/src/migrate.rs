@@ -297,10 +297,12 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         CodecChoice::Auto => None,
         CodecChoice::Fixed(c) => Some(c),
     };
-    if let Some(r) = args.link_rate.or(rate_limit(settings, args)) {
+    let cap = rate_limit(settings, args);
+    // A cap is the link the migration gets.
+    if let Some(r) = args.link_rate.or(cap) {
         spec.link_bps = r;
     }
-    spec.rate_limit = rate_limit(settings, args).map(RateLimit::new);
+    spec.rate_limit = cap.map(RateLimit::new);
     let vm = make_vm(&args.vm, !args.json)?;
     let report = crate::commands::runtime()?.block_on(async {
         let addr = crate::commands::resolve(&args.to).await?;
