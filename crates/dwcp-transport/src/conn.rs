@@ -688,6 +688,13 @@ impl Connection<TcpStream> {
     pub fn notsent_lowat(&self) -> io::Result<u32> {
         socket2::SockRef::from(self.io.get_ref().0).tcp_notsent_lowat()
     }
+
+    /// A second descriptor of this connection's socket, to read what the kernel counts on
+    /// it (`TCP_INFO`) once the connection is boxed and split; `None` if the process is out
+    /// of descriptors. Drop it with the connection.
+    pub fn tcp_probe(&self) -> Option<dwcp_sys::TcpProbe> {
+        dwcp_sys::TcpProbe::new(self.io.get_ref().0).ok()
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {

@@ -540,7 +540,12 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             let rtt = p.link.rtt.map_or_else(String::new, |r| {
                 format!(", RTT {:.0} ms", r.as_secs_f64() * 1e3)
             });
-            bar.set_message(format!("{} ({} streams{rtt})", p.name, p.streams));
+            let retrans = p
+                .link
+                .tcp
+                .and_then(|t| t.retransmit_ratio())
+                .map_or_else(String::new, |r| format!(", {:.2} % retrans", r * 100.0));
+            bar.set_message(format!("{} ({} streams{rtt}{retrans})", p.name, p.streams));
         };
         send_files(
             &endpoint,
@@ -555,6 +560,10 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let goodput = total as f64 * 8.0 / report.seconds.max(1e-9) / 1e6;
+    let tcp = report.link.tcp;
+    // What the transport sent again below the session: TCP's retransmitted segments, or
+    // the packets QUIC declared lost (it sends their frames again).
+    let retransmits = tcp.map(|t| t.retransmits).or(report.link.lost_packets);
     let delta_json = |d: &dwcp_transport::session::DeltaReport| {
         json!({
             "layout": d.layout, "bytes": d.raw_bytes, "bytes_on_wire": d.encoded_bytes,
@@ -579,6 +588,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             "resent_bytes": report.resent_bytes,
             "seconds": report.seconds,
             "goodput_mbit_s": goodput,
+            "retransmits": retransmits,
             "transport": report.carrier.map(|c| c.to_string()),
             "link": {
                 "heartbeats": report.link.heartbeats,
@@ -589,6 +599,11 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
                 "goodput_mbit_s_last": report.link.goodput_bps * 8e-6,
                 "quic_lost_packets": report.link.lost_packets,
                 "quic_congestion_events": report.link.congestion_events,
+                "tcp_retransmits": tcp.map(|t| t.retransmits),
+                "tcp_retransmitted_bytes": tcp.map(|t| t.retransmitted_bytes),
+                "tcp_segments_sent": tcp.map(|t| t.segments_sent),
+                "tcp_bytes_sent": tcp.map(|t| t.bytes_sent),
+                "tcp_retransmit_percent": tcp.and_then(|t| t.retransmit_ratio()).map(|r| r * 100.0),
             },
             "streams": report.streams,
             "streams_final": report.streams_final,
@@ -633,9 +648,19 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
                 o.name, o.size
             );
         }
+        let below = match (tcp, report.link.lost_packets) {
+            (Some(t), _) => format!(
+                ", TCP retransmitted {} of {} segments ({:.2} %)",
+                t.retransmits,
+                t.segments_sent,
+                t.retransmit_ratio().unwrap_or(0.0) * 100.0
+            ),
+            (None, Some(lost)) => format!(", QUIC lost {lost} packets"),
+            (None, None) => String::new(),
+        };
         println!(
             "{} bytes in {:.2} s: {:.1} Mbit/s over {} {} streams ({} re-sent bytes, {} streams \
-             lost and {} replaced, {} reconnects)",
+             lost and {} replaced, {} reconnects{below})",
             total,
             report.seconds,
             goodput,

@@ -470,8 +470,15 @@ fn internet_profile_transfer_in_namespaces() {
     let dir = tempfile::tempdir().unwrap();
     cluster(dir.path(), &["node-a", "node-b"]);
     let certs = dir.path().to_str().unwrap().to_string();
+    // Incompressible (xorshift), so that all of it crosses the lossy link.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
     let data: Vec<u8> = (0..4_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
         .collect();
     let file = dir.path().join("img.raw");
     std::fs::write(&file, &data).unwrap();
@@ -523,6 +530,10 @@ fn internet_profile_transfer_in_namespaces() {
     let j: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
     assert_eq!(j["streams"], 4, "{j}");
     assert!(std::fs::read(out.join("img.raw")).unwrap() == data);
+    // 0.5 % of ~2,800 packets lost each way: the retransmissions show, TCP's from the
+    // kernel or QUIC's losses (no loss at all has odds below one in a million).
+    kernel_counts_agree(&j);
+    assert!(j["retransmits"].as_u64().unwrap() > 0, "{j}");
 }
 
 /// One `dwcp recv` run on loopback receiving one `dwcp send`; returns send's JSON.
@@ -542,7 +553,32 @@ fn recv_and_send_with(
     let (send, status, recv_log) = recv_and_send_status(certs, out, cache, file, args, env);
     assert!(send.status.success(), "{}", text(&send.stderr));
     assert!(status.success(), "{recv_log}");
-    serde_json::from_slice(&send.stdout).unwrap()
+    let j: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
+    kernel_counts_agree(&j);
+    j
+}
+
+/// `dwcp send --json`'s TCP counts (from the kernel) agree with what the session sent: TCP
+/// sent at least the chunk bytes (framing and TLS come on top). QUIC sessions have none.
+fn kernel_counts_agree(j: &serde_json::Value) {
+    let link = &j["link"];
+    match j["transport"].as_str() {
+        Some("tcp") => {
+            let tcp_bytes = link["tcp_bytes_sent"].as_u64().unwrap();
+            assert!(tcp_bytes >= j["bytes_sent"].as_u64().unwrap(), "{j}");
+            assert!(link["tcp_segments_sent"].as_u64().unwrap() > 0, "{j}");
+            assert_eq!(j["retransmits"], link["tcp_retransmits"], "{j}");
+            assert!(
+                link["tcp_retransmit_percent"].as_f64().unwrap() < 100.0,
+                "{j}"
+            );
+        }
+        Some("quic") => {
+            assert!(link["tcp_bytes_sent"].is_null(), "{j}");
+            assert_eq!(j["retransmits"], link["quic_lost_packets"], "{j}");
+        }
+        other => panic!("transport {other:?}: {j}"),
+    }
 }
 
 /// One `dwcp recv` and one `dwcp send` as they end: send's output, recv's exit status and

@@ -13,6 +13,7 @@ pub mod recv;
 pub mod sched;
 pub mod send;
 mod source;
+mod tcp;
 pub mod tunnel;
 mod turns;
 
@@ -24,4 +25,5 @@ pub use send::{
     SendError, SendOptions, SendReport, Source, migration_op, migration_op_kept,
     migration_request_kept, query_base, query_base_kept, send_files, send_files_kept,
 };
+pub use tcp::TcpCounts;
 pub use tunnel::{Block, Tunnel};

@@ -36,10 +36,10 @@ use super::adapt::{Controller, Mode};
 use super::delta::{self, DeltaOptions, DeltaReport, Encoded};
 use super::sched::{Next, Scheduler};
 use super::source::SourceReader;
-use crate::conn::{
-    AnyConnection, AnyWriter, Carrier, ConnError, Endpoint, Framed, Stage, connect_to,
-};
+use super::tcp::{TcpCounts, TcpWatch};
+use crate::conn::{AnyConnection, AnyWriter, Carrier, ConnError, Endpoint, Stage, connect_to};
 use crate::quic::{self, QuicPeer};
+use dwcp_sys::TcpProbe;
 
 type Writer = AnyWriter;
 
@@ -218,6 +218,9 @@ pub struct LinkStats {
     pub lost_packets: Option<u64>,
     /// Congestion events QUIC's controller saw (QUIC sessions only).
     pub congestion_events: Option<u64>,
+    /// What the kernel counted on the streams (TCP sessions on Linux only): TCP's own
+    /// retransmissions, segments and bytes sent, since the transfer began.
+    pub tcp: Option<TcpCounts>,
 }
 
 impl LinkStats {
@@ -368,6 +371,8 @@ const CLOSED_BY_RECEIVER: &str = "closed by the receiver";
 /// A stream slot: the generation of the connection in it (a replacement gets a new one, so
 /// late news about its predecessor is not mistaken for news about it) and its writer.
 type Slot = Option<(u64, Arc<Mutex<Writer>>)>;
+/// A stream just opened, with a probe of its socket when it is TCP.
+type Dialed = (AnyConnection, Option<TcpProbe>);
 
 /// How many streams a session opens.
 #[derive(Debug, Clone)]
@@ -476,7 +481,7 @@ impl Dialer {
         expected: Option<&NodeId>,
         carrier: Carrier,
         mode: Option<Mode>,
-    ) -> Result<(Self, AnyConnection), ConnError> {
+    ) -> Result<(Self, Dialed), ConnError> {
         let endpoint = endpoint.clone();
         match carrier {
             Carrier::Tcp | Carrier::Auto => {
@@ -514,7 +519,8 @@ impl Dialer {
                         }
                     }
                 }
-                Ok((Self::Tcp { endpoint, addr }, c.boxed()))
+                let probe = c.tcp_probe();
+                Ok((Self::Tcp { endpoint, addr }, (c.boxed(), probe)))
             }
             Carrier::Quic => Self::first_quic(endpoint, addr, expected).await,
         }
@@ -524,10 +530,10 @@ impl Dialer {
         endpoint: Endpoint,
         addr: std::net::SocketAddr,
         expected: Option<&NodeId>,
-    ) -> Result<(Self, AnyConnection), ConnError> {
+    ) -> Result<(Self, Dialed), ConnError> {
         let conn = quic::dial(&endpoint, addr, expected).await?;
         let c = conn.open(&endpoint).await?;
-        Ok((Self::Quic { endpoint, conn }, c.boxed()))
+        Ok((Self::Quic { endpoint, conn }, (c.boxed(), None)))
     }
 
     fn carrier(&self) -> Carrier {
@@ -538,12 +544,15 @@ impl Dialer {
     }
 
     /// Opens one more stream to `peer`.
-    async fn dial(&self, peer: &NodeId) -> Result<AnyConnection, ConnError> {
+    async fn dial(&self, peer: &NodeId) -> Result<Dialed, ConnError> {
         match self {
-            Self::Tcp { endpoint, addr, .. } => connect_to(endpoint, *addr, Some(peer))
-                .await
-                .map(Framed::boxed),
-            Self::Quic { endpoint, conn } => conn.open(endpoint).await.map(Framed::boxed),
+            Self::Tcp { endpoint, addr, .. } => {
+                connect_to(endpoint, *addr, Some(peer)).await.map(|c| {
+                    let probe = c.tcp_probe();
+                    (c.boxed(), probe)
+                })
+            }
+            Self::Quic { endpoint, conn } => conn.open(endpoint).await.map(|c| (c.boxed(), None)),
         }
     }
 
@@ -573,7 +582,7 @@ struct Session {
     dialer: Dialer,
     /// Streams being opened (at the start, as replacements, or to grow): they join when
     /// ready, while the others already carry data.
-    joining: JoinSet<(u32, Result<AnyConnection, ConnError>)>,
+    joining: JoinSet<(u32, Result<Dialed, ConnError>)>,
     /// Slots of the streams opened with the session that have not joined yet.
     opening: HashSet<u32>,
     peer: NodeId,
@@ -585,6 +594,8 @@ struct Session {
     next_heartbeat: u64,
     /// The heartbeat being written, if any: one at a time.
     beating: Option<tokio::task::JoinHandle<()>>,
+    /// What the kernel counts on the TCP streams.
+    tcp: TcpWatch,
 }
 
 impl Session {
@@ -621,10 +632,10 @@ impl Session {
                 Err(e) => return Err(e),
             }
         };
-        let est = first.established().clone();
+        let est = first.0.established().clone();
         // The first stream's handshake exchange is a round trip: enough to choose the mode,
         // without a ping that would hold up the first byte by one more.
-        let handshake_rtt = first.handshake_time();
+        let handshake_rtt = first.0.handshake_time();
         let streams = match plan {
             StreamPlan::Fixed(n) => *n,
             StreamPlan::Adaptive { .. } => 1,
@@ -652,6 +663,7 @@ impl Session {
             epoch: Instant::now(),
             next_heartbeat: HEARTBEAT_SEQ,
             beating: None,
+            tcp: TcpWatch::default(),
         };
         session.add(0, first).await?;
         let dial = |session: &mut Self, range: std::ops::Range<u32>| {
@@ -746,7 +758,7 @@ impl Session {
     }
 
     /// Puts `conn` into slot `index`; returns the stream's generation.
-    async fn add(&mut self, index: u32, conn: AnyConnection) -> Result<u64, ConnError> {
+    async fn add(&mut self, index: u32, (conn, probe): Dialed) -> Result<u64, ConnError> {
         let (mut reader, mut writer) = conn.split();
         let join = SessionJoin {
             session_id: self.id.to_vec(),
@@ -759,6 +771,9 @@ impl Session {
         let generation = self.next_gen;
         self.next_gen += 1;
         self.writers[index as usize] = Some((generation, Arc::new(Mutex::new(writer))));
+        if let Some(probe) = probe {
+            self.tcp.watch(index, generation, probe);
+        }
         let tx = self.tx.clone();
         self.readers.spawn(async move {
             let why = loop {
@@ -1238,6 +1253,8 @@ pub async fn send_files_kept(
         };
         ever_connected = true;
         backoff = Duration::from_millis(250);
+        // This transfer's TCP counts: from here on this session, after the lost ones'.
+        session.tcp.rebase(report.link.tcp);
         report.version = Some(session.version);
         report.carrier = Some(session.dialer.carrier());
         report.streams = report.streams.max(session.alive() as u32);
@@ -1280,6 +1297,7 @@ pub async fn send_files_kept(
                             src.name
                         );
                         report.reconnects += 1;
+                        report.link.tcp = session.tcp.reported();
                         session.readers.abort_all();
                         let since = *failing_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= opts.retry_for {
@@ -1411,6 +1429,7 @@ pub async fn send_files_kept(
                 Err(ObjectFailure::SessionLost(why)) => {
                     warn!("session lost during {:?}: {why}; reconnecting", src.name);
                     report.reconnects += 1;
+                    report.link.tcp = session.tcp.reported();
                     session.readers.abort_all();
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= opts.retry_for {
@@ -1424,6 +1443,7 @@ pub async fn send_files_kept(
             }
         }
         report.streams_final = session.alive() as u32;
+        report.link.tcp = session.tcp.reported();
         if kept.keep {
             kept.session = Some(session);
         } else {
@@ -1800,6 +1820,7 @@ async fn send_object(
                     report.link.lost_packets = Some(lost);
                     report.link.congestion_events = Some(events);
                 }
+                report.link.tcp = session.tcp.reported();
                 session.heartbeat();
                 continue;
             },
@@ -1850,6 +1871,7 @@ async fn send_object(
                             notify.notify_waiters();
                             end_on.retain(|&e| e != i as usize);
                             if let Some(Some((generation, w))) = session.writers.get_mut(i as usize).map(Option::take) {
+                                session.tcp.close(i, generation);
                                 report.streams_retired += 1;
                                 retiring.insert(i, generation);
                                 let fail = ctx.fail.clone();
@@ -2020,7 +2042,10 @@ async fn send_object(
                     .and_then(Option::as_ref)
                     .is_some_and(|(_, w)| w.try_lock().is_err());
                 t.abort();
-                if mid_frame && let Some(Some(_)) = session.writers.get_mut(i).map(Option::take) {
+                if mid_frame
+                    && let Some(Some((g, _))) = session.writers.get_mut(i).map(Option::take)
+                {
+                    session.tcp.close(i as u32, g);
                     info!(stream = i, "stream dropped: stuck in the middle of a chunk");
                     report.streams_stuck += 1;
                     session.dial(i as u32);
@@ -2421,6 +2446,7 @@ async fn on_lost(
     if let Some(slot) = session.writers.get_mut(i as usize)
         && slot.take().is_some()
     {
+        session.tcp.close(i, generation);
         report.streams_lost += 1;
         warn!(stream = i, "stream lost: {why}");
     }

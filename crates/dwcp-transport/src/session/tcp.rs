@@ -1,0 +1,211 @@
+//! What the kernel counts on a session's TCP streams (`TCP_INFO`): retransmissions, segments
+//! and bytes sent, summed over the session's streams, those already closed included.
+
+use dwcp_sys::TcpProbe;
+
+/// TCP's own counts over a session's streams, from the kernel (`TCP_INFO`). The
+/// retransmissions are TCP's, under the session: chunks the session itself sends again are
+/// counted in `SendReport::resent_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpCounts {
+    /// Segments TCP retransmitted.
+    pub retransmits: u64,
+    /// Bytes TCP retransmitted (0 on kernels before 4.19, which do not count them).
+    pub retransmitted_bytes: u64,
+    /// Data segments sent, retransmissions included (0 before Linux 4.6).
+    pub segments_sent: u64,
+    /// Bytes sent, retransmissions included (0 before Linux 4.19).
+    pub bytes_sent: u64,
+}
+
+impl TcpCounts {
+    /// The share of data segments that were retransmissions; `None` before any was sent.
+    pub fn retransmit_ratio(&self) -> Option<f64> {
+        (self.segments_sent > 0).then(|| self.retransmits as f64 / self.segments_sent as f64)
+    }
+
+    fn read(probe: &TcpProbe) -> Option<Self> {
+        let i = probe.info().ok()?;
+        Some(Self {
+            retransmits: u64::from(i.total_retrans),
+            retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
+            segments_sent: i.data_segs_out.map_or(0, u64::from),
+            bytes_sent: i.bytes_sent.unwrap_or(0),
+        })
+    }
+
+    fn plus(self, o: Self) -> Self {
+        Self {
+            retransmits: self.retransmits.saturating_add(o.retransmits),
+            retransmitted_bytes: self
+                .retransmitted_bytes
+                .saturating_add(o.retransmitted_bytes),
+            segments_sent: self.segments_sent.saturating_add(o.segments_sent),
+            bytes_sent: self.bytes_sent.saturating_add(o.bytes_sent),
+        }
+    }
+
+    fn minus(self, o: Self) -> Self {
+        Self {
+            retransmits: self.retransmits.saturating_sub(o.retransmits),
+            retransmitted_bytes: self
+                .retransmitted_bytes
+                .saturating_sub(o.retransmitted_bytes),
+            segments_sent: self.segments_sent.saturating_sub(o.segments_sent),
+            bytes_sent: self.bytes_sent.saturating_sub(o.bytes_sent),
+        }
+    }
+}
+
+/// One stream being watched: its slot and generation, its probe, and what was last read.
+#[derive(Debug)]
+struct Watched {
+    slot: u32,
+    generation: u64,
+    probe: TcpProbe,
+    last: TcpCounts,
+}
+
+/// The session's streams' probes. A stream leaves when its slot is emptied: its last counts
+/// are kept, and its descriptor is closed with it.
+#[derive(Debug, Default)]
+pub(super) struct TcpWatch {
+    open: Vec<Watched>,
+    closed: TcpCounts,
+    /// Whether any stream could be watched: a QUIC session (or another system) has none.
+    any: bool,
+    /// Counts reported from here on are over this (a kept session's earlier transfers)...
+    base: TcpCounts,
+    /// ...plus these (the sessions of this transfer lost before this one).
+    carried: TcpCounts,
+}
+
+impl TcpWatch {
+    pub(super) fn watch(&mut self, slot: u32, generation: u64, probe: TcpProbe) {
+        let Some(last) = TcpCounts::read(&probe) else {
+            return; // not a socket TCP_INFO can be read from: nothing to count
+        };
+        self.any = true;
+        self.open.push(Watched {
+            slot,
+            generation,
+            probe,
+            last,
+        });
+    }
+
+    /// The stream in `slot` (of `generation`) is gone: its final counts stay in the totals.
+    pub(super) fn close(&mut self, slot: u32, generation: u64) {
+        if let Some(at) = self
+            .open
+            .iter()
+            .position(|w| w.slot == slot && w.generation == generation)
+        {
+            let w = self.open.swap_remove(at);
+            let last = TcpCounts::read(&w.probe).unwrap_or(w.last);
+            self.closed = self.closed.plus(last);
+        }
+    }
+
+    fn totals(&mut self) -> TcpCounts {
+        let mut t = self.closed;
+        for w in &mut self.open {
+            if let Some(c) = TcpCounts::read(&w.probe) {
+                w.last = c;
+            }
+            t = t.plus(w.last);
+        }
+        t
+    }
+
+    /// Counts from now on, added to `carried` (a transfer's earlier sessions).
+    pub(super) fn rebase(&mut self, carried: Option<TcpCounts>) {
+        self.carried = carried.unwrap_or_default();
+        self.base = self.totals();
+    }
+
+    /// What this transfer's streams counted so far; `None` without TCP streams.
+    pub(super) fn reported(&mut self) -> Option<TcpCounts> {
+        if !self.any {
+            return None;
+        }
+        let t = self.totals();
+        Some(self.carried.plus(t.minus(self.base)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    fn send(c: &mut TcpStream, s: &mut TcpStream, n: usize) {
+        c.write_all(&vec![1; n]).unwrap();
+        let mut got = vec![0; n];
+        s.read_exact(&mut got).unwrap();
+    }
+
+    /// Counts survive a stream's close, a kept session's next transfer starts from zero, and
+    /// a reconnected transfer goes on from what its lost session counted.
+    #[test]
+    fn counts_add_up_over_streams_closes_and_sessions() {
+        let mut w = TcpWatch::default();
+        assert_eq!(w.reported(), None, "no stream watched yet");
+        let (mut a, mut a_peer) = pair();
+        let (mut b, mut b_peer) = pair();
+        w.watch(0, 0, TcpProbe::new(&a).unwrap());
+        w.watch(1, 1, TcpProbe::new(&b).unwrap());
+        w.rebase(None);
+        send(&mut a, &mut a_peer, 100_000);
+        send(&mut b, &mut b_peer, 50_000);
+        let r = w.reported().unwrap();
+        assert_eq!(r.bytes_sent, 150_000, "{r:?}");
+        assert!(r.segments_sent >= 3, "{r:?}");
+        assert_eq!(r.retransmits, 0);
+        // Stream 1 closes (a wrong generation changes nothing); its bytes stay counted.
+        w.close(1, 7);
+        assert_eq!(w.open.len(), 2);
+        w.close(1, 1);
+        drop((b, b_peer));
+        send(&mut a, &mut a_peer, 10_000);
+        assert_eq!(w.reported().unwrap().bytes_sent, 160_000);
+        // A kept session's next transfer counts from zero.
+        w.rebase(None);
+        send(&mut a, &mut a_peer, 1_000);
+        let next = w.reported().unwrap();
+        assert_eq!(next.bytes_sent, 1_000);
+        // A new session of the same transfer carries the lost one's counts.
+        let mut w2 = TcpWatch::default();
+        let (mut c, mut c_peer) = pair();
+        w2.watch(0, 0, TcpProbe::new(&c).unwrap());
+        w2.rebase(Some(next));
+        send(&mut c, &mut c_peer, 2_000);
+        assert_eq!(w2.reported().unwrap().bytes_sent, 3_000);
+        assert_eq!(
+            TcpCounts {
+                retransmits: 1,
+                segments_sent: 4,
+                ..TcpCounts::default()
+            }
+            .retransmit_ratio(),
+            Some(0.25)
+        );
+        assert_eq!(TcpCounts::default().retransmit_ratio(), None);
+    }
+
+    #[test]
+    fn a_socket_that_is_not_tcp_is_not_watched() {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut w = TcpWatch::default();
+        w.watch(0, 0, TcpProbe::new(&u).unwrap());
+        assert_eq!(w.reported(), None);
+    }
+}
