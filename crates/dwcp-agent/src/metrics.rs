@@ -46,6 +46,11 @@ pub struct Metrics {
     pub session_streams: Family<Labels, Gauge>,
     /// Chunk bytes taken from session streams, by sending `peer`, as they arrive.
     pub session_data_bytes: Family<Labels, Counter>,
+    /// Segments TCP retransmitted on session streams to this node, by sending `peer`, as
+    /// its heartbeats report them.
+    pub session_tcp_retransmits: Family<Labels, Counter>,
+    /// Data segments TCP sent on them, retransmissions included, by sending `peer`.
+    pub session_tcp_segments: Family<Labels, Counter>,
     /// Migrations into this node that ended, by source `peer`, `backend` (`memory`, `qemu`)
     /// and `result` (`committed`, `aborted`, `failed`).
     pub migrations_received: Family<Labels, Counter>,
@@ -87,6 +92,8 @@ impl Metrics {
             delta_content_bytes: Family::default(),
             session_streams: Family::default(),
             session_data_bytes: Family::default(),
+            session_tcp_retransmits: Family::default(),
+            session_tcp_segments: Family::default(),
             migrations_received: Family::default(),
             cache_entries: Gauge::default(),
             peers_update: std::sync::Mutex::default(),
@@ -161,6 +168,16 @@ impl Metrics {
             "session_data_bytes",
             "Chunk bytes taken from transfer sessions as they arrive (its rate is the live goodput), by sending peer",
             m.session_data_bytes.clone(),
+        );
+        registry.register(
+            "session_tcp_retransmits",
+            "Segments TCP retransmitted on transfer-session streams to this node, by sending peer, as the sender's kernel counted them (TCP_INFO) and its heartbeats reported them",
+            m.session_tcp_retransmits.clone(),
+        );
+        registry.register(
+            "session_tcp_segments",
+            "Data segments TCP sent on transfer-session streams to this node (retransmissions included), by sending peer, as the sender's heartbeats reported them",
+            m.session_tcp_segments.clone(),
         );
         registry.register(
             "migrations_received",
@@ -243,9 +260,15 @@ impl Metrics {
             self.session_streams
                 .get_or_create(&l)
                 .set(i64::from(s.streams));
-            let c = self.session_data_bytes.get_or_create(&l);
-            // The receiver's count only grows: move the counter up to it.
-            c.inc_by(s.data_bytes.saturating_sub(c.get()));
+            // The receiver's counts only grow: move the counters up to them.
+            for (family, n) in [
+                (&self.session_data_bytes, s.data_bytes),
+                (&self.session_tcp_retransmits, s.tcp_retransmits),
+                (&self.session_tcp_segments, s.tcp_segments),
+            ] {
+                let c = family.get_or_create(&l);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
             for (&(backend, result), &n) in MIGRATION_OUTCOMES.iter().zip(&s.migrations) {
                 // Only outcomes seen: a peer that never migrated shows none.
                 if n == 0 {

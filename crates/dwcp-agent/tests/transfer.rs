@@ -1283,6 +1283,7 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
     let src = tempfile::tempdir().unwrap();
     let f = random_file(src.path(), "m", 12 * 1024 * 1024, 12);
     let ep = endpoint(&cluster, "client", |_| {});
+    let mut tcp_counts = None;
     for carrier in [Carrier::Tcp, Carrier::Quic] {
         let mut o = opts(2);
         o.carrier = carrier;
@@ -1328,7 +1329,30 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
             carrier == Carrier::Quic,
             "{carrier}: {link:?}"
         );
+        // TCP's own counts, from the kernel: every chunk byte went out once at least, with
+        // little more than TLS and framing on top (the first stream's handshake precedes the
+        // count). Loopback loses nothing, but a loaded host may see a spurious probe or two.
+        assert_eq!(link.tcp.is_some(), carrier == Carrier::Tcp, "{link:?}");
+        if let Some(t) = link.tcp {
+            let size = 12 * 1024 * 1024;
+            assert!((size..size + size / 50).contains(&t.bytes_sent), "{t:?}");
+            assert!(t.segments_sent >= size / 65536, "{t:?}");
+            assert!(t.retransmits <= t.segments_sent / 10, "{t:?}");
+            tcp_counts = Some(t);
+        }
     }
+    // The receiver's metrics take what the TCP session's heartbeats reported: some of its
+    // segments (its last heartbeat came before the end), never more than it sent.
+    let t = tcp_counts.unwrap();
+    let text = agent.metrics().await;
+    let peer = [("peer", "client")];
+    let segments = dwcp_testkit::metric_value(&text, "dwcp_session_tcp_segments_total", &peer);
+    let retrans = dwcp_testkit::metric_value(&text, "dwcp_session_tcp_retransmits_total", &peer);
+    assert!(
+        segments > 0.0 && segments <= (t.segments_sent + 20) as f64,
+        "{t:?}\n{text}"
+    );
+    assert!(retrans <= segments, "{text}");
     // The receiver's side, per peer, while a session runs: its streams.
     let mut o = opts(3);
     o.rate_limit = Some(4_000_000);

@@ -704,7 +704,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Framed<T> {
         let start = Instant::now();
         let probe = msg::Ping {
             seq,
-            timestamp_micros: 0,
+            ..msg::Ping::default()
         };
         self.send(&msg::encode(FrameType::PING, &probe)).await?;
         let wait = async {

@@ -146,6 +146,8 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     let ping = Ping {
         seq: 7,
         timestamp_micros: 1,
+        sender_tcp_retransmits: 2,
+        sender_tcp_segments: 300,
     };
     let close = Close::new(crate::ErrorCode::PROTOCOL_ERROR, "bad");
     use prost::Message as _;

@@ -89,6 +89,14 @@ pub struct Ping {
     /// Opaque to the receiver; the sender puts its send time here.
     #[prost(uint64, tag = "2")]
     pub timestamp_micros: u64,
+    /// A session's heartbeat: the segments TCP retransmitted on the sender's streams of the
+    /// session so far, by the sender's kernel (`TCP_INFO`); 0 when unknown. For the
+    /// receiver's metrics only, never acted on.
+    #[prost(uint64, tag = "3")]
+    pub sender_tcp_retransmits: u64,
+    /// ... and the data segments they sent, retransmissions included; 0 when unknown.
+    #[prost(uint64, tag = "4")]
+    pub sender_tcp_segments: u64,
 }
 
 /// Longest reason string sent in a `REJECT` or `GOAWAY`; longer ones are cut.
@@ -187,6 +195,7 @@ mod tests {
         let mut bytes = Ping {
             seq: 5,
             timestamp_micros: 6,
+            ..Ping::default()
         }
         .encode_to_vec();
         bytes.extend_from_slice(&[0x98, 0x06, 0x07]);

@@ -220,6 +220,8 @@ struct RxSession {
     shout: broadcast::Sender<(u64, Frame)>,
     /// Numbers the session's connections, for `shout`.
     next_conn: u64,
+    /// The sender's TCP counts as its last heartbeat reported them (retransmitted, sent).
+    sender_tcp: (u64, u64),
 }
 
 impl Default for RxSession {
@@ -232,6 +234,7 @@ impl Default for RxSession {
             begun: Default::default(),
             shout: broadcast::channel(SHOUT_CAPACITY).0,
             next_conn: 0,
+            sender_tcp: (0, 0),
         }
     }
 }
@@ -296,6 +299,9 @@ pub struct Receiver {
 struct PeerCounters {
     streams: std::sync::atomic::AtomicU32,
     data_bytes: std::sync::atomic::AtomicU64,
+    /// What its sessions' heartbeats reported of TCP: segments retransmitted, and sent.
+    tcp_retransmits: std::sync::atomic::AtomicU64,
+    tcp_segments: std::sync::atomic::AtomicU64,
     /// Migrations from this peer that ended here, by [`MIGRATION_OUTCOMES`].
     migrations: [std::sync::atomic::AtomicU64; MIGRATION_OUTCOMES.len()],
 }
@@ -341,6 +347,11 @@ pub struct PeerStats {
     pub data_bytes: u64,
     /// Its migrations that ended here, counted by [`MIGRATION_OUTCOMES`] (same order).
     pub migrations: [u64; MIGRATION_OUTCOMES.len()],
+    /// Segments TCP retransmitted on its session streams to this node, as its heartbeats
+    /// report them (its kernel counts them; this node's cannot): since start.
+    pub tcp_retransmits: u64,
+    /// ... and the data segments it sent on them, retransmissions included.
+    pub tcp_segments: u64,
 }
 
 /// What a served connection ended with.
@@ -395,6 +406,8 @@ impl Receiver {
                 streams: c.streams.load(Relaxed),
                 data_bytes: c.data_bytes.load(Relaxed),
                 migrations: std::array::from_fn(|i| c.migrations[i].load(Relaxed)),
+                tcp_retransmits: c.tcp_retransmits.load(Relaxed),
+                tcp_segments: c.tcp_segments.load(Relaxed),
             })
             .collect();
         v.sort_by(|a, b| a.peer.as_str().cmp(b.peer.as_str()));
@@ -847,6 +860,23 @@ impl Receiver {
                 }
                 FrameType::PING => {
                     let p: Ping = msg::decode(&frame).map_err(HandshakeError::from)?;
+                    if p.sender_tcp_segments > 0 {
+                        // The session's counts so far: what grew since its last heartbeat.
+                        let (r, n) = {
+                            let mut s = lock(session);
+                            let (r0, n0) = s.sender_tcp;
+                            s.sender_tcp = (
+                                r0.max(p.sender_tcp_retransmits),
+                                n0.max(p.sender_tcp_segments),
+                            );
+                            (
+                                p.sender_tcp_retransmits.saturating_sub(r0),
+                                p.sender_tcp_segments.saturating_sub(n0),
+                            )
+                        };
+                        counters.tcp_retransmits.fetch_add(r, Ordering::Relaxed);
+                        counters.tcp_segments.fetch_add(n, Ordering::Relaxed);
+                    }
                     self.send(&mut writer, &msg::encode(FrameType::PONG, &p))
                         .await?;
                 }

@@ -815,7 +815,7 @@ impl Session {
                 FrameType::PING,
                 &Ping {
                     seq,
-                    timestamp_micros: 0,
+                    ..Ping::default()
                 },
             ))
             .await
@@ -854,6 +854,8 @@ impl Session {
             return;
         };
         let (seq, epoch) = (self.next_heartbeat, self.epoch);
+        // Over the session's life (the receiver counts per session), for its metrics.
+        let tcp = self.tcp.lifetime().unwrap_or_default();
         self.next_heartbeat += 1;
         self.beating = Some(tokio::spawn(async move {
             // Bounded: a stalled stream must not keep this task (and its stream) alive.
@@ -863,6 +865,8 @@ impl Session {
                     seq,
                     timestamp_micros: u64::try_from(epoch.elapsed().as_micros())
                         .unwrap_or(u64::MAX),
+                    sender_tcp_retransmits: tcp.retransmits,
+                    sender_tcp_segments: tcp.segments_sent,
                 };
                 // A failed write shows up as a lost stream in the reader.
                 let _ = w.send(&msg::encode(FrameType::PING, &ping)).await;
@@ -1127,7 +1131,7 @@ impl KeptSession {
             FrameType::PING,
             &Ping {
                 seq: KEEPALIVE_SEQ,
-                timestamp_micros: 0,
+                ..Ping::default()
             },
         );
         let writers: Vec<Arc<Mutex<Writer>>> =

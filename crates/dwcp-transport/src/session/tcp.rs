@@ -124,6 +124,11 @@ impl TcpWatch {
         self.base = self.totals();
     }
 
+    /// What the session's streams counted over its life; `None` without TCP streams.
+    pub(super) fn lifetime(&mut self) -> Option<TcpCounts> {
+        self.any.then(|| self.totals())
+    }
+
     /// What this transfer's streams counted so far; `None` without TCP streams.
     pub(super) fn reported(&mut self) -> Option<TcpCounts> {
         if !self.any {
