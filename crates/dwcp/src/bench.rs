@@ -19,6 +19,8 @@ struct Row {
     congestion: &'static str,
     streams: u32,
     mbit_s: f64,
+    /// Segments TCP retransmitted, as the sender's kernel counted them (QUIC: packets lost).
+    retransmits: Option<u64>,
     detail: Value,
 }
 
@@ -136,7 +138,14 @@ fn ping_rtt_ms(tb: &Testbed, work: &Path) -> Result<f64> {
         })
 }
 
-fn iperf3(tb: &Testbed, work: &Path, streams: u32, congestion: &str, seconds: u32) -> Result<f64> {
+/// iperf3's goodput (Mbit/s) and the segments its sender retransmitted.
+fn iperf3(
+    tb: &Testbed,
+    work: &Path,
+    streams: u32,
+    congestion: &str,
+    seconds: u32,
+) -> Result<(f64, Option<u64>)> {
     let port = "5201";
     let mut server = tb.cmd_b("iperf3");
     server
@@ -175,10 +184,11 @@ fn iperf3(tb: &Testbed, work: &Path, streams: u32, congestion: &str, seconds: u3
     if let Some(e) = j.get("error") {
         bail!("iperf3: {e}");
     }
-    j["end"]["sum_received"]["bits_per_second"]
+    let mbit = j["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e6)
-        .ok_or_else(|| anyhow!("iperf3 JSON lacks end.sum_received.bits_per_second"))
+        .ok_or_else(|| anyhow!("iperf3 JSON lacks end.sum_received.bits_per_second"))?;
+    Ok((mbit, j["end"]["sum_sent"]["retransmits"].as_u64()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -361,13 +371,14 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     let secs = args.seconds;
     for (streams, cc) in [(1, "cubic"), (1, "bbr"), (8, "cubic"), (8, "bbr")] {
         eprintln!("iperf3 {streams} stream(s), {cc} ...");
-        let mbit = iperf3(&tb, work.path(), streams, cc, secs)?;
+        let (mbit, retransmits) = iperf3(&tb, work.path(), streams, cc, secs)?;
         rows.push(Row {
             tool: "iperf3",
             label: format!("iperf3 -P {streams}"),
             congestion: cc,
             streams,
             mbit_s: mbit,
+            retransmits,
             detail: json!({}),
         });
     }
@@ -457,6 +468,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
                     congestion: cc,
                     streams: j["streams"].as_u64().unwrap_or(0) as u32,
                     mbit_s: mbit,
+                    retransmits: j["retransmits"].as_u64(),
                     detail: j,
                 });
             }
@@ -485,22 +497,26 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
          runs {secs} s"
     );
     println!(
-        "{:<26} {:>6} {:>7} {:>10} {:>9} {:>10}",
-        "run", "cc", "streams", "Mbit/s", "% link", "x iperf3-1"
+        "{:<26} {:>6} {:>7} {:>10} {:>9} {:>10} {:>8}",
+        "run", "cc", "streams", "Mbit/s", "% link", "x iperf3-1", "retrans"
     );
     for r in &rows {
         let pct = link.map_or_else(
             || "-".to_string(),
             |l| format!("{:.1}", r.mbit_s / l * 100.0),
         );
+        let retrans = r
+            .retransmits
+            .map_or_else(|| "-".to_string(), |n| n.to_string());
         println!(
-            "{:<26} {:>6} {:>7} {:>10.1} {:>9} {:>10.2}",
+            "{:<26} {:>6} {:>7} {:>10.1} {:>9} {:>10.2} {:>8}",
             r.label,
             r.congestion,
             r.streams,
             r.mbit_s,
             pct,
-            r.mbit_s / base
+            r.mbit_s / base,
+            retrans
         );
     }
     let compared = compare_to_baseline(&rows);
@@ -529,6 +545,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         "runs": rows.iter().map(|r| json!({
             "tool": r.tool, "label": r.label, "congestion": r.congestion, "streams": r.streams,
             "mbit_s": r.mbit_s, "ratio_to_iperf3_single_cubic": r.mbit_s / base,
+            "retransmits": r.retransmits,
             "percent_of_link": link.map(|l| r.mbit_s / l * 100.0), "detail": r.detail,
         })).collect::<Vec<_>>(),
     });
@@ -939,6 +956,7 @@ mod tests {
             congestion: cc,
             streams: 8,
             mbit_s,
+            retransmits: None,
             detail: json!({}),
         }
     }
