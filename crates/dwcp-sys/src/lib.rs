@@ -8,7 +8,7 @@
 //! layout is trusted.
 //!
 //! ```text
-//!  socket (any AsFd) --dup--> TcpProbe --getsockopt(TCP_INFO)--> [u8; 256] --parse--> TcpInfo
+//!  socket (any AsFd) --dup--> TcpProbe --getsockopt(TCP_INFO)--> [u8; 320] --parse--> TcpInfo
 //! ```
 //!
 //! Fields the running kernel does not fill (older kernels return a shorter struct) are `None`.
@@ -26,7 +26,7 @@ pub struct TcpInfo {
     pub state: u8,
     /// Segments retransmitted over the connection's life (`tcpi_total_retrans`).
     pub total_retrans: u32,
-    /// Segments currently thought lost and not yet retransmitted (`tcpi_lost`).
+    /// Segments in flight marked lost now, retransmitted or not (`tcpi_lost`).
     pub lost: u32,
     /// Smoothed round trip (`tcpi_rtt`).
     pub rtt: Duration,
@@ -152,8 +152,9 @@ pub fn tcp_info(sock: &impl AsFd) -> io::Result<TcpInfo> {
 /// A second descriptor of a TCP socket, to read its `TCP_INFO` from elsewhere than the task
 /// that owns the socket (a session's bookkeeping, while its writer tasks hold the streams).
 ///
-/// It keeps the socket open while it lives: drop it with the connection it watches.
-/// Shutting the connection down (FIN) does not wait for it.
+/// It keeps the socket open while it lives: drop it with the connection it watches. An
+/// explicit `shutdown` still sends the FIN at once; closing the connection's own descriptor
+/// without one leaves the socket open until the probe is dropped too.
 #[derive(Debug)]
 pub struct TcpProbe(OwnedFd);
 
