@@ -1353,6 +1353,34 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
         "{t:?}\n{text}"
     );
     assert!(retrans <= segments, "{text}");
+    // A transfer shorter than a heartbeat's second still reaches the metrics: its counts go
+    // in a last heartbeat before the goodbye.
+    let small = random_file(src.path(), "small", 1024 * 1024, 13);
+    let ep2 = endpoint(&cluster, "client2", |_| {});
+    let mut o = opts(2);
+    o.carrier = Carrier::Tcp;
+    let r = send_files(
+        &ep2,
+        agent.addr,
+        None,
+        &[Source::file(&small).unwrap()],
+        &o,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let t = r.link.tcp.unwrap();
+    let text = agent.metrics().await;
+    let segments = dwcp_testkit::metric_value(
+        &text,
+        "dwcp_session_tcp_segments_total",
+        &[("peer", "client2")],
+    );
+    assert!(
+        segments >= (t.segments_sent / 2) as f64 && segments <= (t.segments_sent + 20) as f64,
+        "{t:?} ({} heartbeats)\n{text}",
+        r.link.heartbeats
+    );
     // The receiver's side, per peer, while a session runs: its streams.
     let mut o = opts(3);
     o.rate_limit = Some(4_000_000);

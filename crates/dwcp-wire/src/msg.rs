@@ -90,11 +90,11 @@ pub struct Ping {
     #[prost(uint64, tag = "2")]
     pub timestamp_micros: u64,
     /// A session's heartbeat: the segments TCP retransmitted on the sender's streams of the
-    /// session so far, by the sender's kernel (`TCP_INFO`); 0 when unknown. For the
-    /// receiver's metrics only, never acted on.
+    /// session since its previous heartbeat, by the sender's kernel (`TCP_INFO`); 0 when
+    /// unknown. For the receiver's metrics only, never acted on.
     #[prost(uint64, tag = "3")]
     pub sender_tcp_retransmits: u64,
-    /// ... and the data segments they sent, retransmissions included; 0 when unknown.
+    /// ... and the data segments they sent meanwhile, retransmissions included.
     #[prost(uint64, tag = "4")]
     pub sender_tcp_segments: u64,
 }

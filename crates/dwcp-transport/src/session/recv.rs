@@ -220,8 +220,6 @@ struct RxSession {
     shout: broadcast::Sender<(u64, Frame)>,
     /// Numbers the session's connections, for `shout`.
     next_conn: u64,
-    /// The sender's TCP counts as its last heartbeat reported them (retransmitted, sent).
-    sender_tcp: (u64, u64),
 }
 
 impl Default for RxSession {
@@ -234,7 +232,6 @@ impl Default for RxSession {
             begun: Default::default(),
             shout: broadcast::channel(SHOUT_CAPACITY).0,
             next_conn: 0,
-            sender_tcp: (0, 0),
         }
     }
 }
@@ -242,6 +239,10 @@ impl Default for RxSession {
 /// Largest object whose `urgent` flag is honoured (senders mark objects of up to this size,
 /// and send those of up to 1 MiB twice).
 pub(crate) const URGENT_MAX_SIZE: u64 = 16 << 20;
+
+/// Most segments one heartbeat may report: a second at 1 Tbit/s in 1,448-byte segments, with
+/// room for a heartbeat held up a few seconds.
+const MAX_SEGMENTS_PER_HEARTBEAT: u64 = 1 << 30;
 
 /// Frames queued for a session's connections to send (see `RxSession::shout`).
 const SHOUT_CAPACITY: usize = 16;
@@ -860,20 +861,11 @@ impl Receiver {
                 }
                 FrameType::PING => {
                     let p: Ping = msg::decode(&frame).map_err(HandshakeError::from)?;
-                    if p.sender_tcp_segments > 0 {
-                        // The session's counts so far: what grew since its last heartbeat.
-                        let (r, n) = {
-                            let mut s = lock(session);
-                            let (r0, n0) = s.sender_tcp;
-                            s.sender_tcp = (
-                                r0.max(p.sender_tcp_retransmits),
-                                n0.max(p.sender_tcp_segments),
-                            );
-                            (
-                                p.sender_tcp_retransmits.saturating_sub(r0),
-                                p.sender_tcp_segments.saturating_sub(n0),
-                            )
-                        };
+                    // What TCP counted since the sender's last heartbeat. Only counted: a
+                    // report that cannot be (more retransmitted than sent, or more segments
+                    // than a second could carry at 1 Tbit/s) is ignored.
+                    let (r, n) = (p.sender_tcp_retransmits, p.sender_tcp_segments);
+                    if n > 0 && r <= n && n <= MAX_SEGMENTS_PER_HEARTBEAT {
                         counters.tcp_retransmits.fetch_add(r, Ordering::Relaxed);
                         counters.tcp_segments.fetch_add(n, Ordering::Relaxed);
                     }

@@ -854,8 +854,8 @@ impl Session {
             return;
         };
         let (seq, epoch) = (self.next_heartbeat, self.epoch);
-        // Over the session's life (the receiver counts per session), for its metrics.
-        let tcp = self.tcp.lifetime().unwrap_or_default();
+        // What TCP counted since the last heartbeat, for the receiver's metrics.
+        let tcp = self.tcp.unreported();
         self.next_heartbeat += 1;
         self.beating = Some(tokio::spawn(async move {
             // Bounded: a stalled stream must not keep this task (and its stream) alive.
@@ -947,9 +947,30 @@ impl Session {
 
     /// Says goodbye on every stream (`NO_ERROR` only when the transfer is complete) and
     /// waits briefly for the receiver to close.
-    async fn close(self, code: ErrorCode, reason: &str) {
+    async fn close(mut self, code: ErrorCode, reason: &str) {
         if let Some(t) = &self.beating {
             t.abort();
+        }
+        // TCP's counts since the last heartbeat, ahead of the goodbye on the same stream: a
+        // transfer shorter than a heartbeat's second is counted at the receiver too.
+        let tcp = self.tcp.unreported();
+        if tcp.segments_sent > 0
+            && let Some(w) = self.any_writer()
+        {
+            let ping = Ping {
+                seq: self.next_heartbeat,
+                sender_tcp_retransmits: tcp.retransmits,
+                sender_tcp_segments: tcp.segments_sent,
+                ..Ping::default()
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = w
+                    .lock()
+                    .await
+                    .send(&msg::encode(FrameType::PING, &ping))
+                    .await;
+            })
+            .await;
         }
         for (_, w) in self.writers.into_iter().flatten() {
             // The lock too is bounded: a writer stuck in a dead stream must not hold us.
@@ -1449,6 +1470,9 @@ pub async fn send_files_kept(
         report.streams_final = session.alive() as u32;
         report.link.tcp = session.tcp.reported();
         if kept.keep {
+            // The counts of this transfer to the receiver now, not at the next one's first
+            // heartbeat (migration rounds are often shorter than a heartbeat's second).
+            session.heartbeat();
             kept.session = Some(session);
         } else {
             session
@@ -1875,7 +1899,6 @@ async fn send_object(
                             notify.notify_waiters();
                             end_on.retain(|&e| e != i as usize);
                             if let Some(Some((generation, w))) = session.writers.get_mut(i as usize).map(Option::take) {
-                                session.tcp.close(i, generation);
                                 report.streams_retired += 1;
                                 retiring.insert(i, generation);
                                 let fail = ctx.fail.clone();
@@ -1980,6 +2003,8 @@ async fn send_object(
             Event::Lost(i, generation, why) => {
                 if retiring.get(&i) == Some(&generation) {
                     retiring.remove(&i);
+                    // Counted up to its end: the chunk it finished and the goodbye.
+                    session.tcp.close(i, generation);
                     if why != CLOSED_BY_RECEIVER {
                         debug!(
                             stream = i,
@@ -2444,13 +2469,15 @@ async fn on_lost(
     why: &str,
     core: Option<&Arc<Mutex<Core>>>,
 ) {
+    // Also a stream retired earlier whose end comes now, outside an object's loop; nothing
+    // for streams already let go.
+    session.tcp.close(i, generation);
     if session.generation(i) != Some(generation) {
         return;
     }
     if let Some(slot) = session.writers.get_mut(i as usize)
         && slot.take().is_some()
     {
-        session.tcp.close(i, generation);
         report.streams_lost += 1;
         warn!(stream = i, "stream lost: {why}");
     }

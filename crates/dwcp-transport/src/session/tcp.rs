@@ -24,16 +24,6 @@ impl TcpCounts {
         (self.segments_sent > 0).then(|| self.retransmits as f64 / self.segments_sent as f64)
     }
 
-    fn read(probe: &TcpProbe) -> Option<Self> {
-        let i = probe.info().ok()?;
-        Some(Self {
-            retransmits: u64::from(i.total_retrans),
-            retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
-            segments_sent: i.data_segs_out.map_or(0, u64::from),
-            bytes_sent: i.bytes_sent.unwrap_or(0),
-        })
-    }
-
     fn plus(self, o: Self) -> Self {
         Self {
             retransmits: self.retransmits.saturating_add(o.retransmits),
@@ -64,6 +54,43 @@ struct Watched {
     generation: u64,
     probe: TcpProbe,
     last: TcpCounts,
+    /// The kernel's 32-bit counters as last read (retransmits, data segments): they wrap
+    /// (after some 6 TB of segments), so `last` adds their differences.
+    raw: (u32, u32),
+}
+
+impl Watched {
+    fn new(slot: u32, generation: u64, probe: TcpProbe) -> Option<Self> {
+        let i = probe.info().ok()?;
+        let raw = (i.total_retrans, i.data_segs_out.unwrap_or(0));
+        Some(Self {
+            slot,
+            generation,
+            probe,
+            last: TcpCounts {
+                retransmits: u64::from(raw.0),
+                retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
+                segments_sent: u64::from(raw.1),
+                bytes_sent: i.bytes_sent.unwrap_or(0),
+            },
+            raw,
+        })
+    }
+
+    /// Reads the kernel's counts again; keeps the last ones if the socket cannot be read.
+    fn update(&mut self) {
+        let Ok(i) = self.probe.info() else {
+            return;
+        };
+        let raw = (i.total_retrans, i.data_segs_out.unwrap_or(0));
+        self.last = TcpCounts {
+            retransmits: self.last.retransmits + u64::from(raw.0.wrapping_sub(self.raw.0)),
+            retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
+            segments_sent: self.last.segments_sent + u64::from(raw.1.wrapping_sub(self.raw.1)),
+            bytes_sent: i.bytes_sent.unwrap_or(0),
+        };
+        self.raw = raw;
+    }
 }
 
 /// The session's streams' probes. A stream leaves when its slot is emptied: its last counts
@@ -78,20 +105,17 @@ pub(super) struct TcpWatch {
     base: TcpCounts,
     /// ...plus these (the sessions of this transfer lost before this one).
     carried: TcpCounts,
+    /// The session's counts as far as its heartbeats told the receiver.
+    told: TcpCounts,
 }
 
 impl TcpWatch {
     pub(super) fn watch(&mut self, slot: u32, generation: u64, probe: TcpProbe) {
-        let Some(last) = TcpCounts::read(&probe) else {
-            return; // not a socket TCP_INFO can be read from: nothing to count
-        };
-        self.any = true;
-        self.open.push(Watched {
-            slot,
-            generation,
-            probe,
-            last,
-        });
+        // Not a socket TCP_INFO can be read from: nothing to count.
+        if let Some(w) = Watched::new(slot, generation, probe) {
+            self.any = true;
+            self.open.push(w);
+        }
     }
 
     /// The stream in `slot` (of `generation`) is gone: its final counts stay in the totals.
@@ -101,18 +125,16 @@ impl TcpWatch {
             .iter()
             .position(|w| w.slot == slot && w.generation == generation)
         {
-            let w = self.open.swap_remove(at);
-            let last = TcpCounts::read(&w.probe).unwrap_or(w.last);
-            self.closed = self.closed.plus(last);
+            let mut w = self.open.swap_remove(at);
+            w.update();
+            self.closed = self.closed.plus(w.last);
         }
     }
 
     fn totals(&mut self) -> TcpCounts {
         let mut t = self.closed;
         for w in &mut self.open {
-            if let Some(c) = TcpCounts::read(&w.probe) {
-                w.last = c;
-            }
+            w.update();
             t = t.plus(w.last);
         }
         t
@@ -124,15 +146,20 @@ impl TcpWatch {
         self.base = self.totals();
     }
 
-    /// What the session's streams counted over its life; `None` without TCP streams.
-    pub(super) fn lifetime(&mut self) -> Option<TcpCounts> {
-        self.any.then(|| self.totals())
+    /// What the session's streams counted since the last call (for a heartbeat): each count
+    /// goes to the receiver once, and one lost with its heartbeat is not sent again.
+    pub(super) fn unreported(&mut self) -> TcpCounts {
+        let now = self.totals();
+        let new = now.minus(self.told);
+        self.told = now;
+        new
     }
 
     /// What this transfer's streams counted so far; `None` without TCP streams.
     pub(super) fn reported(&mut self) -> Option<TcpCounts> {
         if !self.any {
-            return None;
+            // A transfer whose lost sessions were TCP and whose new one is QUIC.
+            return (self.carried != TcpCounts::default()).then_some(self.carried);
         }
         let t = self.totals();
         Some(self.carried.plus(t.minus(self.base)))
@@ -204,6 +231,44 @@ mod tests {
             Some(0.25)
         );
         assert_eq!(TcpCounts::default().retransmit_ratio(), None);
+        // A session without TCP streams (QUIC) keeps what the lost TCP ones counted.
+        let mut quic = TcpWatch::default();
+        quic.rebase(Some(next));
+        assert_eq!(quic.reported(), Some(next));
+        quic.rebase(None);
+        assert_eq!(quic.reported(), None);
+    }
+
+    /// Heartbeats carry each count once: what grew since the last one, closed streams too.
+    #[test]
+    fn heartbeats_take_what_grew_since_the_last() {
+        let mut w = TcpWatch::default();
+        let (mut a, mut a_peer) = pair();
+        let (mut b, mut b_peer) = pair();
+        w.watch(0, 0, TcpProbe::new(&a).unwrap());
+        w.watch(1, 0, TcpProbe::new(&b).unwrap());
+        send(&mut a, &mut a_peer, 5_000);
+        assert_eq!(w.unreported().bytes_sent, 5_000);
+        assert_eq!(w.unreported(), TcpCounts::default());
+        send(&mut b, &mut b_peer, 700);
+        w.close(1, 0);
+        send(&mut a, &mut a_peer, 300);
+        assert_eq!(w.unreported().bytes_sent, 1_000);
+    }
+
+    /// The kernel's 32-bit segment counters wrap; the sums go on.
+    #[test]
+    fn wrapped_kernel_counters_keep_counting_up() {
+        let (c, _s) = pair();
+        let mut w = Watched::new(0, 0, TcpProbe::new(&c).unwrap()).unwrap();
+        let real = w.raw;
+        // As if the kernel had been near the top before this read.
+        w.raw = (u32::MAX - 1, u32::MAX - 9);
+        w.last.retransmits = 100;
+        w.last.segments_sent = 1_000;
+        w.update();
+        assert_eq!(w.last.retransmits, 100 + 2 + u64::from(real.0));
+        assert_eq!(w.last.segments_sent, 1_000 + 10 + u64::from(real.1));
     }
 
     #[test]
