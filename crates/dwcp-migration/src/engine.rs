@@ -19,7 +19,7 @@ use dwcp_encoding::chooser::{Chooser, Pacer};
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
-    BaseRequest, DeltaOptions, KeptSession, RateLimit, SendError, SendOptions, Source,
+    BaseRequest, DeltaOptions, KeptSession, RateLimit, SendError, SendOptions, Source, TcpCounts,
     migration_op_kept, query_base_kept, send_files_kept,
 };
 use dwcp_wire::{ErrorCode, NodeId, Version, data};
@@ -145,6 +145,9 @@ pub struct MigrationReport {
     /// Not migrated, and the source left paused: whether the destination committed could not
     /// be settled (see `how`), so the VM runs nowhere until someone checks.
     pub source_paused: bool,
+    /// What TCP counted under the rounds' parts that landed, by the kernel (`TCP_INFO`):
+    /// its own retransmissions, segments and bytes. `None` without TCP (QUIC, not Linux).
+    pub tcp: Option<TcpCounts>,
 }
 
 /// Live progress for displays.
@@ -210,6 +213,7 @@ pub async fn migrate(
         committed_unix_us: None,
         commit_part_started: None,
         commit_asked: false,
+        tcp: Arc::default(),
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
@@ -237,6 +241,7 @@ pub async fn migrate(
         overlapped_parts: 0,
         committed_with_final_round: false,
         source_paused: false,
+        tcp: None,
     };
     let mut paused_at: Option<Instant> = None;
     // The same moment by the clock the destination's commit time is in.
@@ -491,6 +496,10 @@ pub async fn migrate(
     report.cold_resends = state.cold_resends;
     report.overlapped_parts = state.overlapped_parts;
     report.committed_with_final_round = report.migrated && state.committed.is_some();
+    report.tcp = *state
+        .tcp
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     report
 }
 
@@ -530,6 +539,8 @@ struct RoundState {
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
     /// commit): from then on the destination may own the VM whatever became of the answer.
     commit_asked: bool,
+    /// TCP's counts under the parts that landed, added as they land.
+    tcp: Arc<std::sync::Mutex<Option<TcpCounts>>>,
 }
 
 /// What encoding a round needs and updates.
@@ -885,7 +896,17 @@ async fn send_parts(
                 urgent: final_round,
             };
             state.commit_asked |= commits;
-            let sending = start_part(dest, spec, &state.id, lane, file, wire, raw_size, part);
+            let sending = start_part(
+                dest,
+                spec,
+                &state.id,
+                lane,
+                file,
+                wire,
+                raw_size,
+                part,
+                state.tcp.clone(),
+            );
             older = newer.take();
             if older.is_some() {
                 state.overlapped_parts += 1;
@@ -1236,6 +1257,7 @@ fn start_part<'a>(
     wire: u64,
     raw_size: u64,
     p: PartSpec,
+    tcp: Arc<std::sync::Mutex<Option<TcpCounts>>>,
 ) -> PartFuture<'a> {
     let src = Source {
         path: file.path().to_path_buf(),
@@ -1266,6 +1288,12 @@ fn start_part<'a>(
         )
         .await
         .map(|r| {
+            if let Some(t) = r.link.tcp {
+                let mut sum = tcp
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *sum = Some(sum.map_or(t, |s| s.plus(t)));
+            }
             let answer = r
                 .objects
                 .last()

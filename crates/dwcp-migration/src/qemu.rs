@@ -217,6 +217,9 @@ pub struct QemuReport {
     pub source_qemu: String,
     /// What the user should know about this migration whatever its result.
     pub warnings: Vec<String>,
+    /// What TCP counted under the tunnel, by the kernel (`TCP_INFO`): its own
+    /// retransmissions, segments and bytes.
+    pub tcp: Option<dwcp_transport::session::TcpCounts>,
 }
 
 /// Live progress.
@@ -1145,6 +1148,7 @@ async fn run(
     let (_, _, wire, resent) = tunnel.acked();
     report.wire_bytes = wire;
     report.stream_bytes = budget.read();
+    report.tcp = tunnel.tcp_counts();
     tunnel.close();
     let detail = result?;
     debug!(resent, hedged = tunnel.hedged(), "tunnel done");

@@ -223,6 +223,13 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         r.wire_bytes < r.stream_bytes,
         "HDE made the stream smaller: {r:?}"
     );
+    // TCP's own count (the kernel's) under the tunnel: every acknowledged wire byte, with
+    // framing and TLS on top.
+    let tcp = r.tcp.unwrap();
+    assert!(
+        tcp.bytes_sent >= r.wire_bytes && tcp.segments_sent > 0,
+        "{r:?}"
+    );
     // What the guest read from its disk (a copy of its code, up to 48 MiB, and copies of its
     // text) went by reference; without the seed the same run sends about 4 MB by reference
     // (pages repeated within the stream).

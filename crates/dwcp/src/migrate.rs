@@ -205,6 +205,9 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "cold_resends": r.cold_resends,
         "overlapped_parts": r.overlapped_parts,
         "committed_with_final_round": r.committed_with_final_round,
+        "tcp_retransmits": r.tcp.map(|t| t.retransmits),
+        "tcp_segments_sent": r.tcp.map(|t| t.segments_sent),
+        "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
         "pages": {"zero": zero, "same": same, "dup": dup, "cache": cache, "xor": xor, "literal": literal},
         "rounds": r.rounds.iter().map(|x| json!({
             "round": x.round, "pages": x.pages, "wire_bytes": x.wire_bytes, "seconds": x.seconds,
@@ -243,6 +246,14 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
         "  pages sent as: {zero} zero, {dup} duplicate, {cache} from the destination's cache, {same} unchanged, {xor} XOR delta, {literal} literal ({})",
         r.codec
     );
+    if let Some(t) = r.tcp {
+        println!(
+            "  TCP retransmitted {} of {} segments ({:.2} %)",
+            t.retransmits,
+            t.segments_sent,
+            t.retransmit_ratio().unwrap_or(0.0) * 100.0
+        );
+    }
     if r.cold_resends > 0 {
         println!(
             "  {} part(s) of rounds sent again without references: the destination's cache \
@@ -532,6 +543,9 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "codec": r.codec,
         "source_qemu": r.source_qemu,
         "warnings": r.warnings,
+        "tcp_retransmits": r.tcp.map(|t| t.retransmits),
+        "tcp_segments_sent": r.tcp.map(|t| t.segments_sent),
+        "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
     })
 }
 
@@ -557,6 +571,14 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
         r.wire_bytes as f64 / r.stream_bytes.max(1) as f64 * 100.0,
         r.cache_bytes as f64 / 1e6
     );
+    if let Some(t) = r.tcp {
+        println!(
+            "  TCP retransmitted {} of {} segments under the tunnel ({:.2} %)",
+            t.retransmits,
+            t.segments_sent,
+            t.retransmit_ratio().unwrap_or(0.0) * 100.0
+        );
+    }
     println!(
         "  {} pre-copy iterations (QEMU's dirty syncs){}",
         r.rounds,

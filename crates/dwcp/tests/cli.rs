@@ -856,6 +856,13 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["result"], "migrated", "{j}");
     assert_eq!(j["bit_exact"], true, "{j}");
+    // TCP's own count (the kernel's) under the rounds: every byte of them, framing and TLS
+    // on top.
+    assert!(
+        j["tcp_bytes_sent"].as_u64().unwrap() >= j["wire_bytes"].as_u64().unwrap(),
+        "{j}"
+    );
+    assert!(j["tcp_segments_sent"].as_u64().unwrap() > 0, "{j}");
     let img = std::fs::read(dir.path().join("spool-node-b/node-a/web1.mem")).unwrap();
     assert_eq!(img.len(), 8 << 20);
 

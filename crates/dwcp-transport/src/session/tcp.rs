@@ -24,7 +24,8 @@ impl TcpCounts {
         (self.segments_sent > 0).then(|| self.retransmits as f64 / self.segments_sent as f64)
     }
 
-    fn plus(self, o: Self) -> Self {
+    /// Both counts together (several transfers' or sessions').
+    pub fn plus(self, o: Self) -> Self {
         Self {
             retransmits: self.retransmits.saturating_add(o.retransmits),
             retransmitted_bytes: self

@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::send::{RateLimit, SendError};
+use super::tcp::TcpCounts;
 use crate::conn::{ConnError, Connection, Endpoint, Stage, connect_to};
 
 /// Bytes a tunnel connection's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`) across a
@@ -256,6 +257,9 @@ pub struct Tunnel {
     progress: Arc<Notify>,
     tasks: Mutex<JoinSet<()>>,
     max_block: usize,
+    /// What the kernel counts on the tunnel's connections. Their probes live as long as the
+    /// tunnel: a connection that died stays counted (its socket stays open until then).
+    tcp: Mutex<super::tcp::TcpWatch>,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -357,7 +361,11 @@ impl Tunnel {
         let progress = Arc::new(Notify::new());
         let mut tasks = JoinSet::new();
         let mut max_block = usize::MAX;
+        let mut tcp = super::tcp::TcpWatch::default();
         for (i, conn) in conns.into_iter().enumerate() {
+            if let Some(probe) = conn.tcp_probe() {
+                tcp.watch(i as u32, 0, probe);
+            }
             let (mut reader, mut writer) = conn.split();
             let join = SessionJoin {
                 session_id: id.to_vec(),
@@ -467,6 +475,8 @@ impl Tunnel {
             });
         }
         debug!(name, streams = n, "tunnel open");
+        // From the stream's first block: the handshakes are not the stream's.
+        tcp.rebase(None);
         Ok(Self {
             name: name.to_string(),
             state,
@@ -474,6 +484,7 @@ impl Tunnel {
             progress,
             tasks: Mutex::new(tasks),
             max_block,
+            tcp: Mutex::new(tcp),
         })
     }
 
@@ -537,6 +548,15 @@ impl Tunnel {
     /// [`State::stuck`]).
     pub fn hedged(&self) -> u64 {
         lock(&self.state).hedged
+    }
+
+    /// What TCP counted on the tunnel's connections since it opened, by the kernel
+    /// (`TCP_INFO`): its own retransmissions, segments and bytes. `None` off Linux.
+    pub fn tcp_counts(&self) -> Option<TcpCounts> {
+        self.tcp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reported()
     }
 
     /// The blocks acknowledged since the last call: seq, and whether the receiver decoded it
