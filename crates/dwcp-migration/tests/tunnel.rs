@@ -639,3 +639,39 @@ async fn tunnel_connections_keep_little_unsent() {
     drop(conn);
     agent.stop().await.unwrap();
 }
+
+/// A tunnel counts what TCP sent under it (the kernel's count), and closing it closes its
+/// connections at once even while the tunnel is still held: the descriptors kept to read
+/// the counts go with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_counts_tcp_and_its_close_ends_the_connections() {
+    let vm = open_vm().await;
+    let active = async || {
+        dwcp_testkit::metric_value(&vm.agent.metrics().await, "dwcp_connections_active", &[])
+    };
+    let before = active().await;
+    let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 4, "vm")
+        .await
+        .unwrap();
+    let n = 8u64;
+    let _ = send_raw(&tunnel, n);
+    wait_acked(&tunnel, n).await;
+    let t = tunnel.tcp_counts().unwrap();
+    assert!(
+        t.bytes_sent >= n * 256 * 1024 && t.segments_sent > 0,
+        "{t:?}"
+    );
+    assert_eq!(active().await, before + 4.0);
+    tunnel.close();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while active().await > before {
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel's connections outlived its close"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still counted after the close.
+    assert!(tunnel.tcp_counts().unwrap().bytes_sent >= t.bytes_sent);
+    drop(tunnel);
+}

@@ -257,8 +257,8 @@ pub struct Tunnel {
     progress: Arc<Notify>,
     tasks: Mutex<JoinSet<()>>,
     max_block: usize,
-    /// What the kernel counts on the tunnel's connections. Their probes live as long as the
-    /// tunnel: a connection that died stays counted (its socket stays open until then).
+    /// What the kernel counts on the tunnel's connections. Their probes live until the
+    /// tunnel closes: a connection that died stays counted (its socket open until then).
     tcp: Mutex<super::tcp::TcpWatch>,
 }
 
@@ -592,6 +592,11 @@ impl Tunnel {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .abort_all();
+        // The probes' descriptors too, or the sockets would outlive their connections.
+        self.tcp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .close_all();
     }
 }
 
