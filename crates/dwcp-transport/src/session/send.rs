@@ -948,8 +948,9 @@ impl Session {
     /// Says goodbye on every stream (`NO_ERROR` only when the transfer is complete) and
     /// waits briefly for the receiver to close.
     async fn close(mut self, code: ErrorCode, reason: &str) {
-        if let Some(t) = &self.beating {
-            t.abort();
+        // Not aborted: it carries counts already taken from the watch (bounded at 2 s).
+        if let Some(t) = self.beating.take() {
+            let _ = t.await;
         }
         // TCP's counts since the last heartbeat, ahead of the goodbye on the same stream: a
         // transfer shorter than a heartbeat's second is counted at the receiver too.
