@@ -236,7 +236,15 @@ mod tests {
         c.write_all(&vec![0xa5; N]).unwrap();
         c.shutdown(std::net::Shutdown::Write).unwrap();
         assert_eq!(reader.join().unwrap(), N);
-        let after = probe.info().unwrap();
+        // The last ACKs may come a delayed-ACK timeout after the reader is done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let after = loop {
+            let i = probe.info().unwrap();
+            if i.bytes_acked.unwrap() >= N as u64 || std::time::Instant::now() > deadline {
+                break i;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         // The SYN and the FIN count as a byte each once acknowledged.
         let acked = after.bytes_acked.unwrap();
         assert!((N as u64..=N as u64 + 2).contains(&acked), "{after:?}");

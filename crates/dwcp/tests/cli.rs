@@ -857,7 +857,8 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     assert_eq!(j["result"], "migrated", "{j}");
     assert_eq!(j["bit_exact"], true, "{j}");
     // TCP's own count (the kernel's) under the rounds: every byte of them, framing and TLS
-    // on top.
+    // on top (a part refused and sent again would count in the wire bytes only).
+    assert_eq!(j["cold_resends"], 0, "{j}");
     assert!(
         j["tcp_bytes_sent"].as_u64().unwrap() >= j["wire_bytes"].as_u64().unwrap(),
         "{j}"
