@@ -145,8 +145,10 @@ pub struct MigrationReport {
     /// Not migrated, and the source left paused: whether the destination committed could not
     /// be settled (see `how`), so the VM runs nowhere until someone checks.
     pub source_paused: bool,
-    /// What TCP counted under the rounds' parts that landed, by the kernel (`TCP_INFO`):
-    /// its own retransmissions, segments and bytes. `None` without TCP (QUIC, not Linux).
+    /// What TCP counted under the rounds' parts the destination accepted, by the kernel
+    /// (`TCP_INFO`): its own retransmissions, segments and bytes. Parts refused or sent
+    /// again without references are not counted (their bytes are in `wire_bytes`), nor
+    /// the set-up, commit and check exchanges. `None` without TCP (QUIC, not Linux).
     pub tcp: Option<TcpCounts>,
 }
 
@@ -539,7 +541,7 @@ struct RoundState {
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
     /// commit): from then on the destination may own the VM whatever became of the answer.
     commit_asked: bool,
-    /// TCP's counts under the parts that landed, added as they land.
+    /// TCP's counts under the parts the destination accepted, added as they land.
     tcp: Arc<std::sync::Mutex<Option<TcpCounts>>>,
 }
 

@@ -19,7 +19,7 @@ struct Row {
     congestion: &'static str,
     streams: u32,
     mbit_s: f64,
-    /// Segments TCP retransmitted, as the sender's kernel counted them (QUIC: packets lost).
+    /// Segments TCP retransmitted, as the sender's kernel counted them (`None` on QUIC).
     retransmits: Option<u64>,
     detail: Value,
 }

@@ -216,6 +216,18 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
     })
 }
 
+/// The line of what TCP sent again (the kernel's count), if it was counted.
+fn print_tcp(tcp: Option<dwcp_transport::session::TcpCounts>, under: &str) {
+    if let Some(t) = tcp {
+        println!(
+            "  TCP retransmitted {} of {} segments{under} ({:.2} %)",
+            t.retransmits,
+            t.segments_sent,
+            t.retransmit_ratio().unwrap_or(0.0) * 100.0
+        );
+    }
+}
+
 /// The report as text.
 pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
     println!(
@@ -246,14 +258,7 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
         "  pages sent as: {zero} zero, {dup} duplicate, {cache} from the destination's cache, {same} unchanged, {xor} XOR delta, {literal} literal ({})",
         r.codec
     );
-    if let Some(t) = r.tcp {
-        println!(
-            "  TCP retransmitted {} of {} segments ({:.2} %)",
-            t.retransmits,
-            t.segments_sent,
-            t.retransmit_ratio().unwrap_or(0.0) * 100.0
-        );
-    }
+    print_tcp(r.tcp, "");
     if r.cold_resends > 0 {
         println!(
             "  {} part(s) of rounds sent again without references: the destination's cache \
@@ -571,14 +576,7 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
         r.wire_bytes as f64 / r.stream_bytes.max(1) as f64 * 100.0,
         r.cache_bytes as f64 / 1e6
     );
-    if let Some(t) = r.tcp {
-        println!(
-            "  TCP retransmitted {} of {} segments under the tunnel ({:.2} %)",
-            t.retransmits,
-            t.segments_sent,
-            t.retransmit_ratio().unwrap_or(0.0) * 100.0
-        );
-    }
+    print_tcp(r.tcp, " under the tunnel");
     println!(
         "  {} pre-copy iterations (QEMU's dirty syncs){}",
         r.rounds,
