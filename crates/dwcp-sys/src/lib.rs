@@ -48,6 +48,14 @@ pub struct TcpInfo {
     pub bytes_retrans: Option<u64>,
     /// The kernel's latest delivery-rate sample, bytes per second (Linux 4.9).
     pub delivery_rate: Option<u64>,
+    /// Time with data outstanding, the limited times below included (`tcpi_busy_time`,
+    /// Linux 4.10; counted in jiffies). The rest of the connection's life it waited for the
+    /// application.
+    pub busy_time: Option<Duration>,
+    /// Of it, time the peer's receive window held the sender back (`tcpi_rwnd_limited`).
+    pub rwnd_limited: Option<Duration>,
+    /// Of it, time the socket's send buffer held the sender back (`tcpi_sndbuf_limited`).
+    pub sndbuf_limited: Option<Duration>,
 }
 
 // Offsets in `struct tcp_info` (include/uapi/linux/tcp.h); the test below checks them against
@@ -63,6 +71,9 @@ const BYTES_ACKED: usize = 120;
 const BYTES_RECEIVED: usize = 128;
 const DATA_SEGS_OUT: usize = 156;
 const DELIVERY_RATE: usize = 160;
+const BUSY_TIME: usize = 168;
+const RWND_LIMITED: usize = 176;
+const SNDBUF_LIMITED: usize = 184;
 const BYTES_SENT: usize = 200;
 const BYTES_RETRANS: usize = 208;
 /// The first fields up to `tcpi_total_retrans`, which every kernel since 2.6 fills.
@@ -89,6 +100,7 @@ impl TcpInfo {
         };
         let micros =
             |at: usize| u32_at(at).map_or(Duration::ZERO, |u| Duration::from_micros(u64::from(u)));
+        let micros64 = |at: usize| u64_at(at).map(Duration::from_micros);
         Some(Self {
             state: buf[STATE],
             total_retrans: u32_at(TOTAL_RETRANS)?,
@@ -103,6 +115,9 @@ impl TcpInfo {
             bytes_sent: u64_at(BYTES_SENT),
             bytes_retrans: u64_at(BYTES_RETRANS),
             delivery_rate: u64_at(DELIVERY_RATE),
+            busy_time: micros64(BUSY_TIME),
+            rwnd_limited: micros64(RWND_LIMITED),
+            sndbuf_limited: micros64(SNDBUF_LIMITED),
         })
     }
 }
@@ -194,6 +209,9 @@ mod tests {
         assert_eq!(offset_of!(T, tcpi_delivery_rate), DELIVERY_RATE);
         assert_eq!(offset_of!(T, tcpi_bytes_sent), BYTES_SENT);
         assert_eq!(offset_of!(T, tcpi_bytes_retrans), BYTES_RETRANS);
+        assert_eq!(offset_of!(T, tcpi_busy_time), BUSY_TIME);
+        assert_eq!(offset_of!(T, tcpi_rwnd_limited), RWND_LIMITED);
+        assert_eq!(offset_of!(T, tcpi_sndbuf_limited), SNDBUF_LIMITED);
         assert!(size_of::<T>() <= BUF_LEN);
     }
 

@@ -1,6 +1,8 @@
 //! What the kernel counts on a session's TCP streams (`TCP_INFO`): retransmissions, segments
 //! and bytes sent, summed over the session's streams, those already closed included.
 
+use std::time::{Duration, Instant};
+
 use dwcp_sys::TcpProbe;
 
 /// TCP's own counts over a session's streams, from the kernel (`TCP_INFO`). The
@@ -16,6 +18,16 @@ pub struct TcpCounts {
     pub segments_sent: u64,
     /// Bytes sent, retransmissions included (0 before Linux 4.19).
     pub bytes_sent: u64,
+    /// Stream-time with data outstanding, summed over the streams (the kernel's
+    /// `tcpi_busy_time`, limited times included; zero before Linux 4.10). A stream's life
+    /// less this is time it waited for the session to give it data.
+    pub busy: Duration,
+    /// Of it, stream-time the receiver's window held the streams back.
+    pub rwnd_limited: Duration,
+    /// Of it, stream-time the send buffers held the streams back.
+    pub sndbuf_limited: Duration,
+    /// Stream-time the streams were open (watched), summed: `busy` is part of it.
+    pub open: Duration,
 }
 
 impl TcpCounts {
@@ -33,6 +45,10 @@ impl TcpCounts {
                 .saturating_add(o.retransmitted_bytes),
             segments_sent: self.segments_sent.saturating_add(o.segments_sent),
             bytes_sent: self.bytes_sent.saturating_add(o.bytes_sent),
+            busy: self.busy.saturating_add(o.busy),
+            rwnd_limited: self.rwnd_limited.saturating_add(o.rwnd_limited),
+            sndbuf_limited: self.sndbuf_limited.saturating_add(o.sndbuf_limited),
+            open: self.open.saturating_add(o.open),
         }
     }
 
@@ -44,6 +60,10 @@ impl TcpCounts {
                 .saturating_sub(o.retransmitted_bytes),
             segments_sent: self.segments_sent.saturating_sub(o.segments_sent),
             bytes_sent: self.bytes_sent.saturating_sub(o.bytes_sent),
+            busy: self.busy.saturating_sub(o.busy),
+            rwnd_limited: self.rwnd_limited.saturating_sub(o.rwnd_limited),
+            sndbuf_limited: self.sndbuf_limited.saturating_sub(o.sndbuf_limited),
+            open: self.open.saturating_sub(o.open),
         }
     }
 }
@@ -58,6 +78,8 @@ struct Watched {
     /// The kernel's 32-bit counters as last read (retransmits, data segments): they wrap
     /// (after some 6 TB of segments), so `last` adds their differences.
     raw: (u32, u32),
+    /// When it began to be watched (for `TcpCounts::open`).
+    since: Instant,
 }
 
 impl Watched {
@@ -73,14 +95,21 @@ impl Watched {
                 retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
                 segments_sent: u64::from(raw.1),
                 bytes_sent: i.bytes_sent.unwrap_or(0),
+                busy: i.busy_time.unwrap_or_default(),
+                rwnd_limited: i.rwnd_limited.unwrap_or_default(),
+                sndbuf_limited: i.sndbuf_limited.unwrap_or_default(),
+                open: Duration::ZERO,
             },
             raw,
+            since: Instant::now(),
         })
     }
 
     /// Reads the kernel's counts again; keeps the last ones if the socket cannot be read.
     fn update(&mut self) {
+        let open = self.since.elapsed();
         let Ok(i) = self.probe.info() else {
+            self.last.open = open;
             return;
         };
         let raw = (i.total_retrans, i.data_segs_out.unwrap_or(0));
@@ -89,6 +118,10 @@ impl Watched {
             retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
             segments_sent: self.last.segments_sent + u64::from(raw.1.wrapping_sub(self.raw.1)),
             bytes_sent: i.bytes_sent.unwrap_or(0),
+            busy: i.busy_time.unwrap_or_default(),
+            rwnd_limited: i.rwnd_limited.unwrap_or_default(),
+            sndbuf_limited: i.sndbuf_limited.unwrap_or_default(),
+            open,
         };
         self.raw = raw;
     }
@@ -216,6 +249,14 @@ mod tests {
         let r = w.reported().unwrap();
         assert_eq!(data(r), 150_000, "{r:?}");
         assert!(r.segments_sent >= 3, "{r:?}");
+        // Idle streams add open time, not busy time (the kernel's, counted in jiffies).
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = w.reported().unwrap();
+        assert!(
+            idle.open >= Duration::from_millis(600),
+            "two streams: {idle:?}"
+        );
+        assert!(idle.busy < idle.open / 2, "{idle:?}");
         // Nothing is lost on loopback; a tail-loss probe on a loaded host at most.
         assert!(r.retransmits <= r.segments_sent / 2, "{r:?}");
         // Stream 1 closes (a wrong generation changes nothing); its bytes stay counted.
