@@ -457,6 +457,16 @@ async fn a_capped_tunnel_sends_no_faster_than_its_cap_on_all_connections_togethe
         took.as_secs_f64() >= least,
         "{n} blocks of 256 KiB in {took:?}: faster than the cap allows ({least:.2} s)"
     );
+    // Past a second, the tunnel told the receiver what TCP counted under it (its
+    // heartbeat rides behind a block), for the per-peer metrics.
+    let text = vm.agent.metrics().await;
+    let segments =
+        dwcp_testkit::metric_value(&text, "dwcp_session_tcp_segments_total", &[("peer", "src")]);
+    let sent = tunnel.tcp_counts().unwrap().segments_sent;
+    assert!(
+        segments > 0.0 && segments <= (sent + 20) as f64,
+        "{sent} sent\n{text}"
+    );
     vm.finish_whole(tunnel, n, &expected).await;
 }
 

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::send::{RateLimit, SendError};
-use super::tcp::TcpCounts;
+use super::tcp::{TcpCounts, TcpWatch};
 use crate::conn::{ConnError, Connection, Endpoint, Stage, connect_to};
 
 /// Bytes a tunnel connection's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`) across a
@@ -257,9 +257,51 @@ pub struct Tunnel {
     progress: Arc<Notify>,
     tasks: Mutex<JoinSet<()>>,
     max_block: usize,
-    /// What the kernel counts on the tunnel's connections. Their probes live until the
-    /// tunnel closes: a connection that died stays counted (its socket open until then).
-    tcp: Mutex<super::tcp::TcpWatch>,
+    /// What the kernel counts on the tunnel's connections, and the heartbeats that tell the
+    /// receiver.
+    beat: Arc<Beat>,
+}
+
+/// How often a tunnel tells the receiver what TCP counted, as sessions' heartbeats do.
+const BEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// What TCP counts on a tunnel's connections (their probes live until the tunnel closes: a
+/// connection that died stays counted, its socket open until then), and when the receiver
+/// is told next. Once a second, the connection that has just written a block adds a `PING`
+/// with the counts since the last one, for the receiver's per-peer metrics.
+#[derive(Debug)]
+struct Beat {
+    tcp: Mutex<TcpWatch>,
+    next: Mutex<Instant>,
+}
+
+impl Beat {
+    fn tcp(&self) -> std::sync::MutexGuard<'_, TcpWatch> {
+        self.tcp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The heartbeat to send now, if one is due and TCP counted anything since the last.
+    fn due(&self) -> Option<msg::Ping> {
+        let now = Instant::now();
+        {
+            let mut next = self
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now < *next {
+                return None;
+            }
+            *next = now + BEAT_EVERY;
+        }
+        let c = self.tcp().unreported();
+        (c.segments_sent > 0).then(|| msg::Ping {
+            sender_tcp_retransmits: c.retransmits,
+            sender_tcp_segments: c.segments_sent,
+            ..msg::Ping::default()
+        })
+    }
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -361,10 +403,13 @@ impl Tunnel {
         let progress = Arc::new(Notify::new());
         let mut tasks = JoinSet::new();
         let mut max_block = usize::MAX;
-        let mut tcp = super::tcp::TcpWatch::default();
+        let beat = Arc::new(Beat {
+            tcp: Mutex::default(),
+            next: Mutex::new(Instant::now() + BEAT_EVERY),
+        });
         for (i, conn) in conns.into_iter().enumerate() {
             if let Some(probe) = conn.tcp_probe() {
-                tcp.watch(i as u32, 0, probe);
+                beat.tcp().watch(i as u32, 0, probe);
             }
             let (mut reader, mut writer) = conn.split();
             let join = SessionJoin {
@@ -377,12 +422,13 @@ impl Tunnel {
                 .map_err(SendError::Connect)?;
             // Room for the TUNNEL_DATA header and the name.
             max_block = max_block.min(writer.max_chunk().saturating_sub(16 + 255));
-            let (st, wk, pg, nm, limit) = (
+            let (st, wk, pg, nm, limit, bt) = (
                 state.clone(),
                 work.clone(),
                 progress.clone(),
                 name.to_string(),
                 limit.clone(),
+                beat.clone(),
             );
             tasks.spawn(async move {
                 let why = loop {
@@ -443,6 +489,11 @@ impl Tunnel {
                     if let Err(e) = writer.send(&frame).await {
                         break e.to_string();
                     }
+                    if let Some(ping) = bt.due()
+                        && let Err(e) = writer.send(&msg::encode(FrameType::PING, &ping)).await
+                    {
+                        break e.to_string();
+                    }
                     // Paid after the frame went, so that a block is never stamped as sent
                     // while it waits for tokens (it would look stuck): the next one waits.
                     if let Some(l) = &limit {
@@ -476,7 +527,7 @@ impl Tunnel {
         }
         debug!(name, streams = n, "tunnel open");
         // From the stream's first block: the handshakes are not the stream's.
-        tcp.rebase(None);
+        beat.tcp().rebase(None);
         Ok(Self {
             name: name.to_string(),
             state,
@@ -484,7 +535,7 @@ impl Tunnel {
             progress,
             tasks: Mutex::new(tasks),
             max_block,
-            tcp: Mutex::new(tcp),
+            beat,
         })
     }
 
@@ -553,10 +604,7 @@ impl Tunnel {
     /// What TCP counted on the tunnel's connections since it opened, by the kernel
     /// (`TCP_INFO`): its own retransmissions, segments and bytes. `None` off Linux.
     pub fn tcp_counts(&self) -> Option<TcpCounts> {
-        self.tcp
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .reported()
+        self.beat.tcp().reported()
     }
 
     /// The blocks acknowledged since the last call: seq, and whether the receiver decoded it
@@ -593,10 +641,7 @@ impl Tunnel {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .abort_all();
         // The probes' descriptors too, or the sockets would outlive their connections.
-        self.tcp
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .close_all();
+        self.beat.tcp().close_all();
     }
 }
 
