@@ -653,12 +653,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             );
         }
         let below = match (tcp, report.link.lost_packets) {
-            (Some(t), _) => format!(
-                ", TCP retransmitted {} of {} segments ({:.2} %)",
-                t.retransmits,
-                t.segments_sent,
-                t.retransmit_ratio().unwrap_or(0.0) * 100.0
-            ),
+            (Some(t), _) => format!(", TCP {t}"),
             (None, Some(lost)) => format!(", quinn declared {lost} packets lost"),
             (None, None) => String::new(),
         };

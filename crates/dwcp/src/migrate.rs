@@ -219,12 +219,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
 /// The line of what TCP sent again (the kernel's count), if it was counted.
 fn print_tcp(tcp: Option<dwcp_transport::session::TcpCounts>, under: &str) {
     if let Some(t) = tcp {
-        println!(
-            "  TCP retransmitted {} of {} segments{under} ({:.2} %)",
-            t.retransmits,
-            t.segments_sent,
-            t.retransmit_ratio().unwrap_or(0.0) * 100.0
-        );
+        println!("  TCP {t}{under}");
     }
 }
 

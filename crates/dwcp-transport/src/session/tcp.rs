@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use dwcp_sys::TcpProbe;
+use dwcp_sys::{TcpInfo, TcpProbe};
 
 /// TCP's own counts over a session's streams, from the kernel (`TCP_INFO`). The
 /// retransmissions are TCP's, under the session: chunks the session itself sends again are
@@ -38,33 +38,38 @@ impl TcpCounts {
 
     /// Both counts together (several transfers' or sessions').
     pub fn plus(self, o: Self) -> Self {
-        Self {
-            retransmits: self.retransmits.saturating_add(o.retransmits),
-            retransmitted_bytes: self
-                .retransmitted_bytes
-                .saturating_add(o.retransmitted_bytes),
-            segments_sent: self.segments_sent.saturating_add(o.segments_sent),
-            bytes_sent: self.bytes_sent.saturating_add(o.bytes_sent),
-            busy: self.busy.saturating_add(o.busy),
-            rwnd_limited: self.rwnd_limited.saturating_add(o.rwnd_limited),
-            sndbuf_limited: self.sndbuf_limited.saturating_add(o.sndbuf_limited),
-            open: self.open.saturating_add(o.open),
-        }
+        self.zip(o, u64::saturating_add, Duration::saturating_add)
     }
 
     fn minus(self, o: Self) -> Self {
+        self.zip(o, u64::saturating_sub, Duration::saturating_sub)
+    }
+
+    /// Each field of both, combined by `n` (counts) or `d` (times).
+    fn zip(self, o: Self, n: fn(u64, u64) -> u64, d: fn(Duration, Duration) -> Duration) -> Self {
         Self {
-            retransmits: self.retransmits.saturating_sub(o.retransmits),
-            retransmitted_bytes: self
-                .retransmitted_bytes
-                .saturating_sub(o.retransmitted_bytes),
-            segments_sent: self.segments_sent.saturating_sub(o.segments_sent),
-            bytes_sent: self.bytes_sent.saturating_sub(o.bytes_sent),
-            busy: self.busy.saturating_sub(o.busy),
-            rwnd_limited: self.rwnd_limited.saturating_sub(o.rwnd_limited),
-            sndbuf_limited: self.sndbuf_limited.saturating_sub(o.sndbuf_limited),
-            open: self.open.saturating_sub(o.open),
+            retransmits: n(self.retransmits, o.retransmits),
+            retransmitted_bytes: n(self.retransmitted_bytes, o.retransmitted_bytes),
+            segments_sent: n(self.segments_sent, o.segments_sent),
+            bytes_sent: n(self.bytes_sent, o.bytes_sent),
+            busy: d(self.busy, o.busy),
+            rwnd_limited: d(self.rwnd_limited, o.rwnd_limited),
+            sndbuf_limited: d(self.sndbuf_limited, o.sndbuf_limited),
+            open: d(self.open, o.open),
         }
+    }
+}
+
+/// `retransmitted 85 of 11310 segments (0.75 %)`, for reports.
+impl std::fmt::Display for TcpCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "retransmitted {} of {} segments ({:.2} %)",
+            self.retransmits,
+            self.segments_sent,
+            self.retransmit_ratio().unwrap_or(0.0) * 100.0
+        )
     }
 }
 
@@ -90,19 +95,25 @@ impl Watched {
             slot,
             generation,
             probe,
-            last: TcpCounts {
-                retransmits: u64::from(raw.0),
-                retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
-                segments_sent: u64::from(raw.1),
-                bytes_sent: i.bytes_sent.unwrap_or(0),
-                busy: i.busy_time.unwrap_or_default(),
-                rwnd_limited: i.rwnd_limited.unwrap_or_default(),
-                sndbuf_limited: i.sndbuf_limited.unwrap_or_default(),
-                open: Duration::ZERO,
-            },
+            last: Self::counts(&i, u64::from(raw.0), u64::from(raw.1), Duration::ZERO),
             raw,
             since: Instant::now(),
         })
+    }
+
+    /// The counts of one reading: the kernel's own, with the two 32-bit counters as summed
+    /// here and the time open.
+    fn counts(i: &TcpInfo, retransmits: u64, segments_sent: u64, open: Duration) -> TcpCounts {
+        TcpCounts {
+            retransmits,
+            retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
+            segments_sent,
+            bytes_sent: i.bytes_sent.unwrap_or(0),
+            busy: i.busy_time.unwrap_or_default(),
+            rwnd_limited: i.rwnd_limited.unwrap_or_default(),
+            sndbuf_limited: i.sndbuf_limited.unwrap_or_default(),
+            open,
+        }
     }
 
     /// Reads the kernel's counts again; keeps the last ones if the socket cannot be read.
@@ -113,16 +124,12 @@ impl Watched {
             return;
         };
         let raw = (i.total_retrans, i.data_segs_out.unwrap_or(0));
-        self.last = TcpCounts {
-            retransmits: self.last.retransmits + u64::from(raw.0.wrapping_sub(self.raw.0)),
-            retransmitted_bytes: i.bytes_retrans.unwrap_or(0),
-            segments_sent: self.last.segments_sent + u64::from(raw.1.wrapping_sub(self.raw.1)),
-            bytes_sent: i.bytes_sent.unwrap_or(0),
-            busy: i.busy_time.unwrap_or_default(),
-            rwnd_limited: i.rwnd_limited.unwrap_or_default(),
-            sndbuf_limited: i.sndbuf_limited.unwrap_or_default(),
+        self.last = Self::counts(
+            &i,
+            self.last.retransmits + u64::from(raw.0.wrapping_sub(self.raw.0)),
+            self.last.segments_sent + u64::from(raw.1.wrapping_sub(self.raw.1)),
             open,
-        };
+        );
         self.raw = raw;
     }
 }
@@ -288,6 +295,15 @@ mod tests {
             Some(0.25)
         );
         assert_eq!(TcpCounts::default().retransmit_ratio(), None);
+        let shown = TcpCounts {
+            retransmits: 85,
+            segments_sent: 11_310,
+            ..TcpCounts::default()
+        };
+        assert_eq!(
+            shown.to_string(),
+            "retransmitted 85 of 11310 segments (0.75 %)"
+        );
         // A session without TCP streams (QUIC) keeps what the lost TCP ones counted.
         let mut quic = TcpWatch::default();
         quic.rebase(Some(next));
