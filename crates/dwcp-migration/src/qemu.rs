@@ -1739,15 +1739,31 @@ fn encode_segments(
 ) -> mpsc::Receiver<Encoded> {
     let (btx, brx) = mpsc::channel::<Encoded>(4);
     tokio::spawn(async move {
+        enum Next {
+            Segment(Segment),
+            Ended,
+            Encoded(Result<Encoded, tokio::task::JoinError>),
+        }
         let mut pending = std::collections::VecDeque::new();
+        let mut ended = false;
         loop {
-            let seg = if pending.len() >= 2 {
-                None
-            } else {
-                rx.recv().await
+            let full = pending.len() >= 2;
+            let next = match pending.front_mut() {
+                // Both cores busy, or nothing more to come: the oldest goes out when done.
+                Some(front) if full || ended => Next::Encoded(front.await),
+                None if ended => return, // everything went out
+                None => rx.recv().await.map_or(Next::Ended, Next::Segment),
+                // One encoding: the next segment joins it if it comes first; if not, this one
+                // goes out as soon as it is done. It must not wait for a next segment: under
+                // post-copy the source QEMU goes quiet after answering a page request, or
+                // after its last page until the destination says it is done.
+                Some(front) => tokio::select! {
+                    s = rx.recv() => s.map_or(Next::Ended, Next::Segment),
+                    r = front => Next::Encoded(r),
+                },
             };
-            match seg {
-                Some(seg) => {
+            match next {
+                Next::Segment(seg) => {
                     let rm = remote.clone();
                     pending.push_back(tokio::task::spawn_blocking(move || {
                         let index = rm
@@ -1757,11 +1773,11 @@ fn encode_segments(
                         encode_segment(seg, delta, codec, index.as_deref(), max_wire)
                     }));
                 }
-                None => {
-                    let Some(h) = pending.pop_front() else {
-                        return; // input ended and everything went out
-                    };
-                    let Ok(block) = h.await else { return };
+                Next::Ended => ended = true,
+                Next::Encoded(r) => {
+                    // Done: dropped, not polled again.
+                    pending.pop_front();
+                    let Ok(block) = r else { return };
                     if btx.send(block).await.is_err() {
                         return;
                     }
