@@ -93,6 +93,7 @@ fn req(op: u32, segments: u64) -> MigrationRequest<'static> {
         op,
         segments,
         digest: None,
+        postcopy: false,
         timeout: Duration::from_secs(30),
     }
 }
@@ -501,6 +502,7 @@ async fn blocks_without_an_open_migration_or_qemu_dir_are_refused() {
         op: data::MIGRATION_QEMU_OPEN,
         segments: 0,
         digest: None,
+        postcopy: false,
         timeout: Duration::from_secs(30),
     };
     let e = migration_request_kept(&ep, agent.addr, None, &open, &mut control)

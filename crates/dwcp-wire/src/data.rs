@@ -155,6 +155,12 @@ pub const MIGRATION_QEMU_FINISH: u32 = 4;
 /// `Migration::op`: give up the incoming QEMU migration of `name` (close its stream, drop
 /// segments not fed yet).
 pub const MIGRATION_QEMU_ABORT: u32 = 5;
+/// `Migration::op`: the bytes the destination QEMU of `name` wrote back on its migration
+/// socket (QEMU's return path, open under post-copy), from stream offset `segments` on: the
+/// sender holds everything before it. Answered within a fraction of a second, with
+/// [`ObjectDone::data`] empty when nothing came meanwhile, and `reason` `end` once QEMU
+/// closed its side and every byte is delivered.
+pub const MIGRATION_QEMU_RETURN: u32 = 6;
 
 /// `MIGRATION` (0x0019).
 #[derive(Clone, PartialEq, Eq, Message)]
@@ -174,6 +180,13 @@ pub struct Migration {
     /// [`MIGRATION_QEMU_FINISH`]: the BLAKE3 digest (32 bytes) of the whole stream.
     #[prost(bytes = "vec", tag = "5")]
     pub blake3: Vec<u8>,
+    /// [`MIGRATION_QEMU_OPEN`]: turn on QEMU's post-copy (`postcopy-ram`) in the destination
+    /// QEMU and carry its return path ([`MIGRATION_QEMU_RETURN`]); every byte of the stream
+    /// then goes to QEMU as it comes (the source QEMU ends its stream only once the
+    /// destination has loaded it). The answer's `reason` is JSON: `{"postcopy":true}`, or
+    /// `false` with a `why`. A node that predates the field answers an empty `reason`.
+    #[prost(bool, tag = "6")]
+    pub postcopy: bool,
 }
 
 /// `ObjectBegin::encoding`: the object is the content itself.
@@ -381,6 +394,9 @@ pub struct ObjectDone {
     /// Why it failed.
     #[prost(string, tag = "3")]
     pub reason: String,
+    /// [`MIGRATION_QEMU_RETURN`]: the return path's bytes.
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: Vec<u8>,
 }
 
 /// The header of a `DATA` frame.

@@ -6,6 +6,11 @@
 //! Memory stays bounded: at most [`MAX_BUFFERED`] bytes that QEMU can take now wait for it
 //! (beyond that the connections stop reading, and the sender's window stops it), and at most
 //! [`MAX_AHEAD`] beyond a gap.
+//!
+//! Under post-copy (asked for at OPEN) QEMU talks back on the same socket: its return path
+//! (page requests once the guest runs here, and at the end its "done"). Those bytes wait in
+//! a [`ReturnPath`] (at most [`RETURN_MAX`]) until the source asks for them
+//! (`MIGRATION_QEMU_RETURN`) and writes them into the source QEMU's socket.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,8 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use dwcp_wire::NodeId;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -38,6 +44,106 @@ const IDLE_LIMIT: Duration = Duration::from_secs(180);
 /// 128 MiB beyond its acknowledged prefix (`GAP_LIMIT` in `dwcp-migration`); far more means it
 /// ignores that.
 pub(crate) const MAX_AHEAD: usize = 256 << 20;
+
+/// Most bytes of QEMU's return path held for the source (beyond this QEMU's writes wait).
+/// QEMU's messages there are a few dozen bytes each: a page request, a ping's answer.
+const RETURN_MAX: usize = 1 << 20;
+/// Most bytes of the return path in one answer.
+const RETURN_REPLY: usize = 256 << 10;
+/// How long a `MIGRATION_QEMU_RETURN` waits for bytes before it is answered empty: short, so
+/// that a page request written just after an answer left waits little for the next ask.
+const RETURN_WAIT: Duration = Duration::from_millis(200);
+
+/// What the destination QEMU wrote back on its migration socket, from stream offset `start`.
+#[derive(Debug, Default)]
+struct ReturnState {
+    start: u64,
+    bytes: std::collections::VecDeque<u8>,
+    /// QEMU closed its side (`Ok`), or reading failed.
+    end: Option<Result<(), String>>,
+}
+
+/// QEMU's return path under post-copy.
+#[derive(Debug, Default)]
+struct ReturnPath {
+    state: Mutex<ReturnState>,
+    /// Wakes an ask waiting for bytes, and the reader waiting for room.
+    changed: Notify,
+}
+
+impl ReturnPath {
+    /// The bytes from `from` on (the asker holds everything before), up to [`RETURN_REPLY`],
+    /// waiting at most [`RETURN_WAIT`] for some; and whether the path has ended with them.
+    async fn from(&self, from: u64) -> Result<(Vec<u8>, bool), String> {
+        let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut s = lock(&self.state);
+                let held = s.start + s.bytes.len() as u64;
+                if from < s.start || from > held {
+                    return Err(format!(
+                        "asks for the return path from byte {from}; bytes {}..{held} are held",
+                        s.start
+                    ));
+                }
+                let delivered = (from - s.start) as usize;
+                s.bytes.drain(..delivered);
+                s.start = from;
+                if delivered > 0 {
+                    self.changed.notify_waiters();
+                }
+                if !s.bytes.is_empty() {
+                    let n = s.bytes.len().min(RETURN_REPLY);
+                    return Ok((s.bytes.range(..n).copied().collect(), false));
+                }
+                match &s.end {
+                    Some(Ok(())) => return Ok((Vec::new(), true)),
+                    Some(Err(e)) => return Err(e.clone()),
+                    None => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Ok((Vec::new(), false));
+            }
+        }
+    }
+}
+
+/// Reads QEMU's return path into `path` until QEMU closes it.
+async fn read_return(path: Arc<ReturnPath>, mut sock: OwnedReadHalf, vm: String) {
+    let mut buf = vec![0u8; 64 << 10];
+    let end = loop {
+        // Room first: a source that stopped asking must not make this grow.
+        loop {
+            let changed = path.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if lock(&path.state).bytes.len() < RETURN_MAX {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), changed).await;
+        }
+        match sock.read(&mut buf).await {
+            // QEMU closing its socket with bytes of ours unread (the stream's tail after its
+            // end) reads as a reset here: an end all the same. Whether the migration
+            // succeeded is what QEMU said before on the path.
+            Ok(0) => break Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break Ok(()),
+            Ok(n) => {
+                debug!(vm, n, "return path: read from the destination QEMU");
+                lock(&path.state).bytes.extend(&buf[..n]);
+                path.changed.notify_waiters();
+            }
+            Err(e) => break Err(format!("reading the destination QEMU's return path: {e}")),
+        }
+    };
+    debug!(vm, ?end, "return path of the destination QEMU ended");
+    lock(&path.state).end = Some(end);
+    path.changed.notify_waiters();
+}
 
 #[derive(Debug, Default)]
 struct FeedState {
@@ -71,6 +177,9 @@ struct Feed {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// See [`IDLE_LIMIT`].
     idle_limit: Duration,
+    /// QEMU's return path, under post-copy; its reader.
+    ret: Option<Arc<ReturnPath>>,
+    ret_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The incoming QEMU migrations of one receiver.
@@ -95,8 +204,14 @@ impl Feeds {
         }
     }
 
-    /// OPEN: connects to the waiting QEMU and starts feeding.
-    pub(crate) async fn open(&self, peer: &NodeId, vm: &str) -> Result<(), String> {
+    /// OPEN: connects to the waiting QEMU and starts feeding; with `postcopy`, turns on
+    /// QEMU's post-copy and reads its return path. Returns the answer's detail (JSON).
+    pub(crate) async fn open(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        postcopy: bool,
+    ) -> Result<String, String> {
         if lock(&self.feeds).contains_key(&(peer.clone(), vm.to_string())) {
             // The same source opens again: its earlier attempt is over (an ABORT that never
             // arrived must not block the retry).
@@ -118,6 +233,32 @@ impl Feeds {
                 self.dir.join(format!("{vm}.incoming")).display()
             ));
         }
+        // Before the connection: QEMU takes capabilities only until the migration starts.
+        let (ret, detail) = if postcopy {
+            let caps = serde_json::json!({"capabilities": [
+                {"capability": "postcopy-ram", "state": true}
+            ]});
+            let took = match postcopy_memory(&mut qmp).await {
+                Ok(()) => qmp
+                    .execute("migrate-set-capabilities", Some(caps))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match took {
+                Ok(_) => (
+                    Some(Arc::new(ReturnPath::default())),
+                    serde_json::json!({"postcopy": true}),
+                ),
+                Err(e) => {
+                    warn!(%peer, vm, "the destination QEMU cannot take post-copy: {e}");
+                    let why = format!("the destination QEMU cannot take post-copy: {e}");
+                    (None, serde_json::json!({"postcopy": false, "why": why}))
+                }
+            }
+        } else {
+            (None, serde_json::json!({}))
+        };
         let sock_path = self.dir.join(format!("{vm}.incoming"));
         let sock = tokio::time::timeout(Duration::from_secs(10), UnixStream::connect(&sock_path))
             .await
@@ -133,12 +274,38 @@ impl Feeds {
             qmp: tokio::sync::Mutex::new(qmp),
             task: Mutex::new(None),
             idle_limit: self.idle_limit,
+            ret,
+            ret_task: Mutex::new(None),
         });
-        let task = tokio::spawn(feed_loop(feed.clone(), sock, vm.to_string()));
+        let (rd, wr) = sock.into_split();
+        if let Some(path) = &feed.ret {
+            let t = tokio::spawn(read_return(path.clone(), rd, vm.to_string()));
+            *lock(&feed.ret_task) = Some(t);
+        }
+        let task = tokio::spawn(feed_loop(feed.clone(), wr, vm.to_string()));
         *lock(&feed.task) = Some(task);
         lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
-        info!(%peer, vm, "incoming QEMU migration opened");
-        Ok(())
+        info!(%peer, vm, postcopy = detail["postcopy"] == true, "incoming QEMU migration opened");
+        Ok(detail.to_string())
+    }
+
+    /// RETURN: what `vm`'s QEMU wrote back from byte `from` on, and whether that is all.
+    pub(crate) async fn returned(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        from: u64,
+    ) -> Result<(Vec<u8>, bool), String> {
+        let path = lock(&self.feeds)
+            .get(&(peer.clone(), vm.to_string()))
+            .map(|f| f.ret.clone());
+        match path {
+            None => Err(format!("no incoming migration of {vm:?} is open")),
+            Some(None) => Err(format!(
+                "the incoming migration of {vm:?} was opened without post-copy: no return path"
+            )),
+            Some(Some(p)) => p.from(from).await,
+        }
     }
 
     /// A block of `vm`'s stream arrived (decoded): queue it for QEMU, waiting while too much
@@ -344,6 +511,9 @@ impl Feeds {
             if let Some(t) = lock(&feed.task).take() {
                 t.abort();
             }
+            if let Some(t) = lock(&feed.ret_task).take() {
+                t.abort();
+            }
             let mut s = lock(&feed.state);
             s.ready.clear();
             s.buffered = 0;
@@ -356,10 +526,78 @@ impl Feeds {
     }
 }
 
+/// Whether QEMU's post-copy can fault in this QEMU's guest memory: `userfaultfd` takes
+/// anonymous memory, tmpfs and hugetlbfs, not a file elsewhere (QEMU's own check at
+/// `migrate-set-capabilities` tries anonymous memory only, and a file-backed guest would fail
+/// once post-copy began, with the guest paused at the source). Memory backends QEMU does not
+/// list (an old `-mem-path`) are not checked.
+async fn postcopy_memory(qmp: &mut Qmp) -> Result<(), String> {
+    let objects = qmp
+        .execute("qom-list", Some(serde_json::json!({"path": "/objects"})))
+        .await
+        .map_err(|e| format!("cannot list its memory backends: {e}"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for o in objects.as_array().into_iter().flatten() {
+        if o.get("type").and_then(serde_json::Value::as_str) != Some("child<memory-backend-file>") {
+            continue;
+        }
+        let Some(name) = o.get("name").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        let get = serde_json::json!({"path": format!("/objects/{name}"), "property": "mem-path"});
+        let path = qmp
+            .execute("qom-get", Some(get))
+            .await
+            .map_err(|e| format!("cannot read where memory backend {name} is: {e}"))?;
+        let Some(path) = path.as_str() else { continue };
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+        let fs = filesystem_of(&mounts, &real).unwrap_or("an unknown filesystem");
+        if fs != "tmpfs" && fs != "hugetlbfs" {
+            return Err(format!(
+                "its memory backend {name} is a file on {fs} ({path}): post-copy (userfaultfd)                  needs anonymous memory, tmpfs or hugetlbfs"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The type of the filesystem `path` is on, from a mount table (`/proc/self/mounts`): the
+/// longest mount point that holds it.
+fn filesystem_of<'a>(mounts: &'a str, path: &Path) -> Option<&'a str> {
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, fs) = (f.next()?, f.next()?, f.next()?);
+            // Spaces and the like in a mount point are octal escapes.
+            let at = at.replace("\\040", " ").replace("\\011", "\t");
+            path.starts_with(&at).then_some((at.len(), fs))
+        })
+        .max_by_key(|&(len, _)| len)
+        .map(|(_, fs)| fs)
+}
+
 /// Tells the destination QEMU of a stream that did not complete to quit (what it does by
 /// itself on a stream that ends early, except on one cut in its last section).
 async fn quit(feed: &Feed, vm: &str) {
     let mut qmp = feed.qmp.lock().await;
+    if feed.ret.is_some() {
+        // Under post-copy the guest runs here once it began, with pages still at the source:
+        // this QEMU holds its only running state. Left as it is (QEMU pauses it while pages
+        // are missing; `migrate-recover` can pick it up).
+        let q = tokio::time::timeout(Duration::from_secs(5), qmp.execute("query-migrate", None));
+        if let Ok(Ok(info)) = q.await
+            && let Some(status) = info.get("status").and_then(serde_json::Value::as_str)
+            && status.starts_with("postcopy")
+        {
+            warn!(
+                vm,
+                status,
+                "the incoming migration failed in post-copy: the destination QEMU is left running"
+            );
+            return;
+        }
+    }
     match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
         Ok(Ok(_)) => info!(
             vm,
@@ -371,10 +609,14 @@ async fn quit(feed: &Feed, vm: &str) {
     }
 }
 
-async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
+async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String) {
     // The last byte written so far stays here until the next block, or until FINISH's digest
     // matches all of them: QEMU cannot complete the load (nor start the guest) on a stream
-    // other than the one the source QEMU sent.
+    // other than the one the source QEMU sent. Not under post-copy: there the source QEMU
+    // ends its stream (and the FINISH comes) only once this QEMU has loaded it and said so on
+    // its return path, and the guest may run here before the stream ends anyway. The digest
+    // is still checked at the end, and a mismatch fails the migration.
+    let hold = feed.ret.is_none();
     let mut held: Option<u8> = None;
     let mut hasher = blake3::Hasher::new();
     let r = async {
@@ -399,7 +641,9 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                             "the destination QEMU stopped reading the stream at block {seq}: {e}"
                         )
                     };
-                    if let Some((&last, head)) = block.split_last() {
+                    if !hold {
+                        sock.write_all(&block).await.map_err(stopped)?;
+                    } else if let Some((&last, head)) = block.split_last() {
                         if let Some(b) = held.replace(last) {
                             sock.write_all(&[b]).await.map_err(stopped)?;
                         }
@@ -430,9 +674,13 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: UnixStream, vm: String) {
                             )
                         })?;
                     }
-                    sock.shutdown()
-                        .await
-                        .map_err(|e| format!("cannot close the stream: {e}"))?;
+                    // Under post-copy QEMU may have closed its side already (it loaded the
+                    // stream and said so on the return path).
+                    if let Err(e) = sock.shutdown().await
+                        && hold
+                    {
+                        return Err(format!("cannot close the stream: {e}"));
+                    }
                     debug!(vm, "stream fed, verified and closed");
                     return Ok::<(), String>(());
                 }
@@ -491,6 +739,19 @@ mod tests {
         vm: &str,
         gate: Option<Arc<Notify>>,
     ) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
+        fake_qemu_full(dir, vm, gate, None, None, None)
+    }
+
+    /// As [`fake_qemu_gated`]; its guest memory a file at `mem_path` (if given), and writing
+    /// `back` on its incoming socket (its return path), closed once the notify comes.
+    fn fake_qemu_full(
+        dir: &Path,
+        vm: &str,
+        gate: Option<Arc<Notify>>,
+        mem_path: Option<String>,
+        back: Option<(Vec<u8>, Arc<Notify>)>,
+        seen: Option<Arc<Mutex<Vec<u8>>>>,
+    ) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
         let quit = Arc::new(AtomicBool::new(false));
         let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
         let q2 = quit.clone();
@@ -503,10 +764,23 @@ mod tests {
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let answer = if line.contains("query-status") {
-                    "{\"return\": {\"status\": \"inmigrate\", \"running\": false}}\n"
+                    "{\"return\": {\"status\": \"inmigrate\", \"running\": false}}\n".to_string()
+                } else if line.contains("qom-list") {
+                    let list = match &mem_path {
+                        Some(_) => serde_json::json!([
+                            {"name": "rng0", "type": "child<rng-random>"},
+                            {"name": "ram0", "type": "child<memory-backend-file>"}
+                        ]),
+                        None => serde_json::json!([]),
+                    };
+                    format!("{}\n", serde_json::json!({ "return": list }))
+                } else if line.contains("qom-get") {
+                    format!("{}\n", serde_json::json!({ "return": mem_path }))
+                } else if line.contains("query-migrate") {
+                    "{\"return\": {\"status\": \"active\"}}\n".to_string()
                 } else {
                     q2.store(line.contains("\"quit\""), Ordering::SeqCst);
-                    "{\"return\": {}}\n"
+                    "{\"return\": {}}\n".to_string()
                 };
                 if w.write_all(answer.as_bytes()).await.is_err() {
                     break;
@@ -515,12 +789,30 @@ mod tests {
         });
         let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = incoming.accept().await.unwrap();
+            let (s, _) = incoming.accept().await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            if let Some((bytes, close)) = back {
+                w.write_all(&bytes).await.unwrap();
+                tokio::spawn(async move {
+                    close.notified().await;
+                    w.shutdown().await.unwrap();
+                });
+            }
             if let Some(g) = gate {
                 g.notified().await;
             }
             let mut got = Vec::new();
-            s.read_to_end(&mut got).await.unwrap();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if let Some(seen) = &seen {
+                    lock(seen).extend_from_slice(&buf[..n]);
+                }
+            }
             (got, quit.load(Ordering::SeqCst))
         })
     }
@@ -550,6 +842,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_filesystem_of_a_path_is_its_longest_mount_point() {
+        let mounts = "sysfs /sys sysfs rw 0 0\n/dev/sda1 / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\n\
+                      none /dev/hugepages hugetlbfs rw 0 0\ntmpfs /mnt/my\\040vm tmpfs rw 0 0\n";
+        let fs = |p: &str| filesystem_of(mounts, Path::new(p));
+        assert_eq!(fs("/dev/shm/vm.ram"), Some("tmpfs"));
+        assert_eq!(fs("/dev/hugepages/x"), Some("hugetlbfs"));
+        assert_eq!(fs("/var/lib/vm.ram"), Some("ext4"));
+        // A prefix of a name is not a mount point that holds it.
+        assert_eq!(fs("/dev/shmem/vm.ram"), Some("ext4"));
+        assert_eq!(fs("/mnt/my vm/ram"), Some("tmpfs"));
+        assert_eq!(filesystem_of("", Path::new("/x")), None);
+    }
+
     #[tokio::test]
     async fn blocks_beyond_a_gap_do_not_hold_back_the_blocks_that_close_it() {
         const B: usize = 512 << 10;
@@ -559,7 +865,7 @@ mod tests {
         let qemu = fake_qemu_gated(dir.path(), "vm", Some(gate.clone()));
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
-        feeds.open(&peer, "vm").await.unwrap();
+        feeds.open(&peer, "vm", false).await.unwrap();
         let t = Duration::from_millis(300);
         // Block 0 goes to the feeder, which waits on QEMU; block 1 is still on its way, and
         // 5 MiB after it arrive.
@@ -609,13 +915,114 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn under_post_copy_the_return_path_is_carried_and_every_byte_fed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let close = Arc::new(Notify::new());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let qemu = fake_qemu_full(
+            dir.path(),
+            "vm",
+            None,
+            None,
+            Some((b"pong-and-page-request".to_vec(), close.clone())),
+            Some(seen.clone()),
+        );
+        let feeds = Arc::new(Feeds::new(dir.path()));
+        let peer = NodeId::new("src").unwrap();
+        let detail = feeds.open(&peer, "vm", true).await.unwrap();
+        assert_eq!(detail, r#"{"postcopy":true}"#);
+        // From any place the asker holds up to: the rest.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.len() < 21 && Instant::now() < deadline {
+            let (b, end) = feeds.returned(&peer, "vm", got.len() as u64).await.unwrap();
+            assert!(!end);
+            got.extend(b);
+        }
+        assert_eq!(got, b"pong-and-page-request");
+        // Nothing new: answered empty within the wait, not held.
+        let t = Instant::now();
+        let (b, end) = feeds.returned(&peer, "vm", 21).await.unwrap();
+        assert!(b.is_empty() && !end);
+        assert!(t.elapsed() < RETURN_WAIT + Duration::from_secs(1));
+        // Asked again from an earlier place: those bytes were dropped when the asker said it
+        // holds them. Beyond what came: refused too.
+        let e = feeds.returned(&peer, "vm", 4).await.unwrap_err();
+        assert!(e.contains("bytes 21..21 are held"), "{e}");
+        let e = feeds.returned(&peer, "vm", 99).await.unwrap_err();
+        assert!(e.contains("from byte 99"), "{e}");
+        // The stream goes to QEMU whole as it comes, its last byte too, before any FINISH:
+        // under post-copy QEMU ends its side only once it has loaded it.
+        feeds
+            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and all"))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lock(&seen).len() < 12 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*lock(&seen), b"QEVM and all", "fed whole before the finish");
+        close.notify_one();
+        let (b, end) = feeds.returned(&peer, "vm", 21).await.unwrap();
+        let (b, end) = if !end && b.is_empty() {
+            feeds.returned(&peer, "vm", 21).await.unwrap()
+        } else {
+            (b, end)
+        };
+        assert!(
+            b.is_empty() && end,
+            "the return path ends when QEMU closes it"
+        );
+        // The FINISH checks the digest and closes the stream.
+        let digest = *blake3::hash(b"QEVM and all").as_bytes();
+        let fin = {
+            let (f, p) = (feeds.clone(), peer.clone());
+            tokio::spawn(async move { f.finish(&p, "vm", 1, &digest).await })
+        };
+        let (got, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"QEVM and all");
+        assert!(!quit);
+        fin.abort();
+    }
+
+    #[tokio::test]
+    async fn post_copy_is_refused_for_guest_memory_in_a_file_off_tmpfs() {
+        let dir = tempfile::tempdir().unwrap();
+        // A filesystem userfaultfd does not take, whatever this machine's /tmp is.
+        let _qemu = fake_qemu_full(
+            dir.path(),
+            "vm",
+            None,
+            Some("/proc/self".into()),
+            None,
+            None,
+        );
+        let feeds = Feeds::new(dir.path());
+        let peer = NodeId::new("src").unwrap();
+        let detail = feeds.open(&peer, "vm", true).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&detail).unwrap();
+        assert_eq!(v["postcopy"], false, "{v}");
+        let why = v["why"].as_str().unwrap();
+        assert!(
+            why.contains("ram0") && why.contains("proc") && why.contains("/proc/self"),
+            "{why}"
+        );
+        // Opened all the same, without a return path.
+        let e = feeds.returned(&peer, "vm", 0).await.unwrap_err();
+        assert!(e.contains("without post-copy"), "{e}");
+    }
+
+    #[tokio::test]
     async fn a_stream_left_without_blocks_or_finish_is_given_up_and_qemu_quits() {
         let dir = tempfile::tempdir().unwrap();
         let qemu = fake_qemu(dir.path(), "vm");
         let mut feeds = Feeds::new(dir.path());
         feeds.idle_limit = Duration::from_millis(300);
         let peer = NodeId::new("src").unwrap();
-        feeds.open(&peer, "vm").await.unwrap();
+        feeds.open(&peer, "vm", false).await.unwrap();
         feeds
             .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"))
             .await

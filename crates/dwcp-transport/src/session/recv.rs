@@ -670,6 +670,7 @@ impl Receiver {
                                 object: h.object,
                                 code: ErrorCode::STORAGE_ERROR.0,
                                 reason,
+                                data: Vec::new(),
                             };
                             self.send(&mut writer, &msg::encode(FrameType::OBJECT_DONE, &done))
                                 .await?;
@@ -807,6 +808,7 @@ impl Receiver {
                                     object: begin.object,
                                     code: ErrorCode::STORAGE_ERROR.0,
                                     reason,
+                                    data: Vec::new(),
                                 },
                             )
                         }
@@ -1055,23 +1057,39 @@ impl Receiver {
             object: m.object,
             code: ErrorCode::STORAGE_ERROR.0,
             reason,
+            data: Vec::new(),
         };
         if let Err(e) = check_name(&m.name) {
             return refuse(e);
         }
         if matches!(
             m.op,
-            data::MIGRATION_QEMU_OPEN | data::MIGRATION_QEMU_FINISH | data::MIGRATION_QEMU_ABORT
+            data::MIGRATION_QEMU_OPEN
+                | data::MIGRATION_QEMU_FINISH
+                | data::MIGRATION_QEMU_ABORT
+                | data::MIGRATION_QEMU_RETURN
         ) {
             let Some(feeds) = self.qemu.get() else {
                 return refuse(
                     "this node does not accept QEMU migrations (no migration.qemu_dir)".into(),
                 );
             };
+            if m.op == data::MIGRATION_QEMU_RETURN {
+                return match feeds.returned(peer, &m.name, m.segments).await {
+                    Ok((bytes, end)) => ObjectDone {
+                        object: m.object,
+                        code: 0,
+                        reason: if end { "end".into() } else { String::new() },
+                        data: bytes,
+                    },
+                    Err(reason) => {
+                        warn!(%peer, vm = %m.name, "QEMU return path: {reason}");
+                        refuse(reason)
+                    }
+                };
+            }
             let r = match m.op {
-                data::MIGRATION_QEMU_OPEN => {
-                    feeds.open(peer, &m.name).await.map(|()| String::new())
-                }
+                data::MIGRATION_QEMU_OPEN => feeds.open(peer, &m.name, m.postcopy).await,
                 data::MIGRATION_QEMU_FINISH => {
                     let (r, ended) = feeds.finish(peer, &m.name, m.segments, &m.blake3).await;
                     // Only a finish that ended the incoming migration itself counts (not one
@@ -1096,6 +1114,7 @@ impl Receiver {
                     object: m.object,
                     code: 0,
                     reason: detail,
+                    data: Vec::new(),
                 },
                 Err(reason) => {
                     warn!(%peer, vm = %m.name, op = m.op, "QEMU migration op failed: {reason}");
@@ -1111,6 +1130,7 @@ impl Receiver {
                     object: m.object,
                     code: 0,
                     reason: String::new(),
+                    data: Vec::new(),
                 }
             }
             Err(reason) => {
@@ -1640,6 +1660,7 @@ impl Receiver {
                     object,
                     code: 0,
                     reason: answer,
+                    data: Vec::new(),
                 }
             }
             Err((code, reason)) => {
@@ -1654,6 +1675,7 @@ impl Receiver {
                     object,
                     code: code.0,
                     reason,
+                    data: Vec::new(),
                 }
             }
         };

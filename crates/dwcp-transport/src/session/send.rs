@@ -2362,6 +2362,7 @@ pub async fn migration_op_kept(
         op,
         segments: 0,
         digest: None,
+        postcopy: false,
         timeout: Duration::from_secs(60),
     };
     migration_request_kept(endpoint, addr, expected, &req, kept)
@@ -2380,6 +2381,8 @@ pub struct MigrationRequest<'a> {
     pub segments: u64,
     /// For `MIGRATION_QEMU_FINISH`: the stream's BLAKE3 digest.
     pub digest: Option<[u8; 32]>,
+    /// For `MIGRATION_QEMU_OPEN`: ask for QEMU's post-copy and its return path.
+    pub postcopy: bool,
     /// How long to wait for the answer.
     pub timeout: Duration,
 }
@@ -2393,6 +2396,20 @@ pub async fn migration_request_kept(
     req: &MigrationRequest<'_>,
     kept: &mut KeptSession,
 ) -> Result<String, SendError> {
+    migration_request_data(endpoint, addr, expected, req, kept)
+        .await
+        .map(|(detail, _)| detail)
+}
+
+/// As [`migration_request_kept`], with the answer's data (`ObjectDone::data`: the bytes of a
+/// QEMU return path) besides its detail.
+pub async fn migration_request_data(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    req: &MigrationRequest<'_>,
+    kept: &mut KeptSession,
+) -> Result<(String, Vec<u8>), SendError> {
     let (mut session, _) = kept.take_or_control(endpoint, addr, expected).await?;
     kept.object_id += 1;
     let m = Migration {
@@ -2401,6 +2418,7 @@ pub async fn migration_request_kept(
         name: req.name.to_string(),
         segments: req.segments,
         blake3: req.digest.map(|d| d.to_vec()).unwrap_or_default(),
+        postcopy: req.postcopy,
     };
     let timeout = req.timeout;
     session.adopt_joined().await;
@@ -2428,7 +2446,7 @@ pub async fn migration_request_kept(
                         continue;
                     }
                     if d.code == 0 {
-                        return Ok(msg::printable(&d.reason, 4096));
+                        return Ok((msg::printable(&d.reason, 4096), d.data));
                     }
                     return Err(SendError::Refused {
                         name: m.name.clone(),
