@@ -30,13 +30,13 @@ use dwcp_encoding::{Codec, RemoteIndex};
 use dwcp_transport::qmp::{Qmp, QmpEvent, capability};
 use dwcp_transport::session::adapt::Mode;
 use dwcp_transport::session::{
-    Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_kept,
-    query_base,
+    Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_data,
+    migration_request_kept, query_base,
 };
 use dwcp_wire::data;
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -80,6 +80,13 @@ pub struct QemuSpec {
     pub rate_limit: Option<RateLimit>,
     /// Stops the migration from outside (the user interrupted it, say) while that is safe.
     pub cancel: Cancel,
+    /// Escalate to QEMU's post-copy where a migration would otherwise be given up (auto-converge
+    /// out of steps, rounds that do not shrink): the guest then runs at the destination while
+    /// the rest of its memory follows, fetched first where it faults. Needs both QEMUs to
+    /// take `postcopy-ram` (the destination's needs `userfaultfd`). Once it began there is no
+    /// way back: should the link or the destination fail then, neither side holds the whole
+    /// guest, and QEMU keeps both paused for `migrate-recover`.
+    pub postcopy: bool,
 }
 
 /// Stops a QEMU migration from outside, and says whether it still can: until the whole
@@ -178,6 +185,7 @@ impl QemuSpec {
             rate_limit: None,
             give_up: GiveUp::default(),
             cancel: Cancel::default(),
+            postcopy: false,
         }
     }
 }
@@ -220,6 +228,11 @@ pub struct QemuReport {
     /// What TCP counted under the tunnel, by the kernel (`TCP_INFO`): its own
     /// retransmissions, segments and bytes.
     pub tcp: Option<dwcp_transport::session::TcpCounts>,
+    /// The migration went to post-copy: the guest ran at the destination before all its
+    /// memory had arrived.
+    pub postcopy: bool,
+    /// Pages the destination asked for out of turn in post-copy (QEMU's count).
+    pub postcopy_requests: u64,
 }
 
 /// Live progress.
@@ -290,6 +303,10 @@ struct Budget {
     late: AtomicBool,
     /// QEMU paused the guest: no window but [`GAP_LIMIT`] (see [`Budget::set_paused`]).
     paused: AtomicBool,
+    /// Post-copy began: the window stays although the source guest is paused.
+    postcopy: AtomicBool,
+    /// Nothing more is read from QEMU (the tunnel drains before post-copy begins).
+    hold: AtomicBool,
     /// Guest RAM, bytes (0 until known): with the furthest place in QEMU's first pass the
     /// reader has seen, it tells when that pass is about to end.
     ram: AtomicU64,
@@ -319,6 +336,8 @@ impl Budget {
             limits: std::sync::Mutex::new((START, START)),
             late: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            postcopy: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
             ram: AtomicU64::new(0),
             offset: AtomicU64::new(0),
             unseen: AtomicU64::new(0),
@@ -437,12 +456,17 @@ impl Budget {
         in_tunnel + self.read().saturating_sub(forwarded)
     }
     fn room(&self) -> u64 {
+        if self.hold.load(Ordering::Relaxed) {
+            return 0;
+        }
         let l = self.limits();
         let beyond_gap = self
             .read()
             .saturating_sub(self.in_order.load(Ordering::Relaxed));
         let gap_room = GAP_LIMIT.saturating_sub(beyond_gap);
-        if self.is_paused() {
+        // In post-copy the guest runs at the destination, and a page it asks for goes behind
+        // whatever waits in the tunnel: the window bounds that wait.
+        if self.is_paused() && !self.postcopy.load(Ordering::Relaxed) {
             return gap_room;
         }
         l.stream
@@ -552,6 +576,11 @@ struct Segment {
 /// The phase of a failure after which the guest may run at the destination: the source is
 /// not resumed (that could run it twice).
 pub const UNKNOWN: &str = "resume (outcome unknown)";
+
+/// The phase of a failure after post-copy began: the guest ran at the destination, which
+/// holds its newest state, while pages were still at the source. Neither side is rolled back
+/// nor dropped: QEMU keeps them for `migrate-recover` (`postcopy-paused`).
+pub const POSTCOPY: &str = "post-copy (the guest's memory is split between the hosts)";
 
 /// The reason of a migration stopped through [`QemuSpec::cancel`].
 pub const CANCELLED: &str = "cancelled (interrupted)";
@@ -664,6 +693,7 @@ pub async fn migrate_qemu(
         op: data::MIGRATION_QEMU_OPEN,
         segments: 0,
         digest: None,
+        postcopy: spec.postcopy,
         timeout: Duration::from_secs(30),
     };
     let opened = async {
@@ -716,8 +746,8 @@ pub async fn migrate_qemu(
         control.close().await;
         return Err(fail("prepare", CANCELLED.to_string(), &report));
     };
-    let (remote, tunnel) = match (opened, remote, tunnel) {
-        (Ok(_), Ok(r), Ok(t)) => (r, t),
+    let (remote, tunnel, opened) = match (opened, remote, tunnel) {
+        (Ok(detail), Ok(r), Ok(t)) => (r, t, detail),
         (opened, remote, tunnel) => {
             let why = (opened.err().map(|e| format!("destination: {e}")))
                 .or_else(|| remote.err().map(|e| format!("destination: {e}")))
@@ -731,6 +761,21 @@ pub async fn migrate_qemu(
             control.close().await;
             return Err(fail("prepare", why, &report));
         }
+    };
+    // Post-copy when the destination took it (a node before it answers nothing).
+    let postcopy = spec.postcopy && {
+        let v: Value = serde_json::from_str(&opened).unwrap_or(Value::Null);
+        let ok = v.get("postcopy").and_then(Value::as_bool) == Some(true);
+        if !ok {
+            let why = v
+                .get("why")
+                .and_then(Value::as_str)
+                .unwrap_or("the destination node does not carry post-copy");
+            let w = format!("no post-copy: {why}; a migration that cannot converge is given up");
+            warn!(vm = %spec.vm, "{w}");
+            report.warnings.push(w);
+        }
+        ok
     };
     // Measured now, not alongside the cache summary: the destination may be busy with that
     // summary then, and one late answer on a short path (2.5 ms seen on `dc`, with 10 ms the
@@ -774,6 +819,7 @@ pub async fn migrate_qemu(
     let result = run(
         dest,
         spec,
+        postcopy,
         &mut qmp,
         &mut control,
         remote,
@@ -796,7 +842,7 @@ pub async fn migrate_qemu(
             Ok(report)
         }
         Err((phase, reason)) => {
-            let runs_there = runs_at_destination(phase, &report.dest_status);
+            let runs_there = runs_at_destination(phase, &report.dest_status) || phase == POSTCOPY;
             let as_before = if phase == UNKNOWN || runs_there {
                 // Resuming the source could run the guest twice; leave it paused.
                 warn!(vm = %spec.vm, phase, "QEMU migration failed: {reason}; the destination may run the guest: the source stays paused");
@@ -835,6 +881,7 @@ async fn abort_destination(dest: &Destination<'_>, vm: &str) {
         op: data::MIGRATION_QEMU_ABORT,
         segments: 0,
         digest: None,
+        postcopy: false,
         timeout: Duration::from_secs(10),
     };
     let mut fresh = KeptSession::default();
@@ -1018,6 +1065,7 @@ async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) -> bool {
 async fn run(
     dest: Destination<'_>,
     spec: &QemuSpec,
+    postcopy: bool,
     qmp: &mut Qmp,
     control: &mut KeptSession,
     remote: Option<RemoteIndex>,
@@ -1054,6 +1102,20 @@ async fn run(
     )
     .await
     .map_err(q)?;
+    // On its own: a QEMU that refuses it still migrates, without post-copy (the destination
+    // then feeds a stream without a return path, which works the same).
+    let postcopy = postcopy && {
+        let on = json!({"capabilities": [capability("postcopy-ram", true)]});
+        match qmp.execute("migrate-set-capabilities", Some(on)).await {
+            Ok(_) => true,
+            Err(e) => {
+                let w = format!("no post-copy: the source QEMU refused it: {e}");
+                warn!(vm = %spec.vm, "{w}");
+                report.warnings.push(w);
+                false
+            }
+        }
+    };
     let mut params = json!({
         "downtime-limit": spec.downtime.as_millis() as u64,
         // QEMU's default cap is 128 MiB/s; the tunnel's backpressure is the limit here.
@@ -1087,7 +1149,19 @@ async fn run(
 
     let budget = Arc::new(Budget::new());
     let (tx, rx) = mpsc::channel::<Segment>(2);
+    let (sock, back) = sock.into_split();
     let mut reader = tokio::spawn(read_segments(sock, tx, budget.clone(), tunnel.max_block()));
+    // QEMU's return path (open under post-copy): the destination QEMU's bytes, asked for on
+    // a session of their own (the control session waits on the finish).
+    let mut returns = postcopy.then(|| {
+        tokio::spawn(carry_return(
+            dest.endpoint.clone(),
+            dest.addr,
+            dest.expected.cloned(),
+            spec.vm.clone(),
+            back,
+        ))
+    });
     // What the destination holds: its summary, then the pages of every block it decoded.
     let remote = Arc::new(remote.map(RwLock::new));
     let tunnel = Arc::new(tunnel);
@@ -1128,11 +1202,13 @@ async fn run(
     }
     let result = pump(
         spec,
+        postcopy,
         qmp,
         &tunnel,
         &budget,
         &mut reader,
         &mut forwarder,
+        &mut returns,
         rtt,
         pacer,
         converge,
@@ -1145,12 +1221,21 @@ async fn run(
     qmp.on_event(None);
     reader.abort();
     forwarder.abort();
+    if let Some(r) = &returns {
+        r.abort();
+    }
     let (_, _, wire, resent) = tunnel.acked();
     report.wire_bytes = wire;
     report.stream_bytes = budget.read();
     report.tcp = tunnel.tcp_counts();
     tunnel.close();
-    let detail = result?;
+    let detail = result.map_err(|(phase, reason)| {
+        if report.postcopy && phase != UNKNOWN {
+            (POSTCOPY, reason)
+        } else {
+            (phase, reason)
+        }
+    })?;
     debug!(resent, hedged = tunnel.hedged(), "tunnel done");
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
@@ -1199,6 +1284,10 @@ async fn run(
         .and_then(Value::as_u64)
         .unwrap_or(0);
     report.qemu_downtime_ms = info.get("downtime").and_then(Value::as_f64);
+    report.postcopy_requests = ram
+        .and_then(|r| r.get("postcopy-requests"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     report.downtime_ms = match (stop, resumed) {
         (Some(s), Some(r)) => Some(
             r.duration_since(s)
@@ -1215,11 +1304,13 @@ async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     spec: &QemuSpec,
+    postcopy: bool,
     qmp: &mut Qmp,
     tunnel: &Tunnel,
     budget: &Budget,
     reader: &mut tokio::task::JoinHandle<Result<(u64, blake3::Hash), String>>,
     forwarder: &mut tokio::task::JoinHandle<Result<(u64, u64), String>>,
+    returns: &mut Option<tokio::task::JoinHandle<Result<(), String>>>,
     rtt: Duration,
     mut pacer: Option<Pacer>,
     mut converge: Watch,
@@ -1269,6 +1360,14 @@ async fn pump(
                     }
                     Ok(Err(e)) => return Err(("transfer", e)),
                     Err(e) => return Err(("transfer", format!("reader task: {e}"))),
+                }
+            }
+            r = async { returns.as_mut()?.await.ok() }, if returns.is_some() => {
+                *returns = None;
+                match r {
+                    Some(Ok(())) => debug!("return path delivered to its end"),
+                    Some(Err(e)) => return Err(("transfer", e)),
+                    None => return Err(("transfer", "the return path's task failed".into())),
                 }
             }
             r = &mut *forwarder, if queued.is_none() => {
@@ -1478,12 +1577,43 @@ async fn pump(
                     // out of steps, never lets QEMU stop it: given up, rolled back. Unless QEMU
                     // has just stopped it after all (its STOP read since the query, by a
                     // command above or now).
+                    // With post-copy the guest moves instead, and its memory follows.
                     if let Some(stall) = stall {
                         if watch {
                             watch = watch_pause(qmp).await;
                         }
-                        if !budget.is_paused() {
-                            return Err(("transfer", stall.to_string()));
+                        if !budget.is_paused() && !report.postcopy {
+                            if !postcopy {
+                                return Err(("transfer", stall.to_string()));
+                            }
+                            // The tunnel drains first, while the guest still runs here (QEMU's
+                            // writes wait): the device state QEMU sends when it stops the guest
+                            // then waits behind nothing, and the pause is its own time on the
+                            // wire, not the window's.
+                            budget.hold.store(true, Ordering::Relaxed);
+                            let drained = drain(tunnel, budget, POSTCOPY_DRAIN).await;
+                            if let Some(e) = tunnel.error() {
+                                return Err(("transfer", e));
+                            }
+                            if watch {
+                                watch = watch_pause(qmp).await;
+                            }
+                            // The point of no return: from here the guest runs there. Unless
+                            // QEMU stopped the guest meanwhile for its own last round.
+                            if !budget.is_paused() {
+                                if !spec.cancel.finish() {
+                                    return Err(("transfer", CANCELLED.to_string()));
+                                }
+                                budget.postcopy.store(true, Ordering::Relaxed);
+                                if let Err(e) = qmp.execute("migrate-start-postcopy", None).await {
+                                    budget.postcopy.store(false, Ordering::Relaxed);
+                                    return Err(("transfer", format!("{stall}; post-copy did not start: {e}")));
+                                }
+                                report.postcopy = true;
+                                info!(vm = %spec.vm, round = p.round, remaining_mb = p.remaining as f64 / 1e6, drained, "post-copy: {stall}");
+                            }
+                            budget.hold.store(false, Ordering::Relaxed);
+                            budget.freed.notify_waiters();
                         }
                     }
                 }
@@ -1508,6 +1638,7 @@ async fn pump(
         // The destination compares it with what it fed its QEMU before QEMU gets the last
         // byte.
         digest: Some(*stream_digest.as_bytes()),
+        postcopy: false,
         timeout: Duration::from_secs(180),
     };
     debug!(
@@ -1656,7 +1787,7 @@ async fn watch_pause(qmp: &mut Qmp) -> bool {
 /// Reads QEMU's stream into segments of at most `max` bytes while the budget allows; returns
 /// the segment count and the stream's BLAKE3 digest.
 async fn read_segments(
-    mut sock: UnixStream,
+    mut sock: tokio::net::unix::OwnedReadHalf,
     tx: mpsc::Sender<Segment>,
     budget: Arc<Budget>,
     max: usize,
@@ -1726,6 +1857,80 @@ async fn read_segments(
             return Ok((seq, hasher.finalize()));
         }
     }
+}
+
+/// Longest wait for the tunnel to drain before post-copy begins.
+const POSTCOPY_DRAIN: Duration = Duration::from_secs(15);
+
+/// Waits (at most `limit`) until what was read from QEMU is acknowledged, up to 256 KiB, with
+/// nothing more read meanwhile ([`Budget::hold`]); whether it got there.
+async fn drain(tunnel: &Tunnel, budget: &Budget, limit: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        if budget.inflight() <= 256 << 10 {
+            return true;
+        }
+        if t.elapsed() >= limit || tunnel.error().is_some() {
+            return false;
+        }
+        tunnel.wait_progress(Duration::from_millis(20)).await;
+    }
+}
+
+/// Carries the destination QEMU's return path into the source QEMU's socket (`sock`): asks
+/// the destination for what its QEMU wrote from the last byte on, until it says the path
+/// ended. A lost connection is opened again; 30 s without an answer fail it.
+async fn carry_return(
+    endpoint: dwcp_transport::Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<dwcp_wire::NodeId>,
+    vm: String,
+    mut sock: tokio::net::unix::OwnedWriteHalf,
+) -> Result<(), String> {
+    const SILENT: Duration = Duration::from_secs(30);
+    let mut session = KeptSession::new();
+    let mut offset = 0u64;
+    let mut answered = Instant::now();
+    let r = loop {
+        let ask = MigrationRequest {
+            name: &vm,
+            op: data::MIGRATION_QEMU_RETURN,
+            segments: offset,
+            digest: None,
+            postcopy: false,
+            timeout: Duration::from_secs(10),
+        };
+        match migration_request_data(&endpoint, addr, expected.as_ref(), &ask, &mut session).await {
+            Ok((detail, bytes)) => {
+                answered = Instant::now();
+                if !bytes.is_empty() {
+                    debug!(vm, offset, bytes = bytes.len(), "return path bytes");
+                    if let Err(e) = sock.write_all(&bytes).await {
+                        break Err(format!("the source QEMU's return path: {e}"));
+                    }
+                    offset += bytes.len() as u64;
+                }
+                if detail == "end" {
+                    debug!(vm, bytes = offset, "return path ended");
+                    break Ok(());
+                }
+            }
+            Err(e @ SendError::Refused { .. }) => {
+                break Err(format!("the destination's return path: {e}"));
+            }
+            Err(e) if answered.elapsed() > SILENT => {
+                break Err(format!(
+                    "the destination's return path: no answer for {SILENT:?}: {e}"
+                ));
+            }
+            Err(e) => {
+                debug!(vm, "return path: {e}; asking again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    session.close().await;
+    r
 }
 
 /// Encodes segments, two at a time (one per core), into blocks in stream order. Returns the

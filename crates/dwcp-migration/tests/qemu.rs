@@ -552,6 +552,135 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     n.agent.stop().await.unwrap();
 }
 
+/// Whether this process may have QEMU use `userfaultfd` (post-copy's destination): as root,
+/// or where unprivileged users may.
+fn userfaultfd_allowed() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false);
+    let open = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|v| v.trim() == "1");
+    root || open
+}
+
+/// The guest that cannot converge, with post-copy allowed, moves instead: it runs at the
+/// destination while the rest of its memory follows, the pages it touches first (asked for
+/// on QEMU's return path, carried back through the destination agent), and keeps running
+/// there with its memory intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
+    let Some(image) = guest() else { return };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(std::io::stderr)
+        .try_init();
+    if !userfaultfd_allowed() {
+        eprintln!(
+            "skipped: QEMU's post-copy needs userfaultfd (root, or vm.unprivileged_userfaultfd=1)"
+        );
+        return;
+    }
+    let guest_dir = tempfile::tempdir().unwrap();
+    let mut l = Launch::new(MEM_MIB, guest_dir.path().join("src.log"));
+    l.mem_file = Some(guest_dir.path().join("src.ram"));
+    l.qmp = vec![guest_dir.path().join("src.qmp")];
+    l.dirty_pages_per_sec = 500;
+    l.hot_pages = Some(512);
+    l.exact_dirty_tracking = true;
+    let mut src = QemuProcess::spawn(&image, &l).unwrap();
+    src.wait_serial("dwcp-guest ready", Duration::from_secs(180))
+        .await
+        .unwrap();
+    let n = nodes(vec![guest_dir.path().join("src.ram")]).await;
+    let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
+    // Not paused after loading (-S): the guest runs there during post-copy and faults in
+    // what has not arrived.
+    // Its RAM on tmpfs: userfaultfd does not take a file on an ordinary filesystem (the
+    // agent checks), and the RAM block's name must be the source's.
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm for the destination guest's RAM");
+        return;
+    };
+    let mut dl = Launch::new(MEM_MIB, dir.path().join("dst.log"));
+    dl.mem_file = Some(shm.path().join("dst.ram"));
+    dl.qmp = vec![
+        qemu_dir.join("vm-pc.qmp"),
+        dir.path().join("dst-harness.qmp"),
+    ];
+    dl.incoming = Some(format!(
+        "unix:{}",
+        qemu_dir.join("vm-pc.incoming").display()
+    ));
+    dl.exact_dirty_tracking = true;
+    let dst = QemuProcess::spawn(&image, &dl).unwrap();
+    let mut spec = QemuSpec::new("vm-pc", guest_dir.path().join("src.qmp"));
+    spec.auto_converge = false;
+    spec.postcopy = true;
+    spec.downtime = Duration::from_millis(50);
+    spec.give_up = GiveUp {
+        rounds: 2,
+        after: Duration::ZERO,
+    };
+    spec.timeout = Duration::from_secs(150);
+    spec.rate_limit = Some(RateLimit::new(500_000));
+    let mut phases = Vec::new();
+    let r = match migrate_qemu(dest, &spec, &mut |p| phases.push(p.phase.clone())).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut dq = Qmp::connect(&dir.path().join("dst-harness.qmp"), Duration::from_secs(5))
+                .await
+                .unwrap();
+            eprintln!(
+                "destination: {:?} {:?}",
+                dq.execute("query-status", None).await,
+                dq.execute("query-migrate", None).await
+            );
+            let log = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+            panic!(
+                "{e}\n{:?}\nsource QEMU: {}\ndestination QEMU: {}\ndestination console: {}",
+                e.report,
+                log(&guest_dir.path().join("src.stderr").display().to_string()),
+                log(&dir.path().join("dst.stderr").display().to_string()),
+                dst.serial()
+            );
+        }
+    };
+    eprintln!("{r:?}");
+    assert!(r.migrated && r.postcopy, "{r:?}");
+    assert!(r.warnings.is_empty(), "{r:?}");
+    assert!(phases.iter().any(|p| p == "postcopy-active"), "{phases:?}");
+    // The running guest touched pages still at the source, and got them.
+    assert!(r.postcopy_requests > 0, "{r:?}");
+    assert_eq!(r.dest_status, "running", "{r:?}");
+    assert!(r.downtime_ms.is_some(), "{r:?}");
+    assert_eq!(
+        status(&guest_dir.path().join("src.qmp")).await,
+        "postmigrate"
+    );
+    // It runs there: its heartbeat goes on, and its own check of a 4 MiB file written before
+    // the migration holds, after the migration.
+    let at = dst.serial().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let console = dst.serial();
+        let after = &console[at.min(console.len())..];
+        assert!(!after.contains("check BAD"), "{console}");
+        if after.contains("dwcp-guest check ok") && after.contains("dwcp-guest tick") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not run at the destination: {console}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(src);
+    n.agent.stop().await.unwrap();
+}
+
 /// Kills the QEMU it holds when dropped.
 struct Killed(std::process::Child);
 

@@ -60,7 +60,7 @@ const QEMU_DEFAULT_CAP: u64 = 128 << 20;
 const NO_CAP: u64 = 100 << 30;
 
 /// The QEMU cases, in the order they run, and their table names.
-const CASES: [(&str, &str); 7] = [
+const CASES: [(&str, &str); 8] = [
     ("native", "native default"),
     ("multifd", "native multifd zstd x8"),
     ("cold", "dwcp cold"),
@@ -68,6 +68,8 @@ const CASES: [(&str, &str); 7] = [
     ("cold-qemu-steps", "dwcp cold, QEMU's steps"),
     // Nor this: the cold case with `--no-throttle` (given up when it cannot converge).
     ("cold-no-throttle", "dwcp cold, no throttle"),
+    // Nor this: `--no-throttle --postcopy` (post-copy where it would be given up).
+    ("cold-postcopy", "dwcp cold, post-copy"),
     ("seeded", "dwcp seeded"),
     ("warm", "dwcp warm"),
 ];
@@ -147,6 +149,15 @@ impl QemuBench<'_> {
                     7904,
                     None,
                     &["--throttle-steps", "qemu"],
+                )
+            } else if *key == "cold-postcopy" {
+                self.through_own_agent(
+                    &image,
+                    i,
+                    "agent-cold-postcopy",
+                    7908,
+                    None,
+                    &["--no-throttle", "--postcopy"],
                 )
             } else if *key == "cold-no-throttle" {
                 self.through_own_agent(
@@ -419,6 +430,12 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
         );
         if let Some(e) = rep["error"].as_str() {
             println!("    why: {}", e.chars().take(300).collect::<String>());
+        }
+        if rep["postcopy"] == true {
+            println!(
+                "    post-copy: the guest ran at the destination before the rest of its memory; {} pages asked for out of turn",
+                rep["postcopy_requests"]
+            );
         }
     }
     println!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");

@@ -672,6 +672,16 @@ pub(crate) struct MigrateArgs {
     )]
     pub(crate) throttle_steps: ThrottleStepsArg,
 
+    /// With --qemu-qmp: where the migration would be given up (auto-converge out of steps,
+    /// or --no-throttle, and rounds that do not shrink), switch to QEMU's post-copy instead:
+    /// the guest runs at the destination at once and its remaining memory follows, pages it
+    /// touches first. Both QEMUs must take it (the destination's needs userfaultfd: root, or
+    /// vm.unprivileged_userfaultfd=1); otherwise a warning, and the migration goes on
+    /// without. There is no way back once it began: if the link or the destination fails
+    /// then, QEMU keeps both sides paused for `migrate-recover`.
+    #[arg(long, requires = "qemu_qmp")]
+    pub(crate) postcopy: bool,
+
     /// Parallel TLS connections (per round; with --qemu-qmp, carrying the stream).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub(crate) streams: u32,

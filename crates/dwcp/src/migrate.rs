@@ -359,6 +359,7 @@ pub(crate) fn qemu_spec(
     let mut spec = QemuSpec::new(&args.name, qmp.to_path_buf());
     spec.downtime = std::time::Duration::from_millis(args.downtime_ms);
     spec.auto_converge = !args.no_throttle;
+    spec.postcopy = args.postcopy;
     spec.paced_throttle = args.throttle_steps == crate::cli::ThrottleStepsArg::Paced;
     spec.streams = args.streams;
     let cap = rate_limit(settings, args);
@@ -405,7 +406,7 @@ fn run_qemu(
                 );
             } else {
                 eprintln!(
-                    "\ninterrupted: too late to cancel: the destination is loading the guest; waiting for its answer (once more to quit at once)"
+                    "\ninterrupted: too late to cancel: the destination is loading the guest (or runs it in post-copy); waiting for its answer (once more to quit at once)"
                 );
             }
             let code = signals.next().await;
@@ -499,9 +500,14 @@ pub(crate) async fn run_qemu_with_progress(
                 .map_or_else(|| "-".into(), |d| format!("{d:.0} ms")),
             if p.stalled_rounds > 0 {
                 format!(
-                    "  not shrinking for {} round{} (rolled back at {} and {} s)",
+                    "  not shrinking for {} round{} ({} at {} and {} s)",
                     p.stalled_rounds,
                     if p.stalled_rounds == 1 { "" } else { "s" },
+                    if spec.postcopy {
+                        "post-copy"
+                    } else {
+                        "rolled back"
+                    },
                     spec.give_up.rounds,
                     spec.give_up.after.as_secs()
                 )
@@ -546,6 +552,8 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "tcp_retransmits": r.tcp.map(|t| t.retransmits),
         "tcp_segments_sent": r.tcp.map(|t| t.segments_sent),
         "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
+        "postcopy": r.postcopy,
+        "postcopy_requests": r.postcopy_requests,
     })
 }
 
@@ -581,6 +589,12 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
             String::new()
         }
     );
+    if r.postcopy {
+        println!(
+            "  post-copy: the guest ran at the destination before the rest of its memory arrived; it asked for {} pages out of turn",
+            r.postcopy_requests
+        );
+    }
     println!(
         "result: migrated in {:.2} s; guest paused {} end to end (source STOP -> destination RESUME), QEMU reports {}; destination {}",
         r.total_seconds,
