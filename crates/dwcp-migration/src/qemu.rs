@@ -656,6 +656,7 @@ pub async fn migrate_qemu(
         ));
     }
     let was_running = status == "running";
+    let source_postcopy = spec.postcopy && source_takes_postcopy(&mut qmp, &mut report).await;
     let (source_qemu, warning) = source_qemu(&mut qmp).await;
     report.source_qemu = source_qemu;
     if let Some(w) = warning {
@@ -693,7 +694,7 @@ pub async fn migrate_qemu(
         op: data::MIGRATION_QEMU_OPEN,
         segments: 0,
         digest: None,
-        postcopy: spec.postcopy,
+        postcopy: source_postcopy,
         timeout: Duration::from_secs(30),
     };
     let opened = async {
@@ -763,7 +764,7 @@ pub async fn migrate_qemu(
         }
     };
     // Post-copy when the destination took it (a node before it answers nothing).
-    let postcopy = spec.postcopy && {
+    let postcopy = source_postcopy && {
         let v: Value = serde_json::from_str(&opened).unwrap_or(Value::Null);
         let ok = v.get("postcopy").and_then(Value::as_bool) == Some(true);
         if !ok {
@@ -812,14 +813,21 @@ pub async fn migrate_qemu(
         .and_then(Value::as_u64)
         .map_or(Own::QEMU.max, |m| m.min(100) as u8);
     let converge = Watch::new(
-        spec.give_up,
+        if postcopy {
+            spec.give_up.for_postcopy()
+        } else {
+            spec.give_up
+        },
         spec.auto_converge.then_some(max),
         spec.downtime,
     );
+    // QEMU stopped the guest for the migration (or someone did) at some point.
+    let stopped = Arc::new(AtomicBool::new(false));
     let result = run(
         dest,
         spec,
         postcopy,
+        &stopped,
         &mut qmp,
         &mut control,
         remote,
@@ -842,6 +850,12 @@ pub async fn migrate_qemu(
             Ok(report)
         }
         Err((phase, reason)) => {
+            let (phase, reason) = after_the_point(
+                (phase, reason),
+                report.postcopy,
+                postcopy && stopped.load(Ordering::SeqCst),
+                &report.dest_status,
+            );
             let runs_there = runs_at_destination(phase, &report.dest_status) || phase == POSTCOPY;
             let as_before = if phase == UNKNOWN || runs_there {
                 // Resuming the source could run the guest twice; leave it paused.
@@ -851,7 +865,9 @@ pub async fn migrate_qemu(
                 warn!(vm = %spec.vm, phase, "QEMU migration failed: {reason}; rolling back");
                 rollback(spec, &mut qmp, was_running).await
             };
-            if !runs_there {
+            // Also after post-copy: the destination agent then only lets go of the stream
+            // and its QEMU's monitor (a QEMU that may hold the guest is not told to quit).
+            if !runs_there || phase == POSTCOPY {
                 abort_destination(&dest, &spec.vm).await;
             }
             // After the rollback: QEMU takes no capability while a migration is active.
@@ -863,6 +879,34 @@ pub async fn migrate_qemu(
             e.source_as_before = as_before;
             Err(e)
         }
+    }
+}
+
+/// The phase a failure is reported in, from what happened before it: after post-copy began
+/// (`postcopy_began`) any failure is [`POSTCOPY`]; with post-copy negotiated and the guest
+/// stopped at the source once (`exposed`: the destination QEMU takes every byte as it comes,
+/// and may have loaded and started the guest), a failure that would roll back is
+/// [`UNKNOWN`]: resuming the source could run the guest twice.
+fn after_the_point(
+    (phase, reason): (&'static str, String),
+    postcopy_began: bool,
+    exposed: bool,
+    dest_status: &str,
+) -> (&'static str, String) {
+    if phase == UNKNOWN || runs_at_destination(phase, dest_status) {
+        (phase, reason)
+    } else if postcopy_began {
+        (POSTCOPY, reason)
+    } else if exposed {
+        (
+            UNKNOWN,
+            format!(
+                "{reason} (with post-copy on, the destination QEMU takes the stream as it comes, \
+                 and may have started the guest once the source stopped it)"
+            ),
+        )
+    } else {
+        (phase, reason)
     }
 }
 
@@ -1066,6 +1110,7 @@ async fn run(
     dest: Destination<'_>,
     spec: &QemuSpec,
     postcopy: bool,
+    stopped: &Arc<AtomicBool>,
     qmp: &mut Qmp,
     control: &mut KeptSession,
     remote: Option<RemoteIndex>,
@@ -1102,9 +1147,11 @@ async fn run(
     )
     .await
     .map_err(q)?;
-    // On its own: a QEMU that refuses it still migrates, without post-copy (the destination
-    // then feeds a stream without a return path, which works the same).
-    let postcopy = postcopy && {
+    // On its own (it took it a moment ago, in `source_takes_postcopy`): a QEMU that refuses
+    // it now still migrates, without post-copy. The destination feeds every byte as it comes
+    // all the same (`postcopy` stays true for what that exposes), the source QEMU ends its
+    // stream without waiting for a return path, and the finish works as before.
+    let source_rp = postcopy && {
         let on = json!({"capabilities": [capability("postcopy-ram", true)]});
         match qmp.execute("migrate-set-capabilities", Some(on)).await {
             Ok(_) => true,
@@ -1153,7 +1200,7 @@ async fn run(
     let mut reader = tokio::spawn(read_segments(sock, tx, budget.clone(), tunnel.max_block()));
     // QEMU's return path (open under post-copy): the destination QEMU's bytes, asked for on
     // a session of their own (the control session waits on the finish).
-    let mut returns = postcopy.then(|| {
+    let mut returns = source_rp.then(|| {
         tokio::spawn(carry_return(
             dest.endpoint.clone(),
             dest.addr,
@@ -1180,12 +1227,22 @@ async fn run(
     // its answer: QEMU holds that answer until its final round is written, and the final round
     // would wait behind the window (see `Budget::set_paused`).
     let hooked = budget.clone();
+    let (stop_seen, cancel) = (stopped.clone(), spec.cancel.clone());
     qmp.on_event(Some(Box::new(move |e: &QmpEvent| {
         let paused = match e.name.as_str() {
             "STOP" => true,
             "RESUME" => false,
             _ => return,
         };
+        if paused {
+            stop_seen.store(true, Ordering::SeqCst);
+            // With post-copy on, the destination QEMU takes every byte as it comes and may
+            // start the guest as soon as the source's last round is in: from here the
+            // migration cannot be cancelled (see `migrate_qemu`'s phases).
+            if postcopy {
+                cancel.finish();
+            }
+        }
         if paused != hooked.is_paused() {
             hooked.set_paused(paused);
             debug!(
@@ -1199,10 +1256,14 @@ async fn run(
     // A STOP read before the hook was in place (by `migrate`'s own answer, say) still counts.
     if qmp.latest_is("STOP", &["STOP", "RESUME"]) {
         budget.set_paused(true);
+        stopped.store(true, Ordering::SeqCst);
+        if postcopy {
+            spec.cancel.finish();
+        }
     }
     let result = pump(
         spec,
-        postcopy,
+        source_rp,
         qmp,
         &tunnel,
         &budget,
@@ -1229,13 +1290,7 @@ async fn run(
     report.stream_bytes = budget.read();
     report.tcp = tunnel.tcp_counts();
     tunnel.close();
-    let detail = result.map_err(|(phase, reason)| {
-        if report.postcopy && phase != UNKNOWN {
-            (POSTCOPY, reason)
-        } else {
-            (phase, reason)
-        }
-    })?;
+    let detail = result?;
     debug!(resent, hedged = tunnel.hedged(), "tunnel done");
     let detail: Value = serde_json::from_str(&detail).unwrap_or(Value::Null);
     report.dest_status = detail
@@ -1390,7 +1445,9 @@ async fn pump(
             // round, or from a completed migration).
             () = spec.cancel.cancelled() => return Err(("transfer", CANCELLED.to_string())),
             _ = tick.tick() => {
-                if Instant::now() > deadline {
+                // Not once post-copy began: ending it would leave both sides paused, neither
+                // whole. Its own failure shows as QEMU's `postcopy-paused`.
+                if Instant::now() > deadline && !report.postcopy {
                     return Err(("transfer", format!("not done within {:?}", spec.timeout)));
                 }
                 // The control session waits for the finish while the tunnel carries the
@@ -1520,6 +1577,9 @@ async fn pump(
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
+                    if p.phase == "postcopy-paused" {
+                        return Err(("transfer", "the source QEMU paused the post-copy: it lost the destination (its stream or return path broke)".to_string()));
+                    }
                     // So far: a failed migration's report tells how far it got.
                     report.throttle = report.throttle.max(p.throttle);
                     report.rounds = report.rounds.max(p.round);
@@ -1598,22 +1658,29 @@ async fn pump(
                             if watch {
                                 watch = watch_pause(qmp).await;
                             }
+                            // The window again (kept from here): QEMU may have begun its own
+                            // last round meanwhile, and holds its monitor until it is written.
+                            budget.postcopy.store(true, Ordering::Relaxed);
+                            budget.hold.store(false, Ordering::Relaxed);
+                            budget.freed.notify_waiters();
                             // The point of no return: from here the guest runs there. Unless
                             // QEMU stopped the guest meanwhile for its own last round.
                             if !budget.is_paused() {
                                 if !spec.cancel.finish() {
                                     return Err(("transfer", CANCELLED.to_string()));
                                 }
-                                budget.postcopy.store(true, Ordering::Relaxed);
                                 if let Err(e) = qmp.execute("migrate-start-postcopy", None).await {
                                     budget.postcopy.store(false, Ordering::Relaxed);
                                     return Err(("transfer", format!("{stall}; post-copy did not start: {e}")));
                                 }
-                                report.postcopy = true;
-                                info!(vm = %spec.vm, round = p.round, remaining_mb = p.remaining as f64 / 1e6, drained, "post-copy: {stall}");
+                                // QEMU takes the request even when it has just begun a pre-copy
+                                // end: what it does says which.
+                                report.postcopy = postcopy_began(qmp).await;
+                                if !report.postcopy {
+                                    budget.postcopy.store(false, Ordering::Relaxed);
+                                }
+                                info!(vm = %spec.vm, round = p.round, remaining_mb = p.remaining as f64 / 1e6, drained, began = report.postcopy, "post-copy: {stall}");
                             }
-                            budget.hold.store(false, Ordering::Relaxed);
-                            budget.freed.notify_waiters();
                         }
                     }
                 }
@@ -1855,6 +1922,63 @@ async fn read_segments(
         }
         if eof {
             return Ok((seq, hasher.finalize()));
+        }
+    }
+}
+
+/// Whether QEMU went to post-copy after `migrate-start-postcopy` (it switches at its next
+/// iteration): its status within 5 s. Still `active` then counts as begun (it was asked).
+async fn postcopy_began(qmp: &mut Qmp) -> bool {
+    let t = Instant::now();
+    loop {
+        let info = qmp
+            .execute("query-migrate", None)
+            .await
+            .unwrap_or(Value::Null);
+        match info.get("status").and_then(Value::as_str) {
+            Some(s) if s.starts_with("postcopy") => return true,
+            Some("active") | None if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Some("active") | None => return true,
+            // `device`, `completed`, `failed`: its own pre-copy end came first.
+            Some(_) => return false,
+        }
+    }
+}
+
+/// Whether the source QEMU takes post-copy (`postcopy-ram`): tried, and put back as it was
+/// (the migration sets it later, once the destination has said whether it takes it too).
+/// When it does not, a warning says why.
+async fn source_takes_postcopy(qmp: &mut Qmp, report: &mut QemuReport) -> bool {
+    let caps = qmp
+        .execute("query-migrate-capabilities", None)
+        .await
+        .unwrap_or(Value::Null);
+    let was = caps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c.get("capability").and_then(Value::as_str) == Some("postcopy-ram"))
+        .and_then(|c| c.get("state"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let on = json!({"capabilities": [capability("postcopy-ram", true)]});
+    match qmp.execute("migrate-set-capabilities", Some(on)).await {
+        Ok(_) => {
+            if !was {
+                let off = json!({"capabilities": [capability("postcopy-ram", false)]});
+                if let Err(e) = qmp.execute("migrate-set-capabilities", Some(off)).await {
+                    warn!("cannot put the source QEMU's postcopy-ram back: {e}");
+                }
+            }
+            true
+        }
+        Err(e) => {
+            let w = format!("no post-copy: the source QEMU refused it: {e}");
+            warn!("{w}");
+            report.warnings.push(w);
+            false
         }
     }
 }
@@ -2189,6 +2313,32 @@ mod tests {
         for phase in ["prepare", "start", "transfer", "resume", UNKNOWN] {
             assert!(!runs_at_destination(phase, "running"), "{phase}");
         }
+    }
+
+    #[test]
+    fn with_post_copy_on_no_failure_past_the_point_rolls_back() {
+        let at = |phase, began, exposed, status| {
+            after_the_point((phase, "why".to_string()), began, exposed, status)
+        };
+        // Nothing exposed: as it was.
+        for phase in ["prepare", "start", "transfer", "resume", CLEANUP, UNKNOWN] {
+            assert_eq!(at(phase, false, false, "").0, phase);
+        }
+        // Post-copy began: whatever failed (a cleanup too, with -S at the destination), both
+        // sides stay as QEMU keeps them.
+        for phase in ["transfer", "resume", CLEANUP] {
+            assert_eq!(at(phase, true, true, "paused").0, POSTCOPY, "{phase}");
+        }
+        // Negotiated and the guest stopped at the source once: the destination may have
+        // started it, so no rollback, and the reason says why.
+        for phase in ["transfer", "resume", CLEANUP] {
+            let (p, why) = at(phase, false, true, "");
+            assert_eq!(p, UNKNOWN, "{phase}");
+            assert!(why.starts_with("why (with post-copy on"), "{why}");
+        }
+        // A guest that runs there already, and an unknown outcome, stay what they are.
+        assert_eq!(at(CLEANUP, true, true, "running").0, CLEANUP);
+        assert_eq!(at(UNKNOWN, true, true, "").0, UNKNOWN);
     }
 
     #[test]

@@ -42,6 +42,20 @@ impl Default for GiveUp {
     }
 }
 
+impl GiveUp {
+    /// When post-copy is the way out instead: at most two rounds and 10 s. Moving sooner
+    /// loses nothing (what is dirty follows the guest either way), where giving up loses the
+    /// whole migration; more rounds only re-send the same pages. Across 300 ms at 50 Mbit/s
+    /// a 1 GiB guest writing 10 MB/s took five rounds and 160 s to reach the rule's end
+    /// (`docs/BENCHMARKS.md`).
+    pub fn for_postcopy(self) -> Self {
+        Self {
+            rounds: self.rounds.min(2),
+            after: self.after.min(Duration::from_secs(10)),
+        }
+    }
+}
+
 /// Why a migration was given up: the stalled rounds' figures.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stall {

@@ -470,6 +470,11 @@ pub(crate) async fn run_qemu_with_progress(
     chatty: bool,
 ) -> Result<QemuReport, QemuError> {
     let started = Instant::now();
+    let give_up = if spec.postcopy {
+        spec.give_up.for_postcopy()
+    } else {
+        spec.give_up
+    };
     let mut progress = |p: &QemuProgress| {
         if !chatty {
             return;
@@ -508,8 +513,8 @@ pub(crate) async fn run_qemu_with_progress(
                     } else {
                         "rolled back"
                     },
-                    spec.give_up.rounds,
-                    spec.give_up.after.as_secs()
+                    give_up.rounds,
+                    give_up.after.as_secs()
                 )
             } else {
                 String::new()

@@ -1003,6 +1003,18 @@ fn throttle_steps_are_for_a_qemu_guest_and_named() {
 }
 
 #[test]
+fn postcopy_is_for_a_qemu_guest() {
+    // A memory image has no post-copy: refused, not ignored.
+    let o = run(&["migrate", "--to", "127.0.0.1:9", "--postcopy"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--qemu-qmp"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
 fn bench_migration_refuses_bad_cases_before_building_anything() {
     let o = run(&["bench", "migration", "--cases", "1Gi-at-10M"]);
     // Not root: refused for that; root: refused for the case. Either way before any testbed.

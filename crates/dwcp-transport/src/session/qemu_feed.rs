@@ -72,9 +72,10 @@ struct ReturnPath {
 }
 
 impl ReturnPath {
-    /// The bytes from `from` on (the asker holds everything before), up to [`RETURN_REPLY`],
-    /// waiting at most [`RETURN_WAIT`] for some; and whether the path has ended with them.
-    async fn from(&self, from: u64) -> Result<(Vec<u8>, bool), String> {
+    /// The bytes from `from` on (the asker holds everything before), up to `most` and
+    /// [`RETURN_REPLY`], waiting at most [`RETURN_WAIT`] for some; and whether the path has
+    /// ended with them.
+    async fn from(&self, from: u64, most: usize) -> Result<(Vec<u8>, bool), String> {
         let deadline = tokio::time::Instant::now() + RETURN_WAIT;
         loop {
             let changed = self.changed.notified();
@@ -96,7 +97,7 @@ impl ReturnPath {
                     self.changed.notify_waiters();
                 }
                 if !s.bytes.is_empty() {
-                    let n = s.bytes.len().min(RETURN_REPLY);
+                    let n = s.bytes.len().min(RETURN_REPLY).min(most.max(1));
                     return Ok((s.bytes.range(..n).copied().collect(), false));
                 }
                 match &s.end {
@@ -289,12 +290,14 @@ impl Feeds {
         Ok(detail.to_string())
     }
 
-    /// RETURN: what `vm`'s QEMU wrote back from byte `from` on, and whether that is all.
+    /// RETURN: what `vm`'s QEMU wrote back from byte `from` on (at most `most` bytes), and
+    /// whether that is all.
     pub(crate) async fn returned(
         &self,
         peer: &NodeId,
         vm: &str,
         from: u64,
+        most: usize,
     ) -> Result<(Vec<u8>, bool), String> {
         let path = lock(&self.feeds)
             .get(&(peer.clone(), vm.to_string()))
@@ -304,7 +307,7 @@ impl Feeds {
             Some(None) => Err(format!(
                 "the incoming migration of {vm:?} was opened without post-copy: no return path"
             )),
-            Some(Some(p)) => p.from(from).await,
+            Some(Some(p)) => p.from(from, most).await,
         }
     }
 
@@ -554,7 +557,8 @@ async fn postcopy_memory(qmp: &mut Qmp) -> Result<(), String> {
         let fs = filesystem_of(&mounts, &real).unwrap_or("an unknown filesystem");
         if fs != "tmpfs" && fs != "hugetlbfs" {
             return Err(format!(
-                "its memory backend {name} is a file on {fs} ({path}): post-copy (userfaultfd)                  needs anonymous memory, tmpfs or hugetlbfs"
+                "its memory backend {name} is a file on {fs} ({path}): post-copy (userfaultfd) \
+                 needs anonymous memory, tmpfs or hugetlbfs"
             ));
         }
     }
@@ -582,18 +586,21 @@ fn filesystem_of<'a>(mounts: &'a str, path: &Path) -> Option<&'a str> {
 async fn quit(feed: &Feed, vm: &str) {
     let mut qmp = feed.qmp.lock().await;
     if feed.ret.is_some() {
-        // Under post-copy the guest runs here once it began, with pages still at the source:
-        // this QEMU holds its only running state. Left as it is (QEMU pauses it while pages
-        // are missing; `migrate-recover` can pick it up).
-        let q = tokio::time::timeout(Duration::from_secs(5), qmp.execute("query-migrate", None));
-        if let Ok(Ok(info)) = q.await
-            && let Some(status) = info.get("status").and_then(serde_json::Value::as_str)
-            && status.starts_with("postcopy")
-        {
+        // With post-copy on, QEMU gets every byte as it comes, and may have loaded the guest
+        // and run it (after a pre-copy end, or in post-copy, where it holds the only running
+        // state while pages are still at the source): only a QEMU still waiting for its
+        // guest is told to quit. Any other is left as it is, for its owner (QEMU pauses a
+        // post-copy guest while pages are missing; `migrate-recover` can pick it up).
+        let status = match tokio::time::timeout(Duration::from_secs(5), qmp.status()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 5 s".into(),
+        };
+        if status != "inmigrate" {
             warn!(
                 vm,
-                status,
-                "the incoming migration failed in post-copy: the destination QEMU is left running"
+                %status,
+                "the incoming migration failed after the guest may have started here: the destination QEMU is left as it is"
             );
             return;
         }
@@ -935,21 +942,24 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut got = Vec::new();
         while got.len() < 21 && Instant::now() < deadline {
-            let (b, end) = feeds.returned(&peer, "vm", got.len() as u64).await.unwrap();
+            let (b, end) = feeds
+                .returned(&peer, "vm", got.len() as u64, 1 << 20)
+                .await
+                .unwrap();
             assert!(!end);
             got.extend(b);
         }
         assert_eq!(got, b"pong-and-page-request");
         // Nothing new: answered empty within the wait, not held.
         let t = Instant::now();
-        let (b, end) = feeds.returned(&peer, "vm", 21).await.unwrap();
+        let (b, end) = feeds.returned(&peer, "vm", 21, 1 << 20).await.unwrap();
         assert!(b.is_empty() && !end);
         assert!(t.elapsed() < RETURN_WAIT + Duration::from_secs(1));
         // Asked again from an earlier place: those bytes were dropped when the asker said it
         // holds them. Beyond what came: refused too.
-        let e = feeds.returned(&peer, "vm", 4).await.unwrap_err();
+        let e = feeds.returned(&peer, "vm", 4, 1 << 20).await.unwrap_err();
         assert!(e.contains("bytes 21..21 are held"), "{e}");
-        let e = feeds.returned(&peer, "vm", 99).await.unwrap_err();
+        let e = feeds.returned(&peer, "vm", 99, 1 << 20).await.unwrap_err();
         assert!(e.contains("from byte 99"), "{e}");
         // The stream goes to QEMU whole as it comes, its last byte too, before any FINISH:
         // under post-copy QEMU ends its side only once it has loaded it.
@@ -963,9 +973,9 @@ mod tests {
         }
         assert_eq!(*lock(&seen), b"QEVM and all", "fed whole before the finish");
         close.notify_one();
-        let (b, end) = feeds.returned(&peer, "vm", 21).await.unwrap();
+        let (b, end) = feeds.returned(&peer, "vm", 21, 1 << 20).await.unwrap();
         let (b, end) = if !end && b.is_empty() {
-            feeds.returned(&peer, "vm", 21).await.unwrap()
+            feeds.returned(&peer, "vm", 21, 1 << 20).await.unwrap()
         } else {
             (b, end)
         };
@@ -1011,7 +1021,7 @@ mod tests {
             "{why}"
         );
         // Opened all the same, without a return path.
-        let e = feeds.returned(&peer, "vm", 0).await.unwrap_err();
+        let e = feeds.returned(&peer, "vm", 0, 1 << 20).await.unwrap_err();
         assert!(e.contains("without post-copy"), "{e}");
     }
 

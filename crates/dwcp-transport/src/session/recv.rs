@@ -824,7 +824,7 @@ impl Receiver {
                 }
                 FrameType::MIGRATION => {
                     let m: Migration = msg::decode(&frame).map_err(HandshakeError::from)?;
-                    let done = self.migration(&peer, &m).await;
+                    let done = self.migration(&peer, &m, writer.max_chunk()).await;
                     self.send(&mut writer, &msg::encode(FrameType::OBJECT_DONE, &done))
                         .await?;
                 }
@@ -1052,7 +1052,8 @@ impl Receiver {
     }
 
     /// Commits (publishes) or aborts (deletes) a migration target.
-    async fn migration(&self, peer: &NodeId, m: &Migration) -> ObjectDone {
+    /// `max`: the most bytes a frame carries on the connection that answers.
+    async fn migration(&self, peer: &NodeId, m: &Migration, max: usize) -> ObjectDone {
         let refuse = |reason: String| ObjectDone {
             object: m.object,
             code: ErrorCode::STORAGE_ERROR.0,
@@ -1075,7 +1076,9 @@ impl Receiver {
                 );
             };
             if m.op == data::MIGRATION_QEMU_RETURN {
-                return match feeds.returned(peer, &m.name, m.segments).await {
+                // Room for the answer's other fields within the connection's frame size.
+                let most = max.saturating_sub(256).max(64);
+                return match feeds.returned(peer, &m.name, m.segments, most).await {
                     Ok((bytes, end)) => ObjectDone {
                         object: m.object,
                         code: 0,
@@ -2517,11 +2520,15 @@ mod tests {
             name: "vm.mem".into(),
             ..Migration::default()
         };
-        let done = rx.migration(&peer, &op(data::MIGRATION_COMMIT)).await;
+        let done = rx
+            .migration(&peer, &op(data::MIGRATION_COMMIT), 1 << 20)
+            .await;
         assert_eq!(done.code, ErrorCode::STORAGE_ERROR.0, "{done:?}");
         assert!(done.reason.contains("still being received"), "{done:?}");
         // A rollback goes through: the rounds write nothing more, and their files go.
-        let done = rx.migration(&peer, &op(data::MIGRATION_ABORT)).await;
+        let done = rx
+            .migration(&peer, &op(data::MIGRATION_ABORT), 1 << 20)
+            .await;
         assert_eq!(done.code, 0, "{done:?}");
         {
             let s = lock(&session);
