@@ -853,9 +853,18 @@ pub async fn migrate_qemu(
             let (phase, reason) = after_the_point(
                 (phase, reason),
                 report.postcopy,
-                postcopy && stopped.load(Ordering::SeqCst),
+                postcopy && (stopped.load(Ordering::SeqCst) || !was_running),
                 &report.dest_status,
             );
+            // QEMU resumes a guest that ran when its migration fails (its socket closing with
+            // the return path open, say), whatever `dwcp migrate` decides: paused again when
+            // the destination may run it.
+            if (phase == UNKNOWN || phase == POSTCOPY)
+                && let Some(w) = keep_paused(&mut qmp, was_running).await
+            {
+                warn!(vm = %spec.vm, "{w}");
+                report.warnings.push(w);
+            }
             let runs_there = runs_at_destination(phase, &report.dest_status) || phase == POSTCOPY;
             let as_before = if phase == UNKNOWN || runs_there {
                 // Resuming the source could run the guest twice; leave it paused.
@@ -880,6 +889,35 @@ pub async fn migrate_qemu(
             Err(e)
         }
     }
+}
+
+/// After a failure that leaves the source paused: QEMU itself may resume the guest within a
+/// moment of its migration failing. Watched for 2 s, and stopped again; a warning says so.
+async fn keep_paused(qmp: &mut Qmp, was_running: bool) -> Option<String> {
+    if !was_running {
+        return None; // QEMU resumes only a guest that ran before
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        if let Ok(s) = qmp.status().await
+            && s == "running"
+        {
+            let stopped = qmp.execute("stop", None).await;
+            return Some(match stopped {
+                Ok(_) => format!(
+                    "the source QEMU resumed the guest when its migration failed; paused again \
+                     after {} ms",
+                    t.elapsed().as_millis()
+                ),
+                Err(e) => format!(
+                    "the source QEMU resumed the guest when its migration failed, and could not \
+                     be paused again ({e}): the guest may run on both hosts"
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 /// The phase a failure is reported in, from what happened before it: after post-copy began
@@ -1279,7 +1317,15 @@ async fn run(
         dest,
     )
     .await;
+    // A STOP not read yet counts too (a cancel, say, can end the transfer between QEMU
+    // stopping the guest and the next read of its events).
+    if result.is_err() {
+        let _ = qmp.poll_events(Duration::from_millis(1)).await;
+    }
     qmp.on_event(None);
+    if qmp.latest_is("STOP", &["STOP", "RESUME"]) {
+        stopped.store(true, Ordering::SeqCst);
+    }
     reader.abort();
     forwarder.abort();
     if let Some(r) = &returns {
@@ -1676,10 +1722,18 @@ async fn pump(
                                 // QEMU takes the request even when it has just begun a pre-copy
                                 // end: what it does says which.
                                 report.postcopy = postcopy_began(qmp).await;
-                                if !report.postcopy {
+                                if report.postcopy {
+                                    // The guest waits at the destination for the device state,
+                                    // then for every page it faults on: a stuck block goes
+                                    // again after 1.25 round trips, not four.
+                                    tunnel.finishing();
+                                } else {
                                     budget.postcopy.store(false, Ordering::Relaxed);
                                 }
                                 info!(vm = %spec.vm, round = p.round, remaining_mb = p.remaining as f64 / 1e6, drained, began = report.postcopy, "post-copy: {stall}");
+                            } else {
+                                // QEMU's own last round: the window lifts for it as ever.
+                                budget.postcopy.store(false, Ordering::Relaxed);
                             }
                         }
                     }
@@ -1947,39 +2001,49 @@ async fn postcopy_began(qmp: &mut Qmp) -> bool {
     }
 }
 
-/// Whether the source QEMU takes post-copy (`postcopy-ram`): tried, and put back as it was
-/// (the migration sets it later, once the destination has said whether it takes it too).
-/// When it does not, a warning says why.
+/// Whether the source QEMU takes post-copy (`postcopy-ram`, with multifd off as the migration
+/// sets it): tried, and both put back as they were (the migration sets them later, once the
+/// destination has said whether it takes post-copy too). When it does not, a warning says why.
 async fn source_takes_postcopy(qmp: &mut Qmp, report: &mut QemuReport) -> bool {
-    let caps = qmp
-        .execute("query-migrate-capabilities", None)
-        .await
-        .unwrap_or(Value::Null);
-    let was = caps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c.get("capability").and_then(Value::as_str) == Some("postcopy-ram"))
-        .and_then(|c| c.get("state"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let on = json!({"capabilities": [capability("postcopy-ram", true)]});
-    match qmp.execute("migrate-set-capabilities", Some(on)).await {
-        Ok(_) => {
-            if !was {
-                let off = json!({"capabilities": [capability("postcopy-ram", false)]});
-                if let Err(e) = qmp.execute("migrate-set-capabilities", Some(off)).await {
-                    warn!("cannot put the source QEMU's postcopy-ram back: {e}");
-                }
-            }
-            true
-        }
+    let refused = |why: String, report: &mut QemuReport| {
+        let w = format!("no post-copy: {why}");
+        warn!("{w}");
+        report.warnings.push(w);
+        false
+    };
+    let caps = match qmp.execute("query-migrate-capabilities", None).await {
+        Ok(c) => c,
         Err(e) => {
-            let w = format!("no post-copy: the source QEMU refused it: {e}");
-            warn!("{w}");
-            report.warnings.push(w);
-            false
+            return refused(
+                format!("the source QEMU did not list its capabilities: {e}"),
+                report,
+            );
         }
+    };
+    let state = |name: &str| {
+        caps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c.get("capability").and_then(Value::as_str) == Some(name))
+            .and_then(|c| c.get("state"))
+            .and_then(Value::as_bool)
+    };
+    let (Some(postcopy), Some(multifd)) = (state("postcopy-ram"), state("multifd")) else {
+        return refused(
+            "the source QEMU has no postcopy-ram capability".into(),
+            report,
+        );
+    };
+    let on =
+        json!({"capabilities": [capability("multifd", false), capability("postcopy-ram", true)]});
+    let took = qmp.execute("migrate-set-capabilities", Some(on)).await;
+    let back = json!({"capabilities": [capability("postcopy-ram", postcopy), capability("multifd", multifd)]});
+    if let Err(e) = qmp.execute("migrate-set-capabilities", Some(back)).await {
+        warn!("cannot put the source QEMU's postcopy-ram and multifd back: {e}");
+    }
+    match took {
+        Ok(_) => true,
+        Err(e) => refused(format!("the source QEMU refused it: {e}"), report),
     }
 }
 

@@ -183,12 +183,15 @@ struct Feed {
     ret_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// The open incoming migrations, by source and VM.
+type FeedMap = Mutex<HashMap<(NodeId, String), Arc<Feed>>>;
+
 /// The incoming QEMU migrations of one receiver.
 #[derive(Debug)]
 pub(crate) struct Feeds {
     dir: PathBuf,
     idle_limit: Duration,
-    feeds: Mutex<HashMap<(NodeId, String), Arc<Feed>>>,
+    feeds: Arc<FeedMap>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -201,7 +204,7 @@ impl Feeds {
         Self {
             dir: dir.to_path_buf(),
             idle_limit: IDLE_LIMIT,
-            feeds: Mutex::new(HashMap::new()),
+            feeds: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -283,7 +286,13 @@ impl Feeds {
             let t = tokio::spawn(read_return(path.clone(), rd, vm.to_string()));
             *lock(&feed.ret_task) = Some(t);
         }
-        let task = tokio::spawn(feed_loop(feed.clone(), wr, vm.to_string()));
+        let key = (peer.clone(), vm.to_string());
+        let task = tokio::spawn(feed_loop(
+            feed.clone(),
+            wr,
+            vm.to_string(),
+            (Arc::downgrade(&self.feeds), key),
+        ));
         *lock(&feed.task) = Some(task);
         lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
         info!(%peer, vm, postcopy = detail["postcopy"] == true, "incoming QEMU migration opened");
@@ -616,7 +625,15 @@ async fn quit(feed: &Feed, vm: &str) {
     }
 }
 
-async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String) {
+/// Feeds `vm`'s QEMU; `entry`: where the feed is listed, to leave the list when its source
+/// is gone (nothing else would remove it then).
+async fn feed_loop(
+    feed: Arc<Feed>,
+    mut sock: OwnedWriteHalf,
+    vm: String,
+    entry: (std::sync::Weak<FeedMap>, (NodeId, String)),
+) {
+    let mut gone = false;
     // The last byte written so far stays here until the next block, or until FINISH's digest
     // matches all of them: QEMU cannot complete the load (nor start the guest) on a stream
     // other than the one the source QEMU sent. Not under post-copy: there the source QEMU
@@ -694,6 +711,7 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String) {
                 (None, None) => {
                     let idle = lock(&feed.state).last_progress.map(|t| t.elapsed());
                     if !finished && idle.is_some_and(|i| i > feed.idle_limit) {
+                        gone = true;
                         return Err(format!(
                             "no block of the stream to feed for {:?}, and no finish: the \
                              source is gone",
@@ -725,6 +743,20 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String) {
     }
     drop(s);
     feed.wake.notify_waiters();
+    if gone {
+        // No finish or abort will come: the feed goes, and with it its hold on QEMU's monitor
+        // (one client at a time: an operator's `migrate-recover` needs it) and its reader of
+        // QEMU's return path.
+        if let Some(map) = entry.0.upgrade() {
+            let mut m = lock(&map);
+            if m.get(&entry.1).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
+                m.remove(&entry.1);
+            }
+        }
+        if let Some(t) = lock(&feed.ret_task).take() {
+            t.abort();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1045,10 +1077,12 @@ mod tests {
             .unwrap();
         assert!(quit, "QEMU not told to quit before its stream closed");
         assert_eq!(got, b"QEVM and mor");
+        // And the feed is gone (no finish or abort would remove it), its monitor released.
         let e = feeds
             .push(&peer, "vm", 1, Bytes::from_static(b"late"))
             .await
             .unwrap_err();
-        assert!(e.contains("the source is gone"), "{e}");
+        assert!(e.contains("no incoming migration"), "{e}");
+        assert!(lock(&feeds.feeds).is_empty());
     }
 }
