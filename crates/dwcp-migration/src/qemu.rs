@@ -233,6 +233,9 @@ pub struct QemuReport {
     pub postcopy: bool,
     /// Pages the destination asked for out of turn in post-copy (QEMU's count).
     pub postcopy_requests: u64,
+    /// Seconds from post-copy's start to the destination's answer that it has loaded all:
+    /// how long the guest ran there with pages still to come.
+    pub postcopy_seconds: Option<f64>,
 }
 
 /// Live progress.
@@ -1436,6 +1439,8 @@ async fn pump(
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
+    // When QEMU was asked for post-copy (and went).
+    let mut postcopy_since: Option<Instant> = None;
     // Part of the pause is neither QEMU's final round nor the tunnel's backlog: the
     // destination QEMU loading the device state and resuming, with the two agents and the
     // guests on the same CPUs (on `dc`, 60-90 ms after the last byte; 2026-12-03).
@@ -1729,7 +1734,9 @@ async fn pump(
                                 }
                                 // QEMU takes the request even when it has just begun a pre-copy
                                 // end: what it does says which.
+                                let asked = Instant::now();
                                 report.postcopy = postcopy_began(qmp).await;
+                                postcopy_since = report.postcopy.then_some(asked);
                                 budget.hold.store(false, Ordering::Relaxed);
                                 budget.freed.notify_waiters();
                                 if report.postcopy {
@@ -1785,6 +1792,7 @@ async fn pump(
     loop {
         tokio::select! {
             r = &mut fut => {
+                report.postcopy_seconds = postcopy_since.map(|t| t.elapsed().as_secs_f64());
                 return r.map_err(|e| match e {
                     // The destination answered: its QEMU did not load the guest.
                     SendError::Refused { .. } => ("resume", format!("destination: {e}")),

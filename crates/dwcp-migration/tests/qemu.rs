@@ -654,6 +654,11 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     assert!(phases.iter().any(|p| p == "postcopy-active"), "{phases:?}");
     // The running guest touched pages still at the source, and got them.
     assert!(r.postcopy_requests > 0, "{r:?}");
+    assert!(
+        r.postcopy_seconds
+            .is_some_and(|s| s > 0.0 && s < r.total_seconds),
+        "{r:?}"
+    );
     assert_eq!(r.dest_status, "running", "{r:?}");
     assert!(r.downtime_ms.is_some(), "{r:?}");
     assert_eq!(

@@ -433,7 +433,8 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
         }
         if rep["postcopy"] == true {
             println!(
-                "    post-copy: the guest ran at the destination before the rest of its memory; {} pages asked for out of turn",
+                "    post-copy: the guest ran at the destination for {} s before the rest of its memory was in; {} pages asked for out of turn",
+                f(&rep["postcopy_seconds"], 1.0, 1),
                 rep["postcopy_requests"]
             );
         }

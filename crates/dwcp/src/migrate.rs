@@ -559,6 +559,7 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
         "postcopy": r.postcopy,
         "postcopy_requests": r.postcopy_requests,
+        "postcopy_seconds": r.postcopy_seconds,
     })
 }
 
@@ -596,7 +597,9 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
     );
     if r.postcopy {
         println!(
-            "  post-copy: the guest ran at the destination before the rest of its memory arrived; it asked for {} pages out of turn",
+            "  post-copy: the guest ran at the destination before the rest of its memory arrived ({}); it asked for {} pages out of turn",
+            r.postcopy_seconds
+                .map_or_else(|| "-".into(), |s| format!("{s:.1} s")),
             r.postcopy_requests
         );
     }
