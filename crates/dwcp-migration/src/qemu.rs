@@ -233,8 +233,8 @@ pub struct QemuReport {
     pub postcopy: bool,
     /// Pages the destination asked for out of turn in post-copy (QEMU's count).
     pub postcopy_requests: u64,
-    /// Seconds from post-copy's start to the destination's answer that it has loaded all:
-    /// how long the guest ran there with pages still to come.
+    /// Seconds from the request for post-copy (the switch-over included) to the destination's
+    /// answer that it has loaded all: about how long the guest ran there with pages to come.
     pub postcopy_seconds: Option<f64>,
 }
 
@@ -857,7 +857,10 @@ pub async fn migrate_qemu(
             let (phase, reason) = after_the_point(
                 (phase, reason),
                 report.postcopy,
-                postcopy && (stopped.load(Ordering::SeqCst) || !was_running),
+                // A guest paused before emits no STOP; nothing goes out before `transfer`.
+                postcopy
+                    && (stopped.load(Ordering::SeqCst)
+                        || (!was_running && phase != "prepare" && phase != "start")),
                 &report.dest_status,
             );
             // QEMU resumes a guest that ran when its migration fails (its socket closing with
@@ -1706,7 +1709,7 @@ async fn pump(
                             // then waits behind nothing, and the pause is its own time on the
                             // wire, not the window's.
                             budget.hold.store(true, Ordering::Relaxed);
-                            let drained = drain(tunnel, budget, POSTCOPY_DRAIN).await;
+                            let drained = drain(qmp, &mut watch, tunnel, budget, POSTCOPY_DRAIN).await;
                             // Held low until QEMU stops the guest: its iteration in progress
                             // goes on (it has to, to see the request), but at most
                             // `HOLD_WINDOW` of it waits ahead of the device state. With the
@@ -1746,6 +1749,7 @@ async fn pump(
                                     tunnel.finishing();
                                 } else {
                                     budget.postcopy.store(false, Ordering::Relaxed);
+                                    budget.freed.notify_waiters();
                                 }
                                 info!(vm = %spec.vm, round = p.round, remaining_mb = p.remaining as f64 / 1e6, drained, began = report.postcopy, "post-copy: {stall}");
                             } else {
@@ -2075,13 +2079,26 @@ const POSTCOPY_DRAIN: Duration = Duration::from_secs(15);
 
 /// Waits (at most `limit`) until what was read from QEMU and not acknowledged is down to
 /// [`HOLD_WINDOW`] ([`Budget::hold`] keeps it there); whether it got there.
-async fn drain(tunnel: &Tunnel, budget: &Budget, limit: Duration) -> bool {
+/// QEMU's events are read meanwhile (`watch`: while its monitor answers), so that its STOP
+/// ends the wait and lifts the hold: a last round it began by itself must not go through
+/// the hold.
+async fn drain(
+    qmp: &mut Qmp,
+    watch: &mut bool,
+    tunnel: &Tunnel,
+    budget: &Budget,
+    limit: Duration,
+) -> bool {
     let t = Instant::now();
     loop {
-        if budget.inflight() <= HOLD_WINDOW {
+        // The reader takes at least 64 KiB at a time: the hold's bound plus one read.
+        if budget.inflight() <= HOLD_WINDOW + (64 << 10) {
             return true;
         }
-        if t.elapsed() >= limit || tunnel.error().is_some() {
+        if *watch {
+            *watch = watch_pause(qmp).await;
+        }
+        if budget.is_paused() || t.elapsed() >= limit || tunnel.error().is_some() {
             return false;
         }
         tunnel.wait_progress(Duration::from_millis(20)).await;
