@@ -1672,9 +1672,24 @@ async fn pump(
                     }
                     let stall = if iterating {
                         converge.poll(p.round, throttle, dirty, p.remaining, started.elapsed().as_secs_f64(), budget.read())
+                            .map(|s| s.to_string())
                     } else {
                         None
                     };
+                    // With post-copy, also after so many rounds whatever they did: QEMU would
+                    // have stopped the guest by then if it could, and a guest whose rounds
+                    // are too short (or too uneven) for the rule above would otherwise iterate
+                    // until the timeout (`internet`, a guest writing twice the link's rate:
+                    // 356 rounds in 600 s, never counted).
+                    let stall = stall.or_else(|| {
+                        (postcopy && iterating && p.round > POSTCOPY_AFTER_ROUNDS).then(|| {
+                            format!(
+                                "not converged after {} rounds of QEMU's ({} MB dirty)",
+                                p.round - 1,
+                                p.remaining / 1_000_000
+                            )
+                        })
+                    });
                     let qemu_mbps = ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64).unwrap_or(0.0);
                     debug!(
                         round = p.round,
@@ -1702,7 +1717,7 @@ async fn pump(
                         }
                         if !budget.is_paused() && !report.postcopy {
                             if !postcopy {
-                                return Err(("transfer", stall.to_string()));
+                                return Err(("transfer", stall));
                             }
                             // The tunnel drains first, while the guest still runs here (QEMU's
                             // writes wait): the device state QEMU sends when it stops the guest
@@ -2070,6 +2085,10 @@ async fn source_takes_postcopy(qmp: &mut Qmp, report: &mut QemuReport) -> bool {
         Err(e) => refused(format!("the source QEMU refused it: {e}"), report),
     }
 }
+
+/// With post-copy, it begins at the latest once QEMU's dirty-sync count passes this: ten
+/// rounds over what the guest dirtied after the first pass.
+const POSTCOPY_AFTER_ROUNDS: u64 = 11;
 
 /// What may be in the tunnel while it drains before post-copy, and until QEMU stops the guest.
 const HOLD_WINDOW: u64 = 256 << 10;
