@@ -146,6 +146,22 @@ async fn status(qmp: &Path) -> String {
     q.status().await.unwrap()
 }
 
+/// A source guest that cannot converge through a slow tunnel: 500 pages a second among 512,
+/// about 2 MiB rewritten over and over; booted and filled, its RAM in `dir/src.ram`.
+async fn hot_source(image: &GuestImage, dir: &Path) -> QemuProcess {
+    let mut l = Launch::new(MEM_MIB, dir.join("src.log"));
+    l.mem_file = Some(dir.join("src.ram"));
+    l.qmp = vec![dir.join("src.qmp")];
+    l.dirty_pages_per_sec = 500;
+    l.hot_pages = Some(512);
+    l.exact_dirty_tracking = true;
+    let mut src = QemuProcess::spawn(image, &l).unwrap();
+    src.wait_serial("dwcp-guest ready", Duration::from_secs(180))
+        .await
+        .unwrap();
+    src
+}
+
 /// Waits (20 s at most) for a destination QEMU told to drop its incoming migration to exit.
 async fn assert_quits(dst: &mut QemuProcess, context: &str) {
     let t = std::time::Instant::now();
@@ -498,17 +514,7 @@ async fn a_failed_migration_leaves_the_source_guest_running() {
 async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     let Some(image) = guest() else { return };
     let guest_dir = tempfile::tempdir().unwrap();
-    // 500 pages a second among 512: about 2 MiB rewritten over and over.
-    let mut l = Launch::new(MEM_MIB, guest_dir.path().join("src.log"));
-    l.mem_file = Some(guest_dir.path().join("src.ram"));
-    l.qmp = vec![guest_dir.path().join("src.qmp")];
-    l.dirty_pages_per_sec = 500;
-    l.hot_pages = Some(512);
-    l.exact_dirty_tracking = true;
-    let mut src = QemuProcess::spawn(&image, &l).unwrap();
-    src.wait_serial("dwcp-guest ready", Duration::from_secs(180))
-        .await
-        .unwrap();
+    let src = hot_source(&image, guest_dir.path()).await;
     // The destination's cache holds the guest's RAM as it was once filled (a warm
     // destination): the first pass goes by reference, quickly even through the cap below.
     let n = nodes(vec![guest_dir.path().join("src.ram")]).await;
@@ -584,16 +590,7 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
         return;
     }
     let guest_dir = tempfile::tempdir().unwrap();
-    let mut l = Launch::new(MEM_MIB, guest_dir.path().join("src.log"));
-    l.mem_file = Some(guest_dir.path().join("src.ram"));
-    l.qmp = vec![guest_dir.path().join("src.qmp")];
-    l.dirty_pages_per_sec = 500;
-    l.hot_pages = Some(512);
-    l.exact_dirty_tracking = true;
-    let mut src = QemuProcess::spawn(&image, &l).unwrap();
-    src.wait_serial("dwcp-guest ready", Duration::from_secs(180))
-        .await
-        .unwrap();
+    let src = hot_source(&image, guest_dir.path()).await;
     let n = nodes(vec![guest_dir.path().join("src.ram")]).await;
     let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
     // Not paused after loading (-S): the guest runs there during post-copy and faults in
