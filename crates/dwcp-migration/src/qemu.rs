@@ -262,8 +262,11 @@ pub struct QemuProgress {
     /// Auto-converge's throttle in force, percent (0: none).
     pub throttle: u64,
     /// Rounds in a row that did not shrink with auto-converge out of steps: at
-    /// [`QemuSpec::give_up`]'s count (and time) the migration is rolled back.
+    /// [`QemuSpec::give_up`]'s count (and time) the migration is rolled back, or with
+    /// `postcopy` at [`GiveUp::for_postcopy`]'s it moves by post-copy.
     pub stalled_rounds: u32,
+    /// Both sides took post-copy: the way out where it would be given up.
+    pub postcopy: bool,
 }
 
 /// Why a QEMU migration failed.
@@ -1630,6 +1633,7 @@ async fn pump(
                         expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_f64),
                         throttle: n(Some(&info), "cpu-throttle-percentage"),
                         stalled_rounds: 0,
+                        postcopy,
                     };
                     if p.phase == "failed" {
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");

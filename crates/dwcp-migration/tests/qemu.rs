@@ -533,9 +533,12 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     spec.rate_limit = Some(RateLimit::new(500_000));
     let started = std::time::Instant::now();
     let mut stalled = Vec::new();
-    let e = migrate_qemu(dest, &spec, &mut |p| stalled.push(p.stalled_rounds))
-        .await
-        .unwrap_err();
+    let e = migrate_qemu(dest, &spec, &mut |p| {
+        assert!(!p.postcopy, "post-copy was not asked for");
+        stalled.push(p.stalled_rounds)
+    })
+    .await
+    .unwrap_err();
     assert_eq!(e.phase, "transfer", "{e}");
     assert!(
         e.reason.contains("did not converge") && e.reason.contains("auto-converge off"),
@@ -624,7 +627,13 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     spec.timeout = Duration::from_secs(150);
     spec.rate_limit = Some(RateLimit::new(500_000));
     let mut phases = Vec::new();
-    let r = match migrate_qemu(dest, &spec, &mut |p| phases.push(p.phase.clone())).await {
+    let mut offered = Vec::new();
+    let r = match migrate_qemu(dest, &spec, &mut |p| {
+        phases.push(p.phase.clone());
+        offered.push(p.postcopy);
+    })
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             let mut dq = Qmp::connect(&dir.path().join("dst-harness.qmp"), Duration::from_secs(5))
@@ -649,6 +658,11 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     assert!(r.migrated && r.postcopy, "{r:?}");
     assert!(r.warnings.is_empty(), "{r:?}");
     assert!(phases.iter().any(|p| p == "postcopy-active"), "{phases:?}");
+    // Progress said post-copy was the way out (both sides took it).
+    assert!(
+        !offered.is_empty() && offered.iter().all(|&o| o),
+        "{offered:?}"
+    );
     // The running guest touched pages still at the source, and got them.
     assert!(r.postcopy_requests > 0, "{r:?}");
     assert!(

@@ -470,11 +470,6 @@ pub(crate) async fn run_qemu_with_progress(
     chatty: bool,
 ) -> Result<QemuReport, QemuError> {
     let started = Instant::now();
-    let give_up = if spec.postcopy {
-        spec.give_up.for_postcopy()
-    } else {
-        spec.give_up
-    };
     let mut progress = |p: &QemuProgress| {
         if !chatty {
             return;
@@ -504,11 +499,17 @@ pub(crate) async fn run_qemu_with_progress(
             p.expected_downtime_ms
                 .map_or_else(|| "-".into(), |d| format!("{d:.0} ms")),
             if p.stalled_rounds > 0 {
+                // What both sides took, not what was asked for.
+                let give_up = if p.postcopy {
+                    spec.give_up.for_postcopy()
+                } else {
+                    spec.give_up
+                };
                 format!(
                     "  not shrinking for {} round{} ({} at {} and {} s)",
                     p.stalled_rounds,
                     if p.stalled_rounds == 1 { "" } else { "s" },
-                    if spec.postcopy {
+                    if p.postcopy {
                         "post-copy"
                     } else {
                         "rolled back"
