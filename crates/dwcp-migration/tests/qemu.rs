@@ -162,6 +162,23 @@ async fn hot_source(image: &GuestImage, dir: &Path) -> QemuProcess {
     src
 }
 
+/// The migration of [`hot_source`]'s guest (its monitor in `dir`) that cannot converge: no
+/// throttle, a 50 ms pause, given up after two stalled rounds, through a tunnel capped at
+/// half a megabyte a second (the working set takes seconds to send, and is all dirty again
+/// by then).
+fn hot_spec(vm: &str, dir: &Path) -> QemuSpec {
+    let mut spec = QemuSpec::new(vm, dir.join("src.qmp"));
+    spec.auto_converge = false;
+    spec.downtime = Duration::from_millis(50);
+    spec.give_up = GiveUp {
+        rounds: 2,
+        after: Duration::ZERO,
+    };
+    spec.timeout = Duration::from_secs(150);
+    spec.rate_limit = Some(RateLimit::new(500_000));
+    spec
+}
+
 /// Waits (20 s at most) for a destination QEMU told to drop its incoming migration to exit.
 async fn assert_quits(dst: &mut QemuProcess, context: &str) {
     let t = std::time::Instant::now();
@@ -520,17 +537,7 @@ async fn a_migration_that_cannot_converge_is_given_up_and_rolled_back() {
     let n = nodes(vec![guest_dir.path().join("src.ram")]).await;
     let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
     let mut dst = destination(&image, dir.path(), qemu_dir, "vm-hot");
-    let mut spec = QemuSpec::new("vm-hot", guest_dir.path().join("src.qmp"));
-    spec.auto_converge = false;
-    spec.downtime = Duration::from_millis(50);
-    spec.give_up = GiveUp {
-        rounds: 2,
-        after: Duration::ZERO,
-    };
-    spec.timeout = Duration::from_secs(150);
-    // Half a megabyte a second: the working set takes seconds to send, and is all dirty
-    // again by then.
-    spec.rate_limit = Some(RateLimit::new(500_000));
+    let spec = hot_spec("vm-hot", guest_dir.path());
     let started = std::time::Instant::now();
     let mut stalled = Vec::new();
     let e = migrate_qemu(dest, &spec, &mut |p| {
@@ -616,16 +623,8 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     ));
     dl.exact_dirty_tracking = true;
     let dst = QemuProcess::spawn(&image, &dl).unwrap();
-    let mut spec = QemuSpec::new("vm-pc", guest_dir.path().join("src.qmp"));
-    spec.auto_converge = false;
+    let mut spec = hot_spec("vm-pc", guest_dir.path());
     spec.postcopy = true;
-    spec.downtime = Duration::from_millis(50);
-    spec.give_up = GiveUp {
-        rounds: 2,
-        after: Duration::ZERO,
-    };
-    spec.timeout = Duration::from_secs(150);
-    spec.rate_limit = Some(RateLimit::new(500_000));
     let mut phases = Vec::new();
     let mut offered = Vec::new();
     let r = match migrate_qemu(dest, &spec, &mut |p| {

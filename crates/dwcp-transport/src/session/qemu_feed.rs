@@ -815,8 +815,6 @@ mod tests {
                     format!("{}\n", serde_json::json!({ "return": list }))
                 } else if line.contains("qom-get") {
                     format!("{}\n", serde_json::json!({ "return": mem_path }))
-                } else if line.contains("query-migrate") {
-                    "{\"return\": {\"status\": \"active\"}}\n".to_string()
                 } else {
                     q2.store(line.contains("\"quit\""), Ordering::SeqCst);
                     "{\"return\": {}}\n".to_string()
