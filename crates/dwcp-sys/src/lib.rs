@@ -1,4 +1,5 @@
-//! The one place in DWCP with `unsafe` code: socket options that no safe crate binds.
+//! The one place in DWCP with `unsafe` code: socket options that no safe crate binds, and a
+//! file mapped as memory ([`FileMemory`], see its module).
 //!
 //! Today that is `TCP_INFO`, what the Linux kernel counts on one TCP connection: its
 //! retransmissions, bytes sent and acknowledged, round trip and window. socket2 and rustix
@@ -13,6 +14,9 @@
 //!
 //! Fields the running kernel does not fill (older kernels return a shorter struct) are `None`.
 //! On other systems [`tcp_info`] returns an [`std::io::ErrorKind::Unsupported`] error.
+
+mod filemem;
+pub use filemem::FileMemory;
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
