@@ -391,6 +391,34 @@ pub fn generate(spec: &ImageSpec, corpus: &mut Corpus) -> Image {
     let ps = spec.page_size;
     let pages = (spec.size / ps as u64) as usize;
     let mut data = vec![0u8; pages * ps];
+    let layout = generate_into(spec, corpus, &mut data);
+    Image {
+        data,
+        page_size: ps,
+        kinds: layout.kinds,
+        sources: layout.sources,
+        synthetic: layout.synthetic,
+    }
+}
+
+/// What [`generate_into`] made: an [`Image`] without its bytes.
+#[derive(Debug)]
+pub struct Layout {
+    /// Kind of every page.
+    pub kinds: Vec<PageKind>,
+    /// Files the file-backed pages came from.
+    pub sources: Vec<PathBuf>,
+    /// Whether file-backed pages had to be synthesised.
+    pub synthetic: bool,
+}
+
+/// Generates an image into `data`, which must be zeroed: zero pages are not written, so
+/// that memory backed by a sparse file keeps them as holes. Its size is `data`'s whole
+/// pages (`spec.size` is not looked at); the same seed and corpus give the same bytes as
+/// [`generate`].
+pub fn generate_into(spec: &ImageSpec, corpus: &mut Corpus, data: &mut [u8]) -> Layout {
+    let ps = spec.page_size;
+    let pages = data.len() / ps;
     let mut kinds = Vec::with_capacity(pages);
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let weights = spec.mix.weights();
@@ -440,9 +468,7 @@ pub fn generate(spec: &ImageSpec, corpus: &mut Corpus) -> Image {
     }
     let mut sources = corpus.binaries.used.clone();
     sources.extend(corpus.texts.used.iter().cloned());
-    Image {
-        data,
-        page_size: ps,
+    Layout {
         kinds,
         sources,
         synthetic: corpus.synthetic,

@@ -133,6 +133,8 @@ pub struct FileStore {
     pages: u64,
     page_size: usize,
     held: u64,
+    /// Cleared once the filesystem refused to punch a hole: zeros are written from then on.
+    punch: bool,
 }
 
 impl FileStore {
@@ -144,6 +146,7 @@ impl FileStore {
             pages,
             page_size,
             held,
+            punch: true,
         })
     }
 
@@ -181,5 +184,107 @@ impl PageStore for FileStore {
         self.file.write_all_at(data, off)?;
         self.held = self.held.max(off + data.len() as u64);
         Ok(())
+    }
+
+    /// Zero pages become a hole in the file: no disk space and no writing (a third of a
+    /// VM's memory is zero pages). Where the filesystem cannot punch holes, zeros are written.
+    fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> io::Result<()> {
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(page_size))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "run too long"))?;
+        let off = self.offset(addr, len)?;
+        let end = off + len as u64;
+        // Within the file: punch. Beyond its end: growing it leaves a hole there.
+        let within = end.min(self.held).saturating_sub(off);
+        if within > 0 && !self.punch {
+            return zero_by_writing(self, addr, count, page_size);
+        }
+        if within > 0 {
+            let punched = rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                off,
+                within,
+            );
+            match punched {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                    self.punch = false;
+                    return zero_by_writing(self, addr, count, page_size);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if end > self.held {
+            self.file.set_len(end)?;
+            self.held = end;
+        }
+        Ok(())
+    }
+}
+
+/// The trait's own way: zeros written, a batch at a time.
+fn zero_by_writing(
+    store: &mut FileStore,
+    addr: u64,
+    count: u64,
+    page_size: usize,
+) -> io::Result<()> {
+    const BATCH: u64 = 64;
+    let zeros = vec![0u8; page_size * BATCH as usize];
+    let mut done = 0;
+    while done < count {
+        let n = (count - done).min(BATCH);
+        store.write_pages(addr + done, &zeros[..n as usize * page_size])?;
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn zero_pages_in_a_file_store_are_holes_and_read_back_as_zeros() {
+        let ps = 4096;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64 * ps as u64).unwrap();
+        let mut store = FileStore::new(file.try_clone().unwrap(), 128, ps).unwrap();
+        store.write_pages(0, &vec![0xA5; 64 * ps]).unwrap();
+        file.sync_all().unwrap();
+        let full = file.metadata().unwrap().blocks();
+        // Pages 8..40 zero again; 60..70 runs past the file's end (64 pages).
+        store.write_zero(8, 32, ps).unwrap();
+        store.write_zero(60, 10, ps).unwrap();
+        file.sync_all().unwrap();
+        if store.punch {
+            assert!(
+                file.metadata().unwrap().blocks() < full,
+                "no disk space is given back: {} blocks, {full} before",
+                file.metadata().unwrap().blocks()
+            );
+        } else {
+            eprintln!("note: this filesystem does not punch holes: zeros were written");
+        }
+        assert_eq!(file.metadata().unwrap().len(), 70 * ps as u64);
+        let mut page = vec![1u8; ps];
+        for addr in 0..70 {
+            assert!(
+                store.read_page(addr, &mut page).unwrap(),
+                "page {addr} is held"
+            );
+            let zero = (8..40).contains(&addr) || addr >= 60;
+            let want = if zero { 0 } else { 0xA5 };
+            assert!(page.iter().all(|&b| b == want), "page {addr}");
+        }
+        assert!(store.write_zero(120, 9, ps).is_err(), "beyond the store");
+        // The fallback writes the same zeros.
+        zero_by_writing(&mut store, 0, 2, ps).unwrap();
+        assert!(store.read_page(1, &mut page).unwrap());
+        assert!(page.iter().all(|&b| b == 0));
     }
 }

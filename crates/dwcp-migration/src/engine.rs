@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::memvm::{MemoryVm, PageReader};
 use crate::orchestrator::{Action, Config, Event, Orchestrator, Outcome, RoundStats, SourceCaps};
+use crate::shadow::Shadow;
 
 /// Where to and how.
 #[derive(Debug, Clone)]
@@ -55,6 +56,10 @@ pub struct MigrationSpec {
     /// every migration given a clone of this spec: clone the cap's rate instead for a cap
     /// of their own).
     pub rate_limit: Option<RateLimit>,
+    /// Most bytes of page contents kept at the source as the bases of XOR deltas (what the
+    /// destination holds); `u64::MAX` keeps every page sent. Pages beyond it are encoded as
+    /// new ones when written again.
+    pub shadow_bytes: u64,
 }
 
 impl MigrationSpec {
@@ -71,6 +76,7 @@ impl MigrationSpec {
             max_part_pages: MAX_PART_PAGES,
             overlap_parts: true,
             rate_limit: None,
+            shadow_bytes: u64::MAX,
         }
     }
 }
@@ -150,6 +156,9 @@ pub struct MigrationReport {
     /// again without references are not counted (their bytes are in `wire_bytes`), nor
     /// the set-up, commit and check exchanges. `None` without TCP (QUIC, not Linux).
     pub tcp: Option<TcpCounts>,
+    /// Bytes of page contents the source held at the end as the bases of XOR deltas (see
+    /// [`MigrationSpec::shadow_bytes`]).
+    pub shadow_bytes: u64,
 }
 
 /// Live progress for displays.
@@ -197,8 +206,7 @@ pub async fn migrate(
     let mut spare: Option<KeptSession> = None;
     let mut state = RoundState {
         enc: Encoding {
-            shadow: vec![0u8; raw_size as usize],
-            sent: vec![0u64; pages.div_ceil(64) as usize],
+            shadow: Shadow::new(pages, ps, spec.shadow_bytes),
             remote: None,
             codec: spec.codec.unwrap_or(Codec::Zstd(2)),
             learned: Vec::new(),
@@ -242,6 +250,7 @@ pub async fn migrate(
         cold_resends: 0,
         overlapped_parts: 0,
         committed_with_final_round: false,
+        shadow_bytes: 0,
         source_paused: false,
         tcp: None,
     };
@@ -498,6 +507,7 @@ pub async fn migrate(
     report.cold_resends = state.cold_resends;
     report.overlapped_parts = state.overlapped_parts;
     report.committed_with_final_round = report.migrated && state.committed.is_some();
+    report.shadow_bytes = state.enc.shadow.bytes() as u64;
     report.tcp = *state
         .tcp
         .lock()
@@ -547,10 +557,8 @@ struct RoundState {
 
 /// What encoding a round needs and updates.
 struct Encoding {
-    /// What the destination holds, page by page, as far as this source sent it.
-    shadow: Vec<u8>,
-    /// Pages sent at least once (their shadow is valid).
-    sent: Vec<u64>,
+    /// What the destination holds, page by page, as far as this source sent it and kept.
+    shadow: Shadow,
     remote: Option<RemoteIndex>,
     codec: Codec,
     /// Hashes of pages added to `remote` as learned by the destination (see `encode_pages`).
@@ -583,8 +591,7 @@ impl Encoding {
     /// Left in [`RoundState`] while the real one is away on the encoding thread.
     fn away() -> Self {
         Self {
-            shadow: Vec::new(),
-            sent: Vec::new(),
+            shadow: Shadow::empty(),
             remote: None,
             codec: Codec::Zstd(2),
             learned: Vec::new(),
@@ -890,12 +897,15 @@ async fn send_parts(
             let ended = lane.notify_ended();
             // With `commits`, nothing else is on its way (`may_start`): every part before it
             // landed.
+            let [_zero, _same, dup, cache, xor, literal] = levels;
             let part = PartSpec {
                 round,
                 part: k,
                 cold,
                 commits,
                 urgent: final_round,
+                // Zero pages are holes and unchanged ones are not written.
+                writes: (dup + cache + xor + literal) * reader.page_size() as u64,
             };
             state.commit_asked |= commits;
             let sending = start_part(
@@ -1207,6 +1217,8 @@ struct PartSpec {
     commits: bool,
     /// The guest is paused: see `SendOptions::urgent`.
     urgent: bool,
+    /// Bytes of non-zero pages the part writes at the destination, at most (its space check).
+    writes: u64,
 }
 
 /// The commit's time in a final round's answer (`{"committed_unix_us": N}`, PROTOCOL.md),
@@ -1273,6 +1285,7 @@ fn start_part<'a>(
         ),
         pre_encoded: Some((data::ENCODING_HDE_PAGES_INPLACE, raw_size, Vec::new())),
         commit: p.commits,
+        writes: Some(p.writes),
     };
     let opts = SendOptions {
         urgent: p.urgent,
@@ -1420,10 +1433,7 @@ fn encode_pages(
         buf.clear();
         reader.copy_pages(batch, &mut buf);
         for (&addr, page) in batch.iter().zip(buf.chunks_exact(ps)) {
-            let at = addr as usize * ps;
-            let (w, bit) = ((addr / 64) as usize, 1u64 << (addr % 64));
-            let was_sent = state.sent[w] & bit != 0;
-            let base = (was_sent && !cold).then(|| &state.shadow[at..at + ps]);
+            let base = if cold { None } else { state.shadow.base(addr) };
             let literal = enc.stats().literal;
             let remote = if cold { None } else { state.remote.as_ref() };
             enc.push(addr, page, base, remote, &mut out)
@@ -1443,8 +1453,7 @@ fn encode_pages(
                     state.learned.push(h);
                 }
             }
-            state.shadow[at..at + ps].copy_from_slice(page);
-            state.sent[w] |= bit;
+            state.shadow.record(addr, page);
         }
         if out.len() >= 4 << 20 {
             tmp.write_all(&out)?;

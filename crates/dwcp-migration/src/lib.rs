@@ -17,9 +17,10 @@ pub mod qemu_converge;
 pub mod qemu_stream;
 pub mod qemu_throttle;
 pub mod qemu_vm;
+mod shadow;
 
 pub use engine::{Destination, MigrationReport, MigrationSpec, Progress, RoundReport, migrate};
-pub use memvm::MemoryVm;
+pub use memvm::{Backing, MemoryVm};
 pub use qemu::{QemuError, QemuProgress, QemuReport, QemuSpec, migrate_qemu};
 
 pub use orchestrator::{

@@ -9,16 +9,79 @@
 //! the workload between two writes; throttling takes a share of its time away
 //! (auto-converge).
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dwcp_encoding::image::{Corpus, Dirtier, DirtyModel};
+use dwcp_sys::FileMemory;
+
+/// Where a VM's memory lives.
+#[derive(Debug)]
+pub enum Backing {
+    /// This process's memory.
+    Heap(Vec<u8>),
+    /// A file of its own, which the kernel pages in and out: a VM bigger than the memory
+    /// the host can spare.
+    File(FileMemory),
+}
+
+impl Backing {
+    /// Appends the bytes of `range` (within the memory) to `out`. Memory in a file is read
+    /// from the file, with the page cache's read-ahead, rather than faulted in page by page.
+    fn copy_into(&self, range: std::ops::Range<usize>, out: &mut Vec<u8>) {
+        let Some(src) = self.get(range.clone()) else {
+            return;
+        };
+        if let Self::File(m) = self {
+            let at = out.len();
+            out.resize(at + range.len(), 0);
+            if m.read_at(&mut out[at..], range.start).is_ok() {
+                return;
+            }
+            // The mapping holds the same bytes.
+            out.truncate(at);
+        }
+        out.extend_from_slice(src);
+    }
+}
+
+impl From<Vec<u8>> for Backing {
+    fn from(v: Vec<u8>) -> Self {
+        Self::Heap(v)
+    }
+}
+
+impl From<FileMemory> for Backing {
+    fn from(m: FileMemory) -> Self {
+        Self::File(m)
+    }
+}
+
+impl Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Heap(v) => v,
+            Self::File(m) => m,
+        }
+    }
+}
+
+impl DerefMut for Backing {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Heap(v) => v,
+            Self::File(m) => m,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Memory {
-    data: Vec<u8>,
+    data: Backing,
     /// One bit per page written since the dirty set was last taken.
     dirty: Vec<u64>,
 }
@@ -56,12 +119,13 @@ impl MemoryVm {
     /// Starts a VM over `image` (a whole number of `page_size` pages) whose workload writes
     /// `writes_per_sec` pages per second as `model` says. Every page starts dirty.
     pub fn start(
-        image: Vec<u8>,
+        image: impl Into<Backing>,
         page_size: usize,
         model: DirtyModel,
         writes_per_sec: f64,
         seed: u64,
     ) -> Self {
+        let image = image.into();
         let pages = (image.len() / page_size) as u64;
         let words = pages.div_ceil(64) as usize;
         let mut dirty = vec![u64::MAX; words];
@@ -140,10 +204,17 @@ impl MemoryVm {
     /// The summary hash (XXH3-64) of every page, for comparing with the destination.
     pub fn page_hashes(&self) -> Vec<u64> {
         let m = lock(&self.inner.mem);
-        m.data
-            .chunks_exact(self.inner.page_size)
-            .map(dwcp_encoding::fast64)
-            .collect()
+        let ps = self.inner.page_size;
+        let step = (8 << 20) / ps * ps;
+        let len = self.inner.pages as usize * ps;
+        let mut out = Vec::with_capacity(self.inner.pages as usize);
+        let mut buf = Vec::with_capacity(step);
+        for at in (0..len).step_by(step) {
+            buf.clear();
+            m.data.copy_into(at..(at + step).min(len), &mut buf);
+            out.extend(buf.chunks_exact(ps).map(dwcp_encoding::fast64));
+        }
+        out
     }
 
     /// Pauses the guest: no write happens until [`resume`](Self::resume).
@@ -200,11 +271,16 @@ impl PageReader {
     pub fn copy_pages(&self, addrs: &[u64], out: &mut Vec<u8>) {
         let ps = self.inner.page_size;
         let m = lock(&self.inner.mem);
-        for &a in addrs {
-            let s = a as usize * ps;
-            if let Some(p) = m.data.get(s..s + ps) {
-                out.extend_from_slice(p);
+        // Runs of neighbouring pages copied as one (memory in a file: read as one).
+        let mut i = 0;
+        while i < addrs.len() {
+            let mut j = i + 1;
+            while j < addrs.len() && addrs[j - 1].checked_add(1) == Some(addrs[j]) {
+                j += 1;
             }
+            let start = addrs[i] as usize * ps;
+            m.data.copy_into(start..start + (j - i) * ps, out);
+            i = j;
         }
     }
 }
@@ -313,6 +389,29 @@ mod tests {
         vm.resume();
         std::thread::sleep(Duration::from_millis(50));
         assert!(vm.writes() > w);
+    }
+
+    #[test]
+    fn memory_in_a_file_reads_and_hashes_as_memory_in_the_process() {
+        // 3 MiB + 4 KiB: a page past the 8 MiB steps is not the point, an uneven end is.
+        let pages = 769usize;
+        let mut content = vec![0u8; pages * 4096];
+        for (i, b) in content.iter_mut().enumerate() {
+            *b = (i / 4096 * 7 + i % 251) as u8;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut mem = FileMemory::create_in(dir.path(), content.len()).unwrap();
+        mem.copy_from_slice(&content);
+        // No workload: the two must stay equal.
+        let heap = MemoryVm::start(content, 4096, DirtyModel::default(), 0.0, 3);
+        let file = MemoryVm::start(mem, 4096, DirtyModel::default(), 0.0, 3);
+        assert_eq!(heap.page_hashes(), file.page_hashes());
+        let addrs = [0u64, 1, 2, 5, 768, 767, 100, 101, 4000];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        heap.copy_pages(&addrs, &mut a);
+        file.copy_pages(&addrs, &mut b);
+        assert_eq!(a.len(), 8 * 4096, "the page beyond the memory is left out");
+        assert!(a == b, "the same pages, in the order asked for");
     }
 
     #[test]

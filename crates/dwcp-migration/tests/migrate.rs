@@ -102,6 +102,57 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_in_a_file_with_a_small_shadow_arrives_bit_exact_and_sparse() {
+    // A VM bigger than memory would be: its pages in a file, and the source keeping only
+    // 1024 pages of what the destination holds (XOR bases) for a VM of 4096.
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let mut mem = dwcp_sys::FileMemory::create_in(dir.path(), 16 << 20).unwrap();
+    dwcp_encoding::image::generate_into(
+        &ImageSpec::new(16 << 20),
+        &mut Corpus::synthetic(),
+        &mut mem,
+    );
+    let v = MemoryVm::start(mem, 4096, DirtyModel::default(), 2000.0, 7);
+    let spec = MigrationSpec {
+        codec: Some(dwcp_encoding::Codec::Zstd(3)),
+        shadow_bytes: 1024 * 4096,
+        ..MigrationSpec::new("in-a-file.mem")
+    };
+    let r = migrate(&v, to(&ep, &agent), &spec, &mut |_| {}).await;
+    assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    assert_eq!(published(&cluster, "in-a-file.mem"), v.page_hashes());
+    assert!(
+        r.shadow_bytes > 0 && r.shadow_bytes <= 1024 * 4096,
+        "{} bytes kept",
+        r.shadow_bytes
+    );
+    // The bases kept are the destination's pages: had one been wrong, the destination would
+    // have refused its part (an XOR or "unchanged" page that does not check out), and the
+    // source sent it again without them.
+    assert_eq!(r.cold_resends, 0, "{r:?}");
+    let [_, same, _, _, xor, _] = r.levels;
+    assert!(
+        same + xor > 0,
+        "pages sent against a kept base: {:?}",
+        r.levels
+    );
+    // The destination's zero pages (about a third of the image) are holes in its file.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(cluster.dir().join("spool/src/in-a-file.mem")).unwrap();
+    assert_eq!(meta.len(), 16 << 20);
+    assert!(
+        meta.blocks() * 512 < meta.len() * 4 / 5,
+        "{} bytes allocated for a file of {}",
+        meta.blocks() * 512,
+        meta.len()
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_up_rounds_commit_and_check_share_one_session() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
@@ -416,6 +467,7 @@ async fn a_final_round_commits_its_target_and_a_copy_of_it_sent_later_is_refused
             Vec::new(),
         )),
         commit,
+        writes: None,
     };
     let opts = SendOptions {
         streams: 2,

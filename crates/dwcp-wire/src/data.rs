@@ -262,6 +262,13 @@ pub struct ObjectBegin {
     /// answers.
     #[prost(bool, tag = "9")]
     pub urgent: bool,
+    /// For an in-place migration round: at most how many bytes of pages that are not zero
+    /// the round writes into its target (zero pages become holes). The receiver checks its
+    /// free space against this rather than `raw_size`, which a round of a few dirty pages,
+    /// or a first round of a VM whose pages are a third zero, would never need. Absent: the
+    /// receiver counts `raw_size`.
+    #[prost(uint64, optional, tag = "10")]
+    pub writes: Option<u64>,
 }
 
 /// `BASE_QUERY` (0x0017).

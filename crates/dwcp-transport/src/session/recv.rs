@@ -1328,13 +1328,7 @@ impl Receiver {
             })
         };
         let (turn, abandoned) = turn.unzip();
-        let opened = self.open_part(
-            &dir,
-            b,
-            &part,
-            &state,
-            delta.as_ref().map_or(0, |d| d.raw_size),
-        );
+        let opened = self.open_part(&dir, b, &part, &state, decode_need(b, round));
         let (file, tag, have) = match opened {
             Ok(x) => x,
             Err(e) => {
@@ -1827,6 +1821,20 @@ fn open_target(final_path: &Path, d: &Delta) -> Result<File, (ErrorCode, String)
     Ok(out)
 }
 
+/// Bytes of disk what an object decodes to may take beyond its part file, at most: its
+/// content's size, or for an in-place migration round what the sender says it writes
+/// (rounds rewrite pages of a target that holds the rest, and its zero pages are holes), never
+/// more than the content's size.
+fn decode_need(b: &ObjectBegin, round: bool) -> u64 {
+    if b.encoding == data::ENCODING_RAW {
+        return 0;
+    }
+    match b.writes {
+        Some(w) if round => w.min(b.raw_size),
+        _ => b.raw_size,
+    }
+}
+
 /// Applies a verified migration round in `part` to the migration target of `final_path`, in
 /// place: pages not in the round keep what earlier rounds wrote. (A round received from its
 /// first byte in one go was applied while it arrived, by a [`RoundApply`].)
@@ -1963,6 +1971,19 @@ impl PageStore for Guarded {
     }
 
     fn write_pages(&mut self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.store.write_pages(addr, data)
+    }
+
+    fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> std::io::Result<()> {
+        self.check()?;
+        // The file store's own: holes, not written zeros.
+        self.store.write_zero(addr, count, page_size)
+    }
+}
+
+impl Guarded {
+    fn check(&self) -> std::io::Result<()> {
         if self
             .abandoned
             .as_ref()
@@ -1970,7 +1991,7 @@ impl PageStore for Guarded {
         {
             return Err(std::io::Error::other("the round was abandoned"));
         }
-        self.store.write_pages(addr, data)
+        Ok(())
     }
 }
 
@@ -2305,6 +2326,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_space_an_object_needs_is_what_it_decodes_to_or_what_a_round_says_it_writes() {
+        let b = |encoding, raw_size, writes| ObjectBegin {
+            encoding,
+            raw_size,
+            writes,
+            ..ObjectBegin::default()
+        };
+        let inplace = data::ENCODING_HDE_PAGES_INPLACE;
+        assert_eq!(decode_need(&b(data::ENCODING_RAW, 0, None), false), 0);
+        assert_eq!(
+            decode_need(&b(data::ENCODING_HDE_PAGES, 1 << 30, Some(5)), false),
+            1 << 30
+        );
+        assert_eq!(decode_need(&b(inplace, 32 << 30, None), true), 32 << 30);
+        assert_eq!(decode_need(&b(inplace, 32 << 30, Some(8192)), true), 8192);
+        assert_eq!(
+            decode_need(&b(inplace, 1 << 20, Some(u64::MAX)), true),
+            1 << 20
+        );
+    }
+
+    #[test]
     fn names() {
         check_name("disk.qcow2").unwrap();
         for bad in ["", ".hidden", "a/b", "..", "a\nb", &"x".repeat(201)] {
@@ -2497,6 +2540,7 @@ mod tests {
             raw_blake3: Vec::new(),
             commit: false,
             urgent: false,
+            writes: None,
         };
         // Two rounds of one target at once, each in a part file of its own.
         rx.begin(&peer, &session, &begin(1, 0)).unwrap();

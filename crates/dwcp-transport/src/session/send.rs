@@ -137,6 +137,10 @@ pub struct Source {
     /// round is applied, and its success answer says so (protocol v6; refused before the
     /// begin goes out with an older receiver).
     pub commit: bool,
+    /// For an in-place migration round: at most how many bytes of non-zero pages it writes
+    /// at the receiver ([`ObjectBegin::writes`]); `None` lets the receiver count its whole
+    /// target.
+    pub writes: Option<u64>,
 }
 
 impl Source {
@@ -172,6 +176,7 @@ impl Source {
             version_tag: format!("size={} mtime_ns={mtime}", meta.len()),
             pre_encoded: None,
             commit: false,
+            writes: None,
         })
     }
 }
@@ -1354,6 +1359,8 @@ pub async fn send_files_kept(
                 pre_encoded: None,
                 // Never set here: a commit is refused up front for anything but a round.
                 commit: src.commit,
+                // A file's delta: its receiver counts the whole content.
+                writes: None,
             });
             // The content size is what was encoded (the file may have changed since it was
             // listed).
@@ -1531,6 +1538,7 @@ async fn send_object(
         raw_blake3,
         commit: src.commit,
         urgent: opts.urgent && src.size <= super::recv::URGENT_MAX_SIZE,
+        writes: src.writes,
     };
     // An urgent object's end goes right behind its begin, its digest taken first (it is
     // small): not at the tail of a stream whose last packets may be lost.
