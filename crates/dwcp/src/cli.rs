@@ -735,6 +735,12 @@ pub(crate) struct VmArgs {
     /// Synthetic binary and text pages instead of this machine's files.
     #[arg(long)]
     pub(crate) synthetic: bool,
+
+    /// Keep the VM's memory in a file in DIR (unnamed, gone when the command ends) rather
+    /// than in this process's memory: for a VM bigger than the memory the host can spare.
+    /// Its pages that are not zero take disk space there.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) vm_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

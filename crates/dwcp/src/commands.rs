@@ -1080,8 +1080,9 @@ fn demo(args: &DemoArgs) -> Result<()> {
         let ready_b = http_get(b.admin, "/readyz").await?;
 
         // The main job: live-migrate a generated VM from node-a to node-b.
-        let vm = crate::migrate::make_vm(&args.vm, !args.json)?;
-        let spec = dwcp_migration::MigrationSpec::new("demo-vm.mem");
+        let crate::migrate::MadeVm { vm, shadow_bytes } = crate::migrate::make_vm(&args.vm, !args.json)?;
+        let mut spec = dwcp_migration::MigrationSpec::new("demo-vm.mem");
+        spec.shadow_bytes = shadow_bytes;
         let dest = dwcp_migration::Destination { endpoint: &a.endpoint, addr: b.addr, expected: None };
         let migration = crate::migrate::run_with_progress(&vm, dest, &spec, !args.json).await;
         drop(vm);

@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dwcp_control::Settings;
-use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
+use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate, generate_into};
 use dwcp_migration::{
-    Destination, MemoryVm, MigrationReport, MigrationSpec, QemuError, QemuProgress, QemuReport,
-    QemuSpec, migrate, migrate_qemu,
+    Backing, Destination, MemoryVm, MigrationReport, MigrationSpec, QemuError, QemuProgress,
+    QemuReport, QemuSpec, migrate, migrate_qemu,
 };
+use dwcp_sys::FileMemory;
 use dwcp_transport::session::RateLimit;
 use serde_json::{Value, json};
 
@@ -32,34 +33,114 @@ pub(crate) enum MigrationFailed {
     OutcomeUnknown,
 }
 
+/// A generated VM, and how many bytes of what the destination holds its migration may keep
+/// ([`MigrationSpec::shadow_bytes`]).
+pub(crate) struct MadeVm {
+    pub(crate) vm: MemoryVm,
+    pub(crate) shadow_bytes: u64,
+}
+
+/// Memory kept free of the VM and the shadow, for the rest of the process (and, in the demo,
+/// the destination agent).
+const HEADROOM: u64 = 512 << 20;
+/// Below this much room for the shadow, a VM is refused rather than migrated with next to no
+/// XOR deltas.
+const MIN_SHADOW: u64 = 256 << 20;
+
+/// How many bytes of page contents the source may keep as XOR bases, for a VM of `size`
+/// bytes of which `image_ram` are in this process's memory, with `avail` bytes available
+/// (`None`: unknown). Every page while the image and a full copy fit, as before there was a
+/// bound; otherwise half of what is left, so that the page cache keeps the rest.
+fn shadow_budget(size: u64, image_ram: u64, avail: Option<u64>) -> Result<u64, u64> {
+    let Some(avail) = avail else {
+        return Ok(u64::MAX);
+    };
+    let room = avail.saturating_sub(image_ram + HEADROOM);
+    if size <= room {
+        Ok(u64::MAX)
+    } else if room / 2 >= MIN_SHADOW {
+        Ok(room / 2)
+    } else {
+        // Enough for either: a copy of every page, or half of twice the least copy.
+        Err(image_ram + HEADROOM + size.min(2 * MIN_SHADOW))
+    }
+}
+
+/// Whether `dir` is on a filesystem whose files live in memory (tmpfs, ramfs): a VM kept
+/// there takes memory all the same.
+fn in_memory_fs(dir: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::statfs(dir).is_ok_and(|s| {
+        let t = s.f_type as u64;
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
+}
+
 /// Generates the VM's image and starts its workload.
-pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
+pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MadeVm> {
     let size =
         crate::cli::parse_rate(&args.vm_size).map_err(|e| UsageError(format!("--vm-size: {e}")))?;
     if !(1 << 20..=64 << 30).contains(&size) {
         return Err(UsageError("--vm-size must be between 1Mi and 64Gi".into()).into());
     }
-    // The image, and the source's copy of what the destination holds (XOR deltas are taken
-    // against it): twice the VM in memory. Refused here rather than killed by the kernel.
-    let need = 2 * size + (512 << 20);
-    if let Some(avail) = mem_available()
-        && need > avail
-    {
-        return Err(UsageError(format!(
-            "--vm-size {}: a generated VM needs about {} MiB of memory (its image and the \
-             source's copy of what the destination holds), and {} MiB is available here (the host's \
-             MemAvailable, or this process's cgroup limit if nearer)",
+    let spec = ImageSpec {
+        seed: args.seed,
+        ..ImageSpec::new(size)
+    };
+    let size = size / spec.page_size as u64 * spec.page_size as u64;
+    if let Some(dir) = &args.vm_dir {
+        // The file holds the pages that are not zero (zero pages stay holes), and the
+        // workload's writes add a few.
+        // (A write that finds the disk full kills the process with SIGBUS: hence the margin.)
+        let need = (size as f64 * (1.0 - spec.mix.zero) * 1.05) as u64 + (256 << 20);
+        let st = rustix::fs::statvfs(dir)
+            .map_err(|e| UsageError(format!("--vm-dir {}: {e}", dir.display())))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < need {
+            return Err(UsageError(format!(
+                "--vm-dir {}: a generated VM of {} MiB needs about {} MiB of disk there (its \
+                 pages that are not zero), and {} MiB is free",
+                dir.display(),
+                size >> 20,
+                need >> 20,
+                free >> 20
+            ))
+            .into());
+        }
+    }
+    let image_ram = match &args.vm_dir {
+        Some(dir) if !in_memory_fs(dir) => 0,
+        _ => size,
+    };
+    let avail = mem_available();
+    let shadow_bytes = shadow_budget(size, image_ram, avail).map_err(|need| {
+        UsageError(format!(
+            "--vm-size {}: a generated VM needs at least {} MiB of memory ({}room for at least \
+             {} MiB of the source's copy of what the destination holds), and {} MiB is \
+             available here (the host's MemAvailable, or this process's cgroup limit if \
+             nearer){}",
             args.vm_size,
             need >> 20,
-            avail >> 20
+            if image_ram > 0 { "its image, and " } else { "" },
+            (size.min(MIN_SHADOW)) >> 20,
+            avail.unwrap_or(0) >> 20,
+            if image_ram > 0 {
+                "; --vm-dir DIR on a disk keeps the image in a file there instead"
+            } else {
+                ""
+            }
         ))
-        .into());
-    }
+    })?;
     let t = Instant::now();
     if chatty {
         eprint!(
-            "generating a {} MiB VM image (35% zero, 30% binaries, 15% text, 10% duplicate, 10% random pages)...",
-            size >> 20
+            "generating a {} MiB VM image (35% zero, 30% binaries, 15% text, 10% duplicate, 10% random pages){}...",
+            size >> 20,
+            args.vm_dir
+                .as_ref()
+                .map(|d| format!(" in a file in {}", d.display()))
+                .unwrap_or_default()
         );
         let _ = std::io::stderr().flush();
     }
@@ -68,24 +149,41 @@ pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MemoryVm> {
     } else {
         Corpus::system()
     };
-    let img = generate(
-        &ImageSpec {
-            seed: args.seed,
-            ..ImageSpec::new(size)
-        },
-        &mut corpus,
-    );
+    let backing: Backing = match &args.vm_dir {
+        None => {
+            let img = generate(&spec, &mut corpus);
+            img.data.into()
+        }
+        Some(dir) => {
+            let len = usize::try_from(size).map_err(|_| UsageError("--vm-size: too big".into()))?;
+            let mut mem = FileMemory::create_in(dir, len).with_context(|| {
+                format!("--vm-dir {}: a file for the VM's memory", dir.display())
+            })?;
+            generate_into(&spec, &mut corpus, &mut mem);
+            mem.into()
+        }
+    };
     if chatty {
         eprintln!(" {:.1} s", t.elapsed().as_secs_f64());
+        if shadow_bytes != u64::MAX {
+            eprintln!(
+                "keeping at most {} MiB of what the destination holds for XOR deltas (less memory \
+                 than the VM's size is available)",
+                shadow_bytes >> 20
+            );
+        }
     }
     let writes = args.dirty_rate as f64 / 4096.0;
-    Ok(MemoryVm::start(
-        img.data,
-        4096,
-        DirtyModel::default(),
-        writes,
-        args.seed,
-    ))
+    Ok(MadeVm {
+        vm: MemoryVm::start(
+            backing,
+            spec.page_size,
+            DirtyModel::default(),
+            writes,
+            args.seed,
+        ),
+        shadow_bytes,
+    })
 }
 
 /// Memory this process can still have, bytes: the host's `MemAvailable` (`/proc/meminfo`),
@@ -205,6 +303,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "cold_resends": r.cold_resends,
         "overlapped_parts": r.overlapped_parts,
         "committed_with_final_round": r.committed_with_final_round,
+        "shadow_bytes": r.shadow_bytes,
         "tcp_retransmits": r.tcp.map(|t| t.retransmits),
         "tcp_segments_sent": r.tcp.map(|t| t.segments_sent),
         "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
@@ -314,7 +413,8 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         spec.link_bps = r;
     }
     spec.rate_limit = cap.map(RateLimit::new);
-    let vm = make_vm(&args.vm, !args.json)?;
+    let MadeVm { vm, shadow_bytes } = make_vm(&args.vm, !args.json)?;
+    spec.shadow_bytes = shadow_bytes;
     let report = crate::commands::runtime()?.block_on(async {
         let addr = crate::commands::resolve(&args.to).await?;
         let dest = Destination {
@@ -615,4 +715,65 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
             .map_or_else(|| "-".into(), |d| format!("{d:.0} ms")),
         r.dest_status
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shadow_keeps_every_page_while_that_fits_and_half_the_rest_otherwise() {
+        const G: u64 = 1 << 30;
+        const M: u64 = 1 << 20;
+        // Unknown memory: every page.
+        assert_eq!(shadow_budget(32 * G, 0, None), Ok(u64::MAX));
+        // 1 GiB in memory with 23 GiB available: every page, as before there was a bound.
+        assert_eq!(shadow_budget(G, G, Some(23 * G)), Ok(u64::MAX));
+        // 32 GiB in a file: half of what is left after the headroom.
+        assert_eq!(
+            shadow_budget(32 * G, 0, Some(23 * G)),
+            Ok((23 * G - 512 * M) / 2)
+        );
+        // 16 GiB in memory, 23 available: 6.5 GiB left, 3.25 kept.
+        assert_eq!(
+            shadow_budget(16 * G, 16 * G, Some(23 * G)),
+            Ok((7 * G - 512 * M) / 2)
+        );
+        // Not even 256 MiB for the copy: refused, with what would do.
+        assert_eq!(
+            shadow_budget(60 * G, 60 * G, Some(23 * G)),
+            Err(60 * G + 1024 * M)
+        );
+        // A small VM needs only its own size again.
+        assert_eq!(
+            shadow_budget(100 * M, 100 * M, Some(700 * M)),
+            Err(100 * M + 512 * M + 100 * M)
+        );
+        assert_eq!(shadow_budget(100 * M, 100 * M, Some(712 * M)), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn tmpfs_counts_as_memory_and_a_disk_does_not() {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut seen = 0;
+        for l in mounts.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (Some(at), Some(kind)) = (f.get(1), f.get(2)) else {
+                continue;
+            };
+            let expect = match *kind {
+                "tmpfs" | "ramfs" => true,
+                "ext4" | "xfs" | "btrfs" => false,
+                _ => continue,
+            };
+            // Mount points with escapes (spaces) are left out.
+            if !at.contains('\\') && std::path::Path::new(at).is_dir() {
+                assert_eq!(in_memory_fs(std::path::Path::new(at)), expect, "{l}");
+                seen += 1;
+            }
+        }
+        if seen == 0 {
+            eprintln!("note: no tmpfs or disk filesystem mounted here: nothing checked");
+        }
+    }
 }
