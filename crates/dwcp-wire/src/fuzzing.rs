@@ -41,12 +41,52 @@ pub fn frames(data: &[u8]) {
                 let _ = msg::decode::<HelloAck>(&frame);
                 let _ = msg::decode::<Close>(&frame);
                 let _ = msg::decode::<Ping>(&frame);
+                data_plane(&frame);
             }
             Ok(None) => {
                 assert_eq!(buf.len(), before, "Ok(None) must not consume");
                 break;
             }
             Err(_) => break,
+        }
+    }
+}
+
+/// Every data-plane decoder on one frame's payload, whatever its type: no panic, and what
+/// the hand-written ones accept is consistent with the payload.
+fn data_plane(frame: &crate::frame::Frame) {
+    use crate::data::{
+        Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
+        SessionJoin, TunnelAck, decode_data, decode_tunnel_data,
+    };
+    let _ = msg::decode::<SessionJoin>(frame);
+    let _ = msg::decode::<ObjectBegin>(frame);
+    let _ = msg::decode::<BaseQuery>(frame);
+    let _ = msg::decode::<BaseInfo>(frame);
+    let _ = msg::decode::<ObjectState>(frame);
+    let _ = msg::decode::<ObjectEnd>(frame);
+    let _ = msg::decode::<Ack>(frame);
+    let _ = msg::decode::<ObjectDone>(frame);
+    let _ = msg::decode::<Migration>(frame);
+    let _ = msg::decode::<TunnelAck>(frame);
+    if let Ok((_, chunk)) = decode_data(frame) {
+        assert!(
+            chunk.len() < frame.payload.len(),
+            "a chunk is within its frame"
+        );
+    }
+    if let Ok((h, block)) = decode_tunnel_data(frame) {
+        assert!(
+            block.len() < frame.payload.len(),
+            "a block is within its frame"
+        );
+        assert!(h.name.len() <= 255);
+        if h.encoding == crate::data::TUNNEL_RAW {
+            assert_eq!(
+                block.len(),
+                h.raw_len as usize,
+                "a raw block is its announced size"
+            );
         }
     }
 }
