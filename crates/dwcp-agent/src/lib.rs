@@ -96,6 +96,8 @@ pub struct Agent {
     admin: TcpListener,
     max_connections: usize,
     grace: Duration,
+    /// Abandoned memory-image migration targets go after this long (`None`: kept).
+    stale_target: Option<Duration>,
 }
 
 impl Agent {
@@ -187,6 +189,7 @@ impl Agent {
             admin,
             max_connections: settings.max_connections as usize,
             grace: settings.shutdown_grace,
+            stale_target: settings.stale_migration_target,
         })
     }
 
@@ -214,6 +217,7 @@ impl Agent {
             admin,
             max_connections,
             grace,
+            stale_target,
         } = self;
         let stop_conns = CancellationToken::new();
         let cut_conns = CancellationToken::new();
@@ -254,6 +258,19 @@ impl Agent {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
+        });
+        // Targets of memory-image migrations whose sources went without a rollback (a crash,
+        // a kill) would hold their disk space until the next migration of the same name.
+        let sweeper = stale_target.map(|age| {
+            let spool = shared.spool.clone();
+            tokio::spawn(async move {
+                let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    spool.drop_stale_targets(age).await;
+                }
+            })
         });
         shared.ready.store(true, Ordering::SeqCst);
         shared.metrics.ready.set(1);
@@ -359,6 +376,9 @@ impl Agent {
             }
         }
         spool_metrics.abort();
+        if let Some(s) = sweeper {
+            s.abort();
+        }
         if let Some(q) = quic {
             q.close().await;
         }

@@ -43,7 +43,7 @@ pub struct Config {
 }
 
 /// `[migration]`
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MigrationConfig {
     /// Directory where destination QEMUs wait for incoming migrations (`NAME.incoming`,
@@ -52,6 +52,20 @@ pub struct MigrationConfig {
     /// Cap on what each `dwcp migrate` run with this configuration sends, bytes per second
     /// (all its connections together); 0: none. `--rate-limit` overrides it.
     pub rate_limit_bytes_per_sec: u64,
+    /// An incoming memory-image migration's target (`.NAME.dwcp-migrating`) that nothing
+    /// has written for this long is removed: its source went without rolling back. 0 keeps
+    /// it until the next migration of that name.
+    pub stale_target_secs: u64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            qemu_dir: PathBuf::new(),
+            rate_limit_bytes_per_sec: 0,
+            stale_target_secs: 3600,
+        }
+    }
 }
 
 /// `[node]`
@@ -328,6 +342,8 @@ pub struct Settings {
     pub qemu_dir: Option<PathBuf>,
     /// Cap on what a migration from this node sends, bytes per second (`None`: none).
     pub migration_rate_limit: Option<u64>,
+    /// Age after which an abandoned memory-image migration target is removed (`None`: kept).
+    pub stale_migration_target: Option<Duration>,
 }
 
 /// Where and how large the agent's baseline cache is.
@@ -539,6 +555,14 @@ impl Config {
             0,
             7200,
         );
+        let st = self.migration.stale_target_secs;
+        if st != 0 && !(60..=604_800).contains(&st) {
+            bad(
+                "migration.stale_target_secs",
+                st.to_string(),
+                "0 (kept) or 60..=604800".into(),
+            );
+        }
         let mr = self.migration.rate_limit_bytes_per_sec;
         if mr != 0 && !(65_536..=10_000_000_000_000).contains(&mr) {
             bad(
@@ -641,6 +665,9 @@ impl Config {
                     .filter(|d| !d.as_os_str().is_empty()),
                 migration_rate_limit: Some(self.migration.rate_limit_bytes_per_sec)
                     .filter(|r| *r > 0),
+                stale_migration_target: Some(self.migration.stale_target_secs)
+                    .filter(|s| *s > 0)
+                    .map(Duration::from_secs),
             }),
             _ => Err(ConfigError::Invalid(errs)),
         }
@@ -870,6 +897,10 @@ qemu_dir = ""
 # Cap on what each `dwcp migrate` run with this file sends, bytes per second, all its
 # connections together (0: none; else 65536 or more). `dwcp migrate --rate-limit` overrides it.
 rate_limit_bytes_per_sec = 0
+# A memory-image migration's target on this node (`.NAME.dwcp-migrating` in the spool) that
+# nothing has written for this many seconds is removed: its source went without rolling back
+# (0: kept until the next migration of that name; else 60 to 604800).
+stale_target_secs = 3600
 
 [log]
 # "text" or "json".
@@ -976,6 +1007,22 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(s.migration_rate_limit, Some(50_000_000));
+    }
+
+    #[test]
+    fn an_abandoned_migration_target_goes_after_an_hour_unless_told_otherwise() {
+        let s = Config::from_toml("", env(&[])).unwrap().validate().unwrap();
+        assert_eq!(s.stale_migration_target, Some(Duration::from_secs(3600)));
+        let s = Config::from_toml("[migration]\nstale_target_secs = 0\n", env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(s.stale_migration_target, None);
+        let f = invalid_fields("[migration]\nstale_target_secs = 5\n");
+        assert_eq!(
+            f[0].to_string(),
+            "migration.stale_target_secs = 5: 0 (kept) or 60..=604800"
+        );
     }
 
     #[test]

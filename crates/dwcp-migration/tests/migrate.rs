@@ -153,6 +153,34 @@ async fn a_vm_in_a_file_with_a_small_shadow_arrives_bit_exact_and_sparse() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_its_source_abandoned_is_removed_and_counted_as_aborted() {
+    // What a source killed mid-migration leaves: its target, last written two hours ago.
+    let cluster = TestCluster::new();
+    let spool = cluster.dir().join("spool/src");
+    std::fs::create_dir_all(&spool).unwrap();
+    let target = spool.join(".left.mem.dwcp-migrating");
+    let f = std::fs::File::create(&target).unwrap();
+    f.set_len(1 << 20).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
+    drop(f);
+    let recent = spool.join(".busy.mem.dwcp-migrating");
+    std::fs::write(&recent, b"x").unwrap();
+    // The agent looks once it is up (`migration.stale_target_secs`, an hour by default).
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let mut waited = 0;
+    while target.exists() && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(!target.exists(), "the abandoned target is still there");
+    assert!(recent.exists(), "a target written lately stays");
+    let m = agent.metrics().await;
+    assert_eq!(ended(&m), (0.0, 1.0), "{m}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_up_rounds_commit_and_check_share_one_session() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;

@@ -1217,6 +1217,55 @@ impl Receiver {
         r
     }
 
+    /// Removes the memory-image migration targets that nothing has written for
+    /// `older_than`, with their rounds' files: their sources went without rolling back. Each
+    /// counts as an aborted migration of its peer. A target with a transfer or a round in
+    /// progress stays, as does one written while it was looked at. Returns how many went.
+    pub async fn drop_stale_targets(&self, older_than: Duration) -> usize {
+        let (root, per_peer) = (self.dir.clone(), self.per_peer);
+        let found = tokio::task::spawn_blocking(move || stale_targets(&root, per_peer, older_than))
+            .await
+            .unwrap_or_default();
+        let mut dropped = 0;
+        for (peer, dir, name) in found {
+            let path = dir.join(&name);
+            {
+                let mut active = lock(&self.active);
+                if active.contains(&path) || self.turns.busy(&path) {
+                    continue;
+                }
+                active.insert(path.clone());
+            }
+            let target = migration_target(&path);
+            let (d, n) = (dir.clone(), name.clone());
+            let removed = tokio::task::spawn_blocking(move || {
+                if !older(&target, older_than) {
+                    return None;
+                }
+                let size = fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+                remove_round_files(&d, &n);
+                fs::remove_file(&target).ok().map(|()| size)
+            })
+            .await
+            .unwrap_or(None);
+            lock(&self.active).remove(&path);
+            if let Some(size) = removed {
+                warn!(
+                    peer = peer.as_ref().map_or("", NodeId::as_str),
+                    name,
+                    size,
+                    idle_secs = older_than.as_secs(),
+                    "removed an abandoned migration target: its source went without a rollback"
+                );
+                if let Some(p) = &peer {
+                    self.migration_ended(p, "memory", "aborted");
+                }
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     fn dir_for(&self, peer: &NodeId) -> PathBuf {
         if self.per_peer {
             self.dir.join(peer.as_str())
@@ -1756,6 +1805,55 @@ const ROUND_TAG_HEX: usize = 16;
 
 /// Removes what rounds of `name`'s migrations left in `dir` (a round that failed keeps its
 /// part file for a resuming sender until its migration is committed or aborted).
+/// Whether `path` exists and was last written `age` ago or more.
+fn older(path: &Path, age: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|e| e >= age)
+}
+
+/// Migration targets under `root` (in each peer's directory when `per_peer`) last written
+/// `age` ago or more: (peer, directory, object name).
+fn stale_targets(
+    root: &Path,
+    per_peer: bool,
+    age: Duration,
+) -> Vec<(Option<NodeId>, PathBuf, String)> {
+    let dirs: Vec<(Option<NodeId>, PathBuf)> = if per_peer {
+        fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let peer = NodeId::new(e.file_name().to_str()?).ok()?;
+                Some((Some(peer), e.path()))
+            })
+            .collect()
+    } else {
+        vec![(None, root.to_path_buf())]
+    };
+    let mut out = Vec::new();
+    for (peer, dir) in dirs {
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let file = e.file_name();
+            let Some(name) = file
+                .to_str()
+                .and_then(|f| f.strip_prefix('.'))
+                .and_then(|f| f.strip_suffix(".dwcp-migrating"))
+            else {
+                continue;
+            };
+            if check_name(name).is_ok() && older(&e.path(), age) {
+                out.push((peer.clone(), dir.clone(), name.to_owned()));
+            }
+        }
+    }
+    out
+}
+
 fn remove_round_files(dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -2345,6 +2443,53 @@ mod tests {
             decode_need(&b(inplace, 1 << 20, Some(u64::MAX)), true),
             1 << 20
         );
+    }
+
+    #[tokio::test]
+    async fn a_target_nothing_wrote_for_long_enough_goes_with_its_rounds_and_counts_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let rx = Receiver::new(dir.path(), Duration::from_secs(10), true).unwrap();
+        let peer_dir = dir.path().join("node-a");
+        fs::create_dir_all(&peer_dir).unwrap();
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        let plant = |f: &str, old: bool| {
+            let p = peer_dir.join(f);
+            let file = File::create(&p).unwrap();
+            file.set_len(1 << 20).unwrap();
+            if old {
+                file.set_modified(two_hours_ago).unwrap();
+            }
+            p
+        };
+        let gone = plant(".vm1.dwcp-migrating", true);
+        let round = plant(&format!(".vm1.{}.dwcp-round", "0123456789abcdef"), true);
+        let fresh = plant(".vm2.dwcp-migrating", false);
+        let claimed = plant(".vm3.dwcp-migrating", true);
+        let published = plant("vm4", true);
+        let odd = plant("..dwcp-migrating", true);
+        // A transfer into vm3 is in progress.
+        lock(&rx.active).insert(peer_dir.join("vm3"));
+        assert_eq!(rx.drop_stale_targets(Duration::from_secs(3600)).await, 1);
+        assert!(
+            !gone.exists() && !round.exists(),
+            "the target and its round went"
+        );
+        for kept in [&fresh, &claimed, &published, &odd] {
+            assert!(kept.exists(), "{} stays", kept.display());
+        }
+        let stats = rx.peer_stats();
+        let aborted = MIGRATION_OUTCOMES
+            .iter()
+            .position(|o| *o == ("memory", "aborted"))
+            .unwrap();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].peer.as_str(), "node-a");
+        assert_eq!(stats[0].migrations[aborted], 1);
+        // Nothing more to do: nothing counted twice.
+        assert_eq!(rx.drop_stale_targets(Duration::from_secs(3600)).await, 0);
+        lock(&rx.active).clear();
+        assert_eq!(rx.drop_stale_targets(Duration::from_secs(3600)).await, 1);
+        assert!(!claimed.exists(), "once its transfer is over");
     }
 
     #[test]
