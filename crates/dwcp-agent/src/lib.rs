@@ -266,6 +266,8 @@ impl Agent {
             tokio::spawn(async move {
                 let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
                 let mut tick = tokio::time::interval(every);
+                // Removing a big target can take longer than the period.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
                     spool.drop_stale_targets(age).await;

@@ -284,6 +284,13 @@ pub struct Receiver {
     active: Mutex<std::collections::HashSet<PathBuf>>,
     /// Migration rounds begun, per target, in order.
     turns: Turns,
+    /// When a round of each migration target last began or ended (by this process's
+    /// clock): a round resumed from its part file writes its target only at its end.
+    round_activity: Mutex<HashMap<PathBuf, Instant>>,
+    /// Targets removed as abandoned ([`Self::drop_stale_targets`]): a round for one is
+    /// refused (it would recreate the target without what earlier rounds wrote) until the
+    /// migration is aborted or committed, as a new attempt's first step does.
+    swept: Mutex<std::collections::HashSet<PathBuf>>,
     /// Store each peer's objects in a subdirectory named after it.
     per_peer: bool,
     /// Whether HDE-encoded objects are accepted.
@@ -389,6 +396,8 @@ impl Receiver {
             idle,
             active: Mutex::new(std::collections::HashSet::new()),
             turns: Turns::default(),
+            round_activity: Mutex::new(HashMap::new()),
+            swept: Mutex::new(std::collections::HashSet::new()),
             per_peer,
             delta,
             cache: cache.map(|c| Arc::new(Mutex::new(c))),
@@ -472,6 +481,9 @@ impl Receiver {
             let mut active = lock(&self.active);
             for o in s.objects.values() {
                 active.remove(&o.claim);
+                if o.claim != o.path {
+                    self.touch_round(&o.path);
+                }
             }
             s.objects.clear();
         }
@@ -1173,6 +1185,9 @@ impl Receiver {
             if active.contains(&path) {
                 return Err(format!("a transfer into {:?} is in progress", name));
             }
+            // The migration ends here either way.
+            lock(&self.swept).remove(&path);
+            lock(&self.round_activity).remove(&path);
             if self.turns.busy(&path) {
                 if op != data::MIGRATION_ABORT {
                     return Err(format!("a round of {:?} is still being received", name));
@@ -1231,7 +1246,10 @@ impl Receiver {
             let path = dir.join(&name);
             {
                 let mut active = lock(&self.active);
-                if active.contains(&path) || self.turns.busy(&path) {
+                let recent = lock(&self.round_activity)
+                    .get(&path)
+                    .is_some_and(|t| t.elapsed() < older_than);
+                if recent || active.contains(&path) || self.turns.busy(&path) {
                     continue;
                 }
                 active.insert(path.clone());
@@ -1239,7 +1257,7 @@ impl Receiver {
             let target = migration_target(&path);
             let (d, n) = (dir.clone(), name.clone());
             let removed = tokio::task::spawn_blocking(move || {
-                if !older(&target, older_than) {
+                if !idle_target(&d, &n, &target, older_than) {
                     return None;
                 }
                 let size = fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
@@ -1248,6 +1266,10 @@ impl Receiver {
             })
             .await
             .unwrap_or(None);
+            if removed.is_some() {
+                lock(&self.swept).insert(path.clone());
+                lock(&self.round_activity).remove(&path);
+            }
             lock(&self.active).remove(&path);
             if let Some(size) = removed {
                 warn!(
@@ -1264,6 +1286,11 @@ impl Receiver {
             }
         }
         dropped
+    }
+
+    /// A round of the target published at `path` began or ended now.
+    fn touch_round(&self, path: &Path) {
+        lock(&self.round_activity).insert(path.to_path_buf(), Instant::now());
     }
 
     fn dir_for(&self, peer: &NodeId) -> PathBuf {
@@ -1363,12 +1390,22 @@ impl Receiver {
         // claims `path`) sees it.
         let turn = {
             let mut active = lock(&self.active);
+            if round && lock(&self.swept).contains(&path) {
+                return Err(format!(
+                    "the migration target of {:?} was removed after nothing had written it \
+                     for migration.stale_target_secs: start the migration again",
+                    b.name
+                ));
+            }
             if (round && active.contains(&path)) || !active.insert(claim.clone()) {
                 return Err(format!(
                     "another transfer of {:?} into {} is in progress",
                     b.name,
                     dir.display()
                 ));
+            }
+            if round {
+                self.touch_round(&path);
             }
             // Raised when the object goes, or when the target is aborted.
             round.then(|| {
@@ -1500,6 +1537,9 @@ impl Receiver {
         };
         let name = removed.map_or_else(String::new, |o| {
             lock(&self.active).remove(&o.claim);
+            if o.claim != o.path {
+                self.touch_round(&o.path);
+            }
             o.name.clone()
         });
         warn!(%peer, %name, "object failed: {reason}");
@@ -1577,6 +1617,7 @@ impl Receiver {
         let size = delta.as_ref().map_or(size, |d| d.raw_size);
         let cache = self.cache.clone();
         let final_path = path.clone();
+        let published_at = path.clone();
         let started = Instant::now();
         // A migration round need not survive a crash (the migration rolls back; the commit
         // syncs the target): no fsync on its path.
@@ -1663,6 +1704,9 @@ impl Receiver {
             let mut s = lock(session);
             s.objects.remove(&object);
             s.finished.insert(object);
+        }
+        if round {
+            self.touch_round(&published_at);
         }
         lock(&self.active).remove(&claim);
         // A final round that commits its target (v6): the answer says it is published. The
@@ -1803,15 +1847,30 @@ fn part_files(dir: &Path, name: &str, round_tag: Option<&String>) -> (PathBuf, P
 /// Hex digits of a round's tag hash in its file names.
 const ROUND_TAG_HEX: usize = 16;
 
-/// Removes what rounds of `name`'s migrations left in `dir` (a round that failed keeps its
-/// part file for a resuming sender until its migration is committed or aborted).
-/// Whether `path` exists and was last written `age` ago or more.
-fn older(path: &Path, age: Duration) -> bool {
-    fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|e| e >= age)
+/// Whether the migration target `target` of object `name` in `dir` exists and neither it
+/// nor any of its rounds' files (a round resumed from its part file writes the target only
+/// at its end) was written in the last `age`.
+fn idle_target(dir: &Path, name: &str, target: &Path, age: Duration) -> bool {
+    let older = |p: &Path| {
+        fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|e| e >= age)
+    };
+    if !older(target) {
+        return false;
+    }
+    let prefix = format!(".{name}.");
+    fs::read_dir(dir).into_iter().flatten().flatten().all(|e| {
+        let file = e.file_name();
+        let round = file.to_str().is_some_and(|f| {
+            f.strip_prefix(&prefix).is_some_and(|rest| {
+                rest.ends_with(".dwcp-round") || rest.ends_with(".dwcp-round-state")
+            })
+        });
+        !round || older(&e.path())
+    })
 }
 
 /// Migration targets under `root` (in each peer's directory when `per_peer`) last written
@@ -1846,7 +1905,7 @@ fn stale_targets(
             else {
                 continue;
             };
-            if check_name(name).is_ok() && older(&e.path(), age) {
+            if check_name(name).is_ok() && idle_target(&dir, name, &e.path(), age) {
                 out.push((peer.clone(), dir.clone(), name.to_owned()));
             }
         }
@@ -1854,6 +1913,8 @@ fn stale_targets(
     out
 }
 
+/// Removes what rounds of `name`'s migrations left in `dir` (a round that failed keeps its
+/// part file for a resuming sender until its migration is committed or aborted).
 fn remove_round_files(dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -2490,6 +2551,57 @@ mod tests {
         lock(&rx.active).clear();
         assert_eq!(rx.drop_stale_targets(Duration::from_secs(3600)).await, 1);
         assert!(!claimed.exists(), "once its transfer is over");
+
+        // A target whose round resumed from its part file writes only that file until the
+        // round's end: the target stays while the round's files are fresh, or while a round
+        // of it began or ended lately (this process's clock).
+        let resumed = plant(".vm5.dwcp-migrating", true);
+        let _part = plant(&format!(".vm5.{}.dwcp-round", "fedcba9876543210"), false);
+        let touched = plant(".vm6.dwcp-migrating", true);
+        rx.touch_round(&peer_dir.join("vm6"));
+        assert_eq!(rx.drop_stale_targets(Duration::from_secs(3600)).await, 0);
+        assert!(resumed.exists() && touched.exists());
+    }
+
+    #[tokio::test]
+    async fn a_round_for_a_target_removed_as_abandoned_is_refused_until_the_migration_starts_again()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let rx = Receiver::new(dir.path(), Duration::from_secs(10), false).unwrap();
+        let peer = NodeId::new("src").unwrap();
+        let session = Mutex::new(RxSession::default());
+        let target = dir.path().join(".vm.mem.dwcp-migrating");
+        let f = File::create(&target).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        drop(f);
+        assert_eq!(rx.drop_stale_targets(Duration::from_secs(3600)).await, 1);
+        let begin = ObjectBegin {
+            object: 1,
+            name: "vm.mem".into(),
+            size: 1000,
+            version_tag: "migration x round 3 part 0".into(),
+            encoding: data::ENCODING_HDE_PAGES_INPLACE,
+            raw_size: PAGES * PS as u64,
+            ..ObjectBegin::default()
+        };
+        // Its source resumes a later round: applied to a new, empty target, it would publish
+        // zeros where the earlier rounds wrote.
+        let e = rx.begin(&peer, &session, &begin).unwrap_err();
+        assert!(
+            e.contains("was removed after nothing had written it"),
+            "{e}"
+        );
+        assert!(!target.exists());
+        // A new attempt aborts first, then begins.
+        let abort = Migration {
+            object: 9,
+            op: data::MIGRATION_ABORT,
+            name: "vm.mem".into(),
+            ..Migration::default()
+        };
+        let _ = rx.migration(&peer, &abort, 1 << 20).await;
+        rx.begin(&peer, &session, &begin).unwrap();
     }
 
     #[test]
