@@ -910,6 +910,31 @@ fn migrate_a_memory_image_vm_to_an_agent() {
         text(&o.stderr)
     );
 
+    // The VM's memory in a file: the same migration, and the file is gone afterwards. (After
+    // the capped runs: the destination's cache learns its pages.)
+    let vm_dir = tempfile::tempdir().unwrap();
+    let o = migrate(&[
+        "--vm-size",
+        "8Mi",
+        "--synthetic",
+        "--seed",
+        "3",
+        "--vm-dir",
+        vm_dir.path().to_str().unwrap(),
+        "--name",
+        "in-a-file.mem",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["result"], "migrated", "{j}");
+    assert_eq!(j["bit_exact"], true, "{j}");
+    assert!(j["shadow_bytes"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(
+        std::fs::read_dir(vm_dir.path()).unwrap().count(),
+        0,
+        "the VM's file has no name and goes with the process"
+    );
     // Bad input is refused before anything starts.
     let o = migrate(&["--vm-size", "10"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
