@@ -60,6 +60,10 @@ pub struct MigrationSpec {
     /// destination holds); `u64::MAX` keeps every page sent. Pages beyond it are encoded as
     /// new ones when written again.
     pub shadow_bytes: u64,
+    /// Cancelled (by the user: SIGINT, SIGTERM), the migration rolls back at once if the
+    /// guest is not paused yet; once it is, the final round goes on (the guest stays paused
+    /// either way for that long).
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl MigrationSpec {
@@ -77,6 +81,7 @@ impl MigrationSpec {
             overlap_parts: true,
             rate_limit: None,
             shadow_bytes: u64::MAX,
+            cancel: None,
         }
     }
 }
@@ -272,13 +277,37 @@ pub async fn migrate(
                 .map(|d| d.as_secs_f64() * 1000.0),
             throttle: orch.throttle(),
         });
+        let cancelled = || async {
+            match &spec.cancel {
+                Some(c) => c.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         let event = match action.clone() {
-            Action::Prepare => prepare(vm, dest, spec, &mut state, &mut kept, &mut spare).await,
+            Action::Prepare => tokio::select! {
+                e = prepare(vm, dest, spec, &mut state, &mut kept, &mut spare) => e,
+                () = cancelled() => Event::Failed(CANCELLED.into()),
+            },
             Action::SendRound { round, .. } => {
                 let r = send_round(
                     vm, dest, spec, &mut state, round, false, &mut kept, &mut spare,
                 );
-                match r.await {
+                let r = tokio::select! {
+                    r = r => Some(r),
+                    () = cancelled() => None,
+                };
+                let Some(r) = r else {
+                    // What was on its way is dropped with its sessions; the rollback's abort
+                    // goes on a session of its own.
+                    kept.close().await;
+                    kept = KeptSession::new();
+                    if let Some(s) = spare.take() {
+                        s.close().await;
+                    }
+                    action = orch.handle(Event::Failed(CANCELLED.into()));
+                    continue;
+                };
+                match r {
                     Ok(stats) => {
                         if round == 0
                             && let Some(rtt) = kept.round_trip().await
@@ -299,6 +328,9 @@ pub async fn migrate(
                 vm.throttle(percent);
                 info!(percent, "throttling the guest (auto-converge)");
                 Event::Throttled
+            }
+            Action::StopSource if spec.cancel.as_ref().is_some_and(|c| c.is_cancelled()) => {
+                Event::Failed(CANCELLED.into())
             }
             Action::StopSource => {
                 report.predicted_downtime_ms = orch
@@ -567,6 +599,9 @@ struct Encoding {
     /// learned (its cache may be small, or evict them early).
     no_learning: bool,
 }
+
+/// Why a cancelled migration rolled back.
+const CANCELLED: &str = "cancelled";
 
 /// Pages the destination's cache learns from this migration's literal pages are counted on
 /// up to this many bytes: a quarter of an agent's default cache, so that its eviction does

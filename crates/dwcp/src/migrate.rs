@@ -415,7 +415,25 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
     spec.rate_limit = cap.map(RateLimit::new);
     let MadeVm { vm, shadow_bytes } = make_vm(&args.vm, !args.json)?;
     spec.shadow_bytes = shadow_bytes;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    spec.cancel = Some(cancel.clone());
     let report = crate::commands::runtime()?.block_on(async {
+        // SIGINT or SIGTERM: roll back (the guest runs on at the source) unless it is paused
+        // for its final round already; a second one ends at once.
+        let mut signals = crate::commands::StopSignals::new()?;
+        tokio::spawn(async move {
+            signals.next().await;
+            cancel.cancel();
+            eprintln!(
+                "\ninterrupted: rolling back, unless the guest is paused for its final round \
+                 already (once more to quit at once)"
+            );
+            let code = signals.next().await;
+            eprintln!(
+                "interrupted again: quitting; the VM, generated here, goes with this process"
+            );
+            std::process::exit(code);
+        });
         let addr = crate::commands::resolve(&args.to).await?;
         let dest = Destination {
             endpoint: &endpoint,

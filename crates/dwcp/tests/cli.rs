@@ -935,6 +935,54 @@ fn migrate_a_memory_image_vm_to_an_agent() {
         0,
         "the VM's file has no name and goes with the process"
     );
+    // Ctrl-C during the rounds rolls back: exit 8, the destination keeps nothing.
+    let mut child = dwcp()
+        .args(["migrate", "--to", &agent.addr, "--node-id", "node-a"])
+        .args([
+            "--vm-size",
+            "32Mi",
+            "--synthetic",
+            "--seed",
+            "4",
+            "--rate-limit",
+            "1M",
+            "--name",
+            "cancelled.mem",
+            "--json",
+        ])
+        .arg("--certs-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The image is made in well under this; its rounds at 1 MB/s take seconds.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    // Bounded: a rollback that hangs fails here rather than holding the suite.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        panic!("dwcp migrate did not end within 30 s of SIGINT");
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(8), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["result"], "rolled back", "{j}");
+    assert!(j["how"].as_str().unwrap().contains("cancelled"), "{j}");
+    assert!(
+        text(&o.stderr).contains("interrupted: rolling back"),
+        "{}",
+        text(&o.stderr)
+    );
+    let spool = dir.path().join("spool-node-b/node-a");
+    assert!(!spool.join(".cancelled.mem.dwcp-migrating").exists());
+    assert!(!spool.join("cancelled.mem").exists());
+
     // Bad input is refused before anything starts.
     let o = migrate(&["--vm-size", "10"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
