@@ -19,15 +19,7 @@ pub trait PageStore {
     fn write_pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()>;
     /// Writes `count` zero pages from `addr`.
     fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> io::Result<()> {
-        const BATCH: u64 = 64;
-        let zeros = vec![0u8; page_size * BATCH as usize];
-        let mut done = 0;
-        while done < count {
-            let n = (count - done).min(BATCH);
-            self.write_pages(addr + done, &zeros[..n as usize * page_size])?;
-            done += n;
-        }
-        Ok(())
+        zero_by_writing(self, addr, count, page_size)
     }
 }
 
@@ -224,9 +216,9 @@ impl PageStore for FileStore {
     }
 }
 
-/// The trait's own way: zeros written, a batch at a time.
-fn zero_by_writing(
-    store: &mut FileStore,
+/// [`PageStore::write_zero`]'s own way: zeros written, a batch at a time.
+fn zero_by_writing<S: PageStore + ?Sized>(
+    store: &mut S,
     addr: u64,
     count: u64,
     page_size: usize,

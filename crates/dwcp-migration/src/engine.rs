@@ -264,6 +264,8 @@ pub async fn migrate(
     let mut paused_unix: Option<std::time::SystemTime> = None;
     // A rollback found the destination committed after all (its answer had been lost).
     let mut at_destination = false;
+    // A cancellation dropped a round on its way (see the second abort below).
+    let mut cancelled_mid_round = false;
     // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
     for _ in 0..(spec.config.max_rounds as usize + 64) {
         progress(&Progress {
@@ -297,13 +299,12 @@ pub async fn migrate(
                     () = cancelled() => None,
                 };
                 let Some(r) = r else {
-                    // What was on its way is dropped with its sessions; the rollback's abort
+                    // What was on its way is dropped with the sessions the round had taken
+                    // (`kept` and `spare` are left empty meanwhile): the rollback's abort
                     // goes on a session of its own.
-                    kept.close().await;
                     kept = KeptSession::new();
-                    if let Some(s) = spare.take() {
-                        s.close().await;
-                    }
+                    spare = None;
+                    cancelled_mid_round = true;
                     action = orch.handle(Event::Failed(CANCELLED.into()));
                     continue;
                 };
@@ -501,6 +502,15 @@ pub async fn migrate(
             Action::Finished => break,
         };
         action = orch.handle(event);
+    }
+    if cancelled_mid_round && !at_destination {
+        // A begin written on a dropped session may still reach the destination after the
+        // rollback's abort, and make a target there again: a second abort clears it (one
+        // that finds nothing is harmless).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Err(e) = abort(dest, spec, &mut kept).await {
+            debug!("the second abort after the cancellation: {e}");
+        }
     }
     if let Some(s) = spare.take() {
         s.close().await;

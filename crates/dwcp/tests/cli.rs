@@ -956,8 +956,14 @@ fn migrate_a_memory_image_vm_to_an_agent() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The image is made in well under this; its rounds at 1 MB/s take seconds.
-    std::thread::sleep(Duration::from_secs(2));
+    // Once its first round has begun at the destination (its rounds at 1 MB/s take seconds).
+    let spool = dir.path().join("spool-node-b/node-a");
+    let target = spool.join(".cancelled.mem.dwcp-migrating");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !target.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(target.exists(), "no round began within 30 s");
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
     // Bounded: a rollback that hangs fails here rather than holding the suite.
@@ -979,8 +985,7 @@ fn migrate_a_memory_image_vm_to_an_agent() {
         "{}",
         text(&o.stderr)
     );
-    let spool = dir.path().join("spool-node-b/node-a");
-    assert!(!spool.join(".cancelled.mem.dwcp-migrating").exists());
+    assert!(!target.exists());
     assert!(!spool.join("cancelled.mem").exists());
 
     // Bad input is refused before anything starts.

@@ -287,10 +287,6 @@ pub struct Receiver {
     /// When a round of each migration target last began or ended (by this process's
     /// clock): a round resumed from its part file writes its target only at its end.
     round_activity: Mutex<HashMap<PathBuf, Instant>>,
-    /// Targets removed as abandoned ([`Self::drop_stale_targets`]): a round for one is
-    /// refused (it would recreate the target without what earlier rounds wrote) until the
-    /// migration is aborted or committed, as a new attempt's first step does.
-    swept: Mutex<std::collections::HashSet<PathBuf>>,
     /// Store each peer's objects in a subdirectory named after it.
     per_peer: bool,
     /// Whether HDE-encoded objects are accepted.
@@ -397,7 +393,6 @@ impl Receiver {
             active: Mutex::new(std::collections::HashSet::new()),
             turns: Turns::default(),
             round_activity: Mutex::new(HashMap::new()),
-            swept: Mutex::new(std::collections::HashSet::new()),
             per_peer,
             delta,
             cache: cache.map(|c| Arc::new(Mutex::new(c))),
@@ -1186,7 +1181,6 @@ impl Receiver {
                 return Err(format!("a transfer into {:?} is in progress", name));
             }
             // The migration ends here either way.
-            lock(&self.swept).remove(&path);
             lock(&self.round_activity).remove(&path);
             if self.turns.busy(&path) {
                 if op != data::MIGRATION_ABORT {
@@ -1218,7 +1212,7 @@ impl Receiver {
                         .map(|()| true)
                         .map_err(|e| format!("cannot publish {name:?}: {e}"))
                 }
-                data::MIGRATION_ABORT => match fs::remove_file(&target) {
+                data::MIGRATION_ABORT => match remove_after_marker(&p, &target) {
                     Ok(()) => Ok(true),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(round_on_its_way),
                     Err(e) => Err(format!("cannot remove the migration target {name:?}: {e}")),
@@ -1237,6 +1231,8 @@ impl Receiver {
     /// counts as an aborted migration of its peer. A target with a transfer or a round in
     /// progress stays, as does one written while it was looked at. Returns how many went.
     pub async fn drop_stale_targets(&self, older_than: Duration) -> usize {
+        // What is older than that says nothing any more.
+        lock(&self.round_activity).retain(|_, t| t.elapsed() < older_than);
         let (root, per_peer) = (self.dir.clone(), self.per_peer);
         let found = tokio::task::spawn_blocking(move || stale_targets(&root, per_peer, older_than))
             .await
@@ -1262,12 +1258,13 @@ impl Receiver {
                 }
                 let size = fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
                 remove_round_files(&d, &n);
+                // Kept on disk, so that an agent restarted meanwhile refuses them too.
+                let _ = File::create(swept_marker(&d.join(&n)));
                 fs::remove_file(&target).ok().map(|()| size)
             })
             .await
             .unwrap_or(None);
             if removed.is_some() {
-                lock(&self.swept).insert(path.clone());
                 lock(&self.round_activity).remove(&path);
             }
             lock(&self.active).remove(&path);
@@ -1390,7 +1387,7 @@ impl Receiver {
         // claims `path`) sees it.
         let turn = {
             let mut active = lock(&self.active);
-            if round && lock(&self.swept).contains(&path) {
+            if round && swept_marker(&path).exists() {
                 return Err(format!(
                     "the migration target of {:?} was removed after nothing had written it \
                      for migration.stale_target_secs: start the migration again",
@@ -1851,26 +1848,63 @@ const ROUND_TAG_HEX: usize = 16;
 /// nor any of its rounds' files (a round resumed from its part file writes the target only
 /// at its end) was written in the last `age`.
 fn idle_target(dir: &Path, name: &str, target: &Path, age: Duration) -> bool {
-    let older = |p: &Path| {
-        fs::metadata(p)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|e| e >= age)
-    };
+    let older = |p: &Path| older(p, age);
     if !older(target) {
         return false;
     }
-    let prefix = format!(".{name}.");
     fs::read_dir(dir).into_iter().flatten().flatten().all(|e| {
         let file = e.file_name();
-        let round = file.to_str().is_some_and(|f| {
-            f.strip_prefix(&prefix).is_some_and(|rest| {
-                rest.ends_with(".dwcp-round") || rest.ends_with(".dwcp-round-state")
-            })
-        });
+        let round = file.to_str().is_some_and(|f| is_round_file(f, name));
         !round || older(&e.path())
     })
+}
+
+/// Whether `path` exists and was last written `age` ago or more.
+fn older(path: &Path, age: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|e| e >= age)
+}
+
+/// Marks, beside it, a migration target removed as abandoned: rounds for it are refused
+/// until the migration is aborted (a new attempt's first step). Markers go after a week.
+fn swept_marker(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.dwcp-swept"))
+}
+
+/// An abort's removal of `target`, the target of `path`: its [`swept_marker`] goes first, so
+/// that a new attempt may begin.
+fn remove_after_marker(path: &Path, target: &Path) -> std::io::Result<()> {
+    let _ = fs::remove_file(swept_marker(path));
+    fs::remove_file(target)
+}
+
+/// How long a [`swept_marker`] stays.
+const SWEPT_MARKER_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Whether `file` is a part or state file of a round of object `name`.
+fn is_round_file(file: &str, name: &str) -> bool {
+    let Some(rest) = file
+        .strip_prefix('.')
+        .and_then(|f| f.strip_prefix(name))
+        .and_then(|f| f.strip_prefix('.'))
+    else {
+        return false;
+    };
+    let Some(h) = rest
+        .strip_suffix(".dwcp-round")
+        .or_else(|| rest.strip_suffix(".dwcp-round-state"))
+    else {
+        return false;
+    };
+    // Exactly a tag hash: not the files of an object whose name only starts like this one.
+    h.len() == ROUND_TAG_HEX && h.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
 /// Migration targets under `root` (in each peer's directory when `per_peer`) last written
@@ -1898,6 +1932,12 @@ fn stale_targets(
     for (peer, dir) in dirs {
         for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
             let file = e.file_name();
+            if file.to_str().is_some_and(|f| f.ends_with(".dwcp-swept"))
+                && older(&e.path(), SWEPT_MARKER_AGE)
+            {
+                let _ = fs::remove_file(e.path());
+                continue;
+            }
             let Some(name) = file
                 .to_str()
                 .and_then(|f| f.strip_prefix('.'))
@@ -1919,21 +1959,9 @@ fn remove_round_files(dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
-    let prefix = format!(".{name}.");
     for e in entries.flatten() {
         let file = e.file_name();
-        let Some(f) = file.to_str() else { continue };
-        let Some(rest) = f.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some(h) = rest
-            .strip_suffix(".dwcp-round")
-            .or_else(|| rest.strip_suffix(".dwcp-round-state"))
-        else {
-            continue;
-        };
-        // Exactly a tag hash: not the files of an object whose name only starts like this one.
-        if h.len() == ROUND_TAG_HEX && h.bytes().all(|c| c.is_ascii_hexdigit()) {
+        if file.to_str().is_some_and(|f| is_round_file(f, name)) {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -2593,6 +2621,14 @@ mod tests {
             "{e}"
         );
         assert!(!target.exists());
+        // An agent restarted meanwhile refuses it too: the mark is on disk.
+        let marker = dir.path().join(".vm.mem.dwcp-swept");
+        assert!(marker.exists());
+        let restarted = Receiver::new(dir.path(), Duration::from_secs(10), false).unwrap();
+        let e = restarted
+            .begin(&peer, &Mutex::new(RxSession::default()), &begin)
+            .unwrap_err();
+        assert!(e.contains("was removed"), "{e}");
         // A new attempt aborts first, then begins.
         let abort = Migration {
             object: 9,
@@ -2601,7 +2637,23 @@ mod tests {
             ..Migration::default()
         };
         let _ = rx.migration(&peer, &abort, 1 << 20).await;
+        assert!(!marker.exists());
         rx.begin(&peer, &session, &begin).unwrap();
+    }
+
+    #[test]
+    fn round_files_are_told_by_their_object_and_tag_hash() {
+        assert!(is_round_file(".vm.0123456789abcdef.dwcp-round", "vm"));
+        assert!(is_round_file(".vm.0123456789abcdef.dwcp-round-state", "vm"));
+        // Another object whose name starts like this one's.
+        assert!(!is_round_file(".vm.mem.0123456789abcdef.dwcp-round", "vm"));
+        assert!(is_round_file(
+            ".vm.mem.0123456789abcdef.dwcp-round",
+            "vm.mem"
+        ));
+        assert!(!is_round_file(".vm.0123.dwcp-round", "vm"));
+        assert!(!is_round_file(".vm.dwcp-migrating", "vm"));
+        assert!(!is_round_file("vm.0123456789abcdef.dwcp-round", "vm"));
     }
 
     #[test]
