@@ -285,11 +285,22 @@ pub async fn migrate(
                 None => std::future::pending().await,
             }
         };
+        // What a cancellation cuts short is dropped with its sessions (a round takes `kept`
+        // and `spare` while it runs): the rollback's abort goes on a session of its own.
+        let mut on_cancel = |kept: &mut KeptSession, spare: &mut Option<KeptSession>| {
+            *kept = KeptSession::new();
+            *spare = None;
+            cancelled_mid_round = true;
+            Event::Failed(CANCELLED.into())
+        };
         let event = match action.clone() {
-            Action::Prepare => tokio::select! {
-                e = prepare(vm, dest, spec, &mut state, &mut kept, &mut spare) => e,
-                () = cancelled() => Event::Failed(CANCELLED.into()),
-            },
+            Action::Prepare => {
+                let r = tokio::select! {
+                    e = prepare(vm, dest, spec, &mut state, &mut kept, &mut spare) => Some(e),
+                    () = cancelled() => None,
+                };
+                r.unwrap_or_else(|| on_cancel(&mut kept, &mut spare))
+            }
             Action::SendRound { round, .. } => {
                 let r = send_round(
                     vm, dest, spec, &mut state, round, false, &mut kept, &mut spare,
@@ -298,18 +309,9 @@ pub async fn migrate(
                     r = r => Some(r),
                     () = cancelled() => None,
                 };
-                let Some(r) = r else {
-                    // What was on its way is dropped with the sessions the round had taken
-                    // (`kept` and `spare` are left empty meanwhile): the rollback's abort
-                    // goes on a session of its own.
-                    kept = KeptSession::new();
-                    spare = None;
-                    cancelled_mid_round = true;
-                    action = orch.handle(Event::Failed(CANCELLED.into()));
-                    continue;
-                };
                 match r {
-                    Ok(stats) => {
+                    None => on_cancel(&mut kept, &mut spare),
+                    Some(Ok(stats)) => {
                         if round == 0
                             && let Some(rtt) = kept.round_trip().await
                         {
@@ -322,7 +324,7 @@ pub async fn migrate(
                             .push(round_report(round, &stats, orch.throttle()));
                         Event::RoundSent(stats)
                     }
-                    Err(e) => Event::Failed(e),
+                    Some(Err(e)) => Event::Failed(e),
                 }
             }
             Action::Throttle { percent } => {

@@ -1871,11 +1871,7 @@ fn older(path: &Path, age: Duration) -> bool {
 /// Marks, beside it, a migration target removed as abandoned: rounds for it are refused
 /// until the migration is aborted (a new attempt's first step). Markers go after a week.
 fn swept_marker(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.dwcp-swept"))
+    hidden_beside(path, "dwcp-swept")
 }
 
 /// An abort's removal of `target`, the target of `path`: its [`swept_marker`] goes first, so
@@ -1973,11 +1969,16 @@ const NO_TARGET_TO_COMMIT: &str = "no migration target to commit this round into
 
 /// Where the migration target of `path` lives until it is committed.
 fn migration_target(path: &Path) -> PathBuf {
+    hidden_beside(path, "dwcp-migrating")
+}
+
+/// `.NAME.SUFFIX` in the directory of `path` (NAME its file name).
+fn hidden_beside(path: &Path, suffix: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.dwcp-migrating"))
+    path.with_file_name(format!(".{name}.{suffix}"))
 }
 
 /// Opens the migration target of `final_path` for round `d`, sized to its `raw_size`; what
