@@ -107,10 +107,7 @@ impl PageStore for MemStore {
     }
 
     fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> io::Result<()> {
-        let len = usize::try_from(count)
-            .ok()
-            .and_then(|c| c.checked_mul(page_size))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "run too long"))?;
+        let len = run_len(count, page_size)?;
         let r = self.range(addr, len)?;
         self.data[r].fill(0);
         Ok(())
@@ -181,10 +178,7 @@ impl PageStore for FileStore {
     /// Zero pages become a hole in the file: no disk space and no writing (a third of a
     /// VM's memory is zero pages). Where the filesystem cannot punch holes, zeros are written.
     fn write_zero(&mut self, addr: u64, count: u64, page_size: usize) -> io::Result<()> {
-        let len = usize::try_from(count)
-            .ok()
-            .and_then(|c| c.checked_mul(page_size))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "run too long"))?;
+        let len = run_len(count, page_size)?;
         let off = self.offset(addr, len)?;
         let end = off + len as u64;
         // Within the file: punch. Beyond its end: growing it leaves a hole there.
@@ -214,6 +208,14 @@ impl PageStore for FileStore {
         }
         Ok(())
     }
+}
+
+/// Bytes of a run of `count` pages of `page_size`, if that fits in memory's addresses.
+fn run_len(count: u64, page_size: usize) -> io::Result<usize> {
+    usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(page_size))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "run too long"))
 }
 
 /// [`PageStore::write_zero`]'s own way: zeros written, a batch at a time.
