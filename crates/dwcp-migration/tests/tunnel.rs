@@ -483,8 +483,11 @@ async fn a_destination_qemu_that_does_not_read_holds_the_acknowledgements_back()
     let expected = send_raw(&tunnel, n);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = tunnel.acked().0;
+    // What the destination holds for QEMU (2 MiB and a block being written: 9 blocks), and
+    // blocks that reached it ahead of one before them: those are taken at once (a gap), and
+    // with four connections racing, a few more each time (up to 20 seen).
     assert!(
-        held <= 12,
+        held <= 24,
         "{held} blocks of 256 KiB acknowledged with QEMU not reading"
     );
     wait_acked(&tunnel, n).await;
@@ -686,4 +689,91 @@ async fn a_tunnel_counts_tcp_and_its_close_ends_the_connections() {
     // Still counted after the close.
     assert!(tunnel.tcp_counts().unwrap().bytes_sent >= t.bytes_sent);
     drop(tunnel);
+}
+
+/// The link goes down between two halves of the stream and comes back 1.5 s later, the
+/// second half queued meanwhile: the tunnel dials again, replaces every lost connection, and
+/// the stream arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_rides_out_a_link_outage_on_new_connections() {
+    let vm = open_vm().await;
+    let proxy = Proxy::start(vm.agent.addr, Fault::None).await;
+    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 4, "vm")
+        .await
+        .unwrap();
+    tunnel.retry_within(Duration::from_secs(20));
+    let n = 40u64;
+    let mut expected = Vec::new();
+    let mut queue = |seq: u64| {
+        let raw = Bytes::from(block_content(seq));
+        expected.extend_from_slice(&raw);
+        tunnel
+            .send(Block {
+                seq,
+                raw,
+                encoded: None,
+            })
+            .unwrap();
+    };
+    for seq in 0..n / 2 {
+        queue(seq);
+    }
+    wait_acked(&tunnel, n / 2).await;
+    let down = Instant::now();
+    proxy.outage(Duration::from_millis(1500));
+    for seq in n / 2..n {
+        queue(seq);
+    }
+    wait_acked(&tunnel, n).await;
+    assert!(
+        down.elapsed() >= Duration::from_millis(1400),
+        "the second half went before the link was back: {:?}",
+        down.elapsed()
+    );
+    // The first connection back may carry the rest alone; the others follow.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel.streams() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tunnel.streams(), 4);
+    assert_eq!(tunnel.replaced(), 4, "every lost connection replaced once");
+    let detail = vm.finish_whole(tunnel, n, &expected).await;
+    assert!(
+        detail.contains(&format!("\"fed_bytes\":{}", expected.len())),
+        "{detail}"
+    );
+}
+
+/// A link down for longer than the tunnel's retry period fails it, with the reason; until
+/// then it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_down_for_longer_than_the_retry_period_fails_the_tunnel() {
+    let vm = open_vm().await;
+    let proxy = Proxy::start(vm.agent.addr, Fault::None).await;
+    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 2, "vm")
+        .await
+        .unwrap();
+    tunnel.retry_within(Duration::from_secs(1));
+    send_raw(&tunnel, 2);
+    wait_acked(&tunnel, 2).await;
+    let down = Instant::now();
+    proxy.outage(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tunnel.error().is_none() {
+        assert!(Instant::now() < deadline, "the tunnel never gave up");
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    let error = tunnel.error().unwrap();
+    assert!(
+        down.elapsed() >= Duration::from_millis(900),
+        "gave up before its retry period: {:?}, {error}",
+        down.elapsed()
+    );
+    assert!(
+        error.contains("every tunnel stream failed") && error.contains("within 1s"),
+        "{error}"
+    );
+    assert_eq!(tunnel.replaced(), 0);
+    tunnel.close();
+    vm.agent.stop().await.unwrap();
 }

@@ -393,12 +393,17 @@ pub enum Fault {
     },
 }
 
-/// A TCP proxy on loopback that can break one connection on purpose.
+/// A TCP proxy on loopback that can break one connection on purpose, or all of them for a
+/// while ([`Proxy::outage`]).
 #[derive(Debug)]
 pub struct Proxy {
     /// Where clients connect.
     pub addr: SocketAddr,
     task: JoinHandle<()>,
+    /// Until when the link is down (new connections are closed at once), and the cut of the
+    /// open ones (its value counts outages).
+    down_until: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    cut: tokio::sync::watch::Sender<u64>,
 }
 
 impl Drop for Proxy {
@@ -408,18 +413,39 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
+    /// The link goes down for `period`: every connection through the proxy is cut at once
+    /// (both sockets closed), and those made meanwhile are closed as soon as accepted.
+    pub fn outage(&self, period: Duration) {
+        *self.down_until.lock().unwrap() = Some(std::time::Instant::now() + period);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
     /// Forwards connections to `target`, applying `fault`.
     pub async fn start(target: SocketAddr, fault: Fault) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let paused_one = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let down_until = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
+        let down = down_until.clone();
         let task = tokio::spawn(async move {
             let mut index = 0usize;
             let mut pipes = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                while pipes.try_join_next().is_some() {}
+                if down
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| std::time::Instant::now() < t)
+                {
+                    drop(client); // the link is down
+                    continue;
+                }
                 let i = index;
                 index += 1;
                 let paused_one = paused_one.clone();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.mark_unchanged();
                 pipes.spawn(async move {
                     if let Fault::Stall { conn, delay } = fault
                         && conn == i
@@ -477,15 +503,22 @@ impl Proxy {
                     let down = async {
                         let _ = tokio::io::copy(&mut sr, &mut cw).await;
                     };
-                    // Whichever direction ends first ends the connection (both sockets drop).
+                    // Whichever direction ends first ends the connection (both sockets drop),
+                    // as does an outage.
                     tokio::select! {
                         () = up => {}
                         () = down => {}
+                        _ = cut_rx.changed() => {}
                     }
                 });
             }
         });
-        Self { addr, task }
+        Self {
+            addr,
+            task,
+            down_until,
+            cut,
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use dwcp_wire::msg;
 use dwcp_wire::{ErrorCode, FrameType, NodeId};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::send::{RateLimit, SendError};
 use super::tcp::{TcpCounts, TcpWatch};
@@ -102,6 +102,13 @@ struct State {
     /// Connections known dead.
     dead: std::collections::HashSet<usize>,
     error: Option<String>,
+    /// How long the tunnel keeps dialling once every connection is lost (see
+    /// [`Tunnel::retry_within`]); since when none is open, and why the last one was lost.
+    retry_for: Duration,
+    down_since: Option<Instant>,
+    last_loss: String,
+    /// Connections opened in place of lost ones.
+    replaced: u32,
 }
 
 /// A block on its way.
@@ -308,6 +315,303 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How long a tunnel keeps dialling after losing every connection, unless told otherwise
+/// ([`Tunnel::retry_within`]).
+pub const DEFAULT_RETRY: Duration = Duration::from_secs(30);
+
+/// A replacement dial's own limit, and the pauses between failed ones.
+const DIAL_LIMIT: Duration = Duration::from_secs(10);
+const REDIAL_FIRST: Duration = Duration::from_millis(100);
+const REDIAL_MAX: Duration = Duration::from_secs(2);
+
+/// What a tunnel's connections share, and what a replacement needs to join them.
+#[derive(Debug)]
+struct Link {
+    state: Arc<Mutex<State>>,
+    /// New work for the writers.
+    work: Arc<Notify>,
+    /// Acknowledgements, failures.
+    progress: Arc<Notify>,
+    /// A connection lost (wakes [`Link::keep_up`]).
+    lost: Notify,
+    beat: Arc<Beat>,
+    name: String,
+    limit: Option<RateLimit>,
+    id: [u8; 16],
+}
+
+/// Where [`Link::keep_up`] dials, and how many connections it keeps.
+struct Redial {
+    want: usize,
+    endpoint: Endpoint,
+    addr: std::net::SocketAddr,
+    peer: NodeId,
+    /// The tunnel's block size, which a replacement must carry.
+    max_block: usize,
+    long_path: bool,
+}
+
+impl Link {
+    /// Joins `conn` to the session as its stream `i` and starts its writer and reader (in
+    /// `tasks`); returns the largest block it carries. One that carries less than `at_least`
+    /// is closed instead.
+    async fn attach(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<()>,
+        i: usize,
+        conn: Connection<tokio::net::TcpStream>,
+        at_least: usize,
+    ) -> Result<usize, ConnError> {
+        let probe = conn.tcp_probe();
+        let (mut reader, mut writer) = conn.split();
+        // Room for the TUNNEL_DATA header and the name.
+        let most = writer.max_chunk().saturating_sub(16 + 255);
+        if most < at_least {
+            writer
+                .close(
+                    ErrorCode::NO_ERROR,
+                    "frames too small for the tunnel's blocks",
+                )
+                .await;
+            return Err(ConnError::Io {
+                stage: Stage::Handshake,
+                source: std::io::Error::other(format!(
+                    "the peer takes frames for blocks of {most} bytes, the tunnel's are {at_least}"
+                )),
+            });
+        }
+        let join = SessionJoin {
+            session_id: self.id.to_vec(),
+            stream_index: i as u32,
+        };
+        writer.send(&msg::encode(FrameType::SESSION, &join)).await?;
+        if let Some(probe) = probe {
+            self.beat.tcp().watch(i as u32, 0, probe);
+        }
+        {
+            let mut s = lock(&self.state);
+            s.alive += 1;
+            s.down_since = None;
+        }
+        let link = self.clone();
+        tasks.spawn(async move {
+            let (st, wk) = (&link.state, &link.work);
+            let why = loop {
+                let next = {
+                    // Registered before the queue is looked at, so that a block queued in
+                    // between wakes it (notify_waiters keeps no permit).
+                    let notified = wk.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    let b = {
+                        let mut s = lock(st);
+                        if s.error.is_some() || s.dead.contains(&i) {
+                            return;
+                        }
+                        let first = s.queue.keys().next().copied();
+                        let now = Instant::now();
+                        match first.and_then(|k| s.queue.remove(&k)) {
+                            Some(b) => {
+                                let u = Unacked {
+                                    conn: i,
+                                    block: b.clone(),
+                                    sent: now,
+                                    hedged: false,
+                                    copy: None,
+                                    third: false,
+                                };
+                                s.unacked.insert(b.seq, u);
+                                Ok(b)
+                            }
+                            None => s.stuck(i, now).ok_or(s.unacked.is_empty()),
+                        }
+                    };
+                    match b {
+                        Ok(b) => b,
+                        Err(idle) => {
+                            // With blocks out, look for a stuck one now and then.
+                            let wait = if idle { 500 } else { 50 };
+                            let _ =
+                                tokio::time::timeout(Duration::from_millis(wait), notified).await;
+                            continue;
+                        }
+                    }
+                };
+                let (encoding, bytes) = next
+                    .encoded
+                    .clone()
+                    .unwrap_or((data::TUNNEL_RAW, next.raw.clone()));
+                let h = TunnelHeader {
+                    name: link.name.clone(),
+                    seq: next.seq,
+                    raw_len: next.raw.len() as u32,
+                    encoding,
+                };
+                let frame = match data::encode_tunnel_data(&h, &bytes) {
+                    Ok(f) => f,
+                    Err(e) => break e.to_string(),
+                };
+                if let Err(e) = writer.send(&frame).await {
+                    break e.to_string();
+                }
+                if let Some(ping) = link.beat.due()
+                    && let Err(e) = writer.send(&msg::encode(FrameType::PING, &ping)).await
+                {
+                    break e.to_string();
+                }
+                // Paid after the frame went, so that a block is never stamped as sent while
+                // it waits for tokens (it would look stuck): the next one waits.
+                if let Some(l) = &link.limit {
+                    l.take(frame.wire_len()).await;
+                }
+            };
+            link.stream_lost(i, &why);
+        });
+        let link = self.clone();
+        tasks.spawn(async move {
+            let why = loop {
+                match reader.recv().await {
+                    Ok(Some(f)) if f.ty == FrameType::TUNNEL_ACK => {
+                        let ack: TunnelAck = match msg::decode(&f) {
+                            Ok(a) => a,
+                            Err(e) => break e.to_string(),
+                        };
+                        on_ack(&link.state, &link.work, &link.progress, &ack);
+                    }
+                    Ok(Some(f)) if f.ty == FrameType::GOAWAY => {
+                        let g: Result<msg::Close, _> = msg::decode(&f);
+                        break g.map_or_else(|e| e.to_string(), |g| g.printable_reason());
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break "closed by the receiver".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            link.stream_lost(i, &why);
+        });
+        Ok(most)
+    }
+
+    /// Connection `i` is gone: what it had out goes again on the others, and
+    /// [`Link::keep_up`] dials a replacement.
+    fn stream_lost(&self, i: usize, why: &str) {
+        let mut s = lock(&self.state);
+        if !s.dead.insert(i) {
+            return; // its other task noticed first
+        }
+        s.alive = s.alive.saturating_sub(1);
+        // Its unacknowledged blocks go out again on the others.
+        let mine: Vec<u64> = s
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.conn == i)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in mine {
+            if let Some(u) = s.unacked.remove(&k) {
+                s.resent_raw += u.block.raw.len() as u64;
+                s.queue.insert(k, u.block);
+            }
+        }
+        if s.error.is_none() {
+            warn!(stream = i, "tunnel stream lost: {why}");
+            s.last_loss = why.to_string();
+            if s.alive == 0 {
+                if s.retry_for.is_zero() {
+                    s.error = Some(format!("every tunnel stream failed (last: {why})"));
+                } else {
+                    warn!(
+                        "every tunnel stream lost; dialling again for up to {:?}",
+                        s.retry_for
+                    );
+                    s.down_since = Some(Instant::now());
+                }
+            }
+        }
+        drop(s);
+        // Its final counts stay in the totals; its descriptor closes.
+        self.beat.tcp().close(i as u32, 0);
+        self.lost.notify_one();
+        self.work.notify_waiters();
+        self.progress.notify_waiters();
+    }
+
+    /// Keeps `to.want` connections open: dials one in place of each that is lost (pausing
+    /// between failed dials, 0.1 s doubling to 2 s), for as long as the tunnel lasts. Once
+    /// none is left, the tunnel fails if no new one is open within its retry period; what was
+    /// out goes again on the new ones, and the receiver, which keys blocks by the stream's
+    /// name and number rather than by connection, takes them as before.
+    async fn keep_up(self: Arc<Self>, to: Redial) {
+        let mut conns = JoinSet::new();
+        let mut next = to.want;
+        let mut pause = REDIAL_FIRST;
+        loop {
+            while conns.try_join_next().is_some() {}
+            let lost = self.lost.notified();
+            tokio::pin!(lost);
+            lost.as_mut().enable();
+            let (alive, left) = {
+                let mut s = lock(&self.state);
+                if s.error.is_some() {
+                    return;
+                }
+                let left = s
+                    .down_since
+                    .map(|t| s.retry_for.saturating_sub(t.elapsed()));
+                if left.is_some_and(|l| l.is_zero()) {
+                    s.error = Some(format!(
+                        "every tunnel stream failed (last: {}), and no new one could be \
+                         opened within {:?}",
+                        s.last_loss, s.retry_for
+                    ));
+                    drop(s);
+                    self.work.notify_waiters();
+                    self.progress.notify_waiters();
+                    return;
+                }
+                (s.alive, left)
+            };
+            if alive >= to.want {
+                pause = REDIAL_FIRST;
+                let _ = tokio::time::timeout(Duration::from_secs(1), lost).await;
+                continue;
+            }
+            let limit = left.map_or(DIAL_LIMIT, |l| l.min(DIAL_LIMIT));
+            let dialled =
+                tokio::time::timeout(limit, connect_to(&to.endpoint, to.addr, Some(&to.peer)))
+                    .await;
+            let why = match dialled {
+                Ok(Ok(conn)) => {
+                    if to.long_path {
+                        tune(&conn);
+                    }
+                    match self.attach(&mut conns, next, conn, to.max_block).await {
+                        Ok(_) => {
+                            lock(&self.state).replaced += 1;
+                            info!(stream = next, name = %self.name, "tunnel stream replaced");
+                            next += 1;
+                            pause = REDIAL_FIRST;
+                            self.work.notify_waiters();
+                            continue;
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no connection within {limit:?}"),
+            };
+            debug!(name = %self.name, "tunnel: cannot replace a lost stream yet: {why}");
+            let left = {
+                let s = lock(&self.state);
+                s.down_since
+                    .map(|t| s.retry_for.saturating_sub(t.elapsed()))
+            };
+            tokio::time::sleep(left.map_or(pause, |l| pause.min(l))).await;
+            pause = (pause * 2).min(REDIAL_MAX);
+        }
+    }
+}
+
 impl Tunnel {
     /// Opens up to `streams` connections to `addr` for the stream `name` (fewer if the peer
     /// allows fewer, or if some cannot be dialled; at least one, or an error).
@@ -389,153 +693,55 @@ impl Tunnel {
         let n = conns.len();
         // The handshake is a round trip and the peer's handling of it.
         let rtt = conns.iter().map(|c| c.handshake_time()).min();
-        if rtt.is_some_and(|r| super::Mode::for_rtt(r) == super::Mode::Internet) {
-            for c in &conns {
-                tune(c);
-            }
-        }
         let id: [u8; 16] = super::send::rand_id();
-        let state = Arc::new(Mutex::new(State {
-            alive: conns.len(),
-            ..State::default()
-        }));
-        let work = Arc::new(Notify::new());
-        let progress = Arc::new(Notify::new());
+        let link = Arc::new(Link {
+            state: Arc::new(Mutex::new(State {
+                retry_for: DEFAULT_RETRY,
+                ..State::default()
+            })),
+            work: Arc::new(Notify::new()),
+            progress: Arc::new(Notify::new()),
+            lost: Notify::new(),
+            beat: Arc::new(Beat {
+                tcp: Mutex::default(),
+                next: Mutex::new(Instant::now() + BEAT_EVERY),
+            }),
+            name: name.to_string(),
+            limit,
+            id,
+        });
         let mut tasks = JoinSet::new();
         let mut max_block = usize::MAX;
-        let beat = Arc::new(Beat {
-            tcp: Mutex::default(),
-            next: Mutex::new(Instant::now() + BEAT_EVERY),
-        });
+        let long_path = rtt.is_some_and(|r| super::Mode::for_rtt(r) == super::Mode::Internet);
         for (i, conn) in conns.into_iter().enumerate() {
-            if let Some(probe) = conn.tcp_probe() {
-                beat.tcp().watch(i as u32, 0, probe);
+            if long_path {
+                tune(&conn);
             }
-            let (mut reader, mut writer) = conn.split();
-            let join = SessionJoin {
-                session_id: id.to_vec(),
-                stream_index: i as u32,
-            };
-            writer
-                .send(&msg::encode(FrameType::SESSION, &join))
+            let most = link
+                .attach(&mut tasks, i, conn, 0)
                 .await
                 .map_err(SendError::Connect)?;
-            // Room for the TUNNEL_DATA header and the name.
-            max_block = max_block.min(writer.max_chunk().saturating_sub(16 + 255));
-            let (st, wk, pg, nm, limit, bt) = (
-                state.clone(),
-                work.clone(),
-                progress.clone(),
-                name.to_string(),
-                limit.clone(),
-                beat.clone(),
-            );
-            tasks.spawn(async move {
-                let why = loop {
-                    let next = {
-                        // Registered before the queue is looked at, so that a block queued
-                        // in between wakes it (notify_waiters keeps no permit).
-                        let notified = wk.notified();
-                        tokio::pin!(notified);
-                        notified.as_mut().enable();
-                        let b = {
-                            let mut s = lock(&st);
-                            if s.error.is_some() || s.dead.contains(&i) {
-                                return;
-                            }
-                            let first = s.queue.keys().next().copied();
-                            let now = Instant::now();
-                            match first.and_then(|k| s.queue.remove(&k)) {
-                                Some(b) => {
-                                    let u = Unacked {
-                                        conn: i,
-                                        block: b.clone(),
-                                        sent: now,
-                                        hedged: false,
-                                        copy: None,
-                                        third: false,
-                                    };
-                                    s.unacked.insert(b.seq, u);
-                                    Ok(b)
-                                }
-                                None => s.stuck(i, now).ok_or(s.unacked.is_empty()),
-                            }
-                        };
-                        match b {
-                            Ok(b) => b,
-                            Err(idle) => {
-                                // With blocks out, look for a stuck one now and then.
-                                let wait = if idle { 500 } else { 50 };
-                                let _ = tokio::time::timeout(Duration::from_millis(wait), notified)
-                                    .await;
-                                continue;
-                            }
-                        }
-                    };
-                    let (encoding, bytes) = next
-                        .encoded
-                        .clone()
-                        .unwrap_or((data::TUNNEL_RAW, next.raw.clone()));
-                    let h = TunnelHeader {
-                        name: nm.clone(),
-                        seq: next.seq,
-                        raw_len: next.raw.len() as u32,
-                        encoding,
-                    };
-                    let frame = match data::encode_tunnel_data(&h, &bytes) {
-                        Ok(f) => f,
-                        Err(e) => break e.to_string(),
-                    };
-                    if let Err(e) = writer.send(&frame).await {
-                        break e.to_string();
-                    }
-                    if let Some(ping) = bt.due()
-                        && let Err(e) = writer.send(&msg::encode(FrameType::PING, &ping)).await
-                    {
-                        break e.to_string();
-                    }
-                    // Paid after the frame went, so that a block is never stamped as sent
-                    // while it waits for tokens (it would look stuck): the next one waits.
-                    if let Some(l) = &limit {
-                        l.take(frame.wire_len()).await;
-                    }
-                };
-                stream_lost(&st, &wk, &pg, i, &why);
-            });
-            let (st, wk, pg) = (state.clone(), work.clone(), progress.clone());
-            tasks.spawn(async move {
-                let why = loop {
-                    match reader.recv().await {
-                        Ok(Some(f)) if f.ty == FrameType::TUNNEL_ACK => {
-                            let ack: TunnelAck = match msg::decode(&f) {
-                                Ok(a) => a,
-                                Err(e) => break e.to_string(),
-                            };
-                            on_ack(&st, &wk, &pg, &ack);
-                        }
-                        Ok(Some(f)) if f.ty == FrameType::GOAWAY => {
-                            let g: Result<msg::Close, _> = msg::decode(&f);
-                            break g.map_or_else(|e| e.to_string(), |g| g.printable_reason());
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) => break "closed by the receiver".to_string(),
-                        Err(e) => break e.to_string(),
-                    }
-                };
-                stream_lost(&st, &wk, &pg, i, &why);
-            });
+            max_block = max_block.min(most);
         }
+        tasks.spawn(link.clone().keep_up(Redial {
+            want: n,
+            endpoint: endpoint.clone(),
+            addr,
+            peer,
+            max_block,
+            long_path,
+        }));
         debug!(name, streams = n, "tunnel open");
         // From the stream's first block: the handshakes are not the stream's.
-        beat.tcp().rebase(None);
+        link.beat.tcp().rebase(None);
         Ok(Self {
             name: name.to_string(),
-            state,
-            work,
-            progress,
+            state: link.state.clone(),
+            work: link.work.clone(),
+            progress: link.progress.clone(),
             tasks: Mutex::new(tasks),
             max_block,
-            beat,
+            beat: link.beat.clone(),
         })
     }
 
@@ -612,6 +818,17 @@ impl Tunnel {
     /// At most the last 65,536 are kept between calls.
     pub fn take_acked(&self) -> Vec<(u64, bool)> {
         std::mem::take(&mut lock(&self.state).acked_log)
+    }
+
+    /// How long to keep dialling once every connection is lost (default [`DEFAULT_RETRY`]).
+    /// Blocks wait meanwhile; zero fails the tunnel as soon as the last connection goes.
+    pub fn retry_within(&self, period: Duration) {
+        lock(&self.state).retry_for = period;
+    }
+
+    /// Connections opened in place of lost ones.
+    pub fn replaced(&self) -> u32 {
+        lock(&self.state).replaced
     }
 
     /// The error that stopped the tunnel, if one did.
@@ -713,36 +930,6 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
     drop(s);
     progress.notify_waiters();
     work.notify_waiters();
-}
-
-fn stream_lost(st: &Mutex<State>, work: &Notify, progress: &Notify, i: usize, why: &str) {
-    let mut s = lock(st);
-    if !s.dead.insert(i) {
-        return; // its other task noticed first
-    }
-    s.alive = s.alive.saturating_sub(1);
-    // Its unacknowledged blocks go out again on the others.
-    let mine: Vec<u64> = s
-        .unacked
-        .iter()
-        .filter(|(_, u)| u.conn == i)
-        .map(|(k, _)| *k)
-        .collect();
-    for k in mine {
-        if let Some(u) = s.unacked.remove(&k) {
-            s.resent_raw += u.block.raw.len() as u64;
-            s.queue.insert(k, u.block);
-        }
-    }
-    if s.error.is_none() {
-        warn!(stream = i, "tunnel stream lost: {why}");
-        if s.alive == 0 {
-            s.error = Some(format!("every tunnel stream failed (last: {why})"));
-        }
-    }
-    drop(s);
-    work.notify_waiters();
-    progress.notify_waiters();
 }
 
 #[cfg(test)]
