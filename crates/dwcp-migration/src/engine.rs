@@ -64,6 +64,9 @@ pub struct MigrationSpec {
     /// guest is not paused yet; once it is, the final round goes on (the guest stays paused
     /// either way for that long).
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// How long a round keeps reconnecting and resuming once every connection to the
+    /// destination is lost, before the migration rolls back.
+    pub retry_for: Duration,
 }
 
 impl MigrationSpec {
@@ -82,6 +85,7 @@ impl MigrationSpec {
             rate_limit: None,
             shadow_bytes: u64::MAX,
             cancel: None,
+            retry_for: Duration::from_secs(60),
         }
     }
 }
@@ -1373,7 +1377,9 @@ fn start_part<'a>(
 fn part_options(spec: &MigrationSpec) -> SendOptions {
     SendOptions {
         streams: spec.streams,
-        retry_for: Duration::from_secs(30),
+        retry_for: spec.retry_for,
+        // Preparing reached the destination: a link down between rounds is waited out too.
+        reached: true,
         // Its tag names this migration, round and part: new to the destination.
         fresh: true,
         delta: DeltaOptions {

@@ -87,6 +87,11 @@ pub struct QemuSpec {
     /// way back: should the link or the destination fail then, neither side holds the whole
     /// guest, and QEMU keeps both paused for `migrate-recover`.
     pub postcopy: bool,
+    /// How long the tunnel keeps dialling the destination once every one of its connections
+    /// is lost (a link down, a path rerouted), its blocks waiting meanwhile; and how long the
+    /// return path goes unanswered before it fails. Longer than that, the migration rolls
+    /// back, or, in post-copy, fails with the guest split between the hosts.
+    pub retry_for: Duration,
 }
 
 /// Stops a QEMU migration from outside, and says whether it still can: until the whole
@@ -186,6 +191,7 @@ impl QemuSpec {
             give_up: GiveUp::default(),
             cancel: Cancel::default(),
             postcopy: false,
+            retry_for: Duration::from_secs(60),
         }
     }
 }
@@ -228,6 +234,8 @@ pub struct QemuReport {
     /// What TCP counted under the tunnel, by the kernel (`TCP_INFO`): its own
     /// retransmissions, segments and bytes.
     pub tcp: Option<dwcp_transport::session::TcpCounts>,
+    /// Tunnel connections opened in place of lost ones (a link that went down and came back).
+    pub tunnel_reconnects: u32,
     /// The migration went to post-copy: the guest ran at the destination before all its
     /// memory had arrived.
     pub postcopy: bool,
@@ -755,7 +763,10 @@ pub async fn migrate_qemu(
         return Err(fail("prepare", CANCELLED.to_string(), &report));
     };
     let (remote, tunnel, opened) = match (opened, remote, tunnel) {
-        (Ok(detail), Ok(r), Ok(t)) => (r, t, detail),
+        (Ok(detail), Ok(r), Ok(t)) => {
+            t.retry_within(spec.retry_for);
+            (r, t, detail)
+        }
         (opened, remote, tunnel) => {
             let why = (opened.err().map(|e| format!("destination: {e}")))
                 .or_else(|| remote.err().map(|e| format!("destination: {e}")))
@@ -1255,6 +1266,7 @@ async fn run(
             dest.expected.cloned(),
             spec.vm.clone(),
             back,
+            spec.retry_for,
         ))
     });
     // What the destination holds: its summary, then the pages of every block it decoded.
@@ -1348,6 +1360,7 @@ async fn run(
     report.wire_bytes = wire;
     report.stream_bytes = budget.read();
     report.tcp = tunnel.tcp_counts();
+    report.tunnel_reconnects = tunnel.replaced();
     tunnel.close();
     let detail = result?;
     debug!(resent, hedged = tunnel.hedged(), "tunnel done");
@@ -2130,15 +2143,17 @@ async fn drain(
 
 /// Carries the destination QEMU's return path into the source QEMU's socket (`sock`): asks
 /// the destination for what its QEMU wrote from the last byte on, until it says the path
-/// ended. A lost connection is opened again; 30 s without an answer fail it.
+/// ended. A lost connection is opened again; `retry_for` (at least 30 s) without an answer
+/// fail it.
 async fn carry_return(
     endpoint: dwcp_transport::Endpoint,
     addr: std::net::SocketAddr,
     expected: Option<dwcp_wire::NodeId>,
     vm: String,
     mut sock: tokio::net::unix::OwnedWriteHalf,
+    retry_for: Duration,
 ) -> Result<(), String> {
-    const SILENT: Duration = Duration::from_secs(30);
+    let silent = retry_for.max(Duration::from_secs(30));
     let mut session = KeptSession::new();
     let mut offset = 0u64;
     let mut answered = Instant::now();
@@ -2169,9 +2184,9 @@ async fn carry_return(
             Err(e @ SendError::Refused { .. }) => {
                 break Err(format!("the destination's return path: {e}"));
             }
-            Err(e) if answered.elapsed() > SILENT => {
+            Err(e) if answered.elapsed() > silent => {
                 break Err(format!(
-                    "the destination's return path: no answer for {SILENT:?}: {e}"
+                    "the destination's return path: no answer for {silent:?}: {e}"
                 ));
             }
             Err(e) => {

@@ -213,6 +213,58 @@ async fn set_up_rounds_commit_and_check_share_one_session() {
     agent.stop().await.unwrap();
 }
 
+/// The link goes down twice: during round 0 (its session cut mid-part), and again as round
+/// 1 begins (no session to reuse, a new one refused). Each time the rounds dial again and
+/// resume; the image arrives bit-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_arrives_bit_exact_across_link_outages_during_and_between_rounds() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let proxy = std::sync::Arc::new(
+        dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await,
+    );
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(8, 50.0);
+    // Round 0 takes two seconds or more at the cap: long enough to be cut in.
+    let spec = MigrationSpec {
+        codec: Some(dwcp_encoding::Codec::Lz4),
+        rate_limit: Some(RateLimit::new(1_000_000)),
+        retry_for: Duration::from_secs(30),
+        ..MigrationSpec::new("outage.mem")
+    };
+    let dest = Destination {
+        endpoint: &ep,
+        addr: proxy.addr,
+        expected: None,
+    };
+    let (mut during, mut between) = (None, None);
+    let r = migrate(&v, dest, &spec, &mut |p| {
+        if during.is_none() && p.phase == "PreCopy(0)" {
+            let proxy = proxy.clone();
+            during = Some(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                proxy.outage(Duration::from_millis(1500));
+            }));
+        }
+        if between.is_none() && p.round >= 1 {
+            proxy.outage(Duration::from_millis(1500));
+            between = Some(std::time::Instant::now());
+        }
+    })
+    .await;
+    assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    assert!(
+        during.is_some_and(|t| t.is_finished()),
+        "cut during round 0"
+    );
+    assert!(
+        between.is_some_and(|t| t.elapsed() >= Duration::from_millis(1500)),
+        "the rounds after the second cut waited for the link"
+    );
+    assert_eq!(published(&cluster, "outage.mem"), v.page_hashes());
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_caps_the_migration_on_all_its_sessions_together() {
     let cluster = TestCluster::new();

@@ -588,6 +588,20 @@ fn userfaultfd_allowed() -> bool {
 /// there with its memory intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
+    post_copy(None).await;
+}
+
+/// The same, with the link between the hosts down for 3 s once the guest runs at the
+/// destination (with pages still at the source): no way back then, so the tunnel dials
+/// again, the return path and the control session too, and the migration completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_outage_in_post_copy_is_ridden_out_and_the_guest_runs_there() {
+    post_copy(Some(Duration::from_secs(3))).await;
+}
+
+/// A post-copy migration (see above), through a proxy that takes the link down for
+/// `outage` once post-copy is active.
+async fn post_copy(outage: Option<Duration>) {
     let Some(image) = guest() else { return };
     let _ = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)
@@ -602,7 +616,9 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     let guest_dir = tempfile::tempdir().unwrap();
     let src = hot_source(&image, guest_dir.path()).await;
     let n = nodes(vec![guest_dir.path().join("src.ram")]).await;
-    let (dir, qemu_dir, dest) = (&n.dir, &n.qemu_dir, n.dest());
+    let (dir, qemu_dir, mut dest) = (&n.dir, &n.qemu_dir, n.dest());
+    let proxy = dwcp_testkit::Proxy::start(n.agent.addr, dwcp_testkit::Fault::None).await;
+    dest.addr = proxy.addr;
     // Not paused after loading (-S): the guest runs there during post-copy and faults in
     // what has not arrived.
     // Its RAM on tmpfs: userfaultfd does not take a file on an ordinary filesystem (the
@@ -627,9 +643,17 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     spec.postcopy = true;
     let mut phases = Vec::new();
     let mut offered = Vec::new();
+    let mut cut = None;
     let r = match migrate_qemu(dest, &spec, &mut |p| {
         phases.push(p.phase.clone());
         offered.push(p.postcopy);
+        if let Some(period) = outage
+            && cut.is_none()
+            && p.phase == "postcopy-active"
+        {
+            proxy.outage(period);
+            cut = Some(std::time::Instant::now());
+        }
     })
     .await
     {
@@ -656,6 +680,17 @@ async fn a_migration_that_cannot_converge_moves_by_post_copy_and_runs_there() {
     eprintln!("{r:?}");
     assert!(r.migrated && r.postcopy, "{r:?}");
     assert!(r.warnings.is_empty(), "{r:?}");
+    if let Some(period) = outage {
+        let cut = cut.expect("post-copy was active");
+        assert!(
+            cut.elapsed() >= period,
+            "done {:?} into a {period:?} outage",
+            cut.elapsed()
+        );
+        assert!(r.tunnel_reconnects >= 1, "{r:?}");
+    } else {
+        assert_eq!(r.tunnel_reconnects, 0, "{r:?}");
+    }
     assert!(phases.iter().any(|p| p == "postcopy-active"), "{phases:?}");
     // Progress said post-copy was the way out (both sides took it).
     assert!(

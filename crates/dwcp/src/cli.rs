@@ -706,6 +706,13 @@ pub(crate) struct MigrateArgs {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) rate_limit: Option<u64>,
 
+    /// Seconds to keep reconnecting once every connection to the destination is lost (a link
+    /// down, a path rerouted), the migration waiting meanwhile; then it rolls back. With
+    /// --postcopy, once post-copy began, the guest runs at the destination and waits for
+    /// pages for as long: a migration that gives up then leaves it split between the hosts.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub(crate) retry_secs: u64,
+
     /// Print one JSON report instead of progress and text.
     #[arg(long)]
     pub(crate) json: bool,

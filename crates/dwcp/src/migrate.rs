@@ -403,6 +403,7 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
     spec.config.max_rounds = args.max_rounds;
     spec.throttle = !args.no_throttle;
     spec.streams = args.streams;
+    spec.retry_for = std::time::Duration::from_secs(args.retry_secs);
     spec.codec = match args.codec {
         CodecChoice::Auto => None,
         CodecChoice::Fixed(c) => Some(c),
@@ -480,6 +481,7 @@ pub(crate) fn qemu_spec(
     spec.postcopy = args.postcopy;
     spec.paced_throttle = args.throttle_steps == crate::cli::ThrottleStepsArg::Paced;
     spec.streams = args.streams;
+    spec.retry_for = std::time::Duration::from_secs(args.retry_secs);
     let cap = rate_limit(settings, args);
     spec.rate_limit = cap.map(RateLimit::new);
     // A cap is the link the migration gets.
@@ -676,6 +678,7 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "tcp_retransmits": r.tcp.map(|t| t.retransmits),
         "tcp_segments_sent": r.tcp.map(|t| t.segments_sent),
         "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
+        "tunnel_reconnects": r.tunnel_reconnects,
         "postcopy": r.postcopy,
         "postcopy_requests": r.postcopy_requests,
         "postcopy_seconds": r.postcopy_seconds,
@@ -705,6 +708,12 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
         r.cache_bytes as f64 / 1e6
     );
     print_tcp(r.tcp, " under the tunnel");
+    if r.tunnel_reconnects > 0 {
+        println!(
+            "  {} tunnel connections opened again after they were lost",
+            r.tunnel_reconnects
+        );
+    }
     println!(
         "  {} pre-copy iterations (QEMU's dirty syncs){}",
         r.rounds,

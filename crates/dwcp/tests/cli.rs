@@ -1116,6 +1116,20 @@ fn postcopy_is_for_a_qemu_guest() {
 }
 
 #[test]
+fn migrate_retry_secs_is_bounded_and_named() {
+    // A day at most: a wait on a link that is down must end.
+    let o = run(&["migrate", "--to", "127.0.0.1:9", "--retry-secs", "90000"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--retry-secs"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = run(&["migrate", "--to", "127.0.0.1:9", "--retry-secs", "soon"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+}
+
+#[test]
 fn bench_migration_refuses_bad_cases_before_building_anything() {
     let o = run(&["bench", "migration", "--cases", "1Gi-at-10M"]);
     // Not root: refused for that; root: refused for the case. Either way before any testbed.

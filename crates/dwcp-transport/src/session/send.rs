@@ -86,6 +86,11 @@ pub struct SendOptions {
     /// receiver lists what it holds beyond a hole: once every chunk is out, a chunk below
     /// one it holds goes again on another stream after a round trip and a quarter.
     pub urgent: bool,
+    /// The receiver was reached before, for the same work (a migration's earlier steps): a
+    /// first connection that fails is retried for [`SendOptions::retry_for`] as a lost one
+    /// would be, rather than reported at once. A link that went down between a migration's
+    /// rounds must not end it sooner than one that went down during a round.
+    pub reached: bool,
 }
 
 /// Largest object sent twice when [`SendOptions::urgent`]: on a 100 Mbit/s link the copy
@@ -110,6 +115,7 @@ impl Default for SendOptions {
             delta: DeltaOptions::default(),
             fresh: false,
             urgent: false,
+            reached: false,
             adaptive: false,
             mode: None,
             min_streams: 4,
@@ -1233,7 +1239,7 @@ pub async fn send_files_kept(
     let mut done_bytes = 0u64;
     let mut next_file = 0usize;
     let mut failing_since: Option<Instant> = None;
-    let mut ever_connected = false;
+    let mut ever_connected = opts.reached;
     // Objects already restarted from zero after a failed verification (once each).
     let mut restarted: Vec<usize> = Vec::new();
     // Files encoded for this transfer (kept across reconnects), and files whose delta could
