@@ -1456,3 +1456,42 @@ async fn t66_a_kept_session_closed_as_idle_is_replaced_and_one_kept_alive_stays_
     kept.close().await;
     agent.stop().await.unwrap();
 }
+
+/// A transfer to a receiver reached before (a migration's later round): a link down at its
+/// first dial is waited out for the retry period, where one to a receiver never reached fails
+/// at once.
+#[tokio::test]
+async fn a_receiver_reached_before_is_dialled_again_while_the_link_is_down() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let proxy = Proxy::start(agent.addr, Fault::None).await;
+    let src = tempfile::tempdir().unwrap();
+    let path = random_file(src.path(), "later", 1 << 20, 9);
+    let sources = vec![Source::file(&path).unwrap()];
+    let ep = endpoint(&cluster, "client", |_| {});
+
+    proxy.outage(Duration::from_secs(30));
+    let t = std::time::Instant::now();
+    let first = send_files(&ep, proxy.addr, None, &sources, &opts(2), &mut |_| {}).await;
+    assert!(matches!(first, Err(SendError::Connect(_))), "{first:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    proxy.outage(Duration::from_millis(1500));
+    let t = std::time::Instant::now();
+    let reached = SendOptions {
+        reached: true,
+        ..opts(2)
+    };
+    let report = send_files(&ep, proxy.addr, None, &sources, &reached, &mut |_| {})
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(report.objects.len(), 1, "{report:?}");
+    same_file(&path, &cluster.dir().join("spool/client/later"));
+    drop(proxy);
+    agent.stop().await.unwrap();
+}

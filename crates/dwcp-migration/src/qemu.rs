@@ -1823,25 +1823,57 @@ async fn pump(
     );
     // The guest is paused now, waiting for every block: a stuck one goes again sooner.
     tunnel.finishing();
-    let fut = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control);
-    tokio::pin!(fut);
+    // A connection lost before the answer (a link down) is asked again on a new one, for
+    // the retry period: the destination answers a repeated FINISH as it did the first.
+    let mut lost_since: Option<Instant> = None;
     loop {
-        tokio::select! {
-            r = &mut fut => {
-                report.postcopy_seconds = postcopy_since.map(|t| t.elapsed().as_secs_f64());
-                return r.map_err(|e| match e {
-                    // The destination answered: its QEMU did not load the guest.
-                    SendError::Refused { .. } => ("resume", format!("destination: {e}")),
-                    // No answer: the destination may be running the guest already.
-                    e => (UNKNOWN, format!("no answer from the destination after the stream ended: {e}")),
-                });
-            }
-            () = tunnel.wait_progress(Duration::from_millis(100)) => {
-                if let Some(e) = tunnel.error() {
-                    return Err(("transfer", e));
+        let fut = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control);
+        tokio::pin!(fut);
+        let r = loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                () = tunnel.wait_progress(Duration::from_millis(100)) => {
+                    if let Some(e) = tunnel.error() {
+                        return Err(("transfer", e));
+                    }
                 }
             }
+        };
+        let e = match r {
+            Ok(detail) => {
+                report.postcopy_seconds = postcopy_since.map(|t| t.elapsed().as_secs_f64());
+                return Ok(detail);
+            }
+            Err(e) => e,
+        };
+        let lost = matches!(e, SendError::Interrupted { .. } | SendError::Connect(_));
+        if lost && lost_since.get_or_insert_with(Instant::now).elapsed() < spec.retry_for {
+            warn!(vm = %spec.vm, "the finish's connection was lost ({e}); asking again");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
         }
+        report.postcopy_seconds = postcopy_since.map(|t| t.elapsed().as_secs_f64());
+        return Err(match e {
+            // Asked again, and the destination no longer knows the migration: it may have
+            // ended it with the answer that was lost (and forgotten that since).
+            SendError::Refused { ref reason, .. }
+                if lost_since.is_some() && reason.contains("no incoming migration") =>
+            {
+                (
+                    UNKNOWN,
+                    format!(
+                        "the destination's answer was lost, and it no longer knows the migration: {e}"
+                    ),
+                )
+            }
+            // The destination answered: its QEMU did not load the guest.
+            SendError::Refused { .. } => ("resume", format!("destination: {e}")),
+            // No answer: the destination may be running the guest already.
+            e => (
+                UNKNOWN,
+                format!("no answer from the destination after the stream ended: {e}"),
+            ),
+        });
     }
 }
 

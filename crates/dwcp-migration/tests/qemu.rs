@@ -364,6 +364,41 @@ async fn a_guest_of_two_numa_nodes_migrates_through_dwcp_with_the_same_ram() {
     n.agent.stop().await.unwrap();
 }
 
+/// The link between the hosts goes down for 2 s once QEMU's stream is under way: the
+/// tunnel dials again and goes on, and the guest arrives whole and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_outage_in_pre_copy_is_ridden_out_and_the_guest_arrives_whole() {
+    let Some(image) = guest() else { return };
+    let n = nodes(Vec::new()).await;
+    let (dir, qemu_dir, mut dest) = (&n.dir, &n.qemu_dir, n.dest());
+    let proxy = dwcp_testkit::Proxy::start(n.agent.addr, dwcp_testkit::Fault::None).await;
+    dest.addr = proxy.addr;
+    let src = source(&image, dir.path()).await;
+    let mut dst = destination(&image, dir.path(), qemu_dir, "vm4");
+    let spec = QemuSpec::new("vm4", dir.path().join("src.qmp"));
+    let mut cut = None;
+    let r = migrate_qemu(dest, &spec, &mut |p| {
+        if cut.is_none() && p.stream_bytes > 16 << 20 {
+            proxy.outage(Duration::from_secs(2));
+            cut = Some(std::time::Instant::now());
+        }
+    })
+    .await
+    .unwrap();
+    assert!(r.migrated, "{r:?}");
+    let cut = cut.expect("the stream got under way");
+    assert!(cut.elapsed() >= Duration::from_secs(2), "{r:?}");
+    assert!(r.tunnel_reconnects >= 1, "{r:?}");
+    assert_eq!(
+        digest(&dir.path().join("src.ram")),
+        digest(&dir.path().join("dst.ram")),
+        "the destination's RAM differs"
+    );
+    resume_and_check(&dir.path().join("dst-harness.qmp"), &mut dst).await;
+    drop(src);
+    n.agent.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_migration_leaves_the_source_guest_running() {
     let Some(image) = guest() else { return };

@@ -777,3 +777,74 @@ async fn a_link_down_for_longer_than_the_retry_period_fails_the_tunnel() {
     tunnel.close();
     vm.agent.stop().await.unwrap();
 }
+
+/// A FINISH sent again (its connection lost before the answer) gets the answer the first
+/// got, whether it comes while the first still waits for QEMU or after; the migration counts
+/// once. One for another stream is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_sent_again_gets_the_first_ones_answer() {
+    // QEMU reads nothing for 1.5 s: the first FINISH waits for it.
+    let mut vm = open_vm_with(Duration::from_millis(1500)).await;
+    let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 2, "vm")
+        .await
+        .unwrap();
+    let n = 4u64;
+    let expected = send_raw(&tunnel, n);
+    wait_acked(&tunnel, n).await;
+    let digest = *blake3::hash(&expected).as_bytes();
+    let finish = MigrationRequest {
+        digest: Some(digest),
+        ..req(data::MIGRATION_QEMU_FINISH, n)
+    };
+    let (ep, addr) = (vm.ep.clone(), vm.agent.addr);
+    let ask = |f: MigrationRequest<'static>| {
+        let ep = ep.clone();
+        tokio::spawn(async move {
+            let mut own = KeptSession::new();
+            let r = migration_request_kept(&ep, addr, None, &f, &mut own).await;
+            own.close().await;
+            r
+        })
+    };
+    let first = ask(finish);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = ask(finish);
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+    assert!(first.contains("\"status\":\"running\""), "{first}");
+    assert_eq!(second, first);
+    let third = migration_request_kept(&vm.ep, addr, None, &finish, &mut vm.control)
+        .await
+        .unwrap();
+    assert_eq!(third, first);
+    let other = MigrationRequest {
+        digest: Some([7; 32]),
+        ..req(data::MIGRATION_QEMU_FINISH, n)
+    };
+    let e = migration_request_kept(&vm.ep, addr, None, &other, &mut vm.control)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, SendError::Refused { .. }) && e.to_string().contains("no incoming migration"),
+        "{e}"
+    );
+    let (got, quit) = tokio::time::timeout(Duration::from_secs(10), vm.got)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!quit && got == expected, "QEMU got {} bytes", got.len());
+    let m = vm.agent.metrics().await;
+    let committed = dwcp_testkit::metric_value(
+        &m,
+        "dwcp_migrations_received_total",
+        &[
+            ("peer", "src"),
+            ("backend", "qemu"),
+            ("result", "committed"),
+        ],
+    );
+    assert_eq!(committed, 1.0, "{m}");
+    tunnel.close();
+    vm.control.close().await;
+    vm.agent.stop().await.unwrap();
+}

@@ -684,6 +684,14 @@ impl Connection<TcpStream> {
         socket2::SockRef::from(self.io.get_ref().0).set_tcp_notsent_lowat(bytes)
     }
 
+    /// Sets how long data sent on this connection may stay unacknowledged before the kernel
+    /// drops the connection (`TCP_USER_TIMEOUT`): a path that went silent then shows as a
+    /// lost connection within that time, rather than after TCP's own retries (about 15
+    /// minutes).
+    pub fn set_user_timeout(&self, timeout: Duration) -> io::Result<()> {
+        socket2::SockRef::from(self.io.get_ref().0).set_tcp_user_timeout(Some(timeout))
+    }
+
     /// This connection's `TCP_NOTSENT_LOWAT`.
     pub fn notsent_lowat(&self) -> io::Result<u32> {
         socket2::SockRef::from(self.io.get_ref().0).tcp_notsent_lowat()

@@ -181,10 +181,27 @@ struct Feed {
     /// QEMU's return path, under post-copy; its reader.
     ret: Option<Arc<ReturnPath>>,
     ret_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// One FINISH at a time: a source whose connection broke while it waited sends it again,
+    /// and the second must see what the first did.
+    finishing: tokio::sync::Mutex<()>,
 }
 
 /// The open incoming migrations, by source and VM.
 type FeedMap = Mutex<HashMap<(NodeId, String), Arc<Feed>>>;
+
+/// How long the answer to a FINISH is kept for a source that asks again (its connection
+/// broke before the answer came), and for how many migrations at most.
+const FINISHED_KEPT: Duration = Duration::from_secs(600);
+const FINISHED_MAX: usize = 1024;
+
+/// A FINISH answered: the stream it ended (length in blocks, digest), its answer, and when.
+#[derive(Debug, Clone)]
+struct Finished {
+    at: Instant,
+    total: u64,
+    digest: [u8; 32],
+    result: Result<String, String>,
+}
 
 /// The incoming QEMU migrations of one receiver.
 #[derive(Debug)]
@@ -192,6 +209,8 @@ pub(crate) struct Feeds {
     dir: PathBuf,
     idle_limit: Duration,
     feeds: Arc<FeedMap>,
+    /// Recent FINISH answers, by source and VM (see [`FINISHED_KEPT`]).
+    finished: Mutex<HashMap<(NodeId, String), Finished>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,7 +224,33 @@ impl Feeds {
             dir: dir.to_path_buf(),
             idle_limit: IDLE_LIMIT,
             feeds: Arc::new(Mutex::new(HashMap::new())),
+            finished: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The answer already given to this FINISH (the same stream), if it is recent.
+    fn replay(
+        &self,
+        key: &(NodeId, String),
+        total: u64,
+        digest: &[u8; 32],
+    ) -> Option<Result<String, String>> {
+        lock(&self.finished)
+            .get(key)
+            .filter(|f| f.at.elapsed() < FINISHED_KEPT && f.total == total && &f.digest == digest)
+            .map(|f| f.result.clone())
+    }
+
+    /// Keeps a FINISH's answer for a source that asks again.
+    fn record(&self, key: (NodeId, String), f: Finished) {
+        let mut m = lock(&self.finished);
+        m.retain(|_, v| v.at.elapsed() < FINISHED_KEPT);
+        if m.len() >= FINISHED_MAX
+            && let Some(oldest) = m.iter().min_by_key(|(_, v)| v.at).map(|(k, _)| k.clone())
+        {
+            m.remove(&oldest);
+        }
+        m.insert(key, f);
     }
 
     /// OPEN: connects to the waiting QEMU and starts feeding; with `postcopy`, turns on
@@ -216,6 +261,8 @@ impl Feeds {
         vm: &str,
         postcopy: bool,
     ) -> Result<String, String> {
+        // A new migration of this VM: an earlier one's answer is not its answer.
+        lock(&self.finished).remove(&(peer.clone(), vm.to_string()));
         if lock(&self.feeds).contains_key(&(peer.clone(), vm.to_string())) {
             // The same source opens again: its earlier attempt is over (an ABORT that never
             // arrived must not block the retry).
@@ -280,6 +327,7 @@ impl Feeds {
             idle_limit: self.idle_limit,
             ret,
             ret_task: Mutex::new(None),
+            finishing: tokio::sync::Mutex::new(()),
         });
         let (rd, wr) = sock.into_split();
         if let Some(path) = &feed.ret {
@@ -426,21 +474,37 @@ impl Feeds {
             );
             return (Err(why), false);
         };
-        let feed = lock(&self.feeds)
-            .get(&(peer.clone(), vm.to_string()))
-            .cloned();
+        let key = (peer.clone(), vm.to_string());
+        let feed = lock(&self.feeds).get(&key).cloned();
         let Some(feed) = feed else {
+            // Asked again after the answer was lost on its way: the same answer.
+            if let Some(r) = self.replay(&key, total, &digest) {
+                return (r, false);
+            }
             return (
                 Err(format!("no incoming migration of {vm:?} is open")),
                 false,
             );
         };
+        let _turn = feed.finishing.lock().await;
+        if let Some(r) = self.replay(&key, total, &digest) {
+            return (r, false); // the FINISH before this one ended it meanwhile
+        }
         {
             lock(&feed.state).total = Some((total, digest));
         }
         feed.kick.notify_one();
         let result = self.finish_inner(&feed, vm).await;
         let ended = self.remove(peer, vm, result.is_ok()).await;
+        self.record(
+            key,
+            Finished {
+                at: Instant::now(),
+                total,
+                digest,
+                result: result.clone(),
+            },
+        );
         (result, ended)
     }
 

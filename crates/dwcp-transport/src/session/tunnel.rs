@@ -107,7 +107,12 @@ struct State {
     retry_for: Duration,
     down_since: Option<Instant>,
     last_loss: String,
-    /// Connections opened in place of lost ones.
+    /// Why the last dial for a replacement failed.
+    last_dial: String,
+    /// Connections the receiver has answered on (a replacement counts as up from then on:
+    /// a receiver may refuse a stream that joins).
+    heard: std::collections::HashSet<usize>,
+    /// Connections opened in place of lost ones, and answered on.
     replaced: u32,
 }
 
@@ -158,6 +163,12 @@ const TAIL_COPY_MAX: u64 = 1 << 20;
 const TAIL_COPY_MIN_RTT: Duration = Duration::from_millis(10);
 
 impl State {
+    /// With no connection left, what remains of the retry period.
+    fn left(&self) -> Option<Duration> {
+        let t = self.down_since.filter(|_| self.alive == 0)?;
+        Some(self.retry_for.saturating_sub(t.elapsed()))
+    }
+
     /// Finishing across a long path, with little out: a second copy, for idle connection
     /// `conn`, of the oldest block out once on another connection (see [`TAIL_COPY_MAX`]);
     /// once every such block has two, a third of the oldest whose two copies have both been
@@ -272,9 +283,8 @@ pub struct Tunnel {
 /// How often a tunnel tells the receiver what TCP counted, as sessions' heartbeats do.
 const BEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// What TCP counts on a tunnel's connections (their probes live until the tunnel closes: a
-/// connection that died stays counted, its socket open until then), and when the receiver
-/// is told next. Once a second, the connection that has just written a block adds a `PING`
+/// What TCP counts on a tunnel's connections (a connection that died stays counted, its
+/// probe closed with it), and when the receiver is told next. Once a second, the connection that has just written a block adds a `PING`
 /// with the counts since the last one, for the receiver's per-peer metrics.
 #[derive(Debug)]
 struct Beat {
@@ -321,6 +331,16 @@ pub const DEFAULT_RETRY: Duration = Duration::from_secs(30);
 
 /// A replacement dial's own limit, and the pauses between failed ones.
 const DIAL_LIMIT: Duration = Duration::from_secs(10);
+/// How long a replacement may take to be answered before the next dial goes anyway.
+const CONFIRM_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long a tunnel connection's data may stay unacknowledged by TCP before the kernel
+/// drops it (`TCP_USER_TIMEOUT`): a path gone silent (a link down, packets dropped rather
+/// than refused) shows as a lost connection then, and the retry period starts, rather
+/// than after TCP's own retries of about 15 minutes. TCP's acknowledgements, not the
+/// receiver's: a destination that stops reading while its QEMU catches up answers TCP's
+/// window probes and is not dropped.
+pub const SILENT_LIMIT: Duration = Duration::from_secs(20);
 const REDIAL_FIRST: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(2);
 
@@ -338,6 +358,9 @@ struct Link {
     name: String,
     limit: Option<RateLimit>,
     id: [u8; 16],
+    /// Connections opened with the tunnel (stream indices below it); those from it on are
+    /// replacements.
+    initial: usize,
 }
 
 /// Where [`Link::keep_up`] dials, and how many connections it keeps.
@@ -362,6 +385,9 @@ impl Link {
         conn: Connection<tokio::net::TcpStream>,
         at_least: usize,
     ) -> Result<usize, ConnError> {
+        if let Err(e) = conn.set_user_timeout(SILENT_LIMIT) {
+            debug!("tunnel: cannot bound unacknowledged time (TCP_USER_TIMEOUT): {e}");
+        }
         let probe = conn.tcp_probe();
         let (mut reader, mut writer) = conn.split();
         // Room for the TUNNEL_DATA header and the name.
@@ -385,13 +411,26 @@ impl Link {
             stream_index: i as u32,
         };
         writer.send(&msg::encode(FrameType::SESSION, &join)).await?;
-        if let Some(probe) = probe {
-            self.beat.tcp().watch(i as u32, 0, probe);
+        if i >= self.initial {
+            // A replacement is up once the receiver answers on it: its PONG, if there is
+            // nothing to acknowledge. A receiver that refuses the stream says GOAWAY instead.
+            writer
+                .send(&msg::encode(FrameType::PING, &msg::Ping::default()))
+                .await?;
         }
         {
             let mut s = lock(&self.state);
+            if s.error.is_some() {
+                // Closed meanwhile: its probe would outlive the tunnel's `close_all`.
+                return Err(ConnError::Io {
+                    stage: Stage::Handshake,
+                    source: std::io::Error::other("the tunnel closed"),
+                });
+            }
+            if let Some(probe) = probe {
+                self.beat.tcp().watch(i as u32, 0, probe);
+            }
             s.alive += 1;
-            s.down_since = None;
         }
         let link = self.clone();
         tasks.spawn(async move {
@@ -469,20 +508,26 @@ impl Link {
         });
         let link = self.clone();
         tasks.spawn(async move {
+            let mut heard = false;
             let why = loop {
                 match reader.recv().await {
-                    Ok(Some(f)) if f.ty == FrameType::TUNNEL_ACK => {
-                        let ack: TunnelAck = match msg::decode(&f) {
-                            Ok(a) => a,
-                            Err(e) => break e.to_string(),
-                        };
-                        on_ack(&link.state, &link.work, &link.progress, &ack);
-                    }
                     Ok(Some(f)) if f.ty == FrameType::GOAWAY => {
                         let g: Result<msg::Close, _> = msg::decode(&f);
                         break g.map_or_else(|e| e.to_string(), |g| g.printable_reason());
                     }
-                    Ok(Some(_)) => {}
+                    Ok(Some(f)) => {
+                        if !heard {
+                            heard = true;
+                            link.heard(i);
+                        }
+                        if f.ty == FrameType::TUNNEL_ACK {
+                            let ack: TunnelAck = match msg::decode(&f) {
+                                Ok(a) => a,
+                                Err(e) => break e.to_string(),
+                            };
+                            on_ack(&link.state, &link.work, &link.progress, &ack);
+                        }
+                    }
                     Ok(None) => break "closed by the receiver".to_string(),
                     Err(e) => break e.to_string(),
                 }
@@ -490,6 +535,16 @@ impl Link {
             link.stream_lost(i, &why);
         });
         Ok(most)
+    }
+
+    /// The receiver answered on connection `i`: the link is up.
+    fn heard(&self, i: usize) {
+        let mut s = lock(&self.state);
+        s.down_since = None;
+        if s.heard.insert(i) && i >= self.initial {
+            s.replaced += 1;
+            info!(stream = i, name = %self.name, "tunnel stream replaced");
+        }
     }
 
     /// Connection `i` is gone: what it had out goes again on the others, and
@@ -500,6 +555,7 @@ impl Link {
             return; // its other task noticed first
         }
         s.alive = s.alive.saturating_sub(1);
+        s.heard.remove(&i);
         // Its unacknowledged blocks go out again on the others.
         let mine: Vec<u64> = s
             .unacked
@@ -524,7 +580,9 @@ impl Link {
                         "every tunnel stream lost; dialling again for up to {:?}",
                         s.retry_for
                     );
-                    s.down_since = Some(Instant::now());
+                    // From the first loss: a replacement lost before the receiver answered
+                    // on it (refused) does not start the period again.
+                    s.down_since.get_or_insert_with(Instant::now);
                 }
             }
         }
@@ -555,14 +613,18 @@ impl Link {
                 if s.error.is_some() {
                     return;
                 }
-                let left = s
-                    .down_since
-                    .map(|t| s.retry_for.saturating_sub(t.elapsed()));
+                let left = s.left();
                 if left.is_some_and(|l| l.is_zero()) {
                     s.error = Some(format!(
                         "every tunnel stream failed (last: {}), and no new one could be \
-                         opened within {:?}",
-                        s.last_loss, s.retry_for
+                         opened within {:?} (last attempt: {})",
+                        s.last_loss,
+                        s.retry_for,
+                        if s.last_dial.is_empty() {
+                            "none"
+                        } else {
+                            &s.last_dial
+                        }
                     ));
                     drop(s);
                     self.work.notify_waiters();
@@ -587,12 +649,31 @@ impl Link {
                     }
                     match self.attach(&mut conns, next, conn, to.max_block).await {
                         Ok(_) => {
-                            lock(&self.state).replaced += 1;
-                            info!(stream = next, name = %self.name, "tunnel stream replaced");
+                            let i = next;
                             next += 1;
-                            pause = REDIAL_FIRST;
                             self.work.notify_waiters();
-                            continue;
+                            // Up once answered; lost before that, it was refused: the next
+                            // dial waits as after a failed one.
+                            let t = Instant::now();
+                            let up = loop {
+                                {
+                                    let s = lock(&self.state);
+                                    if s.heard.contains(&i) || s.error.is_some() {
+                                        break true;
+                                    }
+                                    if s.dead.contains(&i) {
+                                        break false;
+                                    }
+                                }
+                                if t.elapsed() >= CONFIRM_LIMIT {
+                                    break true; // slow, not refused: the next dial goes
+                                }
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            };
+                            if up {
+                                continue;
+                            }
+                            format!("stream {i} was closed before it was answered")
                         }
                         Err(e) => e.to_string(),
                     }
@@ -602,9 +683,9 @@ impl Link {
             };
             debug!(name = %self.name, "tunnel: cannot replace a lost stream yet: {why}");
             let left = {
-                let s = lock(&self.state);
-                s.down_since
-                    .map(|t| s.retry_for.saturating_sub(t.elapsed()))
+                let mut s = lock(&self.state);
+                s.last_dial = why;
+                s.left()
             };
             tokio::time::sleep(left.map_or(pause, |l| pause.min(l))).await;
             pause = (pause * 2).min(REDIAL_MAX);
@@ -709,6 +790,7 @@ impl Tunnel {
             name: name.to_string(),
             limit,
             id,
+            initial: n,
         });
         let mut tasks = JoinSet::new();
         let mut max_block = usize::MAX;
