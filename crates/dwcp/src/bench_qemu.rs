@@ -60,7 +60,7 @@ const QEMU_DEFAULT_CAP: u64 = 128 << 20;
 const NO_CAP: u64 = 100 << 30;
 
 /// The QEMU cases, in the order they run, and their table names.
-const CASES: [(&str, &str); 8] = [
+const CASES: [(&str, &str); 9] = [
     ("native", "native default"),
     ("multifd", "native multifd zstd x8"),
     ("cold", "dwcp cold"),
@@ -70,6 +70,9 @@ const CASES: [(&str, &str); 8] = [
     ("cold-no-throttle", "dwcp cold, no throttle"),
     // Nor this: `--no-throttle --postcopy` (post-copy where it would be given up).
     ("cold-postcopy", "dwcp cold, post-copy"),
+    // Nor this: the cold case with every connection to B reset for OUTAGE_FOR from
+    // OUTAGE_AT on (see `outage`).
+    ("cold-outage", "dwcp cold, link cut 5 s"),
     ("seeded", "dwcp seeded"),
     ("warm", "dwcp warm"),
 ];
@@ -159,6 +162,8 @@ impl QemuBench<'_> {
                     None,
                     &["--no-throttle", "--postcopy"],
                 )
+            } else if *key == "cold-outage" {
+                self.through_own_agent(&image, i, "agent-cold-outage", 7910, None, &[])
             } else if *key == "cold-no-throttle" {
                 self.through_own_agent(
                     &image,
@@ -368,17 +373,48 @@ impl QemuBench<'_> {
         }
         let (mut child, out, err) =
             crate::bench::spawn_logged(m, self.work, &format!("migrate-qemu-{i}"))?;
+        let cut = (agent == "agent-cold-outage").then(|| {
+            let (ns, to) = (self.tb.ns_a.clone(), self.tb.addr_b.to_string());
+            std::thread::spawn(move || outage(&ns, &to))
+        });
         crate::bench::wait_bounded(
             &mut child,
             Duration::from_secs(900),
             "dwcp migrate --qemu-qmp",
         )?;
+        if let Some(t) = cut {
+            let _ = t.join();
+        }
         crate::bench::keep_log(&err, &format!("migrate-qemu-{i}.log"));
         let report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
             json!({"result": "failed", "error": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
         });
         Ok(report)
     }
+}
+
+/// When the `cold-outage` case cuts the link, from the start of `dwcp migrate`, and for how
+/// long.
+const OUTAGE_AT: Duration = Duration::from_secs(5);
+const OUTAGE_FOR: Duration = Duration::from_secs(5);
+
+/// The `cold-outage` case's cut: from [`OUTAGE_AT`] on, for [`OUTAGE_FOR`], every TCP
+/// connection from namespace `ns` to `to` is reset (`ss -K`, which sends the peer a reset)
+/// every 50 ms, new ones included: a link whose state was lost (a NAT or a firewall that
+/// restarted), on which nothing gets through until it is back.
+fn outage(ns: &str, to: &str) {
+    std::thread::sleep(OUTAGE_AT);
+    eprintln!("QEMU: the link is cut for {OUTAGE_FOR:?}");
+    let t = Instant::now();
+    while t.elapsed() < OUTAGE_FOR {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-K", "dst", to])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("QEMU: the link is back");
 }
 
 /// Prints the QEMU rows and the ratios to QEMU's best native setting.
@@ -430,6 +466,12 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
         );
         if let Some(e) = rep["error"].as_str() {
             println!("    why: {}", e.chars().take(300).collect::<String>());
+        }
+        if rep["tunnel_reconnects"].as_u64().is_some_and(|n| n > 0) {
+            println!(
+                "    {} tunnel connections opened again after they were lost",
+                rep["tunnel_reconnects"]
+            );
         }
         if rep["postcopy"] == true {
             println!(

@@ -513,8 +513,9 @@ pub(crate) struct BenchMigrationArgs {
     /// QEMU cases, comma-separated: native (default settings, QEMU's 128 MiB/s cap
     /// included), multifd (8 channels, zstd, no bandwidth cap), cold, seeded (the destination's cache seeded with the guest's kernel, initramfs and
     /// disk) and warm (through DWCP); also cold-qemu-steps (cold, with QEMU's own
-    /// auto-converge steps: `dwcp migrate --throttle-steps qemu`) and cold-no-throttle (cold,
-    /// `--no-throttle`).
+    /// auto-converge steps: `dwcp migrate --throttle-steps qemu`), cold-no-throttle (cold,
+    /// `--no-throttle`), cold-postcopy (`--no-throttle --postcopy`) and cold-outage (cold,
+    /// with every connection to B reset from 5 s into the migration for 5 s).
     #[arg(long, default_value = "native,multifd,cold,seeded,warm")]
     pub(crate) qemu_cases: String,
 
