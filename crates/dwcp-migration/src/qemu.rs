@@ -644,6 +644,16 @@ pub async fn migrate_qemu(
     spec: &QemuSpec,
     progress: &mut (dyn FnMut(&QemuProgress) + Send),
 ) -> Result<QemuReport, QemuError> {
+    // On the heap: the migration's state machine is large (tens of KiB unoptimised), and a
+    // caller holding a few of them on a thread's stack overflowed it in a debug build.
+    Box::pin(migrate_qemu_inner(dest, spec, progress)).await
+}
+
+async fn migrate_qemu_inner(
+    dest: Destination<'_>,
+    spec: &QemuSpec,
+    progress: &mut (dyn FnMut(&QemuProgress) + Send),
+) -> Result<QemuReport, QemuError> {
     let started = Instant::now();
     let mut report = QemuReport::default();
     let fail = |phase: &'static str, reason: String, report: &QemuReport| QemuError {
@@ -1825,20 +1835,17 @@ async fn pump(
     tunnel.finishing();
     // A connection lost before the answer (a link down) is asked again on a new one, for
     // the retry period: the destination answers a repeated FINISH as it did the first.
+    // From here on the finish's answer decides, not the tunnel: the destination may have
+    // checked the digest and started its QEMU while acknowledgements were lost with their
+    // connections. A tunnel that failed with blocks missing makes the destination refuse
+    // the finish (its feeder stalls), which is safe to roll back on.
     let mut lost_since: Option<Instant> = None;
     loop {
-        let fut = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control);
-        tokio::pin!(fut);
-        let r = loop {
-            tokio::select! {
-                r = &mut fut => break r,
-                () = tunnel.wait_progress(Duration::from_millis(100)) => {
-                    if let Some(e) = tunnel.error() {
-                        return Err(("transfer", e));
-                    }
-                }
-            }
-        };
+        let r =
+            migration_request_kept(dest.endpoint, dest.addr, dest.expected, &finish, control).await;
+        if let Some(e) = tunnel.error() {
+            debug!("tunnel failed while finishing ({e}); the finish's answer decides");
+        }
         let e = match r {
             Ok(detail) => {
                 report.postcopy_seconds = postcopy_since.map(|t| t.elapsed().as_secs_f64());

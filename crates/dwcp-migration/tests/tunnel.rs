@@ -817,6 +817,35 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
         .await
         .unwrap();
     assert_eq!(third, first);
+    // A block sent again after the finish (its acknowledgement lost with its connection) was
+    // fed: acknowledged, not refused.
+    tunnel
+        .send(Block {
+            seq: 1,
+            raw: Bytes::from(block_content(1)),
+            encoded: None,
+        })
+        .unwrap();
+    wait_acked(&tunnel, n + 1).await;
+    // One beyond the stream was not.
+    tunnel
+        .send(Block {
+            seq: n,
+            raw: Bytes::from(block_content(n)),
+            encoded: None,
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel.error().is_none() && Instant::now() < deadline {
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tunnel
+            .error()
+            .is_some_and(|e| e.contains("no incoming migration")),
+        "{:?}",
+        tunnel.error()
+    );
     let other = MigrationRequest {
         digest: Some([7; 32]),
         ..req(data::MIGRATION_QEMU_FINISH, n)

@@ -377,10 +377,18 @@ impl Feeds {
         seq: u64,
         block: Bytes,
     ) -> Result<(), String> {
-        let feed = lock(&self.feeds)
-            .get(&(peer.clone(), vm.to_string()))
-            .cloned()
-            .ok_or_else(|| format!("no incoming migration of {vm:?} is open"))?;
+        let key = (peer.clone(), vm.to_string());
+        let Some(feed) = lock(&self.feeds).get(&key).cloned() else {
+            // A block sent again after its acknowledgement was lost with its connection,
+            // arriving after the finish it was part of: it was fed.
+            let fed = lock(&self.finished).get(&key).is_some_and(|f| {
+                f.at.elapsed() < FINISHED_KEPT && f.result.is_ok() && seq < f.total
+            });
+            if fed {
+                return Ok(());
+            }
+            return Err(format!("no incoming migration of {vm:?} is open"));
+        };
         let started = Instant::now();
         let mut block = Some(block);
         // Out of `waiting` however this ends, a cancelled push too: a stale entry would count
@@ -495,7 +503,14 @@ impl Feeds {
         }
         feed.kick.notify_one();
         let result = self.finish_inner(&feed, vm).await;
-        let ended = self.remove(peer, vm, result.is_ok()).await;
+        // Recorded before the feed goes, so that a FINISH sent again finds one or the other;
+        // not if an OPEN of a new migration of this VM replaced the feed meanwhile.
+        let current = lock(&self.feeds)
+            .get(&key)
+            .is_some_and(|f| Arc::ptr_eq(f, &feed));
+        if !current {
+            return (result, false);
+        }
         self.record(
             key,
             Finished {
@@ -505,6 +520,7 @@ impl Feeds {
                 result: result.clone(),
             },
         );
+        let ended = self.remove_if(peer, vm, result.is_ok(), Some(&feed)).await;
         (result, ended)
     }
 
@@ -578,7 +594,26 @@ impl Feeds {
     /// before its socket closes: on a stream cut after its end-of-state marker (in the VM
     /// description QEMU sends last) QEMU 7.2 completes the load and would start the guest.
     async fn remove(&self, peer: &NodeId, vm: &str, loaded: bool) -> bool {
-        let feed = lock(&self.feeds).remove(&(peer.clone(), vm.to_string()));
+        self.remove_if(peer, vm, loaded, None).await
+    }
+
+    /// As [`Feeds::remove`], only if the open feed is `only` (when given): a finish that
+    /// ends after an OPEN replaced its feed must not remove the new one.
+    async fn remove_if(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        loaded: bool,
+        only: Option<&Arc<Feed>>,
+    ) -> bool {
+        let feed = {
+            let mut m = lock(&self.feeds);
+            let key = (peer.clone(), vm.to_string());
+            if only.is_some_and(|o| !m.get(&key).is_some_and(|f| Arc::ptr_eq(f, o))) {
+                return false;
+            }
+            m.remove(&key)
+        };
         let was_open = feed.is_some();
         if let Some(feed) = feed {
             if !loaded {

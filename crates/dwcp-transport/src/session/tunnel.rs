@@ -337,12 +337,12 @@ const CONFIRM_LIMIT: Duration = Duration::from_secs(5);
 /// How long a tunnel connection's data may stay unacknowledged by TCP before the kernel
 /// drops it (`TCP_USER_TIMEOUT`): a path gone silent (a link down, packets dropped rather
 /// than refused) shows as a lost connection then, and the retry period starts, rather
-/// than after TCP's own retries of about 15 minutes. TCP's acknowledgements, not the
-/// receiver's: a destination that stops reading while its QEMU catches up answers TCP's
-/// window probes and is not dropped.
-pub const SILENT_LIMIT: Duration = Duration::from_secs(20);
+/// than after TCP's own retries of about 15 minutes. Longer than a destination may hold its
+/// window shut while its QEMU takes nothing (60 s): Linux counts a zero window's answered
+/// probes against this limit too (since 5.11).
+pub const SILENT_LIMIT: Duration = Duration::from_secs(90);
 const REDIAL_FIRST: Duration = Duration::from_millis(100);
-const REDIAL_MAX: Duration = Duration::from_secs(2);
+const REDIAL_MAX: Duration = Duration::from_secs(1);
 
 /// What a tunnel's connections share, and what a replacement needs to join them.
 #[derive(Debug)]
@@ -516,9 +516,9 @@ impl Link {
                         break g.map_or_else(|e| e.to_string(), |g| g.printable_reason());
                     }
                     Ok(Some(f)) => {
-                        if !heard {
+                        if !heard || f.ty == FrameType::TUNNEL_ACK {
                             heard = true;
-                            link.heard(i);
+                            link.heard(i, f.ty == FrameType::TUNNEL_ACK);
                         }
                         if f.ty == FrameType::TUNNEL_ACK {
                             let ack: TunnelAck = match msg::decode(&f) {
@@ -537,10 +537,14 @@ impl Link {
         Ok(most)
     }
 
-    /// The receiver answered on connection `i`: the link is up.
-    fn heard(&self, i: usize) {
+    /// The receiver answered on connection `i`, acknowledging a block (`ack`) or its PONG.
+    /// The link is up once blocks get through, or with none to send: a path that carries
+    /// a PONG but not a block (one that drops large packets) keeps the retry period going.
+    fn heard(&self, i: usize, ack: bool) {
         let mut s = lock(&self.state);
-        s.down_since = None;
+        if ack || (s.unacked.is_empty() && s.queue.is_empty()) {
+            s.down_since = None;
+        }
         if s.heard.insert(i) && i >= self.initial {
             s.replaced += 1;
             info!(stream = i, name = %self.name, "tunnel stream replaced");
@@ -595,7 +599,7 @@ impl Link {
     }
 
     /// Keeps `to.want` connections open: dials one in place of each that is lost (pausing
-    /// between failed dials, 0.1 s doubling to 2 s), for as long as the tunnel lasts. Once
+    /// between failed dials, 0.1 s doubling to 1 s), for as long as the tunnel lasts. Once
     /// none is left, the tunnel fails if no new one is open within its retry period; what was
     /// out goes again on the new ones, and the receiver, which keys blocks by the stream's
     /// name and number rather than by connection, takes them as before.
