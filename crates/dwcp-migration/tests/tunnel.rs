@@ -198,8 +198,13 @@ impl Opened {
 
 /// Queues blocks 0..n of [`block_content`], raw; returns the stream they make.
 fn send_raw(tunnel: &Tunnel, n: u64) -> Vec<u8> {
+    send_raw_range(tunnel, 0..n)
+}
+
+/// Queues blocks `seqs` of [`block_content`], raw; returns the bytes they stand for.
+fn send_raw_range(tunnel: &Tunnel, seqs: std::ops::Range<u64>) -> Vec<u8> {
     let mut expected = Vec::new();
-    for seq in 0..n {
+    for seq in seqs {
         let raw = Bytes::from(block_content(seq));
         expected.extend_from_slice(&raw);
         tunnel
@@ -691,39 +696,30 @@ async fn a_tunnel_counts_tcp_and_its_close_ends_the_connections() {
     drop(tunnel);
 }
 
+/// A migration opened at the destination, and a tunnel of `streams` connections to it through
+/// a proxy that can take the link down, dialling again for `retry` once all are lost.
+async fn through_proxy(streams: u32, retry: Duration) -> (Opened, Proxy, Tunnel) {
+    let vm = open_vm().await;
+    let proxy = Proxy::start(vm.agent.addr, Fault::None).await;
+    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, streams, "vm")
+        .await
+        .unwrap();
+    tunnel.retry_within(retry);
+    (vm, proxy, tunnel)
+}
+
 /// The link goes down between two halves of the stream and comes back 1.5 s later, the
 /// second half queued meanwhile: the tunnel dials again, replaces every lost connection, and
 /// the stream arrives whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_rides_out_a_link_outage_on_new_connections() {
-    let vm = open_vm().await;
-    let proxy = Proxy::start(vm.agent.addr, Fault::None).await;
-    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 4, "vm")
-        .await
-        .unwrap();
-    tunnel.retry_within(Duration::from_secs(20));
+    let (vm, proxy, tunnel) = through_proxy(4, Duration::from_secs(20)).await;
     let n = 40u64;
-    let mut expected = Vec::new();
-    let mut queue = |seq: u64| {
-        let raw = Bytes::from(block_content(seq));
-        expected.extend_from_slice(&raw);
-        tunnel
-            .send(Block {
-                seq,
-                raw,
-                encoded: None,
-            })
-            .unwrap();
-    };
-    for seq in 0..n / 2 {
-        queue(seq);
-    }
+    let mut expected = send_raw_range(&tunnel, 0..n / 2);
     wait_acked(&tunnel, n / 2).await;
     let down = Instant::now();
     proxy.outage(Duration::from_millis(1500));
-    for seq in n / 2..n {
-        queue(seq);
-    }
+    expected.extend(send_raw_range(&tunnel, n / 2..n));
     wait_acked(&tunnel, n).await;
     assert!(
         down.elapsed() >= Duration::from_millis(1400),
@@ -749,12 +745,7 @@ async fn a_tunnel_rides_out_a_link_outage_on_new_connections() {
 /// then it waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_down_for_longer_than_the_retry_period_fails_the_tunnel() {
-    let vm = open_vm().await;
-    let proxy = Proxy::start(vm.agent.addr, Fault::None).await;
-    let tunnel = Tunnel::open(&vm.ep, proxy.addr, None, 2, "vm")
-        .await
-        .unwrap();
-    tunnel.retry_within(Duration::from_secs(1));
+    let (vm, proxy, tunnel) = through_proxy(2, Duration::from_secs(1)).await;
     send_raw(&tunnel, 2);
     wait_acked(&tunnel, 2).await;
     let down = Instant::now();
@@ -820,22 +811,10 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
     assert_eq!(third, first);
     // A block sent again after the finish (its acknowledgement lost with its connection) was
     // fed: acknowledged, not refused.
-    tunnel
-        .send(Block {
-            seq: 1,
-            raw: Bytes::from(block_content(1)),
-            encoded: None,
-        })
-        .unwrap();
+    send_raw_range(&tunnel, 1..2);
     wait_acked(&tunnel, n + 1).await;
     // One beyond the stream was not.
-    tunnel
-        .send(Block {
-            seq: n,
-            raw: Bytes::from(block_content(n)),
-            encoded: None,
-        })
-        .unwrap();
+    send_raw_range(&tunnel, n..n + 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while tunnel.error().is_none() && Instant::now() < deadline {
         tunnel.wait_progress(Duration::from_millis(100)).await;

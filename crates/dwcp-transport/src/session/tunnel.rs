@@ -284,8 +284,9 @@ pub struct Tunnel {
 const BEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// What TCP counts on a tunnel's connections (a connection that died stays counted, its
-/// probe closed with it), and when the receiver is told next. Once a second, the connection that has just written a block adds a `PING`
-/// with the counts since the last one, for the receiver's per-peer metrics.
+/// probe closed with it), and when the receiver is told next. Once a second, the connection
+/// that has just written a block adds a `PING` with the counts since the last one, for the
+/// receiver's per-peer metrics.
 #[derive(Debug)]
 struct Beat {
     tcp: Mutex<TcpWatch>,
