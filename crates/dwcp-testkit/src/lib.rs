@@ -358,6 +358,12 @@ pub enum Fault {
         /// Client-to-server bytes before the cut.
         after: u64,
     },
+    /// As `Kill`, for the first connection whose client-to-server bytes reach `after`,
+    /// whichever it is: for clients that choose themselves which connection carries what.
+    KillFirst {
+        /// Client-to-server bytes before the cut.
+        after: u64,
+    },
     /// Flip one bit of the client-to-server byte at offset `after` of connection `conn`.
     Corrupt {
         /// Connection index.
@@ -424,7 +430,7 @@ impl Proxy {
     pub async fn start(target: SocketAddr, fault: Fault) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let paused_one = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first_taken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let down_until = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
         let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
         let down = down_until.clone();
@@ -443,7 +449,7 @@ impl Proxy {
                 }
                 let i = index;
                 index += 1;
-                let paused_one = paused_one.clone();
+                let first_taken = first_taken.clone();
                 let mut cut_rx = cut_rx.clone();
                 cut_rx.mark_unchanged();
                 pipes.spawn(async move {
@@ -471,6 +477,13 @@ impl Proxy {
                                 {
                                     return;
                                 }
+                                Fault::KillFirst { after }
+                                    if total + n as u64 >= after
+                                        && !first_taken
+                                            .swap(true, std::sync::atomic::Ordering::SeqCst) =>
+                                {
+                                    return;
+                                }
                                 Fault::Corrupt { conn, after }
                                     if conn == i && total <= after && after < total + n as u64 =>
                                 {
@@ -494,7 +507,7 @@ impl Proxy {
                                 && before < after
                                 && after <= total
                                 && !(matches!(fault, Fault::PauseFirst { .. })
-                                    && paused_one.swap(true, std::sync::atomic::Ordering::SeqCst))
+                                    && first_taken.swap(true, std::sync::atomic::Ordering::SeqCst))
                             {
                                 tokio::time::sleep(delay).await;
                             }
