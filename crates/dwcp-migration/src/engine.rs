@@ -13,6 +13,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dwcp_encoding::chooser::{Chooser, Pacer};
@@ -168,6 +169,9 @@ pub struct MigrationReport {
     /// Bytes of page contents the source held at the end as the bases of XOR deltas (see
     /// [`MigrationSpec::shadow_bytes`]).
     pub shadow_bytes: u64,
+    /// Times the rounds' parts that landed reconnected and resumed after every connection
+    /// to the destination was lost (a link that went down and came back).
+    pub reconnects: u32,
 }
 
 /// Live progress for displays.
@@ -232,7 +236,7 @@ pub async fn migrate(
         committed_unix_us: None,
         commit_part_started: None,
         commit_asked: false,
-        tcp: Arc::default(),
+        links: Arc::default(),
         // Names this migration's rounds, so a partial round of another migration of the same
         // name is never resumed onto (the receiver keys partial objects by this tag).
         id: format!(
@@ -262,6 +266,7 @@ pub async fn migrate(
         shadow_bytes: 0,
         source_paused: false,
         tcp: None,
+        reconnects: 0,
     };
     let mut paused_at: Option<Instant> = None;
     // The same moment by the clock the destination's commit time is in.
@@ -557,10 +562,21 @@ pub async fn migrate(
     report.committed_with_final_round = report.migrated && state.committed.is_some();
     report.shadow_bytes = state.enc.shadow.bytes() as u64;
     report.tcp = *state
+        .links
         .tcp
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    report.reconnects = state.links.reconnects.load(Ordering::Relaxed);
     report
+}
+
+/// What the parts' sessions counted, added as the parts the destination accepted land.
+#[derive(Debug, Default)]
+struct PartLinks {
+    /// TCP's counts.
+    tcp: std::sync::Mutex<Option<TcpCounts>>,
+    /// Reconnections after every connection was lost.
+    reconnects: std::sync::atomic::AtomicU32,
 }
 
 fn round_report(round: u32, s: &RoundStats, throttle: u8) -> RoundReport {
@@ -599,8 +615,8 @@ struct RoundState {
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
     /// commit): from then on the destination may own the VM whatever became of the answer.
     commit_asked: bool,
-    /// TCP's counts under the parts the destination accepted, added as they land.
-    tcp: Arc<std::sync::Mutex<Option<TcpCounts>>>,
+    /// What the parts the destination accepted counted (TCP, reconnections).
+    links: Arc<PartLinks>,
 }
 
 /// What encoding a round needs and updates.
@@ -968,7 +984,7 @@ async fn send_parts(
                 wire,
                 raw_size,
                 part,
-                state.tcp.clone(),
+                state.links.clone(),
             );
             older = newer.take();
             if older.is_some() {
@@ -1322,7 +1338,7 @@ fn start_part<'a>(
     wire: u64,
     raw_size: u64,
     p: PartSpec,
-    tcp: Arc<std::sync::Mutex<Option<TcpCounts>>>,
+    links: Arc<PartLinks>,
 ) -> PartFuture<'a> {
     let src = Source {
         path: file.path().to_path_buf(),
@@ -1355,11 +1371,13 @@ fn start_part<'a>(
         .await
         .map(|r| {
             if let Some(t) = r.link.tcp {
-                let mut sum = tcp
+                let mut sum = links
+                    .tcp
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 *sum = Some(sum.map_or(t, |s| s.plus(t)));
             }
+            links.reconnects.fetch_add(r.reconnects, Ordering::Relaxed);
             let answer = r
                 .objects
                 .last()

@@ -257,6 +257,7 @@ async fn a_vm_arrives_bit_exact_across_link_outages_during_and_between_rounds() 
         during.is_some_and(|t| t.is_finished()),
         "cut during round 0"
     );
+    assert!(r.reconnects >= 1, "{r:?}");
     assert!(
         between.is_some_and(|t| t.elapsed() >= Duration::from_millis(1500)),
         "the rounds after the second cut waited for the link"

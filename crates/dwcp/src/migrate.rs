@@ -304,6 +304,7 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
         "overlapped_parts": r.overlapped_parts,
         "committed_with_final_round": r.committed_with_final_round,
         "shadow_bytes": r.shadow_bytes,
+        "reconnects": r.reconnects,
         "tcp_retransmits": r.tcp.map(|t| t.retransmits),
         "tcp_segments_sent": r.tcp.map(|t| t.segments_sent),
         "tcp_bytes_sent": r.tcp.map(|t| t.bytes_sent),
@@ -353,6 +354,12 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
         r.codec
     );
     print_tcp(r.tcp, "");
+    if r.reconnects > 0 {
+        println!(
+            "  {} reconnection(s) after every connection to the destination was lost",
+            r.reconnects
+        );
+    }
     if r.cold_resends > 0 {
         println!(
             "  {} part(s) of rounds sent again without references: the destination's cache \
