@@ -275,6 +275,9 @@ pub struct QemuProgress {
     pub stalled_rounds: u32,
     /// Both sides took post-copy: the way out where it would be given up.
     pub postcopy: bool,
+    /// Every connection to the destination lost this long ago: the tunnel dials again
+    /// (for [`QemuSpec::retry_for`]).
+    pub link_down: Option<Duration>,
 }
 
 /// Why a QEMU migration failed.
@@ -1657,6 +1660,7 @@ async fn pump(
                         throttle: n(Some(&info), "cpu-throttle-percentage"),
                         stalled_rounds: 0,
                         postcopy,
+                        link_down: tunnel.down_since().map(|t| t.elapsed()),
                     };
                     if p.phase == "failed" {
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");

@@ -377,15 +377,18 @@ async fn a_link_outage_in_pre_copy_is_ridden_out_and_the_guest_arrives_whole() {
     let mut dst = destination(&image, dir.path(), qemu_dir, "vm4");
     let spec = QemuSpec::new("vm4", dir.path().join("src.qmp"));
     let mut cut = None;
+    let mut shown_down = false;
     let r = migrate_qemu(dest, &spec, &mut |p| {
         if cut.is_none() && p.stream_bytes > 16 << 20 {
             proxy.outage(Duration::from_secs(2));
             cut = Some(std::time::Instant::now());
         }
+        shown_down |= p.link_down.is_some();
     })
     .await
     .unwrap();
     assert!(r.migrated, "{r:?}");
+    assert!(shown_down, "the progress never said the link was down");
     let cut = cut.expect("the stream got under way");
     assert!(cut.elapsed() >= Duration::from_secs(2), "{r:?}");
     assert!(r.tunnel_reconnects >= 1, "{r:?}");

@@ -714,7 +714,14 @@ async fn a_tunnel_rides_out_a_link_outage_on_new_connections() {
     let down = Instant::now();
     proxy.outage(Duration::from_millis(1500));
     expected.extend(send_raw_range(&tunnel, n / 2..n));
+    // It says the link is down while it is.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while tunnel.down_since().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(tunnel.down_since().is_some(), "{:?}", tunnel.acked());
     wait_acked(&tunnel, n).await;
+    assert_eq!(tunnel.down_since(), None);
     assert!(
         down.elapsed() >= Duration::from_millis(1400),
         "the second half went before the link was back: {:?}",

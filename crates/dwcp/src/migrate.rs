@@ -608,7 +608,7 @@ pub(crate) async fn run_qemu_with_progress(
             "-".into()
         };
         eprint!(
-            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s{}  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}{}",
+            "\r\x1b[2K{:>5.1} s {:<10} round {:>2}  RAM left {:>7.1} MB  dirty {:>6} pages/s{}  {:>6.0} Mbit/s  stream {:>7.1} MB  wire {:>7.1} MB  ETA {}  expected pause {}{}{}",
             started.elapsed().as_secs_f64(),
             p.phase,
             p.round,
@@ -647,6 +647,11 @@ pub(crate) async fn run_qemu_with_progress(
             } else {
                 String::new()
             },
+            p.link_down.map_or_else(String::new, |d| format!(
+                "  link down for {:.0} s: reconnecting (for up to {} s)",
+                d.as_secs_f64(),
+                spec.retry_for.as_secs()
+            )),
         );
         let _ = std::io::stderr().flush();
     };

@@ -913,6 +913,13 @@ impl Tunnel {
         lock(&self.state).retry_for = period;
     }
 
+    /// Since when no connection has been open, while the tunnel dials again (`None` with one
+    /// open, or once it failed).
+    pub fn down_since(&self) -> Option<Instant> {
+        let s = lock(&self.state);
+        s.down_since.filter(|_| s.alive == 0 && s.error.is_none())
+    }
+
     /// Connections opened in place of lost ones.
     pub fn replaced(&self) -> u32 {
         lock(&self.state).replaced
