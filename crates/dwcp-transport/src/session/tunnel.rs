@@ -575,7 +575,8 @@ impl Link {
             }
         }
         if s.error.is_none() {
-            warn!(stream = i, "tunnel stream lost: {why}");
+            // One lost stream is replaced as a matter of course; all of them is the warning.
+            info!(stream = i, "tunnel stream lost: {why}");
             s.last_loss = why.to_string();
             if s.alive == 0 {
                 if s.retry_for.is_zero() {
