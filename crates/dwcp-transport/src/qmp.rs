@@ -1,7 +1,12 @@
 //! A small QMP (QEMU Machine Protocol) client: JSON lines over a Unix socket.
 //!
 //! One command at a time; asynchronous events that arrive meanwhile are kept (with QEMU's
-//! own timestamp) for [`Qmp::wait_event`]. Every read is bounded in time.
+//! own timestamp) for [`Qmp::wait_event`]. Every read is bounded in time. Each command
+//! carries an `id`, and an answer with another one (to a command whose wait timed out) is
+//! passed over. With out-of-band execution negotiated ([`Qmp::connect_oob`]), the few
+//! commands QEMU runs outside its main thread ([`Qmp::execute_oob`]: `migrate-recover`,
+//! `migrate-pause`) are answered while that thread is blocked, as a post-copy destination's
+//! can be on a page still at the source.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -89,6 +94,10 @@ pub struct Qmp {
     /// Bytes of a line not complete yet; kept across timed-out reads (read_until appends as
     /// it goes, so a read cut short by a timeout loses nothing).
     partial: Vec<u8>,
+    /// The id of the next command.
+    next_id: u64,
+    /// Out-of-band execution was negotiated.
+    oob: bool,
 }
 
 impl std::fmt::Debug for Qmp {
@@ -105,6 +114,21 @@ impl Qmp {
     /// Connects to the monitor at `path`, reads the greeting and leaves capabilities
     /// negotiation mode. Each later answer must come within `timeout`.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Self::connect_with(path, timeout, false).await
+    }
+
+    /// As [`Qmp::connect`], with out-of-band execution turned on when QEMU offers it (a
+    /// monitor on a socket does): see [`Qmp::execute_oob`].
+    pub async fn connect_oob(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Self::connect_with(path, timeout, true).await
+    }
+
+    /// Whether out-of-band execution was negotiated.
+    pub fn oob(&self) -> bool {
+        self.oob
+    }
+
+    async fn connect_with(path: &Path, timeout: Duration, oob: bool) -> Result<Self, QmpError> {
         let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
             .await
             .map_err(|_| QmpError::Timeout {
@@ -125,16 +149,39 @@ impl Qmp {
             hook: None,
             timeout,
             partial: Vec::new(),
+            next_id: 1,
+            oob: false,
         };
         let greeting = qmp.read_message("greeting", timeout).await?;
-        if greeting.get("QMP").is_none() {
+        let Some(offered) = greeting.get("QMP") else {
             return Err(QmpError::Protocol {
                 path: qmp.path.clone(),
                 line: greeting.to_string(),
             });
+        };
+        let offered = offered
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.iter().any(|c| c == "oob"));
+        if oob && offered {
+            qmp.execute("qmp_capabilities", Some(json!({"enable": ["oob"]})))
+                .await?;
+            qmp.oob = true;
+        } else {
+            qmp.execute("qmp_capabilities", None).await?;
         }
-        qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
+    }
+
+    /// Runs `command` out of band (QEMU runs it at once, outside its main thread) when that
+    /// was negotiated, in band otherwise; returns its `return` value.
+    pub async fn execute_oob(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let key = if self.oob { "exec-oob" } else { "execute" };
+        self.send(key, command, arguments).await
     }
 
     /// Runs `command` with `arguments` and returns its `return` value.
@@ -143,11 +190,23 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.send("execute", command, arguments).await
+    }
+
+    async fn send(
+        &mut self,
+        key: &str,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let id = format!("dwcp-{}", self.next_id);
+        self.next_id += 1;
         let mut msg = Map::new();
-        msg.insert("execute".into(), Value::String(command.into()));
+        msg.insert(key.into(), Value::String(command.into()));
         if let Some(a) = arguments {
             msg.insert("arguments".into(), a);
         }
+        msg.insert("id".into(), Value::String(id.clone()));
         let mut line = Value::Object(msg).to_string();
         line.push('\n');
         self.writer
@@ -158,6 +217,13 @@ impl Qmp {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let m = self.read_message(command, left).await?;
+            // The answer to an earlier command whose wait timed out (QEMU echoes the id; a
+            // monitor that does not is taken at its word).
+            if let Some(other) = m.get("id")
+                && other.as_str() != Some(id.as_str())
+            {
+                continue;
+            }
             if let Some(r) = m.get("return") {
                 return Ok(r.clone());
             }
@@ -205,7 +271,8 @@ impl Qmp {
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let m = self.read_message(name, left).await?;
-            if m.get("return").is_some() || m.get("error").is_some() {
+            // (A late answer, to a command whose wait timed out, is passed over.)
+            if m.get("id").is_none() && (m.get("return").is_some() || m.get("error").is_some()) {
                 return Err(QmpError::Protocol {
                     path: self.path.clone(),
                     line: m.to_string(),
@@ -235,7 +302,8 @@ impl Qmp {
     pub async fn poll_events(&mut self, within: Duration) -> Result<(), QmpError> {
         loop {
             match self.read_message("events", within).await {
-                Ok(m) if m.get("event").is_some() => continue,
+                // Events, and late answers to commands whose wait timed out.
+                Ok(m) if m.get("event").is_some() || m.get("id").is_some() => continue,
                 Ok(m) => {
                     return Err(QmpError::Protocol {
                         path: self.path.clone(),
@@ -385,6 +453,71 @@ mod tests {
         );
         let none = q.wait_event("RESUME", Duration::from_millis(50)).await;
         assert!(matches!(none, Err(QmpError::Timeout { .. })), "{none:?}");
+        drop(q);
+        server.await.unwrap();
+    }
+
+    /// Reads one JSON line from a client.
+    async fn line(s: &mut BufReader<UnixStream>) -> Value {
+        let mut l = String::new();
+        s.read_line(&mut l).await.unwrap();
+        serde_json::from_str(&l).unwrap()
+    }
+
+    /// A monitor that offers out-of-band execution: it is turned on, `migrate-recover` goes
+    /// out of band, and the late answer to a command whose wait timed out is passed over
+    /// (its id is not the next command's).
+    #[tokio::test]
+    async fn out_of_band_and_a_late_answer_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (late, mut late_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            s.get_mut()
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\n")
+                .await
+                .unwrap();
+            let caps = line(&mut s).await;
+            assert_eq!(caps["execute"], "qmp_capabilities");
+            assert_eq!(caps["arguments"]["enable"], json!(["oob"]));
+            let id = caps["id"].clone();
+            let answer = json!({"return": {}, "id": id}).to_string() + "\n";
+            s.get_mut().write_all(answer.as_bytes()).await.unwrap();
+            // query-status: answered only after the client gave up on it.
+            let slow = line(&mut s).await;
+            assert_eq!(slow["execute"], "query-status");
+            late_rx.recv().await.unwrap();
+            let stale = json!({"return": {"status": "stale"}, "id": slow["id"]}).to_string();
+            s.get_mut()
+                .write_all((stale + "\n").as_bytes())
+                .await
+                .unwrap();
+            let recover = line(&mut s).await;
+            assert_eq!(recover["exec-oob"], "migrate-recover", "{recover}");
+            assert_ne!(recover["id"], slow["id"]);
+            let ok = json!({"return": {}, "id": recover["id"]}).to_string() + "\n";
+            s.get_mut().write_all(ok.as_bytes()).await.unwrap();
+            let status = line(&mut s).await;
+            let ok = json!({"return": {"status": "running"}, "id": status["id"]}).to_string();
+            s.get_mut().write_all((ok + "\n").as_bytes()).await.unwrap();
+            // Until the client is done.
+            let _ = s.read_line(&mut String::new()).await;
+        });
+        let mut q = Qmp::connect_oob(&path, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(q.oob());
+        let e = q.status().await.unwrap_err();
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
+        late.send(()).await.unwrap();
+        // The stale answer comes first: not taken for this one's.
+        q.execute_oob("migrate-recover", Some(json!({"uri": "unix:/x"})))
+            .await
+            .unwrap();
+        assert_eq!(q.status().await.unwrap(), "running");
         drop(q);
         server.await.unwrap();
     }
