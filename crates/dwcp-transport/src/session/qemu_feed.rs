@@ -40,6 +40,10 @@ pub(crate) const MAX_BUFFERED: usize = 2 << 20;
 /// told to quit): the source is gone. The source itself gives up on a QEMU silent for 120 s.
 const IDLE_LIMIT: Duration = Duration::from_secs(180);
 
+/// How long a RECOVER waits for the destination QEMU to pause its post-copy (it notices its
+/// stream gone) and to listen again.
+const RECOVER_WAIT: Duration = Duration::from_secs(30);
+
 /// Most bytes held ahead of a gap (blocks after one not yet received). A sender reads at most
 /// 128 MiB beyond its acknowledged prefix (`GAP_LIMIT` in `dwcp-migration`); far more means it
 /// ignores that.
@@ -174,7 +178,9 @@ struct Feed {
     wake: Notify,
     /// Wakes the feeder.
     kick: Notify,
-    qmp: tokio::sync::Mutex<Qmp>,
+    /// QEMU's monitor, held while the migration is (QEMU takes one client at a time); with
+    /// out-of-band execution under post-copy, for a recovery (see [`Feeds::recover`]).
+    qmp: Arc<tokio::sync::Mutex<Qmp>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// See [`IDLE_LIMIT`].
     idle_limit: Duration,
@@ -270,9 +276,14 @@ impl Feeds {
             self.remove(peer, vm, false).await;
         }
         let qmp_path = self.dir.join(format!("{vm}.qmp"));
-        let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(10))
-            .await
-            .map_err(|e| format!("destination QEMU monitor: {e}"))?;
+        // Under post-copy QEMU's main thread can block on a page still at the source, and its
+        // monitor with it, but for the commands it runs out of band: `migrate-recover`.
+        let qmp = if postcopy {
+            Qmp::connect_oob(&qmp_path, Duration::from_secs(10)).await
+        } else {
+            Qmp::connect(&qmp_path, Duration::from_secs(10)).await
+        };
+        let mut qmp = qmp.map_err(|e| format!("destination QEMU monitor: {e}"))?;
         let status = qmp
             .status()
             .await
@@ -315,6 +326,21 @@ impl Feeds {
             .await
             .map_err(|_| format!("connecting to {} timed out", sock_path.display()))?
             .map_err(|e| format!("cannot connect to {}: {e}", sock_path.display()))?;
+        self.start(peer, vm, Arc::new(tokio::sync::Mutex::new(qmp)), sock, ret);
+        info!(%peer, vm, postcopy = detail["postcopy"] == true, "incoming QEMU migration opened");
+        Ok(detail.to_string())
+    }
+
+    /// Feeds `sock` (connected to `vm`'s QEMU) from now on, listed under `peer`; `ret`: its
+    /// return path, under post-copy.
+    fn start(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        qmp: Arc<tokio::sync::Mutex<Qmp>>,
+        sock: UnixStream,
+        ret: Option<Arc<ReturnPath>>,
+    ) {
         let feed = Arc::new(Feed {
             state: Mutex::new(FeedState {
                 last_progress: Some(Instant::now()),
@@ -322,7 +348,7 @@ impl Feeds {
             }),
             wake: Notify::new(),
             kick: Notify::new(),
-            qmp: tokio::sync::Mutex::new(qmp),
+            qmp,
             task: Mutex::new(None),
             idle_limit: self.idle_limit,
             ret,
@@ -343,8 +369,122 @@ impl Feeds {
         ));
         *lock(&feed.task) = Some(task);
         lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
-        info!(%peer, vm, postcopy = detail["postcopy"] == true, "incoming QEMU migration opened");
-        Ok(detail.to_string())
+    }
+
+    /// RECOVER: resumes the post-copy migration of `vm` that its broken stream left paused
+    /// (QEMU's `postcopy-paused`): what is left of the earlier stream from `peer` goes (its
+    /// socket closing pauses a QEMU that had not noticed yet), the destination QEMU listens
+    /// again (`migrate-recover` on `DIR/VM.recover`), and a new feed with a return path
+    /// carries the new stream. Returns the answer's detail (JSON).
+    pub(crate) async fn recover(&self, peer: &NodeId, vm: &str) -> Result<String, String> {
+        let key = (peer.clone(), vm.to_string());
+        lock(&self.finished).remove(&key);
+        let (old, other) = {
+            let m = lock(&self.feeds);
+            let other = m
+                .keys()
+                .find(|(p, v)| v == vm && p != peer)
+                .map(|(p, _)| p.clone());
+            (m.get(&key).cloned(), other)
+        };
+        if let Some(other) = other {
+            return Err(format!(
+                "the incoming migration of {vm:?} is open from node {other}, not from this one"
+            ));
+        }
+        if old.as_ref().is_some_and(|f| f.ret.is_none()) {
+            return Err(format!(
+                "the incoming migration of {vm:?} is a pre-copy: there is no post-copy to resume"
+            ));
+        }
+        // The earlier stream goes (its socket closing pauses a QEMU that had not noticed yet),
+        // not QEMU: its monitor, negotiated before the guest ran here, is the one that still
+        // answers if QEMU's main thread waits on a missing page.
+        let qmp = match old {
+            Some(old) => {
+                self.detach(peer, vm, &old);
+                info!(%peer, vm, "the earlier stream of this incoming migration dropped for its recovery");
+                old.qmp.clone()
+            }
+            None => {
+                let path = self.dir.join(format!("{vm}.qmp"));
+                let q = Qmp::connect_oob(&path, Duration::from_secs(10))
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "destination QEMU monitor: {e} (a QEMU whose guest waits on a page \
+                             still at the source answers only the monitor this node opened \
+                             before; was the agent restarted?)"
+                        )
+                    })?;
+                Arc::new(tokio::sync::Mutex::new(q))
+            }
+        };
+        let sock_path = self.dir.join(format!("{vm}.recover"));
+        // QEMU notices its stream gone within moments; one that does not pause (or listen)
+        // within this long is not waiting for a recovery.
+        let deadline = Instant::now() + RECOVER_WAIT;
+        let uri = format!("unix:{}", sock_path.display());
+        let sock = loop {
+            let asked = {
+                let mut q = qmp.lock().await;
+                if !q.oob() {
+                    warn!(
+                        vm,
+                        "the destination QEMU's monitor has no out-of-band execution: its recovery waits for its main thread"
+                    );
+                }
+                q.execute_oob("migrate-recover", Some(serde_json::json!({ "uri": uri })))
+                    .await
+            };
+            let refused = match asked {
+                // QEMU listens on the path now.
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            };
+            // Also when refused: an earlier RECOVER may have had it listen already, and its
+            // source never came.
+            if let Ok(s) = UnixStream::connect(&sock_path).await {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the destination QEMU for {vm:?} did not listen for a recovery within \
+                     {RECOVER_WAIT:?}: {}",
+                    refused
+                        .unwrap_or_else(|| format!("nothing accepts at {}", sock_path.display()))
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        self.start(peer, vm, qmp, sock, Some(Arc::new(ReturnPath::default())));
+        info!(%peer, vm, "incoming QEMU post-copy migration recovering");
+        Ok(serde_json::json!({"postcopy": true, "recovered": true}).to_string())
+    }
+
+    /// Takes `feed` (listed for `peer` and `vm`) off the list and stops it, closing its
+    /// socket, without a word to its QEMU.
+    fn detach(&self, peer: &NodeId, vm: &str, feed: &Arc<Feed>) {
+        {
+            let mut m = lock(&self.feeds);
+            let key = (peer.clone(), vm.to_string());
+            if m.get(&key).is_some_and(|f| Arc::ptr_eq(f, feed)) {
+                m.remove(&key);
+            }
+        }
+        if let Some(t) = lock(&feed.task).take() {
+            t.abort();
+        }
+        if let Some(t) = lock(&feed.ret_task).take() {
+            t.abort();
+        }
+        let mut s = lock(&feed.state);
+        s.ready.clear();
+        s.buffered = 0;
+        s.error
+            .get_or_insert_with(|| "the incoming migration is recovering on a new stream".into());
+        drop(s);
+        feed.wake.notify_waiters();
     }
 
     /// RETURN: what `vm`'s QEMU wrote back from byte `from` on (at most `most` bytes), and
@@ -520,7 +660,9 @@ impl Feeds {
                 result: result.clone(),
             },
         );
-        let ended = self.remove_if(peer, vm, result.is_ok(), Some(&feed)).await;
+        let ended = self
+            .remove_if(peer, vm, result.is_ok(), Some(&feed), false)
+            .await;
         (result, ended)
     }
 
@@ -585,26 +727,30 @@ impl Feeds {
         ))
     }
 
-    /// ABORT: stops feeding, and QEMU quits. Whether an incoming migration was open.
+    /// ABORT: stops feeding, and QEMU quits. Whether an incoming migration was open. A QEMU
+    /// left as it is in post-copy (see [`quit`]) stays listed with its monitor, its stream
+    /// stopped, for a recovery.
     pub(crate) async fn abort(&self, peer: &NodeId, vm: &str) -> bool {
-        self.remove(peer, vm, false).await
+        self.remove_if(peer, vm, false, None, true).await
     }
 
     /// Drops the feed of `vm`. Unless QEMU `loaded` the verified stream, QEMU is told to quit
     /// before its socket closes: on a stream cut after its end-of-state marker (in the VM
     /// description QEMU sends last) QEMU 7.2 completes the load and would start the guest.
     async fn remove(&self, peer: &NodeId, vm: &str, loaded: bool) -> bool {
-        self.remove_if(peer, vm, loaded, None).await
+        self.remove_if(peer, vm, loaded, None, false).await
     }
 
     /// As [`Feeds::remove`], only if the open feed is `only` (when given): a finish that
-    /// ends after an OPEN replaced its feed must not remove the new one.
+    /// ends after an OPEN replaced its feed must not remove the new one. With
+    /// `keep_postcopy`, a feed whose QEMU is left in post-copy is listed again.
     async fn remove_if(
         &self,
         peer: &NodeId,
         vm: &str,
         loaded: bool,
         only: Option<&Arc<Feed>>,
+        keep_postcopy: bool,
     ) -> bool {
         let feed = {
             let mut m = lock(&self.feeds);
@@ -616,9 +762,7 @@ impl Feeds {
         };
         let was_open = feed.is_some();
         if let Some(feed) = feed {
-            if !loaded {
-                quit(&feed, vm).await;
-            }
+            let left = !loaded && quit(&feed, vm).await;
             if let Some(t) = lock(&feed.task).take() {
                 t.abort();
             }
@@ -632,6 +776,12 @@ impl Feeds {
                 .get_or_insert_with(|| "the incoming migration was given up".into());
             drop(s);
             feed.wake.notify_waiters();
+            if left && keep_postcopy {
+                // Unless a new migration of the VM took the place meanwhile.
+                lock(&self.feeds)
+                    .entry((peer.clone(), vm.to_string()))
+                    .or_insert(feed);
+            }
         }
         was_open
     }
@@ -691,7 +841,9 @@ fn filesystem_of<'a>(mounts: &'a str, path: &Path) -> Option<&'a str> {
 
 /// Tells the destination QEMU of a stream that did not complete to quit (what it does by
 /// itself on a stream that ends early, except on one cut in its last section).
-async fn quit(feed: &Feed, vm: &str) {
+///
+/// Whether it was left as it is, under post-copy.
+async fn quit(feed: &Feed, vm: &str) -> bool {
     let mut qmp = feed.qmp.lock().await;
     if feed.ret.is_some() {
         // With post-copy on, QEMU gets every byte as it comes, and may have loaded the guest
@@ -704,13 +856,27 @@ async fn quit(feed: &Feed, vm: &str) {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "no answer within 5 s".into(),
         };
-        if status != "inmigrate" {
+        // Nor one whose post-copy began, before it started the guest: the source has stopped
+        // it for good, and a recovery (`MIGRATION_QEMU_RECOVER`) may pick it up.
+        let migration =
+            match tokio::time::timeout(Duration::from_secs(5), qmp.execute("query-migrate", None))
+                .await
+            {
+                Ok(Ok(m)) => m
+                    .get("status")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                _ => String::new(),
+            };
+        if status != "inmigrate" || migration.starts_with("postcopy") {
             warn!(
                 vm,
                 %status,
+                %migration,
                 "the incoming migration failed after the guest may have started here: the destination QEMU is left as it is"
             );
-            return;
+            return true;
         }
     }
     match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
@@ -722,6 +888,7 @@ async fn quit(feed: &Feed, vm: &str) {
         Ok(Err(e)) => debug!(vm, "destination QEMU quit: {e}"),
         Err(_) => warn!(vm, "destination QEMU did not answer quit within 5 s"),
     }
+    false
 }
 
 /// Feeds `vm`'s QEMU; `entry`: where the feed is listed, to leave the list when its source
@@ -828,7 +995,7 @@ async fn feed_loop(
     if let Err(e) = &r {
         warn!(vm, "feeding the destination QEMU failed: {e}");
         // Before the socket closes (see `Feeds::remove`).
-        quit(&feed, &vm).await;
+        let _ = quit(&feed, &vm).await;
     }
     drop(sock);
     let mut s = lock(&feed.state);
@@ -842,11 +1009,14 @@ async fn feed_loop(
     }
     drop(s);
     feed.wake.notify_waiters();
+    // No finish or abort will come: the feed goes, and with it its hold on QEMU's monitor
+    // (one client at a time) and its reader of QEMU's return path. Not under post-copy: a
+    // source may still come back to resume it (`MIGRATION_QEMU_RECOVER`), and QEMU's main
+    // thread, waiting for a page, may answer no monitor but this one.
     if gone {
-        // No finish or abort will come: the feed goes, and with it its hold on QEMU's monitor
-        // (one client at a time: an operator's `migrate-recover` needs it) and its reader of
-        // QEMU's return path.
-        if let Some(map) = entry.0.upgrade() {
+        if feed.ret.is_none()
+            && let Some(map) = entry.0.upgrade()
+        {
             let mut m = lock(&map);
             if m.get(&entry.1).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
                 m.remove(&entry.1);

@@ -1076,6 +1076,7 @@ impl Receiver {
                 | data::MIGRATION_QEMU_FINISH
                 | data::MIGRATION_QEMU_ABORT
                 | data::MIGRATION_QEMU_RETURN
+                | data::MIGRATION_QEMU_RECOVER
         ) {
             let Some(feeds) = self.qemu.get() else {
                 return refuse(
@@ -1100,6 +1101,7 @@ impl Receiver {
             }
             let r = match m.op {
                 data::MIGRATION_QEMU_OPEN => feeds.open(peer, &m.name, m.postcopy).await,
+                data::MIGRATION_QEMU_RECOVER => feeds.recover(peer, &m.name).await,
                 data::MIGRATION_QEMU_FINISH => {
                     let (r, ended) = feeds.finish(peer, &m.name, m.segments, &m.blake3).await;
                     // Only a finish that ended the incoming migration itself counts (not one
