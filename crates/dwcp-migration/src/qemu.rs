@@ -244,6 +244,10 @@ pub struct QemuReport {
     /// Seconds from the request for post-copy (the switch-over included) to the destination's
     /// answer that it has loaded all: about how long the guest ran there with pages to come.
     pub postcopy_seconds: Option<f64>,
+    /// This run resumed a post-copy that an earlier one left paused (its stream broke: the
+    /// link went down for longer than it retried, or its process died): the figures are this
+    /// run's, the pages still at the source.
+    pub recovered: bool,
 }
 
 /// Live progress.
@@ -672,6 +676,24 @@ async fn migrate_qemu_inner(
     let mut qmp = Qmp::connect(&spec.qmp, Duration::from_secs(10))
         .await
         .map_err(|e| fail("prepare", e.to_string(), &report))?;
+    let migration = qmp
+        .execute("query-migrate", None)
+        .await
+        .map_err(|e| fail("prepare", e.to_string(), &report))?;
+    match migration.get("status").and_then(Value::as_str) {
+        // A post-copy an earlier run left paused (its stream broke): resumed, not started.
+        Some("postcopy-paused") => {
+            return Box::pin(recover(dest, spec, qmp, progress, started, report)).await;
+        }
+        None | Some("none" | "completed" | "failed" | "cancelled") => {}
+        Some(other) => {
+            return Err(fail(
+                "prepare",
+                format!("the source QEMU is migrating already (its migration is {other:?})"),
+                &report,
+            ));
+        }
+    }
     let status = qmp
         .status()
         .await
@@ -857,6 +879,7 @@ async fn migrate_qemu_inner(
     let result = run(
         dest,
         spec,
+        Start::New,
         postcopy,
         &stopped,
         &mut qmp,
@@ -923,6 +946,167 @@ async fn migrate_qemu_inner(
             Err(e)
         }
     }
+}
+
+/// Resumes the post-copy migration that a broken stream left paused at the source (QEMU's
+/// `postcopy-paused`; `qmp` is its monitor): the destination drops what is left of the
+/// earlier stream and has its QEMU listen again (`MIGRATION_QEMU_RECOVER`), and the source
+/// QEMU's `migrate` with `resume` sends the pages still at the source through a new tunnel.
+/// Nothing is rolled back whatever happens: a failure leaves both QEMUs paused in post-copy
+/// again, for another try.
+async fn recover(
+    dest: Destination<'_>,
+    spec: &QemuSpec,
+    mut qmp: Qmp,
+    progress: &mut (dyn FnMut(&QemuProgress) + Send),
+    started: Instant,
+    mut report: QemuReport,
+) -> Result<QemuReport, QemuError> {
+    report.recovered = true;
+    report.postcopy = true;
+    let fail = |phase: &'static str, reason: String, report: &QemuReport| QemuError {
+        vm: spec.vm.clone(),
+        phase,
+        reason,
+        source_as_before: false,
+        report: Box::new(report.clone()),
+    };
+    // There is no way back from here: nothing to cancel to.
+    if !spec.cancel.finish() {
+        return Err(fail(POSTCOPY, CANCELLED.to_string(), &report));
+    }
+    let (source_qemu, _) = source_qemu(&mut qmp).await;
+    report.source_qemu = source_qemu;
+    info!(vm = %spec.vm, "the source QEMU's post-copy is paused: resuming it");
+    let mut control = KeptSession::new();
+    let ask = MigrationRequest {
+        name: &spec.vm,
+        op: data::MIGRATION_QEMU_RECOVER,
+        segments: 0,
+        digest: None,
+        postcopy: true,
+        // The destination waits for its QEMU to notice the old stream gone.
+        timeout: Duration::from_secs(60),
+    };
+    let asked = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &ask, &mut control);
+    let tunnel = Tunnel::open_with(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        spec.streams,
+        &spec.vm,
+        spec.rate_limit.clone(),
+    );
+    // What the destination's cache holds: the pages still at the source may be there.
+    let base = async {
+        if !spec.delta {
+            return None;
+        }
+        match query_base(
+            dest.endpoint,
+            dest.addr,
+            dest.expected,
+            &spec.vm,
+            0,
+            0,
+            false,
+        )
+        .await
+        {
+            Ok((r, _)) => r,
+            Err(e) => {
+                debug!("no destination cache summary for the recovery: {e}");
+                None
+            }
+        }
+    };
+    let (asked, tunnel, remote) = tokio::join!(asked, tunnel, base);
+    let tunnel = match (asked, tunnel) {
+        (Ok(_), Ok(t)) => {
+            t.retry_within(spec.retry_for);
+            t
+        }
+        (asked, tunnel) => {
+            let why = (asked.err().map(|e| format!("destination: {e}")))
+                .or_else(|| tunnel.as_ref().err().map(|e| format!("tunnel: {e}")))
+                .unwrap_or_default();
+            if let Ok(t) = tunnel {
+                t.close();
+            }
+            abort_destination(&dest, &spec.vm).await;
+            control.close().await;
+            report.total_seconds = started.elapsed().as_secs_f64();
+            report.error = Some(why.clone());
+            return Err(fail(POSTCOPY, why, &report));
+        }
+    };
+    let rtt = control
+        .round_trip()
+        .await
+        .unwrap_or(Duration::from_millis(1));
+    let result = run(
+        dest,
+        spec,
+        Start::Resume,
+        true,
+        &Arc::new(AtomicBool::new(true)),
+        &mut qmp,
+        &mut control,
+        remote,
+        tunnel,
+        rtt,
+        None,
+        Watch::new(spec.give_up.for_postcopy(), None, spec.downtime),
+        false,
+        progress,
+        &mut report,
+    )
+    .await;
+    report.total_seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => {
+            control.close().await;
+            report.migrated = true;
+            info!(vm = %spec.vm, seconds = report.total_seconds, "QEMU post-copy resumed and done");
+            Ok(report)
+        }
+        Err((phase, reason)) => {
+            let runs_there = runs_at_destination(phase, &report.dest_status);
+            // Its QEMU pauses the post-copy again when the new stream goes.
+            if !runs_there {
+                abort_destination(&dest, &spec.vm).await;
+            }
+            control.close().await;
+            warn!(vm = %spec.vm, phase, "resuming the QEMU post-copy failed: {reason}");
+            report.error = Some(reason.clone());
+            let phase = if phase == UNKNOWN || runs_there {
+                phase
+            } else {
+                POSTCOPY
+            };
+            Err(fail(phase, reason, &report))
+        }
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// How [`run`] starts QEMU's migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A new one.
+    New,
+    /// Resumes a paused post-copy (`migrate` with `resume`).
+    Resume,
 }
 
 /// After a failure that leaves the source paused: QEMU itself may resume the guest within a
@@ -1181,6 +1365,7 @@ async fn rollback(spec: &QemuSpec, qmp: &mut Qmp, was_running: bool) -> bool {
 async fn run(
     dest: Destination<'_>,
     spec: &QemuSpec,
+    start: Start,
     postcopy: bool,
     stopped: &Arc<AtomicBool>,
     qmp: &mut Qmp,
@@ -1207,34 +1392,40 @@ async fn run(
     })?;
 
     let q = |e: dwcp_transport::qmp::QmpError| ("prepare", e.to_string());
-    qmp.execute(
-        "migrate-set-capabilities",
-        // One stream through the tunnel: multifd (several sockets) and post-copy off, whatever
-        // an earlier migration of this QEMU left set.
-        Some(json!({"capabilities": [
-            capability("auto-converge", spec.auto_converge),
-            capability("multifd", false),
-            capability("postcopy-ram", false),
-        ]})),
-    )
-    .await
-    .map_err(q)?;
+    let resume = start == Start::Resume;
+    // Capabilities are fixed while a migration is (a paused post-copy's were set by the
+    // run that began it).
+    if !resume {
+        qmp.execute(
+            "migrate-set-capabilities",
+            // One stream through the tunnel: multifd (several sockets) and post-copy off,
+            // whatever an earlier migration of this QEMU left set.
+            Some(json!({"capabilities": [
+                capability("auto-converge", spec.auto_converge),
+                capability("multifd", false),
+                capability("postcopy-ram", false),
+            ]})),
+        )
+        .await
+        .map_err(q)?;
+    }
     // On its own (it took it a moment ago, in `source_takes_postcopy`): a QEMU that refuses
     // it now still migrates, without post-copy. The destination feeds every byte as it comes
     // all the same (`postcopy` stays true for what that exposes), the source QEMU ends its
     // stream without waiting for a return path, and the finish works as before.
-    let source_rp = postcopy && {
-        let on = json!({"capabilities": [capability("postcopy-ram", true)]});
-        match qmp.execute("migrate-set-capabilities", Some(on)).await {
-            Ok(_) => true,
-            Err(e) => {
-                let w = format!("no post-copy: the source QEMU refused it: {e}");
-                warn!(vm = %spec.vm, "{w}");
-                report.warnings.push(w);
-                false
+    let source_rp = resume
+        || postcopy && {
+            let on = json!({"capabilities": [capability("postcopy-ram", true)]});
+            match qmp.execute("migrate-set-capabilities", Some(on)).await {
+                Ok(_) => true,
+                Err(e) => {
+                    let w = format!("no post-copy: the source QEMU refused it: {e}");
+                    warn!(vm = %spec.vm, "{w}");
+                    report.warnings.push(w);
+                    false
+                }
             }
-        }
-    };
+        };
     let mut params = json!({
         "downtime-limit": spec.downtime.as_millis() as u64,
         // QEMU's default cap is 128 MiB/s; the tunnel's backpressure is the limit here.
@@ -1250,12 +1441,13 @@ async fn run(
     // Drop events from before the migration (a STOP of an earlier pause must not count).
     let _ = qmp.poll_events(Duration::from_millis(1)).await;
     while qmp.take_event("STOP").is_some() {}
-    qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("unix:{}", sock_path.display())})),
-    )
-    .await
-    .map_err(|e| ("start", e.to_string()))?;
+    let mut migrate = json!({"uri": format!("unix:{}", sock_path.display())});
+    if resume {
+        migrate["resume"] = json!(true);
+    }
+    qmp.execute("migrate", Some(migrate))
+        .await
+        .map_err(|e| ("start", e.to_string()))?;
     let (sock, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
         .map_err(|_| {
@@ -1296,6 +1488,14 @@ async fn run(
     // QEMU's monitor does not answer while QEMU finishes the migration (it holds its main
     // lock), and that must not stall the stream QEMU is waiting on.
     let mut forwarder = tokio::spawn(forward(blocks, tunnel.clone(), budget.clone(), remote));
+    // Should this future be dropped midway (its caller gave up on it), the tasks go with it:
+    // left running they would keep QEMU's socket and the tunnel open.
+    let _tasks = AbortOnDrop(
+        [reader.abort_handle(), forwarder.abort_handle()]
+            .into_iter()
+            .chain(returns.as_ref().map(|r| r.abort_handle()))
+            .collect(),
+    );
     // The window lifts the moment QEMU's STOP is read, also while a monitor command waits for
     // its answer: QEMU holds that answer until its final round is written, and the final round
     // would wait behind the window (see `Budget::set_paused`).
@@ -1329,6 +1529,16 @@ async fn run(
             );
         }
     })));
+    if resume {
+        // The guest runs at the destination and waits there for every page it faults on:
+        // the post-copy window from the start, and a stuck block goes again soon.
+        budget.set_late();
+        budget.postcopy.store(true, Ordering::Relaxed);
+        budget.set_paused(true);
+        stopped.store(true, Ordering::SeqCst);
+        spec.cancel.finish();
+        tunnel.finishing();
+    }
     // A STOP read before the hook was in place (by `migrate`'s own answer, say) still counts.
     if qmp.latest_is("STOP", &["STOP", "RESUME"]) {
         budget.set_paused(true);
@@ -1409,11 +1619,15 @@ async fn run(
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     };
-    let stop = qmp
-        .wait_event("STOP", Duration::from_secs(2))
-        .await
-        .ok()
-        .map(|e| e.at);
+    // (A resumed post-copy stopped the guest in an earlier run.)
+    let stop = match start {
+        Start::Resume => None,
+        Start::New => qmp
+            .wait_event("STOP", Duration::from_secs(2))
+            .await
+            .ok()
+            .map(|e| e.at),
+    };
     let ram = info.get("ram");
     report.ram_bytes = ram
         .and_then(|r| r.get("total"))
@@ -1471,8 +1685,8 @@ async fn pump(
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
-    // When QEMU was asked for post-copy (and went).
-    let mut postcopy_since: Option<Instant> = None;
+    // When QEMU was asked for post-copy (and went); a resumed one is in it from the start.
+    let mut postcopy_since: Option<Instant> = report.postcopy.then(Instant::now);
     // Part of the pause is neither QEMU's final round nor the tunnel's backlog: the
     // destination QEMU loading the device state and resuming, with the two agents and the
     // guests on the same CPUs (on `dc`, 60-90 ms after the last byte; 2026-12-03).

@@ -61,7 +61,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
     match err.downcast_ref::<migrate::MigrationFailed>() {
         Some(migrate::MigrationFailed::RolledBack) => return exit::ROLLED_BACK,
-        Some(migrate::MigrationFailed::OutcomeUnknown) => return exit::OUTCOME_UNKNOWN,
+        Some(
+            migrate::MigrationFailed::OutcomeUnknown | migrate::MigrationFailed::PostcopyPaused,
+        ) => return exit::OUTCOME_UNKNOWN,
         None => {}
     }
     for cause in err.chain() {
@@ -152,6 +154,15 @@ mod tests {
         assert_eq!(
             exit_code(&failed(migrate::MigrationFailed::OutcomeUnknown)),
             exit::OUTCOME_UNKNOWN
+        );
+        // Stopped in post-copy: the source stays paused too, and the message says how to
+        // resume it.
+        let split = failed(migrate::MigrationFailed::PostcopyPaused);
+        assert_eq!(exit_code(&split), exit::OUTCOME_UNKNOWN);
+        assert!(
+            split
+                .to_string()
+                .contains("run the same `dwcp migrate` again")
         );
         // Also under more context, and ahead of any other kind of error in the chain.
         let io = Err::<(), _>(std::io::Error::other("socket"))

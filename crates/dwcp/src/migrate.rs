@@ -31,6 +31,14 @@ pub(crate) enum MigrationFailed {
          at the destination; check there before resuming or discarding the source"
     )]
     OutcomeUnknown,
+    /// Stopped in post-copy: the guest runs at the destination, pages of it are still at the
+    /// source, and both QEMUs wait for the stream to come back.
+    #[error(
+        "the migration stopped in post-copy: the guest's memory is split between the hosts, \
+         and both QEMUs wait paused (QEMU's postcopy-paused); once the destination is \
+         reachable, run the same `dwcp migrate` again to resume it"
+    )]
+    PostcopyPaused,
 }
 
 /// A generated VM, and how many bytes of what the destination holds its migration may keep
@@ -582,6 +590,8 @@ fn run_qemu(
             }
             let how = if e.source_as_before {
                 MigrationFailed::RolledBack
+            } else if e.phase == dwcp_migration::qemu::POSTCOPY {
+                MigrationFailed::PostcopyPaused
             } else {
                 MigrationFailed::OutcomeUnknown
             };
@@ -694,6 +704,7 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
         "postcopy": r.postcopy,
         "postcopy_requests": r.postcopy_requests,
         "postcopy_seconds": r.postcopy_seconds,
+        "recovered": r.recovered,
     })
 }
 
@@ -710,6 +721,11 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
     );
     for w in &r.warnings {
         println!("  warning: {w}");
+    }
+    if r.recovered {
+        println!(
+            "  resumed the post-copy an earlier run left paused: the figures below are this run's"
+        );
     }
     println!(
         "  QEMU's stream {:.1} MB in {} segments; {:.1} MB on the wire ({:.1} % of the stream, {:.1} MB by reference to the destination's cache)",
