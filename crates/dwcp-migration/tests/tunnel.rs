@@ -95,6 +95,7 @@ fn req(op: u32, segments: u64) -> MigrationRequest<'static> {
         digest: None,
         postcopy: false,
         timeout: Duration::from_secs(30),
+        stream_session: None,
     }
 }
 
@@ -506,6 +507,7 @@ async fn blocks_without_an_open_migration_or_qemu_dir_are_refused() {
         digest: None,
         postcopy: false,
         timeout: Duration::from_secs(30),
+        stream_session: None,
     };
     let e = migration_request_kept(&ep, agent.addr, None, &open, &mut control)
         .await
@@ -857,4 +859,179 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
     tunnel.close();
     vm.control.close().await;
     vm.agent.stop().await.unwrap();
+}
+
+/// A destination QEMU under post-copy as the agent sees it: its monitor offers out-of-band
+/// execution, says `postcopy-active` while its first stream is open and `postcopy-paused`
+/// once that closed, and takes `migrate-recover` (out of band) only then, listening on the
+/// URI it names. Yields the bytes of its first stream and of the resumed one.
+fn fake_postcopy_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)> {
+    // 0: first stream open, 1: paused, 2: recovering, 3: resumed stream ended.
+    let state = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
+    let (recover_tx, recover_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let st = state.clone();
+    tokio::spawn(async move {
+        let mut recover_tx = Some(recover_tx);
+        let (s, _) = qmp.accept().await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\n")
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let id = v["id"].clone();
+            let now = st.load(Ordering::SeqCst);
+            let answer = if v["execute"] == "query-status" {
+                let run = if now == 0 { "inmigrate" } else { "running" };
+                serde_json::json!({"return": {"status": run, "running": true}, "id": id})
+            } else if v["execute"] == "query-migrate" {
+                let m = [
+                    "postcopy-active",
+                    "postcopy-paused",
+                    "postcopy-recover",
+                    "completed",
+                ];
+                serde_json::json!({"return": {"status": m[now as usize]}, "id": id})
+            } else if v["exec-oob"] == "migrate-recover" {
+                if now == 1 {
+                    let uri = v["arguments"]["uri"].as_str().unwrap().to_string();
+                    let path = uri.strip_prefix("unix:").unwrap().to_string();
+                    let _ = std::fs::remove_file(&path);
+                    let l = UnixListener::bind(&path).unwrap();
+                    st.store(2, Ordering::SeqCst);
+                    let tx = recover_tx.take().unwrap();
+                    tokio::spawn(async move {
+                        let (mut s, _) = l.accept().await.unwrap();
+                        let mut got = Vec::new();
+                        s.read_to_end(&mut got).await.unwrap();
+                        let _ = tx.send(got);
+                    });
+                    serde_json::json!({"return": {}, "id": id})
+                } else {
+                    let desc = "Migrate recover can only be run when postcopy is paused.";
+                    serde_json::json!({"error": {"class": "GenericError", "desc": desc}, "id": id})
+                }
+            } else if v["execute"] == "qom-list" {
+                serde_json::json!({"return": [], "id": id})
+            } else {
+                assert_ne!(v["execute"], "quit", "a QEMU in post-copy told to quit");
+                serde_json::json!({"return": {}, "id": id})
+            };
+            if w.write_all((answer.to_string() + "\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = incoming.accept().await.unwrap();
+        let mut first = Vec::new();
+        let _ = s.read_to_end(&mut first).await;
+        state.store(1, Ordering::SeqCst);
+        let resumed = tokio::time::timeout(Duration::from_secs(60), recover_rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        state.store(3, Ordering::SeqCst);
+        (first, resumed)
+    })
+}
+
+/// A post-copy resumed on a new stream (`MIGRATION_QEMU_RECOVER`): the destination stops the
+/// first stream and has its QEMU listen again (out of band). Blocks and requests of the
+/// first stream's tunnel, still arriving, are refused; the new stream reaches QEMU whole,
+/// and its finish is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() {
+    let cluster = TestCluster::new();
+    let qemu_dir = cluster.dir().join("qemu");
+    std::fs::create_dir_all(&qemu_dir).unwrap();
+    let qd = qemu_dir.clone();
+    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let got = fake_postcopy_qemu(&qemu_dir, "vm");
+    let mut control = KeptSession::new();
+    let open = MigrationRequest {
+        postcopy: true,
+        ..req(data::MIGRATION_QEMU_OPEN, 0)
+    };
+    let detail = migration_request_kept(&ep, agent.addr, None, &open, &mut control)
+        .await
+        .unwrap();
+    assert!(detail.contains("\"postcopy\":true"), "{detail}");
+    let old = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
+    let first = send_raw(&old, 2);
+    wait_acked(&old, 2).await;
+
+    // The new stream's tunnel, then the recovery naming it.
+    let new = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
+    let recover = MigrationRequest {
+        postcopy: true,
+        stream_session: Some(new.session_id()),
+        ..req(data::MIGRATION_QEMU_RECOVER, 0)
+    };
+    let detail = migration_request_kept(&ep, agent.addr, None, &recover, &mut control)
+        .await
+        .unwrap();
+    assert!(detail.contains("\"recovered\":true"), "{detail}");
+
+    // The earlier tunnel's late block, and a request naming it: refused.
+    send_raw_range(&old, 2..3);
+    let t = Instant::now();
+    while old.error().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a late block was taken"
+        );
+        old.wait_progress(Duration::from_millis(100)).await;
+    }
+    let e = old.error().unwrap();
+    assert!(e.contains("earlier one"), "{e}");
+    let stale = MigrationRequest {
+        stream_session: Some(old.session_id()),
+        ..req(data::MIGRATION_QEMU_ABORT, 0)
+    };
+    let e = migration_request_kept(&ep, agent.addr, None, &stale, &mut control)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("earlier one"), "{e}");
+    old.close();
+
+    // The new stream, numbered from 0, whole.
+    let mut expected = Vec::new();
+    for seq in 0..3u64 {
+        let raw = Bytes::from(block_content(seq + 100));
+        expected.extend_from_slice(&raw);
+        new.send(Block {
+            seq,
+            raw,
+            encoded: None,
+        })
+        .unwrap();
+    }
+    wait_acked(&new, 3).await;
+    let finish = MigrationRequest {
+        digest: Some(*blake3::hash(&expected).as_bytes()),
+        stream_session: Some(new.session_id()),
+        ..req(data::MIGRATION_QEMU_FINISH, 3)
+    };
+    let detail = migration_request_kept(&ep, agent.addr, None, &finish, &mut control)
+        .await
+        .unwrap();
+    assert!(detail.contains("running"), "{detail}");
+    new.close();
+    let (got_first, got_resumed) = tokio::time::timeout(Duration::from_secs(30), got)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got_first, first, "the first stream");
+    assert_eq!(got_resumed, expected, "the resumed stream");
+    control.close().await;
+    agent.stop().await.unwrap();
 }

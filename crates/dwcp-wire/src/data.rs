@@ -195,6 +195,12 @@ pub struct Migration {
     /// `false` with a `why`. A node that predates the field answers an empty `reason`.
     #[prost(bool, tag = "6")]
     pub postcopy: bool,
+    /// QEMU ops on a stream (4 to 7): the session id of the tunnel that carries it, when the
+    /// sender tells. A stream resumed by [`MIGRATION_QEMU_RECOVER`] takes blocks only from
+    /// that session, and refuses a request naming another: an earlier stream's blocks and
+    /// requests, still in flight when it was resumed, must not reach the new one.
+    #[prost(bytes = "vec", tag = "7")]
+    pub stream_session: Vec<u8>,
 }
 
 /// `ObjectBegin::encoding`: the object is the content itself.

@@ -25,7 +25,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QmpError};
 
 /// How long QEMU may take to accept a segment, or to load the VM after the last one.
 const STALL: Duration = Duration::from_secs(60);
@@ -190,6 +190,26 @@ struct Feed {
     /// One FINISH at a time: a source whose connection broke while it waited sends it again,
     /// and the second must see what the first did.
     finishing: tokio::sync::Mutex<()>,
+    /// A resumed stream's tunnel session: blocks and requests from another (an earlier
+    /// stream's, still in flight) are refused.
+    session: Option<Vec<u8>>,
+}
+
+impl Feed {
+    /// Whether `session` (a block's, or a request's when it names one) is not this stream's.
+    fn foreign(&self, session: &[u8]) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !session.is_empty() && s.as_slice() != session)
+    }
+}
+
+/// How a feed reaches its QEMU.
+enum Conn {
+    /// Connected.
+    Now(UnixStream),
+    /// At this socket, once the stream's first block is in (see [`Feeds::recover`]).
+    Lazy(PathBuf),
 }
 
 /// The open incoming migrations, by source and VM.
@@ -326,7 +346,9 @@ impl Feeds {
             .await
             .map_err(|_| format!("connecting to {} timed out", sock_path.display()))?
             .map_err(|e| format!("cannot connect to {}: {e}", sock_path.display()))?;
-        self.start(peer, vm, Arc::new(tokio::sync::Mutex::new(qmp)), sock, ret);
+        let qmp = Arc::new(tokio::sync::Mutex::new(qmp));
+        let feed = self.start(peer, vm, qmp, Conn::Now(sock), ret, None);
+        lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
         info!(%peer, vm, postcopy = detail["postcopy"] == true, "incoming QEMU migration opened");
         Ok(detail.to_string())
     }
@@ -338,9 +360,10 @@ impl Feeds {
         peer: &NodeId,
         vm: &str,
         qmp: Arc<tokio::sync::Mutex<Qmp>>,
-        sock: UnixStream,
+        conn: Conn,
         ret: Option<Arc<ReturnPath>>,
-    ) {
+        session: Option<Vec<u8>>,
+    ) -> Arc<Feed> {
         let feed = Arc::new(Feed {
             state: Mutex::new(FeedState {
                 last_progress: Some(Instant::now()),
@@ -354,29 +377,39 @@ impl Feeds {
             ret,
             ret_task: Mutex::new(None),
             finishing: tokio::sync::Mutex::new(()),
+            session,
         });
-        let (rd, wr) = sock.into_split();
-        if let Some(path) = &feed.ret {
-            let t = tokio::spawn(read_return(path.clone(), rd, vm.to_string()));
-            *lock(&feed.ret_task) = Some(t);
-        }
         let key = (peer.clone(), vm.to_string());
-        let task = tokio::spawn(feed_loop(
-            feed.clone(),
-            wr,
-            vm.to_string(),
-            (Arc::downgrade(&self.feeds), key),
-        ));
+        let entry = (Arc::downgrade(&self.feeds), key);
+        let task = match conn {
+            Conn::Now(sock) => {
+                let (rd, wr) = sock.into_split();
+                if let Some(path) = &feed.ret {
+                    let t = tokio::spawn(read_return(path.clone(), rd, vm.to_string()));
+                    *lock(&feed.ret_task) = Some(t);
+                }
+                tokio::spawn(feed_loop(feed.clone(), wr, vm.to_string(), entry))
+            }
+            Conn::Lazy(path) => {
+                tokio::spawn(connect_when_fed(feed.clone(), path, vm.to_string(), entry))
+            }
+        };
         *lock(&feed.task) = Some(task);
-        lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
+        feed
     }
 
     /// RECOVER: resumes the post-copy migration of `vm` that its broken stream left paused
-    /// (QEMU's `postcopy-paused`): what is left of the earlier stream from `peer` goes (its
-    /// socket closing pauses a QEMU that had not noticed yet), the destination QEMU listens
-    /// again (`migrate-recover` on `DIR/VM.recover`), and a new feed with a return path
-    /// carries the new stream. Returns the answer's detail (JSON).
-    pub(crate) async fn recover(&self, peer: &NodeId, vm: &str) -> Result<String, String> {
+    /// (QEMU's `postcopy-paused`), on a new stream carried by the tunnel session `session`.
+    /// The earlier stream from `peer` stops (its socket closing pauses a QEMU that had not
+    /// noticed yet); the destination QEMU listens again (`migrate-recover` on
+    /// `DIR/VM.recover`, out of band); a new feed with a return path takes the new stream,
+    /// and connects to QEMU only with its first block. Returns the answer's detail (JSON).
+    pub(crate) async fn recover(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        session: &[u8],
+    ) -> Result<String, String> {
         let key = (peer.clone(), vm.to_string());
         lock(&self.finished).remove(&key);
         let (old, other) = {
@@ -397,38 +430,45 @@ impl Feeds {
                 "the incoming migration of {vm:?} is a pre-copy: there is no post-copy to resume"
             ));
         }
-        // The earlier stream goes (its socket closing pauses a QEMU that had not noticed yet),
-        // not QEMU: its monitor, negotiated before the guest ran here, is the one that still
-        // answers if QEMU's main thread waits on a missing page.
-        let qmp = match old {
+        // The earlier stream stops; its feed stays listed, with QEMU's monitor (negotiated
+        // before the guest ran here: the one that still answers if QEMU's main thread waits
+        // on a missing page), until the new feed takes its place. A recovery that fails
+        // leaves it for the next.
+        let path = self.dir.join(format!("{vm}.qmp"));
+        let fresh = || async {
+            let q = Qmp::connect_oob(&path, Duration::from_secs(10))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "destination QEMU monitor: {e} (a QEMU whose guest waits on a page still \
+                         at the source answers only the monitor this node opened before; was the \
+                         agent restarted?)"
+                    )
+                })?;
+            Ok::<_, String>(Arc::new(tokio::sync::Mutex::new(q)))
+        };
+        let mut qmp = match &old {
             Some(old) => {
-                self.detach(peer, vm, &old);
-                info!(%peer, vm, "the earlier stream of this incoming migration dropped for its recovery");
+                stop(
+                    old,
+                    "the incoming migration is being resumed on a new stream",
+                );
+                info!(%peer, vm, "the earlier stream of this incoming migration stopped for its recovery");
                 old.qmp.clone()
             }
-            None => {
-                let path = self.dir.join(format!("{vm}.qmp"));
-                let q = Qmp::connect_oob(&path, Duration::from_secs(10))
-                    .await
-                    .map_err(|e| {
-                        format!(
-                            "destination QEMU monitor: {e} (a QEMU whose guest waits on a page \
-                             still at the source answers only the monitor this node opened \
-                             before; was the agent restarted?)"
-                        )
-                    })?;
-                Arc::new(tokio::sync::Mutex::new(q))
-            }
+            None => fresh().await?,
         };
         let sock_path = self.dir.join(format!("{vm}.recover"));
-        // QEMU notices its stream gone within moments; one that does not pause (or listen)
-        // within this long is not waiting for a recovery.
-        let deadline = Instant::now() + RECOVER_WAIT;
         let uri = format!("unix:{}", sock_path.display());
-        let sock = loop {
+        // QEMU takes it once paused, which it is within moments of its stream going; one
+        // that does not within this long is not waiting for a recovery.
+        let deadline = Instant::now() + RECOVER_WAIT;
+        let (mut warned, mut reconnected) = (false, false);
+        loop {
             let asked = {
                 let mut q = qmp.lock().await;
-                if !q.oob() {
+                if !q.oob() && !warned {
+                    warned = true;
                     warn!(
                         vm,
                         "the destination QEMU's monitor has no out-of-band execution: its recovery waits for its main thread"
@@ -437,54 +477,47 @@ impl Feeds {
                 q.execute_oob("migrate-recover", Some(serde_json::json!({ "uri": uri })))
                     .await
             };
-            let refused = match asked {
-                // QEMU listens on the path now.
-                Ok(_) => None,
-                Err(e) => Some(e.to_string()),
+            match asked {
+                Ok(_) => break,
+                // The kept monitor is gone (QEMU restarted, say): a new one, once.
+                Err(QmpError::Io { .. }) if !reconnected => {
+                    reconnected = true;
+                    qmp = fresh().await?;
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "the destination QEMU for {vm:?} did not take migrate-recover within \
+                         {RECOVER_WAIT:?}: {e} (QEMU takes it while its post-copy is paused; \
+                         one that began recovering on an earlier stream cannot pause again \
+                         before QEMU 8.2)"
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let session = (!session.is_empty()).then(|| session.to_vec());
+        let ret = Some(Arc::new(ReturnPath::default()));
+        let feed = self.start(peer, vm, qmp, Conn::Lazy(sock_path), ret, session);
+        let placed = {
+            let mut m = lock(&self.feeds);
+            let free = match (m.get(&key), &old) {
+                (None, _) => true,
+                (Some(f), Some(o)) => Arc::ptr_eq(f, o),
+                (Some(_), None) => false,
             };
-            // Also when refused: an earlier RECOVER may have had it listen already, and its
-            // source never came.
-            if let Ok(s) = UnixStream::connect(&sock_path).await {
-                break s;
+            if free {
+                m.insert(key, feed.clone());
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the destination QEMU for {vm:?} did not listen for a recovery within \
-                     {RECOVER_WAIT:?}: {}",
-                    refused
-                        .unwrap_or_else(|| format!("nothing accepts at {}", sock_path.display()))
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            free
         };
-        self.start(peer, vm, qmp, sock, Some(Arc::new(ReturnPath::default())));
+        if !placed {
+            stop(&feed, "another migration of this VM opened meanwhile");
+            return Err(format!(
+                "another incoming migration of {vm:?} opened while this one was being resumed"
+            ));
+        }
         info!(%peer, vm, "incoming QEMU post-copy migration recovering");
         Ok(serde_json::json!({"postcopy": true, "recovered": true}).to_string())
-    }
-
-    /// Takes `feed` (listed for `peer` and `vm`) off the list and stops it, closing its
-    /// socket, without a word to its QEMU.
-    fn detach(&self, peer: &NodeId, vm: &str, feed: &Arc<Feed>) {
-        {
-            let mut m = lock(&self.feeds);
-            let key = (peer.clone(), vm.to_string());
-            if m.get(&key).is_some_and(|f| Arc::ptr_eq(f, feed)) {
-                m.remove(&key);
-            }
-        }
-        if let Some(t) = lock(&feed.task).take() {
-            t.abort();
-        }
-        if let Some(t) = lock(&feed.ret_task).take() {
-            t.abort();
-        }
-        let mut s = lock(&feed.state);
-        s.ready.clear();
-        s.buffered = 0;
-        s.error
-            .get_or_insert_with(|| "the incoming migration is recovering on a new stream".into());
-        drop(s);
-        feed.wake.notify_waiters();
     }
 
     /// RETURN: what `vm`'s QEMU wrote back from byte `from` on (at most `most` bytes), and
@@ -495,16 +528,22 @@ impl Feeds {
         vm: &str,
         from: u64,
         most: usize,
+        session: &[u8],
     ) -> Result<(Vec<u8>, bool), String> {
-        let path = lock(&self.feeds)
+        let feed = lock(&self.feeds)
             .get(&(peer.clone(), vm.to_string()))
-            .map(|f| f.ret.clone());
-        match path {
-            None => Err(format!("no incoming migration of {vm:?} is open")),
-            Some(None) => Err(format!(
+            .cloned();
+        let Some(feed) = feed else {
+            return Err(format!("no incoming migration of {vm:?} is open"));
+        };
+        if feed.foreign(session) {
+            return Err(earlier(vm));
+        }
+        match &feed.ret {
+            None => Err(format!(
                 "the incoming migration of {vm:?} was opened without post-copy: no return path"
             )),
-            Some(Some(p)) => p.from(from, most).await,
+            Some(p) => p.from(from, most).await,
         }
     }
 
@@ -516,6 +555,7 @@ impl Feeds {
         vm: &str,
         seq: u64,
         block: Bytes,
+        session: &[u8],
     ) -> Result<(), String> {
         let key = (peer.clone(), vm.to_string());
         let Some(feed) = lock(&self.feeds).get(&key).cloned() else {
@@ -529,6 +569,9 @@ impl Feeds {
             }
             return Err(format!("no incoming migration of {vm:?} is open"));
         };
+        if feed.foreign(session) {
+            return Err(earlier(vm));
+        }
         let started = Instant::now();
         let mut block = Some(block);
         // Out of `waiting` however this ends, a cancelled push too: a stale entry would count
@@ -614,6 +657,7 @@ impl Feeds {
         vm: &str,
         total: u64,
         digest: &[u8],
+        session: &[u8],
     ) -> (Result<String, String>, bool) {
         let Ok(digest) = <[u8; 32]>::try_from(digest) else {
             let why = format!(
@@ -634,6 +678,9 @@ impl Feeds {
                 false,
             );
         };
+        if feed.foreign(session) {
+            return (Err(earlier(vm)), false);
+        }
         let _turn = feed.finishing.lock().await;
         if let Some(r) = self.replay(&key, total, &digest) {
             return (r, false); // the FINISH before this one ended it meanwhile
@@ -661,7 +708,7 @@ impl Feeds {
             },
         );
         let ended = self
-            .remove_if(peer, vm, result.is_ok(), Some(&feed), false)
+            .remove_if(peer, vm, result.is_ok(), Some(&feed), true)
             .await;
         (result, ended)
     }
@@ -730,8 +777,19 @@ impl Feeds {
     /// ABORT: stops feeding, and QEMU quits. Whether an incoming migration was open. A QEMU
     /// left as it is in post-copy (see [`quit`]) stays listed with its monitor, its stream
     /// stopped, for a recovery.
-    pub(crate) async fn abort(&self, peer: &NodeId, vm: &str) -> bool {
-        self.remove_if(peer, vm, false, None, true).await
+    pub(crate) async fn abort(
+        &self,
+        peer: &NodeId,
+        vm: &str,
+        session: &[u8],
+    ) -> Result<bool, String> {
+        let feed = lock(&self.feeds)
+            .get(&(peer.clone(), vm.to_string()))
+            .cloned();
+        if feed.is_some_and(|f| f.foreign(session)) {
+            return Err(earlier(vm));
+        }
+        Ok(self.remove_if(peer, vm, false, None, true).await)
     }
 
     /// Drops the feed of `vm`. Unless QEMU `loaded` the verified stream, QEMU is told to quit
@@ -760,22 +818,13 @@ impl Feeds {
             }
             m.remove(&key)
         };
-        let was_open = feed.is_some();
+        // One stopped before (kept for a recovery) does not count again.
+        let was_open = feed
+            .as_ref()
+            .is_some_and(|f| lock(&f.state).error.is_none());
         if let Some(feed) = feed {
             let left = !loaded && quit(&feed, vm).await;
-            if let Some(t) = lock(&feed.task).take() {
-                t.abort();
-            }
-            if let Some(t) = lock(&feed.ret_task).take() {
-                t.abort();
-            }
-            let mut s = lock(&feed.state);
-            s.ready.clear();
-            s.buffered = 0;
-            s.error
-                .get_or_insert_with(|| "the incoming migration was given up".into());
-            drop(s);
-            feed.wake.notify_waiters();
+            stop(&feed, "the incoming migration was given up");
             if left && keep_postcopy {
                 // Unless a new migration of the VM took the place meanwhile.
                 lock(&self.feeds)
@@ -785,6 +834,88 @@ impl Feeds {
         }
         was_open
     }
+}
+
+/// Why a block or request of an earlier stream of `vm` is refused.
+fn earlier(vm: &str) -> String {
+    format!(
+        "the incoming migration of {vm:?} was resumed on another stream: this is for an earlier one"
+    )
+}
+
+/// Stops `feed`'s tasks (closing its socket to QEMU) and fails what waits on it with `why`,
+/// without a word to QEMU.
+fn stop(feed: &Feed, why: &str) {
+    if let Some(t) = lock(&feed.task).take() {
+        t.abort();
+    }
+    if let Some(t) = lock(&feed.ret_task).take() {
+        t.abort();
+    }
+    let mut s = lock(&feed.state);
+    s.ready.clear();
+    s.buffered = 0;
+    s.error.get_or_insert_with(|| why.to_string());
+    drop(s);
+    feed.wake.notify_waiters();
+}
+
+/// Connects `feed` to its QEMU at `path` once the stream's first block is in, then feeds
+/// it. QEMU takes the connection as the start of its recovery (`postcopy-recover`), and
+/// QEMU before 8.2 cannot pause again from there: a source that fails before sending
+/// anything leaves it paused and listening, for another try.
+async fn connect_when_fed(
+    feed: Arc<Feed>,
+    path: PathBuf,
+    vm: String,
+    entry: (std::sync::Weak<FeedMap>, (NodeId, String)),
+) {
+    let fail = |why: String| {
+        let mut s = lock(&feed.state);
+        s.error.get_or_insert(why);
+        s.ready.clear();
+        s.buffered = 0;
+        drop(s);
+        feed.wake.notify_waiters();
+    };
+    loop {
+        let kicked = feed.kick.notified();
+        {
+            let s = lock(&feed.state);
+            if s.error.is_some() {
+                return;
+            }
+            if s.ready.contains_key(&s.next) {
+                break;
+            }
+            if s.last_progress
+                .is_some_and(|t| t.elapsed() > feed.idle_limit)
+            {
+                drop(s);
+                return fail(format!(
+                    "no block of the resumed stream for {:?}: the source is gone",
+                    feed.idle_limit
+                ));
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), kicked).await;
+    }
+    let sock = match tokio::time::timeout(Duration::from_secs(10), UnixStream::connect(&path)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(format!("cannot connect to {}: {e}", path.display())),
+        Err(_) => return fail(format!("connecting to {} timed out", path.display())),
+    };
+    let (rd, wr) = sock.into_split();
+    if let Some(p) = &feed.ret {
+        let t = tokio::spawn(read_return(p.clone(), rd, vm.clone()));
+        *lock(&feed.ret_task) = Some(t);
+    }
+    debug!(
+        vm,
+        "connected to the destination QEMU for the resumed stream"
+    );
+    feed_loop(feed, wr, vm, entry).await;
 }
 
 /// Whether QEMU's post-copy can fault in this QEMU's guest memory: `userfaultfd` takes
@@ -1133,7 +1264,7 @@ mod tests {
     ) -> bool {
         let (f, p) = (feeds.clone(), peer.clone());
         let mut push = tokio::spawn(async move {
-            f.push(&p, "vm", seq, Bytes::from(vec![seq as u8; len]))
+            f.push(&p, "vm", seq, Bytes::from(vec![seq as u8; len]), &[])
                 .await
         });
         match tokio::time::timeout(within, &mut push).await {
@@ -1204,7 +1335,7 @@ mod tests {
         };
         let fin = {
             let (f, p) = (feeds.clone(), peer.clone());
-            tokio::spawn(async move { f.finish(&p, "vm", 13, &digest).await })
+            tokio::spawn(async move { f.finish(&p, "vm", 13, &digest, &[]).await })
         };
         let (got, _) = tokio::time::timeout(Duration::from_secs(10), qemu)
             .await
@@ -1242,7 +1373,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 21 && Instant::now() < deadline {
             let (b, end) = feeds
-                .returned(&peer, "vm", got.len() as u64, 1 << 20)
+                .returned(&peer, "vm", got.len() as u64, 1 << 20, &[])
                 .await
                 .unwrap();
             assert!(!end);
@@ -1251,19 +1382,25 @@ mod tests {
         assert_eq!(got, b"pong-and-page-request");
         // Nothing new: answered empty within the wait, not held.
         let t = Instant::now();
-        let (b, end) = feeds.returned(&peer, "vm", 21, 1 << 20).await.unwrap();
+        let (b, end) = feeds.returned(&peer, "vm", 21, 1 << 20, &[]).await.unwrap();
         assert!(b.is_empty() && !end);
         assert!(t.elapsed() < RETURN_WAIT + Duration::from_secs(1));
         // Asked again from an earlier place: those bytes were dropped when the asker said it
         // holds them. Beyond what came: refused too.
-        let e = feeds.returned(&peer, "vm", 4, 1 << 20).await.unwrap_err();
+        let e = feeds
+            .returned(&peer, "vm", 4, 1 << 20, &[])
+            .await
+            .unwrap_err();
         assert!(e.contains("bytes 21..21 are held"), "{e}");
-        let e = feeds.returned(&peer, "vm", 99, 1 << 20).await.unwrap_err();
+        let e = feeds
+            .returned(&peer, "vm", 99, 1 << 20, &[])
+            .await
+            .unwrap_err();
         assert!(e.contains("from byte 99"), "{e}");
         // The stream goes to QEMU whole as it comes, its last byte too, before any FINISH:
         // under post-copy QEMU ends its side only once it has loaded it.
         feeds
-            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and all"))
+            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and all"), &[])
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1272,9 +1409,9 @@ mod tests {
         }
         assert_eq!(*lock(&seen), b"QEVM and all", "fed whole before the finish");
         close.notify_one();
-        let (b, end) = feeds.returned(&peer, "vm", 21, 1 << 20).await.unwrap();
+        let (b, end) = feeds.returned(&peer, "vm", 21, 1 << 20, &[]).await.unwrap();
         let (b, end) = if !end && b.is_empty() {
-            feeds.returned(&peer, "vm", 21, 1 << 20).await.unwrap()
+            feeds.returned(&peer, "vm", 21, 1 << 20, &[]).await.unwrap()
         } else {
             (b, end)
         };
@@ -1286,7 +1423,7 @@ mod tests {
         let digest = *blake3::hash(b"QEVM and all").as_bytes();
         let fin = {
             let (f, p) = (feeds.clone(), peer.clone());
-            tokio::spawn(async move { f.finish(&p, "vm", 1, &digest).await })
+            tokio::spawn(async move { f.finish(&p, "vm", 1, &digest, &[]).await })
         };
         let (got, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
             .await
@@ -1320,7 +1457,10 @@ mod tests {
             "{why}"
         );
         // Opened all the same, without a return path.
-        let e = feeds.returned(&peer, "vm", 0, 1 << 20).await.unwrap_err();
+        let e = feeds
+            .returned(&peer, "vm", 0, 1 << 20, &[])
+            .await
+            .unwrap_err();
         assert!(e.contains("without post-copy"), "{e}");
     }
 
@@ -1333,7 +1473,7 @@ mod tests {
         let peer = NodeId::new("src").unwrap();
         feeds.open(&peer, "vm", false).await.unwrap();
         feeds
-            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"))
+            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"), &[])
             .await
             .unwrap();
         // The source goes silent: within the limit and one re-check, QEMU is told to quit,
@@ -1346,7 +1486,7 @@ mod tests {
         assert_eq!(got, b"QEVM and mor");
         // And the feed is gone (no finish or abort would remove it), its monitor released.
         let e = feeds
-            .push(&peer, "vm", 1, Bytes::from_static(b"late"))
+            .push(&peer, "vm", 1, Bytes::from_static(b"late"), &[])
             .await
             .unwrap_err();
         assert!(e.contains("no incoming migration"), "{e}");

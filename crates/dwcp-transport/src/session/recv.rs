@@ -220,6 +220,8 @@ struct RxSession {
     shout: broadcast::Sender<(u64, Frame)>,
     /// Numbers the session's connections, for `shout`.
     next_conn: u64,
+    /// The session's id.
+    id: Vec<u8>,
 }
 
 impl Default for RxSession {
@@ -232,6 +234,7 @@ impl Default for RxSession {
             begun: Default::default(),
             shout: broadcast::channel(SHOUT_CAPACITY).0,
             next_conn: 0,
+            id: Vec::new(),
         }
     }
 }
@@ -462,7 +465,12 @@ impl Receiver {
     fn session(&self, peer: &NodeId, id: &[u8]) -> Arc<Mutex<RxSession>> {
         let mut map = lock(&self.sessions);
         let s = map.entry((peer.clone(), id.to_vec())).or_default().clone();
-        lock(&s).conns += 1;
+        let mut g = lock(&s);
+        g.conns += 1;
+        if g.id.is_empty() {
+            g.id = id.to_vec();
+        }
+        drop(g);
         s
     }
 
@@ -825,7 +833,8 @@ impl Receiver {
                 FrameType::TUNNEL_DATA => {
                     let (h, block) =
                         data::decode_tunnel_data(&frame).map_err(HandshakeError::from)?;
-                    let ack = self.tunnel_block(&peer, &h, block).await;
+                    let sid = lock(session).id.clone();
+                    let ack = self.tunnel_block(&peer, &h, block, &sid).await;
                     self.send(&mut writer, &msg::encode(FrameType::TUNNEL_ACK, &ack))
                         .await?;
                 }
@@ -1008,6 +1017,7 @@ impl Receiver {
         peer: &NodeId,
         h: &data::TunnelHeader,
         block: Bytes,
+        session: &[u8],
     ) -> data::TunnelAck {
         let ack = |code: ErrorCode, reason: String| data::TunnelAck {
             name: h.name.clone(),
@@ -1052,7 +1062,7 @@ impl Receiver {
                 Err((code, reason)) => return ack(code, reason),
             }
         };
-        match feeds.push(peer, &h.name, h.seq, raw).await {
+        match feeds.push(peer, &h.name, h.seq, raw, session).await {
             Ok(()) => ack(ErrorCode(0), String::new()),
             Err(reason) => ack(ErrorCode::STORAGE_ERROR, reason),
         }
@@ -1086,7 +1096,10 @@ impl Receiver {
             if m.op == data::MIGRATION_QEMU_RETURN {
                 // Room for the answer's other fields within the connection's frame size.
                 let most = max.saturating_sub(256).max(64);
-                return match feeds.returned(peer, &m.name, m.segments, most).await {
+                return match feeds
+                    .returned(peer, &m.name, m.segments, most, &m.stream_session)
+                    .await
+                {
                     Ok((bytes, end)) => ObjectDone {
                         object: m.object,
                         code: 0,
@@ -1101,9 +1114,13 @@ impl Receiver {
             }
             let r = match m.op {
                 data::MIGRATION_QEMU_OPEN => feeds.open(peer, &m.name, m.postcopy).await,
-                data::MIGRATION_QEMU_RECOVER => feeds.recover(peer, &m.name).await,
+                data::MIGRATION_QEMU_RECOVER => {
+                    feeds.recover(peer, &m.name, &m.stream_session).await
+                }
                 data::MIGRATION_QEMU_FINISH => {
-                    let (r, ended) = feeds.finish(peer, &m.name, m.segments, &m.blake3).await;
+                    let (r, ended) = feeds
+                        .finish(peer, &m.name, m.segments, &m.blake3, &m.stream_session)
+                        .await;
                     // Only a finish that ended the incoming migration itself counts (not one
                     // refused, nor one an abort overtook: that abort counts).
                     if ended {
@@ -1115,10 +1132,14 @@ impl Receiver {
                 _ => {
                     // Counted when something was open (not for a migration refused at its
                     // start, nor twice).
-                    if feeds.abort(peer, &m.name).await {
-                        self.migration_ended(peer, "qemu", "aborted");
+                    match feeds.abort(peer, &m.name, &m.stream_session).await {
+                        Ok(true) => {
+                            self.migration_ended(peer, "qemu", "aborted");
+                            Ok(String::new())
+                        }
+                        Ok(false) => Ok(String::new()),
+                        Err(e) => Err(e),
                     }
-                    Ok(String::new())
                 }
             };
             return match r {

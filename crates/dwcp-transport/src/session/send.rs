@@ -2378,6 +2378,7 @@ pub async fn migration_op_kept(
         digest: None,
         postcopy: false,
         timeout: Duration::from_secs(60),
+        stream_session: None,
     };
     migration_request_kept(endpoint, addr, expected, &req, kept)
         .await
@@ -2399,6 +2400,9 @@ pub struct MigrationRequest<'a> {
     pub postcopy: bool,
     /// How long to wait for the answer.
     pub timeout: Duration,
+    /// For the QEMU ops on a stream: the session id of the tunnel that carries it
+    /// ([`crate::session::Tunnel::session_id`]).
+    pub stream_session: Option<[u8; 16]>,
 }
 
 /// Sends one `MIGRATION` request on `kept`'s session (opening one with a single stream when
@@ -2433,6 +2437,7 @@ pub async fn migration_request_data(
         segments: req.segments,
         blake3: req.digest.map(|d| d.to_vec()).unwrap_or_default(),
         postcopy: req.postcopy,
+        stream_session: req.stream_session.map(|s| s.to_vec()).unwrap_or_default(),
     };
     let timeout = req.timeout;
     session.adopt_joined().await;

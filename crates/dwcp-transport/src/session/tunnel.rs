@@ -278,6 +278,8 @@ pub struct Tunnel {
     /// What the kernel counts on the tunnel's connections, and the heartbeats that tell the
     /// receiver.
     beat: Arc<Beat>,
+    /// The session every connection joins.
+    id: [u8; 16],
 }
 
 /// How often a tunnel tells the receiver what TCP counted, as sessions' heartbeats do.
@@ -830,7 +832,13 @@ impl Tunnel {
             tasks: Mutex::new(tasks),
             max_block,
             beat: link.beat.clone(),
+            id,
         })
+    }
+
+    /// The session id every connection of the tunnel joins (also its replacements).
+    pub fn session_id(&self) -> [u8; 16] {
+        self.id
     }
 
     /// Connections open and not lost.
