@@ -746,6 +746,7 @@ async fn migrate_qemu_inner(
         digest: None,
         postcopy: source_postcopy,
         timeout: Duration::from_secs(30),
+        stream_session: None,
     };
     let opened = async {
         let t = Instant::now();
@@ -793,7 +794,7 @@ async fn migrate_qemu_inner(
     };
     let Some((remote, opened, tunnel)) = prepared else {
         // Whatever of the destination was set up goes. Nothing ran at the source.
-        abort_destination(&dest, &spec.vm).await;
+        abort_destination(&dest, &spec.vm, None).await;
         control.close().await;
         return Err(fail("prepare", CANCELLED.to_string(), &report));
     };
@@ -811,11 +812,12 @@ async fn migrate_qemu_inner(
                 t.close();
             }
             // Its QEMU, if it waits, waits for a stream that will not come.
-            abort_destination(&dest, &spec.vm).await;
+            abort_destination(&dest, &spec.vm, None).await;
             control.close().await;
             return Err(fail("prepare", why, &report));
         }
     };
+    let stream = tunnel.session_id();
     // Post-copy when the destination took it (a node before it answers nothing).
     let postcopy = source_postcopy && {
         let v: Value = serde_json::from_str(&opened).unwrap_or(Value::Null);
@@ -934,7 +936,7 @@ async fn migrate_qemu_inner(
             // Also after post-copy: the destination agent then only lets go of the stream
             // and its QEMU's monitor (a QEMU that may hold the guest is not told to quit).
             if !runs_there || phase == POSTCOPY {
-                abort_destination(&dest, &spec.vm).await;
+                abort_destination(&dest, &spec.vm, Some(stream)).await;
             }
             // After the rollback: QEMU takes no capability while a migration is active.
             restore_settings(&mut qmp, saved, &spec.vm).await;
@@ -979,16 +981,6 @@ async fn recover(
     report.source_qemu = source_qemu;
     info!(vm = %spec.vm, "the source QEMU's post-copy is paused: resuming it");
     let mut control = KeptSession::new();
-    let ask = MigrationRequest {
-        name: &spec.vm,
-        op: data::MIGRATION_QEMU_RECOVER,
-        segments: 0,
-        digest: None,
-        postcopy: true,
-        // The destination waits for its QEMU to notice the old stream gone.
-        timeout: Duration::from_secs(60),
-    };
-    let asked = migration_request_kept(dest.endpoint, dest.addr, dest.expected, &ask, &mut control);
     let tunnel = Tunnel::open_with(
         dest.endpoint,
         dest.addr,
@@ -1020,26 +1012,40 @@ async fn recover(
             }
         }
     };
-    let (asked, tunnel, remote) = tokio::join!(asked, tunnel, base);
-    let tunnel = match (asked, tunnel) {
-        (Ok(_), Ok(t)) => {
-            t.retry_within(spec.retry_for);
-            t
-        }
-        (asked, tunnel) => {
-            let why = (asked.err().map(|e| format!("destination: {e}")))
-                .or_else(|| tunnel.as_ref().err().map(|e| format!("tunnel: {e}")))
-                .unwrap_or_default();
-            if let Ok(t) = tunnel {
-                t.close();
-            }
-            abort_destination(&dest, &spec.vm).await;
+    // The tunnel first, the recovery after: the destination QEMU may not pause again once
+    // its recovery has begun (QEMU before 8.2), so nothing that can still fail comes between.
+    let (tunnel, remote) = tokio::join!(tunnel, base);
+    let ended = |why: String, mut report: QemuReport| {
+        report.total_seconds = started.elapsed().as_secs_f64();
+        report.error = Some(why.clone());
+        fail(POSTCOPY, why, &report)
+    };
+    let tunnel = match tunnel {
+        Ok(t) => t,
+        Err(e) => {
             control.close().await;
-            report.total_seconds = started.elapsed().as_secs_f64();
-            report.error = Some(why.clone());
-            return Err(fail(POSTCOPY, why, &report));
+            return Err(ended(format!("tunnel: {e}"), report));
         }
     };
+    tunnel.retry_within(spec.retry_for);
+    let sid = tunnel.session_id();
+    let ask = MigrationRequest {
+        name: &spec.vm,
+        op: data::MIGRATION_QEMU_RECOVER,
+        segments: 0,
+        digest: None,
+        postcopy: true,
+        // The destination waits for its QEMU to notice the old stream gone.
+        timeout: Duration::from_secs(60),
+        stream_session: Some(sid),
+    };
+    if let Err(e) =
+        migration_request_kept(dest.endpoint, dest.addr, dest.expected, &ask, &mut control).await
+    {
+        tunnel.close();
+        control.close().await;
+        return Err(ended(format!("destination: {e}"), report));
+    }
     let rtt = control
         .round_trip()
         .await
@@ -1074,9 +1080,20 @@ async fn recover(
             let runs_there = runs_at_destination(phase, &report.dest_status);
             // Its QEMU pauses the post-copy again when the new stream goes.
             if !runs_there {
-                abort_destination(&dest, &spec.vm).await;
+                abort_destination(&dest, &spec.vm, Some(sid)).await;
             }
             control.close().await;
+            // QEMU before 8.2 cannot pause a recovery whose stream broke: say so, or the
+            // advice to try again would loop.
+            let mut reason = reason;
+            if let Ok(m) = qmp.execute("query-migrate", None).await
+                && m.get("status").and_then(Value::as_str) == Some("postcopy-recover")
+            {
+                reason.push_str(
+                    "; the source QEMU stays in postcopy-recover: QEMU before 8.2 cannot pause a \
+                     recovery whose stream broke, and this one cannot be resumed again",
+                );
+            }
             warn!(vm = %spec.vm, phase, "resuming the QEMU post-copy failed: {reason}");
             report.error = Some(reason.clone());
             let phase = if phase == UNKNOWN || runs_there {
@@ -1175,14 +1192,17 @@ fn runs_at_destination(phase: &str, dest_status: &str) -> bool {
 }
 
 /// Tells the destination to drop the migration (its QEMU and what it holds of the stream).
-async fn abort_destination(dest: &Destination<'_>, vm: &str) {
+async fn abort_destination(dest: &Destination<'_>, vm: &str, stream: Option<[u8; 16]>) {
     let abort = MigrationRequest {
         name: vm,
         op: data::MIGRATION_QEMU_ABORT,
         segments: 0,
         digest: None,
         postcopy: false,
-        timeout: Duration::from_secs(10),
+        // The destination asks its QEMU's state first (5 s each at most, a QEMU in
+        // post-copy may not answer).
+        timeout: Duration::from_secs(30),
+        stream_session: stream,
     };
     let mut fresh = KeptSession::default();
     if let Err(e) =
@@ -1459,6 +1479,10 @@ async fn run(
         .map_err(|e| ("start", format!("accept: {e}")))?;
 
     let budget = Arc::new(Budget::new());
+    if resume {
+        // Before the reader: a resumed stream has no first pass to follow.
+        budget.set_late();
+    }
     let (tx, rx) = mpsc::channel::<Segment>(2);
     let (sock, back) = sock.into_split();
     let mut reader = tokio::spawn(read_segments(sock, tx, budget.clone(), tunnel.max_block()));
@@ -1472,6 +1496,7 @@ async fn run(
             spec.vm.clone(),
             back,
             spec.retry_for,
+            tunnel.session_id(),
         ))
     });
     // What the destination holds: its summary, then the pages of every block it decoded.
@@ -1532,7 +1557,6 @@ async fn run(
     if resume {
         // The guest runs at the destination and waits there for every page it faults on:
         // the post-copy window from the start, and a stuck block goes again soon.
-        budget.set_late();
         budget.postcopy.store(true, Ordering::Relaxed);
         budget.set_paused(true);
         stopped.store(true, Ordering::SeqCst);
@@ -1687,6 +1711,8 @@ async fn pump(
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
     // When QEMU was asked for post-copy (and went); a resumed one is in it from the start.
     let mut postcopy_since: Option<Instant> = report.postcopy.then(Instant::now);
+    // Since when a resumed migration waits for QEMU's state to leave `postcopy-paused`.
+    let mut resuming = report.recovered.then(Instant::now);
     // Part of the pause is neither QEMU's final round nor the tunnel's backlog: the
     // destination QEMU loading the device state and resuming, with the two agents and the
     // guests on the same CPUs (on `dc`, 60-90 ms after the last byte; 2026-12-03).
@@ -1880,7 +1906,12 @@ async fn pump(
                         let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                         return Err(("transfer", format!("the source QEMU failed the migration: {why}")));
                     }
-                    if p.phase == "postcopy-paused" {
+                    if matches!(p.phase.as_str(), "postcopy-recover" | "postcopy-active") {
+                        resuming = None;
+                    }
+                    // A resumed migration reads as paused until QEMU has connected (10 s).
+                    let connecting = resuming.is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+                    if p.phase == "postcopy-paused" && !connecting {
                         return Err(("transfer", "the source QEMU paused the post-copy: it lost the destination (its stream or return path broke)".to_string()));
                     }
                     // So far: a failed migration's report tells how far it got.
@@ -2044,6 +2075,7 @@ async fn pump(
         digest: Some(*stream_digest.as_bytes()),
         postcopy: false,
         timeout: Duration::from_secs(180),
+        stream_session: Some(tunnel.session_id()),
     };
     debug!(
         inflight_mib = budget.inflight() as f64 / 1048576.0,
@@ -2409,6 +2441,7 @@ async fn carry_return(
     vm: String,
     mut sock: tokio::net::unix::OwnedWriteHalf,
     retry_for: Duration,
+    stream: [u8; 16],
 ) -> Result<(), String> {
     let silent = retry_for.max(Duration::from_secs(30));
     let mut session = KeptSession::new();
@@ -2422,6 +2455,7 @@ async fn carry_return(
             digest: None,
             postcopy: false,
             timeout: Duration::from_secs(10),
+            stream_session: Some(stream),
         };
         match migration_request_data(&endpoint, addr, expected.as_ref(), &ask, &mut session).await {
             Ok((detail, bytes)) => {

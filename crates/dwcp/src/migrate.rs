@@ -724,7 +724,7 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
     }
     if r.recovered {
         println!(
-            "  resumed the post-copy an earlier run left paused: the figures below are this run's"
+            "  resumed the post-copy an earlier run left paused: the stream, the wire and the time are this run's; QEMU's own counts (iterations, pages asked for) cover the whole migration"
         );
     }
     println!(
@@ -758,6 +758,13 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
                 .map_or_else(|| "-".into(), |s| format!("{s:.1} s")),
             r.postcopy_requests
         );
+    }
+    if r.recovered {
+        println!(
+            "result: resumed and migrated in {:.2} s (the guest's pause was the earlier run's); destination {}",
+            r.total_seconds, r.dest_status
+        );
+        return;
     }
     println!(
         "result: migrated in {:.2} s; guest paused {} end to end (source STOP -> destination RESUME), QEMU reports {}; destination {}",
