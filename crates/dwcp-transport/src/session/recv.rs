@@ -1155,6 +1155,10 @@ impl Receiver {
                 }
             };
         }
+        // Not to `settle`, which ends the target's migration (its round files) either way.
+        if m.op != data::MIGRATION_COMMIT && m.op != data::MIGRATION_ABORT {
+            return refuse(format!("unknown migration op {}", m.op));
+        }
         let r = self.settle_target(peer, &m.name, m.op).await;
         match r {
             Ok(()) => {
@@ -2897,6 +2901,11 @@ mod tests {
             name: "vm.mem".into(),
             ..Migration::default()
         };
+        // An op this node does not know (a newer sender's) is refused and ends nothing.
+        let done = rx.migration(&peer, &op(99), 1 << 20).await;
+        assert_eq!(done.code, ErrorCode::STORAGE_ERROR.0, "{done:?}");
+        assert!(done.reason.contains("unknown migration op 99"), "{done:?}");
+        assert_eq!(rounds(), 2);
         let done = rx
             .migration(&peer, &op(data::MIGRATION_COMMIT), 1 << 20)
             .await;
