@@ -721,17 +721,7 @@ async fn migrate_qemu_inner(
             return Ok(None);
         }
         let t = Instant::now();
-        let r = query_base(
-            dest.endpoint,
-            dest.addr,
-            dest.expected,
-            &spec.vm,
-            0,
-            0,
-            false,
-        )
-        .await
-        .map(|(r, _)| r);
+        let r = cache_summary(&dest, spec).await;
         debug!(
             ms = t.elapsed().as_millis() as u64,
             "destination cache summary"
@@ -763,15 +753,7 @@ async fn migrate_qemu_inner(
     // which takes a dozen round trips across a long path (the largest part of preparing).
     let tunnel = async {
         let t = Instant::now();
-        let r = Tunnel::open_with(
-            dest.endpoint,
-            dest.addr,
-            dest.expected,
-            spec.streams,
-            &spec.vm,
-            spec.rate_limit.clone(),
-        )
-        .await;
+        let r = open_tunnel(&dest, spec).await;
         debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");
         r
     };
@@ -981,36 +963,17 @@ async fn recover(
     report.source_qemu = source_qemu;
     info!(vm = %spec.vm, "the source QEMU's post-copy is paused: resuming it");
     let mut control = KeptSession::new();
-    let tunnel = Tunnel::open_with(
-        dest.endpoint,
-        dest.addr,
-        dest.expected,
-        spec.streams,
-        &spec.vm,
-        spec.rate_limit.clone(),
-    );
+    let tunnel = open_tunnel(&dest, spec);
     // What the destination's cache holds: the pages still at the source may be there.
     let base = async {
         if !spec.delta {
             return None;
         }
-        match query_base(
-            dest.endpoint,
-            dest.addr,
-            dest.expected,
-            &spec.vm,
-            0,
-            0,
-            false,
-        )
-        .await
-        {
-            Ok((r, _)) => r,
-            Err(e) => {
-                debug!("no destination cache summary for the recovery: {e}");
-                None
-            }
-        }
+        cache_summary(&dest, spec)
+            .await
+            .inspect_err(|e| debug!("no destination cache summary for the recovery: {e}"))
+            .ok()
+            .flatten()
     };
     // The tunnel first, the recovery after: the destination QEMU may not pause again once
     // its recovery has begun (QEMU before 8.2), so nothing that can still fail comes between.
@@ -1115,6 +1078,37 @@ impl Drop for AbortOnDrop {
             t.abort();
         }
     }
+}
+
+/// The destination's cache summary for the VM's stream.
+async fn cache_summary(
+    dest: &Destination<'_>,
+    spec: &QemuSpec,
+) -> Result<Option<RemoteIndex>, SendError> {
+    query_base(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        &spec.vm,
+        0,
+        0,
+        false,
+    )
+    .await
+    .map(|(r, _)| r)
+}
+
+/// The tunnel that carries the VM's stream.
+async fn open_tunnel(dest: &Destination<'_>, spec: &QemuSpec) -> Result<Tunnel, SendError> {
+    Tunnel::open_with(
+        dest.endpoint,
+        dest.addr,
+        dest.expected,
+        spec.streams,
+        &spec.vm,
+        spec.rate_limit.clone(),
+    )
+    .await
 }
 
 /// How [`run`] starts QEMU's migration.
