@@ -861,11 +861,17 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
     vm.agent.stop().await.unwrap();
 }
 
+/// What a fake post-copy QEMU got: its first stream, and the resumed one.
+type Streams = tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>;
+
 /// A destination QEMU under post-copy as the agent sees it: its monitor offers out-of-band
 /// execution, says `postcopy-active` while its first stream is open and `postcopy-paused`
 /// once that closed, and takes `migrate-recover` (out of band) only then, listening on the
-/// URI it names. Yields the bytes of its first stream and of the resumed one.
-fn fake_postcopy_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)> {
+/// URI it names. Yields the bytes of its first stream and of the resumed one; and a flag set
+/// when that listener takes a connection.
+fn fake_postcopy_qemu(dir: &Path, vm: &str) -> (Streams, Arc<AtomicBool>) {
+    let accepted = Arc::new(AtomicBool::new(false));
+    let acc = accepted.clone();
     // 0: first stream open, 1: paused, 2: recovering, 3: resumed stream ended.
     let state = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
@@ -902,8 +908,10 @@ fn fake_postcopy_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>,
                     let l = UnixListener::bind(&path).unwrap();
                     st.store(2, Ordering::SeqCst);
                     let tx = recover_tx.take().unwrap();
+                    let acc = acc.clone();
                     tokio::spawn(async move {
                         let (mut s, _) = l.accept().await.unwrap();
+                        acc.store(true, Ordering::SeqCst);
                         let mut got = Vec::new();
                         s.read_to_end(&mut got).await.unwrap();
                         let _ = tx.send(got);
@@ -928,7 +936,7 @@ fn fake_postcopy_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>,
         }
     });
     let incoming = UnixListener::bind(dir.join(format!("{vm}.incoming"))).unwrap();
-    tokio::spawn(async move {
+    let got = tokio::spawn(async move {
         let (mut s, _) = incoming.accept().await.unwrap();
         let mut first = Vec::new();
         let _ = s.read_to_end(&mut first).await;
@@ -940,13 +948,16 @@ fn fake_postcopy_qemu(dir: &Path, vm: &str) -> tokio::task::JoinHandle<(Vec<u8>,
             .unwrap_or_default();
         state.store(3, Ordering::SeqCst);
         (first, resumed)
-    })
+    });
+    (got, accepted)
 }
 
-/// A post-copy resumed on a new stream (`MIGRATION_QEMU_RECOVER`): the destination stops the
-/// first stream and has its QEMU listen again (out of band). Blocks and requests of the
-/// first stream's tunnel, still arriving, are refused; the new stream reaches QEMU whole,
-/// and its finish is answered.
+/// A post-copy resumed on a new stream (`MIGRATION_QEMU_RECOVER`), after an abort from its
+/// source: the abort leaves the QEMU in post-copy as it is (not told to quit) and keeps its
+/// monitor (QEMU's one client: a new connection would not get in), the destination has
+/// its QEMU listen again (out of band) and connects only with the new stream's first block.
+/// Blocks and requests of the first stream's tunnel, still arriving, are refused; the new
+/// stream reaches QEMU whole, and its finish is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() {
     let cluster = TestCluster::new();
@@ -955,7 +966,7 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     let qd = qemu_dir.clone();
     let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let got = fake_postcopy_qemu(&qemu_dir, "vm");
+    let (got, accepted) = fake_postcopy_qemu(&qemu_dir, "vm");
     let mut control = KeptSession::new();
     let open = MigrationRequest {
         postcopy: true,
@@ -968,6 +979,17 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     let old = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
     let first = send_raw(&old, 2);
     wait_acked(&old, 2).await;
+    // The source gives up (with no stream named): its QEMU in post-copy stays, and so does
+    // the agent's monitor of it.
+    migration_request_kept(
+        &ep,
+        agent.addr,
+        None,
+        &req(data::MIGRATION_QEMU_ABORT, 0),
+        &mut control,
+    )
+    .await
+    .unwrap();
 
     // The new stream's tunnel, then the recovery naming it.
     let new = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
@@ -980,6 +1002,11 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
         .await
         .unwrap();
     assert!(detail.contains("\"recovered\":true"), "{detail}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !accepted.load(Ordering::SeqCst),
+        "connected to QEMU before the new stream's first block"
+    );
 
     // The earlier tunnel's late block, and a request naming it: refused.
     send_raw_range(&old, 2..3);
@@ -996,6 +1023,14 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     let stale = MigrationRequest {
         stream_session: Some(old.session_id()),
         ..req(data::MIGRATION_QEMU_ABORT, 0)
+    };
+    let e = migration_request_kept(&ep, agent.addr, None, &stale, &mut control)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("earlier one"), "{e}");
+    let stale = MigrationRequest {
+        stream_session: Some(old.session_id()),
+        ..req(data::MIGRATION_QEMU_RETURN, 0)
     };
     let e = migration_request_kept(&ep, agent.addr, None, &stale, &mut control)
         .await

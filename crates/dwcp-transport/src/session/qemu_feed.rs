@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -193,6 +194,8 @@ struct Feed {
     /// A resumed stream's tunnel session: blocks and requests from another (an earlier
     /// stream's, still in flight) are refused.
     session: Option<Vec<u8>>,
+    /// Stopped and kept listed, with its monitor, for a recovery (its end counted once).
+    kept: AtomicBool,
 }
 
 impl Feed {
@@ -378,6 +381,7 @@ impl Feeds {
             ret_task: Mutex::new(None),
             finishing: tokio::sync::Mutex::new(()),
             session,
+            kept: AtomicBool::new(false),
         });
         let key = (peer.clone(), vm.to_string());
         let entry = (Arc::downgrade(&self.feeds), key);
@@ -449,6 +453,7 @@ impl Feeds {
         };
         let mut qmp = match &old {
             Some(old) => {
+                old.kept.store(true, Ordering::SeqCst);
                 stop(
                     old,
                     "the incoming migration is being resumed on a new stream",
@@ -494,6 +499,12 @@ impl Feeds {
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
+        }
+        {
+            // The earlier stream's events (its RESUME) are not this one's.
+            let mut q = qmp.lock().await;
+            let _ = q.poll_events(Duration::from_millis(1)).await;
+            while q.take_event("RESUME").is_some() {}
         }
         let session = (!session.is_empty()).then(|| session.to_vec());
         let ret = Some(Arc::new(ReturnPath::default()));
@@ -786,10 +797,14 @@ impl Feeds {
         let feed = lock(&self.feeds)
             .get(&(peer.clone(), vm.to_string()))
             .cloned();
-        if feed.is_some_and(|f| f.foreign(session)) {
+        let Some(feed) = feed else {
+            return Ok(false);
+        };
+        if feed.foreign(session) {
             return Err(earlier(vm));
         }
-        Ok(self.remove_if(peer, vm, false, None, true).await)
+        // Only this feed: a resumed one placed meanwhile is not this abort's.
+        Ok(self.remove_if(peer, vm, false, Some(&feed), true).await)
     }
 
     /// Drops the feed of `vm`. Unless QEMU `loaded` the verified stream, QEMU is told to quit
@@ -810,29 +825,30 @@ impl Feeds {
         only: Option<&Arc<Feed>>,
         keep_postcopy: bool,
     ) -> bool {
+        let key = (peer.clone(), vm.to_string());
         let feed = {
-            let mut m = lock(&self.feeds);
-            let key = (peer.clone(), vm.to_string());
+            let m = lock(&self.feeds);
             if only.is_some_and(|o| !m.get(&key).is_some_and(|f| Arc::ptr_eq(f, o))) {
                 return false;
             }
-            m.remove(&key)
+            m.get(&key).cloned()
         };
-        // One stopped before (kept for a recovery) does not count again.
-        let was_open = feed
-            .as_ref()
-            .is_some_and(|f| lock(&f.state).error.is_none());
-        if let Some(feed) = feed {
-            let left = !loaded && quit(&feed, vm).await;
-            stop(&feed, "the incoming migration was given up");
-            if left && keep_postcopy {
-                // Unless a new migration of the VM took the place meanwhile.
-                lock(&self.feeds)
-                    .entry((peer.clone(), vm.to_string()))
-                    .or_insert(feed);
+        let Some(feed) = feed else {
+            return false;
+        };
+        // Stays listed while QEMU is asked: a RECOVER meanwhile finds it (and its monitor,
+        // QEMU's one client).
+        let left = !loaded && quit(&feed, vm).await;
+        let kept = left && keep_postcopy;
+        if !kept {
+            let mut m = lock(&self.feeds);
+            if m.get(&key).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
+                m.remove(&key);
             }
         }
-        was_open
+        stop(&feed, "the incoming migration was given up");
+        // One kept for a recovery before does not count again.
+        !feed.kept.swap(kept, Ordering::SeqCst)
     }
 }
 
@@ -911,6 +927,13 @@ async fn connect_when_fed(
         let t = tokio::spawn(read_return(p.clone(), rd, vm.clone()));
         *lock(&feed.ret_task) = Some(t);
     }
+    // Stopped while connecting: `stop` found no reader to end.
+    if lock(&feed.state).error.is_some() {
+        if let Some(t) = lock(&feed.ret_task).take() {
+            t.abort();
+        }
+        return;
+    }
     debug!(
         vm,
         "connected to the destination QEMU for the resumed stream"
@@ -985,7 +1008,13 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
         let status = match tokio::time::timeout(Duration::from_secs(5), qmp.status()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer within 5 s".into(),
+            // Its main thread waits (on a page still at the source): no more commands in
+            // band, which would queue in QEMU until it stops reading the monitor, out-of-band
+            // ones too.
+            Err(_) => {
+                warn!(vm, "the destination QEMU does not answer: left as it is");
+                return true;
+            }
         };
         // Nor one whose post-copy began, before it started the guest: the source has stopped
         // it for good, and a recovery (`MIGRATION_QEMU_RECOVER`) may pick it up.
