@@ -604,6 +604,12 @@ pub const UNKNOWN: &str = "resume (outcome unknown)";
 /// nor dropped: QEMU keeps them for `migrate-recover` (`postcopy-paused`).
 pub const POSTCOPY: &str = "post-copy (the guest's memory is split between the hosts)";
 
+/// The phase of a failure that leaves the source QEMU in a post-copy it cannot pause for a
+/// resume (`postcopy-active` with its stream gone, or `postcopy-recover` whose stream broke:
+/// QEMU before 8.2). The guest runs at the destination; running `dwcp migrate` again does not
+/// help.
+pub const STUCK: &str = "post-copy (the source QEMU cannot pause it for a resume)";
+
 /// The reason of a migration stopped through [`QemuSpec::cancel`].
 pub const CANCELLED: &str = "cancelled (interrupted)";
 /// The phase after the destination loaded the guest: the source's migration must complete.
@@ -686,6 +692,20 @@ async fn migrate_qemu_inner(
             return Box::pin(recover(dest, spec, qmp, progress, started, report)).await;
         }
         None | Some("none" | "completed" | "failed" | "cancelled") => {}
+        Some(other) if other.starts_with("postcopy") => {
+            // The guest runs at the destination: nothing at the source is as it was.
+            let mut e = fail(
+                STUCK,
+                format!(
+                    "the source QEMU is in post-copy already ({other:?}): another `dwcp \
+                     migrate` runs it, or its stream broke where QEMU before 8.2 cannot pause \
+                     it (after its last page was written, or during a resume)"
+                ),
+                &report,
+            );
+            e.source_as_before = false;
+            return Err(e);
+        }
         Some(other) => {
             return Err(fail(
                 "prepare",
@@ -1049,9 +1069,11 @@ async fn recover(
             // QEMU before 8.2 cannot pause a recovery whose stream broke: say so, or the
             // advice to try again would loop.
             let mut reason = reason;
+            let mut stuck = false;
             if let Ok(m) = qmp.execute("query-migrate", None).await
                 && m.get("status").and_then(Value::as_str) == Some("postcopy-recover")
             {
+                stuck = true;
                 reason.push_str(
                     "; the source QEMU stays in postcopy-recover: QEMU before 8.2 cannot pause a \
                      recovery whose stream broke, and this one cannot be resumed again",
@@ -1061,6 +1083,8 @@ async fn recover(
             report.error = Some(reason.clone());
             let phase = if phase == UNKNOWN || runs_there {
                 phase
+            } else if stuck {
+                STUCK
             } else {
                 POSTCOPY
             };

@@ -162,12 +162,13 @@ pub const MIGRATION_QEMU_ABORT: u32 = 5;
 /// closed its side and every byte is delivered.
 pub const MIGRATION_QEMU_RETURN: u32 = 6;
 /// `Migration::op`: resume the post-copy migration of `name` that a broken stream left
-/// paused (QEMU's `postcopy-paused`): drop what is left of its earlier stream, have the
-/// destination QEMU listen again (`migrate-recover`), connect, and feed it the segments of a
-/// new stream (numbered from 0; QEMU's own resume handshake, then the pages still at the
-/// source), carrying its return path as under [`MIGRATION_QEMU_OPEN`] with `postcopy`. The
-/// answer's `reason` is JSON (`{"postcopy":true,"recovered":true}`). A node that predates it
-/// refuses the op.
+/// paused (QEMU's `postcopy-paused`): stop what is left of its earlier stream (keeping the
+/// destination QEMU's monitor), have that QEMU listen again (`migrate-recover`), and feed it
+/// the segments of a new stream carried by the tunnel session `stream_session` (numbered
+/// from 0; QEMU's own resume handshake, then the pages still at the source), connecting to
+/// QEMU with its first block, and carrying its return path as under [`MIGRATION_QEMU_OPEN`]
+/// with `postcopy`. The answer's `reason` is JSON (`{"postcopy":true,"recovered":true}`).
+/// A node that predates it refuses the op.
 pub const MIGRATION_QEMU_RECOVER: u32 = 7;
 
 /// `MIGRATION` (0x0019).
