@@ -953,11 +953,12 @@ async fn migrate_qemu_inner(
 }
 
 /// Resumes the post-copy migration that a broken stream left paused at the source (QEMU's
-/// `postcopy-paused`; `qmp` is its monitor): the destination drops what is left of the
+/// `postcopy-paused`; `qmp` is its monitor): the destination stops what is left of the
 /// earlier stream and has its QEMU listen again (`MIGRATION_QEMU_RECOVER`), and the source
 /// QEMU's `migrate` with `resume` sends the pages still at the source through a new tunnel.
-/// Nothing is rolled back whatever happens: a failure leaves both QEMUs paused in post-copy
-/// again, for another try.
+/// Nothing is rolled back whatever happens. A failure before the new stream starts leaves
+/// both QEMUs paused in post-copy, for another try; one after it started leaves QEMU before
+/// 8.2 in `postcopy-recover` for good ([`STUCK`]).
 async fn recover(
     dest: Destination<'_>,
     spec: &QemuSpec,
