@@ -356,8 +356,9 @@ impl Feeds {
         Ok(detail.to_string())
     }
 
-    /// Feeds `sock` (connected to `vm`'s QEMU) from now on, listed under `peer`; `ret`: its
-    /// return path, under post-copy.
+    /// A feed of `vm`'s stream from `peer`, reaching QEMU by `conn`, started and not listed
+    /// yet (the caller places it); `ret`: its return path, under post-copy; `session`: the
+    /// tunnel session it is bound to (see [`Feed::foreign`]).
     fn start(
         &self,
         peer: &NodeId,
