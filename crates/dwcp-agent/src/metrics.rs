@@ -54,6 +54,9 @@ pub struct Metrics {
     /// Migrations into this node that ended, by source `peer`, `backend` (`memory`, `qemu`)
     /// and `result` (`committed`, `aborted`, `failed`).
     pub migrations_received: Family<Labels, Counter>,
+    /// Post-copy migrations into this node whose stream stopped, now, by source `peer`: each
+    /// guest runs here but waits for pages still at its source until that source resumes.
+    pub migrations_paused: Family<Labels, Gauge>,
     /// Baseline cache entries (pages and chunks, seeds included).
     pub cache_entries: Gauge,
     peers_update: std::sync::Mutex<()>,
@@ -95,6 +98,7 @@ impl Metrics {
             session_tcp_retransmits: Family::default(),
             session_tcp_segments: Family::default(),
             migrations_received: Family::default(),
+            migrations_paused: Family::default(),
             cache_entries: Gauge::default(),
             peers_update: std::sync::Mutex::default(),
             cache_bytes: Family::default(),
@@ -185,6 +189,11 @@ impl Metrics {
             m.migrations_received.clone(),
         );
         registry.register(
+            "migrations_paused",
+            "Post-copy migrations into this node whose stream stopped, now, by source peer: each guest runs here but waits for pages its source still holds (run the same `dwcp migrate` again to resume)",
+            m.migrations_paused.clone(),
+        );
+        registry.register(
             "baseline_cache_entries",
             "Pages and chunks the baseline cache holds or indexes",
             m.cache_entries.clone(),
@@ -260,6 +269,9 @@ impl Metrics {
             self.session_streams
                 .get_or_create(&l)
                 .set(i64::from(s.streams));
+            self.migrations_paused
+                .get_or_create(&l)
+                .set(i64::try_from(s.migrations_paused).unwrap_or(i64::MAX));
             // The receiver's counts only grow: move the counters up to them.
             for (family, n) in [
                 (&self.session_data_bytes, s.data_bytes),

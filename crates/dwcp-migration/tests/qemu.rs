@@ -859,6 +859,22 @@ async fn post_copy(trouble: Trouble) {
     assert!(r.migrated && r.postcopy, "{r:?}");
     assert!(r.warnings.is_empty(), "{r:?}");
     assert_eq!(r.recovered, second, "{r:?}");
+    // The destination counts one migration, ended once (a paused post-copy had not ended),
+    // and none paused now.
+    let m = n.agent.metrics().await;
+    for (result, want) in [("committed", 1.0), ("aborted", 0.0), ("failed", 0.0)] {
+        let got = dwcp_testkit::metric_value(
+            &m,
+            "dwcp_migrations_received_total",
+            &[("peer", "src"), ("backend", "qemu"), ("result", result)],
+        );
+        assert_eq!(got, want, "{result}: {m}");
+    }
+    assert_eq!(
+        dwcp_testkit::metric_value(&m, "dwcp_migrations_paused", &[]),
+        0.0,
+        "{m}"
+    );
     if second {
         // The second run carried the pages still at the source, and nothing paused anew.
         assert!(r.stream_bytes > 0, "{r:?}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
-use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint};
+use dwcp_testkit::{Fault, Proxy, RunningAgent, TestCluster, endpoint, metric_value};
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_kept,
 };
@@ -461,8 +461,7 @@ async fn a_capped_tunnel_sends_no_faster_than_its_cap_on_all_connections_togethe
     // Past a second, the tunnel told the receiver what TCP counted under it (its
     // heartbeat rides behind a block), for the per-peer metrics.
     let text = vm.agent.metrics().await;
-    let segments =
-        dwcp_testkit::metric_value(&text, "dwcp_session_tcp_segments_total", &[("peer", "src")]);
+    let segments = metric_value(&text, "dwcp_session_tcp_segments_total", &[("peer", "src")]);
     let sent = tunnel.tcp_counts().unwrap().segments_sent;
     assert!(
         segments > 0.0 && segments <= (sent + 20) as f64,
@@ -662,9 +661,7 @@ async fn tunnel_connections_keep_little_unsent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_counts_tcp_and_its_close_ends_the_connections() {
     let vm = open_vm().await;
-    let active = async || {
-        dwcp_testkit::metric_value(&vm.agent.metrics().await, "dwcp_connections_active", &[])
-    };
+    let active = async || metric_value(&vm.agent.metrics().await, "dwcp_connections_active", &[]);
     let before = active().await;
     let tunnel = Tunnel::open(&vm.ep, vm.agent.addr, None, 4, "vm")
         .await
@@ -846,7 +843,7 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
         .unwrap();
     assert!(!quit && got == expected, "QEMU got {} bytes", got.len());
     let m = vm.agent.metrics().await;
-    let committed = dwcp_testkit::metric_value(
+    let committed = metric_value(
         &m,
         "dwcp_migrations_received_total",
         &[
@@ -990,6 +987,16 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     )
     .await
     .unwrap();
+    // Paused, not ended: an operator's alert, not an abort.
+    let text = agent.metrics().await;
+    let paused = metric_value(&text, "dwcp_migrations_paused", &[("peer", "src")]);
+    assert_eq!(paused, 1.0, "{text}");
+    let ended = metric_value(
+        &text,
+        "dwcp_migrations_received_total",
+        &[("backend", "qemu")],
+    );
+    assert_eq!(ended, 0.0, "{text}");
 
     // The new stream's tunnel, then the recovery naming it.
     let new = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
@@ -1067,6 +1074,18 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
         .unwrap();
     assert_eq!(got_first, first, "the first stream");
     assert_eq!(got_resumed, expected, "the resumed stream");
+    // One migration, ended once.
+    let text = agent.metrics().await;
+    let paused = metric_value(&text, "dwcp_migrations_paused", &[("peer", "src")]);
+    assert_eq!(paused, 0.0, "{text}");
+    for (result, n) in [("committed", 1.0), ("aborted", 0.0), ("failed", 0.0)] {
+        let got = metric_value(
+            &text,
+            "dwcp_migrations_received_total",
+            &[("backend", "qemu"), ("result", result)],
+        );
+        assert_eq!(got, n, "{result}: {text}");
+    }
     control.close().await;
     agent.stop().await.unwrap();
 }

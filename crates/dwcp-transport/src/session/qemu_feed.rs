@@ -194,8 +194,11 @@ struct Feed {
     /// A resumed stream's tunnel session: blocks and requests from another (an earlier
     /// stream's, still in flight) are refused.
     session: Option<Vec<u8>>,
-    /// Stopped and kept listed, with its monitor, for a recovery (its end counted once).
+    /// Stopped and kept listed, with its monitor, for a recovery: the migration has not
+    /// ended (a resumed feed ends it).
     kept: AtomicBool,
+    /// Its end was counted (see [`Feeds::remove_if`]'s answer).
+    ended: AtomicBool,
 }
 
 impl Feed {
@@ -383,6 +386,7 @@ impl Feeds {
             finishing: tokio::sync::Mutex::new(()),
             session,
             kept: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         });
         let key = (peer.clone(), vm.to_string());
         let entry = (Arc::downgrade(&self.feeds), key);
@@ -786,9 +790,9 @@ impl Feeds {
         ))
     }
 
-    /// ABORT: stops feeding, and QEMU quits. Whether an incoming migration was open. A QEMU
-    /// left as it is in post-copy (see [`quit`]) stays listed with its monitor, its stream
-    /// stopped, for a recovery.
+    /// ABORT: stops feeding, and QEMU quits. Whether this ended an incoming migration. A
+    /// QEMU left as it is in post-copy (see [`quit`]) stays listed with its monitor, its
+    /// stream stopped, for a recovery: that migration has not ended.
     pub(crate) async fn abort(
         &self,
         peer: &NodeId,
@@ -817,7 +821,8 @@ impl Feeds {
 
     /// As [`Feeds::remove`], only if the open feed is `only` (when given): a finish that
     /// ends after an OPEN replaced its feed must not remove the new one. With
-    /// `keep_postcopy`, a feed whose QEMU is left in post-copy is listed again.
+    /// `keep_postcopy`, a feed whose QEMU is left in post-copy is listed again. Whether this
+    /// ended the migration, once per feed (a feed kept listed has not).
     async fn remove_if(
         &self,
         peer: &NodeId,
@@ -848,8 +853,23 @@ impl Feeds {
             }
         }
         stop(&feed, "the incoming migration was given up");
-        // One kept for a recovery before does not count again.
-        !feed.kept.swap(kept, Ordering::SeqCst)
+        // A feed kept for a recovery has not ended the migration: the resumed feed will, or
+        // a later removal of this one. Either counts once.
+        feed.kept.store(kept, Ordering::SeqCst);
+        !kept && !feed.ended.swap(true, Ordering::SeqCst)
+    }
+
+    /// Post-copy migrations into this node whose stream stopped, by source: each destination
+    /// QEMU runs its guest but waits for the pages its source still holds, until that source
+    /// resumes the migration (`MIGRATION_QEMU_RECOVER`).
+    pub(crate) fn paused(&self) -> HashMap<NodeId, u64> {
+        let mut by_peer = HashMap::new();
+        for ((peer, _), feed) in lock(&self.feeds).iter() {
+            if feed.ret.is_some() && lock(&feed.state).error.is_some() {
+                *by_peer.entry(peer.clone()).or_insert(0) += 1;
+            }
+        }
+        by_peer
     }
 }
 

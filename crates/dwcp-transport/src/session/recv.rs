@@ -354,6 +354,9 @@ pub struct PeerStats {
     pub data_bytes: u64,
     /// Its migrations that ended here, counted by [`MIGRATION_OUTCOMES`] (same order).
     pub migrations: [u64; MIGRATION_OUTCOMES.len()],
+    /// Its post-copy migrations here whose stream stopped, now: each guest runs here and
+    /// waits for pages still at the peer, until the peer resumes the migration.
+    pub migrations_paused: u64,
     /// Segments TCP retransmitted on its session streams to this node, as its heartbeats
     /// report them (its kernel counts them; this node's cannot): since start.
     pub tcp_retransmits: u64,
@@ -407,6 +410,7 @@ impl Receiver {
     /// Each peer that has sent to this receiver: its open streams and the bytes taken.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
         use Ordering::Relaxed;
+        let paused = self.qemu.get().map(|f| f.paused()).unwrap_or_default();
         let mut v: Vec<PeerStats> = lock(&self.peers)
             .iter()
             .map(|(peer, c)| PeerStats {
@@ -414,6 +418,7 @@ impl Receiver {
                 streams: c.streams.load(Relaxed),
                 data_bytes: c.data_bytes.load(Relaxed),
                 migrations: std::array::from_fn(|i| c.migrations[i].load(Relaxed)),
+                migrations_paused: paused.get(peer).copied().unwrap_or(0),
                 tcp_retransmits: c.tcp_retransmits.load(Relaxed),
                 tcp_segments: c.tcp_segments.load(Relaxed),
             })
