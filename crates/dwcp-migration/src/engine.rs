@@ -468,17 +468,31 @@ pub async fn migrate(
                 // the source runs on only if the destination holds no copy.
                 warn!("rolling back after a commit was asked for: {reason}");
                 vm.throttle(0);
-                let mut aborted = Err(String::new());
-                for _ in 0..30 {
-                    aborted = abort(dest, spec, &mut kept).await;
-                    match &aborted {
-                        Err(e) if e.contains("in progress") || e.contains("being received") => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                // The link may be down still (the retry period ran out): the guest stays
+                // paused while the destination is asked again, for another retry period
+                // (at least 10 s), before a person has to settle it.
+                let deadline = Instant::now() + spec.retry_for.max(Duration::from_secs(10));
+                let (aborted, answer) = loop {
+                    let mut aborted = Err(String::new());
+                    for _ in 0..30 {
+                        aborted = abort(dest, spec, &mut kept).await;
+                        match &aborted {
+                            Err(e) if e.contains("in progress") || e.contains("being received") => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            _ => break,
                         }
-                        _ => break,
                     }
-                }
-                match (aborted, settled(vm, dest, spec).await) {
+                    let answer = settled(vm, dest, spec).await;
+                    if answer.is_some() || Instant::now() >= deadline {
+                        break (aborted, answer);
+                    }
+                    warn!(
+                        "the destination does not answer whether it committed; asking again (the guest stays paused)"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                };
+                match (aborted, answer) {
                     (Ok(()), Some(false)) => {
                         vm.resume();
                         Event::RolledBack

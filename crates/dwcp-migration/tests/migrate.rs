@@ -619,3 +619,99 @@ async fn a_final_round_commits_its_target_and_a_copy_of_it_sent_later_is_refused
     kept.close().await;
     agent.stop().await.unwrap();
 }
+
+/// The link cut while the guest is paused for its final round (`StopAndCopy`), for less
+/// than the retry period: the final round, which carries the commit, waits for the link and
+/// goes again; the guest arrives bit-exact, paused meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_exact() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let proxy = std::sync::Arc::new(
+        dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await,
+    );
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(8, 50.0);
+    let spec = MigrationSpec {
+        codec: Some(dwcp_encoding::Codec::Lz4),
+        retry_for: Duration::from_secs(30),
+        ..MigrationSpec::new("cut.mem")
+    };
+    let dest = Destination {
+        endpoint: &ep,
+        addr: proxy.addr,
+        expected: None,
+    };
+    let mut cut = None;
+    let r = migrate(&v, dest, &spec, &mut |p| {
+        if cut.is_none() && p.phase == "StopAndCopy" {
+            proxy.outage(Duration::from_secs(3));
+            cut = Some(std::time::Instant::now());
+        }
+    })
+    .await;
+    let cut = cut.expect("no stop-and-copy seen");
+    assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
+    // Paused through the outage: the commit came after the link did.
+    assert!(cut.elapsed() >= Duration::from_secs(3), "{r:?}");
+    assert!(r.downtime_ms.is_some_and(|ms| ms >= 2900.0), "{r:?}");
+    assert!(v.is_paused());
+    assert_eq!(published(&cluster, "cut.mem"), v.page_hashes());
+    let (committed, aborted) = ended(&agent.metrics().await);
+    assert_eq!((committed, aborted), (1.0, 0.0));
+    agent.stop().await.unwrap();
+}
+
+/// The link cut at the stop-and-copy for longer than the retry period: the migration fails
+/// with a commit possibly on its way, so the source may resume only once the destination
+/// says it holds no copy. It asks again until the link is back (within the retry period
+/// again, at least 10 s), and then the guest runs on exactly one side: here at the source,
+/// the destination's target gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_the_commit_was_asked_waits_for_the_destination_to_settle() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let proxy = std::sync::Arc::new(
+        dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await,
+    );
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(8, 50.0);
+    let spec = MigrationSpec {
+        codec: Some(dwcp_encoding::Codec::Lz4),
+        retry_for: Duration::from_secs(2),
+        ..MigrationSpec::new("cut.mem")
+    };
+    let dest = Destination {
+        endpoint: &ep,
+        addr: proxy.addr,
+        expected: None,
+    };
+    let outage = Duration::from_secs(8);
+    let mut cut = None;
+    let r = migrate(&v, dest, &spec, &mut |p| {
+        if cut.is_none() && p.phase == "StopAndCopy" {
+            proxy.outage(outage);
+            cut = Some(std::time::Instant::now());
+        }
+    })
+    .await;
+    let cut = cut.expect("no stop-and-copy seen");
+    assert!(
+        cut.elapsed() >= outage,
+        "ended {:?} into the outage: {r:?}",
+        cut.elapsed()
+    );
+    let (committed, aborted) = ended(&agent.metrics().await);
+    if r.migrated {
+        // The commit had gone before the cut.
+        assert_eq!(r.bit_exact, Some(true), "{r:?}");
+        assert!(v.is_paused());
+        assert_eq!(published(&cluster, "cut.mem"), v.page_hashes());
+        assert_eq!((committed, aborted), (1.0, 0.0));
+    } else {
+        assert!(!r.source_paused, "{}", r.how);
+        assert!(!v.is_paused(), "{}", r.how);
+        assert_eq!((committed, aborted), (0.0, 1.0), "{}", r.how);
+    }
+    agent.stop().await.unwrap();
+}
