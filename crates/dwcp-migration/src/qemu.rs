@@ -757,6 +757,8 @@ async fn migrate_qemu_inner(
         postcopy: source_postcopy,
         timeout: Duration::from_secs(30),
         stream_session: None,
+        // The destination waits for the stream as long as this side keeps dialling.
+        wait: spec.retry_for,
     };
     let opened = async {
         let t = Instant::now();
@@ -1022,6 +1024,7 @@ async fn recover(
         // The destination waits for its QEMU to notice the old stream gone.
         timeout: Duration::from_secs(60),
         stream_session: Some(sid),
+        wait: Duration::ZERO,
     };
     if let Err(e) =
         migration_request_kept(dest.endpoint, dest.addr, dest.expected, &ask, &mut control).await
@@ -1222,6 +1225,7 @@ async fn abort_destination(dest: &Destination<'_>, vm: &str, stream: Option<[u8;
         // post-copy may not answer).
         timeout: Duration::from_secs(30),
         stream_session: stream,
+        wait: Duration::ZERO,
     };
     let mut fresh = KeptSession::default();
     if let Err(e) =
@@ -2095,6 +2099,7 @@ async fn pump(
         postcopy: false,
         timeout: Duration::from_secs(180),
         stream_session: Some(tunnel.session_id()),
+        wait: Duration::ZERO,
     };
     debug!(
         inflight_mib = budget.inflight() as f64 / 1048576.0,
@@ -2475,6 +2480,7 @@ async fn carry_return(
             postcopy: false,
             timeout: Duration::from_secs(10),
             stream_session: Some(stream),
+            wait: Duration::ZERO,
         };
         match migration_request_data(&endpoint, addr, expected.as_ref(), &ask, &mut session).await {
             Ok((detail, bytes)) => {

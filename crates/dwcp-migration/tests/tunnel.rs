@@ -96,6 +96,7 @@ fn req(op: u32, segments: u64) -> MigrationRequest<'static> {
         postcopy: false,
         timeout: Duration::from_secs(30),
         stream_session: None,
+        wait: Duration::ZERO,
     }
 }
 
@@ -507,6 +508,7 @@ async fn blocks_without_an_open_migration_or_qemu_dir_are_refused() {
         postcopy: false,
         timeout: Duration::from_secs(30),
         stream_session: None,
+        wait: Duration::ZERO,
     };
     let e = migration_request_kept(&ep, agent.addr, None, &open, &mut control)
         .await

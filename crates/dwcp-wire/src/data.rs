@@ -202,6 +202,11 @@ pub struct Migration {
     /// requests, still in flight when it was resumed, must not reach the new one.
     #[prost(bytes = "vec", tag = "7")]
     pub stream_session: Vec<u8>,
+    /// [`MIGRATION_QEMU_OPEN`]: how long the source keeps dialling when it loses the link
+    /// (its retry period), in seconds. The destination waits that much longer for the
+    /// stream's next block before it gives the migration up (0: its own limit alone).
+    #[prost(uint64, tag = "8")]
+    pub wait_secs: u64,
 }
 
 /// `ObjectBegin::encoding`: the object is the content itself.

@@ -39,7 +39,12 @@ pub(crate) const MAX_BUFFERED: usize = 2 << 20;
 
 /// An open stream with nothing to feed for this long, and no finish, is given up (its QEMU
 /// told to quit): the source is gone. The source itself gives up on a QEMU silent for 120 s.
+/// A source that says how long it keeps dialling a lost link (its OPEN's `wait_secs`) gets
+/// that much more.
 const IDLE_LIMIT: Duration = Duration::from_secs(180);
+
+/// The most a source's OPEN adds to [`IDLE_LIMIT`] (a day, `dwcp migrate --retry-secs`'s most).
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
 /// How long a RECOVER waits for the destination QEMU to pause its post-copy (it notices its
 /// stream gone) and to listen again.
@@ -235,6 +240,17 @@ struct Finished {
     result: Result<String, String>,
 }
 
+/// What a feed's stream is (see [`Feeds::start`]).
+#[derive(Debug)]
+struct Stream {
+    /// QEMU's return path, under post-copy.
+    ret: Option<Arc<ReturnPath>>,
+    /// The tunnel session it is bound to (see [`Feed::foreign`]).
+    session: Option<Vec<u8>>,
+    /// How long it may go without a block (see [`IDLE_LIMIT`]).
+    idle_limit: Duration,
+}
+
 /// The incoming QEMU migrations of one receiver.
 #[derive(Debug)]
 pub(crate) struct Feeds {
@@ -286,12 +302,15 @@ impl Feeds {
     }
 
     /// OPEN: connects to the waiting QEMU and starts feeding; with `postcopy`, turns on
-    /// QEMU's post-copy and reads its return path. Returns the answer's detail (JSON).
+    /// QEMU's post-copy and reads its return path. `wait`: how long the source keeps dialling
+    /// a lost link; the stream may go that much longer without a block (see [`IDLE_LIMIT`]).
+    /// Returns the answer's detail (JSON).
     pub(crate) async fn open(
         &self,
         peer: &NodeId,
         vm: &str,
         postcopy: bool,
+        wait: Duration,
     ) -> Result<String, String> {
         // A new migration of this VM: an earlier one's answer is not its answer.
         lock(&self.finished).remove(&(peer.clone(), vm.to_string()));
@@ -353,24 +372,32 @@ impl Feeds {
             .map_err(|_| format!("connecting to {} timed out", sock_path.display()))?
             .map_err(|e| format!("cannot connect to {}: {e}", sock_path.display()))?;
         let qmp = Arc::new(tokio::sync::Mutex::new(qmp));
-        let feed = self.start(peer, vm, qmp, Conn::Now(sock), ret, None);
+        let stream = Stream {
+            ret,
+            session: None,
+            idle_limit: self.idle_limit + wait.min(MAX_WAIT),
+        };
+        let feed = self.start(peer, vm, qmp, Conn::Now(sock), stream);
         lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
         info!(%peer, vm, postcopy = detail["postcopy"] == true, "incoming QEMU migration opened");
         Ok(detail.to_string())
     }
 
-    /// A feed of `vm`'s stream from `peer`, reaching QEMU by `conn`, started and not listed
-    /// yet (the caller places it); `ret`: its return path, under post-copy; `session`: the
-    /// tunnel session it is bound to (see [`Feed::foreign`]).
+    /// A feed of `vm`'s `stream` from `peer`, reaching QEMU by `conn`, started and not
+    /// listed yet (the caller places it).
     fn start(
         &self,
         peer: &NodeId,
         vm: &str,
         qmp: Arc<tokio::sync::Mutex<Qmp>>,
         conn: Conn,
-        ret: Option<Arc<ReturnPath>>,
-        session: Option<Vec<u8>>,
+        stream: Stream,
     ) -> Arc<Feed> {
+        let Stream {
+            ret,
+            session,
+            idle_limit,
+        } = stream;
         let feed = Arc::new(Feed {
             state: Mutex::new(FeedState {
                 last_progress: Some(Instant::now()),
@@ -380,7 +407,7 @@ impl Feeds {
             kick: Notify::new(),
             qmp,
             task: Mutex::new(None),
-            idle_limit: self.idle_limit,
+            idle_limit,
             ret,
             ret_task: Mutex::new(None),
             finishing: tokio::sync::Mutex::new(()),
@@ -511,9 +538,13 @@ impl Feeds {
             let _ = q.poll_events(Duration::from_millis(1)).await;
             while q.take_event("RESUME").is_some() {}
         }
-        let session = (!session.is_empty()).then(|| session.to_vec());
-        let ret = Some(Arc::new(ReturnPath::default()));
-        let feed = self.start(peer, vm, qmp, Conn::Lazy(sock_path), ret, session);
+        let stream = Stream {
+            ret: Some(Arc::new(ReturnPath::default())),
+            session: (!session.is_empty()).then(|| session.to_vec()),
+            // The earlier stream's, with the wait its source asked for.
+            idle_limit: old.as_ref().map_or(self.idle_limit, |o| o.idle_limit),
+        };
+        let feed = self.start(peer, vm, qmp, Conn::Lazy(sock_path), stream);
         let placed = {
             let mut m = lock(&self.feeds);
             let free = match (m.get(&key), &old) {
@@ -1352,7 +1383,10 @@ mod tests {
         let qemu = fake_qemu_gated(dir.path(), "vm", Some(gate.clone()));
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
-        feeds.open(&peer, "vm", false).await.unwrap();
+        feeds
+            .open(&peer, "vm", false, Duration::ZERO)
+            .await
+            .unwrap();
         let t = Duration::from_millis(300);
         // Block 0 goes to the feeder, which waits on QEMU; block 1 is still on its way, and
         // 5 MiB after it arrive.
@@ -1416,7 +1450,7 @@ mod tests {
         );
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
-        let detail = feeds.open(&peer, "vm", true).await.unwrap();
+        let detail = feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
         assert_eq!(detail, r#"{"postcopy":true}"#);
         // From any place the asker holds up to: the rest.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1498,7 +1532,7 @@ mod tests {
         );
         let feeds = Feeds::new(dir.path());
         let peer = NodeId::new("src").unwrap();
-        let detail = feeds.open(&peer, "vm", true).await.unwrap();
+        let detail = feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
         let v: serde_json::Value = serde_json::from_str(&detail).unwrap();
         assert_eq!(v["postcopy"], false, "{v}");
         let why = v["why"].as_str().unwrap();
@@ -1521,7 +1555,10 @@ mod tests {
         let mut feeds = Feeds::new(dir.path());
         feeds.idle_limit = Duration::from_millis(300);
         let peer = NodeId::new("src").unwrap();
-        feeds.open(&peer, "vm", false).await.unwrap();
+        feeds
+            .open(&peer, "vm", false, Duration::ZERO)
+            .await
+            .unwrap();
         feeds
             .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"), &[])
             .await
@@ -1541,5 +1578,36 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("no incoming migration"), "{e}");
         assert!(lock(&feeds.feeds).is_empty());
+    }
+
+    /// A source that keeps dialling a lost link for a while (its OPEN's wait) is waited for
+    /// that much longer than the destination's own limit.
+    #[tokio::test]
+    async fn a_stream_is_waited_for_as_long_as_its_source_keeps_dialling() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = fake_qemu(dir.path(), "vm");
+        let mut feeds = Feeds::new(dir.path());
+        feeds.idle_limit = Duration::from_millis(300);
+        let peer = NodeId::new("src").unwrap();
+        feeds
+            .open(&peer, "vm", false, Duration::from_secs(2))
+            .await
+            .unwrap();
+        feeds
+            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"), &[])
+            .await
+            .unwrap();
+        let silent = Instant::now();
+        let (got, quit) = tokio::time::timeout(Duration::from_secs(10), qemu)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            silent.elapsed() >= Duration::from_millis(2300),
+            "given up after {:?}",
+            silent.elapsed()
+        );
+        assert!(quit, "QEMU not told to quit before its stream closed");
+        assert_eq!(got, b"QEVM and mor");
     }
 }

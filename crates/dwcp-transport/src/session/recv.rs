@@ -1118,7 +1118,10 @@ impl Receiver {
                 };
             }
             let r = match m.op {
-                data::MIGRATION_QEMU_OPEN => feeds.open(peer, &m.name, m.postcopy).await,
+                data::MIGRATION_QEMU_OPEN => {
+                    let wait = Duration::from_secs(m.wait_secs);
+                    feeds.open(peer, &m.name, m.postcopy, wait).await
+                }
                 data::MIGRATION_QEMU_RECOVER => {
                     feeds.recover(peer, &m.name, &m.stream_session).await
                 }

@@ -2379,6 +2379,7 @@ pub async fn migration_op_kept(
         postcopy: false,
         timeout: Duration::from_secs(60),
         stream_session: None,
+        wait: Duration::ZERO,
     };
     migration_request_kept(endpoint, addr, expected, &req, kept)
         .await
@@ -2403,6 +2404,9 @@ pub struct MigrationRequest<'a> {
     /// For the QEMU ops on a stream: the session id of the tunnel that carries it
     /// ([`crate::session::Tunnel::session_id`]).
     pub stream_session: Option<[u8; 16]>,
+    /// For `MIGRATION_QEMU_OPEN`: how long the source keeps dialling a lost link (the
+    /// destination waits that much longer for the stream); zero says nothing.
+    pub wait: Duration,
 }
 
 /// Sends one `MIGRATION` request on `kept`'s session (opening one with a single stream when
@@ -2438,6 +2442,7 @@ pub async fn migration_request_data(
         blake3: req.digest.map(|d| d.to_vec()).unwrap_or_default(),
         postcopy: req.postcopy,
         stream_session: req.stream_session.map(|s| s.to_vec()).unwrap_or_default(),
+        wait_secs: req.wait.as_secs(),
     };
     let timeout = req.timeout;
     session.adopt_joined().await;
