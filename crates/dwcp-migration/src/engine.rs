@@ -475,7 +475,11 @@ pub async fn migrate(
                 let (aborted, answer) = loop {
                     let mut aborted = Err(String::new());
                     for _ in 0..30 {
-                        aborted = abort(dest, spec, &mut kept).await;
+                        aborted = tokio::time::timeout(SETTLE_WAIT, abort(dest, spec, &mut kept))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(format!("no answer to the abort within {SETTLE_WAIT:?}"))
+                            });
                         match &aborted {
                             Err(e) if e.contains("in progress") || e.contains("being received") => {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -484,7 +488,10 @@ pub async fn migrate(
                         }
                     }
                     let answer = settled(vm, dest, spec).await;
-                    if answer.is_some() || Instant::now() >= deadline {
+                    // "No copy" frees the source only with the abort done (a commit on its
+                    // way would otherwise still land).
+                    let done = answer == Some(true) || (answer == Some(false) && aborted.is_ok());
+                    if done || Instant::now() >= deadline {
                         break (aborted, answer);
                     }
                     warn!(

@@ -204,6 +204,8 @@ struct Feed {
     kept: AtomicBool,
     /// Its end was counted (see [`Feeds::remove_if`]'s answer).
     ended: AtomicBool,
+    /// [`quit`] left its QEMU as it is, in post-copy or not answering: a source may resume it.
+    left: AtomicBool,
 }
 
 impl Feed {
@@ -301,6 +303,21 @@ impl Feeds {
         m.insert(key, f);
     }
 
+    /// Before an OPEN: an earlier migration of `vm` from `peer` still listed here is over (an
+    /// ABORT that never arrived must not block the retry, nor a paused post-copy a fresh
+    /// start) and goes, its QEMU told to quit. Whether that ended a migration (see
+    /// [`Feeds::remove_if`]).
+    pub(crate) async fn end_earlier(&self, peer: &NodeId, vm: &str) -> bool {
+        let key = (peer.clone(), vm.to_string());
+        // A new migration of this VM: an earlier one's answer is not its answer.
+        lock(&self.finished).remove(&key);
+        if !lock(&self.feeds).contains_key(&key) {
+            return false;
+        }
+        warn!(%peer, vm, "an earlier incoming migration of this VM was still open; dropped");
+        self.remove(peer, vm, false).await
+    }
+
     /// OPEN: connects to the waiting QEMU and starts feeding; with `postcopy`, turns on
     /// QEMU's post-copy and reads its return path. `wait`: how long the source keeps dialling
     /// a lost link; the stream may go that much longer without a block (see [`IDLE_LIMIT`]).
@@ -312,14 +329,8 @@ impl Feeds {
         postcopy: bool,
         wait: Duration,
     ) -> Result<String, String> {
-        // A new migration of this VM: an earlier one's answer is not its answer.
-        lock(&self.finished).remove(&(peer.clone(), vm.to_string()));
-        if lock(&self.feeds).contains_key(&(peer.clone(), vm.to_string())) {
-            // The same source opens again: its earlier attempt is over (an ABORT that never
-            // arrived must not block the retry).
-            warn!(%peer, vm, "an earlier incoming migration of this VM was still open; dropped");
-            self.remove(peer, vm, false).await;
-        }
+        // The receiver has done so, counting what it ended; this is for other callers.
+        self.end_earlier(peer, vm).await;
         let qmp_path = self.dir.join(format!("{vm}.qmp"));
         // Under post-copy QEMU's main thread can block on a page still at the source, and its
         // monitor with it, but for the commands it runs out of band: `migrate-recover`.
@@ -414,6 +425,7 @@ impl Feeds {
             session,
             kept: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            left: AtomicBool::new(false),
         });
         let key = (peer.clone(), vm.to_string());
         let entry = (Arc::downgrade(&self.feeds), key);
@@ -893,10 +905,12 @@ impl Feeds {
     /// Post-copy migrations into this node whose stream stopped, by source: each destination
     /// QEMU runs its guest but waits for the pages its source still holds, until that source
     /// resumes the migration (`MIGRATION_QEMU_RECOVER`).
+    /// (A source gone without a word counts once the stream has been idle for the limit.)
     pub(crate) fn paused(&self) -> HashMap<NodeId, u64> {
         let mut by_peer = HashMap::new();
         for ((peer, _), feed) in lock(&self.feeds).iter() {
-            if feed.ret.is_some() && lock(&feed.state).error.is_some() {
+            let stopped = lock(&feed.state).error.is_some();
+            if stopped && feed.left.load(Ordering::SeqCst) {
                 *by_peer.entry(peer.clone()).or_insert(0) += 1;
             }
         }
@@ -938,7 +952,9 @@ async fn connect_when_fed(
     vm: String,
     entry: (std::sync::Weak<FeedMap>, (NodeId, String)),
 ) {
+    // QEMU was not connected: it is left waiting for the recovery, for another try.
     let fail = |why: String| {
+        feed.left.store(true, Ordering::SeqCst);
         let mut s = lock(&feed.state);
         s.error.get_or_insert(why);
         s.ready.clear();
@@ -1059,12 +1075,18 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
         // post-copy guest while pages are missing; `migrate-recover` can pick it up).
         let status = match tokio::time::timeout(Duration::from_secs(5), qmp.status()).await {
             Ok(Ok(s)) => s,
+            // Its monitor closed: QEMU is gone, nothing is left to resume.
+            Ok(Err(e @ QmpError::Io { .. })) => {
+                debug!(vm, "destination QEMU gone: {e}");
+                return false;
+            }
             Ok(Err(e)) => e.to_string(),
             // Its main thread waits (on a page still at the source): no more commands in
             // band, which would queue in QEMU until it stops reading the monitor, out-of-band
             // ones too.
             Err(_) => {
                 warn!(vm, "the destination QEMU does not answer: left as it is");
+                feed.left.store(true, Ordering::SeqCst);
                 return true;
             }
         };
@@ -1088,6 +1110,7 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
                 %migration,
                 "the incoming migration failed after the guest may have started here: the destination QEMU is left as it is"
             );
+            feed.left.store(true, Ordering::SeqCst);
             return true;
         }
     }
@@ -1204,10 +1227,11 @@ async fn feed_loop(
         }
     }
     .await;
+    let mut left = false;
     if let Err(e) = &r {
         warn!(vm, "feeding the destination QEMU failed: {e}");
         // Before the socket closes (see `Feeds::remove`).
-        let _ = quit(&feed, &vm).await;
+        left = quit(&feed, &vm).await;
     }
     drop(sock);
     let mut s = lock(&feed.state);
@@ -1222,13 +1246,11 @@ async fn feed_loop(
     drop(s);
     feed.wake.notify_waiters();
     // No finish or abort will come: the feed goes, and with it its hold on QEMU's monitor
-    // (one client at a time) and its reader of QEMU's return path. Not under post-copy: a
-    // source may still come back to resume it (`MIGRATION_QEMU_RECOVER`), and QEMU's main
-    // thread, waiting for a page, may answer no monitor but this one.
+    // (one client at a time) and its reader of QEMU's return path. Not when QEMU was left in
+    // post-copy: a source may still come back to resume it (`MIGRATION_QEMU_RECOVER`), and
+    // QEMU's main thread, waiting for a page, may answer no monitor but this one.
     if gone {
-        if feed.ret.is_none()
-            && let Some(map) = entry.0.upgrade()
-        {
+        if !left && let Some(map) = entry.0.upgrade() {
             let mut m = lock(&map);
             if m.get(&entry.1).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
                 m.remove(&entry.1);
@@ -1259,11 +1281,12 @@ mod tests {
         vm: &str,
         gate: Option<Arc<Notify>>,
     ) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
-        fake_qemu_full(dir, vm, gate, None, None, None)
+        fake_qemu_full(dir, vm, gate, None, None, None, None)
     }
 
     /// As [`fake_qemu_gated`]; its guest memory a file at `mem_path` (if given), and writing
-    /// `back` on its incoming socket (its return path), closed once the notify comes.
+    /// `back` on its incoming socket (its return path), closed once the notify comes. Its
+    /// monitor closes (QEMU exits) once `die` is notified.
     fn fake_qemu_full(
         dir: &Path,
         vm: &str,
@@ -1271,6 +1294,7 @@ mod tests {
         mem_path: Option<String>,
         back: Option<(Vec<u8>, Arc<Notify>)>,
         seen: Option<Arc<Mutex<Vec<u8>>>>,
+        die: Option<Arc<Notify>>,
     ) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
         let quit = Arc::new(AtomicBool::new(false));
         let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
@@ -1282,7 +1306,18 @@ mod tests {
                 .await
                 .unwrap();
             let mut lines = BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            loop {
+                let died = async {
+                    match &die {
+                        Some(d) => d.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let line = tokio::select! {
+                    l = lines.next_line() => l,
+                    () = died => break,
+                };
+                let Ok(Some(line)) = line else { break };
                 let answer = if line.contains("query-status") {
                     "{\"return\": {\"status\": \"inmigrate\", \"running\": false}}\n".to_string()
                 } else if line.contains("qom-list") {
@@ -1447,6 +1482,7 @@ mod tests {
             None,
             Some((b"pong-and-page-request".to_vec(), close.clone())),
             Some(seen.clone()),
+            None,
         );
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
@@ -1529,6 +1565,7 @@ mod tests {
             Some("/proc/self".into()),
             None,
             None,
+            None,
         );
         let feeds = Feeds::new(dir.path());
         let peer = NodeId::new("src").unwrap();
@@ -1578,6 +1615,56 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("no incoming migration"), "{e}");
         assert!(lock(&feeds.feeds).is_empty());
+    }
+
+    /// A post-copy whose QEMU exited (its monitor closed) is not left for a resume: the
+    /// abort ends it (counted), and it is not counted as paused.
+    #[tokio::test]
+    async fn a_post_copy_whose_qemu_is_gone_ends_on_abort_and_is_not_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let die = Arc::new(Notify::new());
+        let close = Arc::new(Notify::new());
+        let _qemu = fake_qemu_full(
+            dir.path(),
+            "vm",
+            None,
+            None,
+            Some((Vec::new(), close)),
+            None,
+            Some(die.clone()),
+        );
+        let feeds = Feeds::new(dir.path());
+        let peer = NodeId::new("src").unwrap();
+        let detail = feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
+        assert_eq!(detail, r#"{"postcopy":true}"#);
+        die.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(true));
+        assert!(feeds.paused().is_empty());
+        assert!(lock(&feeds.feeds).is_empty());
+        // Nothing left to end.
+        assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(false));
+    }
+
+    /// An earlier migration still listed when its source opens again is ended once.
+    #[tokio::test]
+    async fn an_open_migration_left_behind_is_ended_once_by_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = fake_qemu(dir.path(), "vm");
+        let feeds = Feeds::new(dir.path());
+        let peer = NodeId::new("src").unwrap();
+        assert!(!feeds.end_earlier(&peer, "vm").await, "nothing open yet");
+        feeds
+            .open(&peer, "vm", false, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(feeds.end_earlier(&peer, "vm").await);
+        assert!(!feeds.end_earlier(&peer, "vm").await);
+        let (_, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(quit, "the earlier QEMU was not told to quit");
     }
 
     /// A source that keeps dialling a lost link for a while (its OPEN's wait) is waited for

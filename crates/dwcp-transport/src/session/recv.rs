@@ -1119,6 +1119,11 @@ impl Receiver {
             }
             let r = match m.op {
                 data::MIGRATION_QEMU_OPEN => {
+                    // A leftover of an earlier attempt (its source vanished) counts when the
+                    // next attempt clears it, as a memory image's target does.
+                    if feeds.end_earlier(peer, &m.name).await {
+                        self.migration_ended(peer, "qemu", "aborted");
+                    }
                     let wait = Duration::from_secs(m.wait_secs);
                     feeds.open(peer, &m.name, m.postcopy, wait).await
                 }
