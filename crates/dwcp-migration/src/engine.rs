@@ -472,22 +472,36 @@ pub async fn migrate(
                 // paused while the destination is asked again, for another retry period
                 // (at least 10 s), before a person has to settle it.
                 let deadline = Instant::now() + spec.retry_for.max(Duration::from_secs(10));
+                // Each question within what is left (2 s at least, so the last is asked).
+                let step = |most: Duration| {
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_secs(2), most)
+                };
                 let (aborted, answer) = loop {
                     let mut aborted = Err(String::new());
                     for _ in 0..30 {
-                        aborted = tokio::time::timeout(SETTLE_WAIT, abort(dest, spec, &mut kept))
+                        let wait = step(SETTLE_WAIT);
+                        aborted = tokio::time::timeout(wait, abort(dest, spec, &mut kept))
                             .await
                             .unwrap_or_else(|_| {
-                                Err(format!("no answer to the abort within {SETTLE_WAIT:?}"))
+                                Err(format!("no answer to the abort within {wait:?}"))
                             });
                         match &aborted {
-                            Err(e) if e.contains("in progress") || e.contains("being received") => {
+                            Err(e)
+                                if (e.contains("in progress") || e.contains("being received"))
+                                    && Instant::now() < deadline =>
+                            {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }
                             _ => break,
                         }
                     }
-                    let answer = settled(vm, dest, spec).await;
+                    // (`settled` asks two questions.)
+                    let answer =
+                        tokio::time::timeout(step(2 * SETTLE_WAIT), settled(vm, dest, spec))
+                            .await
+                            .unwrap_or(None);
                     // "No copy" frees the source only with the abort done (a commit on its
                     // way would otherwise still land).
                     let done = answer == Some(true) || (answer == Some(false) && aborted.is_ok());

@@ -1024,7 +1024,7 @@ async fn recover(
         // The destination waits for its QEMU to notice the old stream gone.
         timeout: Duration::from_secs(60),
         stream_session: Some(sid),
-        wait: Duration::ZERO,
+        wait: spec.retry_for,
     };
     if let Err(e) =
         migration_request_kept(dest.endpoint, dest.addr, dest.expected, &ask, &mut control).await

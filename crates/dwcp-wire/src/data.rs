@@ -202,7 +202,7 @@ pub struct Migration {
     /// requests, still in flight when it was resumed, must not reach the new one.
     #[prost(bytes = "vec", tag = "7")]
     pub stream_session: Vec<u8>,
-    /// [`MIGRATION_QEMU_OPEN`]: how long the source keeps dialling when it loses the link
+    /// [`MIGRATION_QEMU_OPEN`], [`MIGRATION_QEMU_RECOVER`]: how long the source keeps dialling when it loses the link
     /// (its retry period), in seconds. The destination waits that much longer for the
     /// stream's next block before it gives the migration up (0: its own limit alone).
     #[prost(uint64, tag = "8")]

@@ -229,7 +229,8 @@ enum Conn {
 type FeedMap = Mutex<HashMap<(NodeId, String), Arc<Feed>>>;
 
 /// How long the answer to a FINISH is kept for a source that asks again (its connection
-/// broke before the answer came), and for how many migrations at most.
+/// broke before the answer came), and for how many migrations at most. At least as long
+/// as the stream could wait for its source (its idle limit).
 const FINISHED_KEPT: Duration = Duration::from_secs(600);
 const FINISHED_MAX: usize = 1024;
 
@@ -237,6 +238,8 @@ const FINISHED_MAX: usize = 1024;
 #[derive(Debug, Clone)]
 struct Finished {
     at: Instant,
+    /// Kept this long from `at`.
+    keep: Duration,
     total: u64,
     digest: [u8; 32],
     result: Result<String, String>,
@@ -258,6 +261,8 @@ struct Stream {
 pub(crate) struct Feeds {
     dir: PathBuf,
     idle_limit: Duration,
+    /// See [`STALL`].
+    stall: Duration,
     feeds: Arc<FeedMap>,
     /// Recent FINISH answers, by source and VM (see [`FINISHED_KEPT`]).
     finished: Mutex<HashMap<(NodeId, String), Finished>>,
@@ -273,6 +278,7 @@ impl Feeds {
         Self {
             dir: dir.to_path_buf(),
             idle_limit: IDLE_LIMIT,
+            stall: STALL,
             feeds: Arc::new(Mutex::new(HashMap::new())),
             finished: Mutex::new(HashMap::new()),
         }
@@ -287,14 +293,14 @@ impl Feeds {
     ) -> Option<Result<String, String>> {
         lock(&self.finished)
             .get(key)
-            .filter(|f| f.at.elapsed() < FINISHED_KEPT && f.total == total && &f.digest == digest)
+            .filter(|f| f.at.elapsed() < f.keep && f.total == total && &f.digest == digest)
             .map(|f| f.result.clone())
     }
 
     /// Keeps a FINISH's answer for a source that asks again.
     fn record(&self, key: (NodeId, String), f: Finished) {
         let mut m = lock(&self.finished);
-        m.retain(|_, v| v.at.elapsed() < FINISHED_KEPT);
+        m.retain(|_, v| v.at.elapsed() < v.keep);
         if m.len() >= FINISHED_MAX
             && let Some(oldest) = m.iter().min_by_key(|(_, v)| v.at).map(|(k, _)| k.clone())
         {
@@ -452,11 +458,13 @@ impl Feeds {
     /// noticed yet); the destination QEMU listens again (`migrate-recover` on
     /// `DIR/VM.recover`, out of band); a new feed with a return path takes the new stream,
     /// and connects to QEMU only with its first block. Returns the answer's detail (JSON).
+    /// `wait`: as for [`Feeds::open`].
     pub(crate) async fn recover(
         &self,
         peer: &NodeId,
         vm: &str,
         session: &[u8],
+        wait: Duration,
     ) -> Result<String, String> {
         let key = (peer.clone(), vm.to_string());
         lock(&self.finished).remove(&key);
@@ -498,6 +506,8 @@ impl Feeds {
         let mut qmp = match &old {
             Some(old) => {
                 old.kept.store(true, Ordering::SeqCst);
+                // Left for the recovery: paused, should this one fail.
+                old.left.store(true, Ordering::SeqCst);
                 stop(
                     old,
                     "the incoming migration is being resumed on a new stream",
@@ -553,8 +563,11 @@ impl Feeds {
         let stream = Stream {
             ret: Some(Arc::new(ReturnPath::default())),
             session: (!session.is_empty()).then(|| session.to_vec()),
-            // The earlier stream's, with the wait its source asked for.
-            idle_limit: old.as_ref().map_or(self.idle_limit, |o| o.idle_limit),
+            // This source's wait, or the earlier stream's if longer.
+            idle_limit: old
+                .as_ref()
+                .map_or(Duration::ZERO, |o| o.idle_limit)
+                .max(self.idle_limit + wait.min(MAX_WAIT)),
         };
         let feed = self.start(peer, vm, qmp, Conn::Lazy(sock_path), stream);
         let placed = {
@@ -620,9 +633,9 @@ impl Feeds {
         let Some(feed) = lock(&self.feeds).get(&key).cloned() else {
             // A block sent again after its acknowledgement was lost with its connection,
             // arriving after the finish it was part of: it was fed.
-            let fed = lock(&self.finished).get(&key).is_some_and(|f| {
-                f.at.elapsed() < FINISHED_KEPT && f.result.is_ok() && seq < f.total
-            });
+            let fed = lock(&self.finished)
+                .get(&key)
+                .is_some_and(|f| f.at.elapsed() < f.keep && f.result.is_ok() && seq < f.total);
             if fed {
                 return Ok(());
             }
@@ -761,6 +774,7 @@ impl Feeds {
             key,
             Finished {
                 at: Instant::now(),
+                keep: FINISHED_KEPT.max(feed.idle_limit),
                 total,
                 digest,
                 result: result.clone(),
@@ -783,9 +797,16 @@ impl Feeds {
                 if s.closed {
                     break;
                 }
-                if s.last_progress.is_some_and(|t| t.elapsed() > STALL) {
+                // QEMU not taking a block it has: STALL. A block not there yet (a link down,
+                // its source dialling again): as long as the stream may go without one.
+                let limit = if s.ready.contains_key(&s.next) {
+                    self.stall
+                } else {
+                    feed.idle_limit.max(self.stall)
+                };
+                if s.last_progress.is_some_and(|t| t.elapsed() > limit) {
                     return Err(format!(
-                        "the stream of {vm:?} stalled at block {} for {STALL:?}",
+                        "the stream of {vm:?} stalled at block {} for {limit:?}",
                         s.next
                     ));
                 }
@@ -794,7 +815,7 @@ impl Feeds {
         }
         // QEMU loads what it got, then closes the stream and starts the VM (or stays paused
         // when started with -S). Poll its state; the RESUME event says exactly when.
-        let deadline = Instant::now() + STALL;
+        let deadline = Instant::now() + self.stall;
         let mut qmp = feed.qmp.lock().await;
         let status = loop {
             let status = qmp
@@ -812,7 +833,8 @@ impl Feeds {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "destination QEMU for {vm:?} still loading after {STALL:?}"
+                    "destination QEMU for {vm:?} still loading after {:?}",
+                    self.stall
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -1075,10 +1097,24 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
         // post-copy guest while pages are missing; `migrate-recover` can pick it up).
         let status = match tokio::time::timeout(Duration::from_secs(5), qmp.status()).await {
             Ok(Ok(s)) => s,
-            // Its monitor closed: QEMU is gone, nothing is left to resume.
-            Ok(Err(e @ QmpError::Io { .. })) => {
-                debug!(vm, "destination QEMU gone: {e}");
-                return false;
+            // Its monitor closed: QEMU is gone, nothing is left to resume, unless something
+            // still listens there (this connection broke, not QEMU).
+            Ok(Err(QmpError::Io { path, what })) => {
+                if let Err(e) = UnixStream::connect(&path).await
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    )
+                {
+                    debug!(vm, "destination QEMU gone ({what}; its monitor: {e})");
+                    return false;
+                }
+                warn!(
+                    vm,
+                    "the destination QEMU's monitor failed ({what}), and QEMU still listens there: left as it is"
+                );
+                feed.left.store(true, Ordering::SeqCst);
+                return true;
             }
             Ok(Err(e)) => e.to_string(),
             // Its main thread waits (on a page still at the source): no more commands in
@@ -1286,7 +1322,8 @@ mod tests {
 
     /// As [`fake_qemu_gated`]; its guest memory a file at `mem_path` (if given), and writing
     /// `back` on its incoming socket (its return path), closed once the notify comes. Its
-    /// monitor closes (QEMU exits) once `die` is notified.
+    /// monitor connection closes once `die` is notified: QEMU exits, or with `true` only that
+    /// connection breaks (QEMU still listens).
     fn fake_qemu_full(
         dir: &Path,
         vm: &str,
@@ -1294,7 +1331,7 @@ mod tests {
         mem_path: Option<String>,
         back: Option<(Vec<u8>, Arc<Notify>)>,
         seen: Option<Arc<Mutex<Vec<u8>>>>,
-        die: Option<Arc<Notify>>,
+        die: Option<(Arc<Notify>, bool)>,
     ) -> tokio::task::JoinHandle<(Vec<u8>, bool)> {
         let quit = Arc::new(AtomicBool::new(false));
         let qmp = UnixListener::bind(dir.join(format!("{vm}.qmp"))).unwrap();
@@ -1309,13 +1346,20 @@ mod tests {
             loop {
                 let died = async {
                     match &die {
-                        Some(d) => d.notified().await,
+                        Some((d, _)) => d.notified().await,
                         None => std::future::pending().await,
                     }
                 };
                 let line = tokio::select! {
                     l = lines.next_line() => l,
-                    () = died => break,
+                    () = died => {
+                        if die.as_ref().is_some_and(|(_, listens)| *listens) {
+                            drop(lines);
+                            drop(w);
+                            std::future::pending::<()>().await;
+                        }
+                        break;
+                    }
                 };
                 let Ok(Some(line)) = line else { break };
                 let answer = if line.contains("query-status") {
@@ -1631,7 +1675,7 @@ mod tests {
             None,
             Some((Vec::new(), close)),
             None,
-            Some(die.clone()),
+            Some((die.clone(), false)),
         );
         let feeds = Feeds::new(dir.path());
         let peer = NodeId::new("src").unwrap();
@@ -1644,6 +1688,75 @@ mod tests {
         assert!(lock(&feeds.feeds).is_empty());
         // Nothing left to end.
         assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(false));
+    }
+
+    /// A post-copy whose monitor connection broke while QEMU still listens is left as it is
+    /// for a resume (not ended, and counted as paused).
+    #[tokio::test]
+    async fn a_post_copy_whose_monitor_connection_broke_is_left_for_a_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let die = Arc::new(Notify::new());
+        let close = Arc::new(Notify::new());
+        let _qemu = fake_qemu_full(
+            dir.path(),
+            "vm",
+            None,
+            None,
+            Some((Vec::new(), close)),
+            None,
+            Some((die.clone(), true)),
+        );
+        let feeds = Feeds::new(dir.path());
+        let peer = NodeId::new("src").unwrap();
+        feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
+        die.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(false));
+        assert_eq!(feeds.paused().get(&peer), Some(&1));
+        assert_eq!(lock(&feeds.feeds).len(), 1);
+    }
+
+    /// A finish that waits for a block still missing (its source dialling a lost link again)
+    /// waits as long as the stream may go without one, not QEMU's stall limit.
+    #[tokio::test]
+    async fn a_finish_waits_for_a_missing_block_as_long_as_the_source_dials() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = fake_qemu(dir.path(), "vm");
+        let mut feeds = Feeds::new(dir.path());
+        feeds.idle_limit = Duration::from_millis(300);
+        feeds.stall = Duration::from_millis(200);
+        let feeds = Arc::new(feeds);
+        let peer = NodeId::new("src").unwrap();
+        feeds
+            .open(&peer, "vm", false, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let (a, b) = (b"QEVM first ".to_vec(), b"and second".to_vec());
+        feeds
+            .push(&peer, "vm", 0, Bytes::from(a.clone()), &[])
+            .await
+            .unwrap();
+        let digest = *blake3::hash(&[a.clone(), b.clone()].concat()).as_bytes();
+        let fin = {
+            let (f, p) = (feeds.clone(), peer.clone());
+            tokio::spawn(async move { f.finish(&p, "vm", 2, &digest, &[]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            !fin.is_finished(),
+            "the finish gave up on the missing block"
+        );
+        feeds
+            .push(&peer, "vm", 1, Bytes::from(b.clone()), &[])
+            .await
+            .unwrap();
+        // The whole stream reached QEMU (this fake never says it loaded it).
+        let (got, _) = tokio::time::timeout(Duration::from_secs(10), qemu)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, [a, b].concat());
+        fin.abort();
     }
 
     /// An earlier migration still listed when its source opens again is ended once.

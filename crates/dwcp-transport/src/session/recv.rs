@@ -1128,7 +1128,8 @@ impl Receiver {
                     feeds.open(peer, &m.name, m.postcopy, wait).await
                 }
                 data::MIGRATION_QEMU_RECOVER => {
-                    feeds.recover(peer, &m.name, &m.stream_session).await
+                    let wait = Duration::from_secs(m.wait_secs);
+                    feeds.recover(peer, &m.name, &m.stream_session, wait).await
                 }
                 data::MIGRATION_QEMU_FINISH => {
                     let (r, ended) = feeds

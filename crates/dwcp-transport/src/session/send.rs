@@ -2404,7 +2404,7 @@ pub struct MigrationRequest<'a> {
     /// For the QEMU ops on a stream: the session id of the tunnel that carries it
     /// ([`crate::session::Tunnel::session_id`]).
     pub stream_session: Option<[u8; 16]>,
-    /// For `MIGRATION_QEMU_OPEN`: how long the source keeps dialling a lost link (the
+    /// For `MIGRATION_QEMU_OPEN` and `_RECOVER`: how long the source keeps dialling a lost link (the
     /// destination waits that much longer for the stream); zero says nothing.
     pub wait: Duration,
 }
