@@ -749,6 +749,7 @@ async fn migrate_qemu_inner(
         r
     };
     let mut control = KeptSession::new();
+    let stream_id = Tunnel::new_session_id();
     let open = MigrationRequest {
         name: &spec.vm,
         op: data::MIGRATION_QEMU_OPEN,
@@ -756,7 +757,10 @@ async fn migrate_qemu_inner(
         digest: None,
         postcopy: source_postcopy,
         timeout: Duration::from_secs(30),
-        stream_session: None,
+        // The stream is bound to its tunnel from the start: a block still in flight from
+        // an earlier attempt's tunnel is refused, not fed (under post-copy QEMU would take
+        // it before any digest is checked).
+        stream_session: Some(stream_id),
         // The destination waits for the stream as long as this side keeps dialling.
         wait: spec.retry_for,
     };
@@ -775,7 +779,7 @@ async fn migrate_qemu_inner(
     // which takes a dozen round trips across a long path (the largest part of preparing).
     let tunnel = async {
         let t = Instant::now();
-        let r = open_tunnel(&dest, spec).await;
+        let r = open_tunnel(&dest, spec, stream_id).await;
         debug!(ms = t.elapsed().as_millis() as u64, "tunnel open");
         r
     };
@@ -986,7 +990,7 @@ async fn recover(
     report.source_qemu = source_qemu;
     info!(vm = %spec.vm, "the source QEMU's post-copy is paused: resuming it");
     let mut control = KeptSession::new();
-    let tunnel = open_tunnel(&dest, spec);
+    let tunnel = open_tunnel(&dest, spec, Tunnel::new_session_id());
     // What the destination's cache holds: the pages still at the source may be there.
     let base = async {
         if !spec.delta {
@@ -1127,14 +1131,19 @@ async fn cache_summary(
 }
 
 /// The tunnel that carries the VM's stream.
-async fn open_tunnel(dest: &Destination<'_>, spec: &QemuSpec) -> Result<Tunnel, SendError> {
-    Tunnel::open_with(
+async fn open_tunnel(
+    dest: &Destination<'_>,
+    spec: &QemuSpec,
+    id: [u8; 16],
+) -> Result<Tunnel, SendError> {
+    Tunnel::open_as(
         dest.endpoint,
         dest.addr,
         dest.expected,
         spec.streams,
         &spec.vm,
         spec.rate_limit.clone(),
+        id,
     )
     .await
 }

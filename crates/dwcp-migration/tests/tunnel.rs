@@ -1091,3 +1091,70 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     control.close().await;
     agent.stop().await.unwrap();
 }
+
+/// A stream bound to its tunnel at its OPEN takes blocks from that tunnel alone: a block
+/// of another tunnel (an earlier attempt's, still in flight) is refused, not fed, and the
+/// stream arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_bound_at_its_open_refuses_another_tunnels_blocks() {
+    let cluster = TestCluster::new();
+    let qemu_dir = cluster.dir().join("qemu");
+    std::fs::create_dir_all(&qemu_dir).unwrap();
+    let qd = qemu_dir.clone();
+    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let got = fake_qemu(&qemu_dir, "vm", Duration::ZERO);
+    let id = Tunnel::new_session_id();
+    let mut control = KeptSession::new();
+    let open = MigrationRequest {
+        stream_session: Some(id),
+        ..req(data::MIGRATION_QEMU_OPEN, 0)
+    };
+    migration_request_kept(&ep, agent.addr, None, &open, &mut control)
+        .await
+        .unwrap();
+    // Another tunnel's block 0, with other bytes: refused.
+    let stray = Tunnel::open(&ep, agent.addr, None, 1, "vm").await.unwrap();
+    stray
+        .send(Block {
+            seq: 0,
+            raw: Bytes::from_static(b"not this stream's"),
+            encoded: None,
+        })
+        .unwrap();
+    let t = Instant::now();
+    while stray.error().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the stray block was taken"
+        );
+        stray.wait_progress(Duration::from_millis(100)).await;
+    }
+    let e = stray.error().unwrap();
+    assert!(e.contains("earlier one"), "{e}");
+    stray.close();
+    // The stream's own tunnel.
+    let tunnel = Tunnel::open_as(&ep, agent.addr, None, 2, "vm", None, id)
+        .await
+        .unwrap();
+    let expected = send_raw(&tunnel, 3);
+    wait_acked(&tunnel, 3).await;
+    let finish = MigrationRequest {
+        digest: Some(*blake3::hash(&expected).as_bytes()),
+        stream_session: Some(id),
+        ..req(data::MIGRATION_QEMU_FINISH, 3)
+    };
+    let detail = migration_request_kept(&ep, agent.addr, None, &finish, &mut control)
+        .await
+        .unwrap();
+    assert!(detail.contains("running"), "{detail}");
+    let (bytes, quit) = tokio::time::timeout(Duration::from_secs(10), got)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!quit);
+    assert_eq!(bytes, expected);
+    tunnel.close();
+    control.close().await;
+    agent.stop().await.unwrap();
+}

@@ -196,10 +196,11 @@ pub struct Migration {
     /// `false` with a `why`. A node that predates the field answers an empty `reason`.
     #[prost(bool, tag = "6")]
     pub postcopy: bool,
-    /// QEMU ops on a stream (4 to 7): the session id of the tunnel that carries it, when the
-    /// sender tells. A stream resumed by [`MIGRATION_QEMU_RECOVER`] takes blocks only from
-    /// that session, and refuses a request naming another: an earlier stream's blocks and
-    /// requests, still in flight when it was resumed, must not reach the new one.
+    /// QEMU ops on a stream (3 to 7): the session id of the tunnel that carries it, when the
+    /// sender tells. A stream opened ([`MIGRATION_QEMU_OPEN`]) or resumed
+    /// ([`MIGRATION_QEMU_RECOVER`]) with it takes blocks only from that session, and refuses
+    /// a request naming another: an earlier stream's blocks and requests, still in flight,
+    /// must not reach the new one.
     #[prost(bytes = "vec", tag = "7")]
     pub stream_session: Vec<u8>,
     /// [`MIGRATION_QEMU_OPEN`], [`MIGRATION_QEMU_RECOVER`]: how long the source keeps dialling when it loses the link

@@ -327,13 +327,15 @@ impl Feeds {
     /// OPEN: connects to the waiting QEMU and starts feeding; with `postcopy`, turns on
     /// QEMU's post-copy and reads its return path. `wait`: how long the source keeps dialling
     /// a lost link; the stream may go that much longer without a block (see [`IDLE_LIMIT`]).
-    /// Returns the answer's detail (JSON).
+    /// `session`: the tunnel session that carries the stream, when the source tells (its
+    /// blocks alone are taken, see [`Feed::foreign`]). Returns the answer's detail (JSON).
     pub(crate) async fn open(
         &self,
         peer: &NodeId,
         vm: &str,
         postcopy: bool,
         wait: Duration,
+        session: &[u8],
     ) -> Result<String, String> {
         // The receiver has done so, counting what it ended; this is for other callers.
         self.end_earlier(peer, vm).await;
@@ -391,7 +393,7 @@ impl Feeds {
         let qmp = Arc::new(tokio::sync::Mutex::new(qmp));
         let stream = Stream {
             ret,
-            session: None,
+            session: (!session.is_empty()).then(|| session.to_vec()),
             idle_limit: self.idle_limit + wait.min(MAX_WAIT),
         };
         let feed = self.start(peer, vm, qmp, Conn::Now(sock), stream);
@@ -943,7 +945,7 @@ impl Feeds {
 /// Why a block or request of an earlier stream of `vm` is refused.
 fn earlier(vm: &str) -> String {
     format!(
-        "the incoming migration of {vm:?} was resumed on another stream: this is for an earlier one"
+        "the incoming migration of {vm:?} takes its stream from another tunnel session (resumed, or a new attempt): this is for an earlier one"
     )
 }
 
@@ -1463,7 +1465,7 @@ mod tests {
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
         feeds
-            .open(&peer, "vm", false, Duration::ZERO)
+            .open(&peer, "vm", false, Duration::ZERO, &[])
             .await
             .unwrap();
         let t = Duration::from_millis(300);
@@ -1530,7 +1532,10 @@ mod tests {
         );
         let feeds = Arc::new(Feeds::new(dir.path()));
         let peer = NodeId::new("src").unwrap();
-        let detail = feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
+        let detail = feeds
+            .open(&peer, "vm", true, Duration::ZERO, &[])
+            .await
+            .unwrap();
         assert_eq!(detail, r#"{"postcopy":true}"#);
         // From any place the asker holds up to: the rest.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1613,7 +1618,10 @@ mod tests {
         );
         let feeds = Feeds::new(dir.path());
         let peer = NodeId::new("src").unwrap();
-        let detail = feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
+        let detail = feeds
+            .open(&peer, "vm", true, Duration::ZERO, &[])
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&detail).unwrap();
         assert_eq!(v["postcopy"], false, "{v}");
         let why = v["why"].as_str().unwrap();
@@ -1637,7 +1645,7 @@ mod tests {
         feeds.idle_limit = Duration::from_millis(300);
         let peer = NodeId::new("src").unwrap();
         feeds
-            .open(&peer, "vm", false, Duration::ZERO)
+            .open(&peer, "vm", false, Duration::ZERO, &[])
             .await
             .unwrap();
         feeds
@@ -1679,7 +1687,10 @@ mod tests {
         );
         let feeds = Feeds::new(dir.path());
         let peer = NodeId::new("src").unwrap();
-        let detail = feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
+        let detail = feeds
+            .open(&peer, "vm", true, Duration::ZERO, &[])
+            .await
+            .unwrap();
         assert_eq!(detail, r#"{"postcopy":true}"#);
         die.notify_one();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1708,7 +1719,10 @@ mod tests {
         );
         let feeds = Feeds::new(dir.path());
         let peer = NodeId::new("src").unwrap();
-        feeds.open(&peer, "vm", true, Duration::ZERO).await.unwrap();
+        feeds
+            .open(&peer, "vm", true, Duration::ZERO, &[])
+            .await
+            .unwrap();
         die.notify_one();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(false));
@@ -1728,7 +1742,7 @@ mod tests {
         let feeds = Arc::new(feeds);
         let peer = NodeId::new("src").unwrap();
         feeds
-            .open(&peer, "vm", false, Duration::from_secs(2))
+            .open(&peer, "vm", false, Duration::from_secs(2), &[])
             .await
             .unwrap();
         let (a, b) = (b"QEVM first ".to_vec(), b"and second".to_vec());
@@ -1768,7 +1782,7 @@ mod tests {
         let peer = NodeId::new("src").unwrap();
         assert!(!feeds.end_earlier(&peer, "vm").await, "nothing open yet");
         feeds
-            .open(&peer, "vm", false, Duration::ZERO)
+            .open(&peer, "vm", false, Duration::ZERO, &[])
             .await
             .unwrap();
         assert!(feeds.end_earlier(&peer, "vm").await);
@@ -1790,7 +1804,7 @@ mod tests {
         feeds.idle_limit = Duration::from_millis(300);
         let peer = NodeId::new("src").unwrap();
         feeds
-            .open(&peer, "vm", false, Duration::from_secs(2))
+            .open(&peer, "vm", false, Duration::from_secs(2), &[])
             .await
             .unwrap();
         feeds

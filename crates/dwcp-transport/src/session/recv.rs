@@ -1125,7 +1125,9 @@ impl Receiver {
                         self.migration_ended(peer, "qemu", "aborted");
                     }
                     let wait = Duration::from_secs(m.wait_secs);
-                    feeds.open(peer, &m.name, m.postcopy, wait).await
+                    feeds
+                        .open(peer, &m.name, m.postcopy, wait, &m.stream_session)
+                        .await
                 }
                 data::MIGRATION_QEMU_RECOVER => {
                     let wait = Duration::from_secs(m.wait_secs);

@@ -726,6 +726,27 @@ impl Tunnel {
         name: &str,
         limit: Option<RateLimit>,
     ) -> Result<Self, SendError> {
+        let id = Self::new_session_id();
+        Self::open_as(endpoint, addr, expected, streams, name, limit, id).await
+    }
+
+    /// A fresh session id for [`Tunnel::open_as`].
+    pub fn new_session_id() -> [u8; 16] {
+        super::send::rand_id()
+    }
+
+    /// As [`Tunnel::open_with`], its session id `id` (from [`Tunnel::new_session_id`]): told
+    /// to the peer before the tunnel is open, so that it takes the stream from this tunnel
+    /// alone.
+    pub async fn open_as(
+        endpoint: &Endpoint,
+        addr: std::net::SocketAddr,
+        expected: Option<&NodeId>,
+        streams: u32,
+        name: &str,
+        limit: Option<RateLimit>,
+        id: [u8; 16],
+    ) -> Result<Self, SendError> {
         // With the peer named, every connection is dialled at once: on a long path each dial
         // is several round trips (TCP, TLS, handshake). Dialled one first and then the rest,
         // the tunnel took 1.4 s to open on `internet`; at once, 0.3 s. Without a name, the
@@ -782,7 +803,6 @@ impl Tunnel {
         let n = conns.len();
         // The handshake is a round trip and the peer's handling of it.
         let rtt = conns.iter().map(|c| c.handshake_time()).min();
-        let id: [u8; 16] = super::send::rand_id();
         let link = Arc::new(Link {
             state: Arc::new(Mutex::new(State {
                 retry_for: DEFAULT_RETRY,
