@@ -802,7 +802,7 @@ async fn migrate_qemu_inner(
     };
     let Some((remote, opened, tunnel)) = prepared else {
         // Whatever of the destination was set up goes. Nothing ran at the source.
-        abort_destination(&dest, &spec.vm, None).await;
+        abort_destination(&dest, &spec.vm, Some(stream_id)).await;
         control.close().await;
         return Err(fail("prepare", CANCELLED.to_string(), &report));
     };
@@ -820,7 +820,7 @@ async fn migrate_qemu_inner(
                 t.close();
             }
             // Its QEMU, if it waits, waits for a stream that will not come.
-            abort_destination(&dest, &spec.vm, None).await;
+            abort_destination(&dest, &spec.vm, Some(stream_id)).await;
             control.close().await;
             return Err(fail("prepare", why, &report));
         }
@@ -2106,7 +2106,9 @@ async fn pump(
         // byte.
         digest: Some(*stream_digest.as_bytes()),
         postcopy: false,
-        timeout: Duration::from_secs(180),
+        // Beyond the destination's longest wait: for a block still missing, as long as this
+        // side dials (180 s + the retry period), then 60 s for its QEMU to load.
+        timeout: Duration::from_secs(180 + 60 + 30) + spec.retry_for,
         stream_session: Some(tunnel.session_id()),
         wait: Duration::ZERO,
     };

@@ -866,9 +866,19 @@ type Streams = tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>;
 /// A destination QEMU under post-copy as the agent sees it: its monitor offers out-of-band
 /// execution, says `postcopy-active` while its first stream is open and `postcopy-paused`
 /// once that closed, and takes `migrate-recover` (out of band) only then, listening on the
-/// URI it names. Yields the bytes of its first stream and of the resumed one; and a flag set
-/// when that listener takes a connection.
-fn fake_postcopy_qemu(dir: &Path, vm: &str) -> (Streams, Arc<AtomicBool>) {
+/// URI it names. Yields the bytes of its first stream and of the resumed one; a flag set
+/// when that listener takes a connection; and the count of the first stream's bytes in.
+fn fake_postcopy_qemu(
+    dir: &Path,
+    vm: &str,
+) -> (
+    Streams,
+    Arc<AtomicBool>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    // Bytes of the first stream in so far.
+    let first_in = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let fi = first_in.clone();
     let accepted = Arc::new(AtomicBool::new(false));
     let acc = accepted.clone();
     // 0: first stream open, 1: paused, 2: recovering, 3: resumed stream ended.
@@ -938,7 +948,14 @@ fn fake_postcopy_qemu(dir: &Path, vm: &str) -> (Streams, Arc<AtomicBool>) {
     let got = tokio::spawn(async move {
         let (mut s, _) = incoming.accept().await.unwrap();
         let mut first = Vec::new();
-        let _ = s.read_to_end(&mut first).await;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            first.extend_from_slice(&buf[..n]);
+            fi.store(first.len(), Ordering::SeqCst);
+        }
         state.store(1, Ordering::SeqCst);
         let resumed = tokio::time::timeout(Duration::from_secs(60), recover_rx)
             .await
@@ -948,7 +965,7 @@ fn fake_postcopy_qemu(dir: &Path, vm: &str) -> (Streams, Arc<AtomicBool>) {
         state.store(3, Ordering::SeqCst);
         (first, resumed)
     });
-    (got, accepted)
+    (got, accepted, first_in)
 }
 
 /// A post-copy resumed on a new stream (`MIGRATION_QEMU_RECOVER`), after an abort from its
@@ -965,7 +982,7 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     let qd = qemu_dir.clone();
     let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
     let ep = endpoint(&cluster, "src", |_| {});
-    let (got, accepted) = fake_postcopy_qemu(&qemu_dir, "vm");
+    let (got, accepted, first_in) = fake_postcopy_qemu(&qemu_dir, "vm");
     let mut control = KeptSession::new();
     let open = MigrationRequest {
         postcopy: true,
@@ -978,6 +995,16 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
     let old = Tunnel::open(&ep, agent.addr, None, 2, "vm").await.unwrap();
     let first = send_raw(&old, 2);
     wait_acked(&old, 2).await;
+    // Acknowledged once queued there: fed to QEMU before the source gives up (blocks queued
+    // and not fed go with the stopped stream; QEMU's own recovery asks for what it lacks).
+    let t = Instant::now();
+    while first_in.load(Ordering::SeqCst) < first.len() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the first stream not fed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // The source gives up (with no stream named): its QEMU in post-copy stays, and so does
     // the agent's monitor of it.
     migration_request_kept(
