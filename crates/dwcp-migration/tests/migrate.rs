@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dwcp_encoding::image::{Corpus, DirtyModel, ImageSpec, generate};
-use dwcp_migration::{Destination, MemoryVm, MigrationSpec, migrate};
+use dwcp_migration::{Destination, MemoryVm, MigrationReport, MigrationSpec, migrate};
 use dwcp_testkit::{RunningAgent, TestCluster, endpoint};
 use dwcp_transport::session::RateLimit;
 
@@ -79,7 +79,7 @@ async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
     assert!(r2.migrated && r2.bit_exact == Some(true), "{r2:?}");
     // The first pass (the whole of RAM) is what the cache saves; later rounds carry what the
     // workload dirtied meanwhile, which depends on how busy this machine is.
-    let first = |r: &dwcp_migration::MigrationReport| r.rounds[0].wire_bytes;
+    let first = |r: &MigrationReport| r.rounds[0].wire_bytes;
     assert!(
         first(&r2) < first(&r) / 5,
         "warm first pass {} vs cold {} (whole migrations: {} vs {}); cold {r:?}, warm {r2:?}",
@@ -620,21 +620,27 @@ async fn a_final_round_commits_its_target_and_a_copy_of_it_sent_later_is_refused
     agent.stop().await.unwrap();
 }
 
-/// The link cut while the guest is paused for its final round (`StopAndCopy`), for less
-/// than the retry period: the final round, which carries the commit, waits for the link and
-/// goes again; the guest arrives bit-exact, paused meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_exact() {
+/// An 8 MiB VM migrated through a proxy whose link goes down for `outage` as the guest is
+/// paused for its final round (`StopAndCopy`), its source dialling again for `retry_for`:
+/// the cluster, its agent, the VM, the report, and when the link went down.
+async fn cut_at_stop_and_copy(
+    outage: Duration,
+    retry_for: Duration,
+) -> (
+    TestCluster,
+    RunningAgent,
+    MemoryVm,
+    MigrationReport,
+    std::time::Instant,
+) {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
-    let proxy = std::sync::Arc::new(
-        dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await,
-    );
+    let proxy = dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await;
     let ep = endpoint(&cluster, "src", |_| {});
     let v = vm(8, 50.0);
     let spec = MigrationSpec {
         codec: Some(dwcp_encoding::Codec::Lz4),
-        retry_for: Duration::from_secs(30),
+        retry_for,
         ..MigrationSpec::new("cut.mem")
     };
     let dest = Destination {
@@ -645,12 +651,22 @@ async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_ex
     let mut cut = None;
     let r = migrate(&v, dest, &spec, &mut |p| {
         if cut.is_none() && p.phase == "StopAndCopy" {
-            proxy.outage(Duration::from_secs(3));
+            proxy.outage(outage);
             cut = Some(std::time::Instant::now());
         }
     })
     .await;
-    let cut = cut.expect("no stop-and-copy seen");
+    assert!(cut.is_some(), "no stop-and-copy seen");
+    (cluster, agent, v, r, cut.unwrap())
+}
+
+/// The link cut while the guest is paused for its final round, for less than the retry
+/// period: the final round, which carries the commit, waits for the link and goes again;
+/// the guest arrives bit-exact, paused meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_exact() {
+    let (cluster, agent, v, r, cut) =
+        cut_at_stop_and_copy(Duration::from_secs(3), Duration::from_secs(30)).await;
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
     // Paused through the outage: the commit came after the link did.
     assert!(cut.elapsed() >= Duration::from_secs(3), "{r:?}");
@@ -669,33 +685,8 @@ async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_ex
 /// the destination's target gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_after_the_commit_was_asked_waits_for_the_destination_to_settle() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
-    let proxy = std::sync::Arc::new(
-        dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await,
-    );
-    let ep = endpoint(&cluster, "src", |_| {});
-    let v = vm(8, 50.0);
-    let spec = MigrationSpec {
-        codec: Some(dwcp_encoding::Codec::Lz4),
-        retry_for: Duration::from_secs(2),
-        ..MigrationSpec::new("cut.mem")
-    };
-    let dest = Destination {
-        endpoint: &ep,
-        addr: proxy.addr,
-        expected: None,
-    };
     let outage = Duration::from_secs(8);
-    let mut cut = None;
-    let r = migrate(&v, dest, &spec, &mut |p| {
-        if cut.is_none() && p.phase == "StopAndCopy" {
-            proxy.outage(outage);
-            cut = Some(std::time::Instant::now());
-        }
-    })
-    .await;
-    let cut = cut.expect("no stop-and-copy seen");
+    let (_cluster, agent, v, r, cut) = cut_at_stop_and_copy(outage, Duration::from_secs(2)).await;
     assert!(
         cut.elapsed() >= outage,
         "ended {:?} into the outage: {r:?}",

@@ -860,6 +860,18 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
     vm.agent.stop().await.unwrap();
 }
 
+/// Waits (30 s at most) for `tunnel` to fail because the destination refused its block as
+/// another stream's.
+async fn assert_refused_as_earlier(tunnel: &Tunnel) {
+    let t = Instant::now();
+    while tunnel.error().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the block was taken");
+        tunnel.wait_progress(Duration::from_millis(100)).await;
+    }
+    let e = tunnel.error().unwrap();
+    assert!(e.contains("earlier one"), "{e}");
+}
+
 /// What a fake post-copy QEMU got: its first stream, and the resumed one.
 type Streams = tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>;
 
@@ -1046,16 +1058,7 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
 
     // The earlier tunnel's late block, and a request naming it: refused.
     send_raw_range(&old, 2..3);
-    let t = Instant::now();
-    while old.error().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "a late block was taken"
-        );
-        old.wait_progress(Duration::from_millis(100)).await;
-    }
-    let e = old.error().unwrap();
-    assert!(e.contains("earlier one"), "{e}");
+    assert_refused_as_earlier(&old).await;
     let stale = MigrationRequest {
         stream_session: Some(old.session_id()),
         ..req(data::MIGRATION_QEMU_ABORT, 0)
@@ -1149,16 +1152,7 @@ async fn a_stream_bound_at_its_open_refuses_another_tunnels_blocks() {
             encoded: None,
         })
         .unwrap();
-    let t = Instant::now();
-    while stray.error().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the stray block was taken"
-        );
-        stray.wait_progress(Duration::from_millis(100)).await;
-    }
-    let e = stray.error().unwrap();
-    assert!(e.contains("earlier one"), "{e}");
+    assert_refused_as_earlier(&stray).await;
     stray.close();
     // The stream's own tunnel.
     let tunnel = Tunnel::open_as(&ep, agent.addr, None, 2, "vm", None, id)

@@ -1669,23 +1669,21 @@ mod tests {
         assert!(lock(&feeds.feeds).is_empty());
     }
 
-    /// A post-copy whose QEMU exited (its monitor closed) is not left for a resume: the
-    /// abort ends it (counted), and it is not counted as paused.
-    #[tokio::test]
-    async fn a_post_copy_whose_qemu_is_gone_ends_on_abort_and_is_not_paused() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A post-copy feed open on a fake QEMU whose monitor connection then closes: QEMU exits,
+    /// or with `listens` only that connection breaks. Its feeds, for the peer "src", VM "vm".
+    async fn post_copy_monitor_lost(dir: &Path, listens: bool) -> Feeds {
         let die = Arc::new(Notify::new());
         let close = Arc::new(Notify::new());
         let _qemu = fake_qemu_full(
-            dir.path(),
+            dir,
             "vm",
             None,
             None,
             Some((Vec::new(), close)),
             None,
-            Some((die.clone(), false)),
+            Some((die.clone(), listens)),
         );
-        let feeds = Feeds::new(dir.path());
+        let feeds = Feeds::new(dir);
         let peer = NodeId::new("src").unwrap();
         let detail = feeds
             .open(&peer, "vm", true, Duration::ZERO, &[])
@@ -1694,6 +1692,16 @@ mod tests {
         assert_eq!(detail, r#"{"postcopy":true}"#);
         die.notify_one();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        feeds
+    }
+
+    /// A post-copy whose QEMU exited (its monitor closed) is not left for a resume: the
+    /// abort ends it (counted), and it is not counted as paused.
+    #[tokio::test]
+    async fn a_post_copy_whose_qemu_is_gone_ends_on_abort_and_is_not_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let feeds = post_copy_monitor_lost(dir.path(), false).await;
+        let peer = NodeId::new("src").unwrap();
         assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(true));
         assert!(feeds.paused().is_empty());
         assert!(lock(&feeds.feeds).is_empty());
@@ -1706,25 +1714,8 @@ mod tests {
     #[tokio::test]
     async fn a_post_copy_whose_monitor_connection_broke_is_left_for_a_resume() {
         let dir = tempfile::tempdir().unwrap();
-        let die = Arc::new(Notify::new());
-        let close = Arc::new(Notify::new());
-        let _qemu = fake_qemu_full(
-            dir.path(),
-            "vm",
-            None,
-            None,
-            Some((Vec::new(), close)),
-            None,
-            Some((die.clone(), true)),
-        );
-        let feeds = Feeds::new(dir.path());
+        let feeds = post_copy_monitor_lost(dir.path(), true).await;
         let peer = NodeId::new("src").unwrap();
-        feeds
-            .open(&peer, "vm", true, Duration::ZERO, &[])
-            .await
-            .unwrap();
-        die.notify_one();
-        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(feeds.abort(&peer, "vm", &[]).await, Ok(false));
         assert_eq!(feeds.paused().get(&peer), Some(&1));
         assert_eq!(lock(&feeds.feeds).len(), 1);
