@@ -860,6 +860,15 @@ async fn a_finish_sent_again_gets_the_first_ones_answer() {
     vm.agent.stop().await.unwrap();
 }
 
+/// A destination agent "dest" of `cluster` taking QEMU migrations, and its QEMU directory.
+async fn qemu_agent(cluster: &TestCluster) -> (RunningAgent, std::path::PathBuf) {
+    let qemu_dir = cluster.dir().join("qemu");
+    std::fs::create_dir_all(&qemu_dir).unwrap();
+    let qd = qemu_dir.clone();
+    let agent = RunningAgent::start(cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    (agent, qemu_dir)
+}
+
 /// Waits (30 s at most) for `tunnel` to fail because the destination refused its block as
 /// another stream's.
 async fn assert_refused_as_earlier(tunnel: &Tunnel) {
@@ -989,10 +998,7 @@ fn fake_postcopy_qemu(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() {
     let cluster = TestCluster::new();
-    let qemu_dir = cluster.dir().join("qemu");
-    std::fs::create_dir_all(&qemu_dir).unwrap();
-    let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let (agent, qemu_dir) = qemu_agent(&cluster).await;
     let ep = endpoint(&cluster, "src", |_| {});
     let (got, accepted, first_in) = fake_postcopy_qemu(&qemu_dir, "vm");
     let mut control = KeptSession::new();
@@ -1128,10 +1134,7 @@ async fn a_resumed_post_copy_takes_its_own_stream_and_refuses_the_earlier_one() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_bound_at_its_open_refuses_another_tunnels_blocks() {
     let cluster = TestCluster::new();
-    let qemu_dir = cluster.dir().join("qemu");
-    std::fs::create_dir_all(&qemu_dir).unwrap();
-    let qd = qemu_dir.clone();
-    let agent = RunningAgent::start(&cluster, "dest", move |c| c.migration.qemu_dir = qd).await;
+    let (agent, qemu_dir) = qemu_agent(&cluster).await;
     let ep = endpoint(&cluster, "src", |_| {});
     let got = fake_qemu(&qemu_dir, "vm", Duration::ZERO);
     let id = Tunnel::new_session_id();
