@@ -27,7 +27,9 @@ use dwcp_wire::{ErrorCode, NodeId, Version, data};
 use tracing::{debug, info, warn};
 
 use crate::memvm::{MemoryVm, PageReader};
-use crate::orchestrator::{Action, Config, Event, Orchestrator, Outcome, RoundStats, SourceCaps};
+use crate::orchestrator::{
+    Action, Config, Event, Orchestrator, Outcome, Phase, RoundStats, SourceCaps,
+};
 use crate::shadow::Shadow;
 
 /// Where to and how.
@@ -211,6 +213,8 @@ pub async fn migrate(
     };
     let mut orch = Orchestrator::new(spec.config.clone(), caps);
     let mut action = orch.start();
+    // The phase the last event was handled in (a rollback's is `RollingBack` already).
+    let mut prior = orch.phase().clone();
     // One session for set-up, every round, the commit and the check: handshakes are paid
     // once, never on the pause path.
     let mut kept = KeptSession::new();
@@ -540,13 +544,39 @@ pub async fn migrate(
                 if vm.is_paused() {
                     vm.resume();
                 }
-                match abort(dest, spec, &mut kept).await {
+                // The guest runs on here. The link may be down (why it rolls back): once a
+                // round may have made a target there, the abort is asked again for the retry
+                // period (10 s at least), so that none is left taking the destination's disk
+                // until it expires. (Preparing makes none.)
+                let again = if prior == Phase::Prepare {
+                    Duration::ZERO
+                } else {
+                    spec.retry_for.max(Duration::from_secs(10))
+                };
+                let deadline = Instant::now() + again;
+                let aborted = loop {
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_secs(2), SETTLE_WAIT);
+                    let r = tokio::time::timeout(wait, abort(dest, spec, &mut kept))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("no answer within {wait:?}")));
+                    match r {
+                        Err(e) if Instant::now() < deadline => {
+                            debug!("the rollback's abort: {e}; asking again");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        r => break r,
+                    }
+                };
+                match aborted {
                     Ok(()) => Event::RolledBack,
                     Err(e) => Event::Failed(format!("cannot clean the destination: {e}")),
                 }
             }
             Action::Finished => break,
         };
+        prior = orch.phase().clone();
         action = orch.handle(event);
     }
     if cancelled_mid_round && !at_destination {

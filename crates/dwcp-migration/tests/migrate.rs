@@ -620,10 +620,12 @@ async fn a_final_round_commits_its_target_and_a_copy_of_it_sent_later_is_refused
     agent.stop().await.unwrap();
 }
 
-/// An 8 MiB VM migrated through a proxy whose link goes down for `outage` as the guest is
-/// paused for its final round (`StopAndCopy`), its source dialling again for `retry_for`:
-/// the cluster, its agent, the VM, the report, and when the link went down.
-async fn cut_at_stop_and_copy(
+/// An 8 MiB VM migrated through a proxy whose link goes down for `outage`, `after` the
+/// progress first says `phase`, its source dialling again for `retry_for`: the cluster, its
+/// agent, the VM, the report, and when the link went down.
+async fn cut_at(
+    phase: &str,
+    after: Duration,
     outage: Duration,
     retry_for: Duration,
 ) -> (
@@ -635,11 +637,15 @@ async fn cut_at_stop_and_copy(
 ) {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
-    let proxy = dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await;
+    let proxy = std::sync::Arc::new(
+        dwcp_testkit::Proxy::start(agent.addr, dwcp_testkit::Fault::None).await,
+    );
     let ep = endpoint(&cluster, "src", |_| {});
     let v = vm(8, 50.0);
     let spec = MigrationSpec {
         codec: Some(dwcp_encoding::Codec::Lz4),
+        // Round 0 takes two seconds or more: long enough to be cut in.
+        rate_limit: Some(RateLimit::new(1_000_000)),
         retry_for,
         ..MigrationSpec::new("cut.mem")
     };
@@ -650,13 +656,21 @@ async fn cut_at_stop_and_copy(
     };
     let mut cut = None;
     let r = migrate(&v, dest, &spec, &mut |p| {
-        if cut.is_none() && p.phase == "StopAndCopy" {
-            proxy.outage(outage);
-            cut = Some(std::time::Instant::now());
+        if cut.is_none() && p.phase == phase {
+            if after.is_zero() {
+                proxy.outage(outage);
+            } else {
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    proxy.outage(outage);
+                });
+            }
+            cut = Some(std::time::Instant::now() + after);
         }
     })
     .await;
-    assert!(cut.is_some(), "no stop-and-copy seen");
+    assert!(cut.is_some(), "no {phase} seen");
     (cluster, agent, v, r, cut.unwrap())
 }
 
@@ -665,8 +679,13 @@ async fn cut_at_stop_and_copy(
 /// the guest arrives bit-exact, paused meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_exact() {
-    let (cluster, agent, v, r, cut) =
-        cut_at_stop_and_copy(Duration::from_secs(3), Duration::from_secs(30)).await;
+    let (cluster, agent, v, r, cut) = cut_at(
+        "StopAndCopy",
+        Duration::ZERO,
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(r.migrated && r.bit_exact == Some(true), "{r:?}");
     // Paused through the outage: the commit came after the link did.
     assert!(cut.elapsed() >= Duration::from_secs(3), "{r:?}");
@@ -686,7 +705,13 @@ async fn a_link_cut_at_the_stop_and_copy_is_waited_out_and_the_vm_arrives_bit_ex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_after_the_commit_was_asked_waits_for_the_destination_to_settle() {
     let outage = Duration::from_secs(8);
-    let (_cluster, agent, v, r, cut) = cut_at_stop_and_copy(outage, Duration::from_secs(2)).await;
+    let (_cluster, agent, v, r, cut) = cut_at(
+        "StopAndCopy",
+        Duration::ZERO,
+        outage,
+        Duration::from_secs(2),
+    )
+    .await;
     assert!(
         cut.elapsed() >= outage,
         "ended {:?} into the outage: {r:?}",
@@ -697,5 +722,30 @@ async fn a_rollback_after_the_commit_was_asked_waits_for_the_destination_to_sett
     assert!(!r.source_paused, "{}", r.how);
     assert!(!v.is_paused(), "{}", r.how);
     assert_eq!(ended(&agent.metrics().await), (0.0, 1.0), "{}", r.how);
+    agent.stop().await.unwrap();
+}
+
+/// The link cut during round 0 for longer than the retry period: the migration rolls back,
+/// the source runs on at once, and the abort is asked again until the link is back (for the
+/// retry period again, at least 10 s): no target is left at the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_while_the_link_is_down_clears_the_destination_once_it_is_back() {
+    let outage = Duration::from_secs(6);
+    let (cluster, agent, v, r, cut) = cut_at(
+        "PreCopy(0)",
+        Duration::from_millis(500),
+        outage,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(!r.migrated, "{r:?}");
+    assert!(!v.is_paused(), "{}", r.how);
+    assert!(!r.how.contains("cannot clean"), "{}", r.how);
+    assert!(cut.elapsed() >= outage, "{:?}: {}", cut.elapsed(), r.how);
+    assert_eq!(ended(&agent.metrics().await), (0.0, 1.0), "{}", r.how);
+    let targets = std::fs::read_dir(cluster.dir().join("spool/src"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(targets, 0, "a target left at the destination");
     agent.stop().await.unwrap();
 }
