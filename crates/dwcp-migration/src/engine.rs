@@ -485,7 +485,7 @@ pub async fn migrate(
                 let (aborted, answer) = loop {
                     let mut aborted = Err(String::new());
                     for _ in 0..30 {
-                        let wait = step(SETTLE_WAIT);
+                        let wait = step(ABORT_TRY);
                         aborted = tokio::time::timeout(wait, abort(dest, spec, &mut kept))
                             .await
                             .unwrap_or_else(|_| {
@@ -557,7 +557,7 @@ pub async fn migrate(
                 let aborted = loop {
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
-                        .clamp(Duration::from_secs(2), SETTLE_WAIT);
+                        .clamp(Duration::from_secs(2), ABORT_TRY);
                     let r = tokio::time::timeout(wait, abort(dest, spec, &mut kept))
                         .await
                         .unwrap_or_else(|_| Err(format!("no answer within {wait:?}")));
@@ -1337,6 +1337,10 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
 
 /// Most a question about a commit's outcome waits for its answer.
 const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// The longest one try of an abort asked again while the link may be down: a try on a path
+/// that went silent must not take the whole retry period (a new connection may get through).
+const ABORT_TRY: Duration = Duration::from_secs(5);
 
 /// Which part of which round a part is, and how it goes.
 #[derive(Clone, Copy)]
