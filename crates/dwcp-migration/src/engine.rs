@@ -485,12 +485,7 @@ pub async fn migrate(
                 let (aborted, answer) = loop {
                     let mut aborted = Err(String::new());
                     for _ in 0..30 {
-                        let wait = step(ABORT_TRY);
-                        aborted = tokio::time::timeout(wait, abort(dest, spec, &mut kept))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(format!("no answer to the abort within {wait:?}"))
-                            });
+                        aborted = abort_within(dest, spec, &mut kept, step(ABORT_TRY)).await;
                         match &aborted {
                             Err(e)
                                 if (e.contains("in progress") || e.contains("being received"))
@@ -558,10 +553,7 @@ pub async fn migrate(
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
                         .clamp(Duration::from_secs(2), ABORT_TRY);
-                    let r = tokio::time::timeout(wait, abort(dest, spec, &mut kept))
-                        .await
-                        .unwrap_or_else(|_| Err(format!("no answer within {wait:?}")));
-                    match r {
+                    match abort_within(dest, spec, &mut kept, wait).await {
                         Err(e) if Instant::now() < deadline => {
                             debug!("the rollback's abort: {e}; asking again");
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1293,6 +1285,18 @@ async fn abort(
     )
     .await
     .map_err(|e| e.to_string())
+}
+
+/// [`abort`], waiting at most `wait` for its answer.
+async fn abort_within(
+    dest: Destination<'_>,
+    spec: &MigrationSpec,
+    kept: &mut KeptSession,
+    wait: Duration,
+) -> Result<(), String> {
+    tokio::time::timeout(wait, abort(dest, spec, kept))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer to the abort within {wait:?}")))
 }
 
 /// Whether the destination has published the paused `vm`'s memory under its name: asked when

@@ -196,12 +196,9 @@ struct Feed {
     /// One FINISH at a time: a source whose connection broke while it waited sends it again,
     /// and the second must see what the first did.
     finishing: tokio::sync::Mutex<()>,
-    /// A resumed stream's tunnel session: blocks and requests from another (an earlier
-    /// stream's, still in flight) are refused.
+    /// The stream's tunnel session, when its source told: blocks and requests from another
+    /// (an earlier stream's, still in flight) are refused.
     session: Option<Vec<u8>>,
-    /// Stopped and kept listed, with its monitor, for a recovery: the migration has not
-    /// ended (a resumed feed ends it).
-    kept: AtomicBool,
     /// Its end was counted (see [`Feeds::remove_if`]'s answer).
     ended: AtomicBool,
     /// [`quit`] left its QEMU as it is, in post-copy or not answering: a source may resume it.
@@ -309,6 +306,12 @@ impl Feeds {
         m.insert(key, f);
     }
 
+    /// How long a stream whose source keeps dialling a lost link for `wait` may go without a
+    /// block (see [`IDLE_LIMIT`]).
+    fn idle_for(&self, wait: Duration) -> Duration {
+        self.idle_limit + wait.min(MAX_WAIT)
+    }
+
     /// Before an OPEN: an earlier migration of `vm` from `peer` still listed here is over (an
     /// ABORT that never arrived must not block the retry, nor a paused post-copy a fresh
     /// start) and goes, its QEMU told to quit. Whether that ended a migration (see
@@ -394,7 +397,7 @@ impl Feeds {
         let stream = Stream {
             ret,
             session: (!session.is_empty()).then(|| session.to_vec()),
-            idle_limit: self.idle_limit + wait.min(MAX_WAIT),
+            idle_limit: self.idle_for(wait),
         };
         let feed = self.start(peer, vm, qmp, Conn::Now(sock), stream);
         lock(&self.feeds).insert((peer.clone(), vm.to_string()), feed);
@@ -431,7 +434,6 @@ impl Feeds {
             ret_task: Mutex::new(None),
             finishing: tokio::sync::Mutex::new(()),
             session,
-            kept: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             left: AtomicBool::new(false),
         });
@@ -507,7 +509,6 @@ impl Feeds {
         };
         let mut qmp = match &old {
             Some(old) => {
-                old.kept.store(true, Ordering::SeqCst);
                 // Left for the recovery: paused, should this one fail.
                 old.left.store(true, Ordering::SeqCst);
                 stop(
@@ -569,7 +570,7 @@ impl Feeds {
             idle_limit: old
                 .as_ref()
                 .map_or(Duration::ZERO, |o| o.idle_limit)
-                .max(self.idle_limit + wait.min(MAX_WAIT)),
+                .max(self.idle_for(wait)),
         };
         let feed = self.start(peer, vm, qmp, Conn::Lazy(sock_path), stream);
         let placed = {
@@ -920,9 +921,8 @@ impl Feeds {
             }
         }
         stop(&feed, "the incoming migration was given up");
-        // A feed kept for a recovery has not ended the migration: the resumed feed will, or
-        // a later removal of this one. Either counts once.
-        feed.kept.store(kept, Ordering::SeqCst);
+        // A feed kept listed for a recovery has not ended the migration: the resumed feed
+        // will, or a later removal of this one. Either counts once.
         !kept && !feed.ended.swap(true, Ordering::SeqCst)
     }
 
