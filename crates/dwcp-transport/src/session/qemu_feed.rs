@@ -225,6 +225,16 @@ enum Conn {
 /// The open incoming migrations, by source and VM.
 type FeedMap = Mutex<HashMap<(NodeId, String), Arc<Feed>>>;
 
+/// Migrations given up here because their source went silent, by source, not counted yet.
+type GivenUp = Mutex<HashMap<NodeId, u64>>;
+
+/// Where a feed is listed, for its task to take it off when its source is gone.
+struct Listing {
+    feeds: std::sync::Weak<FeedMap>,
+    given_up: std::sync::Weak<GivenUp>,
+    key: (NodeId, String),
+}
+
 /// How long the answer to a FINISH is kept for a source that asks again (its connection
 /// broke before the answer came), and for how many migrations at most. At least as long
 /// as the stream could wait for its source (its idle limit).
@@ -261,6 +271,8 @@ pub(crate) struct Feeds {
     /// See [`STALL`].
     stall: Duration,
     feeds: Arc<FeedMap>,
+    /// See [`Feeds::take_given_up`].
+    given_up: Arc<GivenUp>,
     /// Recent FINISH answers, by source and VM (see [`FINISHED_KEPT`]).
     finished: Mutex<HashMap<(NodeId, String), Finished>>,
 }
@@ -277,8 +289,16 @@ impl Feeds {
             idle_limit: IDLE_LIMIT,
             stall: STALL,
             feeds: Arc::new(Mutex::new(HashMap::new())),
+            given_up: Arc::new(Mutex::new(HashMap::new())),
             finished: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The migrations ended here since the last call because their stream went without a
+    /// block for its idle limit (the source went without an ABORT), by source: no request
+    /// follows them to count them where requests are answered.
+    pub(crate) fn take_given_up(&self) -> HashMap<NodeId, u64> {
+        std::mem::take(&mut *lock(&self.given_up))
     }
 
     /// The answer already given to this FINISH (the same stream), if it is recent.
@@ -438,7 +458,11 @@ impl Feeds {
             left: AtomicBool::new(false),
         });
         let key = (peer.clone(), vm.to_string());
-        let entry = (Arc::downgrade(&self.feeds), key);
+        let entry = Listing {
+            feeds: Arc::downgrade(&self.feeds),
+            given_up: Arc::downgrade(&self.given_up),
+            key,
+        };
         let task = match conn {
             Conn::Now(sock) => {
                 let (rd, wr) = sock.into_split();
@@ -970,12 +994,7 @@ fn stop(feed: &Feed, why: &str) {
 /// it. QEMU takes the connection as the start of its recovery (`postcopy-recover`), and
 /// QEMU before 8.2 cannot pause again from there: a source that fails before sending
 /// anything leaves it paused and listening, for another try.
-async fn connect_when_fed(
-    feed: Arc<Feed>,
-    path: PathBuf,
-    vm: String,
-    entry: (std::sync::Weak<FeedMap>, (NodeId, String)),
-) {
+async fn connect_when_fed(feed: Arc<Feed>, path: PathBuf, vm: String, entry: Listing) {
     // QEMU was not connected: it is left waiting for the recovery, for another try.
     let fail = |why: String| {
         feed.left.store(true, Ordering::SeqCst);
@@ -1166,12 +1185,7 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
 
 /// Feeds `vm`'s QEMU; `entry`: where the feed is listed, to leave the list when its source
 /// is gone (nothing else would remove it then).
-async fn feed_loop(
-    feed: Arc<Feed>,
-    mut sock: OwnedWriteHalf,
-    vm: String,
-    entry: (std::sync::Weak<FeedMap>, (NodeId, String)),
-) {
+async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String, entry: Listing) {
     let mut gone = false;
     // The last byte written so far stays here until the next block, or until FINISH's digest
     // matches all of them: QEMU cannot complete the load (nor start the guest) on a stream
@@ -1288,10 +1302,19 @@ async fn feed_loop(
     // post-copy: a source may still come back to resume it (`MIGRATION_QEMU_RECOVER`), and
     // QEMU's main thread, waiting for a page, may answer no monitor but this one.
     if gone {
-        if !left && let Some(map) = entry.0.upgrade() {
+        if !left && let Some(map) = entry.feeds.upgrade() {
             let mut m = lock(&map);
-            if m.get(&entry.1).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
-                m.remove(&entry.1);
+            let listed = m.get(&entry.key).is_some_and(|f| Arc::ptr_eq(f, &feed));
+            if listed {
+                m.remove(&entry.key);
+            }
+            drop(m);
+            // Ended here, once (an ABORT or OPEN that removed it first counted it).
+            if listed
+                && !feed.ended.swap(true, Ordering::SeqCst)
+                && let Some(g) = entry.given_up.upgrade()
+            {
+                *lock(&g).entry(entry.key.0.clone()).or_insert(0) += 1;
             }
         }
         if let Some(t) = lock(&feed.ret_task).take() {
@@ -1667,6 +1690,9 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("no incoming migration"), "{e}");
         assert!(lock(&feeds.feeds).is_empty());
+        // Counted once, as a migration that ended here.
+        assert_eq!(feeds.take_given_up().get(&peer), Some(&1));
+        assert!(feeds.take_given_up().is_empty());
     }
 
     /// A post-copy feed open on a fake QEMU whose monitor connection then closes: QEMU exits,

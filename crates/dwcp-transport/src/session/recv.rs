@@ -411,6 +411,13 @@ impl Receiver {
     pub fn peer_stats(&self) -> Vec<PeerStats> {
         use Ordering::Relaxed;
         let paused = self.qemu.get().map(|f| f.paused()).unwrap_or_default();
+        if let Some(f) = self.qemu.get() {
+            for (peer, n) in f.take_given_up() {
+                for _ in 0..n {
+                    self.migration_ended(&peer, "qemu", "aborted");
+                }
+            }
+        }
         let mut v: Vec<PeerStats> = lock(&self.peers)
             .iter()
             .map(|(peer, c)| PeerStats {
