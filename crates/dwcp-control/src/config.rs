@@ -524,7 +524,13 @@ impl Config {
         }
 
         let cc = &self.transport.congestion;
-        if cc.len() > 15 || !cc.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        // Linux's names are lower case, and matched as they are: "BBR" would fail on every
+        // socket, each keeping the system's default.
+        if cc.len() > 15
+            || !cc
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
             bad(
                 "transport.congestion",
                 quote(cc),
@@ -692,7 +698,9 @@ fn range(bad: &mut impl FnMut(&str, String, String), field: &str, v: u32, lo: u3
 
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
-fn check_log_level(s: &str) -> Result<(), String> {
+/// Whether `s` is a log level or a list of directives (`info,dwcp_agent=debug`): what
+/// `log.level` and `--log-level` take.
+pub fn check_log_level(s: &str) -> Result<(), String> {
     if s.trim().is_empty() {
         return Err("a level such as \"info\"".into());
     }
@@ -750,6 +758,15 @@ fn apply_env(
             .ok_or_else(|| env_err(format!("there is no setting {section}.{field}")))?;
         let value =
             env_value(default, &raw).map_err(|e| env_err(format!("{section}.{field}: {e}")))?;
+        // The value alone, among the defaults: a wrong type or range (an integer the field
+        // cannot hold) is this variable's, and said so, not the file's.
+        let mut probe = defaults.clone();
+        if let Some(toml::Value::Table(t)) = probe.get_mut(section) {
+            t.insert(field.to_string(), value.clone());
+        }
+        if let Err(e) = Config::deserialize(probe) {
+            return Err(env_err(format!("{section}.{field}: {}", e.message())));
+        }
         let section_table = table
             .entry(section)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -1034,6 +1051,19 @@ mod tests {
     }
 
     #[test]
+    fn a_congestion_control_is_named_as_linux_names_it() {
+        for bad in ["BBR", "Cubic", "bbr ", "a-b"] {
+            let f = invalid_fields(&format!("[transport]\ncongestion = {bad:?}\n"));
+            assert_eq!(f[0].field, "transport.congestion", "{bad:?}");
+        }
+        for ok in ["bbr", "cubic", "", "bbr2", "dctcp"] {
+            let c = Config::from_toml(&format!("[transport]\ncongestion = {ok:?}\n"), no_env())
+                .unwrap();
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
     fn all_errors_are_reported_at_once() {
         let f = invalid_fields(
             "[node]\nid = \"bad id\"\ncluster_id = \"\"\n[agent]\nlisten = \"nowhere\"\n\
@@ -1110,6 +1140,18 @@ mod tests {
             err.to_string().contains("no setting transport.nope"),
             "{err}"
         );
+        // Parsed, yet not what the field holds: still the variable's error, not the file's.
+        for (var, raw) in [
+            ("DWCP_TRANSPORT__MAX_STREAMS", "-1"),
+            ("DWCP_TRANSPORT__MAX_STREAMS", "99999999999"),
+            ("DWCP_PROTOCOL__VERSIONS", "[1, \"x\"]"),
+        ] {
+            let err = Config::from_toml("", env(&[(var, raw)])).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Env { var: v, .. } if v == var),
+                "{err}"
+            );
+        }
     }
 
     #[test]

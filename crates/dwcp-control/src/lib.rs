@@ -8,4 +8,5 @@ mod config;
 pub use config::{
     AgentConfig, CacheSettings, Config, ConfigError, DEFAULT_TOML, ENV_PREFIX, EncodingConfig,
     FieldError, KNOWN_CODECS, LogConfig, NodeConfig, ProtocolConfig, Settings, TransportConfig,
+    check_log_level,
 };

@@ -251,8 +251,9 @@ fn dwcp_send(
     serde_json::from_slice(&std::fs::read(sout)?).context("dwcp send --json output")
 }
 
-fn parse_size(s: &str) -> Result<u64> {
-    crate::cli::parse_rate(s).map_err(|e| UsageError(format!("--size: {e}")).into())
+/// `s` in bytes, for the flag `flag`; 0 only with `zero_ok`.
+fn parse_size(flag: &str, s: &str, zero_ok: bool) -> Result<u64> {
+    crate::cli::parse_size(s, zero_ok).map_err(|e| UsageError(format!("{flag}: {e}")).into())
 }
 
 /// The profile `spec` names or describes ([`Profile::parse`]), for a root user (the testbed
@@ -352,7 +353,7 @@ fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBu
 
 pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     let profile = testbed_profile(&args.profile, "bench transport")?;
-    let size = parse_size(&args.size)?;
+    let size = parse_size("--size", &args.size, false)?;
     // An absolute path: the namespaces' `ip netns exec` would look a bare name up in PATH.
     let baseline = match &args.baseline {
         Some(b) if b.is_file() => Some(
@@ -629,11 +630,18 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         let (size, rate) = c
             .split_once('@')
             .ok_or_else(|| UsageError(format!("--cases: {c:?} is not SIZE@DIRTY-RATE")))?;
-        parse_size(size)?;
+        parse_size("--cases", size, false)?;
         crate::cli::parse_rate(rate).map_err(|e| UsageError(format!("--cases: {e}")))?;
         cases.push((size.to_string(), rate.to_string()));
     }
-    let qemu_mem = parse_size(&args.qemu_mem)? >> 20;
+    let qemu_mem = parse_size("--qemu-mem", &args.qemu_mem, true)? >> 20;
+    if qemu_mem != 0 && qemu_mem < 256 {
+        return Err(UsageError(format!(
+            "--qemu-mem: {:?} is below the guest's least, 256Mi (0 skips the QEMU rows)",
+            args.qemu_mem
+        ))
+        .into());
+    }
     let qemu_cases = crate::bench_qemu::parse_cases(&args.qemu_cases)
         .map_err(|e| UsageError(format!("--qemu-cases: {e}")))?;
     if cases.is_empty() && (qemu_mem == 0 || qemu_cases.is_empty()) {

@@ -84,8 +84,8 @@ fn levels(s: &EncodeStats) -> Value {
 }
 
 pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
-    let size =
-        crate::cli::parse_rate(&args.size).map_err(|e| UsageError(format!("--size: {e}")))?;
+    let size = crate::cli::parse_size(&args.size, false)
+        .map_err(|e| UsageError(format!("--size: {e}")))?;
     if !(1 << 20..=64 << 30).contains(&size) {
         return Err(UsageError("--size must be between 1Mi and 64Gi".into()).into());
     }

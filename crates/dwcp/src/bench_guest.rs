@@ -122,7 +122,7 @@ fn ram_dir(mem_mib: u64) -> Result<tempfile::TempDir> {
 }
 
 pub(crate) fn run(args: &BenchGuestArgs) -> Result<()> {
-    let mem_mib = crate::cli::parse_rate(&args.mem)
+    let mem_mib = crate::cli::parse_size(&args.mem, false)
         .map_err(|e| crate::commands::UsageError(format!("--mem: {e}")))?
         >> 20;
     // The guest's kernel and initramfs (with its 60 MiB payload) need about 200 MiB; /init

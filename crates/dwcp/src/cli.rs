@@ -36,8 +36,15 @@ pub(crate) struct Cli {
 
     /// Log level or directives, e.g. `debug` or `info,dwcp_agent=debug` [default: from the
     /// config file, else the command's own: see docs/CONFIG.md, `log.level`].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = parse_log_level)]
     pub(crate) log_level: Option<String>,
+}
+
+/// A `--log-level` checked as `log.level` is: a word that is not a level would otherwise
+/// be taken for a target's name, and every log line silenced.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    dwcp_control::check_log_level(s)?;
+    Ok(s.to_string())
 }
 
 fn long_version() -> &'static str {
@@ -186,8 +193,8 @@ pub(crate) struct SendArgs {
     pub(crate) mode: ModeArg,
 
     /// Cap on the sending rate, e.g. 100M (bytes/s; suffixes K, M, G = 1000^n, Ki, Mi, Gi =
-    /// 1024^n; append "bit" for bits/s, e.g. 800Mbit).
-    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    /// 1024^n; append "bit" for bits/s, e.g. 800Mbit); at least 64Ki; 0 or none: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_cap)]
     pub(crate) rate_limit: Option<u64>,
 
     /// What the streams ride on: tcp (one TLS connection each), quic (streams of one QUIC
@@ -333,6 +340,49 @@ pub(crate) struct RecvArgs {
 
 /// Parses a rate such as `100M`, `1.5Gi`, `800Mbit` into bytes per second.
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
+    let bytes = parse_amount(s)?;
+    if !(1.0..=1e13).contains(&bytes) {
+        return Err(format!("{s:?} is out of range (1 byte/s .. 10 TB/s)"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A cap on a rate, as [`parse_rate`], or 0 / `none` for no cap (over one a configuration
+/// sets). Below 64 KiB/s a cap is refused: one 256 KiB chunk would take seconds to minutes,
+/// and a typo such as `--rate-limit 100` would look like a hang.
+pub(crate) fn parse_cap(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t == "0" || t.eq_ignore_ascii_case("none") {
+        return Ok(0);
+    }
+    let r = parse_rate(s)?;
+    if r < 65_536 {
+        return Err(format!(
+            "{s:?} is below the smallest cap, 64 KiB/s (64Ki); 0 or none for no cap"
+        ));
+    }
+    Ok(r)
+}
+
+/// A size in bytes (suffixes as for [`parse_rate`]; no "bit"), at most 64 TiB; 0 only with
+/// `zero_ok`.
+pub(crate) fn parse_size(s: &str, zero_ok: bool) -> Result<u64, String> {
+    if s.trim().ends_with("bit") {
+        return Err(format!("{s:?} is not a size such as 1Gi or 512Mi"));
+    }
+    let bytes = parse_amount(s)?;
+    let least = if zero_ok { 0.0 } else { 1.0 };
+    if !(least..=(64u64 << 40) as f64).contains(&bytes) {
+        return Err(format!(
+            "{s:?} is out of range ({} .. 64Ti bytes)",
+            if zero_ok { 0 } else { 1 }
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+/// `s` in bytes (or bytes per second), unchecked but for being a number.
+fn parse_amount(s: &str) -> Result<f64, String> {
     let t = s.trim();
     let (t, bits) = match t.strip_suffix("bit") {
         Some(r) => (r, true),
@@ -355,11 +405,7 @@ pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
         "Gi" => 1024.0 * 1024.0 * 1024.0,
         other => return Err(format!("unknown unit {other:?} in {s:?}")),
     };
-    let bytes = n * mult / if bits { 8.0 } else { 1.0 };
-    if !(1.0..=1e13).contains(&bytes) {
-        return Err(format!("{s:?} is out of range (1 byte/s .. 10 TB/s)"));
-    }
-    Ok(bytes as u64)
+    Ok(n * mult / if bits { 8.0 } else { 1.0 })
 }
 
 #[derive(Debug, Subcommand)]
@@ -398,7 +444,8 @@ pub(crate) enum CertsCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ConfigCommand {
-    /// Validate a configuration file (with DWCP_* overrides applied); exit 0 if valid, 3 if not.
+    /// Validate a configuration file (with DWCP_* overrides applied); exit 0 if valid, 3 if
+    /// not, 4 if it cannot be read.
     Check {
         /// The file.
         #[arg(value_name = "FILE")]
@@ -702,9 +749,10 @@ pub(crate) struct MigrateArgs {
 
     /// Cap on what the migration sends, e.g. 50M (bytes/s of wire bytes, all connections
     /// together; suffixes as for `dwcp send --rate-limit`, "bit" for bits/s). With
-    /// --qemu-qmp it caps the tunnel, and QEMU sees the cap through it [default:
-    /// migration.rate_limit_bytes_per_sec, none unless set].
-    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    /// --qemu-qmp it caps the tunnel, and QEMU sees the cap through it; at least 64Ki; 0 or
+    /// none: no cap, over the configuration's [default: migration.rate_limit_bytes_per_sec,
+    /// none unless set].
+    #[arg(long, value_name = "RATE", value_parser = parse_cap)]
     pub(crate) rate_limit: Option<u64>,
 
     /// Seconds to keep reconnecting once every connection to the destination is lost (a link
@@ -721,7 +769,7 @@ pub(crate) struct MigrateArgs {
     /// Migrate the running QEMU whose QMP monitor is this Unix socket, instead of a generated
     /// memory image. The destination agent's QEMU for VM --name waits in its
     /// `migration.qemu_dir` (`NAME.incoming`, `NAME.qmp`).
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["vm_size", "dirty_rate", "seed", "synthetic", "vm_dir"])]
     pub(crate) qemu_qmp: Option<PathBuf>,
 }
 
@@ -779,5 +827,41 @@ mod tests {
         for bad in ["", "fast", "10X", "0", "-5M", "1e20"] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn caps_are_real_or_none() {
+        assert_eq!(parse_cap("50M"), Ok(50_000_000));
+        assert_eq!(parse_cap("64Ki"), Ok(65_536));
+        assert_eq!(parse_cap("0"), Ok(0));
+        assert_eq!(parse_cap("none"), Ok(0));
+        for bad in ["1", "1000", "100bit", "63Ki", "fast", ""] {
+            let e = parse_cap(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+        assert!(parse_cap("1000").unwrap_err().contains("64 KiB/s"));
+    }
+
+    #[test]
+    fn sizes_say_bytes_and_take_zero_only_where_asked() {
+        assert_eq!(parse_size("1Gi", false), Ok(1 << 30));
+        assert_eq!(parse_size("0", true), Ok(0));
+        let e = parse_size("0", false).unwrap_err();
+        assert!(e.contains("bytes") && !e.contains("/s"), "{e}");
+        assert!(parse_size("8Mbit", true).is_err());
+        assert!(parse_size("65Ti", true).is_err());
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_one_is_refused() {
+        for ok in ["info", "debug", "info,dwcp_agent=debug", "warn"] {
+            assert_eq!(parse_log_level(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["degub", "warning", "", "info,dwcp=loud"] {
+            assert!(parse_log_level(bad).is_err(), "{bad:?}");
+        }
+        // Through clap, as a user types it.
+        let e = Cli::try_parse_from(["dwcp", "--log-level", "degub", "demo"]).unwrap_err();
+        assert!(e.to_string().contains("degub"), "{e}");
     }
 }

@@ -164,10 +164,12 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
 fn dwcp_env() -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for (k, v) in std::env::vars_os() {
-        let Some(k) = k
-            .to_str()
-            .filter(|k| k.starts_with(dwcp_control::ENV_PREFIX))
-        else {
+        // Settings only (`DWCP_SECTION__KEY`): others, such as DWCP_GUEST_DIR, may be any
+        // path.
+        let Some(k) = k.to_str().filter(|k| {
+            k.strip_prefix(dwcp_control::ENV_PREFIX)
+                .is_some_and(|rest| rest.contains("__"))
+        }) else {
             continue;
         };
         let v = v
@@ -488,7 +490,8 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
         min_streams: settings.min_streams,
         max_streams: settings.capabilities.max_streams,
         retry_for: Duration::from_secs(args.retry_secs),
-        rate_limit: args.rate_limit,
+        // 0: no cap.
+        rate_limit: args.rate_limit.filter(|&r| r > 0),
         carrier: args.transport,
         delta: dwcp_transport::session::DeltaOptions {
             enabled: !args.no_delta,
@@ -503,7 +506,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             },
             link_bps: args
                 .link_rate
-                .or(args.rate_limit)
+                .or(args.rate_limit.filter(|&r| r > 0))
                 .unwrap_or(dwcp_transport::session::DEFAULT_LINK_BPS),
             ..Default::default()
         },

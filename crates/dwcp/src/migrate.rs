@@ -87,8 +87,8 @@ fn in_memory_fs(dir: &std::path::Path) -> bool {
 
 /// Generates the VM's image and starts its workload.
 pub(crate) fn make_vm(args: &VmArgs, chatty: bool) -> Result<MadeVm> {
-    let size =
-        crate::cli::parse_rate(&args.vm_size).map_err(|e| UsageError(format!("--vm-size: {e}")))?;
+    let size = crate::cli::parse_size(&args.vm_size, false)
+        .map_err(|e| UsageError(format!("--vm-size: {e}")))?;
     if !(1 << 20..=64 << 30).contains(&size) {
         return Err(UsageError("--vm-size must be between 1Mi and 64Gi".into()).into());
     }
@@ -481,7 +481,10 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
 
 /// `--rate-limit`, else the configuration's `migration.rate_limit_bytes_per_sec`.
 fn rate_limit(settings: &Settings, args: &MigrateArgs) -> Option<u64> {
-    args.rate_limit.or(settings.migration_rate_limit)
+    // `--rate-limit 0` (or none): no cap, whatever the configuration says.
+    args.rate_limit
+        .or(settings.migration_rate_limit)
+        .filter(|&r| r > 0)
 }
 
 /// The QEMU backend's spec from the command line.

@@ -902,12 +902,35 @@ fn migrate_a_memory_image_vm_to_an_agent() {
         .output()
         .unwrap();
     capped_to_2mb_s(&o);
-    let o = migrate(&["--rate-limit", "0"]);
+    // Below a real cap: refused, naming the flag.
+    let o = migrate(&["--rate-limit", "1000"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert!(
         text(&o.stderr).contains("--rate-limit"),
         "{}",
         text(&o.stderr)
+    );
+    // `--rate-limit none` lifts the configuration's cap: at 64 KiB/s these rounds would
+    // take a quarter of a minute at least.
+    let o = dwcp()
+        .args(["migrate", "--to", &agent.addr, "--node-id", "node-a"])
+        .args(["--vm-size", "8Mi", "--synthetic", "--dirty-rate", "1M"])
+        .args(["--seed", "5", "--rate-limit", "none"])
+        .args(["--name", "uncapped.mem", "--json", "--certs-dir"])
+        .arg(dir.path())
+        .env("DWCP_MIGRATION__RATE_LIMIT_BYTES_PER_SEC", "65536")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (wire, secs) = (
+        j["wire_bytes"].as_f64().unwrap(),
+        j["total_seconds"].as_f64().unwrap(),
+    );
+    assert!(wire > 1e6, "{j}");
+    assert!(
+        secs < wire / 65536.0 / 2.0,
+        "held to the configuration's cap: {j}"
     );
 
     // The VM's memory in a file: the same migration, and the file is gone afterwards. (After
