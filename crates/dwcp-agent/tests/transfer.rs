@@ -357,6 +357,66 @@ async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again()
     agent.stop().await.unwrap();
 }
 
+/// A sender whose verdict was lost with the stream that carried it (it cannot tell) sends
+/// the object's end again on another stream of the session, and is answered there.
+#[tokio::test]
+async fn t28_an_end_sent_again_after_the_verdict_gets_the_verdict_again() {
+    use dwcp_wire::data::{self, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
+    use dwcp_wire::{FrameType, msg};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let mut c = Vec::new();
+    for stream_index in 0..2 {
+        let mut conn = dwcp_transport::connect_to(&ep, agent.addr, None)
+            .await
+            .unwrap();
+        let join = SessionJoin {
+            session_id: vec![11; 16],
+            stream_index,
+        };
+        conn.send(&msg::encode(FrameType::SESSION, &join))
+            .await
+            .unwrap();
+        c.push(conn);
+    }
+    let content: Vec<u8> = (0..300_000).map(|i| (i % 241) as u8).collect();
+    let begin = ObjectBegin {
+        object: 1,
+        name: "again".into(),
+        size: content.len() as u64,
+        version_tag: "t28".into(),
+        ..ObjectBegin::default()
+    };
+    c[0].send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    next(&mut c[0], FrameType::OBJECT_STATE).await;
+    c[0].send(&data::encode_data(1, 0, &content)).await.unwrap();
+    let end = ObjectEnd {
+        object: 1,
+        size: content.len() as u64,
+        blake3: blake3::hash(&content).as_bytes().to_vec(),
+    };
+    c[0].send(&msg::encode(FrameType::OBJECT_END, &end))
+        .await
+        .unwrap();
+    let d: ObjectDone = msg::decode(&next(&mut c[0], FrameType::OBJECT_DONE).await).unwrap();
+    assert_eq!((d.object, d.code), (1, 0), "{}", d.reason);
+    // The stream that carried the verdict goes; the end again on the other.
+    drop(c.remove(0));
+    c[0].send(&msg::encode(FrameType::OBJECT_END, &end))
+        .await
+        .unwrap();
+    let d: ObjectDone = msg::decode(&next(&mut c[0], FrameType::OBJECT_DONE).await).unwrap();
+    assert_eq!((d.object, d.code), (1, 0), "{}", d.reason);
+    assert_eq!(
+        std::fs::read(cluster.dir().join("spool/client/again")).unwrap(),
+        content
+    );
+    agent.stop().await.unwrap();
+}
+
 /// An open object begun again as another (name or size) is a broken sender: the stream is
 /// closed with `PROTOCOL_ERROR`, not answered with a refusal that would count the open
 /// object as failed.

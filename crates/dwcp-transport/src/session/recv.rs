@@ -209,6 +209,9 @@ struct RxSession {
     goodbye: bool,
     /// Objects already verified or failed: late duplicates for them are ignored.
     finished: std::collections::HashSet<u64>,
+    /// The latest verdicts (`OBJECT_DONE`), by object: a sender whose copy was lost with its
+    /// stream sends the end again on another and is answered from here.
+    verdicts: std::collections::VecDeque<(u64, Frame)>,
     /// Connections of the session being served; at 0 the session is forgotten (what it
     /// stored is on disk, and a resuming sender opens a new session).
     conns: usize,
@@ -230,6 +233,7 @@ impl Default for RxSession {
             objects: HashMap::new(),
             goodbye: false,
             finished: Default::default(),
+            verdicts: Default::default(),
             conns: 0,
             begun: Default::default(),
             shout: broadcast::channel(SHOUT_CAPACITY).0,
@@ -249,6 +253,10 @@ const MAX_SEGMENTS_PER_HEARTBEAT: u64 = 1 << 30;
 
 /// Frames queued for a session's connections to send (see `RxSession::shout`).
 const SHOUT_CAPACITY: usize = 16;
+
+/// Verdicts kept per session for a sender that asks again (see `RxSession::verdicts`): its
+/// objects go one after another, so the last few are enough.
+const VERDICTS_KEPT: usize = 16;
 
 /// One connection's place in its session.
 struct Conn {
@@ -862,12 +870,22 @@ impl Receiver {
                 }
                 FrameType::OBJECT_END => {
                     let end: ObjectEnd = msg::decode(&frame).map_err(HandshakeError::from)?;
+                    let mut again = None;
                     let problem = {
                         let mut s = lock(session);
                         let done = s.finished.contains(&end.object);
                         match s.objects.get_mut(&end.object) {
-                            // A repeated end after the verdict: nothing to do.
-                            None if done => None,
+                            // A repeated end after the verdict: the sender sends it again when
+                            // the stream that carried its end died, and with it, perhaps, the
+                            // verdict. It gets the verdict again (it ignores a second copy).
+                            None if done => {
+                                again = s
+                                    .verdicts
+                                    .iter()
+                                    .find(|(o, _)| *o == end.object)
+                                    .map(|(_, f)| f.clone());
+                                None
+                            }
                             Some(o) if o.size == end.size && end.blake3.len() == 32 => {
                                 o.digest = Some(end.blake3);
                                 None
@@ -885,6 +903,10 @@ impl Receiver {
                     };
                     if let Some(detail) = problem {
                         return Err(self.violation(writer, detail).await);
+                    }
+                    if let Some(f) = again {
+                        self.send(&mut writer, &f).await?;
+                        continue;
                     }
                     self.maybe_finish(&peer, session, end.object, &mut writer, conn.me)
                         .await?;
@@ -1817,11 +1839,24 @@ impl Receiver {
             }
         };
         let frame = msg::encode(FrameType::OBJECT_DONE, &done);
+        {
+            let mut s = lock(session);
+            if s.verdicts.len() >= VERDICTS_KEPT {
+                s.verdicts.pop_front();
+            }
+            s.verdicts.push_back((object, frame.clone()));
+        }
         if urgent {
             // On every stream: the sender waits on the first copy that gets through.
             let _ = lock(session).shout.send((me, frame.clone()));
         }
-        self.send(writer, &frame).await
+        let r = self.send(writer, &frame).await;
+        if r.is_err() && !urgent {
+            // This stream died under the verdict (an end the sender sends again meanwhile
+            // found the object still being verified): the others carry it.
+            let _ = lock(session).shout.send((me, frame));
+        }
+        r
     }
 
     /// Sends a frame, bounded by the idle timeout: a sender that stops reading must not pin
