@@ -2120,14 +2120,32 @@ fn apply_round(
 ) -> Result<(), (ErrorCode, String)> {
     let out = open_target(final_path, d)?;
     check_not_abandoned(abandoned.as_deref())?;
-    let mut guard = cache.map(lock);
-    let mut none = NoCache;
-    let src: &mut dyn ContentSource = match guard.as_deref_mut() {
-        Some(c) => c,
-        None => &mut none,
-    };
+    let mut src = EachCall(cache);
     // Not synced here: the commit publishes the target at the end.
-    decode_pages(part, out, d.raw_size, src, abandoned).map(drop)
+    decode_pages(part, out, d.raw_size, &mut src, abandoned).map(drop)
+}
+
+/// The receiver's cache, locked for one lookup or one insert at a time: a whole object's
+/// decode (a disk image of hundreds of GB) must not hold every other session's decodes,
+/// migration blocks and cache summaries behind it.
+struct EachCall<'a>(Option<&'a Mutex<BaselineCache>>);
+
+impl ContentSource for EachCall<'_> {
+    fn fetch(&mut self, key: &dwcp_encoding::Key, buf: &mut Vec<u8>) -> bool {
+        self.0.is_some_and(|c| lock(c).fetch(key, buf))
+    }
+
+    fn learn(&mut self, data: &[u8]) {
+        if let Some(c) = self.0 {
+            lock(c).learn(data);
+        }
+    }
+
+    fn learn_keyed(&mut self, key: &dwcp_encoding::Key, data: &[u8]) {
+        if let Some(c) = self.0 {
+            lock(c).learn_keyed(key, data);
+        }
+    }
 }
 
 /// After opening a migration target: an abort raises the flags of its rounds before it
@@ -2437,12 +2455,8 @@ fn decode_into(
             .map_err(|e| storage("cannot create the decode file", &e))?;
         out.set_len(d.raw_size)
             .map_err(|e| storage("cannot size the decode file", &e))?;
-        let mut guard = cache.map(lock);
-        let mut none = NoCache;
-        let src: &mut dyn ContentSource = match guard.as_deref_mut() {
-            Some(c) => c,
-            None => &mut none,
-        };
+        let mut each = EachCall(cache);
+        let src: &mut dyn ContentSource = &mut each;
         let bad = |e: dwcp_encoding::DecodeError| match e {
             dwcp_encoding::DecodeError::Store(e) => storage("cannot write the decoded content", &e),
             e => (
@@ -2491,12 +2505,11 @@ fn decode_into(
                 .map_err(|e| storage("cannot write", &e.error()))?;
             out.sync_data().map_err(|e| storage("cannot sync", &e))?;
         }
-        if let Some(c) = guard.as_deref_mut()
-            && let Err(e) = c.flush()
+        if let Some(c) = cache
+            && let Err(e) = lock(c).flush()
         {
             warn!("baseline cache flush failed: {e}");
         }
-        drop(guard);
         let got = hash_file(&tmp).map_err(|e| storage("cannot read back", &e))?;
         if got.as_bytes()[..] != d.raw_blake3[..] {
             return Err((
@@ -2597,6 +2610,64 @@ fn read_state(path: &Path) -> Option<(String, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole object's decode takes the receiver's cache one lookup or insert at a time:
+    /// another session gets it while the decode is half done.
+    #[test]
+    fn a_decode_lets_other_sessions_at_the_cache_while_it_runs() {
+        use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = vec![0u8; 32 << 20];
+        let mut x = 7u64;
+        for b in raw.chunks_mut(8) {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+        let mut enc = StreamEncoder::new(StreamConfig {
+            codec: dwcp_encoding::Codec::None,
+            ..StreamConfig::default()
+        })
+        .unwrap();
+        let mut encoded = Vec::new();
+        enc.push(&raw, None, &mut encoded);
+        enc.finish(None, &mut encoded);
+        let part = dir.path().join("obj.part");
+        fs::write(&part, &encoded).unwrap();
+        let d = Delta {
+            encoding: data::ENCODING_HDE_STREAM,
+            raw_size: raw.len() as u64,
+            raw_blake3: blake3::hash(&raw).as_bytes().to_vec(),
+            commit: false,
+        };
+        let cache =
+            Mutex::new(BaselineCache::open(dwcp_encoding::CacheConfig::memory(256 << 20)).unwrap());
+        let done = AtomicBool::new(false);
+        // The cache's entry counts seen while the decode ran.
+        let mut seen = Vec::new();
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let r = decode_into(&part, &dir.path().join("obj"), &d, Some(&cache));
+                done.store(true, Ordering::SeqCst);
+                r
+            });
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let entries = lock(&cache).stats().entries;
+                seen.push(entries);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            h.join().unwrap().unwrap();
+        });
+        let total = lock(&cache).stats().entries;
+        assert!(total > 100, "{total}");
+        assert!(
+            seen.iter().any(|&e| e > 0 && e < total),
+            "the cache was held for the whole decode: {seen:?} of {total}"
+        );
+        assert_eq!(fs::read(dir.path().join("obj")).unwrap(), raw);
+    }
 
     #[test]
     fn the_space_an_object_needs_is_what_it_decodes_to_or_what_a_round_says_it_writes() {
