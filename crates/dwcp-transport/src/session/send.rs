@@ -385,6 +385,18 @@ type Slot = Option<(u64, Arc<Mutex<Writer>>)>;
 /// A stream just opened, with a probe of its socket when it is TCP.
 type Dialed = (AnyConnection, Option<TcpProbe>);
 
+/// A session's TCP connection, bounded in how long its data may go unacknowledged (see
+/// [`super::tunnel::SILENT_LIMIT`]): with every stream on a path gone silent, no stream
+/// would fail (nor the session be resumed) until TCP's own retries ran out, some 15
+/// minutes; a receiver's window shut for a while (a slow disk) is not taken for that.
+fn tcp_dialed(c: crate::Connection<tokio::net::TcpStream>) -> Dialed {
+    if let Err(e) = c.set_user_timeout(super::tunnel::SILENT_LIMIT) {
+        debug!("cannot bound unacknowledged time (TCP_USER_TIMEOUT): {e}");
+    }
+    let probe = c.tcp_probe();
+    (c.boxed(), probe)
+}
+
 /// How many streams a session opens.
 #[derive(Debug, Clone)]
 enum StreamPlan {
@@ -530,8 +542,7 @@ impl Dialer {
                         }
                     }
                 }
-                let probe = c.tcp_probe();
-                Ok((Self::Tcp { endpoint, addr }, (c.boxed(), probe)))
+                Ok((Self::Tcp { endpoint, addr }, tcp_dialed(c)))
             }
             Carrier::Quic => Self::first_quic(endpoint, addr, expected).await,
         }
@@ -557,12 +568,9 @@ impl Dialer {
     /// Opens one more stream to `peer`.
     async fn dial(&self, peer: &NodeId) -> Result<Dialed, ConnError> {
         match self {
-            Self::Tcp { endpoint, addr, .. } => {
-                connect_to(endpoint, *addr, Some(peer)).await.map(|c| {
-                    let probe = c.tcp_probe();
-                    (c.boxed(), probe)
-                })
-            }
+            Self::Tcp { endpoint, addr, .. } => connect_to(endpoint, *addr, Some(peer))
+                .await
+                .map(tcp_dialed),
             Self::Quic { endpoint, conn } => conn.open(endpoint).await.map(|c| (c.boxed(), None)),
         }
     }
