@@ -32,6 +32,10 @@ const ENTRY_HEADER: usize = 32;
 /// Largest entry a pack may hold (a page or a chunk).
 pub const MAX_ENTRY: u32 = 1 << 20;
 
+/// The active pack's write buffer: room for the largest entry with its header (see
+/// [`BaselineCache::append`]).
+const WRITE_BUFFER: usize = 2 << 20;
+
 /// Where and how much.
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -189,7 +193,15 @@ impl BaselineCache {
             ids.sort_unstable();
             let last = ids.last().copied();
             for id in ids {
-                c.load_pack(&dir, id, Some(id) == last)?;
+                // The cache is a copy of what went by: a pack that cannot be read is set
+                // aside (kept for a look, never loaded again), not a reason to refuse to start.
+                if let Err(e) = c.load_pack(&dir, id, Some(id) == last) {
+                    let path = Self::pack_path(&dir, id);
+                    let aside = path.with_extension("hdec.bad");
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read a cache pack; set aside as {}", aside.display());
+                    c.unload_pack(id);
+                    std::fs::rename(&path, &aside)?;
+                }
             }
             c.enforce_disk_budget()?;
         }
@@ -224,15 +236,19 @@ impl BaselineCache {
             if data_at + u64::from(elen) > len {
                 break;
             }
-            let kh = KeyHashed(key);
-            self.index.entry(kh).or_insert(Entry {
-                loc: Loc::Pack {
-                    pack: id,
-                    offset: data_at,
+            // Packs load oldest first: a later copy (an entry copied forward before its pack
+            // is evicted) is the one that lasts, and the one to index.
+            self.index.insert(
+                KeyHashed(key),
+                Entry {
+                    loc: Loc::Pack {
+                        pack: id,
+                        offset: data_at,
+                    },
+                    fast,
+                    len: elen,
                 },
-                fast,
-                len: elen,
-            });
+            );
             keys.push(key);
             offset = data_at + u64::from(elen);
         }
@@ -255,6 +271,17 @@ impl BaselineCache {
         );
         self.update_old();
         Ok(())
+    }
+
+    /// Forgets what a pack that failed to load indexed.
+    fn unload_pack(&mut self, id: u32) {
+        if let Some(p) = self.packs.remove(&id) {
+            self.stats.disk_bytes -= p.bytes;
+        }
+        self.index
+            .retain(|_, e| !matches!(e.loc, Loc::Pack { pack, .. } if pack == id));
+        self.stats.entries = self.index.len() as u64;
+        self.update_old();
     }
 
     /// What the cache holds, as fast hashes: the summary a sender builds its
@@ -334,8 +361,9 @@ impl BaselineCache {
     }
 
     /// As [`insert`](Self::insert), with the key computed by the caller (`Key::of(data)`):
-    /// a decoder that needs the key anyway hashes each page once. A wrong key is never served:
-    /// [`get`](Self::get) verifies what it reads against the key, so it would only miss.
+    /// a decoder that needs the key anyway hashes each page once. The key must be right:
+    /// [`get`](Self::get) verifies what it reads back from disk against the key, but not the
+    /// copy it keeps in memory (checked in debug builds only).
     pub fn insert_keyed(&mut self, key: Key, data: &[u8]) -> io::Result<Key> {
         debug_assert_eq!(key, Key::of(data));
         let kh = KeyHashed(key);
@@ -383,6 +411,14 @@ impl BaselineCache {
             *tick = self.tick;
             self.lru.insert(self.tick, *key);
             self.stats.hits += 1;
+            // The most used entries are those served from memory: they too move forward
+            // before their pack goes, or they would go with it.
+            if let Loc::Pack { pack, .. } = entry.loc
+                && self.is_old(pack)
+            {
+                let data: Box<[u8]> = buf[start..].into();
+                self.copy_forward(key, entry.fast, &data);
+            }
             return Ok(true);
         }
         buf.resize(start + entry.len as usize, 0);
@@ -427,14 +463,28 @@ impl BaselineCache {
         if let Loc::Pack { pack, .. } = entry.loc
             && self.is_old(pack)
         {
-            let (pack, offset) = self.append(key, entry.fast, &data)?;
-            if let Some(e) = self.index.get_mut(&kh) {
-                e.loc = Loc::Pack { pack, offset };
-            }
+            self.copy_forward(key, entry.fast, &data);
         }
         self.remember(*key, data);
-        self.enforce_disk_budget()?;
         Ok(true)
+    }
+
+    /// Appends a verified entry of an old pack to the active one and indexes it there. A
+    /// failure (a full disk) leaves it where it was: the hit stands.
+    fn copy_forward(&mut self, key: &Key, fast: u64, data: &[u8]) {
+        match self.append(key, fast, data) {
+            Ok((pack, offset)) => {
+                if let Some(e) = self.index.get_mut(&KeyHashed(*key)) {
+                    e.loc = Loc::Pack { pack, offset };
+                }
+                if let Err(e) = self.enforce_disk_budget() {
+                    tracing::warn!(error = %e, "baseline cache: cannot evict a pack");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "baseline cache: cannot copy an entry forward")
+            }
+        }
     }
 
     /// Writes buffered pack data to disk and syncs it.
@@ -514,7 +564,7 @@ impl BaselineCache {
                 .write(true)
                 .create_new(true)
                 .open(&path)?;
-            let mut writer = BufWriter::with_capacity(1 << 20, file.try_clone()?);
+            let mut writer = BufWriter::with_capacity(WRITE_BUFFER, file.try_clone()?);
             writer.write_all(&PACK_MAGIC)?;
             writer.write_all(&[crate::FORMAT_VERSION, 0, 0, 0])?;
             self.packs.insert(
@@ -543,6 +593,13 @@ impl BaselineCache {
         h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
         let check = xxhash_rust::xxh3::xxh3_64(&h[..28]) as u32;
         h[28..].copy_from_slice(&check.to_le_bytes());
+        // The whole entry goes into the buffer or none of it: room is made first (a flush
+        // that fails, a full disk, leaves what it did not write buffered, in order). Written
+        // in two steps into a full buffer, a header could reach the file without its data,
+        // and every later entry of the pack would be indexed where it is not.
+        if a.writer.capacity() - a.writer.buffer().len() < ENTRY_HEADER + data.len() {
+            a.writer.flush()?;
+        }
         a.writer.write_all(&h)?;
         a.writer.write_all(data)?;
         let offset = a.bytes + ENTRY_HEADER as u64;
@@ -751,6 +808,80 @@ mod tests {
         assert_eq!(buf, page(1));
         assert!(!c.get(&keys[1], &mut Vec::new()).unwrap(), "evicted");
         assert!(c.contains(&more[31]));
+    }
+
+    /// Writes 16 pages, then 32 more: the first pack is next in line to go. Returns the
+    /// first 16 keys.
+    fn fill_to_half(c: &mut BaselineCache) -> Vec<Key> {
+        let keys: Vec<Key> = (1..=16).map(|i| c.insert(&page(i)).unwrap()).collect();
+        for i in 17..=48 {
+            c.insert(&page(i)).unwrap();
+        }
+        keys
+    }
+
+    #[test]
+    fn an_entry_served_from_memory_is_copied_forward_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            pack_bytes: 32 * 1024,
+            // Everything held in memory as well: hits never read a pack.
+            ..CacheConfig::persistent(dir.path(), 1 << 20, 256 * 1024)
+        };
+        let mut c = BaselineCache::open(cfg).unwrap();
+        let keys = fill_to_half(&mut c);
+        let disk = c.stats().disk_bytes;
+        assert!(c.get(&keys[0], &mut Vec::new()).unwrap());
+        assert!(c.stats().disk_bytes > disk, "copied forward");
+        for i in 49..=64 {
+            c.insert(&page(i)).unwrap();
+        }
+        let mut buf = Vec::new();
+        assert!(c.get(&keys[0], &mut buf).unwrap(), "kept: it was used");
+        assert_eq!(buf, page(1));
+        assert!(!c.contains(&keys[1]), "its neighbour went with the pack");
+    }
+
+    #[test]
+    fn after_a_restart_an_entry_copied_forward_is_indexed_where_it_lasts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            pack_bytes: 32 * 1024,
+            ..CacheConfig::persistent(dir.path(), 0, 256 * 1024)
+        };
+        let mut c = BaselineCache::open(cfg.clone()).unwrap();
+        let keys = fill_to_half(&mut c);
+        assert!(c.get(&keys[0], &mut Vec::new()).unwrap());
+        drop(c);
+        let mut c = BaselineCache::open(cfg).unwrap();
+        for i in 49..=64 {
+            c.insert(&page(i)).unwrap();
+        }
+        let mut buf = Vec::new();
+        assert!(
+            c.get(&keys[0], &mut buf).unwrap(),
+            "the copy in the newer pack was not the one indexed"
+        );
+        assert_eq!(buf, page(1));
+    }
+
+    #[test]
+    fn a_pack_that_cannot_be_read_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig::persistent(dir.path(), 0, 1 << 20);
+        let mut c = BaselineCache::open(cfg.clone()).unwrap();
+        let k = c.insert(&page(1)).unwrap();
+        drop(c);
+        // Named as a pack, and not a file.
+        let bad = dir.path().join("pack-00000007.hdec");
+        std::fs::create_dir(&bad).unwrap();
+        let mut c = BaselineCache::open(cfg).unwrap();
+        assert!(c.get(&k, &mut Vec::new()).unwrap());
+        assert!(!bad.exists());
+        assert!(dir.path().join("pack-00000007.hdec.bad").exists());
+        // New entries go to a pack of their own.
+        let k2 = c.insert(&page(2)).unwrap();
+        assert!(c.get(&k2, &mut Vec::new()).unwrap());
     }
 
     #[test]
