@@ -14,7 +14,7 @@ use rustls::pki_types::UnixTime;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::info;
+use tracing::{debug, info, warn};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -243,7 +243,28 @@ pub(crate) fn expected_node(flag: Option<&str>) -> Result<Option<NodeId>> {
         .map_err(|e| UsageError(format!("--expect-node: {e}")).into())
 }
 
+/// Raises this process's limit on open files to the most it may have: an agent holds a
+/// descriptor per connection and per pack of its baseline cache (a 200 GiB cache is some
+/// 3,200 packs, over the usual soft limit of 1,024).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let l = getrlimit(Resource::Nofile);
+    // No hard limit: a million is plenty.
+    let most = l.maximum.unwrap_or(1 << 20);
+    if l.current.is_some_and(|c| c < most) {
+        let new = Rlimit {
+            current: Some(most),
+            maximum: l.maximum,
+        };
+        match setrlimit(Resource::Nofile, new) {
+            Ok(()) => debug!(from = ?l.current, to = most, "open file limit raised"),
+            Err(e) => warn!(limit = ?l.current, "cannot raise the open file limit: {e}"),
+        }
+    }
+}
+
 fn agent(settings: &Settings) -> Result<()> {
+    raise_open_file_limit();
     let id = node_id(settings)?;
     let (creds, tls) = credentials(settings, &id)?;
     let not_after = creds.not_after()?;
@@ -680,6 +701,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
 }
 
 fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
+    raise_open_file_limit();
     use dwcp_transport::session::{Receiver, RecvEvent};
     let listen: SocketAddr = args
         .listen

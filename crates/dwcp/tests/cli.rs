@@ -335,6 +335,52 @@ fn unreachable_peer_is_a_network_error() {
     );
 }
 
+/// The agent takes as many open files as it may (a descriptor per connection and per
+/// cache pack): started with a soft limit of 256, it runs with its hard limit.
+#[test]
+fn the_agent_raises_its_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a"]);
+    let (addr, admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -S -n 256 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_dwcp"))
+        .args(["agent", "--node-id", "node-a", "--listen", &addr])
+        .args(["--admin-listen", &admin, "--certs-dir"])
+        .arg(dir.path())
+        .arg("--spool-dir")
+        .arg(dir.path().join("spool"))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent = AgentProc { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !readyz(&admin) {
+        assert!(agent.child.try_wait().unwrap().is_none(), "agent exited");
+        assert!(Instant::now() < deadline, "agent not ready within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    // "Max open files  SOFT  HARD  files"
+    let (soft, hard) = (f[3], f[4]);
+    assert_ne!(soft, "256", "{line}");
+    assert_eq!(soft, hard, "{line}");
+    let _ = agent.child.kill();
+}
+
 #[test]
 fn sigterm_stops_the_agent_with_exit_zero() {
     let dir = tempfile::tempdir().unwrap();
