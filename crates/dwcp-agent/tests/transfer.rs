@@ -417,6 +417,49 @@ async fn t28_an_end_sent_again_after_the_verdict_gets_the_verdict_again() {
     agent.stop().await.unwrap();
 }
 
+/// A file the receiver still holds for an earlier session of the sender (its streams died
+/// unnoticed) is refused as busy, and the sender asks again until that session lets go.
+#[tokio::test]
+async fn t29_a_file_held_by_an_earlier_session_is_sent_once_that_session_goes() {
+    use dwcp_wire::data::ObjectBegin;
+    use dwcp_wire::{FrameType, msg};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let src = tempfile::tempdir().unwrap();
+    let file = random_file(src.path(), "held.img", 3 * 1024 * 1024, 29);
+    // The earlier session: begun, then silent.
+    let mut old = raw_session(&cluster, &agent, 29).await;
+    let begin = ObjectBegin {
+        object: 1,
+        name: "held.img".into(),
+        size: 3 * 1024 * 1024,
+        version_tag: "earlier".into(),
+        ..ObjectBegin::default()
+    };
+    old.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    next(&mut old, FrameType::OBJECT_STATE).await;
+    // It goes (its last stream closes) while the new sender is being refused.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(old);
+    });
+    let ep = endpoint(&cluster, "client", |_| {});
+    let sources = [Source::file(&file).unwrap()];
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        send_files(&ep, agent.addr, None, &sources, &opts(2), &mut |_| {}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    release.await.unwrap();
+    assert_eq!(report.objects.len(), 1);
+    same_file(&file, &cluster.dir().join("spool/client/held.img"));
+    agent.stop().await.unwrap();
+}
+
 /// An open object begun again as another (name or size) is a broken sender: the stream is
 /// closed with `PROTOCOL_ERROR`, not answered with a refusal that would count the open
 /// object as failed.

@@ -47,6 +47,9 @@ impl ErrorCode {
     /// `GOAWAY` on one stream of a session that goes on (the sender retires a stream); not
     /// the end of the session.
     pub const STREAM_CLOSED: Self = Self(18);
+    /// An object's begin refused for now: the receiver holds that object for another of
+    /// the sender's sessions (an earlier one whose streams died unnoticed); try again.
+    pub const BUSY: Self = Self(19);
 
     /// The documented name, or `None` for a code this version does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -70,6 +73,7 @@ impl ErrorCode {
             Self::STORAGE_ERROR => "STORAGE_ERROR",
             Self::DELTA_UNRESOLVED => "DELTA_UNRESOLVED",
             Self::STREAM_CLOSED => "STREAM_CLOSED",
+            Self::BUSY => "BUSY",
             _ => return None,
         })
     }

@@ -200,6 +200,23 @@ struct Delta {
     commit: bool,
 }
 
+/// Why an object's begin is refused.
+#[derive(Debug)]
+struct Refusal {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl From<String> for Refusal {
+    /// Anything but a busy receiver: the object cannot be stored as asked.
+    fn from(reason: String) -> Self {
+        Self {
+            code: ErrorCode::STORAGE_ERROR,
+            reason,
+        }
+    }
+}
+
 /// Largest content an encoded object may decode to (16 TiB).
 const MAX_RAW_SIZE: u64 = 1 << 44;
 
@@ -815,9 +832,9 @@ impl Receiver {
                                 have,
                             },
                         ),
-                        Err(reason) => {
+                        Err(Refusal { code, reason }) => {
                             let name = msg::printable(&begin.name, 200);
-                            warn!(%peer, %name, "refusing object: {reason}");
+                            warn!(%peer, %name, %code, "refusing object: {reason}");
                             // A sender of a fresh object writes data right behind its begin:
                             // that data is ignored, not a violation that ends the session.
                             let first = {
@@ -829,11 +846,12 @@ impl Receiver {
                             // The sender gives the object up: reported like any failed object
                             // (a one-shot `dwcp recv` exits on it rather than wait forever).
                             // Once per object, although a begin may come on several streams.
-                            if first {
+                            // Not when it is told to try again.
+                            if first && code != ErrorCode::BUSY {
                                 let _ = self.events.send(RecvEvent::Failed {
                                     peer: peer.clone(),
                                     name,
-                                    code: ErrorCode::STORAGE_ERROR,
+                                    code,
                                     reason: reason.clone(),
                                 });
                             }
@@ -841,7 +859,7 @@ impl Receiver {
                                 FrameType::OBJECT_DONE,
                                 &ObjectDone {
                                     object: begin.object,
-                                    code: ErrorCode::STORAGE_ERROR.0,
+                                    code: code.0,
                                     reason,
                                     data: Vec::new(),
                                 },
@@ -1376,19 +1394,21 @@ impl Receiver {
         peer: &NodeId,
         session: &Mutex<RxSession>,
         b: &ObjectBegin,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, Refusal> {
         check_name(&b.name)?;
         let delta = match b.encoding {
             data::ENCODING_RAW => None,
             _ if !self.delta => {
-                return Err("delta-encoded objects are turned off on this receiver".into());
+                return Err(Refusal::from(
+                    "delta-encoded objects are turned off on this receiver".to_string(),
+                ));
             }
             data::ENCODING_HDE_PAGES_INPLACE => {
                 if b.raw_size > MAX_RAW_SIZE || b.raw_size == 0 {
-                    return Err(format!(
+                    return Err(Refusal::from(format!(
                         "migration round for {:?} needs a target size of 1..={MAX_RAW_SIZE} bytes",
                         b.name
-                    ));
+                    )));
                 }
                 Some(Delta {
                     encoding: b.encoding,
@@ -1399,11 +1419,11 @@ impl Receiver {
             }
             data::ENCODING_HDE_PAGES | data::ENCODING_HDE_STREAM => {
                 if b.raw_blake3.len() != 32 || b.raw_size > MAX_RAW_SIZE {
-                    return Err(format!(
+                    return Err(Refusal::from(format!(
                         "encoded object {:?} needs a 32-byte content digest and a content size \
                          up to {MAX_RAW_SIZE} bytes",
                         b.name
-                    ));
+                    )));
                 }
                 Some(Delta {
                     encoding: b.encoding,
@@ -1412,13 +1432,13 @@ impl Receiver {
                     commit: false,
                 })
             }
-            other => return Err(format!("unknown object encoding {other}")),
+            other => return Err(Refusal::from(format!("unknown object encoding {other}"))),
         };
         if b.commit && b.encoding != data::ENCODING_HDE_PAGES_INPLACE {
-            return Err(format!(
+            return Err(Refusal::from(format!(
                 "object {:?} asks for a commit, which only an in-place migration round may",
                 b.name
-            ));
+            )));
         }
         {
             let s = lock(session);
@@ -1427,15 +1447,15 @@ impl Receiver {
                 if o.name == b.name && o.size == b.size {
                     return Ok(o.ranges.contiguous());
                 }
-                return Err(format!(
+                return Err(Refusal::from(format!(
                     "object {} was begun with another name or size",
                     b.object
-                ));
+                )));
             }
             if s.objects.len() >= MAX_OBJECTS {
-                return Err(format!(
+                return Err(Refusal::from(format!(
                     "more than {MAX_OBJECTS} objects open in one session"
-                ));
+                )));
             }
         }
         let dir = self.dir_for(peer);
@@ -1447,7 +1467,7 @@ impl Receiver {
         if b.commit && !migration_target(&path).exists() {
             // Refused before anything is written (`open_target` checks again, should the
             // target go meanwhile).
-            return Err(NO_TARGET_TO_COMMIT.into());
+            return Err(Refusal::from(NO_TARGET_TO_COMMIT.to_string()));
         }
         let (part, state) = part_files(&dir, &b.name, round.then_some(&b.version_tag));
         // One transfer per destination file at a time, whatever session it comes from: two
@@ -1460,18 +1480,30 @@ impl Receiver {
         let turn = {
             let mut active = lock(&self.active);
             if round && swept_marker(&path).exists() {
-                return Err(format!(
+                return Err(Refusal::from(format!(
                     "the migration target of {:?} was removed after nothing had written it \
                      for migration.stale_target_secs: start the migration again",
                     b.name
-                ));
+                )));
             }
             if (round && active.contains(&path)) || !active.insert(claim.clone()) {
-                return Err(format!(
+                let reason = format!(
                     "another transfer of {:?} into {} is in progress",
                     b.name,
                     dir.display()
-                ));
+                );
+                // A file: most likely this sender's own earlier session, whose streams died
+                // without this side noticing yet; it lets go within the idle timeout, and
+                // the sender tries again meanwhile. (A round is refused: its migration
+                // decides.)
+                return Err(if round {
+                    Refusal::from(reason)
+                } else {
+                    Refusal {
+                        code: ErrorCode::BUSY,
+                        reason,
+                    }
+                });
             }
             if round {
                 self.touch_round(&path);
@@ -1488,7 +1520,7 @@ impl Receiver {
             Ok(x) => x,
             Err(e) => {
                 lock(&self.active).remove(&claim);
-                return Err(e);
+                return Err(Refusal::from(e));
             }
         };
         if have > 0 {
@@ -1502,7 +1534,7 @@ impl Receiver {
                     Ok(a) => (Some(Box::new(a)), None),
                     Err((_, e)) => {
                         lock(&self.active).remove(&claim);
-                        return Err(e);
+                        return Err(Refusal::from(e));
                     }
                 }
             }
@@ -1513,7 +1545,10 @@ impl Receiver {
             Ok(d) => d,
             Err(e) => {
                 lock(&self.active).remove(&claim);
-                return Err(format!("cannot start hashing {:?}: {e}", b.name));
+                return Err(Refusal::from(format!(
+                    "cannot start hashing {:?}: {e}",
+                    b.name
+                )));
             }
         };
         let o = RxObject {
@@ -2772,7 +2807,7 @@ mod tests {
         };
         // Its source resumes a later round: applied to a new, empty target, it would publish
         // zeros where the earlier rounds wrote.
-        let e = rx.begin(&peer, &session, &begin).unwrap_err();
+        let e = rx.begin(&peer, &session, &begin).unwrap_err().reason;
         assert!(
             e.contains("was removed after nothing had written it"),
             "{e}"
@@ -2784,7 +2819,8 @@ mod tests {
         let restarted = Receiver::new(dir.path(), Duration::from_secs(10), false).unwrap();
         let e = restarted
             .begin(&peer, &Mutex::new(RxSession::default()), &begin)
-            .unwrap_err();
+            .unwrap_err()
+            .reason;
         assert!(e.contains("was removed"), "{e}");
         // A new attempt aborts first, then begins.
         let abort = Migration {
@@ -3023,7 +3059,9 @@ mod tests {
         assert_eq!(rounds(), 2);
         // The same round twice is refused.
         let e = rx.begin(&peer, &session, &begin(3, 1)).unwrap_err();
-        assert!(e.contains("in progress"), "{e}");
+        assert!(e.reason.contains("in progress"), "{e:?}");
+        // A round's migration decides: not asked to try again.
+        assert_eq!(e.code, ErrorCode::STORAGE_ERROR);
         let op = |op: u32| Migration {
             object: 9,
             op,

@@ -1040,6 +1040,10 @@ fn delivered(c: &Core) -> u64 {
 }
 
 /// Why one object's transfer stopped.
+/// How long a sender waits before it begins again an object the receiver was busy with
+/// ([`ErrorCode::BUSY`]).
+const BUSY_RETRY: Duration = Duration::from_secs(2);
+
 enum ObjectFailure {
     /// The session broke; try again on a new one.
     SessionLost(String),
@@ -1441,6 +1445,28 @@ pub async fn send_files_kept(
                     });
                     done_bytes += src.size;
                     next_file += 1;
+                }
+                Err(ObjectFailure::Fatal(SendError::Refused { code, reason, .. }))
+                    if code == ErrorCode::BUSY =>
+                {
+                    // The receiver holds the file for an earlier session of ours (its streams
+                    // died without the receiver noticing yet): it lets go within its idle
+                    // timeout. Asked again, within the retry period.
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= opts.retry_for {
+                        let e = SendError::Refused {
+                            name: src.name.clone(),
+                            code,
+                            reason,
+                        };
+                        session.close(e.close_code(), &e.to_string()).await;
+                        return Err(e);
+                    }
+                    warn!(
+                        "{:?}: the receiver is busy with it ({reason}); asking again",
+                        src.name
+                    );
+                    tokio::time::sleep(BUSY_RETRY).await;
                 }
                 Err(ObjectFailure::Fatal(SendError::Refused { code, .. }))
                     if code == ErrorCode::CHECKSUM_MISMATCH && !restarted.contains(&next_file) =>
