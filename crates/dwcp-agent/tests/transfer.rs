@@ -427,13 +427,14 @@ async fn t29_a_file_held_by_an_earlier_session_is_sent_once_that_session_goes() 
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     let src = tempfile::tempdir().unwrap();
     let file = random_file(src.path(), "held.img", 3 * 1024 * 1024, 29);
-    // The earlier session: begun, then silent.
+    let sources = [Source::file(&file).unwrap()];
+    // The earlier session (the same file, as the sender names it): begun, then silent.
     let mut old = raw_session(&cluster, &agent, 29).await;
     let begin = ObjectBegin {
         object: 1,
         name: "held.img".into(),
         size: 3 * 1024 * 1024,
-        version_tag: "earlier".into(),
+        version_tag: sources[0].version_tag.clone(),
         ..ObjectBegin::default()
     };
     old.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
@@ -446,7 +447,6 @@ async fn t29_a_file_held_by_an_earlier_session_is_sent_once_that_session_goes() 
         drop(old);
     });
     let ep = endpoint(&cluster, "client", |_| {});
-    let sources = [Source::file(&file).unwrap()];
     let report = tokio::time::timeout(
         Duration::from_secs(60),
         send_files(&ep, agent.addr, None, &sources, &opts(2), &mut |_| {}),
@@ -1557,6 +1557,42 @@ async fn t66_a_kept_session_closed_as_idle_is_replaced_and_one_kept_alive_stays_
         "the kept session was not kept alive"
     );
     kept.close().await;
+    agent.stop().await.unwrap();
+}
+
+/// Every stream cut at once mid-transfer, the link up again at once (the receiver forgets
+/// a session whose last connection ends): the sender starts a new session and resumes, rather
+/// than send the object's chunks on replacements that join a session the receiver no longer
+/// knows (each would wait 30 s for a begin that never comes).
+#[tokio::test]
+async fn every_stream_cut_at_once_resumes_on_a_new_session() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let proxy = Proxy::start(agent.addr, Fault::None).await;
+    let src = tempfile::tempdir().unwrap();
+    let path = random_file(src.path(), "cut", 8 << 20, 31);
+    let sources = vec![Source::file(&path).unwrap()];
+    let ep = endpoint(&cluster, "client", |_| {});
+    let o = SendOptions {
+        rate_limit: Some(4_000_000),
+        ..opts(4)
+    };
+    let cut = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.outage(Duration::from_millis(1));
+    };
+    let mut quiet = |_: &_| {};
+    let send = tokio::time::timeout(
+        Duration::from_secs(25),
+        send_files(&ep, proxy.addr, None, &sources, &o, &mut quiet),
+    );
+    let (report, ()) = tokio::join!(send, cut);
+    let report = report
+        .expect("stalled: replacements joined a forgotten session")
+        .unwrap();
+    assert!(report.reconnects >= 1, "{report:?}");
+    same_file(&path, &cluster.dir().join("spool/client/cut"));
+    drop(proxy);
     agent.stop().await.unwrap();
 }
 

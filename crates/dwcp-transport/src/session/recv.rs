@@ -1389,6 +1389,17 @@ impl Receiver {
     }
 
     /// Opens (or resumes) the part file for an object; returns the bytes already held.
+    /// Whether an open object holds `claim` for the content `tag` and `size` name.
+    fn held_as(&self, claim: &Path, tag: &str, size: u64) -> bool {
+        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        sessions.iter().any(|s| {
+            lock(s)
+                .objects
+                .values()
+                .any(|o| o.claim == claim && o.tag == tag && o.size == size)
+        })
+    }
+
     fn begin(
         &self,
         peer: &NodeId,
@@ -1492,17 +1503,20 @@ impl Receiver {
                     b.name,
                     dir.display()
                 );
-                // A file: most likely this sender's own earlier session, whose streams died
-                // without this side noticing yet; it lets go within the idle timeout, and
-                // the sender tries again meanwhile. (A round is refused: its migration
-                // decides.)
-                return Err(if round {
-                    Refusal::from(reason)
-                } else {
+                drop(active);
+                // The same content (name, size and tag) held by another session: most likely
+                // this sender's own earlier one, whose streams died without this side
+                // noticing yet. It lets go within the idle timeout, and the sender tries
+                // again meanwhile. Other content is another transfer, and a round's
+                // migration decides: refused.
+                let tag = msg::printable(&b.version_tag, 200);
+                return Err(if !round && self.held_as(&claim, &tag, b.size) {
                     Refusal {
                         code: ErrorCode::BUSY,
                         reason,
                     }
+                } else {
+                    Refusal::from(reason)
                 });
             }
             if round {
