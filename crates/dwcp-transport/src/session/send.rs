@@ -2077,7 +2077,10 @@ async fn send_object(
                 end_on.retain(|&e| e != i as usize);
                 on_lost(session, report, i, generation, &why, Some(&core)).await;
                 notify.notify_waiters();
-                if session.alive() == 0 && session.joining.is_empty() {
+                // The last stream: the receiver forgets a session (and its objects) when its
+                // last connection ends, so replacements dialled meanwhile would join one that
+                // knows nothing of this object. A new session resumes it.
+                if session.alive() == 0 {
                     break Err(lost(why));
                 }
                 if replacements_left > 0 {
