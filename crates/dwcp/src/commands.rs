@@ -652,10 +652,12 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
         println!("{out}");
     } else {
         for o in &report.objects {
-            let resumed = if o.resumed_from > 0 {
-                format!(", resumed at {} bytes", o.resumed_from)
-            } else {
-                String::new()
+            // Where the receiver's copy stood: in bytes of what crosses the wire, which for
+            // a delta-encoded file is its encoding, not the file.
+            let resumed = match (&o.delta, o.resumed_from) {
+                (_, 0) => String::new(),
+                (Some(d), r) => format!(", resumed at {r} of {} encoded bytes", d.encoded_bytes),
+                (None, r) => format!(", resumed at {r} bytes"),
             };
             let delta = o.delta.as_ref().map_or_else(String::new, |d| {
                 format!(

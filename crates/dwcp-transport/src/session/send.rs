@@ -257,7 +257,8 @@ pub struct ObjectReport {
     pub name: String,
     /// Size.
     pub size: u64,
-    /// Bytes the receiver already held when this transfer (last attempt) began.
+    /// Bytes the receiver already held when this transfer (last attempt) began, of what
+    /// crosses the wire: for a delta-encoded object, of its encoding.
     pub resumed_from: u64,
     /// Seconds from first `OBJECT_BEGIN` to verified.
     pub seconds: f64,
