@@ -193,14 +193,21 @@ impl BaselineCache {
             ids.sort_unstable();
             let last = ids.last().copied();
             for id in ids {
-                // The cache is a copy of what went by: a pack that cannot be read is set
-                // aside (kept for a look, never loaded again), not a reason to refuse to start.
+                // The cache is a copy of what went by: a pack whose content cannot be read
+                // (a bad sector, not a file) goes, not a reason to refuse to start. Anything
+                // else (no descriptor left, no permission) is the host's to fix, and the
+                // packs are kept for then.
                 if let Err(e) = c.load_pack(&dir, id, Some(id) == last) {
+                    if !unreadable(&e) {
+                        return Err(e);
+                    }
                     let path = Self::pack_path(&dir, id);
-                    let aside = path.with_extension("hdec.bad");
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read a cache pack; set aside as {}", aside.display());
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read a cache pack; removing it");
                     c.unload_pack(id);
-                    std::fs::rename(&path, &aside)?;
+                    if std::fs::remove_file(&path).is_err() {
+                        // Not a file: out of the way, so that no new pack takes its name.
+                        std::fs::rename(&path, path.with_extension("hdec.bad"))?;
+                    }
                 }
             }
             c.enforce_disk_budget()?;
@@ -684,6 +691,15 @@ impl ContentSource for BaselineCache {
     }
 }
 
+/// Whether loading a pack failed on what is in it or where it is (an I/O error, not a file),
+/// rather than on this process's resources or rights.
+fn unreadable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::IsADirectory
+    ) || e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error())
+}
+
 fn parse_entry_header(h: &[u8; ENTRY_HEADER]) -> Option<(Key, u64, u32)> {
     let check = u32::from_le_bytes([h[28], h[29], h[30], h[31]]);
     if xxhash_rust::xxh3::xxh3_64(&h[..28]) as u32 != check {
@@ -866,7 +882,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pack_that_cannot_be_read_is_set_aside() {
+    fn a_pack_that_cannot_be_read_is_put_out_of_the_way() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = CacheConfig::persistent(dir.path(), 0, 1 << 20);
         let mut c = BaselineCache::open(cfg.clone()).unwrap();
