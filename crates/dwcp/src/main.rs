@@ -128,7 +128,7 @@ fn code_exit(code: ErrorCode) -> u8 {
         ErrorCode::IDENTITY_MISMATCH => exit::AUTH,
         ErrorCode::TIMEOUT | ErrorCode::SHUTTING_DOWN | ErrorCode::OVERLOADED => exit::NETWORK,
         // The receiver cannot store it (no space, a name it refuses, a file in use).
-        ErrorCode::STORAGE_ERROR => exit::FILES,
+        ErrorCode::STORAGE_ERROR | ErrorCode::BUSY => exit::FILES,
         _ => exit::PROTOCOL,
     }
 }

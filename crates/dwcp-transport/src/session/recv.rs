@@ -244,6 +244,16 @@ struct RxSession {
     id: Vec<u8>,
 }
 
+impl RxSession {
+    /// Keeps `object`'s verdict for a sender that asks again (see `verdicts`).
+    fn keep_verdict(&mut self, object: u64, frame: Frame) {
+        if self.verdicts.len() >= VERDICTS_KEPT {
+            self.verdicts.pop_front();
+        }
+        self.verdicts.push_back((object, frame));
+    }
+}
+
 impl Default for RxSession {
     fn default() -> Self {
         Self {
@@ -724,8 +734,12 @@ impl Receiver {
                                 reason,
                                 data: Vec::new(),
                             };
-                            self.send(&mut writer, &msg::encode(FrameType::OBJECT_DONE, &done))
-                                .await?;
+                            let frame = msg::encode(FrameType::OBJECT_DONE, &done);
+                            lock(session).keep_verdict(h.object, frame.clone());
+                            if let Err(e) = self.send(&mut writer, &frame).await {
+                                let _ = lock(session).shout.send((conn.me, frame));
+                                return Err(e);
+                            }
                             continue;
                         }
                         Err(e) => {
@@ -1388,7 +1402,6 @@ impl Receiver {
         }
     }
 
-    /// Opens (or resumes) the part file for an object; returns the bytes already held.
     /// Whether an open object holds `claim` for the content `tag` and `size` name.
     fn held_as(&self, claim: &Path, tag: &str, size: u64) -> bool {
         let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
@@ -1400,6 +1413,7 @@ impl Receiver {
         })
     }
 
+    /// Opens (or resumes) the part file for an object; returns the bytes already held.
     fn begin(
         &self,
         peer: &NodeId,
@@ -1510,7 +1524,10 @@ impl Receiver {
                 // again meanwhile. Other content is another transfer, and a round's
                 // migration decides: refused.
                 let tag = msg::printable(&b.version_tag, 200);
-                return Err(if !round && self.held_as(&claim, &tag, b.size) {
+                // (A holder that let go meanwhile: the sender's next try finds the way free.)
+                let busy = !round
+                    && (self.held_as(&claim, &tag, b.size) || !lock(&self.active).contains(&claim));
+                return Err(if busy {
                     Refusal {
                         code: ErrorCode::BUSY,
                         reason,
@@ -1888,13 +1905,7 @@ impl Receiver {
             }
         };
         let frame = msg::encode(FrameType::OBJECT_DONE, &done);
-        {
-            let mut s = lock(session);
-            if s.verdicts.len() >= VERDICTS_KEPT {
-                s.verdicts.pop_front();
-            }
-            s.verdicts.push_back((object, frame.clone()));
-        }
+        lock(session).keep_verdict(object, frame.clone());
         if urgent {
             // On every stream: the sender waits on the first copy that gets through.
             let _ = lock(session).shout.send((me, frame.clone()));

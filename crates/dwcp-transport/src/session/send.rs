@@ -1040,11 +1040,14 @@ fn delivered(c: &Core) -> u64 {
     c.held.min(c.sched.read()).max(c.sched.acked())
 }
 
-/// Why one object's transfer stopped.
 /// How long a sender waits before it begins again an object the receiver was busy with
 /// ([`ErrorCode::BUSY`]).
 const BUSY_RETRY: Duration = Duration::from_secs(2);
+/// How long a sender keeps asking a busy receiver at least: longer than a receiver's idle
+/// timeout (120 s by default), after which it drops the connections of a sender gone silent.
+const BUSY_PATIENCE: Duration = Duration::from_secs(150);
 
+/// Why one object's transfer stopped.
 enum ObjectFailure {
     /// The session broke; try again on a new one.
     SessionLost(String),
@@ -1252,6 +1255,8 @@ pub async fn send_files_kept(
     let mut done_bytes = 0u64;
     let mut next_file = 0usize;
     let mut failing_since: Option<Instant> = None;
+    // Since when the receiver has been busy with the file (see `BUSY_PATIENCE`).
+    let mut busy_since: Option<Instant> = None;
     let mut ever_connected = opts.reached;
     // Objects already restarted from zero after a failed verification (once each).
     let mut restarted: Vec<usize> = Vec::new();
@@ -1431,6 +1436,7 @@ pub async fn send_files_kept(
             match r {
                 Ok((resumed_from, answer)) => {
                     failing_since = None;
+                    busy_since = None;
                     let delta = encoded.remove(&next_file).map(|e| {
                         let mut r = e.report;
                         r.cold_retry = cold.contains(&next_file);
@@ -1451,10 +1457,16 @@ pub async fn send_files_kept(
                     if code == ErrorCode::BUSY =>
                 {
                     // The receiver holds the file for an earlier session of ours (its streams
-                    // died without the receiver noticing yet): it lets go within its idle
-                    // timeout. Asked again, within the retry period.
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= opts.retry_for {
+                    // died without the receiver noticing yet): it lets go when their
+                    // connections end, within its idle timeout. Asked again meanwhile, for the
+                    // retry period, at least as long as that (unless told not to retry).
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    let patience = if opts.retry_for.is_zero() {
+                        Duration::ZERO
+                    } else {
+                        opts.retry_for.max(BUSY_PATIENCE)
+                    };
+                    if since.elapsed() >= patience {
                         let e = SendError::Refused {
                             name: src.name.clone(),
                             code,
