@@ -718,7 +718,8 @@ pub fn check_log_level(s: &str) -> Result<(), String> {
             }
             None => directive,
         };
-        if !LEVELS.contains(&level.trim()) {
+        // As tracing reads them: `INFO` is `info`.
+        if !LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
             return Err(format!(
                 "level {:?} in {directive:?} is not one of {LEVELS:?}",
                 level.trim()
@@ -1170,6 +1171,8 @@ mod tests {
             "info,dwcp_agent=debug",
             "off",
             "warn,rustls=off",
+            "INFO",
+            "Debug,dwcp_agent=TRACE",
         ] {
             check_log_level(ok).unwrap();
         }

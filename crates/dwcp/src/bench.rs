@@ -634,8 +634,9 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         crate::cli::parse_rate(rate).map_err(|e| UsageError(format!("--cases: {e}")))?;
         cases.push((size.to_string(), rate.to_string()));
     }
-    let qemu_mem = parse_size("--qemu-mem", &args.qemu_mem, true)? >> 20;
-    if qemu_mem != 0 && qemu_mem < 256 {
+    let qemu_mem_bytes = parse_size("--qemu-mem", &args.qemu_mem, true)?;
+    let qemu_mem = qemu_mem_bytes >> 20;
+    if qemu_mem_bytes != 0 && qemu_mem < 256 {
         return Err(UsageError(format!(
             "--qemu-mem: {:?} is below the guest's least, 256Mi (0 skips the QEMU rows)",
             args.qemu_mem
