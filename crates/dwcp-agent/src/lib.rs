@@ -14,7 +14,9 @@
 mod admin;
 mod metrics;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,6 +226,7 @@ impl Agent {
         let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(max_connections));
+        let pending = Pending::new();
 
         let admin_task = tokio::spawn(admin::serve(
             admin,
@@ -295,13 +298,25 @@ impl Agent {
                         incoming.refuse();
                         continue;
                     }
+                    // Under a crowd of handshakes, a client proves its address first (one
+                    // more round trip): spoofed sources then cost no handshake.
+                    if pending.crowded() && !incoming.remote_address_validated() && incoming.may_retry() {
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    let Some(slot) = pending.take(incoming.remote_address().ip()) else {
+                        shared.metrics.connections_refused.inc();
+                        debug!(peer = %incoming.remote_address(), "QUIC connection refused: too many handshakes in progress");
+                        incoming.refuse();
+                        continue;
+                    };
                     let (shared, tracker2) = (shared.clone(), tracker.clone());
                     let (limit, stop, cut) = (limit.clone(), stop_conns.clone(), cut_conns.clone());
                     let peer = incoming.remote_address();
                     tracker.spawn(
                         async move {
                             tokio::select! {
-                                () = serve_quic(shared, incoming, tracker2, limit, stop, cut.clone()) => {}
+                                () = serve_quic(shared, incoming, slot, tracker2, limit, stop, cut.clone()) => {}
                                 () = cut.cancelled() => {}
                             }
                         }
@@ -320,24 +335,31 @@ impl Agent {
                         }
                     };
                     shared.metrics.connections_accepted.inc();
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    // No handshake work for a node that is full.
+                    if limit.available_permits() == 0 {
                         shared.metrics.connections_refused.inc();
                         warn!(%peer, max_connections, "connection refused: limit reached");
+                        drop(tcp);
+                        continue;
+                    }
+                    let Some(slot) = pending.take(peer.ip()) else {
+                        shared.metrics.connections_refused.inc();
+                        debug!(%peer, "connection refused: too many handshakes in progress");
                         drop(tcp);
                         continue;
                     };
                     let shared = shared.clone();
                     let stop = stop_conns.clone();
                     let cut = cut_conns.clone();
+                    let limit = limit.clone();
                     tracker.spawn(
                         async move {
                             tokio::select! {
-                                () = serve_peer(&shared, tcp, peer, stop) => {}
+                                () = serve_peer(&shared, tcp, peer, stop, Admit::After(slot, limit)) => {}
                                 () = cut.cancelled() => {
                                     debug!("connection cut at the end of the grace period");
                                 }
                             }
-                            drop(permit);
                         }
                         .instrument(info_span!("peer", %peer)),
                     );
@@ -391,7 +413,13 @@ impl Agent {
 
 /// Runs one peer connection: handshake, then frames until the peer leaves, errs, idles out,
 /// or the agent shuts down.
-async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+async fn serve_peer(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+    admit: Admit,
+) {
     let m = &shared.metrics;
     m.connections_active.inc();
     // Decrements on every exit, including cancellation when the grace period runs out.
@@ -403,7 +431,15 @@ async fn serve_peer(shared: &Shared, tcp: TcpStream, peer: SocketAddr, stop: Can
     }
     let io = Metered::new(tcp, m.bytes_received.clone(), m.bytes_sent.clone());
     let handshake = dwcp_transport::accept(&shared.endpoint, io, peer);
-    handshake_then_serve(shared, handshake, &stop).await;
+    handshake_then_serve(shared, handshake, &stop, admit).await;
+}
+
+/// How a connection holds its place among `agent.max_connections`.
+enum Admit {
+    /// Already (a QUIC stream, of a connection authenticated before).
+    Held(tokio::sync::OwnedSemaphorePermit),
+    /// Once its handshake is done, if a slot is free; until then, among the pending ones.
+    After(PendingSlot, Arc<Semaphore>),
 }
 
 /// Counts a connection's (or QUIC stream's) DWCP handshake, then serves its frames; stops
@@ -412,6 +448,7 @@ async fn handshake_then_serve<T>(
     shared: &Shared,
     handshake: impl Future<Output = Result<Framed<T>, ConnError>>,
     stop: &CancellationToken,
+    admit: Admit,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -427,6 +464,20 @@ async fn handshake_then_serve<T>(
             warn!(reason = e.reason(), "handshake failed: {e}");
         }
         Some(Ok(conn)) => {
+            let _permit = match admit {
+                Admit::Held(p) => p,
+                Admit::After(slot, limit) => {
+                    drop(slot);
+                    let Ok(p) = limit.try_acquire_owned() else {
+                        m.connections_refused.inc();
+                        warn!(peer_node = %conn.established().peer_node_id, "connection refused after its handshake: limit reached");
+                        conn.close(ErrorCode::OVERLOADED, "connection limit reached")
+                            .await;
+                        return;
+                    };
+                    p
+                }
+            };
             let est = conn.established();
             let version = est.version.to_string();
             m.handshake("ok", "", &version);
@@ -448,6 +499,7 @@ async fn handshake_then_serve<T>(
 async fn serve_quic(
     shared: Arc<Shared>,
     incoming: quic::Incoming,
+    slot: PendingSlot,
     tracker: TaskTracker,
     limit: Arc<Semaphore>,
     stop: CancellationToken,
@@ -458,6 +510,8 @@ async fn serve_quic(
         () = stop.cancelled() => return,
         r = quic::accept_connection(&shared.endpoint, incoming) => r,
     };
+    // Authenticated (or not): no longer pending.
+    drop(slot);
     let conn = match accepted {
         Ok(c) => c,
         Err(e) => {
@@ -499,8 +553,7 @@ async fn serve_quic(
             });
             let io = Metered::new(io, m.bytes_received.clone(), m.bytes_sent.clone());
             let handshake = quic::accept_stream(&shared.endpoint, io, peer_id, addr);
-            handshake_then_serve(&shared, handshake, &stop).await;
-            drop(permit);
+            handshake_then_serve(&shared, handshake, &stop, Admit::Held(permit)).await;
         };
         let cut = cut.clone();
         // As TCP connections are: the grace period bounds every stream.
@@ -513,6 +566,79 @@ async fn serve_quic(
             }
             .instrument(info_span!("stream")),
         );
+    }
+}
+
+/// Connections still in their TLS and DWCP handshakes, at most (TCP, and QUIC connections
+/// before their first stream): clients not yet authenticated share these, and take none of
+/// the `agent.max_connections` slots, which only authenticated peers hold. A client that
+/// connects and sends nothing is dropped at the handshake timeout.
+const MAX_HANDSHAKES: usize = 64;
+/// Of those, from one address at most: one host cannot take them all.
+const MAX_HANDSHAKES_PER_IP: usize = 16;
+
+/// The handshakes in progress (see [`MAX_HANDSHAKES`]).
+#[derive(Debug)]
+struct Pending {
+    all: Arc<Semaphore>,
+    per_ip: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One handshake's place among the pending ones, given back when dropped.
+#[derive(Debug)]
+struct PendingSlot {
+    pending: Arc<Pending>,
+    ip: IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            all: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            per_ip: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for a handshake from `ip`, if one is free.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PendingSlot> {
+        let mut per_ip = self
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        let permit = self.all.clone().try_acquire_owned().ok()?;
+        *n += 1;
+        Some(PendingSlot {
+            pending: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+
+    /// Whether most places are taken (QUIC then checks a client's address before its
+    /// handshake).
+    fn crowded(&self) -> bool {
+        self.all.available_permits() < MAX_HANDSHAKES / 2
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self
+            .pending
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -452,6 +452,39 @@ async fn t51_connection_limit() {
     agent.stop().await.unwrap();
 }
 
+/// Clients that connect and never authenticate take none of the connection slots: a peer
+/// still gets in while they wait. One address may hold 16 handshakes at most.
+#[tokio::test]
+async fn t53_unauthenticated_clients_take_no_connection_slot() {
+    use tokio::io::AsyncReadExt;
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| c.agent.max_connections = 2).await;
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(TcpStream::connect(agent.addr).await.unwrap());
+    }
+    let ep = endpoint(&cluster, "client", |_| {});
+    let mut peer = connect(&ep, agent.addr).await.unwrap();
+    peer.ping(1, PING_TIMEOUT).await.unwrap();
+    // Up to this address's share; the next is closed at once.
+    for _ in 10..16 {
+        idle.push(TcpStream::connect(agent.addr).await.unwrap());
+    }
+    // (Accepted in order: the ones before it are counted by now.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = TcpStream::connect(agent.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(2), over.read(&mut b))
+        .await
+        .expect("the 17th handshake from one address was not refused")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    peer.ping(2, PING_TIMEOUT).await.unwrap();
+    drop(idle);
+    peer.close(ErrorCode::NO_ERROR, "").await;
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn t60_shutdown_sends_goaway_and_returns() {
     let cluster = TestCluster::new();
