@@ -314,7 +314,12 @@ pub async fn migrate(
                 };
                 r.unwrap_or_else(|| on_cancel(&mut kept, &mut spare))
             }
-            Action::SendRound { round, .. } => {
+            Action::SendRound { round, full } => {
+                // Every page, whatever an earlier attempt (or anyone) took of the dirty set:
+                // the target is new.
+                if full {
+                    vm.mark_all_dirty();
+                }
                 let r = send_round(
                     vm, dest, spec, &mut state, round, false, &mut kept, &mut spare,
                 );

@@ -180,6 +180,19 @@ impl MemoryVm {
         out
     }
 
+    /// Marks every page dirty: the next [`take_dirty`](Self::take_dirty) takes them all (a
+    /// migration's first round, whatever was taken before: an earlier attempt's rounds).
+    pub fn mark_all_dirty(&self) {
+        let pages = self.inner.pages;
+        let mut m = lock(&self.inner.mem);
+        m.dirty.fill(u64::MAX);
+        if !pages.is_multiple_of(64)
+            && let Some(last) = m.dirty.last_mut()
+        {
+            *last = (1u64 << (pages % 64)) - 1;
+        }
+    }
+
     /// How many pages are dirty now.
     pub fn dirty_count(&self) -> u64 {
         lock(&self.inner.mem)

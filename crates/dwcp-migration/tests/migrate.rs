@@ -42,6 +42,29 @@ fn published(cluster: &TestCluster, name: &str) -> Vec<u64> {
     img.chunks_exact(4096).map(dwcp_encoding::fast64).collect()
 }
 
+/// A migration's first round sends every page, whatever was taken of the VM's dirty set
+/// before (an earlier attempt's rounds that rolled back, in the same process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_attempt_sends_every_page_again() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "dest", |_| {}).await;
+    let ep = endpoint(&cluster, "src", |_| {});
+    let v = vm(16, 2000.0);
+    // What an earlier attempt's rounds took.
+    assert_eq!(v.take_dirty().len() as u64, v.pages());
+    let r = migrate(
+        &v,
+        to(&ep, &agent),
+        &MigrationSpec::new("again.mem"),
+        &mut |_| {},
+    )
+    .await;
+    assert!(r.migrated, "{r:?}");
+    assert_eq!(r.bit_exact, Some(true), "{r:?}");
+    assert_eq!(published(&cluster, "again.mem"), v.page_hashes());
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_vm_arrives_bit_exact_and_a_second_migration_is_warm() {
     let cluster = TestCluster::new();
