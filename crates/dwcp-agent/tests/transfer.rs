@@ -460,6 +460,59 @@ async fn t29_a_file_held_by_an_earlier_session_is_sent_once_that_session_goes() 
     agent.stop().await.unwrap();
 }
 
+/// The same part of a migration round begun on a new session while an earlier one (its
+/// connections dead unnoticed) holds it: busy, then taken once that session is gone.
+#[tokio::test]
+async fn t29b_a_round_part_held_by_an_earlier_session_is_busy_until_it_goes() {
+    use dwcp_wire::data::{self, ObjectBegin, ObjectDone};
+    use dwcp_wire::{ErrorCode, FrameType, msg};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let begin = ObjectBegin {
+        object: 1,
+        name: "vm.mem".into(),
+        size: 1000,
+        version_tag: "migration t29b round 0 part 0".into(),
+        encoding: data::ENCODING_HDE_PAGES_INPLACE,
+        raw_size: 16 * 4096,
+        ..ObjectBegin::default()
+    };
+    let mut old = raw_session(&cluster, &agent, 41).await;
+    old.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    next(&mut old, FrameType::OBJECT_STATE).await;
+    let mut new = raw_session(&cluster, &agent, 42).await;
+    new.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    let d: ObjectDone = msg::decode(&next(&mut new, FrameType::OBJECT_DONE).await).unwrap();
+    assert_eq!(ErrorCode(d.code), ErrorCode::BUSY, "{}", d.reason);
+    // The earlier session goes; the part is taken (asked again until then).
+    drop(old);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut id = 2;
+    loop {
+        let b = ObjectBegin {
+            object: id,
+            ..begin.clone()
+        };
+        new.send(&msg::encode(FrameType::OBJECT_BEGIN, &b))
+            .await
+            .unwrap();
+        let f = next_of(&mut new, &[FrameType::OBJECT_STATE, FrameType::OBJECT_DONE]).await;
+        if f.ty == FrameType::OBJECT_STATE {
+            break;
+        }
+        let d: ObjectDone = msg::decode(&f).unwrap();
+        assert_eq!(ErrorCode(d.code), ErrorCode::BUSY, "{}", d.reason);
+        assert!(std::time::Instant::now() < deadline, "still busy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        id += 1;
+    }
+    agent.stop().await.unwrap();
+}
+
 /// An open object begun again as another (name or size) is a broken sender: the stream is
 /// closed with `PROTOCOL_ERROR`, not answered with a refusal that would count the open
 /// object as failed.

@@ -1511,21 +1511,24 @@ impl Receiver {
                     b.name
                 )));
             }
-            if (round && active.contains(&path)) || !active.insert(claim.clone()) {
+            // A round's target being committed or aborted.
+            let settling = round && active.contains(&path);
+            if settling || !active.insert(claim.clone()) {
                 let reason = format!(
                     "another transfer of {:?} into {} is in progress",
                     b.name,
                     dir.display()
                 );
                 drop(active);
-                // The same content (name, size and tag) held by another session: most likely
-                // this sender's own earlier one, whose streams died without this side
-                // noticing yet. It lets go within the idle timeout, and the sender tries
-                // again meanwhile. Other content is another transfer, and a round's
-                // migration decides: refused.
+                // The same content (name, size and tag; for a round, the same part of the
+                // same round) held by another session: most likely this sender's own earlier
+                // one, whose streams died without this side noticing yet. It lets go when
+                // their connections end, and the sender tries again meanwhile. Other content
+                // is another transfer, and a target being settled is its migration's end:
+                // refused.
                 let tag = msg::printable(&b.version_tag, 200);
                 // (A holder that let go meanwhile: the sender's next try finds the way free.)
-                let busy = !round
+                let busy = !settling
                     && (self.held_as(&claim, &tag, b.size) || !lock(&self.active).contains(&claim));
                 return Err(if busy {
                     Refusal {
@@ -3082,10 +3085,10 @@ mod tests {
                 .count()
         };
         assert_eq!(rounds(), 2);
-        // The same round twice is refused.
+        // The same round twice is refused. (Not as busy: the object that holds it is not
+        // one of a session this receiver serves; see `t29` in the agent's tests for that.)
         let e = rx.begin(&peer, &session, &begin(3, 1)).unwrap_err();
         assert!(e.reason.contains("in progress"), "{e:?}");
-        // A round's migration decides: not asked to try again.
         assert_eq!(e.code, ErrorCode::STORAGE_ERROR);
         let op = |op: u32| Migration {
             object: 9,

@@ -1461,8 +1461,10 @@ pub async fn send_files_kept(
                     // connections end, within its idle timeout. Asked again meanwhile, for the
                     // retry period, at least as long as that (unless told not to retry).
                     let since = *busy_since.get_or_insert_with(Instant::now);
-                    let patience = if opts.retry_for.is_zero() {
-                        Duration::ZERO
+                    // A migration's parts (`fresh`) wait no longer than its retry period: its
+                    // guest may be paused meanwhile.
+                    let patience = if opts.retry_for.is_zero() || opts.fresh {
+                        opts.retry_for
                     } else {
                         opts.retry_for.max(BUSY_PATIENCE)
                     };
