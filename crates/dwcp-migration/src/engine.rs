@@ -279,8 +279,9 @@ pub async fn migrate(
     let mut at_destination = false;
     // A cancellation dropped a round on its way (see the second abort below).
     let mut cancelled_mid_round = false;
-    // Bounded: the orchestrator ends within max_rounds plus a fixed number of phases.
-    for _ in 0..(spec.config.max_rounds as usize + 64) {
+    // Bounded: the orchestrator ends within max_rounds, a round per throttle step, and a
+    // fixed number of phases.
+    for _ in 0..(spec.config.max_rounds as usize + spec.config.throttle_steps.len() + 64) {
         progress(&Progress {
             phase: format!("{:?}", orch.phase()),
             round: orch.rounds().len() as u32,

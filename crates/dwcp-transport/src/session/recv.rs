@@ -1757,8 +1757,9 @@ impl Receiver {
         let final_path = path.clone();
         let published_at = path.clone();
         let started = Instant::now();
-        // A migration round need not survive a crash (the migration rolls back; the commit
-        // syncs the target): no fsync on its path.
+        // A migration round need not survive a crash (the migration rolls back), and the
+        // commit, a rename on the guest's pause path, does not sync the target either: a VM's
+        // memory does not outlive its host's crash (see `settle`). No fsync on its path.
         let round = delta
             .as_ref()
             .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
