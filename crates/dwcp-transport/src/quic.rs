@@ -161,9 +161,10 @@ fn connect_error(addr: SocketAddr, timeout: Duration, e: ConnectionError) -> Con
         },
         // The peer closed with a certificate alert: it refused ours.
         ConnectionError::ConnectionClosed(c) if alert(c.error_code).is_some_and(is_cert) => {
+            // The peer's words, unauthenticated: printable only (no line breaks in logs).
             ConnError::CertificateRefused(format!(
                 "the peer refused our certificate: {}",
-                String::from_utf8_lossy(&c.reason)
+                dwcp_wire::msg::printable(&String::from_utf8_lossy(&c.reason), 200)
             ))
         }
         // Our side failed the handshake with a certificate alert: we refused the peer's.
@@ -179,11 +180,11 @@ fn connect_error(addr: SocketAddr, timeout: Duration, e: ConnectionError) -> Con
         },
         ConnectionError::ConnectionClosed(c) => ConnError::Tls {
             stage: Stage::Tls,
-            detail: c.to_string(),
+            detail: dwcp_wire::msg::printable(&c.to_string(), 300),
         },
         other => ConnError::Connect {
             addr,
-            source: io::Error::other(other.to_string()),
+            source: io::Error::other(dwcp_wire::msg::printable(&other.to_string(), 300)),
         },
     }
 }
@@ -403,4 +404,36 @@ pub async fn accept_stream<T: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Framed<T>, ConnError> {
     let hs = Handshake::server(endpoint.local_params(), peer, Instant::now());
     bounded(endpoint, Framed::finish(io, hs, peer_addr)).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// What a peer says when it closes a handshake reaches the logs without its line breaks
+    /// (no forged log lines from an unauthenticated client).
+    #[test]
+    fn a_peers_close_reason_is_made_printable() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // A certificate alert (bad_certificate, 42), and another error.
+        for code in [
+            quinn::TransportErrorCode::crypto(42),
+            quinn::TransportErrorCode::PROTOCOL_VIOLATION,
+        ] {
+            let close = quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: bytes::Bytes::from_static(b"bye\nINFO peer connected peer_node=x"),
+            };
+            let e = connect_error(
+                addr,
+                Duration::from_secs(1),
+                ConnectionError::ConnectionClosed(close),
+            );
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text:?}");
+            assert!(text.contains("bye?INFO"), "{text:?}");
+        }
+    }
 }
