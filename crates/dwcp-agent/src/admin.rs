@@ -2,8 +2,11 @@
 //! loaded and valid, not shutting down) and `/metrics` (Prometheus).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -11,7 +14,9 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::Shared;
 
@@ -28,9 +33,116 @@ pub(crate) async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(shared);
+    let listener = Bounded {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        lifetime: ADMIN_CONNECTION_LIFETIME,
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Admin connections open at once, at most: more wait to be accepted (in the kernel's
+/// backlog, holding no descriptor of ours).
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// How long an admin connection may stay open: a scrape takes milliseconds, and a client that
+/// sends its request a byte at a time (or keeps a connection for later) must not hold a
+/// place for good. A scraper keeping its connection alive reconnects.
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The admin listener, bounded in connections and in how long each lasts.
+struct Bounded {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    lifetime: Duration,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = BoundedIo;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // Only fails once closed, which this one never is.
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    let io = BoundedIo {
+                        io,
+                        _permit: permit,
+                        ends: Box::pin(tokio::time::sleep(self.lifetime)),
+                    };
+                    return (io, addr);
+                }
+                Err(e) => {
+                    // E.g. out of descriptors: not the end of the listener.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An admin connection: its place among [`MAX_ADMIN_CONNECTIONS`], and its end.
+struct BoundedIo {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    ends: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl BoundedIo {
+    /// An error once the connection has lived its time (the server then closes it).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        self.ends.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "admin connection open for too long",
+            )
+        })
+    }
+}
+
+impl AsyncRead for BoundedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoundedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
@@ -63,5 +175,45 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     match shared.metrics.render() {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::AsyncReadExt;
+
+    /// An admin connection holds its place until it ends, and ends after its lifetime even
+    /// when its client sends nothing.
+    #[tokio::test]
+    async fn admin_connections_are_bounded_in_number_and_time() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let mut l = Bounded {
+            inner,
+            slots: Arc::new(Semaphore::new(1)),
+            lifetime: Duration::from_millis(300),
+        };
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let (mut first, _) = l.accept().await;
+        // The second waits for the first's place.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), l.accept())
+                .await
+                .is_err()
+        );
+        let mut buf = [0u8; 8];
+        let e = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), l.accept())
+            .await
+            .unwrap();
     }
 }
