@@ -49,19 +49,33 @@ async fn raw_session(
     agent: &RunningAgent,
     id: u8,
 ) -> dwcp_transport::Connection<tokio::net::TcpStream> {
+    raw_streams(cluster, agent, id, 1).await.remove(0)
+}
+
+/// `n` connections joined as the streams of session `id` (the bytes of its id), in order.
+async fn raw_streams(
+    cluster: &TestCluster,
+    agent: &RunningAgent,
+    id: u8,
+    n: u32,
+) -> Vec<dwcp_transport::Connection<tokio::net::TcpStream>> {
     use dwcp_wire::{FrameType, data::SessionJoin, msg};
     let ep = endpoint(cluster, "client", |_| {});
-    let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
-        .await
-        .unwrap();
-    let join = SessionJoin {
-        session_id: vec![id; 16],
-        stream_index: 0,
-    };
-    c.send(&msg::encode(FrameType::SESSION, &join))
-        .await
-        .unwrap();
-    c
+    let mut streams = Vec::new();
+    for stream_index in 0..n {
+        let mut c = dwcp_transport::connect_to(&ep, agent.addr, None)
+            .await
+            .unwrap();
+        let join = SessionJoin {
+            session_id: vec![id; 16],
+            stream_index,
+        };
+        c.send(&msg::encode(FrameType::SESSION, &join))
+            .await
+            .unwrap();
+        streams.push(c);
+    }
+    streams
 }
 
 /// The agent's metrics once `dwcp_objects_received_total` for the client with `result` is
@@ -361,25 +375,11 @@ async fn t22_a_chunk_resent_below_the_acknowledged_prefix_is_not_written_again()
 /// the object's end again on another stream of the session, and is answered there.
 #[tokio::test]
 async fn t28_an_end_sent_again_after_the_verdict_gets_the_verdict_again() {
-    use dwcp_wire::data::{self, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
+    use dwcp_wire::data::{self, ObjectBegin, ObjectDone, ObjectEnd};
     use dwcp_wire::{FrameType, msg};
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let ep = endpoint(&cluster, "client", |_| {});
-    let mut c = Vec::new();
-    for stream_index in 0..2 {
-        let mut conn = dwcp_transport::connect_to(&ep, agent.addr, None)
-            .await
-            .unwrap();
-        let join = SessionJoin {
-            session_id: vec![11; 16],
-            stream_index,
-        };
-        conn.send(&msg::encode(FrameType::SESSION, &join))
-            .await
-            .unwrap();
-        c.push(conn);
-    }
+    let mut c = raw_streams(&cluster, &agent, 11, 2).await;
     let content: Vec<u8> = (0..300_000).map(|i| (i % 241) as u8).collect();
     let begin = ObjectBegin {
         object: 1,
@@ -652,25 +652,11 @@ async fn t25_an_urgent_object_goes_twice_over_different_streams_and_arrives_once
 /// hole, and sends its verdict on every stream of the session.
 #[tokio::test]
 async fn t26_an_urgent_objects_receiver_lists_what_it_holds_and_answers_on_every_stream() {
-    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd, SessionJoin};
+    use dwcp_wire::data::{self, Ack, ObjectBegin, ObjectDone, ObjectEnd};
     use dwcp_wire::{FrameType, msg};
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
-    let ep = endpoint(&cluster, "client", |_| {});
-    let mut c = Vec::new();
-    for stream_index in 0..2 {
-        let mut conn = dwcp_transport::connect_to(&ep, agent.addr, None)
-            .await
-            .unwrap();
-        let join = SessionJoin {
-            session_id: vec![9; 16],
-            stream_index,
-        };
-        conn.send(&msg::encode(FrameType::SESSION, &join))
-            .await
-            .unwrap();
-        c.push(conn);
-    }
+    let mut c = raw_streams(&cluster, &agent, 9, 2).await;
     const CHUNK: usize = 16 * 1024;
     let content: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 253) as u8).collect();
     let chunk =
