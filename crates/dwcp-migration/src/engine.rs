@@ -279,6 +279,10 @@ pub async fn migrate(
     let mut at_destination = false;
     // A cancellation dropped a round on its way (see the second abort below).
     let mut cancelled_mid_round = false;
+    // A round failed, its parts' sessions dropped, and the rollback's abort got through (the
+    // link is up): a begin written just before may arrive after it, as after a cancellation.
+    let mut failed_mid_round = false;
+    let mut round_failed = false;
     // Bounded: the orchestrator ends within max_rounds, a round per throttle step, and a
     // fixed number of phases.
     for _ in 0..(spec.config.max_rounds as usize + spec.config.throttle_steps.len() + 64) {
@@ -343,7 +347,10 @@ pub async fn migrate(
                             .push(round_report(round, &stats, orch.throttle()));
                         Event::RoundSent(stats)
                     }
-                    Some(Err(e)) => Event::Failed(e),
+                    Some(Err(e)) => {
+                        round_failed = true;
+                        Event::Failed(e)
+                    }
                 }
             }
             Action::Throttle { percent } => {
@@ -379,7 +386,10 @@ pub async fn migrate(
                             .push(round_report(round, &stats, orch.throttle()));
                         Event::FinalSent(stats)
                     }
-                    Err(e) => Event::Failed(e),
+                    Err(e) => {
+                        round_failed = true;
+                        Event::Failed(e)
+                    }
                 }
             }
             Action::StartPostCopy => {
@@ -568,7 +578,10 @@ pub async fn migrate(
                     }
                 };
                 match aborted {
-                    Ok(()) => Event::RolledBack,
+                    Ok(()) => {
+                        failed_mid_round = round_failed;
+                        Event::RolledBack
+                    }
                     Err(e) => Event::Failed(format!("cannot clean the destination: {e}")),
                 }
             }
@@ -577,7 +590,7 @@ pub async fn migrate(
         prior = orch.phase().clone();
         action = orch.handle(event);
     }
-    if cancelled_mid_round && !at_destination {
+    if (cancelled_mid_round || failed_mid_round) && !at_destination {
         // A begin written on a dropped session may still reach the destination after the
         // rollback's abort, and make a target there again: a second abort clears it (one
         // that finds nothing is harmless).
