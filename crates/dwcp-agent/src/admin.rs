@@ -37,6 +37,7 @@ pub(crate) async fn serve(
         inner: listener,
         slots: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
         lifetime: ADMIN_CONNECTION_LIFETIME,
+        idle: ADMIN_IDLE,
     };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -50,12 +51,16 @@ const MAX_ADMIN_CONNECTIONS: usize = 32;
 /// sends its request a byte at a time (or keeps a connection for later) must not hold a
 /// place for good. A scraper keeping its connection alive reconnects.
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How long an admin connection may go without a byte from its client: a scraper between
+/// scrapes reconnects, and 32 silent clients hold no place for long.
+const ADMIN_IDLE: Duration = Duration::from_secs(10);
 
 /// The admin listener, bounded in connections and in how long each lasts.
 struct Bounded {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     lifetime: Duration,
+    idle: Duration,
 }
 
 impl axum::serve::Listener for Bounded {
@@ -75,6 +80,8 @@ impl axum::serve::Listener for Bounded {
                         io,
                         _permit: permit,
                         ends: Box::pin(tokio::time::sleep(self.lifetime)),
+                        idle: self.idle,
+                        quiet: Box::pin(tokio::time::sleep(self.idle)),
                     };
                     return (io, addr);
                 }
@@ -97,15 +104,24 @@ struct BoundedIo {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
     ends: Pin<Box<tokio::time::Sleep>>,
+    /// How long it may go without a byte read, and when that runs out.
+    idle: Duration,
+    quiet: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl BoundedIo {
     /// An error once the connection has lived its time (the server then closes it).
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
-        self.ends.as_mut().poll(cx).is_ready().then(|| {
+        let over = self.ends.as_mut().poll(cx).is_ready();
+        let quiet = self.quiet.as_mut().poll(cx).is_ready();
+        (over || quiet).then(|| {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "admin connection open for too long",
+                if over {
+                    "admin connection open for too long"
+                } else {
+                    "admin connection idle for too long"
+                },
             )
         })
     }
@@ -120,7 +136,13 @@ impl AsyncRead for BoundedIo {
         if let Some(e) = self.expired(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let next = tokio::time::Instant::now() + self.idle;
+            self.quiet.as_mut().reset(next);
+        }
+        r
     }
 }
 
@@ -195,6 +217,7 @@ mod tests {
             inner,
             slots: Arc::new(Semaphore::new(1)),
             lifetime: Duration::from_millis(300),
+            idle: Duration::from_secs(60),
         };
         let _a = TcpStream::connect(addr).await.unwrap();
         let _b = TcpStream::connect(addr).await.unwrap();
@@ -215,5 +238,38 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), l.accept())
             .await
             .unwrap();
+    }
+
+    /// A client that keeps sending stays within its lifetime; one that stops is closed once
+    /// it has been quiet for the idle limit.
+    #[tokio::test]
+    async fn a_quiet_admin_connection_is_closed() {
+        use tokio::io::AsyncWriteExt;
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let mut l = Bounded {
+            inner,
+            slots: Arc::new(Semaphore::new(1)),
+            lifetime: Duration::from_secs(60),
+            idle: Duration::from_millis(400),
+        };
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = l.accept().await;
+        let mut buf = [0u8; 8];
+        // A byte every 100 ms for a second: more than twice the idle limit, never quiet.
+        for _ in 0..10 {
+            client.write_all(b"x").await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(n, 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let e = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("idle"), "{e}");
     }
 }

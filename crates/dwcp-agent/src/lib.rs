@@ -300,7 +300,10 @@ impl Agent {
                     }
                     // Under a crowd of handshakes, a client proves its address first (one
                     // more round trip): spoofed sources then cost no handshake.
-                    if pending.crowded() && !incoming.remote_address_validated() && incoming.may_retry() {
+                    if !incoming.remote_address_validated()
+                        && incoming.may_retry()
+                        && pending.wants_proof(incoming.remote_address().ip())
+                    {
                         let _ = incoming.retry();
                         continue;
                     }
@@ -570,8 +573,8 @@ async fn serve_quic(
 }
 
 /// Connections still in their TLS and DWCP handshakes, at most (TCP, and QUIC connections
-/// before their first stream): clients not yet authenticated share these, and take none of
-/// the `agent.max_connections` slots, which only authenticated peers hold. A client that
+/// in their TLS handshake): clients not yet authenticated share these, and take none of the
+/// `agent.max_connections` slots, which only authenticated peers hold. A client that
 /// connects and sends nothing is dropped at the handshake timeout.
 const MAX_HANDSHAKES: usize = 64;
 /// Of those, from one address at most: one host cannot take them all.
@@ -606,12 +609,12 @@ impl Pending {
             .per_ip
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= MAX_HANDSHAKES_PER_IP {
+        if per_ip.get(&ip).is_some_and(|&n| n >= MAX_HANDSHAKES_PER_IP) {
             return None;
         }
+        // First: an address refused for want of places leaves nothing behind.
         let permit = self.all.clone().try_acquire_owned().ok()?;
-        *n += 1;
+        *per_ip.entry(ip).or_insert(0) += 1;
         Some(PendingSlot {
             pending: self.clone(),
             ip,
@@ -619,10 +622,16 @@ impl Pending {
         })
     }
 
-    /// Whether most places are taken (QUIC then checks a client's address before its
-    /// handshake).
-    fn crowded(&self) -> bool {
+    /// Whether a QUIC client from `ip` should prove its address before its handshake: when
+    /// most places are taken, or when that address holds one already (a forged source
+    /// could otherwise take a peer's places without ever answering).
+    fn wants_proof(&self, ip: IpAddr) -> bool {
         self.all.available_permits() < MAX_HANDSHAKES / 2
+            || self
+                .per_ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains_key(&ip)
     }
 }
 
@@ -750,5 +759,40 @@ where
                 return Err(err.into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n))
+    }
+
+    #[test]
+    fn handshake_places_are_shared_and_bounded_per_address() {
+        let p = Pending::new();
+        // One address gets its share, no more.
+        let mine: Vec<_> = (0..MAX_HANDSHAKES_PER_IP)
+            .map(|_| p.take(ip(1)).unwrap())
+            .collect();
+        assert!(p.take(ip(1)).is_none());
+        // A QUIC client from an address that holds places proves its address first.
+        assert!(p.wants_proof(ip(1)));
+        assert!(!p.wants_proof(ip(2)));
+        // The rest go to others, until none is left.
+        let others: Vec<_> = (0..MAX_HANDSHAKES - MAX_HANDSHAKES_PER_IP)
+            .map(|i| p.take(ip(100 + i as u32)).unwrap())
+            .collect();
+        assert!(p.take(ip(9999)).is_none());
+        // A refused address leaves nothing behind.
+        assert!(!p.per_ip.lock().unwrap().contains_key(&ip(9999)));
+        assert!(p.wants_proof(ip(2)), "crowded");
+        drop(others);
+        drop(mine);
+        assert!(p.per_ip.lock().unwrap().is_empty());
+        assert_eq!(p.all.available_permits(), MAX_HANDSHAKES);
     }
 }

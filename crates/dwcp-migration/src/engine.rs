@@ -595,8 +595,9 @@ pub async fn migrate(
         // rollback's abort, and make a target there again: a second abort clears it (one
         // that finds nothing is harmless).
         tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Err(e) = abort(dest, spec, &mut kept).await {
-            debug!("the second abort after the cancellation: {e}");
+        // One short try: the link may have gone again, and the rollback is done.
+        if let Err(e) = abort_within(dest, spec, &mut kept, ABORT_TRY).await {
+            debug!("the second abort after the rollback: {e}");
         }
     }
     if let Some(s) = spare.take() {

@@ -1494,6 +1494,7 @@ pub async fn send_files_kept(
                         src.name
                     );
                     restarted.push(next_file);
+                    busy_since = None;
                 }
                 Err(ObjectFailure::Fatal(SendError::Refused { code, reason, .. }))
                     if code == ErrorCode::DELTA_UNRESOLVED
@@ -1509,12 +1510,16 @@ pub async fn send_files_kept(
                     );
                     encoded.remove(&next_file);
                     cold.push(next_file);
+                    busy_since = None;
                 }
                 Err(ObjectFailure::Fatal(e)) => {
                     session.close(e.close_code(), &e.to_string()).await;
                     return Err(e);
                 }
                 Err(ObjectFailure::SessionLost(why)) => {
+                    // The begin got through, or this is another interruption: a receiver
+                    // busy with the file later is asked for as long again.
+                    busy_since = None;
                     warn!("session lost during {:?}: {why}; reconnecting", src.name);
                     report.reconnects += 1;
                     report.link.tcp = session.tcp.reported();
