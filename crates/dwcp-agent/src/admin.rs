@@ -207,18 +207,24 @@ mod tests {
     use axum::serve::Listener;
     use tokio::io::AsyncReadExt;
 
+    /// A listener on loopback for one connection at a time, with these limits.
+    async fn bounded(lifetime: Duration, idle: Duration) -> (Bounded, std::net::SocketAddr) {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let l = Bounded {
+            inner,
+            slots: Arc::new(Semaphore::new(1)),
+            lifetime,
+            idle,
+        };
+        (l, addr)
+    }
+
     /// An admin connection holds its place until it ends, and ends after its lifetime even
     /// when its client sends nothing.
     #[tokio::test]
     async fn admin_connections_are_bounded_in_number_and_time() {
-        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = inner.local_addr().unwrap();
-        let mut l = Bounded {
-            inner,
-            slots: Arc::new(Semaphore::new(1)),
-            lifetime: Duration::from_millis(300),
-            idle: Duration::from_secs(60),
-        };
+        let (mut l, addr) = bounded(Duration::from_millis(300), Duration::from_secs(60)).await;
         let _a = TcpStream::connect(addr).await.unwrap();
         let _b = TcpStream::connect(addr).await.unwrap();
         let (mut first, _) = l.accept().await;
@@ -245,14 +251,7 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_admin_connection_is_closed() {
         use tokio::io::AsyncWriteExt;
-        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = inner.local_addr().unwrap();
-        let mut l = Bounded {
-            inner,
-            slots: Arc::new(Semaphore::new(1)),
-            lifetime: Duration::from_secs(60),
-            idle: Duration::from_millis(400),
-        };
+        let (mut l, addr) = bounded(Duration::from_secs(60), Duration::from_millis(400)).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (mut server, _) = l.accept().await;
         let mut buf = [0u8; 8];

@@ -570,7 +570,7 @@ impl Config {
             );
         }
         let mr = self.migration.rate_limit_bytes_per_sec;
-        if mr != 0 && !(65_536..=10_000_000_000_000).contains(&mr) {
+        if mr != 0 && !(MIN_RATE_LIMIT..=10_000_000_000_000).contains(&mr) {
             bad(
                 "migration.rate_limit_bytes_per_sec",
                 mr.to_string(),
@@ -697,6 +697,10 @@ fn range(bad: &mut impl FnMut(&str, String, String), field: &str, v: u32, lo: u3
 }
 
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// The smallest cap on a rate (bytes/s) taken, here and on the command line: below it a
+/// 256 KiB chunk takes seconds, and a typo would look like a hang.
+pub const MIN_RATE_LIMIT: u64 = 65_536;
 
 /// Whether `s` is a log level or a list of directives (`info,dwcp_agent=debug`): what
 /// `log.level` and `--log-level` take.
@@ -848,7 +852,8 @@ certs_dir = "/etc/dwcp/certs"
 listen = "0.0.0.0:7700"
 # Admin HTTP (/healthz, /readyz, /metrics). Keep it on loopback or a management network.
 admin_listen = "127.0.0.1:7701"
-# Peer connections served at once (1..=65536); more are closed at once, before TLS.
+# Authenticated peer connections served at once (1..=65536); more are closed at once,
+# before TLS. Clients still in their handshakes take none of these.
 max_connections = 1024
 # Seconds in-flight work gets to finish after SIGTERM or ctrl-c (0..=3600).
 shutdown_grace_secs = 10

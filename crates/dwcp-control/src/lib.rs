@@ -7,6 +7,6 @@ mod config;
 
 pub use config::{
     AgentConfig, CacheSettings, Config, ConfigError, DEFAULT_TOML, ENV_PREFIX, EncodingConfig,
-    FieldError, KNOWN_CODECS, LogConfig, NodeConfig, ProtocolConfig, Settings, TransportConfig,
-    check_log_level,
+    FieldError, KNOWN_CODECS, LogConfig, MIN_RATE_LIMIT, NodeConfig, ProtocolConfig, Settings,
+    TransportConfig, check_log_level,
 };

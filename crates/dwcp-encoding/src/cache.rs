@@ -280,15 +280,12 @@ impl BaselineCache {
         Ok(())
     }
 
-    /// Forgets what a pack that failed to load indexed.
+    /// Forgets what a pack that failed to load indexed (it is listed among the packs, and
+    /// counted, only once loaded whole).
     fn unload_pack(&mut self, id: u32) {
-        if let Some(p) = self.packs.remove(&id) {
-            self.stats.disk_bytes -= p.bytes;
-        }
         self.index
             .retain(|_, e| !matches!(e.loc, Loc::Pack { pack, .. } if pack == id));
         self.stats.entries = self.index.len() as u64;
-        self.update_old();
     }
 
     /// What the cache holds, as fast hashes: the summary a sender builds its

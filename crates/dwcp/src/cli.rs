@@ -348,15 +348,14 @@ pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 /// A cap on a rate, as [`parse_rate`], or 0 / `none` for no cap (over one a configuration
-/// sets). Below 64 KiB/s a cap is refused: one 256 KiB chunk would take seconds to minutes,
-/// and a typo such as `--rate-limit 100` would look like a hang.
+/// sets); at least [`dwcp_control::MIN_RATE_LIMIT`], as in the configuration.
 pub(crate) fn parse_cap(s: &str) -> Result<u64, String> {
     let t = s.trim();
     if t == "0" || t.eq_ignore_ascii_case("none") {
         return Ok(0);
     }
     let r = parse_rate(s)?;
-    if r < 65_536 {
+    if r < dwcp_control::MIN_RATE_LIMIT {
         return Err(format!(
             "{s:?} is below the smallest cap, 64 KiB/s (64Ki); 0 or none for no cap"
         ));

@@ -1660,21 +1660,28 @@ mod tests {
         assert!(e.contains("without post-copy"), "{e}");
     }
 
-    #[tokio::test]
-    async fn a_stream_left_without_blocks_or_finish_is_given_up_and_qemu_quits() {
-        let dir = tempfile::tempdir().unwrap();
-        let qemu = fake_qemu(dir.path(), "vm");
-        let mut feeds = Feeds::new(dir.path());
+    /// A stream of VM "vm" from "src" into a fake QEMU in `dir`, given up after 300 ms
+    /// without a block plus `wait` (its source's), opened and fed its first block.
+    async fn fed_once(
+        dir: &Path,
+        wait: Duration,
+    ) -> (Feeds, tokio::task::JoinHandle<(Vec<u8>, bool)>, NodeId) {
+        let qemu = fake_qemu(dir, "vm");
+        let mut feeds = Feeds::new(dir);
         feeds.idle_limit = Duration::from_millis(300);
         let peer = NodeId::new("src").unwrap();
-        feeds
-            .open(&peer, "vm", false, Duration::ZERO, &[])
-            .await
-            .unwrap();
+        feeds.open(&peer, "vm", false, wait, &[]).await.unwrap();
         feeds
             .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"), &[])
             .await
             .unwrap();
+        (feeds, qemu, peer)
+    }
+
+    #[tokio::test]
+    async fn a_stream_left_without_blocks_or_finish_is_given_up_and_qemu_quits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (feeds, qemu, peer) = fed_once(dir.path(), Duration::ZERO).await;
         // The source goes silent: within the limit and one re-check, QEMU is told to quit,
         // then its stream closes without the held-back last byte.
         let (got, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
@@ -1816,18 +1823,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_is_waited_for_as_long_as_its_source_keeps_dialling() {
         let dir = tempfile::tempdir().unwrap();
-        let qemu = fake_qemu(dir.path(), "vm");
-        let mut feeds = Feeds::new(dir.path());
-        feeds.idle_limit = Duration::from_millis(300);
-        let peer = NodeId::new("src").unwrap();
-        feeds
-            .open(&peer, "vm", false, Duration::from_secs(2), &[])
-            .await
-            .unwrap();
-        feeds
-            .push(&peer, "vm", 0, Bytes::from_static(b"QEVM and more"), &[])
-            .await
-            .unwrap();
+        let (_feeds, qemu, _peer) = fed_once(dir.path(), Duration::from_secs(2)).await;
         let silent = Instant::now();
         let (got, quit) = tokio::time::timeout(Duration::from_secs(10), qemu)
             .await

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dwcp_encoding::{BaselineCache, ContentSource, NoCache, PageStore, RemoteIndex};
+use dwcp_encoding::{BaselineCache, ContentSource, PageStore, RemoteIndex};
 use dwcp_wire::data::{
     self, Ack, BaseInfo, BaseQuery, Migration, ObjectBegin, ObjectDone, ObjectEnd, ObjectState,
     SessionJoin,
@@ -734,12 +734,8 @@ impl Receiver {
                                 reason,
                                 data: Vec::new(),
                             };
-                            let frame = msg::encode(FrameType::OBJECT_DONE, &done);
-                            lock(session).keep_verdict(h.object, frame.clone());
-                            if let Err(e) = self.send(&mut writer, &frame).await {
-                                let _ = lock(session).shout.send((conn.me, frame));
-                                return Err(e);
-                            }
+                            self.send_verdict(session, &mut writer, conn.me, &done, false)
+                                .await?;
                             continue;
                         }
                         Err(e) => {
@@ -1908,16 +1904,29 @@ impl Receiver {
                 }
             }
         };
-        let frame = msg::encode(FrameType::OBJECT_DONE, &done);
-        lock(session).keep_verdict(object, frame.clone());
+        self.send_verdict(session, writer, me, &done, urgent).await
+    }
+
+    /// Sends an object's verdict on this connection (`me`), kept for a sender that asks
+    /// again; an `urgent` one on every stream of the session at once.
+    async fn send_verdict<W: AsyncWrite + Unpin>(
+        &self,
+        session: &Mutex<RxSession>,
+        writer: &mut FrameWriter<W>,
+        me: u64,
+        done: &ObjectDone,
+        urgent: bool,
+    ) -> Result<(), ConnError> {
+        let frame = msg::encode(FrameType::OBJECT_DONE, done);
+        lock(session).keep_verdict(done.object, frame.clone());
         if urgent {
-            // On every stream: the sender waits on the first copy that gets through.
+            // The sender waits on the first copy that gets through.
             let _ = lock(session).shout.send((me, frame.clone()));
         }
         let r = self.send(writer, &frame).await;
         if r.is_err() && !urgent {
             // This stream died under the verdict (an end the sender sends again meanwhile
-            // found the object still being verified): the others carry it.
+            // may have found the object still being verified): the others carry it.
             let _ = lock(session).shout.send((me, frame));
         }
         r
@@ -2286,14 +2295,9 @@ impl Follower for RoundApply {
         if self.failed.is_some() {
             return;
         }
-        // Held for one step only: other sessions' objects use the cache too.
-        let mut guard = self.cache.as_deref().map(lock);
-        let mut none = NoCache;
-        let src: &mut dyn ContentSource = match guard.as_deref_mut() {
-            Some(c) => c,
-            None => &mut none,
-        };
-        if let Err(e) = self.sink.feed(bytes, src) {
+        // Other sessions' objects use the cache too.
+        let mut src = EachCall(self.cache.as_deref());
+        if let Err(e) = self.sink.feed(bytes, &mut src) {
             self.failed = Some(e);
         }
     }
@@ -2598,12 +2602,7 @@ fn decode_block(
     raw_len: u64,
     cache: Option<&Mutex<BaselineCache>>,
 ) -> Result<Bytes, (ErrorCode, String)> {
-    let mut guard = cache.map(lock);
-    let mut none = NoCache;
-    let src: &mut dyn ContentSource = match guard.as_deref_mut() {
-        Some(c) => c,
-        None => &mut none,
-    };
+    let mut src = EachCall(cache);
     let mut out = Vec::with_capacity(raw_len as usize);
     let mut dec = dwcp_encoding::stream::StreamDecoder::with_limit(raw_len);
     let bad = |e: dwcp_encoding::DecodeError| {
@@ -2613,7 +2612,7 @@ fn decode_block(
         )
     };
     if let dwcp_encoding::stream::Progress::Need { key, .. } =
-        dec.push(block, &mut out, src).map_err(bad)?
+        dec.push(block, &mut out, &mut src).map_err(bad)?
     {
         return Err((
             ErrorCode::DELTA_UNRESOLVED,

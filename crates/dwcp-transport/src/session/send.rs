@@ -1433,10 +1433,15 @@ pub async fn send_files_kept(
                 },
             )
             .await;
+            // Anything but a busy receiver (the begin got through, or another interruption):
+            // a receiver busy with the file later is asked for as long again.
+            if !matches!(&r, Err(ObjectFailure::Fatal(SendError::Refused { code, .. })) if *code == ErrorCode::BUSY)
+            {
+                busy_since = None;
+            }
             match r {
                 Ok((resumed_from, answer)) => {
                     failing_since = None;
-                    busy_since = None;
                     let delta = encoded.remove(&next_file).map(|e| {
                         let mut r = e.report;
                         r.cold_retry = cold.contains(&next_file);
@@ -1494,7 +1499,6 @@ pub async fn send_files_kept(
                         src.name
                     );
                     restarted.push(next_file);
-                    busy_since = None;
                 }
                 Err(ObjectFailure::Fatal(SendError::Refused { code, reason, .. }))
                     if code == ErrorCode::DELTA_UNRESOLVED
@@ -1510,16 +1514,12 @@ pub async fn send_files_kept(
                     );
                     encoded.remove(&next_file);
                     cold.push(next_file);
-                    busy_since = None;
                 }
                 Err(ObjectFailure::Fatal(e)) => {
                     session.close(e.close_code(), &e.to_string()).await;
                     return Err(e);
                 }
                 Err(ObjectFailure::SessionLost(why)) => {
-                    // The begin got through, or this is another interruption: a receiver
-                    // busy with the file later is asked for as long again.
-                    busy_since = None;
                     warn!("session lost during {:?}: {why}; reconnecting", src.name);
                     report.reconnects += 1;
                     report.link.tcp = session.tcp.reported();
