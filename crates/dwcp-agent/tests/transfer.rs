@@ -417,6 +417,121 @@ async fn t28_an_end_sent_again_after_the_verdict_gets_the_verdict_again() {
     agent.stop().await.unwrap();
 }
 
+/// The verdict of a stored file lost with its session: the object begun again on a new
+/// session is answered as held whole, and its end gets the verdict once the stored copy is
+/// checked; nothing is sent twice.
+#[tokio::test]
+async fn t28b_a_file_stored_before_its_session_broke_is_held_whole_on_the_next() {
+    use dwcp_wire::data::{self, ObjectBegin, ObjectDone, ObjectEnd, ObjectState};
+    use dwcp_wire::{FrameType, msg};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let content: Vec<u8> = (0..300_000).map(|i| (i % 239) as u8).collect();
+    let begin = ObjectBegin {
+        object: 1,
+        name: "kept".into(),
+        size: content.len() as u64,
+        version_tag: "t28b".into(),
+        ..ObjectBegin::default()
+    };
+    let end = ObjectEnd {
+        object: 1,
+        size: content.len() as u64,
+        blake3: blake3::hash(&content).as_bytes().to_vec(),
+    };
+    let mut c = raw_session(&cluster, &agent, 21).await;
+    c.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    next(&mut c, FrameType::OBJECT_STATE).await;
+    c.send(&data::encode_data(1, 0, &content)).await.unwrap();
+    c.send(&msg::encode(FrameType::OBJECT_END, &end))
+        .await
+        .unwrap();
+    // Stored; the sender never sees the verdict.
+    let path = cluster.dir().join("spool/client/kept");
+    objects_counted(&agent, "stored", 1.0).await;
+    drop(c);
+
+    let mut c = raw_session(&cluster, &agent, 22).await;
+    c.send(&msg::encode(FrameType::OBJECT_BEGIN, &begin))
+        .await
+        .unwrap();
+    let st: ObjectState = msg::decode(&next(&mut c, FrameType::OBJECT_STATE).await).unwrap();
+    assert_eq!(st.have, content.len() as u64);
+    c.send(&msg::encode(FrameType::OBJECT_END, &end))
+        .await
+        .unwrap();
+    let d: ObjectDone = msg::decode(&next(&mut c, FrameType::OBJECT_DONE).await).unwrap();
+    assert_eq!((d.object, d.code), (1, 0), "{}", d.reason);
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+    drop(c);
+
+    // Another version under the same name is not taken for it.
+    let mut c = raw_session(&cluster, &agent, 23).await;
+    let other = ObjectBegin {
+        version_tag: "t28b, changed".into(),
+        ..begin.clone()
+    };
+    c.send(&msg::encode(FrameType::OBJECT_BEGIN, &other))
+        .await
+        .unwrap();
+    let st: ObjectState = msg::decode(&next(&mut c, FrameType::OBJECT_STATE).await).unwrap();
+    assert_eq!(st.have, 0);
+    agent.stop().await.unwrap();
+}
+
+/// A file sent again unchanged is not sent again: the receiver checks its copy. A copy
+/// changed in place behind the receiver's back (its times kept) fails that check, and the
+/// sender then sends it whole.
+#[tokio::test]
+async fn t38_a_file_sent_again_unchanged_is_checked_not_resent() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let src = tempfile::tempdir().unwrap();
+    let size = 3 * 1024 * 1024 + 5;
+    let file = random_file(src.path(), "disk.img", size, 38);
+    let sources = [Source::file(&file).unwrap()];
+    let o = opts(4);
+    let send = || async { send_files(&ep, agent.addr, None, &sources, &o, &mut |_| {}).await };
+    let r = send().await.unwrap();
+    assert_eq!((r.bytes_sent, r.objects[0].resumed_from), (size as u64, 0));
+    let stored = cluster.dir().join("spool/client/disk.img");
+    same_file(&file, &stored);
+
+    let r = send().await.unwrap();
+    assert_eq!(r.bytes_sent, 0);
+    assert_eq!(r.objects[0].resumed_from, size as u64);
+    same_file(&file, &stored);
+
+    // One byte changed in place, the modification time put back.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .unwrap();
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 1];
+        std::fs::File::open(&stored)
+            .unwrap()
+            .read_exact_at(&mut b, 1000)
+            .unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], 1000).unwrap();
+    }
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let r = send().await.unwrap();
+    assert_eq!(r.bytes_sent, size as u64);
+    assert_eq!(r.objects[0].resumed_from, 0);
+    same_file(&file, &stored);
+    // The copy sent whole is marked again: the next send checks it.
+    let r = send().await.unwrap();
+    assert_eq!(r.bytes_sent, 0);
+    agent.stop().await.unwrap();
+}
+
 /// A file the receiver still holds for an earlier session of the sender (its streams died
 /// unnoticed) is refused as busy, and the sender asks again until that session lets go.
 #[tokio::test]

@@ -180,6 +180,9 @@ struct RxObject {
     /// Something waits on it ([`ObjectBegin::urgent`]): every new chunk is acknowledged,
     /// with the ranges held beyond a hole, and the verdict goes on every stream.
     urgent: bool,
+    /// The object is already published at `path` (see [`stored_copy`]): `file` is that copy,
+    /// of this many bytes, and only its digest is checked.
+    stored: Option<u64>,
 }
 
 impl Drop for RxObject {
@@ -1545,7 +1548,21 @@ impl Receiver {
             })
         };
         let (turn, abandoned) = turn.unzip();
-        let opened = self.open_part(&dir, b, &part, &state, decode_need(b, round));
+        // The same object published already (its verdict lost with its session, or sent once
+        // more): held whole, once its content is checked (no part file).
+        let stored = (!round)
+            .then(|| stored_copy(&path, &msg::printable(&b.version_tag, 200), b.size))
+            .flatten();
+        let (opened, stored) = match stored {
+            Some((file, len)) => (
+                Ok((file, msg::printable(&b.version_tag, 200), b.size)),
+                Some(len),
+            ),
+            None => (
+                self.open_part(&dir, b, &part, &state, decode_need(b, round)),
+                None,
+            ),
+        };
         let (file, tag, have) = match opened {
             Ok(x) => x,
             Err(e) => {
@@ -1553,7 +1570,9 @@ impl Receiver {
                 return Err(Refusal::from(e));
             }
         };
-        if have > 0 {
+        if stored.is_some() {
+            info!(name = %b.name, size = b.size, "object already stored here; checking it");
+        } else if have > 0 {
             info!(name = %b.name, have, size = b.size, "resuming object");
         }
         let file = Arc::new(file);
@@ -1570,8 +1589,9 @@ impl Receiver {
             }
             (_, _, turn) => (None, turn),
         };
-        let sync = (!round).then_some(SYNC_STEP);
-        let digester = match Digester::start(file.clone(), have, sync, follower) {
+        let sync = (!round && stored.is_none()).then_some(SYNC_STEP);
+        // A stored copy is hashed whole, at once.
+        let digester = match Digester::start(file.clone(), stored.unwrap_or(have), sync, follower) {
             Ok(d) => d,
             Err(e) => {
                 lock(&self.active).remove(&claim);
@@ -1603,8 +1623,11 @@ impl Receiver {
             turn,
             // Per-chunk acknowledgements only for what is small enough to need them.
             urgent: b.urgent && b.size <= URGENT_MAX_SIZE,
+            stored,
         };
-        save_state(&o.state, &o.tag, o.size, o.acked);
+        if stored.is_none() {
+            save_state(&o.state, &o.tag, o.size, o.acked);
+        }
         {
             let mut s = lock(session);
             s.objects.insert(b.object, o);
@@ -1721,6 +1744,8 @@ impl Receiver {
                 o.resumed_from,
                 o.delta.clone(),
                 o.urgent,
+                o.stored,
+                o.tag.clone(),
             )
         };
         let (
@@ -1738,10 +1763,12 @@ impl Receiver {
             resumed_from,
             delta,
             urgent,
+            stored,
+            tag,
         ) = job;
         // Most of the file is hashed (and a round applied) by now; this waits for the rest.
         let (hashed, follower) = match digester {
-            Some(d) => match d.finish(size).await {
+            Some(d) => match d.finish(stored.unwrap_or(size)).await {
                 Ok((h, f)) => (Some(Ok(h)), f),
                 Err(e) => (Some(Err(e)), None),
             },
@@ -1760,7 +1787,31 @@ impl Receiver {
             .as_ref()
             .is_some_and(|d| d.encoding == data::ENCODING_HDE_PAGES_INPLACE);
         let commit = delta.as_ref().is_some_and(|d| d.commit);
+        let wire_size = encoded_size.unwrap_or(size);
         let verdict = tokio::task::spawn_blocking(move || -> Result<(), (ErrorCode, String)> {
+            if stored.is_some() {
+                // The copy already published: its content against the sender's digest of
+                // the content (for an encoded object, the one its begin carried).
+                let got = hashed
+                    .unwrap_or_else(|| hash_file(&final_path))
+                    .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot read back: {e}")))?;
+                let want = delta.as_ref().map_or(&digest[..], |d| &d.raw_blake3[..]);
+                if got.as_bytes()[..] == want[..] {
+                    return Ok(());
+                }
+                // Not what it was sent as (changed in place, its times kept): the sender
+                // starts again from nothing, which this copy must not answer a second time.
+                unmark_stored(&final_path);
+                return Err((
+                    ErrorCode::CHECKSUM_MISMATCH,
+                    format!(
+                        "the copy already stored at {} has BLAKE3 {}, the sender's {}",
+                        final_path.display(),
+                        got.to_hex(),
+                        hex(want)
+                    ),
+                ));
+            }
             if !round {
                 file.sync_data()
                     .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot sync: {e}")))?;
@@ -1808,12 +1859,18 @@ impl Receiver {
                         }
                     }
                 } else {
-                    decode_into(&part, &final_path, d, cache.as_deref())
+                    decode_into(&part, &final_path, d, cache.as_deref()).inspect(|()| {
+                        if let Ok(f) = File::open(&final_path) {
+                            mark_stored(&f, &tag, wire_size);
+                        }
+                    })
                 };
                 let _ = fs::remove_file(&part);
                 let _ = fs::remove_file(&state);
                 r?;
             } else {
+                // Before the rename, so that the mark is there whenever the file is.
+                mark_stored(&file, &tag, wire_size);
                 fs::rename(&part, &final_path).map_err(|e| {
                     (
                         ErrorCode::STORAGE_ERROR,
@@ -2646,6 +2703,72 @@ fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
             return Ok(h.finalize());
         }
         h.update(&buf[..n]);
+    }
+}
+
+/// The extended attribute that says which sent object a published file is (see
+/// [`mark_stored`]).
+const STORED_XATTR: &str = "user.dwcp.stored";
+
+/// What a published file was sent as, and the file's identity when it was published.
+fn stored_mark(file: &File, tag: &str, wire_size: u64) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok(format!(
+        "dwcp-stored 1\n{wire_size}\n{}\n{}.{}\n{}\n{tag}",
+        m.ino(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.len()
+    ))
+}
+
+/// Marks a published file as the object sent with version `tag` and `wire_size` bytes, so
+/// that the same object begun again (its verdict lost with the session, or sent once more) is
+/// answered as held whole instead of crossing the network again: see [`stored_copy`]. Best
+/// effort: where the file system has no user extended attributes, the object is sent again.
+fn mark_stored(file: &File, tag: &str, wire_size: u64) {
+    let r = stored_mark(file, tag, wire_size).and_then(|v| {
+        rustix::fs::fsetxattr(
+            file,
+            STORED_XATTR,
+            v.as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(std::io::Error::from)
+    });
+    if let Err(e) = r {
+        debug!("cannot mark a stored file (it would be sent whole again): {e}");
+    }
+}
+
+/// The published file at `path`, opened for reading, with its length, if it is the object
+/// with version `tag` and `wire_size` bytes and has not changed since (same inode,
+/// modification time and length). Its content is still checked against the sender's digest
+/// before the object is reported stored.
+fn stored_copy(path: &Path, tag: &str, wire_size: u64) -> Option<(File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = [0u8; 512];
+    let n = rustix::fs::fgetxattr(&file, STORED_XATTR, &mut buf[..]).ok()?;
+    let now = stored_mark(&file, tag, wire_size).ok()?;
+    (buf.get(..n)? == now.as_bytes()).then(|| {
+        let len = file.metadata().map_or(0, |m| m.len());
+        (file, len)
+    })
+}
+
+/// Removes the mark of [`mark_stored`] (its content did not match what it was sent as).
+fn unmark_stored(path: &Path) {
+    if let Err(e) = rustix::fs::removexattr(path, STORED_XATTR) {
+        debug!(path = %path.display(), "cannot remove the stored mark: {e}");
     }
 }
 
