@@ -189,6 +189,33 @@ impl TcpProbe {
     }
 }
 
+/// Has the child that `cmd` starts killed (SIGKILL) when the thread that starts it ends,
+/// as happens to every thread when this process is killed outright: a helper started for a
+/// test bed or a benchmark does not outlive it. Start it from a thread that lives as long as
+/// the process (the main thread). Linux only; elsewhere nothing is set.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs between fork and exec and makes one async-signal-safe
+        // system call (prctl), touching no memory of the parent's.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                // PR_SET_PDEATHSIG with a signal number; no pointers.
+                let r = libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,7 +37,9 @@ pub struct Profile {
     pub name: String,
     /// One-way delay (RTT is twice this).
     pub delay: Duration,
-    /// Uniform jitter added to the delay, at most this much (never reorders).
+    /// Uniform jitter added to the delay, 0 up to this much per packet. It never reorders: a
+    /// packet drawn earlier than the one before it leaves with that one, so under load the
+    /// added delay tends towards this much and packets leave in bursts.
     pub jitter: Duration,
     /// Probability that a packet is dropped, 0..1.
     pub loss: f64,
@@ -162,7 +164,52 @@ impl Profile {
             }
         }
         p.name = spec;
+        p.check()?;
         Ok(p)
+    }
+
+    /// Whether the emulator can run this profile: every setting within the bounds
+    /// [`Profile::parse`] takes, and what a direction holds in flight at full rate (rate ×
+    /// (delay + jitter)) within [`MAX_HELD_PACKETS`] full-sized packets, beyond which it
+    /// would drop packets of its own.
+    pub fn check(&self) -> Result<(), String> {
+        let name = &self.name;
+        if self.delay > MAX_RTT / 2 {
+            return Err(format!(
+                "link profile {name:?}: a round trip of at most {} ms",
+                MAX_RTT.as_millis()
+            ));
+        }
+        if self.jitter > MAX_JITTER {
+            return Err(format!(
+                "link profile {name:?}: a jitter of at most {} ms",
+                MAX_JITTER.as_millis()
+            ));
+        }
+        if !(0.0..=MAX_LOSS_PERCENT / 100.0).contains(&self.loss) {
+            return Err(format!(
+                "link profile {name:?}: a loss between 0% and {MAX_LOSS_PERCENT}%"
+            ));
+        }
+        if let Some(rate) = self.rate_bps {
+            if !RATE_RANGE.contains(&rate) {
+                return Err(format!(
+                    "link profile {name:?}: a rate between 100kbit and 100gbit"
+                ));
+            }
+            let held = rate as f64 / 8.0 * (self.delay + self.jitter).as_secs_f64();
+            let most = (MAX_HELD_PACKETS * 1500) as f64;
+            if held > most {
+                return Err(format!(
+                    "link profile {name:?}: at its rate, its one-way delay and jitter hold {:.0} MB \
+                     in flight each way; the emulator holds at most {:.0} MB (a lower rate or \
+                     a shorter round trip)",
+                    held / 1e6,
+                    most / 1e6
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The profile's name with every character that is not a letter, digit, `.`, `-` or `_`
@@ -270,7 +317,7 @@ impl fmt::Display for Profile {
         );
         write!(
             f,
-            "{}: RTT {:.1} ms (jitter ±{:.1} ms each way), {rate}, loss {:.2} % each way",
+            "{}: RTT {:.1} ms (jitter +0..{:.1} ms each way), {rate}, loss {:.2} % each way",
             self.name,
             self.rtt().as_secs_f64() * 1e3,
             self.jitter.as_secs_f64() * 1e3,
@@ -294,6 +341,9 @@ pub enum TestbedError {
         /// Its error output or the spawn error.
         detail: String,
     },
+    /// A profile the emulator cannot run ([`Profile::check`]).
+    #[error("{0}")]
+    Profile(String),
     /// Told to give up ([`Testbed::up_unless`]) before it was built.
     #[error("interrupted before the testbed was built")]
     Interrupted,
@@ -312,14 +362,38 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// How long one `ip`, `tc` or `sysctl` command may take before it is killed and reported.
+const COMMAND_LIMIT: Duration = Duration::from_secs(20);
+
 fn run(args: &[&str]) -> Result<Output, TestbedError> {
-    let out = Command::new(args[0])
+    let failed = |detail: String| TestbedError::Command {
+        cmd: args.join(" "),
+        detail,
+    };
+    let child = Command::new(args[0])
         .args(&args[1..])
-        .output()
-        .map_err(|e| TestbedError::Command {
-            cmd: args.join(" "),
-            detail: e.to_string(),
-        })?;
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(e.to_string()))?;
+    let pid = rustix::process::Pid::from_child(&child);
+    // The output is read on a thread of its own (a full pipe would stall the command), and
+    // the wait for it is bounded: a hung command is killed, which ends the thread.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(COMMAND_LIMIT) {
+        Ok(r) => r.map_err(|e| failed(e.to_string()))?,
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            return Err(failed(format!(
+                "no answer within {} s; killed",
+                COMMAND_LIMIT.as_secs()
+            )));
+        }
+    };
     if !out.status.success() {
         return Err(TestbedError::Command {
             cmd: args.join(" "),
@@ -339,13 +413,17 @@ pub struct LinkStats {
     /// Bytes delivered.
     pub bytes: AtomicU64,
     /// Packets dropped because the emulator already held [`MAX_HELD_PACKETS`] in flight (a
-    /// path without a rate limit and a long delay): a router's tail drop.
+    /// path without a rate limit and a long delay; [`Profile::check`] refuses rate-limited
+    /// profiles that would get there): a router's tail drop.
     pub overflowed: AtomicU64,
+    /// Packets the emulator could not write to the receiving TUN device.
+    pub unsent: AtomicU64,
 }
 
 /// Packets one direction of the emulator holds at most while they wait out their delay
-/// (about 256 MiB of full-sized packets). Only a path without a rate limit gets there: with
-/// one, the kernel's queue ahead of the emulator holds the excess.
+/// (about 256 MiB of full-sized packets). It holds every packet for the whole delay, so a
+/// rate-limited direction holds rate × (delay + jitter): [`Profile::check`] refuses a profile
+/// that needs more. Only a path without a rate limit can get there.
 pub const MAX_HELD_PACKETS: usize = 180_000;
 
 /// A running testbed. Dropping it tears everything down.
@@ -386,13 +464,32 @@ fn machine_lock(cancel: &AtomicBool) -> Result<File, TestbedError> {
             source,
         })?;
     // Bounded wait: another testbed (a benchmark, a test) may hold it for a few minutes.
-    let deadline = Instant::now() + Duration::from_secs(900);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(900);
+    let mut said = false;
     loop {
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(f),
+            Ok(()) => {
+                // Who holds it, for anyone waiting (best effort).
+                use std::os::unix::fs::FileExt;
+                let pid = std::process::id().to_string();
+                let _ = f
+                    .set_len(0)
+                    .and_then(|()| f.write_all_at(pid.as_bytes(), 0));
+                return Ok(f);
+            }
             Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
                 if cancel.load(Ordering::SeqCst) {
                     return Err(TestbedError::Interrupted);
+                }
+                if !said && start.elapsed() >= Duration::from_secs(1) {
+                    said = true;
+                    let holder = std::fs::read_to_string(LOCK_PATH).unwrap_or_default();
+                    warn!(
+                        "waiting (up to 15 min) for another testbed on this machine to end \
+                         (process {}, {LOCK_PATH})",
+                        holder.trim()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -426,12 +523,36 @@ fn restore_saved_sysctls() {
 
 /// Global sysctls raised for the duration of a testbed (restored on teardown): buffer limits
 /// large enough for one stream to fill a long fat pipe, and cubic allowed next to bbr so that
-/// benchmarks can compare them.
+/// benchmarks can compare them. They are machine-wide: a limit already higher is kept, and the
+/// allowed algorithms are added to, never taken away (see [`raised`]).
 const GLOBAL_SYSCTLS: [(&str, &str); 3] = [
     ("net/core/rmem_max", "268435456"),
     ("net/core/wmem_max", "268435456"),
     ("net/ipv4/tcp_allowed_congestion_control", "reno bbr cubic"),
 ];
+
+/// The value of global sysctl `key` while a testbed runs, given its value `old`: the larger of
+/// the two for a number, and for the allowed congestion controls the old list with ours added
+/// (those among `available`; a missing one is logged, and its benchmark rows fail).
+fn raised(key: &str, old: &str, want: &str, available: &str) -> String {
+    if let (Ok(o), Ok(w)) = (old.trim().parse::<u64>(), want.parse::<u64>()) {
+        return o.max(w).to_string();
+    }
+    let mut list: Vec<&str> = old.split_whitespace().collect();
+    for name in want.split_whitespace() {
+        if list.contains(&name) {
+            continue;
+        }
+        if available.split_whitespace().any(|a| a == name) {
+            list.push(name);
+        } else {
+            warn!(
+                "{key}: this kernel has no {name} (tcp_available_congestion_control: {available})"
+            );
+        }
+    }
+    list.join(" ")
+}
 
 impl Testbed {
     /// Builds the namespaces and starts the emulator for `profile`; `seed` fixes the loss
@@ -447,6 +568,7 @@ impl Testbed {
         seed: u64,
         cancel: &AtomicBool,
     ) -> Result<Self, TestbedError> {
+        profile.check().map_err(TestbedError::Profile)?;
         if !is_root() {
             return Err(TestbedError::NotRoot);
         }
@@ -492,14 +614,18 @@ impl Testbed {
             what: format!("write {SAVED_SYSCTLS}"),
             source,
         })?;
-        for (key, value) in GLOBAL_SYSCTLS {
+        let available =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                .unwrap_or_default();
+        for (key, want) in GLOBAL_SYSCTLS {
             let path = format!("/proc/sys/{key}");
             let old = std::fs::read_to_string(&path).map_err(|source| TestbedError::Io {
                 what: format!("read {path}"),
                 source,
             })?;
             self.sysctls.push((path.clone(), old.trim().to_string()));
-            std::fs::write(&path, value).map_err(|source| TestbedError::Io {
+            let value = raised(key, &old, want, available.trim());
+            std::fs::write(&path, &value).map_err(|source| TestbedError::Io {
                 what: format!("write {path}"),
                 source,
             })?;
@@ -578,7 +704,7 @@ impl Testbed {
         let tun_a = Arc::new(tun_a);
         let tun_b = Arc::new(tun_b);
         self.spawn_direction(tun_a.clone(), tun_b.clone(), 0, seed)?;
-        self.spawn_direction(tun_b, tun_a, 1, seed.wrapping_add(0x9e37_79b9))?;
+        self.spawn_direction(tun_b, tun_a, 1, seed)?;
         debug!(profile = %self.profile, "testbed up");
         Ok(())
     }
@@ -596,7 +722,7 @@ impl Testbed {
         let profile = self.profile.clone();
         let reader = std::thread::Builder::new()
             .name(format!("tb-read-{dir}"))
-            .spawn(move || read_loop(&from, &tx, &stop, &stats, &profile, seed))
+            .spawn(move || read_loop(&from, &tx, &stop, &stats, &profile, seed, dir))
             .map_err(|source| TestbedError::Io {
                 what: "start the emulator".into(),
                 source,
@@ -712,6 +838,9 @@ fn remove_stale_namespaces() {
         };
         if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             warn!("removing stale testbed namespace {name}");
+            // `ip netns del` only removes the name: processes left running there (a server
+            // the dead testbed had started) would keep the namespace, unseen, for good.
+            kill_all_in(&name);
             let _ = run(&["ip", "netns", "del", &name]);
         }
     }
@@ -764,6 +893,18 @@ fn open_tun_in(ns: &str) -> Result<tun_rs::SyncDevice, TestbedError> {
 struct Rng(u64);
 
 impl Rng {
+    /// A generator for stream `stream` of `seed`: every seed and stream its own sequence
+    /// (splitmix64 of both; xorshift's state must not be zero).
+    fn new(seed: u64, stream: u64) -> Self {
+        let mut z = seed
+            .wrapping_add(stream.wrapping_mul(0xd1b5_4a32_d192_ed03))
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        Self(if z == 0 { 1 } else { z })
+    }
+
     fn next_f64(&mut self) -> f64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -779,8 +920,12 @@ fn read_loop(
     stats: &LinkStats,
     profile: &Profile,
     seed: u64,
+    dir: usize,
 ) {
-    let mut rng = Rng(seed | 1);
+    // Loss and jitter draw from streams of their own: a profile's jitter does not change
+    // which packets it drops.
+    let mut losses = Rng::new(seed, 2 * dir as u64);
+    let mut jitters = Rng::new(seed, 2 * dir as u64 + 1);
     let mut last_release = Instant::now();
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
@@ -796,19 +941,33 @@ fn read_loop(
         match rustix::event::poll(&mut fds, Some(&timeout)) {
             Ok(0) => continue,
             Ok(_) => {}
-            Err(_) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                warn!("testbed link {dir}: cannot poll its TUN device ({e}); the link is down");
+                return;
+            }
         }
         let n = match from.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                warn!("testbed link {dir}: cannot read its TUN device ({e}); the link is down");
+                return;
+            }
         };
         stats.packets.fetch_add(1, Ordering::Relaxed);
-        if profile.loss > 0.0 && rng.next_f64() < profile.loss {
+        if profile.loss > 0.0 && losses.next_f64() < profile.loss {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let jitter = profile.jitter.mul_f64(rng.next_f64());
+        let jitter = profile.jitter.mul_f64(jitters.next_f64());
         // Never release before the previous packet: jitter must not reorder.
         let release = (Instant::now() + profile.delay + jitter).max(last_release);
         last_release = release;
@@ -829,10 +988,18 @@ fn write_loop(to: &tun_rs::SyncDevice, rx: &mpsc::Receiver<(Instant, Vec<u8>)>, 
         if release > now {
             std::thread::sleep(release - now);
         }
-        if to.send(&packet).is_ok() {
-            stats
-                .bytes
-                .fetch_add(packet.len() as u64, Ordering::Relaxed);
+        match to.send(&packet) {
+            Ok(_) => {
+                stats
+                    .bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Lost like a packet on a wire; counted, and said once.
+                if stats.unsent.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!("testbed link: cannot write a packet to its TUN device: {e}");
+                }
+            }
         }
     }
 }
@@ -862,7 +1029,7 @@ mod tests {
         assert_eq!(p.file_name(), "rtt_300ms_rate_50mbit_loss_1__jitter_2ms");
         assert_eq!(
             p.to_string(),
-            "rtt=300ms,rate=50mbit,loss=1%,jitter=2ms: RTT 300.0 ms (jitter ±2.0 ms each way), \
+            "rtt=300ms,rate=50mbit,loss=1%,jitter=2ms: RTT 300.0 ms (jitter +0..2.0 ms each way), \
              50 Mbit/s, loss 1.00 % each way"
         );
 
@@ -898,6 +1065,57 @@ mod tests {
         );
     }
 
+    /// Machine-wide limits are raised, never lowered; allowed algorithms are added to,
+    /// never taken away, and only ones the kernel has.
+    #[test]
+    fn global_settings_are_raised_and_added_to() {
+        assert_eq!(raised("k", "1000\n", "268435456", ""), "268435456");
+        assert_eq!(raised("k", "1073741824", "268435456", ""), "1073741824");
+        assert_eq!(
+            raised(
+                "k",
+                "reno cubic htcp\n",
+                "reno bbr cubic",
+                "reno cubic htcp bbr"
+            ),
+            "reno cubic htcp bbr"
+        );
+        assert_eq!(
+            raised("k", "reno cubic", "reno bbr cubic", "reno cubic"),
+            "reno cubic"
+        );
+    }
+
+    /// A profile built directly is held to the parser's bounds before a testbed runs it.
+    #[test]
+    fn a_profile_is_checked_however_it_was_made() {
+        let mut p = Profile::named("internet").unwrap();
+        p.check().unwrap();
+        p.delay = Duration::from_secs(3600);
+        assert!(p.check().unwrap_err().contains("round trip"));
+        let mut p = Profile::named("internet").unwrap();
+        p.loss = f64::NAN;
+        assert!(p.check().unwrap_err().contains("loss"));
+        let mut p = Profile::named("internet").unwrap();
+        p.rate_bps = Some(10);
+        assert!(p.check().unwrap_err().contains("rate"));
+        // Unlimited: the emulator's tail drop is the limit, not refused.
+        let p = Profile::parse("rtt=2s,rate=unlimited").unwrap();
+        p.check().unwrap();
+    }
+
+    /// Neighbouring seeds, and the two streams of one seed, draw different sequences.
+    #[test]
+    fn every_seed_and_stream_has_its_own_sequence() {
+        let first = |seed, stream| {
+            let mut r = Rng::new(seed, stream);
+            (0..4).map(|_| r.next_f64().to_bits()).collect::<Vec<_>>()
+        };
+        assert_ne!(first(2, 0), first(3, 0));
+        assert_ne!(first(2, 0), first(2, 1));
+        assert_eq!(first(7, 1), first(7, 1));
+    }
+
     #[test]
     fn a_bad_specification_names_what_is_wrong() {
         for (spec, want) in [
@@ -922,6 +1140,7 @@ mod tests {
             ("rate=1000gbit", "between 100kbit and 100gbit"),
             ("delay=5ms", "unknown key \"delay\""),
             ("internet,dc", "expected KEY=VALUE"),
+            ("rtt=2s,rate=5gbit", "the emulator holds at most 270 MB"),
         ] {
             let err = Profile::parse(spec).unwrap_err();
             assert!(err.contains(want), "{spec:?}: {err}");

@@ -109,3 +109,51 @@ fn emulated_loss_rate() {
     assert!(sent >= 1000, "{sent}");
     assert!((60..=140).contains(&dropped), "{dropped} of {sent} dropped");
 }
+
+/// A testbed whose process died without its teardown left a namespace with a process in it:
+/// the next testbed kills that process and removes the namespace (deleting the name alone
+/// would leave the process running in a namespace nobody can see).
+#[test]
+fn a_dead_testbeds_namespace_and_what_ran_there_go() {
+    if !is_root() {
+        eprintln!("SKIPPED: the testbed needs root (network namespaces, TUN, tc)");
+        return;
+    }
+    // The process id of a process that has ended: a dead testbed's.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let name = format!("dwcp-tb{}-a", gone.id());
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&["netns", "add", &name]);
+    let mut orphan = std::process::Command::new("ip")
+        .args(["netns", "exec", &name, "sleep", "60"])
+        .spawn()
+        .unwrap();
+    // (`ip netns exec` becomes the sleep; it is in the namespace once `ip netns pids` lists it.)
+    let listed = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", &name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&orphan.id().to_string())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !listed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleep never entered {name}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tb = Testbed::up(Profile::named("dc").unwrap(), 1).unwrap();
+    let status = orphan.wait().unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert!(!std::path::Path::new(&format!("/var/run/netns/{name}")).exists());
+    tb.down();
+}

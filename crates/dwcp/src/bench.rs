@@ -342,7 +342,9 @@ fn testbed_up(profile: &Profile, seed: u64) -> Result<(tempfile::TempDir, PathBu
         dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(n)?, 1, false)?;
     }
     eprintln!("building testbed: {profile}");
-    let tb = Testbed::up(profile.clone(), seed)?;
+    // Ctrl-C is watched by now (`watch_signals`): it must also end a wait for another
+    // testbed of this machine.
+    let tb = Testbed::up_unless(profile.clone(), seed, &INTERRUPTED)?;
     let rtt = ping_rtt_ms(&tb, work.path())?;
     eprintln!(
         "emulator check: ping -U RTT {rtt:.2} ms (profile {:.1} ms)",

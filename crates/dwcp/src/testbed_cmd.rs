@@ -111,6 +111,10 @@ impl Side {
             .env("DWCP_TB_NS_B", &tb.ns_b)
             .stdin(Stdio::null())
             .process_group(0);
+        // Should this process be killed outright (no teardown), the command goes with it
+        // (this thread lives as long as the process); what it started itself is killed by
+        // the next testbed, which clears stale namespaces.
+        dwcp_sys::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start the command in {name}"))?;
@@ -317,6 +321,10 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
             let overflowed = match s.overflowed.load(Ordering::Relaxed) {
                 0 => String::new(),
                 n => format!(", {n} more dropped with the emulator's queue full"),
+            };
+            let overflowed = match s.unsent.load(Ordering::Relaxed) {
+                0 => overflowed,
+                n => format!("{overflowed}, {n} not written to the far side"),
             };
             format!(
                 "{dir} {packets} packets, {dropped} dropped ({pct:.2} %){overflowed}, {:.1} MB \
