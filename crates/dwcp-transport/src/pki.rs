@@ -266,15 +266,62 @@ pub fn issue_node(
     let ca_key_pem = read_file(&ca_key)?;
     let ca_cert_pem = read_file(&ca_cert)?;
     let ca_keypair = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::Invalid {
-        path: ca_key,
+        path: ca_key.clone(),
         detail: format!("not a private key: {e}"),
     })?;
+    // rcgen signs with whatever key it is given: a `ca.key` from another `certs init` would
+    // make certificates that every peer refuses.
+    let ca_der = rustls_pemfile::certs(&mut ca_cert_pem.as_bytes())
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| PkiError::Invalid {
+            path: ca_cert.clone(),
+            detail: "no certificate in it".into(),
+        })?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&ca_der).map_err(|e| PkiError::Invalid {
+            path: ca_cert.clone(),
+            detail: format!("not an X.509 certificate: {e}"),
+        })?;
+    {
+        use rcgen::PublicKeyData;
+        if parsed.public_key().subject_public_key.data.as_ref() != ca_keypair.der_bytes() {
+            return Err(PkiError::Invalid {
+                path: ca_key,
+                detail: format!("not the key of the CA certificate {}", ca_cert.display()),
+            });
+        }
+    }
+    if !parsed.validity().is_valid() {
+        return Err(PkiError::Invalid {
+            path: ca_cert.clone(),
+            detail: format!(
+                "the CA certificate is not valid now (valid {} to {}): make a new CA with \
+                 `dwcp certs init --force` and issue every node again",
+                parsed.validity().not_before,
+                parsed.validity().not_after
+            ),
+        });
+    }
+    let ca_until = parsed.validity().not_after.timestamp();
     let issuer =
         Issuer::from_ca_cert_pem(&ca_cert_pem, ca_keypair).map_err(|e| PkiError::Invalid {
             path: ca_cert.clone(),
             detail: format!("not a CA certificate: {e}"),
         })?;
     let (nb, na) = window(days);
+    // Past the CA's own end, the certificate would stop being accepted before its date.
+    let na = if na.unix_timestamp() > ca_until {
+        if na.unix_timestamp() - ca_until > 86_400 {
+            tracing::warn!(
+                "the node certificate ends with the CA's on {} ({days} days asked)",
+                parsed.validity().not_after
+            );
+        }
+        OffsetDateTime::from_unix_timestamp(ca_until).unwrap_or(na)
+    } else {
+        na
+    };
     let key = KeyPair::generate().map_err(gen_err("node key"))?;
     let cert = node_params(id, nb, na)?
         .signed_by(&key, &issuer)
@@ -335,6 +382,10 @@ pub struct NodeCredentials {
     pub key: PrivateKeyDer<'static>,
     /// Where the node certificate came from (for messages).
     pub cert_path: PathBuf,
+    /// Where its key came from (for messages).
+    pub key_path: PathBuf,
+    /// Where the CA certificates came from (for messages).
+    pub ca_path: PathBuf,
 }
 
 impl Clone for NodeCredentials {
@@ -345,6 +396,8 @@ impl Clone for NodeCredentials {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             cert_path: self.cert_path.clone(),
+            key_path: self.key_path.clone(),
+            ca_path: self.ca_path.clone(),
         }
     }
 }
@@ -402,6 +455,8 @@ impl NodeCredentials {
             chain,
             key,
             cert_path,
+            key_path,
+            ca_path,
         })
     }
 
@@ -516,6 +571,72 @@ mod tests {
             issue_node(dir.path(), &id("a"), 1, false),
             Err(PkiError::Exists { .. })
         ));
+    }
+
+    /// A CA made again (`certs init --force`): a key of the other CA is refused when issuing,
+    /// and a node issued under the old CA is refused when loaded, naming both files.
+    #[test]
+    fn a_ca_made_again_is_noticed_when_issuing_and_when_loading() {
+        let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let c = ClusterId::new("c").unwrap();
+        init_ca(old.path(), &c, 30, false).unwrap();
+        init_ca(new.path(), &c, 30, false).unwrap();
+        issue_node(old.path(), &id("n1"), 10, false).unwrap();
+        // The old CA's certificate with the new CA's key.
+        fs::copy(ca_key_path(new.path()), ca_key_path(old.path())).unwrap();
+        let err = issue_node(old.path(), &id("n2"), 10, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not the key of the CA certificate"),
+            "{err}"
+        );
+        assert!(!node_cert_path(old.path(), &id("n2")).exists());
+        // The new CA's certificate, the node still the old CA's.
+        fs::copy(ca_cert_path(new.path()), ca_cert_path(old.path())).unwrap();
+        let creds = NodeCredentials::load(old.path(), &id("n1")).unwrap();
+        let err = crate::TlsConfigs::new(&creds).unwrap_err().to_string();
+        assert!(
+            err.contains("n1.pem") && err.contains("ca.pem") && err.contains("cluster CA"),
+            "{err}"
+        );
+        // Issued again, it loads.
+        issue_node(old.path(), &id("n1"), 10, true).unwrap();
+        let creds = NodeCredentials::load(old.path(), &id("n1")).unwrap();
+        crate::TlsConfigs::new(&creds).unwrap();
+    }
+
+    /// A node certificate asked to outlive its CA ends with it.
+    #[test]
+    fn a_node_certificate_ends_no_later_than_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), &ClusterId::new("c").unwrap(), 2, false).unwrap();
+        issue_node(dir.path(), &id("n"), 400, false).unwrap();
+        let creds = NodeCredentials::load(dir.path(), &id("n")).unwrap();
+        let in_3_days = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            UnixTime::now().as_secs() + 3 * 86_400,
+        ));
+        assert!(creds.check_validity(UnixTime::now()).is_ok());
+        assert!(creds.check_validity(in_3_days).is_err());
+    }
+
+    /// A key that is not the certificate's is reported with both files named.
+    #[test]
+    fn a_key_of_another_certificate_names_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), &ClusterId::new("c").unwrap(), 30, false).unwrap();
+        issue_node(dir.path(), &id("a"), 10, false).unwrap();
+        issue_node(dir.path(), &id("b"), 10, false).unwrap();
+        fs::copy(
+            node_key_path(dir.path(), &id("b")),
+            node_key_path(dir.path(), &id("a")),
+        )
+        .unwrap();
+        let creds = NodeCredentials::load(dir.path(), &id("a")).unwrap();
+        let err = crate::TlsConfigs::new(&creds).unwrap_err().to_string();
+        assert!(
+            err.contains("a.pem with ") && err.contains("a.key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -54,6 +54,15 @@ impl TlsConfigs {
             path: creds.cert_path.display().to_string(),
             detail: e.to_string(),
         };
+        // The certificate and its key together (a key of another certificate, say).
+        let with_key = |e: &dyn std::fmt::Display| TlsSetupError {
+            path: format!(
+                "{} with {}",
+                creds.cert_path.display(),
+                creds.key_path.display()
+            ),
+            detail: e.to_string(),
+        };
         let provider = provider();
         let mut roots = RootCertStore::empty();
         for ca in &creds.ca_certs {
@@ -65,12 +74,13 @@ impl TlsConfigs {
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| err(&e))?;
+        check_own_chain(creds, &roots, &client_verifier, &provider)?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| err(&e))?
             .with_client_cert_verifier(Arc::new(NodeClientVerifier(client_verifier)))
             .with_single_cert(creds.chain.clone(), creds.key.clone_key())
-            .map_err(|e| err(&e))?;
+            .map_err(|e| with_key(&e))?;
         server.alpn_protocols = vec![ALPN.to_vec()];
 
         let verifier = Arc::new(NodeCertVerifier {
@@ -83,12 +93,61 @@ impl TlsConfigs {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
-            .map_err(|e| err(&e))?;
+            .map_err(|e| with_key(&e))?;
         client.alpn_protocols = vec![ALPN.to_vec()];
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
         })
+    }
+}
+
+/// Fails unless the node's own certificate chains to the CA it trusts, for both uses (server
+/// and client): otherwise every peer would refuse it, and the node would start regardless. Its
+/// dates are left to [`NodeCredentials::check_validity`], which says so more plainly.
+fn check_own_chain(
+    creds: &NodeCredentials,
+    roots: &RootCertStore,
+    client_verifier: &Arc<dyn ClientCertVerifier>,
+    provider: &CryptoProvider,
+) -> Result<(), TlsSetupError> {
+    let Some((leaf, rest)) = creds.chain.split_first() else {
+        return Err(TlsSetupError {
+            path: creds.cert_path.display().to_string(),
+            detail: "no certificate in it".into(),
+        });
+    };
+    let now = UnixTime::now();
+    let as_server = ParsedCertificate::try_from(leaf).and_then(|cert| {
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            roots,
+            rest,
+            now,
+            provider.signature_verification_algorithms.all,
+        )
+    });
+    let r = as_server.and_then(|()| {
+        client_verifier
+            .verify_client_cert(leaf, rest, now)
+            .map(|_| ())
+    });
+    match r {
+        Ok(())
+        | Err(TlsError::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        )) => Ok(()),
+        Err(e) => Err(TlsSetupError {
+            path: creds.cert_path.display().to_string(),
+            detail: format!(
+                "not accepted under the cluster CA in {} ({e}): was the CA made again \
+                 (`certs init --force`) without issuing this node again?",
+                creds.ca_path.display()
+            ),
+        }),
     }
 }
 
