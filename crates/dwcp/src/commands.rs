@@ -654,8 +654,11 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
         for o in &report.objects {
             // Where the receiver's copy stood: in bytes of what crosses the wire, which for
             // a delta-encoded file is its encoding, not the file.
+            let wire = o.delta.as_ref().map_or(o.size, |d| d.encoded_bytes);
             let resumed = match (&o.delta, o.resumed_from) {
                 (_, 0) => String::new(),
+                // Stored before (its verdict lost, or sent once more): only checked there.
+                (_, r) if r == wire => ", already held whole by the receiver".to_string(),
                 (Some(d), r) => format!(", resumed at {r} of {} encoded bytes", d.encoded_bytes),
                 (None, r) => format!(", resumed at {r} bytes"),
             };
