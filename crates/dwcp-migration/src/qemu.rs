@@ -925,8 +925,10 @@ async fn migrate_qemu_inner(
             );
             // QEMU resumes a guest that ran when its migration fails (its socket closing with
             // the return path open, say), whatever `dwcp migrate` decides: paused again when
-            // the destination may run it.
-            if (phase == UNKNOWN || phase == POSTCOPY)
+            // the destination may run it, or runs it.
+            if (phase == UNKNOWN
+                || phase == POSTCOPY
+                || runs_at_destination(phase, &report.dest_status))
                 && let Some(w) = keep_paused(&mut qmp, was_running).await
             {
                 warn!(vm = %spec.vm, "{w}");
@@ -1201,6 +1203,17 @@ fn after_the_point(
         (phase, reason)
     } else if postcopy_began {
         (POSTCOPY, reason)
+    } else if phase == CLEANUP && !dest_status.is_empty() {
+        // The destination answered the finish: its QEMU holds the whole guest, checked (a
+        // `-S` one waits to be told to run it), and an abort no longer reaches it. Resuming
+        // the source would leave the guest in two places.
+        (
+            UNKNOWN,
+            format!(
+                "{reason} (the destination QEMU had loaded the guest, {dest_status:?}, and \
+                 keeps it)"
+            ),
+        )
     } else if exposed {
         (
             UNKNOWN,
@@ -1448,15 +1461,30 @@ async fn run(
     // Capabilities are fixed while a migration is (a paused post-copy's were set by the
     // run that began it).
     if !resume {
+        // One stream through the tunnel: multifd (several sockets), post-copy and what else
+        // needs more than one stream off, whatever an earlier migration of this QEMU left set.
+        let mut caps = vec![
+            capability("auto-converge", spec.auto_converge),
+            capability("multifd", false),
+            capability("postcopy-ram", false),
+        ];
+        let has = match qmp.execute("query-migrate-capabilities", None).await {
+            Ok(Value::Array(listed)) => listed
+                .iter()
+                .filter_map(|c| c.get("capability").and_then(Value::as_str))
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        caps.extend(
+            STREAM_BREAKERS
+                .iter()
+                .filter(|name| has.iter().any(|h| h == *name))
+                .map(|name| capability(name, false)),
+        );
         qmp.execute(
             "migrate-set-capabilities",
-            // One stream through the tunnel: multifd (several sockets) and post-copy off,
-            // whatever an earlier migration of this QEMU left set.
-            Some(json!({"capabilities": [
-                capability("auto-converge", spec.auto_converge),
-                capability("multifd", false),
-                capability("postcopy-ram", false),
-            ]})),
+            Some(json!({ "capabilities": caps })),
         )
         .await
         .map_err(q)?;
@@ -1675,14 +1703,22 @@ async fn run(
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     };
-    // (A resumed post-copy stopped the guest in an earlier run.)
+    // (A resumed post-copy stopped the guest in an earlier run.) The pause that lasted: a
+    // STOP that a RESUME followed (an operator's `stop` and `cont` during the migration) is
+    // not the migration's.
     let stop = match start {
         Start::Resume => None,
-        Start::New => qmp
-            .wait_event("STOP", Duration::from_secs(2))
-            .await
-            .ok()
-            .map(|e| e.at),
+        Start::New => {
+            let _ = qmp.poll_events(Duration::from_millis(1)).await;
+            match qmp.take_latest("STOP", &["STOP", "RESUME"]) {
+                Some(e) => Some(e.at),
+                None => qmp
+                    .wait_event("STOP", Duration::from_secs(2))
+                    .await
+                    .ok()
+                    .map(|e| e.at),
+            }
+        }
     };
     let ram = info.get("ram");
     report.ram_bytes = ram
@@ -1698,11 +1734,9 @@ async fn run(
         .and_then(|r| r.get("postcopy-requests"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
+    // Unknown, not zero, when the destination's clock is behind the source's.
     report.downtime_ms = match (stop, resumed) {
-        (Some(s), Some(r)) => Some(
-            r.duration_since(s)
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-        ),
+        (Some(s), Some(r)) => r.duration_since(s).ok().map(|d| d.as_secs_f64() * 1000.0),
         _ => None,
     };
     debug!(?stop, ?resumed, "QEMU migration timestamps");
@@ -2177,7 +2211,28 @@ const CHANGED_PARAMETERS: [&str; 5] = [
     "cpu-throttle-increment",
     "cpu-throttle-tailslow",
 ];
-const CHANGED_CAPABILITIES: [&str; 3] = ["auto-converge", "multifd", "postcopy-ram"];
+const CHANGED_CAPABILITIES: [&str; 7] = [
+    "auto-converge",
+    "multifd",
+    "postcopy-ram",
+    "return-path",
+    "pause-before-switchover",
+    "switchover-ack",
+    "postcopy-preempt",
+];
+
+/// Capabilities that an owner (libvirt, an earlier migration) may have left on and that a
+/// single tunnelled stream cannot serve: a return path of its own without post-copy (the
+/// source would wait for the destination's end message that nothing carries back, with the
+/// guest paused), a pause before the switchover waiting for a `migrate-continue` never sent,
+/// an acknowledgement of the switchover, a second channel for post-copy's urgent pages.
+/// Turned off, where the QEMU has them, for the migration; put back afterwards.
+const STREAM_BREAKERS: [&str; 4] = [
+    "return-path",
+    "pause-before-switchover",
+    "switchover-ack",
+    "postcopy-preempt",
+];
 
 /// The source QEMU's settings a migration changes, as they were before it.
 #[derive(Debug, Default)]
@@ -2527,15 +2582,17 @@ async fn carry_return(
 }
 
 /// Encodes segments, two at a time (one per core), into blocks in stream order. Returns the
-/// receiving end of the blocks at once; the blocks follow as they are ready.
+/// receiving end of the blocks at once; the blocks follow as they are ready. An encoder that
+/// fails (panics) ends them with its error: blocks missing from the stream must not read as
+/// its end.
 fn encode_segments(
     mut rx: mpsc::Receiver<Segment>,
     delta: bool,
     codec: Codec,
     remote: Arc<Option<RwLock<RemoteIndex>>>,
     max_wire: usize,
-) -> mpsc::Receiver<Encoded> {
-    let (btx, brx) = mpsc::channel::<Encoded>(4);
+) -> mpsc::Receiver<Result<Encoded, String>> {
+    let (btx, brx) = mpsc::channel::<Result<Encoded, String>>(4);
     tokio::spawn(async move {
         enum Next {
             Segment(Segment),
@@ -2575,8 +2632,9 @@ fn encode_segments(
                 Next::Encoded(r) => {
                     // Done: dropped, not polled again.
                     pending.pop_front();
-                    let Ok(block) = r else { return };
-                    if btx.send(block).await.is_err() {
+                    let block = r.map_err(|e| format!("encoding the stream failed: {e}"));
+                    let failed = block.is_err();
+                    if btx.send(block).await.is_err() || failed {
                         return;
                     }
                 }
@@ -2593,7 +2651,7 @@ fn encode_segments(
 /// guest RAM crosses once), and a reference it cannot resolve after all makes that block go
 /// out raw.
 async fn forward(
-    mut blocks: mpsc::Receiver<Encoded>,
+    mut blocks: mpsc::Receiver<Result<Encoded, String>>,
     tunnel: Arc<Tunnel>,
     budget: Arc<Budget>,
     known: Arc<Option<RwLock<RemoteIndex>>>,
@@ -2606,7 +2664,8 @@ async fn forward(
     loop {
         tokio::select! {
             b = blocks.recv() => match b {
-                Some(e) => {
+                Some(Err(e)) => return Err(e),
+                Some(Ok(e)) => {
                     cached += e.cache_bytes;
                     if known.is_some() && !e.pages.is_empty() {
                         pages.insert(e.block.seq, e.pages);
@@ -2776,7 +2835,8 @@ mod tests {
     #[test]
     fn only_a_failure_after_the_destination_runs_the_guest_leaves_it_there() {
         assert!(runs_at_destination(CLEANUP, "running"));
-        // With -S the destination waits: the source can take the guest back.
+        // With -S the destination waits (not running it, but holding it: see
+        // `after_the_point`).
         assert!(!runs_at_destination(CLEANUP, "paused"));
         assert!(!runs_at_destination(CLEANUP, ""));
         for phase in ["prepare", "start", "transfer", "resume", UNKNOWN] {
@@ -2808,6 +2868,13 @@ mod tests {
         // A guest that runs there already, and an unknown outcome, stay what they are.
         assert_eq!(at(CLEANUP, true, true, "running").0, CLEANUP);
         assert_eq!(at(UNKNOWN, true, true, "").0, UNKNOWN);
+        // The destination loaded the guest and waits (`-S`): the source's own end failing
+        // afterwards is no reason to run it at the source again.
+        for exposed in [false, true] {
+            let (p, why) = at(CLEANUP, false, exposed, "prelaunch");
+            assert_eq!(p, UNKNOWN);
+            assert!(why.contains("had loaded the guest"), "{why}");
+        }
     }
 
     #[test]

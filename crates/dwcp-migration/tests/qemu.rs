@@ -231,7 +231,14 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
     sq.execute("migrate-set-parameters", Some(own))
         .await
         .unwrap();
-    let caps = json!({"capabilities": [{"capability": "auto-converge", "state": false}]});
+    // A return path and a pause before the switchover, as libvirt may leave them: neither
+    // can be served through one tunnelled stream (each would hold the paused guest until the
+    // stream timed out), so the migration turns them off and puts them back.
+    let caps = json!({"capabilities": [
+        {"capability": "auto-converge", "state": false},
+        {"capability": "return-path", "state": true},
+        {"capability": "pause-before-switchover", "state": true},
+    ]});
     sq.execute("migrate-set-capabilities", Some(caps))
         .await
         .unwrap();
@@ -304,6 +311,15 @@ async fn a_qemu_guest_migrates_through_dwcp_and_runs_with_the_same_ram() {
         .find(|c| c["capability"] == "auto-converge")
         .unwrap();
     assert_eq!(auto_converge["state"], false, "{caps}");
+    for name in ["return-path", "pause-before-switchover"] {
+        let c = caps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["capability"] == name)
+            .unwrap();
+        assert_eq!(c["state"], true, "{name} put back: {caps}");
+    }
     assert_eq!(
         digest(&dir.path().join("src.ram")),
         digest(&dir.path().join("dst.ram")),

@@ -94,6 +94,9 @@ pub struct Qmp {
     /// Bytes of a line not complete yet; kept across timed-out reads (read_until appends as
     /// it goes, so a read cut short by a timeout loses nothing).
     partial: Vec<u8>,
+    /// The rest of a line longer than the limit is being skipped (its message was reported
+    /// as an error): the monitor stays usable after it.
+    skipping: bool,
     /// The id of the next command.
     next_id: u64,
     /// Out-of-band execution was negotiated.
@@ -149,6 +152,7 @@ impl Qmp {
             hook: None,
             timeout,
             partial: Vec::new(),
+            skipping: false,
             next_id: 1,
             oob: false,
         };
@@ -292,6 +296,19 @@ impl Qmp {
             .is_some_and(|e| e.name == name)
     }
 
+    /// The latest queued event named `name`, taken with every earlier one of that name, if the
+    /// latest queued event among `names` is of that name (does not wait): e.g. the STOP that
+    /// paused the guest for good, not one an operator's `cont` undid meanwhile.
+    pub fn take_latest(&mut self, name: &str, names: &[&str]) -> Option<QmpEvent> {
+        if !self.latest_is(name, names) {
+            return None;
+        }
+        let i = self.events.iter().rposition(|e| e.name == name)?;
+        let e = self.events.remove(i);
+        self.events.retain(|e| e.name != name);
+        e
+    }
+
     /// A queued event named `name`, if one came already (does not wait).
     pub fn take_event(&mut self, name: &str) -> Option<QmpEvent> {
         let i = self.events.iter().position(|e| e.name == name)?;
@@ -318,11 +335,29 @@ impl Qmp {
 
     /// Reads one message; events are queued and also returned.
     async fn read_message(&mut self, what: &str, timeout: Duration) -> Result<Value, QmpError> {
+        // Up to a newline, never more than the limit held (a line without end must not grow
+        // memory until the timeout); the rest of a line over it is skipped.
         let read = async {
             loop {
-                let n = self.reader.read_until(b'\n', &mut self.partial).await?;
-                if n == 0 || self.partial.ends_with(b"\n") || self.partial.len() > MAX_LINE {
-                    return Ok::<usize, std::io::Error>(n);
+                let buf = self.reader.fill_buf().await?;
+                if buf.is_empty() {
+                    return Ok::<usize, std::io::Error>(0);
+                }
+                let (len, ends) = match buf.iter().position(|&b| b == b'\n') {
+                    Some(i) => (i + 1, true),
+                    None => (buf.len(), false),
+                };
+                if self.skipping {
+                    self.reader.consume(len);
+                    self.skipping = !ends;
+                    continue;
+                }
+                let room = (MAX_LINE + 1).saturating_sub(self.partial.len());
+                let take = len.min(room);
+                self.partial.extend_from_slice(&buf[..take]);
+                self.reader.consume(take);
+                if (ends && take == len) || self.partial.len() > MAX_LINE {
+                    return Ok(take);
                 }
             }
         };
@@ -335,6 +370,8 @@ impl Qmp {
             })?
             .map_err(|e| self.io(format!("read failed: {e}")))?;
         if self.partial.len() > MAX_LINE {
+            self.skipping = !self.partial.ends_with(b"\n");
+            self.partial.clear();
             return Err(self.io(format!("a message longer than {MAX_LINE} bytes")));
         }
         if n == 0 && !self.partial.ends_with(b"\n") {
@@ -379,7 +416,11 @@ fn parse_event(name: &str, v: &Value) -> QmpEvent {
         .unwrap_or(0);
     QmpEvent {
         name: name.to_string(),
-        at: UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros),
+        // (A time past what the system can hold reads as the epoch, not a panic.)
+        at: UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))
+            .and_then(|t| t.checked_add(Duration::from_micros(micros)))
+            .unwrap_or(UNIX_EPOCH),
         data: v.get("data").cloned().unwrap_or(Value::Null),
     }
 }
@@ -605,6 +646,58 @@ mod tests {
         // Still queued for a waiter, too.
         assert!(q.take_event("STOP").is_some());
         q.on_event(None);
+        drop(q);
+        server.await.unwrap();
+    }
+
+    /// A message over the limit is an error, read no further than the limit, and the monitor
+    /// answers the next command; a time past what the system holds is no panic; the STOP
+    /// that counts is the one no RESUME followed.
+    #[tokio::test]
+    async fn an_overlong_message_is_skipped_and_the_monitor_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let mut s = negotiated(&listener).await;
+            let mut buf = vec![0u8; 4096];
+            assert!(s.read(&mut buf).await.unwrap() > 0);
+            // 3 MiB in one line, in pieces, then the answer.
+            let piece = vec![b'x'; 64 << 10];
+            for _ in 0..48 {
+                s.write_all(&piece).await.unwrap();
+            }
+            s.write_all(b"\n").await.unwrap();
+            s.write_all(
+                b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 18446744073709551615, \
+                  \"microseconds\": 18446744073709551615}}\n",
+            )
+            .await
+            .unwrap();
+            for (name, secs) in [("RESUME", 2), ("STOP", 3), ("RESUME", 4), ("STOP", 5)] {
+                let e = format!(
+                    "{{\"event\": \"{name}\", \"timestamp\": {{\"seconds\": {secs}, \"microseconds\": 0}}}}\n"
+                );
+                s.write_all(e.as_bytes()).await.unwrap();
+            }
+            s.write_all(b"{\"return\": {\"status\": \"running\"}}\n")
+                .await
+                .unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let err = q.execute("query-status", None).await.unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+        assert!(q.partial.len() <= MAX_LINE, "{}", q.partial.len());
+        // The answer that follows the long line is still read.
+        let r = q.execute("query-status", None).await.unwrap();
+        assert_eq!(r["status"], "running");
+        let stop = q.take_latest("STOP", &["STOP", "RESUME"]).unwrap();
+        assert_eq!(stop.at, UNIX_EPOCH + Duration::from_secs(5));
+        assert!(
+            q.take_event("STOP").is_none(),
+            "earlier STOPs taken with it"
+        );
         drop(q);
         server.await.unwrap();
     }

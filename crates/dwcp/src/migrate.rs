@@ -557,12 +557,12 @@ fn run_qemu(
             }
             if cancel.source_done() {
                 eprintln!(
-                    "interrupted again: quitting; the source QEMU had sent its whole stream and may stay paused (resume it with QMP `cont` once the destination has dropped the migration: without the finish it does not start the guest, and its QEMU is told to quit within 3 minutes)"
+                    "interrupted again: quitting; the source QEMU had sent its whole stream and may stay paused (resume it with QMP `cont` once the destination has dropped the migration: without the finish it does not start the guest, and its QEMU is told to quit after 180 s without data plus the retry period (--retry-secs))"
                 );
                 std::process::exit(9);
             }
             eprintln!(
-                "interrupted again: quitting; the source QEMU fails the migration when its socket closes and resumes the guest, and the destination's QEMU is told to quit within 3 minutes"
+                "interrupted again: quitting; the source QEMU fails the migration when its socket closes and resumes the guest, and the destination's QEMU is told to quit after 180 s without data plus the retry period (--retry-secs)"
             );
             std::process::exit(code);
         });
