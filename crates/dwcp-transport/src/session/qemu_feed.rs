@@ -3,9 +3,12 @@
 //! local QEMU that waits with `-incoming unix:DIR/VM.incoming`, and watching that QEMU over
 //! its monitor `DIR/VM.qmp` to say when (and whether) it has loaded the VM.
 //!
-//! Memory stays bounded: at most [`MAX_BUFFERED`] bytes that QEMU can take now wait for it
-//! (beyond that the connections stop reading, and the sender's window stops it), and at most
-//! [`MAX_AHEAD`] beyond a gap.
+//! Memory stays bounded: a block that QEMU could take now waits for room while
+//! [`MAX_BUFFERED`] bytes of such blocks are held (the connections stop reading meanwhile, and
+//! the sender's window stops it); blocks beyond a gap are taken while that holds, at most
+//! [`MAX_AHEAD`] of them. When the gap closes, all of them can be fed at once: up to
+//! [`MAX_AHEAD`] bytes then wait for QEMU that the sender counts as acknowledged (and its
+//! stop decision does not see).
 //!
 //! Under post-copy (asked for at OPEN) QEMU talks back on the same socket: its return path
 //! (page requests once the guest runs here, and at the end its "done"). Those bytes wait in
@@ -682,6 +685,8 @@ impl Feeds {
             }
         }
         let waiting = Waiting(&feed, seq);
+        // Since when QEMU has taken nothing, as far as this block knows.
+        let mut idle_since = started;
         let r = loop {
             let notified = feed.wake.notified();
             tokio::pin!(notified);
@@ -730,8 +735,13 @@ impl Feeds {
                     break Ok(true);
                 }
                 s.waiting.insert(seq);
+                // A QEMU that takes data, if slowly, is not stalled: the wait counts from
+                // its last progress (a run of 100 MB ahead of this block may take a while).
+                if let Some(t) = s.last_progress {
+                    idle_since = idle_since.max(t);
+                }
             }
-            if started.elapsed() > STALL {
+            if idle_since.elapsed() > STALL {
                 break Err(format!(
                     "the destination QEMU took no data for {STALL:?} (block {seq} waiting)"
                 ));
@@ -866,6 +876,33 @@ impl Feeds {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        if feed.ret.is_some() {
+            // Under post-copy the guest runs here from the switchover on, whatever became of
+            // the pages still at the source: a stream that ended early (the source paused the
+            // post-copy) checks out to its last byte all the same. Only QEMU's own end of the
+            // migration says that every page arrived.
+            loop {
+                let info = qmp.execute("query-migrate", None).await.map_err(|e| {
+                    format!("destination QEMU for {vm:?} after the post-copy stream: {e}")
+                })?;
+                match info.get("status").and_then(serde_json::Value::as_str) {
+                    Some("completed") => break,
+                    Some(s @ ("failed" | "cancelled" | "postcopy-paused")) => {
+                        return Err(format!(
+                            "destination QEMU for {vm:?} did not complete the post-copy ({s})"
+                        ));
+                    }
+                    _ if Instant::now() > deadline => {
+                        return Err(format!(
+                            "destination QEMU for {vm:?} did not complete the post-copy within \
+                             {:?} of its stream's end",
+                            self.stall
+                        ));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
         let _ = qmp.poll_events(Duration::from_millis(1)).await;
         let resumed = qmp
             .take_event("RESUME")
@@ -1183,6 +1220,23 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
     false
 }
 
+/// Writes `bytes` to QEMU's migration socket, failing with `TimedOut` if it takes nothing
+/// for `limit`.
+async fn write_bounded(
+    sock: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    tokio::time::timeout(limit, sock.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("it took nothing for {limit:?}"),
+            ))
+        })
+}
+
 /// Feeds `vm`'s QEMU; `entry`: where the feed is listed, to leave the list when its source
 /// is gone (nothing else would remove it then).
 async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String, entry: Listing) {
@@ -1218,14 +1272,30 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String, entry:
                             "the destination QEMU stopped reading the stream at block {seq}: {e}"
                         )
                     };
-                    if !hold {
-                        sock.write_all(&block).await.map_err(stopped)?;
+                    // A QEMU that takes nothing for as long as a source may go without a block
+                    // is given up: otherwise, its source gone too, nothing would end the feed.
+                    let limit = feed.idle_limit.max(STALL);
+                    let w = if !hold {
+                        write_bounded(&mut sock, &block, limit).await
                     } else if let Some((&last, head)) = block.split_last() {
-                        if let Some(b) = held.replace(last) {
-                            sock.write_all(&[b]).await.map_err(stopped)?;
+                        let first = match held.replace(last) {
+                            Some(b) => write_bounded(&mut sock, &[b], limit).await,
+                            None => Ok(()),
+                        };
+                        match first {
+                            Ok(()) => write_bounded(&mut sock, head, limit).await,
+                            e => e,
                         }
-                        sock.write_all(head).await.map_err(stopped)?;
+                    } else {
+                        Ok(())
+                    };
+                    if w.as_ref()
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+                        && !finished
+                    {
+                        gone = true;
                     }
+                    w.map_err(stopped)?;
                     let mut s = lock(&feed.state);
                     s.ready.remove(&seq);
                     s.next = seq + 1;

@@ -4,7 +4,7 @@
 //! it (`TUNNEL_ACK`); a block on a connection that dies goes out again on another, and so
 //! does one stuck on its connection while later blocks are acknowledged; a block the receiver
 //! cannot resolve against its cache goes out again raw. The caller bounds what is beyond the
-//! acknowledged prefix (its window, [`Tunnel::acked_in_order`]), so memory stays bounded at
+//! acknowledged prefix (its window, [`Tunnel::window_acked`]), so memory stays bounded at
 //! both ends.
 
 use std::collections::{BTreeMap, HashMap};
@@ -125,7 +125,8 @@ struct Unacked {
     sent: Instant,
     /// Sent a second time, on another connection (see [`State::stuck`]).
     hedged: bool,
-    /// The second copy was a tail copy ([`State::tail_copy`]): its connection and when.
+    /// The second copy's connection and when (a tail copy, [`State::tail_copy`], or one of
+    /// the stuck rule, [`State::stuck`]).
     copy: Option<(usize, Instant)>,
     /// A third copy went (a tail copy's both copies late).
     third: bool,
@@ -133,9 +134,9 @@ struct Unacked {
 
 /// A block unacknowledged while later ones are goes again on another connection after this
 /// many shortest acknowledgement times, and twice the usual one (at least [`MIN_HEDGE`]);
-/// once the tunnel is finishing, after [`finishing_wait`]. The floors are above Linux's
-/// shortest retransmission timeout (200 ms): on a short path TCP's own timeout comes first,
-/// and a copy would only cost CPU.
+/// once the tunnel is finishing, after [`finishing_wait`]. The floors are no shorter than
+/// Linux's shortest retransmission timeout (200 ms): on a short path TCP's own timeout comes
+/// first, and a copy would only cost CPU.
 const HEDGE_AFTER: u32 = 4;
 const MIN_HEDGE: Duration = Duration::from_millis(300);
 const MIN_HEDGE_FINISHING: Duration = Duration::from_millis(200);
@@ -163,6 +164,32 @@ const TAIL_COPY_MAX: u64 = 1 << 20;
 const TAIL_COPY_MIN_RTT: Duration = Duration::from_millis(10);
 
 impl State {
+    /// Connection `i` is gone: its unacknowledged blocks go out again on the others, and
+    /// blocks whose copy went on it count as never copied, so that they may go again (the
+    /// stuck rule copies each once, and the oldest, held up, would hold all behind it until
+    /// its own connection recovered).
+    fn requeue(&mut self, i: usize) {
+        let mine: Vec<u64> = self
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.conn == i)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in mine {
+            if let Some(u) = self.unacked.remove(&k) {
+                self.resent_raw += u.block.raw.len() as u64;
+                self.queue.insert(k, u.block);
+            }
+        }
+        for u in self.unacked.values_mut() {
+            if u.copy.is_some_and(|(c, _)| c == i) {
+                u.hedged = false;
+                u.copy = None;
+                u.third = false;
+            }
+        }
+    }
+
     /// With no connection left, what remains of the retry period.
     fn left(&self) -> Option<Duration> {
         let t = self.down_since.filter(|_| self.alive == 0)?;
@@ -250,6 +277,8 @@ impl State {
             return None;
         }
         u.hedged = true;
+        // Where the copy went: should that connection die, the block may go again.
+        u.copy = Some((conn, now));
         self.hedged += 1;
         debug!(
             seq = u.block.seq,
@@ -563,19 +592,7 @@ impl Link {
         }
         s.alive = s.alive.saturating_sub(1);
         s.heard.remove(&i);
-        // Its unacknowledged blocks go out again on the others.
-        let mine: Vec<u64> = s
-            .unacked
-            .iter()
-            .filter(|(_, u)| u.conn == i)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in mine {
-            if let Some(u) = s.unacked.remove(&k) {
-                s.resent_raw += u.block.raw.len() as u64;
-                s.queue.insert(k, u.block);
-            }
-        }
+        s.requeue(i);
         if s.error.is_none() {
             // One lost stream is replaced as a matter of course; all of them is the warning.
             info!(stream = i, "tunnel stream lost: {why}");
@@ -823,15 +840,28 @@ impl Tunnel {
         let mut tasks = JoinSet::new();
         let mut max_block = usize::MAX;
         let long_path = rtt.is_some_and(|r| super::Mode::for_rtt(r) == super::Mode::Internet);
+        // A connection that dialled but cannot join (its SESSION lost, say) is left to the
+        // redialling below, as a lost one would be: the tunnel opens with the others.
+        let mut failed = None;
         for (i, conn) in conns.into_iter().enumerate() {
             if long_path {
                 tune(&conn);
             }
-            let most = link
-                .attach(&mut tasks, i, conn, 0)
-                .await
-                .map_err(SendError::Connect)?;
-            max_block = max_block.min(most);
+            match link.attach(&mut tasks, i, conn, 0).await {
+                Ok(most) => max_block = max_block.min(most),
+                Err(e) => {
+                    debug!(name, stream = i, "tunnel stream not joined: {e}");
+                    failed = Some(e);
+                }
+            }
+        }
+        if max_block == usize::MAX {
+            tasks.abort_all();
+            link.beat.tcp().close_all();
+            return Err(SendError::Connect(failed.unwrap_or(ConnError::Io {
+                stage: Stage::Handshake,
+                source: std::io::Error::other("no connection to open the tunnel on"),
+            })));
         }
         tasks.spawn(link.clone().keep_up(Redial {
             want: n,
@@ -931,7 +961,8 @@ impl Tunnel {
 
     /// The blocks acknowledged since the last call: seq, and whether the receiver decoded it
     /// (so holds the chunks it sent literally in its cache, if it has one) or took it raw.
-    /// At most the last 65,536 are kept between calls.
+    /// At most the first 65,536 since the last call are kept (later ones are dropped):
+    /// call at least that often.
     pub fn take_acked(&self) -> Vec<(u64, bool)> {
         std::mem::take(&mut lock(&self.state).acked_log)
     }
@@ -998,8 +1029,22 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         // first's answer made the block go raw: the raw one is on its way.
         return;
     }
-    let Some(u) = s.unacked.remove(&ack.seq) else {
-        return; // a block acknowledged twice (sent again after a stream loss, or stuck)
+    let u = match s.unacked.remove(&ack.seq) {
+        Some(u) => u,
+        // The answer to a copy whose original's connection died meanwhile, the block queued
+        // to go again: taken, not sent a third time.
+        None if ack.code == 0 => match s.queue.remove(&ack.seq) {
+            Some(block) => Unacked {
+                conn: usize::MAX,
+                block,
+                sent: Instant::now(),
+                hedged: true,
+                copy: None,
+                third: false,
+            },
+            None => return, // a block acknowledged twice (sent again after a loss, or stuck)
+        },
+        None => return,
     };
     let b = u.block;
     if !u.hedged && ack.code == 0 {
@@ -1110,6 +1155,38 @@ mod tests {
         assert_eq!(s.acked_blocks, 2);
         assert_eq!(s.wire_bytes, 300, "two blocks and a copy crossed");
         assert_eq!(s.hedged, 1);
+    }
+
+    /// A stuck block's copy lost with its connection: the block may go again. And the copy's
+    /// answer after the original's connection died takes the block off the queue instead of
+    /// sending it a third time.
+    #[test]
+    fn a_copy_lost_with_its_connection_goes_again_and_an_answer_to_a_copy_counts() {
+        let st = Mutex::new(State::default());
+        let t0 = Instant::now();
+        for seq in 0..3 {
+            let mut u = unacked(seq as usize, block(seq, 100, None));
+            u.sent = t0;
+            lock(&st).unacked.insert(seq, u);
+        }
+        ack(&st, 1, ErrorCode(0));
+        let later = t0 + Duration::from_secs(5);
+        let mut s = lock(&st);
+        assert_eq!(s.stuck(1, later).map(|b| b.seq), Some(0));
+        assert!(s.stuck(2, later).is_none(), "once");
+        // Connection 1, which carried the copy, dies: block 0 (on connection 0) may go again.
+        s.requeue(1);
+        assert_eq!(s.stuck(2, later).map(|b| b.seq), Some(0));
+        // Now connection 0, the original's, dies: block 0 is queued to go again; the copy on
+        // 2 is answered.
+        s.requeue(0);
+        assert!(s.queue.contains_key(&0));
+        drop(s);
+        ack(&st, 0, ErrorCode(0));
+        let s = lock(&st);
+        assert!(!s.queue.contains_key(&0), "not sent a third time");
+        assert_eq!(s.acked_blocks, 2);
+        assert_eq!(s.prefix, (2, 200));
     }
 
     #[test]
