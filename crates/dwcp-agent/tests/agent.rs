@@ -159,7 +159,7 @@ async fn t20_foreign_ca_is_refused_on_both_sides() {
     // A client that trusts our CA but holds a foreign certificate: the agent refuses it.
     let mut creds = foreign.creds("intruder");
     creds.ca_certs = ours.creds("server").ca_certs;
-    let ep = endpoint_with(creds, &settings(&ours, |_| {}));
+    let ep = dwcp_testkit::intruder_endpoint(creds, &settings(&ours, |_| {}));
     let err = connect(&ep, agent.addr).await.unwrap_err();
     assert!(matches!(err, ConnError::CertificateRefused(_)), "{err:?}");
     assert!(err.to_string().contains("refused our certificate"), "{err}");

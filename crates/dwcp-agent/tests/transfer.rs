@@ -1538,10 +1538,11 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
     let cluster = TestCluster::new();
     let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
     let src = tempfile::tempdir().unwrap();
-    let f = random_file(src.path(), "m", 12 * 1024 * 1024, 12);
     let ep = endpoint(&cluster, "client", |_| {});
     let mut tcp_counts = None;
     for carrier in [Carrier::Tcp, Carrier::Quic] {
+        // A file of its own for each: the same one again would be held whole already.
+        let f = random_file(src.path(), &format!("m-{carrier}"), 12 * 1024 * 1024, 12);
         let mut o = opts(2);
         o.carrier = carrier;
         // ~4 MB/s: three seconds, three heartbeats or so.
@@ -1641,6 +1642,7 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
     // The receiver's side, per peer, while a session runs: its streams.
     let mut o = opts(3);
     o.rate_limit = Some(4_000_000);
+    let f = random_file(src.path(), "m-later", 12 * 1024 * 1024, 14);
     let (addr, source) = (agent.addr, Source::file(&f).unwrap());
     let sender =
         tokio::spawn(async move { send_files(&ep, addr, None, &[source], &o, &mut |_| {}).await });

@@ -1712,11 +1712,14 @@ async fn run(
             let _ = qmp.poll_events(Duration::from_millis(1)).await;
             match qmp.take_latest("STOP", &["STOP", "RESUME"]) {
                 Some(e) => Some(e.at),
-                None => qmp
-                    .wait_event("STOP", Duration::from_secs(2))
-                    .await
-                    .ok()
-                    .map(|e| e.at),
+                None => {
+                    // Any STOP queued now came before a RESUME: not this pause.
+                    while qmp.take_event("STOP").is_some() {}
+                    qmp.wait_event("STOP", Duration::from_secs(2))
+                        .await
+                        .ok()
+                        .map(|e| e.at)
+                }
             }
         }
     };

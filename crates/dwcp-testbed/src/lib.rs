@@ -366,33 +366,62 @@ pub fn is_root() -> bool {
 const COMMAND_LIMIT: Duration = Duration::from_secs(20);
 
 fn run(args: &[&str]) -> Result<Output, TestbedError> {
+    use std::io::Read;
     let failed = |detail: String| TestbedError::Command {
         cmd: args.join(" "),
         detail,
     };
-    let child = Command::new(args[0])
+    let mut child = Command::new(args[0])
         .args(&args[1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| failed(e.to_string()))?;
-    let pid = rustix::process::Pid::from_child(&child);
-    // The output is read on a thread of its own (a full pipe would stall the command), and
-    // the wait for it is bounded: a hung command is killed, which ends the thread.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(COMMAND_LIMIT) {
-        Ok(r) => r.map_err(|e| failed(e.to_string()))?,
-        Err(_) => {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            return Err(failed(format!(
-                "no answer within {} s; killed",
-                COMMAND_LIMIT.as_secs()
-            )));
+    // Its output read on threads of their own (a full pipe would stall it); the wait bounded,
+    // the child killed at the deadline while it is still unreaped (its pid cannot have gone
+    // to another process).
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + COMMAND_LIMIT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(format!(
+                    "no answer within {} s; killed",
+                    COMMAND_LIMIT.as_secs()
+                )));
+            }
+            Err(e) => return Err(failed(e.to_string())),
         }
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     };
     if !out.status.success() {
         return Err(TestbedError::Command {

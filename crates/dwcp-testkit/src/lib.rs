@@ -140,6 +140,13 @@ pub fn endpoint_with(creds: NodeCredentials, settings: &Settings) -> Endpoint {
     Endpoint::new(creds.node_id, settings, tls)
 }
 
+/// A client endpoint with credentials that need not chain to the CA they trust (a peer of
+/// another CA that trusts ours: an intruder).
+pub fn intruder_endpoint(creds: NodeCredentials, settings: &Settings) -> Endpoint {
+    let tls = TlsConfigs::new_unchecked(&creds).unwrap();
+    Endpoint::new(creds.node_id, settings, tls)
+}
+
 /// An agent running on loopback in the current runtime.
 #[derive(Debug)]
 pub struct RunningAgent {

@@ -880,7 +880,9 @@ impl Feeds {
             // Under post-copy the guest runs here from the switchover on, whatever became of
             // the pages still at the source: a stream that ended early (the source paused the
             // post-copy) checks out to its last byte all the same. Only QEMU's own end of the
-            // migration says that every page arrived.
+            // migration says that every page arrived. (A deadline of its own: loading may
+            // have taken most of the first.)
+            let deadline = Instant::now() + self.stall;
             loop {
                 let info = qmp.execute("query-migrate", None).await.map_err(|e| {
                     format!("destination QEMU for {vm:?} after the post-copy stream: {e}")

@@ -1792,22 +1792,30 @@ impl Receiver {
             if stored.is_some() {
                 // The copy already published: its content against the sender's digest of
                 // the content (for an encoded object, the one its begin carried).
-                let got = hashed
-                    .unwrap_or_else(|| hash_file(&final_path))
-                    .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot read back: {e}")))?;
                 let want = delta.as_ref().map_or(&digest[..], |d| &d.raw_blake3[..]);
-                if got.as_bytes()[..] == want[..] {
-                    return Ok(());
-                }
-                // Not what it was sent as (changed in place, its times kept): the sender
-                // starts again from nothing, which this copy must not answer a second time.
-                unmark_stored(&final_path);
+                let got = match hashed.unwrap_or_else(|| hash_file(&final_path)) {
+                    Ok(h) if h.as_bytes()[..] == want[..] => {
+                        // A part file of the same version left from before (a transfer begun
+                        // before the copy was published): not needed any more.
+                        if read_state(&state).is_some_and(|(t, n, _)| t == tag && n == wire_size) {
+                            let _ = fs::remove_file(&part);
+                            let _ = fs::remove_file(&state);
+                        }
+                        return Ok(());
+                    }
+                    Ok(h) => h.to_hex().to_string(),
+                    Err(e) => format!("unreadable ({e})"),
+                };
+                // Not what it was sent as (changed in place, its times kept), or unreadable:
+                // the sender starts again from nothing, which this copy must not answer a
+                // second time.
+                unmark_stored(&file, &final_path);
                 return Err((
                     ErrorCode::CHECKSUM_MISMATCH,
                     format!(
-                        "the copy already stored at {} has BLAKE3 {}, the sender's {}",
+                        "the copy already stored at {} has BLAKE3 {got}, the sender's {}: \
+                         sending it again",
                         final_path.display(),
-                        got.to_hex(),
                         hex(want)
                     ),
                 ));
@@ -2748,9 +2756,14 @@ fn mark_stored(file: &File, tag: &str, wire_size: u64) {
 /// before the object is reported stored.
 fn stored_copy(path: &Path, tag: &str, wire_size: u64) -> Option<(File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Only a regular file is opened (a FIFO put there would block the open), and without
+    // waiting should one be swapped in between.
+    if !fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
         .open(path)
         .ok()?;
     if !file.metadata().ok()?.is_file() {
@@ -2765,10 +2778,11 @@ fn stored_copy(path: &Path, tag: &str, wire_size: u64) -> Option<(File, u64)> {
     })
 }
 
-/// Removes the mark of [`mark_stored`] (its content did not match what it was sent as).
-fn unmark_stored(path: &Path) {
-    if let Err(e) = rustix::fs::removexattr(path, STORED_XATTR) {
-        debug!(path = %path.display(), "cannot remove the stored mark: {e}");
+/// Removes the mark of [`mark_stored`] from the copy open as `file` at `path` (its content
+/// did not match what it was sent as, or could not be read).
+fn unmark_stored(file: &File, path: &Path) {
+    if let Err(e) = rustix::fs::fremovexattr(file, STORED_XATTR) {
+        warn!(path = %path.display(), "cannot remove the stored mark: {e}");
     }
 }
 
@@ -2796,6 +2810,34 @@ fn read_state(path: &Path) -> Option<(String, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A published file is known by its mark while it is unchanged; a FIFO at the name is
+    /// not opened (the open would wait for a writer).
+    #[test]
+    fn a_stored_copy_is_known_by_its_mark_and_a_fifo_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        fs::write(&path, b"content").unwrap();
+        mark_stored(&File::open(&path).unwrap(), "tag 1", 7);
+        let (_, len) = stored_copy(&path, "tag 1", 7).expect("marked and unchanged");
+        assert_eq!(len, 7);
+        assert!(stored_copy(&path, "tag 2", 7).is_none(), "another version");
+        assert!(stored_copy(&path, "tag 1", 8).is_none(), "another size");
+        // Written since (its length changes): not the copy that was marked.
+        fs::write(&path, b"content, longer").unwrap();
+        assert!(stored_copy(&path, "tag 1", 7).is_none());
+
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(stored_copy(&fifo, "tag 1", 7).is_none());
+    }
 
     /// A whole object's decode takes the receiver's cache one lookup or insert at a time:
     /// another session gets it while the decode is half done.

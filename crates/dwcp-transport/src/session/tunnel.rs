@@ -70,6 +70,9 @@ struct State {
     queue: BTreeMap<u64, Arc<Block>>,
     /// Sent, not acknowledged.
     unacked: HashMap<u64, Unacked>,
+    /// Blocks queued again because their connection died (a copy of one may be answered
+    /// while it waits in `queue`).
+    requeued: std::collections::HashSet<u64>,
     acked_blocks: u64,
     acked_raw: u64,
     /// Raw bytes of acknowledged blocks, and what went on the wire for them (copies of stuck
@@ -179,6 +182,7 @@ impl State {
             if let Some(u) = self.unacked.remove(&k) {
                 self.resent_raw += u.block.raw.len() as u64;
                 self.queue.insert(k, u.block);
+                self.requeued.insert(k);
             }
         }
         for u in self.unacked.values_mut() {
@@ -277,8 +281,10 @@ impl State {
             return None;
         }
         u.hedged = true;
-        // Where the copy went: should that connection die, the block may go again.
+        // Where the copy went: should that connection die, the block may go again. (Marked
+        // as if a third had gone: the tail's third copies are for tail copies only.)
         u.copy = Some((conn, now));
+        u.third = true;
         self.hedged += 1;
         debug!(
             seq = u.block.seq,
@@ -1029,11 +1035,13 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         // first's answer made the block go raw: the raw one is on its way.
         return;
     }
+    let requeued = s.requeued.remove(&ack.seq);
     let u = match s.unacked.remove(&ack.seq) {
         Some(u) => u,
         // The answer to a copy whose original's connection died meanwhile, the block queued
-        // to go again: taken, not sent a third time.
-        None if ack.code == 0 => match s.queue.remove(&ack.seq) {
+        // to go again: taken, not sent a third time. (Only such a block: one queued and
+        // never sent is not answered.)
+        None if ack.code == 0 && requeued => match s.queue.remove(&ack.seq) {
             Some(block) => Unacked {
                 conn: usize::MAX,
                 block,
@@ -1183,10 +1191,17 @@ mod tests {
         assert!(s.queue.contains_key(&0));
         drop(s);
         ack(&st, 0, ErrorCode(0));
-        let s = lock(&st);
+        let mut s = lock(&st);
         assert!(!s.queue.contains_key(&0), "not sent a third time");
         assert_eq!(s.acked_blocks, 2);
         assert_eq!(s.prefix, (2, 200));
+        // An answer for a block queued but never sent is not taken for one.
+        s.queue.insert(7, block(7, 100, None));
+        drop(s);
+        ack(&st, 7, ErrorCode(0));
+        let s = lock(&st);
+        assert!(s.queue.contains_key(&7));
+        assert_eq!(s.acked_blocks, 2);
     }
 
     #[test]
