@@ -474,7 +474,17 @@ pub async fn migrate(
                             .await;
                 }
                 report.bit_exact = match checked {
-                    Ok((_, dest_pages)) => Some(dest_pages == vm.page_hashes()),
+                    Ok((_, dest_pages)) => {
+                        let mine = vm.page_hashes();
+                        // An empty list: the destination could not hash its copy (gone,
+                        // another size, unreadable, too large): not known, not "differs".
+                        if dest_pages.is_empty() && !mine.is_empty() {
+                            warn!("the destination could not hash its copy: not verified");
+                            None
+                        } else {
+                            Some(dest_pages == mine)
+                        }
+                    }
                     Err(e) => {
                         warn!("cannot verify the destination: {e}");
                         None
@@ -580,6 +590,12 @@ pub async fn migrate(
                 match aborted {
                     Ok(()) => {
                         failed_mid_round = round_failed;
+                        Event::RolledBack
+                    }
+                    // Preparing left nothing there to clean (the destination unreachable or
+                    // refusing, most likely why it failed).
+                    Err(e) if prior == Phase::Prepare => {
+                        debug!("the rollback's abort after preparing: {e}");
                         Event::RolledBack
                     }
                     Err(e) => Event::Failed(format!("cannot clean the destination: {e}")),

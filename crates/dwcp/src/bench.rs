@@ -27,6 +27,11 @@ struct Row {
 /// Set by SIGINT/SIGTERM: runs stop, and the testbed is torn down on the way out.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Whether SIGINT or SIGTERM came (after [`watch_signals`]).
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 fn watch_signals() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,11 +82,13 @@ pub(crate) fn wait_bounded(
 ) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
+        // Before the child's status: the same Ctrl-C may have ended the child, which must
+        // not pass for its result.
+        if interrupted() {
+            bail!("interrupted");
+        }
         if let Some(status) = child.0.try_wait()? {
             return Ok(status);
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            bail!("interrupted");
         }
         if Instant::now() > deadline {
             bail!("{what} did not finish within {limit:?}");
@@ -420,9 +427,11 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         // would otherwise take many minutes for the same payload.
         // QUIC's BBR is in user space: bound its rows like BBR's.
         let like_cc = if carrier == "tcp" { cc } else { "bbr" };
+        // iperf3 ran 1 and 8 streams: a count between takes the 8 streams' rate.
+        let like_streams = if streams <= 1 { 1 } else { 8 };
         let like = rows
             .iter()
-            .filter(|r| r.congestion == like_cc && r.streams == streams.min(8))
+            .filter(|r| r.congestion == like_cc && r.streams == like_streams)
             .map(|r| r.mbit_s)
             .fold(0.0_f64, f64::max);
         let cap = (like * 1e6 / 8.0 * f64::from(secs) * 2.0) as u64;
@@ -431,7 +440,8 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         if !file.exists() {
             write_random(&file, run_size)?;
         }
-        // The baseline first in each round, so neither build always runs on a warmer host.
+        // The two builds take turns going first, round by round, so that neither always runs
+        // right after the other (an even --rounds evens it out).
         let builds: Vec<(&Path, bool)> = baseline
             .as_deref()
             .map(|b| (b, true))
@@ -439,7 +449,12 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
             .chain([(exe.as_path(), false)])
             .collect();
         for round in 1..=args.rounds {
-            for &(bin, is_baseline) in &builds {
+            let order: Vec<(&Path, bool)> = if round % 2 == 0 {
+                builds.iter().rev().copied().collect()
+            } else {
+                builds.clone()
+            };
+            for &(bin, is_baseline) in &order {
                 let which = if is_baseline { " [baseline]" } else { "" };
                 eprintln!(
                     "{label}{which}: {streams_arg} stream(s), {cc}, {carrier}, {run_size} bytes, \
@@ -459,7 +474,16 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
                     carrier,
                     run_size,
                 )?;
-                let mbit = j["goodput_mbit_s"].as_f64().unwrap_or(0.0);
+                // A run that measured nothing must not count as a slow one.
+                let mbit = j["goodput_mbit_s"].as_f64().ok_or_else(|| {
+                    anyhow!("{label}{which}: no goodput_mbit_s in dwcp send's report: {j}")
+                })?;
+                if j["files"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f["resumed_from"].as_u64() != Some(0)))
+                {
+                    bail!("{label}{which}: the receiver held part of the payload already: {j}");
+                }
                 let used = j["transport"].as_str().unwrap_or("?");
                 rows.push(Row {
                     tool: if is_baseline { "dwcp-baseline" } else { "dwcp" },
@@ -673,7 +697,8 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
     for d in 2..=args.destinations {
         let node = format!("bench-b{d}");
         dwcp_transport::pki::issue_node(&certs, &dwcp_wire::NodeId::new(&node)?, 1, false)?;
-        let port = 7910 + 2 * (d - 2);
+        // (Below 7920: the QEMU rows' own agents.)
+        let port = 7920 + 2 * (d - 2);
         dests.push((
             node,
             format!("{}:{port}", tb.addr_b),
@@ -771,18 +796,45 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         }
         runs.extend(group);
     }
+    if interrupted() {
+        bail!("interrupted: no results written");
+    }
     let qemu_rows = if qemu_mem == 0 || qemu_cases.is_empty() {
         None
     } else if let Some(why) = crate::bench_qemu::unavailable() {
         eprintln!("QEMU rows skipped: {why}");
         Some(Err(why))
     } else {
+        // The cold row needs a destination whose cache is empty: after memory-image cases
+        // (whose images hold this machine's libraries, as the guest does), an agent of its
+        // own.
+        let (qemu_agent, qemu_listen, _fresh) = if cases.is_empty() {
+            ("agent", listen, None)
+        } else {
+            let l = format!("{}:7904", tb.addr_b);
+            let a = start_agent(
+                &tb,
+                &exe,
+                work.path(),
+                &certs,
+                &AgentSpec {
+                    name: "agent-qemu",
+                    node_id: "bench-b",
+                    listen: &l,
+                    admin: "127.0.0.1:7905",
+                    congestion: &args.congestion,
+                    seeds: None,
+                },
+            )?;
+            ("agent-qemu", l, Some(a))
+        };
         let qb = crate::bench_qemu::QemuBench {
             tb: &tb,
             work: work.path(),
             exe: &exe,
             certs: &certs,
-            listen: &listen,
+            agent: qemu_agent,
+            listen: &qemu_listen,
             congestion: &args.congestion,
             mem_mib: qemu_mem,
             dirty_pages: args.qemu_dirty_pages,
@@ -794,6 +846,9 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         };
         Some(qb.run().map_err(|e| format!("{e:#}")))
     };
+    if interrupted() {
+        bail!("interrupted: no results written");
+    }
     for (_, _, name, _) in &dests {
         keep_log(
             &work.path().join(format!("{name}.err")),
@@ -847,16 +902,22 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 .max()
                 .unwrap_or(0)
         });
+        // An unknown figure is "-", not a 0 that reads as measured.
+        let ms = |k: &str| {
+            rep[k]
+                .as_f64()
+                .map_or("-".to_string(), |v| format!("{v:.0}"))
+        };
         println!(
-            "{:<w$} {:>10} {:>12} {:>9.1} {:>11.0} {:>9.0} {:>11.0} {:>7} {:>10.1} {:>8}% {:>10}",
+            "{:<w$} {:>10} {:>12} {:>9.1} {:>11} {:>9} {:>11} {:>7} {:>10.1} {:>8}% {:>10}",
             label(r),
             r["dirty_rate"].as_str().unwrap_or(""),
             rep["result"].as_str().unwrap_or("?"),
             rep["total_seconds"].as_f64().unwrap_or(0.0),
-            rep["downtime_ms"].as_f64().unwrap_or(0.0),
+            ms("downtime_ms"),
             // Until the source heard of the commit: what `predicted` and the bound are on.
-            rep["downtime_observed_ms"].as_f64().unwrap_or(0.0),
-            rep["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
+            ms("downtime_observed_ms"),
+            ms("predicted_downtime_ms"),
             rep["rounds"].as_array().map_or(0, Vec::len),
             rep["wire_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             throttle,

@@ -196,6 +196,8 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
         let (stats, enc_s) = best(args.repeat, || {
             encode_pages(&img.data, None, None, codec, &mut out)
         })?;
+        // Poisoned first: a page the decoder failed to write must not pass for right.
+        back.fill(0xA5);
         let mut store = MemStore::from_vec(std::mem::take(&mut back), ps);
         let (_, dec_s) = best(args.repeat, || {
             decode_pages(&out, &mut store, &mut NoCache).map(|_| ())
@@ -256,6 +258,7 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
         let (stats, enc_s) = best(args.repeat, || {
             encode_pages(&img.data, None, Some(&remote), Codec::Zstd(2), &mut out)
         })?;
+        back.fill(0xA5);
         let mut store = MemStore::from_vec(std::mem::take(&mut back), ps);
         let (dec, dec_s) = best(args.repeat, || decode_pages(&out, &mut store, &mut cache))?;
         back = store.into_vec();

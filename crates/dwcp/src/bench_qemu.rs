@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use dwcp_migration::qemu_vm::{GuestImage, Launch, QemuProcess, qemu_binary};
 use dwcp_testbed::Testbed;
 use dwcp_transport::qmp::{Qmp, capability};
@@ -22,7 +22,9 @@ pub(crate) struct QemuBench<'a> {
     pub(crate) work: &'a Path,
     pub(crate) exe: &'a str,
     pub(crate) certs: &'a Path,
-    /// The agent in B (`bench::start_agent` named "agent").
+    /// The agent in B the cold and warm rows use, its name (`bench::start_agent`), and where
+    /// it listens: one that no memory-image case has sent pages to (its cache empty).
+    pub(crate) agent: &'a str,
     pub(crate) listen: &'a str,
     pub(crate) congestion: &'a str,
     pub(crate) mem_mib: u64,
@@ -111,7 +113,15 @@ impl QemuBench<'_> {
                 "net.ipv4.tcp_congestion_control={}",
                 self.congestion
             ));
-            let _ = c.status();
+            // Rows labelled with an algorithm they did not run would mislead.
+            let status = c.status().context("cannot run sysctl in the testbed")?;
+            if !status.success() {
+                bail!(
+                    "cannot make {:?} the testbed's TCP congestion control for QEMU's own \
+                     sockets (sysctl: {status})",
+                    self.congestion
+                );
+            }
         }
         let mut l = Launch::new(self.mem_mib, self.work.join("qemu-src.log"));
         l.qmp = vec![self.work.join("qemu-src.qmp")];
@@ -138,6 +148,9 @@ impl QemuBench<'_> {
         for (i, (key, case)) in CASES.iter().enumerate() {
             if !self.cases.iter().any(|c| c == key) {
                 continue;
+            }
+            if crate::bench::interrupted() {
+                bail!("interrupted");
             }
             eprintln!("QEMU: {case} ...");
             let r = if case.starts_with("native") {
@@ -174,7 +187,7 @@ impl QemuBench<'_> {
                     &["--no-throttle"],
                 )
             } else {
-                self.through_dwcp(&image, i, self.listen, "agent", &[])
+                self.through_dwcp(&image, i, self.listen, self.agent, &[])
             };
             let row = match r {
                 Ok(v) => v,
@@ -253,6 +266,10 @@ impl QemuBench<'_> {
                 Some("completed") => break info,
                 Some("failed") => {
                     return Ok(json!({"result": "failed", "error": info.to_string()}));
+                }
+                _ if crate::bench::interrupted() => {
+                    let _ = sq.execute("migrate_cancel", None).await;
+                    bail!("interrupted");
                 }
                 _ if started.elapsed() > self.native_timeout => {
                     let _ = sq.execute("migrate_cancel", None).await;
@@ -377,7 +394,7 @@ impl QemuBench<'_> {
             let (ns, to) = (self.tb.ns_a.clone(), self.tb.addr_b.to_string());
             std::thread::spawn(move || outage(&ns, &to))
         });
-        crate::bench::wait_bounded(
+        let status = crate::bench::wait_bounded(
             &mut child,
             Duration::from_secs(900),
             "dwcp migrate --qemu-qmp",
@@ -389,11 +406,18 @@ impl QemuBench<'_> {
         let mut report: Value = serde_json::from_slice(&std::fs::read(&out)?).unwrap_or_else(|_| {
             json!({"result": "failed", "error": std::fs::read_to_string(&err).unwrap_or_default().trim().to_string()})
         });
+        // The command's own verdict: a report that says migrated from a command that failed
+        // is not taken at its word.
+        report["exit"] = json!(status.code());
+        if report["result"] == "migrated" && !status.success() {
+            report["result"] = json!("failed");
+            report["error"] = json!(format!("dwcp migrate exited with {status}"));
+        }
         // Without a cut (a kernel whose `ss -K` destroys nothing: no
         // CONFIG_INET_DIAG_DESTROY), the case measured nothing of what it is for.
         if agent == "agent-cold-outage"
             && report["result"] == "migrated"
-            && report["tunnel_reconnects"].as_u64() == Some(0)
+            && report["tunnel_reconnects"].as_u64().unwrap_or(0) == 0
         {
             report["result"] = json!("failed");
             report["error"] = json!(

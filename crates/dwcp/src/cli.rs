@@ -18,7 +18,7 @@ Exit codes: 0 ok, 1 internal error, 2 bad command line, 3 invalid configuration,
 6 authentication (certificate refused, identity mismatch), 7 protocol (peer incompatible or
 misbehaving), 8 migration not completed (the VM is at the source as before), 9 migration not
 completed and the source left paused (check the destination); 130 or 143 when a second
-SIGINT or SIGTERM ends `dwcp migrate --qemu-qmp` at once. `dwcp testbed --in-a` passes on
+SIGINT or SIGTERM ends `dwcp migrate` at once. `dwcp testbed --in-a` passes on
 its command's status. Docs: README.md, docs/CONFIG.md, docs/OPERATIONS.md,
 docs/PROTOCOL.md.";
 
@@ -692,7 +692,9 @@ pub(crate) struct MigrateArgs {
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub(crate) downtime_ms: u64,
 
-    /// Most pre-copy rounds before escalating (a memory image; QEMU counts its own).
+    /// Most pre-copy rounds, throttled ones included (a memory image; QEMU counts its own):
+    /// rounds that stop shrinking before then throttle the guest; at this many, post-copy if
+    /// allowed, else the migration is given up and rolled back.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub(crate) max_rounds: u32,
 

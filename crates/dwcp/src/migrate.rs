@@ -467,6 +467,19 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
             .map_or("this node", |n| n.as_str());
         print_report(&report, from, &args.to);
     }
+    outcome(&report)
+}
+
+/// The command's result for a memory-image migration's report: migrated (and not found to
+/// differ), rolled back (8), or the source left paused (9). A destination image found to
+/// differ from the source's is a bug (1), whatever else the report says.
+pub(crate) fn outcome(report: &MigrationReport) -> Result<()> {
+    if report.migrated && report.bit_exact == Some(false) {
+        return Err(anyhow::anyhow!(
+            "migrated, but the destination's image differs from the source's at the moment it \
+             stopped (a bug: please report)"
+        ));
+    }
     if report.migrated {
         Ok(())
     } else {
@@ -785,6 +798,48 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Migrated and bit-exact or not verified: success; found to differ: a bug (1), never
+    /// success; not migrated: 8, or 9 with the source paused.
+    #[test]
+    fn the_outcome_follows_the_report_and_a_differing_image_is_an_error() {
+        let report = |migrated, bit_exact, source_paused| MigrationReport {
+            migrated,
+            how: "why".into(),
+            total_seconds: 1.0,
+            downtime_ms: None,
+            downtime_observed_ms: None,
+            rounds: Vec::new(),
+            guest_bytes: 1 << 20,
+            wire_bytes: 0,
+            bit_exact,
+            codec: String::new(),
+            levels: [0; 6],
+            predicted_downtime_ms: None,
+            cold_resends: 0,
+            overlapped_parts: 0,
+            committed_with_final_round: false,
+            shadow_bytes: 0,
+            source_paused,
+            tcp: None,
+            reconnects: 0,
+        };
+        assert!(outcome(&report(true, Some(true), false)).is_ok());
+        assert!(outcome(&report(true, None, false)).is_ok());
+        let e = outcome(&report(true, Some(false), false)).unwrap_err();
+        assert!(e.downcast_ref::<MigrationFailed>().is_none(), "{e:#}");
+        assert!(e.to_string().contains("differs"), "{e:#}");
+        let e = outcome(&report(false, None, false)).unwrap_err();
+        assert!(matches!(
+            e.downcast_ref::<MigrationFailed>(),
+            Some(MigrationFailed::RolledBack)
+        ));
+        let e = outcome(&report(false, None, true)).unwrap_err();
+        assert!(matches!(
+            e.downcast_ref::<MigrationFailed>(),
+            Some(MigrationFailed::OutcomeUnknown)
+        ));
+    }
 
     #[test]
     fn the_shadow_keeps_every_page_while_that_fits_and_half_the_rest_otherwise() {
