@@ -478,9 +478,11 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
                 let mbit = j["goodput_mbit_s"].as_f64().ok_or_else(|| {
                     anyhow!("{label}{which}: no goodput_mbit_s in dwcp send's report: {j}")
                 })?;
-                if j["files"]
-                    .as_array()
-                    .is_some_and(|f| f.iter().any(|f| f["resumed_from"].as_u64() != Some(0)))
+                // (After a reconnection within the run a resumed file is expected.)
+                if j["reconnects"].as_u64() == Some(0)
+                    && j["files"]
+                        .as_array()
+                        .is_some_and(|f| f.iter().any(|f| f["resumed_from"].as_u64() != Some(0)))
                 {
                     bail!("{label}{which}: the receiver held part of the payload already: {j}");
                 }
@@ -685,8 +687,9 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .to_string();
     let (work, certs, tb, rtt) = testbed_up(&profile, args.seed)?;
     let listen = format!("{}:7900", tb.addr_b);
-    // The first destination is the agent the QEMU rows use too; the others are nodes of
-    // their own (ports 7910 and up: 7902 is the seeded agent's).
+    // The first destination is the agent the QEMU rows use too when no memory-image case
+    // runs (else they get one of their own); the others are nodes of their own (ports 7920
+    // and up: 7902-7913 are the QEMU rows' agents).
     // (node, listen, name, admin)
     let mut dests = vec![(
         "bench-b".to_string(),
@@ -808,11 +811,12 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         // The cold row needs a destination whose cache is empty: after memory-image cases
         // (whose images hold this machine's libraries, as the guest does), an agent of its
         // own.
-        let (qemu_agent, qemu_listen, _fresh) = if cases.is_empty() {
-            ("agent", listen, None)
+        // (Ports 7912/7913: the QEMU rows' other agents take 7902-7911.)
+        let fresh = if cases.is_empty() {
+            Ok(("agent", listen, None))
         } else {
-            let l = format!("{}:7904", tb.addr_b);
-            let a = start_agent(
+            let l = format!("{}:7912", tb.addr_b);
+            start_agent(
                 &tb,
                 &exe,
                 work.path(),
@@ -821,30 +825,40 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                     name: "agent-qemu",
                     node_id: "bench-b",
                     listen: &l,
-                    admin: "127.0.0.1:7905",
+                    admin: "127.0.0.1:7913",
                     congestion: &args.congestion,
                     seeds: None,
                 },
-            )?;
-            ("agent-qemu", l, Some(a))
+            )
+            .map(|a| ("agent-qemu", l, Some(a)))
         };
-        let qb = crate::bench_qemu::QemuBench {
-            tb: &tb,
-            work: work.path(),
-            exe: &exe,
-            certs: &certs,
-            agent: qemu_agent,
-            listen: &qemu_listen,
-            congestion: &args.congestion,
-            mem_mib: qemu_mem,
-            dirty_pages: args.qemu_dirty_pages,
-            numa_nodes: args.qemu_numa_nodes,
-            dest_prealloc: args.qemu_dest_prealloc,
-            codec: args.qemu_codec,
-            native_timeout: Duration::from_secs(args.qemu_native_timeout_secs),
-            cases: qemu_cases,
-        };
-        Some(qb.run().map_err(|e| format!("{e:#}")))
+        match fresh {
+            Err(e) => Some(Err(format!("the QEMU rows' agent did not start: {e:#}"))),
+            Ok((qemu_agent, qemu_listen, _fresh)) => {
+                let qb = crate::bench_qemu::QemuBench {
+                    tb: &tb,
+                    work: work.path(),
+                    exe: &exe,
+                    certs: &certs,
+                    agent: qemu_agent,
+                    listen: &qemu_listen,
+                    congestion: &args.congestion,
+                    mem_mib: qemu_mem,
+                    dirty_pages: args.qemu_dirty_pages,
+                    numa_nodes: args.qemu_numa_nodes,
+                    dest_prealloc: args.qemu_dest_prealloc,
+                    codec: args.qemu_codec,
+                    native_timeout: Duration::from_secs(args.qemu_native_timeout_secs),
+                    cases: qemu_cases,
+                };
+                let rows = qb.run().map_err(|e| format!("{e:#}"));
+                keep_log(
+                    &work.path().join(format!("{qemu_agent}.err")),
+                    &format!("{qemu_agent}.log"),
+                );
+                Some(rows)
+            }
+        }
     };
     if interrupted() {
         bail!("interrupted: no results written");

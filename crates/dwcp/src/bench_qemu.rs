@@ -411,7 +411,8 @@ impl QemuBench<'_> {
         report["exit"] = json!(status.code());
         if report["result"] == "migrated" && !status.success() {
             report["result"] = json!("failed");
-            report["error"] = json!(format!("dwcp migrate exited with {status}"));
+            let said = report["error"].as_str().unwrap_or("").to_string();
+            report["error"] = json!(format!("dwcp migrate exited with {status}; {said}"));
         }
         // Without a cut (a kernel whose `ss -K` destroys nothing: no
         // CONFIG_INET_DIAG_DESTROY), the case measured nothing of what it is for.
