@@ -238,6 +238,7 @@ pub async fn migrate(
         overlapped_parts: 0,
         committed: None,
         committed_unix_us: None,
+        commit_heard_late: false,
         commit_part_started: None,
         commit_asked: false,
         links: Arc::default(),
@@ -407,7 +408,9 @@ pub async fn migrate(
                     }
                     _ => 0.0,
                 };
-                report.downtime_ms = observed.map(|o| {
+                // A commit found out by asking: the pause ended at some unknown point before.
+                let observed_commit = observed.filter(|_| !state.commit_heard_late);
+                report.downtime_ms = observed_commit.map(|o| {
                     match pause_to_commit_ms(paused_unix, state.committed_unix_us, sent, o) {
                         Some(ms) => ms,
                         None => {
@@ -447,8 +450,10 @@ pub async fn migrate(
                         warn!(
                             "the commit's answer was lost ({e}), but the destination has published the paused source's memory"
                         );
-                        report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
-                        report.downtime_observed_ms = report.downtime_ms;
+                        // When it committed is not known; only when this host found out.
+                        report.downtime_ms = None;
+                        report.downtime_observed_ms =
+                            paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
                         report.total_seconds = started.elapsed().as_secs_f64();
                         Event::DestinationResumed
                     }
@@ -639,8 +644,9 @@ pub async fn migrate(
             "committed, though its answer was lost ({}); the source stays paused",
             report.how
         );
-        report.downtime_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
-        report.downtime_observed_ms = report.downtime_ms;
+        // When it committed is not known; only when this host found out.
+        report.downtime_ms = None;
+        report.downtime_observed_ms = paused_at.map(|t| t.elapsed().as_secs_f64() * 1000.0);
     }
     report.source_paused = !report.migrated && vm.is_paused();
     report.codec = state
@@ -703,6 +709,9 @@ struct RoundState {
     /// When the destination says it committed, by its clock (microseconds since 1970), if
     /// it says.
     committed_unix_us: Option<u64>,
+    /// The commit was learned by asking the destination after its answer was lost: when it
+    /// happened is not known (only when this host found out).
+    commit_heard_late: bool,
     /// When the part that committed began to be sent.
     commit_part_started: Option<Instant>,
     /// Set once a commit was asked for (a final round that carries it, or `MIGRATION`
@@ -1267,6 +1276,7 @@ async fn send_parts(
                 );
                 landed.insert(part.k, part.levels);
                 state.committed = Some(Instant::now());
+                state.commit_heard_late = true;
             }
             Landed::Refused(e) | Landed::Failed(e) => return Err(format!("round {round}: {e}")),
         }

@@ -290,6 +290,11 @@ pub(crate) async fn run_with_progress(
     r
 }
 
+/// Milliseconds, or "an unknown time" (not a 0 that reads as measured).
+fn ms_or_unknown(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "an unknown time".to_string(), |v| format!("{v:.0} ms"))
+}
+
 /// The report as JSON.
 pub(crate) fn report_json(r: &MigrationReport) -> Value {
     let [zero, same, dup, cache, xor, literal] = r.levels;
@@ -377,12 +382,12 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
     }
     if r.migrated {
         println!(
-            "result: migrated ({}) in {:.2} s; guest paused {:.0} ms until the destination committed ({:.0} ms until this host heard; predicted {:.0} ms); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
+            "result: migrated ({}) in {:.2} s; guest paused {} until the destination committed ({} until this host heard; predicted {}); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
             r.how,
             r.total_seconds,
-            r.downtime_ms.unwrap_or(0.0),
-            r.downtime_observed_ms.unwrap_or(0.0),
-            r.predicted_downtime_ms.unwrap_or(0.0),
+            ms_or_unknown(r.downtime_ms),
+            ms_or_unknown(r.downtime_observed_ms),
+            ms_or_unknown(r.predicted_downtime_ms),
             r.wire_bytes as f64 / 1e6,
             r.guest_bytes >> 20,
             r.wire_bytes as f64 / r.guest_bytes.max(1) as f64 * 100.0,
