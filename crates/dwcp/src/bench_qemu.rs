@@ -134,7 +134,19 @@ impl QemuBench<'_> {
             self.mem_mib
         );
         let mut src = QemuProcess::spawn(&image, &l)?;
-        let console = rt.block_on(src.wait_serial("dwcp-guest ready", Duration::from_secs(600)))?;
+        // Ctrl-C during the boot ends the wait (the signal is handled, not fatal, here).
+        let console = rt.block_on(async {
+            tokio::select! {
+                r = src.wait_serial("dwcp-guest ready", Duration::from_secs(600)) => {
+                    r.map_err(anyhow::Error::from)
+                }
+                () = async {
+                    while !crate::bench::interrupted() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                } => Err(anyhow!("interrupted")),
+            }
+        })?;
         // The guest's own account of what it filled (and how much it read from its disk).
         let ready = console
             .lines()

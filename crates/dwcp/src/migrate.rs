@@ -255,6 +255,8 @@ pub(crate) async fn run_with_progress(
     spec: &MigrationSpec,
     chatty: bool,
 ) -> MigrationReport {
+    // A line redrawn in place only on a terminal: in a log it would be clutter.
+    let chatty = chatty && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = Instant::now();
     let mut progress = |p: &dwcp_migration::Progress| {
         if !chatty || last.elapsed().as_millis() < 200 && p.phase != "Prepare" {
@@ -434,11 +436,15 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         spec.link_bps = r;
     }
     spec.rate_limit = cap.map(RateLimit::new);
+    // The destination's address first: a typo or an unresolvable name is told before a
+    // large VM is generated.
+    let runtime = crate::commands::runtime()?;
+    let addr = runtime.block_on(crate::commands::resolve(&args.to))?;
     let MadeVm { vm, shadow_bytes } = make_vm(&args.vm, !args.json)?;
     spec.shadow_bytes = shadow_bytes;
     let cancel = tokio_util::sync::CancellationToken::new();
     spec.cancel = Some(cancel.clone());
-    let report = crate::commands::runtime()?.block_on(async {
+    let report = runtime.block_on(async {
         // SIGINT or SIGTERM: roll back (the guest runs on at the source) unless it is paused
         // for its final round already; a second one ends at once.
         let mut signals = crate::commands::StopSignals::new()?;
@@ -455,7 +461,6 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
             );
             std::process::exit(code);
         });
-        let addr = crate::commands::resolve(&args.to).await?;
         let dest = Destination {
             endpoint: &endpoint,
             addr,
@@ -627,6 +632,8 @@ pub(crate) async fn run_qemu_with_progress(
     spec: &QemuSpec,
     chatty: bool,
 ) -> Result<QemuReport, QemuError> {
+    // A line redrawn in place only on a terminal: in a log it would be clutter.
+    let chatty = chatty && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let mut progress = |p: &QemuProgress| {
         if !chatty {
