@@ -176,6 +176,33 @@ pub struct MigrationReport {
     pub reconnects: u32,
 }
 
+impl MigrationReport {
+    /// A report of nothing done yet, for a guest of `guest_bytes`.
+    pub fn new(guest_bytes: u64) -> Self {
+        Self {
+            migrated: false,
+            how: String::new(),
+            total_seconds: 0.0,
+            downtime_ms: None,
+            downtime_observed_ms: None,
+            rounds: Vec::new(),
+            guest_bytes,
+            wire_bytes: 0,
+            bit_exact: None,
+            codec: String::new(),
+            levels: [0; 6],
+            predicted_downtime_ms: None,
+            cold_resends: 0,
+            overlapped_parts: 0,
+            committed_with_final_round: false,
+            shadow_bytes: 0,
+            source_paused: false,
+            tcp: None,
+            reconnects: 0,
+        }
+    }
+}
+
 /// Live progress for displays.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -252,27 +279,7 @@ pub async fn migrate(
             std::process::id()
         ),
     };
-    let mut report = MigrationReport {
-        migrated: false,
-        how: String::new(),
-        total_seconds: 0.0,
-        downtime_ms: None,
-        downtime_observed_ms: None,
-        rounds: Vec::new(),
-        guest_bytes: raw_size,
-        wire_bytes: 0,
-        bit_exact: None,
-        codec: String::new(),
-        levels: [0; 6],
-        predicted_downtime_ms: None,
-        cold_resends: 0,
-        overlapped_parts: 0,
-        committed_with_final_round: false,
-        shadow_bytes: 0,
-        source_paused: false,
-        tcp: None,
-        reconnects: 0,
-    };
+    let mut report = MigrationReport::new(raw_size);
     let mut paused_at: Option<Instant> = None;
     // The same moment by the clock the destination's commit time is in.
     let mut paused_unix: Option<std::time::SystemTime> = None;

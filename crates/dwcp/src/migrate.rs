@@ -818,23 +818,9 @@ mod tests {
         let report = |migrated, bit_exact, source_paused| MigrationReport {
             migrated,
             how: "why".into(),
-            total_seconds: 1.0,
-            downtime_ms: None,
-            downtime_observed_ms: None,
-            rounds: Vec::new(),
-            guest_bytes: 1 << 20,
-            wire_bytes: 0,
             bit_exact,
-            codec: String::new(),
-            levels: [0; 6],
-            predicted_downtime_ms: None,
-            cold_resends: 0,
-            overlapped_parts: 0,
-            committed_with_final_round: false,
-            shadow_bytes: 0,
             source_paused,
-            tcp: None,
-            reconnects: 0,
+            ..MigrationReport::new(1 << 20)
         };
         assert!(outcome(&report(true, Some(true), false)).is_ok());
         assert!(outcome(&report(true, None, false)).is_ok());

@@ -1131,15 +1131,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_stuck_block_goes_again_once_on_another_connection() {
+    /// Blocks 0, 1 and 2 of 100 bytes out at `t0`, each on the connection of its number.
+    fn three_out(t0: Instant) -> Mutex<State> {
         let st = Mutex::new(State::default());
-        let t0 = Instant::now();
         for seq in 0..3 {
             let mut u = unacked(seq as usize, block(seq, 100, None));
             u.sent = t0;
             lock(&st).unacked.insert(seq, u);
         }
+        st
+    }
+
+    #[test]
+    fn a_stuck_block_goes_again_once_on_another_connection() {
+        let t0 = Instant::now();
+        let st = three_out(t0);
         let later = t0 + Duration::from_secs(5);
         // Nothing acknowledged yet: nothing is known to be stuck.
         assert!(lock(&st).stuck(1, later).is_none());
@@ -1170,13 +1176,8 @@ mod tests {
     /// sending it a third time.
     #[test]
     fn a_copy_lost_with_its_connection_goes_again_and_an_answer_to_a_copy_counts() {
-        let st = Mutex::new(State::default());
         let t0 = Instant::now();
-        for seq in 0..3 {
-            let mut u = unacked(seq as usize, block(seq, 100, None));
-            u.sent = t0;
-            lock(&st).unacked.insert(seq, u);
-        }
+        let st = three_out(t0);
         ack(&st, 1, ErrorCode(0));
         let later = t0 + Duration::from_secs(5);
         let mut s = lock(&st);
