@@ -70,6 +70,10 @@ pub struct MigrationSpec {
     /// How long a round keeps reconnecting and resuming once every connection to the
     /// destination is lost, before the migration rolls back.
     pub retry_for: Duration,
+    /// Where the rounds' encoded parts are written while they are sent (`None`: the
+    /// temporary directory). A caller that may end the process without unwinding removes
+    /// this directory first.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl MigrationSpec {
@@ -89,6 +93,7 @@ impl MigrationSpec {
             shadow_bytes: u64::MAX,
             cancel: None,
             retry_for: Duration::from_secs(60),
+            scratch_dir: None,
         }
     }
 }
@@ -255,6 +260,7 @@ pub async fn migrate(
             codec: spec.codec.unwrap_or(Codec::Zstd(2)),
             learned: Vec::new(),
             no_learning: false,
+            scratch: spec.scratch_dir.clone(),
         },
         pacer: None,
         codecs: Vec::new(),
@@ -739,6 +745,8 @@ struct Encoding {
     /// Set once the destination could not resolve a round: no more pages are counted on as
     /// learned (its cache may be small, or evict them early).
     no_learning: bool,
+    /// Where encoded parts are written ([`MigrationSpec::scratch_dir`]).
+    scratch: Option<std::path::PathBuf>,
 }
 
 /// Why a cancelled migration rolled back.
@@ -772,6 +780,7 @@ impl Encoding {
             codec: Codec::Zstd(2),
             learned: Vec::new(),
             no_learning: false,
+            scratch: None,
         }
     }
 }
@@ -1628,7 +1637,12 @@ fn encode_pages(
         ..EncoderConfig::new(reader.pages())
     };
     let mut enc = PageEncoder::new(cfg).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut tmp = tempfile::Builder::new().prefix(".dwcp-round-").tempfile()?;
+    let mut tmp = match &state.scratch {
+        Some(dir) => tempfile::Builder::new()
+            .prefix(".dwcp-round-")
+            .tempfile_in(dir)?,
+        None => tempfile::Builder::new().prefix(".dwcp-round-").tempfile()?,
+    };
     let mut out = Vec::with_capacity(8 << 20);
     let mut buf = Vec::with_capacity(1024 * ps);
     // Only with references, and with a destination that has a cache (it sent a summary).

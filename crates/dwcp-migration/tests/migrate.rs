@@ -52,13 +52,21 @@ async fn a_second_attempt_sends_every_page_again() {
     let v = vm(16, 2000.0);
     // What an earlier attempt's rounds took.
     assert_eq!(v.take_dirty().len() as u64, v.pages());
-    let r = migrate(
-        &v,
-        to(&ep, &agent),
-        &MigrationSpec::new("again.mem"),
-        &mut |_| {},
-    )
-    .await;
+    // The encoded parts go in a directory of the caller's: one that does not exist fails the
+    // first round (so it is where they go); a real one is empty again afterwards.
+    let missing = MigrationSpec {
+        scratch_dir: Some(cluster.dir().join("no-such-dir")),
+        ..MigrationSpec::new("again.mem")
+    };
+    let r = migrate(&v, to(&ep, &agent), &missing, &mut |_| {}).await;
+    assert!(!r.migrated && r.how.contains("encoding"), "{r:?}");
+    let scratch = tempfile::tempdir().unwrap();
+    let spec = MigrationSpec {
+        scratch_dir: Some(scratch.path().to_path_buf()),
+        ..MigrationSpec::new("again.mem")
+    };
+    let r = migrate(&v, to(&ep, &agent), &spec, &mut |_| {}).await;
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
     assert!(r.migrated, "{r:?}");
     assert_eq!(r.bit_exact, Some(true), "{r:?}");
     assert_eq!(published(&cluster, "again.mem"), v.page_hashes());

@@ -1116,6 +1116,8 @@ fn demo(args: &DemoArgs) -> Result<()> {
             crate::migrate::make_vm(&args.vm, !args.json)?;
         let mut spec = dwcp_migration::MigrationSpec::new("demo-vm.mem");
         spec.shadow_bytes = shadow_bytes;
+        // Its encoded parts in the demo's directory too, removed with it whatever happens.
+        spec.scratch_dir = Some(dir.path().to_path_buf());
         let dest = dwcp_migration::Destination {
             endpoint: &a.endpoint,
             addr: b.addr,

@@ -444,6 +444,14 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
     spec.shadow_bytes = shadow_bytes;
     let cancel = tokio_util::sync::CancellationToken::new();
     spec.cancel = Some(cancel.clone());
+    // The rounds' encoded parts in a directory of this run's: a second signal exits at once
+    // (no destructors), and removes it first.
+    let scratch = tempfile::Builder::new()
+        .prefix("dwcp-migrate-")
+        .tempdir()
+        .context("cannot make a directory for the rounds' encoded parts")?;
+    spec.scratch_dir = Some(scratch.path().to_path_buf());
+    let scratch_path = scratch.path().to_path_buf();
     let report = runtime.block_on(async {
         // SIGINT or SIGTERM: roll back (the guest runs on at the source) unless it is paused
         // for its final round already; a second one ends at once.
@@ -459,6 +467,7 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
             eprintln!(
                 "interrupted again: quitting; the VM, generated here, goes with this process"
             );
+            let _ = std::fs::remove_dir_all(&scratch_path);
             std::process::exit(code);
         });
         let dest = Destination {
