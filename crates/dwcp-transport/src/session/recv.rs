@@ -1550,14 +1550,10 @@ impl Receiver {
         let (turn, abandoned) = turn.unzip();
         // The same object published already (its verdict lost with its session, or sent once
         // more): held whole, once its content is checked (no part file).
-        let stored = (!round)
-            .then(|| stored_copy(&path, &msg::printable(&b.version_tag, 200), b.size))
-            .flatten();
+        let tag = msg::printable(&b.version_tag, 200);
+        let stored = (!round).then(|| stored_copy(&path, &tag, b.size)).flatten();
         let (opened, stored) = match stored {
-            Some((file, len)) => (
-                Ok((file, msg::printable(&b.version_tag, 200), b.size)),
-                Some(len),
-            ),
+            Some((file, len)) => (Ok((file, tag, b.size)), Some(len)),
             None => (
                 self.open_part(&dir, b, &part, &state, decode_need(b, round)),
                 None,
@@ -2718,17 +2714,17 @@ fn hash_file(path: &Path) -> std::io::Result<blake3::Hash> {
 /// [`mark_stored`]).
 const STORED_XATTR: &str = "user.dwcp.stored";
 
-/// What a published file was sent as, and the file's identity when it was published.
-fn stored_mark(file: &File, tag: &str, wire_size: u64) -> std::io::Result<String> {
+/// What a published file was sent as, and the file's identity (`m`, its metadata) when it
+/// was published.
+fn stored_mark(m: &fs::Metadata, tag: &str, wire_size: u64) -> String {
     use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
-    Ok(format!(
+    format!(
         "dwcp-stored 1\n{wire_size}\n{}\n{}.{}\n{}\n{tag}",
         m.ino(),
         m.mtime(),
         m.mtime_nsec(),
         m.len()
-    ))
+    )
 }
 
 /// Marks a published file as the object sent with version `tag` and `wire_size` bytes, so
@@ -2736,7 +2732,8 @@ fn stored_mark(file: &File, tag: &str, wire_size: u64) -> std::io::Result<String
 /// answered as held whole instead of crossing the network again: see [`stored_copy`]. Best
 /// effort: where the file system has no user extended attributes, the object is sent again.
 fn mark_stored(file: &File, tag: &str, wire_size: u64) {
-    let r = stored_mark(file, tag, wire_size).and_then(|v| {
+    let r = file.metadata().and_then(|m| {
+        let v = stored_mark(&m, tag, wire_size);
         rustix::fs::fsetxattr(
             file,
             STORED_XATTR,
@@ -2766,16 +2763,16 @@ fn stored_copy(path: &Path, tag: &str, wire_size: u64) -> Option<(File, u64)> {
         .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
         .open(path)
         .ok()?;
-    if !file.metadata().ok()?.is_file() {
+    let m = file.metadata().ok()?;
+    if !m.is_file() {
         return None;
     }
-    let mut buf = [0u8; 512];
+    let want = stored_mark(&m, tag, wire_size);
+    // Room for one byte more than the mark it must equal: a longer one does not fit (ERANGE)
+    // and is not it either.
+    let mut buf = vec![0u8; want.len() + 1];
     let n = rustix::fs::fgetxattr(&file, STORED_XATTR, &mut buf[..]).ok()?;
-    let now = stored_mark(&file, tag, wire_size).ok()?;
-    (buf.get(..n)? == now.as_bytes()).then(|| {
-        let len = file.metadata().map_or(0, |m| m.len());
-        (file, len)
-    })
+    (buf.get(..n)? == want.as_bytes()).then_some((file, m.len()))
 }
 
 /// Removes the mark of [`mark_stored`] from the copy open as `file` at `path` (its content
