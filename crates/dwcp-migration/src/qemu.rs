@@ -1836,7 +1836,7 @@ async fn pump(
                     return Err(("transfer", e));
                 }
             }
-            // Until the finish goes, the destination holds back the stream's last byte from its
+            // Until the finish goes, the destination holds back the stream's end from its
             // QEMU: rolling back is safe (the source resumes the guest also from its final
             // round, or from a completed migration).
             () = spec.cancel.cancelled() => return Err(("transfer", CANCELLED.to_string())),

@@ -7,6 +7,7 @@
 pub mod adapt;
 pub mod delta;
 mod digest;
+mod end_hold;
 pub mod qemu_feed;
 pub mod reasm;
 pub mod recv;
