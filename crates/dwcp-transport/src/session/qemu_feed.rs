@@ -1230,14 +1230,23 @@ async fn write_bounded(
     bytes: &[u8],
     limit: Duration,
 ) -> std::io::Result<()> {
-    tokio::time::timeout(limit, sock.write_all(bytes))
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("it took nothing for {limit:?}"),
-            ))
-        })
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // Each write waits for room: a QEMU that reads slowly is not given up, one that
+        // reads nothing is.
+        match tokio::time::timeout(limit, sock.write(rest)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => rest = &rest[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("it took nothing for {limit:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Feeds `vm`'s QEMU; `entry`: where the feed is listed, to leave the list when its source
@@ -1760,6 +1769,41 @@ mod tests {
         assert!(got == stream, "{} of {} bytes", got.len(), stream.len());
         assert!(!quit);
         fin.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_qemu_reading_slowly_is_fed_and_one_reading_nothing_is_given_up() {
+        let bytes = vec![7u8; 4 << 20];
+        let limit = Duration::from_millis(300);
+        // Reads 64 KiB every 30 ms: the whole takes far longer than the limit.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (_r, mut w) = ours.into_split();
+        let reader = tokio::spawn(async move {
+            let mut theirs = theirs;
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0usize;
+            while got < 4 << 20 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let n = theirs.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                got += n;
+            }
+            got
+        });
+        let t = Instant::now();
+        write_bounded(&mut w, &bytes, limit).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 4 << 20);
+        assert!(
+            t.elapsed() > limit,
+            "the reader was not slow: {:?}",
+            t.elapsed()
+        );
+        // Reads nothing: given up once its socket is full and the limit passes.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (_r, mut w) = ours.into_split();
+        let e = write_bounded(&mut w, &bytes, limit).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("took nothing"), "{e}");
     }
 
     /// `qemu-system-x86_64` on the `PATH`.
