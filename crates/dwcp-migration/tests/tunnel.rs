@@ -362,7 +362,10 @@ async fn an_abort_after_blocks_were_fed_makes_the_destination_qemu_quit_first() 
         .unwrap()
         .unwrap();
     assert!(quit, "QEMU not told to quit before its stream closed");
-    assert!(got.len() < 3 * 256 * 1024, "the last byte is held back");
+    assert!(
+        got.len() < 3 * 256 * 1024,
+        "the stream's last bytes are held back"
+    );
     tunnel.close();
     vm.control.close().await;
     vm.agent.stop().await.unwrap();

@@ -15,10 +15,14 @@
 //! has not been seen whole, are kept back as well. The stream is only looked at here, not
 //! parsed: QEMU's device sections carry no lengths, so the end cannot be found from the front.
 //!
-//! A guest's pages are in the stream as they are, so the pattern may turn up inside them too:
-//! such a place holds the bytes after it back until the description it would begin is
-//! overrun, at most [`DESCRIPTION_MOST`] bytes later. Bytes kept back are outside the feed's
-//! buffer count, and at most that much plus a block.
+//! A guest's pages are in the stream as they are, so the pattern may turn up inside them too.
+//! Such a place is ruled out by the next zero byte after its first [`MARK`] (QEMU writes the
+//! description's length with `strlen`: it holds no zero byte), which in QEMU's stream comes
+//! within a page (every page record's 8-byte header has some), or once the description it
+//! would begin is overrun, at most [`DESCRIPTION_MOST`] bytes later. So at most [`MARK`]
+//! places are open at once, and the bytes kept back (outside the feed's buffer count) are at
+//! most that much plus a block. A stream whose description is that long or longer is kept
+//! back by its last bytes only (QEMU's is about 100 KB for a `pc` machine).
 
 use std::collections::VecDeque;
 
@@ -33,10 +37,6 @@ pub(crate) const MARK: usize = 7;
 /// relies on); a stream whose description is longer is kept back by its last bytes only.
 pub(crate) const DESCRIPTION_MOST: u32 = 16 << 20;
 
-/// Most possible ends tracked at once (a guest's pages may be full of the pattern); beyond
-/// this, later ones are not looked at.
-const ENDS_MOST: usize = 4096;
-
 /// Whether `m` (at least [`MARK`] bytes) begins a possible end of the stream; its description's
 /// length.
 fn mark_at(m: &[u8]) -> Option<u32> {
@@ -50,8 +50,15 @@ fn mark_at(m: &[u8]) -> Option<u32> {
 
 /// Notes a possible end at `offset` with a description of `len` bytes.
 fn found(ends: &mut VecDeque<(u64, u64)>, offset: u64, len: u32) {
+    // Its first byte is a zero inside the description of every place at least MARK before.
+    while ends
+        .front()
+        .is_some_and(|&(o, _)| o + MARK as u64 <= offset)
+    {
+        ends.pop_front();
+    }
     let end = offset + 6 + u64::from(len);
-    if ends.back().is_some_and(|&(_, e)| e >= end) || ends.len() >= ENDS_MOST {
+    if ends.back().is_some_and(|&(_, e)| e >= end) {
         return;
     }
     ends.push_back((offset, end));
@@ -69,9 +76,12 @@ pub(crate) struct EndHold {
     /// marker there would reach into bytes not received yet.
     pending: Vec<u8>,
     /// Possible ends not ruled out: (offset of the marker, stream length were it the end).
-    /// Offsets ascending, lengths strictly ascending: a later place whose stream would end
-    /// no later than an earlier one's adds nothing (the earlier holds longer from before it).
+    /// Offsets ascending (all within [`MARK`] of each other), lengths strictly ascending: a
+    /// later place whose stream would end no later than an earlier one's adds nothing (the
+    /// earlier holds longer from before it).
     ends: VecDeque<(u64, u64)>,
+    /// Where the last zero byte received is.
+    last_zero: Option<u64>,
 }
 
 impl Default for EndHold {
@@ -82,6 +92,7 @@ impl Default for EndHold {
             received: 0,
             pending: Vec::with_capacity(2 * MARK),
             ends: VecDeque::new(),
+            last_zero: None,
         }
     }
 }
@@ -123,16 +134,16 @@ impl EndHold {
             let keep = probe.len().min(MARK - 1);
             probe[probe.len() - keep..].to_vec()
         };
+        if let Some(z) = memchr::memrchr(0, &block) {
+            self.last_zero = Some(at + z as u64);
+        }
         self.received += block.len() as u64;
         self.held.push_back(block);
-        // Places whose description the stream has overrun are not its end.
-        while self
-            .ends
-            .front()
-            .is_some_and(|&(_, end)| end < self.received)
-        {
-            self.ends.pop_front();
-        }
+        // Places whose description the stream has overrun, or that a zero byte follows
+        // within it, are not its end.
+        let (received, zero) = (self.received, self.last_zero);
+        self.ends
+            .retain(|&(o, end)| end >= received && zero.is_none_or(|z| z < o + MARK as u64));
     }
 
     /// Up to where the stream may go to QEMU now.
@@ -211,6 +222,7 @@ mod tests {
         for q in 0..n.saturating_sub(MARK - 1) {
             if let Some(len) = mark_at(&s[q..q + MARK])
                 && q + 6 + len as usize >= n
+                && !s[q + MARK..n].contains(&0)
             {
                 limit = limit.min(q);
                 break;
@@ -284,6 +296,43 @@ mod tests {
         let n: usize = h.release().iter().map(Bytes::len).sum();
         assert_eq!(h.kept_from(), eof as u64, "{n}");
         assert!(h.marker_kept());
+    }
+
+    #[test]
+    fn a_zero_byte_after_a_false_marker_rules_it_out() {
+        let mut s = vec![0xAAu8; 50];
+        s.extend_from_slice(&[0, 6, 0, 0, 0x10, 0, b'{']);
+        s.extend_from_slice(b"abc\0defghijklmnop");
+        let mut h = EndHold::default();
+        h.push(Bytes::copy_from_slice(&s[..60]));
+        assert_eq!(h.release().concat(), &s[..50], "held from the place");
+        h.push(Bytes::copy_from_slice(&s[60..]));
+        assert_eq!(
+            h.release().concat(),
+            &s[50..s.len() - 6],
+            "the zero byte rules it out"
+        );
+    }
+
+    #[test]
+    fn a_guest_full_of_false_markers_does_not_hide_the_real_one() {
+        // Thousands of places, each overrun 8 bytes on, in the block with QEMU's end.
+        let mut body = Vec::new();
+        for _ in 0..10_000 {
+            body.extend_from_slice(&[0, 6, 0, 0, 0, 2, b'{', b'}']);
+        }
+        let (s, eof) = ended(&body, 100_000);
+        for block in [64 << 10, s.len()] {
+            let mut h = EndHold::default();
+            let mut out = 0;
+            for c in s.chunks(block) {
+                h.push(Bytes::copy_from_slice(c));
+                out += h.release().iter().map(Bytes::len).sum::<usize>();
+                assert!(h.ends.len() <= MARK, "{} places open", h.ends.len());
+            }
+            assert_eq!(out, eof);
+            assert!(h.marker_kept());
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! its monitor `DIR/VM.qmp` to say when (and whether) it has loaded the VM.
 //!
 //! Memory stays bounded: a block that QEMU could take now waits for room while
-//! [`MAX_BUFFERED`] bytes of such blocks are held (the connections stop reading meanwhile, and
+//! [`MAX_BUFFERED`] bytes of such blocks are held (and the stream's possible end, at most
+//! 16 MiB and a block, see `end_hold`) (the connections stop reading meanwhile, and
 //! the sender's window stops it); blocks beyond a gap are taken while that holds, at most
 //! [`MAX_AHEAD`] of them. When the gap closes, all of them can be fed at once: up to
 //! [`MAX_AHEAD`] bytes then wait for QEMU that the sender counts as acknowledged (and its
@@ -1335,7 +1336,7 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String, entry:
                         );
                     }
                     for part in held.rest() {
-                        sock.write_all(&part).await.map_err(|e| {
+                        write_bounded(&mut sock, &part, STALL).await.map_err(|e| {
                             format!(
                                 "the destination QEMU stopped reading the stream at its end: {e}"
                             )
