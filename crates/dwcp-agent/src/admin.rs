@@ -167,34 +167,48 @@ impl AsyncWrite for BoundedIo {
     }
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+/// Whether the agent is ready, or why not.
+fn readiness(shared: &Shared) -> Result<(), &'static str> {
     if !shared.ready.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or shutting down\n",
-        )
-            .into_response();
+        return Err("not ready: starting or shutting down\n");
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     if now > shared.cert_not_after {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: node certificate has expired\n",
-        )
-            .into_response();
+        return Err("not ready: node certificate has expired\n");
     }
-    (StatusCode::OK, "ready\n").into_response()
+    Ok(())
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    match readiness(&shared) {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    if let Some(s) = shared.spool.cache_stats() {
-        shared.metrics.cache(&s);
-    }
-    shared.metrics.peers(&shared.spool.peer_stats());
-    match shared.metrics.render() {
+    // One scrape at a time from reading the counts to rendering them: two scrapers at once
+    // could otherwise set an older reading over a newer one, and a count would go back.
+    let text = {
+        let _one = shared
+            .scrape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `dwcp_ready` says what `/readyz` would (a certificate expires while it runs).
+        shared
+            .metrics
+            .ready
+            .set(i64::from(readiness(&shared).is_ok()));
+        if let Some(s) = shared.spool.cache_stats() {
+            shared.metrics.cache(&s);
+        }
+        shared.metrics.peers(&shared.spool.peer_stats());
+        shared.metrics.render()
+    };
+    match text {
         Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n").into_response(),
     }

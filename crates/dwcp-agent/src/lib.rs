@@ -86,6 +86,8 @@ struct Shared {
     idle_timeout: Duration,
     /// Receives transfer sessions (`dwcp send` to this agent) into `agent.spool_dir`.
     spool: Arc<Receiver>,
+    /// Held by a scrape of `/metrics` (see `admin::metrics`).
+    scrape: std::sync::Mutex<()>,
 }
 
 /// A bound, not yet running agent.
@@ -185,6 +187,7 @@ impl Agent {
                 cert_not_after,
                 idle_timeout: settings.idle_timeout,
                 spool,
+                scrape: std::sync::Mutex::new(()),
             }),
             listener,
             quic,

@@ -130,17 +130,18 @@ impl Metrics {
         );
         registry.register(
             "frames_received",
-            "Frames received on established connections, by type",
+            "Frames the agent read on established connections before a session (transfer, \
+             migration) took them over, by type",
             m.frames_received.clone(),
         );
         registry.register(
             "bytes_received",
-            "Bytes read from peer sockets, TLS included",
+            "Bytes read from peer TCP sockets, TLS included (over QUIC: stream bytes)",
             m.bytes_received.clone(),
         );
         registry.register(
             "bytes_sent",
-            "Bytes written to peer sockets, TLS included",
+            "Bytes written to peer TCP sockets, TLS included (over QUIC: stream bytes)",
             m.bytes_sent.clone(),
         );
         registry.register(

@@ -536,6 +536,10 @@ async fn t52_expired_certificate_makes_the_agent_unready() {
     assert_eq!(last.0, 503, "{last:?}");
     assert!(last.1.contains("certificate has expired"), "{last:?}");
     assert_eq!(http_get(admin, "/healthz").await.unwrap().0, 200);
+    // The gauge says the same as /readyz.
+    let (code, m) = http_get(admin, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(m.lines().any(|l| l == "dwcp_ready 0"), "{m}");
     tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await

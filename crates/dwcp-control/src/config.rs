@@ -417,9 +417,18 @@ impl Config {
         };
         let listen = addr("agent.listen", &self.agent.listen);
         let admin_listen = addr("agent.admin_listen", &self.agent.admin_listen);
+        // The same port on the same address, or on an address the other's wildcard covers
+        // (`[::]` takes IPv4 too, as Linux binds it by default).
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            let covers = |w: SocketAddr, o: SocketAddr| {
+                w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4())
+            };
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+        };
         if let (Some(a), Some(b)) = (listen, admin_listen)
-            && a.port() != 0
-            && a == b
+            && clash(a, b)
         {
             bad(
                 "agent.admin_listen",
@@ -708,9 +717,17 @@ pub fn check_log_level(s: &str) -> Result<(), String> {
     if s.trim().is_empty() {
         return Err("a level such as \"info\"".into());
     }
+    // tracing would let the last of several win without a word.
+    if s.split(',').filter(|d| !d.contains('=')).count() > 1 {
+        return Err(format!(
+            "{s:?} has more than one level without a target (\"info,dwcp_agent=debug\" sets \
+             one level for all and another for one target)"
+        ));
+    }
     for directive in s.split(',') {
         let level = match directive.split_once('=') {
             Some((target, level)) => {
+                let target = target.trim();
                 let ok_target = !target.is_empty()
                     && target
                         .chars()
@@ -731,6 +748,18 @@ pub fn check_log_level(s: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `s` (checked by [`check_log_level`]) as tracing reads it: spaces around directives and
+/// levels dropped (tracing would take `"info "` for a target at every level, and log nothing).
+pub fn normalize_log_level(s: &str) -> String {
+    s.split(',')
+        .map(|d| match d.split_once('=') {
+            Some((target, level)) => format!("{}={}", target.trim(), level.trim()),
+            None => d.trim().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Applies `DWCP_SECTION__FIELD=value` overrides. The value is read according to the type of
@@ -1166,6 +1195,31 @@ mod tests {
             "[agent]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n",
         );
         assert_eq!(f[0].field, "agent.admin_listen");
+        // A wildcard covers the other's address on the same port.
+        for (l, a) in [
+            ("0.0.0.0:7700", "127.0.0.1:7700"),
+            ("127.0.0.1:7700", "0.0.0.0:7700"),
+            ("[::]:7700", "127.0.0.1:7700"),
+            ("[::1]:7700", "[::]:7700"),
+        ] {
+            let f = invalid_fields(&format!(
+                "[agent]\nlisten = \"{l}\"\nadmin_listen = \"{a}\"\n"
+            ));
+            assert_eq!(f[0].field, "agent.admin_listen", "{l} {a}");
+        }
+        // Not on another port, nor across an IPv4 wildcard and an IPv6 address.
+        for (l, a) in [
+            ("0.0.0.0:7700", "127.0.0.1:7701"),
+            ("0.0.0.0:7700", "[::1]:7700"),
+            ("127.0.0.1:7700", "127.0.0.2:7700"),
+        ] {
+            let cfg = Config::from_toml(
+                &format!("[node]\nid = \"a\"\ncluster_id = \"c\"\n[agent]\nlisten = \"{l}\"\nadmin_listen = \"{a}\"\n"),
+                Vec::new(),
+            )
+            .unwrap();
+            assert!(cfg.validate().is_ok(), "{l} {a}");
+        }
     }
 
     #[test]
@@ -1181,8 +1235,25 @@ mod tests {
         ] {
             check_log_level(ok).unwrap();
         }
-        for bad in ["", "loud", "dwcp=", "=info", "a b=info"] {
+        for bad in [
+            "",
+            "loud",
+            "dwcp=",
+            "=info",
+            "a b=info",
+            "warn, debug",
+            "info,debug",
+        ] {
             assert!(check_log_level(bad).is_err(), "{bad:?}");
+        }
+        // As tracing reads them.
+        for (given, read) in [
+            ("info ", "info"),
+            (" warn,rustls = off ", "warn,rustls=off"),
+            ("dwcp_agent=debug ", "dwcp_agent=debug"),
+        ] {
+            check_log_level(given).unwrap();
+            assert_eq!(normalize_log_level(given), read);
         }
     }
 

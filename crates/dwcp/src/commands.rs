@@ -127,7 +127,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
 }
 
 fn init_logging(format: LogFormat, level: &str) -> Result<()> {
-    let filter: Targets = level
+    let filter: Targets = dwcp_control::normalize_log_level(level)
         .parse()
         .map_err(|e| UsageError(format!("bad log level {level:?}: {e}")))?;
     let layer = tracing_subscriber::fmt::layer()
@@ -148,10 +148,28 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Longest configuration file read (the default one is about 4 KB).
+const CONFIG_MOST: u64 = 1 << 20;
+
+/// `path`'s text, refused beyond [`CONFIG_MOST`] (`--config /dev/zero` must not fill memory).
+fn read_config_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(CONFIG_MOST + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > CONFIG_MOST {
+        return Err(std::io::Error::other(format!(
+            "longer than {CONFIG_MOST} bytes: not a configuration file"
+        )));
+    }
+    Ok(text)
+}
+
 /// Defaults, then the file, then `DWCP_*` variables.
 fn load_config(path: Option<&Path>) -> Result<Config> {
     let text = match path {
-        Some(p) => std::fs::read_to_string(p)
+        Some(p) => read_config_file(p)
             .with_context(|| format!("cannot read configuration file {}", p.display()))?,
         None => String::new(),
     };
@@ -1212,6 +1230,19 @@ fn demo(args: &DemoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_with_spaces_log_as_written() {
+        let t: Targets = dwcp_control::normalize_log_level("info ").parse().unwrap();
+        assert_eq!(
+            t.default_level(),
+            Some(tracing_subscriber::filter::LevelFilter::INFO)
+        );
+        let t: Targets = dwcp_control::normalize_log_level("dwcp_agent=debug ")
+            .parse()
+            .unwrap();
+        assert_eq!(t.default_level(), None);
+    }
 
     #[test]
     fn recv_waits_for_the_one_retry_a_sender_makes() {

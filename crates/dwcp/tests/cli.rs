@@ -457,6 +457,14 @@ fn config_check_and_default() {
 
     let o = run(&["config", "check", "/nonexistent/dwcp.toml"]);
     assert_eq!(o.status.code(), Some(4));
+    // Not read whole: an endless file is refused, not taken into memory.
+    let o = run(&["config", "check", "/dev/zero"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        text(&o.stderr).contains("longer than"),
+        "{}",
+        text(&o.stderr)
+    );
 
     let o = dwcp()
         .args(["config", "show"])
