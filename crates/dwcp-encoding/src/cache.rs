@@ -182,10 +182,14 @@ impl BaselineCache {
             for e in std::fs::read_dir(&dir)? {
                 let name = e?.file_name();
                 let name = name.to_string_lossy();
+                // Only names as the cache writes them: `pack-5.hdec` would be read as
+                // `pack-00000005.hdec`, and a pack with both names counted twice.
                 if let Some(id) = name
                     .strip_prefix("pack-")
                     .and_then(|n| n.strip_suffix(".hdec"))
+                    .filter(|n| n.len() >= 8 && n.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|&id| format!("pack-{id:08}.hdec") == name)
                 {
                     ids.push(id);
                 }
@@ -291,7 +295,9 @@ impl BaselineCache {
     /// What the cache holds, as fast hashes: the summary a sender builds its
     /// [`RemoteIndex`](crate::RemoteIndex) from.
     pub fn summary(&self) -> Vec<u64> {
-        self.index.values().map(|e| e.fast).collect()
+        // A sender takes no more (a summary is a hint: what it leaves out is sent again).
+        let most = usize::try_from(crate::remote::MAX_SUMMARY_ENTRIES).unwrap_or(usize::MAX);
+        self.index.values().take(most).map(|e| e.fast).collect()
     }
 
     /// Counters.
@@ -561,16 +567,32 @@ impl BaselineCache {
             .is_none_or(|a| a.bytes >= self.cfg.pack_bytes);
         if need_new {
             self.seal()?;
-            let id = self.packs.keys().next_back().map_or(0, |&i| i + 1);
+            let id = match self.packs.keys().next_back() {
+                None => 0,
+                Some(&i) => i.checked_add(1).ok_or_else(|| {
+                    io::Error::other(format!(
+                        "pack numbers used up (pack-{i:08}.hdec in {}): clear the cache \
+                         directory",
+                        dir.display()
+                    ))
+                })?,
+            };
             let path = Self::pack_path(&dir, id);
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&path)?;
-            let mut writer = BufWriter::with_capacity(WRITE_BUFFER, file.try_clone()?);
-            writer.write_all(&PACK_MAGIC)?;
-            writer.write_all(&[crate::FORMAT_VERSION, 0, 0, 0])?;
+            let begun = file.try_clone().and_then(|f| {
+                let mut writer = BufWriter::with_capacity(WRITE_BUFFER, f);
+                writer.write_all(&PACK_MAGIC)?;
+                writer.write_all(&[crate::FORMAT_VERSION, 0, 0, 0])?;
+                Ok(writer)
+            });
+            // Not left behind empty: the next pack would be given its number, and refused.
+            let writer = begun.inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })?;
             self.packs.insert(
                 id,
                 Pack {
@@ -895,6 +917,40 @@ mod tests {
         // New entries go to a pack of their own.
         let k2 = c.insert(&page(2)).unwrap();
         assert!(c.get(&k2, &mut Vec::new()).unwrap());
+    }
+
+    #[test]
+    fn packs_are_known_by_their_written_names_and_numbers_do_not_wrap() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pack full with one page: every insert after that begins a new one.
+        let cfg = CacheConfig {
+            pack_bytes: 4096,
+            ..CacheConfig::persistent(dir.path(), 0, 1 << 20)
+        };
+        let mut c = BaselineCache::open(cfg.clone()).unwrap();
+        let k = c.insert(&page(1)).unwrap();
+        drop(c);
+        let pack = dir.path().join("pack-00000000.hdec");
+        // Other names for the same number: not loaded a second time.
+        for other in ["pack-0.hdec", "pack-+0.hdec", "pack-000000000.hdec"] {
+            std::fs::copy(&pack, dir.path().join(other)).unwrap();
+        }
+        let c = BaselineCache::open(cfg.clone()).unwrap();
+        let once = c.stats();
+        assert_eq!(once.entries, 1, "{once:?}");
+        assert_eq!(
+            once.disk_bytes,
+            std::fs::metadata(&pack).unwrap().len(),
+            "{once:?}"
+        );
+        drop(c);
+        // The last number: the next pack would wrap to the first; refused instead.
+        let last = dir.path().join(format!("pack-{:08}.hdec", u32::MAX));
+        std::fs::rename(&pack, &last).unwrap();
+        let mut c = BaselineCache::open(cfg).unwrap();
+        assert!(c.get(&k, &mut Vec::new()).unwrap());
+        let _ = c.insert(&page(2));
+        assert!(!pack.exists(), "a new pack took number 0");
     }
 
     #[test]

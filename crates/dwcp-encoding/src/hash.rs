@@ -98,6 +98,55 @@ impl Hasher for PassThrough {
 
 pub(crate) type PassThroughBuild = BuildHasherDefault<PassThrough>;
 
+/// A hasher for 64-bit values another party chose (a peer's cache summary): mixed with a
+/// key of this process's, so that values crafted to share their low bits
+/// do not pile into one bucket (passed through, each insert would compare with all before).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mixed {
+    key: u64,
+    state: u64,
+}
+
+impl Hasher for Mixed {
+    fn finish(&self) -> u64 {
+        // SplitMix64's finalizer: every input bit reaches every output bit.
+        let mut z = self.state ^ self.key;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.state = self.state.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.state = v;
+    }
+}
+
+/// Builds [`Mixed`] hashers with a random key, one per set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MixedBuild(u64);
+
+impl Default for MixedBuild {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        // std's random hasher keys are per process and per instance.
+        Self(std::collections::hash_map::RandomState::new().hash_one(0x5EED_u64) | 1)
+    }
+}
+
+impl std::hash::BuildHasher for MixedBuild {
+    type Hasher = Mixed;
+    fn build_hasher(&self) -> Mixed {
+        Mixed {
+            key: self.0,
+            state: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

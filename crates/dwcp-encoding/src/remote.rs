@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use crate::DecodeError;
 use crate::buf::{Reader, put_varint};
-use crate::hash::PassThroughBuild;
+use crate::hash::MixedBuild;
 
 /// Magic of an encoded summary.
 pub const SUMMARY_MAGIC: [u8; 4] = *b"HDEI";
@@ -19,7 +19,7 @@ pub const MAX_SUMMARY_ENTRIES: u64 = 1 << 28;
 /// The receiver's holdings as seen by the sender.
 #[derive(Debug, Default, Clone)]
 pub struct RemoteIndex {
-    set: HashSet<u64, PassThroughBuild>,
+    set: HashSet<u64, MixedBuild>,
 }
 
 impl RemoteIndex {
@@ -82,7 +82,7 @@ impl RemoteIndex {
         // Every entry takes at least one byte, so the input length bounds the count too.
         let max = MAX_SUMMARY_ENTRIES.min(r.remaining() as u64);
         let n = r.bounded(max, "summary entries")?;
-        let mut set = HashSet::with_capacity_and_hasher(n, PassThroughBuild::default());
+        let mut set = HashSet::with_capacity_and_hasher(n, MixedBuild::default());
         let mut prev = 0u64;
         for _ in 0..n {
             let d = r.varint("summary entry")?;
@@ -106,6 +106,28 @@ impl RemoteIndex {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn values_crafted_to_collide_are_spread_over_the_buckets() {
+        use std::hash::BuildHasher;
+        // Steps of 2^32: equal low halves, all in one bucket if hashes passed through (each
+        // insert of a summary of them would then compare with every entry before it).
+        let build = MixedBuild::default();
+        let buckets: HashSet<u64> = (1..=50_000u64)
+            .map(|i| build.hash_one(i << 32) & 0xFFFF)
+            .collect();
+        assert!(
+            buckets.len() > 30_000,
+            "{} buckets of 65,536",
+            buckets.len()
+        );
+        let mut hs: Vec<u64> = (1..=50_000u64).map(|i| i << 32).collect();
+        let mut out = Vec::new();
+        RemoteIndex::encode(&mut hs, &mut out);
+        let idx = RemoteIndex::decode(&out).unwrap();
+        assert_eq!(idx.len(), 50_000);
+        assert!(idx.contains(7 << 32) && !idx.contains(7));
+    }
 
     #[test]
     fn entries_learned_later_can_be_forgotten() {

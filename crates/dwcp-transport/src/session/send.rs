@@ -2198,18 +2198,10 @@ async fn prepare_delta(
             .map_err(|e| lost(e.to_string()))?;
         collect_base_info(session, report, &q, (at, generation)).await?
     };
-    let remote = if summary.is_empty() {
-        None
-    } else {
-        Some(RemoteIndex::decode(&summary).map_err(|e| {
-            ObjectFailure::Fatal(SendError::Protocol(format!(
-                "receiver's cache summary: {e}"
-            )))
-        })?)
-    };
     let (path, size) = (src.path.clone(), src.size);
     let opts = opts.clone();
     let e = tokio::task::spawn_blocking(move || {
+        let remote = summary_of(&summary);
         delta::encode_file(&path, size, encoding, &opts, remote.as_ref(), &pages)
     })
     .await
@@ -2228,6 +2220,17 @@ async fn prepare_delta(
         "delta-encoded"
     );
     Ok(e)
+}
+
+/// The receiver's cache summary, if it sent one that reads: a summary is a hint, so one that
+/// does not (too large, damaged) costs the pages it names being sent, not the transfer.
+fn summary_of(summary: &[u8]) -> Option<RemoteIndex> {
+    if summary.is_empty() {
+        return None;
+    }
+    RemoteIndex::decode(summary)
+        .inspect_err(|e| warn!("the receiver's cache summary is not used: {e}"))
+        .ok()
 }
 
 /// Waits for the receiver's answer to `q` (`BASE_INFO` parts) on the session.
@@ -2391,14 +2394,10 @@ pub async fn query_base_kept(
         session.close(ErrorCode::NO_ERROR, "query done").await;
     }
     let (summary, pages) = r?;
-    let remote = if summary.is_empty() {
-        None
-    } else {
-        Some(
-            RemoteIndex::decode(&summary)
-                .map_err(|e| SendError::Protocol(format!("receiver's cache summary: {e}")))?,
-        )
-    };
+    // Off the async workers: a large cache's summary takes a while.
+    let remote = tokio::task::spawn_blocking(move || summary_of(&summary))
+        .await
+        .unwrap_or_default();
     let pages = pages
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
@@ -2867,5 +2866,27 @@ mod rate_limit_tests {
         // A cap of 0 is 1 byte a second, not none.
         let slow = RateLimit::new(0);
         assert_eq!(slow.rate(), 1);
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_summary_that_does_not_read_is_not_used_and_fails_nothing() {
+        assert!(summary_of(&[]).is_none());
+        assert!(summary_of(b"HDEI\x01\xff\xff\xff").is_none(), "damaged");
+        // Claims more entries than a sender takes.
+        let mut big = b"HDEI".to_vec();
+        big.push(dwcp_encoding::FORMAT_VERSION);
+        big.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
+        big.extend(std::iter::repeat_n(1u8, 64));
+        assert!(summary_of(&big).is_none(), "too many entries");
+        let mut hs = vec![5u64, 9];
+        let mut good = Vec::new();
+        RemoteIndex::encode(&mut hs, &mut good);
+        assert!(summary_of(&good).unwrap().contains(9));
     }
 }
