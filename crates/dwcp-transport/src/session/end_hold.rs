@@ -57,11 +57,10 @@ fn found(ends: &mut VecDeque<(u64, u64)>, offset: u64, len: u32) {
     {
         ends.pop_front();
     }
-    let end = offset + 6 + u64::from(len);
-    if ends.back().is_some_and(|&(_, e)| e >= end) {
-        return;
-    }
-    ends.push_back((offset, end));
+    // Kept even when an earlier one would end later: a zero byte may rule that one out
+    // (`00 06` just before QEMU's marker, a section footer's, makes such a place 2 bytes
+    // before it) while this one stays open.
+    ends.push_back((offset, offset + 6 + u64::from(len)));
 }
 
 /// The stream received so far, split into what may go to QEMU and what is kept back.
@@ -75,10 +74,8 @@ pub(crate) struct EndHold {
     /// The last bytes received (fewer than [`MARK`]): places not yet looked at, because a
     /// marker there would reach into bytes not received yet.
     pending: Vec<u8>,
-    /// Possible ends not ruled out: (offset of the marker, stream length were it the end).
-    /// Offsets ascending (all within [`MARK`] of each other), lengths strictly ascending: a
-    /// later place whose stream would end no later than an earlier one's adds nothing (the
-    /// earlier holds longer from before it).
+    /// Possible ends not ruled out: (offset of the marker, stream length were it the end),
+    /// offsets ascending, all within [`MARK`] of each other.
     ends: VecDeque<(u64, u64)>,
     /// Where the last zero byte received is.
     last_zero: Option<u64>,
@@ -332,6 +329,27 @@ mod tests {
             }
             assert_eq!(out, eof);
             assert!(h.marker_kept());
+        }
+    }
+
+    #[test]
+    fn a_place_ruled_out_by_a_zero_does_not_hide_the_marker_two_bytes_on() {
+        // A section footer (`7E`, section id 6) just before the marker: `00 06` there reads
+        // as a place whose length ends in the marker's and whose brace is the length's third
+        // byte (0x7B); the length's last byte, zero, rules it out.
+        let mut body = vec![0xAA; 8];
+        body.extend_from_slice(&[0x7E, 0, 0, 0, 6]);
+        for desc in [0x7B00, 0x01_7B00, 0x05_7B00] {
+            let (s, eof) = ended(&body, desc);
+            for block in [7, 4096, s.len()] {
+                let mut h = EndHold::default();
+                for c in s.chunks(block) {
+                    h.push(Bytes::copy_from_slice(c));
+                    h.release();
+                }
+                assert_eq!(h.kept_from(), eof as u64, "{desc:#x} in blocks of {block}");
+                assert!(h.marker_kept());
+            }
         }
     }
 
