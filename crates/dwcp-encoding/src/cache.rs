@@ -377,7 +377,18 @@ impl BaselineCache {
     pub fn insert_keyed(&mut self, key: Key, data: &[u8]) -> io::Result<Key> {
         debug_assert_eq!(key, Key::of(data));
         let kh = KeyHashed(key);
-        if self.index.contains_key(&kh) || data.len() > MAX_ENTRY as usize || data.is_empty() {
+        // A seed's page may have changed in its file since it was indexed (a VM's own disk):
+        // content that arrived is this key's by construction, and takes its place, unless a
+        // copy read (and checked) from the seed is in memory. Any other copy is kept (a
+        // pack's is checked when read).
+        let seeded = |e: &Entry| matches!(e.loc, Loc::Seed { .. });
+        if self
+            .index
+            .get(&kh)
+            .is_some_and(|e| !seeded(e) || self.mem.contains_key(&kh))
+            || data.len() > MAX_ENTRY as usize
+            || data.is_empty()
+        {
             return Ok(key);
         }
         // Memory is the only place a memory-only cache has: what does not fit is not kept
@@ -456,7 +467,11 @@ impl BaselineCache {
         let ok = match read {
             Ok(ok) => ok,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
-            Err(e) => return Err(e),
+            // A bad sector: the entry goes (kept, it would be advertised and missed for good).
+            Err(e) => {
+                tracing::warn!(%key, "cannot read a baseline cache entry: {e}");
+                false
+            }
         };
         if !ok || Key::of(&buf[start..]) != *key {
             buf.truncate(start);
@@ -1068,7 +1083,7 @@ mod tests {
         }
         data.extend_from_slice(&[0u8; 4096]);
         std::fs::write(&img, &data).unwrap();
-        let mut c = BaselineCache::open(CacheConfig::memory(0)).unwrap();
+        let mut c = BaselineCache::open(CacheConfig::memory(1 << 20)).unwrap();
         assert_eq!(
             c.seed_path(dir.path(), 4096).unwrap(),
             8,
@@ -1083,5 +1098,16 @@ mod tests {
         std::fs::write(&img, &changed).unwrap();
         assert!(!c.get(&Key::of(&page(5)), &mut Vec::new()).unwrap());
         assert_eq!(c.stats().corrupt, 1);
+        // Page 6 changed as well, unread yet: its old content arriving takes its place.
+        changed[4096 * 5 + 9] ^= 1;
+        std::fs::write(&img, &changed).unwrap();
+        let k6 = c.insert(&page(6)).unwrap();
+        let mut buf = Vec::new();
+        assert!(c.get(&k6, &mut buf).unwrap(), "the arrived copy is served");
+        assert_eq!(buf, page(6));
+        assert_eq!(c.stats().corrupt, 1);
+        // An unchanged seed's page arriving changes nothing it serves.
+        let k2 = c.insert(&page(2)).unwrap();
+        assert!(c.get(&k2, &mut Vec::new()).unwrap());
     }
 }
