@@ -236,35 +236,6 @@ impl Agent {
             shared.clone(),
             stop_admin.clone().cancelled_owned(),
         ));
-        // Spool events feed the per-peer transfer metrics.
-        let mut spool_events = shared.spool.subscribe();
-        let metrics_shared = shared.clone();
-        let spool_metrics = tokio::spawn(async move {
-            use dwcp_transport::session::RecvEvent;
-            loop {
-                match spool_events.recv().await {
-                    Ok(RecvEvent::Stored {
-                        peer,
-                        size,
-                        encoded_size,
-                        ..
-                    }) => {
-                        metrics_shared.metrics.object(peer.as_str(), "stored", size);
-                        if let Some(wire) = encoded_size {
-                            metrics_shared.metrics.delta(peer.as_str(), wire, size);
-                        }
-                    }
-                    Ok(RecvEvent::Failed { peer, .. }) => {
-                        metrics_shared.metrics.object(peer.as_str(), "failed", 0);
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        warn!("transfer metrics missed {n} events");
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
         // Targets of memory-image migrations whose sources went without a rollback (a crash,
         // a kill) would hold their disk space until the next migration of the same name.
         let sweeper = stale_target.map(|age| {
@@ -405,7 +376,6 @@ impl Agent {
                 admin_abort.abort();
             }
         }
-        spool_metrics.abort();
         if let Some(s) = sweeper {
             s.abort();
         }

@@ -236,28 +236,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a received object.
-    pub fn object(&self, peer: &str, result: &'static str, bytes: u64) {
-        self.objects_received
-            .get_or_create(&vec![
-                ("peer", peer.to_string()),
-                ("result", result.to_string()),
-            ])
-            .inc();
-        if bytes > 0 {
-            self.object_bytes_received
-                .get_or_create(&vec![("peer", peer.to_string())])
-                .inc_by(bytes);
-        }
-    }
-
-    /// Counts a delta-encoded object stored.
-    pub fn delta(&self, peer: &str, wire: u64, content: u64) {
-        let l = vec![("peer", peer.to_string())];
-        self.delta_wire_bytes.get_or_create(&l).inc_by(wire);
-        self.delta_content_bytes.get_or_create(&l).inc_by(content);
-    }
-
     /// Takes the receiver's per-peer session counters (at scrape time).
     pub fn peers(&self, stats: &[dwcp_transport::session::PeerStats]) {
         // Two scrapes at once must not both add the same difference.
@@ -281,6 +259,27 @@ impl Metrics {
             ] {
                 let c = family.get_or_create(&l);
                 c.inc_by(n.saturating_sub(c.get()));
+            }
+            // Objects and delta bytes: only once there are any (a peer that only migrated
+            // shows none).
+            for (family, n) in [
+                (&self.object_bytes_received, s.object_bytes),
+                (&self.delta_wire_bytes, s.delta_wire_bytes),
+                (&self.delta_content_bytes, s.delta_content_bytes),
+            ] {
+                if n > 0 {
+                    let c = family.get_or_create(&l);
+                    c.inc_by(n.saturating_sub(c.get()));
+                }
+            }
+            for (result, n) in [("stored", s.objects_stored), ("failed", s.objects_failed)] {
+                if n > 0 {
+                    let c = self.objects_received.get_or_create(&vec![
+                        ("peer", s.peer.as_str().to_string()),
+                        ("result", result.to_string()),
+                    ]);
+                    c.inc_by(n.saturating_sub(c.get()));
+                }
             }
             for (&(backend, result), &n) in MIGRATION_OUTCOMES.iter().zip(&s.migrations) {
                 // Only outcomes seen: a peer that never migrated shows none.

@@ -349,6 +349,13 @@ struct PeerCounters {
     tcp_segments: std::sync::atomic::AtomicU64,
     /// Migrations from this peer that ended here, by [`MIGRATION_OUTCOMES`].
     migrations: [std::sync::atomic::AtomicU64; MIGRATION_OUTCOMES.len()],
+    /// Objects stored and failed, the stored ones' bytes, and of the delta-encoded ones the
+    /// bytes that came and the content they stood for.
+    objects_stored: std::sync::atomic::AtomicU64,
+    objects_failed: std::sync::atomic::AtomicU64,
+    object_bytes: std::sync::atomic::AtomicU64,
+    delta_wire_bytes: std::sync::atomic::AtomicU64,
+    delta_content_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// How a migration into this node ended, as counted per peer: the backend (`memory`: a
@@ -400,6 +407,14 @@ pub struct PeerStats {
     pub tcp_retransmits: u64,
     /// ... and the data segments it sent on them, retransmissions included.
     pub tcp_segments: u64,
+    /// Its objects stored here since start, and failed.
+    pub objects_stored: u64,
+    pub objects_failed: u64,
+    /// Bytes of its objects stored (content).
+    pub object_bytes: u64,
+    /// Of its delta-encoded objects stored: bytes that came, and content they stood for.
+    pub delta_wire_bytes: u64,
+    pub delta_content_bytes: u64,
 }
 
 /// What a served connection ended with.
@@ -466,10 +481,43 @@ impl Receiver {
                 migrations_paused: paused.get(peer).copied().unwrap_or(0),
                 tcp_retransmits: c.tcp_retransmits.load(Relaxed),
                 tcp_segments: c.tcp_segments.load(Relaxed),
+                objects_stored: c.objects_stored.load(Relaxed),
+                objects_failed: c.objects_failed.load(Relaxed),
+                object_bytes: c.object_bytes.load(Relaxed),
+                delta_wire_bytes: c.delta_wire_bytes.load(Relaxed),
+                delta_content_bytes: c.delta_content_bytes.load(Relaxed),
             })
             .collect();
         v.sort_by(|a, b| a.peer.as_str().cmp(b.peer.as_str()));
         v
+    }
+
+    /// Counts an object stored or failed in its peer's counters (a subscriber to the events
+    /// may miss some when it lags; these miss none), then tells the subscribers.
+    fn object_event(&self, ev: RecvEvent) {
+        use Ordering::Relaxed;
+        let counters = |peer: &NodeId| lock(&self.peers).entry(peer.clone()).or_default().clone();
+        match &ev {
+            RecvEvent::Stored {
+                peer,
+                size,
+                encoded_size,
+                ..
+            } => {
+                let c = counters(peer);
+                c.objects_stored.fetch_add(1, Relaxed);
+                c.object_bytes.fetch_add(*size, Relaxed);
+                if let Some(wire) = encoded_size {
+                    c.delta_wire_bytes.fetch_add(*wire, Relaxed);
+                    c.delta_content_bytes.fetch_add(*size, Relaxed);
+                }
+            }
+            RecvEvent::Failed { peer, .. } => {
+                counters(peer).objects_failed.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+        let _ = self.events.send(ev);
     }
 
     /// Counts a migration of `peer` that ended here (`backend`, `result`: an entry of
@@ -861,7 +909,7 @@ impl Receiver {
                             // Once per object, although a begin may come on several streams.
                             // Not when it is told to try again.
                             if first && code != ErrorCode::BUSY {
-                                let _ = self.events.send(RecvEvent::Failed {
+                                self.object_event(RecvEvent::Failed {
                                     peer: peer.clone(),
                                     name,
                                     code,
@@ -1696,7 +1744,7 @@ impl Receiver {
             o.name.clone()
         });
         warn!(%peer, %name, "object failed: {reason}");
-        let _ = self.events.send(RecvEvent::Failed {
+        self.object_event(RecvEvent::Failed {
             peer: peer.clone(),
             name,
             code,
@@ -1934,7 +1982,7 @@ impl Receiver {
         let done = match verdict {
             Ok(()) => {
                 info!(%peer, %name, size, verify_ms = started.elapsed().as_millis() as u64, "object stored");
-                let _ = self.events.send(RecvEvent::Stored {
+                self.object_event(RecvEvent::Stored {
                     peer: peer.clone(),
                     name,
                     path,
@@ -1951,7 +1999,7 @@ impl Receiver {
             }
             Err((code, reason)) => {
                 warn!(%peer, %name, "object failed: {reason}");
-                let _ = self.events.send(RecvEvent::Failed {
+                self.object_event(RecvEvent::Failed {
                     peer: peer.clone(),
                     name,
                     code,
