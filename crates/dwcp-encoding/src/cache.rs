@@ -195,6 +195,22 @@ impl BaselineCache {
                 }
             }
             ids.sort_unstable();
+            // Packs beyond the disk budget (it was lowered, or many starts each began one)
+            // would be evicted right after loading, oldest first: they go before, unopened
+            // (loading every one first took a descriptor and an index entry per page each).
+            let mut total: u64 = ids
+                .iter()
+                .map(|&id| std::fs::metadata(Self::pack_path(&dir, id)).map_or(0, |m| m.len()))
+                .sum();
+            while total > c.cfg.disk_budget && ids.len() > 1 {
+                let id = ids.remove(0);
+                let path = Self::pack_path(&dir, id);
+                let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if std::fs::remove_file(&path).is_ok() {
+                    tracing::debug!(path = %path.display(), "cache pack over the disk budget removed");
+                }
+                total = total.saturating_sub(len);
+            }
             let last = ids.last().copied();
             for id in ids {
                 // The cache is a copy of what went by: a pack whose content cannot be read
@@ -819,6 +835,41 @@ mod tests {
         );
         let summary = c.summary();
         assert!(summary.contains(&fast64(&page(40))));
+    }
+
+    #[test]
+    fn packs_over_a_lowered_budget_go_at_start_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".hdec"))
+                .collect();
+            v.sort();
+            v
+        };
+        let keys: Vec<Key> = {
+            let cfg = CacheConfig {
+                pack_bytes: 32 * 1024,
+                ..CacheConfig::persistent(dir.path(), 0, 1 << 20)
+            };
+            let mut c = BaselineCache::open(cfg).unwrap();
+            (1..=40).map(|i| c.insert(&page(i)).unwrap()).collect()
+        };
+        let before = packs(dir.path());
+        assert!(before.len() >= 5, "{before:?}");
+        let cfg = CacheConfig {
+            pack_bytes: 32 * 1024,
+            ..CacheConfig::persistent(dir.path(), 0, 70 * 1024)
+        };
+        let mut c = BaselineCache::open(cfg).unwrap();
+        let after = packs(dir.path());
+        assert!(after.len() <= 3, "{after:?}");
+        assert_eq!(after.last(), before.last(), "the newest is kept");
+        assert!(c.stats().disk_bytes <= 70 * 1024, "{:?}", c.stats());
+        assert!(c.get(&keys[39], &mut Vec::new()).unwrap());
+        assert!(!c.get(&keys[0], &mut Vec::new()).unwrap());
     }
 
     #[test]
