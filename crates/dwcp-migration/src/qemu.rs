@@ -39,6 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::engine::Destination;
@@ -1775,6 +1776,8 @@ async fn pump(
     let mut segments: Option<(u64, blake3::Hash)> = None;
     let mut queued: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // A new control session being opened, the old one's connection gone.
+    let mut reopening: Option<AbortOnDropHandle<Result<KeptSession, String>>> = None;
     let mut qemu_limit = spec.downtime.as_millis() as u64;
     let mut polls = 0u32;
     let short_path = Mode::for_rtt(rtt) == Mode::Datacenter;
@@ -1849,16 +1852,37 @@ async fn pump(
                 // The control session waits for the finish while the tunnel carries the
                 // stream: the destination's agent must not close it as idle meanwhile.
                 // Should its connection have gone all the same, a new one now: not on the
-                // pause path, when the finish goes.
+                // pause path, when the finish goes. Opened aside: dialling through a link
+                // that is down takes until it is up again, and meanwhile this loop goes on
+                // watching QEMU (and showing the link down).
                 if kept_alive.elapsed() >= CONTROL_KEEPALIVE {
                     kept_alive = Instant::now();
-                    if !control.keepalive().await {
-                        let reopen = control.ensure_open(dest.endpoint, dest.addr, dest.expected);
-                        match tokio::time::timeout(Duration::from_secs(10), reopen).await {
-                            Ok(Ok(())) => debug!("control session to the destination opened again"),
-                            Ok(Err(e)) => warn!("cannot open the control session again: {e}"),
-                            Err(_) => warn!("cannot open the control session again within 10 s"),
+                    if let Some(t) = reopening.take_if(|t| t.is_finished()) {
+                        match t.await {
+                            Ok(Ok(k)) => {
+                                debug!("control session to the destination opened again");
+                                drop(std::mem::replace(control, k));
+                            }
+                            Ok(Err(e)) => warn!("{e}"),
+                            Err(e) => warn!("opening the control session again: {e}"),
                         }
+                    } else if reopening.is_none() && !control.keepalive().await {
+                        let (ep, addr) = (dest.endpoint.clone(), dest.addr);
+                        let expected = dest.expected.cloned();
+                        reopening = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                            let mut k = KeptSession::new();
+                            let open = k.ensure_open(&ep, addr, expected.as_ref());
+                            match tokio::time::timeout(Duration::from_secs(10), open).await {
+                                Ok(Ok(())) => Ok(k),
+                                Ok(Err(e)) => {
+                                    Err(format!("cannot open the control session again: {e}"))
+                                }
+                                Err(_) => {
+                                    Err("cannot open the control session again within 10 s"
+                                        .to_string())
+                                }
+                            }
+                        })));
                     }
                 }
                 let (_, acked, wire_acked, _) = tunnel.acked();
@@ -2155,6 +2179,13 @@ async fn pump(
     );
     // The guest is paused now, waiting for every block: a stuck one goes again sooner.
     tunnel.finishing();
+    // A control session opened again meanwhile carries the finish (one still being opened
+    // is not waited for: the finish opens its own then).
+    if let Some(t) = reopening.take_if(|t| t.is_finished())
+        && let Ok(Ok(k)) = t.await
+    {
+        drop(std::mem::replace(control, k));
+    }
     // A connection lost before the answer (a link down) is asked again on a new one, for
     // the retry period: the destination answers a repeated FINISH as it did the first.
     // From here on the finish's answer decides, not the tunnel: the destination may have
