@@ -1691,6 +1691,50 @@ async fn t65_sessions_measure_round_trips_and_goodput_while_sending() {
     agent.stop().await.unwrap();
 }
 
+/// The receiver says what its copy of a name is, so that an empty list of page hashes is not
+/// taken for "no copy" when the copy is there and cannot be read (a source deciding whether a
+/// migration committed would resume its VM beside the committed one).
+#[tokio::test]
+async fn t66b_a_copy_that_cannot_be_read_is_told_from_no_copy() {
+    use dwcp_transport::session::{BaseRequest, CopyState, KeptSession, query_copy_kept};
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |_| {}).await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let spool = cluster.dir().join("spool/client");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::write(spool.join("vm.img"), vec![7u8; 8192]).unwrap();
+    let fifo = spool.join("fifo.img");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let ask = async |name: &str, raw_size: u64| {
+        let req = BaseRequest {
+            name,
+            raw_size,
+            page_size: 4096,
+            migration_target: false,
+        };
+        let mut own = KeptSession::default();
+        let q = query_copy_kept(&ep, agent.addr, None, &req, &mut own);
+        tokio::time::timeout(Duration::from_secs(20), q)
+            .await
+            .expect("no answer within 20 s")
+            .unwrap()
+    };
+    let (pages, state) = ask("vm.img", 8192).await;
+    assert_eq!((pages.len(), state), (2, CopyState::Hashed));
+    assert_eq!(ask("vm.img", 4096).await, (Vec::new(), CopyState::None));
+    assert_eq!(ask("absent.img", 4096).await, (Vec::new(), CopyState::None));
+    // Not a regular file: answered at once (a FIFO's open would block), as unreadable.
+    assert_eq!(
+        ask("fifo.img", 0).await,
+        (Vec::new(), CopyState::Unreadable)
+    );
+    agent.stop().await.unwrap();
+}
+
 /// A kept session waits between requests (a QEMU migration's control session waits for the
 /// stream's end, minutes on a slow path): one the receiver closed as idle meanwhile is
 /// replaced before the next request goes out, and one kept alive stays the same connection.

@@ -20,8 +20,8 @@ use dwcp_encoding::chooser::{Chooser, Pacer};
 use dwcp_encoding::{Codec, EncoderConfig, PageEncoder, RemoteIndex};
 use dwcp_transport::Endpoint;
 use dwcp_transport::session::{
-    BaseRequest, DeltaOptions, KeptSession, RateLimit, SendError, SendOptions, Source, TcpCounts,
-    migration_op_kept, query_base_kept, send_files_kept,
+    BaseRequest, CopyState, DeltaOptions, KeptSession, RateLimit, SendError, SendOptions, Source,
+    TcpCounts, migration_op_kept, query_base_kept, query_copy_kept, send_files_kept,
 };
 use dwcp_wire::{ErrorCode, NodeId, Version, data};
 use tracing::{debug, info, warn};
@@ -1389,9 +1389,9 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
             migration_target,
         };
         let mut own = KeptSession::default();
-        let q = query_base_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own);
+        let q = query_copy_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own);
         match tokio::time::timeout(SETTLE_WAIT, q).await {
-            Ok(Ok((_, pages))) => Some(pages),
+            Ok(Ok(answer)) => Some(answer),
             Ok(Err(e)) => {
                 warn!("cannot ask the destination whether it committed: {e}");
                 None
@@ -1402,11 +1402,26 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
             }
         }
     };
-    // A target still there was not committed (an older image of the same name could match).
-    if !ask(true).await?.is_empty() {
+    // A target still there, readable or not, was not committed (an older image of the same
+    // name could match).
+    let (target, there) = ask(true).await?;
+    if !target.is_empty() || there == CopyState::Unreadable {
         return Some(false);
     }
-    Some(ask(false).await? == vm.page_hashes())
+    // The published image: compared only when the destination could say what it holds. A
+    // copy it cannot read now (out of descriptors, an I/O error) may be the committed one:
+    // taken for "none", the source would run on beside it.
+    let (published, state) = ask(false).await?;
+    match state {
+        CopyState::Hashed => Some(published == vm.page_hashes()),
+        CopyState::None => Some(false),
+        CopyState::Unreadable | CopyState::Unsaid => {
+            warn!(
+                "the destination cannot say what its image holds: whether it committed stays unknown"
+            );
+            None
+        }
+    }
 }
 
 /// Most a question about a commit's outcome waits for its answer.

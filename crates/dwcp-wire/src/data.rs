@@ -223,6 +223,17 @@ pub const BASE_PART_SUMMARY: u32 = 0;
 /// copy of the named object, if it has one of the same size.
 pub const BASE_PART_PAGES: u32 = 1;
 
+/// `BaseInfo::copy`: not said (a receiver before this field, or one that gives no page
+/// hashes at all).
+pub const BASE_COPY_UNSAID: u32 = 0;
+/// `BaseInfo::copy`: the page hashes are those of the copy.
+pub const BASE_COPY_HASHED: u32 = 1;
+/// `BaseInfo::copy`: no copy of that name and size (absent, or of another size).
+pub const BASE_COPY_NONE: u32 = 2;
+/// `BaseInfo::copy`: something of that name and size is there, and could not be read (an
+/// I/O error, not a regular file, too many pages): what it holds is not known.
+pub const BASE_COPY_UNREADABLE: u32 = 3;
+
 /// Bytes of the `DATA` header: object id and offset, both u64 big-endian.
 pub const DATA_HEADER_LEN: usize = 16;
 
@@ -331,6 +342,10 @@ pub struct BaseInfo {
     /// The bytes.
     #[prost(bytes = "vec", tag = "5")]
     pub data: Vec<u8>,
+    /// In [`BASE_PART_PAGES`]: what the receiver's copy is (`BASE_COPY_*`), so that an empty
+    /// list tells "no copy" from "a copy that cannot be read".
+    #[prost(uint32, tag = "6")]
+    pub copy: u32,
 }
 
 /// `OBJECT_STATE` (0x0012).

@@ -22,10 +22,10 @@ pub use adapt::Mode;
 pub use delta::{DEFAULT_LINK_BPS, DeltaOptions, DeltaReport, Layout, open_cache};
 pub use recv::{PeerStats, Receiver, RecvEvent, Served};
 pub use send::{
-    BaseRequest, KeptSession, LinkStats, MigrationRequest, ObjectReport, Progress, RateLimit,
-    SendError, SendOptions, SendReport, Source, migration_op, migration_op_kept,
-    migration_request_data, migration_request_kept, query_base, query_base_kept, send_files,
-    send_files_kept,
+    BaseRequest, CopyState, KeptSession, LinkStats, MigrationRequest, ObjectReport, Progress,
+    RateLimit, SendError, SendOptions, SendReport, Source, migration_op, migration_op_kept,
+    migration_request_data, migration_request_kept, query_base, query_base_kept, query_copy_kept,
+    send_files, send_files_kept,
 };
 pub use tcp::TcpCounts;
 pub use tunnel::{Block, Tunnel};

@@ -1083,7 +1083,7 @@ impl Receiver {
         if q.migration_target {
             path = migration_target(&path);
         }
-        let pages = if self.delta
+        let (pages, copy) = if self.delta
             && check_name(&q.name).is_ok()
             && (512..=65536).contains(&ps)
             && ps.is_power_of_two()
@@ -1092,9 +1092,9 @@ impl Receiver {
             let raw_size = q.raw_size;
             tokio::task::spawn_blocking(move || page_hashes(&path, raw_size, ps))
                 .await
-                .unwrap_or_default()
+                .unwrap_or((Vec::new(), data::BASE_COPY_UNREADABLE))
         } else {
-            Vec::new()
+            (Vec::new(), data::BASE_COPY_UNSAID)
         };
         let piece = writer.max_chunk().saturating_sub(64).max(1024);
         for (part, bytes) in [
@@ -1111,6 +1111,11 @@ impl Receiver {
                     offset: offset as u64,
                     total,
                     data: bytes[offset..end].to_vec(),
+                    copy: if part == data::BASE_PART_PAGES {
+                        copy
+                    } else {
+                        data::BASE_COPY_UNSAID
+                    },
                 };
                 self.send(writer, &msg::encode(FrameType::BASE_INFO, &info))
                     .await?;
@@ -2063,15 +2068,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Summary hashes of the pages of `path`, little-endian, if it holds exactly `size` bytes.
-fn page_hashes(path: &Path, size: u64, page_size: usize) -> Vec<u8> {
+/// Summary hashes of the pages of `path`, little-endian, if it holds exactly `size` bytes;
+/// and what the copy is (`BASE_COPY_*`).
+fn page_hashes(path: &Path, size: u64, page_size: usize) -> (Vec<u8>, u32) {
+    use std::os::unix::fs::OpenOptionsExt;
     // 2^28 pages (1 TiB of 4 KiB pages) is 2 GiB of hashes: the most worth sending.
     const MAX_PAGES: u64 = 1 << 28;
-    let Ok(mut f) = File::open(path) else {
-        return Vec::new();
+    let unreadable = (Vec::new(), data::BASE_COPY_UNREADABLE);
+    // Without blocking on a FIFO put at the name.
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return (Vec::new(), data::BASE_COPY_NONE);
+        }
+        Err(_) => return unreadable,
     };
-    if f.metadata().map(|m| m.len()).ok() != Some(size) || size / page_size as u64 > MAX_PAGES {
-        return Vec::new();
+    let Ok(meta) = f.metadata() else {
+        return unreadable;
+    };
+    if !meta.is_file() {
+        return unreadable;
+    }
+    if meta.len() != size {
+        return (Vec::new(), data::BASE_COPY_NONE);
+    }
+    if size / page_size as u64 > MAX_PAGES {
+        return unreadable;
     }
     let mut out = Vec::with_capacity((size / page_size as u64 * 8) as usize);
     let mut buf = vec![0u8; page_size * 256];
@@ -2079,14 +2105,14 @@ fn page_hashes(path: &Path, size: u64, page_size: usize) -> Vec<u8> {
     while left > 0 {
         let n = (left as usize).min(buf.len());
         if f.read_exact(&mut buf[..n]).is_err() {
-            return Vec::new();
+            return unreadable;
         }
         for p in buf[..n].chunks_exact(page_size) {
             out.extend_from_slice(&dwcp_encoding::fast64(p).to_le_bytes());
         }
         left -= n as u64;
     }
-    out
+    (out, data::BASE_COPY_HASHED)
 }
 
 /// The part and state files of object `name` in `dir`; a migration round's (`round_tag`, its

@@ -2196,7 +2196,8 @@ async fn prepare_delta(
             .send(&msg::encode(FrameType::BASE_QUERY, &q))
             .await
             .map_err(|e| lost(e.to_string()))?;
-        collect_base_info(session, report, &q, (at, generation)).await?
+        let (summary, pages, _) = collect_base_info(session, report, &q, (at, generation)).await?;
+        (summary, pages)
     };
     let (path, size) = (src.path.clone(), src.size);
     let opts = opts.clone();
@@ -2240,7 +2241,7 @@ async fn collect_base_info(
     report: &mut SendReport,
     q: &BaseQuery,
     via: (u32, u64),
-) -> Result<(Vec<u8>, Vec<u8>), ObjectFailure> {
+) -> Result<(Vec<u8>, Vec<u8>, u32), ObjectFailure> {
     let lost = |why: String| ObjectFailure::SessionLost(why);
     let query_id = q.object;
     // The answer: each part in pieces, in order; bounded by what a summary and a page
@@ -2253,6 +2254,7 @@ async fn collect_base_info(
     let limits = [(dwcp_encoding::MAX_SUMMARY_ENTRIES * 10), max_pages];
     let mut parts: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut complete = [false, false];
+    let mut copy = data::BASE_COPY_UNSAID;
     while !(complete[0] && complete[1]) {
         // The receiver reads its whole copy for the page hashes: allow for 100 MB/s.
         let wait = Duration::from_secs(60 + q.raw_size / 100_000_000);
@@ -2297,6 +2299,9 @@ async fn collect_base_info(
                 }
                 part.extend_from_slice(&info.data);
                 complete[i] = part.len() as u64 == info.total;
+                if i == 1 {
+                    copy = info.copy;
+                }
             }
             Event::Frame(_) => {}
             Event::Lost(i, generation, why) => {
@@ -2309,7 +2314,7 @@ async fn collect_base_info(
         }
     }
     let [summary, pages] = parts;
-    Ok((summary, pages))
+    Ok((summary, pages, copy))
 }
 
 /// Asks a receiver what it holds for `name`: its cache summary, and the summary hashes of
@@ -2355,6 +2360,50 @@ pub async fn query_base_kept(
     req: &BaseRequest<'_>,
     kept: &mut KeptSession,
 ) -> Result<(Option<RemoteIndex>, Vec<u64>), SendError> {
+    query_kept(endpoint, addr, expected, req, kept)
+        .await
+        .map(|(remote, pages, _)| (remote, pages))
+}
+
+/// What a receiver said of its copy of a name (`BaseInfo::copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    /// The page hashes are its copy's.
+    Hashed,
+    /// It has no copy of that name and size.
+    None,
+    /// It has something there that it could not read: what it holds is not known.
+    Unreadable,
+    /// Not said (an older receiver, or one that gives no page hashes).
+    Unsaid,
+}
+
+/// As [`query_base_kept`], for the page hashes of the receiver's copy and what it said of
+/// that copy (an empty list alone does not tell "none" from "unreadable").
+pub async fn query_copy_kept(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    req: &BaseRequest<'_>,
+    kept: &mut KeptSession,
+) -> Result<(Vec<u64>, CopyState), SendError> {
+    let (_, pages, copy) = query_kept(endpoint, addr, expected, req, kept).await?;
+    let state = match copy {
+        data::BASE_COPY_HASHED => CopyState::Hashed,
+        data::BASE_COPY_NONE => CopyState::None,
+        data::BASE_COPY_UNREADABLE => CopyState::Unreadable,
+        _ => CopyState::Unsaid,
+    };
+    Ok((pages, state))
+}
+
+async fn query_kept(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    expected: Option<&NodeId>,
+    req: &BaseRequest<'_>,
+    kept: &mut KeptSession,
+) -> Result<(Option<RemoteIndex>, Vec<u64>, u32), SendError> {
     let (mut session, from_kept) = kept.take_or_control(endpoint, addr, expected).await?;
     let mut report = SendReport::default();
     kept.object_id += 1;
@@ -2393,7 +2442,7 @@ pub async fn query_base_kept(
     } else {
         session.close(ErrorCode::NO_ERROR, "query done").await;
     }
-    let (summary, pages) = r?;
+    let (summary, pages, copy) = r?;
     // Off the async workers: a large cache's summary takes a while.
     let remote = tokio::task::spawn_blocking(move || summary_of(&summary))
         .await
@@ -2402,7 +2451,7 @@ pub async fn query_base_kept(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
-    Ok((remote, pages))
+    Ok((remote, pages, copy))
 }
 
 /// Commits or aborts the migration target `name` on a receiver (`MIGRATION`).
