@@ -518,8 +518,13 @@ pub async fn migrate(
                 vm.throttle(0);
                 // The link may be down still (the retry period ran out): the guest stays
                 // paused while the destination is asked again, for another retry period
-                // (at least 10 s), before a person has to settle it.
-                let deadline = Instant::now() + spec.retry_for.max(Duration::from_secs(10));
+                // (at least 10 s, and time for one abort and both questions on a large VM),
+                // before a person has to settle it.
+                let deadline = Instant::now()
+                    + spec
+                        .retry_for
+                        .max(Duration::from_secs(10))
+                        .max(ABORT_TRY + 2 * settle_wait(vm));
                 // Each question within what is left (2 s at least, so the last is asked).
                 let step = |most: Duration| {
                     deadline
@@ -542,7 +547,7 @@ pub async fn migrate(
                     }
                     // (`settled` asks two questions.)
                     let answer =
-                        tokio::time::timeout(step(2 * SETTLE_WAIT), settled(vm, dest, spec))
+                        tokio::time::timeout(step(2 * settle_wait(vm)), settled(vm, dest, spec))
                             .await
                             .unwrap_or(None);
                     // "No copy" frees the source only with the abort done (a commit on its
@@ -1371,7 +1376,7 @@ async fn published_matches(vm: &MemoryVm, dest: Destination<'_>, spec: &Migratio
 /// Whether the destination committed this migration: `Some(true)` when no migration target
 /// is left and the image published under the VM's name is the paused `vm`'s memory,
 /// `Some(false)` when either is not so, `None` when the destination did not answer (each
-/// question bounded by [`SETTLE_WAIT`]).
+/// question bounded by [`settle_wait`]).
 async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> Option<bool> {
     // A destination hashes the pages of images up to 2^28 pages (1 TiB of 4 KiB pages), and
     // says nothing of larger ones: "nothing" would read as "not committed" here.
@@ -1381,6 +1386,7 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
         );
         return None;
     }
+    let wait = settle_wait(vm);
     let ask = async |migration_target: bool| {
         let req = BaseRequest {
             name: &spec.name,
@@ -1390,14 +1396,14 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
         };
         let mut own = KeptSession::default();
         let q = query_copy_kept(dest.endpoint, dest.addr, dest.expected, &req, &mut own);
-        match tokio::time::timeout(SETTLE_WAIT, q).await {
+        match tokio::time::timeout(wait, q).await {
             Ok(Ok(answer)) => Some(answer),
             Ok(Err(e)) => {
                 warn!("cannot ask the destination whether it committed: {e}");
                 None
             }
             Err(_) => {
-                warn!("the destination did not say within {SETTLE_WAIT:?} whether it committed");
+                warn!("the destination did not say within {wait:?} whether it committed");
                 None
             }
         }
@@ -1426,6 +1432,13 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
 
 /// Most a question about a commit's outcome waits for its answer.
 const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// How long a question about a commit's outcome waits for `vm`: the destination reads and
+/// hashes a whole image to answer it (allowing 100 MB/s, as the transport does for the same
+/// question).
+fn settle_wait(vm: &MemoryVm) -> Duration {
+    SETTLE_WAIT + Duration::from_secs(vm.pages() * vm.page_size() as u64 / 100_000_000)
+}
 
 /// The longest one try of an abort asked again while the link may be down: a try on a path
 /// that went silent must not take the whole retry period (a new connection may get through).
