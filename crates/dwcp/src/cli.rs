@@ -333,6 +333,12 @@ pub(crate) struct RecvArgs {
     #[arg(long)]
     pub(crate) no_delta: bool,
 
+    /// Seconds to wait for a sender whose connections all closed without a goodbye (it may
+    /// reconnect and resume: `dwcp send --retry-secs`, 60 by default) before giving up,
+    /// exit 5. The wait for a first sender is not bounded.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub(crate) wait_secs: u64,
+
     /// Print one JSON summary instead of text.
     #[arg(long)]
     pub(crate) json: bool,

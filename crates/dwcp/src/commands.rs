@@ -286,7 +286,8 @@ fn agent(settings: &Settings) -> Result<()> {
     let id = node_id(settings)?;
     let (creds, tls) = credentials(settings, &id)?;
     let not_after = creds.not_after()?;
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let r = rt.block_on(async {
         // Signal handlers go in before the agent reports ready, so that a SIGTERM arriving
         // right after /readyz turns 200 is a clean shutdown, not a kill.
         let shutdown = shutdown_signal()?;
@@ -301,7 +302,11 @@ fn agent(settings: &Settings) -> Result<()> {
         );
         agent.run(shutdown).await?;
         Ok(())
-    })
+    });
+    // The grace period is over: work left on the blocking pool (an object being decoded or
+    // verified) does not hold the exit for minutes (a runtime dropped waits for it).
+    rt.shutdown_timeout(Duration::from_secs(2));
+    r
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
@@ -357,6 +362,15 @@ pub(crate) struct ObjectFailed {
     "the sender gave the transfer up: {0} (what arrived is kept: the same `dwcp send` resumes it)"
 )]
 pub(crate) struct SenderGaveUp(String);
+
+/// `dwcp recv`: the sender's connections all closed without a goodbye, and none came back
+/// within `--wait-secs`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the sender went away: its connections closed without a goodbye and none came back \
+     within {0} s (--wait-secs)"
+)]
+pub(crate) struct SenderGone(pub(crate) u64);
 
 /// A peer name that does not resolve (exit code 5, like any unreachable peer).
 #[derive(Debug, thiserror::Error)]
@@ -439,14 +453,14 @@ fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
         let handshake = started.elapsed();
         let est = conn.established().clone();
         if !args.json {
-            println!(
+            outln!(
                 "connected to {} at {addr}: protocol {}, handshake (TCP + TLS 1.3 + DWCP) {:.2} ms",
                 est.peer_node_id,
                 est.version,
                 handshake.as_secs_f64() * 1e3
             );
-            println!("  negotiated: {}", caps_text(&est.negotiated));
-            println!("  peer offers: {}", caps_text(&est.peer_capabilities));
+            outln!("  negotiated: {}", caps_text(&est.negotiated));
+            outln!("  peer offers: {}", caps_text(&est.peer_capabilities));
         }
         let timeout = Duration::from_secs(args.timeout_secs);
         let mut rtts = Vec::new();
@@ -459,7 +473,7 @@ fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("probe {seq} to {addr} failed"))?;
             if !args.json {
-                println!("  seq={seq} rtt={:.3} ms", rtt.as_secs_f64() * 1e3);
+                outln!("  seq={seq} rtt={:.3} ms", rtt.as_secs_f64() * 1e3);
             }
             rtts.push(rtt);
         }
@@ -480,9 +494,9 @@ fn ping(settings: &Settings, args: &PingArgs) -> Result<()> {
                     "samples": rtts.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
                 },
             });
-            println!("{out}");
+            outln!("{out}");
         } else {
-            println!(
+            outln!(
                 "--- {}: {} probes, rtt min/avg/max/mdev = {:.3}/{:.3}/{:.3}/{:.3} ms",
                 est.peer_node_id,
                 rtts.len(),
@@ -667,7 +681,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
                 "seconds": o.seconds, "delta": o.delta.as_ref().map(delta_json),
             })).collect::<Vec<_>>(),
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
         for o in &report.objects {
             // Where the receiver's copy stood: in bytes of what crosses the wire, which for
@@ -694,9 +708,10 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
                     }
                 )
             });
-            println!(
+            outln!(
                 "sent {} ({} bytes{delta}, verified{resumed})",
-                o.name, o.size
+                o.name,
+                o.size
             );
         }
         let below = match (tcp, report.link.lost_packets) {
@@ -704,7 +719,7 @@ fn send(settings: &Settings, args: &SendArgs) -> Result<()> {
             (None, Some(lost)) => format!(", quinn declared {lost} packets lost"),
             (None, None) => String::new(),
         };
-        println!(
+        outln!(
             "{} bytes in {:.2} s: {:.1} Mbit/s over {} {} streams ({} re-sent bytes, {} streams \
              lost and {} replaced, {} reconnects{below})",
             total,
@@ -756,9 +771,9 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         cache,
     )
     .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
-    let stored = runtime()?.block_on(async {
-        let shutdown = shutdown_signal()?;
-        tokio::pin!(shutdown);
+    let rt = runtime()?;
+    let stored = rt.block_on(async {
+        let mut signals = StopSignals::new()?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| ResolveError(format!("cannot listen on {listen}: {e}")))?;
@@ -778,9 +793,29 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         let mut retried = std::collections::HashSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
         let _stop_on_exit = stop.clone().drop_guard();
+        // A sender whose streams all closed without a goodbye (killed, its host down, the
+        // link down longer than it retries) is waited for `--wait-secs`, then given up.
+        let wait = Duration::from_secs(args.wait_secs);
+        let mut quiet_since: Option<Instant> = None;
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
         let outcome = async { loop {
             tokio::select! {
-                () = &mut shutdown => return Err(anyhow!("interrupted before a transfer completed")),
+                code = signals.next() => {
+                    return Err(crate::testbed_cmd::TestbedCommandEnded {
+                        reason: "interrupted before a transfer completed".into(),
+                        code: u8::try_from(code).unwrap_or(130),
+                    }
+                    .into());
+                }
+                _ = watch.tick() => {
+                    let peers = receiver.peer_stats();
+                    let open: u32 = peers.iter().map(|p| p.streams).sum();
+                    if open > 0 || peers.is_empty() {
+                        quiet_since = None;
+                    } else if quiet_since.get_or_insert_with(Instant::now).elapsed() >= wait {
+                        return Err(SenderGone(args.wait_secs).into());
+                    }
+                }
                 ev = events.recv() => match ev {
                     Ok(RecvEvent::Stored { name, size, path, resumed_from, .. }) => {
                         stored.push((name, size, path, resumed_from));
@@ -797,10 +832,22 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
                         return Err(SenderGaveUp(reason).into());
                     }
                     Ok(_) => {}
+                    // Events are per object: one missed is only a line less in the summary.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} receiver events missed: the summary may lack files");
+                    }
                     Err(e) => return Err(anyhow!("receiver event stream: {e}")),
                 },
                 accepted = listener.accept() => {
-                    let Ok((tcp, peer)) = accepted else { continue };
+                    let (tcp, peer) = match accepted {
+                        Ok(a) => a,
+                        // Out of descriptors, say: the listener stays readable, so not at once.
+                        Err(e) => {
+                            tracing::warn!("cannot accept a connection: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
                     let _ = endpoint.socket.tune_accepted(&tcp);
                     let endpoint = endpoint.clone();
                     let receiver = receiver.clone();
@@ -848,16 +895,21 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
             q.close().await;
         }
         outcome
-    })?;
+    });
+    // Work still on the blocking pool (a large file being verified) does not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let stored = stored?;
     if args.json {
         let files: Vec<_> = stored
             .iter()
-            .map(|(n, s, p, r)| json!({"name": n, "size": s, "path": p, "resumed_from": r}))
+            .map(|(n, s, p, r)| {
+                json!({"name": n, "size": s, "path": p.to_string_lossy(), "resumed_from": r})
+            })
             .collect();
-        println!("{}", json!({ "files": files }));
+        outln!("{}", json!({ "files": files }));
     } else {
         for (name, size, path, _) in &stored {
-            println!(
+            outln!(
                 "received {name} ({size} bytes, verified) -> {}",
                 path.display()
             );
@@ -943,16 +995,16 @@ fn certs(cmd: CertsCommand) -> Result<()> {
             let cluster = ClusterId::new(cluster_id.as_str())
                 .map_err(|e| UsageError(format!("--cluster-id: {e}")))?;
             pki::init_ca(&dir, &cluster, days, force)?;
-            println!("created cluster CA for {cluster} (valid {days} days):");
-            println!(
+            outln!("created cluster CA for {cluster} (valid {days} days):");
+            outln!(
                 "  {}  certificate: copy to every node",
                 pki::ca_cert_path(&dir).display()
             );
-            println!(
+            outln!(
                 "  {}  private key: keep it here, off the nodes",
                 pki::ca_key_path(&dir).display()
             );
-            println!(
+            outln!(
                 "next: dwcp certs issue --dir {} --node NODE_ID",
                 dir.display()
             );
@@ -966,10 +1018,10 @@ fn certs(cmd: CertsCommand) -> Result<()> {
         } => {
             let id = NodeId::new(node.as_str()).map_err(|e| UsageError(format!("--node: {e}")))?;
             let (cert, key) = pki::issue_node(&dir, &id, days, force)?;
-            println!("issued certificate for node {id} (valid {days} days):");
-            println!("  {}", cert.display());
-            println!("  {}", key.display());
-            println!(
+            outln!("issued certificate for node {id} (valid {days} days):");
+            outln!("  {}", cert.display());
+            outln!("  {}", key.display());
+            outln!(
                 "run it with: dwcp agent --certs-dir {} --node-id {id}   (the node needs ca.pem and \
                  these two files in the same layout)",
                 dir.display()
@@ -985,7 +1037,7 @@ fn config(cmd: ConfigCommand) -> Result<()> {
             let cfg = load_config(Some(&file))?;
             cfg.validate()
                 .with_context(|| format!("{} is invalid", file.display()))?;
-            println!("{}: ok", file.display());
+            outln!("{}: ok", file.display());
             Ok(())
         }
         ConfigCommand::Default => {
@@ -1151,7 +1203,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         let bytes_in = metric(&metrics_b, "dwcp_bytes_received_total");
         let bytes_out = metric(&metrics_b, "dwcp_bytes_sent_total");
         if args.json {
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "handshake_ms": handshake.as_secs_f64() * 1e3,
@@ -1168,18 +1220,18 @@ fn demo(args: &DemoArgs) -> Result<()> {
                 })
             );
         } else {
-            println!("DWCP demo: three agents on loopback, one throwaway cluster CA");
-            println!();
-            println!(
+            outln!("DWCP demo: three agents on loopback, one throwaway cluster CA");
+            outln!();
+            outln!(
                 "node-a -> node-b   protocol {}, handshake (TCP + mutual TLS 1.3 + DWCP) {:.2} ms",
                 est.version,
                 handshake.as_secs_f64() * 1e3
             );
-            println!(
+            outln!(
                 "                   negotiated: {}",
                 caps_text(&est.negotiated)
             );
-            println!(
+            outln!(
                 "                   rtt over {} probes: min {:.3} / p50 {:.3} / avg {:.3} / p99 {:.3} / max {:.3} ms",
                 rtts.len(),
                 s.min,
@@ -1188,13 +1240,13 @@ fn demo(args: &DemoArgs) -> Result<()> {
                 s.p99,
                 s.max
             );
-            println!("node-a -> node-legacy (v1 only)   protocol {legacy_version}");
-            println!("foreign CA -> node-b   refused: {refused}");
-            println!(
+            outln!("node-a -> node-legacy (v1 only)   protocol {legacy_version}");
+            outln!("foreign CA -> node-b   refused: {refused}");
+            outln!(
                 "node-b /readyz: {}; /metrics: {ok} handshakes ok, {failed} failed, {bytes_in} bytes in, {bytes_out} bytes out",
                 ready_b.trim()
             );
-            println!();
+            outln!();
             crate::migrate::print_report(&migration, "node-a", "node-b");
         }
         // After the report: an agent slow to stop does not take it with it.

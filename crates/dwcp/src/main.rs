@@ -1,6 +1,29 @@
 //! `dwcp`: parse arguments, run the command, map the error to an exit code, print the cause
 //! chain.
 
+/// `println!` for what a command prints on standard output: a reader gone (`dwcp ping ... |
+/// head -1`) ends the command as a closed pipe ends other tools (status 141, as if by
+/// SIGPIPE), instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::write_out(format_args!(""))
+    };
+    ($($t:tt)*) => {
+        $crate::write_out(format_args!($($t)*))
+    };
+}
+
+/// See [`outln`].
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = writeln!(o, "{args}").and_then(|()| o.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(141);
+    }
+}
+
 mod bench;
 mod bench_encoding;
 mod bench_guest;
@@ -99,6 +122,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<commands::ResolveError>().is_some()
             || cause.downcast_ref::<commands::SenderGaveUp>().is_some()
+            || cause.downcast_ref::<commands::SenderGone>().is_some()
         {
             return exit::NETWORK;
         }

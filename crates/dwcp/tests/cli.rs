@@ -178,6 +178,21 @@ fn agent_and_ping() {
     assert!(out.contains("protocol v6"), "{out}");
     assert!(out.contains("rtt min/avg/max/mdev"), "{out}");
 
+    // A reader gone: ended as a closed pipe ends other tools, not by a panic.
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} ping {} --certs-dir {certs} --node-id node-b -n 50 --interval-ms 20 | head -1; \
+             echo status=${{PIPESTATUS[0]}}",
+            env!("CARGO_BIN_EXE_dwcp"),
+            agent.addr
+        ))
+        .output()
+        .unwrap();
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(out.contains("status=141"), "{out}\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
     let o = run(&[
         "ping",
         &agent.addr,
@@ -1463,4 +1478,106 @@ fn testbed_stops_a_running_command_on_sigint_with_the_shells_status() {
     let (status, err) = testbed_stopped_by("--in-a", &mark, rustix::process::Signal::INT);
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("stopped by SIGINT"), "{err}");
+}
+
+/// `dwcp recv` with a listener up, its standard error in `log`.
+fn recv_listening(
+    certs: &Path,
+    out: &Path,
+    extra: &[&str],
+    log: &tempfile::NamedTempFile,
+) -> (Child, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let recv = dwcp()
+        .args([
+            "recv",
+            "--listen",
+            &listen,
+            "--node-id",
+            "node-b",
+            "--certs-dir",
+        ])
+        .arg(certs)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "recv did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (recv, listen)
+}
+
+/// Waits at most `within` for `child` to exit.
+fn exit_within(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A sender killed mid-transfer says nothing: `dwcp recv` waits `--wait-secs` for it to come
+/// back, then exits 5 keeping what arrived. SIGINT ends a recv waiting for its first sender
+/// with 130.
+#[test]
+fn recv_gives_up_a_sender_gone_without_a_word_and_ends_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a", "node-b"]);
+    let file = dir.path().join("big.raw");
+    std::fs::write(&file, vec![5u8; 64 << 20]).unwrap();
+    let out = dir.path().join("out");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (mut recv, listen) = recv_listening(dir.path(), &out, &["--wait-secs", "2"], &log);
+    let mut send = dwcp()
+        .arg("send")
+        .arg(&file)
+        .args([
+            "--to",
+            &listen,
+            "--node-id",
+            "node-a",
+            "--no-delta",
+            "--rate-limit",
+            "8M",
+        ])
+        .args(["--certs-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    send.kill().unwrap();
+    send.wait().unwrap();
+    let killed = Instant::now();
+    let status = exit_within(&mut recv, Duration::from_secs(30));
+    let err = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(status.code(), Some(5), "{err}");
+    assert!(err.contains("the sender went away"), "{err}");
+    assert!(killed.elapsed() >= Duration::from_secs(2), "{err}");
+    assert!(out.join(".big.raw.dwcp-part").exists(), "kept for a resume");
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (mut recv, _) = recv_listening(dir.path(), &out, &[], &log);
+    let k = Command::new("kill")
+        .args(["-INT", &recv.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let status = exit_within(&mut recv, Duration::from_secs(10));
+    let err = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
 }
