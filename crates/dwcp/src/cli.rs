@@ -18,7 +18,8 @@ Exit codes: 0 ok, 1 internal error, 2 bad command line, 3 invalid configuration,
 6 authentication (certificate refused, identity mismatch), 7 protocol (peer incompatible or
 misbehaving), 8 migration not completed (the VM is at the source as before), 9 migration not
 completed and the source left paused (check the destination); 130 or 143 when a second
-SIGINT or SIGTERM ends `dwcp migrate` at once (the first one, `dwcp demo`). `dwcp testbed --in-a` passes on
+SIGINT or SIGTERM ends `dwcp migrate` at once (the first one, `dwcp demo`, `dwcp recv`); 141
+when standard output was closed by its reader. `dwcp testbed --in-a` passes on
 its command's status. Docs: README.md, docs/CONFIG.md, docs/OPERATIONS.md,
 docs/PROTOCOL.md.";
 
