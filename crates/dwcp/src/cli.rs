@@ -699,9 +699,9 @@ pub(crate) struct MigrateArgs {
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub(crate) downtime_ms: u64,
 
-    /// Most pre-copy rounds, throttled ones included (a memory image; QEMU counts its own):
-    /// rounds that stop shrinking before then throttle the guest; at this many, post-copy if
-    /// allowed, else the migration is given up and rolled back.
+    /// Most pre-copy rounds of a memory image, throttled ones included (not with
+    /// --qemu-qmp: QEMU counts its own): rounds that stop shrinking before then throttle the
+    /// guest; at this many the migration is given up and rolled back.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub(crate) max_rounds: u32,
 
@@ -777,7 +777,7 @@ pub(crate) struct MigrateArgs {
     /// Migrate the running QEMU whose QMP monitor is this Unix socket, instead of a generated
     /// memory image. The destination agent's QEMU for VM --name waits in its
     /// `migration.qemu_dir` (`NAME.incoming`, `NAME.qmp`).
-    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["vm_size", "dirty_rate", "seed", "synthetic", "vm_dir"])]
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["vm_size", "dirty_rate", "seed", "synthetic", "vm_dir", "max_rounds"])]
     pub(crate) qemu_qmp: Option<PathBuf>,
 }
 

@@ -378,8 +378,18 @@ pub(crate) struct SenderGone(pub(crate) u64);
 pub(crate) struct ResolveError(String);
 
 pub(crate) async fn resolve(peer: &str) -> Result<SocketAddr> {
-    if !peer.contains(':') {
-        return Err(UsageError(format!("peer {peer:?} has no port: expected HOST:PORT")).into());
+    // A port missing or out of range is the command line's fault, not the network's:
+    // `[::1]` and `host:99999` have a colon too.
+    let port = peer
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && (!host.starts_with('[') || host.ends_with(']')))
+        .map(|(_, p)| p);
+    if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+        return Err(UsageError(format!(
+            "peer {peer:?} has no port, or not one from 0 to 65535: expected HOST:PORT \
+             ([IPv6]:PORT for an IPv6 address)"
+        ))
+        .into());
     }
     let mut addrs = tokio::net::lookup_host(peer)
         .await

@@ -178,6 +178,28 @@ fn agent_and_ping() {
     assert!(out.contains("protocol v6"), "{out}");
     assert!(out.contains("rtt min/avg/max/mdev"), "{out}");
 
+    // A peer without a usable port is the command line's fault (3); one that does not
+    // answer, the network's (5).
+    for (peer, code) in [
+        ("[::1]", 3),
+        ("127.0.0.1:99999", 3),
+        ("localhost", 3),
+        (":7700", 3),
+        ("127.0.0.1:1", 5),
+    ] {
+        let o = run(&[
+            "ping",
+            peer,
+            "--certs-dir",
+            certs,
+            "--node-id",
+            "node-b",
+            "-n",
+            "1",
+        ]);
+        assert_eq!(o.status.code(), Some(code), "{peer}: {}", text(&o.stderr));
+    }
+
     // A reader gone: ended as a closed pipe ends other tools, not by a panic.
     let o = Command::new("bash")
         .arg("-c")
