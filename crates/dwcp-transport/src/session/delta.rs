@@ -125,12 +125,22 @@ pub struct DeltaReport {
 /// A file encoded into a temporary object.
 #[derive(Debug)]
 pub(crate) struct Encoded {
-    pub(crate) file: tempfile::NamedTempFile,
+    /// Without a name (nothing is left behind when the process is killed); read through
+    /// [`Encoded::path`].
+    pub(crate) file: File,
     pub(crate) size: u64,
     pub(crate) digest: blake3::Hash,
     pub(crate) encoding: u32,
     pub(crate) raw_blake3: blake3::Hash,
     pub(crate) report: DeltaReport,
+}
+
+impl Encoded {
+    /// A path that opens the encoded copy, for as long as this lives (Linux's `/proc`).
+    pub(crate) fn path(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", self.file.as_raw_fd()).into()
+    }
 }
 
 /// Opens the baseline cache a receiver decodes against (persisted in `s.dir`, or in memory)
@@ -195,20 +205,17 @@ fn encode(
     base: &[u8],
     path: &Path,
 ) -> std::io::Result<Encoded> {
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".dwcp-hde-")
-        .tempfile()
-        .map_err(|e| {
-            let dir = std::env::temp_dir();
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot create its encoded copy in {}: {e}", dir.display()),
-            )
-        })?;
+    let mut tmp = tempfile::tempfile().map_err(|e| {
+        let dir = std::env::temp_dir();
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot create its encoded copy in {}: {e}", dir.display()),
+        )
+    })?;
     let mut hasher = blake3::Hasher::new();
     let mut raw_hasher = blake3::Hasher::new();
     let mut out = Vec::with_capacity(8 << 20);
-    let mut flush = |out: &mut Vec<u8>, tmp: &mut tempfile::NamedTempFile, force: bool| {
+    let mut flush = |out: &mut Vec<u8>, tmp: &mut File, force: bool| {
         if force || out.len() >= 4 << 20 {
             hasher.update(out);
             let r = tmp.write_all(out).map_err(|e| {
@@ -327,7 +334,7 @@ fn encode(
         report.saved_compression = s.payload_raw.saturating_sub(s.payload_compressed);
     }
     flush(&mut out, &mut tmp, true)?;
-    let size = tmp.as_file().metadata()?.len();
+    let size = tmp.metadata()?.len();
     report.encoded_bytes = size;
     report.codec = codec.to_string();
     Ok(Encoded {

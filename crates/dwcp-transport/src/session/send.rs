@@ -1376,7 +1376,7 @@ pub async fn send_files_kept(
                 None
             };
             let wire_src = enc.map(|e| Source {
-                path: e.file.path().to_path_buf(),
+                path: e.path(),
                 name: src.name.clone(),
                 size: e.size,
                 version_tag: format!("{} hde={}", src.version_tag, &e.digest.to_hex()[..16]),
