@@ -1557,25 +1557,20 @@ fn exit_within(child: &mut Child, within: Duration) -> std::process::ExitStatus 
 fn recv_gives_up_a_sender_gone_without_a_word_and_ends_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     cluster(dir.path(), &["node-a", "node-b"]);
-    let file = dir.path().join("big.raw");
-    std::fs::write(&file, vec![5u8; 64 << 20]).unwrap();
+    // Incompressible: the encoded copy is as large, and takes seconds at the capped rate.
+    let file = dwcp_testkit::random_file(dir.path(), "big.raw", 64 << 20, 9);
     let out = dir.path().join("out");
     let log = tempfile::NamedTempFile::new().unwrap();
     let (mut recv, listen) = recv_listening(dir.path(), &out, &["--wait-secs", "2"], &log);
+    // Delta-encoded: its encoded copy, in TMPDIR while it is sent, has no name to leave.
+    let tmp = tempfile::tempdir().unwrap();
     let mut send = dwcp()
         .arg("send")
         .arg(&file)
-        .args([
-            "--to",
-            &listen,
-            "--node-id",
-            "node-a",
-            "--no-delta",
-            "--rate-limit",
-            "8M",
-        ])
+        .args(["--to", &listen, "--node-id", "node-a", "--rate-limit", "8M"])
         .args(["--certs-dir"])
         .arg(dir.path())
+        .env("TMPDIR", tmp.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -1590,6 +1585,8 @@ fn recv_gives_up_a_sender_gone_without_a_word_and_ends_on_sigint() {
     assert!(err.contains("the sender went away"), "{err}");
     assert!(killed.elapsed() >= Duration::from_secs(2), "{err}");
     assert!(out.join(".big.raw.dwcp-part").exists(), "kept for a resume");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
 
     let log = tempfile::NamedTempFile::new().unwrap();
     let (mut recv, _) = recv_listening(dir.path(), &out, &[], &log);
