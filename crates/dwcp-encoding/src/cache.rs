@@ -393,19 +393,24 @@ impl BaselineCache {
     pub fn insert_keyed(&mut self, key: Key, data: &[u8]) -> io::Result<Key> {
         debug_assert_eq!(key, Key::of(data));
         let kh = KeyHashed(key);
-        // A seed's page may have changed in its file since it was indexed (a VM's own disk):
-        // content that arrived is this key's by construction, and takes its place, unless a
-        // copy read (and checked) from the seed is in memory. Any other copy is kept (a
-        // pack's is checked when read).
-        let seeded = |e: &Entry| matches!(e.loc, Loc::Seed { .. });
-        if self
-            .index
-            .get(&kh)
-            .is_some_and(|e| !seeded(e) || self.mem.contains_key(&kh))
-            || data.len() > MAX_ENTRY as usize
-            || data.is_empty()
-        {
+        if data.len() > MAX_ENTRY as usize || data.is_empty() {
             return Ok(key);
+        }
+        // A seed's page may have changed in its file since it was indexed (a VM's own disk):
+        // content that arrived is this key's by construction, and takes the place of a seed
+        // that no longer holds it. One that does stays (a seed costs no budget, and is never
+        // evicted). Any other copy is kept (a pack's is checked when read).
+        if let Some(e) = self.index.get(&kh).copied() {
+            let stale = match e.loc {
+                Loc::Seed { file, offset } => {
+                    !self.mem.contains_key(&kh) && !self.seed_holds(file, offset, e.len, &key)
+                }
+                Loc::Mem | Loc::Pack { .. } => false,
+            };
+            if !stale {
+                return Ok(key);
+            }
+            self.stats.seeded = self.stats.seeded.saturating_sub(1);
         }
         // Memory is the only place a memory-only cache has: what does not fit is not kept
         // (and so never advertised).
@@ -431,6 +436,15 @@ impl BaselineCache {
         self.remember(key, data.into());
         self.enforce_disk_budget()?;
         Ok(key)
+    }
+
+    /// Whether seed file `file` still holds `key`'s `len` bytes at `offset`.
+    fn seed_holds(&self, file: u32, offset: u64, len: u32, key: &Key) -> bool {
+        let mut buf = vec![0u8; len as usize];
+        self.seeds
+            .get(file as usize)
+            .and_then(|p| File::open(p).ok())
+            .is_some_and(|f| f.read_exact_at(&mut buf, offset).is_ok() && Key::of(&buf) == *key)
     }
 
     /// Copies the content named `key` into `buf` if held and verified.
@@ -492,6 +506,9 @@ impl BaselineCache {
         if !ok || Key::of(&buf[start..]) != *key {
             buf.truncate(start);
             self.index.remove(&kh);
+            if matches!(entry.loc, Loc::Seed { .. }) {
+                self.stats.seeded = self.stats.seeded.saturating_sub(1);
+            }
             self.stats.corrupt += 1;
             self.stats.misses += 1;
             tracing::warn!(%key, "baseline cache entry failed verification; dropped");
@@ -1157,8 +1174,16 @@ mod tests {
         assert!(c.get(&k6, &mut buf).unwrap(), "the arrived copy is served");
         assert_eq!(buf, page(6));
         assert_eq!(c.stats().corrupt, 1);
-        // An unchanged seed's page arriving changes nothing it serves.
+        // An unchanged seed's page arriving stays a seed's (not copied, never evicted).
+        let before = c.stats();
         let k2 = c.insert(&page(2)).unwrap();
+        let after = c.stats();
+        assert_eq!(
+            (after.inserted, after.mem_bytes),
+            (before.inserted, before.mem_bytes)
+        );
         assert!(c.get(&k2, &mut Vec::new()).unwrap());
+        // Seeds counted: 8, less page 5 (dropped as corrupt) and page 6 (replaced).
+        assert_eq!(c.stats().seeded, 6);
     }
 }

@@ -1409,19 +1409,26 @@ async fn settled(vm: &MemoryVm, dest: Destination<'_>, spec: &MigrationSpec) -> 
         }
     };
     // A target still there, readable or not, was not committed (an older image of the same
-    // name could match).
+    // name could match). One the destination could not look for leaves it unknown.
     let (target, there) = ask(true).await?;
     if !target.is_empty() || there == CopyState::Unreadable {
         return Some(false);
     }
-    // The published image: compared only when the destination could say what it holds. A
-    // copy it cannot read now (out of descriptors, an I/O error) may be the committed one:
-    // taken for "none", the source would run on beside it.
+    if there == CopyState::Unknown {
+        warn!(
+            "the destination cannot look for its migration target: whether it committed stays unknown"
+        );
+        return None;
+    }
+    // The published image: compared when the destination gave its page hashes (an older
+    // destination says nothing of the copy, only gives them). A copy it cannot read or
+    // look at now (out of descriptors, an I/O error) may be the committed one: taken for
+    // "none", the source would run on beside it.
     let (published, state) = ask(false).await?;
     match state {
-        CopyState::Hashed => Some(published == vm.page_hashes()),
+        _ if !published.is_empty() => Some(published == vm.page_hashes()),
         CopyState::None => Some(false),
-        CopyState::Unreadable | CopyState::Unsaid => {
+        CopyState::Hashed | CopyState::Unreadable | CopyState::Unknown | CopyState::Unsaid => {
             warn!(
                 "the destination cannot say what its image holds: whether it committed stays unknown"
             );

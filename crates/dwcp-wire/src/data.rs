@@ -233,6 +233,9 @@ pub const BASE_COPY_NONE: u32 = 2;
 /// `BaseInfo::copy`: something of that name and size is there, and could not be read (an
 /// I/O error, not a regular file, too many pages): what it holds is not known.
 pub const BASE_COPY_UNREADABLE: u32 = 3;
+/// `BaseInfo::copy`: the receiver could not look (out of descriptors, say): whether it has a
+/// copy is not known.
+pub const BASE_COPY_UNKNOWN: u32 = 4;
 
 /// Bytes of the `DATA` header: object id and offset, both u64 big-endian.
 pub const DATA_HEADER_LEN: usize = 16;

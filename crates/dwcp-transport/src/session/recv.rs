@@ -1092,7 +1092,7 @@ impl Receiver {
             let raw_size = q.raw_size;
             tokio::task::spawn_blocking(move || page_hashes(&path, raw_size, ps))
                 .await
-                .unwrap_or((Vec::new(), data::BASE_COPY_UNREADABLE))
+                .unwrap_or((Vec::new(), data::BASE_COPY_UNKNOWN))
         } else {
             (Vec::new(), data::BASE_COPY_UNSAID)
         };
@@ -2075,17 +2075,22 @@ fn page_hashes(path: &Path, size: u64, page_size: usize) -> (Vec<u8>, u32) {
     // 2^28 pages (1 TiB of 4 KiB pages) is 2 GiB of hashes: the most worth sending.
     const MAX_PAGES: u64 = 1 << 28;
     let unreadable = (Vec::new(), data::BASE_COPY_UNREADABLE);
-    // Without blocking on a FIFO put at the name.
-    let mut f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-    {
-        Ok(f) => f,
+    // Whether anything is there first: an open that fails for want of a descriptor says
+    // nothing of that.
+    match fs::symlink_metadata(path) {
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return (Vec::new(), data::BASE_COPY_NONE);
         }
-        Err(_) => return unreadable,
+        Err(_) => return (Vec::new(), data::BASE_COPY_UNKNOWN),
+    }
+    // Without blocking on a FIFO put at the name.
+    let Ok(mut f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+    else {
+        return unreadable;
     };
     let Ok(meta) = f.metadata() else {
         return unreadable;

@@ -247,6 +247,9 @@ impl LinkStats {
 
 /// Heartbeat sequence numbers start here, apart from the probes'.
 const HEARTBEAT_SEQ: u64 = 1 << 32;
+/// How often a session's streams say they are alive: heartbeats while an object is sent,
+/// pings while the next is encoded.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// The sequence number of `Carrier::Auto`'s round-trip probe (the mode probe uses `0x5eed`).
 const AUTO_PROBE_SEQ: u64 = 0xa070;
 
@@ -816,6 +819,31 @@ impl Session {
     /// requests): a stream the receiver closed meanwhile (its idle timeout, say) leaves the
     /// session, so that no request goes out on it. Nothing was outstanding on it, so nothing
     /// is lost with it.
+    /// A PING on every stream (answered, its answer not waited for): the receiver's idle
+    /// timer sees the session alive while nothing else goes (a file being encoded).
+    async fn ping_streams(&self) {
+        let ping = msg::encode(
+            FrameType::PING,
+            &Ping {
+                seq: KEEPALIVE_SEQ,
+                ..Ping::default()
+            },
+        );
+        let writers: Vec<Arc<Mutex<Writer>>> = self
+            .writers
+            .iter()
+            .flatten()
+            .map(|(_, w)| w.clone())
+            .collect();
+        for w in writers {
+            // Bounded: a stream that cannot take a frame in this time is failing anyway, and
+            // its reader reports it.
+            let _ =
+                tokio::time::timeout(KEEPALIVE_WRITE, async { w.lock().await.send(&ping).await })
+                    .await;
+        }
+    }
+
     async fn settle(&mut self) {
         while let Ok(ev) = self.events.try_recv() {
             if let Event::Lost(i, g, why) = ev {
@@ -1176,22 +1204,7 @@ impl KeptSession {
             return false;
         };
         s.settle().await;
-        let ping = msg::encode(
-            FrameType::PING,
-            &Ping {
-                seq: KEEPALIVE_SEQ,
-                ..Ping::default()
-            },
-        );
-        let writers: Vec<Arc<Mutex<Writer>>> =
-            s.writers.iter().flatten().map(|(_, w)| w.clone()).collect();
-        for w in writers {
-            // Bounded: a stream that cannot take a frame in this time is failing anyway, and
-            // its reader reports it.
-            let _ =
-                tokio::time::timeout(KEEPALIVE_WRITE, async { w.lock().await.send(&ping).await })
-                    .await;
-        }
+        s.ping_streams().await;
         s.alive() > 0
     }
 
@@ -1760,7 +1773,7 @@ async fn send_object(
     // Its own timer: ACKs may arrive more often than any idle timeout would fire.
     let mut adapt_tick = tokio::time::interval(Duration::from_millis(250));
     adapt_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let every = Duration::from_secs(1);
+    let every = HEARTBEAT_EVERY;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let (mut beat_at, mut beat_acked) = (Instant::now(), have);
@@ -2201,11 +2214,21 @@ async fn prepare_delta(
     };
     let (path, size) = (src.path.clone(), src.size);
     let opts = opts.clone();
-    let e = tokio::task::spawn_blocking(move || {
+    let mut task = tokio::task::spawn_blocking(move || {
         let remote = summary_of(&summary);
         delta::encode_file(&path, size, encoding, &opts, remote.as_ref(), &pages)
-    })
-    .await
+    });
+    // A large file takes minutes to encode: the streams are kept alive meanwhile (the
+    // receiver would close them as idle, and `dwcp recv` give the sender up).
+    let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    let e = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = beat.tick() => session.ping_streams().await,
+        }
+    }
     .map_err(|e| ObjectFailure::Fatal(SendError::Protocol(format!("encoder task failed: {e}"))))?
     .map_err(|source| {
         ObjectFailure::Fatal(SendError::Source {
@@ -2374,6 +2397,8 @@ pub enum CopyState {
     None,
     /// It has something there that it could not read: what it holds is not known.
     Unreadable,
+    /// It could not look (out of descriptors, say): whether it has a copy is not known.
+    Unknown,
     /// Not said (an older receiver, or one that gives no page hashes).
     Unsaid,
 }
@@ -2392,6 +2417,7 @@ pub async fn query_copy_kept(
         data::BASE_COPY_HASHED => CopyState::Hashed,
         data::BASE_COPY_NONE => CopyState::None,
         data::BASE_COPY_UNREADABLE => CopyState::Unreadable,
+        data::BASE_COPY_UNKNOWN => CopyState::Unknown,
         _ => CopyState::Unsaid,
     };
     Ok((pages, state))
