@@ -188,8 +188,9 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value = "auto", value_parser = parse_streams)]
     pub(crate) streams: StreamsArg,
 
-    /// For --streams auto: datacenter, internet, or auto (datacenter when the first round
-    /// trip is under 10 ms).
+    /// The path's kind, for --streams auto (its starting count) and --transport auto (quic
+    /// only across the internet): datacenter, internet, or auto (datacenter when the first
+    /// round trip is under 10 ms). Without either auto it changes nothing.
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
     pub(crate) mode: ModeArg,
 
@@ -403,9 +404,10 @@ fn parse_amount(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("{s:?} is not a rate such as 100M, 1.5Gi or 800Mbit"))?;
     let mult = match unit {
         "" => 1.0,
+        // Lower case as `tc` writes them (`50mbit`): nobody means milli-bytes.
         "K" | "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
+        "M" | "m" => 1e6,
+        "G" | "g" => 1e9,
         "Ki" => 1024.0,
         "Mi" => 1024.0 * 1024.0,
         "Gi" => 1024.0 * 1024.0 * 1024.0,
@@ -831,6 +833,8 @@ mod tests {
         assert_eq!(parse_rate("800Mbit"), Ok(100_000_000));
         assert_eq!(parse_rate("1Gi"), Ok(1 << 30));
         assert_eq!(parse_rate("1.5K"), Ok(1500));
+        assert_eq!(parse_rate("400mbit"), Ok(50_000_000));
+        assert_eq!(parse_rate("1g"), Ok(1_000_000_000));
         assert_eq!(parse_rate("42"), Ok(42));
         for bad in ["", "fast", "10X", "0", "-5M", "1e20"] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");

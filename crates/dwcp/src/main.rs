@@ -2,8 +2,9 @@
 //! chain.
 
 /// `println!` for what a command prints on standard output: a reader gone (`dwcp ping ... |
-/// head -1`) ends the command as a closed pipe ends other tools (status 141, as if by
-/// SIGPIPE), instead of panicking.
+/// head -1`) or a full disk does not panic the command. Output stops there; the command
+/// goes on to its end (removing what it made), and then exits 141 for a closed pipe (as a
+/// closed pipe ends other tools), 4 for another error, unless it failed by itself.
 macro_rules! outln {
     () => {
         $crate::write_out(format_args!(""))
@@ -13,15 +14,27 @@ macro_rules! outln {
     };
 }
 
+/// Why standard output could not be written, once it could not.
+static STDOUT_LOST: std::sync::OnceLock<std::io::ErrorKind> = std::sync::OnceLock::new();
+
 /// See [`outln`].
 pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let mut o = std::io::stdout().lock();
-    if let Err(e) = writeln!(o, "{args}").and_then(|()| o.flush())
-        && e.kind() == std::io::ErrorKind::BrokenPipe
-    {
-        std::process::exit(141);
+    if stdout_lost() {
+        return;
     }
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = writeln!(o, "{args}").and_then(|()| o.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to standard output: {e}");
+        }
+        let _ = STDOUT_LOST.set(e.kind());
+    }
+}
+
+/// Whether standard output could not be written (a command printing many lines may stop).
+pub(crate) fn stdout_lost() -> bool {
+    STDOUT_LOST.get().is_some()
 }
 
 mod bench;
@@ -59,7 +72,11 @@ pub(crate) mod exit {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match commands::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => match STDOUT_LOST.get() {
+            None => ExitCode::SUCCESS,
+            Some(std::io::ErrorKind::BrokenPipe) => ExitCode::from(141),
+            Some(_) => ExitCode::from(exit::FILES),
+        },
         Err(err) => {
             eprintln!("error: {err}");
             let mut last = err.to_string();

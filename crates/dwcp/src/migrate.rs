@@ -334,20 +334,20 @@ pub(crate) fn report_json(r: &MigrationReport) -> Value {
 /// The line of what TCP sent again (the kernel's count), if it was counted.
 fn print_tcp(tcp: Option<dwcp_transport::session::TcpCounts>, under: &str) {
     if let Some(t) = tcp {
-        println!("  TCP {t}{under}");
+        outln!("  TCP {t}{under}");
     }
 }
 
 /// The report as text.
 pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
-    println!(
+    outln!(
         "live migration {from} -> {to}: {} MiB guest under a dirtying workload",
         r.guest_bytes >> 20
     );
-    println!("  round     pages   on the wire    seconds   dirtied meanwhile  throttle");
+    outln!("  round     pages   on the wire    seconds   dirtied meanwhile  throttle");
     let last = r.rounds.len().saturating_sub(1);
     for (i, x) in r.rounds.iter().enumerate() {
-        println!(
+        outln!(
             "  {:>5}{} {:>8} {:>10.1} MB {:>10.3} {:>19} {:>8}%",
             x.round,
             if i == last && r.downtime_ms.is_some() {
@@ -363,27 +363,27 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
         );
     }
     let [zero, same, dup, cache, xor, literal] = r.levels;
-    println!("  (* the stop-and-copy round, guest paused)");
-    println!(
+    outln!("  (* the stop-and-copy round, guest paused)");
+    outln!(
         "  pages sent as: {zero} zero, {dup} duplicate, {cache} from the destination's cache, {same} unchanged, {xor} XOR delta, {literal} literal ({})",
         r.codec
     );
     print_tcp(r.tcp, "");
     if r.reconnects > 0 {
-        println!(
+        outln!(
             "  {} reconnection(s) after every connection to the destination was lost",
             r.reconnects
         );
     }
     if r.cold_resends > 0 {
-        println!(
+        outln!(
             "  {} part(s) of rounds sent again without references: the destination's cache \
              no longer held pages it had learned from this migration",
             r.cold_resends
         );
     }
     if r.migrated {
-        println!(
+        outln!(
             "result: migrated ({}) in {:.2} s; guest paused {} until the destination committed ({} until this host heard; predicted {}); {:.1} MB on the wire for {} MiB of RAM ({:.1} %); destination {}",
             r.how,
             r.total_seconds,
@@ -400,15 +400,17 @@ pub(crate) fn print_report(r: &MigrationReport, from: &str, to: &str) {
             }
         );
     } else if r.source_paused {
-        println!(
+        outln!(
             "result: not migrated after {:.2} s, the source VM is left PAUSED (check the \
              destination): {}",
-            r.total_seconds, r.how
+            r.total_seconds,
+            r.how
         );
     } else {
-        println!(
+        outln!(
             "result: rolled back after {:.2} s, the VM runs on at the source: {}",
-            r.total_seconds, r.how
+            r.total_seconds,
+            r.how
         );
     }
 }
@@ -478,7 +480,7 @@ pub(crate) fn run(settings: &Settings, args: &MigrateArgs) -> Result<()> {
         anyhow::Ok(run_with_progress(&vm, dest, &spec, !args.json).await)
     })?;
     if args.json {
-        println!("{}", report_json(&report));
+        outln!("{}", report_json(&report));
     } else {
         let from = settings
             .node_id
@@ -613,7 +615,7 @@ fn run_qemu(
     match result {
         Ok(r) => {
             if args.json {
-                println!("{}", qemu_report_json(&r, None));
+                outln!("{}", qemu_report_json(&r, None));
             } else {
                 print_qemu_report(&r, from, &args.to);
             }
@@ -621,7 +623,7 @@ fn run_qemu(
         }
         Err(e) => {
             if args.json {
-                println!("{}", qemu_report_json(&e.report, Some(&e)));
+                outln!("{}", qemu_report_json(&e.report, Some(&e)));
             }
             let how = if e.source_as_before {
                 MigrationFailed::RolledBack
@@ -747,7 +749,7 @@ pub(crate) fn qemu_report_json(r: &QemuReport, err: Option<&QemuError>) -> Value
 
 /// A QEMU migration report as text.
 pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
-    println!(
+    outln!(
         "QEMU live migration {from} -> {to}: {} MiB of guest RAM{}",
         r.ram_bytes >> 20,
         if r.source_qemu.is_empty() {
@@ -757,14 +759,14 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
         }
     );
     for w in &r.warnings {
-        println!("  warning: {w}");
+        outln!("  warning: {w}");
     }
     if r.recovered {
-        println!(
+        outln!(
             "  resumed the post-copy an earlier run left paused: the stream, the wire and the time are this run's; QEMU's own counts (iterations, pages asked for) cover the whole migration"
         );
     }
-    println!(
+    outln!(
         "  QEMU's stream {:.1} MB in {} segments; {:.1} MB on the wire ({:.1} % of the stream, {:.1} MB by reference to the destination's cache)",
         r.stream_bytes as f64 / 1e6,
         r.segments,
@@ -774,12 +776,12 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
     );
     print_tcp(r.tcp, " under the tunnel");
     if r.tunnel_reconnects > 0 {
-        println!(
+        outln!(
             "  {} tunnel connections opened again after they were lost",
             r.tunnel_reconnects
         );
     }
-    println!(
+    outln!(
         "  {} pre-copy iterations (QEMU's dirty syncs){}",
         r.rounds,
         if r.throttle > 0 {
@@ -789,7 +791,7 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
         }
     );
     if r.postcopy {
-        println!(
+        outln!(
             "  post-copy: the guest ran at the destination before the rest of its memory arrived ({}); it asked for {} pages out of turn",
             r.postcopy_seconds
                 .map_or_else(|| "-".into(), |s| format!("{s:.1} s")),
@@ -797,13 +799,14 @@ pub(crate) fn print_qemu_report(r: &QemuReport, from: &str, to: &str) {
         );
     }
     if r.recovered {
-        println!(
+        outln!(
             "result: resumed and migrated in {:.2} s (the guest's pause was the earlier run's); destination {}",
-            r.total_seconds, r.dest_status
+            r.total_seconds,
+            r.dest_status
         );
         return;
     }
-    println!(
+    outln!(
         "result: migrated in {:.2} s; guest paused {} end to end (source STOP -> destination RESUME), QEMU reports {}; destination {}",
         r.total_seconds,
         r.downtime_ms.map_or_else(

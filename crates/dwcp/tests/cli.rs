@@ -1575,7 +1575,13 @@ fn recv_gives_up_a_sender_gone_without_a_word_and_ends_on_sigint() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed once data is flowing (its encoding done, the first chunks stored).
+    let part = out.join(".big.raw.dwcp-part");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&part).map_or(true, |m| m.len() == 0) {
+        assert!(Instant::now() < deadline, "no data arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     send.kill().unwrap();
     send.wait().unwrap();
     let killed = Instant::now();
