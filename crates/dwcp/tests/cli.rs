@@ -684,33 +684,10 @@ fn recv_and_send_status(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Output, std::process::ExitStatus, String) {
-    let listen = format!("127.0.0.1:{}", free_port());
     // A file, not a pipe: nothing to drain while recv runs.
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut recv = dwcp()
-        .args([
-            "recv",
-            "--listen",
-            &listen,
-            "--node-id",
-            "node-b",
-            "--certs-dir",
-        ])
-        .arg(certs)
-        .arg("--out")
-        .arg(out)
-        .arg("--cache-dir")
-        .arg(cache)
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    // Bounded wait for the listener.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(&listen).is_err() {
-        assert!(Instant::now() < deadline, "recv did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cache = cache.to_str().unwrap();
+    let (mut recv, listen) = recv_listening(certs, out, &["--cache-dir", cache], &log);
     let send = dwcp()
         .arg("send")
         .arg(file)

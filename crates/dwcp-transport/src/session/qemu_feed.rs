@@ -1612,14 +1612,7 @@ mod tests {
             }
             *h.finalize().as_bytes()
         };
-        let fin = {
-            let (f, p) = (feeds.clone(), peer.clone());
-            tokio::spawn(async move { f.finish(&p, "vm", 13, &digest, &[]).await })
-        };
-        let (got, _) = tokio::time::timeout(Duration::from_secs(10), qemu)
-            .await
-            .unwrap()
-            .unwrap();
+        let (got, _) = finished(&feeds, &peer, 13, digest, qemu, Duration::from_secs(10)).await;
         assert_eq!(got.len(), 13 * B);
         for (i, chunk) in got.chunks(B).enumerate() {
             assert!(
@@ -1627,7 +1620,6 @@ mod tests {
                 "block {i} out of order"
             );
         }
-        fin.abort();
     }
 
     #[tokio::test]
@@ -1704,17 +1696,9 @@ mod tests {
         );
         // The FINISH checks the digest and closes the stream.
         let digest = *blake3::hash(b"QEVM and all").as_bytes();
-        let fin = {
-            let (f, p) = (feeds.clone(), peer.clone());
-            tokio::spawn(async move { f.finish(&p, "vm", 1, &digest, &[]).await })
-        };
-        let (got, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
-            .await
-            .unwrap()
-            .unwrap();
+        let (got, quit) = finished(&feeds, &peer, 1, digest, qemu, Duration::from_secs(5)).await;
         assert_eq!(got, b"QEVM and all");
         assert!(!quit);
-        fin.abort();
     }
 
     #[tokio::test]
@@ -1759,17 +1743,9 @@ mod tests {
         );
         // The finish's digest matches: the rest goes.
         let digest = *blake3::hash(&stream).as_bytes();
-        let fin = {
-            let (f, p) = (feeds.clone(), peer.clone());
-            tokio::spawn(async move { f.finish(&p, "vm", 4, &digest, &[]).await })
-        };
-        let (got, quit) = tokio::time::timeout(Duration::from_secs(5), qemu)
-            .await
-            .unwrap()
-            .unwrap();
+        let (got, quit) = finished(&feeds, &peer, 4, digest, qemu, Duration::from_secs(5)).await;
         assert!(got == stream, "{} of {} bytes", got.len(), stream.len());
         assert!(!quit);
-        fin.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1805,6 +1781,26 @@ mod tests {
         let e = write_bounded(&mut w, &bytes, limit).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
         assert!(e.to_string().contains("took nothing"), "{e}");
+    }
+
+    /// Sends the finish of `n` blocks with `digest` (in a task of its own: it waits for QEMU
+    /// to say it loaded the VM, which a fake never does), and takes what the fake QEMU got
+    /// within `within`, and whether it was told to quit.
+    async fn finished(
+        feeds: &Arc<Feeds>,
+        peer: &NodeId,
+        n: u64,
+        digest: [u8; 32],
+        qemu: tokio::task::JoinHandle<(Vec<u8>, bool)>,
+        within: Duration,
+    ) -> (Vec<u8>, bool) {
+        let fin = {
+            let (f, p) = (feeds.clone(), peer.clone());
+            tokio::spawn(async move { f.finish(&p, "vm", n, &digest, &[]).await })
+        };
+        let got = tokio::time::timeout(within, qemu).await.unwrap().unwrap();
+        fin.abort();
+        got
     }
 
     /// `qemu-system-x86_64` on the `PATH`.
