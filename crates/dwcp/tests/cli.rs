@@ -605,17 +605,7 @@ fn internet_profile_transfer_in_namespaces() {
         .args(["--transport", "tcp"])
         .output()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let recv_status = loop {
-        if let Some(s) = recv.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = recv.kill();
-            panic!("recv did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let recv_status = exit_within(&mut recv, Duration::from_secs(30));
     tb.down();
     assert!(send.status.success(), "{}", text(&send.stderr));
     assert!(recv_status.success());

@@ -1576,12 +1576,7 @@ mod tests {
         // QEMU reads nothing until the gate opens.
         let gate = Arc::new(Notify::new());
         let qemu = fake_qemu_gated(dir.path(), "vm", Some(gate.clone()));
-        let feeds = Arc::new(Feeds::new(dir.path()));
-        let peer = NodeId::new("src").unwrap();
-        feeds
-            .open(&peer, "vm", false, Duration::ZERO, &[])
-            .await
-            .unwrap();
+        let (feeds, peer) = opened(dir.path()).await;
         let t = Duration::from_millis(300);
         // Block 0 goes to the feeder, which waits on QEMU; block 1 is still on its way, and
         // 5 MiB after it arrive.
@@ -1706,12 +1701,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let qemu = fake_qemu_full(dir.path(), "vm", None, None, None, Some(seen.clone()), None);
-        let feeds = Arc::new(Feeds::new(dir.path()));
-        let peer = NodeId::new("src").unwrap();
-        feeds
-            .open(&peer, "vm", false, Duration::ZERO, &[])
-            .await
-            .unwrap();
+        let (feeds, peer) = opened(dir.path()).await;
         // Pages and devices, then QEMU's end: the marker (cut across two blocks here) and a
         // 20 kB VM description.
         let mut stream = b"QEVM".to_vec();
@@ -1801,6 +1791,17 @@ mod tests {
         let got = tokio::time::timeout(within, qemu).await.unwrap().unwrap();
         fin.abort();
         got
+    }
+
+    /// Feeds in `dir` with a pre-copy stream of VM "vm" from "src" open (its QEMU waiting).
+    async fn opened(dir: &Path) -> (Arc<Feeds>, NodeId) {
+        let feeds = Arc::new(Feeds::new(dir));
+        let peer = NodeId::new("src").unwrap();
+        feeds
+            .open(&peer, "vm", false, Duration::ZERO, &[])
+            .await
+            .unwrap();
+        (feeds, peer)
     }
 
     /// `qemu-system-x86_64` on the `PATH`.
