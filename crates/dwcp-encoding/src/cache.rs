@@ -410,7 +410,6 @@ impl BaselineCache {
             if !stale {
                 return Ok(key);
             }
-            self.stats.seeded = self.stats.seeded.saturating_sub(1);
         }
         // Memory is the only place a memory-only cache has: what does not fit is not kept
         // (and so never advertised).
@@ -424,7 +423,7 @@ impl BaselineCache {
         } else {
             Loc::Mem
         };
-        self.index.insert(
+        let replaced = self.index.insert(
             kh,
             Entry {
                 loc,
@@ -432,6 +431,9 @@ impl BaselineCache {
                 len: data.len() as u32,
             },
         );
+        if replaced.is_some_and(|e| matches!(e.loc, Loc::Seed { .. })) {
+            self.stats.seeded = self.stats.seeded.saturating_sub(1);
+        }
         self.stats.inserted += 1;
         self.remember(key, data.into());
         self.enforce_disk_budget()?;

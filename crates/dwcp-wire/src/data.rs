@@ -230,11 +230,12 @@ pub const BASE_COPY_UNSAID: u32 = 0;
 pub const BASE_COPY_HASHED: u32 = 1;
 /// `BaseInfo::copy`: no copy of that name and size (absent, or of another size).
 pub const BASE_COPY_NONE: u32 = 2;
-/// `BaseInfo::copy`: something of that name and size is there, and could not be read (an
-/// I/O error, not a regular file, too many pages): what it holds is not known.
+/// `BaseInfo::copy`: something is there under that name, and could not be opened or read
+/// (out of descriptors, an I/O error, a dangling link, not a regular file, too many pages):
+/// what it holds is not known.
 pub const BASE_COPY_UNREADABLE: u32 = 3;
-/// `BaseInfo::copy`: the receiver could not look (out of descriptors, say): whether it has a
-/// copy is not known.
+/// `BaseInfo::copy`: the receiver could not look whether anything is there (no permission
+/// on the directory, an I/O error): whether it has a copy is not known.
 pub const BASE_COPY_UNKNOWN: u32 = 4;
 
 /// Bytes of the `DATA` header: object id and offset, both u64 big-endian.

@@ -404,10 +404,13 @@ fn parse_amount(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("{s:?} is not a rate such as 100M, 1.5Gi or 800Mbit"))?;
     let mult = match unit {
         "" => 1.0,
-        // Lower case as `tc` writes them (`50mbit`): nobody means milli-bytes.
         "K" | "k" => 1e3,
-        "M" | "m" => 1e6,
-        "G" | "g" => 1e9,
+        "M" => 1e6,
+        "G" => 1e9,
+        // In bits also lower case, as `tc` writes them (`50mbit`); not in bytes, where QEMU
+        // reads `1g` as 1 GiB.
+        "m" if bits => 1e6,
+        "g" if bits => 1e9,
         "Ki" => 1024.0,
         "Mi" => 1024.0 * 1024.0,
         "Gi" => 1024.0 * 1024.0 * 1024.0,
@@ -834,7 +837,11 @@ mod tests {
         assert_eq!(parse_rate("1Gi"), Ok(1 << 30));
         assert_eq!(parse_rate("1.5K"), Ok(1500));
         assert_eq!(parse_rate("400mbit"), Ok(50_000_000));
-        assert_eq!(parse_rate("1g"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("1gbit"), Ok(125_000_000));
+        assert!(
+            parse_rate("1g").is_err(),
+            "bytes in lower case are ambiguous"
+        );
         assert_eq!(parse_rate("42"), Ok(42));
         for bad in ["", "fast", "10X", "0", "-5M", "1e20"] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");

@@ -1055,12 +1055,12 @@ fn config(cmd: ConfigCommand) -> Result<()> {
             Ok(())
         }
         ConfigCommand::Default => {
-            print!("{DEFAULT_TOML}");
+            outln!("{}", DEFAULT_TOML.trim_end_matches('\n'));
             Ok(())
         }
         ConfigCommand::Show { file } => {
             let cfg = load_config(file.as_deref())?;
-            print!("{}", cfg.to_toml());
+            outln!("{}", cfg.to_toml().trim_end_matches('\n'));
             cfg.validate()
                 .context("(the configuration above is invalid)")?;
             Ok(())

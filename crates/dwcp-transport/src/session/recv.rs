@@ -2075,8 +2075,7 @@ fn page_hashes(path: &Path, size: u64, page_size: usize) -> (Vec<u8>, u32) {
     // 2^28 pages (1 TiB of 4 KiB pages) is 2 GiB of hashes: the most worth sending.
     const MAX_PAGES: u64 = 1 << 28;
     let unreadable = (Vec::new(), data::BASE_COPY_UNREADABLE);
-    // Whether anything is there first: an open that fails for want of a descriptor says
-    // nothing of that.
+    // Whether anything is there first (no descriptor needed).
     match fs::symlink_metadata(path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -2084,13 +2083,21 @@ fn page_hashes(path: &Path, size: u64, page_size: usize) -> (Vec<u8>, u32) {
         }
         Err(_) => return (Vec::new(), data::BASE_COPY_UNKNOWN),
     }
-    // Without blocking on a FIFO put at the name.
-    let Ok(mut f) = OpenOptions::new()
+    // Without blocking on a FIFO put at the name. Something is there: failing to open it
+    // (out of descriptors, a dangling link) says nothing of what it holds, unless it went
+    // meanwhile (renamed by a commit).
+    let mut f = match OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
         .open(path)
-    else {
-        return unreadable;
+    {
+        Ok(f) => f,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(path).is_err() =>
+        {
+            return (Vec::new(), data::BASE_COPY_NONE);
+        }
+        Err(_) => return unreadable,
     };
     let Ok(meta) = f.metadata() else {
         return unreadable;

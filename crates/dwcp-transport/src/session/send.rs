@@ -815,10 +815,6 @@ impl Session {
         Ok(generation)
     }
 
-    /// Takes the events that came while nothing waited for them (a kept session between
-    /// requests): a stream the receiver closed meanwhile (its idle timeout, say) leaves the
-    /// session, so that no request goes out on it. Nothing was outstanding on it, so nothing
-    /// is lost with it.
     /// A PING on every stream (answered, its answer not waited for): the receiver's idle
     /// timer sees the session alive while nothing else goes (a file being encoded).
     async fn ping_streams(&self) {
@@ -844,6 +840,10 @@ impl Session {
         }
     }
 
+    /// Takes the events that came while nothing waited for them (a kept session between
+    /// requests): a stream the receiver closed meanwhile (its idle timeout, say) leaves the
+    /// session, so that no request goes out on it. Nothing was outstanding on it, so nothing
+    /// is lost with it.
     async fn settle(&mut self) {
         while let Ok(ev) = self.events.try_recv() {
             if let Event::Lost(i, g, why) = ev {
@@ -2226,7 +2226,12 @@ async fn prepare_delta(
     let e = loop {
         tokio::select! {
             r = &mut task => break r,
-            _ = beat.tick() => session.ping_streams().await,
+            _ = beat.tick() => {
+                // Their answers (and any stream lost) taken meanwhile: nothing else reads
+                // the session's events now, and a full queue would hold its readers up.
+                session.settle().await;
+                session.ping_streams().await;
+            }
         }
     }
     .map_err(|e| ObjectFailure::Fatal(SendError::Protocol(format!("encoder task failed: {e}"))))?
@@ -2397,7 +2402,7 @@ pub enum CopyState {
     None,
     /// It has something there that it could not read: what it holds is not known.
     Unreadable,
-    /// It could not look (out of descriptors, say): whether it has a copy is not known.
+    /// It could not look whether anything is there: whether it has a copy is not known.
     Unknown,
     /// Not said (an older receiver, or one that gives no page hashes).
     Unsaid,
