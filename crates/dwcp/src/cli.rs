@@ -226,11 +226,11 @@ pub(crate) struct SendArgs {
     /// Compressor for what delta encoding leaves: auto (the codec chooser picks the fastest
     /// end to end for --link-rate, measured on a sample of each file on this machine), none,
     /// lz4, zstd:LEVEL (-7..=19).
-    #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_codec)]
+    #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_codec, conflicts_with = "no_delta")]
     pub(crate) codec: CodecChoice,
 
     /// The link's bandwidth, for --codec auto [default: --rate-limit if given, else 1Gbit].
-    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, value_name = "RATE", value_parser = parse_rate, conflicts_with = "no_delta")]
     pub(crate) link_rate: Option<u64>,
 
     /// Print one JSON summary instead of a progress bar and text.
@@ -787,7 +787,7 @@ pub(crate) struct MigrateArgs {
 }
 
 /// The generated VM of `migrate` and `demo`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct VmArgs {
     /// Guest memory size, e.g. 1Gi, 512Mi.
     #[arg(long, default_value = "1Gi")]

@@ -1196,8 +1196,12 @@ fn demo(args: &DemoArgs) -> Result<()> {
         let ready_b = http_get(b.admin, "/readyz").await?;
 
         // The main job: live-migrate a generated VM from node-a to node-b.
+        // Generated aside, so that a signal meanwhile is answered (a large VM takes minutes).
+        let (vm_args, chatty) = (args.vm.clone(), !args.json);
         let crate::migrate::MadeVm { vm, shadow_bytes } =
-            crate::migrate::make_vm(&args.vm, !args.json)?;
+            tokio::task::spawn_blocking(move || crate::migrate::make_vm(&vm_args, chatty))
+                .await
+                .context("generating the VM")??;
         let mut spec = dwcp_migration::MigrationSpec::new("demo-vm.mem");
         spec.shadow_bytes = shadow_bytes;
         // Its encoded parts in the demo's directory too, removed with it whatever happens.
@@ -1275,7 +1279,8 @@ fn demo(args: &DemoArgs) -> Result<()> {
         }
         crate::migrate::outcome(&migration)
     };
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let r = rt.block_on(async {
         // Ctrl-C or SIGTERM: the nodes stop and the demo's directory (keys, the VM's 1 GiB
         // copy at the destination, caches) is removed on the way out, not left in TMPDIR.
         let mut signals = StopSignals::new()?;
@@ -1290,7 +1295,11 @@ fn demo(args: &DemoArgs) -> Result<()> {
                 .into())
             }
         }
-    })
+    });
+    // A VM still being generated (interrupted) does not hold the exit: the runtime would
+    // wait for it.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    r
 }
 
 #[cfg(test)]

@@ -1144,6 +1144,39 @@ fn migrate_a_memory_image_vm_to_an_agent() {
 }
 
 #[test]
+fn flags_that_would_be_ignored_are_refused() {
+    // Without delta encoding there is no compressor to pick.
+    for flag in [["--codec", "lz4"], ["--link-rate", "1Gbit"]] {
+        let o = run(&[
+            "send",
+            "/etc/hostname",
+            "--to",
+            "127.0.0.1:9",
+            "--no-delta",
+            flag[0],
+            flag[1],
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("cannot be used with"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+    // QEMU counts its own rounds.
+    let o = run(&[
+        "migrate",
+        "--to",
+        "127.0.0.1:9",
+        "--qemu-qmp",
+        "/nonexistent/qmp",
+        "--max-rounds",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+}
+
+#[test]
 fn throttle_steps_are_for_a_qemu_guest_and_named() {
     // For a memory image they would mean nothing: refused, not ignored.
     let o = run(&["migrate", "--to", "127.0.0.1:9", "--throttle-steps", "qemu"]);
