@@ -148,6 +148,16 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Runs `fut` on a new runtime, then leaves at most 2 s to what is still on its blocking
+/// pool (an object being verified, a VM being generated after a signal): a runtime dropped
+/// waits for it, for minutes.
+fn block_on_bounded<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
+    let rt = runtime()?;
+    let r = rt.block_on(fut);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    r
+}
+
 /// Longest configuration file read (the default one is about 4 KB).
 const CONFIG_MOST: u64 = 1 << 20;
 
@@ -286,8 +296,7 @@ fn agent(settings: &Settings) -> Result<()> {
     let id = node_id(settings)?;
     let (creds, tls) = credentials(settings, &id)?;
     let not_after = creds.not_after()?;
-    let rt = runtime()?;
-    let r = rt.block_on(async {
+    block_on_bounded(async {
         // Signal handlers go in before the agent reports ready, so that a SIGTERM arriving
         // right after /readyz turns 200 is a clean shutdown, not a kill.
         let shutdown = shutdown_signal()?;
@@ -302,11 +311,7 @@ fn agent(settings: &Settings) -> Result<()> {
         );
         agent.run(shutdown).await?;
         Ok(())
-    });
-    // The grace period is over: work left on the blocking pool (an object being decoded or
-    // verified) does not hold the exit for minutes (a runtime dropped waits for it).
-    rt.shutdown_timeout(Duration::from_secs(2));
-    r
+    })
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
@@ -785,8 +790,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         cache,
     )
     .with_context(|| format!("cannot use {} as the output directory", args.out.display()))?;
-    let rt = runtime()?;
-    let stored = rt.block_on(async {
+    let stored = block_on_bounded(async {
         let mut signals = StopSignals::new()?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -795,8 +799,9 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         let quic = if settings.capabilities.quic {
             let addr = listener.local_addr()?;
             Some(
-                dwcp_transport::quic::QuicListener::bind(&endpoint, addr)
-                    .map_err(|e| ResolveError(format!("cannot listen on {addr} (UDP, QUIC): {e}")))?,
+                dwcp_transport::quic::QuicListener::bind(&endpoint, addr).map_err(|e| {
+                    ResolveError(format!("cannot listen on {addr} (UDP, QUIC): {e}"))
+                })?,
             )
         } else {
             None
@@ -909,10 +914,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
             q.close().await;
         }
         outcome
-    });
-    // Work still on the blocking pool (a large file being verified) does not hold the exit.
-    rt.shutdown_timeout(Duration::from_secs(2));
-    let stored = stored?;
+    })?;
     if args.json {
         let files: Vec<_> = stored
             .iter()
@@ -1279,8 +1281,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         }
         crate::migrate::outcome(&migration)
     };
-    let rt = runtime()?;
-    let r = rt.block_on(async {
+    block_on_bounded(async {
         // Ctrl-C or SIGTERM: the nodes stop and the demo's directory (keys, the VM's 1 GiB
         // copy at the destination, caches) is removed on the way out, not left in TMPDIR.
         let mut signals = StopSignals::new()?;
@@ -1295,11 +1296,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
                 .into())
             }
         }
-    });
-    // A VM still being generated (interrupted) does not hold the exit: the runtime would
-    // wait for it.
-    rt.shutdown_timeout(Duration::from_millis(500));
-    r
+    })
 }
 
 #[cfg(test)]

@@ -1143,78 +1143,49 @@ fn migrate_a_memory_image_vm_to_an_agent() {
     assert_eq!(j["result"], "rolled back", "{j}");
 }
 
-#[test]
-fn flags_that_would_be_ignored_are_refused() {
-    // Without delta encoding there is no compressor to pick.
-    for flag in [["--codec", "lz4"], ["--link-rate", "1Gbit"]] {
-        let o = run(&[
-            "send",
-            "/etc/hostname",
-            "--to",
-            "127.0.0.1:9",
-            "--no-delta",
-            flag[0],
-            flag[1],
-        ]);
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
-        assert!(
-            text(&o.stderr).contains("cannot be used with"),
-            "{}",
-            text(&o.stderr)
-        );
-    }
-    // QEMU counts its own rounds.
-    let o = run(&[
+/// `dwcp ARGS` refused as a bad command line (2); its standard error.
+fn refused(args: &[&str]) -> String {
+    let o = run(args);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
+/// `dwcp migrate` of a QEMU guest (whose monitor is not there) with `extra`, refused (2).
+fn qemu_migrate_refused(extra: &[&str]) -> String {
+    let mut args = vec![
         "migrate",
         "--to",
         "127.0.0.1:9",
         "--qemu-qmp",
         "/nonexistent/qmp",
-        "--max-rounds",
-        "5",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    ];
+    args.extend_from_slice(extra);
+    refused(&args)
+}
+
+#[test]
+fn flags_that_would_be_ignored_are_refused() {
+    // Without delta encoding there is no compressor to pick.
+    for flag in [["--codec", "lz4"], ["--link-rate", "1Gbit"]] {
+        let args = ["send", "/etc/hostname", "--to", "127.0.0.1:9", "--no-delta"];
+        let e = refused(&[&args[..], &flag[..]].concat());
+        assert!(e.contains("cannot be used with"), "{e}");
+    }
+    // QEMU counts its own rounds.
+    qemu_migrate_refused(&["--max-rounds", "5"]);
 }
 
 #[test]
 fn throttle_steps_are_for_a_qemu_guest_and_named() {
     // For a memory image they would mean nothing: refused, not ignored.
-    let o = run(&["migrate", "--to", "127.0.0.1:9", "--throttle-steps", "qemu"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
-    assert!(
-        text(&o.stderr).contains("--qemu-qmp"),
-        "{}",
-        text(&o.stderr)
-    );
-    let o = run(&[
-        "migrate",
-        "--to",
-        "127.0.0.1:9",
-        "--qemu-qmp",
-        "/nonexistent/qmp",
-        "--throttle-steps",
-        "fast",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
-    let e = text(&o.stderr);
+    let e = refused(&["migrate", "--to", "127.0.0.1:9", "--throttle-steps", "qemu"]);
+    assert!(e.contains("--qemu-qmp"), "{e}");
+    let e = qemu_migrate_refused(&["--throttle-steps", "fast"]);
     assert!(e.contains("'fast'") && e.contains("paced, qemu"), "{e}");
     // Steps for a throttle that is forbidden: a contradiction, refused.
-    let o = run(&[
-        "migrate",
-        "--to",
-        "127.0.0.1:9",
-        "--qemu-qmp",
-        "/nonexistent/qmp",
-        "--no-throttle",
-        "--throttle-steps",
-        "paced",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
-    assert!(
-        text(&o.stderr).contains("cannot be used with"),
-        "{}",
-        text(&o.stderr)
-    );
+    let e = qemu_migrate_refused(&["--no-throttle", "--throttle-steps", "paced"]);
+    assert!(e.contains("cannot be used with"), "{e}");
 }
 
 #[test]
