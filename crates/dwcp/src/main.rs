@@ -29,8 +29,14 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
             eprintln!("error: cannot write to standard output: {e}");
         }
         let _ = STDOUT_LOST.set(e.kind());
+    } else {
+        STDOUT_USED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Whether a command printed anything on standard output: a `--json` command that failed
+/// before its own object says why in one of ours (see [`json_failure`]).
+static STDOUT_USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether standard output could not be written (a command printing many lines may stop).
 pub(crate) fn stdout_lost() -> bool {
@@ -77,6 +83,14 @@ fn main() -> ExitCode {
         cli.command,
         cli::Command::Migrate(_) | cli::Command::Demo(_)
     );
+    let json = match &cli.command {
+        cli::Command::Ping(a) => a.json,
+        cli::Command::Send(a) => a.json,
+        cli::Command::Recv(a) => a.json,
+        cli::Command::Migrate(a) => a.json,
+        cli::Command::Demo(a) => a.json,
+        _ => false,
+    };
     match commands::run(cli) {
         Ok(()) => match STDOUT_LOST.get() {
             None => ExitCode::SUCCESS,
@@ -95,9 +109,25 @@ fn main() -> ExitCode {
                 }
                 last = text;
             }
-            ExitCode::from(exit_code(&err))
+            let code = exit_code(&err);
+            // A script reading `--json` gets an object either way: a migration's report
+            // (printed by the command, rolled back or not), or this.
+            if json && !STDOUT_USED.load(std::sync::atomic::Ordering::Relaxed) {
+                write_out(format_args!("{}", json_failure(&err, code)));
+            }
+            ExitCode::from(code)
         }
     }
+}
+
+/// What a `--json` command prints when it failed before printing its own object.
+fn json_failure(err: &anyhow::Error, code: u8) -> serde_json::Value {
+    serde_json::json!({
+        "result": "failed",
+        "error": err.to_string(),
+        "causes": err.chain().skip(1).map(|c| c.to_string()).collect::<Vec<_>>(),
+        "exit_code": code,
+    })
 }
 
 /// The exit code for an error: the first error in the chain of a known kind decides.

@@ -372,6 +372,37 @@ fn unreachable_peer_is_a_network_error() {
     );
 }
 
+/// `--json` commands that fail before their own object print one saying so, with the exit
+/// code, so that a script reading standard output always gets JSON.
+#[test]
+fn json_commands_that_fail_print_a_failure_object() {
+    let dir = tempfile::tempdir().unwrap();
+    cluster(dir.path(), &["node-a"]);
+    let file = dir.path().join("f.raw");
+    std::fs::write(&file, b"abc").unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let certs = dir.path().to_str().unwrap();
+    for args in [
+        vec!["ping", &addr, "--json"],
+        vec!["send", file.to_str().unwrap(), "--to", &addr, "--json"],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--certs-dir", certs, "--node-id", "node-a"]);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(5), "{args:?}: {}", text(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {:?}", text(&o.stdout)));
+        assert_eq!(j["result"], "failed", "{j}");
+        assert_eq!(j["exit_code"], 5, "{j}");
+        let all = format!("{} {}", j["error"], j["causes"]);
+        assert!(all.contains(&addr), "{args:?}: {j}");
+    }
+    // Without --json, standard output stays empty.
+    let o = run(&["ping", &addr, "--certs-dir", certs, "--node-id", "node-a"]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+}
+
 /// The agent takes as many open files as it may (a descriptor per connection and per
 /// cache pack): started with a soft limit of 256, it runs with its hard limit.
 #[test]
