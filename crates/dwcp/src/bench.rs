@@ -520,12 +520,12 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         .find(|r| r.tool == "iperf3" && r.streams == 1 && r.congestion == "cubic")
         .map_or(1.0, |r| r.mbit_s.max(1e-9));
     let link = profile.rate_bps.map(|r| r as f64 / 1e6);
-    println!("emulator check: ping -U average RTT {rtt:.2} ms");
-    println!(
+    outln!("emulator check: ping -U average RTT {rtt:.2} ms");
+    outln!(
         "profile {profile}; dwcp payload up to {size} bytes (see JSON for each run); iperf3 \
          runs {secs} s"
     );
-    println!(
+    outln!(
         "{:<26} {:>6} {:>7} {:>10} {:>9} {:>10} {:>8}",
         "run", "cc", "streams", "Mbit/s", "% link", "x iperf3-1", "retrans"
     );
@@ -537,7 +537,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         let retrans = r
             .retransmits
             .map_or_else(|| "-".to_string(), |n| n.to_string());
-        println!(
+        outln!(
             "{:<26} {:>6} {:>7} {:>10.1} {:>9} {:>10.2} {:>8}",
             r.label,
             r.congestion,
@@ -550,7 +550,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     }
     let compared = compare_to_baseline(&rows);
     for (label, this, baseline) in &compared {
-        println!(
+        outln!(
             "{label}: this build {this:.1} Mbit/s, baseline {baseline:.1} (mean of each): {:.3}x",
             this / baseline.max(1e-9)
         );
@@ -584,7 +584,7 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("bench-transport-{}.json", profile.file_name())));
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("JSON: {}", path.display());
+    outln!("JSON: {}", path.display());
     Ok(())
 }
 
@@ -870,14 +870,14 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         );
     }
     tb.down();
-    println!("emulator check: ping -U average RTT {rtt:.2} ms");
-    println!("profile {profile}; congestion {}", args.congestion);
+    outln!("emulator check: ping -U average RTT {rtt:.2} ms");
+    outln!("profile {profile}; congestion {}", args.congestion);
     match &qemu_rows {
         Some(Ok(rows)) => crate::bench_qemu::print_rows(rows, qemu_mem),
-        Some(Err(why)) => println!("QEMU rows: not run: {why}"),
+        Some(Err(why)) => outln!("QEMU rows: not run: {why}"),
         None => {}
     }
-    println!("memory-image VMs:");
+    outln!("memory-image VMs:");
     // "1Gi#2>bench-b2" names each of several at once and where it went.
     let label = |r: &Value| {
         let size = r["vm_size"].as_str().unwrap_or("");
@@ -894,7 +894,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
         .max()
         .unwrap_or(0)
         .max(8);
-    println!(
+    outln!(
         "{:<w$} {:>10} {:>12} {:>9} {:>11} {:>9} {:>11} {:>7} {:>10} {:>9} {:>10}",
         "vm",
         "dirty B/s",
@@ -922,7 +922,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 .as_f64()
                 .map_or("-".to_string(), |v| format!("{v:.0}"))
         };
-        println!(
+        outln!(
             "{:<w$} {:>10} {:>12} {:>9.1} {:>11} {:>9} {:>11} {:>7} {:>10.1} {:>8}% {:>10}",
             label(r),
             r["dirty_rate"].as_str().unwrap_or(""),
@@ -940,13 +940,13 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
                 .map_or("-", |b| if b { "yes" } else { "NO" }),
         );
         if rep["result"] != "migrated" {
-            println!("         why: {}", rep["how"].as_str().unwrap_or(""));
+            outln!("         why: {}", rep["how"].as_str().unwrap_or(""));
         }
         // After the last of a group run at once: how they shared the link.
         if n > 1 && r["index"].as_u64() == Some(u64::from(n) - 1) {
             let group = &runs[i + 1 - n as usize..=i];
             if let Some(s) = sharing(group, profile.rate_bps) {
-                println!("         {n} at once: {s}");
+                outln!("         {n} at once: {s}");
             }
         }
     }
@@ -965,7 +965,7 @@ pub(crate) fn migration(args: &BenchMigrationArgs) -> Result<()> {
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    println!("JSON: {}", path.display());
+    outln!("JSON: {}", path.display());
     Ok(())
 }
 

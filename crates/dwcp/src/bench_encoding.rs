@@ -293,11 +293,11 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
 
     // Report.
     let z = &rows[0];
-    println!(
+    outln!(
         "\nHDE encoding benchmark: {} MiB image (35% zero, 30% binary, 15% text, 10% duplicate, 10% random pages), one core",
         raw >> 20
     );
-    println!(
+    outln!(
         "{:<14} {:>13} {:>8} {:>8} {:>12} {:>12}",
         "row", "output bytes", "of raw", "vs zstd", "encode MB/s", "decode MB/s"
     );
@@ -305,7 +305,7 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
     for r in &rows {
         let enc = raw as f64 / r.encode_s / 1e6;
         let dec = raw as f64 / r.decode_s / 1e6;
-        println!(
+        outln!(
             "{:<14} {:>13} {:>7.2}% {:>7.3}x {:>12.0} {:>12.0}",
             r.name,
             r.bytes,
@@ -323,10 +323,10 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
     let get = |n: &str| rows.iter().find(|r| r.name == n);
     let mut targets = Vec::new();
     let mut check = |what: &str, ok: bool, detail: String| {
-        println!("  {} {what}: {detail}", if ok { "met " } else { "MISS" });
+        outln!("  {} {what}: {detail}", if ok { "met " } else { "MISS" });
         targets.push(json!({ "target": what, "met": ok, "measured": detail }));
     };
-    println!("targets:");
+    outln!("targets:");
     if let Some(c) = get("hde-cold") {
         let size_ratio = c.bytes as f64 / z.bytes as f64;
         let speed_ratio = z.encode_s / c.encode_s;
@@ -361,7 +361,7 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
             format!("{s:.2} GB/s"),
         );
     }
-    println!(
+    outln!(
         "codec chooser on this machine: 10 Gbit/s link -> {dc}, 200 Mbit/s link -> {internet}"
     );
     let report = json!({
@@ -374,6 +374,6 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
     });
     std::fs::write(&json_out, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", json_out.display()))?;
-    println!("JSON: {}", json_out.display());
+    outln!("JSON: {}", json_out.display());
     Ok(())
 }

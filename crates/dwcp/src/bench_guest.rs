@@ -192,27 +192,27 @@ pub(crate) fn run(args: &BenchGuestArgs) -> Result<()> {
     drop(guest);
 
     let mb = |pages: u64| pages as f64 * PAGE as f64 / 1e6;
-    println!(
+    outln!(
         "guest RAM: {mem_mib} MiB, {} pages (`dwcp-guest ready` after {booted:.0} s; counted paused)",
         c.pages
     );
-    println!();
-    println!("| pages | count | share | MB | reference guest |");
-    println!("|---|---|---|---|---|");
+    outln!();
+    outln!("| pages | count | share | MB | reference guest |");
+    outln!("|---|---|---|---|---|");
     for (what, n, reference) in [
         ("zero", c.zero, "~35 %"),
         ("repeat another page", c.repeat, "~10 %"),
         ("incompressible (random)", c.incompressible, "~10 %"),
         ("compressible (code, text)", c.compressible, "~45 %"),
     ] {
-        println!(
+        outln!(
             "| {what} | {n} | {:.1} % | {:.1} | {reference} |",
             c.share(n) * 100.0,
             mb(n)
         );
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "The compressible pages at zstd level 1, each page alone: {:.1} MB.",
         c.compressible_zstd_bytes as f64 / 1e6
     );

@@ -482,8 +482,8 @@ fn outage(ns: &str, to: &str) {
 
 /// Prints the QEMU rows and the ratios to QEMU's best native setting.
 pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
-    println!("QEMU guest, {mem_mib} MiB (TCG), same link, one run:");
-    println!(
+    outln!("QEMU guest, {mem_mib} MiB (TCG), same link, one run:");
+    outln!(
         "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>9} {:>12}",
         "case",
         "result",
@@ -510,7 +510,7 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
             v.as_f64()
                 .map_or_else(|| "-".to_string(), |x| format!("{:.prec$}", x / scale))
         };
-        println!(
+        outln!(
             "{:<24} {:>12} {:>9} {:>13} {:>12} {:>9} {:>7} {:>9} {:>12}",
             r["case"].as_str().unwrap_or(""),
             rep["result"].as_str().unwrap_or("?"),
@@ -528,28 +528,28 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
             }
         );
         if let Some(e) = rep["error"].as_str() {
-            println!("    why: {}", e.chars().take(300).collect::<String>());
+            outln!("    why: {}", e.chars().take(300).collect::<String>());
         }
         if rep["tunnel_reconnects"].as_u64().is_some_and(|n| n > 0) {
-            println!(
+            outln!(
                 "    {} tunnel connections opened again after they were lost",
                 rep["tunnel_reconnects"]
             );
         }
         if rep["postcopy"] == true {
-            println!(
+            outln!(
                 "    post-copy: the guest ran at the destination for {} s before the rest of its memory was in; {} pages asked for out of turn",
                 f(&rep["postcopy_seconds"], 1.0, 1),
                 rep["postcopy_requests"]
             );
         }
     }
-    println!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");
+    outln!("  * end to end: source STOP -> destination RESUME (QEMU's timestamps)");
     if rows
         .iter()
         .any(|r| r["case"].as_str().is_some_and(|c| c.contains("multifd")))
     {
-        println!("  native multifd's wire MB is QEMU's count of pages, before zstd");
+        outln!("  native multifd's wire MB is QEMU's count of pages, before zstd");
     }
     // Said by `dwcp migrate` about the source QEMU: they hold for the native cases as well.
     let mut warnings: Vec<&str> = rows
@@ -561,7 +561,7 @@ pub(crate) fn print_rows(rows: &[Value], mem_mib: u64) {
     warnings.sort_unstable();
     warnings.dedup();
     for w in warnings {
-        println!("  warning (every case, native too): {w}");
+        outln!("  warning (every case, native too): {w}");
     }
 }
 

@@ -372,6 +372,28 @@ fn unreachable_peer_is_a_network_error() {
     );
 }
 
+/// A benchmark whose reader went away ends as a closed pipe ends other tools (it panicked),
+/// and still writes its JSON report.
+#[test]
+fn a_bench_with_its_reader_gone_exits_141() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("be.json");
+    // A pipe whose reader is gone before the first line: every write fails, no race.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = dwcp()
+        .args(["bench", "encoding", "--size", "1Mi", "--json-out"])
+        .arg(&json)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(j.is_object(), "{j}");
+}
+
 /// `--json` commands that fail before their own object print one saying so, with the exit
 /// code, so that a script reading standard output always gets JSON.
 #[test]
