@@ -446,6 +446,31 @@ impl Config {
         if self.agent.spool_dir.as_os_str().is_empty() {
             bad("agent.spool_dir", "\"\"".into(), "a directory path".into());
         }
+        // The agent's directories apart: a peer's files land in SPOOL/<peer>/, so a cache in
+        // there could have its packs overwritten by a file of that name.
+        let dirs = [
+            ("agent.spool_dir", &self.agent.spool_dir),
+            ("encoding.cache_dir", &self.encoding.cache_dir),
+            ("migration.qemu_dir", &self.migration.qemu_dir),
+        ];
+        for (i, (field, dir)) in dirs.iter().enumerate() {
+            for (other, odir) in &dirs[..i] {
+                if !dir.as_os_str().is_empty()
+                    && !odir.as_os_str().is_empty()
+                    && let (Ok(a), Ok(b)) = (std::path::absolute(dir), std::path::absolute(odir))
+                    && (a.starts_with(&b) || b.starts_with(&a))
+                {
+                    bad(
+                        field,
+                        format!("{:?}", dir.display().to_string()),
+                        format!(
+                            "a directory apart from {other} ({}): not it, in it, nor holding it",
+                            odir.display()
+                        ),
+                    );
+                }
+            }
+        }
         range(
             &mut bad,
             "agent.shutdown_grace_secs",
@@ -1040,6 +1065,40 @@ mod tests {
             f[0].to_string(),
             "transport.max_streams = 513: allowed 1..=512"
         );
+    }
+
+    #[test]
+    fn the_agents_directories_are_kept_apart() {
+        let f = invalid_fields(
+            "[agent]\nspool_dir = \"/srv/dwcp\"\n[encoding]\ncache_dir = \"/srv/dwcp/node-a\"\n",
+        );
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            f[0].to_string(),
+            "encoding.cache_dir = \"/srv/dwcp/node-a\": a directory apart from agent.spool_dir \
+             (/srv/dwcp): not it, in it, nor holding it"
+        );
+        // The same directory spelled another way, and a spool inside QEMU's directory.
+        let f = invalid_fields(
+            "[agent]\nspool_dir = \"/srv/q/spool\"\n[encoding]\ncache_dir = \"/srv/./q/spool/\"\n\
+             [migration]\nqemu_dir = \"/srv/q\"\n",
+        );
+        let fields: Vec<_> = f.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "encoding.cache_dir",
+                "migration.qemu_dir",
+                "migration.qemu_dir"
+            ]
+        );
+        // Side by side is fine; an in-memory cache and no QEMU directory are apart from all.
+        for ok in [
+            "[agent]\nspool_dir = \"/srv/spool\"\n[encoding]\ncache_dir = \"/srv/spool-cache\"\n",
+            "[agent]\nspool_dir = \"/srv/spool\"\n[encoding]\ncache_dir = \"\"\n",
+        ] {
+            Config::from_toml(ok, env(&[])).unwrap().validate().unwrap();
+        }
     }
 
     #[test]

@@ -527,7 +527,13 @@ pub(crate) fn transport(args: &BenchTransportArgs) -> Result<()> {
     );
     outln!(
         "{:<26} {:>6} {:>7} {:>10} {:>9} {:>10} {:>8}",
-        "run", "cc", "streams", "Mbit/s", "% link", "x iperf3-1", "retrans"
+        "run",
+        "cc",
+        "streams",
+        "Mbit/s",
+        "% link",
+        "x iperf3-1",
+        "retrans"
     );
     for r in &rows {
         let pct = link.map_or_else(

@@ -299,7 +299,12 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
     );
     outln!(
         "{:<14} {:>13} {:>8} {:>8} {:>12} {:>12}",
-        "row", "output bytes", "of raw", "vs zstd", "encode MB/s", "decode MB/s"
+        "row",
+        "output bytes",
+        "of raw",
+        "vs zstd",
+        "encode MB/s",
+        "decode MB/s"
     );
     let mut jrows = Vec::new();
     for r in &rows {
@@ -361,9 +366,7 @@ pub(crate) fn run(args: &BenchEncodingArgs) -> Result<()> {
             format!("{s:.2} GB/s"),
         );
     }
-    outln!(
-        "codec chooser on this machine: 10 Gbit/s link -> {dc}, 200 Mbit/s link -> {internet}"
-    );
+    outln!("codec chooser on this machine: 10 Gbit/s link -> {dc}, 200 Mbit/s link -> {internet}");
     let report = json!({
         "image": { "bytes": raw, "pages": img.pages(), "seed": args.seed, "sources": img.sources.len(), "synthetic": img.synthetic, "dirtied_pages": dirtied },
         "repeat": args.repeat,
