@@ -241,7 +241,6 @@ pub async fn migrate(
     let raw_size = pages * ps as u64;
     let caps = SourceCaps {
         throttle: spec.throttle,
-        postcopy: false,
     };
     let mut orch = Orchestrator::new(spec.config.clone(), caps);
     let mut action = orch.start();
@@ -405,9 +404,6 @@ pub async fn migrate(
                         Event::Failed(e)
                     }
                 }
-            }
-            Action::StartPostCopy => {
-                Event::Failed("post-copy is not supported by this source".into())
             }
             Action::ResumeDestination if state.committed.is_some() => {
                 let at = state.committed.unwrap_or_else(Instant::now);
