@@ -756,6 +756,9 @@ impl Testbed {
                 what: "start the emulator".into(),
                 source,
             })?;
+        // Joined at teardown whatever follows: it holds a TUN device, which would keep a
+        // deleted namespace alive.
+        self.threads.push(reader);
         let stats = self.stats[dir].clone();
         let writer = std::thread::Builder::new()
             .name(format!("tb-write-{dir}"))
@@ -764,7 +767,6 @@ impl Testbed {
                 what: "start the emulator".into(),
                 source,
             })?;
-        self.threads.push(reader);
         self.threads.push(writer);
         Ok(())
     }
@@ -851,21 +853,21 @@ impl Drop for Testbed {
 }
 
 /// Deletes namespaces left by testbed processes that died without tearing down (killed, or a
-/// test runner's timeout). Safe while holding the machine lock: no other testbed is running.
+/// test runner's timeout). Called with the machine lock held: no other testbed is up, in
+/// this process or another, so every testbed namespace is stale. (Not judged by whether
+/// the process its name holds still runs: that process id may have gone to another.)
 fn remove_stale_namespaces() {
     let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name
+        if name
             .strip_prefix("dwcp-tb")
             .and_then(|r| r.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            .is_some()
+        {
             warn!("removing stale testbed namespace {name}");
             // `ip netns del` only removes the name: processes left running there (a server
             // the dead testbed had started) would keep the namespace, unseen, for good.

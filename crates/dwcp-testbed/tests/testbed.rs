@@ -119,6 +119,22 @@ fn a_dead_testbeds_namespace_and_what_ran_there_go() {
         eprintln!("SKIPPED: the testbed needs root (network namespaces, TUN, tc)");
         return;
     }
+    // Set up under the machine lock, as a testbed would be: a testbed of another test
+    // starting meanwhile would clear the namespace before the sleep is in it.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/dwcp-testbed.lock")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the testbed lock stayed taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The process id of a process that has ended: a dead testbed's.
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     gone.wait().unwrap();
@@ -131,6 +147,11 @@ fn a_dead_testbeds_namespace_and_what_ran_there_go() {
         assert!(out.status.success(), "ip {args:?}: {out:?}");
     };
     ip(&["netns", "add", &name]);
+    // And one whose process id went to a process that runs (here init's): stale all the same.
+    let reused = "dwcp-tb1-b";
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "add", reused])
+        .output();
     let mut orphan = std::process::Command::new("ip")
         .args(["netns", "exec", &name, "sleep", "60"])
         .spawn()
@@ -151,9 +172,11 @@ fn a_dead_testbeds_namespace_and_what_ran_there_go() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    drop(lock);
     let tb = Testbed::up(Profile::named("dc").unwrap(), 1).unwrap();
     let status = orphan.wait().unwrap();
     assert!(!status.success(), "{status:?}");
     assert!(!std::path::Path::new(&format!("/var/run/netns/{name}")).exists());
+    assert!(!std::path::Path::new(&format!("/var/run/netns/{reused}")).exists());
     tb.down();
 }

@@ -11,9 +11,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dwcp_testbed::Testbed;
-use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions, kill_process_group, waitid};
 
 use crate::cli::TestbedArgs;
+
+/// `eprintln!` that does not panic when standard error is gone (a terminal hung up, which
+/// is also what SIGHUP tells): the teardown must still run, and the exit code say why.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
 
 /// How `dwcp testbed` ended when it was not a success: the exit code it passes on.
 #[derive(Debug, thiserror::Error)]
@@ -125,40 +134,66 @@ impl Side {
         })
     }
 
-    /// Its exit status, once it has ended.
+    /// Its exit status, once it has ended. The leader is left unreaped (a zombie) until
+    /// [`Side::stop`]: its PID, the group's id, cannot go to another process meanwhile, so
+    /// signalling the group never reaches an unrelated one.
     fn poll(&mut self) -> Option<ExitStatus> {
         if self.status.is_none()
-            && let Ok(Some(s)) = self.child.try_wait()
+            && let Some(pid) = Pid::from_raw(self.child.id() as i32)
+            && let Ok(Some(st)) = waitid(
+                WaitId::Pid(pid),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+            )
         {
-            self.status = Some(s);
+            // As wait(2) encodes it, for `ExitStatus`.
+            self.status = match (st.exit_status(), st.terminating_signal()) {
+                (Some(code), _) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
+                (None, Some(sig)) => Some(ExitStatus::from_raw(sig & 0x7f)),
+                _ => None,
+            };
         }
         self.status
     }
 
-    /// Stops the whole group, its leader gone or not (background jobs outlive a shell).
+    /// Stops the whole group, its leader gone or not (background jobs outlive a shell),
+    /// then reaps the leader.
     fn stop(&mut self) {
-        let Some(group) = Pid::from_raw(self.child.id() as i32) else {
-            return;
-        };
-        let _ = kill_process_group(group, Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            // Reaped, the leader no longer counts; the group is gone when nothing answers.
-            self.poll();
-            if self.status.is_some() && test_kill_process_group(group).is_err() {
-                return;
+        if let Some(group) = Pid::from_raw(self.child.id() as i32) {
+            let _ = kill_process_group(group, Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while group_runs(group) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            if Instant::now() >= deadline {
-                break;
+            if group_runs(group) {
+                let _ = kill_process_group(group, Signal::KILL);
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = kill_process_group(group, Signal::KILL);
+        // Reaped only now; SIGKILL first in case the leader itself is what still ran.
         if self.poll().is_none() {
             let _ = self.child.kill();
-            self.status = self.child.wait().ok();
         }
+        let reaped = self.child.wait().ok();
+        self.status = self.status.or(reaped);
     }
+}
+
+/// Whether a process of `group` other than a zombie is left (`/proc/PID/stat`: the state,
+/// then the parent, then the group, after the command name in parentheses).
+fn group_runs(group: Pid) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        // No /proc to look in: as if it ran, so that SIGKILL follows.
+        return true;
+    };
+    dir.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let f: Vec<&str> = rest.split_whitespace().take(3).collect();
+        f.len() == 3 && f[0] != "Z" && f[0] != "X" && f[2] == group.as_raw_nonzero().to_string()
+    })
 }
 
 impl Drop for Side {
@@ -227,13 +262,11 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
         .into());
     }
     let tb = built.context("cannot build the testbed")?;
-    eprintln!("testbed up: {}", tb.profile);
+    note!("testbed up: {}", tb.profile);
     for (side, addr, ns) in [("A", tb.addr_a, &tb.ns_a), ("B", tb.addr_b, &tb.ns_b)] {
-        eprintln!(
-            "  {side}: {addr} in namespace {ns}   (a shell there: sudo ip netns exec {ns} bash)"
-        );
+        note!("  {side}: {addr} in namespace {ns}   (a shell there: sudo ip netns exec {ns} bash)");
     }
-    eprintln!("  commands get DWCP_TB_ADDR_A, DWCP_TB_ADDR_B, DWCP_TB_NS_A and DWCP_TB_NS_B");
+    note!("  commands get DWCP_TB_ADDR_A, DWCP_TB_ADDR_B, DWCP_TB_NS_A and DWCP_TB_NS_B");
 
     let shell = |program: std::process::Command, line: &str| {
         let mut c = program;
@@ -249,7 +282,7 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
         None => None,
     };
     if a.is_none() {
-        eprintln!(
+        note!(
             "held up for at most {} s: ctrl-c or SIGTERM takes it down (and whatever still \
              runs in the namespaces)",
             args.seconds
@@ -266,7 +299,7 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
             && side.status.is_none()
             && let Some(s) = side.poll()
         {
-            eprintln!("the command in {} {}", side.name, describe(s));
+            note!("the command in {} {}", side.name, describe(s));
         }
         let sig = signals.wait(Duration::from_millis(50));
         let a_ended = a.as_mut().and_then(Side::poll);
@@ -274,7 +307,7 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
             break passed_on(s);
         }
         if let Some(sig) = sig {
-            eprintln!("{}: taking the testbed down", sig.name());
+            note!("{}: taking the testbed down", sig.name());
             break match a {
                 Some(_) => Err(TestbedCommandEnded {
                     reason: format!("the command in A was stopped by {}", sig.name()),
@@ -295,7 +328,7 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
                 }
                 .into()),
                 None => {
-                    eprintln!(
+                    note!(
                         "{} s (--seconds) are up: taking the testbed down",
                         args.seconds
                     );
@@ -333,8 +366,8 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
             )
         })
         .collect();
-    eprintln!("link: {}", line.join("; "));
+    note!("link: {}", line.join("; "));
     tb.down();
-    eprintln!("testbed down");
+    note!("testbed down");
     outcome
 }
