@@ -47,12 +47,14 @@ const IDLE: Duration = Duration::from_secs(60);
 
 /// quinn's transport settings for DWCP, with the congestion controller named by `congestion`
 /// (`bbr`, `cubic`, `reno`/`newreno`; anything else falls back to CUBIC with a warning).
-fn transport_config(congestion: Option<&str>) -> TransportConfig {
+/// `peer_streams`: how many streams the peer may open towards us (a sender opens every
+/// stream itself and accepts none: 0 for it).
+fn transport_config(congestion: Option<&str>, peer_streams: u32) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONN_WINDOW))
         .send_window(u64::from(CONN_WINDOW))
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_bidi_streams(VarInt::from_u32(peer_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEP_ALIVE));
     // 60 s fits in a VarInt of milliseconds; the conversion cannot fail.
@@ -91,7 +93,7 @@ fn server_config(
 ) -> Result<quinn::ServerConfig, ConnError> {
     let crypto = QuicServerConfig::try_from(tls.server.clone()).map_err(setup_error)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(congestion)));
+    cfg.transport_config(Arc::new(transport_config(congestion, MAX_STREAMS)));
     Ok(cfg)
 }
 
@@ -101,7 +103,9 @@ fn client_config(
 ) -> Result<quinn::ClientConfig, ConnError> {
     let crypto = QuicClientConfig::try_from(tls.client.clone()).map_err(setup_error)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(congestion)));
+    // Nothing on the dialling side accepts a stream: what a peer sent on one would sit
+    // buffered for the connection's life.
+    cfg.transport_config(Arc::new(transport_config(congestion, 0)));
     Ok(cfg)
 }
 
@@ -178,6 +182,13 @@ fn connect_error(addr: SocketAddr, timeout: Duration, e: ConnectionError) -> Con
             stage: Stage::Tls,
             detail: t.to_string(),
         },
+        // Refused before any handshake work (a node at its connection or handshake limit):
+        // as a TCP receiver that drops the connection, so that the sender tries again.
+        ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            ConnError::Closed(Stage::Tls)
+        }
         ConnectionError::ConnectionClosed(c) => ConnError::Tls {
             stage: Stage::Tls,
             detail: dwcp_wire::msg::printable(&c.to_string(), 300),
@@ -435,5 +446,23 @@ mod tests {
             assert!(!text.contains('\n'), "{text:?}");
             assert!(text.contains("bye?INFO"), "{text:?}");
         }
+    }
+
+    /// A node at its limits refuses a QUIC connection before any handshake: the sender
+    /// reads that as a TCP receiver's dropped connection, which it tries again.
+    #[test]
+    fn a_refused_connection_is_a_closed_one_not_a_tls_failure() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let close = quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        };
+        let e = connect_error(
+            addr,
+            Duration::from_secs(1),
+            ConnectionError::ConnectionClosed(close),
+        );
+        assert!(matches!(e, ConnError::Closed(Stage::Tls)), "{e:?}");
     }
 }
