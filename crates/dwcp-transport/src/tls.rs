@@ -378,7 +378,7 @@ mod tests {
         let creds = |n: &str| {
             let id = NodeId::new(n).unwrap();
             pki::issue_node(dir.path(), &id, 10, false).unwrap();
-            TlsConfigs::new(&pki::NodeCredentials::load(dir.path(), &id).unwrap()).unwrap()
+            TlsConfigs::new(&NodeCredentials::load(dir.path(), &id).unwrap()).unwrap()
         };
         let (a, b) = (creds("node-a"), creds("node-b"));
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
