@@ -381,7 +381,7 @@ mod tests {
             TlsConfigs::new(&NodeCredentials::load(dir.path(), &id).unwrap()).unwrap()
         };
         let (a, b) = (creds("node-a"), creds("node-b"));
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
         for _ in 0..2 {
             let mut c = rustls::ClientConnection::new(a.client.clone(), name.clone()).unwrap();
             let mut s = rustls::ServerConnection::new(b.server.clone()).unwrap();
