@@ -19,7 +19,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dwcp_control::Settings;
@@ -498,10 +498,19 @@ async fn serve_quic(
     };
     let addr = conn.remote_address();
     let peer_id = conn.node_id().clone();
+    // Streams of this connection being served.
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let io = tokio::select! {
             () = stop.cancelled() => {
-                // Hold the connection while its streams say goodbye (dropping it would drop
+                // A connection without streams (a sender keeping it between transfers, its
+                // keep-alives holding it up) has nobody to say goodbye to: closed at once,
+                // not at the end of the grace period.
+                if open.load(Ordering::SeqCst) == 0 {
+                    conn.close("shutting down");
+                    return;
+                }
+                // Otherwise held while its streams say goodbye (dropping it would drop
                 // their GOAWAYs): until the sender closes it, or the grace period ends.
                 conn.closed().await;
                 return;
@@ -521,7 +530,16 @@ async fn serve_quic(
             continue;
         };
         let (shared, stop, peer_id) = (shared.clone(), stop.clone(), peer_id.clone());
+        open.fetch_add(1, Ordering::SeqCst);
+        // Made here, not in the task: a task dropped before it ran counts down too.
+        let counted = {
+            let open = open.clone();
+            scopeguard(move || {
+                open.fetch_sub(1, Ordering::SeqCst);
+            })
+        };
         let serve = async move {
+            let _counted = counted;
             let m = &shared.metrics;
             m.connections_active.inc();
             let _active = scopeguard(|| {

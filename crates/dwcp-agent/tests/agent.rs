@@ -508,6 +508,34 @@ async fn t60_shutdown_sends_goaway_and_returns() {
     );
 }
 
+/// A QUIC connection without streams (a sender keeping it between transfers, kept up by
+/// keep-alives) does not hold the agent's shutdown for the grace period.
+#[tokio::test]
+async fn t60q_an_idle_quic_connection_does_not_hold_shutdown() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| {
+        c.agent.shutdown_grace_secs = 10;
+    })
+    .await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let peer = dwcp_transport::quic::dial(&ep, agent.addr, None)
+        .await
+        .unwrap();
+    // The agent's side of the handshake done, and its connection served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    agent.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?} (grace 10 s)",
+        started.elapsed()
+    );
+    // Closed by the agent, not left to time out.
+    tokio::time::timeout(Duration::from_secs(5), peer.closed())
+        .await
+        .expect("the agent closed the connection");
+}
+
 #[tokio::test]
 async fn t52_expired_certificate_makes_the_agent_unready() {
     let cluster = TestCluster::new();

@@ -303,6 +303,11 @@ impl QuicPeer {
         }
     }
 
+    /// Completes once the connection is closed (by either side, or idle).
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
     /// Closes the QUIC connection (after the streams said goodbye) and, unless the peer closed
     /// it already, waits briefly for the close to reach the peer.
     pub async fn close(&self) {
@@ -396,6 +401,11 @@ impl QuicIncoming {
     /// Completes once the connection is closed (by either side, or idle).
     pub async fn closed(&self) {
         self.conn.closed().await;
+    }
+
+    /// Closes the connection at once (streams and unsent data with it), saying `reason`.
+    pub fn close(&self, reason: &str) {
+        self.conn.close(VarInt::from_u32(0), reason.as_bytes());
     }
 
     /// The next stream the peer opens, as a raw byte stream; `None` once the connection is
