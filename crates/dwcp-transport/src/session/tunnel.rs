@@ -194,10 +194,34 @@ impl State {
         }
     }
 
-    /// With no connection left, what remains of the retry period.
+    /// See [`Link::heard`]; whether connection `i` is a replacement answering for the first
+    /// time (the initial ones are numbered below `initial`).
+    fn heard_on(&mut self, i: usize, ack: bool, initial: usize) -> bool {
+        // A frame still read from a connection given up says nothing of the link now.
+        if self.dead.contains(&i) {
+            return false;
+        }
+        if ack || (self.unacked.is_empty() && self.queue.is_empty()) {
+            self.down_since = None;
+        }
+        let replaced = self.heard.insert(i) && i >= initial;
+        if replaced {
+            self.replaced += 1;
+        }
+        replaced
+    }
+
+    /// With no connection left, what remains of the retry period. With connections open
+    /// again but no block answered on them since (a path that carries the handshake and a
+    /// PONG but drops large packets), [`UNANSWERED_GRACE`] more: then that ends too.
     fn left(&self) -> Option<Duration> {
-        let t = self.down_since.filter(|_| self.alive == 0)?;
-        Some(self.retry_for.saturating_sub(t.elapsed()))
+        let t = self.down_since?;
+        let period = if self.alive == 0 {
+            self.retry_for
+        } else {
+            self.retry_for + UNANSWERED_GRACE
+        };
+        Some(period.saturating_sub(t.elapsed()))
     }
 
     /// Finishing across a long path, with little out: a second copy, for idle connection
@@ -369,6 +393,10 @@ pub const DEFAULT_RETRY: Duration = Duration::from_secs(30);
 
 /// A replacement dial's own limit, and the pauses between failed ones.
 const DIAL_LIMIT: Duration = Duration::from_secs(10);
+/// After every connection was lost and new ones opened, how much longer than the retry
+/// period the first answer to a block may take before the tunnel fails: a destination
+/// whose QEMU is slow stops reading (and answering) for up to its 60 s stall limit.
+const UNANSWERED_GRACE: Duration = Duration::from_secs(60);
 /// How long a replacement may take to be answered before the next dial goes anyway.
 const CONFIRM_LIMIT: Duration = Duration::from_secs(5);
 
@@ -579,12 +607,7 @@ impl Link {
     /// The link is up once blocks get through, or with none to send: a path that carries
     /// a PONG but not a block (one that drops large packets) keeps the retry period going.
     fn heard(&self, i: usize, ack: bool) {
-        let mut s = lock(&self.state);
-        if ack || (s.unacked.is_empty() && s.queue.is_empty()) {
-            s.down_since = None;
-        }
-        if s.heard.insert(i) && i >= self.initial {
-            s.replaced += 1;
+        if lock(&self.state).heard_on(i, ack, self.initial) {
             info!(stream = i, name = %self.name, "tunnel stream replaced");
         }
     }
@@ -646,17 +669,26 @@ impl Link {
                 }
                 let left = s.left();
                 if left.is_some_and(|l| l.is_zero()) {
-                    s.error = Some(format!(
-                        "every tunnel stream failed (last: {}), and no new one could be \
-                         opened within {:?} (last attempt: {})",
-                        s.last_loss,
-                        s.retry_for,
-                        if s.last_dial.is_empty() {
-                            "none"
-                        } else {
-                            &s.last_dial
-                        }
-                    ));
+                    s.error = Some(if s.alive == 0 {
+                        format!(
+                            "every tunnel stream failed (last: {}), and no new one could be \
+                             opened within {:?} (last attempt: {})",
+                            s.last_loss,
+                            s.retry_for,
+                            if s.last_dial.is_empty() {
+                                "none"
+                            } else {
+                                &s.last_dial
+                            }
+                        )
+                    } else {
+                        format!(
+                            "every tunnel stream failed (last: {}); new ones opened, but no \
+                             block was answered on them within {:?}",
+                            s.last_loss,
+                            s.retry_for + UNANSWERED_GRACE
+                        )
+                    });
                     drop(s);
                     self.work.notify_waiters();
                     self.progress.notify_waiters();
@@ -1140,6 +1172,48 @@ mod tests {
             lock(&st).unacked.insert(seq, u);
         }
         st
+    }
+
+    /// Every connection lost: the retry period runs, and goes on running (longer by
+    /// [`UNANSWERED_GRACE`]) with new connections open that no block was answered on. An
+    /// answer read late from a connection already given up stops none of it.
+    #[test]
+    fn the_retry_period_ends_unless_a_live_connection_answers() {
+        let mut s = State {
+            retry_for: Duration::from_secs(30),
+            ..State::default()
+        };
+        assert_eq!(s.left(), None, "nothing lost");
+        s.down_since = Some(Instant::now() - Duration::from_secs(40));
+        s.alive = 0;
+        assert_eq!(
+            s.left(),
+            Some(Duration::ZERO),
+            "30 s gone with no connection"
+        );
+        s.queue.insert(7, block(7, 100, None));
+        // A replacement open and answering PONGs, blocks queued and none answered.
+        s.alive = 1;
+        assert!(s.heard_on(3, false, 1), "a replacement, answering at last");
+        let left = s.left().expect("still counting");
+        assert!(
+            left > Duration::from_secs(45) && left <= Duration::from_secs(50),
+            "{left:?}"
+        );
+        s.down_since = Some(Instant::now() - Duration::from_secs(95));
+        assert_eq!(
+            s.left(),
+            Some(Duration::ZERO),
+            "90 s gone, nothing answered"
+        );
+        // A block's answer on a connection given up: no change.
+        s.dead.insert(2);
+        assert!(!s.heard_on(2, true, 1));
+        assert!(s.down_since.is_some());
+        assert!(!s.heard.contains(&2));
+        // On a live one: the link is up.
+        s.heard_on(3, true, 1);
+        assert_eq!(s.left(), None);
     }
 
     #[test]
