@@ -1087,7 +1087,11 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
         None => return,
     };
     let b = u.block;
-    if !u.hedged && ack.code == 0 {
+    // A round trip only from a block sent once: one sent again (its connection lost, or raw
+    // after an unresolved answer) may be answered for its earlier copy, moments after the
+    // new one went, and the least round trip would never recover from that.
+    let sent_again = requeued || s.first_wire.contains_key(&ack.seq);
+    if !u.hedged && !sent_again && ack.code == 0 {
         let took = u.sent.elapsed();
         s.min_ack = Some(s.min_ack.map_or(took, |m| m.min(took)));
         s.avg_ack = Some(s.avg_ack.map_or(took, |a| (a * 7 + took) / 8));
@@ -1418,6 +1422,23 @@ mod tests {
             reason: String::new(),
         };
         on_ack(st, &Notify::new(), &Notify::new(), &a);
+    }
+
+    /// A block queued again when its connection died, sent again, then answered (for
+    /// its first copy, moments later): not a round trip.
+    #[test]
+    fn an_answer_to_a_block_sent_again_is_no_round_trip() {
+        let st = Mutex::new(State::default());
+        let mut u = unacked(0, block(0, 100, None));
+        u.sent = Instant::now() - Duration::from_millis(500);
+        lock(&st).unacked.insert(0, u);
+        lock(&st).requeue(0);
+        let b = lock(&st).queue.remove(&0).expect("queued again");
+        lock(&st).unacked.insert(0, unacked(1, b));
+        ack(&st, 0, ErrorCode(0));
+        let s = lock(&st);
+        assert_eq!(s.prefix, (1, 100));
+        assert_eq!(s.min_ack, None, "no sample from it");
     }
 
     #[test]
