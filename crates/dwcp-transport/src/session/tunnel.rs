@@ -1071,9 +1071,10 @@ fn on_ack(st: &Mutex<State>, work: &Notify, progress: &Notify, ack: &TunnelAck) 
     let u = match s.unacked.remove(&ack.seq) {
         Some(u) => u,
         // The answer to a copy whose original's connection died meanwhile, the block queued
-        // to go again: taken, not sent a third time. (Only such a block: one queued and
+        // to go again: taken, not sent a third time; an unresolved one goes raw at once, a
+        // refusal fails the tunnel as it would have. (Only such a block: one queued and
         // never sent is not answered.)
-        None if ack.code == 0 && requeued => match s.queue.remove(&ack.seq) {
+        None if requeued => match s.queue.remove(&ack.seq) {
             Some(block) => Unacked {
                 conn: usize::MAX,
                 block,
@@ -1422,6 +1423,29 @@ mod tests {
             reason: String::new(),
         };
         on_ack(st, &Notify::new(), &Notify::new(), &a);
+    }
+
+    /// A block queued again when its connection died is answered for its earlier copy:
+    /// a refusal is not lost, and an unresolved one goes raw without another round trip.
+    #[test]
+    fn an_answer_to_a_queued_block_is_heeded() {
+        for (code, refused) in [
+            (ErrorCode::STORAGE_ERROR, true),
+            (ErrorCode::DELTA_UNRESOLVED, false),
+        ] {
+            let st = Mutex::new(State::default());
+            lock(&st)
+                .unacked
+                .insert(0, unacked(0, block(0, 100, Some(10))));
+            lock(&st).requeue(0);
+            ack(&st, 0, code);
+            let s = lock(&st);
+            assert_eq!(s.error.is_some(), refused, "{code}: {:?}", s.error);
+            if !refused {
+                let b = s.queue.get(&0).expect("queued again");
+                assert!(b.encoded.is_none(), "raw now");
+            }
+        }
     }
 
     /// A block queued again when its connection died, sent again, then answered (for
