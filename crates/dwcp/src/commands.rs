@@ -764,6 +764,20 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
         .listen
         .parse()
         .map_err(|_| UsageError(format!("--listen {:?}: expected IP:PORT", args.listen)))?;
+    // Apart, as the agent's spool and cache must be: a received file named like a pack
+    // would replace it.
+    if let Some(cache) = &args.cache_dir
+        && let (Ok(c), Ok(o)) = (std::path::absolute(cache), std::path::absolute(&args.out))
+        && (c.starts_with(&o) || o.starts_with(&c))
+    {
+        return Err(UsageError(format!(
+            "--cache-dir {} and --out {}: a directory apart from the other, not in it nor \
+             holding it",
+            cache.display(),
+            args.out.display()
+        ))
+        .into());
+    }
     let endpoint = std::sync::Arc::new(peer_endpoint(settings)?);
     let cache = if settings.capabilities.delta {
         let s = dwcp_control::CacheSettings {

@@ -1227,6 +1227,23 @@ fn flags_that_would_be_ignored_are_refused() {
     }
     // QEMU counts its own rounds.
     qemu_migrate_refused(&["--max-rounds", "5"]);
+    // A cache inside the output directory: a received file could replace a pack.
+    let o = run(&[
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--out",
+        "/tmp/dwcp-x",
+        "--cache-dir",
+        "/tmp/dwcp-x/c",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--cache-dir"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!Path::new("/tmp/dwcp-x").exists());
 }
 
 #[test]
