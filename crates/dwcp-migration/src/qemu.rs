@@ -33,7 +33,7 @@ use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_data,
     migration_request_kept, query_base,
 };
-use dwcp_wire::data;
+use dwcp_wire::{ErrorCode, data};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -2226,7 +2226,12 @@ async fn pump(
                     ),
                 )
             }
-            // The destination answered: its QEMU did not load the guest.
+            // Its QEMU had the whole stream, and is neither confirmed loaded nor gone.
+            SendError::Refused { code, .. } if code == ErrorCode::OUTCOME_UNKNOWN => {
+                (UNKNOWN, format!("destination: {e}"))
+            }
+            // The destination answered: its QEMU did not load the guest (and was told to
+            // quit; one that had the whole stream is known gone).
             SendError::Refused { .. } => ("resume", format!("destination: {e}")),
             // No answer: the destination may be running the guest already.
             e => (

@@ -114,6 +114,11 @@ impl std::fmt::Debug for Qmp {
 }
 
 impl Qmp {
+    /// The monitor socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Connects to the monitor at `path`, reads the greeting and leaves capabilities
     /// negotiation mode. Each later answer must come within `timeout`.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {

@@ -50,6 +50,10 @@ impl ErrorCode {
     /// An object's begin refused for now: the receiver holds that object for another of
     /// the sender's sessions (an earlier one whose streams died unnoticed); try again.
     pub const BUSY: Self = Self(19);
+    /// A QEMU migration's finish refused after the destination QEMU had the whole stream
+    /// and neither confirmed its load nor could be made to quit: it may start the guest, so
+    /// the source must not resume its own.
+    pub const OUTCOME_UNKNOWN: Self = Self(20);
 
     /// The documented name, or `None` for a code this version does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -74,6 +78,7 @@ impl ErrorCode {
             Self::DELTA_UNRESOLVED => "DELTA_UNRESOLVED",
             Self::STREAM_CLOSED => "STREAM_CLOSED",
             Self::BUSY => "BUSY",
+            Self::OUTCOME_UNKNOWN => "OUTCOME_UNKNOWN",
             _ => return None,
         })
     }

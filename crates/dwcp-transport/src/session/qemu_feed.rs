@@ -275,6 +275,8 @@ pub(crate) struct Feeds {
     idle_limit: Duration,
     /// See [`STALL`].
     stall: Duration,
+    /// How long a QEMU told to quit after having had its whole stream may take to go.
+    gone_within: Duration,
     feeds: Arc<FeedMap>,
     /// See [`Feeds::take_given_up`].
     given_up: Arc<GivenUp>,
@@ -293,6 +295,7 @@ impl Feeds {
             dir: dir.to_path_buf(),
             idle_limit: IDLE_LIMIT,
             stall: STALL,
+            gone_within: Duration::from_secs(10),
             feeds: Arc::new(Mutex::new(HashMap::new())),
             given_up: Arc::new(Mutex::new(HashMap::new())),
             finished: Mutex::new(HashMap::new()),
@@ -800,7 +803,24 @@ impl Feeds {
             lock(&feed.state).total = Some((total, digest));
         }
         feed.kick.notify_one();
-        let result = self.finish_inner(&feed, vm).await;
+        let result = match self.finish_inner(&feed, vm).await {
+            Ok(detail) => Ok(detail),
+            Err((e, false)) => Err(e),
+            // QEMU has had the whole stream, its end too: without a load it confirmed, it
+            // must be gone before the source may resume its own guest. Under post-copy the
+            // guest runs here whatever this says (the source knows it is past the point).
+            Err((e, true)) if feed.ret.is_some() || e.starts_with(OUTCOME_UNKNOWN) => Err(e),
+            Err((e, true)) => {
+                if quit_confirmed(&feed, vm, self.gone_within).await {
+                    Err(format!("{e}; its QEMU quit"))
+                } else {
+                    Err(format!(
+                        "{OUTCOME_UNKNOWN}{e}; its QEMU had the whole stream and could not be \
+                         made to quit: it may start the guest"
+                    ))
+                }
+            }
+        };
         // Recorded before the feed goes, so that a FINISH sent again finds one or the other;
         // not if an OPEN of a new migration of this VM replaced the feed meanwhile.
         let current = lock(&self.feeds)
@@ -825,13 +845,14 @@ impl Feeds {
         (result, ended)
     }
 
-    async fn finish_inner(&self, feed: &Feed, vm: &str) -> Result<String, String> {
+    /// The load's report, or why not and whether QEMU had been fed the whole stream.
+    async fn finish_inner(&self, feed: &Feed, vm: &str) -> Result<String, (String, bool)> {
         // Wait for the feeder, as long as it makes progress.
         loop {
             {
                 let s = lock(&feed.state);
                 if let Some(e) = &s.error {
-                    return Err(e.clone());
+                    return Err((e.clone(), false));
                 }
                 if s.closed {
                     break;
@@ -844,9 +865,12 @@ impl Feeds {
                     feed.idle_limit.max(self.stall)
                 };
                 if s.last_progress.is_some_and(|t| t.elapsed() > limit) {
-                    return Err(format!(
-                        "the stream of {vm:?} stalled at block {} for {limit:?}",
-                        s.next
+                    return Err((
+                        format!(
+                            "the stream of {vm:?} stalled at block {} for {limit:?}",
+                            s.next
+                        ),
+                        false,
                     ));
                 }
             }
@@ -856,25 +880,32 @@ impl Feeds {
         // when started with -S). Poll its state; the RESUME event says exactly when.
         let deadline = Instant::now() + self.stall;
         let mut qmp = feed.qmp.lock().await;
+        let fed = |e: String| (e, true);
         let status = loop {
             let status = qmp
                 .status()
                 .await
-                .map_err(|e| format!("destination QEMU for {vm:?} after the stream: {e}"))?;
+                .map_err(|e| fed(format!("destination QEMU for {vm:?} after the stream: {e}")))?;
             match status.as_str() {
                 "inmigrate" | "finish-migrate" | "restore-vm" => {}
                 "running" | "paused" | "prelaunch" => break status,
+                // Past its load (it ran, then stopped: shut down, panicked, an I/O error):
+                // not a QEMU that can be said to have left the guest alone.
                 other => {
-                    return Err(format!(
-                        "destination QEMU for {vm:?} did not load the VM (state {other:?})"
+                    return Err((
+                        format!(
+                            "{OUTCOME_UNKNOWN}destination QEMU for {vm:?} left its load in \
+                             state {other:?}: the guest may have run there"
+                        ),
+                        true,
                     ));
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!(
+                return Err(fed(format!(
                     "destination QEMU for {vm:?} still loading after {:?}",
                     self.stall
-                ));
+                )));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
@@ -887,21 +918,23 @@ impl Feeds {
             let deadline = Instant::now() + self.stall;
             loop {
                 let info = qmp.execute("query-migrate", None).await.map_err(|e| {
-                    format!("destination QEMU for {vm:?} after the post-copy stream: {e}")
+                    fed(format!(
+                        "destination QEMU for {vm:?} after the post-copy stream: {e}"
+                    ))
                 })?;
                 match info.get("status").and_then(serde_json::Value::as_str) {
                     Some("completed") => break,
                     Some(s @ ("failed" | "cancelled" | "postcopy-paused")) => {
-                        return Err(format!(
+                        return Err(fed(format!(
                             "destination QEMU for {vm:?} did not complete the post-copy ({s})"
-                        ));
+                        )));
                     }
                     _ if Instant::now() > deadline => {
-                        return Err(format!(
+                        return Err(fed(format!(
                             "destination QEMU for {vm:?} did not complete the post-copy within \
                              {:?} of its stream's end",
                             self.stall
-                        ));
+                        )));
                     }
                     _ => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
@@ -1145,6 +1178,47 @@ fn filesystem_of<'a>(mounts: &'a str, path: &Path) -> Option<&'a str> {
         .map(|(_, fs)| fs)
 }
 
+/// The start of a finish's refusal that the source must take as "the guest may run at the
+/// destination" (answered with `OUTCOME_UNKNOWN`, not as a refusal it may roll back on).
+pub(crate) const OUTCOME_UNKNOWN: &str = "outcome unknown: ";
+
+/// After QEMU had the whole stream and did not confirm its load: tells it to quit, and
+/// whether it is known to be gone (its monitor socket refuses, or is removed) `within`.
+async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
+    let path = {
+        let mut qmp = feed.qmp.lock().await;
+        match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
+            Ok(Ok(_)) => info!(
+                vm,
+                "destination QEMU told to quit: its load was not confirmed"
+            ),
+            Ok(Err(e)) => debug!(vm, "destination QEMU quit: {e}"),
+            Err(_) => warn!(vm, "destination QEMU did not answer quit within 5 s"),
+        }
+        qmp.path().to_path_buf()
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        // While QEMU runs, its listening monitor takes the connection (into its backlog).
+        if let Err(e) = UnixStream::connect(&path).await
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            )
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            warn!(
+                vm,
+                "the destination QEMU had the whole stream and is still there: it may start the guest"
+            );
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Tells the destination QEMU of a stream that did not complete to quit (what it does by
 /// itself on a stream that ends early, except on one cut in its last section).
 ///
@@ -1211,6 +1285,18 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
             feed.left.store(true, Ordering::SeqCst);
             return true;
         }
+    } else if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), qmp.status()).await
+        && status != "inmigrate"
+    {
+        // It loaded the guest after all: an abort that came while the finish waited for the
+        // load (the source gave the finish up, and stays paused). Its guest is the only
+        // one now; left to its owner.
+        warn!(
+            vm,
+            %status,
+            "the destination QEMU loaded the guest before the abort: left as it is"
+        );
+        return false;
     }
     match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
         Ok(Ok(_)) => info!(
@@ -2130,6 +2216,59 @@ mod tests {
             .unwrap();
         assert_eq!(got, [a, b].concat());
         fin.abort();
+    }
+
+    /// A finish whose QEMU had the whole stream but did not say it loaded it: refused as
+    /// such only once QEMU is gone; while it is still there, its answer says the guest may
+    /// start there (the source must not resume its own).
+    #[tokio::test]
+    async fn a_finish_after_the_whole_stream_says_whether_qemu_is_gone() {
+        for exits in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let die = Arc::new(Notify::new());
+            let _qemu = fake_qemu_full(
+                dir.path(),
+                "vm",
+                None,
+                None,
+                None,
+                None,
+                Some((die.clone(), false)),
+            );
+            let mut feeds = Feeds::new(dir.path());
+            feeds.stall = Duration::from_millis(200);
+            feeds.gone_within = Duration::from_millis(500);
+            let feeds = Arc::new(feeds);
+            let peer = NodeId::new("src").unwrap();
+            feeds
+                .open(&peer, "vm", false, Duration::ZERO, &[])
+                .await
+                .unwrap();
+            let a = b"QEVM the whole stream".to_vec();
+            feeds
+                .push(&peer, "vm", 0, Bytes::from(a.clone()), &[])
+                .await
+                .unwrap();
+            if exits {
+                // QEMU exits once it has it all (its monitor closes, nothing listens).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                die.notify_one();
+            }
+            let digest = *blake3::hash(&a).as_bytes();
+            let (r, _) = tokio::time::timeout(
+                Duration::from_secs(10),
+                feeds.finish(&peer, "vm", 1, &digest, &[]),
+            )
+            .await
+            .unwrap();
+            let e = r.unwrap_err();
+            assert_eq!(e.starts_with(OUTCOME_UNKNOWN), !exits, "{e}");
+            if exits {
+                assert!(e.contains("its QEMU quit"), "{e}");
+            } else {
+                assert!(e.contains("may start the guest"), "{e}");
+            }
+        }
     }
 
     /// An earlier migration still listed when its source opens again is ended once.

@@ -1280,7 +1280,11 @@ impl Receiver {
                 },
                 Err(reason) => {
                     warn!(%peer, vm = %m.name, op = m.op, "QEMU migration op failed: {reason}");
-                    refuse(reason)
+                    let mut done = refuse(reason);
+                    if done.reason.starts_with(super::qemu_feed::OUTCOME_UNKNOWN) {
+                        done.code = ErrorCode::OUTCOME_UNKNOWN.0;
+                    }
+                    done
                 }
             };
         }
