@@ -1204,16 +1204,19 @@ fn after_the_point(
         (phase, reason)
     } else if postcopy_began {
         (POSTCOPY, reason)
-    } else if phase == CLEANUP && !dest_status.is_empty() {
+    } else if phase == CLEANUP {
         // The destination answered the finish: its QEMU holds the whole guest, checked (a
         // `-S` one waits to be told to run it), and an abort no longer reaches it. Resuming
-        // the source would leave the guest in two places.
+        // the source would leave the guest in two places. (So too when its answer named no
+        // state: one it could not parse, or an older agent's.)
+        let status = if dest_status.is_empty() {
+            String::new()
+        } else {
+            format!(", {dest_status:?}")
+        };
         (
             UNKNOWN,
-            format!(
-                "{reason} (the destination QEMU had loaded the guest, {dest_status:?}, and \
-                 keeps it)"
-            ),
+            format!("{reason} (the destination QEMU had loaded the guest{status}, and keeps it)"),
         )
     } else if exposed {
         (
@@ -2889,9 +2892,13 @@ mod tests {
             after_the_point((phase, "why".to_string()), began, exposed, status)
         };
         // Nothing exposed: as it was.
-        for phase in ["prepare", "start", "transfer", "resume", CLEANUP, UNKNOWN] {
+        for phase in ["prepare", "start", "transfer", "resume", UNKNOWN] {
             assert_eq!(at(phase, false, false, "").0, phase);
         }
+        // Past a finish the destination answered, even with no state in its answer.
+        let (p, why) = at(CLEANUP, false, false, "");
+        assert_eq!(p, UNKNOWN);
+        assert!(why.contains("had loaded the guest, and keeps it"), "{why}");
         // Post-copy began: whatever failed (a cleanup too, with -S at the destination), both
         // sides stay as QEMU keeps them.
         for phase in ["transfer", "resume", CLEANUP] {
@@ -2899,7 +2906,7 @@ mod tests {
         }
         // Negotiated and the guest stopped at the source once: the destination may have
         // started it, so no rollback, and the reason says why.
-        for phase in ["transfer", "resume", CLEANUP] {
+        for phase in ["transfer", "resume"] {
             let (p, why) = at(phase, false, true, "");
             assert_eq!(p, UNKNOWN, "{phase}");
             assert!(why.starts_with("why (with post-copy on"), "{why}");
