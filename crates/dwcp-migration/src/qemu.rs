@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use bytes::Bytes;
 use dwcp_encoding::stream::{StreamConfig, StreamEncoder};
 use dwcp_encoding::{Codec, RemoteIndex};
-use dwcp_transport::qmp::{Qmp, QmpEvent, capability};
+use dwcp_transport::qmp::{Qmp, QmpError, QmpEvent, capability};
 use dwcp_transport::session::adapt::Mode;
 use dwcp_transport::session::{
     Block, KeptSession, MigrationRequest, RateLimit, SendError, Tunnel, migration_request_data,
@@ -1460,7 +1460,7 @@ async fn run(
         )
     })?;
 
-    let q = |e: dwcp_transport::qmp::QmpError| ("prepare", e.to_string());
+    let q = |e: QmpError| ("prepare", e.to_string());
     let resume = start == Start::Resume;
     // Capabilities are fixed while a migration is (a paused post-copy's were set by the
     // run that began it).
@@ -2118,9 +2118,17 @@ async fn pump(
                                 if !spec.cancel.finish() {
                                     return Err(("transfer", CANCELLED.to_string()));
                                 }
-                                if let Err(e) = qmp.execute("migrate-start-postcopy", None).await {
-                                    budget.postcopy.store(false, Ordering::Relaxed);
-                                    return Err(("transfer", format!("{stall}; post-copy did not start: {e}")));
+                                match qmp.execute("migrate-start-postcopy", None).await {
+                                    // QEMU said no: nothing changed, the source runs on.
+                                    Err(e @ QmpError::Command { .. }) => {
+                                        budget.postcopy.store(false, Ordering::Relaxed);
+                                        return Err(("transfer", format!("{stall}; post-copy did not start: {e}")));
+                                    }
+                                    // No answer: QEMU may have taken it all the same (it only
+                                    // sets a flag its migration thread acts on): what it does
+                                    // decides, as below.
+                                    Err(e) => warn!(vm = %spec.vm, "migrate-start-postcopy: {e}; asking QEMU what it did"),
+                                    Ok(_) => {}
                                 }
                                 // QEMU takes the request even when it has just begun a pre-copy
                                 // end: what it does says which.
