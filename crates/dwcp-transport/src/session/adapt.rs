@@ -98,6 +98,10 @@ pub struct Controller {
     idle_probes: u32,
     /// The current up-step is a re-probe from hold (a miss goes back to hold, not down).
     reprobe: bool,
+    /// Without down probes: a re-probe up held goodput without raising it, and its streams
+    /// were kept; no more up probes until the path changes (each would keep half again, and
+    /// a flat path crept to `max_streams` over an hour's transfer).
+    settled: bool,
     /// Whether to try fewer streams than the best count.
     probe_down: bool,
     /// The last up-step's sample fell short of the best by less than `KEEP`: the next sample
@@ -136,6 +140,7 @@ impl Controller {
             low: 0,
             idle_probes: 0,
             reprobe: false,
+            settled: false,
             probe_down: true,
             confirming: false,
         }
@@ -165,6 +170,11 @@ impl Controller {
     /// streams alive; returns the count to run with next.
     pub fn on_sample(&mut self, goodput: f64, streams: u32) -> u32 {
         let n = streams.clamp(self.min, self.max);
+        // Nothing delivered: the receiver or the source stalled (a full window, a disk),
+        // which says nothing of the path; learnt from, it would make 0 the best to beat.
+        if goodput.is_nan() || goodput <= 0.0 {
+            return n;
+        }
         if self.settle > 0 {
             self.settle -= 1;
             return n;
@@ -184,14 +194,17 @@ impl Controller {
                     self.best = Some((n, goodput));
                     self.idle_probes = 0;
                     self.reprobe = false;
+                    self.settled = false;
                     self.step_from(n, Phase::Up)
                 } else if !self.probe_down && goodput >= bg * HOLD_DOWN {
                     // More streams did not pay, but they cost nothing either, and going back
                     // costs more than staying: the streams left take seconds to win back the
-                    // share of those retired.
+                    // share of those retired. After a re-probe from a held count, no more
+                    // (see `settled`).
                     self.confirming = false;
                     if self.reprobe {
                         self.idle_probes += 1;
+                        self.settled = true;
                     }
                     self.reprobe = false;
                     self.best = Some((n, goodput.max(bg)));
@@ -214,8 +227,15 @@ impl Controller {
                     // Measured against the best seen, not the last step: losses within the
                     // bar do not add up over steps.
                     self.best = Some((n, goodput.max(bg)));
+                    self.reprobe = false;
                     self.step_from(n, Phase::Down)
                 } else {
+                    // A re-probe (down, from a count at max_streams) that lost backs off as
+                    // one up would: without, it went down and back every cool-down.
+                    if self.reprobe {
+                        self.reprobe = false;
+                        self.idle_probes += 1;
+                    }
                     self.hold()
                 }
             }
@@ -230,9 +250,10 @@ impl Controller {
                     // The path changed: learn again from here.
                     self.low = 0;
                     self.idle_probes = 0;
+                    self.settled = false;
                     self.best = Some((n, goodput));
                     self.step_from(n, Phase::Up)
-                } else if self.cooldown == 0 {
+                } else if self.cooldown == 0 && !self.settled {
                     self.reprobe = true;
                     self.step_from(bn, Phase::Up)
                 } else {
@@ -331,7 +352,7 @@ mod tests {
             if n <= 12 {
                 f64::from(n) * 10e6
             } else {
-                120e6 - f64::from(n - 12) * 2e6
+                (120e6 - f64::from(n - 12) * 2e6).max(1e6)
             }
         };
         let counts = run(&mut c, 64, 300, curve);
@@ -365,6 +386,49 @@ mod tests {
             100e6 * (1.0 + 0.03 * ((t * 7919 % 13) as f64 / 6.0 - 1.0))
         });
         assert!(counts[100..].iter().all(|&n| n <= 8), "{counts:?}");
+    }
+
+    #[test]
+    fn at_max_streams_a_losing_down_probe_backs_off() {
+        // Goodput grows with every stream up to the operator's 32: the probes from there
+        // are down, and each loses; they come ever more rarely.
+        let mut c = Controller::for_mode(4, 32, 1, Mode::Datacenter);
+        let counts = run(&mut c, 32, 600, |n, _| f64::from(n) * 5e6);
+        let changes = counts[100..].windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(changes <= 6, "{changes} changes: {counts:?}");
+        assert_eq!(*counts.last().unwrap(), 32, "{counts:?}");
+    }
+
+    #[test]
+    fn across_the_internet_a_flat_path_does_not_creep_up() {
+        // One stream fills the link: the first re-probe up holds goodput, its streams
+        // stay, and no more are added.
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(&mut c, 8, 3000, |_, _| 180e6);
+        assert!(counts.iter().all(|&n| n <= 18), "{counts:?}");
+    }
+
+    #[test]
+    fn samples_with_nothing_delivered_teach_nothing() {
+        // 15 samples of a stalled receiver in the middle of a flat path.
+        let mut c = Controller::for_mode(4, 512, 1, Mode::Datacenter);
+        let curve = |n: u32, t: usize| {
+            if (100..115).contains(&t) {
+                0.0
+            } else if n >= 8 {
+                100e6
+            } else {
+                f64::from(n) * 12.5e6
+            }
+        };
+        let counts = run(&mut c, 64, 200, curve);
+        let before = counts[99];
+        assert!(
+            counts[100..115].iter().all(|&n| n == before),
+            "{:?}",
+            &counts[95..120]
+        );
+        assert!((8..=16).contains(counts.last().unwrap()), "{counts:?}");
     }
 
     #[test]
