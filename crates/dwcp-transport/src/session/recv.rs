@@ -1699,7 +1699,16 @@ impl Receiver {
         state: &Path,
         decoded: u64,
     ) -> Result<(File, String, u64), String> {
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            // A new directory (a sending node's first file) is in its parent only once that
+            // is synced: without, a file reported stored could vanish with it.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+            }
+        }
         // One line in the state file: control characters cannot split it.
         let tag = msg::printable(&b.version_tag, 200);
         // The state file is written after the data it counts, so after a process restart it
@@ -1710,7 +1719,18 @@ impl Receiver {
             .map_or(0, |(_, _, have)| have.min(b.size));
         // Refuse now what cannot fit, before creating anything.
         if let Ok(st) = rustix::fs::statvfs(dir) {
-            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            // A part file of another version, emptied when this one begins, frees its room.
+            let reclaimed = if have == 0 {
+                fs::metadata(part).map_or(0, |m| {
+                    std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512)
+                })
+            } else {
+                0
+            };
+            let free = st
+                .f_bavail
+                .saturating_mul(st.f_frsize)
+                .saturating_add(reclaimed);
             // An encoded object also needs room for what it decodes to.
             let need = (b.size - have).saturating_add(decoded);
             if need > free {
@@ -1854,6 +1874,16 @@ impl Receiver {
                             let _ = fs::remove_file(&part);
                             let _ = fs::remove_file(&state);
                         }
+                        // Published by a run that may have ended before its directory was
+                        // synced: durable before it is answered as stored.
+                        if let Some(dir) = final_path.parent().filter(|_| !round) {
+                            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+                                (
+                                    ErrorCode::STORAGE_ERROR,
+                                    format!("cannot sync {}: {e}", dir.display()),
+                                )
+                            })?;
+                        }
                         return Ok(());
                     }
                     Ok(h) => h.to_hex().to_string(),
@@ -1873,13 +1903,23 @@ impl Receiver {
                     ),
                 ));
             }
-            if !round {
-                file.sync_data()
-                    .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot sync: {e}")))?;
+            // A failed sync (here, or one the digester made on the way) may leave what was
+            // written clean in the page cache and never on disk: still readable, and its
+            // digest matching. A resume must not take it as held: it starts from nothing.
+            if !round && let Err(e) = file.sync_data() {
+                let _ = fs::remove_file(&state);
+                return Err((
+                    ErrorCode::STORAGE_ERROR,
+                    format!("cannot sync: {e} (a resume sends it whole)"),
+                ));
             }
-            let got = hashed
-                .unwrap_or_else(|| hash_file(&part))
-                .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("cannot read back: {e}")))?;
+            let got = hashed.unwrap_or_else(|| hash_file(&part)).map_err(|e| {
+                let _ = fs::remove_file(&state);
+                (
+                    ErrorCode::STORAGE_ERROR,
+                    format!("cannot sync or read back: {e} (a resume sends it whole)"),
+                )
+            })?;
             if got.as_bytes()[..] != digest[..] {
                 let _ = fs::remove_file(&part);
                 let _ = fs::remove_file(&state);
