@@ -772,13 +772,15 @@ impl Receiver {
                         Ok(Ok(n)) => n,
                         Ok(Err(e)) => {
                             let reason = format!("cannot write: {e}");
-                            self.fail_object(
+                            if !self.fail_object(
                                 &peer,
                                 session,
                                 h.object,
                                 ErrorCode::STORAGE_ERROR,
                                 &reason,
-                            );
+                            ) {
+                                continue;
+                            }
                             let done = ObjectDone {
                                 object: h.object,
                                 code: ErrorCode::STORAGE_ERROR.0,
@@ -1683,6 +1685,17 @@ impl Receiver {
         }
         {
             let mut s = lock(session);
+            // The same object id begun twice at once on two connections (checked under the
+            // lock above, inserted here): the first stays; the second's claim is given back,
+            // or it would hold its name for the process's life.
+            if s.objects.contains_key(&b.object) {
+                drop(s);
+                lock(&self.active).remove(&o.claim);
+                return Err(Refusal::from(format!(
+                    "object {} begun twice at once",
+                    b.object
+                )));
+            }
             s.objects.insert(b.object, o);
             s.begun.notify_waiters();
         }
@@ -1759,9 +1772,15 @@ impl Receiver {
         object: u64,
         code: ErrorCode,
         reason: &str,
-    ) {
+    ) -> bool {
         let removed = {
             let mut s = lock(session);
+            // Whole and being verified (a late duplicate chunk failed to write): the finish,
+            // which reads back what is there, decides. Removed now, its claim would be free
+            // while its part file is hashed and renamed.
+            if s.objects.get(&object).is_some_and(|o| o.finishing) {
+                return false;
+            }
             s.finished.insert(object);
             s.objects.remove(&object)
         };
@@ -1779,6 +1798,7 @@ impl Receiver {
             code,
             reason: reason.to_string(),
         });
+        true
     }
 
     /// Verifies and stores the object once every byte and the digest are here.
