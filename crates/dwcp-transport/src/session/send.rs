@@ -1945,10 +1945,18 @@ async fn send_object(
                     let goodput = (acked - sample_acked) as f64 / sample_at.elapsed().as_secs_f64();
                     sample_at = Instant::now();
                     sample_acked = acked;
-                    // Streams still opening count: they are on their way.
-                    let alive = session.alive() as u32 + session.joining.len() as u32;
+                    // Not while streams are still opening: the sample would be of fewer
+                    // streams than counted, and retiring the open ones for a count that
+                    // includes them left the session running on a few (a handshake storm
+                    // at a datacenter start). The next sample starts once they are in.
+                    if !session.joining.is_empty() {
+                        continue;
+                    }
+                    let alive = session.alive() as u32;
                     let target = session.ctl.as_mut().map_or(alive, |c| c.on_sample(goodput, alive));
-                    if target > alive {
+                    // Not once lost streams have used up their replacements: a peer that
+                    // keeps killing streams would have the controller dial for them.
+                    if target > alive && replacements_left > 0 {
                         for _ in alive..target {
                             let i = session.writers.len() as u32;
                             session.writers.push(None);
