@@ -179,6 +179,9 @@ struct FeedState {
     error: Option<String>,
     /// Every segment went in and the stream was closed.
     closed: bool,
+    /// The stream's end (what was kept back until the digest matched) began to go to QEMU:
+    /// from here on QEMU may load the guest and start it, whatever fails after.
+    end_sent: bool,
     last_progress: Option<Instant>,
 }
 
@@ -852,7 +855,7 @@ impl Feeds {
             {
                 let s = lock(&feed.state);
                 if let Some(e) = &s.error {
-                    return Err((e.clone(), false));
+                    return Err((e.clone(), s.end_sent));
                 }
                 if s.closed {
                     break;
@@ -1182,11 +1185,27 @@ fn filesystem_of<'a>(mounts: &'a str, path: &Path) -> Option<&'a str> {
 /// destination" (answered with `OUTCOME_UNKNOWN`, not as a refusal it may roll back on).
 pub(crate) const OUTCOME_UNKNOWN: &str = "outcome unknown: ";
 
+/// Whether a destination QEMU in run state `status` has run its guest (anything but
+/// waiting for its stream, loading it, or loaded and held paused with `-S`).
+fn guest_ran(status: &str) -> bool {
+    !matches!(
+        status,
+        "inmigrate" | "finish-migrate" | "restore-vm" | "paused" | "prelaunch"
+    )
+}
+
 /// After QEMU had the whole stream and did not confirm its load: tells it to quit, and
 /// whether it is known to be gone (its monitor socket refuses, or is removed) `within`.
 async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
     let path = {
         let mut qmp = feed.qmp.lock().await;
+        // One that has run the guest is not told to quit: the guest stays where it ran.
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), qmp.status()).await
+            && guest_ran(&status)
+        {
+            warn!(vm, %status, "the destination QEMU has run the guest: left as it is");
+            return false;
+        }
         match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
             Ok(Ok(_)) => info!(
                 vm,
@@ -1286,15 +1305,16 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
             return true;
         }
     } else if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), qmp.status()).await
-        && status != "inmigrate"
+        && guest_ran(&status)
     {
-        // It loaded the guest after all: an abort that came while the finish waited for the
-        // load (the source gave the finish up, and stays paused). Its guest is the only
-        // one now; left to its owner.
+        // It loaded the guest and started it after all: an abort that came while the
+        // finish waited for the load (the source gave the finish up, and stays paused), or
+        // a stream that failed while its end was going in (the finish then says the outcome
+        // is unknown). Quitting would lose what the guest did since; left to its owner.
         warn!(
             vm,
             %status,
-            "the destination QEMU loaded the guest before the abort: left as it is"
+            "the destination QEMU has run the guest: left as it is"
         );
         return false;
     }
@@ -1421,6 +1441,7 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String, entry:
                             "stream verified; its end goes to QEMU"
                         );
                     }
+                    lock(&feed.state).end_sent = true;
                     for part in held.rest() {
                         write_bounded(&mut sock, &part, STALL).await.map_err(|e| {
                             format!(
@@ -2216,6 +2237,24 @@ mod tests {
             .unwrap();
         assert_eq!(got, [a, b].concat());
         fin.abort();
+    }
+
+    /// Which destination QEMUs are left as they are rather than told to quit: those that
+    /// have run the guest; not one waiting, loading, or loaded and held paused (`-S`).
+    #[test]
+    fn a_qemu_that_ran_the_guest_is_told_apart() {
+        for s in ["inmigrate", "finish-migrate", "paused", "prelaunch"] {
+            assert!(!guest_ran(s), "{s}");
+        }
+        for s in [
+            "running",
+            "shutdown",
+            "guest-panicked",
+            "io-error",
+            "internal-error",
+        ] {
+            assert!(guest_ran(s), "{s}");
+        }
     }
 
     /// A finish whose QEMU had the whole stream but did not say it loaded it: refused as
