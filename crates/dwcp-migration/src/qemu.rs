@@ -2119,15 +2119,16 @@ async fn pump(
                                     return Err(("transfer", CANCELLED.to_string()));
                                 }
                                 match qmp.execute("migrate-start-postcopy", None).await {
-                                    // QEMU said no: nothing changed, the source runs on.
-                                    Err(e @ QmpError::Command { .. }) => {
+                                    // No answer in time: QEMU may have taken it all the same
+                                    // (it only sets a flag its migration thread acts on):
+                                    // what it does decides, as below.
+                                    Err(e @ QmpError::Timeout { .. }) => warn!(vm = %spec.vm, "migrate-start-postcopy: {e}; asking QEMU what it did"),
+                                    // QEMU said no, or the command never reached it: nothing
+                                    // changed, the source runs on in pre-copy.
+                                    Err(e) => {
                                         budget.postcopy.store(false, Ordering::Relaxed);
                                         return Err(("transfer", format!("{stall}; post-copy did not start: {e}")));
                                     }
-                                    // No answer: QEMU may have taken it all the same (it only
-                                    // sets a flag its migration thread acts on): what it does
-                                    // decides, as below.
-                                    Err(e) => warn!(vm = %spec.vm, "migrate-start-postcopy: {e}; asking QEMU what it did"),
                                     Ok(_) => {}
                                 }
                                 // QEMU takes the request even when it has just begun a pre-copy
