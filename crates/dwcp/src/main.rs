@@ -99,16 +99,21 @@ fn main() -> ExitCode {
             Some(_) => ExitCode::from(exit::FILES),
         },
         Err(err) => {
-            eprintln!("error: {err}");
+            // Not `eprintln!`, which panics when standard error is gone (a terminal hung
+            // up): the exit code must still say why.
+            use std::io::Write as _;
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "error: {err}");
             let mut last = err.to_string();
             for cause in err.chain().skip(1) {
                 let text = cause.to_string();
                 // Many errors quote their source in their own message; print it once.
                 if !last.contains(&text) {
-                    eprintln!("  caused by: {text}");
+                    let _ = writeln!(stderr, "  caused by: {text}");
                 }
                 last = text;
             }
+            drop(stderr);
             let code = exit_code(&err);
             // A script reading `--json` gets an object either way: a migration's report
             // (printed by the command, rolled back or not), or this.
