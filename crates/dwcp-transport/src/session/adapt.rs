@@ -102,6 +102,8 @@ pub struct Controller {
     /// were kept; no more up probes until the path changes (each would keep half again, and
     /// a flat path crept to `max_streams` over an hour's transfer).
     settled: bool,
+    /// Samples in a row well above the best count's goodput, in hold: the path got better.
+    high: u32,
     /// Whether to try fewer streams than the best count.
     probe_down: bool,
     /// The last up-step's sample fell short of the best by less than `KEEP`: the next sample
@@ -141,6 +143,7 @@ impl Controller {
             idle_probes: 0,
             reprobe: false,
             settled: false,
+            high: 0,
             probe_down: true,
             confirming: false,
         }
@@ -245,8 +248,21 @@ impl Controller {
                     self.best = Some((bn, bg * 0.8 + goodput * 0.2));
                 }
                 self.low = if goodput < bg * DROP { self.low + 1 } else { 0 };
+                self.high = if goodput > bg * GAIN_UP {
+                    self.high + 1
+                } else {
+                    0
+                };
                 self.cooldown = self.cooldown.saturating_sub(1);
-                if self.low >= DROP_SAMPLES {
+                if self.high >= DROP_SAMPLES && self.settled {
+                    // More than the held count gave before (a competing flow ended): up
+                    // probes may pay again.
+                    self.high = 0;
+                    self.settled = false;
+                    self.idle_probes = 0;
+                    self.best = Some((n, goodput));
+                    self.step_from(n, Phase::Up)
+                } else if self.low >= DROP_SAMPLES {
                     // The path changed: learn again from here.
                     self.low = 0;
                     self.idle_probes = 0;
@@ -406,6 +422,22 @@ mod tests {
         let mut c = Controller::new(4, 512).holding_after_up();
         let counts = run(&mut c, 8, 3000, |_, _| 180e6);
         assert!(counts.iter().all(|&n| n <= 18), "{counts:?}");
+    }
+
+    #[test]
+    fn across_the_internet_a_path_that_gets_better_is_probed_again() {
+        // Flat at 100 MB/s until sample 1000; then the link doubles, and it takes 24 streams
+        // to fill (fewer get their share of it).
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(&mut c, 8, 1600, |n, t| {
+            if t < 1000 {
+                100e6 + f64::from(n)
+            } else {
+                200e6 * (f64::from(n) / 24.0).min(1.0)
+            }
+        });
+        assert!(counts[..1000].iter().all(|&n| n <= 18), "{counts:?}");
+        assert!(*counts.last().unwrap() >= 24, "{:?}", &counts[1000..]);
     }
 
     #[test]
