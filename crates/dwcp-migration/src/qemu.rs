@@ -908,7 +908,9 @@ async fn migrate_qemu_inner(
     report.total_seconds = started.elapsed().as_secs_f64();
     match result {
         Ok(()) => {
-            restore_settings(&mut qmp, saved, &spec.vm).await;
+            if let Some(w) = restore_settings(&mut qmp, saved, &spec.vm).await {
+                report.warnings.push(w);
+            }
             control.close().await;
             report.migrated = true;
             info!(vm = %spec.vm, seconds = report.total_seconds, downtime_ms = ?report.downtime_ms, "QEMU migration done");
@@ -950,7 +952,9 @@ async fn migrate_qemu_inner(
                 abort_destination(&dest, &spec.vm, Some(stream)).await;
             }
             // After the rollback: QEMU takes no capability while a migration is active.
-            restore_settings(&mut qmp, saved, &spec.vm).await;
+            if let Some(w) = restore_settings(&mut qmp, saved, &spec.vm).await {
+                report.warnings.push(w);
+            }
             control.close().await;
             report.total_seconds = started.elapsed().as_secs_f64();
             report.error = Some(reason.clone());
@@ -2327,19 +2331,19 @@ async fn read_settings(qmp: &mut Qmp) -> (Saved, Option<Value>) {
 }
 
 /// Puts the settings of [`read_settings`] back.
-async fn restore_settings(qmp: &mut Qmp, saved: Saved, vm: &str) {
-    if !saved.parameters.is_empty()
-        && let Err(e) = qmp
+async fn restore_settings(qmp: &mut Qmp, saved: Saved, vm: &str) -> Option<String> {
+    let mut failed = Vec::new();
+    if !saved.parameters.is_empty() {
+        let names: Vec<String> = saved.parameters.keys().cloned().collect();
+        if let Err(e) = qmp
             .execute(
                 "migrate-set-parameters",
                 Some(Value::Object(saved.parameters)),
             )
             .await
-    {
-        warn!(
-            vm,
-            "cannot put the source QEMU's migration parameters back: {e}"
-        );
+        {
+            failed.push(format!("parameters {} ({e})", names.join(", ")));
+        }
     }
     if !saved.capabilities.is_empty()
         && let Err(e) = qmp
@@ -2349,11 +2353,25 @@ async fn restore_settings(qmp: &mut Qmp, saved: Saved, vm: &str) {
             )
             .await
     {
-        warn!(
-            vm,
-            "cannot put the source QEMU's migration capabilities back: {e}"
-        );
+        let names: Vec<&str> = saved
+            .capabilities
+            .iter()
+            .filter_map(|c| c.get("capability").and_then(Value::as_str))
+            .collect();
+        failed.push(format!("capabilities {} ({e})", names.join(", ")));
     }
+    if failed.is_empty() {
+        return None;
+    }
+    // Said in the report too: a later migration of this QEMU (by hand, by libvirt) would
+    // run with what `dwcp migrate` set.
+    let w = format!(
+        "the source QEMU's migration settings could not be put back as they were (a migration \
+         of it still active?): {}; set them once it has ended",
+        failed.join("; ")
+    );
+    warn!(vm, "{w}");
+    Some(w)
 }
 
 /// QEMU's auto-converge parameters and "tail slow" (QEMU 5.0 on) in its parameters, when
