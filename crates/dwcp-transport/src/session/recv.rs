@@ -223,12 +223,17 @@ impl From<String> for Refusal {
 /// Largest content an encoded object may decode to (16 TiB).
 const MAX_RAW_SIZE: u64 = 1 << 44;
 
+/// Finished object ids a session remembers: a peer sending one refused begin after another
+/// must not grow it without end. (A sender numbers its objects upwards; the oldest go.)
+const MAX_FINISHED: usize = 1 << 16;
+
 #[derive(Debug)]
 struct RxSession {
     objects: HashMap<u64, RxObject>,
     goodbye: bool,
-    /// Objects already verified or failed: late duplicates for them are ignored.
-    finished: std::collections::HashSet<u64>,
+    /// Objects already verified or failed: late duplicates for them are ignored. The latest
+    /// [`MAX_FINISHED`] ids (see [`RxSession::finished`]).
+    finished: std::collections::BTreeSet<u64>,
     /// The latest verdicts (`OBJECT_DONE`), by object: a sender whose copy was lost with its
     /// stream sends the end again on another and is answered from here.
     verdicts: std::collections::VecDeque<(u64, Frame)>,
@@ -248,6 +253,15 @@ struct RxSession {
 }
 
 impl RxSession {
+    /// Records object `id` as finished; whether it was not already.
+    fn finish(&mut self, id: u64) -> bool {
+        let first = self.finished.insert(id);
+        while self.finished.len() > MAX_FINISHED {
+            self.finished.pop_first();
+        }
+        first
+    }
+
     /// Keeps `object`'s verdict for a sender that asks again (see `verdicts`).
     fn keep_verdict(&mut self, object: u64, frame: Frame) {
         if self.verdicts.len() >= VERDICTS_KEPT {
@@ -902,7 +916,7 @@ impl Receiver {
                             // that data is ignored, not a violation that ends the session.
                             let first = {
                                 let mut s = lock(session);
-                                let first = s.finished.insert(begin.object);
+                                let first = s.finish(begin.object);
                                 s.begun.notify_waiters();
                                 first
                             };
@@ -1781,7 +1795,7 @@ impl Receiver {
             if s.objects.get(&object).is_some_and(|o| o.finishing) {
                 return false;
             }
-            s.finished.insert(object);
+            s.finish(object);
             s.objects.remove(&object)
         };
         let name = removed.map_or_else(String::new, |o| {
@@ -2016,7 +2030,7 @@ impl Receiver {
         {
             let mut s = lock(session);
             s.objects.remove(&object);
-            s.finished.insert(object);
+            s.finish(object);
         }
         if round {
             self.touch_round(&published_at);
@@ -2957,6 +2971,21 @@ fn read_state(path: &Path) -> Option<(String, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session remembers the latest finished ids only: a peer refused object after
+    /// object does not grow it without end.
+    #[test]
+    fn a_session_remembers_a_bounded_number_of_finished_objects() {
+        let mut s = RxSession::default();
+        assert!(s.finish(1));
+        assert!(!s.finish(1), "once");
+        for id in 2..=(MAX_FINISHED as u64 + 10) {
+            s.finish(id);
+        }
+        assert_eq!(s.finished.len(), MAX_FINISHED);
+        assert!(!s.finished.contains(&1), "the oldest went");
+        assert!(s.finished.contains(&(MAX_FINISHED as u64 + 10)));
+    }
 
     /// A published file is known by its mark while it is unchanged; a FIFO at the name is
     /// not opened (the open would wait for a writer).
