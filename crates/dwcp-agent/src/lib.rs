@@ -511,9 +511,24 @@ async fn serve_quic(
                     return;
                 }
                 // Otherwise held while its streams say goodbye (dropping it would drop
-                // their GOAWAYs): until the sender closes it, or the grace period ends.
-                conn.closed().await;
-                return;
+                // their GOAWAYs): until the sender closes it, or, its streams done, half a
+                // second later (time for their last bytes; a sender keeping the connection
+                // for its next transfer would hold it to the grace period's end), or the
+                // grace period ends.
+                loop {
+                    tokio::select! {
+                        () = conn.closed() => return,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                    if open.load(Ordering::SeqCst) == 0 {
+                        tokio::select! {
+                            () = conn.closed() => return,
+                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                        conn.close("shutting down");
+                        return;
+                    }
+                }
             }
             io = conn.next_stream() => match io {
                 Some(io) => io,

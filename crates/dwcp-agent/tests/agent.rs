@@ -536,6 +536,38 @@ async fn t60q_an_idle_quic_connection_does_not_hold_shutdown() {
         .expect("the agent closed the connection");
 }
 
+/// A QUIC stream open at shutdown is told (GOAWAY), and its connection, which the sender
+/// keeps, is closed soon after rather than at the end of the grace period.
+#[tokio::test]
+async fn t60q2_a_quic_stream_is_told_and_its_kept_connection_closed() {
+    let cluster = TestCluster::new();
+    let agent = RunningAgent::start(&cluster, "server", |c| {
+        c.agent.shutdown_grace_secs = 10;
+    })
+    .await;
+    let ep = endpoint(&cluster, "client", |_| {});
+    let peer = dwcp_transport::quic::dial(&ep, agent.addr, None)
+        .await
+        .unwrap();
+    let mut stream = peer.open(&ep).await.unwrap();
+    let started = std::time::Instant::now();
+    agent.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?} (grace 10 s)",
+        started.elapsed()
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), stream.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.ty, FrameType::GOAWAY);
+    tokio::time::timeout(Duration::from_secs(5), peer.closed())
+        .await
+        .expect("the agent closed the connection");
+}
+
 #[tokio::test]
 async fn t52_expired_certificate_makes_the_agent_unready() {
     let cluster = TestCluster::new();
