@@ -100,9 +100,10 @@ pub struct Controller {
     reprobe: bool,
     /// Without down probes: a re-probe up held goodput without raising it, and its streams
     /// were kept; no more up probes until the path changes (each would keep half again, and
-    /// a flat path crept to `max_streams` over an hour's transfer).
-    settled: bool,
-    /// Samples in a row well above the best count's goodput, in hold: the path got better.
+    /// a flat path crept to `max_streams` over an hour's transfer). The goodput then: the
+    /// mark a better path must clear (not the held count's average, which dips follow down).
+    settled: Option<f64>,
+    /// Samples in a row well above the settled goodput, in hold: the path got better.
     high: u32,
     /// Whether to try fewer streams than the best count.
     probe_down: bool,
@@ -142,7 +143,7 @@ impl Controller {
             low: 0,
             idle_probes: 0,
             reprobe: false,
-            settled: false,
+            settled: None,
             high: 0,
             probe_down: true,
             confirming: false,
@@ -197,7 +198,7 @@ impl Controller {
                     self.best = Some((n, goodput));
                     self.idle_probes = 0;
                     self.reprobe = false;
-                    self.settled = false;
+                    self.settled = None;
                     self.step_from(n, Phase::Up)
                 } else if !self.probe_down && goodput >= bg * HOLD_DOWN {
                     // More streams did not pay, but they cost nothing either, and going back
@@ -207,7 +208,7 @@ impl Controller {
                     self.confirming = false;
                     if self.reprobe {
                         self.idle_probes += 1;
-                        self.settled = true;
+                        self.settled = Some(goodput.max(bg));
                     }
                     self.reprobe = false;
                     self.best = Some((n, goodput.max(bg)));
@@ -248,17 +249,16 @@ impl Controller {
                     self.best = Some((bn, bg * 0.8 + goodput * 0.2));
                 }
                 self.low = if goodput < bg * DROP { self.low + 1 } else { 0 };
-                self.high = if goodput > bg * GAIN_UP {
-                    self.high + 1
-                } else {
-                    0
+                self.high = match self.settled {
+                    Some(mark) if goodput > mark * GAIN_UP => self.high + 1,
+                    _ => 0,
                 };
                 self.cooldown = self.cooldown.saturating_sub(1);
-                if self.high >= DROP_SAMPLES && self.settled {
+                if self.high >= DROP_SAMPLES {
                     // More than the held count gave before (a competing flow ended): up
                     // probes may pay again.
                     self.high = 0;
-                    self.settled = false;
+                    self.settled = None;
                     self.idle_probes = 0;
                     self.best = Some((n, goodput));
                     self.step_from(n, Phase::Up)
@@ -266,10 +266,10 @@ impl Controller {
                     // The path changed: learn again from here.
                     self.low = 0;
                     self.idle_probes = 0;
-                    self.settled = false;
+                    self.settled = None;
                     self.best = Some((n, goodput));
                     self.step_from(n, Phase::Up)
-                } else if self.cooldown == 0 && !self.settled {
+                } else if self.cooldown == 0 && self.settled.is_none() {
                     self.reprobe = true;
                     self.step_from(bn, Phase::Up)
                 } else {
@@ -323,6 +323,7 @@ impl Controller {
         self.phase = Phase::Hold;
         self.cooldown = COOLDOWN << self.idle_probes.min(4);
         self.low = 0;
+        self.high = 0;
         self.best.map_or(self.min, |(bn, _)| bn)
     }
 }
@@ -421,6 +422,16 @@ mod tests {
         // stay, and no more are added.
         let mut c = Controller::new(4, 512).holding_after_up();
         let counts = run(&mut c, 8, 3000, |_, _| 180e6);
+        assert!(counts.iter().all(|&n| n <= 18), "{counts:?}");
+        // Nor with dips now and then (a sample at a tenth, a receiver stalled for a moment):
+        // the recovery after one is no better path.
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(
+            &mut c,
+            8,
+            3000,
+            |_, t| if t % 97 == 50 { 18e6 } else { 180e6 },
+        );
         assert!(counts.iter().all(|&n| n <= 18), "{counts:?}");
     }
 
