@@ -873,7 +873,7 @@ impl Feeds {
                             "the stream of {vm:?} stalled at block {} for {limit:?}",
                             s.next
                         ),
-                        false,
+                        s.end_sent,
                     ));
                 }
             }
@@ -1194,26 +1194,49 @@ fn guest_ran(status: &str) -> bool {
     )
 }
 
+/// Whether the destination QEMU says it has run its guest ([`guest_ran`]); said in the log.
+/// A QEMU that does not say (no answer in 5 s: its main thread busy, perhaps running the
+/// guest) counts as having run it once it may have had its stream's end (`end_sent`).
+async fn has_run(qmp: &mut Qmp, vm: &str, end_sent: bool) -> bool {
+    match tokio::time::timeout(Duration::from_secs(5), qmp.status()).await {
+        Ok(Ok(status)) if guest_ran(&status) => {
+            warn!(vm, %status, "the destination QEMU has run the guest: left as it is");
+            true
+        }
+        Ok(Ok(_)) => false,
+        // Its monitor closed: gone, whatever it had.
+        Ok(Err(QmpError::Io { .. })) => false,
+        _ if end_sent => {
+            warn!(
+                vm,
+                "the destination QEMU had its stream's end and does not say what it did: left as it is"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Tells the destination QEMU to quit (`why`), 5 s at most.
+async fn tell_quit(qmp: &mut Qmp, vm: &str, why: &str) {
+    match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
+        Ok(Ok(_)) => info!(vm, "destination QEMU told to quit: {why}"),
+        // Gone already (it failed the load by itself, or died).
+        Ok(Err(e)) => debug!(vm, "destination QEMU quit: {e}"),
+        Err(_) => warn!(vm, "destination QEMU did not answer quit within 5 s"),
+    }
+}
+
 /// After QEMU had the whole stream and did not confirm its load: tells it to quit, and
 /// whether it is known to be gone (its monitor socket refuses, or is removed) `within`.
 async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
     let path = {
         let mut qmp = feed.qmp.lock().await;
         // One that has run the guest is not told to quit: the guest stays where it ran.
-        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), qmp.status()).await
-            && guest_ran(&status)
-        {
-            warn!(vm, %status, "the destination QEMU has run the guest: left as it is");
+        if has_run(&mut qmp, vm, true).await {
             return false;
         }
-        match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
-            Ok(Ok(_)) => info!(
-                vm,
-                "destination QEMU told to quit: its load was not confirmed"
-            ),
-            Ok(Err(e)) => debug!(vm, "destination QEMU quit: {e}"),
-            Err(_) => warn!(vm, "destination QEMU did not answer quit within 5 s"),
-        }
+        tell_quit(&mut qmp, vm, "its load was not confirmed").await;
         qmp.path().to_path_buf()
     };
     let deadline = Instant::now() + within;
@@ -1243,6 +1266,7 @@ async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
 ///
 /// Whether it was left as it is, under post-copy.
 async fn quit(feed: &Feed, vm: &str) -> bool {
+    let end_sent = lock(&feed.state).end_sent;
     let mut qmp = feed.qmp.lock().await;
     if feed.ret.is_some() {
         // With post-copy on, QEMU gets every byte as it comes, and may have loaded the guest
@@ -1304,29 +1328,14 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
             feed.left.store(true, Ordering::SeqCst);
             return true;
         }
-    } else if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(5), qmp.status()).await
-        && guest_ran(&status)
-    {
+    } else if has_run(&mut qmp, vm, end_sent).await {
         // It loaded the guest and started it after all: an abort that came while the
         // finish waited for the load (the source gave the finish up, and stays paused), or
         // a stream that failed while its end was going in (the finish then says the outcome
         // is unknown). Quitting would lose what the guest did since; left to its owner.
-        warn!(
-            vm,
-            %status,
-            "the destination QEMU has run the guest: left as it is"
-        );
         return false;
     }
-    match tokio::time::timeout(Duration::from_secs(5), qmp.execute("quit", None)).await {
-        Ok(Ok(_)) => info!(
-            vm,
-            "destination QEMU told to quit: its stream did not complete"
-        ),
-        // Gone already (it failed the load by itself, or died).
-        Ok(Err(e)) => debug!(vm, "destination QEMU quit: {e}"),
-        Err(_) => warn!(vm, "destination QEMU did not answer quit within 5 s"),
-    }
+    tell_quit(&mut qmp, vm, "its stream did not complete").await;
     false
 }
 
