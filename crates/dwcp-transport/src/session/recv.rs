@@ -234,6 +234,8 @@ struct RxSession {
     /// Objects already verified or failed: late duplicates for them are ignored. The latest
     /// [`MAX_FINISHED`] ids (see [`RxSession::finished`]).
     finished: std::collections::BTreeSet<u64>,
+    /// Ids below this were finished and have been forgotten (senders number objects upwards).
+    forgotten_below: u64,
     /// The latest verdicts (`OBJECT_DONE`), by object: a sender whose copy was lost with its
     /// stream sends the end again on another and is answered from here.
     verdicts: std::collections::VecDeque<(u64, Frame)>,
@@ -255,11 +257,19 @@ struct RxSession {
 impl RxSession {
     /// Records object `id` as finished; whether it was not already.
     fn finish(&mut self, id: u64) -> bool {
-        let first = self.finished.insert(id);
+        let first = id >= self.forgotten_below && self.finished.insert(id);
         while self.finished.len() > MAX_FINISHED {
-            self.finished.pop_first();
+            if let Some(old) = self.finished.pop_first() {
+                self.forgotten_below = self.forgotten_below.max(old.saturating_add(1));
+            }
         }
         first
+    }
+
+    /// Whether object `id`, not open, was finished (a late chunk or END for it is ignored,
+    /// not taken for data of an object never begun).
+    fn is_finished(&self, id: u64) -> bool {
+        id < self.forgotten_below || self.finished.contains(&id)
     }
 
     /// Keeps `object`'s verdict for a sender that asks again (see `verdicts`).
@@ -277,6 +287,7 @@ impl Default for RxSession {
             objects: HashMap::new(),
             goodbye: false,
             finished: Default::default(),
+            forgotten_below: 0,
             verdicts: Default::default(),
             conns: 0,
             begun: Default::default(),
@@ -733,7 +744,7 @@ impl Receiver {
                             match s.objects.get(&h.object) {
                                 // A re-sent chunk racing with the object's completion, or data
                                 // of a refused fresh object: harmless.
-                                None if s.finished.contains(&h.object) => Ok(ChunkFor::Done),
+                                None if s.is_finished(h.object) => Ok(ChunkFor::Done),
                                 None => Ok(ChunkFor::Unknown),
                                 Some(o) if h.offset + chunk.len() as u64 > o.size => Err(format!(
                                     "chunk at {} ({} bytes) runs past the object's size {}",
@@ -968,7 +979,7 @@ impl Receiver {
                     let mut again = None;
                     let problem = {
                         let mut s = lock(session);
-                        let done = s.finished.contains(&end.object);
+                        let done = s.is_finished(end.object);
                         match s.objects.get_mut(&end.object) {
                             // A repeated end after the verdict: the sender sends it again when
                             // the stream that carried its end died, and with it, perhaps, the
@@ -2985,6 +2996,10 @@ mod tests {
         assert_eq!(s.finished.len(), MAX_FINISHED);
         assert!(!s.finished.contains(&1), "the oldest went");
         assert!(s.finished.contains(&(MAX_FINISHED as u64 + 10)));
+        // Still known as finished: a late chunk for it is not data of an unknown object.
+        assert!(s.is_finished(1) && s.is_finished(5));
+        assert!(!s.finish(5), "finished before");
+        assert!(!s.is_finished(MAX_FINISHED as u64 + 11));
     }
 
     /// A published file is known by its mark while it is unchanged; a FIFO at the name is
