@@ -26,7 +26,11 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
     let mut o = std::io::stdout().lock();
     if let Err(e) = writeln!(o, "{args}").and_then(|()| o.flush()) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("error: cannot write to standard output: {e}");
+            // Standard error may be gone too (a terminal hung up): no panic for that.
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot write to standard output: {e}"
+            );
         }
         let _ = STDOUT_LOST.set(e.kind());
     } else {
