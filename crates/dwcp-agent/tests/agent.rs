@@ -508,64 +508,48 @@ async fn t60_shutdown_sends_goaway_and_returns() {
     );
 }
 
-/// A QUIC connection without streams (a sender keeping it between transfers, kept up by
-/// keep-alives) does not hold the agent's shutdown for the grace period.
+/// A QUIC connection the sender keeps (its session kept for a next transfer, kept up by
+/// keep-alives) does not hold the agent's shutdown for the grace period: closed at once
+/// without streams, and with one, once its stream was told (GOAWAY).
 #[tokio::test]
-async fn t60q_an_idle_quic_connection_does_not_hold_shutdown() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |c| {
-        c.agent.shutdown_grace_secs = 10;
-    })
-    .await;
-    let ep = endpoint(&cluster, "client", |_| {});
-    let peer = dwcp_transport::quic::dial(&ep, agent.addr, None)
-        .await
-        .unwrap();
-    // The agent's side of the handshake done, and its connection served.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = std::time::Instant::now();
-    agent.stop().await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?} (grace 10 s)",
-        started.elapsed()
-    );
-    // Closed by the agent, not left to time out.
-    tokio::time::timeout(Duration::from_secs(5), peer.closed())
-        .await
-        .expect("the agent closed the connection");
-}
-
-/// A QUIC stream open at shutdown is told (GOAWAY), and its connection, which the sender
-/// keeps, is closed soon after rather than at the end of the grace period.
-#[tokio::test]
-async fn t60q2_a_quic_stream_is_told_and_its_kept_connection_closed() {
-    let cluster = TestCluster::new();
-    let agent = RunningAgent::start(&cluster, "server", |c| {
-        c.agent.shutdown_grace_secs = 10;
-    })
-    .await;
-    let ep = endpoint(&cluster, "client", |_| {});
-    let peer = dwcp_transport::quic::dial(&ep, agent.addr, None)
-        .await
-        .unwrap();
-    let mut stream = peer.open(&ep).await.unwrap();
-    let started = std::time::Instant::now();
-    agent.stop().await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?} (grace 10 s)",
-        started.elapsed()
-    );
-    let got = tokio::time::timeout(Duration::from_secs(5), stream.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got.ty, FrameType::GOAWAY);
-    tokio::time::timeout(Duration::from_secs(5), peer.closed())
-        .await
-        .expect("the agent closed the connection");
+async fn t60q_a_kept_quic_connection_does_not_hold_shutdown() {
+    for with_stream in [false, true] {
+        let cluster = TestCluster::new();
+        let agent = RunningAgent::start(&cluster, "server", |c| {
+            c.agent.shutdown_grace_secs = 10;
+        })
+        .await;
+        let ep = endpoint(&cluster, "client", |_| {});
+        let peer = dwcp_transport::quic::dial(&ep, agent.addr, None)
+            .await
+            .unwrap();
+        let mut stream = if with_stream {
+            Some(peer.open(&ep).await.unwrap())
+        } else {
+            // The agent's side of the handshake done, and its connection served.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            None
+        };
+        let started = std::time::Instant::now();
+        agent.stop().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stream {with_stream}: shutdown took {:?} (grace 10 s)",
+            started.elapsed()
+        );
+        if let Some(s) = &mut stream {
+            let got = tokio::time::timeout(Duration::from_secs(5), s.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.ty, FrameType::GOAWAY);
+        }
+        // Closed by the agent, not left to time out.
+        tokio::time::timeout(Duration::from_secs(5), peer.closed())
+            .await
+            .expect("the agent closed the connection");
+    }
 }
 
 #[tokio::test]
