@@ -266,9 +266,16 @@ impl Controller {
                     // The path changed: learn again from here.
                     self.low = 0;
                     self.idle_probes = 0;
-                    self.settled = None;
                     self.best = Some((n, goodput));
-                    self.step_from(n, Phase::Up)
+                    if self.probe_down {
+                        self.settled = None;
+                        self.step_from(n, Phase::Up)
+                    } else {
+                        // Across the internet more streams seldom win back a drop, and the
+                        // recovery from a passing one would read as their gain (a stall of a
+                        // few seconds added a step for good): held, re-probed as usual.
+                        self.hold()
+                    }
                 } else if self.cooldown == 0 && self.settled.is_none() {
                     self.reprobe = true;
                     self.step_from(bn, Phase::Up)
@@ -432,6 +439,16 @@ mod tests {
             3000,
             |_, t| if t % 97 == 50 { 18e6 } else { 180e6 },
         );
+        assert!(counts.iter().all(|&n| n <= 18), "{counts:?}");
+        // Nor with stalls of three samples (a drop the controller takes for a changed path).
+        let mut c = Controller::new(4, 512).holding_after_up();
+        let counts = run(&mut c, 8, 3000, |_, t| {
+            if (50..53).contains(&(t % 197)) {
+                18e6
+            } else {
+                180e6
+            }
+        });
         assert!(counts.iter().all(|&n| n <= 18), "{counts:?}");
     }
 
