@@ -1266,8 +1266,9 @@ async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
 ///
 /// Whether it was left as it is, under post-copy.
 async fn quit(feed: &Feed, vm: &str) -> bool {
-    let end_sent = lock(&feed.state).end_sent;
     let mut qmp = feed.qmp.lock().await;
+    // Read once the monitor is ours: the end may have gone in while we waited for it.
+    let end_sent = lock(&feed.state).end_sent;
     if feed.ret.is_some() {
         // With post-copy on, QEMU gets every byte as it comes, and may have loaded the guest
         // and run it (after a pre-copy end, or in post-copy, where it holds the only running
@@ -1450,7 +1451,13 @@ async fn feed_loop(feed: Arc<Feed>, mut sock: OwnedWriteHalf, vm: String, entry:
                             "stream verified; its end goes to QEMU"
                         );
                     }
-                    lock(&feed.state).end_sent = true;
+                    {
+                        let mut s = lock(&feed.state);
+                        s.end_sent = true;
+                        // The finish's wait for QEMU counts from here: writing the end (up
+                        // to 16 MiB) is progress too.
+                        s.last_progress = Some(Instant::now());
+                    }
                     for part in held.rest() {
                         write_bounded(&mut sock, &part, STALL).await.map_err(|e| {
                             format!(
