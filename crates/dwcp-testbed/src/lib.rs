@@ -771,6 +771,24 @@ impl Testbed {
         Ok(())
     }
 
+    /// Packets each side's TUN device dropped on its way into the emulator (A→B, B→A):
+    /// a device whose queue is full drops rather than making its qdisc wait (kernels before
+    /// 7.3), and these never reach the emulator's own counts. `None` where it cannot be read.
+    pub fn device_drops(&self) -> [Option<u64>; 2] {
+        [&self.ns_a, &self.ns_b].map(|ns| {
+            let out = run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                "/sys/class/net/dwcp0/statistics/tx_dropped",
+            ])
+            .ok()?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        })
+    }
+
     /// A command to run inside namespace A.
     pub fn cmd_a(&self, program: &str) -> Command {
         in_ns(&self.ns_a, program)

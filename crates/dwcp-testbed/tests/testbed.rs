@@ -108,6 +108,8 @@ fn emulated_loss_rate() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(sent >= 1000, "{sent}");
     assert!((60..=140).contains(&dropped), "{dropped} of {sent} dropped");
+    // What the devices dropped is read (and, at a ping every 2 ms, nothing).
+    assert_eq!(tb.device_drops(), [Some(0), Some(0)]);
 }
 
 /// A testbed whose process died without its teardown left a namespace with a process in it:

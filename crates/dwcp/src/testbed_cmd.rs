@@ -340,10 +340,12 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
     // Commands first (they may hold sockets in the namespaces), then the testbed.
     drop(a);
     drop(b);
+    let device = tb.device_drops();
     let dirs = [("A->B", &tb.stats[0]), ("B->A", &tb.stats[1])];
     let line: Vec<String> = dirs
         .iter()
-        .map(|(dir, s)| {
+        .zip(device)
+        .map(|((dir, s), device)| {
             let packets = s.packets.load(Ordering::Relaxed);
             let dropped = s.dropped.load(Ordering::Relaxed);
             let pct = if packets > 0 {
@@ -358,6 +360,11 @@ pub(crate) fn run(args: &TestbedArgs) -> Result<()> {
             let overflowed = match s.unsent.load(Ordering::Relaxed) {
                 0 => overflowed,
                 n => format!("{overflowed}, {n} not written to the far side"),
+            };
+            // Before the emulator: the sending side's TUN device, its queue full.
+            let overflowed = match device {
+                Some(0) | None => overflowed,
+                Some(n) => format!("{overflowed}, {n} dropped by the sending device"),
             };
             format!(
                 "{dir} {packets} packets, {dropped} dropped ({pct:.2} %){overflowed}, {:.1} MB \
