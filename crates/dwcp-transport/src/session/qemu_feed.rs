@@ -1227,6 +1227,23 @@ async fn tell_quit(qmp: &mut Qmp, vm: &str, why: &str) {
     }
 }
 
+/// Why nothing listens at QEMU's monitor socket `path` any more (connection refused, or the
+/// socket removed): QEMU is gone. `None` while something does (a running QEMU's monitor
+/// takes the connection into its backlog, even with its one client connected).
+async fn monitor_gone(path: &Path) -> Option<std::io::Error> {
+    match UnixStream::connect(path).await {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            Some(e)
+        }
+        _ => None,
+    }
+}
+
 /// After QEMU had the whole stream and did not confirm its load: tells it to quit, and
 /// whether it is known to be gone (its monitor socket refuses, or is removed) `within`.
 async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
@@ -1241,13 +1258,7 @@ async fn quit_confirmed(feed: &Feed, vm: &str, within: Duration) -> bool {
     };
     let deadline = Instant::now() + within;
     loop {
-        // While QEMU runs, its listening monitor takes the connection (into its backlog).
-        if let Err(e) = UnixStream::connect(&path).await
-            && matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            )
-        {
+        if monitor_gone(&path).await.is_some() {
             return true;
         }
         if Instant::now() > deadline {
@@ -1280,12 +1291,7 @@ async fn quit(feed: &Feed, vm: &str) -> bool {
             // Its monitor closed: QEMU is gone, nothing is left to resume, unless something
             // still listens there (this connection broke, not QEMU).
             Ok(Err(QmpError::Io { path, what })) => {
-                if let Err(e) = UnixStream::connect(&path).await
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                    )
-                {
+                if let Some(e) = monitor_gone(&path).await {
                     debug!(vm, "destination QEMU gone ({what}; its monitor: {e})");
                     return false;
                 }
