@@ -503,30 +503,27 @@ async fn serve_quic(
     loop {
         let io = tokio::select! {
             () = stop.cancelled() => {
-                // A connection without streams (a sender keeping it between transfers, its
-                // keep-alives holding it up) has nobody to say goodbye to: closed at once,
-                // not at the end of the grace period.
-                if open.load(Ordering::SeqCst) == 0 {
-                    conn.close("shutting down");
-                    return;
-                }
-                // Otherwise held while its streams say goodbye (dropping it would drop
-                // their GOAWAYs): until the sender closes it, or, its streams done, half a
-                // second later (time for their last bytes; a sender keeping the connection
-                // for its next transfer would hold it to the grace period's end), or the
-                // grace period ends.
+                // Held while its streams say goodbye (dropping it would drop their
+                // GOAWAYs), then closed: a sender keeping it for its next transfer (its
+                // keep-alives holding it up) would hold it to the grace period's end. Closed
+                // at once without streams; with some, half a second after they are done
+                // (time for their last bytes). Or the sender closes it, or the grace ends.
+                let mut had_streams = false;
                 loop {
-                    tokio::select! {
-                        () = conn.closed() => return,
-                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    }
                     if open.load(Ordering::SeqCst) == 0 {
-                        tokio::select! {
-                            () = conn.closed() => return,
-                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        if had_streams {
+                            tokio::select! {
+                                () = conn.closed() => return,
+                                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            }
                         }
                         conn.close("shutting down");
                         return;
+                    }
+                    had_streams = true;
+                    tokio::select! {
+                        () = conn.closed() => return,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
                     }
                 }
             }
