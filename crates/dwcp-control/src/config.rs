@@ -455,10 +455,7 @@ impl Config {
         ];
         for (i, (field, dir)) in dirs.iter().enumerate() {
             for (other, odir) in &dirs[..i] {
-                if !dir.as_os_str().is_empty()
-                    && !odir.as_os_str().is_empty()
-                    && let (Ok(a), Ok(b)) = (std::path::absolute(dir), std::path::absolute(odir))
-                    && (a.starts_with(&b) || b.starts_with(&a))
+                if !dir.as_os_str().is_empty() && !odir.as_os_str().is_empty() && overlap(dir, odir)
                 {
                     bad(
                         field,
@@ -735,6 +732,15 @@ const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 /// The smallest cap on a rate (bytes/s) taken, here and on the command line: below it a
 /// 256 KiB chunk takes seconds, and a typo would look like a hang.
 pub const MIN_RATE_LIMIT: u64 = 65_536;
+
+/// Whether directories `a` and `b` are one, or one holds the other: compared as written,
+/// made absolute (symbolic links not followed, the directories need not exist yet).
+pub fn overlap(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::path::absolute(a), std::path::absolute(b)) {
+        (Ok(a), Ok(b)) => a.starts_with(&b) || b.starts_with(&a),
+        _ => false,
+    }
+}
 
 /// Whether `s` is a log level or a list of directives (`info,dwcp_agent=debug`): what
 /// `log.level` and `--log-level` take.

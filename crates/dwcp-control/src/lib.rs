@@ -8,5 +8,5 @@ mod config;
 pub use config::{
     AgentConfig, CacheSettings, Config, ConfigError, DEFAULT_TOML, ENV_PREFIX, EncodingConfig,
     FieldError, KNOWN_CODECS, LogConfig, MIN_RATE_LIMIT, NodeConfig, ProtocolConfig, Settings,
-    TransportConfig, check_log_level, normalize_log_level,
+    TransportConfig, check_log_level, normalize_log_level, overlap,
 };

@@ -767,8 +767,7 @@ fn recv(settings: &Settings, args: &RecvArgs) -> Result<()> {
     // Apart, as the agent's spool and cache must be: a received file named like a pack
     // would replace it.
     if let Some(cache) = &args.cache_dir
-        && let (Ok(c), Ok(o)) = (std::path::absolute(cache), std::path::absolute(&args.out))
-        && (c.starts_with(&o) || o.starts_with(&c))
+        && dwcp_control::overlap(cache, &args.out)
     {
         return Err(UsageError(format!(
             "--cache-dir {} and --out {}: a directory apart from the other, not in it nor \
